@@ -1,0 +1,92 @@
+"""The exception tree of convstore.
+
+Every failure the library can report on purpose is a :class:`ConvstoreError`;
+the CLI prints its message as one line and exits 1.  Messages never contain
+key material.
+
+::
+
+    ConvstoreError
+    ├── SourceError            the source image cannot be read
+    │   ├── SourceNotFound     path, tag or blob missing
+    │   ├── DigestMismatch     a blob or diff_id does not hash to its digest
+    │   ├── CorruptLayer       truncated or malformed compression or tar
+    │   └── UnsupportedMediaType
+    ├── StoreError             the store cannot be used
+    │   ├── ImageNotFound      no such name:tag in the catalog
+    │   ├── ChunkMissing       a chunk the manifest names is absent
+    │   ├── CorruptObject      an object fails authentication or its hash
+    │   └── StoreFormatError   unknown or future on-disk format version
+    ├── KeyProviderError       key provider failures
+    │   ├── KeyAccessDenied    the provider refuses (wrong key, revoked)
+    │   └── KeyFileError       the key file is unusable
+    ├── UnsafePathError        an entry would be written outside its target
+    └── InvalidReference       a malformed NAME[:TAG] or SOURCE string
+"""
+
+from __future__ import annotations
+
+
+class ConvstoreError(Exception):
+    """Base class of every error convstore raises on purpose."""
+
+
+class InvalidReference(ConvstoreError, ValueError):
+    """A NAME[:TAG], SOURCE or store/key spec that cannot be parsed."""
+
+
+class SourceError(ConvstoreError):
+    """The source image cannot be read."""
+
+
+class SourceNotFound(SourceError):
+    """A source path, tag or blob does not exist."""
+
+
+class DigestMismatch(SourceError):
+    """A blob or an uncompressed layer does not hash to its recorded digest."""
+
+
+class CorruptLayer(SourceError):
+    """A layer's compression stream or tar stream is truncated or malformed."""
+
+
+class UnsupportedMediaType(SourceError):
+    """A manifest, config or layer media type convstore does not handle."""
+
+
+class StoreError(ConvstoreError):
+    """The store cannot carry out the request."""
+
+
+class ImageNotFound(StoreError):
+    """No image of that name and tag is in the catalog."""
+
+
+class ChunkMissing(StoreError):
+    """A chunk named by a manifest is not in the store."""
+
+
+class CorruptObject(StoreError):
+    """A stored object fails authentication, or decrypts to the wrong bytes."""
+
+
+class StoreFormatError(StoreError):
+    """The store or an object in it has an unknown or newer format version."""
+
+
+class KeyProviderError(ConvstoreError):
+    """A key provider failed."""
+
+
+class KeyAccessDenied(KeyProviderError):
+    """The key provider refuses to unwrap: wrong key, revoked key, or a
+    wrapped key moved to a context it was not made for."""
+
+
+class KeyFileError(KeyProviderError):
+    """The local key file is missing, malformed or has unsafe permissions."""
+
+
+class UnsafePathError(ConvstoreError):
+    """A layer entry would be written outside the target directory."""

@@ -1,0 +1,200 @@
+"""OCI and Docker media types, digests and streaming (de)compression."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import re
+from typing import BinaryIO
+
+import zstandard
+from isal import igzip, igzip_threaded
+
+from ..errors import CorruptLayer, DigestMismatch, UnsupportedMediaType
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+
+# media type -> compression ("none" | "gzip" | "zstd")
+LAYER_COMPRESSION = {
+    LAYER_TAR: "none",
+    LAYER_GZIP: "gzip",
+    LAYER_ZSTD: "zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
+    "application/vnd.docker.image.rootfs.diff.tar": "none",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd": "zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
+}
+MEDIA_FOR_COMPRESSION = {"none": LAYER_TAR, "gzip": LAYER_GZIP, "zstd": LAYER_ZSTD}
+COMPRESSIONS = tuple(MEDIA_FOR_COMPRESSION)
+
+_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+
+
+def layer_compression(media_type: str) -> str:
+    try:
+        return LAYER_COMPRESSION[media_type]
+    except KeyError:
+        raise UnsupportedMediaType(f"unsupported layer media type {media_type!r}") from None
+
+
+def check_digest(digest: str) -> str:
+    """Only sha256 digests: what every registry and tool interoperates on."""
+    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+        raise UnsupportedMediaType(f"unsupported or malformed digest {digest!r} (only sha256 is accepted)")
+    return digest
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sniff_compression(head: bytes) -> str:
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return "none"
+
+
+class VerifyingReader(io.RawIOBase):
+    """Hashes what it passes on and checks digest and size at end of stream.
+
+    Reading past the declared size or ending short raises at once, so a
+    corrupt or hostile blob can never be consumed silently.
+    """
+
+    def __init__(self, raw: BinaryIO, digest: str | None, size: int | None, what: str):
+        self._raw = raw
+        self._h = hashlib.sha256()
+        self._digest = digest
+        self._size = size
+        self._n = 0
+        self._what = what
+        self.verified = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: memoryview) -> int:  # type: ignore[override]
+        if self._size is not None:
+            # Read one byte more than declared to detect an oversized blob.
+            b = memoryview(b)[: max(0, min(len(b), self._size + 1 - self._n))]
+            if len(b) == 0:
+                raise DigestMismatch(f"{self._what}: blob is larger than its declared size {self._size}")
+        n = self._raw.readinto(b)  # type: ignore[attr-defined]
+        if n:
+            self._h.update(b[:n])
+            self._n += n
+            if self._size is not None and self._n > self._size:
+                raise DigestMismatch(f"{self._what}: blob is larger than its declared size {self._size}")
+        else:
+            self._finish()
+        return n or 0
+
+    def _finish(self) -> None:
+        if self.verified:
+            return
+        if self._size is not None and self._n != self._size:
+            raise CorruptLayer(f"{self._what}: blob is truncated ({self._n} of {self._size} bytes)")
+        if self._digest is not None:
+            got = "sha256:" + self._h.hexdigest()
+            if not hmac.compare_digest(got, self._digest):
+                raise DigestMismatch(f"{self._what}: content hashes to {got}, expected {self._digest}")
+        self.verified = True
+
+    def drain(self) -> None:
+        """Read to the end (e.g. bytes after a compressed stream) and verify."""
+        buf = bytearray(1 << 16)
+        while self.readinto(memoryview(buf)):
+            pass
+
+    @property
+    def bytes_read(self) -> int:
+        return self._n
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+class HashingReader(io.RawIOBase):
+    """Counts and sha256-hashes a decompressed stream (for the diff_id)."""
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: memoryview) -> int:  # type: ignore[override]
+        n = self._raw.readinto(b)  # type: ignore[attr-defined]
+        if n:
+            self.h.update(memoryview(b)[:n])
+            self.n += n
+        return n or 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            raise ValueError("unbounded read")
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.readinto(view[got:])
+            if not k:
+                break
+            got += k
+        return bytes(buf[:got])
+
+
+def open_decompressed(raw: BinaryIO, compression: str, what: str) -> BinaryIO:
+    """A streaming reader of the decompressed layer.  gzip runs on isal in its
+    own thread (multi-member aware); zstd reads across frames."""
+    if compression == "gzip":
+        return _ErrorMapping(igzip_threaded.open(raw, "rb", threads=1, block_size=1 << 20), what)  # type: ignore[arg-type]
+    if compression == "zstd":
+        d = zstandard.ZstdDecompressor()
+        return _ErrorMapping(d.stream_reader(raw, read_size=1 << 20, read_across_frames=True), what)  # type: ignore[arg-type]
+    if compression == "none":
+        return raw
+    raise UnsupportedMediaType(f"unsupported compression {compression!r}")
+
+
+class _ErrorMapping(io.RawIOBase):
+    """Maps decompressor exceptions to :class:`CorruptLayer`."""
+
+    def __init__(self, inner: BinaryIO, what: str):
+        self._inner = inner
+        self._what = what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: memoryview) -> int:  # type: ignore[override]
+        try:
+            return self._inner.readinto(b) or 0  # type: ignore[attr-defined]
+        except (DigestMismatch, CorruptLayer):
+            raise
+        except (EOFError, OSError, zstandard.ZstdError, igzip.BadGzipFile) as e:
+            raise CorruptLayer(f"{self._what}: compressed stream is corrupt or truncated ({e})") from None
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        except Exception:
+            pass
+        super().close()

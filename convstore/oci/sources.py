@@ -1,0 +1,333 @@
+"""Image sources: an OCI image layout directory and a ``docker save`` archive.
+
+A source yields the image's manifest, its exact config bytes and a verifying
+stream per layer blob.  Nothing is held in memory but JSON documents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tarfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from ..errors import (
+    ConvstoreError,
+    CorruptLayer,
+    DigestMismatch,
+    InvalidReference,
+    SourceError,
+    SourceNotFound,
+    UnsupportedMediaType,
+)
+from . import media
+from .media import VerifyingReader, check_digest, sha256_digest
+
+MAX_JSON = 16 << 20  # manifests and configs larger than this are refused
+
+
+@dataclass(frozen=True, slots=True)
+class LayerDescriptor:
+    media_type: str
+    digest: str | None  # digest of the blob as stored; None when the source has none
+    size: int | None
+    diff_id: str
+    annotations: dict[str, str] | None = None
+
+    @property
+    def compression(self) -> str:
+        return media.layer_compression(self.media_type)
+
+
+class ImageSource(ABC):
+    """One image read from somewhere.  Subclasses fill the fields in ``open``."""
+
+    ref: str
+    manifest_media_type: str
+    manifest_bytes: bytes
+    manifest_digest: str
+    config_media_type: str
+    config_bytes: bytes
+    config_digest: str
+    layers: list[LayerDescriptor]
+    annotations: dict[str, str]
+
+    @abstractmethod
+    def open_layer(self, index: int) -> VerifyingReader:
+        """A stream of layer ``index``'s blob that verifies digest and size."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> ImageSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return _loads(self.config_bytes, "image config")
+
+    def _set_layers(self, manifest_layers: list[dict[str, Any]] | None) -> None:
+        """Pair manifest layers with the config's diff_ids."""
+        cfg = self.config
+        diff_ids = (cfg.get("rootfs") or {}).get("diff_ids")
+        if not isinstance(diff_ids, list):
+            raise SourceError(f"{self.ref}: image config has no rootfs.diff_ids")
+        for d in diff_ids:
+            check_digest(d)
+        if manifest_layers is None:
+            return
+        if len(manifest_layers) != len(diff_ids):
+            raise SourceError(f"{self.ref}: manifest has {len(manifest_layers)} layers but config has {len(diff_ids)} diff_ids")
+        out = []
+        for desc, diff_id in zip(manifest_layers, diff_ids):
+            mt = desc.get("mediaType", "")
+            media.layer_compression(mt)  # raises on an unknown media type
+            out.append(LayerDescriptor(mt, check_digest(desc.get("digest")), int(desc.get("size", -1)), diff_id,
+                                       desc.get("annotations")))
+        self.layers = out
+
+
+def _loads(b: bytes, what: str) -> Any:
+    try:
+        return json.loads(b)
+    except (ValueError, UnicodeDecodeError):
+        raise SourceError(f"{what} is not valid JSON") from None
+
+
+def _host_platform() -> tuple[str, str]:
+    m = platform.machine().lower()
+    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(m, m)
+    return "linux", arch
+
+
+class OCILayoutSource(ImageSource):
+    """``oci:DIR[:TAG]``: tag from ``org.opencontainers.image.ref.name``,
+    default the only manifest in index.json."""
+
+    def __init__(self, path: str, tag: str | None):
+        self.path = path
+        self.tag = tag
+        self.ref = f"oci:{path}" + (f":{tag}" if tag else "")
+        layout = os.path.join(path, "oci-layout")
+        if not os.path.isfile(layout):
+            raise SourceNotFound(f"{path}: not an OCI image layout (no oci-layout file)")
+        ver = _loads(self._read_small(layout), "oci-layout").get("imageLayoutVersion")
+        if ver != "1.0.0":
+            raise UnsupportedMediaType(f"{path}: unsupported imageLayoutVersion {ver!r}")
+        index = _loads(self._read_small(os.path.join(path, "index.json")), "index.json")
+        desc = self._select(index.get("manifests") or [])
+        desc = self._resolve_index(desc)
+        self.manifest_media_type = desc.get("mediaType", "")
+        self.manifest_bytes = self._read_blob(desc)
+        self.manifest_digest = desc["digest"]
+        manifest = _loads(self.manifest_bytes, "image manifest")
+        mt = manifest.get("mediaType") or self.manifest_media_type
+        if mt not in (media.OCI_MANIFEST, media.DOCKER_MANIFEST):
+            raise UnsupportedMediaType(f"{self.ref}: unsupported manifest media type {mt!r}")
+        self.manifest_media_type = mt
+        cdesc = manifest.get("config") or {}
+        self.config_media_type = cdesc.get("mediaType", "")
+        if self.config_media_type not in (media.OCI_CONFIG, media.DOCKER_CONFIG):
+            raise UnsupportedMediaType(f"{self.ref}: unsupported config media type {self.config_media_type!r}")
+        self.config_bytes = self._read_blob(cdesc)
+        self.config_digest = cdesc["digest"]
+        self.annotations = manifest.get("annotations") or {}
+        self._set_layers(manifest.get("layers") or [])
+
+    def _read_small(self, p: str) -> bytes:
+        try:
+            with open(p, "rb") as f:
+                b = f.read(MAX_JSON + 1)
+        except FileNotFoundError:
+            raise SourceNotFound(f"{p}: no such file") from None
+        except OSError as e:
+            raise SourceError(f"{p}: {e.strerror}") from None
+        if len(b) > MAX_JSON:
+            raise SourceError(f"{p}: larger than {MAX_JSON} bytes")
+        return b
+
+    def _blob_path(self, digest: str) -> str:
+        check_digest(digest)
+        return os.path.join(self.path, "blobs", "sha256", digest.split(":", 1)[1])
+
+    def _read_blob(self, desc: dict[str, Any]) -> bytes:
+        digest = check_digest(desc.get("digest"))
+        b = self._read_small(self._blob_path(digest))
+        if sha256_digest(b) != digest:
+            raise DigestMismatch(f"{self.ref}: blob {digest} does not match its digest")
+        if "size" in desc and len(b) != desc["size"]:
+            raise DigestMismatch(f"{self.ref}: blob {digest} has size {len(b)}, descriptor says {desc['size']}")
+        return b
+
+    def _select(self, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.tag is None:
+            if len(manifests) != 1:
+                tags = sorted(filter(None, ((m.get("annotations") or {}).get("org.opencontainers.image.ref.name")
+                                            for m in manifests)))
+                raise InvalidReference(f"{self.path} holds {len(manifests)} images; name one with oci:DIR:TAG "
+                                       f"(tags: {', '.join(tags) or 'none'})")
+            return manifests[0]
+        for m in manifests:
+            if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == self.tag:
+                return m
+        raise SourceNotFound(f"{self.path}: no image tagged {self.tag!r}")
+
+    def _resolve_index(self, desc: dict[str, Any]) -> dict[str, Any]:
+        """Follow an image index to the manifest for this host's platform."""
+        for _ in range(4):
+            if desc.get("mediaType") not in (media.OCI_INDEX, media.DOCKER_MANIFEST_LIST):
+                return desc
+            idx = _loads(self._read_blob(desc), "image index")
+            want_os, want_arch = _host_platform()
+            for m in idx.get("manifests") or []:
+                p = m.get("platform") or {}
+                if p.get("os") == want_os and p.get("architecture") == want_arch:
+                    desc = m
+                    break
+            else:
+                raise SourceNotFound(f"{self.ref}: image index has no manifest for {want_os}/{want_arch}")
+        raise SourceError(f"{self.ref}: image index nesting is too deep")
+
+    def open_layer(self, index: int) -> VerifyingReader:
+        d = self.layers[index]
+        assert d.digest is not None
+        p = self._blob_path(d.digest)
+        try:
+            f = open(p, "rb", buffering=0)
+        except FileNotFoundError:
+            raise SourceNotFound(f"{self.ref}: layer blob {d.digest} is missing") from None
+        return VerifyingReader(f, d.digest, d.size, f"layer {d.digest}")  # type: ignore[arg-type]
+
+
+class DockerArchiveSource(ImageSource):
+    """``docker-archive:FILE[:NAME:TAG]``, the ``docker save`` format."""
+
+    def __init__(self, path: str, ref: str | None):
+        self.path = path
+        self.ref = f"docker-archive:{path}" + (f":{ref}" if ref else "")
+        try:
+            self._tar = tarfile.open(path, "r:")
+        except FileNotFoundError:
+            raise SourceNotFound(f"{path}: no such file") from None
+        except (tarfile.TarError, OSError) as e:
+            raise SourceError(f"{path}: not a docker archive ({e})") from None
+        try:
+            self._members = {m.name.lstrip("./") if m.name.startswith("./") else m.name: m
+                             for m in self._tar.getmembers() if m.isreg()}
+            mf = _loads(self._member_bytes("manifest.json"), "manifest.json")
+            if not isinstance(mf, list) or not mf:
+                raise SourceError(f"{path}: manifest.json lists no image")
+            entry = self._select(mf, ref)
+            self.config_bytes = self._member_bytes(entry["Config"])
+            self.config_digest = sha256_digest(self.config_bytes)
+            want = os.path.basename(entry["Config"]).removesuffix(".json")
+            if len(want) == 64 and "sha256:" + want != self.config_digest:
+                raise DigestMismatch(f"{self.ref}: config {entry['Config']} does not match its digest")
+            self.config_media_type = media.OCI_CONFIG
+            self.manifest_media_type = media.OCI_MANIFEST
+            self.manifest_bytes = json.dumps(entry, sort_keys=True).encode()
+            self.manifest_digest = sha256_digest(self.manifest_bytes)
+            self.annotations = {}
+            self._set_layers(None)
+            diff_ids = self.config["rootfs"]["diff_ids"]
+            paths = entry.get("Layers") or []
+            if len(paths) != len(diff_ids):
+                raise SourceError(f"{self.ref}: {len(paths)} layers but {len(diff_ids)} diff_ids")
+            self._layer_paths = paths
+            layers = []
+            for p, diff_id in zip(paths, diff_ids):
+                m = self._member(p)
+                f = self._tar.extractfile(m)
+                assert f is not None
+                comp = media.sniff_compression(f.read(4))
+                name = os.path.basename(p)
+                digest = "sha256:" + name if len(name) == 64 and p.startswith("blobs/sha256/") else None
+                if comp == "none" and digest is None:
+                    digest = diff_id  # an uncompressed layer's blob digest is its diff_id
+                layers.append(LayerDescriptor(media.MEDIA_FOR_COMPRESSION[comp], digest, m.size, diff_id))
+            self.layers = layers
+        except (KeyError, TypeError) as e:
+            self._tar.close()
+            raise SourceError(f"{self.ref}: malformed manifest.json ({e})") from None
+        except ConvstoreError:
+            self._tar.close()
+            raise
+
+    def _select(self, mf: list[dict[str, Any]], ref: str | None) -> dict[str, Any]:
+        if ref is None:
+            if len(mf) != 1:
+                raise InvalidReference(f"{self.path} holds {len(mf)} images; name one with docker-archive:FILE:NAME:TAG")
+            return mf[0]
+        for e in mf:
+            tags = e.get("RepoTags") or []
+            if ref in tags or f"{ref}:latest" in tags:
+                return e
+        raise SourceNotFound(f"{self.path}: no image tagged {ref!r}")
+
+    def _member(self, name: str) -> tarfile.TarInfo:
+        m = self._members.get(name)
+        if m is None:
+            raise SourceNotFound(f"{self.ref}: {name} is missing from the archive")
+        return m
+
+    def _member_bytes(self, name: str) -> bytes:
+        m = self._member(name)
+        if m.size > MAX_JSON:
+            raise SourceError(f"{self.ref}: {name} is larger than {MAX_JSON} bytes")
+        f = self._tar.extractfile(m)
+        assert f is not None
+        return f.read()
+
+    def open_layer(self, index: int) -> VerifyingReader:
+        d = self.layers[index]
+        m = self._member(self._layer_paths[index])
+        f = self._tar.extractfile(m)
+        assert f is not None
+        return VerifyingReader(f, d.digest, m.size, f"layer {self._layer_paths[index]}")  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def parse_source(spec: str) -> ImageSource:
+    """Open ``oci:DIR[:TAG]`` or ``docker-archive:FILE[:NAME:TAG]``."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise InvalidReference(f"{spec!r}: a source is oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]")
+    if kind == "oci":
+        path, tag = _split_path_ref(rest, os.path.isdir)
+        return OCILayoutSource(path, tag)
+    if kind == "docker-archive":
+        path, tag = _split_path_ref(rest, os.path.isfile)
+        return DockerArchiveSource(path, tag)
+    raise InvalidReference(f"{spec!r}: unknown source transport {kind!r} (use oci: or docker-archive:)")
+
+
+def _split_path_ref(rest: str, exists: Any) -> tuple[str, str | None]:
+    """Split PATH[:REF] like skopeo: the longest existing prefix is the path."""
+    if exists(rest):
+        return rest, None
+    i = rest.find(":")
+    while i >= 0:
+        if exists(rest[:i]):
+            return rest[:i], rest[i + 1 :] or None
+        i = rest.find(":", i + 1)
+    path, _, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    raise SourceNotFound(f"{path or rest}: no such file or directory")
+
+
+def layer_stream(source: ImageSource, index: int) -> tuple[VerifyingReader, BinaryIO]:
+    """(raw verifying reader, decompressed reader) for one layer."""
+    raw = source.open_layer(index)
+    d = source.layers[index]
+    return raw, media.open_decompressed(raw, d.compression, f"layer {d.digest or index}")  # type: ignore[arg-type]
+
+
+__all__ = ["ImageSource", "OCILayoutSource", "DockerArchiveSource", "LayerDescriptor", "parse_source",
+           "layer_stream", "CorruptLayer"]

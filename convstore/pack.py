@@ -1,0 +1,188 @@
+"""Pack: source image -> chunks + sealed manifest + catalog entry.
+
+Per layer, one thread reads the blob (sha256 of the blob), decompresses it
+(isal runs gzip in a helper thread), hashes the tar (diff_id), splits headers
+from contents and cuts the contents with FastCDC.  Each chunk goes to a
+thread pool: keyed hash; if the store has it, done (the dedup fast path);
+else compress, encrypt and write.  Results are collected in order, with a
+bounded number in flight so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from array import array
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import zstandard
+
+from .chunking import ChunkParams, StreamChunker
+from .crypto import ChunkIdentity, encrypt_chunk, identify_chunk
+from .errors import DigestMismatch
+from .manifest import LayerRecord, Manifest
+from .oci.media import HashingReader
+from .oci.sources import ImageSource, layer_stream, parse_source
+from .progress import NoProgress, Progress
+from .refs import ImageRef
+from .store import DEFAULT_DOMAIN, CatalogEntry, Store, _now
+from .tarsplit import split_tar
+
+DEFAULT_LEVEL = 3
+
+
+@dataclass
+class PackResult:
+    ref: str
+    manifest_digest: str
+    layers: int
+    logical_bytes: int
+    chunks: int
+    new_chunks: int
+    new_plain_bytes: int
+    new_stored_bytes: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _ChunkSink:
+    """Hands chunks to the pool and collects their identities in order."""
+
+    def __init__(self, store: Store, domain_key: bytes, level: int, pool: ThreadPoolExecutor,
+                 table: list[ChunkIdentity], index: dict[bytes, int], max_inflight: int):
+        self._objects = store.objects
+        self._dkey = domain_key
+        self._level = level
+        self._pool = pool
+        self._table = table
+        self._index = index
+        self._inflight: deque[Future[tuple[ChunkIdentity, int]]] = deque()
+        self._max = max_inflight
+        self.layer_chunks = array("I")
+        self.new_chunks = 0
+        self.new_plain = 0
+        self.new_stored = 0
+
+    def _work(self, plain: bytes) -> tuple[ChunkIdentity, int]:
+        ident = identify_chunk(plain, self._dkey)
+        if ident.cid in self._index:
+            return ident, -1
+        key = "chunks/" + ident.cid.hex()
+        if self._objects.has(key):
+            return ident, -1
+        blob = encrypt_chunk(plain, ident, self._level)
+        self._objects.put(key, blob, durable=False)
+        return ident, len(blob)
+
+    def __call__(self, plain: bytes) -> None:
+        self._inflight.append(self._pool.submit(self._work, plain))
+        if len(self._inflight) >= self._max:
+            self._collect(self._inflight.popleft())
+
+    def _collect(self, fut: Future[tuple[ChunkIdentity, int]]) -> None:
+        ident, stored = fut.result()
+        i = self._index.get(ident.cid)
+        if i is None:
+            i = self._index[ident.cid] = len(self._table)
+            self._table.append(ident)
+        self.layer_chunks.append(i)
+        if stored >= 0:
+            self.new_chunks += 1
+            self.new_plain += ident.size
+            self.new_stored += stored
+
+    def drain(self) -> None:
+        while self._inflight:
+            self._collect(self._inflight.popleft())
+
+
+def pack(
+    store: Store,
+    source: str | ImageSource,
+    ref: str,
+    *,
+    level: int = DEFAULT_LEVEL,
+    params: ChunkParams | None = None,
+    workers: int | None = None,
+    domain: str = DEFAULT_DOMAIN,
+    progress: Progress | None = None,
+) -> PackResult:
+    """Pack an image into ``store`` under ``ref`` (``NAME[:TAG]``).
+
+    The catalog changes only when every chunk and the manifest are durable;
+    any error before that leaves it as it was.
+    """
+    t0 = time.perf_counter()
+    iref = ImageRef.parse(ref)
+    params = params or ChunkParams()
+    progress = progress or NoProgress()
+    src = parse_source(source) if isinstance(source, str) else source
+    domain_rec, dkey = store.domain_key(domain)
+    table: list[ChunkIdentity] = []
+    index: dict[bytes, int] = {}
+    layers: list[LayerRecord] = []
+    new_chunks = new_plain = new_stored = 0
+    nworkers = workers or max(2, (os.cpu_count() or 2))
+    try:
+        total = sum(d.size or 0 for d in src.layers)
+        progress.start(f"packing {iref}", total or None)
+        with ThreadPoolExecutor(nworkers, thread_name_prefix="convstore-pack") as pool:
+            for i, desc in enumerate(src.layers):
+                raw, dec = layer_stream(src, i)
+                try:
+                    sink = _ChunkSink(store, dkey, level, pool, table, index, max_inflight=4 * nworkers + 8)
+                    chunker = StreamChunker(params, sink)
+                    reader = HashingReader(dec)  # type: ignore[arg-type]
+                    zmeta = zstandard.ZstdCompressor(level=3).compressobj()
+                    meta_parts: list[bytes] = []
+                    last = [0]
+
+                    def content(r: Any, n: int) -> None:
+                        chunker.feed_file(r, n)
+                        done = raw.bytes_read
+                        progress.advance(done - last[0])
+                        last[0] = done
+
+                    split = split_tar(reader, lambda b: meta_parts.append(zmeta.compress(b)), content)  # type: ignore[arg-type]
+                    chunker.cut()
+                    sink.drain()
+                    meta_parts.append(zmeta.flush())
+                finally:
+                    dec.close()
+                raw.drain()  # the blob digest is checked at its end
+                progress.advance(raw.bytes_read - last[0])
+                diff_id = "sha256:" + reader.h.hexdigest()
+                if not hmac.compare_digest(diff_id, desc.diff_id):
+                    raise DigestMismatch(f"layer {desc.digest}: uncompressed content hashes to {diff_id}, "
+                                         f"config says {desc.diff_id}")
+                layers.append(LayerRecord(
+                    desc.media_type, desc.digest, desc.size, desc.diff_id, reader.n, split.content_size,
+                    b"".join(meta_parts), split.segments, sink.layer_chunks, split.entries, desc.annotations))
+                new_chunks += sink.new_chunks
+                new_plain += sink.new_plain
+                new_stored += sink.new_stored
+        manifest = Manifest(
+            name=iref.name, tag=iref.tag,
+            source={"ref": src.ref, "manifest_digest": src.manifest_digest},
+            chunking=params, compression_level=level, domain=domain_rec,
+            config_media_type=src.config_media_type, config_digest=src.config_digest,
+            config_bytes=src.config_bytes, source_manifest_media_type=src.manifest_media_type,
+            source_manifest_bytes=src.manifest_bytes, annotations=src.annotations,
+            layers=layers, chunks=table, created=_now(),
+        )
+        store.objects.flush()  # chunks durable before anything references them
+        digest, wrapped = store.put_manifest(manifest)
+        store.publish(CatalogEntry(iref, digest, store.key.key_id, wrapped, manifest.created, src.ref,
+                                   manifest.logical_bytes, len(layers)))
+    finally:
+        progress.finish()
+        if isinstance(source, str):
+            src.close()
+    return PackResult(str(iref), digest, len(layers), manifest.logical_bytes, len(table), new_chunks, new_plain,
+                      new_stored, time.perf_counter() - t0)
