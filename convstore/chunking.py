@@ -55,8 +55,8 @@ class StreamChunker:
     """
 
     def __init__(self, params: ChunkParams, emit: Callable[[bytes], None], buffer_size: int = 8 << 20):
-        if buffer_size < 2 * params.max_size:
-            raise ValueError("buffer must hold two maximal chunks")
+        if buffer_size < 4 * params.max_size:
+            raise ValueError("buffer must hold four maximal chunks")
         self.params = params
         self._cdc = FastCDC(
             params.avg_size,
@@ -99,13 +99,19 @@ class StreamChunker:
 
     def _cut(self, final: bool) -> None:
         view = self._view[: self._fill]
-        spans = [(c.offset, c.length) for c in self._cdc.cut_buf(view)]
-        keep = 0
-        if not final:
-            # The last span may be cut short by the buffer's end: carry it over.
-            off, keep = spans.pop()
-        for off, length in spans:
-            self._emit(bytes(view[off : off + length]))
+        # FastCDC looks at most max_size bytes ahead of a chunk's start, and
+        # its normalisation point depends on how many bytes remain; so only
+        # a chunk that starts at least max_size before the buffer's end is
+        # final.  The rest is carried over to the next fill.
+        limit = self._fill if final else self._fill - self.params.max_size
+        carry_from = self._fill
+        for c in self._cdc.cut_buf(view):
+            if c.offset >= limit:
+                carry_from = c.offset
+                break
+            self._emit(bytes(view[c.offset : c.offset + c.length]))
+        del view
+        keep = self._fill - carry_from
         if keep:
-            self._buf[:keep] = self._buf[off : off + keep]
+            self._buf[:keep] = self._buf[carry_from : self._fill]
         self._fill = keep

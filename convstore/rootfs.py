@@ -192,6 +192,8 @@ class RootfsWriter:
                 os.link(src, path, follow_symlinks=False)
             except FileNotFoundError:
                 raise CorruptLayer(f"hardlink {e.path!r} points to missing {e.linkname!r}") from None
+            except OSError as err:
+                raise CorruptLayer(f"hardlink {e.path!r} -> {e.linkname!r}: {err.strerror}") from None
         elif t in ("3", "4", "6"):
             kind = {"3": stat.S_IFCHR, "4": stat.S_IFBLK, "6": stat.S_IFIFO}[t]
             try:

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import convstore
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("CONVSTORE_SHARED", REPO.parent / "shared"))
+CORPUS_DIR = Path(os.environ.get("CONVSTORE_CORPUS", Path.home() / ".cache" / "convstore-corpus"))
+CORPUS_IMAGES = ["base", "app1", "app2", "app1-rebuilt", "base-prev"]
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path) -> str:
+    return str(tmp_path / "keys" / "master.key")
+
+
+@pytest.fixture
+def store(tmp_path: Path, keyfile: str) -> convstore.Store:
+    return convstore.Store.open(str(tmp_path / "store"), f"file:{keyfile}")
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, keyfile: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["CONVSTORE_STORE"] = str(tmp_path / "store")
+    env["CONVSTORE_KEY"] = f"file:{keyfile}"
+    return env
+
+
+def run_cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run([sys.executable, "-m", "convstore.cli", *args], env=env, capture_output=True, text=True,
+                       timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"convstore {' '.join(args)} exited {p.returncode}: {p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def corpus() -> dict:
+    """The real five-image corpus, built (idempotently) if needed."""
+    script = SHARED / "corpus" / "build-corpus.sh"
+    meta = CORPUS_DIR / "corpus.json"
+    if not all((CORPUS_DIR / i / "index.json").exists() for i in CORPUS_IMAGES) or not meta.exists():
+        if not script.exists():
+            pytest.fail(f"corpus missing and {script} not found (set CONVSTORE_SHARED)")
+        subprocess.run(["bash", str(script), str(CORPUS_DIR)], check=True, timeout=1200)
+    with open(meta) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def corpus_store(tmp_path_factory: pytest.TempPathFactory, corpus: dict) -> convstore.Store:
+    """One store holding all five corpus images, packed once per session."""
+    root = tmp_path_factory.mktemp("corpus-store")
+    s = convstore.Store.open(str(root / "store"), f"file:{root / 'keys' / 'master.key'}")
+    for img in CORPUS_IMAGES:
+        s.pack(f"oci:{CORPUS_DIR / img}:latest", f"{img}:latest")
+    return s
+
+
+def need_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; scripts/setup.sh installs it")
+    return path
