@@ -26,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Store OCI images as convergent-encrypted, deduplicated chunks; unpack them back exactly.",
 )
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 
