@@ -11,6 +11,7 @@ bounded number in flight so memory stays flat.
 from __future__ import annotations
 
 import hmac
+import io
 import os
 import time
 from array import array
@@ -138,7 +139,10 @@ def pack(
                 try:
                     sink = _ChunkSink(store, dkey, level, pool, table, index, max_inflight=4 * nworkers + 8)
                     chunker = StreamChunker(params, sink)
-                    reader = HashingReader(dec)  # type: ignore[arg-type]
+                    # An uncompressed blob is its own tar: its digest check covers the diff_id.
+                    plain = desc.compression == "none"
+                    reader = HashingReader(dec, hash=not plain)  # type: ignore[arg-type]
+                    buffered = io.BufferedReader(reader, 1 << 20)
                     zmeta = zstandard.ZstdCompressor(level=3).compressobj()
                     meta_parts: list[bytes] = []
                     last = [0]
@@ -149,7 +153,7 @@ def pack(
                         progress.advance(done - last[0])
                         last[0] = done
 
-                    split = split_tar(reader, lambda b: meta_parts.append(zmeta.compress(b)), content)  # type: ignore[arg-type]
+                    split = split_tar(buffered, lambda b: meta_parts.append(zmeta.compress(b)), content)  # type: ignore[arg-type]
                     chunker.cut()
                     sink.drain()
                     meta_parts.append(zmeta.flush())
@@ -157,7 +161,7 @@ def pack(
                     dec.close()
                 raw.drain()  # the blob digest is checked at its end
                 progress.advance(raw.bytes_read - last[0])
-                diff_id = "sha256:" + reader.h.hexdigest()
+                diff_id = "sha256:" + (raw.hexdigest() if reader.h is None else reader.h.hexdigest())
                 if not hmac.compare_digest(diff_id, desc.diff_id):
                     raise DigestMismatch(f"layer {desc.digest}: uncompressed content hashes to {diff_id}, "
                                          f"config says {desc.diff_id}")
@@ -180,6 +184,9 @@ def pack(
         digest, wrapped = store.put_manifest(manifest)
         store.publish(CatalogEntry(iref, digest, store.key.key_id, wrapped, manifest.created, src.ref,
                                    manifest.logical_bytes, len(layers)))
+    except BaseException:
+        store.objects.abort()  # unpublished chunks of a failed pack are dropped
+        raise
     finally:
         progress.finish()
         if isinstance(source, str):

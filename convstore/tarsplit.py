@@ -6,9 +6,9 @@ blocks and anything after them -- is kept verbatim as *metadata*, and file
 contents go to the chunker.  Joining metadata and contents back gives the
 exact original tar, so every layer's diff_id verifies after a round trip.
 
-Written by hand because :mod:`tarfile` hides the raw header bytes and reads
-ahead in stream mode; it is still used to decode each 512-byte header
-(:meth:`tarfile.TarInfo.frombuf`).
+Written by hand because :mod:`tarfile` hides the raw header bytes, reads
+ahead in stream mode, and decodes headers slowly; its constants and
+semantics are followed exactly (a test compares against it).
 """
 
 from __future__ import annotations
@@ -71,6 +71,65 @@ class SplitResult:
     entries: list[TarEntry]
     content_size: int
     total_size: int
+
+
+@dataclass(slots=True)
+class _Header:
+    name: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int
+    type: bytes
+    linkname: str
+    uname: str
+    gname: str
+    devmajor: int
+    devminor: int
+
+
+_UNSIGNED = struct.Struct("148B8x356B")
+_SIGNED = struct.Struct("148b8x356b")
+
+
+def _str(b: bytes) -> str:
+    i = b.find(0)
+    return (b if i < 0 else b[:i]).decode("utf-8", "surrogateescape")
+
+
+def _num(b: bytes) -> int:
+    """A numeric header field: octal text, or GNU base-256 (as tarfile.nti)."""
+    if b[0] in (0o200, 0o377):
+        n = int.from_bytes(b[1:], "big")
+        return n - 256 ** (len(b) - 1) if b[0] == 0o377 else n
+    i = b.find(0)
+    t = (b if i < 0 else b[:i]).strip()
+    try:
+        return int(t, 8) if t else 0
+    except ValueError:
+        raise CorruptLayer("invalid number in tar header") from None
+
+
+def parse_header(b: bytes) -> _Header:
+    """Decode one 512-byte ustar/GNU/PAX header block, as
+    :meth:`tarfile.TarInfo.frombuf` does (about 8x faster; tar headers are
+    the per-file cost of packing)."""
+    chk = _num(b[148:156])
+    if chk != 256 + sum(_UNSIGNED.unpack_from(b)) and chk != 256 + sum(_SIGNED.unpack_from(b)):
+        raise CorruptLayer("invalid tar header (bad checksum)")
+    t = b[156:157]
+    name = _str(b[0:100])
+    if t == tarfile.AREGTYPE and name.endswith("/"):
+        t = tarfile.DIRTYPE
+    if t == tarfile.DIRTYPE:
+        name = name.rstrip("/")
+    prefix = _str(b[345:500])
+    if prefix and t not in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.GNUTYPE_SPARSE):
+        name = prefix + "/" + name
+    return _Header(name, _num(b[100:108]), _num(b[108:116]), _num(b[116:124]), _num(b[124:136]),
+                   _num(b[136:148]), t, _str(b[157:257]), _str(b[265:297]), _str(b[297:329]),
+                   _num(b[329:337]), _num(b[337:345]))
 
 
 def _read_exact(reader: BinaryIO, n: int) -> bytes:
@@ -153,10 +212,7 @@ def split_tar(
                     break
                 meta(rest)
             break
-        try:
-            ti = tarfile.TarInfo.frombuf(hdr, "utf-8", "surrogateescape")
-        except tarfile.HeaderError as e:
-            raise CorruptLayer(f"invalid tar header ({e})") from None
+        ti = parse_header(hdr)
         meta(hdr)
         t = ti.type
         if t in PAX_TYPES or t in GNU_LONG:

@@ -103,3 +103,22 @@ def test_roundtrip_property(items, fmt):
     assert rebuilt == tar
     assert content == b"".join(d for _n, d, k in items if k == "file")
     assert len(res.entries) == len(items)
+
+
+def test_header_parser_agrees_with_tarfile():
+    from convstore.tarsplit import parse_header
+
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        entries = [Entry("p" * 90 + "/" + "q" * 90, data=b"x")] if fmt == tarfile.USTAR_FORMAT else []
+        tar = (make_tar(entries, fmt) if entries else rich_layer() if fmt == tarfile.PAX_FORMAT
+               else make_tar([Entry("d", "dir"), Entry("d/f", data=b"a", uid=3_000_000, gid=7),
+                              Entry("d/n", "chr", devmajor=5, devminor=1)], fmt))
+        pos = 0
+        while pos + 512 <= len(tar) and tar[pos : pos + 512] != bytes(512):
+            block = tar[pos : pos + 512]
+            ours, theirs = parse_header(block), tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            for f in ("name", "mode", "uid", "gid", "size", "mtime", "type", "linkname", "uname", "gname",
+                      "devmajor", "devminor"):
+                assert getattr(ours, f) == getattr(theirs, f), (f, fmt)
+            data = theirs.size if theirs.type in (b"0", b"x", b"g", b"L", b"K") else 0
+            pos += 512 + data + (-data % 512)

@@ -130,11 +130,12 @@ class VerifyingReader(io.RawIOBase):
 
 
 class HashingReader(io.RawIOBase):
-    """Counts and sha256-hashes a decompressed stream (for the diff_id)."""
+    """Counts and sha256-hashes a decompressed stream (for the diff_id).
+    ``hash=False`` only counts (an uncompressed blob is already hashed)."""
 
-    def __init__(self, raw: BinaryIO):
+    def __init__(self, raw: BinaryIO, hash: bool = True):
         self._raw = raw
-        self.h = hashlib.sha256()
+        self.h = hashlib.sha256() if hash else None
         self.n = 0
 
     def readable(self) -> bool:
@@ -143,22 +144,10 @@ class HashingReader(io.RawIOBase):
     def readinto(self, b: memoryview) -> int:  # type: ignore[override]
         n = self._raw.readinto(b)  # type: ignore[attr-defined]
         if n:
-            self.h.update(memoryview(b)[:n])
+            if self.h is not None:
+                self.h.update(memoryview(b)[:n])
             self.n += n
         return n or 0
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            raise ValueError("unbounded read")
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self.readinto(view[got:])
-            if not k:
-                break
-            got += k
-        return bytes(buf[:got])
 
 
 def open_decompressed(raw: BinaryIO, compression: str, what: str) -> BinaryIO:

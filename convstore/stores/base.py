@@ -2,7 +2,8 @@
 
 Keys are ``/``-separated paths.  convstore uses four prefixes:
 
-* ``chunks/<cid hex>``         encrypted chunk blobs (write-once, immutable)
+* ``chunks/<cid hex>``         encrypted chunk blobs (write-once, immutable; a
+                               backend may pack many into one file)
 * ``manifests/<sha256 hex>``   sealed image manifests (write-once)
 * ``refs/<name>:<tag>``        catalog entries (replaced atomically)
 * ``domains/<name>``           wrapped convergence-domain secrets
@@ -44,6 +45,14 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def delete(self, key: str) -> None: ...
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete several objects (backends batch this where it pays)."""
+        for k in keys:
+            self.delete(k)
+
+    def abort(self) -> None:
+        """Discard unpublished non-durable puts (after a failed operation)."""
 
     @abstractmethod
     def list(self, prefix: str) -> Iterator[str]:

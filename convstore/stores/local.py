@@ -1,16 +1,16 @@
 """The embedded default store: a directory on a local filesystem.
 
-Atomicity: each object is written to ``tmp/`` and renamed into place.
-Durability: a durable put fsyncs the file, renames, and fsyncs the directory;
-non-durable puts (chunks) are made durable in one ``syncfs`` at ``flush``
-time, before anything that references them is published.  Several processes
-may write at once: chunk names are content addresses, so two writers of one
-chunk rename equivalent bytes over each other.
+Chunks (``chunks/<cid>`` keys) live in pack files (:mod:`.packs`); every
+other object is one file.  Atomicity: each file is written to ``tmp/`` and
+renamed into place.  Durability: a durable put fsyncs the file, renames, and
+fsyncs the directory; chunk puts are made durable when their pack is
+published, at the latest at ``flush``, before anything that references them
+is written.  Several processes may write at once: each writes its own packs,
+and other objects are replaced atomically.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import secrets
@@ -19,16 +19,19 @@ from collections.abc import Iterator
 
 from ..errors import StoreError
 from .base import ObjectStore
+from .packs import PackSet
 
-_libc = ctypes.CDLL(None, use_errno=True)
+CHUNKS = "chunks/"
 
 
-def _fanout(key: str) -> str:
-    """``chunks/abcdef..`` -> ``chunks/ab/abcdef..`` (256 subdirectories)."""
-    if key.startswith("chunks/"):
-        name = key[7:]
-        return f"chunks/{name[:2]}/{name}"
-    return key
+def _cid(key: str) -> bytes:
+    try:
+        cid = bytes.fromhex(key[len(CHUNKS):])
+    except ValueError:
+        raise StoreError(f"invalid chunk key {key!r}") from None
+    if len(cid) != 32:
+        raise StoreError(f"invalid chunk key {key!r}")
+    return cid
 
 
 def _valid_key(key: str) -> str:
@@ -50,15 +53,17 @@ class LocalStore(ObjectStore):
             raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from None
         self._made_dirs: set[str] = set()
         self._lock = threading.Lock()
-        self._dirty = False
+        self.packs = PackSet(self.root, self._tmp)
 
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"
 
     def path(self, key: str) -> str:
-        return os.path.join(self.root, _fanout(_valid_key(key)))
+        return os.path.join(self.root, _valid_key(key))
 
     def get(self, key: str) -> bytes:
+        if key.startswith(CHUNKS):
+            return self.packs.get(_cid(key))
         try:
             with open(self.path(key), "rb") as f:
                 return f.read()
@@ -66,6 +71,8 @@ class LocalStore(ObjectStore):
             raise KeyError(key) from None
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
+        if key.startswith(CHUNKS):
+            return self.packs.get(_cid(key))[start:end]
         try:
             with open(self.path(key), "rb") as f:
                 return os.pread(f.fileno(), end - start, start)
@@ -75,9 +82,13 @@ class LocalStore(ObjectStore):
     supports_ranges = True
 
     def has(self, key: str) -> bool:
+        if key.startswith(CHUNKS):
+            return self.packs.has(_cid(key))
         return os.path.exists(self.path(key))
 
     def size(self, key: str) -> int:
+        if key.startswith(CHUNKS):
+            return len(self.packs.get(_cid(key)))
         try:
             return os.stat(self.path(key)).st_size
         except FileNotFoundError:
@@ -91,6 +102,14 @@ class LocalStore(ObjectStore):
             self._made_dirs.add(d)
 
     def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
+        if key.startswith(CHUNKS):
+            cid = _cid(key)
+            if exclusive and self.packs.has(cid):
+                return False
+            self.packs.put(cid, data)
+            if durable:
+                self.packs.flush()
+            return True
         final = self.path(key)
         self._ensure_dir(os.path.dirname(final))
         tmp = os.path.join(self._tmp, f"{os.getpid()}.{secrets.token_hex(8)}")
@@ -122,8 +141,6 @@ class LocalStore(ObjectStore):
             raise StoreError(f"cannot write {key}: {e.strerror}") from None
         if durable:
             self._fsync_dir(os.path.dirname(final))
-        else:
-            self._dirty = True
         return True
 
     @staticmethod
@@ -135,36 +152,41 @@ class LocalStore(ObjectStore):
             os.close(fd)
 
     def flush(self) -> None:
-        """One ``syncfs`` makes every earlier write on this filesystem durable."""
-        if not self._dirty:
-            return
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if _libc.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise StoreError(f"syncfs on {self.root} failed: {os.strerror(err)}")
-        finally:
-            os.close(fd)
-        self._dirty = False
+        """Publish (durably) the pack being written."""
+        self.packs.flush()
+
+    def abort(self) -> None:
+        """Drop unpublished chunk writes (after a failed pack)."""
+        self.packs.abort()
 
     def delete(self, key: str) -> None:
-        try:
-            os.unlink(self.path(key))
-        except FileNotFoundError:
-            pass
+        self.delete_many([key])
+
+    def delete_many(self, keys: list[str]) -> None:
+        chunks = [_cid(k) for k in keys if k.startswith(CHUNKS)]
+        if chunks:
+            self.packs.delete(chunks)
+        for k in keys:
+            if not k.startswith(CHUNKS):
+                try:
+                    os.unlink(self.path(k))
+                except FileNotFoundError:
+                    pass
 
     def list(self, prefix: str) -> Iterator[str]:
+        if prefix.rstrip("/") + "/" == CHUNKS:
+            for cid in self.packs.cids():
+                yield CHUNKS + cid.hex()
+            return
         base = os.path.join(self.root, prefix.rstrip("/"))
-        chunks = prefix.rstrip("/") == "chunks"
         for dirpath, _dirs, files in os.walk(base):
             rel = os.path.relpath(dirpath, self.root)
             for f in files:
-                if chunks:
-                    yield "chunks/" + f
-                else:
-                    yield f"{rel}/{f}".replace(os.sep, "/")
+                yield f"{rel}/{f}".replace(os.sep, "/")
 
     def usage(self, prefix: str) -> int:
+        if prefix.rstrip("/") + "/" == CHUNKS:
+            return self.packs.usage()
         total = 0
         for dirpath, _dirs, files in os.walk(os.path.join(self.root, prefix)):
             for f in files:
