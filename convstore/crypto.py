@@ -40,6 +40,7 @@ TAG_LEN = 16
 
 DOMAIN_KEY_CTX = "convstore v1 chunk id+key"
 NONCE_CTX = "convstore v1 chunk nonce"
+LAYER_INDEX_CTX = "convstore v1 layer index"
 
 SEAL_MAGIC = b"CSS"
 SEAL_VERSION = 1
@@ -77,6 +78,17 @@ def domain_chunk_key(domain_secret: bytes) -> bytes:
     if len(domain_secret) != 32:
         raise ValueError("domain secret must be 32 bytes")
     return blake3(domain_secret, derive_key_context=DOMAIN_KEY_CTX).digest()
+
+
+def domain_layer_key(domain_secret: bytes) -> bytes:
+    """Derive the keyed-hash key that names layer-index records from S_dom."""
+    return blake3(domain_secret, derive_key_context=LAYER_INDEX_CTX).digest()
+
+
+def layer_index_name(layer_key: bytes, diff_id: str) -> str:
+    """A layer-index record's name: a PRF of the diff_id, so the store holder
+    cannot test whether a known public layer is stored."""
+    return blake3(diff_id.encode(), key=layer_key).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

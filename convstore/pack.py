@@ -27,7 +27,7 @@ from .crypto import ChunkIdentity, encrypt_chunk, identify_chunk
 from .errors import DigestMismatch
 from .manifest import LayerRecord, Manifest
 from .oci.media import HashingReader
-from .oci.sources import ImageSource, layer_stream, parse_source
+from .oci.sources import ImageSource, LayerDescriptor, layer_stream, parse_source
 from .progress import NoProgress, Progress
 from .refs import ImageRef
 from .store import DEFAULT_DOMAIN, CatalogEntry, Store, _now
@@ -46,6 +46,7 @@ class PackResult:
     new_chunks: int
     new_plain_bytes: int
     new_stored_bytes: int
+    reused_layers: int
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
@@ -103,6 +104,27 @@ class _ChunkSink:
             self._collect(self._inflight.popleft())
 
 
+class _MetaSink:
+    """Collects tar metadata zstd-compressed, in 1 MiB batches (a compressor
+    call per 512-byte header costs more than the parsing)."""
+
+    def __init__(self) -> None:
+        self._z = zstandard.ZstdCompressor(level=3).compressobj()
+        self._buf = bytearray()
+        self._parts: list[bytes] = []
+
+    def __call__(self, b: bytes) -> None:
+        self._buf += b
+        if len(self._buf) >= 1 << 20:
+            self._parts.append(self._z.compress(bytes(self._buf)))
+            self._buf.clear()
+
+    def finish(self) -> bytes:
+        self._parts.append(self._z.compress(bytes(self._buf)))
+        self._parts.append(self._z.flush())
+        return b"".join(self._parts)
+
+
 def pack(
     store: Store,
     source: str | ImageSource,
@@ -113,38 +135,46 @@ def pack(
     workers: int | None = None,
     domain: str = DEFAULT_DOMAIN,
     progress: Progress | None = None,
+    reuse_layers: bool = True,
 ) -> PackResult:
     """Pack an image into ``store`` under ``ref`` (``NAME[:TAG]``).
 
     The catalog changes only when every chunk and the manifest are durable;
-    any error before that leaves it as it was.
+    any error before that leaves it as it was.  A layer whose diff_id is
+    already stored (with all its chunks) is reused without reading its blob,
+    unless ``reuse_layers`` is False.
     """
     t0 = time.perf_counter()
     iref = ImageRef.parse(ref)
     params = params or ChunkParams()
     progress = progress or NoProgress()
     src = parse_source(source) if isinstance(source, str) else source
-    domain_rec, dkey = store.domain_key(domain)
+    dom = store.domain(domain)
     table: list[ChunkIdentity] = []
     index: dict[bytes, int] = {}
     layers: list[LayerRecord] = []
-    new_chunks = new_plain = new_stored = 0
+    new_chunks = new_plain = new_stored = reused = 0
     nworkers = workers or max(2, (os.cpu_count() or 2))
     try:
         total = sum(d.size or 0 for d in src.layers)
         progress.start(f"packing {iref}", total or None)
         with ThreadPoolExecutor(nworkers, thread_name_prefix="convstore-pack") as pool:
             for i, desc in enumerate(src.layers):
+                found = store.find_layer(dom, desc.diff_id) if reuse_layers else None
+                if found is not None:
+                    layers.append(_reuse_layer(found, desc, table, index))
+                    reused += 1
+                    progress.advance(desc.size or 0)
+                    continue
                 raw, dec = layer_stream(src, i)
                 try:
-                    sink = _ChunkSink(store, dkey, level, pool, table, index, max_inflight=4 * nworkers + 8)
+                    sink = _ChunkSink(store, dom.chunk_key, level, pool, table, index, max_inflight=4 * nworkers + 8)
                     chunker = StreamChunker(params, sink)
                     # An uncompressed blob is its own tar: its digest check covers the diff_id.
                     plain = desc.compression == "none"
                     reader = HashingReader(dec, hash=not plain)  # type: ignore[arg-type]
                     buffered = io.BufferedReader(reader, 1 << 20)
-                    zmeta = zstandard.ZstdCompressor(level=3).compressobj()
-                    meta_parts: list[bytes] = []
+                    meta = _MetaSink()
                     last = [0]
 
                     def content(r: Any, n: int) -> None:
@@ -153,10 +183,9 @@ def pack(
                         progress.advance(done - last[0])
                         last[0] = done
 
-                    split = split_tar(buffered, lambda b: meta_parts.append(zmeta.compress(b)), content)  # type: ignore[arg-type]
+                    split = split_tar(buffered, meta, content)  # type: ignore[arg-type]
                     chunker.cut()
                     sink.drain()
-                    meta_parts.append(zmeta.flush())
                 finally:
                     dec.close()
                 raw.drain()  # the blob digest is checked at its end
@@ -167,14 +196,14 @@ def pack(
                                          f"config says {desc.diff_id}")
                 layers.append(LayerRecord(
                     desc.media_type, desc.digest, desc.size, desc.diff_id, reader.n, split.content_size,
-                    b"".join(meta_parts), split.segments, sink.layer_chunks, split.entries, desc.annotations))
+                    meta.finish(), split.segments, sink.layer_chunks, split.entries, desc.annotations))
                 new_chunks += sink.new_chunks
                 new_plain += sink.new_plain
                 new_stored += sink.new_stored
         manifest = Manifest(
             name=iref.name, tag=iref.tag,
             source={"ref": src.ref, "manifest_digest": src.manifest_digest},
-            chunking=params, compression_level=level, domain=domain_rec,
+            chunking=params, compression_level=level, domain=dom.public,
             config_media_type=src.config_media_type, config_digest=src.config_digest,
             config_bytes=src.config_bytes, source_manifest_media_type=src.manifest_media_type,
             source_manifest_bytes=src.manifest_bytes, annotations=src.annotations,
@@ -184,6 +213,7 @@ def pack(
         digest, wrapped = store.put_manifest(manifest)
         store.publish(CatalogEntry(iref, digest, store.key.key_id, wrapped, manifest.created, src.ref,
                                    manifest.logical_bytes, len(layers)))
+        store.record_layers(dom, manifest, digest, wrapped)
     except BaseException:
         store.objects.abort()  # unpublished chunks of a failed pack are dropped
         raise
@@ -192,4 +222,20 @@ def pack(
         if isinstance(source, str):
             src.close()
     return PackResult(str(iref), digest, len(layers), manifest.logical_bytes, len(table), new_chunks, new_plain,
-                      new_stored, time.perf_counter() - t0)
+                      new_stored, reused, time.perf_counter() - t0)
+
+
+def _reuse_layer(found: tuple[Manifest, LayerRecord], desc: LayerDescriptor, table: list[ChunkIdentity],
+                 index: dict[bytes, int]) -> LayerRecord:
+    """Copy a stored layer's record into this image, renumbering its chunks."""
+    m, old = found
+    chunks = array("I")
+    for j in old.chunks:
+        ident = m.chunks[j]
+        i = index.get(ident.cid)
+        if i is None:
+            i = index[ident.cid] = len(table)
+            table.append(ident)
+        chunks.append(i)
+    return LayerRecord(desc.media_type, desc.digest, desc.size, desc.diff_id, old.uncompressed_size,
+                       old.content_size, old.meta, old.segments, chunks, old.entries, desc.annotations)

@@ -18,15 +18,15 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import platformdirs
 
-from .crypto import domain_chunk_key, seal, unseal
+from .crypto import domain_chunk_key, domain_layer_key, layer_index_name, seal, unseal
 from .errors import CorruptObject, ImageNotFound, KeyAccessDenied, StoreError, StoreFormatError
 from .keys import KeyProvider, open_key
-from .manifest import Manifest
+from .manifest import LayerRecord, Manifest
 from .refs import ImageRef
 from .stores.base import ObjectStore
 from .stores.local import LocalStore
@@ -55,6 +55,15 @@ def _json(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise CorruptObject(f"{what} is malformed")
     return doc
+
+
+@dataclass(frozen=True)
+class Domain:
+    """An unlocked convergence domain.  The keys are secret: never logged."""
+
+    public: dict[str, Any]
+    chunk_key: bytes = field(repr=False)
+    layer_key: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ class Store:
         self.objects = objects
         self.key = key
         self.id = self._identity()
-        self._domain_keys: dict[str, tuple[dict[str, Any], bytes]] = {}
+        self._domains: dict[str, Domain] = {}
 
     @classmethod
     def open(cls, path: str | None = None, key: KeyProvider | str | None = None) -> Store:
@@ -136,10 +145,10 @@ class Store:
         return str(doc["id"])
 
     # -- convergence domains ---------------------------------------------
-    def domain_key(self, name: str = DEFAULT_DOMAIN) -> tuple[dict[str, Any], bytes]:
-        """(public domain record, chunk-hash key), creating the domain on first use."""
-        if name in self._domain_keys:
-            return self._domain_keys[name]
+    def domain(self, name: str = DEFAULT_DOMAIN) -> Domain:
+        """The convergence domain ``name``, created on first use."""
+        if name in self._domains:
+            return self._domains[name]
         key = f"domains/{name}"
         try:
             rec = _json(self.objects.get(key), f"domain {name}")
@@ -154,10 +163,9 @@ class Store:
             raise StoreFormatError(f"domain record version {rec.get('version')} is not supported")
         self._check_key_id(rec["key_id"], f"domain {name!r}")
         secret = self.key.unwrap(base64.b64decode(rec["wrapped_secret"]), self._domain_context(rec))
-        public = {k: rec[k] for k in ("name", "epoch", "id")}
-        out = (public, domain_chunk_key(secret))
-        self._domain_keys[name] = out
-        return out
+        d = Domain({k: rec[k] for k in ("name", "epoch", "id")}, domain_chunk_key(secret), domain_layer_key(secret))
+        self._domains[name] = d
+        return d
 
     def _domain_context(self, rec: dict[str, Any]) -> dict[str, str]:
         return {"purpose": "domain", "store": self.id, "domain": rec["name"], "epoch": str(rec["epoch"])}
@@ -180,20 +188,50 @@ class Store:
         return digest, self.key.wrap(dek, self._manifest_context(manifest.name, digest))
 
     def load_manifest(self, entry: CatalogEntry) -> Manifest:
-        self._check_key_id(entry.key_id, f"image {entry.ref}")
+        return self._open_manifest(entry.manifest_digest, entry.ref.name, entry.wrapped_key, entry.key_id,
+                                   f"image {entry.ref}")
+
+    def _open_manifest(self, digest: str, image: str, wrapped: bytes, key_id: str, what: str) -> Manifest:
+        self._check_key_id(key_id, what)
         try:
-            sealed = self.objects.get("manifests/" + entry.manifest_digest.split(":", 1)[1])
+            sealed = self.objects.get("manifests/" + digest.split(":", 1)[1])
         except KeyError:
-            raise StoreError(f"image {entry.ref}: manifest {entry.manifest_digest} is missing from the store") from None
+            raise StoreError(f"{what}: manifest {digest} is missing from the store") from None
         got = "sha256:" + hashlib.sha256(sealed).hexdigest()
-        if not hmac.compare_digest(got, entry.manifest_digest):
-            raise CorruptObject(f"image {entry.ref}: manifest {entry.manifest_digest} is corrupt")
-        dek = self.key.unwrap(entry.wrapped_key, self._manifest_context(entry.ref.name, entry.manifest_digest))
-        plain = unseal(sealed, dek, b"convstore manifest v1\0" + self.id.encode(), f"manifest of {entry.ref}")
+        if not hmac.compare_digest(got, digest):
+            raise CorruptObject(f"{what}: manifest {digest} is corrupt")
+        dek = self.key.unwrap(wrapped, self._manifest_context(image, digest))
+        plain = unseal(sealed, dek, b"convstore manifest v1\0" + self.id.encode(), f"manifest of {what}")
         m = Manifest.decode(plain)
-        if m.name != entry.ref.name:
-            raise CorruptObject(f"image {entry.ref}: manifest belongs to another image")
+        if m.name != image:
+            raise CorruptObject(f"{what}: manifest belongs to another image")
         return m
+
+    # -- layer index: reuse an already packed layer by its diff_id ---------
+    def record_layers(self, domain: Domain, manifest: Manifest, digest: str, wrapped: bytes) -> None:
+        """Note where each layer of a published image lives (a cache: losing
+        or staling a record only costs a full re-read of that layer)."""
+        for i, layer in enumerate(manifest.layers):
+            rec = {"format": "convstore-layer-index", "version": 1, "manifest": digest, "image": manifest.name,
+                   "layer": i, "key_id": self.key.key_id, "wrapped_key": base64.b64encode(wrapped).decode()}
+            self.objects.put("layers/" + layer_index_name(domain.layer_key, layer.diff_id),
+                             json.dumps(rec).encode(), durable=False)
+
+    def find_layer(self, domain: Domain, diff_id: str) -> tuple[Manifest, LayerRecord] | None:
+        """An already stored layer with this diff_id whose chunks are all
+        present, or None."""
+        try:
+            rec = _json(self.objects.get("layers/" + layer_index_name(domain.layer_key, diff_id)), "layer index")
+            m = self._open_manifest(rec["manifest"], rec["image"], base64.b64decode(rec["wrapped_key"]),
+                                    rec["key_id"], "layer index")
+            layer = m.layers[rec["layer"]]
+        except (KeyError, IndexError, TypeError, ValueError, CorruptObject, StoreError, KeyAccessDenied):
+            return None
+        if m.domain.get("id") != domain.public["id"] or not hmac.compare_digest(layer.diff_id, diff_id):
+            return None
+        if not all(self.objects.has("chunks/" + m.chunks[i].cid.hex()) for i in set(layer.chunks)):
+            return None
+        return m, layer
 
     # -- catalog --------------------------------------------------------
     def publish(self, entry: CatalogEntry) -> None:

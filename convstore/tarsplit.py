@@ -111,25 +111,27 @@ def _num(b: bytes) -> int:
         raise CorruptLayer("invalid number in tar header") from None
 
 
+_FIELDS = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s")
+
+
 def parse_header(b: bytes) -> _Header:
     """Decode one 512-byte ustar/GNU/PAX header block, as
-    :meth:`tarfile.TarInfo.frombuf` does (about 8x faster; tar headers are
-    the per-file cost of packing)."""
-    chk = _num(b[148:156])
-    if chk != 256 + sum(_UNSIGNED.unpack_from(b)) and chk != 256 + sum(_SIGNED.unpack_from(b)):
+    :meth:`tarfile.TarInfo.frombuf` does (several times faster; tar headers
+    are the per-file cost of packing)."""
+    (name_b, mode, uid, gid, size, mtime, chk, t, link, _magic, _ver, uname, gname, dmaj, dmin,
+     prefix_b) = _FIELDS.unpack_from(b)
+    c = _num(chk)
+    if c != 256 + sum(_UNSIGNED.unpack_from(b)) and c != 256 + sum(_SIGNED.unpack_from(b)):
         raise CorruptLayer("invalid tar header (bad checksum)")
-    t = b[156:157]
-    name = _str(b[0:100])
+    name = _str(name_b)
     if t == tarfile.AREGTYPE and name.endswith("/"):
         t = tarfile.DIRTYPE
     if t == tarfile.DIRTYPE:
         name = name.rstrip("/")
-    prefix = _str(b[345:500])
-    if prefix and t not in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.GNUTYPE_SPARSE):
-        name = prefix + "/" + name
-    return _Header(name, _num(b[100:108]), _num(b[108:116]), _num(b[116:124]), _num(b[124:136]),
-                   _num(b[136:148]), t, _str(b[157:257]), _str(b[265:297]), _str(b[297:329]),
-                   _num(b[329:337]), _num(b[337:345]))
+    if prefix_b[0] and t not in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.GNUTYPE_SPARSE):
+        name = _str(prefix_b) + "/" + name
+    return _Header(name, _num(mode), _num(uid), _num(gid), _num(size), _num(mtime), t, _str(link),
+                   _str(uname), _str(gname), _num(dmaj), _num(dmin))
 
 
 def _read_exact(reader: BinaryIO, n: int) -> bytes:

@@ -210,3 +210,29 @@ def test_rootfs_refuses_nonempty_dest(tmp_path, store):
     with pytest.raises(convstore.SourceError):
         store.unpack_rootfs("n:1", str(tmp_path / "root"))
     assert (tmp_path / "root" / "x").read_text() == "mine"
+
+
+def test_known_layer_is_reused_without_reading(tmp_path, store):
+    l0, l1 = rich_layer(), make_tar([Entry("only-b", data=os.urandom(90_000))])
+    write_oci(str(tmp_path / "a"), [l0])
+    descs = write_oci(str(tmp_path / "b"), [l0, l1], compression=["zstd", "gzip"])
+    store.pack(f"oci:{tmp_path / 'a'}", "a:1")
+    # the shared layer's blob in b is recompressed (new digest, same diff_id): still reused
+    r = store.pack(f"oci:{tmp_path / 'b'}", "b:1")
+    assert r.reused_layers == 1
+    store.unpack_oci("b:1", f"oci:{tmp_path / 'out'}:b", compress="none")  # verifies every diff_id
+    manifest, blob = read_layout(str(tmp_path / "out"), "b")
+    assert [blob(d["digest"]) for d in manifest["layers"]] == [l0, l1]
+    assert store.inspect("b:1")["layers"][0]["digest"] == descs["layers"][0]["digest"]
+    r2 = store.pack(f"oci:{tmp_path / 'b'}", "b:2", reuse_layers=False)
+    assert r2.reused_layers == 0 and r2.new_chunks == 0
+
+
+def test_layer_reuse_falls_back_when_chunks_are_gone(tmp_path, store):
+    l0 = rich_layer()
+    write_oci(str(tmp_path / "a"), [l0])
+    store.pack(f"oci:{tmp_path / 'a'}", "a:1")
+    store.objects.delete(next(iter(store.objects.list("chunks"))))
+    r = store.pack(f"oci:{tmp_path / 'a'}", "a:2")
+    assert r.reused_layers == 0 and r.new_chunks == 1
+    store.unpack_oci("a:2", f"oci:{tmp_path / 'out'}")
