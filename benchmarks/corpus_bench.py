@@ -61,12 +61,12 @@ def new_store(root: Path) -> convstore.Store:
     return convstore.Store.open(str(root / "store"), f"file:{root / 'key'}")
 
 
-def pack_images(store: convstore.Store, images: list[str], tag_suffix: str = "") -> tuple[float, int]:
+def pack_images(store: convstore.Store, images: list[str], tag_suffix: str = "", **kw: object) -> tuple[float, int]:
     """(seconds, uncompressed bytes) for packing ``images`` one after another."""
     t = time.perf_counter()
     n = 0
     for img in images:
-        r = store.pack(f"oci:{CORPUS_DIR / img}:latest", f"{img}:latest{tag_suffix}")
+        r = store.pack(f"oci:{CORPUS_DIR / img}:latest", f"{img}:latest{tag_suffix}", **kw)  # type: ignore[arg-type]
         n += r.logical_bytes
     return time.perf_counter() - t, n
 
