@@ -34,6 +34,8 @@ class _State:
     store_path: str | None = None
     key_spec: str | None = None
     quiet: bool = False
+    latency_ms: float = 0.0
+    bandwidth_mbps: float = 0.0
 
 
 state = _State()
@@ -46,14 +48,46 @@ def _global(
     key: Optional[str] = typer.Option(None, "--key", metavar="SPEC",
                                       help="Master key: file:PATH [default: $CONVSTORE_KEY or a key file in the user config dir]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars"),
+    latency: float = typer.Option(0.0, "--simulate-latency", metavar="MS", min=0,
+                                  help="Add this per-request latency to store reads (measurement)"),
+    bandwidth: float = typer.Option(0.0, "--simulate-bandwidth", metavar="MB/S", min=0,
+                                    help="Cap store reads at this bandwidth (measurement)"),
 ) -> None:
     state.store_path = store
     state.key_spec = key
     state.quiet = quiet
+    state.latency_ms = latency
+    state.bandwidth_mbps = bandwidth
 
 
 def _store() -> Store:
-    return Store.open(state.store_path, state.key_spec)
+    s = Store.open(state.store_path, state.key_spec)
+    if state.latency_ms or state.bandwidth_mbps:
+        from .stores.slow import SlowStore
+
+        s = s.with_objects(SlowStore(s.objects, state.latency_ms / 1e3, (state.bandwidth_mbps or 1e6) * 1e6))
+    return s
+
+
+def _global_args() -> list[str]:
+    args = []
+    if state.store_path:
+        args += ["--store", state.store_path]
+    if state.key_spec:
+        args += ["--key", state.key_spec]
+    if state.latency_ms:
+        args += ["--simulate-latency", str(state.latency_ms)]
+    if state.bandwidth_mbps:
+        args += ["--simulate-bandwidth", str(state.bandwidth_mbps)]
+    return args
+
+
+def _print_fetch_stats(stats: dict[str, Any], extra: str = "") -> None:
+    err.print(f"fetched {stats['chunks_fetched']} chunks, {_mb(stats['bytes_fetched'])} from the store "
+              f"({_mb(stats['plain_bytes_fetched'])} plaintext); {_mb(stats['bytes_read'])} read; "
+              f"cache hits {stats['cache_hits']}, misses {stats['cache_misses']}, "
+              f"prefetched {stats['prefetched_chunks']}; waited {stats['wait_seconds']:.3f} s on the store"
+              + (f"; {extra}" if extra else ""), highlight=False, soft_wrap=True)
 
 
 class _RichProgress:
@@ -183,6 +217,131 @@ def stats(json_out: bool = typer.Option(False, "--json", help="Print as JSON")) 
               f"stored bytes:           {_mb(s['stored_bytes'])} "
               f"(chunks {_mb(s['stored_chunk_bytes'])}, manifests {_mb(s['stored_manifest_bytes'])})\n"
               f"dedup ratio:            {s['dedup_ratio']}x", highlight=False)
+
+
+def _mode_string(mode: int) -> str:
+    import stat as st
+
+    return st.filemode(mode)
+
+
+@app.command("ls")
+def ls_cmd(
+    ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
+    path: str = typer.Argument("/", help="Directory or file inside the image"),
+    long: bool = typer.Option(False, "-l", help="Long listing"),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON"),
+) -> None:
+    """List a directory of an image (reads the manifest only, no chunk)."""
+    from .reader import ImageFS
+
+    with ImageFS.from_store(_store(), ref) as fs:
+        import stat as st
+
+        s = fs.stat(path, follow=True)
+        names = sorted(fs.listdir(path)) if st.S_ISDIR(s.st_mode) else [path.rstrip("/").rsplit("/", 1)[-1]]
+        base = path if st.S_ISDIR(s.st_mode) else path.rstrip("/").rsplit("/", 1)[0] or "/"
+        rows = []
+        for n in names:
+            p = base.rstrip("/") + "/" + n
+            e = fs.stat(p)
+            link = fs.readlink(p) if st.S_ISLNK(e.st_mode) else None
+            rows.append((n, e, link))
+    if json_out:
+        _emit_json([{"name": n, "mode": e.st_mode, "uid": e.st_uid, "gid": e.st_gid, "size": e.st_size,
+                     "mtime_ns": e.st_mtime_ns, "nlink": e.st_nlink, "linkname": link} for n, e, link in rows])
+        return
+    import time as _t
+
+    for n, e, link in rows:
+        if long:
+            when = _t.strftime("%Y-%m-%d %H:%M", _t.gmtime(e.st_mtime_ns / 1e9))
+            out.print(f"{_mode_string(e.st_mode)} {e.st_nlink:3d} {e.st_uid:5d} {e.st_gid:5d} {e.st_size:10d} "
+                      f"{when} {n}" + (f" -> {link}" if link else ""), highlight=False, markup=False)
+        else:
+            out.print(n, highlight=False, markup=False)
+
+
+@app.command()
+def cat(
+    ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
+    path: str = typer.Argument(..., help="File inside the image"),
+    show_stats: bool = typer.Option(False, "--stats", help="Print what was fetched to stderr"),
+) -> None:
+    """Write a file of an image to stdout, fetching only its chunks."""
+    from .reader import ImageFS
+
+    with ImageFS.from_store(_store(), ref) as fs:
+        with fs.open(path) as f:
+            while True:
+                b = f.read(1 << 20)
+                if not b:
+                    break
+                sys.stdout.buffer.write(b)
+        sys.stdout.buffer.flush()
+        if show_stats:
+            _print_fetch_stats(fs.fetcher.stats.to_json())
+
+
+@app.command()
+def mount(
+    ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
+    mountpoint: str = typer.Argument(..., metavar="MOUNTPOINT"),
+    background: bool = typer.Option(False, "--background", "-b", help="Return once mounted; unmount with fusermount3 -u"),
+) -> None:
+    """Mount an image read-only with FUSE (foreground until Ctrl-C / SIGTERM / unmount)."""
+    import subprocess
+    import time as _t
+
+    if not os.path.isdir(mountpoint):
+        raise typer.BadParameter(f"{mountpoint} is not a directory")
+    if background:
+        p = subprocess.Popen([sys.executable, "-m", "convstore.cli", *_global_args(), "mount", ref, mountpoint],
+                             start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+        deadline = _t.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            if p.poll() is not None:
+                msg = (p.stderr.read().decode(errors="replace").strip().splitlines() or ["mount failed"])[-1] \
+                    if p.stderr else "mount failed"
+                raise ConvstoreError(msg.removeprefix("convstore: error: "))
+            if _t.monotonic() > deadline:
+                p.terminate()
+                raise ConvstoreError(f"timed out mounting {ref} at {mountpoint}")
+            _t.sleep(0.02)
+        out.print(f"mounted {ref} at {mountpoint} (pid {p.pid}); unmount with: fusermount3 -u {mountpoint}",
+                  highlight=False)
+        return
+    from .reader import ImageFS
+    from .reader.fuse import serve
+
+    with ImageFS.from_store(_store(), ref) as fs:
+        serve(fs, mountpoint)
+
+
+@app.command()
+def run(
+    ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
+    command: Optional[list[str]] = typer.Argument(None, metavar="[-- CMD ARG...]"),
+    runtime: str = typer.Option("auto", "--runtime", metavar="auto|runc|chroot"),
+    show_stats: bool = typer.Option(False, "--stats", help="Print what was fetched to stderr"),
+    prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Prefetch the recorded start-up profile"),
+    record: Optional[bool] = typer.Option(None, "--record-profile/--no-record-profile",
+                                          help="Record the start-up profile [default: when there is none]"),
+    json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stderr"),
+) -> None:
+    """Run an image's Entrypoint/Cmd (or CMD) from a lazy read-only mount; exit with its code."""
+    if runtime not in ("auto", "runc", "chroot"):
+        raise typer.BadParameter("--runtime must be auto, runc or chroot")
+    from .reader.run import run_image
+
+    r = run_image(_store(), ref, command or None, runtime=runtime, prefetch=prefetch, record=record)
+    if json_out:
+        err.print(json.dumps(r.to_json()), highlight=False, soft_wrap=True)
+    elif show_stats:
+        _print_fetch_stats(r.fetch, f"{r.runtime} in {r.seconds:.2f} s; FUSE reads {r.fuse_read_calls} "
+                                    f"({_mb(r.fuse_read_bytes)}); profile {r.profile}")
+    raise typer.Exit(r.exit_code)
 
 
 def main() -> None:

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import platformdirs
+from blake3 import blake3
 
 from .crypto import domain_chunk_key, domain_layer_key, layer_index_name, seal, unseal
-from .errors import CorruptObject, ImageNotFound, KeyAccessDenied, StoreError, StoreFormatError
+from .errors import ConvstoreError, CorruptObject, ImageNotFound, KeyAccessDenied, StoreError, StoreFormatError
 from .keys import KeyProvider, open_key
 from .manifest import LayerRecord, Manifest
 from .refs import ImageRef
@@ -116,6 +117,12 @@ class Store:
         self.id = self._identity()
         self._domains: dict[str, Domain] = {}
 
+    def with_objects(self, objects: ObjectStore) -> Store:
+        """The same store seen through another object layer (e.g. SlowStore)."""
+        other = Store.__new__(Store)
+        other.objects, other.key, other.id, other._domains = objects, self.key, self.id, self._domains
+        return other
+
     @classmethod
     def open(cls, path: str | None = None, key: KeyProvider | str | None = None) -> Store:
         """Open (creating if needed) the local store at ``path`` with ``key``
@@ -206,6 +213,31 @@ class Store:
         if m.name != image:
             raise CorruptObject(f"{what}: manifest belongs to another image")
         return m
+
+    # -- start-up profiles ------------------------------------------------
+    def _profile_key(self, entry: CatalogEntry) -> bytes:
+        self._check_key_id(entry.key_id, f"image {entry.ref}")
+        dek = self.key.unwrap(entry.wrapped_key, self._manifest_context(entry.ref.name, entry.manifest_digest))
+        return blake3(dek, derive_key_context="convstore v1 start-up profile").digest()
+
+    def save_profile(self, entry: CatalogEntry, profile: list[tuple[int, int]]) -> None:
+        """Store the chunks an image's start-up touched, sealed like its manifest."""
+        body = json.dumps({"version": 1, "manifest": entry.manifest_digest, "chunks": profile}).encode()
+        sealed = seal(body, self._profile_key(entry), b"convstore profile v1\0" + entry.manifest_digest.encode())
+        self.objects.put("profiles/" + entry.manifest_digest.split(":", 1)[1], sealed)
+
+    def load_profile(self, entry: CatalogEntry) -> list[tuple[int, int]] | None:
+        """The recorded start-up profile, or None if there is none or it does
+        not match this image (never an error)."""
+        try:
+            sealed = self.objects.get("profiles/" + entry.manifest_digest.split(":", 1)[1])
+            doc = json.loads(unseal(sealed, self._profile_key(entry),
+                                    b"convstore profile v1\0" + entry.manifest_digest.encode(), "profile"))
+            if doc.get("version") != 1 or doc.get("manifest") != entry.manifest_digest:
+                return None
+            return [(int(a), int(b)) for a, b in doc["chunks"]]
+        except (KeyError, ValueError, TypeError, ConvstoreError):
+            return None
 
     # -- layer index: reuse an already packed layer by its diff_id ---------
     def record_layers(self, domain: Domain, manifest: Manifest, digest: str, wrapped: bytes) -> None:

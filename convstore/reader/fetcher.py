@@ -1,0 +1,179 @@
+"""Chunk fetching for lazy reads: a bounded LRU of plaintext chunks, one
+fetch per chunk however many readers want it, sequential readahead, a thread
+pool, counters, and start-up profile recording."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+from ..crypto import decrypt_chunk
+from ..errors import ChunkMissing
+from ..manifest import Manifest
+from ..stores.base import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FetchStats:
+    chunks_fetched: int = 0
+    bytes_fetched: int = 0  # stored (encrypted, compressed) bytes read from the store
+    plain_bytes_fetched: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    wait_seconds: float = 0.0  # time readers spent blocked on the store
+    bytes_read: int = 0  # bytes returned to readers
+    prefetched_chunks: int = 0
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class ChunkFetcher:
+    """Serves byte ranges of layer content streams from the store."""
+
+    def __init__(self, objects: ObjectStore, manifest: Manifest, *, cache_bytes: int = 256 << 20,
+                 workers: int = 8, readahead: int = 4):
+        self.objects = objects
+        self.manifest = manifest
+        self.cache_bytes = cache_bytes
+        self.readahead = readahead
+        self.stats = FetchStats()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()  # chunk-table index -> plaintext
+        self._cached = 0
+        self._inflight: dict[int, Future[bytes]] = {}
+        # re-entrant: a future that is already done runs its callback in the submitting thread
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="convstore-fetch")
+        self._last: dict[int, int] = {}  # layer -> last chunk position read (sequential detection)
+        self.recording: list[tuple[int, int]] | None = None
+        self._recorded: set[tuple[int, int]] = set()
+        # starts[layer][k] = offset of the k-th chunk in that layer's content stream
+        self._starts: list[list[int]] = []
+        for layer in manifest.layers:
+            pos, starts = 0, []
+            for i in layer.chunks:
+                starts.append(pos)
+                pos += manifest.chunks[i].size
+            starts.append(pos)
+            self._starts.append(starts)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- chunk level --------------------------------------------------------
+    def _load(self, idx: int) -> bytes:
+        ident = self.manifest.chunks[idx]
+        key = "chunks/" + ident.cid.hex()
+        try:
+            blob = self.objects.get(key)
+        except KeyError:
+            log.error("chunk %s is missing from the store", ident.cid.hex())
+            raise ChunkMissing(f"chunk {ident.cid.hex()} is missing") from None
+        try:
+            plain = decrypt_chunk(blob, ident)
+        except Exception as e:
+            log.error("chunk %s: %s", ident.cid.hex(), e)
+            raise
+        with self._lock:
+            self.stats.chunks_fetched += 1
+            self.stats.bytes_fetched += len(blob)
+            self.stats.plain_bytes_fetched += len(plain)
+        return plain
+
+    def _done(self, idx: int, fut: Future[bytes]) -> None:
+        with self._lock:
+            self._inflight.pop(idx, None)
+            if fut.cancelled() or fut.exception() is not None:
+                return
+            data = fut.result()
+            if idx not in self._cache:
+                self._cache[idx] = data
+                self._cached += len(data)
+                while self._cached > self.cache_bytes and len(self._cache) > 1:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached -= len(old)
+
+    def _future(self, idx: int) -> Future[bytes] | bytes:
+        """The chunk if cached, else the (possibly shared) fetch in flight.  Caller holds the lock."""
+        data = self._cache.get(idx)
+        if data is not None:
+            self._cache.move_to_end(idx)
+            return data
+        fut = self._inflight.get(idx)
+        if fut is None:
+            fut = self._pool.submit(self._load, idx)
+            self._inflight[idx] = fut
+            fut.add_done_callback(lambda f, i=idx: self._done(i, f))
+        return fut
+
+    def prefetch(self, idx: int) -> None:
+        with self._lock:
+            if idx not in self._cache and idx not in self._inflight:
+                self.stats.prefetched_chunks += 1
+                self._future(idx)
+
+    def chunk(self, layer: int, k: int) -> bytes:
+        idx = self.manifest.layers[layer].chunks[k]
+        if self.recording is not None and (layer, k) not in self._recorded:
+            self._recorded.add((layer, k))
+            self.recording.append((layer, k))
+        with self._lock:
+            got = self._future(idx)
+            if isinstance(got, bytes):
+                self.stats.cache_hits += 1
+                return got
+            self.stats.cache_misses += 1
+        t = time.perf_counter()
+        try:
+            return got.result()
+        finally:
+            with self._lock:
+                self.stats.wait_seconds += time.perf_counter() - t
+
+    # -- byte ranges --------------------------------------------------------
+    def read(self, layer: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of layer ``layer``'s content stream."""
+        starts = self._starts[layer]
+        end = min(offset + size, starts[-1])
+        if offset >= end:
+            return b""
+        k = bisect.bisect_right(starts, offset) - 1
+        chunks = self.manifest.layers[layer].chunks
+        out = []
+        pos = offset
+        first = k
+        while pos < end:
+            data = self.chunk(layer, k)
+            lo = pos - starts[k]
+            hi = min(end, starts[k + 1]) - starts[k]
+            out.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
+            pos = starts[k + 1]
+            k += 1
+        # readahead when this read continues the previous one in this layer
+        if self.readahead and self._last.get(layer) in (first - 1, first):
+            for j in range(k, min(k + self.readahead, len(chunks))):
+                self.prefetch(chunks[j])
+        self._last[layer] = k - 1
+        with self._lock:
+            self.stats.bytes_read += end - offset
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def start_recording(self) -> None:
+        self.recording = []
+        self._recorded = set()
+
+    def prefetch_profile(self, profile: list[tuple[int, int]]) -> int:
+        """Start fetching a recorded start-up profile, in order; returns how many."""
+        n = 0
+        for layer, k in profile:
+            if 0 <= layer < len(self.manifest.layers) and 0 <= k < len(self.manifest.layers[layer].chunks):
+                self.prefetch(self.manifest.layers[layer].chunks[k])
+                n += 1
+        return n

@@ -1,0 +1,172 @@
+"""Read-only FUSE mount of an :class:`ImageFS` (mfusepy on libfuse3).
+
+A chunk that is missing or corrupt fails only the read that needs it, with
+EIO, and is logged by name; the mount stays up and always unmounts.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from typing import Any
+
+import mfusepy
+
+from ..errors import ConvstoreError, StoreError
+from .imagefs import FSError, ImageFS, Node
+
+log = logging.getLogger(__name__)
+
+
+class ImageOperations(mfusepy.Operations):
+    """FUSE callbacks over an ImageFS.  Counts what readers asked for."""
+
+    use_ns = True
+
+    def __init__(self, fs: ImageFS):
+        self.fs = fs
+        self._handles: dict[int, Node] = {}
+        self._next = 1
+        self._lock = threading.Lock()
+        self.read_calls = 0
+        self.read_bytes = 0
+
+    def _node(self, path: str) -> Node:
+        try:
+            return self.fs.lookup(path)
+        except FSError as e:
+            raise mfusepy.FuseOSError(e.errno) from None
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        try:
+            return self.fs.stat(path).as_dict()
+        except FSError as e:
+            raise mfusepy.FuseOSError(e.errno) from None
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        n = self._node(path)
+        if n.children is None:
+            raise mfusepy.FuseOSError(errno.ENOTDIR)
+        return [".", "..", *n.children]
+
+    def readlink(self, path: str) -> str:
+        try:
+            return self.fs.readlink(path)
+        except FSError as e:
+            raise mfusepy.FuseOSError(e.errno) from None
+
+    def access(self, path: str, amode: int) -> int:
+        self._node(path)
+        if amode & os.W_OK:
+            raise mfusepy.FuseOSError(errno.EROFS)
+        return 0
+
+    def open(self, path: str, flags: int) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise mfusepy.FuseOSError(errno.EROFS)
+        n = self._node(path)
+        with self._lock:
+            fh = self._next
+            self._next += 1
+            self._handles[fh] = n
+        return fh
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        n = self._handles.get(fh) or self._node(path)
+        try:
+            data = self.fs.read_node(n, offset, size)
+        except ConvstoreError as e:
+            log.error("read of %s at %d failed: %s", path, offset, e)
+            raise mfusepy.FuseOSError(errno.EIO) from None
+        except Exception as e:  # never let a bug take the mount down
+            log.exception("read of %s at %d failed: %s", path, offset, e)
+            raise mfusepy.FuseOSError(errno.EIO) from None
+        with self._lock:
+            self.read_calls += 1
+            self.read_bytes += len(data)
+        return data
+
+    def release(self, path: str, fh: int) -> int:
+        with self._lock:
+            self._handles.pop(fh, None)
+        return 0
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        x = self._node(path).xattrs
+        if name not in x:
+            raise mfusepy.FuseOSError(errno.ENODATA)
+        return x[name]
+
+    def listxattr(self, path: str) -> list[str]:
+        return list(self._node(path).xattrs)
+
+    def statfs(self, path: str) -> dict[str, int]:
+        total = sum(layer.uncompressed_size for layer in self.fs.manifest.layers)
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": total // 4096, "f_bfree": 0, "f_bavail": 0,
+                "f_files": self.fs._next_ino, "f_ffree": 0, "f_namemax": 255}
+
+
+def fuse_options(allow_other: bool = True) -> dict[str, Any]:
+    opts: dict[str, Any] = {"ro": True, "fsname": "convstore", "subtype": "convstore", "default_permissions": True,
+                            "kernel_cache": True, "attr_timeout": 3600, "entry_timeout": 3600}
+    if allow_other and os.geteuid() == 0:
+        opts["allow_other"] = True
+    return opts
+
+
+def serve(fs: ImageFS, mountpoint: str, ops: ImageOperations | None = None) -> None:
+    """Serve in the foreground until unmounted (libfuse handles SIGINT/SIGTERM
+    by unmounting cleanly)."""
+    mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=True, **fuse_options())
+
+
+def unmount(mountpoint: str) -> None:
+    """Unmount, lazily if busy; never raises if it is already gone."""
+    if not os.path.ismount(mountpoint):
+        return
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
+    if subprocess.run(cmd, capture_output=True).returncode != 0 and os.path.ismount(mountpoint):
+        lazy = [tool, "-u", "-z", mountpoint] if tool else ["umount", "-l", mountpoint]
+        subprocess.run(lazy, capture_output=True)
+
+
+class BackgroundMount:
+    """Mount in a thread of this process; a context manager that always unmounts."""
+
+    def __init__(self, fs: ImageFS, mountpoint: str):
+        self.fs = fs
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.ops = ImageOperations(fs)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            serve(self.fs, self.mountpoint, self.ops)
+        except BaseException as e:  # reported by __enter__
+            self._error = e
+
+    def __enter__(self) -> BackgroundMount:
+        if not os.path.exists("/dev/fuse"):
+            raise StoreError("FUSE is not available (/dev/fuse is missing)")
+        self._thread = threading.Thread(target=self._run, name="convstore-fuse", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(self.mountpoint):
+            if self._error is not None or not self._thread.is_alive():
+                raise StoreError(f"cannot mount at {self.mountpoint}: {self._error or 'FUSE exited'}")
+            if time.monotonic() > deadline:
+                raise StoreError(f"timed out mounting at {self.mountpoint}")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        unmount(self.mountpoint)
+        if self._thread is not None:
+            self._thread.join(timeout=10)

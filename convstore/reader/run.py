@@ -1,0 +1,261 @@
+"""Start a container from a stored image, lazily.
+
+The image is mounted read-only over FUSE; an OCI runtime bundle is generated
+from the image config (``runc spec``, then Entrypoint/Cmd, Env, WorkingDir,
+User, read-only root, no terminal) and run with ``runc``.  Where runc is
+missing or cannot start, the process runs in new mount/UTS/IPC namespaces
+under ``chroot`` instead.  The mount is always removed afterwards.
+
+A start-up profile (the chunks touched, in order) is recorded on a run that
+has none and stored sealed with the image; later runs prefetch it in parallel
+before and while the process starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConvstoreError
+from ..store import Store
+from .fuse import BackgroundMount
+from .imagefs import FSError, ImageFS
+
+log = logging.getLogger(__name__)
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class RunError(ConvstoreError):
+    """The container could not be started."""
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    runtime: str
+    seconds: float
+    fetch: dict[str, Any]
+    fuse_read_calls: int
+    fuse_read_bytes: int
+    profile: str  # "recorded", "prefetched N", "none"
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _read_text(fs: ImageFS, path: str) -> str:
+    try:
+        with fs.open(path) as f:
+            return f.read().decode("utf-8", "replace")
+    except (FSError, ConvstoreError):
+        return ""
+
+
+def resolve_user(fs: ImageFS, user: str) -> tuple[int, int, list[int]]:
+    """uid, gid, extra gids for an image config ``User`` (name, uid, uid:gid, name:group)."""
+    if not user:
+        return 0, 0, []
+    name, _, group = user.partition(":")
+    passwd = [line.split(":") for line in _read_text(fs, "/etc/passwd").splitlines() if line.count(":") >= 6]
+    groups = [line.split(":") for line in _read_text(fs, "/etc/group").splitlines() if line.count(":") >= 3]
+    uid = gid = None
+    if name.isdigit():
+        uid = int(name)
+        for p in passwd:
+            if p[2] == name:
+                gid = int(p[3])
+    else:
+        for p in passwd:
+            if p[0] == name:
+                uid, gid = int(p[2]), int(p[3])
+                break
+        if uid is None:
+            raise RunError(f"user {name!r} is not in the image's /etc/passwd")
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            found = [g for g in groups if g[0] == group]
+            if not found:
+                raise RunError(f"group {group!r} is not in the image's /etc/group")
+            gid = int(found[0][2])
+    uname = name if not name.isdigit() else next((p[0] for p in passwd if p[2] == name), "")
+    extra = sorted({int(g[2]) for g in groups if uname and uname in g[3].split(",")})
+    return uid, gid if gid is not None else 0, extra
+
+
+def process_spec(fs: ImageFS, config: dict[str, Any], command: list[str] | None) -> dict[str, Any]:
+    c = config.get("config") or {}
+    entry = c.get("Entrypoint") or []
+    if command:
+        args = list(command)
+    else:
+        args = list(entry) + list(c.get("Cmd") or [])
+    if not args:
+        raise RunError("the image has no Entrypoint or Cmd; give a command after --")
+    env = list(c.get("Env") or [])
+    if not any(e.startswith("PATH=") for e in env):
+        env.insert(0, DEFAULT_PATH)
+    uid, gid, extra = resolve_user(fs, c.get("User") or "")
+    return {"args": args, "env": env, "cwd": c.get("WorkingDir") or "/", "uid": uid, "gid": gid,
+            "additionalGids": extra}
+
+
+def _runc_bundle(bundle: str, rootfs: str, proc: dict[str, Any], runc: str, hostname: str) -> None:
+    subprocess.run([runc, "spec", "--bundle", bundle], check=True, capture_output=True)
+    path = os.path.join(bundle, "config.json")
+    with open(path) as f:
+        spec = json.load(f)
+    spec["root"] = {"path": rootfs, "readonly": True}
+    spec["hostname"] = hostname
+    p = spec["process"]
+    p["terminal"] = False
+    p["args"] = proc["args"]
+    p["env"] = proc["env"]
+    p["cwd"] = proc["cwd"]
+    p["user"] = {"uid": proc["uid"], "gid": proc["gid"]}
+    if proc["additionalGids"]:
+        p["user"]["additionalGids"] = proc["additionalGids"]
+    # a writable /tmp, as most images expect one
+    spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["nosuid", "nodev", "mode=1777"]})
+    with open(path, "w") as f:
+        json.dump(spec, f, indent=1)
+
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+def _chroot_preexec(root: str, proc: dict[str, Any]) -> Any:
+    """The fallback runtime, run in the child before exec: private mount,
+    UTS and IPC namespaces; /dev (host null, zero, random... bound in),
+    /proc and a /tmp over the read-only image; then chroot and drop to the
+    image's user."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(src: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+        if libc.mount(src.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+                      data.encode() if data else None) != 0:
+            raise OSError(ctypes.get_errno(), f"mount {target}")
+
+    def setup() -> None:
+        if libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC) != 0:
+            raise OSError(ctypes.get_errno(), "unshare")
+        mount("none", "/", None, MS_REC | MS_PRIVATE)
+        dev = os.path.join(root, "dev")
+        if os.path.isdir(dev):
+            mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755")
+            for d in _DEVICES:
+                if os.path.exists(f"/dev/{d}"):
+                    open(os.path.join(dev, d), "w").close()
+                    mount(f"/dev/{d}", os.path.join(dev, d), None, MS_BIND)
+        if os.path.isdir(os.path.join(root, "proc")):
+            mount("proc", os.path.join(root, "proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        if os.path.isdir(os.path.join(root, "tmp")):
+            mount("tmpfs", os.path.join(root, "tmp"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        os.chroot(root)
+        os.chdir(proc["cwd"])
+        os.setgroups(proc["additionalGids"])
+        os.setgid(proc["gid"])
+        os.setuid(proc["uid"])
+
+    return setup
+
+
+def _run_runc(runc: str, bundle: str, cid: str, stdout: Any, stderr: Any) -> tuple[int, bool, str]:
+    """Run the bundle, streaming the container's stderr as it comes while
+    watching for runc's own start-up failure (then the caller falls back)."""
+    p = subprocess.Popen([runc, "run", "--bundle", bundle, cid], stdin=subprocess.DEVNULL, stdout=stdout,
+                         stderr=subprocess.PIPE)
+    assert p.stderr is not None
+    sink = stderr if stderr is not None else sys.stderr.buffer
+    failed, msg = False, ""
+    for line in iter(p.stderr.readline, b""):
+        text = line.decode("utf-8", "replace")
+        if "level=error" in text and ("runc run failed" in text or "runc create failed" in text):
+            failed, msg = True, text.strip()[-300:]
+            continue
+        if hasattr(sink, "write"):
+            sink.write(line)
+            sink.flush()
+    return p.wait(), failed, msg
+
+
+def run_image(store: Store, ref: str, command: list[str] | None = None, *, runtime: str = "auto",
+              prefetch: bool = True, record: bool | None = None, fs: ImageFS | None = None,
+              stdout: Any = None, stderr: Any = None) -> RunResult:
+    """Run ``ref``'s Entrypoint/Cmd (or ``command``) from a lazy FUSE mount.
+
+    ``runtime``: ``runc``, ``chroot`` or ``auto`` (runc if it works).
+    ``record``: record a start-up profile (default: when the image has none).
+    """
+    t0 = time.perf_counter()
+    if os.geteuid() != 0:
+        raise RunError("convstore run needs root (FUSE allow_other, namespaces, runc)")
+    entry = store.entry(ref)
+    if fs is None:
+        fs = ImageFS.from_store(store, ref)
+    manifest = fs.manifest
+    config = json.loads(manifest.config_bytes)
+    profile_state = "none"
+    profile = store.load_profile(entry) if prefetch or record is None else None
+    if prefetch and profile:
+        profile_state = f"prefetched {fs.fetcher.prefetch_profile(profile)}"
+    if record or (record is None and not profile):
+        fs.fetcher.start_recording()
+    proc = process_spec(fs, config, command)
+    work = tempfile.mkdtemp(prefix="convstore-run-")
+    rootfs = os.path.join(work, "rootfs")
+    os.mkdir(rootfs)
+    runc = shutil.which("runc")
+    used = "chroot"
+    try:
+        with BackgroundMount(fs, rootfs) as mount:
+            code = None
+            if runtime in ("auto", "runc") and runc:
+                bundle = os.path.join(work, "bundle")
+                os.mkdir(bundle)
+                _runc_bundle(bundle, rootfs, proc, runc, entry.ref.name.replace("/", "-")[:63])
+                cid = f"convstore-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+                rc, runc_failed, msg = _run_runc(runc, bundle, cid, stdout, stderr)
+                subprocess.run([runc, "delete", "--force", cid], capture_output=True)
+                if runc_failed and "exec:" in msg:  # the command itself cannot be started
+                    why = msg.split("exec:", 1)[1].replace('\\"', '"').strip().rstrip('"')
+                    raise RunError(f"cannot start {proc['args'][0]!r} in the image: {why}")
+                if runc_failed and runtime == "auto":
+                    log.warning("runc could not start the container (%s); falling back to chroot", msg)
+                elif runc_failed:
+                    raise RunError(f"runc could not start the container: {msg}")
+                else:
+                    used, code = "runc", rc
+            elif runtime == "runc":
+                raise RunError("runc is not installed")
+            if code is None:
+                env = dict(e.split("=", 1) for e in proc["env"] if "=" in e)
+                try:
+                    p = subprocess.run(proc["args"], env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+                                       stderr=stderr, preexec_fn=_chroot_preexec(rootfs, proc))
+                except (OSError, subprocess.SubprocessError) as e:
+                    raise RunError(f"cannot start {proc['args'][0]!r} in the image: {e}") from None
+                code = p.returncode
+            read_calls, read_bytes = mount.ops.read_calls, mount.ops.read_bytes
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if fs.fetcher.recording is not None and fs.fetcher.recording:
+        store.save_profile(entry, fs.fetcher.recording)
+        profile_state = f"recorded {len(fs.fetcher.recording)}"
+    return RunResult(code, used, time.perf_counter() - t0, fs.fetcher.stats.to_json(), read_calls, read_bytes,
+                     profile_state, fs.warnings[:20])
