@@ -122,7 +122,13 @@ def fuse_options(allow_other: bool = True) -> dict[str, Any]:
 def serve(fs: ImageFS, mountpoint: str, ops: ImageOperations | None = None) -> None:
     """Serve in the foreground until unmounted (libfuse handles SIGINT/SIGTERM
     by unmounting cleanly)."""
-    mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=True, **fuse_options())
+    try:
+        mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=True, **fuse_options())
+    except RuntimeError as e:
+        # libfuse reports a loop ended by SIGINT/SIGTERM as an error status
+        # after it has unmounted; only a failure to mount is an error.
+        if os.path.ismount(mountpoint) or not getattr(e, "args", None) or e.args[0] != 8:
+            raise StoreError(f"FUSE at {mountpoint} failed (libfuse status {e})") from None
 
 
 def unmount(mountpoint: str) -> None:
@@ -155,12 +161,13 @@ class BackgroundMount:
     def __enter__(self) -> BackgroundMount:
         if not os.path.exists("/dev/fuse"):
             raise StoreError("FUSE is not available (/dev/fuse is missing)")
+        os.makedirs(self.mountpoint, exist_ok=True)
         self._thread = threading.Thread(target=self._run, name="convstore-fuse", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
         while not os.path.ismount(self.mountpoint):
             if self._error is not None or not self._thread.is_alive():
-                raise StoreError(f"cannot mount at {self.mountpoint}: {self._error or 'FUSE exited'}")
+                raise StoreError(f"cannot mount at {self.mountpoint} (libfuse status {self._error or 'exited'})")
             if time.monotonic() > deadline:
                 raise StoreError(f"timed out mounting at {self.mountpoint}")
             time.sleep(0.01)
