@@ -314,8 +314,9 @@ def mount(
         return
     from .reader import ImageFS
     from .reader.fuse import serve
+    from .reader.run import PREFETCH_ON_OPEN
 
-    with ImageFS.from_store(_store(), ref) as fs:
+    with ImageFS.from_store(_store(), ref, prefetch_on_open=PREFETCH_ON_OPEN) as fs:
         serve(fs, mountpoint)
 
 

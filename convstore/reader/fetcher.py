@@ -165,6 +165,17 @@ class ChunkFetcher:
             self.stats.bytes_read += end - offset
         return out[0] if len(out) == 1 else b"".join(out)
 
+    def prefetch_range(self, layer: int, offset: int, size: int) -> None:
+        """Start fetching every chunk that covers a byte range (e.g. a file
+        being opened), so a reader that walks it waits one round trip."""
+        starts = self._starts[layer]
+        end = min(offset + size, starts[-1])
+        k = bisect.bisect_right(starts, offset) - 1
+        chunks = self.manifest.layers[layer].chunks
+        while k < len(chunks) and starts[k] < end:
+            self.prefetch(chunks[k])
+            k += 1
+
     def start_recording(self) -> None:
         self.recording = []
         self._recorded = set()

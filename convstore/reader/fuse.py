@@ -70,6 +70,7 @@ class ImageOperations(mfusepy.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise mfusepy.FuseOSError(errno.EROFS)
         n = self._node(path)
+        self.fs.opened(n)
         with self._lock:
             fh = self._next
             self._next += 1

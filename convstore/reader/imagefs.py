@@ -82,9 +82,11 @@ def _components(path: str) -> list[str]:
 class ImageFS:
     """A read-only filesystem over one stored image."""
 
-    def __init__(self, manifest: Manifest, fetcher: ChunkFetcher):
+    def __init__(self, manifest: Manifest, fetcher: ChunkFetcher, prefetch_on_open: int = 0):
         self.manifest = manifest
         self.fetcher = fetcher
+        #: files up to this size are fetched whole, in parallel, when opened
+        self.prefetch_on_open = prefetch_on_open
         self._next_ino = 1
         self.root = self._new(stat.S_IFDIR | 0o755, 0, 0, 0, 0, is_dir=True)
         self.warnings: list[str] = []
@@ -92,12 +94,12 @@ class ImageFS:
             self._apply(i, layer.entries)
 
     @classmethod
-    def from_store(cls, store: Store, ref: str, *, cache_bytes: int = 256 << 20, workers: int = 8,
-             readahead: int = 4) -> ImageFS:
+    def from_store(cls, store: Store, ref: str, *, cache_bytes: int = 256 << 20, workers: int = 16,
+                   readahead: int = 8, prefetch_on_open: int = 0) -> ImageFS:
         """Open ``ref``: loads (and authenticates) its manifest, reads no chunk."""
         manifest = store.manifest(ref)
         return cls(manifest, ChunkFetcher(store.objects, manifest, cache_bytes=cache_bytes, workers=workers,
-                                          readahead=readahead))
+                                          readahead=readahead), prefetch_on_open)
 
     def close(self) -> None:
         self.fetcher.close()
@@ -277,6 +279,11 @@ class ImageFS:
         if name not in x:
             raise FSError(errno.ENODATA, path)
         return x[name]
+
+    def opened(self, node: Node) -> None:
+        """A file was opened: fetch it whole ahead of the reads if it is small."""
+        if 0 < node.size <= self.prefetch_on_open and node.layer >= 0:
+            self.fetcher.prefetch_range(node.layer, node.offset, node.size)
 
     def read_node(self, node: Node, offset: int, size: int) -> bytes:
         if offset >= node.size or size <= 0:

@@ -33,6 +33,10 @@ from .imagefs import FSError, ImageFS
 log = logging.getLogger(__name__)
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+# A process that opens a file almost always reads it (binaries, libraries,
+# scripts): fetching small files whole at open() turns a chain of round trips
+# into one (app1 at 20 ms latency: 2.2 s -> 0.5 s, read amplification 1.75 -> 1.86).
+PREFETCH_ON_OPEN = 16 << 20
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -207,7 +211,7 @@ def run_image(store: Store, ref: str, command: list[str] | None = None, *, runti
         raise RunError("convstore run needs root (FUSE allow_other, namespaces, runc)")
     entry = store.entry(ref)
     if fs is None:
-        fs = ImageFS.from_store(store, ref)
+        fs = ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN)
     manifest = fs.manifest
     config = json.loads(manifest.config_bytes)
     profile_state = "none"
