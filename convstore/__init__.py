@@ -18,7 +18,10 @@ from .errors import (
     CorruptLayer,
     CorruptObject,
     DigestMismatch,
+    ImageFailed,
+    ImageInactive,
     ImageNotFound,
+    ImagePending,
     InvalidReference,
     KeyAccessDenied,
     KeyFileError,
@@ -31,13 +34,14 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .keys import KeyProvider, LocalKeyFile, open_key
-from .store import CatalogEntry, Store, default_store_path
+from .catalog import CatalogEntry
+from .store import Store, default_store_path
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Store", "CatalogEntry", "ChunkParams", "KeyProvider", "LocalKeyFile", "open_key", "default_store_path",
     "ConvstoreError", "SourceError", "SourceNotFound", "DigestMismatch", "CorruptLayer", "UnsupportedMediaType",
-    "StoreError", "ImageNotFound", "ChunkMissing", "CorruptObject", "StoreFormatError", "KeyProviderError",
+    "StoreError", "ImageNotFound", "ImagePending", "ImageInactive", "ImageFailed", "ChunkMissing", "CorruptObject", "StoreFormatError", "KeyProviderError",
     "KeyAccessDenied", "KeyFileError", "UnsafePathError", "InvalidReference",
 ]

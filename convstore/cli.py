@@ -36,6 +36,7 @@ class _State:
     quiet: bool = False
     latency_ms: float = 0.0
     bandwidth_mbps: float = 0.0
+    inactive_after: float | None = None
 
 
 state = _State()
@@ -52,16 +53,45 @@ def _global(
                                   help="Add this per-request latency to store reads (measurement)"),
     bandwidth: float = typer.Option(0.0, "--simulate-bandwidth", metavar="MB/S", min=0,
                                     help="Cap store reads at this bandwidth (measurement)"),
+    inactive_after: Optional[str] = typer.Option(None, "--inactive-after", metavar="DURATION",
+                                                 help="Unread this long, an image is INACTIVE (e.g. 14d, 12h) "
+                                                      "[default: $CONVSTORE_INACTIVE_AFTER or 14d]"),
 ) -> None:
     state.store_path = store
     state.key_spec = key
     state.quiet = quiet
     state.latency_ms = latency
     state.bandwidth_mbps = bandwidth
+    spec = inactive_after or os.environ.get("CONVSTORE_INACTIVE_AFTER")
+    state.inactive_after = _duration(spec) if spec else None
+
+
+def _duration(spec: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    try:
+        if spec[-1] in units:
+            return float(spec[:-1]) * units[spec[-1]]
+        return float(spec)
+    except (ValueError, IndexError):
+        raise typer.BadParameter(f"bad duration {spec!r} (use e.g. 30s, 12h, 14d)") from None
+
+
+def _clock() -> Any:
+    """The wall clock, or $CONVSTORE_NOW (epoch seconds) for tests and what-if runs."""
+    import time as _t
+
+    now = os.environ.get("CONVSTORE_NOW")
+    if now:
+        fixed = float(now)
+        return lambda: fixed
+    return _t.time
 
 
 def _store() -> Store:
-    s = Store.open(state.store_path, state.key_spec)
+    kw: dict[str, Any] = {"clock": _clock()}
+    if state.inactive_after is not None:
+        kw["inactive_after"] = state.inactive_after
+    s = Store.open(state.store_path, state.key_spec, **kw)
     if state.latency_ms or state.bandwidth_mbps:
         from .stores.slow import SlowStore
 
@@ -79,6 +109,8 @@ def _global_args() -> list[str]:
         args += ["--simulate-latency", str(state.latency_ms)]
     if state.bandwidth_mbps:
         args += ["--simulate-bandwidth", str(state.bandwidth_mbps)]
+    if state.inactive_after is not None:
+        args += ["--inactive-after", str(state.inactive_after)]
     return args
 
 
@@ -178,8 +210,8 @@ def images(json_out: bool = typer.Option(False, "--json", help="Print as JSON"))
         return
     t = Table("NAME", "TAG", "STATE", "LAYERS", "SIZE", "CREATED", "MANIFEST", box=None)
     for e in entries:
-        t.add_row(e.ref.name, e.ref.tag, e.state, str(e.layers), _mb(e.logical_bytes), e.created,
-                  e.manifest_digest[:19])
+        t.add_row(e.ref.name, e.ref.tag, e.display_state(), str(e.layers), _mb(e.logical_bytes), e.created,
+                  (e.manifest_digest or "")[:19])
     out.print(t)
 
 
@@ -217,6 +249,74 @@ def stats(json_out: bool = typer.Option(False, "--json", help="Print as JSON")) 
               f"stored bytes:           {_mb(s['stored_bytes'])} "
               f"(chunks {_mb(s['stored_chunk_bytes'])}, manifests {_mb(s['stored_manifest_bytes'])})\n"
               f"dedup ratio:            {s['dedup_ratio']}x", highlight=False)
+
+
+@app.command()
+def rm(ref: str = typer.Argument(..., metavar="NAME[:TAG]")) -> None:
+    """Remove an image from the catalog (its chunks are freed by gc)."""
+    e = _store().rm(ref)
+    out.print(f"removed {e.ref}; run convstore gc to free its unshared chunks", highlight=False)
+
+
+@app.command("gc")
+def gc_cmd(dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be freed, change nothing"),
+           json_out: bool = typer.Option(False, "--json", help="Print the report as JSON")) -> None:
+    """Free chunks and manifests no live image uses (waits for packs in progress)."""
+    from .maintenance import gc
+
+    r = gc(_store(), dry_run=dry_run)
+    if json_out:
+        _emit_json(r.to_json())
+        return
+    verb = "would free" if dry_run else "freed"
+    out.print(f"{verb} {r.chunks_removed} of {r.chunks_total} chunks ({_mb(r.chunk_bytes_freed)}), "
+              f"{r.manifests_removed} manifests ({_mb(r.manifest_bytes_freed)}), {r.other_files_removed} other files; "
+              f"{r.live_images} live images" + (f", reclaimed inactive: {', '.join(r.reclaimed_images)}"
+                                                  if r.reclaimed_images else "")
+              + ("" if dry_run else f"; store {_mb(r.store_bytes_before)} -> {_mb(r.store_bytes_after)}"),
+              highlight=False)
+
+
+@app.command()
+def verify(ref: Optional[str] = typer.Argument(None, metavar="[NAME[:TAG]]"),
+           repair: bool = typer.Option(False, "--repair", help="Re-pack affected images from their sources"),
+           json_out: bool = typer.Option(False, "--json", help="Print the report as JSON")) -> None:
+    """Check every chunk of every (or one) image: present, decrypts, right content."""
+    from .maintenance import verify as run_verify
+
+    r = run_verify(_store(), ref, repair=repair)
+    if json_out:
+        _emit_json(r.to_json())
+    else:
+        out.print(f"checked {r.chunks_checked} chunks of {r.images} images in {r.seconds:.2f} s: "
+                  + ("clean" if r.clean else f"{len(r.missing)} missing, {len(r.corrupt)} corrupt"), highlight=False)
+        for kind, d in (("missing", r.missing), ("corrupt", r.corrupt)):
+            for cid, imgs in sorted(d.items()):
+                out.print(f"  {kind} chunk {cid} used by {', '.join(sorted(set(imgs)))}", highlight=False)
+        for img, why in r.unreadable.items():
+            out.print(f"  unreadable image {img}: {why}", highlight=False)
+        for img in r.repaired:
+            out.print(f"  repaired {img} (re-packed from its source)", highlight=False)
+        for img, why in r.not_repaired.items():
+            out.print(f"  could not repair {img}: {why}", highlight=False)
+    if not r.clean and set(r.repaired) != set(r.affected):
+        raise typer.Exit(1)
+
+
+@app.command()
+def refresh(ref: Optional[str] = typer.Argument(None, metavar="[NAME[:TAG]]"),
+            json_out: bool = typer.Option(False, "--json", help="Print the changes as JSON")) -> None:
+    """Re-check sources and keys (FAILED/ACTIVE), age unread images to INACTIVE."""
+    from .maintenance import refresh as run_refresh
+
+    changes = run_refresh(_store(), ref)
+    if json_out:
+        _emit_json([c.__dict__ for c in changes])
+        return
+    if not changes:
+        out.print("no changes", highlight=False)
+    for c in changes:
+        out.print(f"{c.ref}: {c.old.upper()} -> {c.new.upper()} ({c.reason})", highlight=False)
 
 
 def _mode_string(mode: int) -> str:

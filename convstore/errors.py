@@ -14,6 +14,9 @@ key material.
     │   └── UnsupportedMediaType
     ├── StoreError             the store cannot be used
     │   ├── ImageNotFound      no such name:tag in the catalog
+    │   ├── ImagePending       being packed; not readable yet
+    │   ├── ImageInactive      unused too long; a read starts its re-pack
+    │   ├── ImageFailed        source gone or key denied
     │   ├── ChunkMissing       a chunk the manifest names is absent
     │   ├── CorruptObject      an object fails authentication or its hash
     │   └── StoreFormatError   unknown or future on-disk format version
@@ -61,6 +64,18 @@ class StoreError(ConvstoreError):
 
 class ImageNotFound(StoreError):
     """No image of that name and tag is in the catalog."""
+
+
+class ImagePending(StoreError):
+    """The image is being packed (PENDING) and cannot be used yet."""
+
+
+class ImageInactive(StoreError):
+    """The image is INACTIVE; the read that met it started its reactivation."""
+
+
+class ImageFailed(StoreError):
+    """The image is FAILED (source gone or key access denied)."""
 
 
 class ChunkMissing(StoreError):

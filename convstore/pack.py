@@ -10,6 +10,7 @@ bounded number in flight so memory stays flat.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import io
 import os
@@ -30,7 +31,7 @@ from .oci.media import HashingReader
 from .oci.sources import ImageSource, LayerDescriptor, layer_stream, parse_source
 from .progress import NoProgress, Progress
 from .refs import ImageRef
-from .store import DEFAULT_DOMAIN, CatalogEntry, Store, _now
+from .store import DEFAULT_DOMAIN, Domain, Store, _now
 from .tarsplit import split_tar
 
 DEFAULT_LEVEL = 3
@@ -148,8 +149,23 @@ def pack(
     iref = ImageRef.parse(ref)
     params = params or ChunkParams()
     progress = progress or NoProgress()
-    src = parse_source(source) if isinstance(source, str) else source
-    dom = store.domain(domain)
+    try:
+        with contextlib.ExitStack() as stack:
+            src = parse_source(source) if isinstance(source, str) else source
+            if isinstance(source, str):
+                stack.callback(src.close)
+            dom = store.domain(domain)
+            stack.enter_context(store.objects.lock("gc", shared=True))  # gc waits for packs in progress
+            store.begin_pack(iref, src.ref)
+            return _pack(store, src, iref, dom, params, level, workers, progress, reuse_layers, t0)
+    except BaseException as e:
+        store.objects.abort()  # unpublished chunks of a failed pack are dropped
+        store.abort_pack(iref, e)
+        raise
+
+
+def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: ChunkParams, level: int,
+          workers: int | None, progress: Progress, reuse_layers: bool, t0: float) -> PackResult:
     table: list[ChunkIdentity] = []
     index: dict[bytes, int] = {}
     layers: list[LayerRecord] = []
@@ -211,16 +227,10 @@ def pack(
         )
         store.objects.flush()  # chunks durable before anything references them
         digest, wrapped = store.put_manifest(manifest)
-        store.publish(CatalogEntry(iref, digest, store.key.key_id, wrapped, manifest.created, src.ref,
-                                   manifest.logical_bytes, len(layers)))
+        store.finish_pack(iref, digest, wrapped, manifest.created, src.ref, manifest.logical_bytes, len(layers))
         store.record_layers(dom, manifest, digest, wrapped)
-    except BaseException:
-        store.objects.abort()  # unpublished chunks of a failed pack are dropped
-        raise
     finally:
         progress.finish()
-        if isinstance(source, str):
-            src.close()
     return PackResult(str(iref), digest, len(layers), manifest.logical_bytes, len(table), new_chunks, new_plain,
                       new_stored, reused, time.perf_counter() - t0)
 

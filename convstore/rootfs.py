@@ -261,8 +261,7 @@ def unpack_rootfs(store: Store, ref: str, dest: str, *, progress: Progress | Non
     dest = os.path.abspath(dest)
     if os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise SourceError(f"{dest} exists and is not an empty directory")
-    entry = store.entry(ref)
-    manifest = store.load_manifest(entry)
+    entry, manifest = store.open_image(ref)
     parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(dest)}.convstore-tmp-{os.getpid()}")

@@ -16,16 +16,31 @@ import hmac
 import json
 import os
 import time
+import socket
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import platformdirs
 from blake3 import blake3
 
+from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, CatalogEntry, iso, pid_alive
 from .crypto import domain_chunk_key, domain_layer_key, layer_index_name, seal, unseal
-from .errors import ConvstoreError, CorruptObject, ImageNotFound, KeyAccessDenied, StoreError, StoreFormatError
+from .errors import (
+    ConvstoreError,
+    CorruptObject,
+    ImageFailed,
+    ImageInactive,
+    ImageNotFound,
+    ImagePending,
+    KeyAccessDenied,
+    SourceNotFound,
+    StoreError,
+    StoreFormatError,
+)
 from .keys import KeyProvider, open_key
 from .manifest import LayerRecord, Manifest
 from .refs import ImageRef
@@ -34,9 +49,10 @@ from .stores.local import LocalStore
 
 STORE_FORMAT = "convstore-store"
 STORE_VERSION = 1
-REF_VERSION = 1
 DOMAIN_VERSION = 1
 DEFAULT_DOMAIN = "default"
+DEFAULT_INACTIVE_AFTER = 14 * 86400.0
+READ_STAMP_INTERVAL = 3600.0  # last_read is written at most this often
 
 
 def default_store_path() -> str:
@@ -67,64 +83,29 @@ class Domain:
     layer_key: bytes = field(repr=False)
 
 
-@dataclass(frozen=True)
-class CatalogEntry:
-    """One ``name:tag`` in the catalog.  Holds no secret: the data key is wrapped."""
-
-    ref: ImageRef
-    manifest_digest: str
-    key_id: str
-    wrapped_key: bytes
-    created: str
-    source: str
-    logical_bytes: int
-    layers: int
-    state: str = "active"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"format": "convstore-ref", "version": REF_VERSION, "name": self.ref.name, "tag": self.ref.tag,
-                "manifest": self.manifest_digest, "key_id": self.key_id,
-                "wrapped_key": base64.b64encode(self.wrapped_key).decode(), "created": self.created,
-                "source": self.source, "logical_bytes": self.logical_bytes, "layers": self.layers,
-                "state": self.state}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> CatalogEntry:
-        if d.get("format") != "convstore-ref":
-            raise CorruptObject("catalog entry is malformed")
-        if d.get("version") != REF_VERSION:
-            raise StoreFormatError(f"catalog entry version {d.get('version')} is not supported")
-        try:
-            return cls(ImageRef(d["name"], d["tag"]), d["manifest"], d["key_id"],
-                       base64.b64decode(d["wrapped_key"]), d["created"], d["source"], d["logical_bytes"],
-                       d["layers"], d.get("state", "active"))
-        except (KeyError, ValueError, TypeError):
-            raise CorruptObject("catalog entry is malformed") from None
-
-    def public(self) -> dict[str, Any]:
-        """What ``images``/``inspect`` show: no wrapped key bytes."""
-        return {"name": self.ref.name, "tag": self.ref.tag, "manifest": self.manifest_digest,
-                "key_id": self.key_id, "created": self.created, "source": self.source,
-                "logical_bytes": self.logical_bytes, "layers": self.layers, "state": self.state}
-
-
 class Store:
     """A convstore image store.  Open with :meth:`Store.open`."""
 
-    def __init__(self, objects: ObjectStore, key: KeyProvider):
+    def __init__(self, objects: ObjectStore, key: KeyProvider, *, clock: Callable[[], float] = time.time,
+                 inactive_after: float = DEFAULT_INACTIVE_AFTER):
         self.objects = objects
         self.key = key
+        self.clock = clock
+        self.inactive_after = inactive_after
+        #: called with (source, ref) to start the re-pack of an INACTIVE image
+        self.reactivator: Callable[[str, str], None] = self._spawn_repack
         self.id = self._identity()
         self._domains: dict[str, Domain] = {}
 
     def with_objects(self, objects: ObjectStore) -> Store:
         """The same store seen through another object layer (e.g. SlowStore)."""
         other = Store.__new__(Store)
-        other.objects, other.key, other.id, other._domains = objects, self.key, self.id, self._domains
+        other.__dict__.update(self.__dict__)
+        other.objects = objects
         return other
 
     @classmethod
-    def open(cls, path: str | None = None, key: KeyProvider | str | None = None) -> Store:
+    def open(cls, path: str | None = None, key: KeyProvider | str | None = None, **kw: Any) -> Store:
         """Open (creating if needed) the local store at ``path`` with ``key``
         (a provider or a ``--key`` spec; default: the user's key file)."""
         path = os.path.abspath(os.path.expanduser(path or default_store_path()))
@@ -132,7 +113,7 @@ class Store:
         kp = getattr(provider, "path", None)
         if kp and os.path.commonpath([path, os.path.abspath(kp)]) == path:
             raise StoreError(f"the key file {kp} lies inside the store {path}: keep master keys apart from data")
-        return cls(LocalStore(path), provider)
+        return cls(LocalStore(path), provider, **kw)
 
     def __repr__(self) -> str:
         return f"<Store {self.objects!r} id={self.id}>"
@@ -195,6 +176,9 @@ class Store:
         return digest, self.key.wrap(dek, self._manifest_context(manifest.name, digest))
 
     def load_manifest(self, entry: CatalogEntry) -> Manifest:
+        """Open an entry's manifest without the read gate (maintenance)."""
+        if not entry.complete or entry.key_id is None or entry.wrapped_key is None:
+            raise ImagePending(f"image {entry.ref} has no complete version")
         return self._open_manifest(entry.manifest_digest, entry.ref.name, entry.wrapped_key, entry.key_id,
                                    f"image {entry.ref}")
 
@@ -265,35 +249,184 @@ class Store:
             return None
         return m, layer
 
-    # -- catalog --------------------------------------------------------
-    def publish(self, entry: CatalogEntry) -> None:
-        """Atomically point ``name:tag`` at a complete image."""
-        self.objects.flush()
-        self.objects.put(entry.ref.key, json.dumps(entry.to_json(), indent=1).encode())
-
-    def entry(self, ref: ImageRef | str) -> CatalogEntry:
-        r = ImageRef.parse(ref) if isinstance(ref, str) else ref
+    # -- catalog ----------------------------------------------------------
+    def _read_entry(self, r: ImageRef) -> CatalogEntry | None:
         try:
             data = self.objects.get(r.key)
         except KeyError:
-            raise ImageNotFound(f"no image {r} in the store") from None
+            return None
         return CatalogEntry.from_json(_json(data, f"catalog entry {r}"))
+
+    def update_entry(self, ref: ImageRef | str,
+                     change: Callable[[CatalogEntry | None], CatalogEntry | None]) -> CatalogEntry | None:
+        """Read-modify-write one catalog entry under its lock; ``change``
+        returns the new entry, or None to remove it."""
+        r = ImageRef.parse(ref) if isinstance(ref, str) else ref
+        with self.objects.lock("ref-" + hashlib.sha256(r.key.encode()).hexdigest()[:32]):
+            cur = self._read_entry(r)
+            new = change(cur)
+            if new is None:
+                if cur is not None:
+                    self.objects.delete(r.key)
+            elif new != cur:
+                self.objects.put(r.key, json.dumps(new.to_json(), indent=1).encode())
+            return new
+
+    def entry(self, ref: ImageRef | str) -> CatalogEntry:
+        r = ImageRef.parse(ref) if isinstance(ref, str) else ref
+        e = self._read_entry(r)
+        if e is None:
+            raise ImageNotFound(f"no image {r} in the store")
+        return e
 
     def images(self) -> list[CatalogEntry]:
         out = []
         for k in self.objects.list("refs"):
             try:
                 out.append(self.entry(ImageRef.from_key(k)))
-            except (ImageNotFound, ValueError):
+            except (ImageNotFound, ValueError, ConvstoreError):
                 continue
         return sorted(out, key=lambda e: (e.ref.name, e.ref.tag))
 
-    def manifest(self, ref: ImageRef | str) -> Manifest:
-        return self.load_manifest(self.entry(ref))
+    def complete_images(self) -> list[CatalogEntry]:
+        return [e for e in self.images() if e.complete]
 
-    def iter_manifests(self) -> Iterator[tuple[CatalogEntry, Manifest]]:
-        for e in self.images():
+    # -- lifecycle ----------------------------------------------------------
+    def begin_pack(self, ref: ImageRef, source: str) -> CatalogEntry:
+        """Mark ``ref`` PENDING (or, if it has a version to serve, note the
+        pending update).  Fails if another live pack of it is under way."""
+        now = self.clock()
+        pending = {"since": now, "pid": os.getpid(), "host": socket.gethostname(), "source": source}
+
+        def change(cur: CatalogEntry | None) -> CatalogEntry:
+            if cur is not None and cur.pending and pid_alive(cur.pending) and cur.pending.get("pid") != os.getpid():
+                raise ImagePending(f"image {ref} is already being packed (pid {cur.pending.get('pid')}, "
+                                   f"since {iso(cur.pending.get('since'))})")
+            if cur is None:
+                return CatalogEntry(ref, PENDING, now, "packing", source=source, pending=pending,
+                                    history=({"at": now, "state": PENDING, "reason": "packing"},))
+            if cur.complete and cur.state in (ACTIVE, PENDING):  # an update, or the reactivation's re-pack
+                return replace(cur, pending=pending)
+            reason = "reactivating" if cur.state == INACTIVE else "re-packing"
+            return cur.transition(PENDING, reason, now, pending=pending)
+
+        e = self.update_entry(ref, change)
+        assert e is not None
+        return e
+
+    def finish_pack(self, ref: ImageRef, manifest_digest: str, wrapped: bytes, created: str, source: str,
+                    logical_bytes: int, layers: int) -> CatalogEntry:
+        """Atomically point ``ref`` at a complete, durable image: ACTIVE."""
+        self.objects.flush()
+        now = self.clock()
+
+        def change(cur: CatalogEntry | None) -> CatalogEntry:
+            base = cur or CatalogEntry(ref, PENDING, now)
+            return base.transition(ACTIVE, "packed", now, manifest_digest=manifest_digest, key_id=self.key.key_id,
+                                   wrapped_key=wrapped, created=created, source=source,
+                                   logical_bytes=logical_bytes, layers=layers, last_read=now, pending=None)
+
+        e = self.update_entry(ref, change)
+        assert e is not None
+        return e
+
+    def abort_pack(self, ref: ImageRef, error: BaseException) -> None:
+        """A pack failed: drop its pending mark, keep serving the previous
+        version; an image whose source is gone becomes FAILED."""
+        now = self.clock()
+        gone = isinstance(error, SourceNotFound)
+
+        def change(cur: CatalogEntry | None) -> CatalogEntry | None:
+            if cur is None:
+                return None
+            if cur.pending and cur.pending.get("pid") != os.getpid() and pid_alive(cur.pending):
+                return cur  # another process's pack: not ours to abort
+            if not cur.complete:
+                return None  # a first pack that failed leaves the catalog as it was
+            if cur.state == PENDING:  # a reactivation or re-pack
+                if gone:
+                    return cur.transition(FAILED, f"source {cur.source} no longer exists", now, pending=None)
+                return cur.transition(INACTIVE, f"re-pack failed: {error}", now, pending=None)
+            return replace(cur, pending=None)
+
+        self.update_entry(ref, change)
+
+    def _is_stale(self, e: CatalogEntry, now: float) -> bool:
+        return e.state == ACTIVE and e.complete and now - (e.last_read or e.state_since) > self.inactive_after
+
+    def open_image(self, ref: ImageRef | str) -> tuple[CatalogEntry, Manifest]:
+        """The read gate: the manifest of a readable (ACTIVE) image.  Records
+        the read; refuses PENDING and FAILED images; an image unused for
+        ``inactive_after`` is INACTIVE, and its first read starts a re-pack."""
+        e = self.entry(ref)
+        now = self.clock()
+        if not e.complete:
+            raise ImagePending(f"image {e.ref} is being packed (PENDING since {iso(e.state_since)}); "
+                               f"it cannot be read yet")
+        if e.state == FAILED:
+            raise ImageFailed(f"image {e.ref} is FAILED: {e.reason}")
+        if e.state in (INACTIVE, PENDING) or self._is_stale(e, now):
+            self._reactivate(e)
+            raise ImageInactive(f"image {e.ref} is inactive and is being reactivated from {e.source}; "
+                                f"retry when it is ACTIVE")
+        if now - e.last_read > READ_STAMP_INTERVAL:
+            e = self.update_entry(e.ref, lambda c: replace(c, last_read=now) if c and c.complete else c) or e
+        return e, self.load_manifest(e)
+
+    def _reactivate(self, e: CatalogEntry) -> None:
+        now = self.clock()
+        start = [False]
+
+        def change(cur: CatalogEntry | None) -> CatalogEntry | None:
+            if cur is None or not cur.complete:
+                return cur
+            if cur.state == PENDING and pid_alive(cur.pending):
+                return cur  # already being reactivated
+            if cur.state == ACTIVE:
+                cur = cur.transition(INACTIVE, f"not read for {self.inactive_after / 86400:g} days", now)
+            start[0] = True
+            return cur.transition(PENDING, "reactivating", now)
+
+        self.update_entry(e.ref, change)
+        if start[0]:
+            self.reactivator(e.source, str(e.ref))
+
+    def _spawn_repack(self, source: str, ref: str) -> None:
+        """Re-pack in a detached ``convstore pack`` process."""
+        root = getattr(self.objects, "root", None)
+        spec = getattr(self.key, "spec", None)
+        if root is None or spec is None:
+            raise StoreError(f"cannot reactivate {ref} from this store automatically: run convstore pack {source} {ref}")
+        subprocess.Popen([sys.executable, "-m", "convstore.cli", "--quiet", "--store", root, "--key", spec, "pack",
+                          source, ref], start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def manifest(self, ref: ImageRef | str) -> Manifest:
+        """The manifest of a readable image (goes through the read gate)."""
+        return self.open_image(ref)[1]
+
+    def iter_manifests(self, include_inactive: bool = False) -> Iterator[tuple[CatalogEntry, Manifest]]:
+        """Every complete image's manifest (no read is recorded)."""
+        for e in self.complete_images():
+            if e.state == INACTIVE and not include_inactive:
+                continue
             yield e, self.load_manifest(e)
+
+    def rm(self, ref: ImageRef | str) -> CatalogEntry:
+        """Remove ``name:tag`` from the catalog (its chunks go at the next gc)."""
+        r = ImageRef.parse(ref) if isinstance(ref, str) else ref
+        removed: list[CatalogEntry] = []
+
+        def change(cur: CatalogEntry | None) -> CatalogEntry | None:
+            if cur is None:
+                raise ImageNotFound(f"no image {r} in the store")
+            if cur.pending and pid_alive(cur.pending):
+                raise ImagePending(f"image {r} is being packed (pid {cur.pending.get('pid')}); try again after")
+            removed.append(cur)
+            return None
+
+        self.update_entry(r, change)
+        return removed[0]
 
     # -- operations (implemented in their own modules) -------------------
     def pack(self, source: str, ref: str, **kw: Any) -> Any:
@@ -311,6 +444,21 @@ class Store:
         from .rootfs import unpack_rootfs
 
         return unpack_rootfs(self, ref, dest, **kw)
+
+    def gc(self, dry_run: bool = False) -> Any:
+        from .maintenance import gc
+
+        return gc(self, dry_run)
+
+    def verify(self, ref: str | None = None, repair: bool = False) -> Any:
+        from .maintenance import verify
+
+        return verify(self, ref, repair)
+
+    def refresh(self, ref: str | None = None) -> Any:
+        from .maintenance import refresh
+
+        return refresh(self, ref)
 
     def inspect(self, ref: str) -> dict[str, Any]:
         e = self.entry(ref)
@@ -333,7 +481,7 @@ class Store:
         logical = 0
         unique: dict[bytes, int] = {}
         images = 0
-        for _e, m in self.iter_manifests():
+        for _e, m in self.iter_manifests(include_inactive=True):
             images += 1
             logical += m.logical_bytes
             for c in m.chunks:

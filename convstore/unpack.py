@@ -177,8 +177,7 @@ def unpack_oci(store: Store, ref: str, dest: str, *, compress: str | None = None
     if compress is not None and compress not in media.COMPRESSIONS:
         raise InvalidReference(f"unknown compression {compress!r} (none, gzip or zstd)")
     path, tag = parse_oci_dest(dest)
-    entry = store.entry(ref)
-    manifest = store.load_manifest(entry)
+    entry, manifest = store.open_image(ref)
     tag = tag or entry.ref.tag
     progress = progress or NoProgress()
     index_path = os.path.join(path, "index.json")

@@ -30,6 +30,11 @@ class KeyProvider(ABC):
     scheme: str = ""
 
     @property
+    def spec(self) -> str | None:
+        """The ``--key`` spec that reopens this provider, if it has one."""
+        return None
+
+    @property
     @abstractmethod
     def key_id(self) -> str:
         """A stable, non-secret identifier of the master key."""

@@ -38,6 +38,10 @@ class LocalKeyFile(KeyProvider):
         self._key_id = "file:" + blake3(self._key, derive_key_context="convstore v1 key id").hexdigest()[:24]
 
     @property
+    def spec(self) -> str:
+        return f"file:{self.path}"
+
+    @property
     def key_id(self) -> str:
         return self._key_id
 

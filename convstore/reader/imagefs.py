@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import ConvstoreError
 from ..manifest import Manifest
 from ..rootfs import OPAQUE, WH
+from ..catalog import CatalogEntry
 from ..store import Store
 from ..tarsplit import TarEntry
 from .fetcher import ChunkFetcher
@@ -87,6 +88,7 @@ class ImageFS:
         self.fetcher = fetcher
         #: files up to this size are fetched whole, in parallel, when opened
         self.prefetch_on_open = prefetch_on_open
+        self.entry: CatalogEntry | None = None
         self._next_ino = 1
         self.root = self._new(stat.S_IFDIR | 0o755, 0, 0, 0, 0, is_dir=True)
         self.warnings: list[str] = []
@@ -97,9 +99,11 @@ class ImageFS:
     def from_store(cls, store: Store, ref: str, *, cache_bytes: int = 256 << 20, workers: int = 16,
                    readahead: int = 8, prefetch_on_open: int = 0) -> ImageFS:
         """Open ``ref``: loads (and authenticates) its manifest, reads no chunk."""
-        manifest = store.manifest(ref)
-        return cls(manifest, ChunkFetcher(store.objects, manifest, cache_bytes=cache_bytes, workers=workers,
-                                          readahead=readahead), prefetch_on_open)
+        entry, manifest = store.open_image(ref)
+        fs = cls(manifest, ChunkFetcher(store.objects, manifest, cache_bytes=cache_bytes, workers=workers,
+                                        readahead=readahead), prefetch_on_open)
+        fs.entry = entry
+        return fs
 
     def close(self) -> None:
         self.fetcher.close()

@@ -209,9 +209,9 @@ def run_image(store: Store, ref: str, command: list[str] | None = None, *, runti
     t0 = time.perf_counter()
     if os.geteuid() != 0:
         raise RunError("convstore run needs root (FUSE allow_other, namespaces, runc)")
-    entry = store.entry(ref)
     if fs is None:
         fs = ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN)
+    entry = fs.entry if fs.entry is not None else store.entry(ref)
     manifest = fs.manifest
     config = json.loads(manifest.config_bytes)
     profile_state = "none"

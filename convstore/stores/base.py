@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
+
+from ..errors import StoreError
 
 
 class ObjectStore(ABC):
@@ -63,6 +66,10 @@ class ObjectStore(ABC):
 
     def flush(self) -> None:
         """Make every earlier non-durable put durable."""
+
+    def lock(self, name: str, shared: bool = False) -> AbstractContextManager[None]:
+        """An inter-process lock (exclusive, or shared with other shared holders)."""
+        raise StoreError(f"{type(self).__name__} does not support locking")
 
     def usage(self, prefix: str) -> int:
         """Total stored bytes under ``prefix``."""

@@ -11,7 +11,9 @@ and other objects are replaced atomically.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import threading
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 
 from ..errors import StoreError
 from .base import ObjectStore
+from .faults import crash_point
 from .packs import PackSet
 
 CHUNKS = "chunks/"
@@ -112,6 +115,7 @@ class LocalStore(ObjectStore):
             return True
         final = self.path(key)
         self._ensure_dir(os.path.dirname(final))
+        crash_point()
         tmp = os.path.join(self._tmp, f"{os.getpid()}.{secrets.token_hex(8)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -125,6 +129,7 @@ class LocalStore(ObjectStore):
             os.unlink(tmp)
             raise
         os.close(fd)
+        crash_point()
         try:
             if exclusive:
                 try:
@@ -139,6 +144,7 @@ class LocalStore(ObjectStore):
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise StoreError(f"cannot write {key}: {e.strerror}") from None
+        crash_point()
         if durable:
             self._fsync_dir(os.path.dirname(final))
         return True
@@ -159,6 +165,18 @@ class LocalStore(ObjectStore):
         """Drop unpublished chunk writes (after a failed pack)."""
         self.packs.abort()
 
+    @contextlib.contextmanager
+    def lock(self, name: str, shared: bool = False) -> Iterator[None]:
+        """``flock`` on ``locks/<name>``: released if the process dies."""
+        d = os.path.join(self.root, "locks")
+        os.makedirs(d, exist_ok=True)
+        fd = os.open(os.path.join(d, name), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def delete(self, key: str) -> None:
         self.delete_many([key])
 
@@ -168,6 +186,7 @@ class LocalStore(ObjectStore):
             self.packs.delete(chunks)
         for k in keys:
             if not k.startswith(CHUNKS):
+                crash_point()
                 try:
                     os.unlink(self.path(k))
                 except FileNotFoundError:

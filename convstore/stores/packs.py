@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from blake3 import blake3
 
 from ..errors import StoreError, StoreFormatError
+from .faults import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class _Writer:
         self.entries: dict[bytes, tuple[int, int]] = {}
 
     def append(self, cid: bytes, blob: bytes) -> None:
+        crash_point()
         view = memoryview(blob)
         off = self.size
         while view:
@@ -208,14 +210,18 @@ class PackSet:
             if durable:
                 os.fsync(w.fd)
             os.close(w.fd)
+            crash_point()
             os.rename(w.path, os.path.join(self.dir, w.name + ".pack"))
+            crash_point()
             idx_tmp = os.path.join(self.tmpdir, w.name + ".idx")
             with open(idx_tmp, "wb") as f:
                 f.write(encode_index(w.entries))
                 if durable:
                     f.flush()
                     os.fsync(f.fileno())
+            crash_point()
             os.rename(idx_tmp, os.path.join(self.dir, w.name + ".idx"))
+            crash_point()
             if durable:
                 _fsync_dir(self.dir)
         except OSError as e:
@@ -266,7 +272,9 @@ class PackSet:
                                 self._w = _Writer(self.tmpdir)
                             self._w.append(cid, blob)
                 self.flush()
+                crash_point()
                 os.unlink(os.path.join(self.dir, pack + ".idx"))  # unpublish first
+                crash_point()
                 os.unlink(src)
                 _fsync_dir(self.dir)
             self._index.clear()

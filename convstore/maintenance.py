@@ -1,0 +1,279 @@
+"""Keeping a long-lived store healthy: refresh, garbage collection, verification.
+
+GC safety with concurrent packs: every pack holds the store's ``gc`` lock
+shared for its whole run, and gc holds it exclusively, so gc never runs
+while a pack might be relying on (deduplicating against) a chunk that no
+manifest references yet.  Readers take no lock: a reader of an image that is
+removed and collected may fail, one of a live image cannot.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, CatalogEntry, pid_alive
+from .crypto import decrypt_chunk
+from .errors import ConvstoreError, CorruptObject, KeyAccessDenied, StoreError
+from .oci.sources import parse_source
+from .refs import ImageRef
+from .store import Store
+
+TMP_GRACE = 3600.0  # temporary files older than this belong to dead writers
+
+
+# -- refresh -------------------------------------------------------------------
+@dataclass
+class RefreshChange:
+    ref: str
+    old: str
+    new: str
+    reason: str
+
+
+def refresh(store: Store, ref: str | None = None, check_sources: bool = True) -> list[RefreshChange]:
+    """Re-check sources and keys (FAILED <-> ACTIVE), age unused images to
+    INACTIVE, and clear packs that died (their pid is gone)."""
+    now = store.clock()
+    entries = [store.entry(ref)] if ref else store.images()
+    changes: list[RefreshChange] = []
+    for e in entries:
+        problem = _problem(store, e) if check_sources and e.complete else None
+
+        def change(cur: CatalogEntry | None, problem: str | None = problem) -> CatalogEntry | None:
+            if cur is None:
+                return None
+            if cur.pending and not pid_alive(cur.pending):
+                if not cur.complete:
+                    return None  # a first pack that died: nothing to serve
+                if cur.state == PENDING:
+                    cur = cur.transition(INACTIVE, "reactivation was interrupted", now, pending=None)
+                else:
+                    cur = cur.transition(cur.state, "update was interrupted", now, pending=None)
+            if not cur.complete:
+                return cur
+            if problem and cur.state != FAILED:
+                return cur.transition(FAILED, problem, now)
+            if not problem and cur.state == FAILED and check_sources:
+                return cur.transition(ACTIVE, "source and key are available again", now, last_read=now)
+            if cur.state == ACTIVE and store._is_stale(cur, now):
+                return cur.transition(INACTIVE, f"not read for {store.inactive_after / 86400:g} days", now)
+            return cur
+
+        new = store.update_entry(e.ref, change)
+        new_state = new.state if new else "removed"
+        if new_state != e.state:
+            changes.append(RefreshChange(str(e.ref), e.state, new_state, new.reason if new else "interrupted pack"))
+    return changes
+
+
+def _problem(store: Store, e: CatalogEntry) -> str | None:
+    """Why ``e`` cannot be served, or None."""
+    try:
+        src = parse_source(e.source)
+        src.close()
+    except ConvstoreError as err:
+        return f"source {e.source} is no longer available ({err})"
+    try:
+        store.load_manifest(e)
+    except KeyAccessDenied as err:
+        return f"key access denied: {err}"
+    except StoreError as err:
+        return f"manifest unreadable: {err}"
+    return None
+
+
+# -- garbage collection ----------------------------------------------------------
+@dataclass
+class GCReport:
+    dry_run: bool
+    live_images: int
+    reclaimed_images: list[str]
+    chunks_total: int
+    chunks_removed: int
+    chunk_bytes_freed: int
+    manifests_removed: int
+    manifest_bytes_freed: int
+    other_files_removed: int
+    store_bytes_before: int
+    store_bytes_after: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gc(store: Store, dry_run: bool = False) -> GCReport:
+    """Mark every chunk a live (complete, not INACTIVE) image references;
+    sweep the rest.  Also removes unreferenced manifests, profiles,
+    layer-index records and stale temporary files."""
+    t0 = time.perf_counter()
+    objects = store.objects
+    with objects.lock("gc"):
+        refresh(store, check_sources=False)
+        before = _usage(store)
+        live: set[bytes] = set()
+        keep_manifests: set[str] = set()
+        reclaimed: list[str] = []
+        n_live = 0
+        for e in store.complete_images():
+            keep_manifests.add(e.manifest_digest.split(":", 1)[1])  # type: ignore[union-attr]
+            if e.state == INACTIVE:
+                reclaimed.append(str(e.ref))
+                continue
+            m = store.load_manifest(e)
+            n_live += 1
+            live.update(c.cid for c in m.chunks)
+        all_chunks = [k for k in objects.list("chunks")]
+        doomed = [k for k in all_chunks if bytes.fromhex(k.split("/", 1)[1]) not in live]
+        chunk_bytes = sum(objects.size(k) for k in doomed)
+        dead_manifests = [k for k in objects.list("manifests") if k.split("/", 1)[1] not in keep_manifests]
+        manifest_bytes = sum(objects.size(k) for k in dead_manifests)
+        others = [k for k in objects.list("profiles") if k.split("/", 1)[1] not in keep_manifests]
+        others += _stale_layer_records(store, keep_manifests)
+        if not dry_run:
+            objects.delete_many(doomed)
+            objects.delete_many(dead_manifests + others)
+            others_n = len(others) + _clean_tmp(store)
+        else:
+            others_n = len(others)
+        after = before if dry_run else _usage(store)
+    return GCReport(dry_run, n_live, reclaimed, len(all_chunks), len(doomed), chunk_bytes, len(dead_manifests),
+                    manifest_bytes, others_n, before, after, time.perf_counter() - t0)
+
+
+def _usage(store: Store) -> int:
+    return sum(store.objects.usage(p) for p in ("chunks", "manifests", "profiles", "layers"))
+
+
+def _stale_layer_records(store: Store, keep: set[str]) -> list[str]:
+    import json
+
+    out = []
+    for k in store.objects.list("layers"):
+        try:
+            rec = json.loads(store.objects.get(k))
+            if rec["manifest"].split(":", 1)[1] not in keep:
+                out.append(k)
+        except (KeyError, ValueError, TypeError, AttributeError):
+            out.append(k)
+    return out
+
+
+def _clean_tmp(store: Store) -> int:
+    """Remove temporary files left by writers that died, and pack files whose
+    index never appeared (both older than TMP_GRACE)."""
+    root = getattr(store.objects, "root", None)
+    if root is None:
+        return 0
+    now = time.time()
+    n = 0
+    tmp = os.path.join(root, "tmp")
+    for name in os.listdir(tmp):
+        p = os.path.join(tmp, name)
+        try:
+            if now - os.lstat(p).st_mtime > TMP_GRACE:
+                os.unlink(p)
+                n += 1
+        except OSError:
+            pass
+    packs = os.path.join(root, "packs")
+    names = set(os.listdir(packs))
+    for name in names:
+        if name.endswith(".pack") and name[:-5] + ".idx" not in names:
+            p = os.path.join(packs, name)
+            try:
+                if now - os.lstat(p).st_mtime > TMP_GRACE:
+                    os.unlink(p)
+                    n += 1
+            except OSError:
+                pass
+    return n
+
+
+# -- verification ----------------------------------------------------------------
+@dataclass
+class VerifyReport:
+    images: int
+    chunks_checked: int
+    missing: dict[str, list[str]] = field(default_factory=dict)  # cid -> images
+    corrupt: dict[str, list[str]] = field(default_factory=dict)
+    unreadable: dict[str, str] = field(default_factory=dict)  # image -> why
+    repaired: list[str] = field(default_factory=list)
+    not_repaired: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.corrupt or self.unreadable)
+
+    @property
+    def affected(self) -> list[str]:
+        out = set(self.unreadable)
+        for imgs in (*self.missing.values(), *self.corrupt.values()):
+            out.update(imgs)
+        return sorted(out)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["clean"], d["affected"] = self.clean, self.affected
+        return d
+
+
+def verify(store: Store, ref: str | None = None, repair: bool = False, workers: int = 4) -> VerifyReport:
+    """Check that every chunk of every live image (or of ``ref``) is present,
+    decrypts, and holds the plaintext its manifest names."""
+    t0 = time.perf_counter()
+    entries = [store.entry(ref)] if ref else [e for e in store.complete_images() if e.state != INACTIVE]
+    report = VerifyReport(0, 0)
+    users: dict[bytes, list[str]] = {}
+    idents: dict[bytes, Any] = {}
+    for e in entries:
+        try:
+            m = store.load_manifest(e)
+        except ConvstoreError as err:
+            report.unreadable[str(e.ref)] = str(err)
+            continue
+        report.images += 1
+        for c in m.chunks:
+            users.setdefault(c.cid, []).append(str(e.ref))
+            idents[c.cid] = c
+
+    def check(cid: bytes) -> tuple[bytes, str | None]:
+        try:
+            decrypt_chunk(store.objects.get("chunks/" + cid.hex()), idents[cid])
+            return cid, None
+        except KeyError:
+            return cid, "missing"
+        except (CorruptObject, ConvstoreError):
+            return cid, "corrupt"
+
+    with ThreadPoolExecutor(workers) as pool:
+        for cid, problem in pool.map(check, list(idents)):
+            report.chunks_checked += 1
+            if problem == "missing":
+                report.missing[cid.hex()] = users[cid]
+            elif problem == "corrupt":
+                report.corrupt[cid.hex()] = users[cid]
+    if repair and not report.clean:
+        _repair(store, report)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _repair(store: Store, report: VerifyReport) -> None:
+    """Drop corrupt chunks, then re-pack every affected image from its source."""
+    store.objects.delete_many(["chunks/" + cid for cid in report.corrupt])
+    for ref in report.affected:
+        e = store.entry(ref)
+        try:
+            store.pack(e.source, ref, reuse_layers=False)
+            report.repaired.append(ref)
+        except ConvstoreError as err:
+            report.not_repaired[ref] = str(err)
+            now = store.clock()
+            store.update_entry(ImageRef.parse(ref), lambda c, err=err: c.transition(
+                FAILED, f"cannot repair: {err}", now) if c and c.complete else c)

@@ -1,0 +1,233 @@
+"""Image states, refresh, rm, gc and verify."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import pytest
+from conftest import run_cli
+from imagebuilder import Entry, make_tar, rich_layer, write_oci
+
+import convstore
+from convstore.catalog import ACTIVE, FAILED, INACTIVE, PENDING
+from convstore.errors import ImageFailed, ImageInactive, ImagePending
+
+DAY = 86400.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def cstore(tmp_path, keyfile, clock):
+    s = convstore.Store.open(str(tmp_path / "store"), f"file:{keyfile}", clock=clock, inactive_after=14 * DAY)
+    s.reactivator = lambda source, ref: s.pack(source, ref)  # in-process, for determinism
+    return s
+
+
+def shared_and_own(tmp_path, name, shared):
+    own = [Entry(f"{name}-{i}", data=os.urandom(100_000)) for i in range(5)]
+    write_oci(str(tmp_path / name), [make_tar(shared), make_tar(own)])
+    return str(tmp_path / name)
+
+
+def test_state_walk(tmp_path, cstore, clock):
+    src = shared_and_own(tmp_path, "a", [Entry("s", data=os.urandom(300_000))])
+    cstore.pack(f"oci:{src}", "a:1")
+    e = cstore.entry("a:1")
+    assert e.state == ACTIVE and [h["state"] for h in e.history] == [PENDING, ACTIVE]
+
+    # unread for 15 days: INACTIVE (refresh), and its unshared chunks are reclaimable
+    clock.now += 15 * DAY
+    [ch] = cstore.refresh()
+    assert (ch.old, ch.new) == (ACTIVE, INACTIVE)
+    r = cstore.gc()
+    assert r.reclaimed_images == ["a:1"] and r.chunks_removed > 0
+    # first read: refused, starts the re-pack, which makes it ACTIVE again
+    with pytest.raises(ImageInactive, match="reactivated"):
+        cstore.unpack_rootfs("a:1", str(tmp_path / "r1"))
+    assert cstore.entry("a:1").state == ACTIVE
+    cstore.unpack_rootfs("a:1", str(tmp_path / "r1"))
+    assert cstore.verify().clean
+
+    # the source disappears: FAILED with the reason; reads fail with it
+    shutil.move(src, src + ".moved")
+    [ch] = cstore.refresh()
+    assert ch.new == FAILED and "no longer available" in ch.reason
+    with pytest.raises(ImageFailed, match="no longer available"):
+        cstore.manifest("a:1")
+    shutil.move(src + ".moved", src)
+    [ch] = cstore.refresh()
+    assert ch.new == ACTIVE
+    cstore.manifest("a:1")
+    states = [h["state"] for h in cstore.entry("a:1").history]
+    assert states == [PENDING, ACTIVE, INACTIVE, PENDING, ACTIVE, FAILED, ACTIVE]
+
+
+def test_reactivation_of_vanished_source_fails(tmp_path, cstore, clock):
+    src = shared_and_own(tmp_path, "a", [])
+    cstore.pack(f"oci:{src}", "a:1")
+    shutil.rmtree(src)
+    clock.now += 20 * DAY
+    with pytest.raises((ImageInactive, convstore.SourceNotFound)):
+        cstore.manifest("a:1")
+    e = cstore.entry("a:1")
+    assert e.state == FAILED and "no longer exists" in e.reason
+
+
+def test_key_denied_is_failed(tmp_path, cstore, keyfile):
+    src = shared_and_own(tmp_path, "a", [])
+    cstore.pack(f"oci:{src}", "a:1")
+    other = convstore.Store.open(cstore.objects.root, f"file:{tmp_path / 'other.key'}")
+    [ch] = other.refresh()
+    assert ch.new == FAILED and "key" in ch.reason
+    with pytest.raises(ImageFailed):
+        other.manifest("a:1")
+    [ch] = cstore.refresh()  # the right key is back
+    assert ch.new == ACTIVE
+
+
+def _fifo_source(tmp_path, name):
+    """An OCI layout whose layer blob is a FIFO: a pack of it blocks until fed."""
+    tar = make_tar([Entry("slow", data=os.urandom(200_000))])
+    d = write_oci(str(tmp_path / name), [tar], compression="none")
+    p = os.path.join(tmp_path / name, "blobs", "sha256", d["layers"][0]["digest"].split(":")[1])
+    os.unlink(p)
+    os.mkfifo(p)
+    return str(tmp_path / name), p, tar
+
+
+def test_pending_update_keeps_serving_previous_version(tmp_path, cstore, cli_env, keyfile):
+    first = shared_and_own(tmp_path, "v1", [])
+    cstore.pack(f"oci:{first}", "app:1")
+    before = cstore.entry("app:1").manifest_digest
+    src, fifo, tar = _fifo_source(tmp_path, "v2")
+    for ref in ("app:1", "new:1"):
+        p = __import__("subprocess").Popen(
+            [__import__("sys").executable, "-m", "convstore.cli", "pack", f"oci:{src}", ref],
+            env=dict(cli_env, CONVSTORE_STORE=cstore.objects.root))
+        deadline = time.monotonic() + 20
+        while not cstore.entry(ref if ref == "app:1" else ref).pending if ref == "app:1" else \
+                not _exists(cstore, ref):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        if ref == "app:1":
+            e = cstore.entry("app:1")
+            assert e.state == ACTIVE and e.pending and "update pending" in e.display_state()
+            assert cstore.manifest("app:1") and cstore.entry("app:1").manifest_digest == before
+            with pytest.raises(ImagePending):
+                cstore.rm("app:1")
+        else:
+            e = cstore.entry("new:1")
+            assert e.state == PENDING and not e.complete
+            with pytest.raises(ImagePending, match="being packed"):
+                cstore.manifest("new:1")
+            out = run_cli(dict(cli_env, CONVSTORE_STORE=cstore.objects.root), "images").stdout
+            assert "PENDING" in out
+        with open(fifo, "wb") as f:
+            f.write(tar)
+        assert p.wait(timeout=60) == 0
+        if ref == "app:1":
+            src, fifo, tar = _fifo_source(tmp_path, "v3")
+    assert cstore.entry("app:1").manifest_digest != before
+    assert cstore.entry("new:1").state == ACTIVE
+
+
+def _exists(store, ref):
+    try:
+        store.entry(ref)
+        return True
+    except convstore.ImageNotFound:
+        return False
+
+
+def test_gc_frees_exactly_what_removed_images_used(tmp_path, cstore):
+    shared = [Entry("shared", data=os.urandom(400_000))]
+    for n in ("a", "b", "c"):
+        cstore.pack(f"oci:{shared_and_own(tmp_path, n, shared)}", f"{n}:1")
+    used = {n: {c.cid for c in cstore.manifest(f"{n}:1").chunks} for n in ("a", "b", "c")}
+    only_removed = (used["a"] | used["b"]) - used["c"]
+    expect = sum(cstore.objects.size("chunks/" + c.hex()) for c in only_removed)
+    manifests = sum(cstore.objects.size("manifests/" + cstore.entry(f"{n}:1").manifest_digest.split(":")[1])
+                    for n in ("a", "b"))
+    cstore.rm("a:1")
+    cstore.rm("b:1")
+    dry = cstore.gc(dry_run=True)
+    assert dry.chunk_bytes_freed == expect and dry.chunks_removed == len(only_removed)
+    assert len(list(cstore.objects.list("chunks"))) == len(used["a"] | used["b"] | used["c"])  # nothing yet
+    r = cstore.gc()
+    assert (r.chunks_removed, r.chunk_bytes_freed, r.manifest_bytes_freed) == (len(only_removed), expect, manifests)
+    assert r.store_bytes_after < r.store_bytes_before
+    assert cstore.verify().clean
+    cstore.unpack_oci("c:1", f"oci:{tmp_path / 'out'}")
+    assert cstore.gc().chunks_removed == 0
+
+
+def test_gc_waits_for_a_pack_in_progress(tmp_path, cstore):
+    cstore.pack(f"oci:{shared_and_own(tmp_path, 'a', [])}", "a:1")
+    cstore.rm("a:1")
+    src, fifo, tar = _fifo_source(tmp_path, "slow")
+    t = threading.Thread(target=lambda: cstore.pack(f"oci:{src}", "slow:1"))
+    t.start()
+    time.sleep(0.3)
+    done = []
+    g = threading.Thread(target=lambda: done.append(cstore.gc()))
+    g.start()
+    time.sleep(0.5)
+    assert not done  # gc is waiting for the pack's shared lock
+    with open(fifo, "wb") as f:
+        f.write(tar)
+    t.join(30)
+    g.join(30)
+    assert done and cstore.verify().clean
+    cstore.unpack_oci("slow:1", f"oci:{tmp_path / 'o'}")
+
+
+def test_verify_reports_and_repairs(tmp_path, cstore, cli_env):
+    shared = [Entry("shared", data=os.urandom(300_000))]
+    for n in ("a", "b"):
+        cstore.pack(f"oci:{shared_and_own(tmp_path, n, shared)}", f"{n}:1")
+    ma, mb = cstore.manifest("a:1"), cstore.manifest("b:1")
+    common = ({c.cid for c in ma.chunks} & {c.cid for c in mb.chunks}).pop()
+    only_a = ({c.cid for c in ma.chunks} - {c.cid for c in mb.chunks}).pop()
+    key = "chunks/" + common.hex()
+    blob = bytearray(cstore.objects.get(key))
+    blob[40] ^= 1
+    cstore.objects.delete(key)
+    cstore.objects.put(key, bytes(blob))
+    cstore.objects.delete("chunks/" + only_a.hex())
+    r = cstore.verify()
+    assert not r.clean
+    assert r.corrupt == {common.hex(): ["a:1", "b:1"]} and r.missing == {only_a.hex(): ["a:1"]}
+    env = dict(cli_env, CONVSTORE_STORE=cstore.objects.root)
+    p = run_cli(env, "verify", check=False)
+    assert p.returncode == 1 and f"corrupt chunk {common.hex()} used by a:1, b:1" in p.stdout
+    p = run_cli(env, "verify", "--repair")
+    assert "repaired a:1" in p.stdout and "repaired b:1" in p.stdout
+    assert cstore.verify().clean
+
+
+def test_cli_rm_gc_refresh(tmp_path, cli_env):
+    write_oci(str(tmp_path / "a"), [rich_layer()])
+    run_cli(cli_env, "pack", f"oci:{tmp_path / 'a'}", "x:1")
+    assert "no changes" in run_cli(cli_env, "refresh").stdout
+    later = dict(cli_env, CONVSTORE_NOW=str(time.time() + 30 * DAY))
+    assert "ACTIVE -> INACTIVE" in run_cli(later, "refresh").stdout
+    assert "INACTIVE" in run_cli(later, "images").stdout
+    run_cli(cli_env, "rm", "x:1")
+    assert "freed" in run_cli(cli_env, "gc").stdout
+    p = run_cli(cli_env, "rm", "x:1", check=False)
+    assert p.returncode == 1 and "no image" in p.stderr
