@@ -105,3 +105,28 @@ def test_corpus_fuse_mount_equals_umoci(tmp_path, corpus_store, img):
     strip = lambda s: [" ".join(l.split()) for l in s.splitlines()  # noqa: E731
                        if not l.startswith("/") and not l.startswith("total") and not l.startswith("d")]
     assert strip(ls) == strip(ref)
+
+
+def test_corpus_gc_after_removing_two_images(tmp_path, corpus):
+    import convstore
+
+    s = convstore.Store.open(str(tmp_path / "store"), f"file:{tmp_path / 'key'}")
+    for img in CORPUS_IMAGES:
+        s.pack(f"oci:{CORPUS_DIR / img}:latest", f"{img}:latest")
+    used = {img: {c.cid for c in s.manifest(f"{img}:latest").chunks} for img in CORPUS_IMAGES}
+    removed, kept = ["app2", "base-prev"], ["base", "app1", "app1-rebuilt"]
+    only = set().union(*(used[i] for i in removed)) - set().union(*(used[i] for i in kept))
+    expect = sum(s.objects.size("chunks/" + c.hex()) for c in only)
+    for img in removed:
+        s.rm(f"{img}:latest")
+    r = s.gc()
+    print(f"\ngc after removing {removed}: freed {r.chunks_removed} chunks, {r.chunk_bytes_freed} bytes "
+          f"(independently computed: {len(only)} chunks, {expect} bytes); store {r.store_bytes_before} -> "
+          f"{r.store_bytes_after}")
+    assert (r.chunks_removed, r.chunk_bytes_freed) == (len(only), expect) and expect > 5_000_000
+    assert s.verify().clean
+    from conftest import run_cli
+
+    env = dict(os.environ, CONVSTORE_STORE=s.objects.root, CONVSTORE_KEY=f"file:{tmp_path / 'key'}")
+    for img in kept:
+        assert run_cli(env, "run", f"{img}:latest").stdout == "hello\n"
