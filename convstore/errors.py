@@ -21,7 +21,9 @@ key material.
     │   ├── CorruptObject      an object fails authentication or its hash
     │   └── StoreFormatError   unknown or future on-disk format version
     ├── KeyProviderError       key provider failures
-    │   ├── KeyAccessDenied    the provider refuses (wrong key, revoked)
+    │   ├── KeyAccessDenied    the provider refuses (wrong key, revoked, moved wrapped key)
+    │   ├── KeyNotFound        the master key does not exist
+    │   ├── KeyProviderUnavailable  the provider cannot be reached or is not installed
     │   └── KeyFileError       the key file is unusable
     ├── UnsafePathError        an entry would be written outside its target
     └── InvalidReference       a malformed NAME[:TAG] or SOURCE string
@@ -97,6 +99,14 @@ class KeyProviderError(ConvstoreError):
 class KeyAccessDenied(KeyProviderError):
     """The key provider refuses to unwrap: wrong key, revoked key, or a
     wrapped key moved to a context it was not made for."""
+
+
+class KeyNotFound(KeyProviderError):
+    """The master key named by the spec does not exist in the provider."""
+
+
+class KeyProviderUnavailable(KeyProviderError):
+    """The provider cannot be reached, or its optional dependency is missing."""
 
 
 class KeyFileError(KeyProviderError):

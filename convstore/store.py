@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import os
 import time
 import socket
@@ -36,12 +37,14 @@ from .errors import (
     ImageInactive,
     ImageNotFound,
     ImagePending,
+    InvalidReference,
     KeyAccessDenied,
     SourceNotFound,
     StoreError,
     StoreFormatError,
 )
 from .keys import KeyProvider, open_key
+from .keys.audit import AuditedKeyProvider
 from .manifest import LayerRecord, Manifest
 from .refs import ImageRef
 from .stores.base import ObjectStore
@@ -87,9 +90,10 @@ class Store:
     """A convstore image store.  Open with :meth:`Store.open`."""
 
     def __init__(self, objects: ObjectStore, key: KeyProvider, *, clock: Callable[[], float] = time.time,
-                 inactive_after: float = DEFAULT_INACTIVE_AFTER):
+                 inactive_after: float = DEFAULT_INACTIVE_AFTER, key_cache_ttl: float = 300.0):
         self.objects = objects
-        self.key = key
+        self.key: KeyProvider = key if isinstance(key, AuditedKeyProvider) else \
+            AuditedKeyProvider(key, self._audit, ttl=key_cache_ttl)
         self.clock = clock
         self.inactive_after = inactive_after
         #: called with (source, ref) to start the re-pack of an INACTIVE image
@@ -118,6 +122,32 @@ class Store:
     def __repr__(self) -> str:
         return f"<Store {self.objects!r} id={self.id}>"
 
+    # -- audit ------------------------------------------------------------
+    def _audit(self, record: dict[str, Any]) -> None:
+        """Append one key-use record to the store's audit log (JSON lines)."""
+        if "error" in record:
+            record["error"] = record["error"][:400]
+        self.objects.append_line("audit/keys.log", json.dumps(record, sort_keys=True))
+
+    def audit(self, since: str | None = None, image: str | None = None) -> list[dict[str, Any]]:
+        """Audit records, optionally from an ISO time on, or for one image name."""
+        try:
+            data = self.objects.get("audit/keys.log")
+        except KeyError:
+            return []
+        out = []
+        for line in data.decode("utf-8", "replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if since and rec.get("time", "") < since:
+                continue
+            if image and rec.get("image") != image.split(":")[0]:
+                continue
+            out.append(rec)
+        return out
+
     # -- identity -------------------------------------------------------
     def _identity(self) -> str:
         try:
@@ -134,26 +164,70 @@ class Store:
 
     # -- convergence domains ---------------------------------------------
     def domain(self, name: str = DEFAULT_DOMAIN) -> Domain:
-        """The convergence domain ``name``, created on first use."""
+        """The convergence domain ``name`` (the default one is created on first use)."""
         if name in self._domains:
             return self._domains[name]
-        key = f"domains/{name}"
         try:
-            rec = _json(self.objects.get(key), f"domain {name}")
+            rec = self._domain_record(name)
         except KeyError:
-            secret = os.urandom(32)
-            rec = {"format": "convstore-domain", "version": DOMAIN_VERSION, "name": name, "epoch": 1,
-                   "id": uuid.uuid4().hex, "key_id": self.key.key_id, "created": _now()}
-            rec["wrapped_secret"] = base64.b64encode(self.key.wrap(secret, self._domain_context(rec))).decode()
-            if not self.objects.put(key, json.dumps(rec).encode(), exclusive=True):
-                rec = _json(self.objects.get(key), f"domain {name}")
-        if rec.get("version") != DOMAIN_VERSION:
-            raise StoreFormatError(f"domain record version {rec.get('version')} is not supported")
+            if name != DEFAULT_DOMAIN:
+                raise StoreError(f"no convergence domain {name!r}; create it with: convstore domain create "
+                                 f"{name}") from None
+            rec = self.create_domain(name, exist_ok=True)
         self._check_key_id(rec["key_id"], f"domain {name!r}")
         secret = self.key.unwrap(base64.b64decode(rec["wrapped_secret"]), self._domain_context(rec))
         d = Domain({k: rec[k] for k in ("name", "epoch", "id")}, domain_chunk_key(secret), domain_layer_key(secret))
         self._domains[name] = d
         return d
+
+    def _domain_record(self, name: str) -> dict[str, Any]:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
+            raise InvalidReference(f"invalid domain name {name!r}")
+        rec = _json(self.objects.get(f"domains/{name}"), f"domain {name}")
+        if rec.get("format") != "convstore-domain" or rec.get("version") != DOMAIN_VERSION:
+            raise StoreFormatError(f"domain record {name} has an unsupported format or version")
+        return rec
+
+    def create_domain(self, name: str, exist_ok: bool = False) -> dict[str, Any]:
+        """A new convergence domain with a fresh secret (epoch 1)."""
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
+            raise InvalidReference(f"invalid domain name {name!r}")
+        now = _now()
+        rec: dict[str, Any] = {"format": "convstore-domain", "version": DOMAIN_VERSION, "name": name, "epoch": 1,
+                               "id": uuid.uuid4().hex, "key_id": self.key.key_id, "created": now,
+                               "epochs": [{"epoch": 1, "created": now}]}
+        _secret, wrapped = self.key.generate(self._domain_context(rec))
+        rec["wrapped_secret"] = base64.b64encode(wrapped).decode()
+        if not self.objects.put(f"domains/{name}", json.dumps(rec).encode(), exclusive=True):
+            if exist_ok:
+                return self._domain_record(name)
+            raise StoreError(f"convergence domain {name!r} already exists")
+        return rec
+
+    def rotate_domain(self, name: str) -> dict[str, Any]:
+        """Start a new epoch: a new secret, so new chunks no longer dedup with
+        older ones; older images stay readable (their manifests hold their keys)."""
+        with self.objects.lock(f"domain-{name}"):
+            try:
+                rec = self._domain_record(name)
+            except KeyError:
+                raise StoreError(f"no convergence domain {name!r}") from None
+            self._check_key_id(rec["key_id"], f"domain {name!r}")
+            now = _now()
+            rec = dict(rec, epoch=rec["epoch"] + 1, key_id=self.key.key_id)
+            rec["epochs"] = [*(rec.get("epochs") or []), {"epoch": rec["epoch"], "created": now}]
+            _secret, wrapped = self.key.generate(self._domain_context(rec))
+            rec["wrapped_secret"] = base64.b64encode(wrapped).decode()
+            self.objects.put(f"domains/{name}", json.dumps(rec).encode())
+        self._domains.pop(name, None)
+        return rec
+
+    def domains(self) -> list[dict[str, Any]]:
+        out = []
+        for k in sorted(self.objects.list("domains")):
+            rec = _json(self.objects.get(k), k)
+            out.append({k2: rec.get(k2) for k2 in ("name", "epoch", "id", "key_id", "created", "epochs")})
+        return out
 
     def _domain_context(self, rec: dict[str, Any]) -> dict[str, str]:
         return {"purpose": "domain", "store": self.id, "domain": rec["name"], "epoch": str(rec["epoch"])}
@@ -243,7 +317,8 @@ class Store:
             layer = m.layers[rec["layer"]]
         except (KeyError, IndexError, TypeError, ValueError, CorruptObject, StoreError, KeyAccessDenied):
             return None
-        if m.domain.get("id") != domain.public["id"] or not hmac.compare_digest(layer.diff_id, diff_id):
+        if (m.domain.get("id"), m.domain.get("epoch")) != (domain.public["id"], domain.public["epoch"]) \
+                or not hmac.compare_digest(layer.diff_id, diff_id):
             return None
         if not all(self.objects.has("chunks/" + m.chunks[i].cid.hex()) for i in set(layer.chunks)):
             return None

@@ -19,13 +19,24 @@ def default_key_spec() -> str:
     return "file:" + os.path.join(platformdirs.user_config_dir("convstore"), "master.key")
 
 
-def open_key(spec: str | None = None) -> KeyProvider:
-    """Open the provider named by ``spec`` (``file:PATH``)."""
+def open_key(spec: str | None = None, *, kms_endpoint: str | None = None) -> KeyProvider:
+    """Open the provider named by ``spec``: ``file:PATH``,
+    ``pkcs11:token=..;object=..?module-path=..&pin-source=..`` or ``awskms:KEY``."""
     spec = spec or default_key_spec()
     scheme, sep, arg = spec.partition(":")
-    if scheme == "file" and sep and arg:
+    if not sep or not arg:
+        raise InvalidReference(f"bad key spec {spec!r} (file:PATH, pkcs11:..., or awskms:KEY)")
+    if scheme == "file":
         return LocalKeyFile(os.path.expanduser(arg))
-    raise InvalidReference(f"unknown key spec {spec!r} (expected file:PATH)")
+    if scheme == "pkcs11":
+        from .pkcs11 import PKCS11Key
+
+        return PKCS11Key(spec)
+    if scheme == "awskms":
+        from .awskms import AWSKMSKey
+
+        return AWSKMSKey(arg, endpoint=kms_endpoint)
+    raise InvalidReference(f"unknown key spec {spec!r} (file:PATH, pkcs11:..., or awskms:KEY)")
 
 
 __all__ = ["KeyProvider", "LocalKeyFile", "open_key", "default_key_spec", "canonical_context"]

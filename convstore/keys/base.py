@@ -9,6 +9,7 @@ wrapped key only unwraps under the exact context it was wrapped with.
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
@@ -46,6 +47,11 @@ class KeyProvider(ABC):
     @abstractmethod
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
         """Inverse of :meth:`wrap`; raises KeyAccessDenied on any mismatch."""
+
+    def generate(self, context: Mapping[str, str], size: int = 32) -> tuple[bytes, bytes]:
+        """A new random data key and its wrapped form (KMS: GenerateDataKey)."""
+        key = os.urandom(size)
+        return key, self.wrap(key, context)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} key_id={self.key_id}>"

@@ -71,6 +71,10 @@ class ObjectStore(ABC):
         """An inter-process lock (exclusive, or shared with other shared holders)."""
         raise StoreError(f"{type(self).__name__} does not support locking")
 
+    def append_line(self, key: str, line: str) -> None:
+        """Append one line to a log object (atomically with other appenders)."""
+        raise StoreError(f"{type(self).__name__} does not support append-only logs")
+
     def usage(self, prefix: str) -> int:
         """Total stored bytes under ``prefix``."""
         return sum(self.size(k) for k in self.list(prefix))

@@ -165,6 +165,17 @@ class LocalStore(ObjectStore):
         """Drop unpublished chunk writes (after a failed pack)."""
         self.packs.abort()
 
+    def append_line(self, key: str, line: str) -> None:
+        """One ``write`` with O_APPEND: lines from several processes never interleave."""
+        path = self.path(key)
+        self._ensure_dir(os.path.dirname(path))
+        data = (line.replace("\n", " ") + "\n").encode()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
     @contextlib.contextmanager
     def lock(self, name: str, shared: bool = False) -> Iterator[None]:
         """``flock`` on ``locks/<name>``: released if the process dies."""

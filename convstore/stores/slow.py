@@ -72,5 +72,11 @@ class SlowStore(ObjectStore):
     def abort(self) -> None:
         self.inner.abort()
 
+    def append_line(self, key: str, line: str) -> None:
+        self.inner.append_line(key, line)
+
+    def lock(self, name: str, shared: bool = False):  # type: ignore[no-untyped-def]
+        return self.inner.lock(name, shared)
+
     def usage(self, prefix: str) -> int:
         return self.inner.usage(prefix)
