@@ -37,6 +37,7 @@ class _State:
     latency_ms: float = 0.0
     bandwidth_mbps: float = 0.0
     inactive_after: float | None = None
+    kms_endpoint: str | None = None
 
 
 state = _State()
@@ -53,6 +54,8 @@ def _global(
                                   help="Add this per-request latency to store reads (measurement)"),
     bandwidth: float = typer.Option(0.0, "--simulate-bandwidth", metavar="MB/S", min=0,
                                     help="Cap store reads at this bandwidth (measurement)"),
+    kms_endpoint: Optional[str] = typer.Option(None, "--kms-endpoint", metavar="URL",
+                                               help="KMS endpoint for awskms: keys [default: $CONVSTORE_KMS_ENDPOINT]"),
     inactive_after: Optional[str] = typer.Option(None, "--inactive-after", metavar="DURATION",
                                                  help="Unread this long, an image is INACTIVE (e.g. 14d, 12h) "
                                                       "[default: $CONVSTORE_INACTIVE_AFTER or 14d]"),
@@ -62,6 +65,7 @@ def _global(
     state.quiet = quiet
     state.latency_ms = latency
     state.bandwidth_mbps = bandwidth
+    state.kms_endpoint = kms_endpoint
     spec = inactive_after or os.environ.get("CONVSTORE_INACTIVE_AFTER")
     state.inactive_after = _duration(spec) if spec else None
 
@@ -91,7 +95,7 @@ def _store() -> Store:
     kw: dict[str, Any] = {"clock": _clock()}
     if state.inactive_after is not None:
         kw["inactive_after"] = state.inactive_after
-    s = Store.open(state.store_path, state.key_spec, **kw)
+    s = Store.open(state.store_path, state.key_spec, kms_endpoint=state.kms_endpoint, **kw)
     if state.latency_ms or state.bandwidth_mbps:
         from .stores.slow import SlowStore
 
@@ -111,6 +115,8 @@ def _global_args() -> list[str]:
         args += ["--simulate-bandwidth", str(state.bandwidth_mbps)]
     if state.inactive_after is not None:
         args += ["--inactive-after", str(state.inactive_after)]
+    if state.kms_endpoint:
+        args += ["--kms-endpoint", state.kms_endpoint]
     return args
 
 
@@ -160,10 +166,11 @@ def pack(
     source: str = typer.Argument(..., help="oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]"),
     ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
     level: int = typer.Option(3, "--level", min=0, max=19, help="zstd level per chunk (0 = no compression)"),
+    domain: str = typer.Option("default", "--domain", metavar="NAME", help="Convergence domain (dedup scope)"),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON"),
 ) -> None:
     """Pack an image into the store."""
-    r = _store().pack(source, ref, level=level, progress=_RichProgress())
+    r = _store().pack(source, ref, level=level, domain=domain, progress=_RichProgress())
     if json_out:
         _emit_json(r.to_json())
         return
@@ -249,6 +256,74 @@ def stats(json_out: bool = typer.Option(False, "--json", help="Print as JSON")) 
               f"stored bytes:           {_mb(s['stored_bytes'])} "
               f"(chunks {_mb(s['stored_chunk_bytes'])}, manifests {_mb(s['stored_manifest_bytes'])})\n"
               f"dedup ratio:            {s['dedup_ratio']}x", highlight=False)
+
+
+domain_app = typer.Typer(help="Convergence domains: the scope inside which identical chunks dedup.",
+                         no_args_is_help=True)
+app.add_typer(domain_app, name="domain")
+
+
+@domain_app.command("create")
+def domain_create(name: str = typer.Argument(...)) -> None:
+    """Create a domain with a fresh secret (pack into it with --domain NAME)."""
+    rec = _store().create_domain(name)
+    out.print(f"created domain {rec['name']} (epoch {rec['epoch']}, key {rec['key_id']})", highlight=False)
+
+
+@domain_app.command("list")
+def domain_list(json_out: bool = typer.Option(False, "--json", help="Print as JSON")) -> None:
+    """List the domains, their current epoch and master key."""
+    ds = _store().domains()
+    if json_out:
+        _emit_json(ds)
+        return
+    t = Table("NAME", "EPOCH", "KEY", "CREATED", box=None)
+    for d in ds:
+        t.add_row(d["name"], str(d["epoch"]), d["key_id"], d["created"])
+    out.print(t)
+
+
+@domain_app.command("rotate")
+def domain_rotate(name: str = typer.Argument("default")) -> None:
+    """Start a new epoch: new chunks stop deduplicating with older ones; old images stay readable."""
+    rec = _store().rotate_domain(name)
+    out.print(f"domain {rec['name']} is now at epoch {rec['epoch']}", highlight=False)
+
+
+@app.command()
+def rekey(to: str = typer.Option(..., "--to", metavar="SPEC", help="The new master key"),
+          json_out: bool = typer.Option(False, "--json", help="Print the report as JSON")) -> None:
+    """Re-wrap every data key and domain secret under a new master key (chunks untouched; resumable)."""
+    r = _store().rekey(to, kms_endpoint=state.kms_endpoint)
+    if json_out:
+        _emit_json(r.to_json())
+        return
+    out.print(f"re-wrapped {r.images} images, {r.domains} domains, {r.layer_records} layer records under "
+              f"{r.new_key_id} ({r.skipped} already done) in {r.seconds:.2f} s; the old key {r.old_key_id} "
+              f"is no longer needed", highlight=False)
+
+
+@app.command()
+def audit(since: Optional[str] = typer.Option(None, "--since", metavar="ISO-TIME", help="e.g. 2026-11-26T18:00"),
+          image: Optional[str] = typer.Option(None, "--image", metavar="NAME"),
+          json_out: bool = typer.Option(False, "--json", help="Print JSON lines")) -> None:
+    """Show every use of the master key recorded in the store's audit log."""
+    from .keys.audit import read_audit
+    from .store import default_store_path
+    from .stores.local import LocalStore
+
+    # reading the log needs no key
+    recs = read_audit(LocalStore(os.path.abspath(os.path.expanduser(state.store_path or default_store_path()))),
+                      since, image)
+    if json_out:
+        for r in recs:
+            sys.stdout.write(json.dumps(r, sort_keys=True) + "\n")
+        return
+    t = Table("TIME", "OP", "OUTCOME", "PURPOSE", "IMAGE/DOMAIN", "KEY", "PID", "USER", box=None)
+    for r in recs:
+        t.add_row(r["time"], r["op"], r["outcome"], r["purpose"], r.get("image") or r.get("domain", ""),
+                  r["key_id"], str(r["pid"]), r["user"])
+    out.print(t)
 
 
 @app.command()

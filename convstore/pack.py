@@ -94,11 +94,11 @@ class _ChunkSink:
         if i is None:
             i = self._index[ident.cid] = len(self._table)
             self._table.append(ident)
+            if stored >= 0:  # counted once, even when two copies were in flight together
+                self.new_chunks += 1
+                self.new_plain += ident.size
+                self.new_stored += stored
         self.layer_chunks.append(i)
-        if stored >= 0:
-            self.new_chunks += 1
-            self.new_plain += ident.size
-            self.new_stored += stored
 
     def drain(self) -> None:
         while self._inflight:

@@ -44,7 +44,7 @@ from .errors import (
     StoreFormatError,
 )
 from .keys import KeyProvider, open_key
-from .keys.audit import AuditedKeyProvider
+from .keys.audit import AUDIT_LOG, AuditedKeyProvider, read_audit
 from .manifest import LayerRecord, Manifest
 from .refs import ImageRef
 from .stores.base import ObjectStore
@@ -109,11 +109,12 @@ class Store:
         return other
 
     @classmethod
-    def open(cls, path: str | None = None, key: KeyProvider | str | None = None, **kw: Any) -> Store:
+    def open(cls, path: str | None = None, key: KeyProvider | str | None = None, *,
+             kms_endpoint: str | None = None, **kw: Any) -> Store:
         """Open (creating if needed) the local store at ``path`` with ``key``
         (a provider or a ``--key`` spec; default: the user's key file)."""
         path = os.path.abspath(os.path.expanduser(path or default_store_path()))
-        provider = key if isinstance(key, KeyProvider) else open_key(key)
+        provider = key if isinstance(key, KeyProvider) else open_key(key, kms_endpoint=kms_endpoint)
         kp = getattr(provider, "path", None)
         if kp and os.path.commonpath([path, os.path.abspath(kp)]) == path:
             raise StoreError(f"the key file {kp} lies inside the store {path}: keep master keys apart from data")
@@ -127,26 +128,11 @@ class Store:
         """Append one key-use record to the store's audit log (JSON lines)."""
         if "error" in record:
             record["error"] = record["error"][:400]
-        self.objects.append_line("audit/keys.log", json.dumps(record, sort_keys=True))
+        self.objects.append_line(AUDIT_LOG, json.dumps(record, sort_keys=True))
 
     def audit(self, since: str | None = None, image: str | None = None) -> list[dict[str, Any]]:
         """Audit records, optionally from an ISO time on, or for one image name."""
-        try:
-            data = self.objects.get("audit/keys.log")
-        except KeyError:
-            return []
-        out = []
-        for line in data.decode("utf-8", "replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if since and rec.get("time", "") < since:
-                continue
-            if image and rec.get("image") != image.split(":")[0]:
-                continue
-            out.append(rec)
-        return out
+        return read_audit(self.objects, since, image)
 
     # -- identity -------------------------------------------------------
     def _identity(self) -> str:
@@ -167,15 +153,17 @@ class Store:
         """The convergence domain ``name`` (the default one is created on first use)."""
         if name in self._domains:
             return self._domains[name]
+        secret = None
         try:
             rec = self._domain_record(name)
         except KeyError:
             if name != DEFAULT_DOMAIN:
                 raise StoreError(f"no convergence domain {name!r}; create it with: convstore domain create "
                                  f"{name}") from None
-            rec = self.create_domain(name, exist_ok=True)
+            rec, secret = self._create_domain(name, exist_ok=True)
         self._check_key_id(rec["key_id"], f"domain {name!r}")
-        secret = self.key.unwrap(base64.b64decode(rec["wrapped_secret"]), self._domain_context(rec))
+        if secret is None:
+            secret = self.key.unwrap(base64.b64decode(rec["wrapped_secret"]), self._domain_context(rec))
         d = Domain({k: rec[k] for k in ("name", "epoch", "id")}, domain_chunk_key(secret), domain_layer_key(secret))
         self._domains[name] = d
         return d
@@ -188,21 +176,24 @@ class Store:
             raise StoreFormatError(f"domain record {name} has an unsupported format or version")
         return rec
 
-    def create_domain(self, name: str, exist_ok: bool = False) -> dict[str, Any]:
+    def create_domain(self, name: str) -> dict[str, Any]:
         """A new convergence domain with a fresh secret (epoch 1)."""
+        return self._create_domain(name)[0]
+
+    def _create_domain(self, name: str, exist_ok: bool = False) -> tuple[dict[str, Any], bytes | None]:
         if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
             raise InvalidReference(f"invalid domain name {name!r}")
         now = _now()
         rec: dict[str, Any] = {"format": "convstore-domain", "version": DOMAIN_VERSION, "name": name, "epoch": 1,
                                "id": uuid.uuid4().hex, "key_id": self.key.key_id, "created": now,
                                "epochs": [{"epoch": 1, "created": now}]}
-        _secret, wrapped = self.key.generate(self._domain_context(rec))
+        secret, wrapped = self.key.generate(self._domain_context(rec))
         rec["wrapped_secret"] = base64.b64encode(wrapped).decode()
         if not self.objects.put(f"domains/{name}", json.dumps(rec).encode(), exclusive=True):
             if exist_ok:
-                return self._domain_record(name)
+                return self._domain_record(name), None
             raise StoreError(f"convergence domain {name!r} already exists")
-        return rec
+        return rec, secret
 
     def rotate_domain(self, name: str) -> dict[str, Any]:
         """Start a new epoch: a new secret, so new chunks no longer dedup with
@@ -534,6 +525,12 @@ class Store:
         from .maintenance import refresh
 
         return refresh(self, ref)
+
+    def rekey(self, new: KeyProvider | str, kms_endpoint: str | None = None) -> Any:
+        """Re-wrap every data key and domain secret under ``new``."""
+        from .rekey import rekey
+
+        return rekey(self, new if isinstance(new, KeyProvider) else open_key(new, kms_endpoint=kms_endpoint))
 
     def inspect(self, ref: str) -> dict[str, Any]:
         e = self.entry(ref)

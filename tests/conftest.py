@@ -73,3 +73,19 @@ def need_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed; scripts/setup.sh installs it")
     return path
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory):
+    from kms_fixtures import SoftHSM
+
+    return SoftHSM(tmp_path_factory.mktemp("softhsm"))
+
+
+@pytest.fixture(scope="session")
+def moto_kms():
+    from kms_fixtures import MotoKMS
+
+    m = MotoKMS()
+    yield m
+    m.stop()

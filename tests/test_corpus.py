@@ -130,3 +130,16 @@ def test_corpus_gc_after_removing_two_images(tmp_path, corpus):
     env = dict(os.environ, CONVSTORE_STORE=s.objects.root, CONVSTORE_KEY=f"file:{tmp_path / 'key'}")
     for img in kept:
         assert run_cli(env, "run", f"{img}:latest").stdout == "hello\n"
+
+
+@pytest.mark.parametrize("kind", ["pkcs11", "awskms"])
+def test_corpus_run_with_hsm_and_kms(tmp_path, corpus, softhsm, moto_kms, kind):
+    from conftest import run_cli
+
+    spec = softhsm.add_key(f"corpus-{kind}") if kind == "pkcs11" else moto_kms.new_key()
+    env = dict(os.environ, CONVSTORE_STORE=str(tmp_path / "store"), CONVSTORE_KEY=spec, **softhsm.env,
+               **moto_kms.env)
+    run_cli(env, "pack", f"oci:{CORPUS_DIR / 'app1'}:latest", "app1:latest")
+    run_cli(env, "unpack", "app1:latest", f"oci:{tmp_path / 'out'}:latest")  # every diff_id verified
+    assert run_cli(env, "run", "app1:latest").stdout == "hello\n"
+    assert kind in run_cli(env, "inspect", "app1:latest").stdout

@@ -110,3 +110,27 @@ def test_kill_gc_at_every_step(tmp_path, base, keyfile):
 
     points = sweep(tmp_path, root, env, keyfile, ["gc"], after)
     assert len(points) >= 5
+
+
+def test_kill_rekey_at_every_step(tmp_path, base, keyfile):
+    root, env = base
+    assert cli(env, "pack", f"oci:{tmp_path / 'b'}", "b:1").returncode == 0
+    new = tmp_path / "new" / "master.key"
+    convstore.Store.open(root, f"file:{new}")  # creates the new key file (outside the store)
+    outcomes = []
+    for n in range(1, MAX_POINTS):
+        run_root = str(tmp_path / f"rk{n}")
+        shutil.copytree(root, run_root)
+        e = dict(env, CONVSTORE_STORE=run_root)
+        p = cli(e, "rekey", "--to", f"file:{new}", crash_at=n)
+        if p.returncode == 0:
+            break
+        assert p.returncode == -9, p.stderr
+        # mid-rekey, every object opens under the key it is recorded under: finish, then drop the old key
+        assert cli(e, "rekey", "--to", f"file:{new}").returncode == 0
+        s = check_consistent(run_root, str(new))
+        assert all(x.key_id == s.key.key_id for x in s.images())
+        outcomes.append(n)
+        shutil.rmtree(run_root)
+    print(f"\nrekey: {len(outcomes)} kill points, all consistent")
+    assert len(outcomes) >= 3

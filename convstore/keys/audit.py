@@ -26,6 +26,27 @@ from ..errors import ConvstoreError, KeyAccessDenied
 from .base import KeyProvider, canonical_context
 
 AuditSink = Callable[[dict[str, Any]], None]
+AUDIT_LOG = "audit/keys.log"
+
+
+def read_audit(objects: Any, since: str | None = None, image: str | None = None) -> list[dict[str, Any]]:
+    """The records of a store's audit log (reading it needs no key)."""
+    try:
+        data = objects.get(AUDIT_LOG)
+    except KeyError:
+        return []
+    out = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if since and rec.get("time", "") < since:
+            continue
+        if image and rec.get("image") != image.split(":")[0]:
+            continue
+        out.append(rec)
+    return out
 
 
 def _user() -> str:

@@ -24,6 +24,10 @@ from .base import KeyProvider, canonical_context
 
 MAGIC = b"CSP"
 VERSION = 1
+# PKCS#11 login is per application, not per session: one logged-in session
+# per (module, token) serves every provider object of this process.
+_SESSIONS: dict[tuple[str, str], Any] = {}
+_SESSIONS_LOCK = threading.Lock()
 
 
 def parse_spec(spec: str) -> dict[str, str]:
@@ -79,9 +83,12 @@ class PKCS11Key(KeyProvider):
         except (RuntimeError, OSError) as e:
             raise KeyProviderUnavailable(f"cannot load PKCS#11 module {module}: {e}") from None
         self._label = attrs["object"]
-        self._lock = threading.Lock()
+        self._lock = _SESSIONS_LOCK
         try:
-            self._session = self._token.open(user_pin=_pin(attrs))
+            with _SESSIONS_LOCK:
+                self._session = _SESSIONS.get((module, attrs["token"]))
+                if self._session is None:
+                    self._session = _SESSIONS[(module, attrs["token"])] = self._token.open(user_pin=_pin(attrs))
             self._key = self._session.get_key(key_type=pkcs11.KeyType.AES, label=self._label,
                                               object_class=pkcs11.ObjectClass.SECRET_KEY)
         except pkcs11.exceptions.NoSuchKey:
@@ -104,6 +111,8 @@ class PKCS11Key(KeyProvider):
         return self._p11.GCMParams(nonce, aad, 128)
 
     def wrap(self, plaintext_key: bytes, context: Mapping[str, str]) -> bytes:
+        if not hasattr(self._key, "encrypt"):  # CKA_ENCRYPT withdrawn by the token's administrator
+            raise KeyAccessDenied(f"PKCS#11 key {self.key_id} denied wrapping (its use for encryption is revoked)")
         nonce = os.urandom(12)
         header = MAGIC + bytes((VERSION,)) + nonce
         try:
@@ -111,7 +120,7 @@ class PKCS11Key(KeyProvider):
                 ct = self._key.encrypt(plaintext_key, mechanism=self._p11.Mechanism.AES_GCM,
                                        mechanism_param=self._gcm(nonce, header + canonical_context(context)))
         except self._p11.exceptions.PKCS11Error as e:
-            raise KeyAccessDenied(f"PKCS#11 key {self.key_id} refused to wrap: {type(e).__name__}") from None
+            raise KeyAccessDenied(f"PKCS#11 key {self.key_id} denied wrapping ({type(e).__name__})") from None
         return header + ct
 
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
@@ -120,11 +129,15 @@ class PKCS11Key(KeyProvider):
         if wrapped[3] != VERSION:
             raise StoreFormatError(f"PKCS#11 wrapped key version {wrapped[3]} is not supported")
         header = wrapped[:16]
+        if not hasattr(self._key, "decrypt"):  # CKA_DECRYPT withdrawn by the token's administrator
+            raise KeyAccessDenied(f"PKCS#11 key {self.key_id} denied unwrapping (its use for decryption is revoked)")
         try:
             with self._lock:
                 return bytes(self._key.decrypt(wrapped[16:], mechanism=self._p11.Mechanism.AES_GCM,
                                                mechanism_param=self._gcm(wrapped[4:16],
                                                                          header + canonical_context(context))))
-        except self._p11.exceptions.PKCS11Error:
+        except self._p11.exceptions.GeneralError:  # SoftHSM's answer to a failed GCM tag
             raise KeyAccessDenied(f"key {self.key_id} cannot unwrap this key: wrong key, or the wrapped key was "
                                   f"moved from another image or store") from None
+        except self._p11.exceptions.PKCS11Error as e:
+            raise KeyAccessDenied(f"PKCS#11 key {self.key_id} denied unwrapping ({type(e).__name__})") from None

@@ -1,0 +1,105 @@
+"""Real key providers for tests: a SoftHSM2 token and a moto KMS server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+PIN = "4321"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SoftHSM:
+    """A token in a private directory with non-extractable AES-256 keys."""
+
+    def __init__(self, root: Path, label: str = "convstore"):
+        if not os.path.exists(SOFTHSM_MODULE) or not shutil.which("softhsm2-util"):
+            pytest.fail("softhsm2 is not installed; scripts/setup.sh installs it")
+        (root / "tokens").mkdir(parents=True)
+        self.conf = root / "softhsm2.conf"
+        self.conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+        self.env = {"SOFTHSM2_CONF": str(self.conf), "CONVSTORE_TEST_PIN": PIN}
+        os.environ.update(self.env)
+        self.label = label
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", "9999"],
+                       check=True, capture_output=True)
+
+    def add_key(self, name: str) -> str:
+        """Create a non-extractable AES-256 key, as an administrator would (in
+        another process: a PKCS#11 login is per process)."""
+        code = (
+            "import pkcs11, sys\n"
+            "from pkcs11 import Attribute, KeyType\n"
+            f"tok = pkcs11.lib({SOFTHSM_MODULE!r}).get_token(token_label={self.label!r})\n"
+            f"with tok.open(user_pin={PIN!r}, rw=True) as s:\n"
+            "    s.generate_key(KeyType.AES, 256, label=sys.argv[1], store=True,\n"
+            "                   template={Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True})\n"
+        )
+        subprocess.run([sys.executable, "-c", code, name], check=True, env=dict(os.environ, **self.env))
+        return self.spec(name)
+
+    def set_usage(self, name: str, allowed: bool) -> None:
+        """Revoke (or restore) the key's use for encrypt/decrypt inside the
+        token, as an HSM administrator would (CKA_ENCRYPT / CKA_DECRYPT)."""
+        code = (
+            "import pkcs11, sys\n"
+            "from pkcs11 import Attribute, KeyType, ObjectClass\n"
+            f"tok = pkcs11.lib({SOFTHSM_MODULE!r}).get_token(token_label={self.label!r})\n"
+            f"with tok.open(user_pin={PIN!r}, rw=True) as s:\n"
+            "    k = s.get_key(key_type=KeyType.AES, label=sys.argv[1], object_class=ObjectClass.SECRET_KEY)\n"
+            "    k[Attribute.ENCRYPT] = k[Attribute.DECRYPT] = sys.argv[2] == '1'\n"
+        )
+        subprocess.run([sys.executable, "-c", code, name, "1" if allowed else "0"], check=True,
+                       env=dict(os.environ, **self.env))
+
+    def spec(self, name: str) -> str:
+        return (f"pkcs11:token={self.label};object={name}?module-path={SOFTHSM_MODULE}"
+                f"&pin-source=env:CONVSTORE_TEST_PIN")
+
+
+class MotoKMS:
+    """``moto_server`` on 127.0.0.1 as the KMS endpoint, stopped by its PID."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+        if not os.path.exists(exe):
+            pytest.fail("moto[server] is not installed; scripts/setup.sh installs it")
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "CONVSTORE_KMS_ENDPOINT": self.endpoint}
+        os.environ.update(self.env)
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        import boto3
+
+        self.kms = boto3.client("kms", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def new_key(self) -> str:
+        return "awskms:" + self.kms.create_key(Description="convstore test")["KeyMetadata"]["KeyId"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
