@@ -38,6 +38,11 @@ class _State:
     bandwidth_mbps: float = 0.0
     inactive_after: float | None = None
     kms_endpoint: str | None = None
+    insecure: bool = False
+    username: str | None = None
+    password_stdin: bool = False
+    cache: str | None = None
+    cache_size: float = 2048.0
 
 
 state = _State()
@@ -54,6 +59,12 @@ def _global(
                                   help="Add this per-request latency to store reads (measurement)"),
     bandwidth: float = typer.Option(0.0, "--simulate-bandwidth", metavar="MB/S", min=0,
                                     help="Cap store reads at this bandwidth (measurement)"),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain http to registries (loopback testing)"),
+    username: Optional[str] = typer.Option(None, "--username", help="Registry user"),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the registry password from stdin"),
+    cache: Optional[str] = typer.Option(None, "--cache", metavar="DIR",
+                                        help="Local cache for a registry store [default: user cache dir]"),
+    cache_size: float = typer.Option(2048.0, "--cache-size", metavar="MB", min=1, help="Cache bound in MB"),
     kms_endpoint: Optional[str] = typer.Option(None, "--kms-endpoint", metavar="URL",
                                                help="KMS endpoint for awskms: keys [default: $CONVSTORE_KMS_ENDPOINT]"),
     inactive_after: Optional[str] = typer.Option(None, "--inactive-after", metavar="DURATION",
@@ -66,6 +77,8 @@ def _global(
     state.latency_ms = latency
     state.bandwidth_mbps = bandwidth
     state.kms_endpoint = kms_endpoint
+    state.insecure, state.username, state.password_stdin = insecure, username, password_stdin
+    state.cache, state.cache_size = cache, cache_size
     spec = inactive_after or os.environ.get("CONVSTORE_INACTIVE_AFTER")
     state.inactive_after = _duration(spec) if spec else None
 
@@ -91,11 +104,29 @@ def _clock() -> Any:
     return _t.time
 
 
+_password: list[str | None] = []
+
+
+def _registry_kw(url: str | None) -> dict[str, Any]:
+    """Connection settings for an oci:// store (the password is read once)."""
+    if not url or not url.startswith("oci://"):
+        return {}
+    if state.password_stdin and not _password:
+        _password.append(sys.stdin.readline().rstrip("\n"))
+    return {"insecure": state.insecure, "username": state.username,
+            "password": _password[0] if _password else None, "cache_dir": state.cache,
+            "cache_bytes": int(state.cache_size * 1e6)}
+
+
+def _open(url: str | None, **kw: Any) -> Store:
+    return Store.open(url, state.key_spec, kms_endpoint=state.kms_endpoint, **_registry_kw(url), **kw)
+
+
 def _store() -> Store:
     kw: dict[str, Any] = {"clock": _clock()}
     if state.inactive_after is not None:
         kw["inactive_after"] = state.inactive_after
-    s = Store.open(state.store_path, state.key_spec, kms_endpoint=state.kms_endpoint, **kw)
+    s = _open(state.store_path, **kw)
     if state.latency_ms or state.bandwidth_mbps:
         from .stores.slow import SlowStore
 
@@ -170,7 +201,7 @@ def pack(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON"),
 ) -> None:
     """Pack an image into the store."""
-    r = _store().pack(source, ref, level=level, domain=domain, progress=_RichProgress())
+    r = _store().pack(source, ref, level=level, domain=domain, progress=_RichProgress(), insecure=state.insecure)
     if json_out:
         _emit_json(r.to_json())
         return
@@ -288,6 +319,36 @@ def domain_rotate(name: str = typer.Argument("default")) -> None:
     """Start a new epoch: new chunks stop deduplicating with older ones; old images stay readable."""
     rec = _store().rotate_domain(name)
     out.print(f"domain {rec['name']} is now at epoch {rec['epoch']}", highlight=False)
+
+
+@app.command()
+def push(ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
+         url: str = typer.Argument(..., metavar="oci://HOST[:PORT]/REPO"),
+         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON")) -> None:
+    """Copy an image to a registry store, sending only the chunks it lacks."""
+    from .transfer import copy_image
+
+    r = copy_image(_store(), _open(url), ref, progress=_RichProgress())
+    _copy_report(r, json_out, "pushed", url)
+
+
+@app.command()
+def pull(url: str = typer.Argument(..., metavar="oci://HOST[:PORT]/REPO"),
+         ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
+         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON")) -> None:
+    """Copy an image from a registry store into this store, fetching only missing chunks."""
+    from .transfer import copy_image
+
+    r = copy_image(_open(url), _store(), ref, progress=_RichProgress())
+    _copy_report(r, json_out, "pulled", url)
+
+
+def _copy_report(r: Any, json_out: bool, verb: str, url: str) -> None:
+    if json_out:
+        _emit_json(r.to_json())
+        return
+    out.print(f"{verb} {r.ref} ({url}): sent {r.chunks_sent} of {r.chunks} chunks, {_mb(r.bytes_sent)} in "
+              f"{r.seconds:.2f} s", highlight=False)
 
 
 @app.command()

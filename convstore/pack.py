@@ -137,6 +137,7 @@ def pack(
     domain: str = DEFAULT_DOMAIN,
     progress: Progress | None = None,
     reuse_layers: bool = True,
+    insecure: bool = False,
 ) -> PackResult:
     """Pack an image into ``store`` under ``ref`` (``NAME[:TAG]``).
 
@@ -151,7 +152,7 @@ def pack(
     progress = progress or NoProgress()
     try:
         with contextlib.ExitStack() as stack:
-            src = parse_source(source) if isinstance(source, str) else source
+            src = parse_source(source, insecure=insecure) if isinstance(source, str) else source
             if isinstance(source, str):
                 stack.callback(src.close)
             dom = store.domain(domain)

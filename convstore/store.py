@@ -11,6 +11,7 @@ manifests are harmless garbage.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -101,6 +102,20 @@ class Store:
         self.id = self._identity()
         self._domains: dict[str, Domain] = {}
 
+    @classmethod
+    def open_registry(cls, url: str, key: KeyProvider, *, insecure: bool = False, username: str | None = None,
+                      password: str | None = None, cache_dir: str | None = None, cache_bytes: int = 2 << 30,
+                      **kw: Any) -> Store:
+        """A store in an OCI registry (``oci://HOST[:PORT]/REPO``), read
+        through a bounded local cache."""
+        from .stores.cache import CachedStore
+        from .stores.registry import RegistryStore
+
+        remote = RegistryStore(url, insecure=insecure, username=username, password=password)
+        cache_dir = cache_dir or os.path.join(platformdirs.user_cache_dir("convstore"), "registry",
+                                              hashlib.sha256(url.encode()).hexdigest()[:16])
+        return cls(CachedStore(remote, cache_dir, cache_bytes), key, **kw)
+
     def with_objects(self, objects: ObjectStore) -> Store:
         """The same store seen through another object layer (e.g. SlowStore)."""
         other = Store.__new__(Store)
@@ -113,8 +128,10 @@ class Store:
              kms_endpoint: str | None = None, **kw: Any) -> Store:
         """Open (creating if needed) the local store at ``path`` with ``key``
         (a provider or a ``--key`` spec; default: the user's key file)."""
-        path = os.path.abspath(os.path.expanduser(path or default_store_path()))
         provider = key if isinstance(key, KeyProvider) else open_key(key, kms_endpoint=kms_endpoint)
+        if path and path.startswith("oci://"):
+            return cls.open_registry(path, provider, **kw)
+        path = os.path.abspath(os.path.expanduser(path or default_store_path()))
         kp = getattr(provider, "path", None)
         if kp and os.path.commonpath([path, os.path.abspath(kp)]) == path:
             raise StoreError(f"the key file {kp} lies inside the store {path}: keep master keys apart from data")
@@ -328,7 +345,10 @@ class Store:
         """Read-modify-write one catalog entry under its lock; ``change``
         returns the new entry, or None to remove it."""
         r = ImageRef.parse(ref) if isinstance(ref, str) else ref
-        with self.objects.lock("ref-" + hashlib.sha256(r.key.encode()).hexdigest()[:32]):
+        # a registry has no locks: there an update is last-writer-wins (one tag PUT)
+        lock = self.objects.lock("ref-" + hashlib.sha256(r.key.encode()).hexdigest()[:32]) \
+            if self.objects.supports_locking else contextlib.nullcontext()
+        with lock:
             cur = self._read_entry(r)
             new = change(cur)
             if new is None:
@@ -435,7 +455,7 @@ class Store:
             self._reactivate(e)
             raise ImageInactive(f"image {e.ref} is inactive and is being reactivated from {e.source}; "
                                 f"retry when it is ACTIVE")
-        if now - e.last_read > READ_STAMP_INTERVAL:
+        if now - e.last_read > READ_STAMP_INTERVAL and self.objects.supports_locking:
             e = self.update_entry(e.ref, lambda c: replace(c, last_read=now) if c and c.complete else c) or e
         return e, self.load_manifest(e)
 

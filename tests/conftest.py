@@ -89,3 +89,12 @@ def moto_kms():
     m = MotoKMS()
     yield m
     m.stop()
+
+
+@pytest.fixture
+def registry(tmp_path):
+    from kms_fixtures import Registry
+
+    r = Registry(tmp_path / "registry")
+    yield r
+    r.stop()

@@ -103,3 +103,50 @@ class MotoKMS:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+
+class Registry:
+    """Debian's docker-registry on 127.0.0.1 with a temporary storage
+    directory; stopped (and restartable) by its PID."""
+
+    def __init__(self, root: Path, htpasswd: str | None = None):
+        exe = shutil.which("docker-registry")
+        if exe is None:
+            pytest.fail("docker-registry is not installed; scripts/setup.sh installs it")
+        self.exe = exe
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        auth = f"auth: {{htpasswd: {{realm: convstore, path: {htpasswd}}}}}\n" if htpasswd else ""
+        (root / "config.yml").write_text(
+            "version: 0.1\nlog: {level: error}\n"
+            f"storage: {{filesystem: {{rootdirectory: {root / 'data'}}}, delete: {{enabled: true}}}}\n"
+            f"http: {{addr: {self.host}}}\n" + auth)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.exe, "serve", str(self.root / "config.yml")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("docker-registry did not start") from None
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None

@@ -143,3 +143,35 @@ def test_corpus_run_with_hsm_and_kms(tmp_path, corpus, softhsm, moto_kms, kind):
     run_cli(env, "unpack", "app1:latest", f"oci:{tmp_path / 'out'}:latest")  # every diff_id verified
     assert run_cli(env, "run", "app1:latest").stdout == "hello\n"
     assert kind in run_cli(env, "inspect", "app1:latest").stdout
+
+
+def test_corpus_through_registry(tmp_path, corpus, registry):
+    """skopeo pushes the corpus to a registry; convstore packs each image from
+    it, pushes them to a second repository, and runs them from there through
+    the cache tier; a fresh worker fetches only what its start touches."""
+    import json
+
+    from conftest import run_cli
+
+    env = dict(os.environ, CONVSTORE_STORE=str(tmp_path / "store"), CONVSTORE_KEY=f"file:{tmp_path / 'k'}")
+    url = f"oci://{registry.host}/convstore"
+    sent = {}
+    for img in CORPUS_IMAGES:
+        subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{CORPUS_DIR / img}:latest",
+                        f"docker://{registry.host}/corpus/{img}:latest"], check=True, capture_output=True)
+        run_cli(env, "pack", f"docker://{registry.host}/corpus/{img}:latest", f"{img}:latest")
+        r = json.loads(run_cli(env, "--insecure", "push", "--json", f"{img}:latest", url).stdout)
+        sent[img] = (r["chunks_sent"], r["chunks"])
+    print(f"\nchunks sent per push (sent, total): {sent}")
+    assert sent["base"][0] == sent["base"][1]
+    assert sent["app1-rebuilt"][0] == 0 and sent["app1"][0] < sent["app1"][1]
+    assert sent["base-prev"][0] < sent["base-prev"][1] // 3
+    for img in CORPUS_IMAGES:
+        p = run_cli(env, "--insecure", "--store", url, "--cache", str(tmp_path / "cache1"), "run", "--stats",
+                    f"{img}:latest")
+        assert p.stdout == "hello\n"
+    # a second worker with an empty cache
+    p = run_cli(env, "--insecure", "--store", url, "--cache", str(tmp_path / "cache2"), "run", "--json", "app1:latest")
+    stats = json.loads(p.stderr.strip().splitlines()[-1])
+    assert p.stdout == "hello\n"
+    assert stats["fetch"]["plain_bytes_fetched"] < 0.15 * 122_119_680

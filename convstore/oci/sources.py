@@ -295,18 +295,93 @@ class DockerArchiveSource(ImageSource):
         self._tar.close()
 
 
-def parse_source(spec: str) -> ImageSource:
-    """Open ``oci:DIR[:TAG]`` or ``docker-archive:FILE[:NAME:TAG]``."""
+class RegistrySource(ImageSource):
+    """``docker://HOST[:PORT]/REPO[:TAG|@DIGEST]``: pulled through the
+    distribution API, layers streamed and verified, never stored whole."""
+
+    def __init__(self, spec: str, insecure: bool = False):
+        from ..stores.registry import RegistryClient, RegistryError
+
+        self.ref = spec
+        rest = spec[len("docker://"):]
+        host, _, path = rest.partition("/")
+        if not host or not path:
+            raise InvalidReference(f"{spec!r}: a registry source is docker://HOST[:PORT]/REPO[:TAG]")
+        if "@" in path:
+            repo, ref = path.split("@", 1)
+        else:
+            repo, _, ref = path.rpartition(":") if ":" in path.rsplit("/", 1)[-1] else (path, "", "latest")
+        loopback = host.split(":")[0] in ("127.0.0.1", "localhost", "[::1]")
+        self.client = RegistryClient(host, insecure=insecure or loopback)
+        self.repo = repo
+        accept = [media.OCI_MANIFEST, media.DOCKER_MANIFEST, media.OCI_INDEX, media.DOCKER_MANIFEST_LIST]
+        try:
+            got = self.client.get_manifest(repo, ref, accept)
+            if got is None:
+                raise SourceNotFound(f"{spec}: no such image in the registry")
+            body, mt, digest = got
+            doc = _loads(body, "image manifest")
+            mt = doc.get("mediaType") or mt
+            if mt in (media.OCI_INDEX, media.DOCKER_MANIFEST_LIST):
+                want_os, want_arch = _host_platform()
+                sel = [m for m in doc.get("manifests") or []
+                       if (m.get("platform") or {}).get("os") == want_os
+                       and (m.get("platform") or {}).get("architecture") == want_arch]
+                if not sel:
+                    raise SourceNotFound(f"{spec}: no manifest for {want_os}/{want_arch}")
+                got = self.client.get_manifest(repo, sel[0]["digest"], accept)
+                if got is None:
+                    raise SourceNotFound(f"{spec}: manifest {sel[0]['digest']} is missing")
+                body, mt, digest = got
+                doc = _loads(body, "image manifest")
+                mt = doc.get("mediaType") or mt
+            if mt not in (media.OCI_MANIFEST, media.DOCKER_MANIFEST):
+                raise UnsupportedMediaType(f"{spec}: unsupported manifest media type {mt!r}")
+            self.manifest_bytes, self.manifest_media_type, self.manifest_digest = body, mt, digest
+            cdesc = doc.get("config") or {}
+            self.config_media_type = cdesc.get("mediaType", "")
+            if self.config_media_type not in (media.OCI_CONFIG, media.DOCKER_CONFIG):
+                raise UnsupportedMediaType(f"{spec}: unsupported config media type {self.config_media_type!r}")
+            self.config_digest = check_digest(cdesc.get("digest"))
+            try:
+                self.config_bytes = self.client.get_blob(repo, self.config_digest)
+            except KeyError:
+                raise SourceNotFound(f"{spec}: config blob {self.config_digest} is missing") from None
+            self.annotations = doc.get("annotations") or {}
+            self._set_layers(doc.get("layers") or [])
+        except RegistryError as e:
+            raise SourceError(str(e)) from None
+
+    def open_layer(self, index: int) -> VerifyingReader:
+        from ..stores.registry import RegistryError
+
+        d = self.layers[index]
+        assert d.digest is not None
+        try:
+            raw = self.client.open_blob(self.repo, d.digest)
+        except KeyError:
+            raise SourceNotFound(f"{self.ref}: layer blob {d.digest} is missing") from None
+        except RegistryError as e:
+            raise SourceError(str(e)) from None
+        return VerifyingReader(raw, d.digest, d.size, f"layer {d.digest}")
+
+
+def parse_source(spec: str, insecure: bool = False) -> ImageSource:
+    """Open ``oci:DIR[:TAG]``, ``docker-archive:FILE[:NAME:TAG]`` or
+    ``docker://HOST[:PORT]/REPO[:TAG]``."""
+    if spec.startswith("docker://"):
+        return RegistrySource(spec, insecure=insecure)
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise InvalidReference(f"{spec!r}: a source is oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]")
+        raise InvalidReference(f"{spec!r}: a source is oci:DIR[:TAG], docker-archive:FILE[:NAME:TAG] or "
+                               f"docker://HOST/REPO[:TAG]")
     if kind == "oci":
         path, tag = _split_path_ref(rest, os.path.isdir)
         return OCILayoutSource(path, tag)
     if kind == "docker-archive":
         path, tag = _split_path_ref(rest, os.path.isfile)
         return DockerArchiveSource(path, tag)
-    raise InvalidReference(f"{spec!r}: unknown source transport {kind!r} (use oci: or docker-archive:)")
+    raise InvalidReference(f"{spec!r}: unknown source transport {kind!r} (use oci:, docker-archive: or docker://)")
 
 
 def _split_path_ref(rest: str, exists: Any) -> tuple[str, str | None]:

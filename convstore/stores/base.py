@@ -28,6 +28,7 @@ class ObjectStore(ABC):
     supports_writes: bool = True
     supports_deletes: bool = True
     supports_ranges: bool = False
+    supports_locking: bool = True
 
     @abstractmethod
     def get(self, key: str) -> bytes:
