@@ -45,16 +45,20 @@ def copy_image(src: Store, dst: Store, ref: str, dst_ref: str | None = None, *, 
     progress.start(f"copying {entry.ref}", sum(sizes[c] for c in missing))
     sent = 0
 
-    def copy(cid: bytes) -> int:
-        key = "chunks/" + cid.hex()
-        blob = src.objects.get(key)
-        dst.objects.put(key, blob, durable=False)
-        progress.advance(sizes[cid])
-        return len(blob)
+    def copy(batch: list[bytes]) -> int:
+        blobs = src.objects.get_many(["chunks/" + c.hex() for c in batch])  # coalesced where the source can
+        n = 0
+        for cid in batch:
+            blob = blobs["chunks/" + cid.hex()]
+            dst.objects.put("chunks/" + cid.hex(), blob, durable=False)
+            progress.advance(sizes[cid])
+            n += len(blob)
+        return n
 
+    batches = [missing[i : i + 64] for i in range(0, len(missing), 64)]
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="convstore-copy") as pool:
-            for n in pool.map(copy, missing):
+            for n in pool.map(copy, batches):
                 sent += n
         dst.objects.flush()
         digest, wrapped = dst.put_manifest(manifest)

@@ -38,6 +38,10 @@ class ObjectStore(ABC):
         """Bytes ``[start, end)``; backends with ranged reads override this."""
         return self.get(key)[start:end]
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """Several objects at once (backends coalesce requests where they can)."""
+        return {k: self.get(k) for k in keys}
+
     @abstractmethod
     def has(self, key: str) -> bool: ...
 

@@ -113,6 +113,22 @@ class CachedStore(ObjectStore):
             return data
         return self.remote.get(key)
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        missing = []
+        for k in keys:
+            p = self._path(k)
+            if k.startswith(IMMUTABLE) and os.path.exists(p):
+                out[k] = self.get(k)
+            else:
+                missing.append(k)
+        for k, data in self.remote.get_many(missing).items():
+            if k.startswith(IMMUTABLE):
+                self.misses += 1
+                self._store_local(k, data)
+            out[k] = data
+        return out
+
     def get_range(self, key: str, start: int, end: int) -> bytes:
         return self.get(key)[start:end]
 

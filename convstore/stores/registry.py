@@ -8,10 +8,14 @@ listing and retries with backoff on 5xx and connection errors.
 
 :class:`RegistryStore` maps convstore's objects onto a repository:
 
-* a chunk is one blob (its registry digest is the sha256 of the encrypted
-  blob); which chunk id is which blob is recorded in *chunk-index segment*
-  artifacts (``artifactType application/vnd.convstore.chunk-index.v1``,
-  tag ``x-<random>``), one per flush, loaded at open;
+* chunks are packed: the chunks written between two flushes (at most
+  ``PACK_BYTES``) are uploaded as one blob, and a *pack index* artifact
+  (``artifactType application/vnd.convstore.chunk-index.v1``, tag
+  ``x-<random>``) lists (chunk id, offset, length) in it; a chunk is read
+  with an HTTP Range request.  Measured on loopback (docs/benchmarks.md):
+  uploading 1,000 40 kB chunks took 10.9 s as 1,000 blobs and 0.2 s as one
+  pack, and a ranged read of one chunk costs about what a whole small blob
+  does (4.7 vs 3.3 ms), so packs win;
 * every other object (sealed image manifests, catalog entries, domains,
   store identity) is an OCI artifact with one layer, tagged
   ``o-<sha256(key)[:40]>`` and annotated with its key; sealed manifests have
@@ -51,7 +55,9 @@ AT_MANIFEST = "application/vnd.convstore.manifest.v1"
 AT_IMAGE = "application/vnd.convstore.image.v1"
 AT_CHUNK_INDEX = "application/vnd.convstore.chunk-index.v1"
 MT_BLOB = "application/vnd.convstore.blob.v1"
-_SEG = struct.Struct("<32s32sI")
+_SEG_HEAD = struct.Struct("<4sI32s")  # b"CSRX", version, pack blob digest
+_SEG = struct.Struct("<32sQI")  # cid, offset, length
+PACK_BYTES = 32 << 20
 RETRIES = 4
 
 
@@ -210,8 +216,9 @@ class RegistryStore(ObjectStore):
         self.client = RegistryClient(host, insecure, username, password)
         self.workers = workers
         self._lock = threading.Lock()
-        self._chunks: dict[bytes, tuple[str, int]] = {}  # cid -> (blob digest, size)
-        self._pending: dict[bytes, tuple[str, int]] = {}
+        self._chunks: dict[bytes, tuple[str, int, int]] = {}  # cid -> (pack digest, offset, length)
+        self._pending: dict[bytes, tuple[int, int]] = {}  # cid -> (offset, length) in _pack
+        self._pack = bytearray()
         self._segments: set[str] = set()
         self._keys: dict[str, str] = {}  # tag -> key
         self.client.reg.auth.load_configs(self.client.reg.get_container(f"{host}/{self.repo}"))
@@ -230,10 +237,14 @@ class RegistryStore(ObjectStore):
                     continue
                 layer = json.loads(got[0])["layers"][0]
                 data = self.client.get_blob(self.repo, layer["digest"])
+                magic, version, pack = _SEG_HEAD.unpack_from(data)
+                if magic != b"CSRX" or version != 1:
+                    log.warning("skipping pack index %s: unknown format", t)
+                    continue
                 with self._lock:
-                    for i in range(0, len(data) - len(data) % _SEG.size, _SEG.size):
-                        cid, dig, size = _SEG.unpack_from(data, i)
-                        self._chunks.setdefault(cid, ("sha256:" + dig.hex(), size))
+                    for i in range(_SEG_HEAD.size, len(data) - _SEG.size + 1, _SEG.size):
+                        cid, off, size = _SEG.unpack_from(data, i)
+                        self._chunks.setdefault(cid, ("sha256:" + pack.hex(), off, size))
                     self._segments.add(t)
 
     def _cid(self, key: str) -> bytes:
@@ -255,13 +266,19 @@ class RegistryStore(ObjectStore):
         if key.startswith("chunks/"):
             cid = self._cid(key)
             with self._lock:
-                loc = self._chunks.get(cid) or self._pending.get(cid)
+                pend = self._pending.get(cid)
+                if pend is not None:
+                    return bytes(self._pack[pend[0] : pend[0] + pend[1]])
+                loc = self._chunks.get(cid)
             if loc is None:
                 self.refresh()
                 loc = self._chunks.get(cid)
                 if loc is None:
                     raise KeyError(key)
-            return self.client.get_blob(self.repo, loc[0])
+            data = self.client.get_blob(self.repo, loc[0], loc[1], loc[1] + loc[2])
+            if len(data) != loc[2]:
+                raise StoreError(f"registry returned {len(data)} bytes for a {loc[2]}-byte chunk")
+            return data
         got = self.client.get_manifest(self.repo, self._tag(key), [OCI_MANIFEST])
         if got is None:
             raise KeyError(key)
@@ -273,12 +290,42 @@ class RegistryStore(ObjectStore):
     def get_range(self, key: str, start: int, end: int) -> bytes:
         return self.get(key)[start:end]
 
+    def get_many(self, keys: list[str], max_gap: int = 1 << 20, max_span: int = 16 << 20) -> dict[str, bytes]:
+        """Chunks by coalesced ranged reads: neighbours in a pack (gaps up to
+        ``max_gap``) come in one request of at most ``max_span`` bytes."""
+        out: dict[str, bytes] = {}
+        by_pack: dict[str, list[tuple[int, int, str]]] = {}
+        for k in keys:
+            loc = self._chunks.get(self._cid(k)) if k.startswith("chunks/") else None
+            if loc is None:
+                out[k] = self.get(k)
+            else:
+                by_pack.setdefault(loc[0], []).append((loc[1], loc[2], k))
+        for digest, items in by_pack.items():
+            items.sort()
+            i = 0
+            while i < len(items):
+                j = i
+                start = items[i][0]
+                end = items[i][0] + items[i][1]
+                while j + 1 < len(items) and items[j + 1][0] - end <= max_gap and \
+                        items[j + 1][0] + items[j + 1][1] - start <= max_span:
+                    j += 1
+                    end = max(end, items[j][0] + items[j][1])
+                data = self.client.get_blob(self.repo, digest, start, end)
+                if len(data) != end - start:
+                    raise StoreError(f"registry returned {len(data)} bytes for a {end - start}-byte range")
+                for off, n, k in items[i : j + 1]:
+                    out[k] = data[off - start : off - start + n]
+                i = j + 1
+        return out
+
     def size(self, key: str) -> int:
         if key.startswith("chunks/"):
             loc = self._chunks.get(self._cid(key))
             if loc is None:
                 raise KeyError(key)
-            return loc[1]
+            return loc[2]
         return len(self.get(key))
 
     def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
@@ -287,10 +334,10 @@ class RegistryStore(ObjectStore):
             with self._lock:
                 if cid in self._chunks or cid in self._pending:
                     return not exclusive
-            digest = self.client.put_blob(self.repo, data)
-            with self._lock:
-                self._pending[cid] = (digest, len(data))
-            if durable:
+                self._pending[cid] = (len(self._pack), len(data))
+                self._pack += data
+                full = len(self._pack) >= PACK_BYTES
+            if durable or full:
                 self.flush()
             return True
         if exclusive and self.has(key):
@@ -303,22 +350,35 @@ class RegistryStore(ObjectStore):
         return True
 
     def flush(self) -> None:
-        """Publish the chunks uploaded since the last flush in one index segment."""
+        """Upload the pending chunks as one pack blob, then its index artifact
+        (the commit point: chunks are found only through an index)."""
         with self._lock:
-            pending, self._pending = self._pending, {}
+            pending, pack = self._pending, bytes(self._pack)
+            self._pending, self._pack = {}, bytearray()
         if not pending:
             return
-        body = b"".join(_SEG.pack(cid, bytes.fromhex(d.split(":", 1)[1]), n) for cid, (d, n) in pending.items())
-        digest = self.client.put_blob(self.repo, body)
-        tag = "x-" + secrets.token_hex(16)
-        self.client.put_manifest(self.repo, tag, _artifact(AT_CHUNK_INDEX, digest, len(body), {}))
+        try:
+            digest = self.client.put_blob(self.repo, pack)
+            body = _SEG_HEAD.pack(b"CSRX", 1, bytes.fromhex(digest.split(":", 1)[1])) + b"".join(
+                _SEG.pack(cid, off, n) for cid, (off, n) in pending.items())
+            idx = self.client.put_blob(self.repo, body)
+            tag = "x-" + secrets.token_hex(16)
+            self.client.put_manifest(self.repo, tag, _artifact(AT_CHUNK_INDEX, idx, len(body), {}))
+        except BaseException:
+            with self._lock:  # keep them pending: a retry of flush sends them again
+                for cid, (off, n) in pending.items():
+                    self._pending.setdefault(cid, (len(self._pack), n))
+                    self._pack += pack[off : off + n]
+            raise
         with self._lock:
-            self._chunks.update(pending)
+            for cid, (off, n) in pending.items():
+                self._chunks[cid] = (digest, off, n)
             self._segments.add(tag)
 
     def abort(self) -> None:
         with self._lock:
             self._pending.clear()
+            self._pack = bytearray()
 
     def delete(self, key: str) -> None:
         if key.startswith("chunks/"):
@@ -352,7 +412,7 @@ class RegistryStore(ObjectStore):
 
     def usage(self, prefix: str) -> int:
         if prefix.rstrip("/") == "chunks":
-            return sum(n for _d, n in self._chunks.values())
+            return sum(n for _d, _o, n in self._chunks.values())
         return sum(self.size(k) for k in self.list(prefix))
 
     def lock(self, name: str, shared: bool = False) -> Any:
