@@ -98,3 +98,15 @@ def registry(tmp_path):
     r = Registry(tmp_path / "registry")
     yield r
     r.stop()
+
+
+@pytest.fixture
+def auth_registry(tmp_path):
+    """A registry that wants user alice, password s3cret (htpasswd, bcrypt)."""
+    import bcrypt
+    from kms_fixtures import Registry
+
+    (tmp_path / "htpasswd").write_text("alice:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt()).decode() + "\n")
+    r = Registry(tmp_path / "auth-registry", htpasswd=str(tmp_path / "htpasswd"))
+    yield r
+    r.stop()

@@ -123,3 +123,22 @@ def test_registry_killed_mid_push_then_completes(tmp_path, registry, cli_env, ke
     remote = convstore.Store.open(url, f"file:{keyfile}", insecure=True, cache_dir=str(tmp_path / "cy"))
     assert [str(e.ref) for e in remote.images()] == ["big:1"]
     assert remote.verify().clean
+
+
+def test_credentials(tmp_path, auth_registry, cli_env):
+    write_oci(str(tmp_path / "a"), [rich_layer()])
+    run_cli(cli_env, "pack", f"oci:{tmp_path / 'a'}", "a:1")
+    url = f"oci://{auth_registry.host}/private"
+
+    def push(*opts, password=None):
+        return subprocess.run([sys.executable, "-m", "convstore.cli", "--insecure", *opts, "push", "a:1", url],
+                              env=cli_env, input=password, capture_output=True, text=True, timeout=120)
+
+    for opts, pw, why in [((), None, "requires credentials"),
+                          (("--username", "alice", "--password-stdin"), "wrong\n", "refused the credentials")]:
+        p = push(*opts, password=pw)
+        assert p.returncode == 1 and why in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "wrong" not in p.stderr and "s3cret" not in p.stderr
+    p = push("--username", "alice", "--password-stdin", password="s3cret\n")
+    assert p.returncode == 0, p.stderr
+    assert "s3cret" not in p.stdout + p.stderr

@@ -108,8 +108,10 @@ class RegistryClient:
             except requests.ConnectionError:
                 if attempt == RETRIES - 1:
                     raise RegistryError(f"cannot reach the registry at {self.host}") from None
-            except ValueError as e:  # oras: cannot answer an auth challenge
-                raise RegistryError(f"registry {self.host} refused the credentials ({e})") from None
+            except (ValueError, requests.exceptions.InvalidURL, requests.exceptions.MissingSchema):
+                # oras could not answer the auth challenge: no (usable) credentials
+                raise RegistryError(f"registry {self.host} requires credentials (--username with "
+                                    f"--password-stdin, or docker login)") from None
             else:
                 if r.status_code in ok:
                     return r
