@@ -170,27 +170,22 @@ def _clean_tmp(store: Store) -> int:
     if root is None:
         return 0
     now = time.time()
-    n = 0
-    tmp = os.path.join(root, "tmp")
-    for name in os.listdir(tmp):
-        p = os.path.join(tmp, name)
+
+    def unlink_if_old(p: str) -> int:
         try:
             if now - os.lstat(p).st_mtime > TMP_GRACE:
                 os.unlink(p)
-                n += 1
+                return 1
         except OSError:
             pass
+        return 0
+
+    tmp = os.path.join(root, "tmp")
+    n = sum(unlink_if_old(os.path.join(tmp, name)) for name in os.listdir(tmp))
     packs = os.path.join(root, "packs")
     names = set(os.listdir(packs))
-    for name in names:
-        if name.endswith(".pack") and name[:-5] + ".idx" not in names:
-            p = os.path.join(packs, name)
-            try:
-                if now - os.lstat(p).st_mtime > TMP_GRACE:
-                    os.unlink(p)
-                    n += 1
-            except OSError:
-                pass
+    n += sum(unlink_if_old(os.path.join(packs, name)) for name in names
+             if name.endswith(".pack") and name[:-5] + ".idx" not in names)
     return n
 
 

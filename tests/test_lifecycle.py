@@ -231,3 +231,19 @@ def test_cli_rm_gc_refresh(tmp_path, cli_env):
     assert "freed" in run_cli(cli_env, "gc").stdout
     p = run_cli(cli_env, "rm", "x:1", check=False)
     assert p.returncode == 1 and "no image" in p.stderr
+
+
+def test_gc_cleans_dead_writers_leftovers(tmp_path, cstore):
+    cstore.pack(f"oci:{shared_and_own(tmp_path, 'a', [])}", "a:1")
+    root = cstore.objects.root
+    old, fresh = os.path.join(root, "tmp", "dead.tmp"), os.path.join(root, "tmp", "live.tmp")
+    orphan = os.path.join(root, "packs", "0" * 32 + ".pack")
+    for p in (old, fresh, orphan):
+        open(p, "wb").write(b"x" * 100)
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    os.utime(orphan, (past, past))
+    r = cstore.gc()
+    assert r.other_files_removed == 2
+    assert not os.path.exists(old) and not os.path.exists(orphan) and os.path.exists(fresh)
+    assert cstore.verify().clean

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from ..errors import StoreError
 from .base import ObjectStore
 from .faults import crash_point
-from .packs import PackSet
+from .packs import PackSet, fsync_dir
 
 CHUNKS = "chunks/"
 
@@ -146,16 +146,8 @@ class LocalStore(ObjectStore):
             raise StoreError(f"cannot write {key}: {e.strerror}") from None
         crash_point()
         if durable:
-            self._fsync_dir(os.path.dirname(final))
+            fsync_dir(os.path.dirname(final))
         return True
-
-    @staticmethod
-    def _fsync_dir(d: str) -> None:
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def flush(self) -> None:
         """Publish (durably) the pack being written."""

@@ -62,7 +62,8 @@ def decode_index(data: bytes, what: str) -> list[tuple[bytes, int, int]]:
     return [_ENTRY.unpack_from(body, _IDX_HEAD.size + i * _ENTRY.size) for i in range(count)]
 
 
-def _fsync_dir(d: str) -> None:
+def fsync_dir(d: str) -> None:
+    """Make a directory's entries (renames, new files) durable."""
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -223,7 +224,7 @@ class PackSet:
             os.rename(idx_tmp, os.path.join(self.dir, w.name + ".idx"))
             crash_point()
             if durable:
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
         except OSError as e:
             raise StoreError(f"cannot write pack {w.name}: {e.strerror}") from None
         for cid, (off, ln) in w.entries.items():
@@ -276,7 +277,7 @@ class PackSet:
                 os.unlink(os.path.join(self.dir, pack + ".idx"))  # unpublish first
                 crash_point()
                 os.unlink(src)
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
             self._index.clear()
             self._loaded.clear()
         self.refresh()
