@@ -115,17 +115,28 @@ def _write_layer(store: Store, manifest: Manifest, layer: LayerRecord, compressi
                 comp = zstandard.ZstdCompressor(level=3, threads=2).stream_writer(out, closefd=False)  # type: ignore[arg-type]
             else:
                 comp = out
-            buf = bytearray()
-            for piece in iter_layer_tar(store, manifest, layer, pool):
-                buf += piece  # coalesce headers and small files into large writes
-                if len(buf) >= 1 << 20:
-                    diff.update(buf)
-                    comp.write(buf)
-                    progress.advance(len(buf))
-                    buf = bytearray()
-            diff.update(buf)
-            comp.write(buf)
-            progress.advance(len(buf))
+            # the diff_id hash runs in its own thread (hashlib releases the GIL),
+            # beside the writes and the tar joining; one buffer in flight
+            with ThreadPoolExecutor(1, thread_name_prefix="convstore-hash") as hasher:
+                hashing = None
+
+                def emit(b: bytearray) -> None:
+                    nonlocal hashing
+                    if hashing is not None:
+                        hashing.result()
+                    hashing = hasher.submit(diff.update, b)
+                    comp.write(b)
+                    progress.advance(len(b))
+
+                buf = bytearray()
+                for piece in iter_layer_tar(store, manifest, layer, pool):
+                    buf += piece  # coalesce headers and small files into large writes
+                    if len(buf) >= 1 << 20:
+                        emit(buf)
+                        buf = bytearray()
+                emit(buf)
+                if hashing is not None:
+                    hashing.result()
             if comp is not out:
                 comp.close()
             raw.flush()

@@ -116,6 +116,8 @@ class PackSet:
         self._index: dict[bytes, tuple[str, int, int]] = {}
         self._loaded: set[str] = set()
         self._w: _Writer | None = None
+        self._fds: dict[str, int] = {}  # open packs, for pread without an open() per chunk
+        self._retired: list[int] = []
         self.refresh()
 
     # -- index --------------------------------------------------------------
@@ -174,8 +176,7 @@ class PackSet:
                 raise KeyError(cid.hex())
             pack, off, ln = loc
             try:
-                with open(os.path.join(self.dir, pack + ".pack"), "rb") as f:
-                    data = os.pread(f.fileno(), ln, off)
+                data = os.pread(self._fd(pack), ln, off)
             except FileNotFoundError:
                 self.refresh()  # repacked by another process: look again
                 continue
@@ -183,6 +184,30 @@ class PackSet:
                 raise StoreError(f"pack {pack} is truncated")
             return data
         raise KeyError(cid.hex())
+
+    def _fd(self, pack: str) -> int:
+        """An open fd of a live pack; FileNotFoundError once the pack has been
+        rewritten away (by gc in this or another process)."""
+        fd = self._fds.get(pack)
+        if fd is not None and os.fstat(fd).st_nlink == 0:
+            with self._lock:  # retired, not closed: another thread may be reading with it
+                if self._fds.get(pack) == fd:
+                    self._retired.append(self._fds.pop(pack))
+            raise FileNotFoundError(pack)
+        if fd is None:
+            new = os.open(os.path.join(self.dir, pack + ".pack"), os.O_RDONLY)
+            with self._lock:
+                fd = self._fds.setdefault(pack, new)
+            if fd != new:
+                os.close(new)
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            fds = [*self._fds.values(), *self._retired]
+            self._fds, self._retired = {}, []
+        for fd in fds:
+            os.close(fd)
 
     def put(self, cid: bytes, blob: bytes) -> None:
         with self._lock:
@@ -277,6 +302,8 @@ class PackSet:
                 os.unlink(os.path.join(self.dir, pack + ".idx"))  # unpublish first
                 crash_point()
                 os.unlink(src)
+                if pack in self._fds:
+                    self._retired.append(self._fds.pop(pack))
                 fsync_dir(self.dir)
             self._index.clear()
             self._loaded.clear()
