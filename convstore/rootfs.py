@@ -21,6 +21,7 @@ from typing import Any
 
 from .errors import CorruptLayer, SourceError, UnsafePathError
 from .manifest import LayerRecord, Manifest
+from .paths import NotADirectory, RootEscape, Step, components, resolve_dir
 from .progress import NoProgress, Progress
 from .store import Store
 from .tarsplit import TarEntry
@@ -28,7 +29,6 @@ from .unpack import iter_content
 
 WH = ".wh."
 OPAQUE = ".wh..wh..opq"
-MAX_LINKS = 40
 
 
 @dataclass
@@ -48,11 +48,9 @@ def entry_components(path: str) -> list[str]:
     """Split a layer entry path; refuse absolute paths and ``..``."""
     if path.startswith("/"):
         raise UnsafePathError(f"layer entry {path!r} has an absolute path")
-    parts = [p for p in path.split("/") if p not in ("", ".")]
+    parts = components(path)
     if ".." in parts:
         raise UnsafePathError(f"layer entry {path!r} climbs out of the root with '..'")
-    if not parts:
-        return []
     return parts
 
 
@@ -90,43 +88,27 @@ class RootfsWriter:
         self.bytes = 0
 
     # -- path resolution --------------------------------------------------
-    def _resolve_dir(self, comps: list[str], create: bool = True) -> str:
+    def _resolve_dir(self, comps: list[str]) -> str:
         """Resolve directory components inside the root, following symlinks
         as if chrooted; create missing directories.  Returns an absolute path."""
-        stack: list[str] = []
-        queue = list(comps)
-        links = 0
-        while queue:
-            c = queue.pop(0)
-            if c in ("", "."):
-                continue
-            if c == "..":
-                if not stack:
-                    raise UnsafePathError(f"path {'/'.join(comps)!r} resolves outside the root through a symlink")
-                stack.pop()
-                continue
-            p = os.path.join(self.root, *stack, c)
+
+        def step(d: str, name: str) -> Step:
+            p = os.path.join(d, name)
             try:
                 st = os.lstat(p)
             except FileNotFoundError:
-                if not create:
-                    raise
                 os.mkdir(p, 0o755)
-                stack.append(c)
-                continue
+                return "dir", p
             if stat.S_ISLNK(st.st_mode):
-                links += 1
-                if links > MAX_LINKS:
-                    raise UnsafePathError(f"too many symlinks resolving {'/'.join(comps)!r}")
-                target = os.readlink(p)
-                if target.startswith("/"):
-                    stack = []
-                queue = target.split("/") + queue
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                raise CorruptLayer(f"{'/'.join(comps)!r}: {'/'.join(stack + [c])!r} is not a directory")
-            stack.append(c)
-        return os.path.join(self.root, *stack)
+                return "link", os.readlink(p)
+            return ("dir", p) if stat.S_ISDIR(st.st_mode) else ("notdir", None)
+
+        try:
+            return resolve_dir(self.root, comps, step)
+        except RootEscape:
+            raise UnsafePathError(f"path {'/'.join(comps)!r} resolves outside the root through a symlink") from None
+        except NotADirectory as e:
+            raise CorruptLayer(f"{'/'.join(comps)!r}: {e} is not a directory") from None
 
     def _target_path(self, comps: list[str]) -> str:
         return os.path.join(self._resolve_dir(comps[:-1]), comps[-1])

@@ -438,7 +438,10 @@ class Store:
         self.update_entry(ref, change)
 
     def _is_stale(self, e: CatalogEntry, now: float) -> bool:
-        return e.state == ACTIVE and e.complete and now - (e.last_read or e.state_since) > self.inactive_after
+        """Unread for ``inactive_after``.  Only stores that can record reads
+        (local ones) age their images; a registry copy never goes INACTIVE."""
+        return (self.objects.supports_locking and e.state == ACTIVE and e.complete
+                and now - (e.last_read or e.state_since) > self.inactive_after)
 
     def open_image(self, ref: ImageRef | str) -> tuple[CatalogEntry, Manifest]:
         """The read gate: the manifest of a readable (ACTIVE) image.  Records
@@ -483,8 +486,10 @@ class Store:
         spec = getattr(self.key, "spec", None)
         if root is None or spec is None:
             raise StoreError(f"cannot reactivate {ref} from this store automatically: run convstore pack {source} {ref}")
-        subprocess.Popen([sys.executable, "-m", "convstore.cli", "--quiet", "--store", root, "--key", spec, "pack",
-                          source, ref], start_new_session=True, stdin=subprocess.DEVNULL,
+        endpoint = getattr(self.key, "endpoint", None)
+        extra = ["--kms-endpoint", endpoint] if endpoint else []
+        subprocess.Popen([sys.executable, "-m", "convstore.cli", "--quiet", "--store", root, "--key", spec, *extra,
+                          "pack", source, ref], start_new_session=True, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def manifest(self, ref: ImageRef | str) -> Manifest:

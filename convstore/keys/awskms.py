@@ -50,6 +50,10 @@ class AWSKMSKey(KeyProvider):
     def spec(self) -> str:
         return f"awskms:{self._key}"
 
+    @property
+    def endpoint(self) -> str | None:
+        return self._endpoint
+
     def _call(self, op: str, fn: Any, **kw: Any) -> Any:
         try:
             return fn(**kw)

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import ConvstoreError
 from ..manifest import Manifest
+from ..paths import MAX_LINKS, NotADirectory, RootEscape, Step, components, resolve_dir
 from ..rootfs import OPAQUE, WH
 from ..catalog import CatalogEntry
 from ..store import Store
@@ -24,7 +25,6 @@ from .fetcher import ChunkFetcher
 
 _TYPE_BITS = {"0": stat.S_IFREG, "\0": stat.S_IFREG, "7": stat.S_IFREG, "1": stat.S_IFREG, "2": stat.S_IFLNK,
               "3": stat.S_IFCHR, "4": stat.S_IFBLK, "5": stat.S_IFDIR, "6": stat.S_IFIFO}
-MAX_LINKS = 40
 
 
 class FSError(ConvstoreError, OSError):
@@ -76,10 +76,6 @@ class Stat:
                 "st_blocks": (self.st_size + 511) // 512}
 
 
-def _components(path: str) -> list[str]:
-    return [p for p in path.split("/") if p not in ("", ".")]
-
-
 class ImageFS:
     """A read-only filesystem over one stored image."""
 
@@ -123,41 +119,25 @@ class ImageFS:
     def _parent_dir(self, comps: list[str]) -> Node | None:
         """Resolve (creating implicit directories) the directory holding an
         entry, following symlinks inside the image; None if it escapes."""
-        node = self.root
-        stack: list[Node] = []
-        queue = list(comps)
-        links = 0
-        while queue:
-            c = queue.pop(0)
-            if c in ("", "."):
-                continue
-            if c == "..":
-                if not stack:
-                    return None
-                node = stack.pop()
-                continue
-            assert node.children is not None
-            child = node.children.get(c)
+
+        def step(d: Node, name: str) -> Step:
+            assert d.children is not None
+            child = d.children.get(name)
             if child is None:
-                child = node.children[c] = self._new(stat.S_IFDIR | 0o755, 0, 0, 0, 0, is_dir=True)
+                child = d.children[name] = self._new(stat.S_IFDIR | 0o755, 0, 0, 0, 0, is_dir=True)
             if stat.S_ISLNK(child.mode):
-                links += 1
-                if links > MAX_LINKS:
-                    return None
-                if child.linkname.startswith("/"):
-                    node, stack = self.root, []
-                queue = _components(child.linkname) + queue
-                continue
-            if not child.is_dir:
-                return None
-            stack.append(node)
-            node = child
-        return node
+                return "link", child.linkname
+            return ("dir", child) if child.is_dir else ("notdir", None)
+
+        try:
+            return resolve_dir(self.root, comps, step)
+        except (RootEscape, NotADirectory):
+            return None
 
     def _apply(self, li: int, entries: list[TarEntry]) -> None:
         created: set[int] = set()
         for e in entries:
-            comps = _components(e.path)
+            comps = components(e.path)
             if not comps:
                 if e.type == "5":
                     self._set_attrs(self.root, e)
@@ -217,7 +197,7 @@ class ImageFS:
             node.nlink -= 1
 
     def _lookup_entry(self, path: str) -> Node | None:
-        comps = _components(path)
+        comps = components(path)
         if not comps or ".." in comps:
             return None
         parent = self._parent_dir(comps[:-1])
@@ -229,7 +209,7 @@ class ImageFS:
     def lookup(self, path: str, follow: bool = False) -> Node:
         """The node at ``path``.  Intermediate symlinks are followed inside the
         image; the last component only with ``follow``."""
-        comps = _components(path)
+        comps = components(path)
         node, stack = self.root, []
         links = 0
         queue = list(comps)
@@ -249,7 +229,7 @@ class ImageFS:
                     raise FSError(errno.ELOOP, path)
                 if child.linkname.startswith("/"):
                     node, stack = self.root, []
-                queue = _components(child.linkname) + queue
+                queue = components(child.linkname) + queue
                 continue
             stack.append(node)
             node = child
