@@ -269,6 +269,9 @@ def _repair(store: Store, report: VerifyReport) -> None:
             report.repaired.append(ref)
         except ConvstoreError as err:
             report.not_repaired[ref] = str(err)
-            now = store.clock()
-            store.update_entry(ImageRef.parse(ref), lambda c, err=err: c.transition(
-                FAILED, f"cannot repair: {err}", now) if c and c.complete else c)
+            now, why = store.clock(), f"cannot repair: {err}"
+
+            def fail(c: CatalogEntry | None) -> CatalogEntry | None:
+                return c.transition(FAILED, why, now) if c and c.complete else c
+
+            store.update_entry(ImageRef.parse(ref), fail)

@@ -34,7 +34,8 @@ def components(path: str) -> list[str]:
 def resolve_dir(root: T, comps: list[str], step: Callable[[T, str], Step]) -> T:
     """Walk ``comps`` from ``root``; ``step(dir, name)`` says what ``name`` is
     in ``dir`` (creating a missing directory is the step's business)."""
-    node, stack = root, []
+    node: T = root
+    stack: list[T] = []
     queue = list(comps)
     links = 0
     while queue:
@@ -51,12 +52,13 @@ def resolve_dir(root: T, comps: list[str], step: Callable[[T, str], Step]) -> T:
             links += 1
             if links > MAX_LINKS:
                 raise RootEscape("/".join(comps))
-            if val.startswith("/"):
+            target = str(val)
+            if target.startswith("/"):
                 node, stack = root, []
-            queue = components(val) + queue
+            queue = components(target) + queue
             continue
         if kind == "notdir":
             raise NotADirectory(c)
         stack.append(node)
-        node = val
+        node = val  # type: ignore[assignment]
     return node

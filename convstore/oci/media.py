@@ -154,10 +154,10 @@ def open_decompressed(raw: BinaryIO, compression: str, what: str) -> BinaryIO:
     """A streaming reader of the decompressed layer.  gzip runs on isal in its
     own thread (multi-member aware); zstd reads across frames."""
     if compression == "gzip":
-        return _ErrorMapping(igzip_threaded.open(raw, "rb", threads=1, block_size=1 << 20), what)  # type: ignore[arg-type]
+        return _ErrorMapping(igzip_threaded.open(raw, "rb", threads=1, block_size=1 << 20), what)  # type: ignore
     if compression == "zstd":
         d = zstandard.ZstdDecompressor()
-        return _ErrorMapping(d.stream_reader(raw, read_size=1 << 20, read_across_frames=True), what)  # type: ignore[arg-type]
+        return _ErrorMapping(d.stream_reader(raw, read_size=1 << 20, read_across_frames=True), what)  # type: ignore
     if compression == "none":
         return raw
     raise UnsupportedMediaType(f"unsupported compression {compression!r}")

@@ -5,6 +5,7 @@ pool, counters, and start-up profile recording."""
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import threading
 import time
@@ -110,7 +111,7 @@ class ChunkFetcher:
         if fut is None:
             fut = self._pool.submit(self._load, idx)
             self._inflight[idx] = fut
-            fut.add_done_callback(lambda f, i=idx: self._done(i, f))
+            fut.add_done_callback(functools.partial(self._done, idx))
         return fut
 
     def prefetch(self, idx: int) -> None:

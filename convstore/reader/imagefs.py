@@ -210,7 +210,8 @@ class ImageFS:
         """The node at ``path``.  Intermediate symlinks are followed inside the
         image; the last component only with ``follow``."""
         comps = components(path)
-        node, stack = self.root, []
+        node = self.root
+        stack: list[Node] = []
         links = 0
         queue = list(comps)
         while queue:

@@ -47,7 +47,7 @@ from .base import ObjectStore
 
 log = logging.getLogger(__name__)
 
-EMPTY_CONFIG = {"mediaType": "application/vnd.oci.empty.v1+json",
+EMPTY_CONFIG: dict[str, Any] = {"mediaType": "application/vnd.oci.empty.v1+json",
                 "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a", "size": 2}
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 AT_OBJECT = "application/vnd.convstore.object.v1"
@@ -165,7 +165,7 @@ class RegistryClient:
 
     def put_manifest(self, repo: str, ref: str, body: bytes, media_type: str = OCI_MANIFEST) -> None:
         if repo not in self._empty_done:  # artifacts name the empty config; the registry wants it present
-            self.put_blob(repo, b"{}", EMPTY_CONFIG["digest"])
+            self.put_blob(repo, b"{}", str(EMPTY_CONFIG["digest"]))
             self._empty_done.add(repo)
         self._req("PUT", f"{self.base}/{repo}/manifests/{ref}", (201,), data=body,
                   headers={"Content-Type": media_type})
