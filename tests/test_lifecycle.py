@@ -182,7 +182,10 @@ def test_gc_waits_for_a_pack_in_progress(tmp_path, cstore):
     src, fifo, tar = _fifo_source(tmp_path, "slow")
     t = threading.Thread(target=lambda: cstore.pack(f"oci:{src}", "slow:1"))
     t.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while not _exists(cstore, "slow:1"):  # PENDING: the pack holds the gc lock shared
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     done = []
     g = threading.Thread(target=lambda: done.append(cstore.gc()))
     g.start()
