@@ -10,10 +10,13 @@ nothing visible, and re-running it sends only what is still missing.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+from .catalog import CatalogEntry
+from .manifest import Manifest
 from .progress import NoProgress, Progress
 from .refs import ImageRef
 from .store import Store
@@ -39,6 +42,14 @@ def copy_image(src: Store, dst: Store, ref: str, dst_ref: str | None = None, *, 
     target = ImageRef.parse(dst_ref) if dst_ref else entry.ref
     if target.name != manifest.name:
         manifest.name, manifest.tag = target.name, target.tag
+    # like a pack, a copy into a local store relies on chunks it finds there: gc waits for it
+    gc_lock = dst.objects.lock("gc", shared=True) if dst.objects.supports_locking else contextlib.nullcontext()
+    with gc_lock:
+        return _copy(src, dst, entry, manifest, target, workers, progress, t0)
+
+
+def _copy(src: Store, dst: Store, entry: CatalogEntry, manifest: Manifest, target: ImageRef, workers: int,
+          progress: Progress, t0: float) -> CopyResult:
     cids = list(dict.fromkeys(c.cid for c in manifest.chunks))
     missing = [c for c in cids if not dst.objects.has("chunks/" + c.hex())]
     sizes = {c.cid: c.size for c in manifest.chunks}

@@ -22,6 +22,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    """Wait until ``proc`` accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.05)
+
+
 class SoftHSM:
     """A token in a private directory with non-extractable AES-256 keys."""
 
@@ -84,15 +97,7 @@ class MotoKMS:
         os.environ.update(self.env)
         self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.1)
+        wait_for_port(self.port, self.proc, "moto_server")
         import boto3
 
         self.kms = boto3.client("kms", endpoint_url=self.endpoint, region_name="us-east-1")
@@ -129,15 +134,7 @@ class Registry:
     def start(self) -> None:
         self.proc = subprocess.Popen([self.exe, "serve", str(self.root / "config.yml")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("docker-registry did not start") from None
-                time.sleep(0.05)
+        wait_for_port(self.port, self.proc, "docker-registry")
 
     def kill(self) -> None:
         if self.proc is not None:

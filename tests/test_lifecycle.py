@@ -250,3 +250,28 @@ def test_gc_cleans_dead_writers_leftovers(tmp_path, cstore):
     assert r.other_files_removed == 2
     assert not os.path.exists(old) and not os.path.exists(orphan) and os.path.exists(fresh)
     assert cstore.verify().clean
+
+
+def test_gc_waits_for_a_copy_into_the_store(tmp_path, cstore, keyfile):
+    """A pull relies on chunks it found in the destination: gc must not sweep
+    them before the pulled image is published."""
+    from convstore.stores.slow import SlowStore
+    from convstore.transfer import copy_image
+
+    shared = [Entry("shared", data=os.urandom(400_000))]
+    src = convstore.Store.open(str(tmp_path / "src-store"), f"file:{keyfile}")
+    src.pack(f"oci:{shared_and_own(tmp_path, 'a', shared)}", "a:1")
+    cstore.pack(f"oci:{shared_and_own(tmp_path, 'b', shared)}", "b:1")
+    cstore.rm("b:1")  # the shared chunks are now garbage in the destination, until a:1 arrives
+    slow = src.with_objects(SlowStore(src.objects, 0.05, 1e9))
+    order = []
+    t = threading.Thread(target=lambda: (copy_image(slow, cstore, "a:1"), order.append("copy")))
+    t.start()
+    time.sleep(0.2)
+    g = threading.Thread(target=lambda: (cstore.gc(), order.append("gc")))
+    g.start()
+    t.join(60)
+    g.join(60)
+    assert order == ["copy", "gc"]
+    assert cstore.verify().clean
+    cstore.unpack_oci("a:1", f"oci:{tmp_path / 'out'}")
