@@ -54,6 +54,16 @@ class PackResult:
         return dict(self.__dict__)
 
 
+def _intern(ident: ChunkIdentity, table: list[ChunkIdentity], index: dict[bytes, int]) -> tuple[int, bool]:
+    """The chunk's position in the image's chunk table, and whether it is new there."""
+    i = index.get(ident.cid)
+    if i is not None:
+        return i, False
+    i = index[ident.cid] = len(table)
+    table.append(ident)
+    return i, True
+
+
 class _ChunkSink:
     """Hands chunks to the pool and collects their identities in order."""
 
@@ -90,14 +100,11 @@ class _ChunkSink:
 
     def _collect(self, fut: Future[tuple[ChunkIdentity, int]]) -> None:
         ident, stored = fut.result()
-        i = self._index.get(ident.cid)
-        if i is None:
-            i = self._index[ident.cid] = len(self._table)
-            self._table.append(ident)
-            if stored >= 0:  # counted once, even when two copies were in flight together
-                self.new_chunks += 1
-                self.new_plain += ident.size
-                self.new_stored += stored
+        i, first = _intern(ident, self._table, self._index)
+        if first and stored >= 0:  # counted once, even when two copies were in flight together
+            self.new_chunks += 1
+            self.new_plain += ident.size
+            self.new_stored += stored
         self.layer_chunks.append(i)
 
     def drain(self) -> None:
@@ -240,13 +247,6 @@ def _reuse_layer(found: tuple[Manifest, LayerRecord], desc: LayerDescriptor, tab
                  index: dict[bytes, int]) -> LayerRecord:
     """Copy a stored layer's record into this image, renumbering its chunks."""
     m, old = found
-    chunks = array("I")
-    for j in old.chunks:
-        ident = m.chunks[j]
-        i = index.get(ident.cid)
-        if i is None:
-            i = index[ident.cid] = len(table)
-            table.append(ident)
-        chunks.append(i)
+    chunks = array("I", (_intern(m.chunks[j], table, index)[0] for j in old.chunks))
     return LayerRecord(desc.media_type, desc.digest, desc.size, desc.diff_id, old.uncompressed_size,
                        old.content_size, old.meta, old.segments, chunks, old.entries, desc.annotations)

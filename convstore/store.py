@@ -185,9 +185,13 @@ class Store:
         self._domains[name] = d
         return d
 
-    def _domain_record(self, name: str) -> dict[str, Any]:
+    @staticmethod
+    def _check_domain_name(name: str) -> None:
         if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
             raise InvalidReference(f"invalid domain name {name!r}")
+
+    def _domain_record(self, name: str) -> dict[str, Any]:
+        self._check_domain_name(name)
         rec = _json(self.objects.get(f"domains/{name}"), f"domain {name}")
         if rec.get("format") != "convstore-domain" or rec.get("version") != DOMAIN_VERSION:
             raise StoreFormatError(f"domain record {name} has an unsupported format or version")
@@ -198,8 +202,7 @@ class Store:
         return self._create_domain(name)[0]
 
     def _create_domain(self, name: str, exist_ok: bool = False) -> tuple[dict[str, Any], bytes | None]:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
-            raise InvalidReference(f"invalid domain name {name!r}")
+        self._check_domain_name(name)
         now = _now()
         rec: dict[str, Any] = {"format": "convstore-domain", "version": DOMAIN_VERSION, "name": name, "epoch": 1,
                                "id": uuid.uuid4().hex, "key_id": self.key.key_id, "created": now,

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .base import ObjectStore
+from .local import append_line
 
 IMMUTABLE = ("chunks/", "manifests/")
 
@@ -170,10 +171,4 @@ class CachedStore(ObjectStore):
 
     def append_line(self, key: str, line: str) -> None:
         """Logs (the key audit) are kept locally, beside the cache."""
-        p = os.path.join(self.dir, key)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, (line.replace("\n", " ") + "\n").encode())
-        finally:
-            os.close(fd)
+        append_line(os.path.join(self.dir, key), line)

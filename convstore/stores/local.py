@@ -37,6 +37,16 @@ def _cid(key: str) -> bytes:
     return cid
 
 
+def append_line(path: str, line: str) -> None:
+    """One ``write`` with O_APPEND: lines from several processes never interleave."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (line.replace("\n", " ") + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def _valid_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in key:
@@ -158,15 +168,7 @@ class LocalStore(ObjectStore):
         self.packs.abort()
 
     def append_line(self, key: str, line: str) -> None:
-        """One ``write`` with O_APPEND: lines from several processes never interleave."""
-        path = self.path(key)
-        self._ensure_dir(os.path.dirname(path))
-        data = (line.replace("\n", " ") + "\n").encode()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+        append_line(self.path(key), line)
 
     @contextlib.contextmanager
     def lock(self, name: str, shared: bool = False) -> Iterator[None]:

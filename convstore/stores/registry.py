@@ -32,7 +32,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import struct
 import threading
@@ -211,12 +210,10 @@ class RegistryStore(ObjectStore):
     supports_ranges = True
     supports_locking = False
 
-    def __init__(self, url: str, insecure: bool = False, username: str | None = None, password: str | None = None,
-                 workers: int = 8):
+    def __init__(self, url: str, insecure: bool = False, username: str | None = None, password: str | None = None):
         self.url = url
         host, self.repo = parse_store_url(url)
         self.client = RegistryClient(host, insecure, username, password)
-        self.workers = workers
         self._lock = threading.Lock()
         self._chunks: dict[bytes, tuple[str, int, int]] = {}  # cid -> (pack digest, offset, length)
         self._pending: dict[bytes, tuple[int, int]] = {}  # cid -> (offset, length) in _pack
@@ -422,12 +419,3 @@ class RegistryStore(ObjectStore):
 
     def append_line(self, key: str, line: str) -> None:
         log.info("audit %s", line)  # a registry has no append; the local store keeps the audit log
-
-
-def registry_credentials(username: str | None, password_stdin: bool) -> tuple[str | None, str | None]:
-    import sys
-
-    if password_stdin:
-        pw = sys.stdin.readline().rstrip("\n")
-        return username or os.environ.get("CONVSTORE_REGISTRY_USER"), pw
-    return username, os.environ.get("CONVSTORE_REGISTRY_PASSWORD") if username else None
