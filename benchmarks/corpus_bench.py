@@ -16,13 +16,13 @@ import convstore
 from convstore.oci.sources import layer_stream, parse_source
 
 CORPUS_DIR = Path(os.environ.get("CONVSTORE_CORPUS", Path.home() / ".cache" / "convstore-corpus"))
-SHARED = Path(os.environ.get("CONVSTORE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+BUILDER = Path(__file__).resolve().parents[1] / "scripts" / "build_images.py"
 IMAGES = ["base", "app1", "app2", "app1-rebuilt", "base-prev"]
 
 
 def ensure_corpus() -> None:
     if not all((CORPUS_DIR / i / "index.json").exists() for i in IMAGES):
-        subprocess.run(["bash", str(SHARED / "corpus" / "build-corpus.sh"), str(CORPUS_DIR)], check=True)
+        subprocess.run([sys.executable, str(BUILDER), "--out", str(CORPUS_DIR)], check=True)
 
 
 def uncompressed_layers(workdir: Path, images: list[str]) -> list[Path]:

@@ -14,7 +14,7 @@ import convstore
 sys.path.insert(0, os.path.dirname(__file__))
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("CONVSTORE_SHARED", REPO.parent / "shared"))
+BUILDER = REPO / "scripts" / "build_images.py"
 CORPUS_DIR = Path(os.environ.get("CONVSTORE_CORPUS", Path.home() / ".cache" / "convstore-corpus"))
 CORPUS_IMAGES = ["base", "app1", "app2", "app1-rebuilt", "base-prev"]
 
@@ -47,13 +47,15 @@ def run_cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.C
 
 @pytest.fixture(scope="session")
 def corpus() -> dict:
-    """The real five-image corpus, built (idempotently) if needed."""
-    script = SHARED / "corpus" / "build-corpus.sh"
+    """The real five-image corpus, built by the project's own builder on first use (about 2 minutes)."""
     meta = CORPUS_DIR / "corpus.json"
     if not all((CORPUS_DIR / i / "index.json").exists() for i in CORPUS_IMAGES) or not meta.exists():
-        if not script.exists():
-            pytest.fail(f"corpus missing and {script} not found (set CONVSTORE_SHARED)")
-        subprocess.run(["bash", str(script), str(CORPUS_DIR)], check=True, timeout=1200)
+        p = subprocess.run([sys.executable, str(BUILDER), "--out", str(CORPUS_DIR)], timeout=1800,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+            pytest.fail(f"cannot build the corpus ({last}); build it with: sudo python3 {BUILDER.relative_to(REPO)}",
+                        pytrace=False)
     with open(meta) as f:
         return json.load(f)
 

@@ -87,7 +87,7 @@ class MotoKMS:
     """``moto_server`` on 127.0.0.1 as the KMS endpoint, stopped by its PID."""
 
     def __init__(self) -> None:
-        exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+        exe = str(Path(sys.executable).parent / "moto_server")  # the one of this venv, never a stray copy
         if not os.path.exists(exe):
             pytest.fail("moto[server] is not installed; scripts/setup.sh installs it")
         self.port = free_port()
