@@ -25,7 +25,7 @@ from typing import Any
 from .errors import CorruptObject, StoreFormatError
 from .refs import ImageRef
 
-REF_VERSION = 1
+REF_VERSION = 2  # 2: MAC-authenticated (convstore.authmeta), with seq
 PENDING, ACTIVE, INACTIVE, FAILED = "pending", "active", "inactive", "failed"
 STATES = (PENDING, ACTIVE, INACTIVE, FAILED)
 HISTORY = 20
@@ -68,6 +68,8 @@ class CatalogEntry:
     last_read: float = 0.0
     pending: dict[str, Any] | None = None
     history: tuple[dict[str, Any], ...] = ()
+    #: grows with every write of this entry (rollback protection, convstore.trust)
+    seq: int = 0
 
     @property
     def complete(self) -> bool:
@@ -86,7 +88,7 @@ class CatalogEntry:
                 "wrapped_key": base64.b64encode(self.wrapped_key).decode() if self.wrapped_key else None,
                 "created": self.created, "source": self.source, "logical_bytes": self.logical_bytes,
                 "layers": self.layers, "last_read": self.last_read, "pending": self.pending,
-                "history": list(self.history)}
+                "history": list(self.history), "seq": self.seq}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CatalogEntry:
@@ -102,7 +104,7 @@ class CatalogEntry:
                        base64.b64decode(d["wrapped_key"]) if d.get("wrapped_key") else None,
                        d.get("created", ""), d.get("source", ""), int(d.get("logical_bytes", 0)),
                        int(d.get("layers", 0)), float(d.get("last_read", 0)), d.get("pending"),
-                       tuple(d.get("history") or ()))
+                       tuple(d.get("history") or ()), int(d.get("seq", 0)))
         except (KeyError, ValueError, TypeError):
             raise CorruptObject("catalog entry is malformed") from None
 

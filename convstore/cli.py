@@ -18,6 +18,7 @@ from rich.table import Table
 
 from .errors import ConvstoreError
 from .oci.media import COMPRESSIONS
+from .options import StoreOptions
 from .store import Store
 
 app = typer.Typer(
@@ -43,6 +44,7 @@ class _State:
     password_stdin: bool = False
     cache: str | None = None
     cache_size: float = 2048.0
+    allow_rollback: bool = False
 
 
 state = _State()
@@ -70,6 +72,8 @@ def _global(
     inactive_after: Optional[str] = typer.Option(None, "--inactive-after", metavar="DURATION",
                                                  help="Unread this long, an image is INACTIVE (e.g. 14d, 12h) "
                                                       "[default: $CONVSTORE_INACTIVE_AFTER or 14d]"),
+    allow_rollback: bool = typer.Option(False, "--allow-rollback",
+                                        help="Accept a tag or domain older than one this client has seen"),
 ) -> None:
     state.store_path = store
     state.key_spec = key
@@ -79,6 +83,7 @@ def _global(
     state.kms_endpoint = kms_endpoint
     state.insecure, state.username, state.password_stdin = insecure, username, password_stdin
     state.cache, state.cache_size = cache, cache_size
+    state.allow_rollback = allow_rollback
     spec = inactive_after or os.environ.get("CONVSTORE_INACTIVE_AFTER")
     state.inactive_after = _duration(spec) if spec else None
 
@@ -93,62 +98,31 @@ def _duration(spec: str) -> float:
         raise typer.BadParameter(f"bad duration {spec!r} (use e.g. 30s, 12h, 14d)") from None
 
 
-def _clock() -> Any:
-    """The wall clock, or $CONVSTORE_NOW (epoch seconds) for tests and what-if runs."""
-    import time as _t
-
-    now = os.environ.get("CONVSTORE_NOW")
-    if now:
-        fixed = float(now)
-        return lambda: fixed
-    return _t.time
-
-
 _password: list[str | None] = []
 
 
-def _registry_kw(url: str | None) -> dict[str, Any]:
-    """Connection settings for an oci:// store (the password is read once)."""
-    if not url or not url.startswith("oci://"):
-        return {}
-    if state.password_stdin and not _password:
-        _password.append(sys.stdin.readline().rstrip("\n"))
-    return {"insecure": state.insecure, "username": state.username,
-            "password": _password[0] if _password else None, "cache_dir": state.cache,
-            "cache_bytes": int(state.cache_size * 1e6)}
+def _options(url: str | None) -> StoreOptions:
+    """The store options the global flags describe (the registry password is read once)."""
+    reg: dict[str, Any] = {}
+    if url and url.startswith("oci://"):
+        if state.password_stdin and not _password:
+            _password.append(sys.stdin.readline().rstrip("\n"))
+        reg = {"insecure": state.insecure, "username": state.username,
+               "password": _password[0] if _password else None, "cache_dir": state.cache,
+               "cache_bytes": int(state.cache_size * 1e6)}
+    now = os.environ.get("CONVSTORE_NOW")  # a fixed clock (epoch seconds) for tests and what-if runs
+    return StoreOptions(path=url, key=state.key_spec, kms_endpoint=state.kms_endpoint,
+                        inactive_after=state.inactive_after, latency_ms=state.latency_ms,
+                        bandwidth_mbps=state.bandwidth_mbps, allow_rollback=state.allow_rollback,
+                        now=float(now) if now else None, **reg)
 
 
-def _open(url: str | None, **kw: Any) -> Store:
-    return Store.open(url, state.key_spec, kms_endpoint=state.kms_endpoint, **_registry_kw(url), **kw)
+def _open(url: str | None) -> Store:
+    return _options(url).open()
 
 
 def _store() -> Store:
-    kw: dict[str, Any] = {"clock": _clock()}
-    if state.inactive_after is not None:
-        kw["inactive_after"] = state.inactive_after
-    s = _open(state.store_path, **kw)
-    if state.latency_ms or state.bandwidth_mbps:
-        from .stores.slow import SlowStore
-
-        s = s.with_objects(SlowStore(s.objects, state.latency_ms / 1e3, (state.bandwidth_mbps or 1e6) * 1e6))
-    return s
-
-
-def _global_args() -> list[str]:
-    args = []
-    if state.store_path:
-        args += ["--store", state.store_path]
-    if state.key_spec:
-        args += ["--key", state.key_spec]
-    if state.latency_ms:
-        args += ["--simulate-latency", str(state.latency_ms)]
-    if state.bandwidth_mbps:
-        args += ["--simulate-bandwidth", str(state.bandwidth_mbps)]
-    if state.inactive_after is not None:
-        args += ["--inactive-after", str(state.inactive_after)]
-    if state.kms_endpoint:
-        args += ["--kms-endpoint", state.kms_endpoint]
-    return args
+    return _open(state.store_path)
 
 
 def _print_fetch_stats(stats: dict[str, Any], extra: str = "") -> None:
@@ -369,13 +343,9 @@ def audit(since: Optional[str] = typer.Option(None, "--since", metavar="ISO-TIME
           image: Optional[str] = typer.Option(None, "--image", metavar="NAME"),
           json_out: bool = typer.Option(False, "--json", help="Print JSON lines")) -> None:
     """Show every use of the master key recorded in the store's audit log."""
-    from .keys.audit import read_audit
-    from .store import default_store_path
-    from .stores.local import LocalStore
+    from .store import read_audit_log
 
-    # reading the log needs no key
-    recs = read_audit(LocalStore(os.path.abspath(os.path.expanduser(state.store_path or default_store_path()))),
-                      since, image)
+    recs = read_audit_log(_options(state.store_path), since, image)  # reading the log needs no key
     if json_out:
         for r in recs:
             sys.stdout.write(json.dumps(r, sort_keys=True) + "\n")
@@ -532,9 +502,11 @@ def mount(
     if not os.path.isdir(mountpoint):
         raise typer.BadParameter(f"{mountpoint} is not a directory")
     if background:
-        p = subprocess.Popen([sys.executable, "-m", "convstore.cli", *_global_args(), "mount", ref, mountpoint],
-                             start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+        from .worker import spawn
+
+        # library code in a child that inherits the store options on a pipe (a PIN never reaches argv)
+        p = spawn({"op": "mount", "ref": ref, "mountpoint": os.path.abspath(mountpoint)},
+                  _options(state.store_path), stderr=subprocess.PIPE)
         deadline = _t.monotonic() + 30
         while not os.path.ismount(mountpoint):
             if p.poll() is not None:

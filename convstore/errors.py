@@ -19,6 +19,8 @@ key material.
     │   ├── ImageFailed        source gone or key denied
     │   ├── ChunkMissing       a chunk the manifest names is absent
     │   ├── CorruptObject      an object fails authentication or its hash
+    │   │   └── TamperedObject a metadata object was edited, renamed, moved or forged
+    │   ├── RollbackDetected   a tag or domain went back to a version older than this client saw
     │   └── StoreFormatError   unknown or future on-disk format version
     ├── KeyProviderError       key provider failures
     │   ├── KeyAccessDenied    the provider refuses (wrong key, revoked, moved wrapped key)
@@ -86,6 +88,17 @@ class ChunkMissing(StoreError):
 
 class CorruptObject(StoreError):
     """A stored object fails authentication, or decrypts to the wrong bytes."""
+
+
+class TamperedObject(CorruptObject):
+    """A metadata object (catalog entry, domain record, layer-index record)
+    fails authentication under the store's metadata key: it was edited, or
+    moved from another name, domain or store, or written without the key."""
+
+
+class RollbackDetected(StoreError):
+    """A catalog entry or domain record is older than one this client has
+    already seen (a store writer put back an old version)."""
 
 
 class StoreFormatError(StoreError):

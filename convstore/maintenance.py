@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, CatalogEntry, pid_alive
-from .crypto import decrypt_chunk
-from .errors import ConvstoreError, CorruptObject, KeyAccessDenied, StoreError
+from .errors import ChunkMissing, ConvstoreError, KeyAccessDenied, StoreError
 from .oci.sources import parse_source
 from .refs import ImageRef
 from .store import Store
@@ -119,7 +118,7 @@ def gc(store: Store, dry_run: bool = False) -> GCReport:
         keep_manifests: set[str] = set()
         reclaimed: list[str] = []
         n_live = 0
-        for e in store.complete_images():
+        for e in store.complete_images(strict=True):  # an entry that fails authentication stops gc
             keep_manifests.add(e.manifest_digest.split(":", 1)[1])  # type: ignore[union-attr]
             if e.state == INACTIVE:
                 reclaimed.append(str(e.ref))
@@ -127,15 +126,16 @@ def gc(store: Store, dry_run: bool = False) -> GCReport:
             m = store.load_manifest(e)
             n_live += 1
             live.update(c.cid for c in m.chunks)
-        all_chunks = [k for k in objects.list("chunks")]
-        doomed = [k for k in all_chunks if bytes.fromhex(k.split("/", 1)[1]) not in live]
-        chunk_bytes = sum(objects.size(k) for k in doomed)
+        all_chunks = list(store.chunks.ids())
+        doomed = [c for c in all_chunks if c not in live]
+        chunk_bytes = sum(store.chunks.size(c) for c in doomed)
         dead_manifests = [k for k in objects.list("manifests") if k.split("/", 1)[1] not in keep_manifests]
         manifest_bytes = sum(objects.size(k) for k in dead_manifests)
         others = [k for k in objects.list("profiles") if k.split("/", 1)[1] not in keep_manifests]
         others += _stale_layer_records(store, keep_manifests)
+        others += list(objects.list("quarantine"))
         if not dry_run:
-            objects.delete_many(doomed)
+            store.chunks.delete(doomed)
             objects.delete_many(dead_manifests + others)
             others_n = len(others) + _clean_tmp(store)
         else:
@@ -146,19 +146,17 @@ def gc(store: Store, dry_run: bool = False) -> GCReport:
 
 
 def _usage(store: Store) -> int:
-    return sum(store.objects.usage(p) for p in ("chunks", "manifests", "profiles", "layers"))
+    return store.chunks.usage() + sum(store.objects.usage(p) for p in ("manifests", "profiles", "layers"))
 
 
 def _stale_layer_records(store: Store, keep: set[str]) -> list[str]:
-    import json
-
+    """Layer-index records of removed images, and any that fail authentication."""
     out = []
-    for k in store.objects.list("layers"):
+    for k, rec in store.layer_records():
         try:
-            rec = json.loads(store.objects.get(k))
-            if rec["manifest"].split(":", 1)[1] not in keep:
+            if rec is None or rec["manifest"].split(":", 1)[1] not in keep:
                 out.append(k)
-        except (KeyError, ValueError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             out.append(k)
     return out
 
@@ -218,12 +216,20 @@ class VerifyReport:
         return d
 
 
-def verify(store: Store, ref: str | None = None, repair: bool = False, workers: int = 4) -> VerifyReport:
-    """Check that every chunk of every live image (or of ``ref``) is present,
-    decrypts, and holds the plaintext its manifest names."""
+def verify(store: Store, ref: str | None = None, repair: bool = False, workers: int = 4,
+           repair_from: Store | None = None) -> VerifyReport:
+    """Check that every catalog entry authenticates, and that every chunk of
+    every live image (or of ``ref``) is present, decrypts, and holds the
+    plaintext its manifest names.  A corrupt chunk is quarantined.  With
+    ``repair``, missing and corrupt chunks are copied from ``repair_from``
+    (another store holding them) where it can, and the images still affected
+    are re-packed from their authenticated source."""
     t0 = time.perf_counter()
-    entries = [store.entry(ref)] if ref else [e for e in store.complete_images() if e.state != INACTIVE]
     report = VerifyReport(0, 0)
+    if ref:
+        entries = [store.entry(ref)]
+    else:
+        entries = [e for e in store.images(problems=report.unreadable) if e.complete and e.state != INACTIVE]
     users: dict[bytes, list[str]] = {}
     idents: dict[bytes, Any] = {}
     for e in entries:
@@ -239,11 +245,11 @@ def verify(store: Store, ref: str | None = None, repair: bool = False, workers: 
 
     def check(cid: bytes) -> tuple[bytes, str | None]:
         try:
-            decrypt_chunk(store.objects.get("chunks/" + cid.hex()), idents[cid])
+            store.chunks.read(idents[cid])  # quarantines a corrupt chunk
             return cid, None
-        except KeyError:
+        except ChunkMissing:
             return cid, "missing"
-        except (CorruptObject, ConvstoreError):
+        except ConvstoreError:
             return cid, "corrupt"
 
     with ThreadPoolExecutor(workers) as pool:
@@ -254,15 +260,33 @@ def verify(store: Store, ref: str | None = None, repair: bool = False, workers: 
             elif problem == "corrupt":
                 report.corrupt[cid.hex()] = users[cid]
     if repair and not report.clean:
-        _repair(store, report)
+        _repair(store, report, idents, repair_from)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _repair(store: Store, report: VerifyReport) -> None:
-    """Drop corrupt chunks, then re-pack every affected image from its source."""
-    store.objects.delete_many(["chunks/" + cid for cid in report.corrupt])
-    for ref in report.affected:
+def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other: Store | None) -> None:
+    """Copy bad chunks from ``other`` where it holds good ones, then re-pack
+    every image still affected from its (authenticated) source."""
+    bad = {bytes.fromhex(h): imgs for h, imgs in (*report.missing.items(), *report.corrupt.items())}
+    store.chunks.delete([c for c in bad if store.chunks.has(c)])  # corrupt copies not already quarantined
+    authentic = {str(e.ref) for e in store.images()}
+    still = {r for r in report.unreadable if r in authentic}  # a tampered entry has no source to trust
+    copied: set[str] = set()
+    for cid, imgs in bad.items():
+        if other is not None:
+            try:
+                blob = other.chunks.blob(cid)
+                other.chunks.open(blob, idents[cid])  # only a copy that checks out against our manifest
+                store.chunks.put(cid, blob)
+                copied.update(imgs)
+                continue
+            except ConvstoreError:
+                pass
+        still.update(imgs)
+    store.chunks.flush()
+    report.repaired.extend(sorted(copied - still))
+    for ref in sorted(still):
         e = store.entry(ref)
         try:
             store.pack(e.source, ref, reuse_layers=False)

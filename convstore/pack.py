@@ -69,7 +69,7 @@ class _ChunkSink:
 
     def __init__(self, store: Store, domain_key: bytes, level: int, pool: ThreadPoolExecutor,
                  table: list[ChunkIdentity], index: dict[bytes, int], max_inflight: int):
-        self._objects = store.objects
+        self._chunks = store.chunks
         self._dkey = domain_key
         self._level = level
         self._pool = pool
@@ -86,11 +86,10 @@ class _ChunkSink:
         ident = identify_chunk(plain, self._dkey)
         if ident.cid in self._index:
             return ident, -1
-        key = "chunks/" + ident.cid.hex()
-        if self._objects.has(key):
+        if self._chunks.has(ident.cid):
             return ident, -1
         blob = encrypt_chunk(plain, ident, self._level)
-        self._objects.put(key, blob, durable=False)
+        self._chunks.put(ident.cid, blob)
         return ident, len(blob)
 
     def __call__(self, plain: bytes) -> None:

@@ -10,7 +10,6 @@ running it again.  Afterwards the old key is no longer needed.
 from __future__ import annotations
 
 import base64
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -42,6 +41,10 @@ def rekey(store: Store, new: KeyProvider) -> RekeyReport:
     new = new if isinstance(new, AuditedKeyProvider) else AuditedKeyProvider(new, store._audit)
     images = domains = layers = skipped = 0
 
+    # the metadata key (which authenticates every record below) is re-wrapped last, so that a rekey killed
+    # at any point is finished by running it again with the old key
+    store.unlock_metadata(new if store.metadata_key_id() == new.key_id else old)
+
     # domain secrets
     for k in list(store.objects.list("domains")):
         name = k.split("/", 1)[1]
@@ -53,11 +56,11 @@ def rekey(store: Store, new: KeyProvider) -> RekeyReport:
             ctx = store._domain_context(rec)
             secret = old.unwrap(base64.b64decode(rec["wrapped_secret"]), ctx)
             rec = dict(rec, key_id=new.key_id, wrapped_secret=base64.b64encode(new.wrap(secret, ctx)).decode())
-            store.objects.put(k, json.dumps(rec).encode())
+            store._write_domain(rec)
             domains += 1
 
     # catalog entries (one image version each)
-    for e in store.images():
+    for e in store.images(strict=True):  # never leave an entry behind under a key about to be dropped
         if not e.complete:
             continue
         moved = [False]
@@ -78,10 +81,9 @@ def rekey(store: Store, new: KeyProvider) -> RekeyReport:
             skipped += 1
 
     # layer-index records carry wrapped data keys too
-    for k in list(store.objects.list("layers")):
-        try:
-            rec = json.loads(store.objects.get(k))
-        except (KeyError, ValueError):
+    for k, rec in store.layer_records():
+        if rec is None:
+            store.objects.delete(k)  # fails authentication: a hint nobody may trust
             continue
         if rec.get("key_id") == new.key_id:
             skipped += 1
@@ -93,6 +95,8 @@ def rekey(store: Store, new: KeyProvider) -> RekeyReport:
             store.objects.delete(k)  # a stale hint: dropping it only costs a re-read
             continue
         rec.update(key_id=new.key_id, wrapped_key=base64.b64encode(new.wrap(dek, ctx)).decode())
-        store.objects.put(k, json.dumps(rec).encode(), durable=False)
+        store.put_layer_record(k, rec)
         layers += 1
+    store.objects.flush()
+    store.rewrap_metadata_key(old, new)
     return RekeyReport(old.key_id, new.key_id, images, domains, layers, skipped, time.perf_counter() - t0)

@@ -19,8 +19,7 @@ import re
 import os
 import time
 import socket
-import subprocess
-import sys
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -29,7 +28,9 @@ from typing import Any
 import platformdirs
 from blake3 import blake3
 
+from .authmeta import MetadataKey
 from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, CatalogEntry, iso, pid_alive
+from .chunks import Chunks
 from .crypto import domain_chunk_key, domain_layer_key, layer_index_name, seal, unseal
 from .errors import (
     ConvstoreError,
@@ -43,17 +44,23 @@ from .errors import (
     SourceNotFound,
     StoreError,
     StoreFormatError,
+    TamperedObject,
 )
 from .keys import KeyProvider, open_key
-from .keys.audit import AUDIT_LOG, AuditedKeyProvider, read_audit
+from .keys.audit import AUDIT_LOG, AuditedKeyProvider, parse_audit
 from .manifest import LayerRecord, Manifest
+from .options import StoreOptions
 from .refs import ImageRef
 from .stores.base import ObjectStore
 from .stores.local import LocalStore
+from .trust import TrustState, default_state_dir
+
+log = logging.getLogger("convstore")
 
 STORE_FORMAT = "convstore-store"
-STORE_VERSION = 1
-DOMAIN_VERSION = 1
+STORE_VERSION = 2  # 2: authenticated metadata (a metadata key wrapped in store.json)
+DOMAIN_VERSION = 2  # 2: MAC-authenticated
+LAYER_INDEX_VERSION = 2
 DEFAULT_DOMAIN = "default"
 DEFAULT_INACTIVE_AFTER = 14 * 86400.0
 READ_STAMP_INTERVAL = 3600.0  # last_read is written at most this often
@@ -62,6 +69,32 @@ READ_STAMP_INTERVAL = 3600.0  # last_read is written at most this often
 def default_store_path() -> str:
     """``$CONVSTORE_STORE``, else ``<user data dir>/convstore/store``."""
     return os.environ.get("CONVSTORE_STORE") or os.path.join(platformdirs.user_data_dir("convstore"), "store")
+
+
+def default_cache_dir(url: str) -> str:
+    """The local cache of the registry store at ``url``."""
+    return os.path.join(platformdirs.user_cache_dir("convstore"), "registry",
+                        hashlib.sha256(url.encode()).hexdigest()[:16])
+
+
+def read_audit_log(options: StoreOptions, since: str | None = None,
+                   image: str | None = None) -> list[dict[str, Any]]:
+    """The audit log of the store ``options`` name; reading it needs no key.
+    A local store keeps it inside; a registry store's clients each keep theirs
+    beside their cache (a registry has no append)."""
+    path = options.path
+    if path and path.startswith("oci://"):
+        log_path = os.path.join(options.cache_dir or default_cache_dir(path), AUDIT_LOG)
+    else:
+        log_path = os.path.join(os.path.abspath(os.path.expanduser(path or default_store_path())), AUDIT_LOG)
+    try:
+        with open(log_path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        if not os.path.isdir(os.path.dirname(os.path.dirname(log_path))):
+            raise StoreError(f"no store at {path or default_store_path()}") from None
+        return []
+    return parse_audit(data, since, image)
 
 
 def _now() -> str:
@@ -91,16 +124,29 @@ class Store:
     """A convstore image store.  Open with :meth:`Store.open`."""
 
     def __init__(self, objects: ObjectStore, key: KeyProvider, *, clock: Callable[[], float] = time.time,
-                 inactive_after: float = DEFAULT_INACTIVE_AFTER, key_cache_ttl: float = 300.0):
+                 inactive_after: float = DEFAULT_INACTIVE_AFTER, key_cache_ttl: float = 300.0,
+                 options: StoreOptions | None = None, state_dir: str | None = None, allow_rollback: bool = False):
         self.objects = objects
         self.key: KeyProvider = key if isinstance(key, AuditedKeyProvider) else \
             AuditedKeyProvider(key, self._audit, ttl=key_cache_ttl)
         self.clock = clock
         self.inactive_after = inactive_after
+        #: how this store was opened: what a background worker inherits
+        self.options = options or StoreOptions(path=getattr(objects, "root", None), key=self.key.spec)
         #: called with (source, ref) to start the re-pack of an INACTIVE image
         self.reactivator: Callable[[str, str], None] = self._spawn_repack
+        self._meta_key: MetadataKey | None = None
+        self._store_doc: dict[str, Any] = {}
         self.id = self._identity()
+        #: rollback protection: the newest versions this client has seen (see convstore.trust)
+        self.trust = TrustState(state_dir or options and options.state_dir or default_state_dir(), self.id,
+                                allow_rollback=allow_rollback)
         self._domains: dict[str, Domain] = {}
+
+    @property
+    def chunks(self) -> Chunks:
+        """The chunk seam: the one encrypt->store and fetch->decrypt->check path."""
+        return Chunks(self.objects)
 
     @classmethod
     def open_registry(cls, url: str, key: KeyProvider, *, insecure: bool = False, username: str | None = None,
@@ -112,8 +158,9 @@ class Store:
         from .stores.registry import RegistryStore
 
         remote = RegistryStore(url, insecure=insecure, username=username, password=password)
-        cache_dir = cache_dir or os.path.join(platformdirs.user_cache_dir("convstore"), "registry",
-                                              hashlib.sha256(url.encode()).hexdigest()[:16])
+        cache_dir = cache_dir or default_cache_dir(url)
+        kw.setdefault("options", StoreOptions(path=url, key=key.spec, insecure=insecure, username=username,
+                                              password=password, cache_dir=cache_dir, cache_bytes=cache_bytes))
         return cls(CachedStore(remote, cache_dir, cache_bytes), key, **kw)
 
     def with_objects(self, objects: ObjectStore) -> Store:
@@ -135,7 +182,31 @@ class Store:
         kp = getattr(provider, "path", None)
         if kp and os.path.commonpath([path, os.path.abspath(kp)]) == path:
             raise StoreError(f"the key file {kp} lies inside the store {path}: keep master keys apart from data")
+        kw.setdefault("options", StoreOptions(path=path, key=provider.spec,
+                                              kms_endpoint=kms_endpoint or getattr(provider, "endpoint", None)))
         return cls(LocalStore(path), provider, **kw)
+
+    @classmethod
+    def open_with(cls, options: StoreOptions) -> Store:
+        """Open the store ``options`` describe (what the CLI and background workers use)."""
+        kw: dict[str, Any] = {"options": options, "allow_rollback": options.allow_rollback}
+        if options.state_dir:
+            kw["state_dir"] = options.state_dir
+        if options.inactive_after is not None:
+            kw["inactive_after"] = options.inactive_after
+        if options.now is not None:
+            fixed = options.now
+            kw["clock"] = lambda: fixed
+        if options.path and options.path.startswith("oci://"):
+            kw.update(insecure=options.insecure, username=options.username, password=options.password,
+                      cache_dir=options.cache_dir, cache_bytes=options.cache_bytes)
+        s = cls.open(options.path, options.key, kms_endpoint=options.kms_endpoint, **kw)
+        if options.latency_ms or options.bandwidth_mbps:
+            from .stores.slow import SlowStore
+
+            s = s.with_objects(SlowStore(s.objects, options.latency_ms / 1e3,
+                                         (options.bandwidth_mbps or 1e6) * 1e6))
+        return s
 
     def __repr__(self) -> str:
         return f"<Store {self.objects!r} id={self.id}>"
@@ -149,21 +220,78 @@ class Store:
 
     def audit(self, since: str | None = None, image: str | None = None) -> list[dict[str, Any]]:
         """Audit records, optionally from an ISO time on, or for one image name."""
-        return read_audit(self.objects, since, image)
+        return read_audit_log(self.options, since, image)
 
     # -- identity -------------------------------------------------------
     def _identity(self) -> str:
+        """The store's id, from ``store.json`` (created with a new metadata key
+        on first use).  The id is authenticated indirectly: the metadata key is
+        wrapped under a context naming it, so a changed id cannot unwrap it."""
         try:
             doc = _json(self.objects.get("store.json"), "store.json")
         except KeyError:
-            doc = {"format": STORE_FORMAT, "version": STORE_VERSION, "id": uuid.uuid4().hex, "created": _now()}
+            sid = uuid.uuid4().hex
+            _mk, wrapped = self.key.generate(self._metadata_context(sid))
+            doc = {"format": STORE_FORMAT, "version": STORE_VERSION, "id": sid, "created": _now(),
+                   "metadata_key": {"key_id": self.key.key_id, "wrapped": base64.b64encode(wrapped).decode()}}
             if not self.objects.put("store.json", json.dumps(doc).encode(), exclusive=True):
                 doc = _json(self.objects.get("store.json"), "store.json")
+            else:
+                self._meta_key = MetadataKey(_mk)
         if doc.get("format") != STORE_FORMAT:
             raise StoreFormatError("not a convstore store (store.json has another format)")
+        if doc.get("version") == 1:
+            raise StoreFormatError("store format 1 predates authenticated metadata and is not supported by this "
+                                   "convstore: pack its images into a new store")
         if doc.get("version") != STORE_VERSION:
             raise StoreFormatError(f"store format version {doc.get('version')} is not supported by this convstore")
-        return str(doc["id"])
+        mk = doc.get("metadata_key")
+        if not isinstance(mk, dict) or not isinstance(mk.get("key_id"), str) or not isinstance(mk.get("wrapped"), str) \
+                or not isinstance(doc.get("id"), str):
+            raise CorruptObject("store.json is malformed")
+        self._store_doc = doc
+        return doc["id"]
+
+    @staticmethod
+    def _metadata_context(store_id: str) -> dict[str, str]:
+        return {"purpose": "metadata", "store": store_id}
+
+    def _meta(self) -> MetadataKey:
+        """The store's metadata key (unwrapped once per process, audited)."""
+        if self._meta_key is None:
+            self.unlock_metadata(self.key)
+        assert self._meta_key is not None
+        return self._meta_key
+
+    def metadata_key_id(self) -> str:
+        """The id of the master key the metadata key is wrapped under."""
+        return str(self._store_doc["metadata_key"]["key_id"])
+
+    def unlock_metadata(self, provider: KeyProvider) -> None:
+        """Unwrap the metadata key with ``provider`` (a rekey may need the new key for it)."""
+        mk = self._store_doc["metadata_key"]
+        if not hmac.compare_digest(mk["key_id"], provider.key_id):
+            raise KeyAccessDenied(f"the store's metadata key is sealed under master key {mk['key_id']}, but the "
+                                  f"key given is {provider.key_id}")
+        try:
+            raw = base64.b64decode(mk["wrapped"], validate=True)
+        except ValueError:
+            raise CorruptObject("store.json is malformed") from None
+        self._meta_key = MetadataKey(provider.unwrap(raw, self._metadata_context(self.id)))
+
+    def rewrap_metadata_key(self, old: KeyProvider, new: KeyProvider) -> bool:
+        """Re-wrap the metadata key under ``new`` (rekey); False if it already is."""
+        with self.objects.lock("store") if self.objects.supports_locking else contextlib.nullcontext():
+            doc = _json(self.objects.get("store.json"), "store.json")
+            mk = doc["metadata_key"]
+            if mk["key_id"] == new.key_id:
+                return False
+            ctx = self._metadata_context(self.id)
+            raw = old.unwrap(base64.b64decode(mk["wrapped"]), ctx)
+            doc["metadata_key"] = {"key_id": new.key_id, "wrapped": base64.b64encode(new.wrap(raw, ctx)).decode()}
+            self.objects.put("store.json", json.dumps(doc).encode())
+            self._store_doc = doc
+        return True
 
     # -- convergence domains ---------------------------------------------
     def domain(self, name: str = DEFAULT_DOMAIN) -> Domain:
@@ -191,11 +319,24 @@ class Store:
             raise InvalidReference(f"invalid domain name {name!r}")
 
     def _domain_record(self, name: str) -> dict[str, Any]:
+        """The authenticated record of domain ``name`` (KeyError if absent)."""
         self._check_domain_name(name)
-        rec = _json(self.objects.get(f"domains/{name}"), f"domain {name}")
+        data = self.objects.get(f"domains/{name}")
+        rec = self._meta().open("domain", f"domain {name}", data, f"domain record {name!r}")
         if rec.get("format") != "convstore-domain" or rec.get("version") != DOMAIN_VERSION:
             raise StoreFormatError(f"domain record {name} has an unsupported format or version")
+        if rec.get("name") != name or not isinstance(rec.get("epoch"), int):
+            raise TamperedObject(f"domain record {name!r} names another domain")
+        self.trust.check_domain(name, rec["epoch"])
         return rec
+
+    def _write_domain(self, rec: dict[str, Any], *, exclusive: bool = False) -> bool:
+        name = rec["name"]
+        ok = self.objects.put(f"domains/{name}", self._meta().sign("domain", f"domain {name}", rec),
+                              exclusive=exclusive)
+        if ok:
+            self.trust.check_domain(name, rec["epoch"])
+        return ok
 
     def create_domain(self, name: str) -> dict[str, Any]:
         """A new convergence domain with a fresh secret (epoch 1)."""
@@ -209,7 +350,7 @@ class Store:
                                "epochs": [{"epoch": 1, "created": now}]}
         secret, wrapped = self.key.generate(self._domain_context(rec))
         rec["wrapped_secret"] = base64.b64encode(wrapped).decode()
-        if not self.objects.put(f"domains/{name}", json.dumps(rec).encode(), exclusive=True):
+        if not self._write_domain(rec, exclusive=True):
             if exist_ok:
                 return self._domain_record(name), None
             raise StoreError(f"convergence domain {name!r} already exists")
@@ -229,14 +370,14 @@ class Store:
             rec["epochs"] = [*(rec.get("epochs") or []), {"epoch": rec["epoch"], "created": now}]
             _secret, wrapped = self.key.generate(self._domain_context(rec))
             rec["wrapped_secret"] = base64.b64encode(wrapped).decode()
-            self.objects.put(f"domains/{name}", json.dumps(rec).encode())
+            self._write_domain(rec)
         self._domains.pop(name, None)
         return rec
 
     def domains(self) -> list[dict[str, Any]]:
         out = []
         for k in sorted(self.objects.list("domains")):
-            rec = _json(self.objects.get(k), k)
+            rec = self._domain_record(k.split("/", 1)[1])
             out.append({k2: rec.get(k2) for k2 in ("name", "epoch", "id", "key_id", "created", "epochs")})
         return out
 
@@ -313,16 +454,36 @@ class Store:
         """Note where each layer of a published image lives (a cache: losing
         or staling a record only costs a full re-read of that layer)."""
         for i, layer in enumerate(manifest.layers):
-            rec = {"format": "convstore-layer-index", "version": 1, "manifest": digest, "image": manifest.name,
-                   "layer": i, "key_id": self.key.key_id, "wrapped_key": base64.b64encode(wrapped).decode()}
-            self.objects.put("layers/" + layer_index_name(domain.layer_key, layer.diff_id),
-                             json.dumps(rec).encode(), durable=False)
+            rec = {"format": "convstore-layer-index", "version": LAYER_INDEX_VERSION, "manifest": digest,
+                   "image": manifest.name, "layer": i, "key_id": self.key.key_id,
+                   "wrapped_key": base64.b64encode(wrapped).decode()}
+            self.put_layer_record("layers/" + layer_index_name(domain.layer_key, layer.diff_id), rec)
+
+    def put_layer_record(self, key: str, rec: dict[str, Any]) -> None:
+        self.objects.put(key, self._meta().sign("layer", key, rec), durable=False)
+
+    def layer_record(self, key: str) -> dict[str, Any]:
+        """An authenticated layer-index record (KeyError if absent, TamperedObject if forged)."""
+        rec = self._meta().open("layer", key, self.objects.get(key), f"layer-index record {key}")
+        if rec.get("format") != "convstore-layer-index" or rec.get("version") != LAYER_INDEX_VERSION:
+            raise StoreFormatError(f"layer-index record {key} has an unsupported format or version")
+        return rec
+
+    def layer_records(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """Every layer-index record: (key, record), or (key, None) if it fails authentication."""
+        for k in list(self.objects.list("layers")):
+            try:
+                yield k, self.layer_record(k)
+            except KeyError:
+                continue
+            except ConvstoreError:
+                yield k, None
 
     def find_layer(self, domain: Domain, diff_id: str) -> tuple[Manifest, LayerRecord] | None:
         """An already stored layer with this diff_id whose chunks are all
         present, or None."""
         try:
-            rec = _json(self.objects.get("layers/" + layer_index_name(domain.layer_key, diff_id)), "layer index")
+            rec = self.layer_record("layers/" + layer_index_name(domain.layer_key, diff_id))
             m = self._open_manifest(rec["manifest"], rec["image"], base64.b64decode(rec["wrapped_key"]),
                                     rec["key_id"], "layer index")
             layer = m.layers[rec["layer"]]
@@ -331,17 +492,23 @@ class Store:
         if (m.domain.get("id"), m.domain.get("epoch")) != (domain.public["id"], domain.public["epoch"]) \
                 or not hmac.compare_digest(layer.diff_id, diff_id):
             return None
-        if not all(self.objects.has("chunks/" + m.chunks[i].cid.hex()) for i in set(layer.chunks)):
+        if not all(self.chunks.has(m.chunks[i].cid) for i in set(layer.chunks)):
             return None
         return m, layer
 
     # -- catalog ----------------------------------------------------------
     def _read_entry(self, r: ImageRef) -> CatalogEntry | None:
+        """The authenticated entry of ``r``, bound to that name and tag, and
+        no older than the newest this client has seen; None if absent."""
         try:
             data = self.objects.get(r.key)
         except KeyError:
             return None
-        return CatalogEntry.from_json(_json(data, f"catalog entry {r}"))
+        e = CatalogEntry.from_json(self._meta().open("entry", f"ref {r}", data, f"catalog entry {r}"))
+        if e.ref != r:
+            raise TamperedObject(f"catalog entry {r} names another image ({e.ref})")
+        self.trust.check_entry(str(r), e.seq, e.manifest_digest)
+        return e
 
     def update_entry(self, ref: ImageRef | str,
                      change: Callable[[CatalogEntry | None], CatalogEntry | None]) -> CatalogEntry | None:
@@ -358,7 +525,10 @@ class Store:
                 if cur is not None:
                     self.objects.delete(r.key)
             elif new != cur:
-                self.objects.put(r.key, json.dumps(new.to_json(), indent=1).encode())
+                # seq grows with every write, and across rm + re-create (it starts from the clock)
+                new = replace(new, seq=max((cur.seq + 1) if cur else 0, int(time.time() * 1000)))
+                self.objects.put(r.key, self._meta().sign("entry", f"ref {r}", new.to_json()))
+                self.trust.check_entry(str(r), new.seq, new.manifest_digest)
             return new
 
     def entry(self, ref: ImageRef | str) -> CatalogEntry:
@@ -368,17 +538,28 @@ class Store:
             raise ImageNotFound(f"no image {r} in the store")
         return e
 
-    def images(self) -> list[CatalogEntry]:
+    def images(self, *, strict: bool = False, problems: dict[str, str] | None = None) -> list[CatalogEntry]:
+        """Every catalog entry.  One that fails authentication is skipped with
+        a warning (and noted in ``problems``), or with ``strict`` (what gc
+        uses) raises."""
         out = []
         for k in self.objects.list("refs"):
             try:
                 out.append(self.entry(ImageRef.from_key(k)))
-            except (ImageNotFound, ValueError, ConvstoreError):
+            except ImageNotFound:
+                continue
+            except (ValueError, ConvstoreError) as err:
+                if strict:
+                    raise StoreError(f"{err}; refusing to go on (remove it with convstore rm, or restore it)") \
+                        from None
+                log.warning("skipping %s: %s", k, err)
+                if problems is not None:
+                    problems[k.removeprefix("refs/")] = str(err)
                 continue
         return sorted(out, key=lambda e: (e.ref.name, e.ref.tag))
 
-    def complete_images(self) -> list[CatalogEntry]:
-        return [e for e in self.images() if e.complete]
+    def complete_images(self, *, strict: bool = False) -> list[CatalogEntry]:
+        return [e for e in self.images(strict=strict) if e.complete]
 
     # -- lifecycle ----------------------------------------------------------
     def begin_pack(self, ref: ImageRef, source: str) -> CatalogEntry:
@@ -484,16 +665,15 @@ class Store:
             self.reactivator(e.source, str(e.ref))
 
     def _spawn_repack(self, source: str, ref: str) -> None:
-        """Re-pack in a detached ``convstore pack`` process."""
-        root = getattr(self.objects, "root", None)
-        spec = getattr(self.key, "spec", None)
-        if root is None or spec is None:
-            raise StoreError(f"cannot reactivate {ref} from this store automatically: run convstore pack {source} {ref}")
-        endpoint = getattr(self.key, "endpoint", None)
-        extra = ["--kms-endpoint", endpoint] if endpoint else []
-        subprocess.Popen([sys.executable, "-m", "convstore.cli", "--quiet", "--store", root, "--key", spec, *extra,
-                          "pack", source, ref], start_new_session=True, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        """Re-pack in a detached worker process (library code; it inherits
+        this store's options on a pipe, never in argv).  ``source`` comes from
+        the authenticated catalog entry."""
+        from .worker import spawn
+
+        if self.options.key is None:
+            raise StoreError(f"cannot reactivate {ref} automatically (the key provider cannot be reopened in "
+                             f"another process): run convstore pack {source} {ref}")
+        spawn({"op": "pack", "source": source, "ref": ref}, self.options)
 
     def manifest(self, ref: ImageRef | str) -> Manifest:
         """The manifest of a readable image (goes through the read gate)."""

@@ -51,17 +51,17 @@ def copy_image(src: Store, dst: Store, ref: str, dst_ref: str | None = None, *, 
 def _copy(src: Store, dst: Store, entry: CatalogEntry, manifest: Manifest, target: ImageRef, workers: int,
           progress: Progress, t0: float) -> CopyResult:
     cids = list(dict.fromkeys(c.cid for c in manifest.chunks))
-    missing = [c for c in cids if not dst.objects.has("chunks/" + c.hex())]
+    missing = [c for c in cids if not dst.chunks.has(c)]
     sizes = {c.cid: c.size for c in manifest.chunks}
     progress.start(f"copying {entry.ref}", sum(sizes[c] for c in missing))
     sent = 0
 
     def copy(batch: list[bytes]) -> int:
-        blobs = src.objects.get_many(["chunks/" + c.hex() for c in batch])  # coalesced where the source can
+        blobs = src.chunks.blobs(batch)  # coalesced where the source can
         n = 0
         for cid in batch:
-            blob = blobs["chunks/" + cid.hex()]
-            dst.objects.put("chunks/" + cid.hex(), blob, durable=False)
+            blob = blobs[cid]
+            dst.chunks.put(cid, blob)
             progress.advance(sizes[cid])
             n += len(blob)
         return n

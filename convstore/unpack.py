@@ -21,8 +21,7 @@ from typing import Any, BinaryIO
 import zstandard
 from isal import igzip_threaded
 
-from .crypto import decrypt_chunk
-from .errors import ChunkMissing, ConvstoreError, CorruptLayer, DigestMismatch, InvalidReference, SourceError
+from .errors import ConvstoreError, CorruptLayer, DigestMismatch, InvalidReference, SourceError
 from .manifest import LayerRecord, Manifest
 from .oci import media
 from .progress import NoProgress, Progress
@@ -34,15 +33,11 @@ def iter_content(store: Store, manifest: Manifest, layer: LayerRecord, pool: Thr
                  lookahead: int = 16) -> Iterator[bytes]:
     """The layer's file-content stream, chunk by chunk, fetched and decrypted
     ``lookahead`` chunks ahead in ``pool``."""
-    objects = store.objects
+    chunks = store.chunks
+    what = f"image {manifest.name}:{manifest.tag}"
 
     def fetch(i: int) -> bytes:
-        ident = manifest.chunks[i]
-        try:
-            blob = objects.get("chunks/" + ident.cid.hex())
-        except KeyError:
-            raise ChunkMissing(f"image {manifest.name}:{manifest.tag}: chunk {ident.cid.hex()} is missing") from None
-        return decrypt_chunk(blob, ident)
+        return chunks.read(manifest.chunks[i], what)[0]
 
     q: deque[Future[bytes]] = deque()
     it = iter(layer.chunks)

@@ -19,6 +19,12 @@ CORPUS_DIR = Path(os.environ.get("CONVSTORE_CORPUS", Path.home() / ".cache" / "c
 CORPUS_IMAGES = ["base", "app1", "app2", "app1-rebuilt", "base-prev"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Rollback-protection state (convstore.trust) of this test session, not the user's."""
+    os.environ["CONVSTORE_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+
+
 @pytest.fixture
 def keyfile(tmp_path: Path) -> str:
     return str(tmp_path / "keys" / "master.key")

@@ -26,7 +26,7 @@ def cli(env, *args, crash_at=0):
 
 
 def check_consistent(root: str, keyfile: str) -> convstore.Store:
-    s = convstore.Store.open(root, f"file:{keyfile}")
+    s = convstore.Store.open(root, f"file:{keyfile}", state_dir=root + "-state")
     report = s.verify()
     assert report.clean, report.to_json()
     for e in s.images():
@@ -44,7 +44,9 @@ def sweep(tmp_path, base_store: str, env, keyfile, args, after=None):
     for n in range(1, MAX_POINTS):
         root = str(tmp_path / f"run{n}")
         shutil.copytree(base_store, root, symlinks=True)
-        e = dict(env, CONVSTORE_STORE=root)
+        # each copy of the base store is a new client's (its trust state would rightly call the copy of an
+        # older state of the same store a rollback)
+        e = dict(env, CONVSTORE_STORE=root, CONVSTORE_STATE_DIR=root + "-state")
         p = cli(e, *args, crash_at=n)
         if p.returncode == 0:
             shutil.rmtree(root)
@@ -121,7 +123,7 @@ def test_kill_rekey_at_every_step(tmp_path, base, keyfile):
     for n in range(1, MAX_POINTS):
         run_root = str(tmp_path / f"rk{n}")
         shutil.copytree(root, run_root)
-        e = dict(env, CONVSTORE_STORE=run_root)
+        e = dict(env, CONVSTORE_STORE=run_root, CONVSTORE_STATE_DIR=run_root + "-state")
         p = cli(e, "rekey", "--to", f"file:{new}", crash_at=n)
         if p.returncode == 0:
             break

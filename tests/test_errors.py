@@ -18,6 +18,7 @@ from convstore.errors import (
     InvalidReference,
     KeyAccessDenied,
     SourceNotFound,
+    TamperedObject,
     UnsupportedMediaType,
 )
 
@@ -148,8 +149,8 @@ def test_moved_wrapped_key_fails(tmp_path, store, good):
     a, b = store.entry("keep:1"), store.entry("other:1")
     doc = b.to_json()
     doc["wrapped_key"] = a.to_json()["wrapped_key"]
-    store.objects.put("refs/other:1", json.dumps(doc).encode())
-    with pytest.raises(KeyAccessDenied):
+    store.objects.put("refs/other:1", json.dumps(doc).encode())  # written without the master key: no valid MAC
+    with pytest.raises(TamperedObject):
         store.manifest("other:1")
 
 

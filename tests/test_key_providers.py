@@ -13,7 +13,7 @@ from conftest import run_cli
 from imagebuilder import Entry, make_tar, rich_layer, write_oci
 
 import convstore
-from convstore.errors import KeyAccessDenied, KeyNotFound, KeyProviderUnavailable
+from convstore.errors import KeyAccessDenied, KeyNotFound, KeyProviderUnavailable, TamperedObject
 from convstore.keys import open_key
 
 
@@ -67,8 +67,8 @@ def test_moved_wrapped_key_fails(tmp_path, softhsm, moto_kms, kind):
     s.pack(src_image(tmp_path, "b"), "b:1")
     a, b = s.entry("a:1").to_json(), s.entry("b:1").to_json()
     b["wrapped_key"] = a["wrapped_key"]
-    s.objects.put("refs/b:1", json.dumps(b).encode())
-    with pytest.raises(KeyAccessDenied):
+    s.objects.put("refs/b:1", json.dumps(b).encode())  # written without the master key: no valid MAC
+    with pytest.raises(TamperedObject):
         convstore.Store.open(str(tmp_path / "store"), spec).manifest("b:1")
 
 
@@ -144,14 +144,16 @@ def test_audit_one_record_per_key_use(tmp_path, cli_env):
     def log():
         return [json.loads(line) for line in run_cli(env, "audit", "--json").stdout.splitlines()]
 
+    meta = ("unwrap", "metadata", "")  # each process unwraps the store's metadata key once
     steps = [
-        (["pack", src, "img:1"], [("generate", "domain", ""), ("wrap", "manifest", "img")]),
-        (["pack", src, "img:2"], [("unwrap", "domain", ""), ("unwrap", "manifest", "img"),
+        (["pack", src, "img:1"], [("generate", "metadata", ""), ("generate", "domain", ""),
+                                  ("wrap", "manifest", "img")]),
+        (["pack", src, "img:2"], [meta, ("unwrap", "domain", ""), ("unwrap", "manifest", "img"),
                                   ("wrap", "manifest", "img")]),  # layer reuse opens img:1's manifest
-        (["unpack", "img:1", f"oci:{tmp_path / 'o'}"], [("unwrap", "manifest", "img")]),
-        (["inspect", "img:2"], [("unwrap", "manifest", "img")]),
-        (["images"], []),
-        (["domain", "rotate"], [("generate", "domain", "")]),
+        (["unpack", "img:1", f"oci:{tmp_path / 'o'}"], [meta, ("unwrap", "manifest", "img")]),
+        (["inspect", "img:2"], [meta, ("unwrap", "manifest", "img")]),
+        (["images"], [meta]),
+        (["domain", "rotate"], [meta, ("generate", "domain", "")]),
     ]
     seen = 0
     for args, expect in steps:
@@ -162,16 +164,18 @@ def test_audit_one_record_per_key_use(tmp_path, cli_env):
         for r in recs:
             assert r["outcome"] == "ok" and r["provider"] == "file" and r["key_id"].startswith("file:")
             assert r["pid"] and r["user"] and r["time"] and r["store"]
-    # a denied unwrap is a key use too: recorded with its outcome
-    s = convstore.Store.open(env["CONVSTORE_STORE"], f"file:{key}")
-    doc = s.entry("img:2").to_json()
-    doc["wrapped_key"] = s.entry("img:1").to_json()["wrapped_key"]
-    s.objects.put("refs/img:2", json.dumps(doc).encode())
+    # a denied unwrap is a key use too: recorded with its outcome (here: a damaged wrapped metadata key)
+    sj = tmp_path / "store" / "store.json"
+    doc = json.loads(sj.read_text())
+    wrapped = bytearray(base64.b64decode(doc["metadata_key"]["wrapped"]))
+    wrapped[-1] ^= 1
+    doc["metadata_key"]["wrapped"] = base64.b64encode(wrapped).decode()
+    sj.write_text(json.dumps(doc))
     p = run_cli(env, "unpack", "img:2", f"oci:{tmp_path / 'o2'}", check=False)
-    assert p.returncode == 1
+    assert p.returncode == 1 and "cannot unwrap" in p.stderr
     [rec] = log()[seen:]
-    assert (rec["op"], rec["outcome"], rec["image"]) == ("unwrap", "denied", "img") and "error" in rec
-    assert run_cli(env, "audit", "--image", "img").stdout.count("unwrap") == 4
+    assert (rec["op"], rec["outcome"], rec["purpose"]) == ("unwrap", "denied", "metadata") and "error" in rec
+    assert run_cli(env, "audit", "--image", "img").stdout.count("unwrap") == 3
 
 
 def test_key_material_never_logged(tmp_path, cli_env):
@@ -211,7 +215,7 @@ def test_unwrap_is_cached(tmp_path, store):
     for _ in range(5):
         with ImageFS.from_store(fresh, "img:1") as fs:
             fs.open("/f").read()
-    assert fresh.key.provider_calls == 1
+    assert fresh.key.provider_calls == 2  # the store's metadata key, then img:1's data key: once each
 
 
 def test_missing_extra_is_named(monkeypatch):

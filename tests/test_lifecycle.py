@@ -6,6 +6,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from conftest import run_cli
@@ -13,7 +14,7 @@ from imagebuilder import Entry, make_tar, rich_layer, write_oci
 
 import convstore
 from convstore.catalog import ACTIVE, FAILED, INACTIVE, PENDING
-from convstore.errors import ImageFailed, ImageInactive, ImagePending
+from convstore.errors import ImageFailed, ImageInactive, ImagePending, KeyAccessDenied
 
 DAY = 86400.0
 
@@ -91,11 +92,19 @@ def test_reactivation_of_vanished_source_fails(tmp_path, cstore, clock):
 def test_key_denied_is_failed(tmp_path, cstore, keyfile):
     src = shared_and_own(tmp_path, "a", [])
     cstore.pack(f"oci:{src}", "a:1")
+    # another master key cannot even authenticate the catalog: every read is refused, nothing changes
     other = convstore.Store.open(cstore.objects.root, f"file:{tmp_path / 'other.key'}")
-    [ch] = other.refresh()
+    with pytest.raises(KeyAccessDenied, match="metadata key is sealed under master key"):
+        other.manifest("a:1")
+    assert other.refresh() == [] and cstore.entry("a:1").state == ACTIVE
+    # the image's own data key denied (a KMS grant withdrawn for it alone): FAILED, and back with the key
+    e = cstore.entry("a:1")
+    cstore.update_entry("a:1", lambda c: replace(c, wrapped_key=bytes(len(e.wrapped_key))) if c else c)
+    [ch] = cstore.refresh()
     assert ch.new == FAILED and "key" in ch.reason
     with pytest.raises(ImageFailed):
-        other.manifest("a:1")
+        cstore.manifest("a:1")
+    cstore.update_entry("a:1", lambda c: replace(c, wrapped_key=e.wrapped_key) if c else c)
     [ch] = cstore.refresh()  # the right key is back
     assert ch.new == ACTIVE
 
@@ -212,12 +221,15 @@ def test_verify_reports_and_repairs(tmp_path, cstore, cli_env):
     cstore.objects.delete(key)
     cstore.objects.put(key, bytes(blob))
     cstore.objects.delete("chunks/" + only_a.hex())
-    r = cstore.verify()
-    assert not r.clean
-    assert r.corrupt == {common.hex(): ["a:1", "b:1"]} and r.missing == {only_a.hex(): ["a:1"]}
     env = dict(cli_env, CONVSTORE_STORE=cstore.objects.root)
     p = run_cli(env, "verify", check=False)
     assert p.returncode == 1 and f"corrupt chunk {common.hex()} used by a:1, b:1" in p.stdout
+    # the corrupt chunk was quarantined (kept aside as evidence, no longer a dedup target)
+    cstore = convstore.Store.open(cstore.objects.root, cstore.options.key)  # sees the other process's changes
+    assert not cstore.objects.has(key) and cstore.objects.get("quarantine/" + common.hex()) == bytes(blob)
+    r = cstore.verify()
+    assert not r.clean and r.corrupt == {}
+    assert r.missing == {common.hex(): ["a:1", "b:1"], only_a.hex(): ["a:1"]}
     p = run_cli(env, "verify", "--repair")
     assert "repaired a:1" in p.stdout and "repaired b:1" in p.stdout
     assert cstore.verify().clean

@@ -29,12 +29,8 @@ AuditSink = Callable[[dict[str, Any]], None]
 AUDIT_LOG = "audit/keys.log"
 
 
-def read_audit(objects: Any, since: str | None = None, image: str | None = None) -> list[dict[str, Any]]:
-    """The records of a store's audit log (reading it needs no key)."""
-    try:
-        data = objects.get(AUDIT_LOG)
-    except KeyError:
-        return []
+def parse_audit(data: bytes, since: str | None = None, image: str | None = None) -> list[dict[str, Any]]:
+    """The records of an audit log's bytes, optionally from an ISO time on, or for one image name."""
     out = []
     for line in data.decode("utf-8", "replace").splitlines():
         try:

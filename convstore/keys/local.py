@@ -45,7 +45,22 @@ class LocalKeyFile(KeyProvider):
     def key_id(self) -> str:
         return self._key_id
 
+    def _check_folder(self) -> None:
+        """The key's folder must be private too: one that others can write lets
+        them swap the key file, one they can read or search exposes its names."""
+        d = os.path.dirname(self.path)
+        try:
+            st = os.stat(d)
+        except FileNotFoundError:
+            return
+        if st.st_mode & 0o077:
+            raise KeyFileError(f"key folder {d} is open to other users (mode {st.st_mode & 0o777:o}); "
+                               f"run chmod 700 on it")
+        if st.st_uid not in (os.getuid(), 0):
+            raise KeyFileError(f"key folder {d} belongs to another user (uid {st.st_uid})")
+
     def _load(self, create: bool) -> bytes:
+        self._check_folder()
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -59,8 +74,10 @@ class LocalKeyFile(KeyProvider):
             if not stat.S_ISREG(st.st_mode):
                 raise KeyFileError(f"key file {self.path} is not a regular file")
             if st.st_mode & 0o077:
-                raise KeyFileError(f"key file {self.path} is readable by others (mode {st.st_mode & 0o777:o}); "
+                raise KeyFileError(f"key file {self.path} is open to other users (mode {st.st_mode & 0o777:o}); "
                                    f"run chmod 600 on it")
+            if st.st_uid not in (os.getuid(), 0):
+                raise KeyFileError(f"key file {self.path} belongs to another user (uid {st.st_uid})")
             raw = f.read(4096)
         try:
             doc = json.loads(raw)
@@ -78,6 +95,7 @@ class LocalKeyFile(KeyProvider):
     def _create(self) -> bytes:
         d = os.path.dirname(self.path)
         os.makedirs(d, mode=0o700, exist_ok=True)
+        self._check_folder()
         key = os.urandom(32)
         doc = json.dumps({"format": KEYFILE_FORMAT, "version": KEYFILE_VERSION,
                           "key": base64.b64encode(key).decode()}).encode() + b"\n"

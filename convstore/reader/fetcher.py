@@ -13,7 +13,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from ..crypto import decrypt_chunk
+from ..chunks import Chunks
 from ..errors import ChunkMissing
 from ..manifest import Manifest
 from ..stores.base import ObjectStore
@@ -42,6 +42,7 @@ class ChunkFetcher:
     def __init__(self, objects: ObjectStore, manifest: Manifest, *, cache_bytes: int = 256 << 20,
                  workers: int = 8, readahead: int = 4):
         self.objects = objects
+        self.chunks = Chunks(objects)
         self.manifest = manifest
         self.cache_bytes = cache_bytes
         self.readahead = readahead
@@ -71,20 +72,17 @@ class ChunkFetcher:
     # -- chunk level --------------------------------------------------------
     def _load(self, idx: int) -> bytes:
         ident = self.manifest.chunks[idx]
-        key = "chunks/" + ident.cid.hex()
         try:
-            blob = self.objects.get(key)
-        except KeyError:
-            log.error("chunk %s is missing from the store", ident.cid.hex())
-            raise ChunkMissing(f"chunk {ident.cid.hex()} is missing") from None
-        try:
-            plain = decrypt_chunk(blob, ident)
+            plain, stored = self.chunks.read(ident)
+        except ChunkMissing as e:
+            log.error("%s", e)
+            raise
         except Exception as e:
             log.error("chunk %s: %s", ident.cid.hex(), e)
             raise
         with self._lock:
             self.stats.chunks_fetched += 1
-            self.stats.bytes_fetched += len(blob)
+            self.stats.bytes_fetched += stored
             self.stats.plain_bytes_fetched += len(plain)
         return plain
 

@@ -62,6 +62,10 @@ class ObjectStore(ABC):
     def abort(self) -> None:
         """Discard unpublished non-durable puts (after a failed operation)."""
 
+    def evict(self, key: str) -> None:
+        """Drop any local copy of ``key`` (caches override this), so that the
+        next read goes to the source of truth."""
+
     @abstractmethod
     def list(self, prefix: str) -> Iterator[str]:
         """Keys under ``prefix`` (recursively), in no particular order."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from .base import ObjectStore
 from .local import append_line
+from .packs import makedirs_private
 
 IMMUTABLE = ("chunks/", "manifests/")
 
@@ -33,8 +34,8 @@ class CachedStore(ObjectStore):
         self.max_bytes = max_bytes
         self.supports_locking = remote.supports_locking
         self.supports_deletes = remote.supports_deletes
-        os.makedirs(os.path.join(self.dir, "objects"), exist_ok=True)
-        os.makedirs(os.path.join(self.dir, "tmp"), exist_ok=True)
+        makedirs_private(os.path.join(self.dir, "objects"))
+        makedirs_private(os.path.join(self.dir, "tmp"))
         self._lock = threading.Lock()
         self._size = self._scan()
         self.hits = self.misses = 0
@@ -58,9 +59,9 @@ class CachedStore(ObjectStore):
 
     def _store_local(self, key: str, data: bytes) -> None:
         p = self._path(key)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
+        makedirs_private(os.path.dirname(p))
         tmp = os.path.join(self.dir, "tmp", secrets.token_hex(8))
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(data)
         os.rename(tmp, p)
         with self._lock:
@@ -71,7 +72,7 @@ class CachedStore(ObjectStore):
 
     def _evict(self) -> None:
         """Drop least recently used files until 90 % of the bound."""
-        fd = os.open(os.path.join(self.dir, "evict.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.dir, "evict.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             files = []
@@ -141,11 +142,14 @@ class CachedStore(ObjectStore):
     def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
         return self.remote.put(key, data, durable=durable, exclusive=exclusive)
 
-    def delete(self, key: str) -> None:
+    def evict(self, key: str) -> None:
         try:
             os.unlink(self._path(key))
         except FileNotFoundError:
             pass
+
+    def delete(self, key: str) -> None:
+        self.evict(key)
         self.remote.delete(key)
 
     def list(self, prefix: str) -> Iterator[str]:

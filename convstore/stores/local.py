@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from ..errors import StoreError
 from .base import ObjectStore
 from .faults import crash_point
-from .packs import PackSet, fsync_dir
+from .packs import PackSet, fsync_dir, makedirs_private
 
 CHUNKS = "chunks/"
 
@@ -39,7 +39,7 @@ def _cid(key: str) -> bytes:
 
 def append_line(path: str, line: str) -> None:
     """One ``write`` with O_APPEND: lines from several processes never interleave."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    makedirs_private(os.path.dirname(path))
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, (line.replace("\n", " ") + "\n").encode())
@@ -61,7 +61,7 @@ class LocalStore(ObjectStore):
         self.root = os.path.abspath(root)
         self._tmp = os.path.join(self.root, "tmp")
         try:
-            os.makedirs(self._tmp, mode=0o700, exist_ok=True)
+            makedirs_private(self._tmp)
         except OSError as e:
             raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from None
         self._made_dirs: set[str] = set()
@@ -110,7 +110,7 @@ class LocalStore(ObjectStore):
     def _ensure_dir(self, d: str) -> None:
         if d in self._made_dirs:
             return
-        os.makedirs(d, exist_ok=True)
+        makedirs_private(d)
         with self._lock:
             self._made_dirs.add(d)
 
@@ -127,7 +127,7 @@ class LocalStore(ObjectStore):
         self._ensure_dir(os.path.dirname(final))
         crash_point()
         tmp = os.path.join(self._tmp, f"{os.getpid()}.{secrets.token_hex(8)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -174,8 +174,8 @@ class LocalStore(ObjectStore):
     def lock(self, name: str, shared: bool = False) -> Iterator[None]:
         """``flock`` on ``locks/<name>``: released if the process dies."""
         d = os.path.join(self.root, "locks")
-        os.makedirs(d, exist_ok=True)
-        fd = os.open(os.path.join(d, name), os.O_RDWR | os.O_CREAT, 0o644)
+        makedirs_private(d)
+        fd = os.open(os.path.join(d, name), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield

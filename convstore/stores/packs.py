@@ -62,6 +62,20 @@ def decode_index(data: bytes, what: str) -> list[tuple[bytes, int, int]]:
     return [_ENTRY.unpack_from(body, _IDX_HEAD.size + i * _ENTRY.size) for i in range(count)]
 
 
+def makedirs_private(d: str) -> None:
+    """``os.makedirs`` with every directory it creates 0700 (store objects are
+    not for other users, whatever the umask)."""
+    if os.path.isdir(d):
+        return
+    parent = os.path.dirname(d)
+    if parent and parent != d:
+        makedirs_private(parent)
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+
+
 def fsync_dir(d: str) -> None:
     """Make a directory's entries (renames, new files) durable."""
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
@@ -77,7 +91,7 @@ class _Writer:
     def __init__(self, tmpdir: str):
         self.name = secrets.token_hex(16)
         self.path = os.path.join(tmpdir, self.name + ".pack")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         head = _HEAD.pack(PACK_MAGIC, VERSION)
         os.write(self.fd, head)
         self.size = len(head)
@@ -111,7 +125,7 @@ class PackSet:
         self.dir = os.path.join(root, "packs")
         self.tmpdir = tmpdir
         self.target = target_size
-        os.makedirs(self.dir, exist_ok=True)
+        makedirs_private(self.dir)
         self._lock = threading.RLock()
         self._index: dict[bytes, tuple[str, int, int]] = {}
         self._loaded: set[str] = set()

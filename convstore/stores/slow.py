@@ -25,6 +25,7 @@ class SlowStore(ObjectStore):
         self.requests = 0
         self.bytes = 0
         self.supports_ranges = inner.supports_ranges
+        self.supports_deletes = inner.supports_deletes
 
     def __repr__(self) -> str:
         return f"SlowStore({self.inner!r}, {self.latency * 1e3:g} ms, {self.bandwidth / 1e6:g} MB/s)"
@@ -59,6 +60,9 @@ class SlowStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         self.inner.delete(key)
+
+    def evict(self, key: str) -> None:
+        self.inner.evict(key)
 
     def list(self, prefix: str) -> Iterator[str]:
         return self.inner.list(prefix)

@@ -1,0 +1,74 @@
+"""Library code in a detached child process: background re-packs and mounts.
+
+The parent calls :func:`spawn` with a task and its :class:`StoreOptions`;
+the child (``python -m convstore.worker``, no other arguments) reads both as
+one JSON document from its standard input, opens the store the same way and
+runs the task.  Secrets (a PIN in a key spec, a registry password) travel
+only through that pipe: never in argv, never in the environment.  The child
+reports a failure as one line on its standard error and exits 1.
+
+Tasks::
+
+    {"op": "pack", "source": SOURCE, "ref": NAME:TAG}
+    {"op": "mount", "ref": NAME:TAG, "mountpoint": DIR}
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import IO, Any
+
+from .errors import ConvstoreError
+from .options import StoreOptions
+
+
+def spawn(task: dict[str, Any], options: StoreOptions, *, stderr: int | IO[bytes] | None = subprocess.DEVNULL
+          ) -> subprocess.Popen[bytes]:
+    """Start ``task`` in a new session; returns at once."""
+    p = subprocess.Popen([sys.executable, "-m", "convstore.worker"], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, close_fds=True)
+    assert p.stdin is not None
+    try:
+        p.stdin.write(json.dumps({"options": options.to_json(), "task": task}).encode())
+        p.stdin.close()
+    except BrokenPipeError:
+        pass
+    return p
+
+
+def run_task(doc: dict[str, Any]) -> None:
+    options = StoreOptions.from_json(doc["options"])
+    task = doc["task"]
+    store = options.open()
+    if task["op"] == "pack":
+        store.pack(task["source"], task["ref"])
+    elif task["op"] == "mount":
+        from .reader import ImageFS
+        from .reader.fuse import serve
+        from .reader.run import PREFETCH_ON_OPEN
+
+        with ImageFS.from_store(store, task["ref"], prefetch_on_open=PREFETCH_ON_OPEN) as fs:
+            serve(fs, task["mountpoint"])
+    else:
+        raise ConvstoreError(f"unknown worker task {task.get('op')!r}")
+
+
+def main() -> int:
+    try:
+        doc = json.loads(sys.stdin.buffer.read())
+        run_task(doc)
+    except ConvstoreError as e:
+        print(f"convstore: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, TypeError):
+        print("convstore: error: the worker's task is malformed", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
