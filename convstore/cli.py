@@ -386,11 +386,14 @@ def gc_cmd(dry_run: bool = typer.Option(False, "--dry-run", help="Report what wo
 @app.command()
 def verify(ref: Optional[str] = typer.Argument(None, metavar="[NAME[:TAG]]"),
            repair: bool = typer.Option(False, "--repair", help="Re-pack affected images from their sources"),
+           repair_from: Optional[str] = typer.Option(None, "--from", metavar="STORE",
+                                                     help="With --repair: copy good chunks from this store first"),
            json_out: bool = typer.Option(False, "--json", help="Print the report as JSON")) -> None:
-    """Check every chunk of every (or one) image: present, decrypts, right content."""
-    from .maintenance import verify as run_verify
-
-    r = run_verify(_store(), ref, repair=repair)
+    """Check the catalog and every chunk of every (or one) image: present, decrypts, right content.
+    A corrupt chunk is quarantined (so the next pack of its content stores it again)."""
+    if repair_from and not repair:
+        raise typer.BadParameter("--from needs --repair")
+    r = _store().verify(ref, repair=repair, repair_from=_open(repair_from) if repair_from else None)
     if json_out:
         _emit_json(r.to_json())
     else:
@@ -402,7 +405,7 @@ def verify(ref: Optional[str] = typer.Argument(None, metavar="[NAME[:TAG]]"),
         for img, why in r.unreadable.items():
             out.print(f"  unreadable image {img}: {why}", highlight=False)
         for img in r.repaired:
-            out.print(f"  repaired {img} (re-packed from its source)", highlight=False)
+            out.print(f"  repaired {img}", highlight=False)
         for img, why in r.not_repaired.items():
             out.print(f"  could not repair {img}: {why}", highlight=False)
     if not r.clean and set(r.repaired) != set(r.affected):

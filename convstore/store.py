@@ -23,7 +23,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
 from blake3 import blake3
@@ -54,6 +54,16 @@ from .refs import ImageRef
 from .stores.base import ObjectStore
 from .stores.local import LocalStore
 from .trust import TrustState, default_state_dir
+
+if TYPE_CHECKING:
+    from .chunking import ChunkParams
+    from .maintenance import GCReport, RefreshChange, VerifyReport
+    from .oci.sources import ImageSource
+    from .pack import PackResult
+    from .progress import Progress
+    from .rekey import RekeyReport
+    from .rootfs import RootfsResult
+    from .unpack import UnpackResult
 
 log = logging.getLogger("convstore")
 
@@ -703,38 +713,43 @@ class Store:
         return removed[0]
 
     # -- operations (implemented in their own modules) -------------------
-    def pack(self, source: str, ref: str, **kw: Any) -> Any:
-        """Pack ``source`` (``oci:DIR[:TAG]`` or ``docker-archive:FILE``) as ``ref``."""
-        from .pack import pack
+    def pack(self, source: str | ImageSource, ref: str, *, level: int | None = None, params: ChunkParams | None = None,
+             workers: int | None = None, domain: str = DEFAULT_DOMAIN, progress: Progress | None = None,
+             reuse_layers: bool = True, insecure: bool = False) -> PackResult:
+        """Pack ``source`` (``oci:DIR[:TAG]``, ``docker-archive:FILE``, ``docker://...``) as ``ref``."""
+        from .pack import DEFAULT_LEVEL, pack
 
-        return pack(self, source, ref, **kw)
+        return pack(self, source, ref, level=DEFAULT_LEVEL if level is None else level, params=params,
+                    workers=workers, domain=domain, progress=progress, reuse_layers=reuse_layers, insecure=insecure)
 
-    def unpack_oci(self, ref: str, dest: str, **kw: Any) -> Any:
+    def unpack_oci(self, ref: str, dest: str, *, compress: str | None = None, workers: int | None = None,
+                   progress: Progress | None = None) -> UnpackResult:
         from .unpack import unpack_oci
 
-        return unpack_oci(self, ref, dest, **kw)
+        return unpack_oci(self, ref, dest, compress=compress, workers=workers, progress=progress)
 
-    def unpack_rootfs(self, ref: str, dest: str, **kw: Any) -> Any:
+    def unpack_rootfs(self, ref: str, dest: str, *, progress: Progress | None = None) -> RootfsResult:
         from .rootfs import unpack_rootfs
 
-        return unpack_rootfs(self, ref, dest, **kw)
+        return unpack_rootfs(self, ref, dest, progress=progress)
 
-    def gc(self, dry_run: bool = False) -> Any:
+    def gc(self, dry_run: bool = False) -> GCReport:
         from .maintenance import gc
 
         return gc(self, dry_run)
 
-    def verify(self, ref: str | None = None, repair: bool = False) -> Any:
+    def verify(self, ref: str | None = None, repair: bool = False, repair_from: Store | None = None) -> VerifyReport:
+        """Check chunks and catalog; ``repair`` from ``repair_from`` (another store) or the images' sources."""
         from .maintenance import verify
 
-        return verify(self, ref, repair)
+        return verify(self, ref, repair, repair_from=repair_from)
 
-    def refresh(self, ref: str | None = None) -> Any:
+    def refresh(self, ref: str | None = None) -> list[RefreshChange]:
         from .maintenance import refresh
 
         return refresh(self, ref)
 
-    def rekey(self, new: KeyProvider | str, kms_endpoint: str | None = None) -> Any:
+    def rekey(self, new: KeyProvider | str, kms_endpoint: str | None = None) -> RekeyReport:
         """Re-wrap every data key and domain secret under ``new``."""
         from .rekey import rekey
 

@@ -16,18 +16,26 @@ Tasks::
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from dataclasses import replace
 from typing import IO, Any
 
 from .errors import ConvstoreError
 from .options import StoreOptions
 
+#: variables that may hold a secret (a key spec can carry a PIN); a worker gets what it needs on its pipe
+SECRET_ENV = ("CONVSTORE_KEY",)
+
 
 def spawn(task: dict[str, Any], options: StoreOptions, *, stderr: int | IO[bytes] | None = subprocess.DEVNULL
           ) -> subprocess.Popen[bytes]:
     """Start ``task`` in a new session; returns at once."""
-    p = subprocess.Popen([sys.executable, "-m", "convstore.worker"], stdin=subprocess.PIPE,
+    if options.key is None and os.environ.get("CONVSTORE_KEY"):
+        options = replace(options, key=os.environ["CONVSTORE_KEY"])
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}  # the options carry them
+    p = subprocess.Popen([sys.executable, "-m", "convstore.worker"], stdin=subprocess.PIPE, env=env,
                          stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, close_fds=True)
     assert p.stdin is not None
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -225,3 +226,33 @@ def test_missing_extra_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "boto3", None)
     with pytest.raises(KeyProviderUnavailable, match=r"convstore\[aws\]"):
         open_key("awskms:x")
+
+
+def test_pin_never_in_a_childs_argv_or_environment(tmp_path, softhsm, cli_env):
+    """A key spec carrying a PIN reaches a background worker on a pipe, not in argv or the environment."""
+    from kms_fixtures import PIN
+
+    spec = softhsm.add_key("pin-in-spec").replace("pin-source=env:CONVSTORE_TEST_PIN", f"pin-value={PIN}")
+    env = {k: v for k, v in cli_env.items() if k != "CONVSTORE_TEST_PIN"}
+    env["CONVSTORE_KEY"] = spec
+    run_cli(env, "pack", src_image(tmp_path, "p", data=b"pinned"), "img:1")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run_cli(env, "mount", "--background", "img:1", str(mnt))
+    try:
+        assert (mnt / "f").read_bytes() == b"pinned"  # the worker opened the token with the PIN
+        workers = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"convstore.worker" in cmdline:
+                workers.append((cmdline, environ))
+        assert len(workers) == 1
+        cmdline, environ = workers[0]
+        assert not any(PIN.encode() in a or b"pkcs11:" in a for a in cmdline), cmdline
+        assert not [e for e in environ if b"pin-value" in e or e.endswith(b"=" + PIN.encode())]
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)

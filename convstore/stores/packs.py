@@ -254,7 +254,7 @@ class PackSet:
             os.rename(w.path, os.path.join(self.dir, w.name + ".pack"))
             crash_point()
             idx_tmp = os.path.join(self.tmpdir, w.name + ".idx")
-            with open(idx_tmp, "wb") as f:
+            with os.fdopen(os.open(idx_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 f.write(encode_index(w.entries))
                 if durable:
                     f.flush()
