@@ -41,6 +41,7 @@ from .errors import (
     ImagePending,
     InvalidReference,
     KeyAccessDenied,
+    KeyProviderError,
     SourceNotFound,
     StoreError,
     StoreFormatError,
@@ -211,6 +212,10 @@ class Store:
             kw.update(insecure=options.insecure, username=options.username, password=options.password,
                       cache_dir=options.cache_dir, cache_bytes=options.cache_bytes)
         s = cls.open(options.path, options.key, kms_endpoint=options.kms_endpoint, **kw)
+        # what a worker inherits names the store and key actually opened (defaults and $CONVSTORE_* resolved)
+        s.options = replace(options, path=options.path or getattr(s.objects, "root", None),
+                            key=options.key or s.key.spec,
+                            kms_endpoint=options.kms_endpoint or getattr(s.key, "endpoint", None))
         if options.latency_ms or options.bandwidth_mbps:
             from .stores.slow import SlowStore
 
@@ -558,6 +563,8 @@ class Store:
                 out.append(self.entry(ImageRef.from_key(k)))
             except ImageNotFound:
                 continue
+            except KeyProviderError:
+                raise  # the key cannot open the catalog at all: not one entry's problem
             except (ValueError, ConvstoreError) as err:
                 if strict:
                     raise StoreError(f"{err}; refusing to go on (remove it with convstore rm, or restore it)") \

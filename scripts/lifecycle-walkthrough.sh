@@ -6,7 +6,7 @@ set -euo pipefail
 C=${1:-$HOME/.cache/convstore-corpus}
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
-export CONVSTORE_STORE=$W/store CONVSTORE_KEY=file:$W/key/master.key
+export CONVSTORE_STORE=$W/store CONVSTORE_KEY=file:$W/key/master.key CONVSTORE_STATE_DIR=$W/state
 cp -r "$C/base" "$W/src"
 now=$(date +%s)
 step() { echo; echo "\$ $*"; "$@" 2>&1 || echo "(exit $?)"; }
@@ -29,9 +29,9 @@ step convstore run demo:1
 echo; echo "# FAILED -> ACTIVE: the source is back"
 mv "$W/src.gone" "$W/src"
 step convstore refresh; show
-echo; echo "# ACTIVE -> FAILED: key access denied (another master key)"
+echo; echo "# another master key can neither read nor change anything: the catalog is authenticated"
 step convstore --key "file:$W/other/master.key" refresh
 step convstore --key "file:$W/other/master.key" run demo:1
-step convstore refresh
+show
 echo; echo "# history"
 convstore inspect --json demo:1 | python3 -c "import json,sys; [print('  ', h['at'], h['state'].upper(), '-', h['reason']) for h in json.load(sys.stdin)['history']]"

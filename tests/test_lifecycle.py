@@ -96,7 +96,9 @@ def test_key_denied_is_failed(tmp_path, cstore, keyfile):
     other = convstore.Store.open(cstore.objects.root, f"file:{tmp_path / 'other.key'}")
     with pytest.raises(KeyAccessDenied, match="metadata key is sealed under master key"):
         other.manifest("a:1")
-    assert other.refresh() == [] and cstore.entry("a:1").state == ACTIVE
+    with pytest.raises(KeyAccessDenied):
+        other.refresh()
+    assert cstore.entry("a:1").state == ACTIVE
     # the image's own data key denied (a KMS grant withdrawn for it alone): FAILED, and back with the key
     e = cstore.entry("a:1")
     cstore.update_entry("a:1", lambda c: replace(c, wrapped_key=bytes(len(e.wrapped_key))) if c else c)
@@ -287,3 +289,19 @@ def test_gc_waits_for_a_copy_into_the_store(tmp_path, cstore, keyfile):
     assert order == ["copy", "gc"]
     assert cstore.verify().clean
     cstore.unpack_oci("a:1", f"oci:{tmp_path / 'out'}")
+
+
+def test_cli_reactivation_runs_in_a_worker(tmp_path, cli_env):
+    """The read that meets an INACTIVE image starts a real background re-pack (convstore.worker),
+    with the store and key given only in the environment, and the image comes back ACTIVE."""
+    write_oci(str(tmp_path / "a"), [rich_layer(), make_tar([Entry("hello", data=b"again\n")])])
+    run_cli(cli_env, "pack", f"oci:{tmp_path / 'a'}", "x:1")
+    later = dict(cli_env, CONVSTORE_NOW=str(time.time() + 30 * DAY))
+    assert "ACTIVE -> INACTIVE" in run_cli(later, "refresh").stdout
+    run_cli(later, "gc")
+    p = run_cli(later, "cat", "x:1", "/hello", check=False)
+    assert p.returncode == 1 and "being reactivated" in p.stderr
+    deadline = time.monotonic() + 120
+    while "ACTIVE" not in run_cli(later, "images").stdout.split():
+        assert time.monotonic() < deadline, run_cli(later, "images").stdout
+    assert run_cli(later, "cat", "x:1", "/hello").stdout == "again\n"
