@@ -1,34 +1,32 @@
 """Unpack an image's flattened root filesystem, safely.
 
-Layers are applied in order with OCI whiteout semantics (``.wh.NAME`` deletes
-a lower entry, ``.wh..wh..opq`` hides a directory's lower children).  Nothing
-is ever written outside the target: entry paths that are absolute or contain
-``..`` are refused; a symlink met as a parent directory is resolved inside
-the root as a chroot would, and refused if it climbs above it; hardlink
-targets are resolved the same way.  The tree is built in a temporary sibling
-directory and renamed into place only when complete.
+The merged tree comes from the one layer merge (:mod:`convstore.merge`: OCI
+whiteouts, chroot-style parent resolution, and its refusals: absolute paths,
+``..``, symlink escapes, hardlinks out of the root), the same tree the lazy
+reader serves.  This module only writes it: nothing is ever written outside
+the target, only the files that survive the merge are written (a file a later
+layer deletes or replaces is never fetched), and the tree is built in a
+temporary sibling directory and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CorruptLayer, SourceError, UnsafePathError
+from .errors import CorruptLayer, SourceError
 from .manifest import LayerRecord, Manifest
-from .paths import NotADirectory, RootEscape, Step, components, resolve_dir
+from .merge import MergedTree, Node, merge_layers
 from .progress import NoProgress, Progress
 from .store import Store
-from .tarsplit import TarEntry
-from .unpack import iter_content
-
-WH = ".wh."
-OPAQUE = ".wh..wh..opq"
 
 
 @dataclass
@@ -44,196 +42,161 @@ class RootfsResult:
         return dict(self.__dict__)
 
 
-def entry_components(path: str) -> list[str]:
-    """Split a layer entry path; refuse absolute paths and ``..``."""
-    if path.startswith("/"):
-        raise UnsafePathError(f"layer entry {path!r} has an absolute path")
-    parts = components(path)
-    if ".." in parts:
-        raise UnsafePathError(f"layer entry {path!r} climbs out of the root with '..'")
-    return parts
-
-
 class _Content:
-    """Sequential reader over a layer's content stream."""
+    """Reads wanted byte ranges of one layer's content stream, in increasing
+    order, fetching only the chunks that hold them (``lookahead`` in flight)."""
 
-    def __init__(self, it: Any):
-        self._it = it
+    def __init__(self, store: Store, manifest: Manifest, layer: LayerRecord, pool: ThreadPoolExecutor,
+                 ranges: list[tuple[int, int]], lookahead: int = 16):
+        self._starts = [0]
+        for i in layer.chunks:
+            self._starts.append(self._starts[-1] + manifest.chunks[i].size)
+        wanted: list[int] = []
+        for off, n in ranges:
+            if n == 0:
+                continue
+            if off + n > self._starts[-1]:
+                raise CorruptLayer(f"image {manifest.name}: a file runs past its layer's content")
+            first = bisect.bisect_right(self._starts, off) - 1
+            last = bisect.bisect_right(self._starts, off + n - 1) - 1
+            for k in range(max(first, wanted[-1] + 1 if wanted else 0), last + 1):
+                wanted.append(k)
+        what = f"image {manifest.name}:{manifest.tag}"
+        idents = [manifest.chunks[layer.chunks[k]] for k in wanted]
+        self._positions = wanted
+        q: deque[Future[bytes]] = deque()
+        chunks = store.chunks
+
+        def gen() -> Iterator[tuple[int, bytes]]:
+            it = iter(range(len(idents)))
+            for j in it:
+                q.append(pool.submit(lambda j=j: chunks.read(idents[j], what)[0]))
+                if len(q) >= lookahead:
+                    break
+            k = 0
+            while q:
+                data = q.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    q.append(pool.submit(lambda j=nxt: chunks.read(idents[j], what)[0]))
+                yield self._starts[wanted[k]], data
+                k += 1
+
+        self._it = gen()
         self._buf = memoryview(b"")
+        self._buf_start = 0
 
-    def copy_to(self, fd: int, n: int) -> None:
+    def copy_to(self, fd: int, off: int, n: int) -> None:
         while n:
-            if not self._buf:
+            end = self._buf_start + len(self._buf)
+            if off >= end:
                 try:
-                    self._buf = memoryview(next(self._it))
+                    self._buf_start, data = next(self._it)
                 except StopIteration:
                     raise CorruptLayer("content stream ends early") from None
-            take = min(n, len(self._buf))
-            view = self._buf[:take]
+                self._buf = memoryview(data)
+                continue
+            take = min(n, end - off)
+            view = self._buf[off - self._buf_start:off - self._buf_start + take]
             while view:
                 view = view[os.write(fd, view):]
-            self._buf = self._buf[take:]
+            off += take
             n -= take
 
 
 class RootfsWriter:
-    """Applies layers into ``root`` (which must exist)."""
+    """Writes a merged tree under ``root`` (which must exist and be empty)."""
 
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self.is_root = os.geteuid() == 0
         self.warnings: list[str] = []
-        self.dir_times: dict[str, int] = {}
         self.files = 0
         self.bytes = 0
 
-    # -- path resolution --------------------------------------------------
-    def _resolve_dir(self, comps: list[str]) -> str:
-        """Resolve directory components inside the root, following symlinks
-        as if chrooted; create missing directories.  Returns an absolute path."""
-
-        def step(d: str, name: str) -> Step:
-            p = os.path.join(d, name)
-            try:
-                st = os.lstat(p)
-            except FileNotFoundError:
-                os.mkdir(p, 0o755)
-                return "dir", p
-            if stat.S_ISLNK(st.st_mode):
-                return "link", os.readlink(p)
-            return ("dir", p) if stat.S_ISDIR(st.st_mode) else ("notdir", None)
-
-        try:
-            return resolve_dir(self.root, comps, step)
-        except RootEscape:
-            raise UnsafePathError(f"path {'/'.join(comps)!r} resolves outside the root through a symlink") from None
-        except NotADirectory as e:
-            raise CorruptLayer(f"{'/'.join(comps)!r}: {e} is not a directory") from None
-
-    def _target_path(self, comps: list[str]) -> str:
-        return os.path.join(self._resolve_dir(comps[:-1]), comps[-1])
-
-    # -- layers -----------------------------------------------------------
-    def apply_layer(self, layer: LayerRecord, content: _Content) -> None:
-        created: set[str] = set()
-        for e in layer.entries:
-            comps = entry_components(e.path)
-            if not comps:
-                if e.type == "5":  # the root itself
-                    self._set_meta(self.root, e, is_dir=True)
+    def write(self, tree: MergedTree, store: Store, manifest: Manifest, progress: Progress) -> None:
+        self.warnings.extend(tree.warnings)
+        first: dict[int, str] = {}  # inode -> the first path written for it (hardlinks link to it)
+        files: dict[int, list[tuple[int, str, Node]]] = {}  # layer -> (offset, path, node)
+        links: list[tuple[str, str]] = []
+        dirs: list[tuple[str, Node]] = []
+        meta: list[tuple[str, Node]] = []
+        skipped: set[str] = set()
+        for rel, node in tree.walk():
+            path = os.path.join(self.root, rel) if rel else self.root
+            if node.ino in first:
+                links.append((path, first[node.ino]))
                 continue
-            base = comps[-1]
-            if base == OPAQUE:
-                d = self._resolve_dir(comps[:-1])
-                for child in os.listdir(d):
-                    if os.path.join(d, child) not in created:
-                        _remove(os.path.join(d, child))
+            first[node.ino] = path
+            if node.is_dir:
+                if rel:
+                    os.mkdir(path, 0o700)
+                dirs.append((path, node))
+            elif stat.S_ISLNK(node.mode):
+                os.symlink(node.linkname, path)
+                meta.append((path, node))
+            elif node.is_file:
+                files.setdefault(node.layer, []).append((node.offset, path, node))
+            else:
+                kind = stat.S_IFMT(node.mode)
+                try:
+                    if kind == stat.S_IFIFO:
+                        os.mkfifo(path, 0o600)
+                    else:
+                        os.mknod(path, 0o600 | kind, node.rdev)
+                except PermissionError:
+                    self.warnings.append(f"skipped device {rel} (needs root)")
+                    skipped.add(path)
+                    continue
+                meta.append((path, node))
+        with ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="convstore-rootfs") as pool:
+            for li, layer in enumerate(manifest.layers):
+                todo = sorted(files.get(li, []), key=lambda t: t[0])
+                content = _Content(store, manifest, layer, pool, [(off, n.size) for off, _p, n in todo])
+                for off, path, node in todo:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                    try:
+                        content.copy_to(fd, off, node.size)
+                    finally:
+                        os.close(fd)
+                    self.files += 1
+                    self.bytes += node.size
+                    meta.append((path, node))
+                progress.advance(layer.uncompressed_size)
+        for path, target in links:
+            if target in skipped:
                 continue
-            if base.startswith(WH):
-                name = base[len(WH):]
-                if not name or name in (".", ".."):
-                    raise CorruptLayer(f"invalid whiteout {e.path!r}")
-                _remove(os.path.join(self._resolve_dir(comps[:-1]), name))
-                continue
-            path = self._target_path(comps)
-            created.add(path)
-            self._create(path, e, content)
-
-    def _create(self, path: str, e: TarEntry, content: _Content) -> None:
-        try:
-            existing = os.lstat(path)
-        except FileNotFoundError:
-            existing = None
-        if existing is not None:
-            if e.type == "5" and stat.S_ISDIR(existing.st_mode):
-                self._set_meta(path, e, is_dir=True)
-                return
-            _remove(path)
-        t = e.type
-        if t == "5":
-            os.mkdir(path, 0o700)
-            self._set_meta(path, e, is_dir=True)
-        elif e.is_file:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
-                content.copy_to(fd, e.size)
-            finally:
-                os.close(fd)
-            self.files += 1
-            self.bytes += e.size
-            self._set_meta(path, e)
-        elif t == "2":
-            os.symlink(e.linkname, path)
-            self._set_meta(path, e, is_link=True)
-        elif t == "1":
-            comps = entry_components(e.linkname)
-            if not comps:
-                raise CorruptLayer(f"hardlink {e.path!r} has an empty target")
-            src = self._target_path(comps)
-            try:
-                os.link(src, path, follow_symlinks=False)
-            except FileNotFoundError:
-                raise CorruptLayer(f"hardlink {e.path!r} points to missing {e.linkname!r}") from None
+                os.link(target, path, follow_symlinks=False)
             except OSError as err:
-                raise CorruptLayer(f"hardlink {e.path!r} -> {e.linkname!r}: {err.strerror}") from None
-        elif t in ("3", "4", "6"):
-            kind = {"3": stat.S_IFCHR, "4": stat.S_IFBLK, "6": stat.S_IFIFO}[t]
-            try:
-                if t == "6":
-                    os.mkfifo(path, 0o600)
-                else:
-                    os.mknod(path, 0o600 | kind, os.makedev(e.devmajor, e.devminor))
-            except PermissionError:
-                self.warnings.append(f"skipped device {e.path} (needs root)")
-                return
-            self._set_meta(path, e)
-        else:
-            self.warnings.append(f"skipped {e.path}: unsupported entry type {t!r}")
+                raise CorruptLayer(f"hardlink {path} -> {target}: {err.strerror}") from None
+        for path, node in meta:
+            self._set_meta(path, node)
+        for path, node in sorted(dirs, key=lambda d: len(d[0]), reverse=True):  # times last, deepest first
+            self._set_meta(path, node)
 
-    def _set_meta(self, path: str, e: TarEntry, is_dir: bool = False, is_link: bool = False) -> None:
+    def _set_meta(self, path: str, node: Node) -> None:
+        if node.implicit:  # no entry described it: plain 0755, times left as they are
+            os.chmod(path, 0o755)
+            return
+        is_link = stat.S_ISLNK(node.mode)
         if self.is_root:
-            os.chown(path, e.uid, e.gid, follow_symlinks=False)
+            os.chown(path, node.uid, node.gid, follow_symlinks=False)
         if not is_link:
-            os.chmod(path, stat.S_IMODE(e.mode))
-        for k, v in e.xattrs.items():
+            os.chmod(path, stat.S_IMODE(node.mode))
+        for k, v in node.xattrs.items():
             try:
                 os.setxattr(path, k, v, follow_symlinks=False)
             except OSError as err:
-                self.warnings.append(f"xattr {k} on {e.path}: {err.strerror}")
-        if is_dir:
-            self.dir_times[path] = e.mtime_ns
-        else:
-            os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
-
-    def finish(self) -> None:
-        """Directory times last (writing into a directory changes its mtime)."""
-        for path in sorted(self.dir_times, key=len, reverse=True):
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.utime(path, ns=(self.dir_times[path], self.dir_times[path]))
-
-
-def _remove(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+                self.warnings.append(f"xattr {k} on {os.path.relpath(path, self.root)}: {err.strerror}")
+        os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
 
 
 def apply_manifest(store: Store, manifest: Manifest, root: str, progress: Progress | None = None) -> RootfsWriter:
-    progress = progress or NoProgress()
+    """Merge ``manifest``'s layers (refusing hostile trees before anything is written) and write the result."""
+    tree = merge_layers([layer.entries for layer in manifest.layers])
     w = RootfsWriter(root)
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="convstore-rootfs") as pool:
-        for layer in manifest.layers:
-            it = iter_content(store, manifest, layer, pool)
-            w.apply_layer(layer, _Content(it))
-            for _rest in it:  # a well-formed manifest has nothing left
-                raise CorruptLayer("layer content is longer than its files")
-            progress.advance(layer.uncompressed_size)
-    w.finish()
+    w.write(tree, store, manifest, progress or NoProgress())
     return w
 
 

@@ -109,7 +109,7 @@ class ImageOperations(mfusepy.Operations):
     def statfs(self, path: str) -> dict[str, int]:
         total = sum(layer.uncompressed_size for layer in self.fs.manifest.layers)
         return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": total // 4096, "f_bfree": 0, "f_bavail": 0,
-                "f_files": self.fs._next_ino, "f_ffree": 0, "f_namemax": 255}
+                "f_files": self.fs.inodes + 1, "f_ffree": 0, "f_namemax": 255}
 
 
 def fuse_options(allow_other: bool = True) -> dict[str, Any]:

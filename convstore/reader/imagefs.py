@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import errno
 import io
-import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConvstoreError
 from ..manifest import Manifest
-from ..paths import MAX_LINKS, NotADirectory, RootEscape, Step, components, resolve_dir
-from ..rootfs import OPAQUE, WH
+from ..merge import Node, merge_layers
+from ..paths import MAX_LINKS, components
 from ..catalog import CatalogEntry
 from ..store import Store
-from ..tarsplit import TarEntry
 from .fetcher import ChunkFetcher
-
-_TYPE_BITS = {"0": stat.S_IFREG, "\0": stat.S_IFREG, "7": stat.S_IFREG, "1": stat.S_IFREG, "2": stat.S_IFLNK,
-              "3": stat.S_IFCHR, "4": stat.S_IFBLK, "5": stat.S_IFDIR, "6": stat.S_IFIFO}
-
 
 class FSError(ConvstoreError, OSError):
     """A path error inside an image, carrying an errno (ENOENT, ENOTDIR, ...)."""
@@ -33,29 +27,6 @@ class FSError(ConvstoreError, OSError):
     def __init__(self, err: int, path: str):
         OSError.__init__(self, err, f"{path}: {errno.errorcode.get(err, err)}")
         self.errno = err
-
-
-@dataclass(eq=False)
-class Node:
-    """One inode of the merged tree (hardlinks share a Node)."""
-
-    ino: int
-    mode: int  # type bits | permission bits
-    uid: int
-    gid: int
-    size: int
-    mtime_ns: int
-    linkname: str = ""
-    rdev: int = 0
-    xattrs: dict[str, bytes] = field(default_factory=dict)
-    layer: int = -1
-    offset: int = 0
-    nlink: int = 1
-    children: dict[str, Node] | None = None
-
-    @property
-    def is_dir(self) -> bool:
-        return self.children is not None
 
 
 @dataclass(frozen=True)
@@ -85,11 +56,10 @@ class ImageFS:
         #: files up to this size are fetched whole, in parallel, when opened
         self.prefetch_on_open = prefetch_on_open
         self.entry: CatalogEntry | None = None
-        self._next_ino = 1
-        self.root = self._new(stat.S_IFDIR | 0o755, 0, 0, 0, 0, is_dir=True)
-        self.warnings: list[str] = []
-        for i, layer in enumerate(manifest.layers):
-            self._apply(i, layer.entries)
+        tree = merge_layers([layer.entries for layer in manifest.layers])  # the one layer merge (refuses hostile trees)
+        self.root = tree.root
+        self.warnings = tree.warnings
+        self.inodes = tree.inodes
 
     @classmethod
     def from_store(cls, store: Store, ref: str, *, cache_bytes: int = 256 << 20, workers: int = 16,
@@ -109,101 +79,6 @@ class ImageFS:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- building the tree ------------------------------------------------
-    def _new(self, mode: int, uid: int, gid: int, size: int, mtime_ns: int, is_dir: bool = False) -> Node:
-        n = Node(self._next_ino, mode, uid, gid, size, mtime_ns, children={} if is_dir else None)
-        self._next_ino += 1
-        return n
-
-    def _parent_dir(self, comps: list[str]) -> Node | None:
-        """Resolve (creating implicit directories) the directory holding an
-        entry, following symlinks inside the image; None if it escapes."""
-
-        def step(d: Node, name: str) -> Step:
-            assert d.children is not None
-            child = d.children.get(name)
-            if child is None:
-                child = d.children[name] = self._new(stat.S_IFDIR | 0o755, 0, 0, 0, 0, is_dir=True)
-            if stat.S_ISLNK(child.mode):
-                return "link", child.linkname
-            return ("dir", child) if child.is_dir else ("notdir", None)
-
-        try:
-            return resolve_dir(self.root, comps, step)
-        except (RootEscape, NotADirectory):
-            return None
-
-    def _apply(self, li: int, entries: list[TarEntry]) -> None:
-        created: set[int] = set()
-        for e in entries:
-            comps = components(e.path)
-            if not comps:
-                if e.type == "5":
-                    self._set_attrs(self.root, e)
-                continue
-            if ".." in comps:
-                self.warnings.append(f"skipped {e.path!r}: climbs out of the root")
-                continue
-            parent = self._parent_dir(comps[:-1])
-            if parent is None or parent.children is None:
-                self.warnings.append(f"skipped {e.path!r}: parent is not a directory inside the image")
-                continue
-            base = comps[-1]
-            if base == OPAQUE:
-                for name in [n for n, c in parent.children.items() if id(c) not in created]:
-                    self._unlink(parent, name)
-                continue
-            if base.startswith(WH):
-                self._unlink(parent, base[len(WH):])
-                continue
-            old = parent.children.get(base)
-            if e.type == "5" and old is not None and old.is_dir:
-                self._set_attrs(old, e)
-                created.add(id(old))
-                continue
-            if old is not None:
-                self._unlink(parent, base)
-            if e.type == "1":
-                target = self._lookup_entry(e.linkname)
-                if target is None or target.is_dir:
-                    self.warnings.append(f"skipped hardlink {e.path!r}: target {e.linkname!r} not found")
-                    continue
-                target.nlink += 1
-                parent.children[base] = target
-                continue
-            node = self._new(_TYPE_BITS.get(e.type, stat.S_IFREG) | (e.mode & 0o7777), e.uid, e.gid,
-                             e.size if e.is_file else 0, e.mtime_ns, is_dir=e.type == "5")
-            self._set_attrs(node, e)
-            if e.is_file:
-                node.layer, node.offset = li, e.offset
-            elif e.type == "2":
-                node.linkname = e.linkname
-                node.size = len(e.linkname.encode("utf-8", "surrogateescape"))
-            elif e.type in ("3", "4"):
-                node.rdev = os.makedev(e.devmajor, e.devminor)
-            parent.children[base] = node
-            created.add(id(node))
-
-    def _set_attrs(self, node: Node, e: TarEntry) -> None:
-        node.mode = stat.S_IFMT(node.mode) | (e.mode & 0o7777)
-        node.uid, node.gid, node.mtime_ns = e.uid, e.gid, e.mtime_ns
-        node.xattrs = dict(e.xattrs)
-
-    def _unlink(self, parent: Node, name: str) -> None:
-        assert parent.children is not None
-        node = parent.children.pop(name, None)
-        if node is not None and not node.is_dir:
-            node.nlink -= 1
-
-    def _lookup_entry(self, path: str) -> Node | None:
-        comps = components(path)
-        if not comps or ".." in comps:
-            return None
-        parent = self._parent_dir(comps[:-1])
-        if parent is None or parent.children is None:
-            return None
-        return parent.children.get(comps[-1])
 
     # -- lookups ------------------------------------------------------------
     def lookup(self, path: str, follow: bool = False) -> Node:
