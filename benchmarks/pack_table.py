@@ -56,7 +56,7 @@ def main() -> None:
             record("zstd -3 -T2, corpus", time_zstd(all_files), all_bytes)
             s = new_store(w / "all")
             record("pack cold, whole corpus", *pack_images(s, IMAGES))
-            stats = s.stats()
+            stats = s.stats().to_json()
             record("pack warm, whole corpus (layer reuse)", *pack_images(s, IMAGES, tag_suffix="-again"))
             record("pack warm, whole corpus (chunk path)", *pack_images(s, IMAGES, tag_suffix="-chunks",
                                                                          reuse_layers=False))

@@ -205,6 +205,7 @@ def unpack(
             err.print(f"warning: {w}", highlight=False)
         msg = f"unpacked {r.ref} to {r.dest}: {r.files} files, {_mb(r.bytes_written)} in {r.seconds:.2f} s"
     else:
+        assert dest is not None
         r = store.unpack_oci(ref, dest, compress=compress, progress=_RichProgress())
         msg = f"unpacked {r.ref} to {r.dest}: {r.layers} layers, {_mb(r.written_bytes)} in {r.seconds:.2f} s"
     if json_out:
@@ -231,7 +232,7 @@ def images(json_out: bool = typer.Option(False, "--json", help="Print as JSON"))
 def inspect(ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
             json_out: bool = typer.Option(False, "--json", help="Print as JSON")) -> None:
     """Show an image's catalog entry, layers and chunking."""
-    doc = _store().inspect(ref)
+    doc = _store().inspect(ref).to_json()
     if json_out:
         _emit_json(doc)
         return
@@ -251,7 +252,7 @@ def inspect(ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
 @app.command()
 def stats(json_out: bool = typer.Option(False, "--json", help="Print as JSON")) -> None:
     """Logical bytes, unique chunk bytes, stored bytes and the dedup ratio."""
-    s = _store().stats()
+    s = _store().stats().to_json()
     if json_out:
         _emit_json(s)
         return

@@ -195,7 +195,7 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
                     chunker = StreamChunker(params, sink)
                     # An uncompressed blob is its own tar: its digest check covers the diff_id.
                     plain = desc.compression == "none"
-                    reader = HashingReader(dec, hash=not plain)  # type: ignore[arg-type]
+                    reader = HashingReader(dec, hash=not plain)
                     buffered = io.BufferedReader(reader, 1 << 20)
                     meta = _MetaSink()
                     last = [0]
@@ -206,7 +206,7 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
                         progress.advance(done - last[0])
                         last[0] = done
 
-                    split = split_tar(buffered, meta, content)  # type: ignore[arg-type]
+                    split = split_tar(buffered, meta, content)
                     chunker.cut()
                     sink.drain()
                 finally:

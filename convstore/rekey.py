@@ -81,10 +81,11 @@ def rekey(store: Store, new: KeyProvider) -> RekeyReport:
             skipped += 1
 
     # layer-index records carry wrapped data keys too
-    for k, rec in store.layer_records():
-        if rec is None:
+    for k, maybe in store.layer_records():
+        if maybe is None:
             store.objects.delete(k)  # fails authentication: a hint nobody may trust
             continue
+        rec = maybe
         if rec.get("key_id") == new.key_id:
             skipped += 1
             continue

@@ -67,10 +67,13 @@ class _Content:
         q: deque[Future[bytes]] = deque()
         chunks = store.chunks
 
+        def fetch(j: int) -> bytes:
+            return chunks.read(idents[j], what)[0]
+
         def gen() -> Iterator[tuple[int, bytes]]:
             it = iter(range(len(idents)))
             for j in it:
-                q.append(pool.submit(lambda j=j: chunks.read(idents[j], what)[0]))
+                q.append(pool.submit(fetch, j))
                 if len(q) >= lookahead:
                     break
             k = 0
@@ -78,7 +81,7 @@ class _Content:
                 data = q.popleft().result()
                 nxt = next(it, None)
                 if nxt is not None:
-                    q.append(pool.submit(lambda j=nxt: chunks.read(idents[j], what)[0]))
+                    q.append(pool.submit(fetch, nxt))
                 yield self._starts[wanted[k]], data
                 k += 1
 

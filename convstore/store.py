@@ -22,7 +22,7 @@ import socket
 import logging
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import platformdirs
@@ -416,12 +416,17 @@ class Store:
         self.objects.put("manifests/" + digest.split(":", 1)[1], sealed)
         return digest, self.key.wrap(dek, self._manifest_context(manifest.name, digest))
 
+    @staticmethod
+    def _sealed(entry: CatalogEntry) -> tuple[str, bytes, str]:
+        """(manifest digest, wrapped data key, key id) of a complete entry."""
+        if entry.manifest_digest is None or entry.key_id is None or entry.wrapped_key is None:
+            raise ImagePending(f"image {entry.ref} has no complete version")
+        return entry.manifest_digest, entry.wrapped_key, entry.key_id
+
     def load_manifest(self, entry: CatalogEntry) -> Manifest:
         """Open an entry's manifest without the read gate (maintenance)."""
-        if not entry.complete or entry.key_id is None or entry.wrapped_key is None:
-            raise ImagePending(f"image {entry.ref} has no complete version")
-        return self._open_manifest(entry.manifest_digest, entry.ref.name, entry.wrapped_key, entry.key_id,
-                                   f"image {entry.ref}")
+        digest, wrapped, key_id = self._sealed(entry)
+        return self._open_manifest(digest, entry.ref.name, wrapped, key_id, f"image {entry.ref}")
 
     def _open_manifest(self, digest: str, image: str, wrapped: bytes, key_id: str, what: str) -> Manifest:
         self._check_key_id(key_id, what)
@@ -441,23 +446,26 @@ class Store:
 
     # -- start-up profiles ------------------------------------------------
     def _profile_key(self, entry: CatalogEntry) -> bytes:
-        self._check_key_id(entry.key_id, f"image {entry.ref}")
-        dek = self.key.unwrap(entry.wrapped_key, self._manifest_context(entry.ref.name, entry.manifest_digest))
+        digest, wrapped, key_id = self._sealed(entry)
+        self._check_key_id(key_id, f"image {entry.ref}")
+        dek = self.key.unwrap(wrapped, self._manifest_context(entry.ref.name, digest))
         return blake3(dek, derive_key_context="convstore v1 start-up profile").digest()
 
     def save_profile(self, entry: CatalogEntry, profile: list[tuple[int, int]]) -> None:
         """Store the chunks an image's start-up touched, sealed like its manifest."""
-        body = json.dumps({"version": 1, "manifest": entry.manifest_digest, "chunks": profile}).encode()
-        sealed = seal(body, self._profile_key(entry), b"convstore profile v1\0" + entry.manifest_digest.encode())
-        self.objects.put("profiles/" + entry.manifest_digest.split(":", 1)[1], sealed)
+        digest = self._sealed(entry)[0]
+        body = json.dumps({"version": 1, "manifest": digest, "chunks": profile}).encode()
+        sealed = seal(body, self._profile_key(entry), b"convstore profile v1\0" + digest.encode())
+        self.objects.put("profiles/" + digest.split(":", 1)[1], sealed)
 
     def load_profile(self, entry: CatalogEntry) -> list[tuple[int, int]] | None:
         """The recorded start-up profile, or None if there is none or it does
         not match this image (never an error)."""
         try:
-            sealed = self.objects.get("profiles/" + entry.manifest_digest.split(":", 1)[1])
+            digest = self._sealed(entry)[0]
+            sealed = self.objects.get("profiles/" + digest.split(":", 1)[1])
             doc = json.loads(unseal(sealed, self._profile_key(entry),
-                                    b"convstore profile v1\0" + entry.manifest_digest.encode(), "profile"))
+                                    b"convstore profile v1\0" + digest.encode(), "profile"))
             if doc.get("version") != 1 or doc.get("manifest") != entry.manifest_digest:
                 return None
             return [(int(a), int(b)) for a, b in doc["chunks"]]
@@ -762,23 +770,18 @@ class Store:
 
         return rekey(self, new if isinstance(new, KeyProvider) else open_key(new, kms_endpoint=kms_endpoint))
 
-    def inspect(self, ref: str) -> dict[str, Any]:
+    def inspect(self, ref: str) -> ImageInfo:
+        """An image's catalog entry, chunking and layers (no key bytes)."""
         e = self.entry(ref)
         m = self.load_manifest(e)
-        return {
-            **e.public(),
-            "domain": m.domain,
-            "chunking": m.chunking.to_json(),
-            "compression_level": m.compression_level,
-            "config_digest": m.config_digest,
-            "config": json.loads(m.config_bytes),
-            "chunks": len(m.chunks),
-            "layers": [{"media_type": l.media_type, "digest": l.digest, "size": l.size, "diff_id": l.diff_id,
-                        "uncompressed_size": l.uncompressed_size, "files": len(l.entries),
-                        "chunks": len(l.chunks)} for l in m.layers],
-        }
+        return ImageInfo(
+            entry=e.public(), domain=dict(m.domain), chunking=m.chunking.to_json(),
+            compression_level=m.compression_level, config_digest=m.config_digest,
+            config=json.loads(m.config_bytes), chunks=len(m.chunks),
+            layers=tuple(LayerInfo(l.media_type, l.digest, l.size, l.diff_id, l.uncompressed_size, len(l.entries),
+                                   len(l.chunks)) for l in m.layers))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StoreStats:
         """Logical, unique-plaintext and stored bytes over every image."""
         logical = 0
         unique: dict[bytes, int] = {}
@@ -788,16 +791,52 @@ class Store:
             logical += m.logical_bytes
             for c in m.chunks:
                 unique[c.cid] = c.size
-        chunk_bytes = self.objects.usage("chunks")
+        chunk_bytes = self.chunks.usage()
         meta_bytes = self.objects.usage("manifests")
         stored = chunk_bytes + meta_bytes
-        return {
-            "images": images,
-            "logical_bytes": logical,
-            "unique_chunks": len(unique),
-            "unique_plaintext_bytes": sum(unique.values()),
-            "stored_bytes": stored,
-            "stored_chunk_bytes": chunk_bytes,
-            "stored_manifest_bytes": meta_bytes,
-            "dedup_ratio": round(logical / stored, 3) if stored else None,
-        }
+        return StoreStats(images, logical, len(unique), sum(unique.values()), stored, chunk_bytes, meta_bytes,
+                          round(logical / stored, 3) if stored else None)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    media_type: str
+    digest: str | None
+    size: int | None
+    diff_id: str
+    uncompressed_size: int
+    files: int
+    chunks: int
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What ``inspect`` shows of one image."""
+
+    entry: dict[str, Any]  # the catalog entry's public fields (CatalogEntry.public)
+    domain: dict[str, Any]
+    chunking: dict[str, Any]
+    compression_level: int
+    config_digest: str
+    config: dict[str, Any]
+    chunks: int
+    layers: tuple[LayerInfo, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {**d.pop("entry"), **d}
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    images: int
+    logical_bytes: int
+    unique_chunks: int
+    unique_plaintext_bytes: int
+    stored_bytes: int
+    stored_chunk_bytes: int
+    stored_manifest_bytes: int
+    dedup_ratio: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

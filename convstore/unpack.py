@@ -105,7 +105,7 @@ def _write_layer(store: Store, manifest: Manifest, layer: LayerRecord, compressi
             # An uncompressed blob is the tar itself: its digest is the diff hash.
             out = _HashingFile(raw, hash=compression != "none")
             if compression == "gzip":
-                comp: Any = igzip_threaded.open(out, "wb", compresslevel=1, threads=2, block_size=1 << 20)  # type: ignore[arg-type]
+                comp: Any = igzip_threaded.open(out, "wb", compresslevel=1, threads=2, block_size=1 << 20)
             elif compression == "zstd":
                 comp = zstandard.ZstdCompressor(level=3, threads=2).stream_writer(out, closefd=False)  # type: ignore[arg-type]
             else:

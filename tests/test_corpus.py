@@ -68,10 +68,10 @@ def test_corpus_umoci_trees_identical(tmp_path, corpus_store, img):
 def test_corpus_stats_against_overlap(corpus_store, corpus):
     s = corpus_store.stats()
     overlap = corpus["overlap"]
-    assert s["images"] == 5
-    assert s["logical_bytes"] == overlap["sum_uncompressed_per_image"]
-    assert s["unique_plaintext_bytes"] <= 1.15 * overlap["unique_file_bytes"], s
-    assert s["stored_bytes"] < overlap["sum_compressed_per_image"], s
+    assert s.images == 5
+    assert s.logical_bytes == overlap["sum_uncompressed_per_image"]
+    assert s.unique_plaintext_bytes <= 1.15 * overlap["unique_file_bytes"], s
+    assert s.stored_bytes < overlap["sum_compressed_per_image"], s
 
 
 @pytest.mark.parametrize("img", CORPUS_IMAGES)

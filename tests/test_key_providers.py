@@ -102,7 +102,7 @@ def test_domains_isolate_and_rotate(tmp_path, store):
     store.rotate_domain("default")
     r4 = store.pack(src_image(tmp_path, "d", data), "d:1", reuse_layers=True)
     assert r4.new_chunks == r1.new_chunks and r4.reused_layers == 0  # new epoch: nothing dedups
-    assert store.inspect("d:1")["domain"]["epoch"] == 2
+    assert store.inspect("d:1").domain["epoch"] == 2
     for ref in ("a:1", "b:1", "c:1", "d:1"):
         store.unpack_oci(ref, f"oci:{tmp_path / 'out'}:{ref.replace(':', '-')}")
     assert [d["epoch"] for d in store.domains() if d["name"] == "default"] == [2]

@@ -91,10 +91,10 @@ def test_stats(tmp_path, store):
     store.pack(f"oci:{tmp_path / 'a'}", "s:a")
     store.pack(f"oci:{tmp_path / 'b'}", "s:b")
     s = store.stats()
-    assert s["images"] == 2
-    assert s["unique_plaintext_bytes"] == len(data)
-    assert s["logical_bytes"] == 2 * len(make_tar([Entry("f", data=data)]))
-    assert len(data) < s["stored_bytes"] < len(data) * 1.1  # random data: raw, plus small manifests
+    assert s.images == 2
+    assert s.unique_plaintext_bytes == len(data)
+    assert s.logical_bytes == 2 * len(make_tar([Entry("f", data=data)]))
+    assert len(data) < s.stored_bytes < len(data) * 1.1  # random data: raw, plus small manifests
 
 
 def test_images_and_inspect(tmp_path, store):
@@ -102,9 +102,10 @@ def test_images_and_inspect(tmp_path, store):
     store.pack(f"oci:{tmp_path / 'a'}", "lib/thing:1.0")
     [e] = store.images()
     assert str(e.ref) == "lib/thing:1.0" and e.layers == 1 and e.state == "active"
-    doc = store.inspect("lib/thing:1.0")
-    assert doc["layers"][0]["files"] == len(tarfile.open(fileobj=__import__("io").BytesIO(rich_layer())).getmembers())
-    assert "wrapped_key" not in json.dumps(doc)
+    info = store.inspect("lib/thing:1.0")
+    assert info.layers[0].files == len(tarfile.open(fileobj=__import__("io").BytesIO(rich_layer())).getmembers())
+    assert info.entry["name"] == "lib/thing" and info.to_json()["tag"] == "1.0"
+    assert "wrapped_key" not in json.dumps(info.to_json())
 
 
 # -- rootfs ---------------------------------------------------------------
@@ -223,7 +224,7 @@ def test_known_layer_is_reused_without_reading(tmp_path, store):
     store.unpack_oci("b:1", f"oci:{tmp_path / 'out'}:b", compress="none")  # verifies every diff_id
     manifest, blob = read_layout(str(tmp_path / "out"), "b")
     assert [blob(d["digest"]) for d in manifest["layers"]] == [l0, l1]
-    assert store.inspect("b:1")["layers"][0]["digest"] == descs["layers"][0]["digest"]
+    assert store.inspect("b:1").layers[0].digest == descs["layers"][0]["digest"]
     r2 = store.pack(f"oci:{tmp_path / 'b'}", "b:2", reuse_layers=False)
     assert r2.reused_layers == 0 and r2.new_chunks == 0
 

@@ -54,7 +54,7 @@ def test_pack_from_registry_source(tmp_path, registry, store):
     assert skopeo.returncode == 0, skopeo.stderr
     store.pack(f"docker://{registry.host}/src/a:v1", "a:1")
     store.pack(f"oci:{tmp_path / 'a'}", "a:local")
-    assert store.inspect("a:1")["layers"][1]["diff_id"] == store.inspect("a:local")["layers"][1]["diff_id"]
+    assert store.inspect("a:1").layers[1].diff_id == store.inspect("a:local").layers[1].diff_id
     with pytest.raises(convstore.SourceNotFound):
         store.pack(f"docker://{registry.host}/src/a:nope", "x:1")
 

@@ -50,7 +50,7 @@ def layer_compression(media_type: str) -> str:
         raise UnsupportedMediaType(f"unsupported layer media type {media_type!r}") from None
 
 
-def check_digest(digest: str) -> str:
+def check_digest(digest: object) -> str:
     """Only sha256 digests: what every registry and tool interoperates on."""
     if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
         raise UnsupportedMediaType(f"unsupported or malformed digest {digest!r} (only sha256 is accepted)")

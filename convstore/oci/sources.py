@@ -202,7 +202,7 @@ class OCILayoutSource(ImageSource):
             f = open(p, "rb", buffering=0)
         except FileNotFoundError:
             raise SourceNotFound(f"{self.ref}: layer blob {d.digest} is missing") from None
-        return VerifyingReader(f, d.digest, d.size, f"layer {d.digest}")  # type: ignore[arg-type]
+        return VerifyingReader(f, d.digest, d.size, f"layer {d.digest}")
 
 
 class DockerArchiveSource(ImageSource):

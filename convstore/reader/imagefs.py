@@ -157,7 +157,7 @@ class ImageFS:
             raise FSError(errno.EISDIR if n.is_dir else errno.EINVAL, path)
         return io.BufferedReader(LazyFile(self, n), buffer_size=128 * 1024)
 
-    def walk(self, path: str = "/"):  # type: ignore[no-untyped-def]
+    def walk(self, path: str = "/"):
         """(path, node) for every entry below ``path``, depth first."""
         start = self.lookup(path, follow=True)
         todo = [(path.rstrip("/") or "/", start)]

@@ -189,6 +189,7 @@ class PackSet:
                     continue
                 raise KeyError(cid.hex())
             pack, off, ln = loc
+            assert pack is not None  # an unpublished chunk was returned above
             try:
                 data = os.pread(self._fd(pack), ln, off)
             except FileNotFoundError:

@@ -79,7 +79,7 @@ class SlowStore(ObjectStore):
     def append_line(self, key: str, line: str) -> None:
         self.inner.append_line(key, line)
 
-    def lock(self, name: str, shared: bool = False):  # type: ignore[no-untyped-def]
+    def lock(self, name: str, shared: bool = False):
         return self.inner.lock(name, shared)
 
     def usage(self, prefix: str) -> int:
