@@ -31,7 +31,6 @@ import convstore  # noqa: E402
 from convstore.reader import ImageFS  # noqa: E402
 from convstore.reader.fuse import BackgroundMount  # noqa: E402
 from convstore.reader.run import PREFETCH_ON_OPEN, _runc_bundle, process_spec, run_image  # noqa: E402
-from convstore.stores.slow import SlowStore  # noqa: E402
 
 SETTINGS = [(0.002, 200e6), (0.020, 100e6)]
 
@@ -84,7 +83,7 @@ def main() -> None:
             for img in args.images:
                 ref = f"{img}:latest"
                 size = base.entry(ref).logical_bytes
-                slow = base.with_objects(SlowStore(base.objects, lat, bw))
+                slow = base.throttled(lat, bw)
                 cold, fetch, fuse_bytes = lazy_run(slow, ref, prefetch=False)  # also records the profile
                 prof, pfetch, _ = lazy_run(slow, ref, prefetch=True)
                 full = unpack_then_run(slow, ref, w)

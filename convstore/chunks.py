@@ -1,15 +1,16 @@
-"""The chunk seam: where a chunk id becomes a stored object and back.
+"""The chunk seam: the one encrypt->store and fetch->decrypt->check path.
 
 Every module goes through :class:`Chunks` to store, find, read and drop
-chunks; nothing else spells the ``chunks/`` key prefix.  Reading is one path:
-fetch -> decrypt -> check against the manifest's identity
-(:func:`~convstore.crypto.decrypt_chunk`).
+chunks, over the backend's :class:`~convstore.stores.base.ChunkStore`.
+Reading is one path: fetch -> decrypt -> check against the manifest's
+identity (:func:`~convstore.crypto.decrypt_chunk`).
 
 Self-healing dedup: a stored chunk that is corrupt (it fails authentication,
 or decrypts to other bytes than its manifest names) would otherwise stay a
 dedup target forever, and every later pack of the same content would
 produce an unreadable image.  When a read finds one, it is *quarantined*:
-its blob is copied to ``quarantine/<cid>`` (evidence; ciphertext only) and
+its blob is copied to the metadata object ``quarantine/<cid hex>`` (evidence;
+ciphertext only) and
 the chunk is deleted, so the next pack of that content stores a good copy.
 A chunk is only quarantined after a second read gives the same corrupt bytes
 (a transient transport error never deletes a good chunk).
@@ -22,54 +23,63 @@ import logging
 from collections.abc import Iterable, Iterator
 
 from .crypto import ChunkIdentity, decrypt_chunk
-from .errors import ChunkMissing, CorruptObject
-from .stores.base import ObjectStore
+from .errors import ChunkMissing, ConvstoreError, CorruptObject
+from .crypto import encrypt_chunk
+from .stores.base import ChunkStore, ObjectStore
 
-PREFIX = "chunks/"
 QUARANTINE = "quarantine/"
 log = logging.getLogger("convstore")
 
 
-def chunk_key(cid: bytes) -> str:
-    return PREFIX + cid.hex()
-
-
 class Chunks:
-    """Chunks by id over an :class:`ObjectStore`."""
+    """Chunks by id over a :class:`ChunkStore` (``store``); ``objects`` is
+    the metadata store that keeps quarantined blobs."""
 
-    __slots__ = ("objects",)
+    __slots__ = ("store", "objects")
 
-    def __init__(self, objects: ObjectStore) -> None:
+    def __init__(self, store: ChunkStore, objects: ObjectStore) -> None:
+        self.store = store
         self.objects = objects
 
     # -- writing ------------------------------------------------------------
     def has(self, cid: bytes) -> bool:
-        return self.objects.has(chunk_key(cid))
+        return self.store.has(cid)
 
-    def put(self, cid: bytes, blob: bytes, *, durable: bool = False) -> None:
-        self.objects.put(chunk_key(cid), blob, durable=durable)
+    def put(self, cid: bytes, blob: bytes) -> None:
+        """Store an encrypted blob (durable and visible at :meth:`flush`)."""
+        self.store.put(cid, blob)
+
+    def put_plain(self, plain: bytes | memoryview, ident: ChunkIdentity, level: int) -> int:
+        """Encrypt and store one chunk unless present; its stored size, or -1 if it was there."""
+        if self.store.has(ident.cid):
+            return -1
+        blob = encrypt_chunk(plain, ident, level)
+        self.store.put(ident.cid, blob)
+        return len(blob)
 
     def flush(self) -> None:
-        self.objects.flush()
+        self.store.flush()
 
     def abort(self) -> None:
-        self.objects.abort()
+        self.store.abort()
 
     def delete(self, cids: Iterable[bytes]) -> None:
-        self.objects.delete_many([chunk_key(c) for c in cids])
+        self.store.delete(list(cids))
 
     # -- reading ------------------------------------------------------------
     def blob(self, cid: bytes, what: str = "") -> bytes:
         """The stored (encrypted) blob; :class:`ChunkMissing` if absent."""
         try:
-            return self.objects.get(chunk_key(cid))
+            return self.store.get(cid)
         except KeyError:
             raise ChunkMissing(f"{what + ': ' if what else ''}chunk {cid.hex()} is missing") from None
 
     def blobs(self, cids: list[bytes]) -> dict[bytes, bytes]:
         """Several blobs at once (coalesced where the backend can)."""
-        got = self.objects.get_many([chunk_key(c) for c in cids])
-        return {c: got[chunk_key(c)] for c in cids}
+        try:
+            return self.store.get_many(cids)
+        except KeyError as e:
+            raise ChunkMissing(f"chunk {e.args[0] if e.args else ''} is missing") from None
 
     def open(self, blob: bytes, ident: ChunkIdentity) -> bytes:
         """Decrypt and check ``blob`` against ``ident``; a corrupt stored chunk is quarantined."""
@@ -86,9 +96,9 @@ class Chunks:
 
     def quarantine(self, ident: ChunkIdentity, blob: bytes) -> bool:
         """Move a chunk that is corrupt *as stored* out of the dedup index."""
-        self.objects.evict(chunk_key(ident.cid))  # a cache's copy may be the damaged one
+        self.store.evict(ident.cid)  # a cache's copy may be the damaged one
         try:
-            again = self.objects.get(chunk_key(ident.cid))
+            again = self.store.get(ident.cid)
         except KeyError:
             return False
         if not hmac.compare_digest(again, blob):
@@ -98,12 +108,12 @@ class Chunks:
             return False
         except CorruptObject:
             pass
-        if not self.objects.supports_deletes:
+        if not self.store.supports_deletes:
             return False
         try:
             self.objects.put(QUARANTINE + ident.cid.hex(), blob, durable=False)
-            self.objects.delete(chunk_key(ident.cid))
-        except (OSError, KeyError, CorruptObject):
+            self.store.delete([ident.cid])
+        except (OSError, KeyError, ConvstoreError):
             return False
         log.warning("chunk %s is corrupt in the store: quarantined, the next pack of its content stores it again",
                     ident.cid.hex())
@@ -111,11 +121,10 @@ class Chunks:
 
     # -- enumeration --------------------------------------------------------
     def ids(self) -> Iterator[bytes]:
-        for k in self.objects.list(PREFIX):
-            yield bytes.fromhex(k[len(PREFIX):])
+        return self.store.ids()
 
     def size(self, cid: bytes) -> int:
-        return self.objects.size(chunk_key(cid))
+        return self.store.size(cid)
 
     def usage(self) -> int:
-        return self.objects.usage(PREFIX.rstrip("/"))
+        return self.store.usage()

@@ -24,7 +24,7 @@ from typing import Any
 import zstandard
 
 from .chunking import ChunkParams, StreamChunker
-from .crypto import ChunkIdentity, encrypt_chunk, identify_chunk
+from .crypto import ChunkIdentity, identify_chunk
 from .errors import DigestMismatch
 from .manifest import LayerRecord, Manifest
 from .oci.media import HashingReader
@@ -86,11 +86,7 @@ class _ChunkSink:
         ident = identify_chunk(plain, self._dkey)
         if ident.cid in self._index:
             return ident, -1
-        if self._chunks.has(ident.cid):
-            return ident, -1
-        blob = encrypt_chunk(plain, ident, self._level)
-        self._chunks.put(ident.cid, blob)
-        return ident, len(blob)
+        return ident, self._chunks.put_plain(plain, ident, self._level)
 
     def __call__(self, plain: bytes) -> None:
         self._inflight.append(self._pool.submit(self._work, plain))
@@ -166,7 +162,7 @@ def pack(
             store.begin_pack(iref, src.ref)
             return _pack(store, src, iref, dom, params, level, workers, progress, reuse_layers, t0)
     except BaseException as e:
-        store.objects.abort()  # unpublished chunks of a failed pack are dropped
+        store.chunks.abort()  # unpublished chunks of a failed pack are dropped
         store.abort_pack(iref, e)
         raise
 
@@ -232,7 +228,7 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
             source_manifest_bytes=src.manifest_bytes, annotations=src.annotations,
             layers=layers, chunks=table, created=_now(),
         )
-        store.objects.flush()  # chunks durable before anything references them
+        store.chunks.flush()  # chunks durable before anything references them
         digest, wrapped = store.put_manifest(manifest)
         store.finish_pack(iref, digest, wrapped, manifest.created, src.ref, manifest.logical_bytes, len(layers))
         store.record_layers(dom, manifest, digest, wrapped)

@@ -98,6 +98,6 @@ def rekey(store: Store, new: KeyProvider) -> RekeyReport:
         rec.update(key_id=new.key_id, wrapped_key=base64.b64encode(new.wrap(dek, ctx)).decode())
         store.put_layer_record(k, rec)
         layers += 1
-    store.objects.flush()
+    store.objects.flush()  # the layer-index records
     store.rewrap_metadata_key(old, new)
     return RekeyReport(old.key_id, new.key_id, images, domains, layers, skipped, time.perf_counter() - t0)

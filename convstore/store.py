@@ -52,8 +52,8 @@ from .keys.audit import AUDIT_LOG, AuditedKeyProvider, parse_audit
 from .manifest import LayerRecord, Manifest
 from .options import StoreOptions
 from .refs import ImageRef
-from .stores.base import ObjectStore
-from .stores.local import LocalStore
+from .stores.base import ChunkStore, ObjectStore
+from .stores.local import LocalChunkStore, LocalStore
 from .trust import TrustState, default_state_dir
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from .progress import Progress
     from .rekey import RekeyReport
     from .rootfs import RootfsResult
+    from .stores.slow import Link
     from .unpack import UnpackResult
 
 log = logging.getLogger("convstore")
@@ -134,10 +135,14 @@ class Domain:
 class Store:
     """A convstore image store.  Open with :meth:`Store.open`."""
 
-    def __init__(self, objects: ObjectStore, key: KeyProvider, *, clock: Callable[[], float] = time.time,
+    def __init__(self, objects: ObjectStore, key: KeyProvider, *, chunk_store: ChunkStore,
+                 clock: Callable[[], float] = time.time,
                  inactive_after: float = DEFAULT_INACTIVE_AFTER, key_cache_ttl: float = 300.0,
                  options: StoreOptions | None = None, state_dir: str | None = None, allow_rollback: bool = False):
         self.objects = objects
+        self.chunk_store = chunk_store
+        #: the simulated link of a throttled() view (measurement), else None
+        self.link: Link | None = None
         self.key: KeyProvider = key if isinstance(key, AuditedKeyProvider) else \
             AuditedKeyProvider(key, self._audit, ttl=key_cache_ttl)
         self.clock = clock
@@ -157,7 +162,7 @@ class Store:
     @property
     def chunks(self) -> Chunks:
         """The chunk seam: the one encrypt->store and fetch->decrypt->check path."""
-        return Chunks(self.objects)
+        return Chunks(self.chunk_store, self.objects)
 
     @classmethod
     def open_registry(cls, url: str, key: KeyProvider, *, insecure: bool = False, username: str | None = None,
@@ -165,20 +170,27 @@ class Store:
                       **kw: Any) -> Store:
         """A store in an OCI registry (``oci://HOST[:PORT]/REPO``), read
         through a bounded local cache."""
-        from .stores.cache import CachedStore
-        from .stores.registry import RegistryStore
+        from .stores.cache import CachedChunkStore, CachedStore, DiskCache
+        from .stores.registry import open_registry
 
-        remote = RegistryStore(url, insecure=insecure, username=username, password=password)
+        meta, chunks = open_registry(url, insecure=insecure, username=username, password=password)
         cache_dir = cache_dir or default_cache_dir(url)
         kw.setdefault("options", StoreOptions(path=url, key=key.spec, insecure=insecure, username=username,
                                               password=password, cache_dir=cache_dir, cache_bytes=cache_bytes))
-        return cls(CachedStore(remote, cache_dir, cache_bytes), key, **kw)
+        cache = DiskCache(cache_dir, cache_bytes)
+        return cls(CachedStore(meta, cache), key, chunk_store=CachedChunkStore(chunks, cache), **kw)
 
-    def with_objects(self, objects: ObjectStore) -> Store:
-        """The same store seen through another object layer (e.g. SlowStore)."""
+    def throttled(self, latency_s: float, bandwidth_bps: float) -> Store:
+        """The same store behind a simulated link (latency per request, shared
+        bandwidth; ``.link`` of the result counts requests and bytes)."""
+        from .stores.slow import Link, SlowChunkStore, SlowStore
+
+        link = Link(latency_s, bandwidth_bps)
         other = Store.__new__(Store)
         other.__dict__.update(self.__dict__)
-        other.objects = objects
+        other.objects = SlowStore(self.objects, link)
+        other.chunk_store = SlowChunkStore(self.chunk_store, link)
+        other.link = link
         return other
 
     @classmethod
@@ -195,7 +207,7 @@ class Store:
             raise StoreError(f"the key file {kp} lies inside the store {path}: keep master keys apart from data")
         kw.setdefault("options", StoreOptions(path=path, key=provider.spec,
                                               kms_endpoint=kms_endpoint or getattr(provider, "endpoint", None)))
-        return cls(LocalStore(path), provider, **kw)
+        return cls(LocalStore(path), provider, chunk_store=LocalChunkStore(path), **kw)
 
     @classmethod
     def open_with(cls, options: StoreOptions) -> Store:
@@ -217,10 +229,7 @@ class Store:
                             key=options.key or s.key.spec,
                             kms_endpoint=options.kms_endpoint or getattr(s.key, "endpoint", None))
         if options.latency_ms or options.bandwidth_mbps:
-            from .stores.slow import SlowStore
-
-            s = s.with_objects(SlowStore(s.objects, options.latency_ms / 1e3,
-                                         (options.bandwidth_mbps or 1e6) * 1e6))
+            s = s.throttled(options.latency_ms / 1e3, (options.bandwidth_mbps or 1e6) * 1e6)
         return s
 
     def __repr__(self) -> str:
@@ -612,6 +621,7 @@ class Store:
     def finish_pack(self, ref: ImageRef, manifest_digest: str, wrapped: bytes, created: str, source: str,
                     logical_bytes: int, layers: int) -> CatalogEntry:
         """Atomically point ``ref`` at a complete, durable image: ACTIVE."""
+        self.chunk_store.flush()
         self.objects.flush()
         now = self.clock()
 

@@ -71,11 +71,11 @@ def _copy(src: Store, dst: Store, entry: CatalogEntry, manifest: Manifest, targe
         with ThreadPoolExecutor(workers, thread_name_prefix="convstore-copy") as pool:
             for n in pool.map(copy, batches):
                 sent += n
-        dst.objects.flush()
+        dst.chunks.flush()
         digest, wrapped = dst.put_manifest(manifest)
         dst.finish_pack(target, digest, wrapped, manifest.created, entry.source, entry.logical_bytes, entry.layers)
     except BaseException:
-        dst.objects.abort()
+        dst.chunks.abort()
         raise
     finally:
         progress.finish()

@@ -165,8 +165,8 @@ def test_tampered_manifest_detected(tmp_path, store, good):
 
 
 def test_missing_and_corrupt_chunk_on_unpack(tmp_path, store, good):
-    cids = list(store.objects.list("chunks"))
-    store.objects.delete(cids[0])
+    cids = list(store.chunks.ids())
+    store.chunks.delete(cids[:1])
     with pytest.raises((convstore.ChunkMissing,)):
         store.unpack_oci("keep:1", f"oci:{tmp_path / 'out'}")
     assert not os.path.exists(tmp_path / "out" / "index.json")

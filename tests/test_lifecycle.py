@@ -171,14 +171,14 @@ def test_gc_frees_exactly_what_removed_images_used(tmp_path, cstore):
         cstore.pack(f"oci:{shared_and_own(tmp_path, n, shared)}", f"{n}:1")
     used = {n: {c.cid for c in cstore.manifest(f"{n}:1").chunks} for n in ("a", "b", "c")}
     only_removed = (used["a"] | used["b"]) - used["c"]
-    expect = sum(cstore.objects.size("chunks/" + c.hex()) for c in only_removed)
+    expect = sum(cstore.chunks.size(c) for c in only_removed)
     manifests = sum(cstore.objects.size("manifests/" + cstore.entry(f"{n}:1").manifest_digest.split(":")[1])
                     for n in ("a", "b"))
     cstore.rm("a:1")
     cstore.rm("b:1")
     dry = cstore.gc(dry_run=True)
     assert dry.chunk_bytes_freed == expect and dry.chunks_removed == len(only_removed)
-    assert len(list(cstore.objects.list("chunks"))) == len(used["a"] | used["b"] | used["c"])  # nothing yet
+    assert len(list(cstore.chunks.ids())) == len(used["a"] | used["b"] | used["c"])  # nothing yet
     r = cstore.gc()
     assert (r.chunks_removed, r.chunk_bytes_freed, r.manifest_bytes_freed) == (len(only_removed), expect, manifests)
     assert r.store_bytes_after < r.store_bytes_before
@@ -217,18 +217,17 @@ def test_verify_reports_and_repairs(tmp_path, cstore, cli_env):
     ma, mb = cstore.manifest("a:1"), cstore.manifest("b:1")
     common = ({c.cid for c in ma.chunks} & {c.cid for c in mb.chunks}).pop()
     only_a = ({c.cid for c in ma.chunks} - {c.cid for c in mb.chunks}).pop()
-    key = "chunks/" + common.hex()
-    blob = bytearray(cstore.objects.get(key))
+    blob = bytearray(cstore.chunks.blob(common))
     blob[40] ^= 1
-    cstore.objects.delete(key)
-    cstore.objects.put(key, bytes(blob))
-    cstore.objects.delete("chunks/" + only_a.hex())
+    cstore.chunks.delete([common, only_a])
+    cstore.chunks.put(common, bytes(blob))
+    cstore.chunks.flush()
     env = dict(cli_env, CONVSTORE_STORE=cstore.objects.root)
     p = run_cli(env, "verify", check=False)
     assert p.returncode == 1 and f"corrupt chunk {common.hex()} used by a:1, b:1" in p.stdout
     # the corrupt chunk was quarantined (kept aside as evidence, no longer a dedup target)
     cstore = convstore.Store.open(cstore.objects.root, cstore.options.key)  # sees the other process's changes
-    assert not cstore.objects.has(key) and cstore.objects.get("quarantine/" + common.hex()) == bytes(blob)
+    assert not cstore.chunks.has(common) and cstore.objects.get("quarantine/" + common.hex()) == bytes(blob)
     r = cstore.verify()
     assert not r.clean and r.corrupt == {}
     assert r.missing == {common.hex(): ["a:1", "b:1"], only_a.hex(): ["a:1"]}
@@ -269,7 +268,6 @@ def test_gc_cleans_dead_writers_leftovers(tmp_path, cstore):
 def test_gc_waits_for_a_copy_into_the_store(tmp_path, cstore, keyfile):
     """A pull relies on chunks it found in the destination: gc must not sweep
     them before the pulled image is published."""
-    from convstore.stores.slow import SlowStore
     from convstore.transfer import copy_image
 
     shared = [Entry("shared", data=os.urandom(400_000))]
@@ -277,7 +275,7 @@ def test_gc_waits_for_a_copy_into_the_store(tmp_path, cstore, keyfile):
     src.pack(f"oci:{shared_and_own(tmp_path, 'a', shared)}", "a:1")
     cstore.pack(f"oci:{shared_and_own(tmp_path, 'b', shared)}", "b:1")
     cstore.rm("b:1")  # the shared chunks are now garbage in the destination, until a:1 arrives
-    slow = src.with_objects(SlowStore(src.objects, 0.05, 1e9))
+    slow = src.throttled(0.05, 1e9)
     order = []
     t = threading.Thread(target=lambda: (copy_image(slow, cstore, "a:1"), order.append("copy")))
     t.start()

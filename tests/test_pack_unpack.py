@@ -233,7 +233,7 @@ def test_layer_reuse_falls_back_when_chunks_are_gone(tmp_path, store):
     l0 = rich_layer()
     write_oci(str(tmp_path / "a"), [l0])
     store.pack(f"oci:{tmp_path / 'a'}", "a:1")
-    store.objects.delete(next(iter(store.objects.list("chunks"))))
+    store.chunks.delete([next(iter(store.chunks.ids()))])
     r = store.pack(f"oci:{tmp_path / 'a'}", "a:2")
     assert r.reused_layers == 0 and r.new_chunks == 1
     store.unpack_oci("a:2", f"oci:{tmp_path / 'out'}")

@@ -18,7 +18,6 @@ from treecmp import walk
 import convstore
 from convstore.reader import FSError, ImageFS
 from convstore.reader.fuse import BackgroundMount
-from convstore.stores.slow import SlowStore
 
 BIG = os.urandom(3_000_000)
 
@@ -91,7 +90,7 @@ def test_small_cache_evicts_and_stays_correct(image):
 
 
 def test_concurrent_readers_share_fetches(tmp_path, image):
-    slow = image.with_objects(SlowStore(image.objects, 0.05, 1e9))
+    slow = image.throttled(0.05, 1e9)
     with ImageFS.from_store(slow, "lazy:1", readahead=0) as fs:
         results = []
         ts = [threading.Thread(target=lambda: results.append(fs.open("/big.bin").raw.read(1000))) for _ in range(8)]
@@ -104,19 +103,21 @@ def test_concurrent_readers_share_fetches(tmp_path, image):
 
 
 def test_slow_store_delays(image):
-    slow = SlowStore(image.objects, 0.03, 1e6)
-    key = next(iter(image.objects.list("chunks")))
+    slow = image.throttled(0.03, 1e6)
+    cid = next(iter(image.chunks.ids()))
     t = time.monotonic()
-    n = len(slow.get(key))
+    n = len(slow.chunks.blob(cid))
     assert time.monotonic() - t >= 0.03 + n / 1e6 * 0.9
+    assert slow.link is not None and slow.link.requests == 1 and slow.link.bytes == n
 
 
 def test_missing_chunk_is_eio_not_a_hang(image, tmp_path, caplog):
     with ImageFS.from_store(image, "lazy:1") as fs:
         node = fs.lookup("/big.bin")
         layer = fs.manifest.layers[node.layer]
-        victim = fs.manifest.chunks[layer.chunks[len(layer.chunks) // 2]].cid.hex()
-        image.objects.delete("chunks/" + victim)
+        victim_cid = fs.manifest.chunks[layer.chunks[len(layer.chunks) // 2]].cid
+        victim = victim_cid.hex()
+        image.chunks.delete([victim_cid])
         with pytest.raises(convstore.ChunkMissing):
             fs.open("/big.bin").read()
         with BackgroundMount(fs, str(tmp_path / "mnt")):
@@ -135,11 +136,11 @@ def test_corrupt_chunk_is_eio(image, tmp_path):
         node = fs.lookup("/big.bin")
         k = bisect.bisect_right(fs.fetcher._starts[node.layer], node.offset) - 1
         cid = fs.manifest.chunks[fs.manifest.layers[node.layer].chunks[k]].cid
-        key = "chunks/" + cid.hex()
-        blob = bytearray(image.objects.get(key))
+        blob = bytearray(image.chunks.blob(cid))
         blob[-3] ^= 0xFF
-        image.objects.delete(key)
-        image.objects.put(key, bytes(blob))
+        image.chunks.delete([cid])
+        image.chunks.put(cid, bytes(blob))
+        image.chunks.flush()
         with BackgroundMount(fs, str(tmp_path / "mnt")):
             with pytest.raises(OSError) as e:
                 open(tmp_path / "mnt" / "big.bin", "rb").read(10)

@@ -72,11 +72,11 @@ def test_lazy_read_through_cache_tier(tmp_path, registry, store):
     with ImageFS.from_store(worker, "a:1") as fs:
         assert fs.open("/d/small.txt").read() == b"hello world\n"
         fetched = fs.fetcher.stats.chunks_fetched
-    assert 1 <= fetched <= 3 and worker.objects.misses >= 1
-    hits = worker.objects.hits
+    assert 1 <= fetched <= 3 and worker.objects.cache.misses >= 1
+    hits = worker.objects.cache.hits
     with ImageFS.from_store(worker, "a:1") as fs:  # a restart: served from the cache on disk
         fs.open("/d/small.txt").read()
-    assert worker.objects.hits > hits
+    assert worker.objects.cache.hits > hits
 
 
 def test_cache_is_bounded(tmp_path, registry, store):
@@ -88,7 +88,7 @@ def test_cache_is_bounded(tmp_path, registry, store):
     copy_image(store, convstore.Store.open(url, store.key, insecure=True, cache_dir=str(tmp_path / "c0")), "b:1")
     w = convstore.Store.open(url, store.key, insecure=True, cache_dir=str(tmp_path / "cb"), cache_bytes=300_000)
     w.unpack_oci("b:1", f"oci:{tmp_path / 'o'}")  # reads every chunk (>1 MB) through a 300 kB cache
-    assert w.objects.cached_bytes() <= 300_000
+    assert w.objects.cache.cached_bytes() <= 300_000
 
 
 def test_unreachable_registry_one_line(tmp_path, cli_env):

@@ -25,7 +25,6 @@ from imagebuilder import Entry, make_tar, write_oci
 
 import convstore
 from convstore.errors import ConvstoreError, CorruptObject, RollbackDetected, TamperedObject
-from convstore.chunks import chunk_key
 from convstore.reader import ImageFS
 from convstore.stores.base import ObjectStore
 
@@ -279,8 +278,9 @@ def test_corrupt_chunk_is_quarantined_and_the_next_pack_heals(tmp_path: Path, st
     victim = max(m.chunks, key=lambda c: c.size)
     blob = bytearray(store.chunks.blob(victim.cid))
     blob[-1] ^= 1
-    store.objects.delete(chunk_key(victim.cid))
-    store.objects.put(chunk_key(victim.cid), bytes(blob))
+    store.chunks.delete([victim.cid])
+    store.chunks.put(victim.cid, bytes(blob))
+    store.chunks.flush()
     with ImageFS.from_store(store, "h:1") as fs:
         with pytest.raises(CorruptObject):
             fs.open("/payload").read()

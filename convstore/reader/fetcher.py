@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from ..chunks import Chunks
 from ..errors import ChunkMissing
 from ..manifest import Manifest
-from ..stores.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +38,9 @@ class FetchStats:
 class ChunkFetcher:
     """Serves byte ranges of layer content streams from the store."""
 
-    def __init__(self, objects: ObjectStore, manifest: Manifest, *, cache_bytes: int = 256 << 20,
+    def __init__(self, chunks: Chunks, manifest: Manifest, *, cache_bytes: int = 256 << 20,
                  workers: int = 8, readahead: int = 4):
-        self.objects = objects
-        self.chunks = Chunks(objects)
+        self.chunks = chunks
         self.manifest = manifest
         self.cache_bytes = cache_bytes
         self.readahead = readahead

@@ -66,7 +66,7 @@ class ImageFS:
                    readahead: int = 8, prefetch_on_open: int = 0) -> ImageFS:
         """Open ``ref``: loads (and authenticates) its manifest, reads no chunk."""
         entry, manifest = store.open_image(ref)
-        fs = cls(manifest, ChunkFetcher(store.objects, manifest, cache_bytes=cache_bytes, workers=workers,
+        fs = cls(manifest, ChunkFetcher(store.chunks, manifest, cache_bytes=cache_bytes, workers=workers,
                                         readahead=readahead), prefetch_on_open)
         fs.entry = entry
         return fs

@@ -1,16 +1,23 @@
-"""The storage seam: a small key -> bytes store, modelled on zarr v3's Store.
+"""The storage seams, modelled on zarr v3's small Store ABC.
 
-Keys are ``/``-separated paths.  convstore uses four prefixes:
+Two stores make a backend:
 
-* ``chunks/<cid hex>``         encrypted chunk blobs (write-once, immutable; a
-                               backend may pack many into one file)
-* ``manifests/<sha256 hex>``   sealed image manifests (write-once)
-* ``refs/<name>:<tag>``        catalog entries (replaced atomically)
-* ``domains/<name>``           wrapped convergence-domain secrets
-* ``store.json``               the store's identity and format version
+* :class:`ChunkStore` -- encrypted chunk blobs by chunk id: write-once,
+  immutable, many of them (a backend packs them into larger files or blobs).
+  Only :mod:`convstore.chunks` uses it.
+* :class:`ObjectStore` -- the small metadata store: ``/``-separated keys to
+  bytes, with exclusive puts, listing, locks and an append-only log.  Keys:
+
+  * ``manifests/<sha256 hex>``   sealed image manifests (write-once)
+  * ``refs/<name>:<tag>``        catalog entries (replaced atomically)
+  * ``domains/<name>``           convergence-domain records
+  * ``layers/<hex>``             layer-index records
+  * ``profiles/<sha256 hex>``    sealed start-up profiles
+  * ``quarantine/<cid hex>``     corrupt chunk blobs kept as evidence
+  * ``store.json``               the store's identity, format and metadata key
 
 Every ``put`` is atomic: a reader sees the old value or the new one, never
-a partial object.
+a partial object.  Capability flags say what a backend can do, and are read.
 """
 
 from __future__ import annotations
@@ -22,25 +29,63 @@ from contextlib import AbstractContextManager
 from ..errors import StoreError
 
 
+class ChunkStore(ABC):
+    """Chunk blobs by chunk id (32 bytes).  Puts are buffered until
+    :meth:`flush` makes them durable and visible together; :meth:`abort`
+    drops what was not flushed."""
+
+    supports_deletes: bool = True
+
+    @abstractmethod
+    def has(self, cid: bytes) -> bool: ...
+
+    @abstractmethod
+    def get(self, cid: bytes) -> bytes:
+        """The blob; raises KeyError if absent."""
+
+    def get_many(self, cids: list[bytes]) -> dict[bytes, bytes]:
+        """Several blobs at once (backends coalesce requests where they can)."""
+        return {c: self.get(c) for c in cids}
+
+    @abstractmethod
+    def put(self, cid: bytes, blob: bytes) -> None:
+        """Store a blob (a no-op if the id is present), durable at the next :meth:`flush`."""
+
+    @abstractmethod
+    def flush(self) -> None: ...
+
+    def abort(self) -> None:
+        """Drop puts not yet flushed (after a failed operation)."""
+
+    @abstractmethod
+    def delete(self, cids: list[bytes]) -> None: ...
+
+    @abstractmethod
+    def ids(self) -> Iterator[bytes]:
+        """Every stored chunk id, in no particular order."""
+
+    @abstractmethod
+    def size(self, cid: bytes) -> int: ...
+
+    @abstractmethod
+    def usage(self) -> int:
+        """Stored bytes of all chunks."""
+
+    def evict(self, cid: bytes) -> None:
+        """Drop any local copy (caches override this), so that the next read
+        goes to the source of truth."""
+
+
 class ObjectStore(ABC):
-    """Minimal storage backend.  Capability flags instead of probing."""
+    """The metadata store.  Capability flags instead of probing."""
 
     supports_writes: bool = True
     supports_deletes: bool = True
-    supports_ranges: bool = False
     supports_locking: bool = True
 
     @abstractmethod
     def get(self, key: str) -> bytes:
         """The object's bytes; raises KeyError if absent."""
-
-    def get_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)``; backends with ranged reads override this."""
-        return self.get(key)[start:end]
-
-    def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        """Several objects at once (backends coalesce requests where they can)."""
-        return {k: self.get(k) for k in keys}
 
     @abstractmethod
     def has(self, key: str) -> bool: ...
@@ -49,22 +94,14 @@ class ObjectStore(ABC):
     def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
         """Store ``data`` atomically.  With ``exclusive``, do nothing and
         return False if the key exists.  ``durable=False`` defers the fsync to
-        the next :meth:`flush` (batched durability for chunk writes)."""
+        the next :meth:`flush` (batched durability for hints)."""
 
     @abstractmethod
     def delete(self, key: str) -> None: ...
 
     def delete_many(self, keys: list[str]) -> None:
-        """Delete several objects (backends batch this where it pays)."""
         for k in keys:
             self.delete(k)
-
-    def abort(self) -> None:
-        """Discard unpublished non-durable puts (after a failed operation)."""
-
-    def evict(self, key: str) -> None:
-        """Drop any local copy of ``key`` (caches override this), so that the
-        next read goes to the source of truth."""
 
     @abstractmethod
     def list(self, prefix: str) -> Iterator[str]:
@@ -75,6 +112,9 @@ class ObjectStore(ABC):
 
     def flush(self) -> None:
         """Make every earlier non-durable put durable."""
+
+    def evict(self, key: str) -> None:
+        """Drop any local copy of ``key`` (caches override this)."""
 
     def lock(self, name: str, shared: bool = False) -> AbstractContextManager[None]:
         """An inter-process lock (exclusive, or shared with other shared holders)."""

@@ -1,11 +1,12 @@
-"""A bounded local cache in front of a remote store (Lambda's worker cache).
+"""A bounded local cache in front of a remote backend (Lambda's worker cache).
 
-Immutable objects (chunks and sealed manifests: their names are their
-content) are read through a directory of files; everything mutable (catalog
-entries, domains) always goes to the remote.  The cache survives restarts,
-is bounded in bytes with LRU eviction (file mtime is the recency, touched on
-every hit), and is safe with several processes: files appear by atomic
-rename and eviction runs under an flock.
+Immutable objects -- chunks, and sealed manifests (their names are their
+content) -- are read through one directory of files (:class:`DiskCache`);
+everything mutable (catalog entries, domains) always goes to the remote.  The
+cache survives restarts, is bounded in bytes with LRU eviction (file mtime is
+the recency, touched on every hit), and is safe with several processes:
+files appear by atomic rename and eviction runs under an flock.  Its
+directories are 0700 and its files 0600.
 """
 
 from __future__ import annotations
@@ -16,24 +17,21 @@ import os
 import secrets
 import threading
 from collections.abc import Iterator
-from typing import Any
+from contextlib import AbstractContextManager
 
-from .base import ObjectStore
+from .base import ChunkStore, ObjectStore
 from .local import append_line
 from .packs import makedirs_private
 
-IMMUTABLE = ("chunks/", "manifests/")
+IMMUTABLE_OBJECTS = ("manifests/",)
 
 
-class CachedStore(ObjectStore):
-    supports_ranges = True
+class DiskCache:
+    """Bytes by name in files under ``dir/objects``, bounded by ``max_bytes``."""
 
-    def __init__(self, remote: ObjectStore, cache_dir: str, max_bytes: int = 2 << 30):
-        self.remote = remote
+    def __init__(self, cache_dir: str, max_bytes: int = 2 << 30):
         self.dir = os.path.abspath(cache_dir)
         self.max_bytes = max_bytes
-        self.supports_locking = remote.supports_locking
-        self.supports_deletes = remote.supports_deletes
         makedirs_private(os.path.join(self.dir, "objects"))
         makedirs_private(os.path.join(self.dir, "tmp"))
         self._lock = threading.Lock()
@@ -41,10 +39,10 @@ class CachedStore(ObjectStore):
         self.hits = self.misses = 0
 
     def __repr__(self) -> str:
-        return f"CachedStore({self.remote!r}, {self.dir!r})"
+        return f"DiskCache({self.dir!r})"
 
-    def _path(self, key: str) -> str:
-        h = hashlib.sha256(key.encode()).hexdigest()
+    def _path(self, name: str) -> str:
+        h = hashlib.sha256(name.encode()).hexdigest()
         return os.path.join(self.dir, "objects", h[:2], h)
 
     def _scan(self) -> int:
@@ -57,8 +55,25 @@ class CachedStore(ObjectStore):
                     pass
         return total
 
-    def _store_local(self, key: str, data: bytes) -> None:
-        p = self._path(key)
+    def get(self, name: str) -> bytes | None:
+        p = self._path(name)
+        try:
+            with open(p, "rb") as f:
+                data = f.read()
+            os.utime(p)
+        except FileNotFoundError:
+            with self._lock:
+                self.misses += 1
+            return None
+        with self._lock:
+            self.hits += 1
+        return data
+
+    def contains(self, name: str) -> bool:
+        return os.path.exists(self._path(name))
+
+    def put(self, name: str, data: bytes) -> None:
+        p = self._path(name)
         makedirs_private(os.path.dirname(p))
         tmp = os.path.join(self.dir, "tmp", secrets.token_hex(8))
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
@@ -69,6 +84,15 @@ class CachedStore(ObjectStore):
             over = self._size > self.max_bytes
         if over:
             self._evict()
+
+    def drop(self, name: str) -> None:
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def cached_bytes(self) -> int:
+        return self._size
 
     def _evict(self) -> None:
         """Drop least recently used files until 90 % of the bound."""
@@ -98,44 +122,97 @@ class CachedStore(ObjectStore):
         finally:
             os.close(fd)
 
+
+class CachedChunkStore(ChunkStore):
+    """Chunks read through a :class:`DiskCache`; writes go to the remote."""
+
+    def __init__(self, remote: ChunkStore, cache: DiskCache):
+        self.remote = remote
+        self.cache = cache
+        self.supports_deletes = remote.supports_deletes
+
+    def __repr__(self) -> str:
+        return f"CachedChunkStore({self.remote!r}, {self.cache!r})"
+
+    @staticmethod
+    def _name(cid: bytes) -> str:
+        return "chunk " + cid.hex()
+
+    def has(self, cid: bytes) -> bool:
+        return self.cache.contains(self._name(cid)) or self.remote.has(cid)
+
+    def get(self, cid: bytes) -> bytes:
+        data = self.cache.get(self._name(cid))
+        if data is None:
+            data = self.remote.get(cid)
+            self.cache.put(self._name(cid), data)
+        return data
+
+    def get_many(self, cids: list[bytes]) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        missing = []
+        for c in cids:
+            data = self.cache.get(self._name(c)) if self.cache.contains(self._name(c)) else None
+            if data is None:
+                missing.append(c)
+            else:
+                out[c] = data
+        for c, data in self.remote.get_many(missing).items():
+            self.cache.put(self._name(c), data)
+            out[c] = data
+        return out
+
+    def put(self, cid: bytes, blob: bytes) -> None:
+        self.remote.put(cid, blob)
+
+    def flush(self) -> None:
+        self.remote.flush()
+
+    def abort(self) -> None:
+        self.remote.abort()
+
+    def delete(self, cids: list[bytes]) -> None:
+        for c in cids:
+            self.cache.drop(self._name(c))
+        self.remote.delete(cids)
+
+    def evict(self, cid: bytes) -> None:
+        self.cache.drop(self._name(cid))
+
+    def ids(self) -> Iterator[bytes]:
+        return self.remote.ids()
+
+    def size(self, cid: bytes) -> int:
+        return self.remote.size(cid)
+
+    def usage(self) -> int:
+        return self.remote.usage()
+
+
+class CachedStore(ObjectStore):
+    """Metadata from the remote, sealed manifests read through the :class:`DiskCache`;
+    the key audit log is kept locally beside the cache (a registry has no append)."""
+
+    def __init__(self, remote: ObjectStore, cache: DiskCache):
+        self.remote = remote
+        self.cache = cache
+        self.supports_locking = remote.supports_locking
+        self.supports_deletes = remote.supports_deletes
+
+    def __repr__(self) -> str:
+        return f"CachedStore({self.remote!r}, {self.cache!r})"
+
     def get(self, key: str) -> bytes:
-        if key.startswith(IMMUTABLE):
-            p = self._path(key)
-            try:
-                with open(p, "rb") as f:
-                    data = f.read()
-                os.utime(p)
-                self.hits += 1
-                return data
-            except FileNotFoundError:
-                pass
-            self.misses += 1
-            data = self.remote.get(key)
-            self._store_local(key, data)
+        if key.startswith(IMMUTABLE_OBJECTS):
+            data = self.cache.get(key)
+            if data is None:
+                data = self.remote.get(key)
+                self.cache.put(key, data)
             return data
         return self.remote.get(key)
 
-    def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        missing = []
-        for k in keys:
-            p = self._path(k)
-            if k.startswith(IMMUTABLE) and os.path.exists(p):
-                out[k] = self.get(k)
-            else:
-                missing.append(k)
-        for k, data in self.remote.get_many(missing).items():
-            if k.startswith(IMMUTABLE):
-                self.misses += 1
-                self._store_local(k, data)
-            out[k] = data
-        return out
-
-    def get_range(self, key: str, start: int, end: int) -> bytes:
-        return self.get(key)[start:end]
-
     def has(self, key: str) -> bool:
-        if key.startswith(IMMUTABLE) and os.path.exists(self._path(key)):
+        if key.startswith(IMMUTABLE_OBJECTS) and self.cache.contains(key):
             return True
         return self.remote.has(key)
 
@@ -143,10 +220,7 @@ class CachedStore(ObjectStore):
         return self.remote.put(key, data, durable=durable, exclusive=exclusive)
 
     def evict(self, key: str) -> None:
-        try:
-            os.unlink(self._path(key))
-        except FileNotFoundError:
-            pass
+        self.cache.drop(key)
 
     def delete(self, key: str) -> None:
         self.evict(key)
@@ -161,18 +235,11 @@ class CachedStore(ObjectStore):
     def flush(self) -> None:
         self.remote.flush()
 
-    def abort(self) -> None:
-        self.remote.abort()
-
     def usage(self, prefix: str) -> int:
         return self.remote.usage(prefix)
 
-    def cached_bytes(self) -> int:
-        return self._size
-
-    def lock(self, name: str, shared: bool = False) -> Any:
+    def lock(self, name: str, shared: bool = False) -> AbstractContextManager[None]:
         return self.remote.lock(name, shared)
 
     def append_line(self, key: str, line: str) -> None:
-        """Logs (the key audit) are kept locally, beside the cache."""
-        append_line(os.path.join(self.dir, key), line)
+        append_line(os.path.join(self.cache.dir, key), line)

@@ -1,7 +1,7 @@
 """The embedded default store: a directory on a local filesystem.
 
-Chunks (``chunks/<cid>`` keys) live in pack files (:mod:`.packs`); every
-other object is one file.  Atomicity: each file is written to ``tmp/`` and
+Chunks live in pack files (:class:`LocalChunkStore` over :mod:`.packs`);
+every other object is one file (:class:`LocalStore`).  Atomicity: each file is written to ``tmp/`` and
 renamed into place.  Durability: a durable put fsyncs the file, renames, and
 fsyncs the directory; chunk puts are made durable when their pack is
 published, at the latest at ``flush``, before anything that references them
@@ -20,22 +20,9 @@ import threading
 from collections.abc import Iterator
 
 from ..errors import StoreError
-from .base import ObjectStore
+from .base import ChunkStore, ObjectStore
 from .faults import crash_point
 from .packs import PackSet, fsync_dir, makedirs_private
-
-CHUNKS = "chunks/"
-
-
-def _cid(key: str) -> bytes:
-    try:
-        cid = bytes.fromhex(key[len(CHUNKS):])
-    except ValueError:
-        raise StoreError(f"invalid chunk key {key!r}") from None
-    if len(cid) != 32:
-        raise StoreError(f"invalid chunk key {key!r}")
-    return cid
-
 
 def append_line(path: str, line: str) -> None:
     """One ``write`` with O_APPEND: lines from several processes never interleave."""
@@ -54,6 +41,51 @@ def _valid_key(key: str) -> str:
     return key
 
 
+class LocalChunkStore(ChunkStore):
+    """Chunks in the pack files of a local store (``ROOT/packs``)."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        tmp = os.path.join(self.root, "tmp")
+        try:
+            makedirs_private(tmp)
+        except OSError as e:
+            raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from None
+        self.packs = PackSet(self.root, tmp)
+
+    def __repr__(self) -> str:
+        return f"LocalChunkStore({self.root!r})"
+
+    def has(self, cid: bytes) -> bool:
+        return self.packs.has(cid)
+
+    def get(self, cid: bytes) -> bytes:
+        return self.packs.get(cid)
+
+    def put(self, cid: bytes, blob: bytes) -> None:
+        self.packs.put(cid, blob)
+
+    def flush(self) -> None:
+        """Publish (durably) the pack being written."""
+        self.packs.flush()
+
+    def abort(self) -> None:
+        self.packs.abort()
+
+    def delete(self, cids: list[bytes]) -> None:
+        if cids:
+            self.packs.delete(cids)
+
+    def ids(self) -> Iterator[bytes]:
+        return self.packs.cids()
+
+    def size(self, cid: bytes) -> int:
+        return len(self.packs.get(cid))
+
+    def usage(self) -> int:
+        return self.packs.usage()
+
+
 class LocalStore(ObjectStore):
     """Objects as files under ``root``."""
 
@@ -66,7 +98,6 @@ class LocalStore(ObjectStore):
             raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from None
         self._made_dirs: set[str] = set()
         self._lock = threading.Lock()
-        self.packs = PackSet(self.root, self._tmp)
 
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"
@@ -75,33 +106,16 @@ class LocalStore(ObjectStore):
         return os.path.join(self.root, _valid_key(key))
 
     def get(self, key: str) -> bytes:
-        if key.startswith(CHUNKS):
-            return self.packs.get(_cid(key))
         try:
             with open(self.path(key), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             raise KeyError(key) from None
 
-    def get_range(self, key: str, start: int, end: int) -> bytes:
-        if key.startswith(CHUNKS):
-            return self.packs.get(_cid(key))[start:end]
-        try:
-            with open(self.path(key), "rb") as f:
-                return os.pread(f.fileno(), end - start, start)
-        except FileNotFoundError:
-            raise KeyError(key) from None
-
-    supports_ranges = True
-
     def has(self, key: str) -> bool:
-        if key.startswith(CHUNKS):
-            return self.packs.has(_cid(key))
         return os.path.exists(self.path(key))
 
     def size(self, key: str) -> int:
-        if key.startswith(CHUNKS):
-            return len(self.packs.get(_cid(key)))
         try:
             return os.stat(self.path(key)).st_size
         except FileNotFoundError:
@@ -115,14 +129,6 @@ class LocalStore(ObjectStore):
             self._made_dirs.add(d)
 
     def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
-        if key.startswith(CHUNKS):
-            cid = _cid(key)
-            if exclusive and self.packs.has(cid):
-                return False
-            self.packs.put(cid, data)
-            if durable:
-                self.packs.flush()
-            return True
         final = self.path(key)
         self._ensure_dir(os.path.dirname(final))
         crash_point()
@@ -160,12 +166,8 @@ class LocalStore(ObjectStore):
         return True
 
     def flush(self) -> None:
-        """Publish (durably) the pack being written."""
-        self.packs.flush()
-
-    def abort(self) -> None:
-        """Drop unpublished chunk writes (after a failed pack)."""
-        self.packs.abort()
+        """Non-durable puts (layer-index hints) are fsynced by the directory's
+        next durable write; nothing is buffered here."""
 
     def append_line(self, key: str, line: str) -> None:
         append_line(self.path(key), line)
@@ -186,22 +188,14 @@ class LocalStore(ObjectStore):
         self.delete_many([key])
 
     def delete_many(self, keys: list[str]) -> None:
-        chunks = [_cid(k) for k in keys if k.startswith(CHUNKS)]
-        if chunks:
-            self.packs.delete(chunks)
         for k in keys:
-            if not k.startswith(CHUNKS):
-                crash_point()
-                try:
-                    os.unlink(self.path(k))
-                except FileNotFoundError:
-                    pass
+            crash_point()
+            try:
+                os.unlink(self.path(k))
+            except FileNotFoundError:
+                pass
 
     def list(self, prefix: str) -> Iterator[str]:
-        if prefix.rstrip("/") + "/" == CHUNKS:
-            for cid in self.packs.cids():
-                yield CHUNKS + cid.hex()
-            return
         base = os.path.join(self.root, prefix.rstrip("/"))
         for dirpath, _dirs, files in os.walk(base):
             rel = os.path.relpath(dirpath, self.root)
@@ -209,8 +203,6 @@ class LocalStore(ObjectStore):
                 yield f"{rel}/{f}".replace(os.sep, "/")
 
     def usage(self, prefix: str) -> int:
-        if prefix.rstrip("/") + "/" == CHUNKS:
-            return self.packs.usage()
         total = 0
         for dirpath, _dirs, files in os.walk(os.path.join(self.root, prefix)):
             for f in files:

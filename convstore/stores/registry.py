@@ -42,7 +42,7 @@ from typing import Any
 import requests
 
 from ..errors import InvalidReference, StoreError
-from .base import ObjectStore
+from .base import ChunkStore, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -202,32 +202,34 @@ def _artifact(artifact_type: str, layer_digest: str, size: int, annotations: dic
                        "annotations": annotations}, sort_keys=True).encode()
 
 
-class RegistryStore(ObjectStore):
-    """convstore objects in one registry repository (see the module docstring)."""
+def open_registry(url: str, insecure: bool = False, username: str | None = None,
+                  password: str | None = None) -> tuple[RegistryStore, RegistryChunkStore]:
+    """The metadata store and the chunk store of one registry repository (one client)."""
+    host, repo = parse_store_url(url)
+    client = RegistryClient(host, insecure, username, password)
+    client.reg.auth.load_configs(client.reg.get_container(f"{host}/{repo}"))
+    return RegistryStore(url, client, repo), RegistryChunkStore(url, client, repo)
 
-    supports_writes = True
+
+class RegistryChunkStore(ChunkStore):
+    """Chunks in packed blobs of one repository, found through pack-index artifacts (tags ``x-*``)."""
+
     supports_deletes = False  # chunks are reclaimed by the registry's own GC
-    supports_ranges = True
-    supports_locking = False
 
-    def __init__(self, url: str, insecure: bool = False, username: str | None = None, password: str | None = None):
-        self.url = url
-        host, self.repo = parse_store_url(url)
-        self.client = RegistryClient(host, insecure, username, password)
+    def __init__(self, url: str, client: RegistryClient, repo: str):
+        self.url, self.client, self.repo = url, client, repo
         self._lock = threading.Lock()
         self._chunks: dict[bytes, tuple[str, int, int]] = {}  # cid -> (pack digest, offset, length)
         self._pending: dict[bytes, tuple[int, int]] = {}  # cid -> (offset, length) in _pack
         self._pack = bytearray()
         self._segments: set[str] = set()
-        self._keys: dict[str, str] = {}  # tag -> key
-        self.client.reg.auth.load_configs(self.client.reg.get_container(f"{host}/{self.repo}"))
         self.refresh()
 
     def __repr__(self) -> str:
-        return f"RegistryStore({self.url})"
+        return f"RegistryChunkStore({self.url})"
 
-    # -- chunk index ----------------------------------------------------------
     def refresh(self) -> None:
+        """Load the pack indexes not seen yet."""
         tags = self.client.tags(self.repo)
         for t in tags:
             if t.startswith("x-") and t not in self._segments:
@@ -246,60 +248,37 @@ class RegistryStore(ObjectStore):
                         self._chunks.setdefault(cid, ("sha256:" + pack.hex(), off, size))
                     self._segments.add(t)
 
-    def _cid(self, key: str) -> bytes:
-        return bytes.fromhex(key[len("chunks/"):])
+    def has(self, cid: bytes) -> bool:
+        with self._lock:
+            return cid in self._chunks or cid in self._pending
 
-    # -- objects ------------------------------------------------------------------
-    @staticmethod
-    def _tag(key: str) -> str:
-        return "o-" + hashlib.sha256(key.encode()).hexdigest()[:40]
-
-    def has(self, key: str) -> bool:
-        if key.startswith("chunks/"):
-            cid = self._cid(key)
-            with self._lock:
-                return cid in self._chunks or cid in self._pending
-        return self.client.get_manifest(self.repo, self._tag(key), [OCI_MANIFEST]) is not None
-
-    def get(self, key: str) -> bytes:
-        if key.startswith("chunks/"):
-            cid = self._cid(key)
-            with self._lock:
-                pend = self._pending.get(cid)
-                if pend is not None:
-                    return bytes(self._pack[pend[0] : pend[0] + pend[1]])
-                loc = self._chunks.get(cid)
+    def get(self, cid: bytes) -> bytes:
+        with self._lock:
+            pend = self._pending.get(cid)
+            if pend is not None:
+                return bytes(self._pack[pend[0] : pend[0] + pend[1]])
+            loc = self._chunks.get(cid)
+        if loc is None:
+            self.refresh()
+            loc = self._chunks.get(cid)
             if loc is None:
-                self.refresh()
-                loc = self._chunks.get(cid)
-                if loc is None:
-                    raise KeyError(key)
-            data = self.client.get_blob(self.repo, loc[0], loc[1], loc[1] + loc[2])
-            if len(data) != loc[2]:
-                raise StoreError(f"registry returned {len(data)} bytes for a {loc[2]}-byte chunk")
-            return data
-        got = self.client.get_manifest(self.repo, self._tag(key), [OCI_MANIFEST])
-        if got is None:
-            raise KeyError(key)
-        m = json.loads(got[0])
-        if (m.get("annotations") or {}).get("org.convstore.key") != key:
-            raise StoreError(f"registry object for {key} is not what its tag claims")
-        return self.client.get_blob(self.repo, m["layers"][0]["digest"])
+                raise KeyError(cid.hex())
+        data = self.client.get_blob(self.repo, loc[0], loc[1], loc[1] + loc[2])
+        if len(data) != loc[2]:
+            raise StoreError(f"registry returned {len(data)} bytes for a {loc[2]}-byte chunk")
+        return data
 
-    def get_range(self, key: str, start: int, end: int) -> bytes:
-        return self.get(key)[start:end]
-
-    def get_many(self, keys: list[str], max_gap: int = 1 << 20, max_span: int = 16 << 20) -> dict[str, bytes]:
+    def get_many(self, cids: list[bytes], max_gap: int = 1 << 20, max_span: int = 16 << 20) -> dict[bytes, bytes]:
         """Chunks by coalesced ranged reads: neighbours in a pack (gaps up to
         ``max_gap``) come in one request of at most ``max_span`` bytes."""
-        out: dict[str, bytes] = {}
-        by_pack: dict[str, list[tuple[int, int, str]]] = {}
-        for k in keys:
-            loc = self._chunks.get(self._cid(k)) if k.startswith("chunks/") else None
+        out: dict[bytes, bytes] = {}
+        by_pack: dict[str, list[tuple[int, int, bytes]]] = {}
+        for c in cids:
+            loc = self._chunks.get(c)
             if loc is None:
-                out[k] = self.get(k)
+                out[c] = self.get(c)
             else:
-                by_pack.setdefault(loc[0], []).append((loc[1], loc[2], k))
+                by_pack.setdefault(loc[0], []).append((loc[1], loc[2], c))
         for digest, items in by_pack.items():
             items.sort()
             i = 0
@@ -314,39 +293,26 @@ class RegistryStore(ObjectStore):
                 data = self.client.get_blob(self.repo, digest, start, end)
                 if len(data) != end - start:
                     raise StoreError(f"registry returned {len(data)} bytes for a {end - start}-byte range")
-                for off, n, k in items[i : j + 1]:
-                    out[k] = data[off - start : off - start + n]
+                for off, n, c in items[i : j + 1]:
+                    out[c] = data[off - start : off - start + n]
                 i = j + 1
         return out
 
-    def size(self, key: str) -> int:
-        if key.startswith("chunks/"):
-            loc = self._chunks.get(self._cid(key))
-            if loc is None:
-                raise KeyError(key)
-            return loc[2]
-        return len(self.get(key))
+    def size(self, cid: bytes) -> int:
+        loc = self._chunks.get(cid)
+        if loc is None:
+            raise KeyError(cid.hex())
+        return loc[2]
 
-    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
-        if key.startswith("chunks/"):
-            cid = self._cid(key)
-            with self._lock:
-                if cid in self._chunks or cid in self._pending:
-                    return not exclusive
-                self._pending[cid] = (len(self._pack), len(data))
-                self._pack += data
-                full = len(self._pack) >= PACK_BYTES
-            if durable or full:
-                self.flush()
-            return True
-        if exclusive and self.has(key):
-            return False
-        digest = self.client.put_blob(self.repo, data)
-        kind = AT_MANIFEST if key.startswith("manifests/") else AT_IMAGE if key.startswith("refs/") else AT_OBJECT
-        self.client.put_manifest(self.repo, self._tag(key),
-                                 _artifact(kind, digest, len(data), {"org.convstore.key": key}))
-        self._keys[self._tag(key)] = key
-        return True
+    def put(self, cid: bytes, blob: bytes) -> None:
+        with self._lock:
+            if cid in self._chunks or cid in self._pending:
+                return
+            self._pending[cid] = (len(self._pack), len(blob))
+            self._pack += blob
+            full = len(self._pack) >= PACK_BYTES
+        if full:
+            self.flush()
 
     def flush(self) -> None:
         """Upload the pending chunks as one pack blob, then its index artifact
@@ -379,23 +345,67 @@ class RegistryStore(ObjectStore):
             self._pending.clear()
             self._pack = bytearray()
 
-    def delete(self, key: str) -> None:
-        if key.startswith("chunks/"):
+    def delete(self, cids: list[bytes]) -> None:
+        if cids:
             raise StoreError("a registry store does not delete chunks: use the registry's garbage collection")
+
+    def ids(self) -> Iterator[bytes]:
+        self.refresh()
+        return iter(list(self._chunks))
+
+    def usage(self) -> int:
+        return sum(n for _d, _o, n in self._chunks.values())
+
+
+class RegistryStore(ObjectStore):
+    """convstore metadata objects in one registry repository (see the module docstring)."""
+
+    supports_writes = True
+    supports_deletes = True  # tags can be deleted (chunk space is the registry GC's)
+    supports_locking = False
+
+    def __init__(self, url: str, client: RegistryClient, repo: str):
+        self.url, self.client, self.repo = url, client, repo
+        self._keys: dict[str, str] = {}  # tag -> key
+
+    def __repr__(self) -> str:
+        return f"RegistryStore({self.url})"
+
+    @staticmethod
+    def _tag(key: str) -> str:
+        return "o-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+
+    def has(self, key: str) -> bool:
+        return self.client.get_manifest(self.repo, self._tag(key), [OCI_MANIFEST]) is not None
+
+    def get(self, key: str) -> bytes:
+        got = self.client.get_manifest(self.repo, self._tag(key), [OCI_MANIFEST])
+        if got is None:
+            raise KeyError(key)
+        m = json.loads(got[0])
+        if (m.get("annotations") or {}).get("org.convstore.key") != key:
+            raise StoreError(f"registry object for {key} is not what its tag claims")
+        return self.client.get_blob(self.repo, m["layers"][0]["digest"])
+
+    def size(self, key: str) -> int:
+        return len(self.get(key))
+
+    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
+        if exclusive and self.has(key):
+            return False
+        digest = self.client.put_blob(self.repo, data)
+        kind = AT_MANIFEST if key.startswith("manifests/") else AT_IMAGE if key.startswith("refs/") else AT_OBJECT
+        self.client.put_manifest(self.repo, self._tag(key),
+                                 _artifact(kind, digest, len(data), {"org.convstore.key": key}))
+        self._keys[self._tag(key)] = key
+        return True
+
+    def delete(self, key: str) -> None:
         got = self.client.get_manifest(self.repo, self._tag(key), [OCI_MANIFEST])
         if got is not None:
             self.client.delete_manifest(self.repo, got[2])
 
-    def delete_many(self, keys: list[str]) -> None:
-        for k in keys:
-            self.delete(k)
-
     def list(self, prefix: str) -> Iterator[str]:
-        if prefix.rstrip("/") == "chunks":
-            self.refresh()
-            for cid in list(self._chunks):
-                yield "chunks/" + cid.hex()
-            return
         for t in self.client.tags(self.repo):
             if not t.startswith("o-"):
                 continue
@@ -409,13 +419,8 @@ class RegistryStore(ObjectStore):
             if key.startswith(prefix.rstrip("/") + "/"):
                 yield key
 
-    def usage(self, prefix: str) -> int:
-        if prefix.rstrip("/") == "chunks":
-            return sum(n for _d, _o, n in self._chunks.values())
-        return sum(self.size(k) for k in self.list(prefix))
-
     def lock(self, name: str, shared: bool = False) -> Any:
         raise StoreError("a registry store has no locks: pack into a local store, then push")
 
     def append_line(self, key: str, line: str) -> None:
-        log.info("audit %s", line)  # a registry has no append; the local store keeps the audit log
+        log.info("audit %s", line)  # a registry has no append; the local cache keeps the audit log

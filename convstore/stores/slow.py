@@ -1,9 +1,10 @@
-"""A wrapper that makes any store behave like a remote one, for measurement.
+"""Wrappers that make any backend behave like a remote one, for measurement.
 
 Each read waits a fixed per-request latency plus its transfer time over one
 shared link of the given bandwidth (requests in parallel overlap their
 latencies but share the bandwidth), like a worker fetching from an object
 store.  Lambda reports ~0.55 ms median from its AZ cache and ~36 ms from S3.
+The chunk store and the metadata store of one backend share one :class:`Link`.
 """
 
 from __future__ import annotations
@@ -11,51 +12,57 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
-from .base import ObjectStore
+from .base import ChunkStore, ObjectStore
 
 
-class SlowStore(ObjectStore):
-    def __init__(self, inner: ObjectStore, latency_s: float, bandwidth_bps: float):
-        self.inner = inner
+class Link:
+    """One simulated network link: latency per request, shared bandwidth, counters."""
+
+    def __init__(self, latency_s: float, bandwidth_bps: float):
         self.latency = latency_s
         self.bandwidth = bandwidth_bps
-        self._link_free = 0.0
+        self._free = 0.0
         self._lock = threading.Lock()
         self.requests = 0
         self.bytes = 0
-        self.supports_ranges = inner.supports_ranges
-        self.supports_deletes = inner.supports_deletes
 
     def __repr__(self) -> str:
-        return f"SlowStore({self.inner!r}, {self.latency * 1e3:g} ms, {self.bandwidth / 1e6:g} MB/s)"
+        return f"Link({self.latency * 1e3:g} ms, {self.bandwidth / 1e6:g} MB/s)"
 
-    def _delay(self, n: int) -> None:
+    def delay(self, n: int) -> None:
         now = time.monotonic()
         with self._lock:
             self.requests += 1
             self.bytes += n
-            start = max(now + self.latency, self._link_free)
-            self._link_free = start + n / self.bandwidth
-            done = self._link_free
+            start = max(now + self.latency, self._free)
+            self._free = start + n / self.bandwidth
+            done = self._free
         time.sleep(max(0.0, done - time.monotonic()))
+
+
+class SlowStore(ObjectStore):
+    def __init__(self, inner: ObjectStore, link: Link):
+        self.inner = inner
+        self.link = link
+        self.supports_deletes = inner.supports_deletes
+        self.supports_locking = inner.supports_locking
+
+    def __repr__(self) -> str:
+        return f"SlowStore({self.inner!r}, {self.link!r})"
 
     def get(self, key: str) -> bytes:
         data = self.inner.get(key)
-        self._delay(len(data))
-        return data
-
-    def get_range(self, key: str, start: int, end: int) -> bytes:
-        data = self.inner.get_range(key, start, end)
-        self._delay(len(data))
+        self.link.delay(len(data))
         return data
 
     def has(self, key: str) -> bool:
-        self._delay(0)
+        self.link.delay(0)
         return self.inner.has(key)
 
     def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
-        self._delay(len(data))
+        self.link.delay(len(data))
         return self.inner.put(key, data, durable=durable, exclusive=exclusive)
 
     def delete(self, key: str) -> None:
@@ -73,14 +80,55 @@ class SlowStore(ObjectStore):
     def flush(self) -> None:
         self.inner.flush()
 
-    def abort(self) -> None:
-        self.inner.abort()
-
     def append_line(self, key: str, line: str) -> None:
         self.inner.append_line(key, line)
 
-    def lock(self, name: str, shared: bool = False):
+    def lock(self, name: str, shared: bool = False) -> AbstractContextManager[None]:
         return self.inner.lock(name, shared)
 
     def usage(self, prefix: str) -> int:
         return self.inner.usage(prefix)
+
+
+class SlowChunkStore(ChunkStore):
+    def __init__(self, inner: ChunkStore, link: Link):
+        self.inner = inner
+        self.link = link
+        self.supports_deletes = inner.supports_deletes
+
+    def __repr__(self) -> str:
+        return f"SlowChunkStore({self.inner!r}, {self.link!r})"
+
+    def has(self, cid: bytes) -> bool:
+        self.link.delay(0)
+        return self.inner.has(cid)
+
+    def get(self, cid: bytes) -> bytes:
+        data = self.inner.get(cid)
+        self.link.delay(len(data))
+        return data
+
+    def put(self, cid: bytes, blob: bytes) -> None:
+        self.link.delay(len(blob))
+        self.inner.put(cid, blob)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    def delete(self, cids: list[bytes]) -> None:
+        self.inner.delete(cids)
+
+    def evict(self, cid: bytes) -> None:
+        self.inner.evict(cid)
+
+    def ids(self) -> Iterator[bytes]:
+        return self.inner.ids()
+
+    def size(self, cid: bytes) -> int:
+        return self.inner.size(cid)
+
+    def usage(self) -> int:
+        return self.inner.usage()
