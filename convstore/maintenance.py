@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, CatalogEntry, pid_alive
+from . import lifecycle
+from .catalog import FAILED, INACTIVE, CatalogEntry
 from .errors import ChunkMissing, ConvstoreError, KeyAccessDenied, StoreError
 from .oci.sources import parse_source
 from .refs import ImageRef
@@ -45,21 +46,15 @@ def refresh(store: Store, ref: str | None = None, check_sources: bool = True) ->
         def change(cur: CatalogEntry | None, problem: str | None = problem) -> CatalogEntry | None:
             if cur is None:
                 return None
-            if cur.pending and not pid_alive(cur.pending):
-                if not cur.complete:
-                    return None  # a first pack that died: nothing to serve
-                if cur.state == PENDING:
-                    cur = cur.transition(INACTIVE, "reactivation was interrupted", now, pending=None)
-                else:
-                    cur = cur.transition(cur.state, "update was interrupted", now, pending=None)
-            if not cur.complete:
+            cur = lifecycle.clear_dead_pack(cur, now)
+            if cur is None or not cur.complete:
                 return cur
-            if problem and cur.state != FAILED:
-                return cur.transition(FAILED, problem, now)
-            if not problem and cur.state == FAILED and check_sources:
-                return cur.transition(ACTIVE, "source and key are available again", now, last_read=now)
-            if cur.state == ACTIVE and store._is_stale(cur, now):
-                return cur.transition(INACTIVE, f"not read for {store.inactive_after / 86400:g} days", now)
+            if problem:
+                return lifecycle.fail(cur, now, problem)
+            if cur.state == FAILED and check_sources:
+                return lifecycle.recover(cur, now)
+            if store.is_stale(cur, now):
+                return lifecycle.deactivate(cur, now, store.inactive_after)
             return cur
 
         new = store.update_entry(e.ref, change)
@@ -294,8 +289,4 @@ def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other:
         except ConvstoreError as err:
             report.not_repaired[ref] = str(err)
             now, why = store.clock(), f"cannot repair: {err}"
-
-            def fail(c: CatalogEntry | None) -> CatalogEntry | None:
-                return c.transition(FAILED, why, now) if c and c.complete else c
-
-            store.update_entry(ImageRef.parse(ref), fail)
+            store.update_entry(ImageRef.parse(ref), lambda c: lifecycle.fail(c, now, why))

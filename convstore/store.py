@@ -18,7 +18,6 @@ import json
 import re
 import os
 import time
-import socket
 import logging
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +28,8 @@ import platformdirs
 from blake3 import blake3
 
 from .authmeta import MetadataKey
-from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, CatalogEntry, iso, pid_alive
+from . import lifecycle
+from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, CatalogEntry, iso
 from .chunks import Chunks
 from .crypto import domain_chunk_key, domain_layer_key, layer_index_name, seal, unseal
 from .errors import (
@@ -595,68 +595,34 @@ class Store:
     def complete_images(self, *, strict: bool = False) -> list[CatalogEntry]:
         return [e for e in self.images(strict=strict) if e.complete]
 
-    # -- lifecycle ----------------------------------------------------------
-    def begin_pack(self, ref: ImageRef, source: str) -> CatalogEntry:
-        """Mark ``ref`` PENDING (or, if it has a version to serve, note the
-        pending update).  Fails if another live pack of it is under way."""
-        now = self.clock()
-        pending = {"since": now, "pid": os.getpid(), "host": socket.gethostname(), "source": source}
-
-        def change(cur: CatalogEntry | None) -> CatalogEntry:
-            if cur is not None and cur.pending and pid_alive(cur.pending) and cur.pending.get("pid") != os.getpid():
-                raise ImagePending(f"image {ref} is already being packed (pid {cur.pending.get('pid')}, "
-                                   f"since {iso(cur.pending.get('since'))})")
-            if cur is None:
-                return CatalogEntry(ref, PENDING, now, "packing", source=source, pending=pending,
-                                    history=({"at": now, "state": PENDING, "reason": "packing"},))
-            if cur.complete and cur.state in (ACTIVE, PENDING):  # an update, or the reactivation's re-pack
-                return replace(cur, pending=pending)
-            reason = "reactivating" if cur.state == INACTIVE else "re-packing"
-            return cur.transition(PENDING, reason, now, pending=pending)
-
-        e = self.update_entry(ref, change)
+    # -- lifecycle (the transitions themselves live in convstore.lifecycle) --
+    def _change(self, ref: ImageRef, fn: Callable[[CatalogEntry | None], CatalogEntry | None]) -> CatalogEntry:
+        e = self.update_entry(ref, fn)
         assert e is not None
         return e
+
+    def begin_pack(self, ref: ImageRef, source: str) -> CatalogEntry:
+        """Mark ``ref`` PENDING (or note the pending update of a servable image)."""
+        now = self.clock()
+        return self._change(ref, lambda cur: lifecycle.begin_pack(cur, ref, now, source))
 
     def finish_pack(self, ref: ImageRef, manifest_digest: str, wrapped: bytes, created: str, source: str,
                     logical_bytes: int, layers: int) -> CatalogEntry:
-        """Atomically point ``ref`` at a complete, durable image: ACTIVE."""
+        """Make every chunk durable, then atomically point ``ref`` at the new version: ACTIVE."""
         self.chunk_store.flush()
         self.objects.flush()
         now = self.clock()
-
-        def change(cur: CatalogEntry | None) -> CatalogEntry:
-            base = cur or CatalogEntry(ref, PENDING, now)
-            return base.transition(ACTIVE, "packed", now, manifest_digest=manifest_digest, key_id=self.key.key_id,
-                                   wrapped_key=wrapped, created=created, source=source,
-                                   logical_bytes=logical_bytes, layers=layers, last_read=now, pending=None)
-
-        e = self.update_entry(ref, change)
-        assert e is not None
-        return e
+        return self._change(ref, lambda cur: lifecycle.finish_pack(
+            cur, ref, now, manifest_digest=manifest_digest, key_id=self.key.key_id, wrapped_key=wrapped,
+            created=created, source=source, logical_bytes=logical_bytes, layers=layers))
 
     def abort_pack(self, ref: ImageRef, error: BaseException) -> None:
-        """A pack failed: drop its pending mark, keep serving the previous
-        version; an image whose source is gone becomes FAILED."""
+        """A pack failed: keep serving the previous version (a re-pack whose source is gone: FAILED)."""
         now = self.clock()
-        gone = isinstance(error, SourceNotFound)
+        self.update_entry(ref, lambda cur: lifecycle.abort_pack(cur, now, str(error),
+                                                                isinstance(error, SourceNotFound)))
 
-        def change(cur: CatalogEntry | None) -> CatalogEntry | None:
-            if cur is None:
-                return None
-            if cur.pending and cur.pending.get("pid") != os.getpid() and pid_alive(cur.pending):
-                return cur  # another process's pack: not ours to abort
-            if not cur.complete:
-                return None  # a first pack that failed leaves the catalog as it was
-            if cur.state == PENDING:  # a reactivation or re-pack
-                if gone:
-                    return cur.transition(FAILED, f"source {cur.source} no longer exists", now, pending=None)
-                return cur.transition(INACTIVE, f"re-pack failed: {error}", now, pending=None)
-            return replace(cur, pending=None)
-
-        self.update_entry(ref, change)
-
-    def _is_stale(self, e: CatalogEntry, now: float) -> bool:
+    def is_stale(self, e: CatalogEntry, now: float) -> bool:
         """Unread for ``inactive_after``.  Only stores that can record reads
         (local ones) age their images; a registry copy never goes INACTIVE."""
         return (self.objects.supports_locking and e.state == ACTIVE and e.complete
@@ -673,12 +639,12 @@ class Store:
                                f"it cannot be read yet")
         if e.state == FAILED:
             raise ImageFailed(f"image {e.ref} is FAILED: {e.reason}")
-        if e.state in (INACTIVE, PENDING) or self._is_stale(e, now):
+        if e.state in (INACTIVE, PENDING) or self.is_stale(e, now):
             self._reactivate(e)
             raise ImageInactive(f"image {e.ref} is inactive and is being reactivated from {e.source}; "
                                 f"retry when it is ACTIVE")
         if now - e.last_read > READ_STAMP_INTERVAL and self.objects.supports_locking:
-            e = self.update_entry(e.ref, lambda c: replace(c, last_read=now) if c and c.complete else c) or e
+            e = self.update_entry(e.ref, lambda cur: lifecycle.mark_read(cur, now)) or e
         return e, self.load_manifest(e)
 
     def _reactivate(self, e: CatalogEntry) -> None:
@@ -686,14 +652,8 @@ class Store:
         start = [False]
 
         def change(cur: CatalogEntry | None) -> CatalogEntry | None:
-            if cur is None or not cur.complete:
-                return cur
-            if cur.state == PENDING and pid_alive(cur.pending):
-                return cur  # already being reactivated
-            if cur.state == ACTIVE:
-                cur = cur.transition(INACTIVE, f"not read for {self.inactive_after / 86400:g} days", now)
-            start[0] = True
-            return cur.transition(PENDING, "reactivating", now)
+            new, start[0] = lifecycle.start_reactivation(cur, now, self.inactive_after)
+            return new
 
         self.update_entry(e.ref, change)
         if start[0]:
@@ -727,12 +687,9 @@ class Store:
         removed: list[CatalogEntry] = []
 
         def change(cur: CatalogEntry | None) -> CatalogEntry | None:
-            if cur is None:
-                raise ImageNotFound(f"no image {r} in the store")
-            if cur.pending and pid_alive(cur.pending):
-                raise ImagePending(f"image {r} is being packed (pid {cur.pending.get('pid')}); try again after")
-            removed.append(cur)
-            return None
+            if cur is not None:
+                removed.append(cur)
+            return lifecycle.remove(cur, r)
 
         self.update_entry(r, change)
         return removed[0]

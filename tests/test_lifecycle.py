@@ -303,3 +303,17 @@ def test_cli_reactivation_runs_in_a_worker(tmp_path, cli_env):
     while "ACTIVE" not in run_cli(later, "images").stdout.split():
         assert time.monotonic() < deadline, run_cli(later, "images").stdout
     assert run_cli(later, "cat", "x:1", "/hello").stdout == "again\n"
+
+
+def test_transitions_outside_the_table_are_refused():
+    from convstore import lifecycle
+    from convstore.catalog import CatalogEntry
+    from convstore.refs import ImageRef
+
+    now = time.time()
+    failed = CatalogEntry(ImageRef("x", "1"), FAILED, now, "gone", manifest_digest="sha256:" + "0" * 64)
+    assert (FAILED, INACTIVE) not in lifecycle.TRANSITIONS
+    with pytest.raises(AssertionError, match="failed -> inactive is not a transition"):
+        lifecycle.deactivate(failed, now, DAY)
+    back = lifecycle.recover(failed, now)
+    assert back.state == ACTIVE and back.history[-1]["reason"] == "source and key are available again"
