@@ -1,4 +1,4 @@
-"""Catalog entries and the image lifecycle.
+"""Catalog entries, the catalog, and the image lifecycle states.
 
 One JSON record per ``name:tag`` (``refs/<name>:<tag>``), replaced
 atomically under a per-ref lock.  States (the product's lifecycle):
@@ -16,14 +16,31 @@ atomically under a per-ref lock.  States (the product's lifecycle):
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
+import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import CorruptObject, StoreFormatError
+from .errors import (
+    ConvstoreError,
+    CorruptObject,
+    ImageNotFound,
+    KeyProviderError,
+    StoreError,
+    StoreFormatError,
+    TamperedObject,
+)
 from .refs import ImageRef
+from .storeid import StoreIdentity
+from .stores.base import ObjectStore
+from .trust import TrustState
+
+log = logging.getLogger("convstore")
 
 REF_VERSION = 2  # 2: MAC-authenticated (convstore.authmeta), with seq
 PENDING, ACTIVE, INACTIVE, FAILED = "pending", "active", "inactive", "failed"
@@ -124,3 +141,71 @@ class CatalogEntry:
                 "logical_bytes": self.logical_bytes, "layers": self.layers, "last_read": iso(self.last_read),
                 "pending": self.pending,
                 "history": [{"at": iso(h["at"]), "state": h["state"], "reason": h["reason"]} for h in self.history]}
+
+
+class Catalog:
+    """The catalog of one store: ``refs/<name>:<tag>`` entries, each
+    MAC-authenticated and bound to its name and tag (:mod:`convstore.authmeta`),
+    checked against this client's trust state (:mod:`convstore.trust`), and
+    replaced atomically under a per-ref lock."""
+
+    def __init__(self, objects: ObjectStore, ident: StoreIdentity, trust: TrustState):
+        self.objects, self.ident, self.trust = objects, ident, trust
+
+    def read(self, r: ImageRef) -> CatalogEntry | None:
+        """The authenticated entry of ``r``, bound to that name and tag, and
+        no older than the newest this client has seen; None if absent."""
+        try:
+            data = self.objects.get(r.key)
+        except KeyError:
+            return None
+        e = CatalogEntry.from_json(self.ident.meta().open("entry", f"ref {r}", data, f"catalog entry {r}"))
+        if e.ref != r:
+            raise TamperedObject(f"catalog entry {r} names another image ({e.ref})")
+        self.trust.check_entry(str(r), e.seq, e.manifest_digest)
+        return e
+
+    def update(self, r: ImageRef, change: Callable[[CatalogEntry | None], CatalogEntry | None]) -> CatalogEntry | None:
+        """Read-modify-write one entry under its lock; ``change`` returns the
+        new entry, or None to remove it.  A registry has no locks: there an
+        update is last-writer-wins (one tag PUT)."""
+        lock = self.objects.lock("ref-" + hashlib.sha256(r.key.encode()).hexdigest()[:32]) \
+            if self.objects.supports_locking else contextlib.nullcontext()
+        with lock:
+            cur = self.read(r)
+            new = change(cur)
+            if new is None:
+                if cur is not None:
+                    self.objects.delete(r.key)
+            elif new != cur:
+                # seq grows with every write, and across rm + re-create (it starts from the clock)
+                new = replace(new, seq=max((cur.seq + 1) if cur else 0, int(time.time() * 1000)))
+                self.objects.put(r.key, self.ident.meta().sign("entry", f"ref {r}", new.to_json()))
+                self.trust.check_entry(str(r), new.seq, new.manifest_digest)
+            return new
+
+    def entry(self, r: ImageRef) -> CatalogEntry:
+        e = self.read(r)
+        if e is None:
+            raise ImageNotFound(f"no image {r} in the store")
+        return e
+
+    def list(self, *, strict: bool = False, problems: dict[str, str] | None = None) -> list[CatalogEntry]:
+        """Every entry.  One that fails authentication is skipped with a
+        warning (and noted in ``problems``), or with ``strict`` raises."""
+        out = []
+        for k in self.objects.list("refs"):
+            try:
+                out.append(self.entry(ImageRef.from_key(k)))
+            except ImageNotFound:
+                continue
+            except KeyProviderError:
+                raise  # the key cannot open the catalog at all: not one entry's problem
+            except (ValueError, ConvstoreError) as err:
+                if strict:
+                    raise StoreError(f"{err}; refusing to go on (remove it with convstore rm, or restore it)") \
+                        from None
+                log.warning("skipping %s: %s", k, err)
+                if problems is not None:
+                    problems[k.removeprefix("refs/")] = str(err)
+        return sorted(out, key=lambda e: (e.ref.name, e.ref.tag))

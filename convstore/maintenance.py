@@ -147,7 +147,7 @@ def _usage(store: Store) -> int:
 def _stale_layer_records(store: Store, keep: set[str]) -> list[str]:
     """Layer-index records of removed images, and any that fail authentication."""
     out = []
-    for k, rec in store.layer_records():
+    for k, rec in store.manifests.layer_records():
         try:
             if rec is None or rec["manifest"].split(":", 1)[1] not in keep:
                 out.append(k)

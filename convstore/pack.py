@@ -31,7 +31,9 @@ from .oci.media import HashingReader
 from .oci.sources import ImageSource, LayerDescriptor, layer_stream, parse_source
 from .progress import NoProgress, Progress
 from .refs import ImageRef
-from .store import DEFAULT_DOMAIN, Domain, Store, _now
+from .domains import DEFAULT_DOMAIN, Domain
+from .store import Store
+from .storeid import now_iso
 from .tarsplit import split_tar
 
 DEFAULT_LEVEL = 3
@@ -226,7 +228,7 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
             config_media_type=src.config_media_type, config_digest=src.config_digest,
             config_bytes=src.config_bytes, source_manifest_media_type=src.manifest_media_type,
             source_manifest_bytes=src.manifest_bytes, annotations=src.annotations,
-            layers=layers, chunks=table, created=_now(),
+            layers=layers, chunks=table, created=now_iso(),
         )
         store.chunks.flush()  # chunks durable before anything references them
         digest, wrapped = store.put_manifest(manifest)

@@ -49,14 +49,14 @@ def rekey(store: Store, new: KeyProvider) -> RekeyReport:
     for k in list(store.objects.list("domains")):
         name = k.split("/", 1)[1]
         with store.objects.lock(f"domain-{name}"):
-            rec = store._domain_record(name)
+            rec = store.convergence_domains.record(name)
             if rec["key_id"] == new.key_id:
                 skipped += 1
                 continue
-            ctx = store._domain_context(rec)
+            ctx = store.convergence_domains.context(rec)
             secret = old.unwrap(base64.b64decode(rec["wrapped_secret"]), ctx)
             rec = dict(rec, key_id=new.key_id, wrapped_secret=base64.b64encode(new.wrap(secret, ctx)).decode())
-            store._write_domain(rec)
+            store.convergence_domains.write(rec)
             domains += 1
 
     # catalog entries (one image version each)
@@ -69,7 +69,7 @@ def rekey(store: Store, new: KeyProvider) -> RekeyReport:
             if cur is None or not cur.complete or cur.key_id == new.key_id:
                 return cur
             assert cur.wrapped_key is not None and cur.manifest_digest is not None
-            ctx = store._manifest_context(cur.ref.name, cur.manifest_digest)
+            ctx = store.manifests.context(cur.ref.name, cur.manifest_digest)
             dek = old.unwrap(cur.wrapped_key, ctx)
             moved[0] = True
             return replace(cur, key_id=new.key_id, wrapped_key=new.wrap(dek, ctx))
@@ -81,7 +81,7 @@ def rekey(store: Store, new: KeyProvider) -> RekeyReport:
             skipped += 1
 
     # layer-index records carry wrapped data keys too
-    for k, maybe in store.layer_records():
+    for k, maybe in store.manifests.layer_records():
         if maybe is None:
             store.objects.delete(k)  # fails authentication: a hint nobody may trust
             continue
@@ -89,14 +89,14 @@ def rekey(store: Store, new: KeyProvider) -> RekeyReport:
         if rec.get("key_id") == new.key_id:
             skipped += 1
             continue
-        ctx = store._manifest_context(rec["image"], rec["manifest"])
+        ctx = store.manifests.context(rec["image"], rec["manifest"])
         try:
             dek = old.unwrap(base64.b64decode(rec["wrapped_key"]), ctx)
         except Exception:
             store.objects.delete(k)  # a stale hint: dropping it only costs a re-read
             continue
         rec.update(key_id=new.key_id, wrapped_key=base64.b64encode(new.wrap(dek, ctx)).decode())
-        store.put_layer_record(k, rec)
+        store.manifests.put_layer_record(k, rec)
         layers += 1
     store.objects.flush()  # the layer-index records
     store.rewrap_metadata_key(old, new)

@@ -10,42 +10,29 @@ manifests are harmless garbage.
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import hashlib
-import hmac
 import json
-import re
 import os
 import time
 import logging
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import platformdirs
-from blake3 import blake3
 
-from .authmeta import MetadataKey
 from . import lifecycle
-from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, CatalogEntry, iso
+from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, Catalog, CatalogEntry, iso
 from .chunks import Chunks
-from .crypto import domain_chunk_key, domain_layer_key, layer_index_name, seal, unseal
+from .domains import DEFAULT_DOMAIN, Domain, Domains
+from .manifest_store import ManifestStore
+from .storeid import StoreIdentity
 from .errors import (
-    ConvstoreError,
-    CorruptObject,
     ImageFailed,
     ImageInactive,
-    ImageNotFound,
     ImagePending,
-    InvalidReference,
-    KeyAccessDenied,
-    KeyProviderError,
     SourceNotFound,
     StoreError,
-    StoreFormatError,
-    TamperedObject,
 )
 from .keys import KeyProvider, open_key
 from .keys.audit import AUDIT_LOG, AuditedKeyProvider, parse_audit
@@ -69,11 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("convstore")
 
-STORE_FORMAT = "convstore-store"
-STORE_VERSION = 2  # 2: authenticated metadata (a metadata key wrapped in store.json)
-DOMAIN_VERSION = 2  # 2: MAC-authenticated
-LAYER_INDEX_VERSION = 2
-DEFAULT_DOMAIN = "default"
 DEFAULT_INACTIVE_AFTER = 14 * 86400.0
 READ_STAMP_INTERVAL = 3600.0  # last_read is written at most this often
 
@@ -109,29 +91,6 @@ def read_audit_log(options: StoreOptions, since: str | None = None,
     return parse_audit(data, since, image)
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        raise CorruptObject(f"{what} is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise CorruptObject(f"{what} is malformed")
-    return doc
-
-
-@dataclass(frozen=True)
-class Domain:
-    """An unlocked convergence domain.  The keys are secret: never logged."""
-
-    public: dict[str, Any]
-    chunk_key: bytes = field(repr=False)
-    layer_key: bytes = field(repr=False)
-
-
 class Store:
     """A convstore image store.  Open with :meth:`Store.open`."""
 
@@ -151,18 +110,24 @@ class Store:
         self.options = options or StoreOptions(path=getattr(objects, "root", None), key=self.key.spec)
         #: called with (source, ref) to start the re-pack of an INACTIVE image
         self.reactivator: Callable[[str, str], None] = self._spawn_repack
-        self._meta_key: MetadataKey | None = None
-        self._store_doc: dict[str, Any] = {}
-        self.id = self._identity()
+        #: store.json: the id and the metadata key
+        self.ident = StoreIdentity(objects, self.key)
+        self.id = self.ident.id
         #: rollback protection: the newest versions this client has seen (see convstore.trust)
-        self.trust = TrustState(state_dir or options and options.state_dir or default_state_dir(), self.id,
-                                allow_rollback=allow_rollback)
-        self._domains: dict[str, Domain] = {}
+        self.trust = TrustState(state_dir or (options.state_dir if options else None) or default_state_dir(),
+                                self.id, allow_rollback=allow_rollback)
+        self._wire()
 
-    @property
-    def chunks(self) -> Chunks:
-        """The chunk seam: the one encrypt->store and fetch->decrypt->check path."""
-        return Chunks(self.chunk_store, self.objects)
+    def _wire(self) -> None:
+        """The parts, over this view's object and chunk stores."""
+        #: the catalog: authenticated name:tag entries
+        self.catalog = Catalog(self.objects, self.ident, self.trust)
+        #: convergence domains
+        self.convergence_domains = Domains(self.objects, self.key, self.ident, self.trust)
+        #: sealed manifests, start-up profiles, the layer index
+        self.manifests = ManifestStore(self.objects, self.key, self.ident)
+        #: the chunk seam: the one encrypt->store and fetch->decrypt->check path
+        self.chunks = Chunks(self.chunk_store, self.objects)
 
     @classmethod
     def open_registry(cls, url: str, key: KeyProvider, *, insecure: bool = False, username: str | None = None,
@@ -191,6 +156,7 @@ class Store:
         other.objects = SlowStore(self.objects, link)
         other.chunk_store = SlowChunkStore(self.chunk_store, link)
         other.link = link
+        other._wire()
         return other
 
     @classmethod
@@ -246,351 +212,70 @@ class Store:
         """Audit records, optionally from an ISO time on, or for one image name."""
         return read_audit_log(self.options, since, image)
 
-    # -- identity -------------------------------------------------------
-    def _identity(self) -> str:
-        """The store's id, from ``store.json`` (created with a new metadata key
-        on first use).  The id is authenticated indirectly: the metadata key is
-        wrapped under a context naming it, so a changed id cannot unwrap it."""
-        try:
-            doc = _json(self.objects.get("store.json"), "store.json")
-        except KeyError:
-            sid = uuid.uuid4().hex
-            _mk, wrapped = self.key.generate(self._metadata_context(sid))
-            doc = {"format": STORE_FORMAT, "version": STORE_VERSION, "id": sid, "created": _now(),
-                   "metadata_key": {"key_id": self.key.key_id, "wrapped": base64.b64encode(wrapped).decode()}}
-            if not self.objects.put("store.json", json.dumps(doc).encode(), exclusive=True):
-                doc = _json(self.objects.get("store.json"), "store.json")
-            else:
-                self._meta_key = MetadataKey(_mk)
-        if doc.get("format") != STORE_FORMAT:
-            raise StoreFormatError("not a convstore store (store.json has another format)")
-        if doc.get("version") == 1:
-            raise StoreFormatError("store format 1 predates authenticated metadata and is not supported by this "
-                                   "convstore: pack its images into a new store")
-        if doc.get("version") != STORE_VERSION:
-            raise StoreFormatError(f"store format version {doc.get('version')} is not supported by this convstore")
-        mk = doc.get("metadata_key")
-        if not isinstance(mk, dict) or not isinstance(mk.get("key_id"), str) or not isinstance(mk.get("wrapped"), str) \
-                or not isinstance(doc.get("id"), str):
-            raise CorruptObject("store.json is malformed")
-        self._store_doc = doc
-        return doc["id"]
-
-    @staticmethod
-    def _metadata_context(store_id: str) -> dict[str, str]:
-        return {"purpose": "metadata", "store": store_id}
-
-    def _meta(self) -> MetadataKey:
-        """The store's metadata key (unwrapped once per process, audited)."""
-        if self._meta_key is None:
-            self.unlock_metadata(self.key)
-        assert self._meta_key is not None
-        return self._meta_key
+    # -- identity and the metadata key (convstore.storeid) -------------------
+    def unlock_metadata(self, provider: KeyProvider) -> None:
+        self.ident.unlock(provider)
 
     def metadata_key_id(self) -> str:
-        """The id of the master key the metadata key is wrapped under."""
-        return str(self._store_doc["metadata_key"]["key_id"])
-
-    def unlock_metadata(self, provider: KeyProvider) -> None:
-        """Unwrap the metadata key with ``provider`` (a rekey may need the new key for it)."""
-        mk = self._store_doc["metadata_key"]
-        if not hmac.compare_digest(mk["key_id"], provider.key_id):
-            raise KeyAccessDenied(f"the store's metadata key is sealed under master key {mk['key_id']}, but the "
-                                  f"key given is {provider.key_id}")
-        try:
-            raw = base64.b64decode(mk["wrapped"], validate=True)
-        except ValueError:
-            raise CorruptObject("store.json is malformed") from None
-        self._meta_key = MetadataKey(provider.unwrap(raw, self._metadata_context(self.id)))
+        return self.ident.metadata_key_id
 
     def rewrap_metadata_key(self, old: KeyProvider, new: KeyProvider) -> bool:
-        """Re-wrap the metadata key under ``new`` (rekey); False if it already is."""
-        with self.objects.lock("store") if self.objects.supports_locking else contextlib.nullcontext():
-            doc = _json(self.objects.get("store.json"), "store.json")
-            mk = doc["metadata_key"]
-            if mk["key_id"] == new.key_id:
-                return False
-            ctx = self._metadata_context(self.id)
-            raw = old.unwrap(base64.b64decode(mk["wrapped"]), ctx)
-            doc["metadata_key"] = {"key_id": new.key_id, "wrapped": base64.b64encode(new.wrap(raw, ctx)).decode()}
-            self.objects.put("store.json", json.dumps(doc).encode())
-            self._store_doc = doc
-        return True
+        return self.ident.rewrap(old, new)
 
-    # -- convergence domains ---------------------------------------------
+    # -- convergence domains (convstore.domains) -------------------------------
     def domain(self, name: str = DEFAULT_DOMAIN) -> Domain:
-        """The convergence domain ``name`` (the default one is created on first use)."""
-        if name in self._domains:
-            return self._domains[name]
-        secret = None
-        try:
-            rec = self._domain_record(name)
-        except KeyError:
-            if name != DEFAULT_DOMAIN:
-                raise StoreError(f"no convergence domain {name!r}; create it with: convstore domain create "
-                                 f"{name}") from None
-            rec, secret = self._create_domain(name, exist_ok=True)
-        self._check_key_id(rec["key_id"], f"domain {name!r}")
-        if secret is None:
-            secret = self.key.unwrap(base64.b64decode(rec["wrapped_secret"]), self._domain_context(rec))
-        d = Domain({k: rec[k] for k in ("name", "epoch", "id")}, domain_chunk_key(secret), domain_layer_key(secret))
-        self._domains[name] = d
-        return d
-
-    @staticmethod
-    def _check_domain_name(name: str) -> None:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
-            raise InvalidReference(f"invalid domain name {name!r}")
-
-    def _domain_record(self, name: str) -> dict[str, Any]:
-        """The authenticated record of domain ``name`` (KeyError if absent)."""
-        self._check_domain_name(name)
-        data = self.objects.get(f"domains/{name}")
-        rec = self._meta().open("domain", f"domain {name}", data, f"domain record {name!r}")
-        if rec.get("format") != "convstore-domain" or rec.get("version") != DOMAIN_VERSION:
-            raise StoreFormatError(f"domain record {name} has an unsupported format or version")
-        if rec.get("name") != name or not isinstance(rec.get("epoch"), int):
-            raise TamperedObject(f"domain record {name!r} names another domain")
-        self.trust.check_domain(name, rec["epoch"])
-        return rec
-
-    def _write_domain(self, rec: dict[str, Any], *, exclusive: bool = False) -> bool:
-        name = rec["name"]
-        ok = self.objects.put(f"domains/{name}", self._meta().sign("domain", f"domain {name}", rec),
-                              exclusive=exclusive)
-        if ok:
-            self.trust.check_domain(name, rec["epoch"])
-        return ok
+        """The convergence domain ``name``, unlocked (the default one is created on first use)."""
+        return self.convergence_domains.get(name)
 
     def create_domain(self, name: str) -> dict[str, Any]:
         """A new convergence domain with a fresh secret (epoch 1)."""
-        return self._create_domain(name)[0]
-
-    def _create_domain(self, name: str, exist_ok: bool = False) -> tuple[dict[str, Any], bytes | None]:
-        self._check_domain_name(name)
-        now = _now()
-        rec: dict[str, Any] = {"format": "convstore-domain", "version": DOMAIN_VERSION, "name": name, "epoch": 1,
-                               "id": uuid.uuid4().hex, "key_id": self.key.key_id, "created": now,
-                               "epochs": [{"epoch": 1, "created": now}]}
-        secret, wrapped = self.key.generate(self._domain_context(rec))
-        rec["wrapped_secret"] = base64.b64encode(wrapped).decode()
-        if not self._write_domain(rec, exclusive=True):
-            if exist_ok:
-                return self._domain_record(name), None
-            raise StoreError(f"convergence domain {name!r} already exists")
-        return rec, secret
+        return self.convergence_domains.create(name)
 
     def rotate_domain(self, name: str) -> dict[str, Any]:
-        """Start a new epoch: a new secret, so new chunks no longer dedup with
-        older ones; older images stay readable (their manifests hold their keys)."""
-        with self.objects.lock(f"domain-{name}"):
-            try:
-                rec = self._domain_record(name)
-            except KeyError:
-                raise StoreError(f"no convergence domain {name!r}") from None
-            self._check_key_id(rec["key_id"], f"domain {name!r}")
-            now = _now()
-            rec = dict(rec, epoch=rec["epoch"] + 1, key_id=self.key.key_id)
-            rec["epochs"] = [*(rec.get("epochs") or []), {"epoch": rec["epoch"], "created": now}]
-            _secret, wrapped = self.key.generate(self._domain_context(rec))
-            rec["wrapped_secret"] = base64.b64encode(wrapped).decode()
-            self._write_domain(rec)
-        self._domains.pop(name, None)
-        return rec
+        """Start a new epoch of ``name`` (new chunks no longer dedup with older ones)."""
+        return self.convergence_domains.rotate(name)
 
     def domains(self) -> list[dict[str, Any]]:
-        out = []
-        for k in sorted(self.objects.list("domains")):
-            rec = self._domain_record(k.split("/", 1)[1])
-            out.append({k2: rec.get(k2) for k2 in ("name", "epoch", "id", "key_id", "created", "epochs")})
-        return out
+        """The public fields of every domain record."""
+        return self.convergence_domains.list()
 
-    def _domain_context(self, rec: dict[str, Any]) -> dict[str, str]:
-        return {"purpose": "domain", "store": self.id, "domain": rec["name"], "epoch": str(rec["epoch"])}
-
-    def _check_key_id(self, key_id: str, what: str) -> None:
-        if not hmac.compare_digest(key_id, self.key.key_id):
-            raise KeyAccessDenied(f"{what} is sealed under master key {key_id}, but the key given is "
-                                  f"{self.key.key_id}")
-
-    # -- manifests ------------------------------------------------------
-    def _manifest_context(self, name: str, digest: str) -> dict[str, str]:
-        return {"purpose": "manifest", "store": self.id, "image": name, "manifest": digest}
-
+    # -- manifests, profiles, layer index (convstore.manifest_store) ---------
     def put_manifest(self, manifest: Manifest) -> tuple[str, bytes]:
         """Seal, store durably, and return (digest, wrapped data key)."""
-        dek = os.urandom(32)
-        sealed = seal(manifest.encode(), dek, b"convstore manifest v1\0" + self.id.encode())
-        digest = "sha256:" + hashlib.sha256(sealed).hexdigest()
-        self.objects.put("manifests/" + digest.split(":", 1)[1], sealed)
-        return digest, self.key.wrap(dek, self._manifest_context(manifest.name, digest))
-
-    @staticmethod
-    def _sealed(entry: CatalogEntry) -> tuple[str, bytes, str]:
-        """(manifest digest, wrapped data key, key id) of a complete entry."""
-        if entry.manifest_digest is None or entry.key_id is None or entry.wrapped_key is None:
-            raise ImagePending(f"image {entry.ref} has no complete version")
-        return entry.manifest_digest, entry.wrapped_key, entry.key_id
+        return self.manifests.put(manifest)
 
     def load_manifest(self, entry: CatalogEntry) -> Manifest:
         """Open an entry's manifest without the read gate (maintenance)."""
-        digest, wrapped, key_id = self._sealed(entry)
-        return self._open_manifest(digest, entry.ref.name, wrapped, key_id, f"image {entry.ref}")
-
-    def _open_manifest(self, digest: str, image: str, wrapped: bytes, key_id: str, what: str) -> Manifest:
-        self._check_key_id(key_id, what)
-        try:
-            sealed = self.objects.get("manifests/" + digest.split(":", 1)[1])
-        except KeyError:
-            raise StoreError(f"{what}: manifest {digest} is missing from the store") from None
-        got = "sha256:" + hashlib.sha256(sealed).hexdigest()
-        if not hmac.compare_digest(got, digest):
-            raise CorruptObject(f"{what}: manifest {digest} is corrupt")
-        dek = self.key.unwrap(wrapped, self._manifest_context(image, digest))
-        plain = unseal(sealed, dek, b"convstore manifest v1\0" + self.id.encode(), f"manifest of {what}")
-        m = Manifest.decode(plain)
-        if m.name != image:
-            raise CorruptObject(f"{what}: manifest belongs to another image")
-        return m
-
-    # -- start-up profiles ------------------------------------------------
-    def _profile_key(self, entry: CatalogEntry) -> bytes:
-        digest, wrapped, key_id = self._sealed(entry)
-        self._check_key_id(key_id, f"image {entry.ref}")
-        dek = self.key.unwrap(wrapped, self._manifest_context(entry.ref.name, digest))
-        return blake3(dek, derive_key_context="convstore v1 start-up profile").digest()
+        return self.manifests.load(entry)
 
     def save_profile(self, entry: CatalogEntry, profile: list[tuple[int, int]]) -> None:
-        """Store the chunks an image's start-up touched, sealed like its manifest."""
-        digest = self._sealed(entry)[0]
-        body = json.dumps({"version": 1, "manifest": digest, "chunks": profile}).encode()
-        sealed = seal(body, self._profile_key(entry), b"convstore profile v1\0" + digest.encode())
-        self.objects.put("profiles/" + digest.split(":", 1)[1], sealed)
+        self.manifests.save_profile(entry, profile)
 
     def load_profile(self, entry: CatalogEntry) -> list[tuple[int, int]] | None:
-        """The recorded start-up profile, or None if there is none or it does
-        not match this image (never an error)."""
-        try:
-            digest = self._sealed(entry)[0]
-            sealed = self.objects.get("profiles/" + digest.split(":", 1)[1])
-            doc = json.loads(unseal(sealed, self._profile_key(entry),
-                                    b"convstore profile v1\0" + digest.encode(), "profile"))
-            if doc.get("version") != 1 or doc.get("manifest") != entry.manifest_digest:
-                return None
-            return [(int(a), int(b)) for a, b in doc["chunks"]]
-        except (KeyError, ValueError, TypeError, ConvstoreError):
-            return None
+        return self.manifests.load_profile(entry)
 
-    # -- layer index: reuse an already packed layer by its diff_id ---------
     def record_layers(self, domain: Domain, manifest: Manifest, digest: str, wrapped: bytes) -> None:
-        """Note where each layer of a published image lives (a cache: losing
-        or staling a record only costs a full re-read of that layer)."""
-        for i, layer in enumerate(manifest.layers):
-            rec = {"format": "convstore-layer-index", "version": LAYER_INDEX_VERSION, "manifest": digest,
-                   "image": manifest.name, "layer": i, "key_id": self.key.key_id,
-                   "wrapped_key": base64.b64encode(wrapped).decode()}
-            self.put_layer_record("layers/" + layer_index_name(domain.layer_key, layer.diff_id), rec)
-
-    def put_layer_record(self, key: str, rec: dict[str, Any]) -> None:
-        self.objects.put(key, self._meta().sign("layer", key, rec), durable=False)
-
-    def layer_record(self, key: str) -> dict[str, Any]:
-        """An authenticated layer-index record (KeyError if absent, TamperedObject if forged)."""
-        rec = self._meta().open("layer", key, self.objects.get(key), f"layer-index record {key}")
-        if rec.get("format") != "convstore-layer-index" or rec.get("version") != LAYER_INDEX_VERSION:
-            raise StoreFormatError(f"layer-index record {key} has an unsupported format or version")
-        return rec
-
-    def layer_records(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
-        """Every layer-index record: (key, record), or (key, None) if it fails authentication."""
-        for k in list(self.objects.list("layers")):
-            try:
-                yield k, self.layer_record(k)
-            except KeyError:
-                continue
-            except ConvstoreError:
-                yield k, None
+        self.manifests.record_layers(domain, manifest, digest, wrapped)
 
     def find_layer(self, domain: Domain, diff_id: str) -> tuple[Manifest, LayerRecord] | None:
-        """An already stored layer with this diff_id whose chunks are all
-        present, or None."""
-        try:
-            rec = self.layer_record("layers/" + layer_index_name(domain.layer_key, diff_id))
-            m = self._open_manifest(rec["manifest"], rec["image"], base64.b64decode(rec["wrapped_key"]),
-                                    rec["key_id"], "layer index")
-            layer = m.layers[rec["layer"]]
-        except (KeyError, IndexError, TypeError, ValueError, CorruptObject, StoreError, KeyAccessDenied):
-            return None
-        if (m.domain.get("id"), m.domain.get("epoch")) != (domain.public["id"], domain.public["epoch"]) \
-                or not hmac.compare_digest(layer.diff_id, diff_id):
-            return None
-        if not all(self.chunks.has(m.chunks[i].cid) for i in set(layer.chunks)):
-            return None
-        return m, layer
+        """An already stored layer with this diff_id whose chunks are all present, or None."""
+        return self.manifests.find_layer(domain, diff_id, self.chunks)
 
-    # -- catalog ----------------------------------------------------------
-    def _read_entry(self, r: ImageRef) -> CatalogEntry | None:
-        """The authenticated entry of ``r``, bound to that name and tag, and
-        no older than the newest this client has seen; None if absent."""
-        try:
-            data = self.objects.get(r.key)
-        except KeyError:
-            return None
-        e = CatalogEntry.from_json(self._meta().open("entry", f"ref {r}", data, f"catalog entry {r}"))
-        if e.ref != r:
-            raise TamperedObject(f"catalog entry {r} names another image ({e.ref})")
-        self.trust.check_entry(str(r), e.seq, e.manifest_digest)
-        return e
-
+    # -- catalog (convstore.catalog.Catalog) ------------------------------------
     def update_entry(self, ref: ImageRef | str,
                      change: Callable[[CatalogEntry | None], CatalogEntry | None]) -> CatalogEntry | None:
         """Read-modify-write one catalog entry under its lock; ``change``
         returns the new entry, or None to remove it."""
-        r = ImageRef.parse(ref) if isinstance(ref, str) else ref
-        # a registry has no locks: there an update is last-writer-wins (one tag PUT)
-        lock = self.objects.lock("ref-" + hashlib.sha256(r.key.encode()).hexdigest()[:32]) \
-            if self.objects.supports_locking else contextlib.nullcontext()
-        with lock:
-            cur = self._read_entry(r)
-            new = change(cur)
-            if new is None:
-                if cur is not None:
-                    self.objects.delete(r.key)
-            elif new != cur:
-                # seq grows with every write, and across rm + re-create (it starts from the clock)
-                new = replace(new, seq=max((cur.seq + 1) if cur else 0, int(time.time() * 1000)))
-                self.objects.put(r.key, self._meta().sign("entry", f"ref {r}", new.to_json()))
-                self.trust.check_entry(str(r), new.seq, new.manifest_digest)
-            return new
+        return self.catalog.update(ImageRef.parse(ref) if isinstance(ref, str) else ref, change)
 
     def entry(self, ref: ImageRef | str) -> CatalogEntry:
-        r = ImageRef.parse(ref) if isinstance(ref, str) else ref
-        e = self._read_entry(r)
-        if e is None:
-            raise ImageNotFound(f"no image {r} in the store")
-        return e
+        return self.catalog.entry(ImageRef.parse(ref) if isinstance(ref, str) else ref)
 
     def images(self, *, strict: bool = False, problems: dict[str, str] | None = None) -> list[CatalogEntry]:
         """Every catalog entry.  One that fails authentication is skipped with
-        a warning (and noted in ``problems``), or with ``strict`` (what gc
-        uses) raises."""
-        out = []
-        for k in self.objects.list("refs"):
-            try:
-                out.append(self.entry(ImageRef.from_key(k)))
-            except ImageNotFound:
-                continue
-            except KeyProviderError:
-                raise  # the key cannot open the catalog at all: not one entry's problem
-            except (ValueError, ConvstoreError) as err:
-                if strict:
-                    raise StoreError(f"{err}; refusing to go on (remove it with convstore rm, or restore it)") \
-                        from None
-                log.warning("skipping %s: %s", k, err)
-                if problems is not None:
-                    problems[k.removeprefix("refs/")] = str(err)
-                continue
-        return sorted(out, key=lambda e: (e.ref.name, e.ref.tag))
+        a warning (and noted in ``problems``), or with ``strict`` (what gc and
+        rekey use) raises."""
+        return self.catalog.list(strict=strict, problems=problems)
 
     def complete_images(self, *, strict: bool = False) -> list[CatalogEntry]:
         return [e for e in self.images(strict=strict) if e.complete]

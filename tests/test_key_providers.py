@@ -193,7 +193,7 @@ def test_key_material_never_logged(tmp_path, cli_env):
     master = base64.b64decode(json.loads(key.read_text())["key"])
     s = convstore.Store.open(env["CONVSTORE_STORE"], f"file:{key}")
     e = s.entry("img:1")
-    dek = s.key.unwrap(e.wrapped_key, s._manifest_context("img", e.manifest_digest))
+    dek = s.key.unwrap(e.wrapped_key, s.manifests.context("img", e.manifest_digest))
     secrets = [master, dek, s.domain().chunk_key]
     m = s.manifest("img:1")
     secrets.append(m.chunks[0].ckey)

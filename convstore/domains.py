@@ -1,0 +1,130 @@
+"""Convergence domains: the scope inside which equal content dedups.
+
+A domain record (``domains/<name>``, MAC-authenticated and bound to its
+name) holds the current epoch's secret wrapped by the master key under
+``{"purpose": "domain", "store", "domain", "epoch"}``.  Chunk ids and keys,
+and layer-index names, are derived from the secret (:mod:`convstore.crypto`).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .crypto import domain_chunk_key, domain_layer_key
+from .errors import InvalidReference, StoreError, StoreFormatError, TamperedObject
+from .keys import KeyProvider
+from .storeid import StoreIdentity, check_key_id, now_iso
+from .stores.base import ObjectStore
+from .trust import TrustState
+
+DOMAIN_VERSION = 2  # 2: MAC-authenticated
+DEFAULT_DOMAIN = "default"
+
+
+@dataclass(frozen=True)
+class Domain:
+    """An unlocked convergence domain.  The keys are secret: never logged."""
+
+    public: dict[str, Any]
+    chunk_key: bytes = field(repr=False)
+    layer_key: bytes = field(repr=False)
+
+
+def check_domain_name(name: str) -> None:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
+        raise InvalidReference(f"invalid domain name {name!r}")
+
+
+class Domains:
+    def __init__(self, objects: ObjectStore, key: KeyProvider, ident: StoreIdentity, trust: TrustState):
+        self.objects, self.key, self.ident, self.trust = objects, key, ident, trust
+        self._open: dict[str, Domain] = {}
+
+    def context(self, rec: dict[str, Any]) -> dict[str, str]:
+        return {"purpose": "domain", "store": self.ident.id, "domain": rec["name"], "epoch": str(rec["epoch"])}
+
+    def get(self, name: str = DEFAULT_DOMAIN) -> Domain:
+        """The domain ``name``, unlocked (the default one is created on first use)."""
+        if name in self._open:
+            return self._open[name]
+        secret = None
+        try:
+            rec = self.record(name)
+        except KeyError:
+            if name != DEFAULT_DOMAIN:
+                raise StoreError(f"no convergence domain {name!r}; create it with: convstore domain create "
+                                 f"{name}") from None
+            rec, secret = self._create(name, exist_ok=True)
+        check_key_id(self.key, rec["key_id"], f"domain {name!r}")
+        if secret is None:
+            secret = self.key.unwrap(base64.b64decode(rec["wrapped_secret"]), self.context(rec))
+        d = Domain({k: rec[k] for k in ("name", "epoch", "id")}, domain_chunk_key(secret), domain_layer_key(secret))
+        self._open[name] = d
+        return d
+
+    def record(self, name: str) -> dict[str, Any]:
+        """The authenticated record of domain ``name`` (KeyError if absent)."""
+        check_domain_name(name)
+        data = self.objects.get(f"domains/{name}")
+        rec = self.ident.meta().open("domain", f"domain {name}", data, f"domain record {name!r}")
+        if rec.get("format") != "convstore-domain" or rec.get("version") != DOMAIN_VERSION:
+            raise StoreFormatError(f"domain record {name} has an unsupported format or version")
+        if rec.get("name") != name or not isinstance(rec.get("epoch"), int):
+            raise TamperedObject(f"domain record {name!r} names another domain")
+        self.trust.check_domain(name, rec["epoch"])
+        return rec
+
+    def write(self, rec: dict[str, Any], *, exclusive: bool = False) -> bool:
+        name = rec["name"]
+        ok = self.objects.put(f"domains/{name}", self.ident.meta().sign("domain", f"domain {name}", rec),
+                              exclusive=exclusive)
+        if ok:
+            self.trust.check_domain(name, rec["epoch"])
+        return ok
+
+    def create(self, name: str) -> dict[str, Any]:
+        """A new domain with a fresh secret (epoch 1)."""
+        return self._create(name)[0]
+
+    def _create(self, name: str, exist_ok: bool = False) -> tuple[dict[str, Any], bytes | None]:
+        check_domain_name(name)
+        now = now_iso()
+        rec: dict[str, Any] = {"format": "convstore-domain", "version": DOMAIN_VERSION, "name": name, "epoch": 1,
+                               "id": uuid.uuid4().hex, "key_id": self.key.key_id, "created": now,
+                               "epochs": [{"epoch": 1, "created": now}]}
+        secret, wrapped = self.key.generate(self.context(rec))
+        rec["wrapped_secret"] = base64.b64encode(wrapped).decode()
+        if not self.write(rec, exclusive=True):
+            if exist_ok:
+                return self.record(name), None
+            raise StoreError(f"convergence domain {name!r} already exists")
+        return rec, secret
+
+    def rotate(self, name: str) -> dict[str, Any]:
+        """Start a new epoch: a new secret, so new chunks no longer dedup with
+        older ones; older images stay readable (their manifests hold their keys)."""
+        with self.objects.lock(f"domain-{name}"):
+            try:
+                rec = self.record(name)
+            except KeyError:
+                raise StoreError(f"no convergence domain {name!r}") from None
+            check_key_id(self.key, rec["key_id"], f"domain {name!r}")
+            now = now_iso()
+            rec = dict(rec, epoch=rec["epoch"] + 1, key_id=self.key.key_id)
+            rec["epochs"] = [*(rec.get("epochs") or []), {"epoch": rec["epoch"], "created": now}]
+            _secret, wrapped = self.key.generate(self.context(rec))
+            rec["wrapped_secret"] = base64.b64encode(wrapped).decode()
+            self.write(rec)
+        self._open.pop(name, None)
+        return rec
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for k in sorted(self.objects.list("domains")):
+            rec = self.record(k.split("/", 1)[1])
+            out.append({k2: rec.get(k2) for k2 in ("name", "epoch", "id", "key_id", "created", "epochs")})
+        return out

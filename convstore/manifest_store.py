@@ -1,0 +1,154 @@
+"""Sealed manifests, start-up profiles and the layer index of one store.
+
+A manifest is sealed under a random data key (DEK) with the store id as AAD,
+stored under the sha256 of the sealed bytes, and the DEK is wrapped by the
+master key under ``{"purpose": "manifest", "store", "image", "manifest"}``.
+A start-up profile is sealed under a key derived from that DEK, with the
+manifest digest as AAD.  A layer-index record (MAC-authenticated, named by a
+keyed hash of the diff_id) points a diff_id at a stored layer, so a pack can
+reuse it without reading the layer again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from blake3 import blake3
+
+from .catalog import CatalogEntry
+from .chunks import Chunks
+from .crypto import layer_index_name, seal, unseal
+from .domains import Domain
+from .errors import ConvstoreError, CorruptObject, ImagePending, KeyAccessDenied, StoreError, StoreFormatError
+from .keys import KeyProvider
+from .manifest import LayerRecord, Manifest
+from .storeid import StoreIdentity, check_key_id
+from .stores.base import ObjectStore
+
+LAYER_INDEX_VERSION = 2
+
+
+def sealed_version(entry: CatalogEntry) -> tuple[str, bytes, str]:
+    """(manifest digest, wrapped data key, key id) of a complete entry."""
+    if entry.manifest_digest is None or entry.key_id is None or entry.wrapped_key is None:
+        raise ImagePending(f"image {entry.ref} has no complete version")
+    return entry.manifest_digest, entry.wrapped_key, entry.key_id
+
+
+class ManifestStore:
+    def __init__(self, objects: ObjectStore, key: KeyProvider, ident: StoreIdentity):
+        self.objects, self.key, self.ident = objects, key, ident
+
+    def context(self, name: str, digest: str) -> dict[str, str]:
+        """The encryption context of a manifest's data key."""
+        return {"purpose": "manifest", "store": self.ident.id, "image": name, "manifest": digest}
+
+    # -- manifests ----------------------------------------------------------
+    def put(self, manifest: Manifest) -> tuple[str, bytes]:
+        """Seal, store durably, and return (digest, wrapped data key)."""
+        dek = os.urandom(32)
+        sealed = seal(manifest.encode(), dek, b"convstore manifest v1\0" + self.ident.id.encode())
+        digest = "sha256:" + hashlib.sha256(sealed).hexdigest()
+        self.objects.put("manifests/" + digest.split(":", 1)[1], sealed)
+        return digest, self.key.wrap(dek, self.context(manifest.name, digest))
+
+    def load(self, entry: CatalogEntry) -> Manifest:
+        """Open an entry's manifest."""
+        digest, wrapped, key_id = sealed_version(entry)
+        return self.open(digest, entry.ref.name, wrapped, key_id, f"image {entry.ref}")
+
+    def open(self, digest: str, image: str, wrapped: bytes, key_id: str, what: str) -> Manifest:
+        check_key_id(self.key, key_id, what)
+        try:
+            sealed = self.objects.get("manifests/" + digest.split(":", 1)[1])
+        except KeyError:
+            raise StoreError(f"{what}: manifest {digest} is missing from the store") from None
+        got = "sha256:" + hashlib.sha256(sealed).hexdigest()
+        if not hmac.compare_digest(got, digest):
+            raise CorruptObject(f"{what}: manifest {digest} is corrupt")
+        dek = self.key.unwrap(wrapped, self.context(image, digest))
+        plain = unseal(sealed, dek, b"convstore manifest v1\0" + self.ident.id.encode(), f"manifest of {what}")
+        m = Manifest.decode(plain)
+        if m.name != image:
+            raise CorruptObject(f"{what}: manifest belongs to another image")
+        return m
+
+    # -- start-up profiles --------------------------------------------------
+    def _profile_key(self, entry: CatalogEntry) -> bytes:
+        digest, wrapped, key_id = sealed_version(entry)
+        check_key_id(self.key, key_id, f"image {entry.ref}")
+        dek = self.key.unwrap(wrapped, self.context(entry.ref.name, digest))
+        return blake3(dek, derive_key_context="convstore v1 start-up profile").digest()
+
+    def save_profile(self, entry: CatalogEntry, profile: list[tuple[int, int]]) -> None:
+        """Store the chunks an image's start-up touched, sealed like its manifest."""
+        digest = sealed_version(entry)[0]
+        body = json.dumps({"version": 1, "manifest": digest, "chunks": profile}).encode()
+        sealed = seal(body, self._profile_key(entry), b"convstore profile v1\0" + digest.encode())
+        self.objects.put("profiles/" + digest.split(":", 1)[1], sealed)
+
+    def load_profile(self, entry: CatalogEntry) -> list[tuple[int, int]] | None:
+        """The recorded start-up profile, or None if there is none or it does
+        not match this image (never an error)."""
+        try:
+            digest = sealed_version(entry)[0]
+            sealed = self.objects.get("profiles/" + digest.split(":", 1)[1])
+            doc = json.loads(unseal(sealed, self._profile_key(entry),
+                                    b"convstore profile v1\0" + digest.encode(), "profile"))
+            if doc.get("version") != 1 or doc.get("manifest") != entry.manifest_digest:
+                return None
+            return [(int(a), int(b)) for a, b in doc["chunks"]]
+        except (KeyError, ValueError, TypeError, ConvstoreError):
+            return None
+
+    # -- layer index: reuse an already packed layer by its diff_id -------------
+    def record_layers(self, domain: Domain, manifest: Manifest, digest: str, wrapped: bytes) -> None:
+        """Note where each layer of a published image lives (a cache: losing
+        or staling a record only costs a full re-read of that layer)."""
+        for i, layer in enumerate(manifest.layers):
+            rec = {"format": "convstore-layer-index", "version": LAYER_INDEX_VERSION, "manifest": digest,
+                   "image": manifest.name, "layer": i, "key_id": self.key.key_id,
+                   "wrapped_key": base64.b64encode(wrapped).decode()}
+            self.put_layer_record("layers/" + layer_index_name(domain.layer_key, layer.diff_id), rec)
+
+    def put_layer_record(self, key: str, rec: dict[str, Any]) -> None:
+        self.objects.put(key, self.ident.meta().sign("layer", key, rec), durable=False)
+
+    def layer_record(self, key: str) -> dict[str, Any]:
+        """An authenticated layer-index record (KeyError if absent, TamperedObject if forged)."""
+        rec = self.ident.meta().open("layer", key, self.objects.get(key), f"layer-index record {key}")
+        if rec.get("format") != "convstore-layer-index" or rec.get("version") != LAYER_INDEX_VERSION:
+            raise StoreFormatError(f"layer-index record {key} has an unsupported format or version")
+        return rec
+
+    def layer_records(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """Every layer-index record: (key, record), or (key, None) if it fails authentication."""
+        for k in list(self.objects.list("layers")):
+            try:
+                yield k, self.layer_record(k)
+            except KeyError:
+                continue
+            except ConvstoreError:
+                yield k, None
+
+    def find_layer(self, domain: Domain, diff_id: str, chunks: Chunks) -> tuple[Manifest, LayerRecord] | None:
+        """An already stored layer with this diff_id whose chunks are all present, or None."""
+        try:
+            rec = self.layer_record("layers/" + layer_index_name(domain.layer_key, diff_id))
+            m = self.open(rec["manifest"], rec["image"], base64.b64decode(rec["wrapped_key"]), rec["key_id"],
+                          "layer index")
+            layer = m.layers[rec["layer"]]
+        except (KeyError, IndexError, TypeError, ValueError, CorruptObject, StoreError, KeyAccessDenied):
+            return None
+        if (m.domain.get("id"), m.domain.get("epoch")) != (domain.public["id"], domain.public["epoch"]) \
+                or not hmac.compare_digest(layer.diff_id, diff_id):
+            return None
+        if not all(chunks.has(m.chunks[i].cid) for i in set(layer.chunks)):
+            return None
+        return m, layer

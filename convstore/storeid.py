@@ -1,0 +1,120 @@
+"""A store's identity: ``store.json``, its format version, and its metadata key.
+
+``store.json`` holds the store id (bound into every wrapped key and sealed
+object, so objects copied into another store do not open there) and the
+store's metadata key wrapped by the master key under ``{"purpose":
+"metadata", "store": <id>}`` (see :mod:`convstore.authmeta`).  A changed id
+cannot unwrap the metadata key, so the identity is authenticated too.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from typing import Any
+
+from .authmeta import MetadataKey
+from .errors import CorruptObject, KeyAccessDenied, StoreFormatError
+from .keys import KeyProvider
+from .stores.base import ObjectStore
+
+STORE_FORMAT = "convstore-store"
+STORE_VERSION = 2  # 2: authenticated metadata (a metadata key wrapped in store.json)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def parse_json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise CorruptObject(f"{what} is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise CorruptObject(f"{what} is malformed")
+    return doc
+
+
+def check_key_id(provider: KeyProvider, key_id: str, what: str) -> None:
+    """Refuse, naming both key ids (never a key), an object sealed under another master key."""
+    if not hmac.compare_digest(key_id, provider.key_id):
+        raise KeyAccessDenied(f"{what} is sealed under master key {key_id}, but the key given is "
+                              f"{provider.key_id}")
+
+
+def metadata_context(store_id: str) -> dict[str, str]:
+    return {"purpose": "metadata", "store": store_id}
+
+
+class StoreIdentity:
+    """Reads (or creates, with a new metadata key) ``store.json``."""
+
+    def __init__(self, objects: ObjectStore, key: KeyProvider):
+        self.objects = objects
+        self.key = key
+        self._meta: MetadataKey | None = None
+        try:
+            doc = parse_json(objects.get("store.json"), "store.json")
+        except KeyError:
+            sid = uuid.uuid4().hex
+            raw, wrapped = key.generate(metadata_context(sid))
+            doc = {"format": STORE_FORMAT, "version": STORE_VERSION, "id": sid, "created": now_iso(),
+                   "metadata_key": {"key_id": key.key_id, "wrapped": base64.b64encode(wrapped).decode()}}
+            if objects.put("store.json", json.dumps(doc).encode(), exclusive=True):
+                self._meta = MetadataKey(raw)
+            else:
+                doc = parse_json(objects.get("store.json"), "store.json")
+        if doc.get("format") != STORE_FORMAT:
+            raise StoreFormatError("not a convstore store (store.json has another format)")
+        if doc.get("version") == 1:
+            raise StoreFormatError("store format 1 predates authenticated metadata and is not supported by this "
+                                   "convstore: pack its images into a new store")
+        if doc.get("version") != STORE_VERSION:
+            raise StoreFormatError(f"store format version {doc.get('version')} is not supported by this convstore")
+        mk = doc.get("metadata_key")
+        if not isinstance(mk, dict) or not isinstance(mk.get("key_id"), str) or \
+                not isinstance(mk.get("wrapped"), str) or not isinstance(doc.get("id"), str):
+            raise CorruptObject("store.json is malformed")
+        self._doc = doc
+        self.id: str = doc["id"]
+
+    def meta(self) -> MetadataKey:
+        """The metadata key (unwrapped once per process: one audited key use)."""
+        if self._meta is None:
+            self.unlock(self.key)
+        assert self._meta is not None
+        return self._meta
+
+    @property
+    def metadata_key_id(self) -> str:
+        """The id of the master key the metadata key is wrapped under."""
+        return str(self._doc["metadata_key"]["key_id"])
+
+    def unlock(self, provider: KeyProvider) -> None:
+        """Unwrap the metadata key with ``provider`` (a rekey may need the new key for it)."""
+        mk = self._doc["metadata_key"]
+        check_key_id(provider, mk["key_id"], "the store's metadata key")
+        try:
+            raw = base64.b64decode(mk["wrapped"], validate=True)
+        except ValueError:
+            raise CorruptObject("store.json is malformed") from None
+        self._meta = MetadataKey(provider.unwrap(raw, metadata_context(self.id)))
+
+    def rewrap(self, old: KeyProvider, new: KeyProvider) -> bool:
+        """Re-wrap the metadata key under ``new`` (rekey); False if it already is."""
+        with self.objects.lock("store") if self.objects.supports_locking else contextlib.nullcontext():
+            doc = parse_json(self.objects.get("store.json"), "store.json")
+            mk = doc["metadata_key"]
+            if mk["key_id"] == new.key_id:
+                return False
+            ctx = metadata_context(self.id)
+            raw = old.unwrap(base64.b64decode(mk["wrapped"]), ctx)
+            doc["metadata_key"] = {"key_id": new.key_id, "wrapped": base64.b64encode(new.wrap(raw, ctx)).decode()}
+            self.objects.put("store.json", json.dumps(doc).encode())
+            self._doc = doc
+        return True
