@@ -129,22 +129,6 @@ class Store:
         #: the chunk seam: the one encrypt->store and fetch->decrypt->check path
         self.chunks = Chunks(self.chunk_store, self.objects)
 
-    @classmethod
-    def open_registry(cls, url: str, key: KeyProvider, *, insecure: bool = False, username: str | None = None,
-                      password: str | None = None, cache_dir: str | None = None, cache_bytes: int = 2 << 30,
-                      **kw: Any) -> Store:
-        """A store in an OCI registry (``oci://HOST[:PORT]/REPO``), read
-        through a bounded local cache."""
-        from .stores.cache import CachedChunkStore, CachedStore, DiskCache
-        from .stores.registry import open_registry
-
-        meta, chunks = open_registry(url, insecure=insecure, username=username, password=password)
-        cache_dir = cache_dir or default_cache_dir(url)
-        kw.setdefault("options", StoreOptions(path=url, key=key.spec, insecure=insecure, username=username,
-                                              password=password, cache_dir=cache_dir, cache_bytes=cache_bytes))
-        cache = DiskCache(cache_dir, cache_bytes)
-        return cls(CachedStore(meta, cache), key, chunk_store=CachedChunkStore(chunks, cache), **kw)
-
     def throttled(self, latency_s: float, bandwidth_bps: float) -> Store:
         """The same store behind a simulated link (latency per request, shared
         bandwidth; ``.link`` of the result counts requests and bytes)."""
@@ -161,35 +145,50 @@ class Store:
 
     @classmethod
     def open(cls, path: str | None = None, key: KeyProvider | str | None = None, *,
-             kms_endpoint: str | None = None, **kw: Any) -> Store:
-        """Open (creating if needed) the local store at ``path`` with ``key``
-        (a provider or a ``--key`` spec; default: the user's key file)."""
+             kms_endpoint: str | None = None, clock: Callable[[], float] = time.time,
+             inactive_after: float = DEFAULT_INACTIVE_AFTER, key_cache_ttl: float = 300.0,
+             state_dir: str | None = None, allow_rollback: bool = False,
+             insecure: bool = False, username: str | None = None, password: str | None = None,
+             cache_dir: str | None = None, cache_bytes: int = 2 << 30, options: StoreOptions | None = None) -> Store:
+        """Open (creating if needed) the store at ``path`` -- a local folder
+        (default: the user's data dir) or ``oci://HOST[:PORT]/REPO`` (a registry,
+        read through a bounded local cache) -- with ``key`` (a provider or a
+        ``--key`` spec; default: the user's key file)."""
         provider = key if isinstance(key, KeyProvider) else open_key(key, kms_endpoint=kms_endpoint)
+        objects: ObjectStore
+        chunk_store: ChunkStore
         if path and path.startswith("oci://"):
-            return cls.open_registry(path, provider, **kw)
-        path = os.path.abspath(os.path.expanduser(path or default_store_path()))
-        kp = getattr(provider, "path", None)
-        if kp and os.path.commonpath([path, os.path.abspath(kp)]) == path:
-            raise StoreError(f"the key file {kp} lies inside the store {path}: keep master keys apart from data")
-        kw.setdefault("options", StoreOptions(path=path, key=provider.spec,
-                                              kms_endpoint=kms_endpoint or getattr(provider, "endpoint", None)))
-        return cls(LocalStore(path), provider, chunk_store=LocalChunkStore(path), **kw)
+            from .stores.cache import CachedChunkStore, CachedStore, DiskCache
+            from .stores.registry import open_registry
+
+            meta, chunks = open_registry(path, insecure=insecure, username=username, password=password)
+            cache_dir = cache_dir or default_cache_dir(path)
+            cache = DiskCache(cache_dir, cache_bytes)
+            objects, chunk_store = CachedStore(meta, cache), CachedChunkStore(chunks, cache)
+        else:
+            path = os.path.abspath(os.path.expanduser(path or default_store_path()))
+            kp = getattr(provider, "path", None)
+            if kp and os.path.commonpath([path, os.path.abspath(kp)]) == path:
+                raise StoreError(f"the key file {kp} lies inside the store {path}: keep master keys apart from data")
+            objects, chunk_store = LocalStore(path), LocalChunkStore(path)
+        options = options or StoreOptions(
+            path=path, key=provider.spec, kms_endpoint=kms_endpoint or getattr(provider, "endpoint", None),
+            insecure=insecure, username=username, password=password, cache_dir=cache_dir, cache_bytes=cache_bytes,
+            state_dir=state_dir, allow_rollback=allow_rollback)
+        return cls(objects, provider, chunk_store=chunk_store, clock=clock, inactive_after=inactive_after,
+                   key_cache_ttl=key_cache_ttl, options=options, state_dir=state_dir, allow_rollback=allow_rollback)
 
     @classmethod
     def open_with(cls, options: StoreOptions) -> Store:
         """Open the store ``options`` describe (what the CLI and background workers use)."""
-        kw: dict[str, Any] = {"options": options, "allow_rollback": options.allow_rollback}
-        if options.state_dir:
-            kw["state_dir"] = options.state_dir
-        if options.inactive_after is not None:
-            kw["inactive_after"] = options.inactive_after
-        if options.now is not None:
-            fixed = options.now
-            kw["clock"] = lambda: fixed
-        if options.path and options.path.startswith("oci://"):
-            kw.update(insecure=options.insecure, username=options.username, password=options.password,
-                      cache_dir=options.cache_dir, cache_bytes=options.cache_bytes)
-        s = cls.open(options.path, options.key, kms_endpoint=options.kms_endpoint, **kw)
+        fixed = options.now
+        s = cls.open(options.path, options.key, kms_endpoint=options.kms_endpoint,
+                     clock=(lambda: fixed) if fixed is not None else time.time,
+                     inactive_after=options.inactive_after if options.inactive_after is not None
+                     else DEFAULT_INACTIVE_AFTER, state_dir=options.state_dir,
+                     allow_rollback=options.allow_rollback, insecure=options.insecure, username=options.username,
+                     password=options.password, cache_dir=options.cache_dir, cache_bytes=options.cache_bytes,
+                     options=options)
         # what a worker inherits names the store and key actually opened (defaults and $CONVSTORE_* resolved)
         s.options = replace(options, path=options.path or getattr(s.objects, "root", None),
                             key=options.key or s.key.spec,
