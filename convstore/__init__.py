@@ -26,21 +26,25 @@ from .errors import (
     KeyAccessDenied,
     KeyFileError,
     KeyProviderError,
+    RollbackDetected,
     SourceError,
     SourceNotFound,
     StoreError,
     StoreFormatError,
+    TamperedObject,
     UnsafePathError,
     UnsupportedMediaType,
 )
 from .keys import KeyProvider, LocalKeyFile, open_key
 from .catalog import CatalogEntry
-from .store import Store, default_store_path
+from .options import StoreOptions
+from .store import ImageInfo, Store, StoreStats, default_store_path
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Store", "CatalogEntry", "ChunkParams", "KeyProvider", "LocalKeyFile", "open_key", "default_store_path",
+    "Store", "StoreOptions", "StoreStats", "ImageInfo", "CatalogEntry", "ChunkParams", "KeyProvider", "LocalKeyFile",
+    "open_key", "default_store_path", "TamperedObject", "RollbackDetected",
     "ConvstoreError", "SourceError", "SourceNotFound", "DigestMismatch", "CorruptLayer", "UnsupportedMediaType",
     "StoreError", "ImageNotFound", "ImagePending", "ImageInactive", "ImageFailed", "ChunkMissing", "CorruptObject", "StoreFormatError", "KeyProviderError",
     "KeyAccessDenied", "KeyFileError", "UnsafePathError", "InvalidReference",

@@ -369,9 +369,7 @@ def rm(ref: str = typer.Argument(..., metavar="NAME[:TAG]")) -> None:
 def gc_cmd(dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be freed, change nothing"),
            json_out: bool = typer.Option(False, "--json", help="Print the report as JSON")) -> None:
     """Free chunks and manifests no live image uses (waits for packs in progress)."""
-    from .maintenance import gc
-
-    r = gc(_store(), dry_run=dry_run)
+    r = _store().gc(dry_run=dry_run)
     if json_out:
         _emit_json(r.to_json())
         return
@@ -417,9 +415,7 @@ def verify(ref: Optional[str] = typer.Argument(None, metavar="[NAME[:TAG]]"),
 def refresh(ref: Optional[str] = typer.Argument(None, metavar="[NAME[:TAG]]"),
             json_out: bool = typer.Option(False, "--json", help="Print the changes as JSON")) -> None:
     """Re-check sources and keys (FAILED/ACTIVE), age unread images to INACTIVE."""
-    from .maintenance import refresh as run_refresh
-
-    changes = run_refresh(_store(), ref)
+    changes = _store().refresh(ref)
     if json_out:
         _emit_json([c.__dict__ for c in changes])
         return
