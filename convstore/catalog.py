@@ -27,10 +27,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import (
-    ConvstoreError,
     CorruptObject,
     ImageNotFound,
-    KeyProviderError,
+    RollbackDetected,
     StoreError,
     StoreFormatError,
     TamperedObject,
@@ -87,6 +86,8 @@ class CatalogEntry:
     history: tuple[dict[str, Any], ...] = ()
     #: grows with every write of this entry (rollback protection, convstore.trust)
     seq: int = 0
+    #: the convergence domain the current version was packed in (a re-pack goes back into it)
+    domain: str = ""
 
     @property
     def complete(self) -> bool:
@@ -105,7 +106,7 @@ class CatalogEntry:
                 "wrapped_key": base64.b64encode(self.wrapped_key).decode() if self.wrapped_key else None,
                 "created": self.created, "source": self.source, "logical_bytes": self.logical_bytes,
                 "layers": self.layers, "last_read": self.last_read, "pending": self.pending,
-                "history": list(self.history), "seq": self.seq}
+                "history": list(self.history), "seq": self.seq, "domain": self.domain}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CatalogEntry:
@@ -121,7 +122,7 @@ class CatalogEntry:
                        base64.b64decode(d["wrapped_key"]) if d.get("wrapped_key") else None,
                        d.get("created", ""), d.get("source", ""), int(d.get("logical_bytes", 0)),
                        int(d.get("layers", 0)), float(d.get("last_read", 0)), d.get("pending"),
-                       tuple(d.get("history") or ()), int(d.get("seq", 0)))
+                       tuple(d.get("history") or ()), int(d.get("seq", 0)), str(d.get("domain", "")))
         except (KeyError, ValueError, TypeError):
             raise CorruptObject("catalog entry is malformed") from None
 
@@ -139,6 +140,7 @@ class CatalogEntry:
                 "state_since": iso(self.state_since), "reason": self.reason, "manifest": self.manifest_digest,
                 "key_id": self.key_id, "created": self.created, "source": self.source,
                 "logical_bytes": self.logical_bytes, "layers": self.layers, "last_read": iso(self.last_read),
+                "domain": self.domain,
                 "pending": self.pending,
                 "history": [{"at": iso(h["at"]), "state": h["state"], "reason": h["reason"]} for h in self.history]}
 
@@ -177,6 +179,7 @@ class Catalog:
             if new is None:
                 if cur is not None:
                     self.objects.delete(r.key)
+                    self.trust.record_removed(str(r), cur.seq)
             elif new != cur:
                 # seq grows with every write, and across rm + re-create (it starts from the clock)
                 new = replace(new, seq=max((cur.seq + 1) if cur else 0, int(time.time() * 1000)))
@@ -199,9 +202,7 @@ class Catalog:
                 out.append(self.entry(ImageRef.from_key(k)))
             except ImageNotFound:
                 continue
-            except KeyProviderError:
-                raise  # the key cannot open the catalog at all: not one entry's problem
-            except (ValueError, ConvstoreError) as err:
+            except (ValueError, CorruptObject, RollbackDetected, StoreFormatError) as err:  # this entry's problem
                 if strict:
                     raise StoreError(f"{err}; refusing to go on (remove it with convstore rm, or restore it)") \
                         from None

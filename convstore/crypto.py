@@ -136,14 +136,16 @@ def decrypt_chunk(blob: bytes, ident: ChunkIdentity) -> bytes:
     if len(blob) < CHUNK_HEADER_LEN + TAG_LEN or blob[:3] != CHUNK_MAGIC:
         raise CorruptObject(f"chunk {ident.cid.hex()}: not a convstore chunk")
     version, codec = blob[3], blob[4]
-    if version != CHUNK_VERSION:
-        raise StoreFormatError(f"chunk {ident.cid.hex()}: format version {version} is not supported")
     header = blob[:CHUNK_HEADER_LEN]
     nonce = blob[5:CHUNK_HEADER_LEN]
+    # authenticate first (the header is in the AAD): a flipped version or codec byte is corruption,
+    # which self-healing quarantines; only an authentic blob of another version is a format error
     try:
         body = AESGCM(ident.ckey).decrypt(nonce, blob[CHUNK_HEADER_LEN:], header + ident.cid)
     except InvalidTag:
         raise CorruptObject(f"chunk {ident.cid.hex()}: authentication failed") from None
+    if version != CHUNK_VERSION:
+        raise StoreFormatError(f"chunk {ident.cid.hex()}: format version {version} is not supported")
     if codec == CODEC_ZSTD:
         try:
             plain = _zstd_decompressor().decompress(body, max_output_size=MAX_CHUNK_PLAIN)

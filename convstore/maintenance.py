@@ -17,9 +17,10 @@ from typing import Any
 
 from . import lifecycle
 from .catalog import FAILED, INACTIVE, CatalogEntry
-from .errors import ChunkMissing, ConvstoreError, KeyAccessDenied, StoreError
+from .errors import ChunkMissing, ConvstoreError, CorruptObject, KeyAccessDenied, StoreError
 from .oci.sources import parse_source
 from .refs import ImageRef
+from .stores.local import real_dir
 from .store import Store
 
 TMP_GRACE = 3600.0  # temporary files older than this belong to dead writers
@@ -173,9 +174,9 @@ def _clean_tmp(store: Store) -> int:
             pass
         return 0
 
-    tmp = os.path.join(root, "tmp")
+    tmp = real_dir(os.path.join(root, "tmp"))  # never a symlink out of the store
     n = sum(unlink_if_old(os.path.join(tmp, name)) for name in os.listdir(tmp))
-    packs = os.path.join(root, "packs")
+    packs = real_dir(os.path.join(root, "packs"))
     names = set(os.listdir(packs))
     n += sum(unlink_if_old(os.path.join(packs, name)) for name in names
              if name.endswith(".pack") and name[:-5] + ".idx" not in names)
@@ -240,12 +241,15 @@ def verify(store: Store, ref: str | None = None, repair: bool = False, workers: 
 
     def check(cid: bytes) -> tuple[bytes, str | None]:
         try:
-            store.chunks.read(idents[cid])  # quarantines a corrupt chunk
+            store.chunks.read(idents[cid])  # quarantines a chunk that is corrupt as stored
             return cid, None
         except ChunkMissing:
             return cid, "missing"
-        except ConvstoreError:
+        except CorruptObject:
             return cid, "corrupt"
+        except ConvstoreError as err:  # the store could not be read (a transient error): never a repair target
+            report.unreadable.setdefault(f"chunk {cid.hex()}", str(err))
+            return cid, "error"
 
     with ThreadPoolExecutor(workers) as pool:
         for cid, problem in pool.map(check, list(idents)):
@@ -263,8 +267,9 @@ def verify(store: Store, ref: str | None = None, repair: bool = False, workers: 
 def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other: Store | None) -> None:
     """Copy bad chunks from ``other`` where it holds good ones, then re-pack
     every image still affected from its (authenticated) source."""
+    # corrupt chunks were quarantined by the read that found them (after a second read confirmed it);
+    # nothing is deleted here, so a transient error never costs a good chunk
     bad = {bytes.fromhex(h): imgs for h, imgs in (*report.missing.items(), *report.corrupt.items())}
-    store.chunks.delete([c for c in bad if store.chunks.has(c)])  # corrupt copies not already quarantined
     authentic = {str(e.ref) for e in store.images()}
     still = {r for r in report.unreadable if r in authentic}  # a tampered entry has no source to trust
     copied: set[str] = set()
@@ -284,7 +289,7 @@ def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other:
     for ref in sorted(still):
         e = store.entry(ref)
         try:
-            store.pack(e.source, ref, reuse_layers=False)
+            store.pack(e.source, ref, reuse_layers=False, domain=e.domain or "default")  # back into its own domain
             report.repaired.append(ref)
         except ConvstoreError as err:
             report.not_repaired[ref] = str(err)

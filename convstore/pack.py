@@ -232,7 +232,8 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
         )
         store.chunks.flush()  # chunks durable before anything references them
         digest, wrapped = store.put_manifest(manifest)
-        store.finish_pack(iref, digest, wrapped, manifest.created, src.ref, manifest.logical_bytes, len(layers))
+        store.finish_pack(iref, digest, wrapped, manifest.created, src.ref, manifest.logical_bytes, len(layers),
+                          dom.public["name"])
         store.record_layers(dom, manifest, digest, wrapped)
     finally:
         progress.finish()

@@ -10,6 +10,7 @@ running it again.  Afterwards the old key is no longer needed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -39,6 +40,15 @@ def rekey(store: Store, new: KeyProvider) -> RekeyReport:
     t0 = time.perf_counter()
     old = store.key
     new = new if isinstance(new, AuditedKeyProvider) else AuditedKeyProvider(new, store._audit)
+    # exclusive against packs and pulls (they hold the gc lock shared): none can publish an image
+    # under the old key after this pass went by it.  A registry store has no locks: stop its writers.
+    lock = store.objects.lock("gc") if store.objects.supports_locking else contextlib.nullcontext()
+    with lock:
+        counts = _rekey(store, old, new)
+    return RekeyReport(old.key_id, new.key_id, *counts, time.perf_counter() - t0)
+
+
+def _rekey(store: Store, old: KeyProvider, new: KeyProvider) -> tuple[int, int, int, int]:
     images = domains = layers = skipped = 0
 
     # the metadata key (which authenticates every record below) is re-wrapped last, so that a rekey killed
@@ -100,4 +110,4 @@ def rekey(store: Store, new: KeyProvider) -> RekeyReport:
         layers += 1
     store.objects.flush()  # the layer-index records
     store.rewrap_metadata_key(old, new)
-    return RekeyReport(old.key_id, new.key_id, images, domains, layers, skipped, time.perf_counter() - t0)
+    return images, domains, layers, skipped

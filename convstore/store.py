@@ -41,7 +41,7 @@ from .options import StoreOptions
 from .refs import ImageRef
 from .stores.base import ChunkStore, ObjectStore
 from .stores.local import LocalChunkStore, LocalStore
-from .trust import TrustState, default_state_dir
+from .trust import TrustState, check_location, default_state_dir
 
 if TYPE_CHECKING:
     from .chunking import ChunkParams
@@ -109,13 +109,17 @@ class Store:
         #: how this store was opened: what a background worker inherits
         self.options = options or StoreOptions(path=getattr(objects, "root", None), key=self.key.spec)
         #: called with (source, ref) to start the re-pack of an INACTIVE image
-        self.reactivator: Callable[[str, str], None] = self._spawn_repack
+        #: called with the (authenticated) entry of an INACTIVE image to start its re-pack
+        self.reactivator: Callable[[CatalogEntry], None] = self._spawn_repack
         #: store.json: the id and the metadata key
         self.ident = StoreIdentity(objects, self.key)
         self.id = self.ident.id
         #: rollback protection: the newest versions this client has seen (see convstore.trust)
-        self.trust = TrustState(state_dir or (options.state_dir if options else None) or default_state_dir(),
-                                self.id, allow_rollback=allow_rollback)
+        sdir = state_dir or (options.state_dir if options else None) or default_state_dir()
+        self.trust = TrustState(sdir, self.id, allow_rollback=allow_rollback)
+        location = self.options.path or getattr(objects, "root", None)
+        if location:
+            check_location(sdir, location, self.id, created=self.ident.created, allow=allow_rollback)
         self._wire()
 
     def _wire(self) -> None:
@@ -168,7 +172,7 @@ class Store:
         else:
             path = os.path.abspath(os.path.expanduser(path or default_store_path()))
             kp = getattr(provider, "path", None)
-            if kp and os.path.commonpath([path, os.path.abspath(kp)]) == path:
+            if kp and os.path.commonpath([os.path.realpath(path), os.path.realpath(kp)]) == os.path.realpath(path):
                 raise StoreError(f"the key file {kp} lies inside the store {path}: keep master keys apart from data")
             objects, chunk_store = LocalStore(path), LocalChunkStore(path)
         options = options or StoreOptions(
@@ -291,14 +295,14 @@ class Store:
         return self._change(ref, lambda cur: lifecycle.begin_pack(cur, ref, now, source))
 
     def finish_pack(self, ref: ImageRef, manifest_digest: str, wrapped: bytes, created: str, source: str,
-                    logical_bytes: int, layers: int) -> CatalogEntry:
+                    logical_bytes: int, layers: int, domain: str) -> CatalogEntry:
         """Make every chunk durable, then atomically point ``ref`` at the new version: ACTIVE."""
         self.chunk_store.flush()
         self.objects.flush()
         now = self.clock()
         return self._change(ref, lambda cur: lifecycle.finish_pack(
             cur, ref, now, manifest_digest=manifest_digest, key_id=self.key.key_id, wrapped_key=wrapped,
-            created=created, source=source, logical_bytes=logical_bytes, layers=layers))
+            created=created, source=source, logical_bytes=logical_bytes, layers=layers, domain=domain))
 
     def abort_pack(self, ref: ImageRef, error: BaseException) -> None:
         """A pack failed: keep serving the previous version (a re-pack whose source is gone: FAILED)."""
@@ -341,18 +345,19 @@ class Store:
 
         self.update_entry(e.ref, change)
         if start[0]:
-            self.reactivator(e.source, str(e.ref))
+            self.reactivator(e)
 
-    def _spawn_repack(self, source: str, ref: str) -> None:
+    def _spawn_repack(self, e: CatalogEntry) -> None:
         """Re-pack in a detached worker process (library code; it inherits
-        this store's options on a pipe, never in argv).  ``source`` comes from
-        the authenticated catalog entry."""
+        this store's options on a pipe, never in argv).  The source and the
+        convergence domain come from the authenticated catalog entry."""
         from .worker import spawn
 
         if self.options.key is None:
-            raise StoreError(f"cannot reactivate {ref} automatically (the key provider cannot be reopened in "
-                             f"another process): run convstore pack {source} {ref}")
-        spawn({"op": "pack", "source": source, "ref": ref}, self.options)
+            raise StoreError(f"cannot reactivate {e.ref} automatically (the key provider cannot be reopened in "
+                             f"another process): run convstore pack {e.source} {e.ref}")
+        spawn({"op": "pack", "source": e.source, "ref": str(e.ref), "domain": e.domain or DEFAULT_DOMAIN},
+              replace(self.options, allow_rollback=False))
 
     def manifest(self, ref: ImageRef | str) -> Manifest:
         """The manifest of a readable image (goes through the read gate)."""

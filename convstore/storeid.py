@@ -58,6 +58,8 @@ class StoreIdentity:
         self.objects = objects
         self.key = key
         self._meta: MetadataKey | None = None
+        #: whether this process created the store (its first store.json)
+        self.created = False
         try:
             doc = parse_json(objects.get("store.json"), "store.json")
         except KeyError:
@@ -67,6 +69,7 @@ class StoreIdentity:
                    "metadata_key": {"key_id": key.key_id, "wrapped": base64.b64encode(wrapped).decode()}}
             if objects.put("store.json", json.dumps(doc).encode(), exclusive=True):
                 self._meta = MetadataKey(raw)
+                self.created = True
             else:
                 doc = parse_json(objects.get("store.json"), "store.json")
         if doc.get("format") != STORE_FORMAT:

@@ -73,7 +73,8 @@ def _copy(src: Store, dst: Store, entry: CatalogEntry, manifest: Manifest, targe
                 sent += n
         dst.chunks.flush()
         digest, wrapped = dst.put_manifest(manifest)
-        dst.finish_pack(target, digest, wrapped, manifest.created, entry.source, entry.logical_bytes, entry.layers)
+        dst.finish_pack(target, digest, wrapped, manifest.created, entry.source, entry.logical_bytes, entry.layers,
+                        str(manifest.domain.get("name", "")))
     except BaseException:
         dst.chunks.abort()
         raise

@@ -9,7 +9,7 @@ reports a failure as one line on its standard error and exits 1.
 
 Tasks::
 
-    {"op": "pack", "source": SOURCE, "ref": NAME:TAG}
+    {"op": "pack", "source": SOURCE, "ref": NAME:TAG, "domain": DOMAIN}
     {"op": "mount", "ref": NAME:TAG, "mountpoint": DIR}
 """
 
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import urllib.parse
 import sys
 from dataclasses import replace
 from typing import IO, Any
@@ -34,7 +36,16 @@ def spawn(task: dict[str, Any], options: StoreOptions, *, stderr: int | IO[bytes
     """Start ``task`` in a new session; returns at once."""
     if options.key is None and os.environ.get("CONVSTORE_KEY"):
         options = replace(options, key=os.environ["CONVSTORE_KEY"])
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}  # the options carry them
+    secret_env = set(SECRET_ENV)
+    if options.key:
+        # a PIN named by pin-source=env:VAR travels on the pipe as pin-value, and VAR stays behind
+        m = re.search(r"([?&])pin-source=env:([A-Za-z_][A-Za-z0-9_]*)", options.key)
+        if m and m.group(2) in os.environ:
+            pin = urllib.parse.quote(os.environ[m.group(2)], safe="")
+            options = replace(options, key=options.key[:m.start()] + f"{m.group(1)}pin-value={pin}"
+                              + options.key[m.end():])
+            secret_env.add(m.group(2))
+    env = {k: v for k, v in os.environ.items() if k not in secret_env}  # the options carry them
     p = subprocess.Popen([sys.executable, "-m", "convstore.worker"], stdin=subprocess.PIPE, env=env,
                          stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, close_fds=True)
     assert p.stdin is not None
@@ -51,7 +62,7 @@ def run_task(doc: dict[str, Any]) -> None:
     task = doc["task"]
     store = options.open()
     if task["op"] == "pack":
-        store.pack(task["source"], task["ref"])
+        store.pack(task["source"], task["ref"], domain=task.get("domain") or "default")
     elif task["op"] == "mount":
         from .reader import ImageFS
         from .reader.fuse import serve

@@ -228,12 +228,18 @@ def test_missing_extra_is_named(monkeypatch):
         open_key("awskms:x")
 
 
-def test_pin_never_in_a_childs_argv_or_environment(tmp_path, softhsm, cli_env):
-    """A key spec carrying a PIN reaches a background worker on a pipe, not in argv or the environment."""
+@pytest.mark.parametrize("how", ["pin-value", "pin-source-env"])
+def test_pin_never_in_a_childs_argv_or_environment(tmp_path, softhsm, cli_env, how):
+    """A key spec carrying a PIN (or naming the variable that holds it) reaches a background worker
+    on a pipe, never in its argv or environment."""
     from kms_fixtures import PIN
 
-    spec = softhsm.add_key("pin-in-spec").replace("pin-source=env:CONVSTORE_TEST_PIN", f"pin-value={PIN}")
-    env = {k: v for k, v in cli_env.items() if k != "CONVSTORE_TEST_PIN"}
+    spec = softhsm.add_key(f"pin-{how}")
+    if how == "pin-value":
+        spec = spec.replace("pin-source=env:CONVSTORE_TEST_PIN", f"pin-value={PIN}")
+        env = {k: v for k, v in cli_env.items() if k != "CONVSTORE_TEST_PIN"}
+    else:
+        env = dict(cli_env, CONVSTORE_TEST_PIN=PIN)
     env["CONVSTORE_KEY"] = spec
     run_cli(env, "pack", src_image(tmp_path, "p", data=b"pinned"), "img:1")
     mnt = tmp_path / "mnt"
@@ -253,6 +259,6 @@ def test_pin_never_in_a_childs_argv_or_environment(tmp_path, softhsm, cli_env):
         assert len(workers) == 1
         cmdline, environ = workers[0]
         assert not any(PIN.encode() in a or b"pkcs11:" in a for a in cmdline), cmdline
-        assert not [e for e in environ if b"pin-value" in e or e.endswith(b"=" + PIN.encode())]
+        assert not [e for e in environ if b"pin-value=" + PIN.encode() in e or e.endswith(b"=" + PIN.encode())]
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True)

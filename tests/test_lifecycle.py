@@ -35,7 +35,7 @@ def clock():
 @pytest.fixture
 def cstore(tmp_path, keyfile, clock):
     s = convstore.Store.open(str(tmp_path / "store"), f"file:{keyfile}", clock=clock, inactive_after=14 * DAY)
-    s.reactivator = lambda source, ref: s.pack(source, ref)  # in-process, for determinism
+    s.reactivator = lambda e: s.pack(e.source, str(e.ref), domain=e.domain)  # in-process, for determinism
     return s
 
 
@@ -317,3 +317,27 @@ def test_transitions_outside_the_table_are_refused():
         lifecycle.deactivate(failed, now, DAY)
     back = lifecycle.recover(failed, now)
     assert back.state == ACTIVE and back.history[-1]["reason"] == "source and key are available again"
+
+
+def test_repack_and_repair_stay_in_the_images_domain(tmp_path, cli_env):
+    """A tenant's image re-packed by a reactivation (real worker) or by verify --repair goes back
+    into the tenant's convergence domain, never into the shared default one."""
+    import json
+
+    write_oci(str(tmp_path / "t"), [rich_layer(), make_tar([Entry("hello", data=os.urandom(200_000))])])
+    run_cli(cli_env, "domain", "create", "tenant")
+    run_cli(cli_env, "pack", "--domain", "tenant", f"oci:{tmp_path / 't'}", "t:1")
+    domain_of = lambda env: json.loads(run_cli(env, "inspect", "--json", "t:1").stdout)["domain"]["name"]  # noqa: E731
+    assert domain_of(cli_env) == "tenant"
+    later = dict(cli_env, CONVSTORE_NOW=str(time.time() + 30 * DAY))
+    run_cli(later, "refresh")
+    run_cli(later, "gc")
+    assert run_cli(later, "cat", "t:1", "/hello", check=False).returncode == 1  # starts the re-pack
+    deadline = time.monotonic() + 120
+    while "ACTIVE" not in run_cli(later, "images").stdout.split():
+        assert time.monotonic() < deadline
+    assert domain_of(later) == "tenant"
+    s = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    s.chunks.delete([c.cid for c in s.load_manifest(s.entry("t:1")).chunks][:3])
+    assert "repaired t:1" in run_cli(later, "verify", "--repair").stdout
+    assert domain_of(later) == "tenant"

@@ -220,7 +220,7 @@ def test_repack_source_comes_from_authenticated_data(base: tuple[Path, str], tmp
     _edit("refs/t:1", lambda d: d.update(source=image(tmp_path, "evil", b"E"), last_read=0, state="inactive"))(
         s.objects)
     started: list[tuple[str, str]] = []
-    s.reactivator = lambda source, ref: started.append((source, ref))
+    s.reactivator = lambda e: started.append((e.source, str(e.ref)))
     with pytest.raises(TamperedObject):
         s.open_image("t:1")
     with pytest.raises(TamperedObject):
@@ -340,3 +340,84 @@ def test_metadata_key_never_written_in_clear(base: tuple[Path, str]) -> None:
         if p.is_file():
             data = p.read_bytes()
             assert raw not in data and raw.hex().encode() not in data and base64.b64encode(raw) not in data
+
+
+@pytest.mark.parametrize("planted", ["quarantine", "profiles", "manifests", "audit/keys.log", "locks"])
+def test_symlinks_planted_in_the_store_are_never_followed(tmp_path: Path, cli_env: dict[str, str],
+                                                          planted: str) -> None:
+    """A store writer links a store folder (or the audit log) to the owner's files: gc, the audit
+    log and locks refuse it in one line and nothing outside the store is touched."""
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (victim / "precious").write_bytes(b"keep me")
+    old = os.path.getmtime(victim / "precious") - 7200
+    os.utime(victim / "precious", (old, old))
+    run_cli(cli_env, "pack", image(tmp_path, "p", b"P"), "p:1")
+    root = tmp_path / "store"
+    target = root / planted
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    target.symlink_to(victim / "precious" if planted.endswith(".log") else victim)
+    for args in (["gc"], ["cat", "p:1", "/who"], ["verify"]):
+        p = run_cli(cli_env, *args, check=False)
+        assert "Traceback" not in p.stderr, p.stderr
+        if p.returncode:
+            assert p.stderr.count("\n") <= 1 and "symlink" in p.stdout + p.stderr, (p.stdout, p.stderr)
+    assert (victim / "precious").read_bytes() == b"keep me"
+    assert sorted(os.listdir(victim)) == ["precious"]
+
+
+def test_key_spec_errors_never_echo_a_pin() -> None:
+    from convstore.errors import InvalidReference
+    from convstore.keys import open_key
+
+    for spec in ("pkcs11-x:token=a;object=b?pin-value=98765", "98765"):
+        with pytest.raises(InvalidReference) as e:
+            open_key(spec)
+        assert "98765" not in str(e.value)
+
+
+def test_a_removed_tag_put_back_is_refused(tmp_path: Path) -> None:
+    key = f"file:{tmp_path / 'keys' / 'k'}"
+    s = convstore.Store.open(str(tmp_path / "store"), key, state_dir=str(tmp_path / "state"))
+    s.pack(image(tmp_path, "old", b"O"), "app:1")
+    entry = s.objects.get("refs/app:1")
+    s.rm("app:1")
+    s.objects.put("refs/app:1", entry)  # the store writer resurrects the removed (authentic) entry
+    with pytest.raises(RollbackDetected, match="was removed here"):
+        convstore.Store.open(str(tmp_path / "store"), key, state_dir=str(tmp_path / "state")).manifest("app:1")
+    s.objects.delete("refs/app:1")
+    s.pack(image(tmp_path, "new", b"N"), "app:1")  # a real re-creation is newer, and accepted
+    with ImageFS.from_store(convstore.Store.open(str(tmp_path / "store"), key, state_dir=str(tmp_path / "state")),
+                            "app:1") as fs:
+        assert fs.open("/who").read() == b"N"
+
+
+def test_a_whole_store_swapped_for_another_is_refused(tmp_path: Path) -> None:
+    """Another store under the same master key copied over this one (store.json and all) is refused
+    by a client that knows the location; one the client itself re-creates there is not."""
+    key = f"file:{tmp_path / 'keys' / 'k'}"
+    st = str(tmp_path / "state")
+    a = convstore.Store.open(str(tmp_path / "a"), key, state_dir=st)
+    a.pack(image(tmp_path, "ia", b"A"), "x:1")
+    b = convstore.Store.open(str(tmp_path / "b"), key, state_dir=str(tmp_path / "elsewhere"))
+    b.pack(image(tmp_path, "ib", b"B"), "x:1")
+    shutil.rmtree(tmp_path / "a")
+    shutil.copytree(tmp_path / "b", tmp_path / "a")
+    with pytest.raises(RollbackDetected, match="was replaced"):
+        convstore.Store.open(str(tmp_path / "a"), key, state_dir=st)
+    shutil.rmtree(tmp_path / "a")
+    fresh = convstore.Store.open(str(tmp_path / "a"), key, state_dir=st)  # the owner starts over: accepted
+    assert fresh.images() == []
+
+
+def test_trust_state_folder_open_to_others_is_refused(tmp_path: Path) -> None:
+    key = f"file:{tmp_path / 'keys' / 'k'}"
+    st = tmp_path / "state"
+    s = convstore.Store.open(str(tmp_path / "s"), key, state_dir=str(st))
+    s.pack(image(tmp_path, "i", b"I"), "x:1")
+    os.chmod(st / "trust", 0o777)
+    with pytest.raises(convstore.StoreError, match="trust state folder .* other users"):
+        convstore.Store.open(str(tmp_path / "s"), key, state_dir=str(st)).manifest("x:1")

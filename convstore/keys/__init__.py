@@ -24,8 +24,9 @@ def open_key(spec: str | None = None, *, kms_endpoint: str | None = None) -> Key
     ``pkcs11:token=..;object=..?module-path=..&pin-source=..`` or ``awskms:KEY``."""
     spec = spec or default_key_spec()
     scheme, sep, arg = spec.partition(":")
+    # never echo the spec itself: it may carry a PIN
     if not sep or not arg:
-        raise InvalidReference(f"bad key spec {spec!r} (file:PATH, pkcs11:..., or awskms:KEY)")
+        raise InvalidReference("bad key spec (expected file:PATH, pkcs11:..., or awskms:KEY)")
     if scheme == "file":
         return LocalKeyFile(os.path.expanduser(arg))
     if scheme == "pkcs11":
@@ -36,7 +37,7 @@ def open_key(spec: str | None = None, *, kms_endpoint: str | None = None) -> Key
         from .awskms import AWSKMSKey
 
         return AWSKMSKey(arg, endpoint=kms_endpoint)
-    raise InvalidReference(f"unknown key spec {spec!r} (file:PATH, pkcs11:..., or awskms:KEY)")
+    raise InvalidReference(f"unknown key spec scheme {scheme[:20]!r} (file:PATH, pkcs11:..., or awskms:KEY)")
 
 
 __all__ = ["KeyProvider", "LocalKeyFile", "open_key", "default_key_spec", "canonical_context"]

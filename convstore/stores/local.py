@@ -16,22 +16,30 @@ import errno
 import fcntl
 import os
 import secrets
-import threading
 from collections.abc import Iterator
 
 from ..errors import StoreError
 from .base import ChunkStore, ObjectStore
 from .faults import crash_point
-from .packs import PackSet, fsync_dir, makedirs_private
+from .packs import PackSet, makedirs_private
 
 def append_line(path: str, line: str) -> None:
-    """One ``write`` with O_APPEND: lines from several processes never interleave."""
+    """One ``write`` with O_APPEND: lines from several processes never interleave.
+    The file itself is never a symlink (O_NOFOLLOW)."""
     makedirs_private(os.path.dirname(path))
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, (line.replace("\n", " ") + "\n").encode())
     finally:
         os.close(fd)
+
+
+def real_dir(path: str) -> str:
+    """``path`` if it is a folder and not a symlink (created 0700 if absent), else StoreError."""
+    makedirs_private(path)
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise StoreError(f"{path}: a store folder is a symlink or not a folder; refusing to follow it")
+    return path
 
 
 def _valid_key(key: str) -> str:
@@ -46,9 +54,9 @@ class LocalChunkStore(ChunkStore):
 
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
-        tmp = os.path.join(self.root, "tmp")
         try:
-            makedirs_private(tmp)
+            tmp = real_dir(os.path.join(self.root, "tmp"))
+            real_dir(os.path.join(self.root, "packs"))
         except OSError as e:
             raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from None
         self.packs = PackSet(self.root, tmp)
@@ -87,97 +95,167 @@ class LocalChunkStore(ChunkStore):
 
 
 class LocalStore(ObjectStore):
-    """Objects as files under ``root``."""
+    """Objects as files under ``root``.
+
+    Every path under the root is opened component by component relative to
+    directory descriptors with ``O_NOFOLLOW``: a symlink planted anywhere in the
+    store (say ``quarantine -> ~/.config/convstore``) is refused, never
+    followed, so no read, write, delete, lock or log append can reach outside
+    the store.  The root itself may be a symlink (the owner's choice)."""
 
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
-        self._tmp = os.path.join(self.root, "tmp")
         try:
-            makedirs_private(self._tmp)
+            makedirs_private(self.root)
+            self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            os.close(self._dir("tmp", create=True))
         except OSError as e:
             raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from None
-        self._made_dirs: set[str] = set()
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"
 
+    def __del__(self) -> None:
+        fd = getattr(self, "_root_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def path(self, key: str) -> str:
         return os.path.join(self.root, _valid_key(key))
 
-    def get(self, key: str) -> bytes:
+    def _dir(self, rel: str, create: bool = False) -> int:
+        """A descriptor of the folder ``rel`` under the root, opened without
+        following any symlink (FileNotFoundError if absent and not ``create``)."""
+        fd = os.dup(self._root_fd)
         try:
-            with open(self.path(key), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise KeyError(key) from None
-
-    def has(self, key: str) -> bool:
-        return os.path.exists(self.path(key))
-
-    def size(self, key: str) -> int:
-        try:
-            return os.stat(self.path(key)).st_size
-        except FileNotFoundError:
-            raise KeyError(key) from None
-
-    def _ensure_dir(self, d: str) -> None:
-        if d in self._made_dirs:
-            return
-        makedirs_private(d)
-        with self._lock:
-            self._made_dirs.add(d)
-
-    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
-        final = self.path(key)
-        self._ensure_dir(os.path.dirname(final))
-        crash_point()
-        tmp = os.path.join(self._tmp, f"{os.getpid()}.{secrets.token_hex(8)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if durable:
-                os.fsync(fd)
+            for part in filter(None, rel.split("/")):
+                try:
+                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(part, 0o700, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise StoreError(f"{os.path.join(self.root, rel)}: a store folder is a symlink or not a "
+                                         f"folder; refusing to follow it") from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            return fd
         except BaseException:
             os.close(fd)
-            os.unlink(tmp)
             raise
-        os.close(fd)
-        crash_point()
+
+    def _split(self, key: str) -> tuple[str, str]:
+        d, _, name = _valid_key(key).rpartition("/")
+        return d, name
+
+    def _open(self, key: str, flags: int, mode: int = 0o600, create_dir: bool = False) -> int:
+        d, name = self._split(key)
+        dfd = self._dir(d, create=create_dir)
         try:
-            if exclusive:
-                try:
-                    os.link(tmp, final)
-                except FileExistsError:
-                    return False
-                finally:
-                    os.unlink(tmp)
-            else:
-                os.rename(tmp, final)
+            return os.open(name, flags | os.O_NOFOLLOW, mode, dir_fd=dfd)
         except OSError as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise StoreError(f"cannot write {key}: {e.strerror}") from None
-        crash_point()
-        if durable:
-            fsync_dir(os.path.dirname(final))
-        return True
+            if e.errno == errno.ELOOP:
+                raise StoreError(f"store object {key} is a symlink; refusing to follow it") from None
+            raise
+        finally:
+            os.close(dfd)
+
+    def get(self, key: str) -> bytes:
+        try:
+            fd = self._open(key, os.O_RDONLY)
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def has(self, key: str) -> bool:
+        try:
+            self.size(key)
+            return True
+        except KeyError:
+            return False
+
+    def size(self, key: str) -> int:
+        d, name = self._split(key)
+        try:
+            dfd = self._dir(d)
+            try:
+                return os.stat(name, dir_fd=dfd, follow_symlinks=False).st_size
+            finally:
+                os.close(dfd)
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
+        d, name = self._split(key)
+        dfd = self._dir(d, create=True)
+        tfd = self._dir("tmp", create=True)
+        try:
+            crash_point()
+            tmp = f"{os.getpid()}.{secrets.token_hex(8)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=tfd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if durable:
+                    os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp, dir_fd=tfd)
+                raise
+            os.close(fd)
+            crash_point()
+            try:
+                if exclusive:
+                    try:
+                        os.link(tmp, name, src_dir_fd=tfd, dst_dir_fd=dfd, follow_symlinks=False)
+                    except FileExistsError:
+                        return False
+                    finally:
+                        os.unlink(tmp, dir_fd=tfd)
+                else:
+                    os.rename(tmp, name, src_dir_fd=tfd, dst_dir_fd=dfd)
+            except OSError as e:
+                try:
+                    os.unlink(tmp, dir_fd=tfd)
+                except FileNotFoundError:
+                    pass
+                raise StoreError(f"cannot write {key}: {e.strerror}") from None
+            crash_point()
+            if durable:
+                os.fsync(dfd)
+            return True
+        finally:
+            os.close(dfd)
+            os.close(tfd)
 
     def flush(self) -> None:
         """Non-durable puts (layer-index hints) are fsynced by the directory's
         next durable write; nothing is buffered here."""
 
     def append_line(self, key: str, line: str) -> None:
-        append_line(self.path(key), line)
+        """One ``write`` with O_APPEND: lines from several processes never interleave."""
+        fd = self._open(key, os.O_WRONLY | os.O_APPEND | os.O_CREAT, create_dir=True)
+        try:
+            os.write(fd, (line.replace("\n", " ") + "\n").encode())
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def lock(self, name: str, shared: bool = False) -> Iterator[None]:
         """``flock`` on ``locks/<name>``: released if the process dies."""
-        d = os.path.join(self.root, "locks")
-        makedirs_private(d)
-        fd = os.open(os.path.join(d, name), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._open(f"locks/{name}", os.O_RDWR | os.O_CREAT, create_dir=True)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
@@ -190,25 +268,42 @@ class LocalStore(ObjectStore):
     def delete_many(self, keys: list[str]) -> None:
         for k in keys:
             crash_point()
+            d, name = self._split(k)
             try:
-                os.unlink(self.path(k))
+                dfd = self._dir(d)
+            except FileNotFoundError:
+                continue
+            try:
+                os.unlink(name, dir_fd=dfd)  # a symlink is removed itself, never its target
             except FileNotFoundError:
                 pass
+            finally:
+                os.close(dfd)
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, str, int]]:
+        """(relative folder, file name, folder fd) of every file under ``prefix``, following no symlink."""
+        prefix = prefix.strip("/")
+        try:
+            top = self._dir(prefix)
+        except FileNotFoundError:
+            return
+        try:
+            for dirpath, _dirs, files, dfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+                rel = os.path.normpath(os.path.join(prefix, dirpath))
+                for f in files:
+                    yield rel, f, dfd
+        finally:
+            os.close(top)
 
     def list(self, prefix: str) -> Iterator[str]:
-        base = os.path.join(self.root, prefix.rstrip("/"))
-        for dirpath, _dirs, files in os.walk(base):
-            rel = os.path.relpath(dirpath, self.root)
-            for f in files:
-                yield f"{rel}/{f}".replace(os.sep, "/")
+        for rel, f, _dfd in self._walk(prefix):
+            yield f"{rel}/{f}".replace(os.sep, "/")
 
     def usage(self, prefix: str) -> int:
         total = 0
-        for dirpath, _dirs, files in os.walk(os.path.join(self.root, prefix)):
-            for f in files:
-                try:
-                    total += os.lstat(os.path.join(dirpath, f)).st_size
-                except OSError as e:
-                    if e.errno != errno.ENOENT:
-                        raise
+        for _rel, f, dfd in self._walk(prefix):
+            try:
+                total += os.stat(f, dir_fd=dfd, follow_symlinks=False).st_size
+            except FileNotFoundError:
+                pass
         return total
