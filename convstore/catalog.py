@@ -182,10 +182,18 @@ class Catalog:
                     self.trust.record_removed(str(r), cur.seq)
             elif new != cur:
                 # seq grows with every write, and across rm + re-create (it starts from the clock)
-                new = replace(new, seq=max((cur.seq + 1) if cur else 0, int(time.time() * 1000)))
+                new = replace(new, seq=max((cur.seq + 1) if cur else 0, int(time.time() * 1000),
+                                           self.trust.removed_at(str(r)) + 1))
                 self.objects.put(r.key, self.ident.meta().sign("entry", f"ref {r}", new.to_json()))
                 self.trust.check_entry(str(r), new.seq, new.manifest_digest)
             return new
+
+    def remove_damaged(self, r: ImageRef) -> None:
+        """Delete an entry that cannot be read (it fails authentication): only its owner's ``rm`` does this."""
+        lock = self.objects.lock("ref-" + hashlib.sha256(r.key.encode()).hexdigest()[:32]) \
+            if self.objects.supports_locking else contextlib.nullcontext()
+        with lock:
+            self.objects.delete(r.key)
 
     def entry(self, r: ImageRef) -> CatalogEntry:
         e = self.read(r)

@@ -82,11 +82,25 @@ class Chunks:
             raise ChunkMissing(f"chunk {e.args[0] if e.args else ''} is missing") from None
 
     def open(self, blob: bytes, ident: ChunkIdentity) -> bytes:
-        """Decrypt and check ``blob`` against ``ident``; a corrupt stored chunk is quarantined."""
+        """Decrypt and check ``blob`` against ``ident``.  If it fails, the chunk
+        is read again (a cache's copy evicted first): a copy damaged only in
+        transit or in the cache is replaced by the good one transparently; a
+        stored copy that is corrupt twice alike is quarantined, and
+        :class:`CorruptObject` raised."""
         try:
             return decrypt_chunk(blob, ident)
         except CorruptObject:
-            self.quarantine(ident, blob)
+            pass
+        self.store.evict(ident.cid)
+        try:
+            again = self.store.get(ident.cid)
+        except KeyError:
+            raise ChunkMissing(f"chunk {ident.cid.hex()} is missing") from None
+        try:
+            return decrypt_chunk(again, ident)
+        except CorruptObject:
+            if hmac.compare_digest(again, blob):
+                self._quarantine(ident, blob)
             raise
 
     def read(self, ident: ChunkIdentity, what: str = "") -> tuple[bytes, int]:
@@ -94,22 +108,10 @@ class Chunks:
         blob = self.blob(ident.cid, what)
         return self.open(blob, ident), len(blob)
 
-    def quarantine(self, ident: ChunkIdentity, blob: bytes) -> bool:
-        """Move a chunk that is corrupt *as stored* out of the dedup index."""
-        self.store.evict(ident.cid)  # a cache's copy may be the damaged one
-        try:
-            again = self.store.get(ident.cid)
-        except KeyError:
-            return False
-        if not hmac.compare_digest(again, blob):
-            return False  # the first read was damaged in transit, not the stored copy
-        try:
-            decrypt_chunk(again, ident)
-            return False
-        except CorruptObject:
-            pass
+    def _quarantine(self, ident: ChunkIdentity, blob: bytes) -> bool:
+        """Move a chunk that is corrupt *as stored* (read twice alike) out of the dedup index."""
         if not self.store.supports_deletes:
-            return False
+            return False  # a registry: reported, and left to the registry's own clean-up
         try:
             self.objects.put(QUARANTINE + ident.cid.hex(), blob, durable=False)
             self.store.delete([ident.cid])

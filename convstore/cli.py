@@ -362,6 +362,9 @@ def audit(since: Optional[str] = typer.Option(None, "--since", metavar="ISO-TIME
 def rm(ref: str = typer.Argument(..., metavar="NAME[:TAG]")) -> None:
     """Remove an image from the catalog (its chunks are freed by gc)."""
     e = _store().rm(ref)
+    if e is None:
+        out.print(f"removed the damaged catalog entry {ref}", highlight=False)
+        return
     out.print(f"removed {e.ref}; run convstore gc to free its unshared chunks", highlight=False)
 
 
@@ -403,11 +406,13 @@ def verify(ref: Optional[str] = typer.Argument(None, metavar="[NAME[:TAG]]"),
                 out.print(f"  {kind} chunk {cid} used by {', '.join(sorted(set(imgs)))}", highlight=False)
         for img, why in r.unreadable.items():
             out.print(f"  unreadable image {img}: {why}", highlight=False)
+        for cid, why in sorted(r.errors.items()):
+            out.print(f"  could not read chunk {cid} (retry later): {why}", highlight=False)
         for img in r.repaired:
             out.print(f"  repaired {img}", highlight=False)
         for img, why in r.not_repaired.items():
             out.print(f"  could not repair {img}: {why}", highlight=False)
-    if not r.clean and set(r.repaired) != set(r.affected):
+    if not r.clean and (r.errors or set(r.repaired) != set(r.affected)):
         raise typer.Exit(1)
 
 

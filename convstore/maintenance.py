@@ -9,7 +9,6 @@ removed and collected may fail, one of a live image cannot.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,6 @@ from .catalog import FAILED, INACTIVE, CatalogEntry
 from .errors import ChunkMissing, ConvstoreError, CorruptObject, KeyAccessDenied, StoreError
 from .oci.sources import parse_source
 from .refs import ImageRef
-from .stores.local import real_dir
 from .store import Store
 
 TMP_GRACE = 3600.0  # temporary files older than this belong to dead writers
@@ -160,27 +158,7 @@ def _stale_layer_records(store: Store, keep: set[str]) -> list[str]:
 def _clean_tmp(store: Store) -> int:
     """Remove temporary files left by writers that died, and pack files whose
     index never appeared (both older than TMP_GRACE)."""
-    root = getattr(store.objects, "root", None)
-    if root is None:
-        return 0
-    now = time.time()
-
-    def unlink_if_old(p: str) -> int:
-        try:
-            if now - os.lstat(p).st_mtime > TMP_GRACE:
-                os.unlink(p)
-                return 1
-        except OSError:
-            pass
-        return 0
-
-    tmp = real_dir(os.path.join(root, "tmp"))  # never a symlink out of the store
-    n = sum(unlink_if_old(os.path.join(tmp, name)) for name in os.listdir(tmp))
-    packs = real_dir(os.path.join(root, "packs"))
-    names = set(os.listdir(packs))
-    n += sum(unlink_if_old(os.path.join(packs, name)) for name in names
-             if name.endswith(".pack") and name[:-5] + ".idx" not in names)
-    return n
+    return store.chunk_store.clean_leftovers(TMP_GRACE)
 
 
 # -- verification ----------------------------------------------------------------
@@ -191,13 +169,14 @@ class VerifyReport:
     missing: dict[str, list[str]] = field(default_factory=dict)  # cid -> images
     corrupt: dict[str, list[str]] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)  # image -> why
+    errors: dict[str, str] = field(default_factory=dict)  # cid -> a read error (transient: not repaired)
     repaired: list[str] = field(default_factory=list)
     not_repaired: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
     def clean(self) -> bool:
-        return not (self.missing or self.corrupt or self.unreadable)
+        return not (self.missing or self.corrupt or self.unreadable or self.errors)
 
     @property
     def affected(self) -> list[str]:
@@ -248,7 +227,7 @@ def verify(store: Store, ref: str | None = None, repair: bool = False, workers: 
         except CorruptObject:
             return cid, "corrupt"
         except ConvstoreError as err:  # the store could not be read (a transient error): never a repair target
-            report.unreadable.setdefault(f"chunk {cid.hex()}", str(err))
+            report.errors[cid.hex()] = str(err)
             return cid, "error"
 
     with ThreadPoolExecutor(workers) as pool:
@@ -289,7 +268,7 @@ def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other:
     for ref in sorted(still):
         e = store.entry(ref)
         try:
-            store.pack(e.source, ref, reuse_layers=False, domain=e.domain or "default")  # back into its own domain
+            store.pack(e.source, ref, reuse_layers=False, domain=store.domain_of(e))  # back into its own domain
             report.repaired.append(ref)
         except ConvstoreError as err:
             report.not_repaired[ref] = str(err)

@@ -28,6 +28,9 @@ from .domains import DEFAULT_DOMAIN, Domain, Domains
 from .manifest_store import ManifestStore
 from .storeid import StoreIdentity
 from .errors import (
+    ConvstoreError,
+    CorruptObject,
+    RollbackDetected,
     ImageFailed,
     ImageInactive,
     ImagePending,
@@ -299,6 +302,7 @@ class Store:
         """Make every chunk durable, then atomically point ``ref`` at the new version: ACTIVE."""
         self.chunk_store.flush()
         self.objects.flush()
+        self.ident.check_current(self.key)  # a rekey that ran meanwhile: never publish under a retired key
         now = self.clock()
         return self._change(ref, lambda cur: lifecycle.finish_pack(
             cur, ref, now, manifest_digest=manifest_digest, key_id=self.key.key_id, wrapped_key=wrapped,
@@ -356,8 +360,20 @@ class Store:
         if self.options.key is None:
             raise StoreError(f"cannot reactivate {e.ref} automatically (the key provider cannot be reopened in "
                              f"another process): run convstore pack {e.source} {e.ref}")
-        spawn({"op": "pack", "source": e.source, "ref": str(e.ref), "domain": e.domain or DEFAULT_DOMAIN},
+        spawn({"op": "pack", "source": e.source, "ref": str(e.ref), "domain": self.domain_of(e)},
               replace(self.options, allow_rollback=False))
+
+    def domain_of(self, e: CatalogEntry) -> str:
+        """The convergence domain ``e``'s image belongs in: as its entry records,
+        else as its (authenticated) manifest records, else the default."""
+        if e.domain:
+            return e.domain
+        try:
+            name = str(self.load_manifest(e).domain.get("name") or DEFAULT_DOMAIN)
+        except ConvstoreError:
+            return DEFAULT_DOMAIN
+        # a copy from another store names the source's domain, which need not exist here
+        return name if name in {d["name"] for d in self.domains()} else DEFAULT_DOMAIN
 
     def manifest(self, ref: ImageRef | str) -> Manifest:
         """The manifest of a readable image (goes through the read gate)."""
@@ -370,8 +386,10 @@ class Store:
                 continue
             yield e, self.load_manifest(e)
 
-    def rm(self, ref: ImageRef | str) -> CatalogEntry:
-        """Remove ``name:tag`` from the catalog (its chunks go at the next gc)."""
+    def rm(self, ref: ImageRef | str) -> CatalogEntry | None:
+        """Remove ``name:tag`` from the catalog (its chunks go at the next gc).
+        An entry that fails authentication (or is a rollback) is removed too --
+        the owner's remedy for a damaged entry; then None is returned."""
         r = ImageRef.parse(ref) if isinstance(ref, str) else ref
         removed: list[CatalogEntry] = []
 
@@ -380,7 +398,11 @@ class Store:
                 removed.append(cur)
             return lifecycle.remove(cur, r)
 
-        self.update_entry(r, change)
+        try:
+            self.update_entry(r, change)
+        except (CorruptObject, RollbackDetected):
+            self.catalog.remove_damaged(r)
+            return None
         return removed[0]
 
     # -- operations (implemented in their own modules) -------------------

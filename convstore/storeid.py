@@ -98,6 +98,15 @@ class StoreIdentity:
         """The id of the master key the metadata key is wrapped under."""
         return str(self._doc["metadata_key"]["key_id"])
 
+    def check_current(self, provider: KeyProvider) -> None:
+        """Re-read ``store.json``: refuse to publish under ``provider`` if the
+        store has been re-keyed to another master key meanwhile."""
+        doc = parse_json(self.objects.get("store.json"), "store.json")
+        key_id = str((doc.get("metadata_key") or {}).get("key_id", ""))
+        if not hmac.compare_digest(key_id, provider.key_id):
+            raise KeyAccessDenied(f"the store was re-keyed to master key {key_id} while this operation ran under "
+                                  f"{provider.key_id}; run it again with the new key")
+
     def unlock(self, provider: KeyProvider) -> None:
         """Unwrap the metadata key with ``provider`` (a rekey may need the new key for it)."""
         mk = self._doc["metadata_key"]

@@ -73,8 +73,11 @@ def _copy(src: Store, dst: Store, entry: CatalogEntry, manifest: Manifest, targe
                 sent += n
         dst.chunks.flush()
         digest, wrapped = dst.put_manifest(manifest)
+        # the domain is recorded only if the destination has one of that name (a re-pack there goes into it)
+        dom = str(manifest.domain.get("name", ""))
+        known = {d["name"] for d in dst.domains()}
         dst.finish_pack(target, digest, wrapped, manifest.created, entry.source, entry.logical_bytes, entry.layers,
-                        str(manifest.domain.get("name", "")))
+                        dom if dom in known else "")
     except BaseException:
         dst.chunks.abort()
         raise

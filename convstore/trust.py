@@ -82,11 +82,13 @@ class TrustState:
 
     def _private_dir(self) -> None:
         """The state folder exists, and only its owner can change it (others could lower what was seen)."""
+        os.makedirs(os.path.dirname(self.dir), mode=0o700, exist_ok=True)
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        st = os.lstat(self.dir)
-        if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o022 or st.st_uid not in (os.getuid(), 0):
-            raise StoreError(f"trust state folder {self.dir} can be changed by other users (or is not a "
-                             f"folder of yours); run chmod 700 on it")
+        for d in (os.path.dirname(self.dir), self.dir):  # the state folder and trust/ in it
+            st = os.lstat(d)
+            if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o022 or st.st_uid not in (os.getuid(), 0):
+                raise StoreError(f"trust state folder {d} can be changed by other users (or is not a "
+                                 f"folder of yours); run chmod 700 on it")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
@@ -133,6 +135,12 @@ class TrustState:
                             f"(override: --allow-rollback)")
                 if seen is None or seq != int(seen.get("seq", 0)) or seen.get("removed"):
                     doc["refs"][ref] = {"seq": seq, "manifest": manifest}
+
+    def removed_at(self, ref: str) -> int:
+        """The version at which this client removed ``ref`` (0 if it did not): a re-creation must be newer."""
+        with self._lock:
+            seen = self._current()["refs"].get(ref)
+        return int(seen["seq"]) if seen and seen.get("removed") else 0
 
     def record_removed(self, ref: str, seq: int) -> None:
         """This client removed ``ref`` at version ``seq``: that version (or an older one) coming back is a rollback."""

@@ -39,12 +39,13 @@ def spawn(task: dict[str, Any], options: StoreOptions, *, stderr: int | IO[bytes
     secret_env = set(SECRET_ENV)
     if options.key:
         # a PIN named by pin-source=env:VAR travels on the pipe as pin-value, and VAR stays behind
-        m = re.search(r"([?&])pin-source=env:([A-Za-z_][A-Za-z0-9_]*)", options.key)
-        if m and m.group(2) in os.environ:
-            pin = urllib.parse.quote(os.environ[m.group(2)], safe="")
-            options = replace(options, key=options.key[:m.start()] + f"{m.group(1)}pin-value={pin}"
-                              + options.key[m.end():])
+        key = options.key
+        for m in reversed(list(re.finditer(r"([?&;])pin-source=env:([A-Za-z_][A-Za-z0-9_]*)", key))):
             secret_env.add(m.group(2))
+            if m.group(2) in os.environ:
+                pin = urllib.parse.quote(os.environ[m.group(2)], safe="")
+                key = key[:m.start()] + f"{m.group(1)}pin-value={pin}" + key[m.end():]
+        options = replace(options, key=key)
     env = {k: v for k, v in os.environ.items() if k not in secret_env}  # the options carry them
     p = subprocess.Popen([sys.executable, "-m", "convstore.worker"], stdin=subprocess.PIPE, env=env,
                          stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, close_fds=True)

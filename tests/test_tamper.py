@@ -421,3 +421,66 @@ def test_trust_state_folder_open_to_others_is_refused(tmp_path: Path) -> None:
     os.chmod(st / "trust", 0o777)
     with pytest.raises(convstore.StoreError, match="trust state folder .* other users"):
         convstore.Store.open(str(tmp_path / "s"), key, state_dir=str(st)).manifest("x:1")
+
+
+def test_a_symlinked_entry_is_one_entrys_problem_and_rm_removes_it(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    run_cli(cli_env, "pack", image(tmp_path, "g", b"G"), "good:1")
+    (tmp_path / "store" / "refs" / "zz:1").symlink_to("/etc/hostname")
+    p = run_cli(cli_env, "images")
+    assert "good" in p.stdout and "zz" not in p.stdout and "zz:1" in p.stderr
+    p = run_cli(cli_env, "gc", check=False)
+    assert p.returncode == 1 and "zz:1" in p.stderr and "convstore rm" in p.stderr
+    assert "removed the damaged catalog entry zz:1" in run_cli(cli_env, "rm", "zz:1").stdout
+    assert os.path.exists("/etc/hostname")
+    assert "freed" in run_cli(cli_env, "gc").stdout
+    assert run_cli(cli_env, "cat", "good:1", "/who").stdout == "G"
+
+
+def test_a_pack_that_waited_out_a_rekey_is_not_published_under_the_old_key(tmp_path: Path) -> None:
+    old = f"file:{tmp_path / 'old' / 'k'}"
+    new = f"file:{tmp_path / 'new' / 'k'}"
+    s = convstore.Store.open(str(tmp_path / "store"), old, state_dir=str(tmp_path / "st"))
+    s.pack(image(tmp_path, "a", b"A"), "a:1")
+    late = convstore.Store.open(str(tmp_path / "store"), old, state_dir=str(tmp_path / "st2"))
+    late.domain()  # the late packer has opened the store and unlocked its domain under the old key
+    s.rekey(new)
+    with pytest.raises(convstore.KeyAccessDenied, match="re-keyed"):
+        late.pack(image(tmp_path, "b", b"B"), "b:1")
+    assert [str(e.ref) for e in convstore.Store.open(str(tmp_path / "store"), new,
+                                                     state_dir=str(tmp_path / "st")).images()] == ["a:1"]
+
+
+def test_a_chunk_damaged_in_transit_is_read_again_never_quarantined(tmp_path: Path, store: convstore.Store) -> None:
+    from collections.abc import Iterator
+
+    from convstore.stores.base import ChunkStore
+
+    class DamagedOnce(ChunkStore):
+        """Every chunk's first read comes back with one byte flipped (a bad link or cache)."""
+
+        def __init__(self, inner: ChunkStore) -> None:
+            self.inner, self.seen = inner, set()
+
+        def get(self, cid: bytes) -> bytes:
+            blob = self.inner.get(cid)
+            if cid in self.seen:
+                return blob
+            self.seen.add(cid)
+            return blob[:-1] + bytes([blob[-1] ^ 1])
+
+        def has(self, cid: bytes) -> bool: return self.inner.has(cid)
+        def put(self, cid: bytes, blob: bytes) -> None: self.inner.put(cid, blob)
+        def flush(self) -> None: self.inner.flush()
+        def delete(self, cids: list[bytes]) -> None: self.inner.delete(cids)
+        def ids(self) -> Iterator[bytes]: return self.inner.ids()
+        def size(self, cid: bytes) -> int: return self.inner.size(cid)
+        def usage(self) -> int: return self.inner.usage()
+
+    store.pack(image(tmp_path, "t", b"T"), "t:1")
+    n = len(list(store.chunks.ids()))
+    flaky = convstore.Store(store.objects, store.key, chunk_store=DamagedOnce(store.chunk_store),
+                            state_dir=str(tmp_path / "st"))
+    with ImageFS.from_store(flaky, "t:1") as fs:
+        assert fs.open("/payload").read() == b"T" * 90_000
+    assert len(list(store.chunks.ids())) == n and list(store.objects.list("quarantine")) == []
+    assert flaky.verify().clean

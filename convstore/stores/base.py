@@ -75,6 +75,10 @@ class ChunkStore(ABC):
         """Drop any local copy (caches override this), so that the next read
         goes to the source of truth."""
 
+    def clean_leftovers(self, grace: float) -> int:
+        """Remove what writers that died left behind (older than ``grace`` s); how many."""
+        return 0
+
 
 class ObjectStore(ABC):
     """The metadata store.  Capability flags instead of probing."""

@@ -18,7 +18,7 @@ import os
 import secrets
 from collections.abc import Iterator
 
-from ..errors import StoreError
+from ..errors import StoreError, TamperedObject
 from .base import ChunkStore, ObjectStore
 from .faults import crash_point
 from .packs import PackSet, makedirs_private
@@ -34,14 +34,6 @@ def append_line(path: str, line: str) -> None:
         os.close(fd)
 
 
-def real_dir(path: str) -> str:
-    """``path`` if it is a folder and not a symlink (created 0700 if absent), else StoreError."""
-    makedirs_private(path)
-    if os.path.islink(path) or not os.path.isdir(path):
-        raise StoreError(f"{path}: a store folder is a symlink or not a folder; refusing to follow it")
-    return path
-
-
 def _valid_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in key:
@@ -55,11 +47,9 @@ class LocalChunkStore(ChunkStore):
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         try:
-            tmp = real_dir(os.path.join(self.root, "tmp"))
-            real_dir(os.path.join(self.root, "packs"))
+            self.packs = PackSet(self.root)
         except OSError as e:
             raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from None
-        self.packs = PackSet(self.root, tmp)
 
     def __repr__(self) -> str:
         return f"LocalChunkStore({self.root!r})"
@@ -92,6 +82,9 @@ class LocalChunkStore(ChunkStore):
 
     def usage(self) -> int:
         return self.packs.usage()
+
+    def clean_leftovers(self, grace: float) -> int:
+        return self.packs.clean_leftovers(grace)
 
 
 class LocalStore(ObjectStore):
@@ -164,8 +157,8 @@ class LocalStore(ObjectStore):
         try:
             return os.open(name, flags | os.O_NOFOLLOW, mode, dir_fd=dfd)
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise StoreError(f"store object {key} is a symlink; refusing to follow it") from None
+            if e.errno == errno.ELOOP:  # planted in the store: this object's problem, not the store's
+                raise TamperedObject(f"store object {key} is a symlink; refusing to follow it") from None
             raise
         finally:
             os.close(dfd)
@@ -246,7 +239,10 @@ class LocalStore(ObjectStore):
 
     def append_line(self, key: str, line: str) -> None:
         """One ``write`` with O_APPEND: lines from several processes never interleave."""
-        fd = self._open(key, os.O_WRONLY | os.O_APPEND | os.O_CREAT, create_dir=True)
+        try:
+            fd = self._open(key, os.O_WRONLY | os.O_APPEND | os.O_CREAT, create_dir=True)
+        except TamperedObject as e:  # the store's log, not one entry's problem
+            raise StoreError(str(e)) from None
         try:
             os.write(fd, (line.replace("\n", " ") + "\n").encode())
         finally:
@@ -255,7 +251,10 @@ class LocalStore(ObjectStore):
     @contextlib.contextmanager
     def lock(self, name: str, shared: bool = False) -> Iterator[None]:
         """``flock`` on ``locks/<name>``: released if the process dies."""
-        fd = self._open(f"locks/{name}", os.O_RDWR | os.O_CREAT, create_dir=True)
+        try:
+            fd = self._open(f"locks/{name}", os.O_RDWR | os.O_CREAT, create_dir=True)
+        except TamperedObject as e:
+            raise StoreError(str(e)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield

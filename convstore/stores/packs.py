@@ -18,12 +18,15 @@ Formats (version 1, little-endian, see docs/format.md)::
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import os
 import secrets
+import stat
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 from blake3 import blake3
@@ -76,22 +79,56 @@ def makedirs_private(d: str) -> None:
         pass
 
 
-def fsync_dir(d: str) -> None:
-    """Make a directory's entries (renames, new files) durable."""
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+def open_dir(root: str, rel: str) -> int:
+    """A descriptor of ``root/rel`` (created 0700 as needed), opened component
+    by component with ``O_NOFOLLOW``: a symlink planted in a store is refused.
+    Work relative to it, so that a folder swapped later changes nothing."""
+    makedirs_private(root)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
-    finally:
+        for part in filter(None, rel.split("/")):
+            try:
+                os.mkdir(part, 0o700, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise StoreError(f"{os.path.join(root, rel)}: a store folder is a symlink or not a folder; "
+                                     f"refusing to follow it") from None
+                raise
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def open_regular(name: str, dir_fd: int) -> int | None:
+    """A read-only descriptor of the regular file ``name`` in ``dir_fd``; None
+    if it is a symlink, a FIFO, a device or a folder (planted, never followed)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            return None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
 
 
 class _Writer:
     """One pack being filled in ``tmp/``."""
 
-    def __init__(self, tmpdir: str):
+    def __init__(self, tmp_fd: int):
         self.name = secrets.token_hex(16)
-        self.path = os.path.join(tmpdir, self.name + ".pack")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.tmp_fd = tmp_fd
+        self.fd = os.open(self.name + ".pack", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                          dir_fd=tmp_fd)
         head = _HEAD.pack(PACK_MAGIC, VERSION)
         os.write(self.fd, head)
         self.size = len(head)
@@ -112,7 +149,7 @@ class _Writer:
     def abort(self) -> None:
         os.close(self.fd)
         try:
-            os.unlink(self.path)
+            os.unlink(self.name + ".pack", dir_fd=self.tmp_fd)
         except FileNotFoundError:
             pass
 
@@ -121,11 +158,12 @@ class PackSet:
     """The chunk area of a local store.  Thread-safe; several processes may
     write at once (each writes its own packs)."""
 
-    def __init__(self, root: str, tmpdir: str, target_size: int = DEFAULT_TARGET):
+    def __init__(self, root: str, target_size: int = DEFAULT_TARGET):
         self.dir = os.path.join(root, "packs")
-        self.tmpdir = tmpdir
         self.target = target_size
-        makedirs_private(self.dir)
+        # every file operation is relative to these two descriptors (no path is followed again)
+        self._dfd = open_dir(root, "packs")
+        self._tfd = open_dir(root, "tmp")
         self._lock = threading.RLock()
         self._index: dict[bytes, tuple[str, int, int]] = {}
         self._loaded: set[str] = set()
@@ -139,7 +177,7 @@ class PackSet:
         """Load indexes written since the last look (by us or other processes);
         rebuild from scratch if any index we knew has gone (a repack)."""
         with self._lock:
-            names = {n for n in os.listdir(self.dir) if n.endswith(".idx")}
+            names = {n for n in os.listdir(self._dfd) if n.endswith(".idx")}
             if self._loaded - names:
                 self._index.clear()
                 self._loaded.clear()
@@ -149,7 +187,11 @@ class PackSet:
     def _load(self, idx_name: str) -> None:
         path = os.path.join(self.dir, idx_name)
         try:
-            with open(path, "rb") as f:
+            fd = open_regular(idx_name, self._dfd)
+            if fd is None:
+                log.warning("skipping %s: not a regular file", path)
+                return
+            with os.fdopen(fd, "rb") as f:
                 entries = decode_index(f.read(), path)
         except FileNotFoundError:
             return
@@ -210,26 +252,37 @@ class PackSet:
                     self._retired.append(self._fds.pop(pack))
             raise FileNotFoundError(pack)
         if fd is None:
-            new = os.open(os.path.join(self.dir, pack + ".pack"), os.O_RDONLY)
+            opened = open_regular(pack + ".pack", self._dfd)
+            if opened is None:
+                raise StoreError(f"pack {pack} is not a regular file")
+            new = opened
             with self._lock:
                 fd = self._fds.setdefault(pack, new)
             if fd != new:
                 os.close(new)
         return fd
 
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError):
+            pass
+
     def close(self) -> None:
         with self._lock:
-            fds = [*self._fds.values(), *self._retired]
+            fds = [*self._fds.values(), *self._retired, self._dfd, self._tfd]
             self._fds, self._retired = {}, []
+            self._dfd = self._tfd = -1
         for fd in fds:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     def put(self, cid: bytes, blob: bytes) -> None:
         with self._lock:
             if self._locate(cid) is not None:
                 return
             if self._w is None:
-                self._w = _Writer(self.tmpdir)
+                self._w = _Writer(self._tfd)
             self._w.append(cid, blob)
             if self._w.size >= self.target:
                 self._finish(durable=True)
@@ -252,19 +305,20 @@ class PackSet:
                 os.fsync(w.fd)
             os.close(w.fd)
             crash_point()
-            os.rename(w.path, os.path.join(self.dir, w.name + ".pack"))
+            os.rename(w.name + ".pack", w.name + ".pack", src_dir_fd=self._tfd, dst_dir_fd=self._dfd)
             crash_point()
-            idx_tmp = os.path.join(self.tmpdir, w.name + ".idx")
-            with os.fdopen(os.open(idx_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            idx_tmp = w.name + ".idx"
+            with os.fdopen(os.open(idx_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600,
+                                   dir_fd=self._tfd), "wb") as f:
                 f.write(encode_index(w.entries))
                 if durable:
                     f.flush()
                     os.fsync(f.fileno())
             crash_point()
-            os.rename(idx_tmp, os.path.join(self.dir, w.name + ".idx"))
+            os.rename(idx_tmp, idx_tmp, src_dir_fd=self._tfd, dst_dir_fd=self._dfd)
             crash_point()
             if durable:
-                fsync_dir(self.dir)
+                os.fsync(self._dfd)
         except OSError as e:
             raise StoreError(f"cannot write pack {w.name}: {e.strerror}") from None
         for cid, (off, ln) in w.entries.items():
@@ -285,12 +339,32 @@ class PackSet:
 
     def usage(self) -> int:
         total = 0
-        for n in os.listdir(self.dir):
+        for n in os.listdir(self._dfd):
             try:
-                total += os.stat(os.path.join(self.dir, n)).st_size
+                total += os.stat(n, dir_fd=self._dfd, follow_symlinks=False).st_size
             except FileNotFoundError:
                 pass
         return total
+
+    def clean_leftovers(self, grace: float) -> int:
+        """Remove files in ``tmp/`` left by writers that died, and packs whose
+        index never appeared, both older than ``grace`` seconds."""
+        now = time.time()
+
+        def unlink_if_old(name: str, dfd: int) -> int:
+            try:
+                if now - os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mtime > grace:
+                    os.unlink(name, dir_fd=dfd)
+                    return 1
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
+                pass
+            return 0
+
+        n = sum(unlink_if_old(name, self._tfd) for name in os.listdir(self._tfd))
+        names = set(os.listdir(self._dfd))
+        n += sum(unlink_if_old(name, self._dfd) for name in names
+                 if name.endswith(".pack") and name[:-5] + ".idx" not in names)
+        return n
 
     def delete(self, cids: Iterable[bytes]) -> None:
         """Remove chunks by rewriting the packs that hold them."""
@@ -304,22 +378,26 @@ class PackSet:
             for pack, entries in packs.items():
                 if not any(cid in doomed for cid, _o, _l in entries):
                     continue
-                src = os.path.join(self.dir, pack + ".pack")
-                with open(src, "rb") as f:
+                src = open_regular(pack + ".pack", self._dfd)
+                if src is None:
+                    raise StoreError(f"pack {pack} is not a regular file")
+                try:
                     for cid, off, ln in entries:
                         if cid not in doomed:
-                            blob = os.pread(f.fileno(), ln, off)
+                            blob = os.pread(src, ln, off)
                             if self._w is None:
-                                self._w = _Writer(self.tmpdir)
+                                self._w = _Writer(self._tfd)
                             self._w.append(cid, blob)
+                finally:
+                    os.close(src)
                 self.flush()
                 crash_point()
-                os.unlink(os.path.join(self.dir, pack + ".idx"))  # unpublish first
+                os.unlink(pack + ".idx", dir_fd=self._dfd)  # unpublish first
                 crash_point()
-                os.unlink(src)
+                os.unlink(pack + ".pack", dir_fd=self._dfd)
                 if pack in self._fds:
                     self._retired.append(self._fds.pop(pack))
-                fsync_dir(self.dir)
+                os.fsync(self._dfd)
             self._index.clear()
             self._loaded.clear()
         self.refresh()
