@@ -35,6 +35,17 @@ KINDS = ("entry", "domain", "layer")
 MAC_FIELD = "mac"
 
 
+def parse_json(data: bytes, what: str) -> dict[str, Any]:
+    """A stored JSON object, or :class:`CorruptObject` naming ``what``."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise CorruptObject(f"{what} is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise CorruptObject(f"{what} is malformed")
+    return doc
+
+
 def canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
@@ -62,12 +73,7 @@ class MetadataKey:
 
     def open(self, kind: str, identity: str, data: bytes, what: str) -> dict[str, Any]:
         """The authenticated document, or :class:`TamperedObject` naming ``what``."""
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            raise CorruptObject(f"{what} is not valid JSON") from None
-        if not isinstance(doc, dict):
-            raise CorruptObject(f"{what} is malformed")
+        doc = parse_json(data, what)
         mac = doc.pop(MAC_FIELD, None)
         if not isinstance(mac, str):
             raise TamperedObject(f"{what} carries no authentication code (written without the master key)")

@@ -23,6 +23,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -154,6 +155,12 @@ class Catalog:
     def __init__(self, objects: ObjectStore, ident: StoreIdentity, trust: TrustState):
         self.objects, self.ident, self.trust = objects, ident, trust
 
+    def _ref_lock(self, r: ImageRef) -> AbstractContextManager[None]:
+        """The entry's lock; a registry has none (there an update is last-writer-wins, one tag PUT)."""
+        if not self.objects.supports_locking:
+            return contextlib.nullcontext()
+        return self.objects.lock("ref-" + hashlib.sha256(r.key.encode()).hexdigest()[:32])
+
     def read(self, r: ImageRef) -> CatalogEntry | None:
         """The authenticated entry of ``r``, bound to that name and tag, and
         no older than the newest this client has seen; None if absent."""
@@ -171,9 +178,7 @@ class Catalog:
         """Read-modify-write one entry under its lock; ``change`` returns the
         new entry, or None to remove it.  A registry has no locks: there an
         update is last-writer-wins (one tag PUT)."""
-        lock = self.objects.lock("ref-" + hashlib.sha256(r.key.encode()).hexdigest()[:32]) \
-            if self.objects.supports_locking else contextlib.nullcontext()
-        with lock:
+        with self._ref_lock(r):
             cur = self.read(r)
             new = change(cur)
             if new is None:
@@ -190,9 +195,7 @@ class Catalog:
 
     def remove_damaged(self, r: ImageRef) -> None:
         """Delete an entry that cannot be read (it fails authentication): only its owner's ``rm`` does this."""
-        lock = self.objects.lock("ref-" + hashlib.sha256(r.key.encode()).hexdigest()[:32]) \
-            if self.objects.supports_locking else contextlib.nullcontext()
-        with lock:
+        with self._ref_lock(r):
             self.objects.delete(r.key)
 
     def entry(self, r: ImageRef) -> CatalogEntry:

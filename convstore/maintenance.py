@@ -131,7 +131,7 @@ def gc(store: Store, dry_run: bool = False) -> GCReport:
         if not dry_run:
             store.chunks.delete(doomed)
             objects.delete_many(dead_manifests + others)
-            others_n = len(others) + _clean_tmp(store)
+            others_n = len(others) + store.chunk_store.clean_leftovers(TMP_GRACE)
         else:
             others_n = len(others)
         after = before if dry_run else _usage(store)
@@ -153,12 +153,6 @@ def _stale_layer_records(store: Store, keep: set[str]) -> list[str]:
         except (KeyError, TypeError, AttributeError):
             out.append(k)
     return out
-
-
-def _clean_tmp(store: Store) -> int:
-    """Remove temporary files left by writers that died, and pack files whose
-    index never appeared (both older than TMP_GRACE)."""
-    return store.chunk_store.clean_leftovers(TMP_GRACE)
 
 
 # -- verification ----------------------------------------------------------------

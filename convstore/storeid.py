@@ -15,9 +15,8 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any
 
-from .authmeta import MetadataKey
+from .authmeta import MetadataKey, parse_json
 from .errors import CorruptObject, KeyAccessDenied, StoreFormatError
 from .keys import KeyProvider
 from .stores.base import ObjectStore
@@ -28,16 +27,6 @@ STORE_VERSION = 2  # 2: authenticated metadata (a metadata key wrapped in store.
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def parse_json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        raise CorruptObject(f"{what} is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise CorruptObject(f"{what} is malformed")
-    return doc
 
 
 def check_key_id(provider: KeyProvider, key_id: str, what: str) -> None:

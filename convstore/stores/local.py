@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from ..errors import StoreError, TamperedObject
 from .base import ChunkStore, ObjectStore
 from .faults import crash_point
-from .packs import PackSet, makedirs_private
+from .packs import PackSet, makedirs_private, open_dir_at
 
 def append_line(path: str, line: str) -> None:
     """One ``write`` with O_APPEND: lines from several processes never interleave.
@@ -122,30 +122,7 @@ class LocalStore(ObjectStore):
     def _dir(self, rel: str, create: bool = False) -> int:
         """A descriptor of the folder ``rel`` under the root, opened without
         following any symlink (FileNotFoundError if absent and not ``create``)."""
-        fd = os.dup(self._root_fd)
-        try:
-            for part in filter(None, rel.split("/")):
-                try:
-                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    try:
-                        os.mkdir(part, 0o700, dir_fd=fd)
-                    except FileExistsError:
-                        pass
-                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-                except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise StoreError(f"{os.path.join(self.root, rel)}: a store folder is a symlink or not a "
-                                         f"folder; refusing to follow it") from None
-                    raise
-                os.close(fd)
-                fd = nfd
-            return fd
-        except BaseException:
-            os.close(fd)
-            raise
+        return open_dir_at(os.dup(self._root_fd), rel, create=create, where=self.root)
 
     def _split(self, key: str) -> tuple[str, str]:
         d, _, name = _valid_key(key).rpartition("/")

@@ -79,23 +79,23 @@ def makedirs_private(d: str) -> None:
         pass
 
 
-def open_dir(root: str, rel: str) -> int:
-    """A descriptor of ``root/rel`` (created 0700 as needed), opened component
-    by component with ``O_NOFOLLOW``: a symlink planted in a store is refused.
-    Work relative to it, so that a folder swapped later changes nothing."""
-    makedirs_private(root)
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+def open_dir_at(fd: int, rel: str, *, create: bool, where: str) -> int:
+    """Walk ``rel`` from the folder descriptor ``fd`` (which this takes over)
+    component by component with ``O_NOFOLLOW``, creating missing folders 0700
+    if ``create`` (else FileNotFoundError): a symlink planted in a store is
+    refused, never followed.  ``where`` names the root in the error."""
     try:
         for part in filter(None, rel.split("/")):
-            try:
-                os.mkdir(part, 0o700, dir_fd=fd)
-            except FileExistsError:
-                pass
+            if create:
+                try:
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass
             try:
                 nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise StoreError(f"{os.path.join(root, rel)}: a store folder is a symlink or not a folder; "
+                    raise StoreError(f"{os.path.join(where, rel)}: a store folder is a symlink or not a folder; "
                                      f"refusing to follow it") from None
                 raise
             os.close(fd)
@@ -104,6 +104,14 @@ def open_dir(root: str, rel: str) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_dir(root: str, rel: str) -> int:
+    """A descriptor of ``root/rel`` (created 0700 as needed), opened without
+    following symlinks.  Work relative to it, so that a folder swapped later
+    changes nothing."""
+    makedirs_private(root)
+    return open_dir_at(os.open(root, os.O_RDONLY | os.O_DIRECTORY), rel, create=True, where=root)
 
 
 def open_regular(name: str, dir_fd: int) -> int | None:
