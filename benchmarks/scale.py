@@ -5,7 +5,7 @@
     python -m benchmarks.scale --write-docs    # also replaces the table in docs/benchmarks.md
 
 Local: one store grows by packing synthetic images of 1,000 chunks each
-(1,000 random 1 KiB files, chunked at 512 B-4 KiB) through ``Store.pack``;
+(1,000 random 1 KiB files, each its own chunk) through ``Store.pack``;
 at 10k, 100k and 1M chunks every command is timed as a user runs it (one
 process each, the second of two runs: warm page cache), with its peak RSS.
 
@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,13 +38,14 @@ from imagebuilder import Entry, make_tar, write_oci  # noqa: E402
 
 CLI = [sys.executable, "-m", "convstore.cli", "--quiet"]
 FILES = 1000
-PARAMS = dict(min_size=512, avg_size=1024, max_size=4096, file_cut=4096)
+PARAMS = dict(min_size=1024, avg_size=2048, max_size=8192, file_cut=1024)  # each 1 KiB file is one chunk
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 
 
 def synthetic_image(dest: Path, i: int) -> str:
     """An OCI layout with one uncompressed layer of FILES random 1 KiB files (about 1,000 chunks)."""
+    shutil.rmtree(dest, ignore_errors=True)
     rnd = random.Random(i)
     entries = [Entry("data/", "dir")] + [Entry(f"data/f{k:04d}", data=rnd.randbytes(1024)) for k in range(FILES)]
     write_oci(str(dest), [make_tar(entries)], compression="none")
