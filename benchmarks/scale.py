@@ -58,18 +58,31 @@ def measure(args: list[str], env: dict[str, str]) -> tuple[float, float]:
     return once(args, env)
 
 
+# The child's peak RSS is read by a small wrapper process: a child forked from this (large) process
+# would report this process's RSS as its own high-water mark (ru_maxrss survives exec).
+_WRAP = ("import os, resource, sys\n"
+         "pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)\n"
+         "_, status, ru = os.wait4(pid, 0)\n"
+         "os.write(int(sys.argv[1]), str(ru.ru_maxrss).encode())\n"
+         "sys.exit(os.waitstatus_to_exitcode(status) and 1)\n")
+
+
 def once(args: list[str], env: dict[str, str]) -> tuple[float, float]:
     """(seconds, peak RSS MiB) of one process."""
+    r, w = os.pipe()
     with tempfile.TemporaryFile() as err:
         t = time.perf_counter()
-        p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _pid, status, ru = os.wait4(p.pid, 0)
+        p = subprocess.Popen([sys.executable, "-S", "-c", _WRAP, str(w), *args], env=env,
+                             stdout=subprocess.DEVNULL, stderr=err, pass_fds=(w,))
+        os.close(w)
+        status = p.wait()
         dt = time.perf_counter() - t
-        p.returncode = 0  # reaped here
+        rss = os.read(r, 64)
+        os.close(r)
         if status:
             err.seek(0)
             raise SystemExit(f"{' '.join(args[3:])} failed: {err.read().decode()[-500:]}")
-    return dt, ru.ru_maxrss / 1024
+    return dt, int(rss) / 1024
 
 
 def pack_in_process(store_path: str, key: str, source: str, ref: str) -> None:
