@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from .crypto import ChunkIdentity, decrypt_chunk
 from .errors import ChunkMissing, ConvstoreError, CorruptObject
 from .crypto import encrypt_chunk
-from .stores.base import ChunkStore, ObjectStore
+from .stores.base import ChunkStore, Location, ObjectStore
 
 QUARANTINE = "quarantine/"
 log = logging.getLogger("convstore")
@@ -42,8 +42,19 @@ class Chunks:
         self.objects = objects
 
     # -- writing ------------------------------------------------------------
-    def has(self, cid: bytes) -> bool:
-        return self.store.has(cid)
+    def has(self, cid: bytes, hint: Location | None = None) -> bool:
+        """Whether the chunk is stored (a hint whose container is still there
+        answers without an index lookup)."""
+        return (hint is not None and self.store.holds(hint)) or self.store.has(cid)
+
+    def locate(self, cids: list[bytes], prior: list[Location | None] | None = None) -> list[Location | None]:
+        """Where each (flushed) chunk is, for a manifest's hints; a prior hint
+        whose container is still there is kept without a lookup."""
+        out: list[Location | None] = []
+        for i, cid in enumerate(cids):
+            h = prior[i] if prior is not None and i < len(prior) else None
+            out.append(h if h is not None and self.store.holds(h) else self.store.locate(cid))
+        return out
 
     def put(self, cid: bytes, blob: bytes) -> None:
         """Store an encrypted blob (durable and visible at :meth:`flush`)."""
@@ -67,24 +78,25 @@ class Chunks:
         self.store.delete(list(cids))
 
     # -- reading ------------------------------------------------------------
-    def blob(self, cid: bytes, what: str = "") -> bytes:
+    def blob(self, cid: bytes, what: str = "", hint: Location | None = None) -> bytes:
         """The stored (encrypted) blob; :class:`ChunkMissing` if absent."""
         try:
-            return self.store.get(cid)
+            return self.store.get(cid, hint)
         except KeyError:
             raise ChunkMissing(f"{what + ': ' if what else ''}chunk {cid.hex()} is missing") from None
 
-    def blobs(self, cids: list[bytes]) -> dict[bytes, bytes]:
+    def blobs(self, cids: list[bytes], hints: dict[bytes, Location] | None = None) -> dict[bytes, bytes]:
         """Several blobs at once (coalesced where the backend can)."""
         try:
-            return self.store.get_many(cids)
+            return self.store.get_many(cids, hints)
         except KeyError as e:
             raise ChunkMissing(f"chunk {e.args[0] if e.args else ''} is missing") from None
 
     def open(self, blob: bytes, ident: ChunkIdentity) -> bytes:
         """Decrypt and check ``blob`` against ``ident``.  If it fails, the chunk
-        is read again (a cache's copy evicted first): a copy damaged only in
-        transit or in the cache is replaced by the good one transparently; a
+        is read again through the index, never the hint (a cache's copy
+        evicted first): a stale hint, or a copy damaged only in transit or in
+        the cache, is replaced by the good one transparently; a
         stored copy that is corrupt twice alike is quarantined, and
         :class:`CorruptObject` raised."""
         try:
@@ -103,9 +115,9 @@ class Chunks:
                 self._quarantine(ident, blob)
             raise
 
-    def read(self, ident: ChunkIdentity, what: str = "") -> tuple[bytes, int]:
+    def read(self, ident: ChunkIdentity, what: str = "", hint: Location | None = None) -> tuple[bytes, int]:
         """(plaintext, stored size) of one chunk: fetch -> decrypt -> check."""
-        blob = self.blob(ident.cid, what)
+        blob = self.blob(ident.cid, what, hint)
         return self.open(blob, ident), len(blob)
 
     def _quarantine(self, ident: ChunkIdentity, blob: bytes) -> bool:
@@ -124,6 +136,10 @@ class Chunks:
     # -- enumeration --------------------------------------------------------
     def ids(self) -> Iterator[bytes]:
         return self.store.ids()
+
+    def entries(self) -> Iterator[tuple[bytes, int]]:
+        """(chunk id, stored size) of every stored chunk, streamed."""
+        return self.store.entries()
 
     def size(self, cid: bytes) -> int:
         return self.store.size(cid)

@@ -16,6 +16,7 @@ from typing import Any
 
 from . import lifecycle
 from .catalog import FAILED, INACTIVE, CatalogEntry
+from .manifest import ROW_SIZE
 from .errors import ChunkMissing, ConvstoreError, CorruptObject, KeyAccessDenied, StoreError
 from .oci.sources import parse_source
 from .refs import ImageRef
@@ -117,12 +118,17 @@ def gc(store: Store, dry_run: bool = False) -> GCReport:
             if e.state == INACTIVE:
                 reclaimed.append(str(e.ref))
                 continue
-            m = store.load_manifest(e)
+            table = store.manifests.chunk_table(e)  # the chunk table only: no file index decoded
             n_live += 1
-            live.update(c.cid for c in m.chunks)
-        all_chunks = list(store.chunks.ids())
-        doomed = [c for c in all_chunks if c not in live]
-        chunk_bytes = sum(store.chunks.size(c) for c in doomed)
+            live.update(bytes(table[o : o + 32]) for o in range(0, len(table), ROW_SIZE))
+        chunks_total = chunk_bytes = 0
+        doomed: list[bytes] = []
+        for cid, size in store.chunks.entries():  # streamed from the index
+            chunks_total += 1
+            if cid not in live:
+                doomed.append(cid)
+                chunk_bytes += size
+        del live
         dead_manifests = [k for k in objects.list("manifests") if k.split("/", 1)[1] not in keep_manifests]
         manifest_bytes = sum(objects.size(k) for k in dead_manifests)
         others = [k for k in objects.list("profiles") if k.split("/", 1)[1] not in keep_manifests]
@@ -130,12 +136,13 @@ def gc(store: Store, dry_run: bool = False) -> GCReport:
         others += list(objects.list("quarantine"))
         if not dry_run:
             store.chunks.delete(doomed)
+            store.chunk_store.compact()
             objects.delete_many(dead_manifests + others)
             others_n = len(others) + store.chunk_store.clean_leftovers(TMP_GRACE)
         else:
             others_n = len(others)
         after = before if dry_run else _usage(store)
-    return GCReport(dry_run, n_live, reclaimed, len(all_chunks), len(doomed), chunk_bytes, len(dead_manifests),
+    return GCReport(dry_run, n_live, reclaimed, chunks_total, len(doomed), chunk_bytes, len(dead_manifests),
                     manifest_bytes, others_n, before, after, time.perf_counter() - t0)
 
 

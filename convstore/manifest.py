@@ -1,13 +1,16 @@
 """The image manifest: everything needed to rebuild or lazily read an image.
 
-Plaintext layout (format version 1, see docs/format.md)::
+Plaintext layout (format version 2, see docs/format.md; version 1, without
+location hints, is still read)::
 
     b"CSMANIF\\0" | u32 version | u32 nsections | nsections x u64 length | sections
     section 0      JSON document (layers, config, file index, parameters)
     section 1      chunk table: N x (cid 32 | ckey 32 | phash 32 | size u32)
     other sections named by the JSON: raw config bytes, original manifest
                    bytes, per layer zstd(tar metadata), segment table and the
-                   u32 chunk indices of its content stream
+                   u32 chunk indices of its content stream; location hints:
+                   N x (u32 container | u64 offset | u32 length), the
+                   containers listed in the JSON (u32 0xffffffff: no hint)
 
 The whole plaintext is sealed (crypto.seal) under a random data key.
 """
@@ -25,11 +28,36 @@ import zstandard
 from .chunking import ChunkParams
 from .crypto import ChunkIdentity
 from .errors import CorruptObject, StoreFormatError
+from .stores.base import Location
 from .tarsplit import TarEntry, pack_segments, unpack_segments
 
 MAGIC = b"CSMANIF\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _ROW = struct.Struct("<32s32s32sI")
+_LOC = struct.Struct("<IQI")
+_NO_HINT = 0xFFFFFFFF
+
+
+ROW_SIZE = _ROW.size  # a chunk-table row: cid at 0, plaintext size (u32) at 96
+
+
+def chunk_table(b: bytes) -> memoryview:
+    """The chunk table (section 1) of an encoded manifest, without decoding
+    the rest (gc and stats read only this)."""
+    try:
+        if b[:8] != MAGIC:
+            raise CorruptObject("manifest: bad magic")
+        version, n = struct.unpack_from("<II", b, 8)
+        if version not in READABLE_VERSIONS:
+            raise StoreFormatError(f"manifest format version {version} is not supported")
+        lens = struct.unpack_from(f"<{n}Q", b, 16)
+        start = 16 + 8 * n + lens[0]
+        if n < 2 or start + lens[1] > len(b) or lens[1] % _ROW.size:
+            raise CorruptObject("manifest: bad chunk table")
+        return memoryview(b)[start : start + lens[1]]
+    except (struct.error, IndexError) as e:
+        raise CorruptObject(f"manifest is malformed ({type(e).__name__})") from None
 
 
 @dataclass
@@ -73,6 +101,15 @@ class Manifest:
     layers: list[LayerRecord] = field(default_factory=list)
     chunks: list[ChunkIdentity] = field(default_factory=list)
     created: str = ""
+    #: where each chunk of ``chunks`` was stored when the manifest was written
+    #: (hints: checked on use, see convstore.stores.base.Location); may be empty
+    locations: list[Location | None] = field(default_factory=list)
+
+    def hint(self, i: int) -> Location | None:
+        return self.locations[i] if i < len(self.locations) else None
+
+    def hints(self) -> dict[bytes, Location]:
+        return {c.cid: h for c, h in zip(self.chunks, self.locations) if h is not None}
 
     def __repr__(self) -> str:
         return f"<Manifest {self.name}:{self.tag} layers={len(self.layers)} chunks={len(self.chunks)}>"
@@ -116,6 +153,15 @@ class Manifest:
                 for l in self.layers
             ],
         }
+        if self.locations:
+            containers: dict[bytes, int] = {}
+            rows = []
+            for h in self.locations:
+                if h is None:
+                    rows.append(_LOC.pack(_NO_HINT, 0, 0))
+                else:
+                    rows.append(_LOC.pack(containers.setdefault(h[0], len(containers)), h[1], h[2]))
+            doc["locations"] = {"containers": [c.hex() for c in containers], "section": add(b"".join(rows))}
         sections[0] = json.dumps(doc, separators=(",", ":")).encode()
         head = MAGIC + struct.pack("<II", FORMAT_VERSION, len(sections))
         head += b"".join(struct.pack("<Q", len(s)) for s in sections)
@@ -127,7 +173,7 @@ class Manifest:
             if b[:8] != MAGIC:
                 raise CorruptObject("manifest: bad magic")
             version, n = struct.unpack_from("<II", b, 8)
-            if version != FORMAT_VERSION:
+            if version not in READABLE_VERSIONS:
                 raise StoreFormatError(f"manifest format version {version} is not supported")
             lens = struct.unpack_from(f"<{n}Q", b, 16)
             pos = 16 + 8 * n
@@ -142,6 +188,14 @@ class Manifest:
             if len(table) % _ROW.size:
                 raise CorruptObject("manifest: chunk table has a bad length")
             chunks = [ChunkIdentity(*r) for r in _ROW.iter_unpack(table)]
+            locations: list[Location | None] = []
+            if doc.get("locations"):
+                containers = [bytes.fromhex(c) for c in doc["locations"]["containers"]]
+                loc_rows = sections[doc["locations"]["section"]]
+                if len(loc_rows) != _LOC.size * len(chunks):
+                    raise CorruptObject("manifest: location hints have a bad length")
+                locations = [None if ci == _NO_HINT else (containers[ci], off, ln)
+                             for ci, off, ln in _LOC.iter_unpack(loc_rows)]
             layers = []
             for l in doc["layers"]:
                 idx = array("I")
@@ -160,7 +214,7 @@ class Manifest:
                 source_manifest_media_type=doc["source_manifest"]["media_type"],
                 source_manifest_bytes=sections[doc["source_manifest"]["section"]],
                 annotations=doc.get("annotations") or {}, layers=layers, chunks=chunks,
-                created=doc.get("created", ""),
+                created=doc.get("created", ""), locations=locations,
             )
         except (struct.error, KeyError, IndexError, TypeError, ValueError) as e:
             raise CorruptObject(f"manifest is malformed ({type(e).__name__})") from None

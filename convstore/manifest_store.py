@@ -27,7 +27,7 @@ from .crypto import layer_index_name, seal, unseal
 from .domains import Domain
 from .errors import ConvstoreError, CorruptObject, ImagePending, KeyAccessDenied, StoreError, StoreFormatError
 from .keys import KeyProvider
-from .manifest import LayerRecord, Manifest
+from .manifest import LayerRecord, Manifest, chunk_table
 from .storeid import StoreIdentity, check_key_id
 from .stores.base import ObjectStore
 
@@ -63,7 +63,19 @@ class ManifestStore:
         digest, wrapped, key_id = sealed_version(entry)
         return self.open(digest, entry.ref.name, wrapped, key_id, f"image {entry.ref}")
 
+    def chunk_table(self, entry: CatalogEntry) -> memoryview:
+        """Only the chunk table of an entry's manifest (rows of ``manifest.ROW_SIZE``)."""
+        digest, wrapped, key_id = sealed_version(entry)
+        return chunk_table(self._plain(digest, entry.ref.name, wrapped, key_id, f"image {entry.ref}"))
+
     def open(self, digest: str, image: str, wrapped: bytes, key_id: str, what: str) -> Manifest:
+        m = Manifest.decode(self._plain(digest, image, wrapped, key_id, what))
+        if m.name != image:
+            raise CorruptObject(f"{what}: manifest belongs to another image")
+        return m
+
+    def _plain(self, digest: str, image: str, wrapped: bytes, key_id: str, what: str) -> bytes:
+        """The authenticated plaintext of a sealed manifest."""
         check_key_id(self.key, key_id, what)
         try:
             sealed = self.objects.get("manifests/" + digest.split(":", 1)[1])
@@ -73,11 +85,7 @@ class ManifestStore:
         if not hmac.compare_digest(got, digest):
             raise CorruptObject(f"{what}: manifest {digest} is corrupt")
         dek = self.key.unwrap(wrapped, self.context(image, digest))
-        plain = unseal(sealed, dek, b"convstore manifest v1\0" + self.ident.id.encode(), f"manifest of {what}")
-        m = Manifest.decode(plain)
-        if m.name != image:
-            raise CorruptObject(f"{what}: manifest belongs to another image")
-        return m
+        return unseal(sealed, dek, b"convstore manifest v1\0" + self.ident.id.encode(), f"manifest of {what}")
 
     # -- start-up profiles --------------------------------------------------
     def _profile_key(self, entry: CatalogEntry) -> bytes:
@@ -149,6 +157,6 @@ class ManifestStore:
         if (m.domain.get("id"), m.domain.get("epoch")) != (domain.public["id"], domain.public["epoch"]) \
                 or not hmac.compare_digest(layer.diff_id, diff_id):
             return None
-        if not all(chunks.has(m.chunks[i].cid) for i in set(layer.chunks)):
+        if not all(chunks.has(m.chunks[i].cid, m.hint(i)) for i in set(layer.chunks)):
             return None
         return m, layer

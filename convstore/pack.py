@@ -33,6 +33,7 @@ from .progress import NoProgress, Progress
 from .refs import ImageRef
 from .domains import DEFAULT_DOMAIN, Domain
 from .store import Store
+from .stores.base import Location
 from .storeid import now_iso
 from .tarsplit import split_tar
 
@@ -174,6 +175,7 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
     table: list[ChunkIdentity] = []
     index: dict[bytes, int] = {}
     layers: list[LayerRecord] = []
+    prior: dict[bytes, Location] = {}  # hints of reused layers' chunks (kept while their packs are)
     new_chunks = new_plain = new_stored = reused = 0
     nworkers = workers or max(2, (os.cpu_count() or 2))
     try:
@@ -184,6 +186,7 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
                 found = store.find_layer(dom, desc.diff_id) if reuse_layers else None
                 if found is not None:
                     layers.append(_reuse_layer(found, desc, table, index))
+                    prior.update(found[0].hints())
                     reused += 1
                     progress.advance(desc.size or 0)
                     continue
@@ -231,6 +234,7 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
             layers=layers, chunks=table, created=now_iso(),
         )
         store.chunks.flush()  # chunks durable before anything references them
+        manifest.locations = store.chunks.locate([c.cid for c in table], [prior.get(c.cid) for c in table])
         digest, wrapped = store.put_manifest(manifest)
         store.finish_pack(iref, digest, wrapped, manifest.created, src.ref, manifest.logical_bytes, len(layers),
                           dom.public["name"])

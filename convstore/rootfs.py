@@ -63,12 +63,13 @@ class _Content:
                 wanted.append(k)
         what = f"image {manifest.name}:{manifest.tag}"
         idents = [manifest.chunks[layer.chunks[k]] for k in wanted]
+        hints = [manifest.hint(layer.chunks[k]) for k in wanted]
         self._positions = wanted
         q: deque[Future[bytes]] = deque()
         chunks = store.chunks
 
         def fetch(j: int) -> bytes:
-            return chunks.read(idents[j], what)[0]
+            return chunks.read(idents[j], what, hints[j])[0]
 
         def gen() -> Iterator[tuple[int, bytes]]:
             it = iter(range(len(idents)))

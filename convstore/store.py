@@ -39,7 +39,7 @@ from .errors import (
 )
 from .keys import KeyProvider, open_key
 from .keys.audit import AUDIT_LOG, AuditedKeyProvider, parse_audit
-from .manifest import LayerRecord, Manifest
+from .manifest import ROW_SIZE, LayerRecord, Manifest
 from .options import StoreOptions
 from .refs import ImageRef
 from .stores.base import ChunkStore, ObjectStore
@@ -460,19 +460,23 @@ class Store:
                                    len(l.chunks)) for l in m.layers))
 
     def stats(self) -> StoreStats:
-        """Logical, unique-plaintext and stored bytes over every image."""
-        logical = 0
-        unique: dict[bytes, int] = {}
-        images = 0
-        for _e, m in self.iter_manifests(include_inactive=True):
+        """Logical, unique-plaintext and stored bytes over every image.  Reads
+        each manifest's chunk table only (logical sizes are in the catalog)."""
+        logical = unique_bytes = images = 0
+        unique: set[bytes] = set()
+        for e in self.complete_images():
             images += 1
-            logical += m.logical_bytes
-            for c in m.chunks:
-                unique[c.cid] = c.size
+            logical += e.logical_bytes or 0
+            table = self.manifests.chunk_table(e)
+            for off in range(0, len(table), ROW_SIZE):
+                cid = bytes(table[off : off + 32])
+                if cid not in unique:
+                    unique.add(cid)
+                    unique_bytes += int.from_bytes(table[off + 96 : off + 100], "little")
         chunk_bytes = self.chunks.usage()
         meta_bytes = self.objects.usage("manifests")
         stored = chunk_bytes + meta_bytes
-        return StoreStats(images, logical, len(unique), sum(unique.values()), stored, chunk_bytes, meta_bytes,
+        return StoreStats(images, logical, len(unique), unique_bytes, stored, chunk_bytes, meta_bytes,
                           round(logical / stored, 3) if stored else None)
 
 

@@ -53,11 +53,12 @@ def _copy(src: Store, dst: Store, entry: CatalogEntry, manifest: Manifest, targe
     cids = list(dict.fromkeys(c.cid for c in manifest.chunks))
     missing = [c for c in cids if not dst.chunks.has(c)]
     sizes = {c.cid: c.size for c in manifest.chunks}
+    hints = manifest.hints()
     progress.start(f"copying {entry.ref}", sum(sizes[c] for c in missing))
     sent = 0
 
     def copy(batch: list[bytes]) -> int:
-        blobs = src.chunks.blobs(batch)  # coalesced where the source can
+        blobs = src.chunks.blobs(batch, hints)  # coalesced where the source can
         n = 0
         for cid in batch:
             blob = blobs[cid]
@@ -72,6 +73,8 @@ def _copy(src: Store, dst: Store, entry: CatalogEntry, manifest: Manifest, targe
             for n in pool.map(copy, batches):
                 sent += n
         dst.chunks.flush()
+        # the hints name the source's containers: the destination's replace them
+        manifest.locations = dst.chunks.locate([c.cid for c in manifest.chunks])
         digest, wrapped = dst.put_manifest(manifest)
         # the domain is recorded only if the destination has one of that name (a re-pack there goes into it)
         dom = str(manifest.domain.get("name", ""))

@@ -37,7 +37,7 @@ def iter_content(store: Store, manifest: Manifest, layer: LayerRecord, pool: Thr
     what = f"image {manifest.name}:{manifest.tag}"
 
     def fetch(i: int) -> bytes:
-        return chunks.read(manifest.chunks[i], what)[0]
+        return chunks.read(manifest.chunks[i], what, manifest.hint(i))[0]
 
     q: deque[Future[bytes]] = deque()
     it = iter(layer.chunks)

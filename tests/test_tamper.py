@@ -26,7 +26,7 @@ from imagebuilder import Entry, make_tar, write_oci
 import convstore
 from convstore.errors import ConvstoreError, CorruptObject, RollbackDetected, TamperedObject
 from convstore.reader import ImageFS
-from convstore.stores.base import ObjectStore
+from convstore.stores.base import Location, ObjectStore
 
 OWN = {"t:1": b"A", "t:2": b"B", "u:1": b"C", "v:1": b"D"}
 
@@ -461,8 +461,8 @@ def test_a_chunk_damaged_in_transit_is_read_again_never_quarantined(tmp_path: Pa
         def __init__(self, inner: ChunkStore) -> None:
             self.inner, self.seen = inner, set()
 
-        def get(self, cid: bytes) -> bytes:
-            blob = self.inner.get(cid)
+        def get(self, cid: bytes, hint: Location | None = None) -> bytes:
+            blob = self.inner.get(cid, hint)
             if cid in self.seen:
                 return blob
             self.seen.add(cid)

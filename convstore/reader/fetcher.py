@@ -71,7 +71,7 @@ class ChunkFetcher:
     def _load(self, idx: int) -> bytes:
         ident = self.manifest.chunks[idx]
         try:
-            plain, stored = self.chunks.read(ident)
+            plain, stored = self.chunks.read(ident, hint=self.manifest.hint(idx))
         except ChunkMissing as e:
             log.error("%s", e)
             raise

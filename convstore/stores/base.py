@@ -29,6 +29,14 @@ from contextlib import AbstractContextManager
 from ..errors import StoreError
 
 
+#: Where a chunk is stored: (container id, offset, length) -- a local pack's
+#: 16-byte name or a registry pack blob's 32-byte sha256.  Image manifests keep
+#: one per chunk as a *hint*: a read goes straight there, without an index
+#: lookup; a stale or wrong hint costs one index lookup (the chunk is always
+#: checked against its id and key after the read).
+Location = tuple[bytes, int, int]
+
+
 class ChunkStore(ABC):
     """Chunk blobs by chunk id (32 bytes).  Puts are buffered until
     :meth:`flush` makes them durable and visible together; :meth:`abort`
@@ -39,13 +47,25 @@ class ChunkStore(ABC):
     @abstractmethod
     def has(self, cid: bytes) -> bool: ...
 
-    @abstractmethod
-    def get(self, cid: bytes) -> bytes:
-        """The blob; raises KeyError if absent."""
+    def holds(self, hint: Location) -> bool:
+        """Whether the container a hint names is still there (containers are
+        immutable, so a chunk a manifest placed there is too).  False when
+        unknown: the caller then asks :meth:`has`."""
+        return False
 
-    def get_many(self, cids: list[bytes]) -> dict[bytes, bytes]:
+    def locate(self, cid: bytes) -> Location | None:
+        """Where a flushed chunk is (a hint for manifests), or None."""
+        return None
+
+    @abstractmethod
+    def get(self, cid: bytes, hint: Location | None = None) -> bytes:
+        """The blob (from ``hint`` if it is still good, else through the
+        index); raises KeyError if absent."""
+
+    def get_many(self, cids: list[bytes], hints: dict[bytes, Location] | None = None) -> dict[bytes, bytes]:
         """Several blobs at once (backends coalesce requests where they can)."""
-        return {c: self.get(c) for c in cids}
+        hints = hints or {}
+        return {c: self.get(c, hints.get(c)) for c in cids}
 
     @abstractmethod
     def put(self, cid: bytes, blob: bytes) -> None:
@@ -63,6 +83,13 @@ class ChunkStore(ABC):
     @abstractmethod
     def ids(self) -> Iterator[bytes]:
         """Every stored chunk id, in no particular order."""
+
+    def entries(self) -> Iterator[tuple[bytes, int]]:
+        """(chunk id, stored size) of every chunk, streamed."""
+        return ((c, self.size(c)) for c in self.ids())
+
+    def compact(self) -> None:
+        """Tidy the index after deletes (gc calls this last)."""
 
     @abstractmethod
     def size(self, cid: bytes) -> int: ...

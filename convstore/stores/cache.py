@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
-from .base import ChunkStore, ObjectStore
+from .base import ChunkStore, Location, ObjectStore
 from .local import append_line
 from .packs import makedirs_private
 
@@ -141,14 +141,20 @@ class CachedChunkStore(ChunkStore):
     def has(self, cid: bytes) -> bool:
         return self.cache.contains(self._name(cid)) or self.remote.has(cid)
 
-    def get(self, cid: bytes) -> bytes:
+    def holds(self, hint: Location) -> bool:
+        return self.remote.holds(hint)
+
+    def locate(self, cid: bytes) -> Location | None:
+        return self.remote.locate(cid)
+
+    def get(self, cid: bytes, hint: Location | None = None) -> bytes:
         data = self.cache.get(self._name(cid))
         if data is None:
-            data = self.remote.get(cid)
+            data = self.remote.get(cid, hint)
             self.cache.put(self._name(cid), data)
         return data
 
-    def get_many(self, cids: list[bytes]) -> dict[bytes, bytes]:
+    def get_many(self, cids: list[bytes], hints: dict[bytes, Location] | None = None) -> dict[bytes, bytes]:
         out: dict[bytes, bytes] = {}
         missing = []
         for c in cids:
@@ -157,7 +163,7 @@ class CachedChunkStore(ChunkStore):
                 missing.append(c)
             else:
                 out[c] = data
-        for c, data in self.remote.get_many(missing).items():
+        for c, data in self.remote.get_many(missing, hints).items():
             self.cache.put(self._name(c), data)
             out[c] = data
         return out
@@ -181,6 +187,12 @@ class CachedChunkStore(ChunkStore):
 
     def ids(self) -> Iterator[bytes]:
         return self.remote.ids()
+
+    def entries(self) -> Iterator[tuple[bytes, int]]:
+        return self.remote.entries()
+
+    def compact(self) -> None:
+        self.remote.compact()
 
     def size(self, cid: bytes) -> int:
         return self.remote.size(cid)

@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Iterator
 
 from ..errors import StoreError, TamperedObject
-from .base import ChunkStore, ObjectStore
+from .base import ChunkStore, Location, ObjectStore
 from .faults import crash_point
 from .packs import PackSet, makedirs_private, open_dir_at
 
@@ -57,8 +57,14 @@ class LocalChunkStore(ChunkStore):
     def has(self, cid: bytes) -> bool:
         return self.packs.has(cid)
 
-    def get(self, cid: bytes) -> bytes:
-        return self.packs.get(cid)
+    def holds(self, hint: Location) -> bool:
+        return self.packs.holds(hint)
+
+    def locate(self, cid: bytes) -> Location | None:
+        return self.packs.locate(cid)
+
+    def get(self, cid: bytes, hint: Location | None = None) -> bytes:
+        return self.packs.get(cid, hint)
 
     def put(self, cid: bytes, blob: bytes) -> None:
         self.packs.put(cid, blob)
@@ -77,8 +83,17 @@ class LocalChunkStore(ChunkStore):
     def ids(self) -> Iterator[bytes]:
         return self.packs.cids()
 
+    def entries(self) -> Iterator[tuple[bytes, int]]:
+        return self.packs.entries()
+
+    def compact(self) -> None:
+        self.packs.compact(full=True)
+
     def size(self, cid: bytes) -> int:
-        return len(self.packs.get(cid))
+        loc = self.packs.locate(cid)
+        if loc is None:
+            raise KeyError(cid.hex())
+        return loc[2]
 
     def usage(self) -> int:
         return self.packs.usage()

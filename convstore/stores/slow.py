@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
-from .base import ChunkStore, ObjectStore
+from .base import ChunkStore, Location, ObjectStore
 
 
 class Link:
@@ -103,8 +103,14 @@ class SlowChunkStore(ChunkStore):
         self.link.delay(0)
         return self.inner.has(cid)
 
-    def get(self, cid: bytes) -> bytes:
-        data = self.inner.get(cid)
+    def holds(self, hint: Location) -> bool:
+        return self.inner.holds(hint)
+
+    def locate(self, cid: bytes) -> Location | None:
+        return self.inner.locate(cid)
+
+    def get(self, cid: bytes, hint: Location | None = None) -> bytes:
+        data = self.inner.get(cid, hint)
         self.link.delay(len(data))
         return data
 
@@ -126,6 +132,12 @@ class SlowChunkStore(ChunkStore):
 
     def ids(self) -> Iterator[bytes]:
         return self.inner.ids()
+
+    def entries(self) -> Iterator[tuple[bytes, int]]:
+        return self.inner.entries()
+
+    def compact(self) -> None:
+        self.inner.compact()
 
     def size(self, cid: bytes) -> int:
         return self.inner.size(cid)
