@@ -10,7 +10,7 @@ at 10k, 100k and 1M chunks every command is timed as a user runs it (one
 process each, the second of two runs: warm page cache), with its peak RSS.
 
 Registry: Debian's docker-registry on 127.0.0.1 behind a counting proxy
-(benchmarks/proxy.py); images are packed locally and pushed one by one; at
+(tests/netproxy.py); images are packed locally and pushed one by one; at
 each N the proxy counts the requests of a lazy ``cat`` from an empty cache
 (on loopback, and with 20 ms added per request), of the same ``cat`` with a
 warm cache, and of the push of one more image; ``images`` is timed.
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from benchmarks.proxy import CountingProxy  # noqa: E402
+from netproxy import CountingProxy  # noqa: E402
 from imagebuilder import Entry, make_tar, write_oci  # noqa: E402
 
 CLI = [sys.executable, "-m", "convstore.cli", "--quiet"]
@@ -240,8 +240,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the raw rows here")
     ap.add_argument("--write-docs", action="store_true", help="replace the scale section of docs/benchmarks.md")
     a = ap.parse_args()
-    sizes = [int(x) for x in (a.local or ("10000,100000,1000000" if a.full else "10000,100000")).split(",") if x]
-    counts = [int(x) for x in (a.registry or ("1,10,100,1000" if a.full else "1,10,100")).split(",") if x]
+    local = a.local if a.local is not None else "10000,100000,1000000" if a.full else "10000,100000"
+    reg = a.registry if a.registry is not None else "1,10,100,1000" if a.full else "1,10,100"
+    sizes = [int(x) for x in local.split(",") if x]
+    counts = [int(x) for x in reg.split(",") if x]
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         work = Path(tmp)
         local = local_table(work, sizes) if sizes else []

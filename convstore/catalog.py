@@ -168,6 +168,9 @@ class Catalog:
             data = self.objects.get(r.key)
         except KeyError:
             return None
+        return self._open(r, data)
+
+    def _open(self, r: ImageRef, data: bytes) -> CatalogEntry:
         e = CatalogEntry.from_json(self.ident.meta().open("entry", f"ref {r}", data, f"catalog entry {r}"))
         if e.ref != r:
             raise TamperedObject(f"catalog entry {r} names another image ({e.ref})")
@@ -208,11 +211,13 @@ class Catalog:
         """Every entry.  One that fails authentication is skipped with a
         warning (and noted in ``problems``), or with ``strict`` raises."""
         out = []
-        for k in self.objects.list("refs"):
+        keys = list(self.objects.list("refs"))
+        found = self.objects.get_many(keys)  # in parallel on a registry
+        for k in keys:
+            if k not in found:
+                continue  # removed meanwhile
             try:
-                out.append(self.entry(ImageRef.from_key(k)))
-            except ImageNotFound:
-                continue
+                out.append(self._open(ImageRef.from_key(k), found[k]))
             except (ValueError, CorruptObject, RollbackDetected, StoreFormatError) as err:  # this entry's problem
                 if strict:
                     raise StoreError(f"{err}; refusing to go on (remove it with convstore rm, or restore it)") \

@@ -55,7 +55,8 @@ class ManifestStore:
         dek = os.urandom(32)
         sealed = seal(manifest.encode(), dek, b"convstore manifest v1\0" + self.ident.id.encode())
         digest = "sha256:" + hashlib.sha256(sealed).hexdigest()
-        self.objects.put("manifests/" + digest.split(":", 1)[1], sealed)
+        self.objects.put("manifests/" + digest.split(":", 1)[1], sealed,
+                         refs={h[0] for h in manifest.locations if h is not None})
         return digest, self.key.wrap(dek, self.context(manifest.name, digest))
 
     def load(self, entry: CatalogEntry) -> Manifest:

@@ -161,7 +161,7 @@ def pack(
             if isinstance(source, str):
                 stack.callback(src.close)
             dom = store.domain(domain)
-            stack.enter_context(store.objects.lock("gc", shared=True))  # gc waits for packs in progress
+            stack.enter_context(store.gc_guard())  # gc waits for packs in progress
             store.begin_pack(iref, src.ref)
             return _pack(store, src, iref, dom, params, level, workers, progress, reuse_layers, t0)
     except BaseException as e:

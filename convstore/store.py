@@ -10,12 +10,14 @@ manifests are harmless garbage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -168,8 +170,9 @@ class Store:
             from .stores.cache import CachedChunkStore, CachedStore, DiskCache
             from .stores.registry import open_registry
 
-            meta, chunks = open_registry(path, insecure=insecure, username=username, password=password)
             cache_dir = cache_dir or default_cache_dir(path)
+            meta, chunks = open_registry(path, insecure=insecure, username=username, password=password,
+                                         index_dir=os.path.join(cache_dir, "index"))
             cache = DiskCache(cache_dir, cache_bytes)
             objects, chunk_store = CachedStore(meta, cache), CachedChunkStore(chunks, cache)
         else:
@@ -313,6 +316,15 @@ class Store:
         now = self.clock()
         self.update_entry(ref, lambda cur: lifecycle.abort_pack(cur, now, str(error),
                                                                 isinstance(error, SourceNotFound)))
+
+    def gc_guard(self) -> AbstractContextManager[None]:
+        """What a pack or copy into this store holds while it relies on chunks
+        it found there: the gc lock, shared (gc takes it exclusively).  A
+        registry has no locks and no convstore gc (its own garbage collection
+        keeps every pack blob an image manifest references)."""
+        if not self.objects.supports_locking:
+            return contextlib.nullcontext()
+        return self.objects.lock("gc", shared=True)
 
     def is_stale(self, e: CatalogEntry, now: float) -> bool:
         """Unread for ``inactive_after``.  Only stores that can record reads

@@ -10,7 +10,6 @@ nothing visible, and re-running it sends only what is still missing.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -43,8 +42,7 @@ def copy_image(src: Store, dst: Store, ref: str, dst_ref: str | None = None, *, 
     if target.name != manifest.name:
         manifest.name, manifest.tag = target.name, target.tag
     # like a pack, a copy into a local store relies on chunks it finds there: gc waits for it
-    gc_lock = dst.objects.lock("gc", shared=True) if dst.objects.supports_locking else contextlib.nullcontext()
-    with gc_lock:
+    with dst.gc_guard():
         return _copy(src, dst, entry, manifest, target, workers, progress, t0)
 
 

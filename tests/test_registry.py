@@ -3,6 +3,7 @@ packing from docker://, the cache tier, and faults."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -142,3 +143,131 @@ def test_credentials(tmp_path, auth_registry, cli_env):
     p = push("--username", "alice", "--password-stdin", password="s3cret\n")
     assert p.returncode == 0, p.stderr
     assert "s3cret" not in p.stdout + p.stderr
+
+
+# -- issue 11: reads without the index, a bounded index, packing straight into a registry ----------------
+def config_digest(layout):
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"].split(":", 1)[1]
+    return json.loads((layout / "blobs" / "sha256" / digest).read_text())["config"]["digest"]
+
+
+def _open(url, key, cache, **kw):
+    return convstore.Store.open(url, key, insecure=True, cache_dir=str(cache), **kw)
+
+
+def test_a_lazy_read_needs_no_index_and_a_warm_worker_asks_only_for_the_entry(tmp_path, registry, store):
+    from netproxy import CountingProxy
+
+    images(tmp_path)
+    url = f"oci://{registry.host}/hints"
+    from convstore.transfer import copy_image
+
+    remote = _open(url, store.key, tmp_path / "c0")
+    for i in range(20):  # many images (and index segments) in the repository
+        store.pack(f"oci:{tmp_path / ('a' if i % 2 else 'b')}", f"img{i}:1")
+        copy_image(store, remote, f"img{i}:1")
+    proxy = CountingProxy(registry.host)
+    try:
+        purl = f"oci://{proxy.host}/hints"
+        for attempt in ("cold", "warm"):
+            proxy.reset()
+            worker = _open(purl, store.key, tmp_path / "worker")
+            with ImageFS.from_store(worker, "img7:1") as fs:
+                assert fs.open("/d/small.txt").read() == b"hello world\n"
+                ranges = fs.fetcher.stats.chunks_fetched
+            counts = proxy.snapshot()
+            assert "GET tags" not in counts, counts  # no index was listed, let alone loaded
+            if attempt == "cold":
+                assert sum(counts.values()) <= 10 + ranges, counts
+            else:
+                assert sum(counts.values()) <= 3, counts  # store identity and catalog entry only
+                assert counts.get("GET blob", 0) == 0, counts
+    finally:
+        proxy.stop()
+
+
+def test_pack_straight_into_a_registry_store_dedups_and_reads_back_exactly(tmp_path, registry, cli_env):
+    images(tmp_path)
+    url = f"oci://{registry.host}/direct"
+    a = json.loads(run_cli(cli_env, "--insecure", "--store", url, "--cache", str(tmp_path / "c1"), "pack", "--json",
+                           f"oci:{tmp_path / 'a'}", "a:1").stdout)
+    b = json.loads(run_cli(cli_env, "--insecure", "--store", url, "--cache", str(tmp_path / "c2"), "pack", "--json",
+                           f"oci:{tmp_path / 'b'}", "b:1").stdout)
+    assert a["new_chunks"] == a["chunks"] and 0 < b["new_chunks"] < b["chunks"]  # another client deduplicated
+    run_cli(cli_env, "--insecure", "--store", url, "--cache", str(tmp_path / "c3"), "unpack", "b:1",
+            f"oci:{tmp_path / 'out'}")
+    assert config_digest(tmp_path / "b") == config_digest(tmp_path / "out")  # and unpack checked every diff_id
+    # the image's manifest artifact references every pack blob it uses (the registry's gc keeps them)
+    import requests
+
+    tags = requests.get(f"http://{registry.host}/v2/direct/tags/list").json()["tags"]
+    packs = set()
+    for t in tags:
+        if t.startswith("m-"):
+            m = requests.get(f"http://{registry.host}/v2/direct/manifests/{t}",
+                             headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+            packs |= {l["digest"] for l in m["layers"] if l["mediaType"] == "application/vnd.convstore.pack.v1"}
+    assert packs and all(requests.head(f"http://{registry.host}/v2/direct/blobs/{d}").status_code == 200
+                         for d in packs)
+
+
+def test_two_packers_at_once_into_one_registry_lose_nothing(tmp_path, registry, cli_env):
+    images(tmp_path)
+    url = f"oci://{registry.host}/race"
+    procs = [subprocess.Popen([sys.executable, "-m", "convstore.cli", "--quiet", "--insecure", "--store", url,
+                               "--cache", str(tmp_path / f"c{n}"), "pack", f"oci:{tmp_path / n}", f"{n}:1"],
+                              env=cli_env, stderr=subprocess.PIPE, text=True) for n in ("a", "b")]
+    for p in procs:
+        _out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    s = _open(url, f"file:{cli_env['CONVSTORE_KEY'].split(':', 1)[1]}", tmp_path / "check")
+    assert sorted(str(e.ref) for e in s.images()) == ["a:1", "b:1"]
+    assert s.verify().clean
+    for n in ("a", "b"):
+        s.unpack_oci(f"{n}:1", f"oci:{tmp_path / ('out-' + n)}")  # every layer's diff_id checked
+        assert config_digest(tmp_path / n) == config_digest(tmp_path / f"out-{n}")
+
+
+def test_index_segments_are_merged_into_snapshots_and_a_new_client_reads_few(tmp_path, registry, store):
+    from convstore.stores.registry import COMPACT_SEGMENTS
+    from netproxy import CountingProxy
+
+    url = f"oci://{registry.host}/snap"
+    remote = _open(url, store.key, tmp_path / "c0")
+    from convstore.transfer import copy_image
+
+    n = COMPACT_SEGMENTS * 2 + 3
+    for i in range(n):  # one segment per push
+        write_oci(str(tmp_path / f"i{i}"), [make_tar([Entry(f"f{i}", data=os.urandom(50_000))])])
+        store.pack(f"oci:{tmp_path / f'i{i}'}", f"i{i}:1")
+        copy_image(store, remote, f"i{i}:1")
+    import requests
+
+    index_tags = requests.get(f"http://{registry.host}/v2/snap/convstore-index/tags/list").json()["tags"]
+    assert any(t.startswith("s-") for t in index_tags)
+    assert sum(t.startswith("x-") for t in index_tags) < COMPACT_SEGMENTS  # merged ones were deleted
+    proxy = CountingProxy(registry.host)
+    try:
+        fresh = _open(f"oci://{proxy.host}/snap", store.key, tmp_path / "fresh")
+        ids = set(fresh.chunk_store.ids())  # the whole index, as a pusher loads it
+        assert proxy.snapshot().get("GET tags", 0) == 1
+        assert proxy.total() <= 3 + 3 * 3 + 2 * COMPACT_SEGMENTS, proxy.snapshot()
+    finally:
+        proxy.stop()
+    assert all(c.cid in ids for i in range(n) for c in store.manifest(f"i{i}:1").chunks)
+
+
+def test_a_layout_1_registry_store_is_refused_in_one_line(tmp_path, registry, cli_env):
+    import hashlib
+
+    from convstore.stores.registry import RegistryClient
+
+    c = RegistryClient(registry.host, insecure=True)
+    d = c.put_blob("old", b"{}")
+    c.put_manifest("old", "o-" + hashlib.sha256(b"store.json").hexdigest()[:40], json.dumps(
+        {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+         "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": d, "size": 2},
+         "layers": []}).encode())
+    p = run_cli(cli_env, "--insecure", "--store", f"oci://{registry.host}/old", "images", check=False)
+    assert p.returncode == 1 and "registry layout 1" in p.stderr and len(p.stderr.strip().splitlines()) == 1

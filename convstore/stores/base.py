@@ -23,7 +23,7 @@ a partial object.  Capability flags say what a backend can do, and are read.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 
 from ..errors import StoreError
@@ -121,11 +121,24 @@ class ObjectStore(ABC):
     @abstractmethod
     def has(self, key: str) -> bool: ...
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """The objects of ``keys`` that exist (a remote backend fetches them in parallel)."""
+        out = {}
+        for k in keys:
+            try:
+                out[k] = self.get(k)
+            except KeyError:
+                pass
+        return out
+
     @abstractmethod
-    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
+    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False,
+            refs: Collection[bytes] = ()) -> bool:
         """Store ``data`` atomically.  With ``exclusive``, do nothing and
         return False if the key exists.  ``durable=False`` defers the fsync to
-        the next :meth:`flush` (batched durability for hints)."""
+        the next :meth:`flush` (batched durability for hints).  ``refs``: the
+        chunk containers the object relies on (an image manifest's packs; a
+        registry references them so its garbage collection keeps them)."""
 
     @abstractmethod
     def delete(self, key: str) -> None: ...

@@ -16,7 +16,7 @@ import hashlib
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 
 from .base import ChunkStore, Location, ObjectStore
@@ -223,13 +223,19 @@ class CachedStore(ObjectStore):
             return data
         return self.remote.get(key)
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        if any(k.startswith(IMMUTABLE_OBJECTS) for k in keys):
+            return super().get_many(keys)
+        return self.remote.get_many(keys)
+
     def has(self, key: str) -> bool:
         if key.startswith(IMMUTABLE_OBJECTS) and self.cache.contains(key):
             return True
         return self.remote.has(key)
 
-    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
-        return self.remote.put(key, data, durable=durable, exclusive=exclusive)
+    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False,
+            refs: Collection[bytes] = ()) -> bool:
+        return self.remote.put(key, data, durable=durable, exclusive=exclusive, refs=refs)
 
     def evict(self, key: str) -> None:
         self.cache.drop(key)

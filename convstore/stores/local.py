@@ -16,7 +16,7 @@ import errno
 import fcntl
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from ..errors import StoreError, TamperedObject
 from .base import ChunkStore, Location, ObjectStore
@@ -181,7 +181,8 @@ class LocalStore(ObjectStore):
         except FileNotFoundError:
             raise KeyError(key) from None
 
-    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
+    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False,
+            refs: Collection[bytes] = ()) -> bool:
         d, name = self._split(key)
         dfd = self._dir(d, create=True)
         tfd = self._dir("tmp", create=True)

@@ -68,7 +68,6 @@ DEFAULT_TARGET = 128 << 20
 MIDX_MAGIC = b"CSMIDX\0\0"
 _MIDX_HEAD = struct.Struct("<8sIIQ")
 _FANOUT = struct.Struct("<256Q")
-_REC = struct.Struct("<32s16sQII")  # 64 bytes
 COMPACT_PACKS = 8  # loose packs that make a writer merge after its flush
 AUTO_MERGE_MAX = 1 << 18  # records: bigger merges are left to gc (compact(full=True))
 _PACK_NAME = re.compile(r"[0-9a-f]{32}\Z")
@@ -158,28 +157,45 @@ def open_regular(name: str, dir_fd: int) -> int | None:
     return fd
 
 
-class _Midx:
-    """One multi-pack index, mapped read-only."""
+class SortedIndex:
+    """A multi-pack index (or a registry's index snapshot: the same layout
+    with 32-byte container names and its own magic), mapped read-only."""
 
-    def __init__(self, fd: int, what: str):
+    def __init__(self, fd: int, what: str, magic: bytes = MIDX_MAGIC, name_len: int = 16):
         try:
             size = os.fstat(fd).st_size
             if size < _MIDX_HEAD.size + _FANOUT.size + 32:
-                raise StoreError(f"{what}: truncated multi-pack index")
+                raise StoreError(f"{what}: truncated index")
             self.mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
+        self._init(what, magic, name_len, size)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, what: str, magic: bytes = MIDX_MAGIC, name_len: int = 16) -> SortedIndex:
+        """An index held in anonymous memory (no file to map)."""
+        self = cls.__new__(cls)
+        if len(data) < _MIDX_HEAD.size + _FANOUT.size + 32:
+            raise StoreError(f"{what}: truncated index")
+        self.mm = mmap.mmap(-1, len(data))
+        self.mm.write(data)
+        self._init(what, magic, name_len, len(data))
+        return self
+
+    def _init(self, what: str, want_magic: bytes, name_len: int, size: int) -> None:
         magic, version, npacks, count = _MIDX_HEAD.unpack_from(self.mm)
-        if magic != MIDX_MAGIC:
-            raise StoreError(f"{what}: not a multi-pack index")
+        if magic != want_magic:
+            raise StoreError(f"{what}: not a convstore index")
         if version != VERSION:
-            raise StoreFormatError(f"{what}: multi-pack index version {version} is not supported")
-        self.fan_at = _MIDX_HEAD.size + 16 * npacks
+            raise StoreFormatError(f"{what}: index version {version} is not supported")
+        self.name_len = name_len
+        self.rec = struct.Struct(f"<32s{name_len}sQII")
+        self.fan_at = _MIDX_HEAD.size + name_len * npacks
         self.base = self.fan_at + _FANOUT.size
-        if size != self.base + count * _REC.size + 32:
-            raise StoreError(f"{what}: multi-pack index has a bad length")
-        self.packs = {bytes(self.mm[_MIDX_HEAD.size + 16 * i: _MIDX_HEAD.size + 16 * i + 16]).hex()
-                      for i in range(npacks)}
+        if size != self.base + count * self.rec.size + 32:
+            raise StoreError(f"{what}: index has a bad length")
+        h = _MIDX_HEAD.size
+        self.packs = {bytes(self.mm[h + name_len * i : h + name_len * (i + 1)]).hex() for i in range(npacks)}
         self.fanout = _FANOUT.unpack_from(self.mm, self.fan_at)
         if self.fanout[255] != count or any(a > b for a, b in zip(self.fanout, self.fanout[1:])):
             raise StoreError(f"{what}: multi-pack index has a bad fanout table")
@@ -190,7 +206,7 @@ class _Midx:
         b = cid[0]
         lo = self.fanout[b - 1] if b else 0
         hi = self.fanout[b]
-        mm, base, size = self.mm, self.base, _REC.size
+        mm, base, size = self.mm, self.base, self.rec.size
         while lo < hi:
             mid = (lo + hi) >> 1
             p = base + mid * size
@@ -200,29 +216,41 @@ class _Midx:
             elif k > cid:
                 hi = mid
             else:
-                _c, pack, off, ln, _r = _REC.unpack_from(mm, p)
+                _c, pack, off, ln, _r = self.rec.unpack_from(mm, p)
                 return pack, off, ln
         return None
 
     def records(self) -> Iterator[bytes]:
-        """Every 64-byte record, in cid order."""
-        mm = self.mm
-        for p in range(self.base, self.base + self.count * _REC.size, _REC.size):
-            yield mm[p : p + _REC.size]
+        """Every record (cid | container name | offset | length | 0), in cid order."""
+        mm, n = self.mm, self.rec.size
+        for p in range(self.base, self.base + self.count * n, n):
+            yield mm[p : p + n]
+
+    def entries(self, live: set[bytes] | None = None) -> Iterator[tuple[bytes, int]]:
+        """(cid, length) of every record whose container is in ``live`` (all if None)."""
+        a, b = 32, 32 + self.name_len
+        for r in self.records():
+            if live is None or r[a:b] in live:
+                yield r[:32], int.from_bytes(r[b + 8 : b + 12], "little")
 
     def checksum_ok(self) -> bool:
         return hmac.compare_digest(blake3(self.mm[:-32]).digest(), self.mm[-32:])
 
 
-def encode_midx(records: list[bytes]) -> bytes:
-    """A multi-pack index of sorted 64-byte records (cids unique)."""
-    packs = sorted({r[32:48] for r in records})
+def record(cid: bytes, container: bytes, off: int, ln: int) -> bytes:
+    """One index record (a container name of 16 or 32 bytes)."""
+    return cid + container + struct.pack("<QII", off, ln, 0)
+
+
+def encode_midx(records: list[bytes], magic: bytes = MIDX_MAGIC, name_len: int = 16) -> bytes:
+    """An index of sorted records (cids unique)."""
+    packs = sorted({r[32 : 32 + name_len] for r in records})
     fan = [0] * 256
     for r in records:
         fan[r[0]] += 1
     for i in range(1, 256):
         fan[i] += fan[i - 1]
-    body = b"".join([_MIDX_HEAD.pack(MIDX_MAGIC, VERSION, len(packs), len(records)), *packs,
+    body = b"".join([_MIDX_HEAD.pack(magic, VERSION, len(packs), len(records)), *packs,
                      _FANOUT.pack(*fan), *records])
     return body + blake3(body).digest()
 
@@ -276,7 +304,7 @@ class PackSet:
         self._scanned = False
         self._live: set[str] = set()  # packs with an index
         self._live_raw: set[bytes] = set()
-        self._midx: dict[str, _Midx] = {}  # file name -> mapped multi-pack index
+        self._midx: dict[str, SortedIndex] = {}  # file name -> mapped multi-pack index
         self._bad_midx: set[str] = set()
         self._loose: dict[bytes, tuple[str, int, int]] = {}  # cid -> (pack, offset, length), packs not merged
         self._loose_packs: set[str] = set()
@@ -301,7 +329,7 @@ class PackSet:
                 fd = open_regular(n, self._dfd)
                 if fd is None:
                     raise StoreError(f"{os.path.join(self.dir, n)}: not a regular file")
-                self._midx[n] = _Midx(fd, os.path.join(self.dir, n))
+                self._midx[n] = SortedIndex(fd, os.path.join(self.dir, n))
             except FileNotFoundError:
                 continue
             except StoreError as e:
@@ -524,7 +552,7 @@ class PackSet:
     def _merge(self, full: bool) -> bool:
         loose = sorted(self._loose_packs)
         total = sum(1 for _c, (p, _o, _l) in self._loose.items() if p in self._loose_packs)
-        inputs: list[tuple[str, _Midx]] = []
+        inputs: list[tuple[str, SortedIndex]] = []
         for name, m in sorted(self._midx.items(), key=lambda kv: kv[1].count):
             if full or (m.count <= 2 * total and total + m.count <= AUTO_MERGE_MAX):
                 inputs.append((name, m))
@@ -539,7 +567,7 @@ class PackSet:
             records.extend(r for r in m.records() if r[32:48] in live_raw)
         for cid, (pack, off, ln) in self._loose.items():
             if pack in self._live:
-                records.append(_REC.pack(cid, bytes.fromhex(pack), off, ln, 0))
+                records.append(record(cid, bytes.fromhex(pack), off, ln))
         records.sort()
         unique = [r for i, r in enumerate(records) if i == 0 or r[:32] != records[i - 1][:32]]
         del records
@@ -575,9 +603,7 @@ class PackSet:
             midx = list(self._midx.values())
         yield from loose
         for m in midx:
-            for r in m.records():
-                if r[32:48] in live_raw:
-                    yield r[:32], int.from_bytes(r[56:60], "little")
+            yield from m.entries(live_raw)
 
     def cids(self) -> Iterator[bytes]:
         return (c for c, _n in self.entries())

@@ -28,21 +28,25 @@ and an interrupted push re-run sends only what is missing.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
 
-from ..errors import InvalidReference, StoreError
-from .base import ChunkStore, ObjectStore
+from ..errors import InvalidReference, StoreError, StoreFormatError
+from .base import ChunkStore, Location, ObjectStore
+from .packs import AUTO_MERGE_MAX, SortedIndex, encode_midx, makedirs_private, record
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +57,17 @@ AT_OBJECT = "application/vnd.convstore.object.v1"
 AT_MANIFEST = "application/vnd.convstore.manifest.v1"
 AT_IMAGE = "application/vnd.convstore.image.v1"
 AT_CHUNK_INDEX = "application/vnd.convstore.chunk-index.v1"
+AT_INDEX_SNAPSHOT = "application/vnd.convstore.chunk-index-snapshot.v1"
 MT_BLOB = "application/vnd.convstore.blob.v1"
+MT_PACK = "application/vnd.convstore.pack.v1"
 _SEG_HEAD = struct.Struct("<4sI32s")  # b"CSRX", version, pack blob digest
 _SEG = struct.Struct("<32sQI")  # cid, offset, length
+SNAP_MAGIC = b"CSRSNAP\0"
+INDEX_REPO = "convstore-index"  # the sibling repository of the chunk index
 PACK_BYTES = 32 << 20
+COMPACT_SEGMENTS = 16  # segments not yet merged that make a writer write a snapshot
+INLINE_BYTES = 16 << 10  # objects up to this size are also embedded in their artifact (one GET reads them)
+LIST_WORKERS = 8
 RETRIES = 4
 
 
@@ -128,6 +139,11 @@ class RegistryClient:
     def blob_exists(self, repo: str, digest: str) -> bool:
         return self._req("HEAD", f"{self.base}/{repo}/blobs/{digest}", (200, 404)).status_code == 200
 
+    def blob_size(self, repo: str, digest: str) -> int | None:
+        """The size of a blob, or None if the registry does not have it."""
+        r = self._req("HEAD", f"{self.base}/{repo}/blobs/{digest}", (200, 404))
+        return int(r.headers.get("Content-Length", "0")) if r.status_code == 200 else None
+
     def put_blob(self, repo: str, data: bytes, digest: str | None = None) -> str:
         """Upload ``data`` (monolithic POST + PUT) unless it is already there."""
         digest = digest or "sha256:" + hashlib.sha256(data).hexdigest()
@@ -176,8 +192,15 @@ class RegistryClient:
         body = r.content
         return body, r.headers.get("Content-Type", ""), "sha256:" + hashlib.sha256(body).hexdigest()
 
-    def delete_manifest(self, repo: str, digest: str) -> None:
-        self._req("DELETE", f"{self.base}/{repo}/manifests/{digest}", (202, 404))
+    def delete_manifest(self, repo: str, digest: str) -> bool:
+        """Delete a manifest (and its tags); False where the registry does not allow deletes."""
+        try:
+            self._req("DELETE", f"{self.base}/{repo}/manifests/{digest}", (202, 404))
+        except RegistryError as e:
+            if "HTTP 405" in str(e) or "HTTP 400" in str(e):
+                return False
+            raise
+        return True
 
     def tags(self, repo: str) -> list[str]:
         out: list[str] = []
@@ -195,86 +218,246 @@ class RegistryClient:
         return out
 
 
-def _artifact(artifact_type: str, layer_digest: str, size: int, annotations: dict[str, str]) -> bytes:
+def _artifact(artifact_type: str, layers: list[dict[str, Any]], annotations: dict[str, str]) -> bytes:
     return json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
-                       "config": EMPTY_CONFIG,
-                       "layers": [{"mediaType": MT_BLOB, "digest": layer_digest, "size": size}],
-                       "annotations": annotations}, sort_keys=True).encode()
+                       "config": EMPTY_CONFIG, "layers": layers, "annotations": annotations},
+                      sort_keys=True).encode()
+
+
+def _layer(digest: str, size: int, media_type: str = MT_BLOB, data: bytes | None = None) -> dict[str, Any]:
+    d: dict[str, Any] = {"mediaType": media_type, "digest": digest, "size": size}
+    if data is not None:
+        d["data"] = base64.b64encode(data).decode()
+    return d
+
+
+def _inline(layer: dict[str, Any]) -> bytes | None:
+    """A descriptor's embedded ``data`` (OCI image-spec 1.1), if present and it matches the digest."""
+    raw = layer.get("data")
+    if not isinstance(raw, str):
+        return None
+    try:
+        data = base64.b64decode(raw, validate=True)
+    except ValueError:
+        return None
+    ok = hmac.compare_digest("sha256:" + hashlib.sha256(data).hexdigest(), str(layer.get("digest", "")))
+    return data if ok and len(data) == layer.get("size") else None
 
 
 def open_registry(url: str, insecure: bool = False, username: str | None = None,
-                  password: str | None = None) -> tuple[RegistryStore, RegistryChunkStore]:
+                  password: str | None = None, index_dir: str | None = None) -> tuple[RegistryStore, RegistryChunkStore]:
     """The metadata store and the chunk store of one registry repository (one client)."""
     host, repo = parse_store_url(url)
     client = RegistryClient(host, insecure, username, password)
     client.reg.auth.load_configs(client.reg.get_container(f"{host}/{repo}"))
-    return RegistryStore(url, client, repo), RegistryChunkStore(url, client, repo)
+    meta, chunks = RegistryStore(url, client, repo), RegistryChunkStore(url, client, repo, index_dir)
+    meta.chunks = chunks
+    return meta, chunks
 
 
 class RegistryChunkStore(ChunkStore):
-    """Chunks in packed blobs of one repository, found through pack-index artifacts (tags ``x-*``)."""
+    """Chunks in packed blobs of one repository.
+
+    Reads need no index: manifests carry each chunk's (pack digest, offset,
+    length) as a hint, read with one ranged GET.  The index -- for dedup
+    when packing or pushing, and for chunks without a hint -- lives in the
+    sibling repository ``REPO/convstore-index`` and is loaded only then:
+
+    * every flush adds a *segment* artifact (tag ``x-<random>``: the pack's
+      digest and its (cid, offset, length) records);
+    * a writer that sees ``COMPACT_SEGMENTS`` segments not yet merged writes a
+      *snapshot* (tag ``s-<random>``: sorted records, read by bisection like
+      a local multi-pack index, and the list of what it covers), size-tiered
+      like the local indexes, and deletes what it merged where the registry
+      allows;
+    * tags are never re-pointed, so artifacts and blobs are cached in
+      ``index_dir`` once fetched: a warm client asks for the tag list and
+      the artifacts it has not seen.
+
+    The index is a dedup accelerator, never the source of truth: an image's
+    own sealed-manifest artifact references every pack blob it uses (so the
+    registry's garbage collection keeps them), and a pack is checked to
+    exist before an image that relies on it is published.
+    """
 
     supports_deletes = False  # chunks are reclaimed by the registry's own GC
 
-    def __init__(self, url: str, client: RegistryClient, repo: str):
+    def __init__(self, url: str, client: RegistryClient, repo: str, index_dir: str | None = None):
         self.url, self.client, self.repo = url, client, repo
-        self._lock = threading.Lock()
-        self._chunks: dict[bytes, tuple[str, int, int]] = {}  # cid -> (pack digest, offset, length)
+        self.index_repo = f"{repo}/{INDEX_REPO}"
+        self.index_dir = index_dir
+        self._lock = threading.RLock()
+        self._loaded = False
+        self._snaps: dict[str, SortedIndex] = {}  # snapshot tag -> mapped records
+        self._snap_size: dict[str, int] = {}
+        self._snap_covers: dict[str, list[str]] = {}  # snapshot tag -> every tag it covers
+        self._segs: dict[bytes, tuple[str, int, int]] = {}  # cid -> (pack digest, offset, length), not merged
+        self._seg_tags: dict[str, list[tuple[bytes, str, int, int]]] = {}  # loaded segment tag -> its records
+        self._covered: set[str] = set()
+        self._art_digest: dict[str, str] = {}  # index tag -> its manifest digest (for deletes)
+        self._known: set[str] = set()  # pack digests (hex) the loaded index names, or this client wrote
         self._pending: dict[bytes, tuple[int, int]] = {}  # cid -> (offset, length) in _pack
         self._pack = bytearray()
-        self._segments: set[str] = set()
-        self.refresh()
+        #: index requests made by this client (for measurement and tests)
+        self.index_requests = 0
 
     def __repr__(self) -> str:
         return f"RegistryChunkStore({self.url})"
 
-    def refresh(self) -> None:
-        """Load the pack indexes not seen yet."""
-        tags = self.client.tags(self.repo)
-        for t in tags:
-            if t.startswith("x-") and t not in self._segments:
-                got = self.client.get_manifest(self.repo, t, [OCI_MANIFEST])
-                if got is None:
-                    continue
-                layer = json.loads(got[0])["layers"][0]
-                data = self.client.get_blob(self.repo, layer["digest"])
-                magic, version, pack = _SEG_HEAD.unpack_from(data)
-                if magic != b"CSRX" or version != 1:
-                    log.warning("skipping pack index %s: unknown format", t)
-                    continue
-                with self._lock:
-                    for i in range(_SEG_HEAD.size, len(data) - _SEG.size + 1, _SEG.size):
-                        cid, off, size = _SEG.unpack_from(data, i)
-                        self._chunks.setdefault(cid, ("sha256:" + pack.hex(), off, size))
-                    self._segments.add(t)
+    # -- the index ------------------------------------------------------------
+    def _cached(self, kind: str, name: str, fetch: Callable[[], bytes]) -> bytes:
+        """An immutable index object, from ``index_dir`` if it was fetched before."""
+        path = os.path.join(self.index_dir, kind, name) if self.index_dir else None
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                pass
+        data = fetch()
+        self.index_requests += 1
+        if path:
+            makedirs_private(os.path.dirname(path))
+            tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        return data
 
+    def _artifact_of(self, tag: str) -> dict[str, Any] | None:
+        def fetch() -> bytes:
+            got = self.client.get_manifest(self.index_repo, tag, [OCI_MANIFEST])
+            if got is None:
+                raise KeyError(tag)
+            return got[0]
+
+        try:
+            body = self._cached("tags", tag, fetch)
+        except KeyError:
+            return None  # merged and deleted meanwhile
+        self._art_digest[tag] = "sha256:" + hashlib.sha256(body).hexdigest()
+        doc = json.loads(body)
+        return doc if isinstance(doc, dict) else None
+
+    def _blob(self, digest: str) -> bytes:
+        hexd = digest.split(":", 1)[-1]
+        if len(hexd) != 64 or any(c not in "0123456789abcdef" for c in hexd):
+            raise StoreError(f"bad blob digest {digest!r} in the index")
+        data = self._cached("blobs", hexd, lambda: self.client.get_blob(self.index_repo, digest))
+        if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), hexd):
+            raise StoreError(f"index blob {digest} does not match its digest")
+        return data
+
+    def refresh(self) -> None:
+        """Load the index artifacts not seen yet (one tag listing)."""
+        with self._lock:
+            self._load()
+
+    def _load(self) -> None:
+        tags = self.client.tags(self.index_repo)
+        self.index_requests += 1
+        for t in sorted(t for t in tags if t.startswith("s-") and t not in self._snaps and t not in self._covered):
+            try:
+                art = self._artifact_of(t)
+                if art is None or art.get("artifactType") != AT_INDEX_SNAPSHOT:
+                    continue
+                data = self._blob(art["layers"][0]["digest"])
+                covered = json.loads(self._blob(art["layers"][1]["digest"]))
+                snap = SortedIndex.from_bytes(data, f"index snapshot {t}", SNAP_MAGIC, 32)
+            except (StoreError, KeyError, IndexError, TypeError, ValueError) as e:
+                log.warning("skipping index snapshot %s: %s", t, e)
+                continue
+            self._snaps[t] = snap
+            self._snap_size[t] = snap.count
+            self._snap_covers[t] = [str(c) for c in covered]
+            self._known |= snap.packs
+            self._covered |= set(covered)
+        for t in [t for t in self._snaps if t in self._covered]:
+            del self._snaps[t]
+        for t in sorted(t for t in tags if t.startswith("x-") and t not in self._seg_tags and t not in self._covered):
+            try:
+                art = self._artifact_of(t)
+                if art is None or art.get("artifactType") != AT_CHUNK_INDEX:
+                    continue
+                recs = _decode_segment(self._blob(art["layers"][0]["digest"]), t)
+            except (StoreError, KeyError, IndexError, TypeError, ValueError) as e:
+                log.warning("skipping pack index %s: %s", t, e)
+                continue
+            self._add_segment(t, recs)
+        self._loaded = True
+
+    def _add_segment(self, tag: str, recs: list[tuple[bytes, str, int, int]]) -> None:
+        self._seg_tags[tag] = recs
+        for cid, pack, off, n in recs:
+            self._segs.setdefault(cid, (pack, off, n))
+            self._known.add(pack.split(":", 1)[1])
+
+    def _lookup(self, cid: bytes) -> tuple[str, int, int] | None:
+        if not self._loaded:
+            self._load()
+        loc = self._segs.get(cid)
+        if loc is not None:
+            return loc
+        for snap in self._snaps.values():
+            got = snap.find(cid)
+            if got is not None:
+                return "sha256:" + got[0].hex(), got[1], got[2]
+        return None
+
+    # -- the ChunkStore API ---------------------------------------------------
     def has(self, cid: bytes) -> bool:
         with self._lock:
-            return cid in self._chunks or cid in self._pending
+            return cid in self._pending or self._lookup(cid) is not None
 
-    def get(self, cid: bytes) -> bytes:
+    def holds(self, hint: Location) -> bool:
+        with self._lock:
+            return hint[0].hex() in self._known
+
+    def locate(self, cid: bytes) -> Location | None:
+        with self._lock:
+            loc = self._lookup(cid)
+        if loc is None:
+            return None
+        return bytes.fromhex(loc[0].split(":", 1)[1]), loc[1], loc[2]
+
+    def _range(self, digest: str, start: int, end: int) -> bytes:
+        data = self.client.get_blob(self.repo, digest, start, end)
+        if len(data) != end - start:
+            raise StoreError(f"registry returned {len(data)} bytes for a {end - start}-byte range")
+        return data
+
+    def get(self, cid: bytes, hint: Location | None = None) -> bytes:
+        if hint is not None and len(hint[0]) == 32:
+            try:
+                return self._range("sha256:" + hint[0].hex(), hint[1], hint[1] + hint[2])
+            except (KeyError, StoreError):
+                pass  # the index says where it is
         with self._lock:
             pend = self._pending.get(cid)
             if pend is not None:
                 return bytes(self._pack[pend[0] : pend[0] + pend[1]])
-            loc = self._chunks.get(cid)
-        if loc is None:
-            self.refresh()
-            loc = self._chunks.get(cid)
+            loc = self._lookup(cid)
             if loc is None:
-                raise KeyError(cid.hex())
-        data = self.client.get_blob(self.repo, loc[0], loc[1], loc[1] + loc[2])
-        if len(data) != loc[2]:
-            raise StoreError(f"registry returned {len(data)} bytes for a {loc[2]}-byte chunk")
-        return data
+                self._load()
+                loc = self._lookup(cid)
+        if loc is None:
+            raise KeyError(cid.hex())
+        return self._range(loc[0], loc[1], loc[1] + loc[2])
 
-    def get_many(self, cids: list[bytes], max_gap: int = 1 << 20, max_span: int = 16 << 20) -> dict[bytes, bytes]:
+    def get_many(self, cids: list[bytes], hints: dict[bytes, Location] | None = None,
+                 max_gap: int = 1 << 20, max_span: int = 16 << 20) -> dict[bytes, bytes]:
         """Chunks by coalesced ranged reads: neighbours in a pack (gaps up to
         ``max_gap``) come in one request of at most ``max_span`` bytes."""
         out: dict[bytes, bytes] = {}
         by_pack: dict[str, list[tuple[int, int, bytes]]] = {}
+        hints = hints or {}
         for c in cids:
-            loc = self._chunks.get(c)
+            h = hints.get(c)
+            if h is not None and len(h[0]) == 32:
+                by_pack.setdefault("sha256:" + h[0].hex(), []).append((h[1], h[2], c))
+                continue
+            with self._lock:
+                loc = None if c in self._pending else self._lookup(c)
             if loc is None:
                 out[c] = self.get(c)
             else:
@@ -290,23 +473,27 @@ class RegistryChunkStore(ChunkStore):
                         items[j + 1][0] + items[j + 1][1] - start <= max_span:
                     j += 1
                     end = max(end, items[j][0] + items[j][1])
-                data = self.client.get_blob(self.repo, digest, start, end)
-                if len(data) != end - start:
-                    raise StoreError(f"registry returned {len(data)} bytes for a {end - start}-byte range")
-                for off, n, c in items[i : j + 1]:
-                    out[c] = data[off - start : off - start + n]
+                try:
+                    data = self._range(digest, start, end)
+                except (KeyError, StoreError):  # a stale hint: one by one through the index
+                    for _off, _n, c in items[i : j + 1]:
+                        out[c] = self.get(c)
+                else:
+                    for off, n, c in items[i : j + 1]:
+                        out[c] = data[off - start : off - start + n]
                 i = j + 1
         return out
 
     def size(self, cid: bytes) -> int:
-        loc = self._chunks.get(cid)
+        with self._lock:
+            loc = self._lookup(cid)
         if loc is None:
             raise KeyError(cid.hex())
         return loc[2]
 
     def put(self, cid: bytes, blob: bytes) -> None:
         with self._lock:
-            if cid in self._chunks or cid in self._pending:
+            if cid in self._pending or self._lookup(cid) is not None:
                 return
             self._pending[cid] = (len(self._pack), len(blob))
             self._pack += blob
@@ -315,30 +502,85 @@ class RegistryChunkStore(ChunkStore):
             self.flush()
 
     def flush(self) -> None:
-        """Upload the pending chunks as one pack blob, then its index artifact
-        (the commit point: chunks are found only through an index)."""
+        """Upload the pending chunks as one pack blob, then its segment
+        artifact (the commit point for dedup: chunks are found through it);
+        then merge segments if there are enough."""
         with self._lock:
             pending, pack = self._pending, bytes(self._pack)
             self._pending, self._pack = {}, bytearray()
-        if not pending:
-            return
-        try:
-            digest = self.client.put_blob(self.repo, pack)
-            body = _SEG_HEAD.pack(b"CSRX", 1, bytes.fromhex(digest.split(":", 1)[1])) + b"".join(
-                _SEG.pack(cid, off, n) for cid, (off, n) in pending.items())
-            idx = self.client.put_blob(self.repo, body)
-            tag = "x-" + secrets.token_hex(16)
-            self.client.put_manifest(self.repo, tag, _artifact(AT_CHUNK_INDEX, idx, len(body), {}))
-        except BaseException:
-            with self._lock:  # keep them pending: a retry of flush sends them again
-                for cid, (off, n) in pending.items():
-                    self._pending.setdefault(cid, (len(self._pack), n))
-                    self._pack += pack[off : off + n]
-            raise
+        if pending:
+            try:
+                digest = self.client.put_blob(self.repo, pack)
+                body = _SEG_HEAD.pack(b"CSRX", 1, bytes.fromhex(digest.split(":", 1)[1])) + b"".join(
+                    _SEG.pack(cid, off, n) for cid, (off, n) in pending.items())
+                idx = self.client.put_blob(self.index_repo, body)
+                tag = "x-" + secrets.token_hex(16)
+                art = _artifact(AT_CHUNK_INDEX, [_layer(idx, len(body))], {})
+                self.client.put_manifest(self.index_repo, tag, art)
+                self._art_digest[tag] = "sha256:" + hashlib.sha256(art).hexdigest()
+            except BaseException:
+                with self._lock:  # keep them pending: a retry of flush sends them again
+                    for cid, (off, n) in pending.items():
+                        self._pending.setdefault(cid, (len(self._pack), n))
+                        self._pack += pack[off : off + n]
+                raise
+            with self._lock:
+                self._add_segment(tag, [(cid, digest, off, n) for cid, (off, n) in pending.items()])
         with self._lock:
-            for cid, (off, n) in pending.items():
-                self._chunks[cid] = (digest, off, n)
-            self._segments.add(tag)
+            loose = [t for t in self._seg_tags if t not in self._covered]
+        if len(loose) >= COMPACT_SEGMENTS:
+            try:
+                self.compact(full=False)
+            except RegistryError as e:  # a merge is an optimisation: the segments stay valid
+                log.warning("could not merge the registry index: %s", e)
+
+    def compact(self, full: bool = True) -> None:
+        """Merge the loaded segments (and, size-tiered, the small snapshots)
+        into one snapshot; then delete what it covers where the registry allows."""
+        with self._lock:
+            if not self._loaded:
+                self._load()
+            loose = [t for t in self._seg_tags if t not in self._covered]
+            total = sum(len(self._seg_tags[t]) for t in loose)
+            taken: list[str] = []
+            for t, n in sorted(self._snap_size.items(), key=lambda kv: kv[1]):
+                if t in self._snaps and (full or (n <= 2 * total and total + n <= AUTO_MERGE_MAX)):
+                    taken.append(t)
+                    total += n
+            if not loose and len(taken) <= 1:
+                return
+            records: list[bytes] = []
+            for t in taken:
+                records.extend(bytes(r) for r in self._snaps[t].records())
+            for t in loose:
+                records.extend(record(cid, bytes.fromhex(pack.split(":", 1)[1]), off, n)
+                               for cid, pack, off, n in self._seg_tags[t])
+        records.sort()
+        unique = [r for i, r in enumerate(records) if i == 0 or r[:32] != records[i - 1][:32]]
+        data = encode_midx(unique, SNAP_MAGIC, 32)
+        covered = sorted({*loose, *taken, *(c for t in taken for c in self._snap_covers.get(t, ()))})
+        cov = json.dumps(covered).encode()
+        d1 = self.client.put_blob(self.index_repo, data)
+        d2 = self.client.put_blob(self.index_repo, cov)
+        tag = "s-" + secrets.token_hex(16)
+        art = _artifact(AT_INDEX_SNAPSHOT, [_layer(d1, len(data)), _layer(d2, len(cov), "application/json")], {})
+        self.client.put_manifest(self.index_repo, tag, art)
+        self._art_digest[tag] = "sha256:" + hashlib.sha256(art).hexdigest()
+        with self._lock:
+            snap = SortedIndex.from_bytes(data, f"index snapshot {tag}", SNAP_MAGIC, 32)
+            self._snaps[tag] = snap
+            self._snap_size[tag] = snap.count
+            self._snap_covers[tag] = covered
+            self._covered |= set(covered)
+            for t in taken:
+                self._snaps.pop(t, None)
+            for t in loose:
+                for cid, _p, _o, _n in self._seg_tags[t]:
+                    self._segs.pop(cid, None)
+        for t in covered:  # best effort: a registry without deletes keeps them (they are skipped as covered)
+            digest = self._art_digest.get(t)
+            if digest is not None and not self.client.delete_manifest(self.index_repo, digest):
+                break
 
     def abort(self) -> None:
         with self._lock:
@@ -350,11 +592,45 @@ class RegistryChunkStore(ChunkStore):
             raise StoreError("a registry store does not delete chunks: use the registry's garbage collection")
 
     def ids(self) -> Iterator[bytes]:
-        self.refresh()
-        return iter(list(self._chunks))
+        return (c for c, _n in self.entries())
+
+    def entries(self) -> Iterator[tuple[bytes, int]]:
+        with self._lock:
+            self._load()
+            segs = [(c, n) for c, (_p, _o, n) in self._segs.items()]
+            snaps = list(self._snaps.values())
+        yield from segs
+        for s in snaps:
+            yield from s.entries()
 
     def usage(self) -> int:
-        return sum(n for _d, _o, n in self._chunks.values())
+        return sum(n for _c, n in self.entries())
+
+    def pack_sizes(self, containers: set[bytes]) -> dict[bytes, int]:
+        """The size of each pack blob (one HEAD each); StoreError naming one
+        that is missing (so no image that relies on it is published)."""
+        out = {}
+        for c in containers:
+            size = self.client.blob_size(self.repo, "sha256:" + c.hex())
+            if size is None:
+                raise RegistryError(f"pack blob sha256:{c.hex()} is missing from {self.url} (removed by the "
+                                    f"registry's garbage collection?): run the push or pack again")
+            out[c] = size
+        return out
+
+
+def _decode_segment(data: bytes, what: str) -> list[tuple[bytes, str, int, int]]:
+    if len(data) < _SEG_HEAD.size or (len(data) - _SEG_HEAD.size) % _SEG.size:
+        raise StoreError(f"{what}: truncated pack index")
+    magic, version, pack = _SEG_HEAD.unpack_from(data)
+    if magic != b"CSRX" or version != 1:
+        raise StoreError(f"{what}: unknown pack index format")
+    digest = "sha256:" + pack.hex()
+    return [(cid, digest, off, n) for cid, off, n in _SEG.iter_unpack(data[_SEG_HEAD.size:])]
+
+
+# object keys -> tag prefixes: a listing of one kind needs only the tag list
+_KINDS = (("store.json", "s-"), ("refs/", "r-"), ("manifests/", "m-"), ("domains/", "d-"), ("layers/", "l-"), ("profiles/", "p-"))
 
 
 class RegistryStore(ObjectStore):
@@ -367,36 +643,76 @@ class RegistryStore(ObjectStore):
     def __init__(self, url: str, client: RegistryClient, repo: str):
         self.url, self.client, self.repo = url, client, repo
         self._keys: dict[str, str] = {}  # tag -> key
+        self._listed: dict[str, bytes] = {}  # tag -> manifest body fetched by list(), for the get() that follows
+        #: the repository's chunk store (image manifests reference its pack blobs)
+        self.chunks: RegistryChunkStore | None = None
+        self._memo_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RegistryStore({self.url})"
 
     @staticmethod
     def _tag(key: str) -> str:
-        return "o-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+        prefix = next((t for k, t in _KINDS if key.startswith(k)), "o-")
+        return prefix + hashlib.sha256(key.encode()).hexdigest()[:40]
+
+    def _manifest(self, tag: str, use_listed: bool = False) -> dict[str, Any] | None:
+        body = None
+        if use_listed:
+            with self._memo_lock:
+                body = self._listed.pop(tag, None)
+        if body is None:
+            got = self.client.get_manifest(self.repo, tag, [OCI_MANIFEST])
+            if got is None:
+                return None
+            body = got[0]
+        doc = json.loads(body)
+        return doc if isinstance(doc, dict) else None
+
+    def _value(self, key: str, m: dict[str, Any] | None) -> bytes:
+        if m is None:
+            raise KeyError(key)
+        if (m.get("annotations") or {}).get("org.convstore.key") != key:
+            raise StoreError(f"registry object for {key} is not what its tag claims")
+        layer = m["layers"][0]
+        data = _inline(layer)
+        return data if data is not None else self.client.get_blob(self.repo, layer["digest"])
 
     def has(self, key: str) -> bool:
         return self.client.get_manifest(self.repo, self._tag(key), [OCI_MANIFEST]) is not None
 
     def get(self, key: str) -> bytes:
-        got = self.client.get_manifest(self.repo, self._tag(key), [OCI_MANIFEST])
-        if got is None:
-            raise KeyError(key)
-        m = json.loads(got[0])
-        if (m.get("annotations") or {}).get("org.convstore.key") != key:
-            raise StoreError(f"registry object for {key} is not what its tag claims")
-        return self.client.get_blob(self.repo, m["layers"][0]["digest"])
+        return self._value(key, self._manifest(self._tag(key)))
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """Several objects, fetched in parallel (a listing's manifests are reused)."""
+        def one(k: str) -> tuple[str, bytes | None]:
+            try:
+                return k, self._value(k, self._manifest(self._tag(k), use_listed=True))
+            except KeyError:
+                return k, None
+
+        with ThreadPoolExecutor(LIST_WORKERS) as pool:
+            return {k: v for k, v in pool.map(one, keys) if v is not None}
 
     def size(self, key: str) -> int:
         return len(self.get(key))
 
-    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
+    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False,
+            refs: Collection[bytes] = ()) -> bool:
         if exclusive and self.has(key):
             return False
+        if key == "store.json" and exclusive and self.client.get_manifest(
+                self.repo, "o-" + hashlib.sha256(b"store.json").hexdigest()[:40], [OCI_MANIFEST]) is not None:
+            raise StoreFormatError(f"{self.url} holds a convstore store of registry layout 1 (before index "
+                                   f"snapshots and location hints): push its images into a new repository")
         digest = self.client.put_blob(self.repo, data)
         kind = AT_MANIFEST if key.startswith("manifests/") else AT_IMAGE if key.startswith("refs/") else AT_OBJECT
-        self.client.put_manifest(self.repo, self._tag(key),
-                                 _artifact(kind, digest, len(data), {"org.convstore.key": key}))
+        layers = [_layer(digest, len(data), data=data if len(data) <= INLINE_BYTES else None)]
+        if refs and self.chunks is not None:  # the pack blobs an image uses: kept by the registry's gc
+            sizes = self.chunks.pack_sizes(set(refs))
+            layers += [_layer("sha256:" + c.hex(), n, MT_PACK) for c, n in sorted(sizes.items())]
+        self.client.put_manifest(self.repo, self._tag(key), _artifact(kind, layers, {"org.convstore.key": key}))
         self._keys[self._tag(key)] = key
         return True
 
@@ -406,21 +722,30 @@ class RegistryStore(ObjectStore):
             self.client.delete_manifest(self.repo, got[2])
 
     def list(self, prefix: str) -> Iterator[str]:
-        for t in self.client.tags(self.repo):
-            if not t.startswith("o-"):
-                continue
+        want = prefix.rstrip("/") + "/"
+        tag_prefix = self._tag(want)[:2]
+        tags = [t for t in self.client.tags(self.repo) if t.startswith(tag_prefix)]
+
+        def key_of(t: str) -> tuple[str, str]:
             key = self._keys.get(t)
             if key is None:
                 got = self.client.get_manifest(self.repo, t, [OCI_MANIFEST])
                 if got is None:
-                    continue
+                    return t, ""
                 key = (json.loads(got[0]).get("annotations") or {}).get("org.convstore.key", "")
+                with self._memo_lock:
+                    self._listed[t] = got[0]
                 self._keys[t] = key
-            if key.startswith(prefix.rstrip("/") + "/"):
+            return t, key
+
+        with ThreadPoolExecutor(LIST_WORKERS) as pool:
+            found = list(pool.map(key_of, tags))
+        for _t, key in found:
+            if key.startswith(want):
                 yield key
 
     def lock(self, name: str, shared: bool = False) -> Any:
-        raise StoreError("a registry store has no locks: pack into a local store, then push")
+        raise StoreError("a registry store has no locks")
 
     def append_line(self, key: str, line: str) -> None:
         log.info("audit %s", line)  # a registry has no append; the local cache keeps the audit log

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 
 from .base import ChunkStore, Location, ObjectStore
@@ -61,9 +61,10 @@ class SlowStore(ObjectStore):
         self.link.delay(0)
         return self.inner.has(key)
 
-    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False) -> bool:
+    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False,
+            refs: Collection[bytes] = ()) -> bool:
         self.link.delay(len(data))
-        return self.inner.put(key, data, durable=durable, exclusive=exclusive)
+        return self.inner.put(key, data, durable=durable, exclusive=exclusive, refs=refs)
 
     def delete(self, key: str) -> None:
         self.inner.delete(key)
