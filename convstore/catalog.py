@@ -214,10 +214,12 @@ class Catalog:
         keys = list(self.objects.list("refs"))
         found = self.objects.get_many(keys)  # in parallel on a registry
         for k in keys:
-            if k not in found:
-                continue  # removed meanwhile
             try:
-                out.append(self._open(ImageRef.from_key(k), found[k]))
+                r = ImageRef.from_key(k)
+                data = found.get(k)
+                out.append(self._open(r, data) if data is not None else self.entry(r))  # alone: its own error
+            except ImageNotFound:
+                continue  # removed meanwhile
             except (ValueError, CorruptObject, RollbackDetected, StoreFormatError) as err:  # this entry's problem
                 if strict:
                     raise StoreError(f"{err}; refusing to go on (remove it with convstore rm, or restore it)") \

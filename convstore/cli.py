@@ -408,6 +408,8 @@ def verify(ref: Optional[str] = typer.Argument(None, metavar="[NAME[:TAG]]"),
             out.print(f"  unreadable image {img}: {why}", highlight=False)
         for cid, why in sorted(r.errors.items()):
             out.print(f"  could not read chunk {cid} (retry later): {why}", highlight=False)
+        for line in r.index_problems:
+            out.print(f"  damaged index file {line} (verify --repair rebuilds it)", highlight=False)
         for img in r.repaired:
             out.print(f"  repaired {img}", highlight=False)
         for img, why in r.not_repaired.items():

@@ -23,6 +23,7 @@ from .refs import ImageRef
 from .store import Store
 
 TMP_GRACE = 3600.0  # temporary files older than this belong to dead writers
+INDEX = "chunk index"  # what verify names when an index file (a cache) is damaged
 
 
 # -- refresh -------------------------------------------------------------------
@@ -171,17 +172,18 @@ class VerifyReport:
     corrupt: dict[str, list[str]] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)  # image -> why
     errors: dict[str, str] = field(default_factory=dict)  # cid -> a read error (transient: not repaired)
+    index_problems: list[str] = field(default_factory=list)  # damaged chunk-index files (caches: rebuilt by repair)
     repaired: list[str] = field(default_factory=list)
     not_repaired: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
     def clean(self) -> bool:
-        return not (self.missing or self.corrupt or self.unreadable or self.errors)
+        return not (self.missing or self.corrupt or self.unreadable or self.errors or self.index_problems)
 
     @property
     def affected(self) -> list[str]:
-        out = set(self.unreadable)
+        out = set(self.unreadable) | ({INDEX} if self.index_problems else set())
         for imgs in (*self.missing.values(), *self.corrupt.values()):
             out.update(imgs)
         return sorted(out)
@@ -202,6 +204,7 @@ def verify(store: Store, ref: str | None = None, repair: bool = False, workers: 
     are re-packed from their authenticated source."""
     t0 = time.perf_counter()
     report = VerifyReport(0, 0)
+    report.index_problems = store.chunk_store.check_index()
     if ref:
         entries = [store.entry(ref)]
     else:
@@ -238,7 +241,10 @@ def verify(store: Store, ref: str | None = None, repair: bool = False, workers: 
                 report.missing[cid.hex()] = users[cid]
             elif problem == "corrupt":
                 report.corrupt[cid.hex()] = users[cid]
-    if repair and not report.clean:
+    if repair and report.index_problems:
+        store.chunk_store.repair_index()
+        report.repaired.append(INDEX)
+    if repair and not report.clean and set(report.affected) - {INDEX}:
         _repair(store, report, idents, repair_from)
     report.seconds = time.perf_counter() - t0
     return report

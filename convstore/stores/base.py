@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 
-from ..errors import StoreError
+from ..errors import ConvstoreError, StoreError
 
 
 #: Where a chunk is stored: (container id, offset, length) -- a local pack's
@@ -91,6 +91,13 @@ class ChunkStore(ABC):
     def compact(self) -> None:
         """Tidy the index after deletes (gc calls this last)."""
 
+    def check_index(self) -> list[str]:
+        """Damaged index files (``verify``); each one a line."""
+        return []
+
+    def repair_index(self) -> None:
+        """Drop damaged index files and rebuild what they held (they are caches)."""
+
     @abstractmethod
     def size(self, cid: bytes) -> int: ...
 
@@ -122,12 +129,14 @@ class ObjectStore(ABC):
     def has(self, key: str) -> bool: ...
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        """The objects of ``keys`` that exist (a remote backend fetches them in parallel)."""
+        """The objects of ``keys`` that could be read (a remote backend fetches
+        them in parallel); a key that is absent or fails is left out, for the
+        caller to read alone and meet its error."""
         out = {}
         for k in keys:
             try:
                 out[k] = self.get(k)
-            except KeyError:
+            except (KeyError, ConvstoreError):
                 pass
         return out
 

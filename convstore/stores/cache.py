@@ -194,6 +194,12 @@ class CachedChunkStore(ChunkStore):
     def compact(self) -> None:
         self.remote.compact()
 
+    def check_index(self) -> list[str]:
+        return self.remote.check_index()
+
+    def repair_index(self) -> None:
+        self.remote.repair_index()
+
     def size(self, cid: bytes) -> int:
         return self.remote.size(cid)
 

@@ -89,6 +89,12 @@ class LocalChunkStore(ChunkStore):
     def compact(self) -> None:
         self.packs.compact(full=True)
 
+    def check_index(self) -> list[str]:
+        return self.packs.verify_indexes()
+
+    def repair_index(self) -> None:
+        self.packs.repair_indexes()
+
     def size(self, cid: bytes) -> int:
         loc = self.packs.locate(cid)
         if loc is None:

@@ -624,6 +624,21 @@ class PackSet:
             return [f"{os.path.join(self.dir, n)}: checksum mismatch" for n, m in self._midx.items()
                     if not m.checksum_ok()] + [f"{os.path.join(self.dir, n)}: unreadable" for n in self._bad_midx]
 
+    def repair_indexes(self) -> None:
+        """Remove damaged multi-pack indexes (their packs' own indexes hold
+        the same records), then merge everything again."""
+        with self._lock:
+            self._scan()
+            bad = {n for n, m in self._midx.items() if not m.checksum_ok()} | set(self._bad_midx)
+            for n in bad:
+                try:
+                    os.unlink(n, dir_fd=self._dfd)
+                except FileNotFoundError:
+                    pass
+            self._bad_midx -= bad
+            self._scan()
+        self.compact(full=True)
+
     def clean_leftovers(self, grace: float) -> int:
         """Remove files in ``tmp/`` left by writers that died, and packs whose
         index never appeared, both older than ``grace`` seconds."""

@@ -6,21 +6,25 @@ blobs and has no ranged reads, so :class:`RegistryClient` extends it with
 byte-level blob upload, ranged GET, manifest PUT/GET by reference, tag
 listing and retries with backoff on 5xx and connection errors.
 
-:class:`RegistryStore` maps convstore's objects onto a repository:
+:class:`RegistryStore` and :class:`RegistryChunkStore` map convstore's
+objects onto a repository (layout 2, docs/format.md):
 
 * chunks are packed: the chunks written between two flushes (at most
-  ``PACK_BYTES``) are uploaded as one blob, and a *pack index* artifact
-  (``artifactType application/vnd.convstore.chunk-index.v1``, tag
-  ``x-<random>``) lists (chunk id, offset, length) in it; a chunk is read
-  with an HTTP Range request.  Measured on loopback (docs/benchmarks.md):
+  ``PACK_BYTES``) are uploaded as one blob; a chunk is read with an HTTP
+  Range request at the place its image manifest's location hint names, so a
+  read needs no index.  Measured on loopback (docs/benchmarks.md):
   uploading 1,000 40 kB chunks took 10.9 s as 1,000 blobs and 0.2 s as one
   pack, and a ranged read of one chunk costs about what a whole small blob
   does (4.7 vs 3.3 ms), so packs win;
+* the chunk index -- used for dedup by writers -- lives in the sibling
+  repository ``REPO/convstore-index`` as segments merged into snapshots
+  (see :class:`RegistryChunkStore`);
 * every other object (sealed image manifests, catalog entries, domains,
   store identity) is an OCI artifact with one layer, tagged
-  ``o-<sha256(key)[:40]>`` and annotated with its key; sealed manifests have
-  ``artifactType application/vnd.convstore.manifest.v1`` and catalog entries
-  (images) ``application/vnd.convstore.image.v1``.
+  ``<kind>-<sha256(key)[:40]>`` (kind ``r`` catalog entries, ``m`` manifests,
+  ``d`` domains, ...: a listing of one kind reads only the tag list) and
+  annotated with its key; objects up to ``INLINE_BYTES`` are also embedded in
+  the descriptor (one GET reads them).
 
 Pushes are idempotent: a blob already present is not sent again (HEAD),
 and an interrupted push re-run sends only what is missing.
@@ -44,7 +48,7 @@ from typing import Any
 
 import requests
 
-from ..errors import InvalidReference, StoreError, StoreFormatError
+from ..errors import ConvstoreError, InvalidReference, StoreError, StoreFormatError
 from .base import ChunkStore, Location, ObjectStore
 from .packs import AUTO_MERGE_MAX, SortedIndex, encode_midx, makedirs_private, record
 
@@ -689,7 +693,7 @@ class RegistryStore(ObjectStore):
         def one(k: str) -> tuple[str, bytes | None]:
             try:
                 return k, self._value(k, self._manifest(self._tag(k), use_listed=True))
-            except KeyError:
+            except (KeyError, ConvstoreError, ValueError):
                 return k, None
 
         with ThreadPoolExecutor(LIST_WORKERS) as pool:

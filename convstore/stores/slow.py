@@ -140,6 +140,12 @@ class SlowChunkStore(ChunkStore):
     def compact(self) -> None:
         self.inner.compact()
 
+    def check_index(self) -> list[str]:
+        return self.inner.check_index()
+
+    def repair_index(self) -> None:
+        self.inner.repair_index()
+
     def size(self, cid: bytes) -> int:
         return self.inner.size(cid)
 
