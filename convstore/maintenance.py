@@ -17,6 +17,7 @@ from typing import Any
 from . import lifecycle
 from .catalog import FAILED, INACTIVE, CatalogEntry
 from .manifest import ROW_SIZE
+from .stores.base import ChunkSet
 from .errors import ChunkMissing, ConvstoreError, CorruptObject, KeyAccessDenied, StoreError
 from .oci.sources import parse_source
 from .refs import ImageRef
@@ -110,7 +111,7 @@ def gc(store: Store, dry_run: bool = False) -> GCReport:
     with objects.lock("gc"):
         refresh(store, check_sources=False)
         before = _usage(store)
-        live: set[bytes] = set()
+        live = ChunkSet()
         keep_manifests: set[str] = set()
         reclaimed: list[str] = []
         n_live = 0
@@ -121,15 +122,11 @@ def gc(store: Store, dry_run: bool = False) -> GCReport:
                 continue
             table = store.manifests.chunk_table(e)  # the chunk table only: no file index decoded
             n_live += 1
-            live.update(bytes(table[o : o + 32]) for o in range(0, len(table), ROW_SIZE))
-        chunks_total = chunk_bytes = 0
-        doomed: list[bytes] = []
-        for cid, size in store.chunks.entries():  # streamed from the index
-            chunks_total += 1
-            if cid not in live:
-                doomed.append(cid)
-                chunk_bytes += size
+            live.add_rows(table, ROW_SIZE)  # 32 bytes per id, no object per id
+        chunks_total, unreferenced = store.chunk_store.unreferenced(live)  # set operations over the index
         del live
+        doomed = [c for c, _n in unreferenced]
+        chunk_bytes = sum(n for _c, n in unreferenced)
         dead_manifests = [k for k in objects.list("manifests") if k.split("/", 1)[1] not in keep_manifests]
         manifest_bytes = sum(objects.size(k) for k in dead_manifests)
         others = [k for k in objects.list("profiles") if k.split("/", 1)[1] not in keep_manifests]

@@ -27,6 +27,7 @@ class StoreOptions:
     password: str | None = field(default=None, repr=False)
     cache_dir: str | None = None
     cache_bytes: int = 2 << 30
+    timeout: float = 60.0  #: seconds a registry may stay silent before a request is retried
     inactive_after: float | None = None
     latency_ms: float = 0.0
     bandwidth_mbps: float = 0.0

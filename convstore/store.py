@@ -44,7 +44,7 @@ from .keys.audit import AUDIT_LOG, AuditedKeyProvider, parse_audit
 from .manifest import ROW_SIZE, LayerRecord, Manifest
 from .options import StoreOptions
 from .refs import ImageRef
-from .stores.base import ChunkStore, ObjectStore
+from .stores.base import ChunkSet, ChunkStore, ObjectStore
 from .stores.local import LocalChunkStore, LocalStore
 from .trust import TrustState, check_location, default_state_dir
 
@@ -158,7 +158,8 @@ class Store:
              inactive_after: float = DEFAULT_INACTIVE_AFTER, key_cache_ttl: float = 300.0,
              state_dir: str | None = None, allow_rollback: bool = False,
              insecure: bool = False, username: str | None = None, password: str | None = None,
-             cache_dir: str | None = None, cache_bytes: int = 2 << 30, options: StoreOptions | None = None) -> Store:
+             cache_dir: str | None = None, cache_bytes: int = 2 << 30, timeout: float = 60.0,
+             options: StoreOptions | None = None) -> Store:
         """Open (creating if needed) the store at ``path`` -- a local folder
         (default: the user's data dir) or ``oci://HOST[:PORT]/REPO`` (a registry,
         read through a bounded local cache) -- with ``key`` (a provider or a
@@ -172,7 +173,7 @@ class Store:
 
             cache_dir = cache_dir or default_cache_dir(path)
             meta, chunks = open_registry(path, insecure=insecure, username=username, password=password,
-                                         index_dir=os.path.join(cache_dir, "index"))
+                                         index_dir=os.path.join(cache_dir, "index"), timeout=timeout)
             cache = DiskCache(cache_dir, cache_bytes)
             objects, chunk_store = CachedStore(meta, cache), CachedChunkStore(chunks, cache)
         else:
@@ -184,7 +185,7 @@ class Store:
         options = options or StoreOptions(
             path=path, key=provider.spec, kms_endpoint=kms_endpoint or getattr(provider, "endpoint", None),
             insecure=insecure, username=username, password=password, cache_dir=cache_dir, cache_bytes=cache_bytes,
-            state_dir=state_dir, allow_rollback=allow_rollback)
+            timeout=timeout, state_dir=state_dir, allow_rollback=allow_rollback)
         return cls(objects, provider, chunk_store=chunk_store, clock=clock, inactive_after=inactive_after,
                    key_cache_ttl=key_cache_ttl, options=options, state_dir=state_dir, allow_rollback=allow_rollback)
 
@@ -198,7 +199,7 @@ class Store:
                      else DEFAULT_INACTIVE_AFTER, state_dir=options.state_dir,
                      allow_rollback=options.allow_rollback, insecure=options.insecure, username=options.username,
                      password=options.password, cache_dir=options.cache_dir, cache_bytes=options.cache_bytes,
-                     options=options)
+                     timeout=options.timeout, options=options)
         # what a worker inherits names the store and key actually opened (defaults and $CONVSTORE_* resolved)
         s.options = replace(options, path=options.path or getattr(s.objects, "root", None),
                             key=options.key or s.key.spec,
@@ -474,21 +475,21 @@ class Store:
     def stats(self) -> StoreStats:
         """Logical, unique-plaintext and stored bytes over every image.  Reads
         each manifest's chunk table only (logical sizes are in the catalog)."""
-        logical = unique_bytes = images = 0
-        unique: set[bytes] = set()
+        logical = images = 0
+        seen = ChunkSet(size_at=96)  # compact: 36 bytes per id, deduplicated bucket by bucket below
         for e in self.complete_images():
             images += 1
             logical += e.logical_bytes or 0
-            table = self.manifests.chunk_table(e)
-            for off in range(0, len(table), ROW_SIZE):
-                cid = bytes(table[off : off + 32])
-                if cid not in unique:
-                    unique.add(cid)
-                    unique_bytes += int.from_bytes(table[off + 96 : off + 100], "little")
+            seen.add_rows(self.manifests.chunk_table(e), ROW_SIZE)
+        n_unique = unique_bytes = 0
+        for first in range(256):
+            sizes = seen.bucket_sizes(first)
+            n_unique += len(sizes)
+            unique_bytes += sum(sizes.values())
         chunk_bytes = self.chunks.usage()
         meta_bytes = self.objects.usage("manifests")
         stored = chunk_bytes + meta_bytes
-        return StoreStats(images, logical, len(unique), unique_bytes, stored, chunk_bytes, meta_bytes,
+        return StoreStats(images, logical, n_unique, unique_bytes, stored, chunk_bytes, meta_bytes,
                           round(logical / stored, 3) if stored else None)
 
 

@@ -1,17 +1,26 @@
-"""A counting HTTP proxy on 127.0.0.1 in front of a registry (measurement).
+"""A counting, fault-injecting HTTP proxy on 127.0.0.1 in front of a registry.
 
 Every request from a client is forwarded to ``upstream`` (``host:port``)
 and counted by kind; ``latency_s`` is added to each request (a simulated
 round trip).  The Host header is passed through, so the registry builds its
 upload locations with the proxy's address and the client stays behind it.
+
+Faults (tests): ``proxy.fault`` is called with (method, path) for each
+request and returns None (forward it) or one of ``"500"`` (answer HTTP 500),
+``"reset"`` (close the connection without an answer), ``"stall"`` (answer
+nothing for ``stall_s``, then close) and ``"corrupt"`` (forward it, flip one
+byte of the answer's body).
 """
 
 from __future__ import annotations
 
 import http.client
+import socket
+import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
@@ -31,6 +40,9 @@ class CountingProxy:
     def __init__(self, upstream: str, latency_s: float = 0.0):
         self.upstream = upstream
         self.latency_s = latency_s
+        self.fault: Callable[[str, str], str | None] | None = None
+        self.stall_s = 30.0
+        self.faults_injected = 0
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         proxy = self
@@ -48,6 +60,23 @@ class CountingProxy:
                     time.sleep(proxy.latency_s)
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else None
+                fault = proxy.fault(self.command, self.path) if proxy.fault else None
+                if fault:
+                    with proxy._lock:
+                        proxy.faults_injected += 1
+                if fault == "500":
+                    self.send_response(500, "injected")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if fault in ("reset", "stall"):
+                    if fault == "stall":
+                        time.sleep(proxy.stall_s)
+                    # an RST, not a FIN: the client sees a reset connection
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
                 c = http.client.HTTPConnection(proxy.upstream, timeout=120)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 try:
@@ -56,6 +85,8 @@ class CountingProxy:
                     data = r.read()
                 finally:
                     c.close()
+                if fault == "corrupt" and data:
+                    data = data[:-1] + bytes([data[-1] ^ 0x40])
                 self.send_response(r.status, r.reason)
                 for k, v in r.getheaders():
                     if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
@@ -69,6 +100,7 @@ class CountingProxy:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.server.handle_error = lambda *a: None  # type: ignore[method-assign]  # injected resets are expected
         self.host = f"127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()

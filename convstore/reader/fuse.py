@@ -122,7 +122,9 @@ def fuse_options(allow_other: bool = True) -> dict[str, Any]:
 
 def serve(fs: ImageFS, mountpoint: str, ops: ImageOperations | None = None) -> None:
     """Serve in the foreground until unmounted (libfuse handles SIGINT/SIGTERM
-    by unmounting cleanly)."""
+    by unmounting cleanly).  A dead mount left there by a killed process is
+    detached first."""
+    recover_stale_mount(mountpoint)
     try:
         mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=True, **fuse_options())
     except RuntimeError as e:
@@ -130,6 +132,25 @@ def serve(fs: ImageFS, mountpoint: str, ops: ImageOperations | None = None) -> N
         # after it has unmounted; only a failure to mount is an error.
         if os.path.ismount(mountpoint) or not getattr(e, "args", None) or e.args[0] != 8:
             raise StoreError(f"FUSE at {mountpoint} failed (libfuse status {e})") from None
+
+
+def recover_stale_mount(mountpoint: str) -> bool:
+    """If ``mountpoint`` is a FUSE mount whose process died ("transport
+    endpoint is not connected"), detach it (lazily) so it can be mounted
+    again; whether one was found.  A live mount is left alone."""
+    try:
+        os.stat(mountpoint)
+        return False
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            return False
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u", "-z", mountpoint] if tool else ["umount", "-l", mountpoint]
+    if subprocess.run(cmd, capture_output=True).returncode != 0:
+        raise StoreError(f"{mountpoint} is a dead FUSE mount and could not be detached: run fusermount3 -u -z "
+                         f"{mountpoint}")
+    log.warning("detached the dead FUSE mount at %s (its process had died)", mountpoint)
+    return True
 
 
 def unmount(mountpoint: str) -> None:

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 
-from .base import ChunkStore, Location, ObjectStore
+from .base import ChunkSet, ChunkStore, Location, ObjectStore
 from .local import append_line
 from .packs import makedirs_private
 
@@ -190,6 +190,9 @@ class CachedChunkStore(ChunkStore):
 
     def entries(self) -> Iterator[tuple[bytes, int]]:
         return self.remote.entries()
+
+    def unreferenced(self, live: ChunkSet) -> tuple[int, list[tuple[bytes, int]]]:
+        return self.remote.unreferenced(live)
 
     def compact(self) -> None:
         self.remote.compact()

@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Collection, Iterator
 
 from ..errors import StoreError, TamperedObject
-from .base import ChunkStore, Location, ObjectStore
+from .base import ChunkSet, ChunkStore, Location, ObjectStore
 from .faults import crash_point
 from .packs import PackSet, makedirs_private, open_dir_at
 
@@ -85,6 +85,9 @@ class LocalChunkStore(ChunkStore):
 
     def entries(self) -> Iterator[tuple[bytes, int]]:
         return self.packs.entries()
+
+    def unreferenced(self, live: ChunkSet) -> tuple[int, list[tuple[bytes, int]]]:
+        return self.packs.unreferenced(live)
 
     def compact(self) -> None:
         self.packs.compact(full=True)

@@ -49,11 +49,12 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from itertools import chain
 
 from blake3 import blake3
 
 from ..errors import StoreError, StoreFormatError
-from .base import Location
+from .base import ChunkSet, Location
 from .faults import crash_point
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,53 @@ class SortedIndex:
     def records(self) -> Iterator[bytes]:
         """Every record (cid | container name | offset | length | 0), in cid order."""
         mm, n = self.mm, self.rec.size
-        for p in range(self.base, self.base + self.count * n, n):
-            yield mm[p : p + n]
+        for start, stop in self._spans():
+            for p in range(start, stop, n):
+                yield mm[p : p + n]
+
+    def _spans(self) -> Iterator[tuple[int, int]]:
+        """The record area in slices of about 4 MiB, each dropped from this
+        process's page tables once the caller has moved on (a scan of the
+        whole index would otherwise count every page in the RSS)."""
+        step = ((4 << 20) // self.rec.size) * self.rec.size
+        end = self.base + self.count * self.rec.size
+        for start in range(self.base, end, step):
+            stop = min(end, start + step)
+            yield start, stop
+            lo = start - start % mmap.PAGESIZE
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, lo, stop - lo)
+            except (OSError, ValueError, AttributeError):
+                pass
+
+    def bucket_cids(self, first: int) -> set[bytes]:
+        """The cids whose first byte is ``first`` (built in C; the pages read are dropped behind)."""
+        lo = self.fanout[first - 1] if first else 0
+        start, stop = self.base + lo * self.rec.size, self.base + self.fanout[first] * self.rec.size
+        if start == stop:
+            return set()
+        view = memoryview(self.mm)[start:stop]
+        try:
+            return set(chain.from_iterable(struct.iter_unpack(f"<32s{self.rec.size - 32}x", view)))
+        finally:
+            view.release()
+            page = start - start % mmap.PAGESIZE
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, page, stop - page)
+            except (OSError, ValueError, AttributeError):
+                pass
+
+    def cids(self) -> set[bytes]:
+        """Every cid in this index, as a set (built in C)."""
+        out: set[bytes] = set()
+        fmt = f"<32s{self.rec.size - 32}x"
+        for start, stop in self._spans():
+            view = memoryview(self.mm)[start:stop]
+            try:
+                out.update(chain.from_iterable(struct.iter_unpack(fmt, view)))
+            finally:
+                view.release()
+        return out
 
     def entries(self, live: set[bytes] | None = None) -> Iterator[tuple[bytes, int]]:
         """(cid, length) of every record whose container is in ``live`` (all if None)."""
@@ -272,8 +318,11 @@ class _Writer:
         crash_point()
         view = memoryview(blob)
         off = self.size
-        while view:
-            view = view[os.pwrite(self.fd, view, off + len(blob) - len(view)):]
+        try:
+            while view:
+                view = view[os.pwrite(self.fd, view, off + len(blob) - len(view)):]
+        except OSError as e:
+            raise StoreError(f"cannot write pack {self.name}: {e.strerror}") from None
         self.entries[cid] = (off, len(blob))
         self.size += len(blob)
 
@@ -604,6 +653,35 @@ class PackSet:
         yield from loose
         for m in midx:
             yield from m.entries(live_raw)
+
+    def unreferenced(self, live: ChunkSet) -> tuple[int, list[tuple[bytes, int]]]:
+        """(chunks stored, [(cid, length)] of those not in ``live``): bucket by
+        bucket (first byte), set operations in C over each index's fanout
+        range, pages dropped behind (1M chunks: about a second, ~100 MiB)."""
+        with self._lock:
+            self._scan()
+            loose: dict[int, list[bytes]] = {}
+            for c, (p, _o, _ln) in self._loose.items():
+                if p in self._live:
+                    loose.setdefault(c[0], []).append(c)
+            midx = list(self._midx.values())
+        total = 0  # a chunk two racing writers both stored counts twice (until gc merges)
+        doomed: set[bytes] = set()
+        for first in range(256):
+            keep = live.bucket(first)
+            own = set(loose.get(first, ()))
+            total += len(own)
+            doomed |= own - keep
+            for m in midx:
+                cids = m.bucket_cids(first)
+                total += len(cids)
+                doomed |= cids - keep
+        out = []
+        for c in doomed:
+            loc = self.locate(c)
+            if loc is not None:
+                out.append((c, loc[2]))
+        return total, out
 
     def cids(self) -> Iterator[bytes]:
         return (c for c, _n in self.entries())

@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
+import requests.adapters
 
 from ..errors import ConvstoreError, InvalidReference, StoreError, StoreFormatError
 from .base import ChunkStore, Location, ObjectStore
@@ -72,7 +73,8 @@ PACK_BYTES = 32 << 20
 COMPACT_SEGMENTS = 16  # segments not yet merged that make a writer write a snapshot
 INLINE_BYTES = 16 << 10  # objects up to this size are also embedded in their artifact (one GET reads them)
 LIST_WORKERS = 8
-RETRIES = 4
+RETRIES = 4  # attempts per request; backoff 0.2, 0.4, 0.8 s between them
+TIMEOUT = 60.0  # seconds without an answer (connect: at most 10) before a request is retried
 
 
 class RegistryError(StoreError):
@@ -89,16 +91,34 @@ def parse_store_url(url: str) -> tuple[str, str]:
     return host, repo.rstrip("/")
 
 
+class _TimeoutAdapter(requests.adapters.HTTPAdapter):
+    """Every request gets a (connect, read) timeout: a stalled registry is an
+    error after it, never a hang (oras-py sets none)."""
+
+    def __init__(self, timeout: tuple[float, float]):
+        super().__init__()
+        self.timeout = timeout
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kw: Any) -> requests.Response:
+        if kw.get("timeout") is None:
+            kw["timeout"] = self.timeout
+        return super().send(request, *args, **kw)
+
+
 class RegistryClient:
     """Byte-level registry operations over oras-py's provider (auth, paths)."""
 
     def __init__(self, host: str, insecure: bool = False, username: str | None = None,
-                 password: str | None = None):
+                 password: str | None = None, timeout: float = TIMEOUT):
         import oras.provider
 
         self.host = host
+        self.timeout = timeout
         self.reg = oras.provider.Registry(hostname=host, insecure=insecure,
                                           auth_backend="basic" if username else "token")
+        adapter = _TimeoutAdapter((min(timeout, 10.0), timeout))
+        self.reg.session.mount("http://", adapter)
+        self.reg.session.mount("https://", adapter)
         if username:
             self.reg.auth.set_basic_auth(username, password or "")
         self.base = f"{'http' if insecure else 'https'}://{host}/v2"
@@ -119,7 +139,12 @@ class RegistryClient:
                 r = self._do_request(self.reg, url, method, **kw)
             except oras.auth.AuthenticationException as e:
                 raise RegistryError(f"registry {self.host} refused the credentials ({e})") from None
-            except requests.ConnectionError:
+            except requests.Timeout:
+                if attempt == RETRIES - 1:
+                    raise RegistryError(f"registry {self.host} did not answer within {self.timeout:g} s "
+                                        f"({RETRIES} attempts)") from None
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError):
                 if attempt == RETRIES - 1:
                     raise RegistryError(f"cannot reach the registry at {self.host}") from None
             except (ValueError, requests.exceptions.InvalidURL, requests.exceptions.MissingSchema):
@@ -249,10 +274,11 @@ def _inline(layer: dict[str, Any]) -> bytes | None:
 
 
 def open_registry(url: str, insecure: bool = False, username: str | None = None,
-                  password: str | None = None, index_dir: str | None = None) -> tuple[RegistryStore, RegistryChunkStore]:
+                  password: str | None = None, index_dir: str | None = None,
+                  timeout: float = TIMEOUT) -> tuple[RegistryStore, RegistryChunkStore]:
     """The metadata store and the chunk store of one registry repository (one client)."""
     host, repo = parse_store_url(url)
-    client = RegistryClient(host, insecure, username, password)
+    client = RegistryClient(host, insecure, username, password, timeout)
     client.reg.auth.load_configs(client.reg.get_container(f"{host}/{repo}"))
     meta, chunks = RegistryStore(url, client, repo), RegistryChunkStore(url, client, repo, index_dir)
     meta.chunks = chunks

@@ -14,7 +14,7 @@ import time
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 
-from .base import ChunkStore, Location, ObjectStore
+from .base import ChunkSet, ChunkStore, Location, ObjectStore
 
 
 class Link:
@@ -136,6 +136,9 @@ class SlowChunkStore(ChunkStore):
 
     def entries(self) -> Iterator[tuple[bytes, int]]:
         return self.inner.entries()
+
+    def unreferenced(self, live: ChunkSet) -> tuple[int, list[tuple[bytes, int]]]:
+        return self.inner.unreferenced(live)
 
     def compact(self) -> None:
         self.inner.compact()
