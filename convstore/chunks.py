@@ -107,7 +107,8 @@ class Chunks:
         try:
             again = self.store.get(ident.cid)
         except KeyError:
-            raise ChunkMissing(f"chunk {ident.cid.hex()} is missing") from None
+            raise ChunkMissing(f"chunk {ident.cid.hex()}: the copy read does not check out, and the store's "
+                               f"index names no other") from None
         try:
             return decrypt_chunk(again, ident)
         except CorruptObject:

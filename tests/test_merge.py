@@ -5,6 +5,7 @@ tricky and hostile synthetic image."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,19 @@ def test_same_refusal_from_rootfs_and_lazy_reader(tmp_path: Path, store: convsto
     b = _lazy(store, ref, tmp_path / "mnt")
     assert a == b and a in ("UnsafePathError", "CorruptLayer"), (a, b)
     assert not (tmp_path / "evil").exists() and not (tmp_path / "deep" / "evil").exists()
-    # the CLI's lazy paths refuse it the same way, in one line
-    for args in (["ls", ref, "/"], ["cat", ref, "/x"]):
-        p = run_cli(cli_env, *args, check=False)
-        assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, (args, p.stderr)
+    # every lazy path of the CLI refuses it the same way, in one line: ls, cat, mount, run
+    with pytest.raises(ConvstoreError) as refusal:
+        ImageFS.from_store(store, ref)
+    why = str(refusal.value)
+    mnt2 = tmp_path / "mnt2"
+    mnt2.mkdir()
+    try:
+        for args in (["ls", ref, "/"], ["cat", ref, "/x"], ["mount", "--background", ref, str(mnt2)],
+                     ["run", ref, "--", "/bin/true"]):
+            p = run_cli(cli_env, *args, check=False)
+            assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, (args, p.stderr)
+            assert p.stderr.strip() == f"convstore: error: {why}", (args, p.stderr)  # the library's refusal
+    finally:
+        if os.path.ismount(mnt2):
+            subprocess.run(["fusermount3", "-u", str(mnt2)], capture_output=True)
+    assert not os.path.ismount(mnt2)

@@ -139,10 +139,10 @@ def recover_stale_mount(mountpoint: str) -> bool:
     endpoint is not connected"), detach it (lazily) so it can be mounted
     again; whether one was found.  A live mount is left alone."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # always asks the daemon (a stat may be answered from the kernel's cache)
         return False
     except OSError as e:
-        if e.errno != errno.ENOTCONN:
+        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
             return False
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", "-z", mountpoint] if tool else ["umount", "-l", mountpoint]

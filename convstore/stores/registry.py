@@ -49,7 +49,7 @@ from typing import Any
 import requests
 import requests.adapters
 
-from ..errors import ConvstoreError, InvalidReference, StoreError, StoreFormatError
+from ..errors import ConvstoreError, CorruptObject, InvalidReference, StoreError, StoreFormatError
 from .base import ChunkStore, Location, ObjectStore
 from .packs import AUTO_MERGE_MAX, SortedIndex, encode_midx, makedirs_private, record
 
@@ -72,13 +72,17 @@ INDEX_REPO = "convstore-index"  # the sibling repository of the chunk index
 PACK_BYTES = 32 << 20
 COMPACT_SEGMENTS = 16  # segments not yet merged that make a writer write a snapshot
 INLINE_BYTES = 16 << 10  # objects up to this size are also embedded in their artifact (one GET reads them)
-LIST_WORKERS = 8
+LIST_WORKERS = 16
 RETRIES = 4  # attempts per request; backoff 0.2, 0.4, 0.8 s between them
 TIMEOUT = 60.0  # seconds without an answer (connect: at most 10) before a request is retried
 
 
 class RegistryError(StoreError):
     """The registry refused, failed, or could not be reached."""
+
+
+class RegistryCorrupt(RegistryError, CorruptObject):
+    """The registry returned a blob that does not match its digest."""
 
 
 def parse_store_url(url: str) -> tuple[str, str]:
@@ -196,7 +200,7 @@ class RegistryClient:
             raise KeyError(digest)
         data = r.content
         if not headers and not hmac.compare_digest("sha256:" + hashlib.sha256(data).hexdigest(), digest):
-            raise RegistryError(f"blob {digest} from {self.host} does not match its digest")
+            raise RegistryCorrupt(f"blob {digest} from {self.host} does not match its digest")
         return data
 
     def open_blob(self, repo: str, digest: str) -> Any:
@@ -394,6 +398,11 @@ class RegistryChunkStore(ChunkStore):
                 data = self._blob(art["layers"][0]["digest"])
                 covered = json.loads(self._blob(art["layers"][1]["digest"]))
                 snap = SortedIndex.from_bytes(data, f"index snapshot {t}", SNAP_MAGIC, 32)
+            except RegistryError as e:
+                if not isinstance(e, CorruptObject):
+                    raise  # the registry failed (after retries): an error, not a missing index
+                log.warning("skipping index artifact %s: %s", t, e)
+                continue
             except (StoreError, KeyError, IndexError, TypeError, ValueError) as e:
                 log.warning("skipping index snapshot %s: %s", t, e)
                 continue
@@ -410,6 +419,11 @@ class RegistryChunkStore(ChunkStore):
                 if art is None or art.get("artifactType") != AT_CHUNK_INDEX:
                     continue
                 recs = _decode_segment(self._blob(art["layers"][0]["digest"]), t)
+            except RegistryError as e:
+                if not isinstance(e, CorruptObject):
+                    raise  # the registry failed (after retries): an error, not a missing index
+                log.warning("skipping index artifact %s: %s", t, e)
+                continue
             except (StoreError, KeyError, IndexError, TypeError, ValueError) as e:
                 log.warning("skipping pack index %s: %s", t, e)
                 continue
@@ -460,8 +474,10 @@ class RegistryChunkStore(ChunkStore):
         if hint is not None and len(hint[0]) == 32:
             try:
                 return self._range("sha256:" + hint[0].hex(), hint[1], hint[1] + hint[2])
+            except RegistryError:
+                raise  # the registry failed (after retries): reported as such
             except (KeyError, StoreError):
-                pass  # the index says where it is
+                pass  # the pack is gone or shorter: the index says where the chunk is
         with self._lock:
             pend = self._pending.get(cid)
             if pend is not None:
@@ -505,6 +521,8 @@ class RegistryChunkStore(ChunkStore):
                     end = max(end, items[j][0] + items[j][1])
                 try:
                     data = self._range(digest, start, end)
+                except RegistryError:
+                    raise
                 except (KeyError, StoreError):  # a stale hint: one by one through the index
                     for _off, _n, c in items[i : j + 1]:
                         out[c] = self.get(c)
