@@ -54,6 +54,11 @@ class Chunks:
         for i, cid in enumerate(cids):
             h = prior[i] if prior is not None and i < len(prior) else None
             out.append(h if h is not None and self.store.holds(h) else self.store.locate(cid))
+        if self.store.needs_locations:
+            missing = [c.hex() for c, h in zip(cids, out) if h is None]
+            if missing:
+                raise ChunkMissing(f"{len(missing)} chunks (first {missing[0]}) are not in the store's index after "
+                                   f"their upload; nothing was published: run it again")
         return out
 
     def put(self, cid: bytes, blob: bytes) -> None:
@@ -99,8 +104,16 @@ class Chunks:
         the cache, is replaced by the good one transparently; a
         stored copy that is corrupt twice alike is quarantined, and
         :class:`CorruptObject` raised."""
+        return self._good(blob, ident)[1]
+
+    def checked(self, blob: bytes, ident: ChunkIdentity) -> bytes:
+        """``blob`` if it checks out against ``ident``, else a good copy read
+        again as :meth:`open` does (what a copy to another store sends)."""
+        return self._good(blob, ident)[0]
+
+    def _good(self, blob: bytes, ident: ChunkIdentity) -> tuple[bytes, bytes]:
         try:
-            return decrypt_chunk(blob, ident)
+            return blob, decrypt_chunk(blob, ident)
         except CorruptObject:
             pass
         self.store.evict(ident.cid)
@@ -110,7 +123,7 @@ class Chunks:
             raise ChunkMissing(f"chunk {ident.cid.hex()}: the copy read does not check out, and the store's "
                                f"index names no other") from None
         try:
-            return decrypt_chunk(again, ident)
+            return again, decrypt_chunk(again, ident)
         except CorruptObject:
             if hmac.compare_digest(again, blob):
                 self._quarantine(ident, blob)

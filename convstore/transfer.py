@@ -55,11 +55,14 @@ def _copy(src: Store, dst: Store, entry: CatalogEntry, manifest: Manifest, targe
     progress.start(f"copying {entry.ref}", sum(sizes[c] for c in missing))
     sent = 0
 
+    idents = {c.cid: c for c in manifest.chunks}
+
     def copy(batch: list[bytes]) -> int:
         blobs = src.chunks.blobs(batch, hints)  # coalesced where the source can
         n = 0
         for cid in batch:
             blob = blobs[cid]
+            blob = src.chunks.checked(blob, idents[cid])  # a bad copy would become a dedup target there
             dst.chunks.put(cid, blob)
             progress.advance(sizes[cid])
             n += len(blob)

@@ -176,3 +176,47 @@ def test_verify_finds_a_damaged_multi_pack_index_and_repair_rebuilds_it(tmp_path
     assert "chunk index" in r.repaired
     assert store.verify().clean
     store.unpack_oci("i3:1", f"oci:{tmp_path / 'out'}")
+
+
+def _store_with_merged_index(tmp_path: Path) -> Store:
+    store = Store.open(str(tmp_path / "s"), f"file:{tmp_path / 'key'}", state_dir=str(tmp_path / "st"))
+    store.pack(synthetic(tmp_path, "a", 1, n=12), "a:1")
+    store.chunk_store.compact()  # everything in one multi-pack index
+    return store
+
+
+def test_a_planted_multi_pack_index_cannot_make_gc_drop_a_live_chunk(tmp_path: Path) -> None:
+    from convstore.stores.packs import encode_midx, record
+
+    store = _store_with_merged_index(tmp_path)
+    m = store.manifest("a:1")
+    live = next(c.cid for c in m.chunks if c.cid[0] != 0)
+    loc = store.chunk_store.locate(live)
+    assert loc is not None
+    # a record of a live chunk filed under first byte 0x00: a naive sweep would think it unreferenced
+    body = bytearray(encode_midx([record(b"\0" + live[1:], loc[0], loc[1], loc[2])]))
+    off = body.index(b"\0" + live[1:])
+    body[off : off + 32] = live
+    body[-32:] = blake3(bytes(body[:-32])).digest()  # a planted file with a consistent checksum
+    (tmp_path / "s" / "packs" / ("f" * 32 + ".midx")).write_bytes(bytes(body))
+    store.gc()
+    assert store.verify().clean
+    store.unpack_oci("a:1", f"oci:{tmp_path / 'out'}")
+
+
+def test_a_damaged_index_record_never_gets_a_good_chunk_quarantined(tmp_path: Path) -> None:
+    store = _store_with_merged_index(tmp_path)
+    m = store.manifest("a:1")
+    ident = m.chunks[3]
+    (name,) = files(tmp_path / "s", ".midx")
+    p = tmp_path / "s" / "packs" / name
+    data = bytearray(p.read_bytes())
+    at = data.index(ident.cid) + 48  # its offset field
+    data[at : at + 8] = (int.from_bytes(data[at : at + 8], "little") + 1).to_bytes(8, "little")
+    data[-32:] = blake3(bytes(data[:-32])).digest()  # a consistent-looking file
+    p.write_bytes(bytes(data))
+    fresh = Store.open(str(tmp_path / "s"), f"file:{tmp_path / 'key'}", state_dir=str(tmp_path / "st"))
+    plain, _n = fresh.chunks.read(ident)  # no hint: the damaged record, then the pack's own index
+    assert len(plain) == ident.size
+    assert not list(fresh.objects.list("quarantine"))
+    assert fresh.verify().clean

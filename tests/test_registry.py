@@ -271,3 +271,26 @@ def test_a_layout_1_registry_store_is_refused_in_one_line(tmp_path, registry, cl
          "layers": []}).encode())
     p = run_cli(cli_env, "--insecure", "--store", f"oci://{registry.host}/old", "images", check=False)
     assert p.returncode == 1 and "registry layout 1" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_index_tags_this_client_did_not_write_are_ignored(tmp_path, registry, store):
+    from convstore.stores.registry import RegistryClient
+    from convstore.transfer import copy_image
+
+    images(tmp_path)
+    store.pack(f"oci:{tmp_path / 'a'}", "a:1")
+    url = f"oci://{registry.host}/odd"
+    copy_image(store, _open(url, store.key, tmp_path / "c0"), "a:1")
+    c = RegistryClient(registry.host, insecure=True)
+    d = c.put_blob("odd/convstore-index", b"{}")
+    for tag in ("x-..", "s-notours", "x-" + "A" * 32):  # tags a hostile registry could list; they name cache files
+        c.put_manifest("odd/convstore-index", tag, json.dumps(
+            {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": d, "size": 2},
+             "layers": []}).encode())
+    fresh = _open(url, store.key, tmp_path / "fresh")
+    ids = set(fresh.chunk_store.ids())
+    assert {c.cid for c in store.manifest("a:1").chunks} <= ids
+    cache = tmp_path / "fresh" / "index" / "tags"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        p.name for p in cache.iterdir() if p.name[:2] in ("x-", "s-") and len(p.name) == 34)

@@ -145,7 +145,8 @@ def recover_stale_mount(mountpoint: str) -> bool:
         if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
             return False
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [tool, "-u", "-z", mountpoint] if tool else ["umount", "-l", mountpoint]
+    target = os.path.abspath(mountpoint)  # never read as an option
+    cmd = [tool, "-u", "-z", target] if tool else ["umount", "-l", target]
     if subprocess.run(cmd, capture_output=True).returncode != 0:
         raise StoreError(f"{mountpoint} is a dead FUSE mount and could not be detached: run fusermount3 -u -z "
                          f"{mountpoint}")

@@ -84,6 +84,9 @@ class ChunkStore(ABC):
     drops what was not flushed."""
 
     supports_deletes: bool = True
+    #: a manifest published here must carry a location for every chunk (a
+    #: registry: reads go by them, and the image's artifact references its packs)
+    needs_locations: bool = False
 
     @abstractmethod
     def has(self, cid: bytes) -> bool: ...

@@ -130,6 +130,7 @@ class CachedChunkStore(ChunkStore):
         self.remote = remote
         self.cache = cache
         self.supports_deletes = remote.supports_deletes
+        self.needs_locations = remote.needs_locations
 
     def __repr__(self) -> str:
         return f"CachedChunkStore({self.remote!r}, {self.cache!r})"
@@ -139,7 +140,7 @@ class CachedChunkStore(ChunkStore):
         return "chunk " + cid.hex()
 
     def has(self, cid: bytes) -> bool:
-        return self.cache.contains(self._name(cid)) or self.remote.has(cid)
+        return self.remote.has(cid)  # dedup asks the remote: a cached copy is not a stored one
 
     def holds(self, hint: Location) -> bool:
         return self.remote.holds(hint)

@@ -89,6 +89,9 @@ class LocalChunkStore(ChunkStore):
     def unreferenced(self, live: ChunkSet) -> tuple[int, list[tuple[bytes, int]]]:
         return self.packs.unreferenced(live)
 
+    def evict(self, cid: bytes) -> None:
+        self.packs.evict(cid)
+
     def compact(self) -> None:
         self.packs.compact(full=True)
 

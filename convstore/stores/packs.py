@@ -251,7 +251,10 @@ class SortedIndex:
             return set()
         view = memoryview(self.mm)[start:stop]
         try:
-            return set(chain.from_iterable(struct.iter_unpack(f"<32s{self.rec.size - 32}x", view)))
+            out = set(chain.from_iterable(struct.iter_unpack(f"<32s{self.rec.size - 32}x", view)))
+            if out and (min(out)[0] != first or max(out)[0] != first):  # a damaged or planted index
+                out = {c for c in out if c[0] == first}
+            return out
         finally:
             view.release()
             page = start - start % mmap.PAGESIZE
@@ -280,7 +283,20 @@ class SortedIndex:
                 yield r[:32], int.from_bytes(r[b + 8 : b + 12], "little")
 
     def checksum_ok(self) -> bool:
-        return hmac.compare_digest(blake3(self.mm[:-32]).digest(), self.mm[-32:])
+        """Whether the trailing BLAKE3 matches (read in slices, pages dropped behind)."""
+        h = blake3()
+        end = len(self.mm) - 32
+        step = 4 << 20
+        for start in range(0, end, step):
+            stop = min(end, start + step)
+            view = memoryview(self.mm)[start:stop]
+            h.update(view)
+            view.release()
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            except (OSError, ValueError, AttributeError):
+                pass
+        return hmac.compare_digest(h.digest(), self.mm[end:])
 
 
 def record(cid: bytes, container: bytes, off: int, ln: int) -> bytes:
@@ -360,6 +376,7 @@ class PackSet:
         self._w: _Writer | None = None
         self._fds: dict[str, int] = {}  # open packs, for pread without an open() per chunk
         self._retired: list[int] = []
+        self._recheck: set[bytes] = set()  # chunks whose next read goes by their pack's own index (after a bad read)
 
     # -- index --------------------------------------------------------------
     def refresh(self) -> None:
@@ -454,19 +471,47 @@ class PackSet:
         with self._lock:
             return self._lookup(cid) is not None
 
+    def evict(self, cid: bytes) -> None:
+        """A read of ``cid`` did not check out: its next read finds it through
+        its pack's own index (the commit point), not a multi-pack index
+        record that may be damaged -- so that a damaged record never gets a
+        good chunk quarantined."""
+        with self._lock:
+            self._recheck.add(cid)
+
+    def _confirm(self, pack: str, cid: bytes) -> tuple[str, int, int] | None:
+        """(pack, offset, length) of ``cid`` as ``pack``'s own index says, or None."""
+        fd = open_regular(pack + ".idx", self._dfd)
+        if fd is None:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            entries = decode_index(f.read(), os.path.join(self.dir, pack + ".idx"))
+        for c, off, ln in entries:
+            if c == cid:
+                return pack, off, ln
+        return None
+
     def get(self, cid: bytes, hint: Location | None = None) -> bytes:
         if hint is not None and len(hint[0]) == 16:
             try:
                 data = os.pread(self._fd(hint[0].hex()), hint[2], hint[1])
                 if len(data) == hint[2]:
                     return data
-            except (FileNotFoundError, StoreError, OSError):
+            except (StoreError, OSError, OverflowError, ValueError):
                 pass  # gone (gc rewrote it) or damaged: the index says where the chunk is now
+        with self._lock:
+            recheck = cid in self._recheck
+            self._recheck.discard(cid)
         for attempt in (0, 1):
             with self._lock:
                 if attempt:
                     self._scan()
                 loc = self._lookup(cid)
+                if recheck and loc is not None and loc[0] is not None:
+                    try:
+                        loc = self._confirm(loc[0], cid)
+                    except FileNotFoundError:
+                        loc = None
                 if loc is not None and loc[0] is None:
                     assert self._w is not None
                     return self._w.read(loc[1], loc[2])
@@ -478,6 +523,9 @@ class PackSet:
                 data = os.pread(self._fd(pack), ln, off)
             except FileNotFoundError:
                 continue  # repacked by another process: look again
+            except (OverflowError, ValueError):
+                raise StoreError(f"the index record of chunk {cid.hex()} is out of range (verify --repair "
+                                 f"rebuilds the index)") from None
             if len(data) != ln:
                 raise StoreError(f"pack {pack} is truncated")
             return data
@@ -586,7 +634,11 @@ class PackSet:
         multi-pack indexes; with ``full``, all of them) into one multi-pack
         index.  One process merges at a time; a writer that finds another
         merging skips (``full`` waits).  Whether a merge was written."""
-        lock_fd = os.open("midx.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=self._dfd)
+        try:
+            lock_fd = os.open("midx.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=self._dfd)
+        except OSError as e:
+            raise StoreError(f"{os.path.join(self.dir, 'midx.lock')}: {e.strerror} (a symlink or folder planted "
+                             f"there is refused)") from None
         try:
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | (0 if full else fcntl.LOCK_NB))
@@ -599,7 +651,20 @@ class PackSet:
             os.close(lock_fd)
 
     def _merge(self, full: bool) -> bool:
-        loose = sorted(self._loose_packs)
+        for _attempt in range(3):
+            inputs = self._merge_inputs(full)
+            bad = [n for n, m in inputs if not m.checksum_ok()]
+            if not bad:
+                return self._write_merge(inputs)
+            for n in bad:  # never re-encode damaged records under a fresh checksum: their packs go loose
+                log.warning("skipping %s: checksum mismatch", os.path.join(self.dir, n))
+                self._bad_midx.add(n)
+                self._midx.pop(n, None)
+            self._scan()
+        return False
+
+    def _merge_inputs(self, full: bool) -> list[tuple[str, SortedIndex]]:
+        """The multi-pack indexes a merge takes (with every loose pack)."""
         total = sum(1 for _c, (p, _o, _l) in self._loose.items() if p in self._loose_packs)
         inputs: list[tuple[str, SortedIndex]] = []
         for name, m in sorted(self._midx.items(), key=lambda kv: kv[1].count):
@@ -608,6 +673,10 @@ class PackSet:
                 total += m.count
             else:
                 break
+        return inputs
+
+    def _write_merge(self, inputs: list[tuple[str, SortedIndex]]) -> bool:
+        loose = self._loose_packs
         if not loose and (len(inputs) <= 1 and not (inputs and inputs[0][1].packs - self._live)):
             return False  # nothing to merge, and no records of removed packs to drop
         live_raw = self._live_raw
@@ -753,12 +822,18 @@ class PackSet:
                 self._scan()
 
     def _rewrite(self, pack: str, doomed: set[bytes]) -> None:
-        fd = open_regular(pack + ".idx", self._dfd)
+        try:
+            fd = open_regular(pack + ".idx", self._dfd)
+        except FileNotFoundError:
+            return  # rewritten meanwhile (a quarantine in another process)
         if fd is None:
             raise StoreError(f"pack index {pack} is not a regular file")
         with os.fdopen(fd, "rb") as f:
             entries = decode_index(f.read(), os.path.join(self.dir, pack + ".idx"))
-        src = open_regular(pack + ".pack", self._dfd)
+        try:
+            src = open_regular(pack + ".pack", self._dfd)
+        except FileNotFoundError:
+            return
         if src is None:
             raise StoreError(f"pack {pack} is not a regular file")
         try:

@@ -38,6 +38,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import struct
 import threading
@@ -69,6 +70,7 @@ _SEG_HEAD = struct.Struct("<4sI32s")  # b"CSRX", version, pack blob digest
 _SEG = struct.Struct("<32sQI")  # cid, offset, length
 SNAP_MAGIC = b"CSRSNAP\0"
 INDEX_REPO = "convstore-index"  # the sibling repository of the chunk index
+_INDEX_TAG = re.compile(r"[sx]-[0-9a-f]{32}\Z")  # what this client writes; anything else in the index is ignored
 PACK_BYTES = 32 << 20
 COMPACT_SEGMENTS = 16  # segments not yet merged that make a writer write a snapshot
 INLINE_BYTES = 16 << 10  # objects up to this size are also embedded in their artifact (one GET reads them)
@@ -175,7 +177,12 @@ class RegistryClient:
     def blob_size(self, repo: str, digest: str) -> int | None:
         """The size of a blob, or None if the registry does not have it."""
         r = self._req("HEAD", f"{self.base}/{repo}/blobs/{digest}", (200, 404))
-        return int(r.headers.get("Content-Length", "0")) if r.status_code == 200 else None
+        if r.status_code != 200:
+            return None
+        try:
+            return int(r.headers.get("Content-Length", ""))
+        except ValueError:
+            raise RegistryError(f"registry {self.host} gave no size for blob {digest}") from None
 
     def put_blob(self, repo: str, data: bytes, digest: str | None = None) -> str:
         """Upload ``data`` (monolithic POST + PUT) unless it is already there."""
@@ -315,6 +322,7 @@ class RegistryChunkStore(ChunkStore):
     """
 
     supports_deletes = False  # chunks are reclaimed by the registry's own GC
+    needs_locations = True
 
     def __init__(self, url: str, client: RegistryClient, repo: str, index_dir: str | None = None):
         self.url, self.client, self.repo = url, client, repo
@@ -373,7 +381,9 @@ class RegistryChunkStore(ChunkStore):
         doc = json.loads(body)
         return doc if isinstance(doc, dict) else None
 
-    def _blob(self, digest: str) -> bytes:
+    def _blob(self, digest: object) -> bytes:
+        if not isinstance(digest, str):
+            raise StoreError("bad blob digest in the index")
         hexd = digest.split(":", 1)[-1]
         if len(hexd) != 64 or any(c not in "0123456789abcdef" for c in hexd):
             raise StoreError(f"bad blob digest {digest!r} in the index")
@@ -388,7 +398,8 @@ class RegistryChunkStore(ChunkStore):
             self._load()
 
     def _load(self) -> None:
-        tags = self.client.tags(self.index_repo)
+        # only well-formed index tags: they become cache file names (a registry's tag list is not trusted)
+        tags = [t for t in self.client.tags(self.index_repo) if isinstance(t, str) and _INDEX_TAG.match(t)]
         self.index_requests += 1
         for t in sorted(t for t in tags if t.startswith("s-") and t not in self._snaps and t not in self._covered):
             try:
@@ -397,6 +408,9 @@ class RegistryChunkStore(ChunkStore):
                     continue
                 data = self._blob(art["layers"][0]["digest"])
                 covered = json.loads(self._blob(art["layers"][1]["digest"]))
+                if not isinstance(covered, list) or not all(isinstance(c, str) and _INDEX_TAG.match(c)
+                                                            for c in covered):
+                    raise StoreError("its list of covered tags is malformed")
                 snap = SortedIndex.from_bytes(data, f"index snapshot {t}", SNAP_MAGIC, 32)
             except RegistryError as e:
                 if not isinstance(e, CorruptObject):
@@ -714,17 +728,24 @@ class RegistryStore(ObjectStore):
             if got is None:
                 return None
             body = got[0]
-        doc = json.loads(body)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise StoreError(f"registry object {tag} is not a convstore artifact") from None
         return doc if isinstance(doc, dict) else None
 
     def _value(self, key: str, m: dict[str, Any] | None) -> bytes:
         if m is None:
             raise KeyError(key)
-        if (m.get("annotations") or {}).get("org.convstore.key") != key:
-            raise StoreError(f"registry object for {key} is not what its tag claims")
-        layer = m["layers"][0]
+        try:
+            if (m.get("annotations") or {}).get("org.convstore.key") != key:
+                raise StoreError(f"registry object for {key} is not what its tag claims")
+            layer = m["layers"][0]
+            digest = str(layer["digest"])
+        except (AttributeError, KeyError, IndexError, TypeError):
+            raise StoreError(f"registry object for {key} is not a convstore artifact") from None
         data = _inline(layer)
-        return data if data is not None else self.client.get_blob(self.repo, layer["digest"])
+        return data if data is not None else self.client.get_blob(self.repo, digest)
 
     def has(self, key: str) -> bool:
         return self.client.get_manifest(self.repo, self._tag(key), [OCI_MANIFEST]) is not None
@@ -780,7 +801,12 @@ class RegistryStore(ObjectStore):
                 got = self.client.get_manifest(self.repo, t, [OCI_MANIFEST])
                 if got is None:
                     return t, ""
-                key = (json.loads(got[0]).get("annotations") or {}).get("org.convstore.key", "")
+                try:
+                    doc = json.loads(got[0])
+                    key = str((doc.get("annotations") or {}).get("org.convstore.key", ""))
+                except (ValueError, AttributeError):
+                    log.warning("skipping registry object %s: not a convstore artifact", t)
+                    return t, ""
                 with self._memo_lock:
                     self._listed[t] = got[0]
                 self._keys[t] = key

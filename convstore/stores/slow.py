@@ -96,6 +96,7 @@ class SlowChunkStore(ChunkStore):
         self.inner = inner
         self.link = link
         self.supports_deletes = inner.supports_deletes
+        self.needs_locations = inner.needs_locations
 
     def __repr__(self) -> str:
         return f"SlowChunkStore({self.inner!r}, {self.link!r})"
