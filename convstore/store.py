@@ -162,8 +162,9 @@ class Store:
              options: StoreOptions | None = None) -> Store:
         """Open (creating if needed) the store at ``path`` -- a local folder
         (default: the user's data dir) or ``oci://HOST[:PORT]/REPO`` (a registry,
-        read through a bounded local cache) -- with ``key`` (a provider or a
-        ``--key`` spec; default: the user's key file)."""
+        read through a bounded local cache; ``timeout``: seconds a registry may
+        stay silent before a request is retried, 4 attempts) -- with ``key`` (a
+        provider or a ``--key`` spec; default: the user's key file)."""
         provider = key if isinstance(key, KeyProvider) else open_key(key, kms_endpoint=kms_endpoint)
         objects: ObjectStore
         chunk_store: ChunkStore
