@@ -154,9 +154,10 @@ def chaos(w: Path, key: str) -> dict[str, object]:
     imgs = ["base", "app1", "app2", "app1-rebuilt"]
     t0 = time.perf_counter()
     packs = [subprocess.Popen([*CLI, "pack", f"oci:{CORPUS_DIR / i}:latest", f"{i}:latest"], env=env,
-                              stderr=subprocess.PIPE, text=True) for i in imgs]
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in imgs]
     readers = [subprocess.Popen([*CLI, "unpack", "base-prev:latest", f"oci:{w / f'r{i}'}", "--compress", "none"],
-                                env=env, stderr=subprocess.PIPE, text=True) for i in range(4)]
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for i in range(4)]
     gcs = 0
     while any(p.poll() is None for p in packs):
         subprocess.run([*CLI, "gc"], env=env, capture_output=True, text=True, check=True)
