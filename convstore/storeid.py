@@ -17,7 +17,7 @@ import time
 import uuid
 
 from .authmeta import MetadataKey, parse_json
-from .errors import CorruptObject, KeyAccessDenied, StoreFormatError
+from .errors import CorruptObject, KeyAccessDenied, StoreError, StoreFormatError
 from .keys import KeyProvider
 from .stores.base import ObjectStore
 
@@ -59,6 +59,12 @@ class StoreIdentity:
             if objects.put("store.json", json.dumps(doc).encode(), exclusive=True):
                 self._meta = MetadataKey(raw)
                 self.created = True
+                if not objects.supports_locking:
+                    # a registry's "exclusive" put is a check then a put: two clients creating the store at
+                    # once may both write; the one stored last is the store (publication checks it again)
+                    stored = parse_json(objects.get("store.json"), "store.json")
+                    if stored.get("id") != sid:
+                        doc, self._meta, self.created = stored, None, False
             else:
                 doc = parse_json(objects.get("store.json"), "store.json")
         if doc.get("format") != STORE_FORMAT:
@@ -91,6 +97,10 @@ class StoreIdentity:
         """Re-read ``store.json``: refuse to publish under ``provider`` if the
         store has been re-keyed to another master key meanwhile."""
         doc = parse_json(self.objects.get("store.json"), "store.json")
+        if doc.get("id") != self.id:
+            raise StoreError(f"the store was created at the same time by another client (its id is now "
+                             f"{doc.get('id')}, this operation began under {self.id}); nothing was published: "
+                             f"run it again")
         key_id = str((doc.get("metadata_key") or {}).get("key_id", ""))
         if not hmac.compare_digest(key_id, provider.key_id):
             raise KeyAccessDenied(f"the store was re-keyed to master key {key_id} while this operation ran under "

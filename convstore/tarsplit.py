@@ -130,6 +130,8 @@ def parse_header(b: bytes) -> _Header:
         name = name.rstrip("/")
     if prefix_b[0] and t not in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.GNUTYPE_SPARSE):
         name = _str(prefix_b) + "/" + name
+    if _num(size) < 0:  # base-256 numbers can be negative
+        raise CorruptLayer(f"tar header of {name!r} has a negative size")
     return _Header(name, _num(mode), _num(uid), _num(gid), _num(size), _num(mtime), t, _str(link),
                    _str(uname), _str(gname), _num(dmaj), _num(dmin))
 
@@ -246,6 +248,8 @@ def split_tar(
                 link = v.decode("utf-8", "surrogateescape")
             elif k == "size":
                 size = int(v)
+                if size < 0:
+                    raise CorruptLayer(f"PAX size of {name!r} is negative")
             elif k == "mtime":
                 mtime_ns = _pax_time_ns(v)
             elif k == "uid":

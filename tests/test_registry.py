@@ -215,6 +215,7 @@ def test_pack_straight_into_a_registry_store_dedups_and_reads_back_exactly(tmp_p
 def test_two_packers_at_once_into_one_registry_lose_nothing(tmp_path, registry, cli_env):
     images(tmp_path)
     url = f"oci://{registry.host}/race"
+    _open(url, f"file:{cli_env['CONVSTORE_KEY'].split(':', 1)[1]}", tmp_path / "c0")  # the store exists
     procs = [subprocess.Popen([sys.executable, "-m", "convstore.cli", "--quiet", "--insecure", "--store", url,
                                "--cache", str(tmp_path / f"c{n}"), "pack", f"oci:{tmp_path / n}", f"{n}:1"],
                               env=cli_env, stderr=subprocess.PIPE, text=True) for n in ("a", "b")]
@@ -294,3 +295,23 @@ def test_index_tags_this_client_did_not_write_are_ignored(tmp_path, registry, st
     cache = tmp_path / "fresh" / "index" / "tags"
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         p.name for p in cache.iterdir() if p.name[:2] in ("x-", "s-") and len(p.name) == 34)
+
+
+def test_two_clients_creating_one_registry_store_at_once_never_publish_under_a_lost_identity(tmp_path, registry,
+                                                                                              cli_env):
+    images(tmp_path)
+    url = f"oci://{registry.host}/born"
+    procs = [subprocess.Popen([sys.executable, "-m", "convstore.cli", "--quiet", "--insecure", "--store", url,
+                               "--cache", str(tmp_path / f"c{n}"), "pack", f"oci:{tmp_path / n}", f"{n}:1"],
+                              env=cli_env, stderr=subprocess.PIPE, text=True) for n in ("a", "b")]
+    done = []
+    for n, p in zip(("a", "b"), procs):
+        _out, err = p.communicate(timeout=300)
+        if p.returncode == 0:
+            done.append(f"{n}:1")
+        else:  # the loser of the creation race refuses at publication, in one line
+            assert err.count("\n") == 1 and "created at the same time by another client" in err, err
+    s = _open(url, f"file:{cli_env['CONVSTORE_KEY'].split(':', 1)[1]}", tmp_path / "check")
+    problems: dict[str, str] = {}
+    assert sorted(str(e.ref) for e in s.images(problems=problems)) == sorted(done) and not problems
+    assert done and s.verify().clean

@@ -527,7 +527,12 @@ class PackSet:
                 raise StoreError(f"the index record of chunk {cid.hex()} is out of range (verify --repair "
                                  f"rebuilds the index)") from None
             if len(data) != ln:
-                raise StoreError(f"pack {pack} is truncated")
+                confirmed = self._confirm(pack, cid) if not recheck else None  # a damaged record, or a short pack?
+                if confirmed is None or confirmed[1:] == (off, ln):
+                    raise StoreError(f"pack {pack} is truncated")
+                data = os.pread(self._fd(pack), confirmed[2], confirmed[1])
+                if len(data) != confirmed[2]:
+                    raise StoreError(f"pack {pack} is truncated")
             return data
         raise KeyError(cid.hex())
 
