@@ -79,6 +79,16 @@ def test_bad_checksum_is_an_error():
         roundtrip(bytes(tar))
 
 
+def test_a_negative_size_is_refused():
+    """Found by the atheris harness: a base-256 size of -1 reached the content sink."""
+    tar = bytearray(make_tar([Entry("f", data=b"abc")], tarfile.GNU_FORMAT))
+    tar[124:136] = b"\xff" * 12  # base-256, negative: -1
+    chk = sum(tar[:148]) + 8 * 32 + sum(tar[156:512])
+    tar[148:156] = b"%06o\0 " % chk
+    with pytest.raises(CorruptLayer, match="negative size"):
+        roundtrip(bytes(tar))
+
+
 def test_gnu_sparse_is_refused():
     tar = bytearray(make_tar([Entry("f", data=b"abc")], tarfile.GNU_FORMAT))
     tar[156:157] = b"S"
