@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,10 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 from corpus_bench import CORPUS_DIR, ensure_corpus  # noqa: E402
+from docblock import write_block  # noqa: E402
 
 CLI = [sys.executable, "-m", "convstore.cli", "--quiet"]
-DOCS = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- load:begin -->", "<!-- load:end -->"
 
 READER = r"""
 import hashlib, json, os, random, sys, time
@@ -222,13 +220,7 @@ def main() -> None:
     text = render(f, s, c)
     print(text)
     if a.write_docs:
-        doc = DOCS.read_text()
-        block = f"{BEGIN}\n{text}\n{END}"
-        if BEGIN in doc:
-            doc = doc.split(BEGIN)[0] + block + doc.split(END, 1)[1]
-        else:
-            doc += "\n## Under load (`benchmarks/load.py`)\n\n" + block + "\n"
-        DOCS.write_text(doc)
+        write_block("load", "Under load (`benchmarks/load.py`)", text)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
+from docblock import write_block  # noqa: E402
 from netproxy import CountingProxy  # noqa: E402
 from imagebuilder import Entry, make_tar, write_oci  # noqa: E402
 
@@ -40,8 +42,6 @@ CLI = [sys.executable, "-m", "convstore.cli", "--quiet"]
 FILES = 1000
 PACKS = 8  # new images packed at each size (mean and worst reported)
 PARAMS = dict(min_size=1024, avg_size=2048, max_size=8192, file_cut=1024)  # each 1 KiB file is one chunk
-DOCS = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 
 
 def synthetic_image(dest: Path, i: int) -> str:
@@ -261,13 +261,7 @@ def main() -> None:
     if a.json:
         Path(a.json).write_text(json.dumps({"local": local, "registry": registry}, indent=1))
     if a.write_docs:
-        doc = DOCS.read_text()
-        block = f"{BEGIN}\n{text}\n{END}"
-        if BEGIN in doc:
-            doc = doc.split(BEGIN)[0] + block + doc.split(END, 1)[1]
-        else:
-            doc += "\n## Scale: costs against store size (`benchmarks/scale.py`)\n\n" + block + "\n"
-        DOCS.write_text(doc)
+        write_block("scale", "Scale: costs against store size (`benchmarks/scale.py`)", text)
 
 
 if __name__ == "__main__":

@@ -42,16 +42,22 @@ _NO_HINT = 0xFFFFFFFF
 ROW_SIZE = _ROW.size  # a chunk-table row: cid at 0, plaintext size (u32) at 96
 
 
+def _section_lengths(b: bytes) -> tuple[int, ...]:
+    """Check the magic and version of an encoded manifest; its section lengths."""
+    if b[:8] != MAGIC:
+        raise CorruptObject("manifest: bad magic")
+    version, n = struct.unpack_from("<II", b, 8)
+    if version not in READABLE_VERSIONS:
+        raise StoreFormatError(f"manifest format version {version} is not supported")
+    return struct.unpack_from(f"<{n}Q", b, 16)
+
+
 def chunk_table(b: bytes) -> memoryview:
     """The chunk table (section 1) of an encoded manifest, without decoding
     the rest (gc and stats read only this)."""
     try:
-        if b[:8] != MAGIC:
-            raise CorruptObject("manifest: bad magic")
-        version, n = struct.unpack_from("<II", b, 8)
-        if version not in READABLE_VERSIONS:
-            raise StoreFormatError(f"manifest format version {version} is not supported")
-        lens = struct.unpack_from(f"<{n}Q", b, 16)
+        lens = _section_lengths(b)
+        n = len(lens)
         start = 16 + 8 * n + lens[0]
         if n < 2 or start + lens[1] > len(b) or lens[1] % _ROW.size:
             raise CorruptObject("manifest: bad chunk table")
@@ -170,13 +176,8 @@ class Manifest:
     @classmethod
     def decode(cls, b: bytes) -> Manifest:
         try:
-            if b[:8] != MAGIC:
-                raise CorruptObject("manifest: bad magic")
-            version, n = struct.unpack_from("<II", b, 8)
-            if version not in READABLE_VERSIONS:
-                raise StoreFormatError(f"manifest format version {version} is not supported")
-            lens = struct.unpack_from(f"<{n}Q", b, 16)
-            pos = 16 + 8 * n
+            lens = _section_lengths(b)
+            pos = 16 + 8 * len(lens)
             sections = []
             for ln in lens:
                 sections.append(b[pos : pos + ln])

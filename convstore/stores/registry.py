@@ -402,22 +402,17 @@ class RegistryChunkStore(ChunkStore):
         tags = [t for t in self.client.tags(self.index_repo) if isinstance(t, str) and _INDEX_TAG.match(t)]
         self.index_requests += 1
         for t in sorted(t for t in tags if t.startswith("s-") and t not in self._snaps and t not in self._covered):
+            got = self._index_artifact(t, AT_INDEX_SNAPSHOT, 2)
+            if got is None:
+                continue
+            data, cov = got
             try:
-                art = self._artifact_of(t)
-                if art is None or art.get("artifactType") != AT_INDEX_SNAPSHOT:
-                    continue
-                data = self._blob(art["layers"][0]["digest"])
-                covered = json.loads(self._blob(art["layers"][1]["digest"]))
+                covered = json.loads(cov)
                 if not isinstance(covered, list) or not all(isinstance(c, str) and _INDEX_TAG.match(c)
                                                             for c in covered):
                     raise StoreError("its list of covered tags is malformed")
                 snap = SortedIndex.from_bytes(data, f"index snapshot {t}", SNAP_MAGIC, 32)
-            except RegistryError as e:
-                if not isinstance(e, CorruptObject):
-                    raise  # the registry failed (after retries): an error, not a missing index
-                log.warning("skipping index artifact %s: %s", t, e)
-                continue
-            except (StoreError, KeyError, IndexError, TypeError, ValueError) as e:
+            except (StoreError, ValueError) as e:
                 log.warning("skipping index snapshot %s: %s", t, e)
                 continue
             self._snaps[t] = snap
@@ -428,21 +423,33 @@ class RegistryChunkStore(ChunkStore):
         for t in [t for t in self._snaps if t in self._covered]:
             del self._snaps[t]
         for t in sorted(t for t in tags if t.startswith("x-") and t not in self._seg_tags and t not in self._covered):
-            try:
-                art = self._artifact_of(t)
-                if art is None or art.get("artifactType") != AT_CHUNK_INDEX:
-                    continue
-                recs = _decode_segment(self._blob(art["layers"][0]["digest"]), t)
-            except RegistryError as e:
-                if not isinstance(e, CorruptObject):
-                    raise  # the registry failed (after retries): an error, not a missing index
-                log.warning("skipping index artifact %s: %s", t, e)
+            got = self._index_artifact(t, AT_CHUNK_INDEX, 1)
+            if got is None:
                 continue
-            except (StoreError, KeyError, IndexError, TypeError, ValueError) as e:
+            try:
+                recs = _decode_segment(got[0], t)
+            except StoreError as e:
                 log.warning("skipping pack index %s: %s", t, e)
                 continue
             self._add_segment(t, recs)
         self._loaded = True
+
+    def _index_artifact(self, tag: str, artifact_type: str, layers: int) -> list[bytes] | None:
+        """The first ``layers`` blobs of the index artifact ``tag``; None (logged)
+        if it is gone, of another type, malformed or damaged.  A registry that
+        fails (after retries) is an error, not a missing index."""
+        try:
+            art = self._artifact_of(tag)
+            if art is None or art.get("artifactType") != artifact_type:
+                return None
+            return [self._blob(art["layers"][i]["digest"]) for i in range(layers)]
+        except RegistryError as e:
+            if not isinstance(e, CorruptObject):
+                raise
+            log.warning("skipping index artifact %s: %s", tag, e)
+        except (StoreError, KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            log.warning("skipping index artifact %s: %s", tag, e)
+        return None
 
     def _add_segment(self, tag: str, recs: list[tuple[bytes, str, int, int]]) -> None:
         self._seg_tags[tag] = recs
