@@ -257,6 +257,8 @@ def test_index_segments_are_merged_into_snapshots_and_a_new_client_reads_few(tmp
     finally:
         proxy.stop()
     assert all(c.cid in ids for i in range(n) for c in store.manifest(f"i{i}:1").chunks)
+    # and after that whole scan, lookups in the (in-memory) snapshot still find every chunk
+    assert all(fresh.chunk_store.locate(c.cid) is not None for i in range(n) for c in store.manifest(f"i{i}:1").chunks)
 
 
 def test_a_layout_1_registry_store_is_refused_in_one_line(tmp_path, registry, cli_env):

@@ -170,6 +170,7 @@ class SortedIndex:
             self.mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
+        self.file_backed = True
         self._init(what, magic, name_len, size)
 
     @classmethod
@@ -180,8 +181,21 @@ class SortedIndex:
             raise StoreError(f"{what}: truncated index")
         self.mm = mmap.mmap(-1, len(data))
         self.mm.write(data)
+        self.file_backed = False
         self._init(what, magic, name_len, len(data))
         return self
+
+    def _drop(self, start: int, stop: int) -> None:
+        """Drop the pages of ``[start, stop)`` from this process's page tables
+        (a file-backed map only: the file keeps the bytes; an anonymous map
+        would lose them)."""
+        if not self.file_backed:
+            return
+        page = start - start % mmap.PAGESIZE
+        try:
+            self.mm.madvise(mmap.MADV_DONTNEED, page, stop - page)
+        except (OSError, ValueError, AttributeError):
+            pass
 
     def _init(self, what: str, want_magic: bytes, name_len: int, size: int) -> None:
         magic, version, npacks, count = _MIDX_HEAD.unpack_from(self.mm)
@@ -237,11 +251,7 @@ class SortedIndex:
         for start in range(self.base, end, step):
             stop = min(end, start + step)
             yield start, stop
-            lo = start - start % mmap.PAGESIZE
-            try:
-                self.mm.madvise(mmap.MADV_DONTNEED, lo, stop - lo)
-            except (OSError, ValueError, AttributeError):
-                pass
+            self._drop(start, stop)
 
     def bucket_cids(self, first: int) -> set[bytes]:
         """The cids whose first byte is ``first`` (built in C; the pages read are dropped behind)."""
@@ -257,11 +267,7 @@ class SortedIndex:
             return out
         finally:
             view.release()
-            page = start - start % mmap.PAGESIZE
-            try:
-                self.mm.madvise(mmap.MADV_DONTNEED, page, stop - page)
-            except (OSError, ValueError, AttributeError):
-                pass
+            self._drop(start, stop)
 
     def cids(self) -> set[bytes]:
         """Every cid in this index, as a set (built in C)."""
@@ -292,10 +298,7 @@ class SortedIndex:
             view = memoryview(self.mm)[start:stop]
             h.update(view)
             view.release()
-            try:
-                self.mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
-            except (OSError, ValueError, AttributeError):
-                pass
+            self._drop(start, stop)
         return hmac.compare_digest(h.digest(), self.mm[end:])
 
 
