@@ -171,7 +171,7 @@ class Catalog:
         return self._open(r, data)
 
     def _open(self, r: ImageRef, data: bytes) -> CatalogEntry:
-        e = CatalogEntry.from_json(self.ident.meta().open("entry", f"ref {r}", data, f"catalog entry {r}"))
+        e = CatalogEntry.from_json(self.ident.open_signed("entry", f"ref {r}", data, f"catalog entry {r}"))
         if e.ref != r:
             raise TamperedObject(f"catalog entry {r} names another image ({e.ref})")
         self.trust.check_entry(str(r), e.seq, e.manifest_digest)

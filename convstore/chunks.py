@@ -151,10 +151,6 @@ class Chunks:
     def ids(self) -> Iterator[bytes]:
         return self.store.ids()
 
-    def entries(self) -> Iterator[tuple[bytes, int]]:
-        """(chunk id, stored size) of every stored chunk, streamed."""
-        return self.store.entries()
-
     def size(self, cid: bytes) -> int:
         return self.store.size(cid)
 

@@ -59,6 +59,12 @@ class Domains:
                 raise StoreError(f"no convergence domain {name!r}; create it with: convstore domain create "
                                  f"{name}") from None
             rec, secret = self._create(name, exist_ok=True)
+        except TamperedObject:
+            if not (self.ident.created and name == DEFAULT_DOMAIN and not self.objects.supports_locking):
+                raise
+            # this process has just created the store (a registry has no atomic create): an unauthentic default
+            # domain in it is a concurrent creator's, which lost (it refuses to publish), or a forgery; ours replaces it
+            rec, secret = self._create(name, replace=True)
         check_key_id(self.key, rec["key_id"], f"domain {name!r}")
         if secret is None:
             secret = self.key.unwrap(base64.b64decode(rec["wrapped_secret"]), self.context(rec))
@@ -70,7 +76,7 @@ class Domains:
         """The authenticated record of domain ``name`` (KeyError if absent)."""
         check_domain_name(name)
         data = self.objects.get(f"domains/{name}")
-        rec = self.ident.meta().open("domain", f"domain {name}", data, f"domain record {name!r}")
+        rec = self.ident.open_signed("domain", f"domain {name}", data, f"domain record {name!r}")
         if rec.get("format") != "convstore-domain" or rec.get("version") != DOMAIN_VERSION:
             raise StoreFormatError(f"domain record {name} has an unsupported format or version")
         if rec.get("name") != name or not isinstance(rec.get("epoch"), int):
@@ -90,7 +96,7 @@ class Domains:
         """A new domain with a fresh secret (epoch 1)."""
         return self._create(name)[0]
 
-    def _create(self, name: str, exist_ok: bool = False) -> tuple[dict[str, Any], bytes | None]:
+    def _create(self, name: str, exist_ok: bool = False, replace: bool = False) -> tuple[dict[str, Any], bytes | None]:
         check_domain_name(name)
         now = now_iso()
         rec: dict[str, Any] = {"format": "convstore-domain", "version": DOMAIN_VERSION, "name": name, "epoch": 1,
@@ -98,7 +104,7 @@ class Domains:
                                "epochs": [{"epoch": 1, "created": now}]}
         secret, wrapped = self.key.generate(self.context(rec))
         rec["wrapped_secret"] = base64.b64encode(wrapped).decode()
-        if not self.write(rec, exclusive=True):
+        if not self.write(rec, exclusive=not replace):
             if exist_ok:
                 return self.record(name), None
             raise StoreError(f"convergence domain {name!r} already exists")

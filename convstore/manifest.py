@@ -39,7 +39,8 @@ _LOC = struct.Struct("<IQI")
 _NO_HINT = 0xFFFFFFFF
 
 
-ROW_SIZE = _ROW.size  # a chunk-table row: cid at 0, plaintext size (u32) at 96
+ROW_SIZE = _ROW.size  # a chunk-table row: cid at 0, plaintext size (u32) at ROW_SIZE_AT
+ROW_SIZE_AT = 96  # after cid, ckey and phash (3 x 32 bytes)
 
 
 def _section_lengths(b: bytes) -> tuple[int, ...]:

@@ -131,7 +131,7 @@ class ManifestStore:
 
     def layer_record(self, key: str) -> dict[str, Any]:
         """An authenticated layer-index record (KeyError if absent, TamperedObject if forged)."""
-        rec = self.ident.meta().open("layer", key, self.objects.get(key), f"layer-index record {key}")
+        rec = self.ident.open_signed("layer", key, self.objects.get(key), f"layer-index record {key}")
         if rec.get("format") != "convstore-layer-index" or rec.get("version") != LAYER_INDEX_VERSION:
             raise StoreFormatError(f"layer-index record {key} has an unsupported format or version")
         return rec

@@ -41,7 +41,7 @@ from .errors import (
 )
 from .keys import KeyProvider, open_key
 from .keys.audit import AUDIT_LOG, AuditedKeyProvider, parse_audit
-from .manifest import ROW_SIZE, LayerRecord, Manifest
+from .manifest import ROW_SIZE, ROW_SIZE_AT, LayerRecord, Manifest
 from .options import StoreOptions
 from .refs import ImageRef
 from .stores.base import ChunkSet, ChunkStore, ObjectStore
@@ -477,7 +477,7 @@ class Store:
         """Logical, unique-plaintext and stored bytes over every image.  Reads
         each manifest's chunk table only (logical sizes are in the catalog)."""
         logical = images = 0
-        seen = ChunkSet(size_at=96)  # compact: 36 bytes per id, deduplicated bucket by bucket below
+        seen = ChunkSet(size_at=ROW_SIZE_AT)  # compact: 36 bytes per id, deduplicated bucket by bucket below
         for e in self.complete_images():
             images += 1
             logical += e.logical_bytes or 0

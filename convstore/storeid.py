@@ -15,9 +15,10 @@ import hmac
 import json
 import time
 import uuid
+from typing import Any
 
 from .authmeta import MetadataKey, parse_json
-from .errors import CorruptObject, KeyAccessDenied, StoreError, StoreFormatError
+from .errors import CorruptObject, KeyAccessDenied, StoreError, StoreFormatError, TamperedObject
 from .keys import KeyProvider
 from .stores.base import ObjectStore
 
@@ -93,14 +94,30 @@ class StoreIdentity:
         """The id of the master key the metadata key is wrapped under."""
         return str(self._doc["metadata_key"]["key_id"])
 
-    def check_current(self, provider: KeyProvider) -> None:
-        """Re-read ``store.json``: refuse to publish under ``provider`` if the
-        store has been re-keyed to another master key meanwhile."""
-        doc = parse_json(self.objects.get("store.json"), "store.json")
+    def open_signed(self, kind: str, identity: str, data: bytes, what: str) -> dict[str, Any]:
+        """An authenticated metadata object (:meth:`MetadataKey.open`).  In a
+        store this process just created, a failure may mean that another
+        client created it at the same moment and won (a registry has no
+        atomic create): that is checked and said instead."""
+        try:
+            return self.meta().open(kind, identity, data, what)
+        except TamperedObject:
+            if self.created:
+                self._check_id(parse_json(self.objects.get("store.json"), "store.json"))
+            raise
+
+    def _check_id(self, doc: dict[str, Any]) -> None:
         if doc.get("id") != self.id:
             raise StoreError(f"the store was created at the same time by another client (its id is now "
                              f"{doc.get('id')}, this operation began under {self.id}); nothing was published: "
                              f"run it again")
+
+    def check_current(self, provider: KeyProvider) -> None:
+        """Re-read ``store.json``: refuse to publish under ``provider`` if the
+        store has been re-keyed to another master key meanwhile (or is not the
+        store this operation began in)."""
+        doc = parse_json(self.objects.get("store.json"), "store.json")
+        self._check_id(doc)
         key_id = str((doc.get("metadata_key") or {}).get("key_id", ""))
         if not hmac.compare_digest(key_id, provider.key_id):
             raise KeyAccessDenied(f"the store was re-keyed to master key {key_id} while this operation ran under "

@@ -50,21 +50,18 @@ def _copy(src: Store, dst: Store, entry: CatalogEntry, manifest: Manifest, targe
           progress: Progress, t0: float) -> CopyResult:
     cids = list(dict.fromkeys(c.cid for c in manifest.chunks))
     missing = [c for c in cids if not dst.chunks.has(c)]
-    sizes = {c.cid: c.size for c in manifest.chunks}
-    hints = manifest.hints()
-    progress.start(f"copying {entry.ref}", sum(sizes[c] for c in missing))
-    sent = 0
-
     idents = {c.cid: c for c in manifest.chunks}
+    hints = manifest.hints()
+    progress.start(f"copying {entry.ref}", sum(idents[c].size for c in missing))
+    sent = 0
 
     def copy(batch: list[bytes]) -> int:
         blobs = src.chunks.blobs(batch, hints)  # coalesced where the source can
         n = 0
         for cid in batch:
-            blob = blobs[cid]
-            blob = src.chunks.checked(blob, idents[cid])  # a bad copy would become a dedup target there
+            blob = src.chunks.checked(blobs[cid], idents[cid])  # a bad copy would become a dedup target there
             dst.chunks.put(cid, blob)
-            progress.advance(sizes[cid])
+            progress.advance(idents[cid].size)
             n += len(blob)
         return n
 

@@ -4,7 +4,9 @@ Two stores make a backend:
 
 * :class:`ChunkStore` -- encrypted chunk blobs by chunk id: write-once,
   immutable, many of them (a backend packs them into larger files or blobs).
-  Only :mod:`convstore.chunks` uses it.
+  Chunks are stored and read only through :mod:`convstore.chunks`; gc and
+  verify also use its index operations (``unreferenced``, ``compact``,
+  ``check_index``, ``repair_index``, ``clean_leftovers``) directly.
 * :class:`ObjectStore` -- the small metadata store: ``/``-separated keys to
   bytes, with exclusive puts, listing, locks and an append-only log.  Keys:
 
@@ -70,12 +72,6 @@ class ChunkSet:
     def bucket_sizes(self, first: int) -> dict[bytes, int]:
         """id -> size of the ids whose first byte is ``first`` (needs ``size_at``)."""
         return dict(struct.iter_unpack("<32sI", self._buckets[first]))
-
-    def __contains__(self, cid: object) -> bool:  # slow (one bucket scanned): for small checks only
-        if not isinstance(cid, bytes) or len(cid) != 32:
-            return False
-        data, n = self._buckets[cid[0]], self._w
-        return any(data[i : i + 32] == cid for i in range(0, len(data), n))
 
 
 class ChunkStore(ABC):

@@ -269,18 +269,6 @@ class SortedIndex:
             view.release()
             self._drop(start, stop)
 
-    def cids(self) -> set[bytes]:
-        """Every cid in this index, as a set (built in C)."""
-        out: set[bytes] = set()
-        fmt = f"<32s{self.rec.size - 32}x"
-        for start, stop in self._spans():
-            view = memoryview(self.mm)[start:stop]
-            try:
-                out.update(chain.from_iterable(struct.iter_unpack(fmt, view)))
-            finally:
-                view.release()
-        return out
-
     def entries(self, live: set[bytes] | None = None) -> Iterator[tuple[bytes, int]]:
         """(cid, length) of every record whose container is in ``live`` (all if None)."""
         a, b = 32, 32 + self.name_len
@@ -308,7 +296,10 @@ def record(cid: bytes, container: bytes, off: int, ln: int) -> bytes:
 
 
 def encode_midx(records: list[bytes], magic: bytes = MIDX_MAGIC, name_len: int = 16) -> bytes:
-    """An index of sorted records (cids unique)."""
+    """An index of ``records`` (in any order; sorted here in place, and of a
+    cid listed more than once only the first in sort order is kept)."""
+    records.sort()
+    records = [r for i, r in enumerate(records) if i == 0 or r[:32] != records[i - 1][:32]]
     packs = sorted({r[32 : 32 + name_len] for r in records})
     fan = [0] * 256
     for r in records:
@@ -502,13 +493,14 @@ class PackSet:
                     return data
             except (StoreError, OSError, OverflowError, ValueError):
                 pass  # gone (gc rewrote it) or damaged: the index says where the chunk is now
-        with self._lock:
-            recheck = cid in self._recheck
-            self._recheck.discard(cid)
+        recheck = False
         for attempt in (0, 1):
             with self._lock:
                 if attempt:
                     self._scan()
+                elif self._recheck:
+                    recheck = cid in self._recheck
+                    self._recheck.discard(cid)
                 loc = self._lookup(cid)
                 if recheck and loc is not None and loc[0] is not None:
                     try:
@@ -694,14 +686,11 @@ class PackSet:
         for cid, (pack, off, ln) in self._loose.items():
             if pack in self._live:
                 records.append(record(cid, bytes.fromhex(pack), off, ln))
-        records.sort()
-        unique = [r for i, r in enumerate(records) if i == 0 or r[:32] != records[i - 1][:32]]
-        del records
         name = secrets.token_hex(16) + ".midx"
         try:
             with os.fdopen(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
                                    dir_fd=self._tfd), "wb") as f:
-                f.write(encode_midx(unique))
+                f.write(encode_midx(records))
                 f.flush()
                 os.fsync(f.fileno())
             crash_point()

@@ -340,8 +340,6 @@ class RegistryChunkStore(ChunkStore):
         self._known: set[str] = set()  # pack digests (hex) the loaded index names, or this client wrote
         self._pending: dict[bytes, tuple[int, int]] = {}  # cid -> (offset, length) in _pack
         self._pack = bytearray()
-        #: index requests made by this client (for measurement and tests)
-        self.index_requests = 0
 
     def __repr__(self) -> str:
         return f"RegistryChunkStore({self.url})"
@@ -357,7 +355,6 @@ class RegistryChunkStore(ChunkStore):
             except FileNotFoundError:
                 pass
         data = fetch()
-        self.index_requests += 1
         if path:
             makedirs_private(os.path.dirname(path))
             tmp = f"{path}.{secrets.token_hex(4)}.tmp"
@@ -400,7 +397,6 @@ class RegistryChunkStore(ChunkStore):
     def _load(self) -> None:
         # only well-formed index tags: they become cache file names (a registry's tag list is not trusted)
         tags = [t for t in self.client.tags(self.index_repo) if isinstance(t, str) and _INDEX_TAG.match(t)]
-        self.index_requests += 1
         for t in sorted(t for t in tags if t.startswith("s-") and t not in self._snaps and t not in self._covered):
             got = self._index_artifact(t, AT_INDEX_SNAPSHOT, 2)
             if got is None:
@@ -583,10 +579,7 @@ class RegistryChunkStore(ChunkStore):
                 body = _SEG_HEAD.pack(b"CSRX", 1, bytes.fromhex(digest.split(":", 1)[1])) + b"".join(
                     _SEG.pack(cid, off, n) for cid, (off, n) in pending.items())
                 idx = self.client.put_blob(self.index_repo, body)
-                tag = "x-" + secrets.token_hex(16)
-                art = _artifact(AT_CHUNK_INDEX, [_layer(idx, len(body))], {})
-                self.client.put_manifest(self.index_repo, tag, art)
-                self._art_digest[tag] = "sha256:" + hashlib.sha256(art).hexdigest()
+                tag = self._put_index_artifact("x-", AT_CHUNK_INDEX, [_layer(idx, len(body))])
             except BaseException:
                 with self._lock:  # keep them pending: a retry of flush sends them again
                     for cid, (off, n) in pending.items():
@@ -602,6 +595,14 @@ class RegistryChunkStore(ChunkStore):
                 self.compact(full=False)
             except RegistryError as e:  # a merge is an optimisation: the segments stay valid
                 log.warning("could not merge the registry index: %s", e)
+
+    def _put_index_artifact(self, prefix: str, artifact_type: str, layers: list[dict[str, Any]]) -> str:
+        """Tag a new index artifact ``prefix<random>``; its tag (its digest is kept for deletes)."""
+        tag = prefix + secrets.token_hex(16)
+        art = _artifact(artifact_type, layers, {})
+        self.client.put_manifest(self.index_repo, tag, art)
+        self._art_digest[tag] = "sha256:" + hashlib.sha256(art).hexdigest()
+        return tag
 
     def compact(self, full: bool = True) -> None:
         """Merge the loaded segments (and, size-tiered, the small snapshots)
@@ -624,17 +625,13 @@ class RegistryChunkStore(ChunkStore):
             for t in loose:
                 records.extend(record(cid, bytes.fromhex(pack.split(":", 1)[1]), off, n)
                                for cid, pack, off, n in self._seg_tags[t])
-        records.sort()
-        unique = [r for i, r in enumerate(records) if i == 0 or r[:32] != records[i - 1][:32]]
-        data = encode_midx(unique, SNAP_MAGIC, 32)
+        data = encode_midx(records, SNAP_MAGIC, 32)
         covered = sorted({*loose, *taken, *(c for t in taken for c in self._snap_covers.get(t, ()))})
         cov = json.dumps(covered).encode()
         d1 = self.client.put_blob(self.index_repo, data)
         d2 = self.client.put_blob(self.index_repo, cov)
-        tag = "s-" + secrets.token_hex(16)
-        art = _artifact(AT_INDEX_SNAPSHOT, [_layer(d1, len(data)), _layer(d2, len(cov), "application/json")], {})
-        self.client.put_manifest(self.index_repo, tag, art)
-        self._art_digest[tag] = "sha256:" + hashlib.sha256(art).hexdigest()
+        tag = self._put_index_artifact("s-", AT_INDEX_SNAPSHOT,
+                                       [_layer(d1, len(data)), _layer(d2, len(cov), "application/json")])
         with self._lock:
             snap = SortedIndex.from_bytes(data, f"index snapshot {tag}", SNAP_MAGIC, 32)
             self._snaps[tag] = snap
