@@ -60,10 +60,8 @@ class Domains:
                                  f"{name}") from None
             rec, secret = self._create(name, exist_ok=True)
         except TamperedObject:
-            if not (self.ident.created and name == DEFAULT_DOMAIN and not self.objects.supports_locking):
+            if not self._may_replace(name):
                 raise
-            # this process has just created the store (a registry has no atomic create): an unauthentic default
-            # domain in it is a concurrent creator's, which lost (it refuses to publish), or a forgery; ours replaces it
             rec, secret = self._create(name, replace=True)
         check_key_id(self.key, rec["key_id"], f"domain {name!r}")
         if secret is None:
@@ -96,6 +94,13 @@ class Domains:
         """A new domain with a fresh secret (epoch 1)."""
         return self._create(name)[0]
 
+    def _may_replace(self, name: str) -> bool:
+        """Whether an unauthentic record of ``name`` may be replaced by this
+        process's own: only the default domain of a store this process has
+        just created without an atomic create (a registry).  There it is a
+        concurrent creator's, which lost (it refuses to publish), or a forgery."""
+        return self.ident.created and name == DEFAULT_DOMAIN and not self.objects.supports_locking
+
     def _create(self, name: str, exist_ok: bool = False, replace: bool = False) -> tuple[dict[str, Any], bytes | None]:
         check_domain_name(name)
         now = now_iso()
@@ -106,7 +111,13 @@ class Domains:
         rec["wrapped_secret"] = base64.b64encode(wrapped).decode()
         if not self.write(rec, exclusive=not replace):
             if exist_ok:
-                return self.record(name), None
+                try:
+                    return self.record(name), None
+                except TamperedObject:
+                    if not self._may_replace(name):
+                        raise
+                    self.write(rec)
+                    return rec, secret
             raise StoreError(f"convergence domain {name!r} already exists")
         return rec, secret
 
