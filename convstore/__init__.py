@@ -11,36 +11,69 @@ Quick start::
 
 from __future__ import annotations
 
-from .chunking import ChunkParams
-from .errors import (
-    ChunkMissing,
-    ConvstoreError,
-    CorruptLayer,
-    CorruptObject,
-    DigestMismatch,
-    ImageFailed,
-    ImageInactive,
-    ImageNotFound,
-    ImagePending,
-    InvalidReference,
-    KeyAccessDenied,
-    KeyFileError,
-    KeyProviderError,
-    RollbackDetected,
-    SourceError,
-    SourceNotFound,
-    StoreError,
-    StoreFormatError,
-    TamperedObject,
-    UnsafePathError,
-    UnsupportedMediaType,
-)
-from .keys import KeyProvider, LocalKeyFile, open_key
-from .catalog import CatalogEntry
-from .options import StoreOptions
-from .store import ImageInfo, Store, StoreStats, default_store_path
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+# Names are imported on first use (PEP 562): ``import convstore`` and the
+# command line's start-up pay only for what they touch.
+_EXPORTS = {
+    "ChunkParams": "chunking", "KeyProvider": "keys", "LocalKeyFile": "keys", "open_key": "keys",
+    "CatalogEntry": "catalog", "StoreOptions": "options",
+    "ImageInfo": "store", "Store": "store", "StoreStats": "store", "default_store_path": "store",
+    **{name: "errors" for name in (
+        "ChunkMissing", "ConvstoreError", "CorruptLayer", "CorruptObject", "DigestMismatch", "ImageFailed",
+        "ImageInactive", "ImageNotFound", "ImagePending", "InvalidReference", "KeyAccessDenied", "KeyFileError",
+        "KeyProviderError", "RollbackDetected", "SourceError", "SourceNotFound", "StoreError", "StoreFormatError",
+        "TamperedObject", "UnsafePathError", "UnsupportedMediaType")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'convstore' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from .catalog import CatalogEntry
+    from .chunking import ChunkParams
+    from .errors import (
+        ChunkMissing,
+        ConvstoreError,
+        CorruptLayer,
+        CorruptObject,
+        DigestMismatch,
+        ImageFailed,
+        ImageInactive,
+        ImageNotFound,
+        ImagePending,
+        InvalidReference,
+        KeyAccessDenied,
+        KeyFileError,
+        KeyProviderError,
+        RollbackDetected,
+        SourceError,
+        SourceNotFound,
+        StoreError,
+        StoreFormatError,
+        TamperedObject,
+        UnsafePathError,
+        UnsupportedMediaType,
+    )
+    from .keys import KeyProvider, LocalKeyFile, open_key
+    from .options import StoreOptions
+    from .store import ImageInfo, Store, StoreStats, default_store_path
+
 
 __all__ = [
     "Store", "StoreOptions", "StoreStats", "ImageInfo", "CatalogEntry", "ChunkParams", "KeyProvider", "LocalKeyFile",

@@ -10,17 +10,23 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
+from ._version import __version__
 from .errors import ConvstoreError
-from .oci.media import COMPRESSIONS
 from .options import StoreOptions
-from .store import Store
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from .store import Store
+
+# Start-up time is part of every command (a warm `convstore run` is budgeted
+# at 0.3 s): modules beyond typer are imported where a command needs them,
+# rich included (docs/benchmarks.md, "Start latency").
 
 app = typer.Typer(
     add_completion=False,
@@ -28,8 +34,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Store OCI images as convergent-encrypted, deduplicated chunks; unpack them back exactly.",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True)
+
+
+class _LazyConsole:
+    """A rich Console made on first use."""
+
+    def __init__(self, **kw: Any) -> None:
+        self._kw = kw
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kw)
+        return getattr(self._console, name)
+
+
+out = _LazyConsole(soft_wrap=True)
+err = _LazyConsole(stderr=True)
 
 
 class _State:
@@ -52,8 +75,16 @@ class _State:
 state = _State()
 
 
+def _version_flag(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"convstore {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
+    version: bool = typer.Option(False, "--version", callback=_version_flag, is_eager=True,
+                                 help="Print the version and exit"),
     store: Optional[str] = typer.Option(None, "--store", metavar="PATH",
                                         help="Store directory [default: $CONVSTORE_STORE or the user data dir]"),
     key: Optional[str] = typer.Option(None, "--key", metavar="SPEC",
@@ -145,8 +176,11 @@ class _RichProgress:
         self._task: Any = None
 
     def start(self, description: str, total: int | None) -> None:
-        if state.quiet or not err.is_terminal:
+        if state.quiet or not sys.stderr.isatty():
             return
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
         self._p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                            TimeRemainingColumn(), console=err, transient=True)
         self._p.start()
@@ -200,6 +234,8 @@ def unpack(
     """Write an image back as an OCI image layout, or as a root filesystem."""
     if (dest is None) == (rootfs is None):
         raise typer.BadParameter("give either oci:DIR[:TAG] or --rootfs DIR")
+    from .oci.media import COMPRESSIONS
+
     if compress is not None and compress not in COMPRESSIONS:
         raise typer.BadParameter(f"--compress must be one of {', '.join(COMPRESSIONS)}")
     store = _store()
@@ -253,6 +289,8 @@ def inspect(ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
     c = doc["chunking"]
     out.print(f"chunking: {c['algorithm']} min/avg/max {c['min_size']}/{c['avg_size']}/{c['max_size']}, "
               f"zstd level {doc['compression_level']}, {doc['chunks']} unique chunks", highlight=False)
+    from rich.table import Table
+
     t = Table("#", "MEDIA TYPE", "DIFF ID", "SIZE", "FILES", "CHUNKS", box=None)
     for i, l in enumerate(doc["layers"]):
         t.add_row(str(i), l["media_type"].rsplit(".", 1)[-1], l["diff_id"][:19], _mb(l["uncompressed_size"]),
@@ -294,6 +332,8 @@ def domain_list(json_out: bool = typer.Option(False, "--json", help="Print as JS
     if json_out:
         _emit_json(ds)
         return
+    from rich.table import Table
+
     t = Table("NAME", "EPOCH", "KEY", "CREATED", box=None)
     for d in ds:
         t.add_row(d["name"], str(d["epoch"]), d["key_id"], d["created"])
@@ -362,6 +402,8 @@ def audit(since: Optional[str] = typer.Option(None, "--since", metavar="ISO-TIME
         for r in recs:
             sys.stdout.write(json.dumps(r, sort_keys=True) + "\n")
         return
+    from rich.table import Table
+
     t = Table("TIME", "OP", "OUTCOME", "PURPOSE", "IMAGE/DOMAIN", "KEY", "PID", "USER", box=None)
     for r in recs:
         t.add_row(r["time"], r["op"], r["outcome"], r["purpose"], r.get("image") or r.get("domain", ""),

@@ -1,0 +1,24 @@
+"""``convstore`` and ``python -m convstore``: the command line's entry point.
+
+``convstore --version`` is answered here, before typer and the command tree
+are imported (the start-up budget is 120 ms; docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--version"]:
+        from ._version import __version__
+
+        sys.stdout.write(f"convstore {__version__}\n")
+        return
+    from .cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
