@@ -76,7 +76,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "Store", "StoreOptions", "StoreStats", "ImageInfo", "CatalogEntry", "ChunkParams", "KeyProvider", "LocalKeyFile",
+    "__version__", "Store", "StoreOptions", "StoreStats", "ImageInfo", "CatalogEntry", "ChunkParams", "KeyProvider", "LocalKeyFile",
     "open_key", "default_store_path", "TamperedObject", "RollbackDetected",
     "ConvstoreError", "SourceError", "SourceNotFound", "DigestMismatch", "CorruptLayer", "UnsupportedMediaType",
     "StoreError", "ImageNotFound", "ImagePending", "ImageInactive", "ImageFailed", "ChunkMissing", "CorruptObject", "StoreFormatError", "KeyProviderError",

@@ -43,12 +43,15 @@ class _LazyConsole:
         self._kw = kw
         self._console: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def get(self) -> Console:
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(**self._kw)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
 
 
 out = _LazyConsole(soft_wrap=True)
@@ -182,7 +185,7 @@ class _RichProgress:
                                    TransferSpeedColumn)
 
         self._p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                           TimeRemainingColumn(), console=err, transient=True)
+                           TimeRemainingColumn(), console=err.get(), transient=True)
         self._p.start()
         self._task = self._p.add_task(description, total=total)
 
