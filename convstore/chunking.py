@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from pyfastcdc import FastCDC
-
 from .errors import CorruptLayer, StoreFormatError
 
 
@@ -57,6 +55,8 @@ class StreamChunker:
     def __init__(self, params: ChunkParams, emit: Callable[[bytes], None], buffer_size: int = 8 << 20):
         if buffer_size < 4 * params.max_size:
             raise ValueError("buffer must hold four maximal chunks")
+        from pyfastcdc import FastCDC  # here: readers import this module for ChunkParams only
+
         self.params = params
         self._cdc = FastCDC(
             params.avg_size,

@@ -35,6 +35,11 @@ class ImageOperations(mfusepy.Operations):
         self._lock = threading.Lock()
         self.read_calls = 0
         self.read_bytes = 0
+        #: set when the kernel's INIT arrives: the mount is up and served
+        self.ready = threading.Event()
+
+    def init(self, path: str) -> None:
+        self.ready.set()
 
     def _node(self, path: str) -> Node:
         try:
@@ -188,12 +193,11 @@ class BackgroundMount:
         self._thread = threading.Thread(target=self._run, name="convstore-fuse", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
-        while not os.path.ismount(self.mountpoint):
+        while not self.ops.ready.wait(0.05):
             if self._error is not None or not self._thread.is_alive():
                 raise StoreError(f"cannot mount at {self.mountpoint} (libfuse status {self._error or 'exited'})")
             if time.monotonic() > deadline:
                 raise StoreError(f"timed out mounting at {self.mountpoint}")
-            time.sleep(0.01)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,6 +14,7 @@ before and while the process starts.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -117,11 +118,39 @@ def process_spec(fs: ImageFS, config: dict[str, Any], command: list[str] | None)
             "additionalGids": extra}
 
 
-def _runc_bundle(bundle: str, rootfs: str, proc: dict[str, Any], runc: str, hostname: str) -> None:
+def _runc_template(runc: str, bundle: str) -> dict[str, Any]:
+    """runc's default spec (``runc spec``), kept in the user cache dir per
+    runc binary: a subprocess less on every start."""
+    import platformdirs
+
+    st = os.stat(runc)
+    key = hashlib.sha256(f"{os.path.realpath(runc)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = os.path.join(platformdirs.user_cache_dir("convstore"), f"runc-spec-{key}.json")
+    try:
+        with open(cache) as f:
+            spec: dict[str, Any] = json.load(f)
+        if isinstance(spec, dict) and isinstance(spec.get("process"), dict) and isinstance(spec.get("mounts"), list):
+            return spec
+    except (OSError, ValueError):
+        pass
     subprocess.run([runc, "spec", "--bundle", bundle], check=True, capture_output=True)
+    with open(os.path.join(bundle, "config.json"), "rb") as f:
+        raw = f.read()
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # no cache: the next start asks runc again
+    spec = json.loads(raw)
+    return spec
+
+
+def _runc_bundle(bundle: str, rootfs: str, proc: dict[str, Any], runc: str, hostname: str) -> None:
+    spec = _runc_template(runc, bundle)
     path = os.path.join(bundle, "config.json")
-    with open(path) as f:
-        spec = json.load(f)
     spec["root"] = {"path": rootfs, "readonly": True}
     spec["hostname"] = hostname
     p = spec["process"]
@@ -136,7 +165,7 @@ def _runc_bundle(bundle: str, rootfs: str, proc: dict[str, Any], runc: str, host
     spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                            "options": ["nosuid", "nodev", "mode=1777"]})
     with open(path, "w") as f:
-        json.dump(spec, f, indent=1)
+        json.dump(spec, f)
 
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
@@ -235,7 +264,8 @@ def run_image(store: Store, ref: str, command: list[str] | None = None, *, runti
                 _runc_bundle(bundle, rootfs, proc, runc, entry.ref.name.replace("/", "-")[:63])
                 cid = f"convstore-{os.getpid()}-{int(time.time() * 1000) % 100000}"
                 rc, runc_failed, msg = _run_runc(runc, bundle, cid, stdout, stderr)
-                subprocess.run([runc, "delete", "--force", cid], capture_output=True)
+                if runc_failed:  # a container that ran is deleted by `runc run` itself
+                    subprocess.run([runc, "delete", "--force", cid], capture_output=True)
                 if runc_failed and "exec:" in msg:  # the command itself cannot be started
                     why = msg.split("exec:", 1)[1].replace('\\"', '"').strip().rstrip('"')
                     raise RunError(f"cannot start {proc['args'][0]!r} in the image: {why}")
