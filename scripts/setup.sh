@@ -6,12 +6,19 @@
 # The venv is rebuilt from scratch when pyproject.toml or the interpreter changed,
 # or always with CONVSTORE_FRESH_VENV=1 (scripts/test.sh sets it), so nothing
 # installed by hand can stand in for an undeclared dependency.
+# With --bench, also the peers and tools the benchmark suite compares with
+# (borg, restic, casync, hyperfine) and the `bench` extra (matplotlib, py-spy).
 # Prints the venv's path on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BENCH=0
+[ "${1:-}" = "--bench" ] && BENCH=1
 
 APT_PACKAGES=(skopeo umoci runc fuse3 libfuse3-3 zstd mmdebstrap arch-test uidmap util-linux softhsm2
               docker-registry python3-venv ca-certificates)
+[ $BENCH = 1 ] && APT_PACKAGES+=(borgbackup restic casync hyperfine time)
+EXTRAS=test
+[ $BENCH = 1 ] && EXTRAS=test,bench
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,14 +32,14 @@ fi
 
 PY=${PYTHON:-python3}
 VENV=${CONVSTORE_VENV:-$PWD/.venv}
-stamp=$( (sha256sum pyproject.toml; "$PY" -c 'import sys; print(sys.version, sys.executable)') | sha256sum | cut -c1-16)
+stamp=$( (sha256sum pyproject.toml; echo "$EXTRAS"; "$PY" -c 'import sys; print(sys.version, sys.executable)') | sha256sum | cut -c1-16)
 if [ "${CONVSTORE_FRESH_VENV:-0}" = 1 ] || [ "$(cat "$VENV/.convstore-stamp" 2>/dev/null)" != "$stamp" ]; then
-  echo "setup: creating a fresh virtual environment in $VENV (pip install -e '.[test]')" >&2
+  echo "setup: creating a fresh virtual environment in $VENV (pip install -e '.[$EXTRAS]')" >&2
   "$PY" -m venv --clear "$VENV"
   pip_q() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
              | { grep -v -e "^WARNING: Location 'file:" -e "Running pip as the 'root' user" >&2 || true; }; }
   pip_q --upgrade pip
-  pip_q -e '.[test]'
+  pip_q -e ".[$EXTRAS]"
   echo "$stamp" >"$VENV/.convstore-stamp"
 fi
 "$VENV/bin/python" -c "import convstore.cli, convstore.stores.registry" \
