@@ -27,6 +27,7 @@ from .oci import media
 from .progress import NoProgress, Progress
 from .store import Store
 from .tarsplit import join_tar
+from .writeback import Writeback
 
 
 def iter_content(store: Store, manifest: Manifest, layer: LayerRecord, pool: ThreadPoolExecutor,
@@ -66,12 +67,14 @@ class _HashingFile:
         self.f = f
         self.h = hashlib.sha256() if hash else None
         self.n = 0
+        self._writeback = Writeback(f.fileno())  # the blob is fsynced before it is named
 
     def write(self, b: Any) -> int:
         if self.h is not None:
             self.h.update(b)
         self.f.write(b)
         self.n += len(b)
+        self._writeback.wrote(self.n)
         return len(b)
 
     def flush(self) -> None:

@@ -131,7 +131,7 @@ def serve(fs: ImageFS, mountpoint: str, ops: ImageOperations | None = None) -> N
     detached first."""
     recover_stale_mount(mountpoint)
     try:
-        mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=True, **fuse_options())
+        mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=False, **fuse_options())
     except RuntimeError as e:
         # libfuse reports a loop ended by SIGINT/SIGTERM as an error status
         # after it has unmounted; only a failure to mount is an error.

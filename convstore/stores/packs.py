@@ -56,6 +56,7 @@ from blake3 import blake3
 from ..errors import StoreError, StoreFormatError
 from .base import ChunkSet, Location
 from .faults import crash_point
+from ..writeback import Writeback
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +324,7 @@ class _Writer:
         os.write(self.fd, head)
         self.size = len(head)
         self.entries: dict[bytes, tuple[int, int]] = {}
+        self._writeback = Writeback(self.fd)
 
     def append(self, cid: bytes, blob: bytes) -> None:
         crash_point()
@@ -335,6 +337,7 @@ class _Writer:
             raise StoreError(f"cannot write pack {self.name}: {e.strerror}") from None
         self.entries[cid] = (off, len(blob))
         self.size += len(blob)
+        self._writeback.wrote(self.size)
 
     def read(self, off: int, ln: int) -> bytes:
         return os.pread(self.fd, ln, off)
