@@ -34,7 +34,8 @@ def record(py: str, module: str, args: list[str], out: Path) -> None:
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     subprocess.run([pyspy, "record", "--idle", "-r", "1000", "-f", "raw", "-o", str(out), "--", py, "-m", module,
-                    *args], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    *args], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   cwd=out.parent)  # not this checkout: -m would import its convstore over PY's own
 
 
 def summarize(raw: Path, min_pct: float) -> str:
@@ -94,7 +95,7 @@ def main() -> None:
         }
         for name, args in paths.items():
             if name == "run (warm)":  # the first run records the start-up profile
-                subprocess.run([a.python, "-m", module, *args], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run([a.python, "-m", module, *args], check=True, stdout=subprocess.DEVNULL, cwd=t)
             record(a.python, module, args, t / "p.raw")
             print(f"### {name}\n\n```\n{summarize(t / 'p.raw', a.min)}\n```\n")
 
