@@ -569,32 +569,10 @@ def mount(
     background: bool = typer.Option(False, "--background", "-b", help="Return once mounted; unmount with fusermount3 -u"),
 ) -> None:
     """Mount an image read-only with FUSE (foreground until Ctrl-C / SIGTERM / unmount)."""
-    import subprocess
-    import time as _t
-
-    from .reader.fuse import recover_stale_mount
-
-    recover_stale_mount(mountpoint)  # a mount whose process was killed: detached, then mounted again
-    if not os.path.isdir(mountpoint):
-        raise typer.BadParameter(f"{mountpoint} is not a directory")
+    _prepare_mountpoint(mountpoint)
     if background:
-        from .worker import spawn
-
-        # library code in a child that inherits the store options on a pipe (a PIN never reaches argv)
-        p = spawn({"op": "mount", "ref": ref, "mountpoint": os.path.abspath(mountpoint)},
-                  _options(state.store_path), stderr=subprocess.PIPE)
-        deadline = _t.monotonic() + 30
-        while not os.path.ismount(mountpoint):
-            if p.poll() is not None:
-                msg = (p.stderr.read().decode(errors="replace").strip().splitlines() or ["mount failed"])[-1] \
-                    if p.stderr else "mount failed"
-                raise ConvstoreError(msg.removeprefix("convstore: error: "))
-            if _t.monotonic() > deadline:
-                p.terminate()
-                raise ConvstoreError(f"timed out mounting {ref} at {mountpoint}")
-            _t.sleep(0.02)
-        out.print(f"mounted {ref} at {mountpoint} (pid {p.pid}); unmount with: fusermount3 -u {mountpoint}",
-                  highlight=False)
+        _mount_in_background({"op": "mount", "ref": ref, "mountpoint": os.path.abspath(mountpoint)}, mountpoint,
+                             ref)
         return
     from .reader import ImageFS
     from .reader.fuse import serve
@@ -602,6 +580,52 @@ def mount(
 
     with ImageFS.from_store(_store(), ref, prefetch_on_open=PREFETCH_ON_OPEN) as fs:
         serve(fs, mountpoint)
+
+
+@app.command()
+def layerstore(
+    mountpoint: str = typer.Argument(..., metavar="MOUNTPOINT"),
+    background: bool = typer.Option(False, "--background", "-b", help="Return once mounted; unmount with fusermount3 -u"),
+) -> None:
+    """Serve the store's layers to podman / CRI-O as an additional layer store (docs/engines.md)."""
+    _prepare_mountpoint(mountpoint)
+    if background:
+        _mount_in_background({"op": "layerstore", "mountpoint": os.path.abspath(mountpoint)}, mountpoint,
+                             "the layer store")
+        return
+    from .reader.layerstore import serve_layerstore
+
+    serve_layerstore(_store(), mountpoint)
+
+
+def _prepare_mountpoint(mountpoint: str) -> None:
+    from .reader.fuse import recover_stale_mount
+
+    recover_stale_mount(mountpoint)  # a mount whose process was killed: detached, then mounted again
+    if not os.path.isdir(mountpoint):
+        raise typer.BadParameter(f"{mountpoint} is not a directory")
+
+
+def _mount_in_background(task: dict[str, Any], mountpoint: str, what: str) -> None:
+    import subprocess
+    import time as _t
+
+    from .worker import spawn
+
+    # library code in a child that inherits the store options on a pipe (a PIN never reaches argv)
+    p = spawn(task, _options(state.store_path), stderr=subprocess.PIPE)
+    deadline = _t.monotonic() + 30
+    while not os.path.ismount(mountpoint):
+        if p.poll() is not None:
+            msg = (p.stderr.read().decode(errors="replace").strip().splitlines() or ["mount failed"])[-1] \
+                if p.stderr else "mount failed"
+            raise ConvstoreError(msg.removeprefix("convstore: error: "))
+        if _t.monotonic() > deadline:
+            p.terminate()
+            raise ConvstoreError(f"timed out mounting {what} at {mountpoint}")
+        _t.sleep(0.02)
+    out.print(f"mounted {what} at {mountpoint} (pid {p.pid}); unmount with: fusermount3 -u {mountpoint}",
+              highlight=False)
 
 
 @app.command()

@@ -41,6 +41,7 @@ from .tarsplit import TarEntry
 
 WH = ".wh."
 OPAQUE = ".wh..wh..opq"
+OVERLAY_OPAQUE = "trusted.overlay.opaque"  # overlayfs's opaque-directory xattr (as root)
 TYPE_BITS = {"0": stat.S_IFREG, "\0": stat.S_IFREG, "7": stat.S_IFREG, "2": stat.S_IFLNK,
              "3": stat.S_IFCHR, "4": stat.S_IFBLK, "5": stat.S_IFDIR, "6": stat.S_IFIFO}
 
@@ -144,8 +145,13 @@ class MergedTree:
         node.uid, node.gid, node.mtime_ns = e.uid, e.gid, e.mtime_ns
         node.xattrs = dict(e.xattrs)
 
-    def apply(self, li: int, entries: Sequence[TarEntry]) -> None:
+    def apply(self, li: int, entries: Sequence[TarEntry], overlay: bool = False) -> None:
+        """Apply one layer's entries.  With ``overlay``, whiteouts are kept in
+        overlayfs's own form instead of applied: ``.wh.NAME`` becomes a 0:0
+        character device ``NAME``, ``.wh..wh..opq`` the ``trusted.overlay.opaque``
+        xattr on its directory (one layer as an overlay lower directory)."""
         created: set[int] = set()
+        opaque: list[Node] = []
         for e in entries:
             comps = entry_components(e.path)
             if not comps:
@@ -156,6 +162,9 @@ class MergedTree:
             assert parent.children is not None
             base = comps[-1]
             if base == OPAQUE:
+                if overlay:
+                    opaque.append(parent)  # marked at the end: the directory's own entry may come later
+                    continue
                 for name in [n for n, c in parent.children.items() if id(c) not in created]:
                     self._unlink(parent, name)
                 continue
@@ -164,6 +173,9 @@ class MergedTree:
                 if not name or name in (".", ".."):
                     raise CorruptLayer(f"invalid whiteout {e.path!r}")
                 self._unlink(parent, name)
+                if overlay:
+                    node = parent.children[name] = self._new(stat.S_IFCHR, e.uid, e.gid, 0, e.mtime_ns)
+                    created.add(id(node))
                 continue
             old = parent.children.get(base)
             if e.type == "5" and old is not None and old.is_dir:
@@ -195,6 +207,8 @@ class MergedTree:
                 node.rdev = os.makedev(e.devmajor, e.devminor)
             parent.children[base] = node
             created.add(id(node))
+        for d in opaque:
+            d.xattrs[OVERLAY_OPAQUE] = b"y"
 
     def _hardlink_target(self, e: TarEntry) -> Node:
         comps = entry_components(e.linkname)
@@ -215,4 +229,12 @@ def merge_layers(layers: Sequence[Sequence[TarEntry]]) -> MergedTree:
     tree = MergedTree()
     for i, entries in enumerate(layers):
         tree.apply(i, entries)
+    return tree
+
+
+def layer_tree(entries: Sequence[TarEntry], li: int) -> MergedTree:
+    """Layer ``li`` alone, as an overlayfs lower directory (its whiteouts in
+    overlay form; the same refusals as a merge)."""
+    tree = MergedTree()
+    tree.apply(li, entries, overlay=True)
     return tree

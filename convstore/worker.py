@@ -11,6 +11,7 @@ Tasks::
 
     {"op": "pack", "source": SOURCE, "ref": NAME:TAG, "domain": DOMAIN}
     {"op": "mount", "ref": NAME:TAG, "mountpoint": DIR}
+    {"op": "layerstore", "mountpoint": DIR}
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def run_task(doc: dict[str, Any]) -> None:
 
         with ImageFS.from_store(store, task["ref"], prefetch_on_open=PREFETCH_ON_OPEN) as fs:
             serve(fs, task["mountpoint"])
+    elif task["op"] == "layerstore":
+        from .reader.layerstore import serve_layerstore
+
+        serve_layerstore(store, task["mountpoint"])
     else:
         raise ConvstoreError(f"unknown worker task {task.get('op')!r}")
 

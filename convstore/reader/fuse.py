@@ -24,13 +24,17 @@ log = logging.getLogger(__name__)
 
 
 class ImageOperations(mfusepy.Operations):
-    """FUSE callbacks over an ImageFS.  Counts what readers asked for."""
+    """FUSE callbacks over an ImageFS.  Counts what readers asked for.
+
+    Every path goes through :meth:`_target` (which filesystem, which path
+    in it), so a tree of several images' layers (the layer store) serves
+    its files through the same callbacks."""
 
     use_ns = True
 
-    def __init__(self, fs: ImageFS):
+    def __init__(self, fs: ImageFS | None):
         self.fs = fs
-        self._handles: dict[int, Node] = {}
+        self._handles: dict[int, tuple[ImageFS, Node]] = {}
         self._next = 1
         self._lock = threading.Lock()
         self.read_calls = 0
@@ -41,27 +45,34 @@ class ImageOperations(mfusepy.Operations):
     def init(self, path: str) -> None:
         self.ready.set()
 
-    def _node(self, path: str) -> Node:
+    def _target(self, path: str) -> tuple[ImageFS, str]:
+        assert self.fs is not None
+        return self.fs, path
+
+    def _node(self, path: str) -> tuple[ImageFS, Node]:
+        fs, p = self._target(path)
         try:
-            return self.fs.lookup(path)
+            return fs, fs.lookup(p)
         except FSError as e:
             raise mfusepy.FuseOSError(e.errno) from None
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        fs, p = self._target(path)
         try:
-            return self.fs.stat(path).as_dict()
+            return fs.stat(p).as_dict()
         except FSError as e:
             raise mfusepy.FuseOSError(e.errno) from None
 
     def readdir(self, path: str, fh: int) -> list[str]:
-        n = self._node(path)
+        _, n = self._node(path)
         if n.children is None:
             raise mfusepy.FuseOSError(errno.ENOTDIR)
         return [".", "..", *n.children]
 
     def readlink(self, path: str) -> str:
+        fs, p = self._target(path)
         try:
-            return self.fs.readlink(path)
+            return fs.readlink(p)
         except FSError as e:
             raise mfusepy.FuseOSError(e.errno) from None
 
@@ -74,18 +85,21 @@ class ImageOperations(mfusepy.Operations):
     def open(self, path: str, flags: int) -> int:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise mfusepy.FuseOSError(errno.EROFS)
-        n = self._node(path)
-        self.fs.opened(n)
+        fs, n = self._node(path)
+        fs.opened(n)
+        return self._new_handle((fs, n))
+
+    def _new_handle(self, what: Any) -> int:
         with self._lock:
             fh = self._next
             self._next += 1
-            self._handles[fh] = n
+            self._handles[fh] = what
         return fh
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        n = self._handles.get(fh) or self._node(path)
+        fs, n = self._handles.get(fh) or self._node(path)
         try:
-            data = self.fs.read_node(n, offset, size)
+            data = fs.read_node(n, offset, size)
         except ConvstoreError as e:
             log.error("read of %s at %d failed: %s", path, offset, e)
             raise mfusepy.FuseOSError(errno.EIO) from None
@@ -103,15 +117,16 @@ class ImageOperations(mfusepy.Operations):
         return 0
 
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        x = self._node(path).xattrs
+        x = self._node(path)[1].xattrs
         if name not in x:
             raise mfusepy.FuseOSError(errno.ENODATA)
         return x[name]
 
     def listxattr(self, path: str) -> list[str]:
-        return list(self._node(path).xattrs)
+        return list(self._node(path)[1].xattrs)
 
     def statfs(self, path: str) -> dict[str, int]:
+        assert self.fs is not None
         total = sum(layer.uncompressed_size for layer in self.fs.manifest.layers)
         return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": total // 4096, "f_bfree": 0, "f_bavail": 0,
                 "f_files": self.fs.inodes + 1, "f_ffree": 0, "f_namemax": 255}
@@ -125,7 +140,7 @@ def fuse_options(allow_other: bool = True) -> dict[str, Any]:
     return opts
 
 
-def serve(fs: ImageFS, mountpoint: str, ops: ImageOperations | None = None) -> None:
+def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None) -> None:
     """Serve in the foreground until unmounted (libfuse handles SIGINT/SIGTERM
     by unmounting cleanly).  A dead mount left there by a killed process is
     detached first."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import ConvstoreError
 from ..manifest import Manifest
-from ..merge import Node, merge_layers
+from ..merge import Node, layer_tree, merge_layers
 from ..paths import MAX_LINKS, components
 from ..catalog import CatalogEntry
 from ..store import Store
@@ -50,13 +50,19 @@ class Stat:
 class ImageFS:
     """A read-only filesystem over one stored image."""
 
-    def __init__(self, manifest: Manifest, fetcher: ChunkFetcher, prefetch_on_open: int = 0):
+    def __init__(self, manifest: Manifest, fetcher: ChunkFetcher, prefetch_on_open: int = 0,
+                 layer: int | None = None):
+        """The image's merged root filesystem; or, with ``layer``, that layer
+        alone as an overlayfs lower directory (whiteouts in overlay form)."""
         self.manifest = manifest
         self.fetcher = fetcher
         #: files up to this size are fetched whole, in parallel, when opened
         self.prefetch_on_open = prefetch_on_open
         self.entry: CatalogEntry | None = None
-        tree = merge_layers([layer.entries for layer in manifest.layers])  # the one layer merge (refuses hostile trees)
+        if layer is None:
+            tree = merge_layers([lr.entries for lr in manifest.layers])  # the one layer merge (refuses hostile trees)
+        else:
+            tree = layer_tree(manifest.layers[layer].entries, layer)
         self.root = tree.root
         self.warnings = tree.warnings
         self.inodes = tree.inodes

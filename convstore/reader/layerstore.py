@@ -1,0 +1,293 @@
+"""An additional layer store for podman and CRI-O (containers/storage).
+
+containers/storage's overlay driver, given
+``additionallayerstores = ["MOUNTPOINT:ref"]`` in storage.conf, looks each
+layer of an image being pulled up at::
+
+    MOUNTPOINT/<base64 of the image reference>/<layer blob digest>/
+        diff/   the layer's files, as an overlayfs lower directory
+        info    JSON: compressed-diff-digest, compressed-size, diff-digest, diff-size, compression
+        blob    the layer blob (stat'ed; read only by a push or a save)
+
+and when all three are there it uses ``diff/`` as the layer instead of
+pulling the blob.  This module serves that tree over FUSE from a convstore
+store: a layer is found by its original blob digest in any ACTIVE image of
+the store (a blob digest names its content, so the image reference is only
+where the engine met it), and ``diff/`` is that one layer's tree from the
+manifest's file index, its files read lazily through the image's chunk
+fetcher, whiteouts in overlay form (:func:`convstore.merge.layer_tree`).
+
+The engine tells a store when it starts and stops using a layer by creating
+``use`` and removing the layer directory; both answer ENOENT, which
+containers/storage takes as "notification understood".  ``blob`` has the
+blob's size but refuses reads (EIO): convstore keeps the layer's tar, not the
+original compressed bytes.  ``MOUNTPOINT/.convstore-stats`` holds what was
+fetched, per image, as JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import mfusepy
+
+from ..catalog import CatalogEntry
+from ..errors import ConvstoreError
+from ..lifecycle import ACTIVE
+from ..manifest import Manifest
+from ..paths import components
+from ..store import Store
+from .fetcher import ChunkFetcher
+from .fuse import ImageOperations
+from .imagefs import ImageFS, Stat
+from .run import PREFETCH_ON_OPEN
+
+log = logging.getLogger(__name__)
+
+STATS = ".convstore-stats"
+#: how often a lookup of an unknown digest may re-read the catalog (new packs appear)
+RESCAN_SECONDS = 2.0
+_GZIP = 2  # containers/storage's archive.Gzip (compression of the original blob)
+_COMPRESSION = {"gzip": _GZIP, "zstd": 4, "none": 0}
+
+
+@dataclass
+class _Layer:
+    entry: CatalogEntry
+    index: int
+    info: bytes  # the `info` file
+    size: int  # the original blob's size
+
+
+class LayerStore:
+    """Layers by blob digest over a store's ACTIVE images, each served once
+    as an :class:`ImageFS` of that layer alone (one chunk fetcher per image)."""
+
+    def __init__(self, store: Store, *, cache_bytes: int = 256 << 20) -> None:
+        self.store = store
+        self.cache_bytes = cache_bytes
+        self._lock = threading.Lock()
+        self._layers: dict[str, _Layer] = {}
+        self._scanned = 0.0
+        self._manifests: dict[str, tuple[CatalogEntry, Manifest, ChunkFetcher]] = {}
+        self._trees: dict[str, ImageFS] = {}
+
+    def scan(self) -> None:
+        """Index the blob digests of every ACTIVE image (manifests are authenticated as they load)."""
+        found: dict[str, _Layer] = {}
+        for e in self.store.complete_images():
+            if e.state != ACTIVE:
+                continue
+            try:
+                m = self.store.load_manifest(e)
+            except ConvstoreError as err:
+                log.warning("layer store: skipping %s: %s", e.ref, err)
+                continue
+            for i, lr in enumerate(m.layers):
+                if not lr.digest:
+                    continue
+                info = {"compressed-diff-digest": lr.digest, "compressed-size": lr.size, "diff-digest": lr.diff_id,
+                        "diff-size": lr.uncompressed_size, "compression": _COMPRESSION.get(lr.compression, 0)}
+                found.setdefault(lr.digest, _Layer(e, i, json.dumps(info).encode() + b"\n", lr.size or 0))
+        with self._lock:
+            self._layers = found
+            self._scanned = time.monotonic()
+
+    def layer(self, digest: str) -> _Layer | None:
+        with self._lock:
+            hit = self._layers.get(digest)
+            stale = time.monotonic() - self._scanned > RESCAN_SECONDS
+        if hit is None and stale:
+            self.scan()
+            with self._lock:
+                hit = self._layers.get(digest)
+        return hit
+
+    def known(self) -> list[str]:
+        with self._lock:
+            return list(self._layers)
+
+    def tree(self, digest: str) -> ImageFS:
+        """The layer's ``diff/`` tree (built on first use; the image's read is recorded then)."""
+        with self._lock:
+            fs = self._trees.get(digest)
+            if fs is not None:
+                return fs
+            lay = self._layers[digest]
+            key = lay.entry.manifest_digest or ""
+            got = self._manifests.get(key)
+            if got is None:
+                entry, manifest = self.store.open_image(lay.entry.ref)  # the read gate: a read is recorded
+                got = self._manifests[key] = (entry, manifest, ChunkFetcher(self.store.chunks, manifest,
+                                                                           cache_bytes=self.cache_bytes))
+            fs = ImageFS(got[1], got[2], PREFETCH_ON_OPEN, layer=lay.index)
+            fs.entry = got[0]
+            self._trees[digest] = fs
+            return fs
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {str(e.ref): f.stats.to_json() for e, _, f in self._manifests.values()}
+
+    def close(self) -> None:
+        with self._lock:
+            for _, _, f in self._manifests.values():
+                f.close()
+
+
+_DIR = stat.S_IFDIR | 0o555
+_FILE = stat.S_IFREG | 0o444
+
+
+class LayerStoreOperations(ImageOperations):
+    """The tree containers/storage reads, over :class:`LayerStore`."""
+
+    def __init__(self, layers: LayerStore) -> None:
+        super().__init__(None)
+        self.layers = layers
+        self._t0 = time.time_ns()
+
+    # -- paths --------------------------------------------------------------
+    def _split(self, path: str) -> list[str]:
+        parts = components(path)
+        if parts and parts[0] != STATS:
+            try:
+                base64.b64decode(parts[0], validate=True)
+            except (binascii.Error, ValueError):
+                raise mfusepy.FuseOSError(errno.ENOENT) from None
+        if len(parts) >= 2:
+            if not parts[1].startswith("sha256:") or self.layers.layer(parts[1]) is None:
+                raise mfusepy.FuseOSError(errno.ENOENT)
+            if len(parts) >= 3 and parts[2] not in ("diff", "info", "blob"):
+                raise mfusepy.FuseOSError(errno.ENOENT)  # `use` among them: "notification understood"
+            if len(parts) > 3 and parts[2] != "diff":
+                raise mfusepy.FuseOSError(errno.ENOTDIR)
+        return parts
+
+    def _target(self, path: str) -> tuple[ImageFS, str]:
+        parts = self._split(path)
+        if len(parts) < 3 or parts[2] != "diff":
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        try:
+            return self.layers.tree(parts[1]), "/" + "/".join(parts[3:])
+        except ConvstoreError as e:
+            log.error("layer store: cannot serve %s: %s", parts[1], e)
+            raise mfusepy.FuseOSError(errno.EIO) from None
+
+    def _is_tree(self, parts: list[str]) -> bool:
+        return len(parts) >= 3 and parts[2] == "diff"
+
+    def _synthetic(self, parts: list[str]) -> bytes | None:
+        """The bytes of a synthetic file (None for a directory)."""
+        if parts == [STATS]:
+            return json.dumps(self.layers.stats(), indent=1, sort_keys=True).encode() + b"\n"
+        if len(parts) == 3 and parts[2] == "info":
+            lay = self.layers.layer(parts[1])
+            assert lay is not None
+            return lay.info
+        return None
+
+    # -- callbacks ----------------------------------------------------------
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        parts = self._split(path)
+        if self._is_tree(parts):
+            return super().getattr(path, fh)
+        if len(parts) == 3 and parts[2] == "blob":
+            lay = self.layers.layer(parts[1])
+            assert lay is not None
+            size = lay.size
+        else:
+            data = self._synthetic(parts)
+            if data is None:
+                return Stat(_DIR, 1, 2, 0, 0, 0, self._t0, 0).as_dict()
+            size = len(data)
+        return Stat(_FILE, 1, 1, 0, 0, size, self._t0, 0).as_dict()
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        parts = self._split(path)
+        if self._is_tree(parts):
+            return super().readdir(path, fh)
+        if not parts:
+            return [".", "..", STATS]
+        if len(parts) == 1 and parts[0] != STATS:
+            return [".", "..", *sorted(self.layers.known())]
+        if len(parts) == 2:
+            return [".", "..", "diff", "info", "blob"]
+        raise mfusepy.FuseOSError(errno.ENOTDIR)
+
+    def readlink(self, path: str) -> str:
+        if not self._is_tree(self._split(path)):
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        return super().readlink(path)
+
+    def access(self, path: str, amode: int) -> int:
+        parts = self._split(path)
+        if self._is_tree(parts):
+            return super().access(path, amode)
+        if amode & os.W_OK:
+            raise mfusepy.FuseOSError(errno.EROFS)
+        return 0
+
+    def open(self, path: str, flags: int) -> int:
+        parts = self._split(path)
+        if self._is_tree(parts):
+            return super().open(path, flags)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise mfusepy.FuseOSError(errno.EROFS)
+        if len(parts) == 3 and parts[2] == "blob":
+            return self._new_handle(None)
+        data = self._synthetic(parts)
+        if data is None:
+            raise mfusepy.FuseOSError(errno.EISDIR)
+        return self._new_handle(data)
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        h = self._handles.get(fh, False)
+        if isinstance(h, bytes):
+            return h[offset : offset + size]
+        if h is None:  # the blob: convstore does not keep the original compressed bytes
+            raise mfusepy.FuseOSError(errno.EIO)
+        return super().read(path, size, offset, fh)
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        if not self._is_tree(self._split(path)):
+            raise mfusepy.FuseOSError(errno.ENODATA)
+        return super().getxattr(path, name, position)
+
+    def listxattr(self, path: str) -> list[str]:
+        if not self._is_tree(self._split(path)):
+            return []
+        return super().listxattr(path)
+
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        raise mfusepy.FuseOSError(errno.ENOENT)  # `use`: the engine's "I use this layer"
+
+    def rmdir(self, path: str) -> int:
+        raise mfusepy.FuseOSError(errno.ENOENT)  # the engine's "I released this layer"
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 0, "f_bfree": 0, "f_bavail": 0, "f_files": 0,
+                "f_ffree": 0, "f_namemax": 255}
+
+
+
+def serve_layerstore(store: Store, mountpoint: str) -> None:
+    """Serve the layer store at ``mountpoint`` until unmounted."""
+    from .fuse import serve
+
+    layers = LayerStore(store)
+    layers.scan()
+    try:
+        serve(None, mountpoint, LayerStoreOperations(layers))
+    finally:
+        layers.close()
