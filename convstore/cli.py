@@ -586,16 +586,19 @@ def mount(
 def layerstore(
     mountpoint: str = typer.Argument(..., metavar="MOUNTPOINT"),
     background: bool = typer.Option(False, "--background", "-b", help="Return once mounted; unmount with fusermount3 -u"),
+    stats_file: Optional[str] = typer.Option(None, "--stats-file", metavar="PATH",
+                                             help="Keep what was fetched, per image, in this JSON file"),
 ) -> None:
     """Serve the store's layers to podman / CRI-O as an additional layer store (docs/engines.md)."""
     _prepare_mountpoint(mountpoint)
+    stats = os.path.abspath(stats_file) if stats_file else None
     if background:
-        _mount_in_background({"op": "layerstore", "mountpoint": os.path.abspath(mountpoint)}, mountpoint,
-                             "the layer store")
+        _mount_in_background({"op": "layerstore", "mountpoint": os.path.abspath(mountpoint), "stats_file": stats},
+                             mountpoint, "the layer store")
         return
     from .reader.layerstore import serve_layerstore
 
-    serve_layerstore(_store(), mountpoint)
+    serve_layerstore(_store(), mountpoint, stats)
 
 
 def _prepare_mountpoint(mountpoint: str) -> None:

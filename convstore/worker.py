@@ -11,7 +11,7 @@ Tasks::
 
     {"op": "pack", "source": SOURCE, "ref": NAME:TAG, "domain": DOMAIN}
     {"op": "mount", "ref": NAME:TAG, "mountpoint": DIR}
-    {"op": "layerstore", "mountpoint": DIR}
+    {"op": "layerstore", "mountpoint": DIR, "stats_file": PATH or null}
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def run_task(doc: dict[str, Any]) -> None:
     elif task["op"] == "layerstore":
         from .reader.layerstore import serve_layerstore
 
-        serve_layerstore(store, task["mountpoint"])
+        serve_layerstore(store, task["mountpoint"], task.get("stats_file"))
     else:
         raise ConvstoreError(f"unknown worker task {task.get('op')!r}")
 

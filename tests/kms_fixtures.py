@@ -114,7 +114,7 @@ class Registry:
     """Debian's docker-registry on 127.0.0.1 with a temporary storage
     directory; stopped (and restartable) by its PID."""
 
-    def __init__(self, root: Path, htpasswd: str | None = None):
+    def __init__(self, root: Path, htpasswd: str | None = None, access_log: Path | None = None):
         exe = shutil.which("docker-registry")
         if exe is None:
             pytest.fail("docker-registry is not installed; scripts/setup.sh installs it")
@@ -124,17 +124,30 @@ class Registry:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         auth = f"auth: {{htpasswd: {{realm: convstore, path: {htpasswd}}}}}\n" if htpasswd else ""
+        self.access_log = access_log  # the registry's own log of every request (info level)
         (root / "config.yml").write_text(
-            "version: 0.1\nlog: {level: error}\n"
+            f"version: 0.1\nlog: {{level: {'info' if access_log else 'error'}}}\n"
             f"storage: {{filesystem: {{rootdirectory: {root / 'data'}}}, delete: {{enabled: true}}}}\n"
             f"http: {{addr: {self.host}}}\n" + auth)
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([self.exe, "serve", str(self.root / "config.yml")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd = [self.exe, "serve", str(self.root / "config.yml")]
+        if self.access_log:
+            with open(self.access_log, "ab") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        else:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, self.proc, "docker-registry")
+
+    def requests(self) -> list[str]:
+        """``METHOD PATH`` of every request the registry logged (its access log lines)."""
+        import re
+
+        assert self.access_log is not None
+        text = self.access_log.read_text(errors="replace")
+        return [f"{m} {p}" for m, p in re.findall(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/[0-9.]+"', text)]
 
     def kill(self) -> None:
         if self.proc is not None:

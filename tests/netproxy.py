@@ -78,7 +78,10 @@ class CountingProxy:
                     self.connection.close()
                     return
                 c = http.client.HTTPConnection(proxy.upstream, timeout=120)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                headers: dict[str, str] = {}
+                for k, v in self.headers.items():  # a repeated header (podman sends Accept several times) joined
+                    if k.lower() not in HOP_BY_HOP:
+                        headers[k] = f"{headers[k]}, {v}" if k in headers else v
                 try:
                     c.request(self.command, self.path, body=body, headers=headers)
                     r = c.getresponse()

@@ -118,9 +118,10 @@ class ChunkFetcher:
 
     def chunk(self, layer: int, k: int) -> bytes:
         idx = self.manifest.layers[layer].chunks[k]
-        if self.recording is not None and (layer, k) not in self._recorded:
+        rec = self.recording  # once: stop_recording may run in another thread
+        if rec is not None and (layer, k) not in self._recorded:
             self._recorded.add((layer, k))
-            self.recording.append((layer, k))
+            rec.append((layer, k))
         with self._lock:
             got = self._future(idx)
             if isinstance(got, bytes):
@@ -176,6 +177,11 @@ class ChunkFetcher:
     def start_recording(self) -> None:
         self.recording = []
         self._recorded = set()
+
+    def stop_recording(self) -> list[tuple[int, int]]:
+        """What was recorded; recording stops."""
+        rec, self.recording = self.recording, None
+        return rec or []
 
     def prefetch_profile(self, profile: list[tuple[int, int]]) -> int:
         """Start fetching a recorded start-up profile, in order; returns how many."""

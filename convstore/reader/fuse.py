@@ -63,11 +63,13 @@ class ImageOperations(mfusepy.Operations):
         except FSError as e:
             raise mfusepy.FuseOSError(e.errno) from None
 
-    def readdir(self, path: str, fh: int) -> list[str]:
+    def readdir(self, path: str, fh: int) -> list[str | tuple[str, int, int]]:
+        """Names with their file types (the d_type overlayfs needs to see a
+        whiteout in a lower directory, and ``ls`` and ``find`` use)."""
         _, n = self._node(path)
         if n.children is None:
             raise mfusepy.FuseOSError(errno.ENOTDIR)
-        return [".", "..", *n.children]
+        return [".", "..", *((name, c.mode, 0) for name, c in n.children.items())]
 
     def readlink(self, path: str) -> str:
         fs, p = self._target(path)
@@ -132,21 +134,27 @@ class ImageOperations(mfusepy.Operations):
                 "f_files": self.fs.inodes + 1, "f_ffree": 0, "f_namemax": 255}
 
 
-def fuse_options(allow_other: bool = True) -> dict[str, Any]:
-    opts: dict[str, Any] = {"ro": True, "fsname": "convstore", "subtype": "convstore", "default_permissions": True,
+def fuse_options(allow_other: bool = True, read_only: bool = True) -> dict[str, Any]:
+    """Mount options.  Without ``read_only`` the kernel passes write calls
+    on, for the callbacks to refuse one by one (the layer store answers two
+    of them, ENOENT, as containers/storage expects)."""
+    opts: dict[str, Any] = {"fsname": "convstore", "subtype": "convstore", "default_permissions": True,
                             "kernel_cache": True, "attr_timeout": 3600, "entry_timeout": 3600}
+    if read_only:
+        opts["ro"] = True
     if allow_other and os.geteuid() == 0:
         opts["allow_other"] = True
     return opts
 
 
-def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None) -> None:
+def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None, read_only: bool = True) -> None:
     """Serve in the foreground until unmounted (libfuse handles SIGINT/SIGTERM
     by unmounting cleanly).  A dead mount left there by a killed process is
     detached first."""
     recover_stale_mount(mountpoint)
     try:
-        mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=False, **fuse_options())
+        mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=False,
+                     **fuse_options(read_only=read_only))
     except RuntimeError as e:
         # libfuse reports a loop ended by SIGINT/SIGTERM as an error status
         # after it has unmounted; only a failure to mount is an error.

@@ -21,8 +21,12 @@ The engine tells a store when it starts and stops using a layer by creating
 ``use`` and removing the layer directory; both answer ENOENT, which
 containers/storage takes as "notification understood".  ``blob`` has the
 blob's size but refuses reads (EIO): convstore keeps the layer's tar, not the
-original compressed bytes.  ``MOUNTPOINT/.convstore-stats`` holds what was
-fetched, per image, as JSON.
+original compressed bytes.  Like ``convstore run``, the store prefetches an
+image's recorded start-up profile when it first serves one of its layers,
+and records one (the chunks read in its first 10 s) for an image that has
+none.  What was fetched, per image, is written as JSON
+to a stats file when one is given (``--stats-file``), every half second
+while it changes and at the end.
 """
 
 from __future__ import annotations
@@ -54,9 +58,10 @@ from .run import PREFETCH_ON_OPEN
 
 log = logging.getLogger(__name__)
 
-STATS = ".convstore-stats"
 #: how often a lookup of an unknown digest may re-read the catalog (new packs appear)
 RESCAN_SECONDS = 2.0
+#: an image with no start-up profile has the chunks read in its first seconds recorded as one
+RECORD_SECONDS = 10.0
 _GZIP = 2  # containers/storage's archive.Gzip (compression of the original blob)
 _COMPRESSION = {"gzip": _GZIP, "zstd": 4, "none": 0}
 
@@ -81,6 +86,7 @@ class LayerStore:
         self._scanned = 0.0
         self._manifests: dict[str, tuple[CatalogEntry, Manifest, ChunkFetcher]] = {}
         self._trees: dict[str, ImageFS] = {}
+        self._recording: dict[str, threading.Timer] = {}
 
     def scan(self) -> None:
         """Index the blob digests of every ACTIVE image (manifests are authenticated as they load)."""
@@ -128,18 +134,49 @@ class LayerStore:
             got = self._manifests.get(key)
             if got is None:
                 entry, manifest = self.store.open_image(lay.entry.ref)  # the read gate: a read is recorded
-                got = self._manifests[key] = (entry, manifest, ChunkFetcher(self.store.chunks, manifest,
-                                                                           cache_bytes=self.cache_bytes))
+                fetcher = ChunkFetcher(self.store.chunks, manifest, cache_bytes=self.cache_bytes)
+                got = self._manifests[key] = (entry, manifest, fetcher)
+                self._start_profile(key, entry, fetcher)
             fs = ImageFS(got[1], got[2], PREFETCH_ON_OPEN, layer=lay.index)
             fs.entry = got[0]
             self._trees[digest] = fs
             return fs
+
+    def _start_profile(self, key: str, entry: CatalogEntry, fetcher: ChunkFetcher) -> None:
+        """The image's start-up profile (as ``convstore run`` records and uses
+        it): prefetched when there is one, else recorded for a while."""
+        profile = self.store.load_profile(entry)
+        if profile:
+            fetcher.prefetch_profile(profile)
+            return
+        fetcher.start_recording()
+        timer = threading.Timer(RECORD_SECONDS, self._save_profile, args=(key,))
+        timer.daemon = True
+        self._recording[key] = timer
+        timer.start()
+
+    def _save_profile(self, key: str) -> None:
+        with self._lock:
+            self._recording.pop(key, None)
+            entry, _, fetcher = self._manifests[key]
+            recorded = fetcher.stop_recording()
+        if recorded:
+            try:
+                self.store.save_profile(entry, recorded)
+            except ConvstoreError as e:
+                log.warning("layer store: cannot save the start-up profile of %s: %s", entry.ref, e)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {str(e.ref): f.stats.to_json() for e, _, f in self._manifests.values()}
 
     def close(self) -> None:
+        """Save the profiles still being recorded, stop the fetchers."""
+        with self._lock:
+            pending = list(self._recording.items())
+        for key, timer in pending:
+            timer.cancel()
+            self._save_profile(key)
         with self._lock:
             for _, _, f in self._manifests.values():
                 f.close()
@@ -160,7 +197,7 @@ class LayerStoreOperations(ImageOperations):
     # -- paths --------------------------------------------------------------
     def _split(self, path: str) -> list[str]:
         parts = components(path)
-        if parts and parts[0] != STATS:
+        if parts:
             try:
                 base64.b64decode(parts[0], validate=True)
             except (binascii.Error, ValueError):
@@ -189,8 +226,6 @@ class LayerStoreOperations(ImageOperations):
 
     def _synthetic(self, parts: list[str]) -> bytes | None:
         """The bytes of a synthetic file (None for a directory)."""
-        if parts == [STATS]:
-            return json.dumps(self.layers.stats(), indent=1, sort_keys=True).encode() + b"\n"
         if len(parts) == 3 and parts[2] == "info":
             lay = self.layers.layer(parts[1])
             assert lay is not None
@@ -213,13 +248,13 @@ class LayerStoreOperations(ImageOperations):
             size = len(data)
         return Stat(_FILE, 1, 1, 0, 0, size, self._t0, 0).as_dict()
 
-    def readdir(self, path: str, fh: int) -> list[str]:
+    def readdir(self, path: str, fh: int) -> list[str | tuple[str, int, int]]:
         parts = self._split(path)
         if self._is_tree(parts):
             return super().readdir(path, fh)
         if not parts:
-            return [".", "..", STATS]
-        if len(parts) == 1 and parts[0] != STATS:
+            return [".", ".."]
+        if len(parts) == 1:
             return [".", "..", *sorted(self.layers.known())]
         if len(parts) == 2:
             return [".", "..", "diff", "info", "blob"]
@@ -281,13 +316,39 @@ class LayerStoreOperations(ImageOperations):
 
 
 
-def serve_layerstore(store: Store, mountpoint: str) -> None:
+def serve_layerstore(store: Store, mountpoint: str, stats_file: str | None = None) -> None:
     """Serve the layer store at ``mountpoint`` until unmounted."""
     from .fuse import serve
 
     layers = LayerStore(store)
     layers.scan()
+    done = threading.Event()
+    writer = threading.Thread(target=_write_stats, args=(layers, stats_file, done), daemon=True)
+    if stats_file:
+        writer.start()
     try:
-        serve(None, mountpoint, LayerStoreOperations(layers))
+        serve(None, mountpoint, LayerStoreOperations(layers), read_only=False)
     finally:
+        done.set()
+        if stats_file:
+            writer.join(timeout=5)
         layers.close()
+
+
+def _write_stats(layers: LayerStore, path: str | None, done: threading.Event) -> None:
+    assert path is not None
+    last = None
+    while True:
+        stopping = done.wait(0.5)
+        doc = json.dumps(layers.stats(), indent=1, sort_keys=True)
+        if doc != last:
+            tmp = f"{path}.tmp"
+            try:
+                with open(tmp, "w") as f:
+                    f.write(doc + "\n")
+                os.replace(tmp, path)
+                last = doc
+            except OSError as e:
+                log.warning("layer store: cannot write %s: %s", path, e.strerror)
+        if stopping:
+            return

@@ -1,0 +1,171 @@
+"""Container engines on convstore layers: the additional layer store that
+podman and CRI-O (containers/storage) read (``convstore layerstore``).
+
+The tree is checked through a real FUSE mount and a real overlayfs mount of
+its layer directories; podman (Debian's) pulls a corpus image from a real
+docker-registry on 127.0.0.1 and runs it, its layers coming from convstore.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CORPUS_DIR, need_tool, run_cli
+from imagebuilder import Entry, make_tar, write_oci
+from kms_fixtures import Registry
+from podman_fixtures import podman, podman_config, remove_podman_root
+
+import convstore
+from convstore.merge import OVERLAY_OPAQUE, layer_tree
+from convstore.tarsplit import TarEntry
+
+
+def _layers() -> list[bytes]:
+    lower = make_tar([Entry("etc/", "dir"), Entry("etc/keep", data=b"kept\n"), Entry("etc/gone", data=b"gone\n"),
+                      Entry("opt/", "dir"), Entry("opt/old", data=b"old\n"),
+                      Entry("bin/", "dir"), Entry("bin/tool", data=b"#!tool\n", mode=0o755)])
+    upper = make_tar([Entry("etc/", "dir"), Entry("etc/.wh.gone", data=b""), Entry("etc/new", data=b"new\n"),
+                      Entry("opt/", "dir"), Entry("opt/.wh..wh..opq", data=b""), Entry("opt/fresh", data=b"fresh\n"),
+                      Entry("bin/", "dir"), Entry("bin/tool2", data=b"#!tool2\n", mode=0o755),
+                      Entry("bin/link", "hardlink", linkname="bin/tool2")])
+    return [lower, upper]
+
+
+def _entries(tar: bytes) -> list[TarEntry]:
+    import io
+
+    from convstore.tarsplit import split_tar
+
+    return split_tar(io.BytesIO(tar), lambda b: None, lambda r, n: r.read(n)).entries
+
+
+def test_layer_tree_keeps_whiteouts_in_overlay_form() -> None:
+    entries = _entries(_layers()[1])
+    with pytest.raises(convstore.CorruptLayer):  # refused as a merge refuses it: a hardlink to a missing file
+        layer_tree([e for e in entries if e.path != "bin/tool2"], 1)
+    tree = layer_tree(entries, 1)
+    root = tree.root.children
+    assert root is not None
+    etc, opt = root["etc"].children, root["opt"]
+    assert etc is not None and "gone" in etc and ".wh.gone" not in etc
+    import stat
+
+    assert stat.S_ISCHR(etc["gone"].mode) and etc["gone"].rdev == 0
+    assert opt.xattrs == {OVERLAY_OPAQUE: b"y"} and set(opt.children or {}) == {"fresh"}
+    bin_ = root["bin"].children
+    assert bin_ is not None and bin_["link"] is bin_["tool2"] and bin_["link"].nlink == 2
+
+
+@pytest.fixture
+def layerstore(tmp_path: Path, cli_env: dict[str, str]):
+    """A store holding the two-layer image, served at MNT by ``convstore layerstore --background``."""
+    layout = tmp_path / "img"
+    descs = write_oci(str(layout), _layers())
+    run_cli(cli_env, "pack", f"oci:{layout}:latest", "two:1")
+    mnt = tmp_path / "als"
+    mnt.mkdir()
+    stats = tmp_path / "stats.json"
+    run_cli(cli_env, "layerstore", "--background", str(mnt), "--stats-file", str(stats))
+    yield mnt, descs["layers"], stats
+    subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+
+
+def _ref_dir(mnt: Path, ref: str = "127.0.0.1:5000/two:1") -> Path:
+    return mnt / base64.b64encode(ref.encode()).decode()
+
+
+def test_layer_store_tree(layerstore, tmp_path: Path) -> None:
+    mnt, layers, stats = layerstore
+    d = _ref_dir(mnt) / layers[1]["digest"]
+    info = json.loads((d / "info").read_text())
+    assert info["compressed-diff-digest"] == layers[1]["digest"]
+    assert info["compressed-size"] == layers[1]["size"] == (d / "blob").stat().st_size
+    assert info["compression"] == 2 and info["diff-digest"].startswith("sha256:")
+    # any reference finds a layer by its blob digest; an unknown digest is not there
+    assert (_ref_dir(mnt, "other.example/x:y") / layers[0]["digest"] / "diff" / "etc" / "keep").read_bytes() == b"kept\n"
+    assert not (_ref_dir(mnt) / ("sha256:" + "0" * 64)).exists()
+    diff = d / "diff"
+    st = os.lstat(diff / "etc" / "gone")
+    import stat
+
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0  # the whiteout, as overlayfs writes it
+    assert os.getxattr(diff / "opt", OVERLAY_OPAQUE) == b"y"
+    assert (diff / "etc" / "new").read_bytes() == b"new\n"
+    # the engine's use/release notifications answer ENOENT ("understood"); the blob refuses reads
+    with pytest.raises(FileNotFoundError):
+        open(d / "use", "w").close()
+    with pytest.raises(FileNotFoundError):
+        os.rmdir(d)
+    with pytest.raises(OSError) as e:
+        (d / "blob").read_bytes()
+    assert e.value.errno == errno.EIO
+    with pytest.raises(OSError):
+        (diff / "etc" / "new").write_bytes(b"x")
+    # overlayfs over the two layer directories gives the merged image
+    lower0 = _ref_dir(mnt) / layers[0]["digest"] / "diff"
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (tmp_path / "l1").symlink_to(diff)  # a digest's ':' would split overlayfs's lowerdir list, as
+    (tmp_path / "l0").symlink_to(lower0)  # containers/storage's own short links avoid too
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={tmp_path / 'l1'}:{tmp_path / 'l0'}",
+                    str(merged)], check=True)
+    try:
+        assert sorted(os.listdir(merged / "etc")) == ["keep", "new"]
+        assert sorted(os.listdir(merged / "opt")) == ["fresh"]
+        assert (merged / "bin" / "tool").read_bytes() == b"#!tool\n"
+        assert (merged / "bin" / "link").read_bytes() == b"#!tool2\n"
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+    deadline = time.monotonic() + 10
+    while not (stats.exists() and json.loads(stats.read_text()).get("two:1", {}).get("chunks_fetched")):
+        assert time.monotonic() < deadline, "the stats file never showed the reads"
+        time.sleep(0.1)
+
+
+@pytest.mark.corpus
+def test_podman_runs_from_the_layer_store(tmp_path: Path, cli_env: dict[str, str], corpus: dict) -> None:
+    need_tool("skopeo")
+    need_tool("podman")
+    reg = Registry(tmp_path / "registry", access_log=tmp_path / "registry.log")
+    podman_root = tmp_path / "podman"
+    mnt = tmp_path / "als"
+    mnt.mkdir()
+    try:
+        image = "app1"
+        src = f"oci:{CORPUS_DIR / image}:latest"
+        subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", src, f"docker://{reg.host}/{image}:latest"],
+                       check=True, timeout=300)
+        run_cli(cli_env, "pack", src, f"{image}:latest")
+        run_cli(cli_env, "layerstore", "--background", str(mnt), "--stats-file", str(tmp_path / "stats.json"))
+        env = podman_config(podman_root, mnt)
+        before = len(reg.requests())
+        ref = f"{reg.host}/{image}:latest"
+        podman(env, "pull", "-q", "--tls-verify=false", ref)
+        pulled = reg.requests()[before:]
+        layer_digests = [lay["digest"] for lay in corpus["images"][image]["layers"]]
+        blob_gets = [r for r in pulled if r.startswith("GET ") and "/blobs/" in r]
+        assert blob_gets and all(d not in r for r in blob_gets for d in layer_digests), pulled  # no layer blob
+        r = podman(env, "run", "--rm", ref)
+        assert r.stdout.strip() == "hello", r.stderr
+        deadline = time.monotonic() + 10
+        while True:
+            st = json.loads((tmp_path / "stats.json").read_text()) if (tmp_path / "stats.json").exists() else {}
+            got = st.get(f"{image}:latest", {})
+            if got.get("chunks_fetched") or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        stored = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+        total = stored.inspect(f"{image}:latest").to_json()["chunks"]
+        # only what the start touched was read: a few MB of a 122 MB image
+        assert 0 < got["chunks_fetched"] < total / 4, got
+    finally:
+        remove_podman_root(podman_config(podman_root, mnt), podman_root)
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        reg.stop()
