@@ -33,7 +33,7 @@ from corpus_bench import CORPUS_DIR, ensure_corpus  # noqa: E402
 from docblock import write_block  # noqa: E402
 from kms_fixtures import Registry  # noqa: E402
 from netproxy import CountingProxy  # noqa: E402
-from podman_fixtures import podman_config, remove_podman_root  # noqa: E402
+from engine_fixtures import podman_config, remove_podman_root  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "engines.md"
 

@@ -601,6 +601,37 @@ def layerstore(
     serve_layerstore(_store(), mountpoint, stats)
 
 
+@app.command()
+def snapshotter(
+    root: str = typer.Argument(..., metavar="ROOT", help="Snapshot state and directories"),
+    socket: str = typer.Option("/run/convstore/snapshotter.sock", "--socket", metavar="PATH",
+                               help="The unix socket containerd's [proxy_plugins] entry names"),
+) -> None:
+    """Serve containerd's snapshots API (a proxy snapshotter) with the store's layers (docs/engines.md)."""
+    from .reader.snapshotter import serve_snapshotter
+
+    serve_snapshotter(_store(), root, socket)
+
+
+@app.command("containerd-load")
+def containerd_load(
+    ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
+    address: str = typer.Option("/run/containerd/containerd.sock", "--address", "-a", metavar="PATH",
+                                help="containerd's socket"),
+    name: Optional[str] = typer.Option(None, "--name", metavar="REF",
+                                       help="Image name in containerd [default: the image's source reference]"),
+    namespace: str = typer.Option("default", "--namespace", "-n", help="containerd namespace"),
+    snapshotter_name: str = typer.Option("convstore", "--snapshotter", metavar="NAME",
+                                         help="The [proxy_plugins] name of `convstore snapshotter`"),
+) -> None:
+    """Make an image of the store a containerd image whose layers come from `convstore snapshotter`, lazily."""
+    from .reader.snapshotter import load_into_containerd
+
+    got = load_into_containerd(_store(), ref, address, name=name, namespace=namespace, snapshotter=snapshotter_name)
+    out.print(f"loaded {ref} into containerd as {got} (snapshotter {snapshotter_name}); "
+              f"run it with: ctr run --snapshotter {snapshotter_name} {got} ID", highlight=False)
+
+
 def _prepare_mountpoint(mountpoint: str) -> None:
     from .reader.fuse import recover_stale_mount
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import CORPUS_DIR, need_tool, run_cli
 from imagebuilder import Entry, make_tar, write_oci
 from kms_fixtures import Registry
-from podman_fixtures import podman, podman_config, remove_podman_root
+from engine_fixtures import Containerd, podman, podman_config, remove_podman_root, unmount_below
 
 import convstore
 from convstore.merge import OVERLAY_OPAQUE, layer_tree
@@ -169,3 +169,57 @@ def test_podman_runs_from_the_layer_store(tmp_path: Path, cli_env: dict[str, str
         remove_podman_root(podman_config(podman_root, mnt), podman_root)
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
         reg.stop()
+
+
+def start_snapshotter(env: dict[str, str], root: Path, socket: Path) -> subprocess.Popen[bytes]:
+    """``convstore snapshotter ROOT --socket SOCKET`` in the background, once it listens."""
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "convstore", "snapshotter", str(root), "--socket", str(socket)],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not socket.exists():
+        if p.poll() is not None or time.monotonic() > deadline:
+            err = p.stderr.read().decode() if p.stderr and p.poll() is not None else "timed out"
+            raise AssertionError(f"the snapshotter did not start: {err}")
+        time.sleep(0.05)
+    return p
+
+
+@pytest.mark.corpus
+def test_containerd_runs_from_the_convstore_snapshotter(tmp_path: Path, cli_env: dict[str, str],
+                                                        corpus: dict) -> None:
+    need_tool("containerd")
+    need_tool("ctr")
+    image = "app1"
+    run_cli(cli_env, "pack", f"oci:{CORPUS_DIR / image}:latest", f"{image}:latest")
+    snap_sock = tmp_path / "run" / "snapshotter.sock"
+    snap = start_snapshotter(cli_env, tmp_path / "snapshots", snap_sock)
+    ctd = None
+    try:
+        ctd = Containerd(tmp_path / "containerd", snap_sock)
+        out = run_cli(cli_env, "containerd-load", f"{image}:latest", "--address", str(ctd.socket)).stdout
+        name = f"convstore.local/{image}:latest"
+        assert name in out
+        assert name in ctd.ctr("images", "ls", "-q").stdout.split()
+        content = ctd.ctr("content", "ls", "-q").stdout.split()
+        layer_digests = {lay["digest"] for lay in corpus["images"][image]["layers"]}
+        assert len(content) == 2 and not layer_digests & set(content), content  # manifest and config only
+        for i in range(2):  # the second start: the snapshots survived the first container's removal (GC)
+            r = ctd.ctr("run", "--snapshotter", "convstore", "--rm", name, f"t{i}", check=False)
+            assert (r.returncode, r.stdout.strip()) == (0, "hello"), r.stderr
+        r = ctd.ctr("run", "--snapshotter", "convstore", "--rm", name, "t-write", "sh", "-c",
+                    "echo x > /etc/written && cat /etc/written && head -1 /etc/os-release", check=False)
+        assert r.stdout.splitlines() == ["x", 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"'], r.stderr
+        snaps = ctd.ctr("snapshots", "--snapshotter", "convstore", "ls").stdout
+        assert snaps.count("Committed") == len(layer_digests)  # one per layer, none unpacked by containerd
+        # an image the store does not hold is refused in one line, and leaves nothing behind
+        r = run_cli(cli_env, "containerd-load", "nothere:1", "--address", str(ctd.socket), check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "nothere" in r.stderr
+    finally:
+        if ctd is not None:
+            ctd.stop()
+        snap.terminate()
+        assert snap.wait(timeout=30) == 0
+        unmount_below(tmp_path)
+    assert not os.path.ismount(tmp_path / "snapshots" / "layers")

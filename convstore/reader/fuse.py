@@ -196,16 +196,18 @@ def unmount(mountpoint: str) -> None:
 class BackgroundMount:
     """Mount in a thread of this process; a context manager that always unmounts."""
 
-    def __init__(self, fs: ImageFS, mountpoint: str):
+    def __init__(self, fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None,
+                 read_only: bool = True):
         self.fs = fs
         self.mountpoint = os.path.abspath(mountpoint)
-        self.ops = ImageOperations(fs)
+        self.ops = ops or ImageOperations(fs)
+        self.read_only = read_only
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def _run(self) -> None:
         try:
-            serve(self.fs, self.mountpoint, self.ops)
+            serve(self.fs, self.mountpoint, self.ops, read_only=self.read_only)
         except BaseException as e:  # reported by __enter__
             self._error = e
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -83,6 +84,7 @@ class LayerStore:
         self.cache_bytes = cache_bytes
         self._lock = threading.Lock()
         self._layers: dict[str, _Layer] = {}
+        self._chains: dict[str, tuple[str, str]] = {}  # chain ID -> (blob digest, parent chain ID or "")
         self._scanned = 0.0
         self._manifests: dict[str, tuple[CatalogEntry, Manifest, ChunkFetcher]] = {}
         self._trees: dict[str, ImageFS] = {}
@@ -91,6 +93,7 @@ class LayerStore:
     def scan(self) -> None:
         """Index the blob digests of every ACTIVE image (manifests are authenticated as they load)."""
         found: dict[str, _Layer] = {}
+        chains: dict[str, tuple[str, str]] = {}
         for e in self.store.complete_images():
             if e.state != ACTIVE:
                 continue
@@ -105,8 +108,16 @@ class LayerStore:
                 info = {"compressed-diff-digest": lr.digest, "compressed-size": lr.size, "diff-digest": lr.diff_id,
                         "diff-size": lr.uncompressed_size, "compression": _COMPRESSION.get(lr.compression, 0)}
                 found.setdefault(lr.digest, _Layer(e, i, json.dumps(info).encode() + b"\n", lr.size or 0))
+            parent = ""
+            for lr in m.layers:  # the OCI chain IDs, by which containerd names layer snapshots
+                chain = lr.diff_id if not parent else \
+                    "sha256:" + hashlib.sha256(f"{parent} {lr.diff_id}".encode()).hexdigest()
+                if lr.digest:
+                    chains.setdefault(chain, (lr.digest, parent))
+                parent = chain
         with self._lock:
             self._layers = found
+            self._chains = chains
             self._scanned = time.monotonic()
 
     def layer(self, digest: str) -> _Layer | None:
@@ -117,6 +128,17 @@ class LayerStore:
             self.scan()
             with self._lock:
                 hit = self._layers.get(digest)
+        return hit
+
+    def chain(self, chain_id: str) -> tuple[str, str] | None:
+        """(blob digest, parent chain ID) of the layer a chain ID ends with, if stored."""
+        with self._lock:
+            hit = self._chains.get(chain_id)
+            stale = time.monotonic() - self._scanned > RESCAN_SECONDS
+        if hit is None and stale:
+            self.scan()
+            with self._lock:
+                hit = self._chains.get(chain_id)
         return hit
 
     def known(self) -> list[str]:
