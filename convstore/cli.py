@@ -606,11 +606,13 @@ def snapshotter(
     root: str = typer.Argument(..., metavar="ROOT", help="Snapshot state and directories"),
     socket: str = typer.Option("/run/convstore/snapshotter.sock", "--socket", metavar="PATH",
                                help="The unix socket containerd's [proxy_plugins] entry names"),
+    stats_file: Optional[str] = typer.Option(None, "--stats-file", metavar="PATH",
+                                             help="Keep what was fetched, per image, in this JSON file"),
 ) -> None:
     """Serve containerd's snapshots API (a proxy snapshotter) with the store's layers (docs/engines.md)."""
     from .reader.snapshotter import serve_snapshotter
 
-    serve_snapshotter(_store(), root, socket)
+    serve_snapshotter(_store(), root, socket, os.path.abspath(stats_file) if stats_file else None)
 
 
 @app.command("containerd-load")

@@ -345,7 +345,7 @@ def serve_layerstore(store: Store, mountpoint: str, stats_file: str | None = Non
     layers = LayerStore(store)
     layers.scan()
     done = threading.Event()
-    writer = threading.Thread(target=_write_stats, args=(layers, stats_file, done), daemon=True)
+    writer = threading.Thread(target=write_stats, args=(layers, stats_file, done), daemon=True)
     if stats_file:
         writer.start()
     try:
@@ -357,7 +357,8 @@ def serve_layerstore(store: Store, mountpoint: str, stats_file: str | None = Non
         layers.close()
 
 
-def _write_stats(layers: LayerStore, path: str | None, done: threading.Event) -> None:
+def write_stats(layers: LayerStore, path: str | None, done: threading.Event) -> None:
+    """Keep ``path`` holding the layers' fetch counters (JSON) until ``done``, and once more then."""
     assert path is not None
     last = None
     while True:

@@ -49,7 +49,7 @@ from ..errors import ConvstoreError
 from ..store import Store
 from . import containerd_api as api
 from .fuse import BackgroundMount
-from .layerstore import LayerStore, LayerStoreOperations
+from .layerstore import LayerStore, LayerStoreOperations, write_stats
 
 log = logging.getLogger(__name__)
 
@@ -336,8 +336,9 @@ class Snapshotter:
         return grpc.method_handlers_generic_handler(api.SERVICE, handlers)
 
 
-def serve_snapshotter(store: Store, root: str, socket_path: str, ready: threading.Event | None = None) -> None:
-    """Serve on the unix socket ``socket_path`` until SIGINT/SIGTERM."""
+def serve_snapshotter(store: Store, root: str, socket_path: str, stats_file: str | None = None) -> None:
+    """Serve on the unix socket ``socket_path`` until SIGINT/SIGTERM; what
+    the layers fetched goes to ``stats_file`` as the layer store writes it."""
     import signal
 
     grpc = _grpc()
@@ -354,10 +355,13 @@ def serve_snapshotter(store: Store, root: str, socket_path: str, ready: threadin
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *a: stop.set())
         log.info("convstore snapshotter serving on %s", socket_path)
-        if ready is not None:
-            ready.set()
+        writer = threading.Thread(target=write_stats, args=(snap.layers, stats_file, stop), daemon=True)
+        if stats_file:
+            writer.start()
         stop.wait()
         server.stop(grace=2).wait()
+        if stats_file:
+            writer.join(timeout=5)
 
 
 def load_into_containerd(store: Store, ref: str, address: str, *, name: str | None = None,
