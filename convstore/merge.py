@@ -42,6 +42,7 @@ from .tarsplit import TarEntry
 WH = ".wh."
 OPAQUE = ".wh..wh..opq"
 OVERLAY_OPAQUE = "trusted.overlay.opaque"  # overlayfs's opaque-directory xattr (as root)
+OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")  # what the kernel's overlayfs reads from a lower layer
 TYPE_BITS = {"0": stat.S_IFREG, "\0": stat.S_IFREG, "7": stat.S_IFREG, "2": stat.S_IFLNK,
              "3": stat.S_IFCHR, "4": stat.S_IFBLK, "5": stat.S_IFDIR, "6": stat.S_IFIFO}
 
@@ -149,14 +150,23 @@ class MergedTree:
         """Apply one layer's entries.  With ``overlay``, whiteouts are kept in
         overlayfs's own form instead of applied: ``.wh.NAME`` becomes a 0:0
         character device ``NAME``, ``.wh..wh..opq`` the ``trusted.overlay.opaque``
-        xattr on its directory (one layer as an overlay lower directory)."""
+        xattr on its directory (one layer as an overlay lower directory).  There
+        the layer's own overlay xattrs are dropped (only this marker speaks to
+        the kernel's overlayfs), and a directory that replaces a name the same
+        layer whited out is made opaque, so nothing of the lower one shows."""
         created: set[int] = set()
         opaque: list[Node] = []
+        whiteouts: set[int] = set()
+
+        def set_attrs(node: Node, e: TarEntry) -> None:
+            self._set_attrs(node, e)
+            if overlay:
+                node.xattrs = {k: v for k, v in node.xattrs.items() if not k.startswith(OVERLAY_XATTRS)}
         for e in entries:
             comps = entry_components(e.path)
             if not comps:
                 if e.type == "5":
-                    self._set_attrs(self.root, e)
+                    set_attrs(self.root, e)
                 continue
             parent = self._parent(comps[:-1], e.path)
             assert parent.children is not None
@@ -176,10 +186,11 @@ class MergedTree:
                 if overlay:
                     node = parent.children[name] = self._new(stat.S_IFCHR, e.uid, e.gid, 0, e.mtime_ns)
                     created.add(id(node))
+                    whiteouts.add(id(node))
                 continue
             old = parent.children.get(base)
             if e.type == "5" and old is not None and old.is_dir:
-                self._set_attrs(old, e)
+                set_attrs(old, e)
                 created.add(id(old))
                 continue
             if e.type == "1":
@@ -197,7 +208,9 @@ class MergedTree:
                 self._unlink(parent, base)
             node = self._new(TYPE_BITS[e.type] | (e.mode & 0o7777), e.uid, e.gid, e.size if e.is_file else 0,
                              e.mtime_ns, is_dir=e.type == "5")
-            self._set_attrs(node, e)
+            set_attrs(node, e)
+            if overlay and node.is_dir and old is not None and id(old) in whiteouts:
+                opaque.append(node)
             if e.is_file:
                 node.layer, node.offset = li, e.offset
             elif e.type == "2":

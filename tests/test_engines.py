@@ -63,6 +63,22 @@ def test_layer_tree_keeps_whiteouts_in_overlay_form() -> None:
     assert bin_ is not None and bin_["link"] is bin_["tool2"] and bin_["link"].nlink == 2
 
 
+def test_layer_tree_speaks_to_overlayfs_only_through_its_own_markers() -> None:
+    """A layer's own overlay xattrs are dropped (they would steer the kernel's
+    overlayfs: redirects, metacopy), and a directory that replaces a name the
+    same layer whited out is opaque, so the lower directory cannot show
+    through (what the layer merge gives)."""
+    tar = make_tar([Entry("foo/", "dir"), Entry(".wh.foo", data=b""), Entry("foo/", "dir"),
+                    Entry("foo/new", data=b"n\n"),
+                    Entry("x", data=b"x", pax={"SCHILY.xattr.trusted.overlay.redirect": "/etc",
+                                               "SCHILY.xattr.user.overlay.origin": "o",
+                                               "SCHILY.xattr.user.kept": "1"})])
+    root = layer_tree(_entries(tar), 0).root.children
+    assert root is not None
+    assert root["foo"].xattrs == {OVERLAY_OPAQUE: b"y"} and set(root["foo"].children or {}) == {"new"}
+    assert root["x"].xattrs == {"user.kept": b"1"}
+
+
 @pytest.fixture
 def layerstore(tmp_path: Path, cli_env: dict[str, str]):
     """A store holding the two-layer image, served at MNT by ``convstore layerstore --background``."""
@@ -108,6 +124,10 @@ def test_layer_store_tree(layerstore, tmp_path: Path) -> None:
     assert e.value.errno == errno.EIO
     with pytest.raises(OSError):
         (diff / "etc" / "new").write_bytes(b"x")
+    for flags in (os.O_WRONLY, os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_APPEND):  # nothing is writable
+        with pytest.raises(OSError):
+            os.close(os.open(d / "info", flags))
+    assert (d / "info").stat().st_size > 0
     # overlayfs over the two layer directories gives the merged image
     lower0 = _ref_dir(mnt) / layers[0]["digest"] / "diff"
     merged = tmp_path / "merged"

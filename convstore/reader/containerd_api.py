@@ -85,8 +85,6 @@ _FILES: list[tuple[str, str, dict[str, list[tuple[str, int]]], dict[str, list[tu
     ("containerd/services/images/v1/images.proto", _IM, {}, {
         "Image": [_s("name", 1), ("labels", 2, MAP), _m("target", 3, ".containerd.types.Descriptor"),
                   _m("created_at", 7, _TS), _m("updated_at", 8, _TS)],
-        "GetImageRequest": [_s("name", 1)],
-        "GetImageResponse": [_m("image", 1, f".{_IM}.Image")],
         "CreateImageRequest": [_m("image", 1, f".{_IM}.Image")],
         "CreateImageResponse": [_m("image", 1, f".{_IM}.Image")],
         "UpdateImageRequest": [_m("image", 1, f".{_IM}.Image"), _m("update_mask", 2, _MASK)],
@@ -106,9 +104,9 @@ _FILES: list[tuple[str, str, dict[str, list[tuple[str, int]]], dict[str, list[tu
      }),
 ]
 #: snapshots.v1.Kind
-UNKNOWN, VIEW, ACTIVE, COMMITTED = 0, 1, 2, 3
+VIEW, ACTIVE, COMMITTED = 1, 2, 3
 #: content.v1.WriteAction
-STAT, WRITE, COMMIT = 0, 1, 2
+COMMIT = 2
 
 
 def _build() -> dict[str, Any]:
@@ -168,8 +166,6 @@ CleanupRequest = _CLASSES["CleanupRequest"]
 Mount = _CLASSES["Mount"]
 Descriptor = _CLASSES["Descriptor"]
 Image = _CLASSES["Image"]
-GetImageRequest = _CLASSES["GetImageRequest"]
-GetImageResponse = _CLASSES["GetImageResponse"]
 CreateImageRequest = _CLASSES["CreateImageRequest"]
 CreateImageResponse = _CLASSES["CreateImageResponse"]
 UpdateImageRequest = _CLASSES["UpdateImageRequest"]

@@ -118,11 +118,10 @@ class ChunkFetcher:
 
     def chunk(self, layer: int, k: int) -> bytes:
         idx = self.manifest.layers[layer].chunks[k]
-        rec = self.recording  # once: stop_recording may run in another thread
-        if rec is not None and (layer, k) not in self._recorded:
-            self._recorded.add((layer, k))
-            rec.append((layer, k))
         with self._lock:
+            if self.recording is not None and (layer, k) not in self._recorded:
+                self._recorded.add((layer, k))
+                self.recording.append((layer, k))
             got = self._future(idx)
             if isinstance(got, bytes):
                 self.stats.cache_hits += 1
@@ -180,7 +179,8 @@ class ChunkFetcher:
 
     def stop_recording(self) -> list[tuple[int, int]]:
         """What was recorded; recording stops."""
-        rec, self.recording = self.recording, None
+        with self._lock:
+            rec, self.recording = self.recording, None
         return rec or []
 
     def prefetch_profile(self, profile: list[tuple[int, int]]) -> int:

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -47,9 +48,10 @@ from typing import Any
 import mfusepy
 
 from ..catalog import CatalogEntry
-from ..errors import ConvstoreError
+from ..errors import ConvstoreError, ImageNotFound
 from ..lifecycle import ACTIVE
 from ..manifest import Manifest
+from ..oci.media import check_digest
 from ..paths import components
 from ..store import Store
 from .fetcher import ChunkFetcher
@@ -67,10 +69,19 @@ _GZIP = 2  # containers/storage's archive.Gzip (compression of the original blob
 _COMPRESSION = {"gzip": _GZIP, "zstd": 4, "none": 0}
 
 
+def chain_ids(diff_ids: list[str]) -> list[tuple[str, str]]:
+    """(chain ID, parent chain ID or "") of each layer: the OCI names containerd gives layer snapshots."""
+    out, parent = [], ""
+    for d in diff_ids:
+        chain = d if not parent else "sha256:" + hashlib.sha256(f"{parent} {d}".encode()).hexdigest()
+        out.append((chain, parent))
+        parent = chain
+    return out
+
+
 @dataclass
 class _Layer:
     entry: CatalogEntry
-    index: int
     info: bytes  # the `info` file
     size: int  # the original blob's size
 
@@ -91,7 +102,11 @@ class LayerStore:
         self._recording: dict[str, threading.Timer] = {}
 
     def scan(self) -> None:
-        """Index the blob digests of every ACTIVE image (manifests are authenticated as they load)."""
+        """Index the blob digests and chain IDs of every ACTIVE image (manifests
+        are authenticated as they load; a digest that is not sha256 hex is
+        never used, as it becomes part of paths and mount options)."""
+        with self._lock:
+            self._scanned = time.monotonic()  # one rescan at a time, however many lookups miss
         found: dict[str, _Layer] = {}
         chains: dict[str, tuple[str, str]] = {}
         for e in self.store.complete_images():
@@ -99,22 +114,15 @@ class LayerStore:
                 continue
             try:
                 m = self.store.load_manifest(e)
+                digests = [(check_digest(lr.digest), check_digest(lr.diff_id)) for lr in m.layers]
             except ConvstoreError as err:
                 log.warning("layer store: skipping %s: %s", e.ref, err)
                 continue
-            for i, lr in enumerate(m.layers):
-                if not lr.digest:
-                    continue
-                info = {"compressed-diff-digest": lr.digest, "compressed-size": lr.size, "diff-digest": lr.diff_id,
+            for lr, (digest, _), (chain, parent) in zip(m.layers, digests, chain_ids([d for _, d in digests])):
+                info = {"compressed-diff-digest": digest, "compressed-size": lr.size, "diff-digest": lr.diff_id,
                         "diff-size": lr.uncompressed_size, "compression": _COMPRESSION.get(lr.compression, 0)}
-                found.setdefault(lr.digest, _Layer(e, i, json.dumps(info).encode() + b"\n", lr.size or 0))
-            parent = ""
-            for lr in m.layers:  # the OCI chain IDs, by which containerd names layer snapshots
-                chain = lr.diff_id if not parent else \
-                    "sha256:" + hashlib.sha256(f"{parent} {lr.diff_id}".encode()).hexdigest()
-                if lr.digest:
-                    chains.setdefault(chain, (lr.digest, parent))
-                parent = chain
+                found.setdefault(digest, _Layer(e, json.dumps(info).encode() + b"\n", lr.size or 0))
+                chains.setdefault(chain, (digest, parent))
         with self._lock:
             self._layers = found
             self._chains = chains
@@ -151,15 +159,22 @@ class LayerStore:
             fs = self._trees.get(digest)
             if fs is not None:
                 return fs
-            lay = self._layers[digest]
-            key = lay.entry.manifest_digest or ""
-            got = self._manifests.get(key)
+            lay = self._layers.get(digest)
+            if lay is None:
+                raise ImageNotFound(f"layer {digest} is no longer in the store")
+            got = self._manifests.get(lay.entry.manifest_digest or "")
             if got is None:
                 entry, manifest = self.store.open_image(lay.entry.ref)  # the read gate: a read is recorded
-                fetcher = ChunkFetcher(self.store.chunks, manifest, cache_bytes=self.cache_bytes)
-                got = self._manifests[key] = (entry, manifest, fetcher)
-                self._start_profile(key, entry, fetcher)
-            fs = ImageFS(got[1], got[2], PREFETCH_ON_OPEN, layer=lay.index)
+                key = entry.manifest_digest or ""  # the image may have been packed again since the scan
+                got = self._manifests.get(key)
+                if got is None:
+                    fetcher = ChunkFetcher(self.store.chunks, manifest, cache_bytes=self.cache_bytes)
+                    got = self._manifests[key] = (entry, manifest, fetcher)
+                    self._start_profile(key, entry, fetcher)
+            index = next((i for i, lr in enumerate(got[1].layers) if lr.digest == digest), None)
+            if index is None:
+                raise ImageNotFound(f"layer {digest} is no longer in {got[0].ref}")
+            fs = ImageFS(got[1], got[2], PREFETCH_ON_OPEN, layer=index)
             fs.entry = got[0]
             self._trees[digest] = fs
             return fs
@@ -185,7 +200,7 @@ class LayerStore:
         if recorded:
             try:
                 self.store.save_profile(entry, recorded)
-            except ConvstoreError as e:
+            except (ConvstoreError, OSError) as e:
                 log.warning("layer store: cannot save the start-up profile of %s: %s", entry.ref, e)
 
     def stats(self) -> dict[str, Any]:
@@ -243,15 +258,19 @@ class LayerStoreOperations(ImageOperations):
             log.error("layer store: cannot serve %s: %s", parts[1], e)
             raise mfusepy.FuseOSError(errno.EIO) from None
 
+    def _layer(self, digest: str) -> _Layer:
+        lay = self.layers.layer(digest)
+        if lay is None:  # gone with a rescan since the path was checked
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        return lay
+
     def _is_tree(self, parts: list[str]) -> bool:
         return len(parts) >= 3 and parts[2] == "diff"
 
     def _synthetic(self, parts: list[str]) -> bytes | None:
         """The bytes of a synthetic file (None for a directory)."""
         if len(parts) == 3 and parts[2] == "info":
-            lay = self.layers.layer(parts[1])
-            assert lay is not None
-            return lay.info
+            return self._layer(parts[1]).info
         return None
 
     # -- callbacks ----------------------------------------------------------
@@ -260,9 +279,7 @@ class LayerStoreOperations(ImageOperations):
         if self._is_tree(parts):
             return super().getattr(path, fh)
         if len(parts) == 3 and parts[2] == "blob":
-            lay = self.layers.layer(parts[1])
-            assert lay is not None
-            size = lay.size
+            size = self._layer(parts[1]).size
         else:
             data = self._synthetic(parts)
             if data is None:
@@ -299,7 +316,7 @@ class LayerStoreOperations(ImageOperations):
         parts = self._split(path)
         if self._is_tree(parts):
             return super().open(path, flags)
-        if flags & (os.O_WRONLY | os.O_RDWR):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise mfusepy.FuseOSError(errno.EROFS)
         if len(parts) == 3 and parts[2] == "blob":
             return self._new_handle(None)
@@ -365,10 +382,11 @@ def write_stats(layers: LayerStore, path: str | None, done: threading.Event) -> 
         stopping = done.wait(0.5)
         doc = json.dumps(layers.stats(), indent=1, sort_keys=True)
         if doc != last:
-            tmp = f"{path}.tmp"
             try:
-                with open(tmp, "w") as f:
+                fd, tmp = tempfile.mkstemp(prefix=".stats-", dir=os.path.dirname(os.path.abspath(path)))
+                with os.fdopen(fd, "w") as f:
                     f.write(doc + "\n")
+                os.chmod(tmp, 0o644)
                 os.replace(tmp, path)
                 last = doc
             except OSError as e:

@@ -288,8 +288,9 @@ def run_image(store: Store, ref: str, command: list[str] | None = None, *, runti
             read_calls, read_bytes = mount.ops.read_calls, mount.ops.read_bytes
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if fs.fetcher.recording is not None and fs.fetcher.recording:
-        store.save_profile(entry, fs.fetcher.recording)
-        profile_state = f"recorded {len(fs.fetcher.recording)}"
+    recorded = fs.fetcher.stop_recording()
+    if recorded:
+        store.save_profile(entry, recorded)
+        profile_state = f"recorded {len(recorded)}"
     return RunResult(code, used, time.perf_counter() - t0, fs.fetcher.stats.to_json(), read_calls, read_bytes,
                      profile_state, fs.warnings[:20])

@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -49,7 +50,7 @@ from ..errors import ConvstoreError
 from ..store import Store
 from . import containerd_api as api
 from .fuse import BackgroundMount
-from .layerstore import LayerStore, LayerStoreOperations, write_stats
+from .layerstore import LayerStore, LayerStoreOperations, chain_ids, write_stats
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,31 @@ class Snap:
     updated: float = 0.0
     id: str = ""  # local directory (active snapshots, and layers containerd unpacked)
     remote: str = ""  # blob digest of a convstore layer
+
+
+_ID = re.compile(r"[0-9a-f]{16}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _load_metadata(path: str) -> dict[str, Snap]:
+    """The saved snapshots, each checked (its id and digest name directories)."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        out = {}
+        for key, v in doc.items():
+            s = Snap(**v)
+            ok = (isinstance(key, str) and s.kind in (api.VIEW, api.ACTIVE, api.COMMITTED)
+                  and isinstance(s.parent, str) and isinstance(s.labels, dict)
+                  and all(isinstance(k, str) and isinstance(x, str) for k, x in s.labels.items())
+                  and (s.id == "" or _ID.fullmatch(s.id) is not None)
+                  and (s.remote == "" or _DIGEST.fullmatch(s.remote) is not None) and bool(s.id) != bool(s.remote))
+            if not ok:
+                raise ValueError(key)
+            out[key] = s
+        return out
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ConvstoreError(f"{path} is damaged ({type(e).__name__}); move it away to start empty") from None
 
 
 def _grpc() -> Any:
@@ -89,18 +115,20 @@ class Snapshotter:
     def __init__(self, store: Store, root: str) -> None:
         self._grpc = _grpc()
         self.root = os.path.abspath(root)
+        if "," in self.root or ":" in self.root:
+            raise ConvstoreError(f"snapshotter root {self.root!r}: ',' and ':' would split overlay mount options")
         os.makedirs(os.path.join(self.root, "snapshots"), mode=0o700, exist_ok=True)
         os.makedirs(os.path.join(self.root, "l"), mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)  # the layers below are decrypted image files
         self.layers = LayerStore(store)
         self.layers.scan()
         self.mountpoint = os.path.join(self.root, "layers")
-        self._mount = BackgroundMount(None, self.mountpoint, LayerStoreOperations(self.layers), read_only=False)
+        self._mount = BackgroundMount(None, self.mountpoint, LayerStoreOperations(self.layers))
         self._lock = threading.RLock()
         self._snaps: dict[str, Snap] = {}
         meta = os.path.join(self.root, "metadata.json")
         if os.path.exists(meta):
-            with open(meta) as f:
-                self._snaps = {k: Snap(**v) for k, v in json.load(f).items()}
+            self._snaps = _load_metadata(meta)
 
     def __enter__(self) -> Snapshotter:
         self._mount.__enter__()
@@ -130,15 +158,17 @@ class Snapshotter:
 
     def _commit_remote(self, chain_id: str) -> bool:
         """Commit the stored layer named by ``chain_id`` (and its parents); whether it is one."""
-        hit = self.layers.chain(chain_id)
-        if hit is None:
-            return False
-        digest, parent = hit
-        if parent and parent not in self._snaps and not self._commit_remote(parent):
-            return False
+        todo: list[tuple[str, str, str]] = []
+        while chain_id and chain_id not in self._snaps:
+            hit = self.layers.chain(chain_id)
+            if hit is None:
+                return False
+            todo.append((chain_id, hit[0], hit[1]))
+            chain_id = hit[1]
         now = time.time()
-        labels = {REF_LABEL: chain_id, REMOTE_LABEL: digest}  # what containerd looks the target up by
-        self._snaps[chain_id] = Snap(api.COMMITTED, parent, labels, now, now, remote=digest)
+        for chain, digest, parent in reversed(todo):
+            labels = {REF_LABEL: chain, REMOTE_LABEL: digest}  # what containerd looks the target up by
+            self._snaps[chain] = Snap(api.COMMITTED, parent, labels, now, now, remote=digest)
         self._save()
         return True
 
@@ -146,9 +176,13 @@ class Snapshotter:
         """The directory a committed snapshot contributes as a lower layer."""
         if s.remote:
             # through a short link: a digest's ':' would split overlayfs's lowerdir list
-            link = os.path.join(self.root, "l", s.remote.split(":", 1)[1][:24])
+            link = os.path.join(self.root, "l", s.remote.removeprefix("sha256:"))
             target = os.path.join(self.mountpoint, base64.b64encode(b"containerd").decode(), s.remote, "diff")
-            if not os.path.islink(link):
+            try:
+                current = os.readlink(link)
+            except OSError:
+                current = None
+            if current != target:
                 tmp = f"{link}.{secrets.token_hex(4)}"
                 os.symlink(target, tmp)
                 os.replace(tmp, link)
@@ -163,7 +197,7 @@ class Snapshotter:
             parent = p.parent
         return out
 
-    def _mounts(self, key: str, s: Snap) -> list[Any]:
+    def _mounts(self, s: Snap) -> list[Any]:
         lowers = self._lowers(s.parent)
         if s.kind == api.VIEW:
             if len(lowers) == 1:
@@ -192,7 +226,7 @@ class Snapshotter:
         now = time.time()
         s = self._snaps[key] = Snap(kind, parent, dict(labels), now, now, id=sid)
         self._save()
-        return self._mounts(key, s)
+        return self._mounts(s)
 
     def _info(self, key: str, s: Snap) -> Any:
         i = api.Info(name=key, parent=s.parent, kind=s.kind, labels=s.labels)
@@ -221,7 +255,7 @@ class Snapshotter:
             s = self._get(req.key)
             if s.kind == api.COMMITTED:
                 raise self._err("FAILED_PRECONDITION", f"snapshot {req.key} is committed: it has no mounts")
-            return api.MountsResponse(mounts=self._mounts(req.key, s))
+            return api.MountsResponse(mounts=self._mounts(s))
 
     def Commit(self, req: Any) -> Any:
         with self._lock:
@@ -342,15 +376,26 @@ def serve_snapshotter(store: Store, root: str, socket_path: str, stats_file: str
     import signal
 
     grpc = _grpc()
+    import socket
+
     os.makedirs(os.path.dirname(os.path.abspath(socket_path)), mode=0o700, exist_ok=True)
     if os.path.exists(socket_path):
-        os.unlink(socket_path)
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(socket_path)
+            except OSError:
+                os.unlink(socket_path)  # left by a snapshotter that is gone
+            else:
+                raise ConvstoreError(f"{socket_path}: a snapshotter is already serving there")
     with Snapshotter(store, root) as snap:
         server = grpc.server(ThreadPoolExecutor(8, thread_name_prefix="convstore-snapshots"))
         server.add_generic_rpc_handlers((snap.handler(),))
-        server.add_insecure_port(f"unix://{os.path.abspath(socket_path)}")
-        server.start()
-        os.chmod(socket_path, 0o600)
+        mask = os.umask(0o077)  # the socket is root's alone from its creation
+        try:
+            server.add_insecure_port(f"unix://{os.path.abspath(socket_path)}")
+            server.start()
+        finally:
+            os.umask(mask)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *a: stop.set())
@@ -388,11 +433,7 @@ def load_into_containerd(store: Store, ref: str, address: str, *, name: str | No
         write = ch.stream_stream(f"/{api.CONTENT}/Write", request_serializer=lambda m: m.SerializeToString(),
                                  response_deserializer=api.WriteContentResponse.FromString)
         try:
-            chains, parent = [], ""
-            for layer in manifest.layers:
-                parent = layer.diff_id if not parent else \
-                    "sha256:" + hashlib.sha256(f"{parent} {layer.diff_id}".encode()).hexdigest()
-                chains.append(parent)
+            chains = [c for c, _ in chain_ids([lr.diff_id for lr in manifest.layers])]
             # containerd's garbage collector keeps an image's snapshots through this label on its config
             gc_label = f"containerd.io/gc.ref.snapshot.{snapshotter}"
             for data, digest, labels in (
