@@ -46,7 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from corpus_bench import CORPUS_DIR, IMAGES, ensure_corpus  # noqa: E402
+from corpus_bench import CORPUS_DIR, IMAGES, ensure_corpus, write_layer_tars  # noqa: E402
 from docblock import DOCS, write_block  # noqa: E402
 
 import convstore  # noqa: E402
@@ -110,7 +110,7 @@ def fresh(path: Path) -> Path:
 
 def prepare(work: Path, images: list[str]) -> dict[str, Any]:
     """Layer tars, OCI layouts of uncompressed layers over the same files, and rootfs trees."""
-    from convstore.oci.sources import layer_stream, parse_source
+    from convstore.oci.sources import parse_source
 
     tars, layouts, roots = work / "tars", work / "layouts", work / "rootfs"
     scratch = convstore.Store.open(str(work / "prep-store"), f"file:{work / 'prep-key'}")
@@ -119,16 +119,7 @@ def prepare(work: Path, images: list[str]) -> dict[str, Any]:
         src = parse_source(f"oci:{CORPUS_DIR / img}:latest")
         d = tars / img
         d.mkdir(parents=True, exist_ok=True)
-        files = []
-        for i in range(len(src.layers)):
-            p = d / f"layer{i}.tar"
-            if not p.exists():
-                raw, dec = layer_stream(src, i)
-                with open(p, "wb") as f:
-                    shutil.copyfileobj(dec, f, 1 << 20)
-                dec.close()
-                raw.drain()
-            files.append(p)
+        files = write_layer_tars(src, lambda i: d / f"layer{i}.tar")
         out["tars"][img] = d
         out["tar_bytes"][img] = sum(f.stat().st_size for f in files)
         out["layouts"][img] = _plain_layout(layouts / img, src, files)

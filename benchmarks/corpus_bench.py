@@ -10,10 +10,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import convstore
-from convstore.oci.sources import layer_stream, parse_source
+from convstore.oci.sources import ImageSource, layer_stream, parse_source
 
 CORPUS_DIR = Path(os.environ.get("CONVSTORE_CORPUS", Path.home() / ".cache" / "convstore-corpus"))
 BUILDER = Path(__file__).resolve().parents[1] / "scripts" / "build_images.py"
@@ -25,20 +26,27 @@ def ensure_corpus() -> None:
         subprocess.run([sys.executable, str(BUILDER), "--out", str(CORPUS_DIR)], check=True)
 
 
+def write_layer_tars(src: ImageSource, path_of: Callable[[int], Path]) -> list[Path]:
+    """Write each layer of ``src`` as a plain tar at ``path_of(index)`` (kept if already there)."""
+    out = []
+    for i in range(len(src.layers)):
+        p = path_of(i)
+        if not p.exists():
+            raw, dec = layer_stream(src, i)
+            with open(p, "wb") as f:
+                shutil.copyfileobj(dec, f, 1 << 20)
+            dec.close()
+            raw.drain()
+        out.append(p)
+    return out
+
+
 def uncompressed_layers(workdir: Path, images: list[str]) -> list[Path]:
     """Write each image's layers as plain tars (the bytes zstd is timed on)."""
     out = []
     for img in images:
         src = parse_source(f"oci:{CORPUS_DIR / img}:latest")
-        for i in range(len(src.layers)):
-            p = workdir / f"{img}-L{i}.tar"
-            if not p.exists():
-                raw, dec = layer_stream(src, i)
-                with open(p, "wb") as f:
-                    shutil.copyfileobj(dec, f, 1 << 20)
-                dec.close()
-                raw.drain()
-            out.append(p)
+        out += write_layer_tars(src, lambda i: workdir / f"{img}-L{i}.tar")
     return out
 
 

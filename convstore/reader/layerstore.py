@@ -42,8 +42,9 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import mfusepy
 
@@ -60,6 +61,7 @@ from .imagefs import ImageFS, Stat
 from .run import PREFETCH_ON_OPEN
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: how often a lookup of an unknown digest may re-read the catalog (new packs appear)
 RESCAN_SECONDS = 2.0
@@ -128,26 +130,23 @@ class LayerStore:
             self._chains = chains
             self._scanned = time.monotonic()
 
-    def layer(self, digest: str) -> _Layer | None:
+    def _find(self, pick: Callable[[], T | None]) -> T | None:
+        """``pick()`` under the lock; on a miss, once the index is old enough, again after a rescan."""
         with self._lock:
-            hit = self._layers.get(digest)
+            hit = pick()
             stale = time.monotonic() - self._scanned > RESCAN_SECONDS
         if hit is None and stale:
             self.scan()
             with self._lock:
-                hit = self._layers.get(digest)
+                hit = pick()
         return hit
+
+    def layer(self, digest: str) -> _Layer | None:
+        return self._find(lambda: self._layers.get(digest))
 
     def chain(self, chain_id: str) -> tuple[str, str] | None:
         """(blob digest, parent chain ID) of the layer a chain ID ends with, if stored."""
-        with self._lock:
-            hit = self._chains.get(chain_id)
-            stale = time.monotonic() - self._scanned > RESCAN_SECONDS
-        if hit is None and stale:
-            self.scan()
-            with self._lock:
-                hit = self._chains.get(chain_id)
-        return hit
+        return self._find(lambda: self._chains.get(chain_id))
 
     def known(self) -> list[str]:
         with self._lock:
