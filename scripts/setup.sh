@@ -7,7 +7,7 @@
 # or always with CONVSTORE_FRESH_VENV=1 (scripts/test.sh sets it), so nothing
 # installed by hand can stand in for an undeclared dependency.
 # With --bench, also the peers and tools the benchmark suite compares with
-# (borg, restic, casync, hyperfine) and the `bench` extra (matplotlib, py-spy).
+# (borg, restic, casync, hyperfine).
 # Prints the venv's path on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,8 +17,8 @@ BENCH=0
 APT_PACKAGES=(skopeo umoci runc fuse3 libfuse3-3 zstd mmdebstrap arch-test uidmap util-linux softhsm2
               docker-registry python3-venv ca-certificates podman containerd)
 [ $BENCH = 1 ] && APT_PACKAGES+=(borgbackup restic casync hyperfine time)
-EXTRAS=test
-[ $BENCH = 1 ] && EXTRAS=test,bench
+# the bench extra (matplotlib, py-spy) too: the dependency check reads the benchmarks' imports
+EXTRAS=test,bench
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
