@@ -90,6 +90,7 @@ class MergedTree:
 
     def __init__(self) -> None:
         self._next_ino = 1
+        self._removals = 0  # counts _unlink calls: a resolved parent stays valid while nothing is removed
         self.root = self._new(stat.S_IFDIR | 0o755, 0, 0, 0, 0, is_dir=True)
         self.root.implicit = True
         self.warnings: list[str] = []
@@ -135,6 +136,7 @@ class MergedTree:
 
     def _unlink(self, parent: Node, name: str) -> None:
         assert parent.children is not None
+        self._removals += 1
         node = parent.children.pop(name, None)
         if node is not None and not node.is_dir:
             node.nlink -= 1
@@ -162,13 +164,20 @@ class MergedTree:
             self._set_attrs(node, e)
             if overlay:
                 node.xattrs = {k: v for k, v in node.xattrs.items() if not k.startswith(OVERLAY_XATTRS)}
+        # entries of one directory come together: its resolution is reused until something is removed
+        # (adding names never changes how an already resolved path resolves)
+        last: tuple[list[str], int, Node] | None = None
         for e in entries:
             comps = entry_components(e.path)
             if not comps:
                 if e.type == "5":
                     set_attrs(self.root, e)
                 continue
-            parent = self._parent(comps[:-1], e.path)
+            if last is not None and last[1] == self._removals and last[0] == comps[:-1]:
+                parent = last[2]
+            else:
+                parent = self._parent(comps[:-1], e.path)
+                last = (comps[:-1], self._removals, parent)
             assert parent.children is not None
             base = comps[-1]
             if base == OPAQUE:
