@@ -168,6 +168,69 @@ class ChunkStore(ABC):
         return 0
 
 
+
+class ForwardingChunkStore(ChunkStore):
+    """A chunk store that passes every call to ``inner``: the base of the
+    wrappers (a read cache, a simulated link), which override only what they
+    change.  ``get_many`` is not forwarded: the default reads through this
+    wrapper's own ``get``."""
+
+    def __init__(self, inner: ChunkStore) -> None:
+        self.inner = inner
+        self.supports_deletes = inner.supports_deletes
+        self.needs_locations = inner.needs_locations
+
+    def has(self, cid: bytes) -> bool:
+        return self.inner.has(cid)
+
+    def holds(self, hint: Location) -> bool:
+        return self.inner.holds(hint)
+
+    def locate(self, cid: bytes) -> Location | None:
+        return self.inner.locate(cid)
+
+    def get(self, cid: bytes, hint: Location | None = None) -> bytes:
+        return self.inner.get(cid, hint)
+
+    def put(self, cid: bytes, blob: bytes) -> None:
+        self.inner.put(cid, blob)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    def delete(self, cids: list[bytes]) -> None:
+        self.inner.delete(cids)
+
+    def evict(self, cid: bytes) -> None:
+        self.inner.evict(cid)
+
+    def ids(self) -> Iterator[bytes]:
+        return self.inner.ids()
+
+    def entries(self) -> Iterator[tuple[bytes, int]]:
+        return self.inner.entries()
+
+    def unreferenced(self, live: ChunkSet) -> tuple[int, list[tuple[bytes, int]]]:
+        return self.inner.unreferenced(live)
+
+    def compact(self) -> None:
+        self.inner.compact()
+
+    def check_index(self) -> list[str]:
+        return self.inner.check_index()
+
+    def repair_index(self) -> None:
+        self.inner.repair_index()
+
+    def size(self, cid: bytes) -> int:
+        return self.inner.size(cid)
+
+    def usage(self) -> int:
+        return self.inner.usage()
+
 class ObjectStore(ABC):
     """The metadata store.  Capability flags instead of probing."""
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 
-from .base import ChunkSet, ChunkStore, Location, ObjectStore
+from .base import ChunkStore, ForwardingChunkStore, Location, ObjectStore
 from .local import append_line
 from .packs import makedirs_private
 
@@ -123,35 +123,26 @@ class DiskCache:
             os.close(fd)
 
 
-class CachedChunkStore(ChunkStore):
-    """Chunks read through a :class:`DiskCache`; writes go to the remote."""
+class CachedChunkStore(ForwardingChunkStore):
+    """Chunks read through a :class:`DiskCache`; everything else (writes,
+    and ``has``: dedup asks the remote, a cached copy is not a stored one)
+    goes to the remote."""
 
     def __init__(self, remote: ChunkStore, cache: DiskCache):
-        self.remote = remote
+        super().__init__(remote)
         self.cache = cache
-        self.supports_deletes = remote.supports_deletes
-        self.needs_locations = remote.needs_locations
 
     def __repr__(self) -> str:
-        return f"CachedChunkStore({self.remote!r}, {self.cache!r})"
+        return f"CachedChunkStore({self.inner!r}, {self.cache!r})"
 
     @staticmethod
     def _name(cid: bytes) -> str:
         return "chunk " + cid.hex()
 
-    def has(self, cid: bytes) -> bool:
-        return self.remote.has(cid)  # dedup asks the remote: a cached copy is not a stored one
-
-    def holds(self, hint: Location) -> bool:
-        return self.remote.holds(hint)
-
-    def locate(self, cid: bytes) -> Location | None:
-        return self.remote.locate(cid)
-
     def get(self, cid: bytes, hint: Location | None = None) -> bytes:
         data = self.cache.get(self._name(cid))
         if data is None:
-            data = self.remote.get(cid, hint)
+            data = self.inner.get(cid, hint)
             self.cache.put(self._name(cid), data)
         return data
 
@@ -164,51 +155,18 @@ class CachedChunkStore(ChunkStore):
                 missing.append(c)
             else:
                 out[c] = data
-        for c, data in self.remote.get_many(missing, hints).items():
+        for c, data in self.inner.get_many(missing, hints).items():
             self.cache.put(self._name(c), data)
             out[c] = data
         return out
 
-    def put(self, cid: bytes, blob: bytes) -> None:
-        self.remote.put(cid, blob)
-
-    def flush(self) -> None:
-        self.remote.flush()
-
-    def abort(self) -> None:
-        self.remote.abort()
-
     def delete(self, cids: list[bytes]) -> None:
         for c in cids:
             self.cache.drop(self._name(c))
-        self.remote.delete(cids)
+        self.inner.delete(cids)
 
     def evict(self, cid: bytes) -> None:
         self.cache.drop(self._name(cid))
-
-    def ids(self) -> Iterator[bytes]:
-        return self.remote.ids()
-
-    def entries(self) -> Iterator[tuple[bytes, int]]:
-        return self.remote.entries()
-
-    def unreferenced(self, live: ChunkSet) -> tuple[int, list[tuple[bytes, int]]]:
-        return self.remote.unreferenced(live)
-
-    def compact(self) -> None:
-        self.remote.compact()
-
-    def check_index(self) -> list[str]:
-        return self.remote.check_index()
-
-    def repair_index(self) -> None:
-        self.remote.repair_index()
-
-    def size(self, cid: bytes) -> int:
-        return self.remote.size(cid)
-
-    def usage(self) -> int:
-        return self.remote.usage()
 
 
 class CachedStore(ObjectStore):

@@ -14,7 +14,7 @@ import time
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 
-from .base import ChunkSet, ChunkStore, Location, ObjectStore
+from .base import ChunkStore, ForwardingChunkStore, Location, ObjectStore
 
 
 class Link:
@@ -91,12 +91,10 @@ class SlowStore(ObjectStore):
         return self.inner.usage(prefix)
 
 
-class SlowChunkStore(ChunkStore):
+class SlowChunkStore(ForwardingChunkStore):
     def __init__(self, inner: ChunkStore, link: Link):
-        self.inner = inner
+        super().__init__(inner)
         self.link = link
-        self.supports_deletes = inner.supports_deletes
-        self.needs_locations = inner.needs_locations
 
     def __repr__(self) -> str:
         return f"SlowChunkStore({self.inner!r}, {self.link!r})"
@@ -104,12 +102,6 @@ class SlowChunkStore(ChunkStore):
     def has(self, cid: bytes) -> bool:
         self.link.delay(0)
         return self.inner.has(cid)
-
-    def holds(self, hint: Location) -> bool:
-        return self.inner.holds(hint)
-
-    def locate(self, cid: bytes) -> Location | None:
-        return self.inner.locate(cid)
 
     def get(self, cid: bytes, hint: Location | None = None) -> bytes:
         data = self.inner.get(cid, hint)
@@ -119,39 +111,3 @@ class SlowChunkStore(ChunkStore):
     def put(self, cid: bytes, blob: bytes) -> None:
         self.link.delay(len(blob))
         self.inner.put(cid, blob)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def abort(self) -> None:
-        self.inner.abort()
-
-    def delete(self, cids: list[bytes]) -> None:
-        self.inner.delete(cids)
-
-    def evict(self, cid: bytes) -> None:
-        self.inner.evict(cid)
-
-    def ids(self) -> Iterator[bytes]:
-        return self.inner.ids()
-
-    def entries(self) -> Iterator[tuple[bytes, int]]:
-        return self.inner.entries()
-
-    def unreferenced(self, live: ChunkSet) -> tuple[int, list[tuple[bytes, int]]]:
-        return self.inner.unreferenced(live)
-
-    def compact(self) -> None:
-        self.inner.compact()
-
-    def check_index(self) -> list[str]:
-        return self.inner.check_index()
-
-    def repair_index(self) -> None:
-        self.inner.repair_index()
-
-    def size(self, cid: bytes) -> int:
-        return self.inner.size(cid)
-
-    def usage(self) -> int:
-        return self.inner.usage()
