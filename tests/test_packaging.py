@@ -47,6 +47,11 @@ def test_version_fast_path() -> None:
 
     r = subprocess.run([sys.executable, "-m", "convstore", "--version"], capture_output=True, text=True, timeout=60)
     assert (r.returncode, r.stdout) == (0, f"convstore {convstore.__version__}\n")
+    # the entry point answers it before typer and the command tree are imported (the start-up budget)
+    code = ("import sys; sys.argv = ['convstore', '--version']; from convstore.__main__ import main; main(); "
+            "print(sorted(m for m in ('typer', 'rich', 'convstore.cli') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout == f"convstore {convstore.__version__}\n[]\n", r.stderr
     r = subprocess.run([sys.executable, "-m", "convstore", "-q", "--version"], capture_output=True, text=True,
                        timeout=60)  # through the command tree
     assert (r.returncode, r.stdout) == (0, f"convstore {convstore.__version__}\n")
