@@ -21,6 +21,12 @@ media type (gzip) and a re-pack of a stored image, each against
 container (``convstore run``, and runc on a mount kept up by
 ``convstore mount``) against ``runc run`` on the unpacked rootfs.
 
+Every convstore command is timed twice: as its own process, and as
+``convstore + daemon``: the same command line with a ``convstore daemon``
+running (started once, untimed), from which the command forks instead of
+starting an interpreter.  GNU time sees only the client of a daemon-served
+command; the commands' own peak RSS comes from the daemon (``wait4``).
+
 Needs root (FUSE, runc) and Debian's borgbackup, restic, casync, zstd,
 skopeo and runc (``scripts/setup.sh --bench`` installs them); matplotlib for
 the plots (the ``bench`` extra).  ``--write-docs`` puts the tables into
@@ -53,7 +59,9 @@ import convstore  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS = ("borg", "restic", "casync")
-TOOLS = ("convstore", *PEERS, "zstd -3 -T2", "skopeo copy")
+DAEMON = "convstore + daemon"
+TOOLS = ("convstore", DAEMON, *PEERS, "zstd -3 -T2", "skopeo copy")
+OURS = ("convstore", DAEMON)
 START_IMAGE = "app1"
 PASSWORD = "bench-password"  # the peers' repository passphrase (throwaway repositories)
 
@@ -165,6 +173,32 @@ def convstore_cmd(store: Path, *args: str) -> list[str]:
             "-q", *args]
 
 
+class Daemon:
+    """``convstore daemon`` on a private socket: commands run with ``env(True)`` fork from it,
+    with ``env(False)`` start their own interpreter."""
+
+    def __init__(self, work: Path):
+        self.socket = fresh(work / "daemon") / "cli.sock"
+        os.chmod(self.socket.parent, 0o700)
+        run([sys.executable, "-m", "convstore", "daemon", "--background", "--socket", str(self.socket)])
+
+    def env(self, daemon: bool) -> dict[str, str]:
+        return {"CONVSTORE_DAEMON": "1" if daemon else "0", "CONVSTORE_DAEMON_SOCKET": str(self.socket)}
+
+    def status(self) -> dict[str, Any]:
+        p = subprocess.run([sys.executable, "-m", "convstore", "daemon", "--status", "--socket", str(self.socket)],
+                           capture_output=True, text=True, check=True)
+        doc: dict[str, Any] = json.loads(p.stdout)
+        return doc
+
+    def stop(self) -> None:
+        subprocess.run([sys.executable, "-m", "convstore", "daemon", "--stop", "--socket", str(self.socket)],
+                       capture_output=True, check=False)
+
+
+DAEMON_ENV: dict[str, dict[str, str]] = {}  # per tool name: set by main() once the daemon runs
+
+
 PEER_ENV = {"BORG_PASSPHRASE": PASSWORD, "RESTIC_PASSWORD": PASSWORD,
             "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes", "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes"}
 
@@ -179,20 +213,22 @@ class Tool:
             run(["borg", "init", "-e", "repokey-blake2", str(root / "repo")], env=self.env)
         elif name == "restic":
             run(["restic", "init", "-q", "-r", str(root / "repo")], env=self.env)
-        elif name == "convstore":
+        elif name in OURS:
             os.chmod(root, 0o700)
+        self.cs_env = DAEMON_ENV.get(name, {})
 
     def stored(self) -> int:
-        return tree_bytes(self.root / ("store" if self.name == "convstore" else "repo"))
+        return tree_bytes(self.root / ("store" if self.name in OURS else "repo"))
 
     def ingest(self, names: list[str], paths: list[Path], layouts: list[Path] | None) -> Proc:
         """One call that stores ``paths`` (directories) as archive(s) named ``names``."""
         r = str(self.root / "repo")
         label = names[0] if len(names) == 1 else "all"
-        if self.name == "convstore":
+        if self.name in OURS:
             assert layouts is not None
             if len(names) == 1:
-                return run(convstore_cmd(self.root, "pack", f"oci:{layouts[0]}:latest", f"{names[0]}:latest"))
+                return run(convstore_cmd(self.root, "pack", f"oci:{layouts[0]}:latest", f"{names[0]}:latest"),
+                           env=self.cs_env)
             script = ("import sys, convstore\n"
                       "s = convstore.Store.open(sys.argv[1], sys.argv[2])\n"
                       "for src, ref in zip(sys.argv[3::2], sys.argv[4::2]):\n"
@@ -213,8 +249,10 @@ class Tool:
         if self.name == "zstd -3 -T2":
             (self.root / "repo").mkdir(exist_ok=True)
             files = sorted(str(f) for p in paths for f in p.rglob("*") if f.is_file())
+            listing = self.root / "files.txt"  # a rootfs has more names than an argument list holds
+            listing.write_text("".join(f + "\n" for f in files))
             with open(self.root / "repo" / f"{label}.zst", "wb") as out:
-                return run(["zstd", "-3", "-T2", "-q", "-c", *files], stdout=out)
+                return run(["zstd", "-3", "-T2", "-q", "-c", "--filelist", str(listing)], stdout=out)
         if self.name == "skopeo copy":
             return run(["skopeo", "copy", "-q", f"oci:{CORPUS_DIR / names[0]}:latest", f"oci:{r}:{label}"])
         raise ValueError(self.name)
@@ -222,11 +260,12 @@ class Tool:
     def restore(self, name: str, dest: Path, rootfs: bool) -> Proc:
         r = str(self.root / "repo")
         fresh(dest)
-        if self.name == "convstore":
+        if self.name in OURS:
             if rootfs:
-                return run(convstore_cmd(self.root, "unpack", f"{name}:latest", "--rootfs", str(dest / "root")))
+                return run(convstore_cmd(self.root, "unpack", f"{name}:latest", "--rootfs", str(dest / "root")),
+                           env=self.cs_env)
             return run(convstore_cmd(self.root, "unpack", "--compress", "none", f"{name}:latest",
-                                     f"oci:{dest / 'oci'}:latest"))
+                                     f"oci:{dest / 'oci'}:latest"), env=self.cs_env)
         if self.name == "borg":
             return run(["borg", "extract", f"{r}::{name}"], cwd=dest, env=self.env)
         if self.name == "restic":
@@ -243,15 +282,17 @@ class Tool:
 # -- the comparison ---------------------------------------------------------------
 
 def compare(work: Path, inp: dict[str, Any], images: list[str], rootfs: bool, rounds: int,
-            convstore_tool: Tool | None = None) -> tuple[dict[str, ToolRun], dict[str, Tool]]:
+            ours: dict[str, Tool] | None = None) -> tuple[dict[str, ToolRun], dict[str, Tool]]:
     """Ingest (per image, then all in one call) and restore of app1, for each tool.
-    In the rootfs pass convstore is not re-ingested: ``convstore_tool`` (its
-    layer-tar store) restores with ``unpack --rootfs``."""
+    In the rootfs pass convstore is not re-ingested: ``ours`` (its layer-tar
+    stores) restore with ``unpack --rootfs``.  ``convstore + daemon`` runs the
+    same commands through a running ``convstore daemon``; its all-in-one
+    ingest is convstore's (one process either way)."""
     kind = "rootfs" if rootfs else "tars"
     results: dict[str, ToolRun] = {}
     tools: dict[str, Tool] = {}
     for name in TOOLS:
-        if rootfs and name in ("convstore", "skopeo copy"):
+        if rootfs and name in (*OURS, "skopeo copy"):
             continue
         print(f"[{kind}] {name}: ingest, one call per image", file=sys.stderr)
         res = results[name] = ToolRun()
@@ -259,15 +300,15 @@ def compare(work: Path, inp: dict[str, Any], images: list[str], rootfs: bool, ro
         for img in images:
             res.per_image.append(t.ingest([img], [inp[kind][img]], [inp["layouts"][img]]))
             res.stored_after.append(t.stored())
-        if name != "skopeo copy":
+        if name not in ("skopeo copy", DAEMON):
             print(f"[{kind}] {name}: ingest, one call for all", file=sys.stderr)
             t1 = Tool(name, work / kind / f"{name.split()[0]}-all")
             res.all_in_one = t1.ingest(images, [inp[kind][i] for i in images], [inp["layouts"][i] for i in images])
             res.all_stored = t1.stored()
             shutil.rmtree(t1.root)
-    if rootfs and convstore_tool is not None:
-        tools = {"convstore": convstore_tool, **tools}
-        results = {"convstore": ToolRun(), **results}
+    if rootfs and ours is not None:
+        tools = {**ours, **tools}
+        results = {**{n: ToolRun() for n in ours}, **results}
     for r in range(rounds):  # alternating, so a noisy spell hits every tool alike
         for name, tool in tools.items():
             if name == "skopeo copy":
@@ -280,19 +321,24 @@ def compare(work: Path, inp: dict[str, Any], images: list[str], rootfs: bool, ro
 
 
 def convstore_rows(work: Path, inp: dict[str, Any], rounds: int) -> dict[str, Any]:
-    """Unpack to the original media type and re-pack, against zstd; container start against runc."""
+    """Unpack to the original media type and re-pack, against zstd; container start against runc.
+    Each convstore command alternates between its own process and the daemon."""
     store = Tool("convstore", work / "gzip" / "convstore")
     tars = sorted(inp["tars"][START_IMAGE].glob("*.tar"))
     nbytes = inp["tar_bytes"][START_IMAGE]
     src = f"oci:{CORPUS_DIR / START_IMAGE}:latest"
     out: dict[str, Any] = {"bytes": nbytes, "first_pack": run(convstore_cmd(store.root, "pack", src, "app1:latest"))}
-    z, unp, rep = [], [], []
+    z: list[Proc] = []
+    unp: dict[str, list[Proc]] = {n: [] for n in OURS}
+    rep: dict[str, list[Proc]] = {n: [] for n in OURS}
     for _ in range(rounds):
         with open(os.devnull, "wb") as devnull:
             z.append(run(["zstd", "-3", "-T2", "-q", "-c", *map(str, tars)], stdout=devnull))
-        dest = fresh(work / "gzip" / "out")
-        unp.append(run(convstore_cmd(store.root, "unpack", "app1:latest", f"oci:{dest}:latest")))
-        rep.append(run(convstore_cmd(store.root, "pack", src, "app1:latest")))
+        for n in OURS:
+            dest = fresh(work / "gzip" / "out")
+            unp[n].append(run(convstore_cmd(store.root, "unpack", "app1:latest", f"oci:{dest}:latest"),
+                              env=DAEMON_ENV[n]))
+            rep[n].append(run(convstore_cmd(store.root, "pack", src, "app1:latest"), env=DAEMON_ENV[n]))
     out.update(zstd=z, unpack_original=unp, repack=rep)
     out["start"] = start_rows(work, store, inp["rootfs"][START_IMAGE], rounds)
     return out
@@ -317,12 +363,14 @@ def start_rows(work: Path, store: Tool, rootfs: Path, rounds: int) -> dict[str, 
     local = _bundle(work / "bundle-local", rootfs, args)
     fuse = _bundle(work / "bundle-fuse", mnt, args)
     run(convstore_cmd(store.root, "run", "app1:latest"))  # records the start-up profile
-    rows: dict[str, list[Proc]] = {"convstore run (warm)": [], "runc run, rootfs on disk": [],
-                                   "runc run, rootfs on an up convstore mount": []}
+    rows: dict[str, list[Proc]] = {"convstore run (warm)": [], f"convstore run (warm), {DAEMON}": [],
+                                   "runc run, rootfs on disk": [], "runc run, rootfs on an up convstore mount": []}
     run(convstore_cmd(store.root, "mount", "--background", "app1:latest", str(mnt)))
     try:
         for i in range(max(rounds, 5)):
-            rows["convstore run (warm)"].append(run(convstore_cmd(store.root, "run", "app1:latest")))
+            for n in OURS:
+                rows["convstore run (warm)" if n == "convstore" else f"convstore run (warm), {n}"].append(
+                    run(convstore_cmd(store.root, "run", "app1:latest"), env=DAEMON_ENV[n]))
             rows["runc run, rootfs on disk"].append(run(["runc", "run", "--bundle", str(local), f"cmp-l{i}"]))
             rows["runc run, rootfs on an up convstore mount"].append(
                 run(["runc", "run", "--bundle", str(fuse), f"cmp-f{i}"]))
@@ -377,52 +425,68 @@ def stored_table(res: dict[str, ToolRun], images: list[str]) -> str:
 
 
 def targets(tars: dict[str, ToolRun], roots: dict[str, ToolRun], own: dict[str, Any], inp: dict[str, Any],
-            images: list[str], version: list[float]) -> tuple[str, list[tuple[str, float, float, bool]]]:
+            images: list[str], version: list[float], daemon_rss: int) -> tuple[str, list[tuple[str, float, float, bool]]]:
+    """Each target for convstore in its own processes and through the daemon (``daemon_rss``: the
+    largest peak RSS of a command the daemon forked, which GNU time does not see)."""
     nb = sum(inp["tar_bytes"][i] for i in images)
-    speed = {n: mbps(nb, sum(p.seconds for p in tars[n].per_image)) for n in ("convstore", *PEERS)}
+    speed = {n: mbps(nb, sum(p.seconds for p in tars[n].per_image)) for n in (*OURS, *PEERS)}
     fastest = max(PEERS, key=lambda n: speed[n])
     smallest = min(PEERS, key=lambda n: tars[n].stored_after[-1])
-    cs = tars["convstore"]
-    rss = max(p.rss for p in [*cs.per_image, *cs.restore, *roots["convstore"].restore_rootfs,
-                              *own["unpack_original"], *own["repack"]])
     start = own["start"]
-    checks = [
-        (f"ingest, one call per image, vs the fastest peer ({fastest})", speed["convstore"] / speed[fastest], 2.5),
+
+    def rss(n: str) -> float:
+        cs = tars[n]
+        procs = [*cs.per_image, *cs.restore, *roots[n].restore_rootfs, *own["unpack_original"][n], *own["repack"][n]]
+        return max([p.rss for p in procs] + ([daemon_rss] if n == DAEMON else [])) / 1e6
+
+    def run_row(n: str) -> str:
+        return "convstore run (warm)" if n == "convstore" else f"convstore run (warm), {n}"
+
+    checks: list[tuple[str, dict[str, float], float]] = [
+        (f"ingest, one call per image, vs the fastest peer ({fastest})",
+         {n: speed[n] / speed[fastest] for n in OURS}, 2.5),
         (f"stored bytes, smallest peer ({smallest}) / convstore",
-         tars[smallest].stored_after[-1] / cs.stored_after[-1], 1.0),
-        ("restore `unpack --compress none` vs casync", best(tars["casync"].restore) / best(cs.restore), 2.0),
+         {n: tars[smallest].stored_after[-1] / tars[n].stored_after[-1] for n in OURS}, 1.0),
+        ("restore `unpack --compress none` vs casync",
+         {n: best(tars["casync"].restore) / best(tars[n].restore) for n in OURS}, 2.0),
         ("restore `unpack --rootfs` vs casync (rootfs)",
-         best(roots["casync"].restore_rootfs) / best(roots["convstore"].restore_rootfs), 2.0),
+         {n: best(roots["casync"].restore_rootfs) / best(roots[n].restore_rootfs) for n in OURS}, 2.0),
         ("unpack to the original media type (gzip) vs `zstd -3 -T2`",
-         best(own["zstd"]) / best(own["unpack_original"]), 1.0),
-        ("re-pack of a stored image vs `zstd -3 -T2`", best(own["zstd"]) / best(own["repack"]), 10.0),
-        ("peak RSS of any convstore process, MB (at most)", rss / 1e6, 300.0),
-        ("`convstore --version`, ms (median; at most)", statistics.median(version) * 1000, 120.0),
-        ("warm `convstore run` of app1, s (median; at most)", median(start["convstore run (warm)"]), 0.3),
+         {n: best(own["zstd"]) / best(own["unpack_original"][n]) for n in OURS}, 1.0),
+        ("re-pack of a stored image vs `zstd -3 -T2`", {n: best(own["zstd"]) / best(own["repack"][n]) for n in OURS},
+         10.0),
+        ("peak RSS of any convstore process, MB (at most)", {n: rss(n) for n in OURS}, 300.0),
+        ("`convstore --version`, ms (median; at most)", {"convstore": statistics.median(version) * 1000}, 120.0),
+        ("warm `convstore run` of app1, s (median; at most)", {n: median(start[run_row(n)]) for n in OURS}, 0.3),
         ("runc on an up mount vs runc on disk (median; at most)",
-         median(start["runc run, rootfs on an up convstore mount"]) / median(start["runc run, rootfs on disk"]), 2.0),
+         {"convstore": median(start["runc run, rootfs on an up convstore mount"])
+          / median(start["runc run, rootfs on disk"])}, 2.0),
     ]
-    rows = ["| target | measured | needed | met |", "|---|---|---|---|"]
-    out = []
-    for what, got, need, *_ in checks:
+    rows = ["| target | convstore | " + DAEMON + " | needed | met |", "|---|---|---|---|---|"]
+    out: list[tuple[str, float, float, bool]] = []
+    for what, got, need in checks:
         at_most = "at most" in what
-        ok = got <= need if at_most else got >= need
         unit = "" if at_most else "x"
-        rows.append(f"| {what} | {got:.2f}{unit} | {'≤' if at_most else '≥'} {need:g}{unit} | "
-                    f"{'yes' if ok else '**no**'} |")
-        out.append((what, got, need, ok))
+        ok = {n: (v <= need if at_most else v >= need) for n, v in got.items()}
+        cells = [f"{got[n]:.2f}{unit}" if n in got else "(same)" for n in OURS]
+        met = " / ".join(("yes" if ok[n] else "**no**") for n in OURS if n in got)
+        rows.append(f"| {what} | {cells[0]} | {cells[1]} | {'≤' if at_most else '≥'} {need:g}{unit} | {met} |")
+        out.extend((f"{what} [{n}]", got[n], need, ok[n]) for n in got)
     return "\n".join(rows), out
 
 
 def own_table(own: dict[str, Any]) -> str:
     nb = own["bytes"]
     rows = ["| app1 (122 MB of layer tars), per process | best | median | peak RSS |", "|---|---|---|---|"]
-    for label, key in (("`zstd -3 -T2` over the layer tars", "zstd"),
-                       ("`convstore unpack` to the original gzip layout", "unpack_original"),
-                       ("`convstore pack` of the stored image again", "repack")):
-        ps = own[key]
+    lines: list[tuple[str, list[Proc]]] = [("`zstd -3 -T2` over the layer tars", own["zstd"])]
+    for n in OURS:
+        via = "" if n == "convstore" else ", through the daemon"
+        lines += [(f"`convstore unpack` to the original gzip layout{via}", own["unpack_original"][n]),
+                  (f"`convstore pack` of the stored image again{via}", own["repack"][n])]
+    for label, ps in lines:
+        rss = "(the client's: " if "daemon" in label else ""
         rows.append(f"| {label} | {best(ps):.3f} s ({mbps(nb, best(ps)):.0f} MB/s) | {median(ps):.3f} s | "
-                    f"{max(p.rss for p in ps) / 2**20:.0f} MiB |")
+                    f"{rss}{max(p.rss for p in ps) / 2**20:.0f} MiB{')' if rss else ''} |")
     rows += ["", "| start of app1 (`python3 -c print('hello')`) | p50 | min | max |", "|---|---|---|---|"]
     for label, ps in own["start"].items():
         xs = sorted(p.seconds for p in ps)
@@ -522,13 +586,22 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     inp = prepare(work / "inputs", a.images)
     t0 = time.time()
-    tars, tools = compare(work, inp, a.images, False, a.rounds)
-    roots, _ = compare(work, inp, a.images, True, a.rounds, tools["convstore"])
-    own = convstore_rows(work, inp, a.rounds)
-    version = version_seconds()
+    os.environ["CONVSTORE_DAEMON"] = "0"  # untagged commands (set-up) never use a daemon the user runs
+    daemon = Daemon(work)
+    try:
+        DAEMON_ENV.update({"convstore": daemon.env(False), DAEMON: daemon.env(True)})
+        tars, tools = compare(work, inp, a.images, False, a.rounds)
+        roots, _ = compare(work, inp, a.images, True, a.rounds, {n: tools[n] for n in OURS})
+        own = convstore_rows(work, inp, a.rounds)
+        version = version_seconds()
+        status = daemon.status()
+    finally:
+        daemon.stop()
+    if not status["served"]:
+        raise SystemExit("compare: the daemon served no command: its rows would be convstore's own")
     nb = sum(inp["tar_bytes"][i] for i in a.images)
     nr = sum(tree_bytes(inp["rootfs"][i]) for i in a.images)
-    tgt_table, _ = targets(tars, roots, own, inp, a.images, version)
+    tgt_table, _ = targets(tars, roots, own, inp, a.images, version, int(status["command_max_rss_kib"]) * 1024)
     img_dir = DOCS.parent / "img" if a.write_docs else work
     img_dir.mkdir(exist_ok=True)
     pngs = plots(tars, roots, inp, a.images, img_dir / f"compare-{a.label}")

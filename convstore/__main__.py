@@ -15,6 +15,11 @@ def main() -> None:
 
         sys.stdout.write(f"convstore {__version__}\n")
         return
+    from .daemon import run_via_daemon
+
+    code = run_via_daemon(sys.argv[1:])  # the user's `convstore daemon`, when one runs
+    if code is not None:
+        sys.exit(code)
     from .cli import main as cli_main
 
     cli_main()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
@@ -689,10 +689,77 @@ def run(
     raise typer.Exit(r.exit_code)
 
 
-def main() -> None:
-    """Entry point: usage errors exit 2 (click), operational errors exit 1."""
+# What a daemon imports before it forks its first command: every command's modules.
+_PRELOAD = ("convstore.pack", "convstore.unpack", "convstore.maintenance", "convstore.lifecycle",
+            "convstore.reader.run", "convstore.reader.layerstore", "convstore.stores.registry",
+            "convstore.stores.cache", "convstore.worker", "rich.console", "rich.progress", "rich.table",
+            "platformdirs")
+
+
+@app.command()
+def daemon(
+    socket_path: Optional[str] = typer.Option(
+        None, "--socket", metavar="PATH",
+        help="[default: $CONVSTORE_DAEMON_SOCKET, $XDG_RUNTIME_DIR/convstore/cli.sock, or /run/convstore/cli.sock "
+             "for root]"),
+    background: bool = typer.Option(False, "--background", "-b", help="Return once it listens"),
+    status: bool = typer.Option(False, "--status", help="Print the running daemon's state as JSON"),
+    stop: bool = typer.Option(False, "--stop", help="Stop the running daemon (after its running commands)"),
+) -> None:
+    """Keep convstore loaded: later commands of this user fork from it instead of starting Python (0.15-0.2 s less
+    each).  Set CONVSTORE_DAEMON=0 to run a command without it."""
+    import importlib
+
+    from . import daemon as d
+
+    path = socket_path or d.socket_path()
+    if status or stop:
+        try:
+            out.print(json.dumps(d.request(path, "stop" if stop else "status")), highlight=False, soft_wrap=True)
+        except d.DaemonError as e:
+            raise ConvstoreError(str(e)) from None
+        return
+    from typer.main import get_command
+
+    command = get_command(app)
+    server = d.Daemon(path, lambda prog: main(lambda: command(prog_name=prog)), __version__)
     try:
-        app()
+        server.bind()
+    except d.DaemonError as e:
+        raise ConvstoreError(str(e)) from None
+    for name in _PRELOAD:
+        importlib.import_module(name)
+    if background:
+        r, w = os.pipe()
+        if os.fork():
+            os.close(w)
+            os.read(r, 1)  # the child is detached and serving
+            out.print(f"convstore daemon listening on {path} (stop it with: convstore daemon --stop)",
+                      highlight=False)
+            return
+        os.close(r)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        os.close(w)
+        try:
+            server.serve()
+        finally:
+            os._exit(0)
+    err.print(f"convstore daemon listening on {path}; Ctrl-C stops it", highlight=False)
+    server.serve()
+
+
+def main(command: Callable[[], object] | None = None) -> None:
+    """Entry point: usage errors exit 2 (click), operational errors exit 1.
+    ``command``: the command tree already built (a daemon's forked child)."""
+    try:
+        if command is None:
+            app()
+        else:
+            command()
     except ConvstoreError as e:
         err.print(f"convstore: error: {e}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)

@@ -44,6 +44,7 @@ def sealed_version(entry: CatalogEntry) -> tuple[str, bytes, str]:
 class ManifestStore:
     def __init__(self, objects: ObjectStore, key: KeyProvider, ident: StoreIdentity):
         self.objects, self.key, self.ident = objects, key, ident
+        self._last_found: tuple[tuple[str, str], Manifest] | None = None  # find_layer's last manifest (immutable)
 
     def context(self, name: str, digest: str) -> dict[str, str]:
         """The encryption context of a manifest's data key."""
@@ -150,8 +151,13 @@ class ManifestStore:
         """An already stored layer with this diff_id whose chunks are all present, or None."""
         try:
             rec = self.layer_record("layers/" + layer_index_name(domain.layer_key, diff_id))
-            m = self.open(rec["manifest"], rec["image"], base64.b64decode(rec["wrapped_key"]), rec["key_id"],
-                          "layer index")
+            last = self._last_found
+            if last is not None and last[0] == (rec["manifest"], rec["image"]):
+                m = last[1]  # the layers of one image are usually found in one stored manifest: decoded once
+            else:
+                m = self.open(rec["manifest"], rec["image"], base64.b64decode(rec["wrapped_key"]), rec["key_id"],
+                              "layer index")
+                self._last_found = ((rec["manifest"], rec["image"]), m)
             layer = m.layers[rec["layer"]]
         except (KeyError, IndexError, TypeError, ValueError, CorruptObject, StoreError, KeyAccessDenied):
             return None

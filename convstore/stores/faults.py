@@ -11,9 +11,18 @@ import os
 import signal
 import threading
 
-_AT = int(os.environ.get("CONVSTORE_CRASH_AT", "0") or 0)
+_AT = 0
 _count = 0
 _lock = threading.Lock()
+
+
+def configure() -> None:
+    """Read ``CONVSTORE_CRASH_AT`` (at import, and again in a daemon's forked child)."""
+    global _AT, _count
+    _AT, _count = int(os.environ.get("CONVSTORE_CRASH_AT", "0") or 0), 0
+
+
+configure()
 
 
 def crash_point() -> None:

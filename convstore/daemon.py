@@ -1,0 +1,532 @@
+"""A fork server for the command line: ``convstore daemon``.
+
+Every ``convstore`` process pays for the interpreter, typer, the command
+tree and convstore's imports before it does any work: 0.15-0.2 s, most of a
+warm ``convstore run`` (docs/benchmarks.md).  The daemon pays it once: it
+imports the command line, builds the command tree, then waits on a unix
+socket.  ``convstore`` (``__main__``) first looks for that socket; when a
+daemon of the same user answers, it sends its arguments, environment, umask
+and its stdin, stdout, stderr and working directory (as descriptors), and the
+daemon forks a child that runs the command exactly as the process would
+have: the same files, terminal, environment and exit status.  Nothing of one
+command outlives it in the daemon, which only forks and reports.
+
+Trust: the socket is created 0600 in a directory of its owner that no one
+else can write, and both ends check the other's uid (``SO_PEERCRED``): a
+daemon serves only its own user, and a client talks only to a daemon of its
+own user.  A daemon whose code differs from the client's (an upgrade, an
+edit) is not used: the client runs the command itself.
+
+Wire format, version 1.  Client to daemon: one 4-byte big-endian length
+(carrying the descriptors), then that many bytes of JSON:
+``{"v": 1, "op": "run" | "status" | "stop", ...}``; then, while the command
+runs, ``b"S" + signal number`` frames.  Daemon to client: frames of one type
+byte and a 4-byte length: ``A`` accepted, ``F`` fall back (reason),
+``I`` status JSON, ``X`` exit status (4 bytes, signed).
+
+Only the standard library is imported here: the client side runs before
+everything else in every command.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+from collections.abc import Callable
+
+PROTOCOL = 1
+MAX_REQUEST = 4 << 20
+REQUEST_TIMEOUT = 5.0
+# signals a client relays to its command's process group, as a terminal would deliver them
+RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+_FRAME = struct.Struct("!cI")
+
+
+class DaemonError(Exception):
+    """The daemon cannot start, or cannot be reached for --status or --stop."""
+
+
+def socket_path() -> str:
+    """Where the daemon listens: ``$CONVSTORE_DAEMON_SOCKET``, else
+    ``$XDG_RUNTIME_DIR/convstore/cli.sock``, else ``/run/convstore/cli.sock``
+    for root and ``/tmp/convstore-UID/cli.sock`` for other users."""
+    explicit = os.environ.get("CONVSTORE_DAEMON_SOCKET")
+    if explicit:
+        return explicit
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "convstore", "cli.sock")
+    if os.getuid() == 0:
+        return "/run/convstore/cli.sock"
+    return f"/tmp/convstore-{os.getuid()}/cli.sock"
+
+
+def fingerprint() -> str:
+    """The code a process runs: this package's location and its files' sizes
+    and modification times (about 0.3 ms)."""
+    import hashlib
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{PROTOCOL}:{root}:{sys.version}\0".encode())
+    stack = [root]
+    while stack:
+        for e in sorted(os.scandir(stack.pop()), key=lambda e: e.name):
+            if e.is_dir(follow_symlinks=False):
+                if e.name != "__pycache__":
+                    stack.append(e.path)
+            elif e.name.endswith((".py", ".pyi")):
+                st = e.stat()
+                h.update(f"{e.path}:{st.st_size}:{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return int(uid)
+
+
+def _send(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
+    sock.sendall(_FRAME.pack(kind, len(payload)) + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise EOFError
+        buf += part
+    return buf
+
+
+def _recv_frame(sock: socket.socket) -> tuple[bytes, bytes]:
+    kind, n = _FRAME.unpack(_recv_exact(sock, _FRAME.size))
+    if n > MAX_REQUEST:
+        raise EOFError
+    return kind, _recv_exact(sock, n)
+
+
+def _safe_socket(path: str) -> bool:
+    """The socket and its directory belong to this user, and no one else can replace them."""
+    uid = os.getuid()
+    try:
+        st = os.lstat(path)
+        dst = os.lstat(os.path.dirname(path) or ".")
+    except OSError:
+        return False
+    return (stat.S_ISSOCK(st.st_mode) and st.st_uid == uid and stat.S_ISDIR(dst.st_mode) and dst.st_uid == uid
+            and not dst.st_mode & 0o022)
+
+
+def _connect(path: str) -> socket.socket | None:
+    if not _safe_socket(path):
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        if _peer_uid(s) == os.getuid():
+            return s
+    except OSError:
+        pass
+    s.close()
+    return None
+
+
+# ---------------------------------------------------------------- the client
+
+
+def run_via_daemon(argv: list[str]) -> int | None:
+    """Run a command in the user's daemon; its exit status, or None when there
+    is no usable daemon (the caller runs the command itself).  None is only
+    returned before the command has started."""
+    if os.environ.get("CONVSTORE_DAEMON", "").lower() in ("0", "off", "no", "false"):
+        return None
+    if "daemon" in argv:  # the daemon command itself never runs inside a daemon
+        return None
+    if "--password-stdin" in argv and os.isatty(0):
+        return None  # a child in its own process group cannot read the terminal
+    s = _connect(socket_path())
+    if s is None:
+        return None
+    try:
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        s.close()
+        return None
+    umask = os.umask(0)
+    os.umask(umask)
+    body = json.dumps({"v": PROTOCOL, "op": "run", "argv": argv, "prog": _prog_name(), "env": dict(os.environ),
+                       "umask": umask, "fingerprint": fingerprint()}).encode()
+    try:
+        socket.send_fds(s, [struct.pack("!I", len(body))], [0, 1, 2, cwd])
+        s.sendall(body)
+        kind, why = _recv_frame(s)
+    except (OSError, EOFError):
+        s.close()
+        return None
+    finally:
+        os.close(cwd)
+    if kind != b"A":
+        s.close()
+        return None
+
+    def relay(signum: int, _frame: object) -> None:
+        try:
+            s.sendall(b"S" + bytes([signum]))
+        except OSError:
+            pass
+
+    for sig in RELAYED:
+        signal.signal(sig, relay)
+    try:
+        while True:
+            kind, payload = _recv_frame(s)
+            if kind == b"X":
+                return int(struct.unpack("!i", payload)[0])
+    except (OSError, EOFError):
+        sys.stderr.write("convstore: error: the daemon went away before the command finished\n")
+        return 1
+    finally:
+        s.close()
+
+
+def _prog_name() -> str:
+    """The program name click would give this process in its usage lines
+    (``convstore``, or ``python -m convstore``)."""
+    package = getattr(sys.modules.get("__main__"), "__package__", None)
+    if not package:
+        return os.path.basename(sys.argv[0]) or "convstore"
+    name = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    return f"python -m {package if name == '__main__' else f'{package}.{name}'}"
+
+
+def request(path: str, op: str) -> dict[str, object]:
+    """Ask the daemon at ``path`` for its ``status``, or to ``stop``."""
+    s = _connect(path)
+    if s is None:
+        raise DaemonError(f"no convstore daemon of this user answers at {path}")
+    with s:
+        body = json.dumps({"v": PROTOCOL, "op": op}).encode()
+        try:
+            s.sendall(struct.pack("!I", len(body)) + body)
+            kind, payload = _recv_frame(s)
+        except (OSError, EOFError) as e:
+            raise DaemonError(f"the daemon at {path} did not answer: {e}") from None
+    if kind != b"I":
+        raise DaemonError(f"the daemon at {path} refused {op!r}: {payload.decode(errors='replace')}")
+    info: dict[str, object] = json.loads(payload)
+    return info
+
+
+# ---------------------------------------------------------------- the server
+
+
+class _Child:
+    def __init__(self, pid: int, conn: socket.socket) -> None:
+        self.pid, self.conn, self.connected = pid, conn, True
+
+
+class Daemon:
+    """The fork server.  ``entry(prog)`` runs one command in a forked child
+    (it reads ``sys.argv``; ``prog`` names the program in usage lines)."""
+
+    def __init__(self, path: str, entry: Callable[[str], None], version: str) -> None:
+        self.path, self.entry, self.version = path, entry, version
+        self.fingerprint = fingerprint()
+        self.children: dict[int, _Child] = {}
+        self.served = 0
+        self.max_rss_kib = 0  # the largest peak RSS of a command's child
+        self.stopping = False
+        self.started = 0.0
+        self.listener: socket.socket | None = None
+
+    def bind(self) -> None:
+        """Create the socket (0600, in a 0700 directory of this user), or
+        explain why not; a live daemon at the same path is an error, a dead
+        one's socket is replaced."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.lstat(folder)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise DaemonError(f"{folder} must be a directory of this user that no one else can write")
+        live = _connect(self.path)
+        if live is not None:
+            live.close()
+            raise DaemonError(f"a convstore daemon already listens at {self.path}")
+        try:
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)  # a dead daemon's
+            else:
+                raise DaemonError(f"{self.path} exists and is not a socket")
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        s.listen(64)
+        self.listener = s
+
+    def serve(self) -> None:
+        """Serve until ``stop`` or SIGTERM/SIGINT; then wait for the running
+        commands, and remove the socket."""
+        import selectors
+        import time
+
+        assert self.listener is not None
+        self.started = time.time()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        pending: list[int] = []
+
+        def on_signal(signum: int, _frame: object) -> None:
+            pending.append(signum)
+
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+        signal.set_wakeup_fd(wake_w)
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ, None)
+        sel.register(wake_r, selectors.EVENT_READ, None)
+        self._inherited = [wake_r, wake_w]
+        self._selector = sel
+        try:
+            while not (self.stopping and not self.children):
+                for key, _ in sel.select():
+                    if key.fileobj is self.listener:
+                        self._accept()
+                    elif key.fileobj == wake_r:
+                        while True:
+                            try:
+                                if not os.read(wake_r, 512):
+                                    break
+                            except BlockingIOError:
+                                break
+                    else:
+                        self._from_client(key.data)
+                while pending:
+                    signum = pending.pop()
+                    if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                        if self.stopping:  # a second request: the commands get it too
+                            for c in self.children.values():
+                                _killpg(c.pid, signum)
+                        self._stop_listening()
+                self._reap()
+        finally:
+            signal.set_wakeup_fd(-1)
+            self._stop_listening()
+            sel.close()
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _stop_listening(self) -> None:
+        self.stopping = True
+        if self.listener is not None:
+            self._selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.max_rss_kib = max(self.max_rss_kib, usage.ru_maxrss)
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if code < 0:
+                code = 128 - code  # killed by a signal, as a shell reports it
+            if child.connected:
+                self._selector.unregister(child.conn)
+            try:
+                _send(child.conn, b"X", struct.pack("!i", code))
+            except OSError:
+                pass
+            child.conn.close()
+
+    def _from_client(self, child: _Child) -> None:
+        try:
+            data = child.conn.recv(64)
+        except OSError:
+            data = b""
+        if not data:  # the client is gone: its command gets what a closed terminal sends
+            self._selector.unregister(child.conn)
+            child.connected = False
+            _killpg(child.pid, signal.SIGHUP)
+            return
+        for i in range(0, len(data) - 1, 2):
+            if data[i:i + 1] == b"S" and data[i + 1] in RELAYED:
+                _killpg(child.pid, data[i + 1])
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        fds: list[int] = []
+        try:
+            if _peer_uid(conn) != os.getuid():
+                conn.close()
+                return
+            conn.settimeout(REQUEST_TIMEOUT)
+            head, fds, flags, _ = socket.recv_fds(conn, 4, 8)
+            if len(head) < 4:
+                head += _recv_exact(conn, 4 - len(head))
+            (n,) = struct.unpack("!I", head)
+            if n > MAX_REQUEST or flags & getattr(socket, "MSG_CTRUNC", 8):
+                raise ValueError("request too large")
+            req = json.loads(_recv_exact(conn, n))
+            if not isinstance(req, dict) or req.get("v") != PROTOCOL:
+                _send(conn, b"F", b"protocol version")
+                raise ValueError("protocol")
+            op = req.get("op")
+            if op == "status":
+                _send(conn, b"I", json.dumps(self.status()).encode())
+            elif op == "stop":
+                _send(conn, b"I", json.dumps(self.status()).encode())
+                self._stop_listening()
+            elif op == "run":
+                self._run(conn, req, fds)
+                return
+            raise ValueError("done")
+        except (OSError, ValueError, EOFError, KeyError, TypeError):
+            conn.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def status(self) -> dict[str, object]:
+        import resource
+
+        return {"pid": os.getpid(), "socket": self.path, "version": self.version,
+                "code": os.path.dirname(os.path.abspath(__file__)), "served": self.served,
+                "running": len(self.children), "started": self.started, "stopping": self.stopping,
+                "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "command_max_rss_kib": self.max_rss_kib}
+
+    def _run(self, conn: socket.socket, req: dict[str, object], fds: list[int]) -> None:
+        argv, env, umask, prog = req["argv"], req["env"], req["umask"], req["prog"]
+        if (len(fds) != 4 or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv)
+                or not isinstance(env, dict) or not isinstance(umask, int) or not isinstance(prog, str)):
+            raise ValueError("malformed request")
+        if req.get("fingerprint") != self.fingerprint:
+            _send(conn, b"F", b"the daemon runs other code than this client; restart it")
+            raise ValueError("stale")
+        conn.settimeout(None)
+        _send(conn, b"A")
+        pid = os.fork()
+        if pid == 0:
+            code = 70  # EX_SOFTWARE: the child could not become the client's process
+            try:
+                code = self._child(conn, fds, argv, prog, {str(k): str(v) for k, v in env.items()}, umask)
+            except BaseException as e:  # noqa: BLE001 - reported on the client's stderr, never unwound into the server
+                os.write(2, f"convstore: internal error in the daemon's child: {type(e).__name__}: {e}\n".encode())
+            finally:
+                os._exit(code)
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass  # the child did it first, or is already gone
+        self.served += 1
+        self.children[pid] = _Child(pid, conn)
+        self._selector.register(conn, 0x1, self.children[pid])  # selectors.EVENT_READ
+
+    def _child(self, conn: socket.socket, fds: list[int], argv: list[str], prog: str, env: dict[str, str],
+               umask: int) -> int:
+        """In the forked child: become the client's process, run the command, return its exit status."""
+        import atexit
+        import tempfile
+        import threading
+
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._selector.close()
+        for fd in self._inherited:
+            os.close(fd)
+        if self.listener is not None:
+            self.listener.close()
+        for other in self.children.values():
+            other.conn.close()
+        conn.close()
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+        os.fchdir(fds[3])
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        fds.clear()
+        os.umask(umask)
+        os.environ.clear()
+        os.environ.update(env)
+        tempfile.tempdir = None
+        from .stores import faults
+
+        faults.configure()
+        sys.stdin = _stream(0, "r", "strict")
+        sys.stdout = _stream(1, "w", "backslashreplace")
+        sys.stderr = _stream(2, "w", "backslashreplace")
+        sys.argv = ["convstore", *argv]
+        code = 0
+        try:
+            self.entry(prog)
+        except SystemExit as e:
+            if e.code is None:
+                code = 0
+            elif isinstance(e.code, int):
+                code = e.code
+            else:
+                sys.stderr.write(f"{e.code}\n")
+                code = 1
+        except KeyboardInterrupt:
+            code = 128 + signal.SIGINT
+        main = threading.main_thread()
+        for t in threading.enumerate():
+            if t is not main and not t.daemon:
+                t.join()
+        atexit._run_exitfuncs()
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):
+                pass
+        return code
+
+
+def _stream(fd: int, mode: str, errors: str) -> io.TextIOWrapper:
+    """A standard stream on the client's descriptor, buffered as Python buffers its own."""
+    raw = io.FileIO(fd, mode, closefd=False)
+    tty = raw.isatty()
+    buffered: io.BufferedReader | io.BufferedWriter = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
+    return io.TextIOWrapper(buffered, encoding="utf-8", errors=errors, line_buffering=tty or fd == 2,
+                            write_through=fd == 2)
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
