@@ -739,6 +739,7 @@ def daemon(
             return
         os.close(r)
         os.setsid()
+        os.chdir("/")
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
@@ -748,7 +749,8 @@ def daemon(
             server.serve()
         finally:
             os._exit(0)
-    err.print(f"convstore daemon listening on {path}; Ctrl-C stops it", highlight=False)
+    # plain: a rich console made here would be inherited by every command
+    sys.stderr.write(f"convstore daemon listening on {path}; Ctrl-C stops it\n")
     server.serve()
 
 

@@ -19,10 +19,12 @@ edit) is not used: the client runs the command itself.
 
 Wire format, version 1.  Client to daemon: one 4-byte big-endian length
 (carrying the descriptors), then that many bytes of JSON:
-``{"v": 1, "op": "run" | "status" | "stop", ...}``; then, while the command
-runs, ``b"S" + signal number`` frames.  Daemon to client: frames of one type
-byte and a 4-byte length: ``A`` accepted, ``F`` fall back (reason),
-``I`` status JSON, ``X`` exit status (4 bytes, signed).
+``{"v": 1, "op": "run" | "status" | "stop", ...}``; after ``A``, one byte
+``G`` (the client is committed: from here on the command may run); then,
+while it runs, ``b"S" + signal number`` frames.  Daemon to client: frames of
+one type byte and a 4-byte length: ``A`` accepted, ``F`` fall back (reason;
+before the command starts only), ``I`` status JSON, ``X`` exit status
+(4 bytes, signed), ``K`` killed by a signal (4 bytes).
 
 Only the standard library is imported here: the client side runs before
 everything else in every command.
@@ -38,11 +40,12 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 PROTOCOL = 1
 MAX_REQUEST = 4 << 20
-REQUEST_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 5.0  # a client silent this long mid-request is dropped
+HANDSHAKE_TIMEOUT = 2.0  # a daemon that does not accept within this long is not used
 # signals a client relays to its command's process group, as a terminal would deliver them
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _FRAME = struct.Struct("!cI")
@@ -74,7 +77,8 @@ def fingerprint() -> str:
 
     root = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{PROTOCOL}:{root}:{sys.version}\0".encode())
+    h.update(f"{PROTOCOL}:{root}:{sys.version}:{sys.prefix}:{sys.executable}:{sys.getfilesystemencoding()}\0"
+             .encode())
     stack = [root]
     while stack:
         for e in sorted(os.scandir(stack.pop()), key=lambda e: e.name):
@@ -129,6 +133,7 @@ def _connect(path: str) -> socket.socket | None:
     if not _safe_socket(path):
         return None
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(HANDSHAKE_TIMEOUT)
     try:
         s.connect(path)
         if _peer_uid(s) == os.getuid():
@@ -137,6 +142,20 @@ def _connect(path: str) -> socket.socket | None:
         pass
     s.close()
     return None
+
+
+# what a command's process may differ in from the daemon's without running with more than it had
+_CONTEXT_NS = ("mnt", "pid", "net", "user", "ipc", "uts", "cgroup")
+_CONTEXT_STATUS = ("Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:",
+                   "NoNewPrivs:", "Seccomp:")
+
+
+def _context(pid: int | str) -> list[str]:
+    """A process's namespaces, ids, groups, capabilities and seccomp/no_new_privs state (OSError if unreadable)."""
+    out = [os.readlink(f"/proc/{pid}/ns/{ns}") for ns in _CONTEXT_NS]
+    with open(f"/proc/{pid}/status") as f:
+        out += [line.strip() for line in f if line.startswith(_CONTEXT_STATUS)]
+    return out
 
 
 # ---------------------------------------------------------------- the client
@@ -150,32 +169,41 @@ def run_via_daemon(argv: list[str]) -> int | None:
         return None
     if "daemon" in argv:  # the daemon command itself never runs inside a daemon
         return None
-    if "--password-stdin" in argv and os.isatty(0):
-        return None  # a child in its own process group cannot read the terminal
-    s = _connect(socket_path())
+    try:
+        for fd in (0, 1, 2):
+            os.fstat(fd)  # a closed one would be taken by the socket, and sent as the command's stdio
+        if "--password-stdin" in argv and os.isatty(0):
+            return None  # a child in its own process group cannot read the terminal
+        s = _connect(socket_path())
+    except Exception:  # noqa: BLE001 - any doubt: the command runs in this process
+        return None
     if s is None:
         return None
+    with s:
+        return _run_client(s, argv)
+
+
+def _run_client(s: socket.socket, argv: list[str]) -> int | None:
     try:
-        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        s.close()
-        return None
-    umask = os.umask(0)
-    os.umask(umask)
-    body = json.dumps({"v": PROTOCOL, "op": "run", "argv": argv, "prog": _prog_name(), "env": dict(os.environ),
-                       "umask": umask, "fingerprint": fingerprint()}).encode()
-    try:
-        socket.send_fds(s, [struct.pack("!I", len(body))], [0, 1, 2, cwd])
+        ignored = [int(sig) for sig in RELAYED if signal.getsignal(sig) == signal.SIG_IGN]
+        umask = os.umask(0)
+        os.umask(umask)
+        body = json.dumps({"v": PROTOCOL, "op": "run", "argv": argv, "prog": _prog_name(),
+                           "env": dict(os.environ), "umask": umask, "ignored": ignored,
+                           "fingerprint": fingerprint()}).encode()
+        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
+        try:
+            socket.send_fds(s, [struct.pack("!I", len(body))], [0, 1, 2, cwd])
+        finally:
+            os.close(cwd)
         s.sendall(body)
-        kind, why = _recv_frame(s)
-    except (OSError, EOFError):
-        s.close()
+        kind, _why = _recv_frame(s)
+        if kind != b"A":
+            return None
+        s.sendall(b"G")  # committed: the daemon forks the command now
+    except Exception:  # noqa: BLE001 - nothing has run yet: the command runs in this process
         return None
-    finally:
-        os.close(cwd)
-    if kind != b"A":
-        s.close()
-        return None
+    s.settimeout(None)
 
     def relay(signum: int, _frame: object) -> None:
         try:
@@ -183,18 +211,26 @@ def run_via_daemon(argv: list[str]) -> int | None:
         except OSError:
             pass
 
-    for sig in RELAYED:
-        signal.signal(sig, relay)
+    saved = {sig: signal.signal(sig, relay) for sig in RELAYED if int(sig) not in ignored}
     try:
         while True:
             kind, payload = _recv_frame(s)
+            if kind == b"F":
+                return None  # the daemon could not fork: the command never started
             if kind == b"X":
                 return int(struct.unpack("!i", payload)[0])
-    except (OSError, EOFError):
+            if kind == b"K":  # the command was killed by a signal: so is this process, as a shell expects
+                (signum,) = struct.unpack("!i", payload)
+                signal.signal(signum, signal.SIG_DFL)
+                saved.pop(signal.Signals(signum), None)
+                os.kill(os.getpid(), signum)
+                return 128 + signum
+    except (OSError, EOFError, ValueError):
         sys.stderr.write("convstore: error: the daemon went away before the command finished\n")
         return 1
     finally:
-        s.close()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _prog_name() -> str:
@@ -230,7 +266,7 @@ def request(path: str, op: str) -> dict[str, object]:
 
 class _Child:
     def __init__(self, pid: int, conn: socket.socket) -> None:
-        self.pid, self.conn, self.connected = pid, conn, True
+        self.pid, self.conn, self.connected, self.buf = pid, conn, True, b""
 
 
 class Daemon:
@@ -240,12 +276,14 @@ class Daemon:
     def __init__(self, path: str, entry: Callable[[str], None], version: str) -> None:
         self.path, self.entry, self.version = path, entry, version
         self.fingerprint = fingerprint()
+        self.context = _context("self")
         self.children: dict[int, _Child] = {}
         self.served = 0
         self.max_rss_kib = 0  # the largest peak RSS of a command's child
         self.stopping = False
         self.started = 0.0
         self.listener: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
 
     def bind(self) -> None:
         """Create the socket (0600, in a 0700 directory of this user), or
@@ -255,7 +293,8 @@ class Daemon:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         st = os.lstat(folder)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-            raise DaemonError(f"{folder} must be a directory of this user that no one else can write")
+            raise DaemonError(f"{folder} must be a directory of this user that no one else can write "
+                              f"(someone else's, a link, or open to others)")
         live = _connect(self.path)
         if live is not None:
             live.close()
@@ -268,23 +307,27 @@ class Daemon:
         except FileNotFoundError:
             pass
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
+        old = os.umask(0o177)  # created 0600
         try:
             s.bind(self.path)
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        st = os.lstat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
         s.listen(64)
         self.listener = s
 
     def serve(self) -> None:
-        """Serve until ``stop`` or SIGTERM/SIGINT; then wait for the running
-        commands, and remove the socket."""
+        """Serve until ``stop`` or SIGTERM/SIGINT/SIGHUP; then wait for the
+        running commands (a second signal is passed on to them), and remove
+        the socket."""
+        import gc
         import selectors
         import time
 
         assert self.listener is not None
         self.started = time.time()
+        gc.freeze()  # what was imported stays out of every child's collections (and unshared pages untouched)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -318,7 +361,7 @@ class Daemon:
                 while pending:
                     signum = pending.pop()
                     if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                        if self.stopping:  # a second request: the commands get it too
+                        if self.stopping:
                             for c in self.children.values():
                                 _killpg(c.pid, signum)
                         self._stop_listening()
@@ -337,7 +380,9 @@ class Daemon:
             self.listener.close()
             self.listener = None
             try:
-                os.unlink(self.path)
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self._inode:  # never a newer daemon's socket
+                    os.unlink(self.path)
             except FileNotFoundError:
                 pass
 
@@ -353,13 +398,13 @@ class Daemon:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
-            if code < 0:
-                code = 128 - code  # killed by a signal, as a shell reports it
             if child.connected:
                 self._selector.unregister(child.conn)
             try:
-                _send(child.conn, b"X", struct.pack("!i", code))
+                if os.WIFSIGNALED(status):
+                    _send(child.conn, b"K", struct.pack("!i", os.WTERMSIG(status)))
+                else:
+                    _send(child.conn, b"X", struct.pack("!i", os.waitstatus_to_exitcode(status)))
             except OSError:
                 pass
             child.conn.close()
@@ -374,9 +419,11 @@ class Daemon:
             child.connected = False
             _killpg(child.pid, signal.SIGHUP)
             return
-        for i in range(0, len(data) - 1, 2):
-            if data[i:i + 1] == b"S" and data[i + 1] in RELAYED:
-                _killpg(child.pid, data[i + 1])
+        child.buf += data
+        while len(child.buf) >= 2:
+            frame, child.buf = child.buf[:2], child.buf[2:]
+            if frame[:1] == b"S" and frame[1] in RELAYED:
+                _killpg(child.pid, frame[1])
 
     def _accept(self) -> None:
         assert self.listener is not None
@@ -386,7 +433,8 @@ class Daemon:
             return
         fds: list[int] = []
         try:
-            if _peer_uid(conn) != os.getuid():
+            pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid != os.getuid():
                 conn.close()
                 return
             conn.settimeout(REQUEST_TIMEOUT)
@@ -407,10 +455,10 @@ class Daemon:
                 _send(conn, b"I", json.dumps(self.status()).encode())
                 self._stop_listening()
             elif op == "run":
-                self._run(conn, req, fds)
+                self._run(conn, pid, req, fds)
                 return
             raise ValueError("done")
-        except (OSError, ValueError, EOFError, KeyError, TypeError):
+        except Exception:  # noqa: BLE001 - one bad request never takes the daemon down
             conn.close()
         finally:
             for fd in fds:
@@ -425,21 +473,39 @@ class Daemon:
                 "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                 "command_max_rss_kib": self.max_rss_kib}
 
-    def _run(self, conn: socket.socket, req: dict[str, object], fds: list[int]) -> None:
-        argv, env, umask, prog = req["argv"], req["env"], req["umask"], req["prog"]
+    def _run(self, conn: socket.socket, peer: int, req: dict[str, object], fds: list[int]) -> None:
+        argv, env, umask, prog, ignored = req["argv"], req["env"], req["umask"], req["prog"], req["ignored"]
         if (len(fds) != 4 or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv)
-                or not isinstance(env, dict) or not isinstance(umask, int) or not isinstance(prog, str)):
+                or not isinstance(env, dict) or not isinstance(umask, int) or not isinstance(prog, str)
+                or not isinstance(ignored, list) or not all(i in RELAYED for i in ignored)):
             raise ValueError("malformed request")
         if req.get("fingerprint") != self.fingerprint:
             _send(conn, b"F", b"the daemon runs other code than this client; restart it")
             raise ValueError("stale")
-        conn.settimeout(None)
+        try:
+            same = _context(peer) == self.context
+        except OSError:
+            same = False
+        if not same:  # another namespace, fewer capabilities, a sandbox: the command must run there, not here
+            _send(conn, b"F", b"the client runs in another context than the daemon")
+            raise ValueError("context")
         _send(conn, b"A")
-        pid = os.fork()
+        if _recv_exact(conn, 1) != b"G":
+            raise ValueError("not committed")
+        conn.settimeout(None)
+        blocked = (*RELAYED, signal.SIGCHLD)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # relayed at once: held until the child is ready
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            _send(conn, b"F", b"fork failed")
+            raise
         if pid == 0:
             code = 70  # EX_SOFTWARE: the child could not become the client's process
             try:
-                code = self._child(conn, fds, argv, prog, {str(k): str(v) for k, v in env.items()}, umask)
+                code = self._child(conn, fds, argv, prog, {str(k): str(v) for k, v in env.items()}, umask,
+                                   [int(i) for i in ignored], old)
             except BaseException as e:  # noqa: BLE001 - reported on the client's stderr, never unwound into the server
                 os.write(2, f"convstore: internal error in the daemon's child: {type(e).__name__}: {e}\n".encode())
             finally:
@@ -448,22 +514,27 @@ class Daemon:
             os.setpgid(pid, pid)
         except OSError:
             pass  # the child did it first, or is already gone
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self.served += 1
         self.children[pid] = _Child(pid, conn)
         self._selector.register(conn, 0x1, self.children[pid])  # selectors.EVENT_READ
 
     def _child(self, conn: socket.socket, fds: list[int], argv: list[str], prog: str, env: dict[str, str],
-               umask: int) -> int:
+               umask: int, ignored: list[int], mask: Iterable[int]) -> int:
         """In the forked child: become the client's process, run the command, return its exit status."""
         import atexit
         import tempfile
         import threading
+        import traceback
 
         os.setpgid(0, 0)
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        for i in ignored:  # what the client ignores (nohup), its command ignores too
+            signal.signal(i, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._selector.close()
         for fd in self._inherited:
             os.close(fd)
@@ -486,13 +557,14 @@ class Daemon:
         from .stores import faults
 
         faults.configure()
-        sys.stdin = _stream(0, "r", "strict")
-        sys.stdout = _stream(1, "w", "backslashreplace")
-        sys.stderr = _stream(2, "w", "backslashreplace")
+        sys.stdin = _stream(0, "r", env)
+        sys.stdout = _stream(1, "w", env)
+        sys.stderr = _stream(2, "w", env)
         sys.argv = ["convstore", *argv]
-        code = 0
+        code = 1
         try:
             self.entry(prog)
+            code = 0
         except SystemExit as e:
             if e.code is None:
                 code = 0
@@ -500,29 +572,35 @@ class Daemon:
                 code = e.code
             else:
                 sys.stderr.write(f"{e.code}\n")
-                code = 1
         except KeyboardInterrupt:
             code = 128 + signal.SIGINT
-        main = threading.main_thread()
-        for t in threading.enumerate():
-            if t is not main and not t.daemon:
-                t.join()
-        atexit._run_exitfuncs()
-        for f in (sys.stdout, sys.stderr):
-            try:
-                f.flush()
-            except (OSError, ValueError):
-                pass
+        except BaseException:  # noqa: BLE001 - as the interpreter reports an uncaught exception
+            traceback.print_exc()
+        finally:
+            # what the interpreter does at exit: wait for non-daemon threads (executors first), atexit, flush
+            shutdown = getattr(threading, "_shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            atexit._run_exitfuncs()
+            for f in (sys.stdout, sys.stderr):
+                try:
+                    f.flush()
+                except (OSError, ValueError):
+                    pass
         return code
 
 
-def _stream(fd: int, mode: str, errors: str) -> io.TextIOWrapper:
-    """A standard stream on the client's descriptor, buffered as Python buffers its own."""
+def _stream(fd: int, mode: str, env: dict[str, str]) -> io.TextIOWrapper:
+    """A standard stream on the client's descriptor, encoded and buffered as
+    Python sets up its own (``PYTHONIOENCODING``, ``PYTHONUNBUFFERED``; UTF-8)."""
+    encoding, _, errors = env.get("PYTHONIOENCODING", "").partition(":")
     raw = io.FileIO(fd, mode, closefd=False)
     tty = raw.isatty()
     buffered: io.BufferedReader | io.BufferedWriter = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
-    return io.TextIOWrapper(buffered, encoding="utf-8", errors=errors, line_buffering=tty or fd == 2,
-                            write_through=fd == 2)
+    unbuffered = fd == 2 or bool(env.get("PYTHONUNBUFFERED"))
+    return io.TextIOWrapper(buffered, encoding=encoding or "utf-8",
+                            errors=errors or ("strict" if fd == 0 else "backslashreplace"),
+                            line_buffering=tty or fd == 2, write_through=unbuffered and mode == "w")
 
 
 def _killpg(pid: int, sig: int) -> None:

@@ -115,6 +115,15 @@ def test_signals_reach_the_command_and_a_vanished_client_ends_it(daemon, image_d
     p.wait(timeout=20)
     wait_for(lambda: not os.path.ismount(mnt), "the orphaned command to end")
     wait_for(lambda: status(daemon)["running"] == 0, "the daemon to reap it")
+    # a command killed by a signal (libfuse does not catch SIGQUIT) kills its client with the same signal
+    p = subprocess.Popen([sys.executable, "-m", "convstore", "mount", "box:1", str(mnt)], env=client,
+                         stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.ismount(mnt), "the third mount")
+    try:
+        p.send_signal(signal.SIGQUIT)
+        assert p.wait(timeout=20) == -signal.SIGQUIT
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 
 def test_other_code_is_not_used(tmp_path, image_dir):
@@ -187,10 +196,19 @@ def test_another_user_is_refused():
 
 def test_the_wire_format_is_checked(daemon):
     sock = daemon["CONVSTORE_DAEMON_SOCKET"]
-    for body in (b'{"v": 2, "op": "status"}', b"not json", b'{"v": 1, "op": "run", "argv": "x"}'):
+    for body in (b'{"v": 2, "op": "status"}', b"not json", b'{"v": 1, "op": "run", "argv": "x"}', b"[" * 200_000):
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(sock)
             s.sendall(struct.pack("!I", len(body)) + body)
             reply = s.recv(100)
             assert reply == b"" or reply[:1] == b"F", reply  # refused, or told to run the command itself
     assert status(daemon)["running"] == 0
+
+
+def test_a_client_with_a_closed_stream_runs_alone(daemon, image_dir):
+    # the socket would take the closed descriptor's number and be sent as the command's stdout
+    before = status(daemon)["served"]
+    p = subprocess.run([sys.executable, "-m", "convstore", "--help"], env=daemon, stderr=subprocess.PIPE,
+                       preexec_fn=lambda: os.close(1), timeout=60)
+    assert status(daemon)["served"] == before
+    assert b"Usage" not in p.stderr
