@@ -407,11 +407,12 @@ def pass_table(res: dict[str, ToolRun], ingest_bytes: int, restore_bytes: int, r
         stored = f"{r.stored_after[-1] / 1e6:.1f} MB" if r.stored_after else "—"
         if r.all_in_one and r.stored_after:
             stored += f" ({r.all_stored / 1e6:.1f} MB in one call)"
+        client = " (the client's)" if name == DAEMON else ""  # the command's own: the targets' RSS row
         rss = f"{max(p.rss for p in [*r.per_image, *([r.all_in_one] if r.all_in_one else [])]) / 2**20:.0f} MiB" \
-            if r.per_image else "—"
+            f"{client}" if r.per_image else "—"
         rs = r.restore or r.restore_rootfs
         rest = f"{mbps(restore_bytes, best(rs)):.0f} MB/s ({best(rs):.2f} s)" if rs else "—"
-        rrss = f"{max(p.rss for p in rs) / 2**20:.0f} MiB" if rs else "—"
+        rrss = f"{max(p.rss for p in rs) / 2**20:.0f} MiB{client}" if rs else "—"
         rows.append(f"| {name} | {per} | {allin} | {stored} | {rss} | {rest} | {rrss} |")
     return "\n".join(rows)
 

@@ -212,3 +212,22 @@ def test_a_client_with_a_closed_stream_runs_alone(daemon, image_dir):
                        preexec_fn=lambda: os.close(1), timeout=60)
     assert status(daemon)["served"] == before
     assert b"Usage" not in p.stderr
+
+
+def _no_new_privs() -> None:
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl")
+
+
+def test_a_confined_client_runs_alone(daemon, image_dir):
+    # same uid, but confined (here: no_new_privs, as a sandbox sets it): its command must not run outside
+    before = status(daemon)["served"]
+    client = {**daemon, "CONVSTORE_STORE": "store", "CONVSTORE_KEY": "file:keys/master.key"}
+    p = subprocess.run([sys.executable, "-m", "convstore", "images"], env=client, cwd=image_dir,
+                       capture_output=True, preexec_fn=_no_new_privs, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert status(daemon)["served"] == before
+    assert convstore(client, "images", cwd=image_dir).returncode == 0  # unconfined: served
+    assert status(daemon)["served"] == before + 1
