@@ -734,7 +734,8 @@ def daemon(
         if os.fork():
             os.close(w)
             os.read(r, 1)  # the child is detached and serving
-            out.print(f"convstore daemon listening on {path} (stop it with: convstore daemon --stop)",
+            where = f" --socket {socket_path}" if socket_path else ""
+            out.print(f"convstore daemon listening on {path} (stop it with: convstore daemon{where} --stop)",
                       highlight=False)
             return
         os.close(r)
