@@ -47,7 +47,7 @@ TYPE_BITS = {"0": stat.S_IFREG, "\0": stat.S_IFREG, "7": stat.S_IFREG, "2": stat
              "3": stat.S_IFCHR, "4": stat.S_IFBLK, "5": stat.S_IFDIR, "6": stat.S_IFIFO}
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """One inode of the merged tree (hardlinks share a Node)."""
 
@@ -79,7 +79,9 @@ def entry_components(path: str) -> list[str]:
     """Split a layer entry path; refuse absolute paths and ``..``."""
     if path.startswith("/"):
         raise UnsafePathError(f"layer entry {path!r} has an absolute path")
-    parts = components(path)
+    parts = path.split("/")
+    if "" in parts or "." in parts:  # the common clean path needs no filtering (the merge's hot loop)
+        parts = components(path)
     if ".." in parts:
         raise UnsafePathError(f"layer entry {path!r} climbs out of the root with '..'")
     return parts
@@ -215,12 +217,18 @@ class MergedTree:
                 continue
             if old is not None:
                 self._unlink(parent, base)
-            node = self._new(TYPE_BITS[e.type] | (e.mode & 0o7777), e.uid, e.gid, e.size if e.is_file else 0,
-                             e.mtime_ns, is_dir=e.type == "5")
-            set_attrs(node, e)
+            # a new inode with the entry's attributes (what _new then _set_attrs would give, in one step)
+            xattrs = dict(e.xattrs) if e.xattrs else {}
+            if overlay and xattrs:
+                xattrs = {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTRS)}
+            is_file = e.is_file
+            node = Node(self._next_ino, TYPE_BITS[e.type] | (e.mode & 0o7777), e.uid, e.gid,
+                        e.size if is_file else 0, e.mtime_ns, xattrs=xattrs,
+                        children={} if e.type == "5" else None)
+            self._next_ino += 1
             if overlay and node.is_dir and old is not None and id(old) in whiteouts:
                 opaque.append(node)
-            if e.is_file:
+            if is_file:
                 node.layer, node.offset = li, e.offset
             elif e.type == "2":
                 node.linkname = e.linkname
