@@ -71,24 +71,22 @@ def socket_path() -> str:
 
 
 def fingerprint() -> str:
-    """The code a process runs: this package's location and its files' sizes
-    and modification times (about 0.3 ms)."""
-    import hashlib
-
+    """The code a process runs: the interpreter, this package's location and
+    its files' sizes and modification times (about 1 ms; compared as text,
+    which spares the client hashlib's import)."""
     root = os.path.dirname(os.path.abspath(__file__))
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{PROTOCOL}:{root}:{sys.version}:{sys.prefix}:{sys.executable}:{sys.getfilesystemencoding()}\0"
-             .encode())
+    parts = [f"{PROTOCOL}:{root}:{sys.version}:{sys.prefix}:{sys.executable}:{sys.getfilesystemencoding()}"]
     stack = [root]
     while stack:
-        for e in sorted(os.scandir(stack.pop()), key=lambda e: e.name):
-            if e.is_dir(follow_symlinks=False):
-                if e.name != "__pycache__":
-                    stack.append(e.path)
-            elif e.name.endswith((".py", ".pyi")):
-                st = e.stat()
-                h.update(f"{e.path}:{st.st_size}:{st.st_mtime_ns}\0".encode())
-    return h.hexdigest()
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    if e.name != "__pycache__":
+                        stack.append(e.path)
+                elif e.name.endswith(".py"):
+                    st = e.stat()
+                    parts.append(f"{e.path[len(root):]}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(sorted(parts))
 
 
 def _peer_uid(sock: socket.socket) -> int:
