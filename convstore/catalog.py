@@ -89,6 +89,8 @@ class CatalogEntry:
     seq: int = 0
     #: the convergence domain the current version was packed in (a re-pack goes back into it)
     domain: str = ""
+    #: what the current version was packed from and how (``pack.pack_identity``): a pack of the same is a no-op
+    packed_from: str = ""
 
     @property
     def complete(self) -> bool:
@@ -107,7 +109,8 @@ class CatalogEntry:
                 "wrapped_key": base64.b64encode(self.wrapped_key).decode() if self.wrapped_key else None,
                 "created": self.created, "source": self.source, "logical_bytes": self.logical_bytes,
                 "layers": self.layers, "last_read": self.last_read, "pending": self.pending,
-                "history": list(self.history), "seq": self.seq, "domain": self.domain}
+                "history": list(self.history), "seq": self.seq, "domain": self.domain,
+                "packed_from": self.packed_from}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CatalogEntry:
@@ -123,7 +126,8 @@ class CatalogEntry:
                        base64.b64decode(d["wrapped_key"]) if d.get("wrapped_key") else None,
                        d.get("created", ""), d.get("source", ""), int(d.get("logical_bytes", 0)),
                        int(d.get("layers", 0)), float(d.get("last_read", 0)), d.get("pending"),
-                       tuple(d.get("history") or ()), int(d.get("seq", 0)), str(d.get("domain", "")))
+                       tuple(d.get("history") or ()), int(d.get("seq", 0)), str(d.get("domain", "")),
+                       str(d.get("packed_from", "")))
         except (KeyError, ValueError, TypeError):
             raise CorruptObject("catalog entry is malformed") from None
 

@@ -78,12 +78,12 @@ def begin_pack(cur: CatalogEntry | None, ref: ImageRef, now: float, source: str)
 
 def finish_pack(cur: CatalogEntry | None, ref: ImageRef, now: float, *, manifest_digest: str, key_id: str,
                 wrapped_key: bytes, created: str, source: str, logical_bytes: int, layers: int,
-                domain: str) -> CatalogEntry:
+                domain: str, packed_from: str = "") -> CatalogEntry:
     """Point ``ref`` at a complete, durable version: ACTIVE."""
     base = cur or CatalogEntry(ref, PENDING, now)
     return _to(base, ACTIVE, "packed", now, manifest_digest=manifest_digest, key_id=key_id,
                            wrapped_key=wrapped_key, created=created, source=source, logical_bytes=logical_bytes,
-                           layers=layers, last_read=now, pending=None, domain=domain)
+                           layers=layers, last_read=now, pending=None, domain=domain, packed_from=packed_from)
 
 
 def abort_pack(cur: CatalogEntry | None, now: float, error: str, source_gone: bool) -> CatalogEntry | None:

@@ -11,8 +11,10 @@ bounded number in flight so memory stays flat.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import io
+import json
 import os
 import time
 from array import array
@@ -25,8 +27,9 @@ import zstandard
 
 from .chunking import ChunkParams, StreamChunker
 from .crypto import ChunkIdentity, identify_chunk
-from .errors import DigestMismatch
-from .manifest import LayerRecord, Manifest
+from .catalog import ACTIVE
+from .errors import ConvstoreError, DigestMismatch
+from .manifest import ROW_SIZE, LayerRecord, Manifest
 from .oci.media import HashingReader
 from .oci.sources import ImageSource, LayerDescriptor, layer_stream, parse_source
 from .progress import NoProgress, Progress
@@ -52,6 +55,8 @@ class PackResult:
     new_stored_bytes: int
     reused_layers: int
     seconds: float
+    #: the name already served this very source, packed the same way, with every chunk present: nothing written
+    up_to_date: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -161,17 +166,56 @@ def pack(
             if isinstance(source, str):
                 stack.callback(src.close)
             dom = store.domain(domain)
+            identity = pack_identity(src.manifest_digest, params, dom)
+            done = _up_to_date(store, iref, identity, t0)
+            if done is not None:
+                return done
             stack.enter_context(store.gc_guard())  # gc waits for packs in progress
             store.begin_pack(iref, src.ref)
-            return _pack(store, src, iref, dom, params, level, workers, progress, reuse_layers, t0)
+            return _pack(store, src, iref, dom, params, level, workers, progress, reuse_layers, t0, identity)
     except BaseException as e:
         store.chunks.abort()  # unpublished chunks of a failed pack are dropped
         store.abort_pack(iref, e)
         raise
 
 
+def pack_identity(source_manifest_digest: str, params: ChunkParams, dom: Domain) -> str:
+    """What a version is packed from and how: the source manifest's digest (which pins every
+    layer), the chunking, and the convergence domain's id and epoch (not the zstd level, which
+    only shapes chunks that are new, and an unchanged source has none)."""
+    if not source_manifest_digest:
+        return ""
+    doc = {"source": source_manifest_digest, "chunking": params.to_json(),
+           "domain": [dom.public.get("id"), dom.public.get("epoch")]}
+    return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _up_to_date(store: Store, iref: ImageRef, identity: str, t0: float) -> PackResult | None:
+    """The result of a pack that has nothing to do, or None: ``iref`` is ACTIVE, not stale, under
+    the current master key, with no pack in progress, its version was packed from ``identity``,
+    and every chunk of it is present (a pack of an image with a lost chunk re-reads the source and
+    heals it).  Any doubt, or any error, is None: the full pack decides."""
+    if not identity:
+        return None
+    try:
+        e = store.entry(iref)
+        now = store.clock()
+        if (e.state != ACTIVE or e.pending or not e.complete or store.is_stale(e, now)
+                or e.key_id != store.key.key_id or not hmac.compare_digest(e.packed_from, identity)):
+            return None
+        table = store.manifests.chunk_table(e)
+        cids = [bytes(table[i:i + 32]) for i in range(0, len(table), ROW_SIZE)]
+        if not all(store.chunks.has(c) for c in cids):
+            return None
+        store.stamp_read(e, now)  # packing it again is a use
+    except ConvstoreError:
+        return None
+    return PackResult(str(iref), e.manifest_digest or "", e.layers, e.logical_bytes, len(cids), 0, 0, 0,
+                      e.layers, time.perf_counter() - t0, up_to_date=True)
+
+
 def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: ChunkParams, level: int,
-          workers: int | None, progress: Progress, reuse_layers: bool, t0: float) -> PackResult:
+          workers: int | None, progress: Progress, reuse_layers: bool, t0: float, identity: str) -> PackResult:
     table: list[ChunkIdentity] = []
     index: dict[bytes, int] = {}
     layers: list[LayerRecord] = []
@@ -237,7 +281,7 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
         manifest.locations = store.chunks.locate([c.cid for c in table], [prior.get(c.cid) for c in table])
         digest, wrapped = store.put_manifest(manifest)
         store.finish_pack(iref, digest, wrapped, manifest.created, src.ref, manifest.logical_bytes, len(layers),
-                          dom.public["name"])
+                          dom.public["name"], identity)
         store.record_layers(dom, manifest, digest, wrapped)
     finally:
         progress.finish()

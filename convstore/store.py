@@ -303,7 +303,7 @@ class Store:
         return self._change(ref, lambda cur: lifecycle.begin_pack(cur, ref, now, source))
 
     def finish_pack(self, ref: ImageRef, manifest_digest: str, wrapped: bytes, created: str, source: str,
-                    logical_bytes: int, layers: int, domain: str) -> CatalogEntry:
+                    logical_bytes: int, layers: int, domain: str, packed_from: str = "") -> CatalogEntry:
         """Make every chunk durable, then atomically point ``ref`` at the new version: ACTIVE."""
         self.chunk_store.flush()
         self.objects.flush()
@@ -311,7 +311,8 @@ class Store:
         now = self.clock()
         return self._change(ref, lambda cur: lifecycle.finish_pack(
             cur, ref, now, manifest_digest=manifest_digest, key_id=self.key.key_id, wrapped_key=wrapped,
-            created=created, source=source, logical_bytes=logical_bytes, layers=layers, domain=domain))
+            created=created, source=source, logical_bytes=logical_bytes, layers=layers, domain=domain,
+            packed_from=packed_from))
 
     def abort_pack(self, ref: ImageRef, error: BaseException) -> None:
         """A pack failed: keep serving the previous version (a re-pack whose source is gone: FAILED)."""
@@ -349,9 +350,13 @@ class Store:
             self._reactivate(e)
             raise ImageInactive(f"image {e.ref} is inactive and is being reactivated from {e.source}; "
                                 f"retry when it is ACTIVE")
+        return self.stamp_read(e, now), self.load_manifest(e)
+
+    def stamp_read(self, e: CatalogEntry, now: float) -> CatalogEntry:
+        """Record a use of an ACTIVE image (``last_read``, written at most hourly; local stores only)."""
         if now - e.last_read > READ_STAMP_INTERVAL and self.objects.supports_locking:
             e = self.update_entry(e.ref, lambda cur: lifecycle.mark_read(cur, now)) or e
-        return e, self.load_manifest(e)
+        return e
 
     def _reactivate(self, e: CatalogEntry) -> None:
         now = self.clock()

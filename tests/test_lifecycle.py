@@ -341,3 +341,41 @@ def test_repack_and_repair_stay_in_the_images_domain(tmp_path, cli_env):
     s.chunks.delete([c.cid for c in s.load_manifest(s.entry("t:1")).chunks][:3])
     assert "repaired t:1" in run_cli(later, "verify", "--repair").stdout
     assert domain_of(later) == "tenant"
+
+
+def test_a_pack_of_the_same_source_is_a_no_op_unless_something_is_missing(tmp_path, cstore, clock):
+    """Packing again what a name already serves writes nothing (same version, same seq); a changed
+    source, another domain, a lost chunk or a stale image take the full path."""
+    src = shared_and_own(tmp_path, "a", [Entry("s", data=os.urandom(300_000))])
+    first = cstore.pack(f"oci:{src}", "a:1")
+    assert not first.up_to_date
+    before = cstore.entry("a:1")
+    again = cstore.pack(f"oci:{src}", "a:1")
+    assert again.up_to_date and (again.manifest_digest, again.chunks, again.new_chunks) == \
+        (first.manifest_digest, first.chunks, 0)
+    assert cstore.entry("a:1").seq == before.seq  # the catalog was not written
+    # a pack is a use: an image packed again long after its last read is stamped, not aged out
+    clock.now += 10 * DAY
+    assert cstore.pack(f"oci:{src}", "a:1").up_to_date
+    assert cstore.entry("a:1").last_read == clock.now
+    # the same source into another convergence domain: packed there
+    cstore.create_domain("tenant")
+    moved = cstore.pack(f"oci:{src}", "a:1", domain="tenant")
+    assert not moved.up_to_date and cstore.entry("a:1").domain == "tenant"
+    assert cstore.pack(f"oci:{src}", "a:1", domain="tenant").up_to_date
+    assert not cstore.pack(f"oci:{src}", "a:1").up_to_date  # and back
+    # a lost chunk: the pack re-reads the source and puts it back
+    lost = cstore.load_manifest(cstore.entry("a:1")).chunks[0].cid
+    cstore.chunks.delete([lost])
+    healed = cstore.pack(f"oci:{src}", "a:1")
+    assert not healed.up_to_date and healed.new_chunks >= 1
+    assert cstore.verify().clean
+    assert cstore.pack(f"oci:{src}", "a:1").up_to_date
+    # another source under the same name: a new version
+    other = shared_and_own(tmp_path, "b", [Entry("s", data=os.urandom(300_000))])
+    r = cstore.pack(f"oci:{other}", "a:1")
+    assert not r.up_to_date and r.manifest_digest != first.manifest_digest
+    # stale (unread past inactive_after): the full path, which makes it ACTIVE and fresh again
+    clock.now += 15 * DAY
+    assert not cstore.pack(f"oci:{other}", "a:1").up_to_date
+    assert cstore.pack(f"oci:{other}", "a:1").up_to_date
