@@ -75,7 +75,13 @@ def fingerprint() -> str:
     its files' sizes and modification times (about 1 ms; compared as text,
     which spares the client hashlib's import)."""
     root = os.path.dirname(os.path.abspath(__file__))
-    parts = [f"{PROTOCOL}:{root}:{sys.version}:{sys.prefix}:{sys.executable}:{sys.getfilesystemencoding()}"]
+    parts = [f"{PROTOCOL}:{root}:{sys.version}:{sys.prefix}:{sys.executable}:{sys.getfilesystemencoding()}",
+             f"flags:{tuple(sys.flags)}:{os.environ.get('PYTHONPATH', '')}"]
+    for d in sys.path[1:]:  # an installed or removed package changes its directory's mtime ([0]: the script's or cwd)
+        try:
+            parts.append(f"path:{d}:{os.stat(d or '.').st_mtime_ns}")
+        except OSError:
+            pass
     stack = [root]
     while stack:
         with os.scandir(stack.pop()) as it:
@@ -143,14 +149,17 @@ def _connect(path: str) -> socket.socket | None:
 
 
 # what a command's process may differ in from the daemon's without running with more than it had
-_CONTEXT_NS = ("mnt", "pid", "net", "user", "ipc", "uts", "cgroup")
+# (not compared: cgroups, which differ between a user's terminals, and LSM labels; docs/architecture.md)
+_CONTEXT_NS = ("mnt", "pid", "net", "user", "ipc", "uts", "cgroup", "time")
 _CONTEXT_STATUS = ("Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:",
-                   "NoNewPrivs:", "Seccomp:")
+                   "NoNewPrivs:", "Seccomp:", "Seccomp_filters:")
 
 
 def _context(pid: int | str) -> list[str]:
-    """A process's namespaces, ids, groups, capabilities and seccomp/no_new_privs state (OSError if unreadable)."""
-    out = [os.readlink(f"/proc/{pid}/ns/{ns}") for ns in _CONTEXT_NS]
+    """A process's root, namespaces, ids, groups, capabilities and seccomp/no_new_privs state
+    (OSError if unreadable)."""
+    out = [os.readlink(f"/proc/{pid}/root")]
+    out += [os.readlink(f"/proc/{pid}/ns/{ns}") for ns in _CONTEXT_NS if os.path.exists(f"/proc/self/ns/{ns}")]
     with open(f"/proc/{pid}/status") as f:
         out += [line.strip() for line in f if line.startswith(_CONTEXT_STATUS)]
     return out
@@ -198,9 +207,21 @@ def _run_client(s: socket.socket, argv: list[str]) -> int | None:
         kind, _why = _recv_frame(s)
         if kind != b"A":
             return None
-        s.sendall(b"G")  # committed: the daemon forks the command now
     except Exception:  # noqa: BLE001 - nothing has run yet: the command runs in this process
         return None
+    # committed from here: a signal that comes before the relays are in place is held, then relayed
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED)
+    try:
+        return _committed(s, argv, ignored)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _committed(s: socket.socket, argv: list[str], ignored: list[int]) -> int | None:
+    try:
+        s.sendall(b"G")  # the daemon forks the command now
+    except OSError:
+        return None  # never sent: nothing runs there
     s.settimeout(None)
 
     def relay(signum: int, _frame: object) -> None:
@@ -209,7 +230,8 @@ def _run_client(s: socket.socket, argv: list[str]) -> int | None:
         except OSError:
             pass
 
-    saved = {sig: signal.signal(sig, relay) for sig in RELAYED if int(sig) not in ignored}
+    saved = {int(sig): signal.signal(sig, relay) for sig in RELAYED if int(sig) not in ignored}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED)
     try:
         while True:
             kind, payload = _recv_frame(s)
@@ -219,8 +241,12 @@ def _run_client(s: socket.socket, argv: list[str]) -> int | None:
                 return int(struct.unpack("!i", payload)[0])
             if kind == b"K":  # the command was killed by a signal: so is this process, as a shell expects
                 (signum,) = struct.unpack("!i", payload)
-                signal.signal(signum, signal.SIG_DFL)
-                saved.pop(signal.Signals(signum), None)
+                try:
+                    signal.signal(signum, signal.SIG_DFL)  # SIGKILL cannot be (and need not be) reset
+                except (OSError, ValueError):
+                    pass
+                saved.pop(signum, None)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
                 os.kill(os.getpid(), signum)
                 return 128 + signum
     except (OSError, EOFError, ValueError):
@@ -374,15 +400,15 @@ class Daemon:
     def _stop_listening(self) -> None:
         self.stopping = True
         if self.listener is not None:
-            self._selector.unregister(self.listener)
-            self.listener.close()
-            self.listener = None
-            try:
+            try:  # unlinked while still bound: a newer daemon cannot have taken the path meanwhile
                 st = os.lstat(self.path)
-                if (st.st_dev, st.st_ino) == self._inode:  # never a newer daemon's socket
+                if (st.st_dev, st.st_ino) == self._inode:
                     os.unlink(self.path)
             except FileNotFoundError:
                 pass
+            self._selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
 
     def _reap(self) -> None:
         while self.children:
@@ -532,7 +558,6 @@ class Daemon:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for i in ignored:  # what the client ignores (nohup), its command ignores too
             signal.signal(i, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._selector.close()
         for fd in self._inherited:
             os.close(fd)
@@ -559,8 +584,10 @@ class Daemon:
         sys.stdout = _stream(1, "w", env)
         sys.stderr = _stream(2, "w", env)
         sys.argv = ["convstore", *argv]
+        _parent_death_signal(signal.SIGHUP)  # a daemon that dies takes its commands with it, as a terminal would
         code = 1
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal relayed meanwhile arrives here, on the command
             self.entry(prog)
             code = 0
         except SystemExit as e:
@@ -576,10 +603,13 @@ class Daemon:
             traceback.print_exc()
         finally:
             # what the interpreter does at exit: wait for non-daemon threads (executors first), atexit, flush
-            shutdown = getattr(threading, "_shutdown", None)
-            if shutdown is not None:
-                shutdown()
-            atexit._run_exitfuncs()
+            try:
+                shutdown = getattr(threading, "_shutdown", None)
+                if shutdown is not None:
+                    shutdown()
+                atexit._run_exitfuncs()
+            except KeyboardInterrupt:
+                code = 128 + signal.SIGINT
             for f in (sys.stdout, sys.stderr):
                 try:
                     f.flush()
@@ -599,6 +629,15 @@ def _stream(fd: int, mode: str, env: dict[str, str]) -> io.TextIOWrapper:
     return io.TextIOWrapper(buffered, encoding=encoding or "utf-8",
                             errors=errors or ("strict" if fd == 0 else "backslashreplace"),
                             line_buffering=tty or fd == 2, write_through=unbuffered and mode == "w")
+
+
+def _parent_death_signal(sig: int) -> None:
+    """PR_SET_PDEATHSIG: ``sig`` when the daemon exits (then the client reports it went away)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)
+    if os.getppid() == 1:  # it already died
+        os.kill(os.getpid(), sig)
 
 
 def _killpg(pid: int, sig: int) -> None:

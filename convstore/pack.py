@@ -29,6 +29,7 @@ from .chunking import ChunkParams, StreamChunker
 from .crypto import ChunkIdentity, identify_chunk
 from .catalog import ACTIVE
 from .errors import ConvstoreError, DigestMismatch
+from .manifest import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 from .manifest import ROW_SIZE, LayerRecord, Manifest
 from .oci.media import HashingReader
 from .oci.sources import ImageSource, LayerDescriptor, layer_stream, parse_source
@@ -166,8 +167,8 @@ def pack(
             if isinstance(source, str):
                 stack.callback(src.close)
             dom = store.domain(domain)
-            identity = pack_identity(src.manifest_digest, params, dom)
-            done = _up_to_date(store, iref, identity, t0)
+            identity = pack_identity(src, params, dom)
+            done = _up_to_date(store, iref, identity, t0) if reuse_layers else None  # a repair reads the source
             if done is not None:
                 return done
             stack.enter_context(store.gc_guard())  # gc waits for packs in progress
@@ -179,13 +180,20 @@ def pack(
         raise
 
 
-def pack_identity(source_manifest_digest: str, params: ChunkParams, dom: Domain) -> str:
-    """What a version is packed from and how: the source manifest's digest (which pins every
-    layer), the chunking, and the convergence domain's id and epoch (not the zstd level, which
-    only shapes chunks that are new, and an unchanged source has none)."""
-    if not source_manifest_digest:
+# Bumped whenever what a pack writes changes: a version packed by older code is then packed again.
+PACK_IDENTITY_VERSION = 1
+
+
+def pack_identity(src: ImageSource, params: ChunkParams, dom: Domain) -> str:
+    """What a version is packed from and how: the source's reference, its manifest's digest and
+    its config's (hashed here; the config's diff_ids pin every layer's content, also where the
+    manifest digest does not, as in a docker archive), the chunking, the convergence domain's id
+    and epoch, and the packer and manifest format versions.  Not the zstd level, which only
+    shapes chunks that are new, and an unchanged source has none."""
+    if not src.manifest_digest:
         return ""
-    doc = {"source": source_manifest_digest, "chunking": params.to_json(),
+    doc = {"v": [PACK_IDENTITY_VERSION, MANIFEST_FORMAT_VERSION], "ref": src.ref, "source": src.manifest_digest,
+           "config": "sha256:" + hashlib.sha256(src.config_bytes).hexdigest(), "chunking": params.to_json(),
            "domain": [dom.public.get("id"), dom.public.get("epoch")]}
     return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -208,7 +216,7 @@ def _up_to_date(store: Store, iref: ImageRef, identity: str, t0: float) -> PackR
         if not all(store.chunks.has(c) for c in cids):
             return None
         store.stamp_read(e, now)  # packing it again is a use
-    except ConvstoreError:
+    except (ConvstoreError, OSError):
         return None
     return PackResult(str(iref), e.manifest_digest or "", e.layers, e.logical_bytes, len(cids), 0, 0, 0,
                       e.layers, time.perf_counter() - t0, up_to_date=True)

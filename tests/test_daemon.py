@@ -124,6 +124,20 @@ def test_signals_reach_the_command_and_a_vanished_client_ends_it(daemon, image_d
         assert p.wait(timeout=20) == -signal.SIGQUIT
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    # SIGKILL of the command itself (the OOM killer's signal) is reported the same way
+    p = subprocess.Popen([sys.executable, "-m", "convstore", "mount", "box:1", str(mnt)], env=client,
+                         stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.ismount(mnt), "the fourth mount")
+    try:
+        pid = status(daemon)["pid"]
+        [command] = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        os.kill(int(command), signal.SIGKILL)
+        assert p.wait(timeout=20) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=20)
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 
 def test_other_code_is_not_used(tmp_path, image_dir):

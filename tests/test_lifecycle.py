@@ -371,6 +371,13 @@ def test_a_pack_of_the_same_source_is_a_no_op_unless_something_is_missing(tmp_pa
     assert not healed.up_to_date and healed.new_chunks >= 1
     assert cstore.verify().clean
     assert cstore.pack(f"oci:{src}", "a:1").up_to_date
+    # the same image from another place: packed again, so the entry names the source that exists
+    moved = shutil.copytree(src, str(tmp_path / "a-moved"))
+    assert not cstore.pack(f"oci:{moved}", "a:1").up_to_date
+    assert cstore.entry("a:1").source.endswith("a-moved")
+    assert cstore.pack(f"oci:{moved}", "a:1").up_to_date
+    # a pack that must read the source (what verify --repair runs) never takes the shortcut
+    assert not cstore.pack(f"oci:{moved}", "a:1", reuse_layers=False).up_to_date
     # another source under the same name: a new version
     other = shared_and_own(tmp_path, "b", [Entry("s", data=os.urandom(300_000))])
     r = cstore.pack(f"oci:{other}", "a:1")
