@@ -95,9 +95,10 @@ def fingerprint() -> str:
     return "\n".join(sorted(parts))
 
 
-def _peer_uid(sock: socket.socket) -> int:
-    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return int(uid)
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    """The (pid, uid) of the process at the other end (``SO_PEERCRED``)."""
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return int(pid), int(uid)
 
 
 def _send(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
@@ -140,7 +141,7 @@ def _connect(path: str) -> socket.socket | None:
     s.settimeout(HANDSHAKE_TIMEOUT)
     try:
         s.connect(path)
-        if _peer_uid(s) == os.getuid():
+        if _peer(s)[1] == os.getuid():
             return s
     except OSError:
         pass
@@ -457,7 +458,7 @@ class Daemon:
             return
         fds: list[int] = []
         try:
-            pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            pid, uid = _peer(conn)
             if uid != os.getuid():
                 conn.close()
                 return

@@ -144,11 +144,11 @@ class MergedTree:
             node.nlink -= 1
 
     @staticmethod
-    def _set_attrs(node: Node, e: TarEntry) -> None:
+    def _set_attrs(node: Node, e: TarEntry, xattrs: dict[str, bytes]) -> None:
         node.implicit = False
         node.mode = stat.S_IFMT(node.mode) | (e.mode & 0o7777)
         node.uid, node.gid, node.mtime_ns = e.uid, e.gid, e.mtime_ns
-        node.xattrs = dict(e.xattrs)
+        node.xattrs = xattrs
 
     def apply(self, li: int, entries: Sequence[TarEntry], overlay: bool = False) -> None:
         """Apply one layer's entries.  With ``overlay``, whiteouts are kept in
@@ -162,10 +162,16 @@ class MergedTree:
         opaque: list[Node] = []
         whiteouts: set[int] = set()
 
-        def set_attrs(node: Node, e: TarEntry) -> None:
-            self._set_attrs(node, e)
+        def xattrs_of(e: TarEntry) -> dict[str, bytes]:
+            """The entry's xattrs as its node keeps them: a copy, without the layer's own overlay ones in overlay mode."""
+            if not e.xattrs:
+                return {}
             if overlay:
-                node.xattrs = {k: v for k, v in node.xattrs.items() if not k.startswith(OVERLAY_XATTRS)}
+                return {k: v for k, v in e.xattrs.items() if not k.startswith(OVERLAY_XATTRS)}
+            return dict(e.xattrs)
+
+        def set_attrs(node: Node, e: TarEntry) -> None:
+            self._set_attrs(node, e, xattrs_of(e))
         # entries of one directory come together: its resolution is reused until something is removed
         # (adding names never changes how an already resolved path resolves)
         last: tuple[list[str], int, Node] | None = None
@@ -217,13 +223,10 @@ class MergedTree:
                 continue
             if old is not None:
                 self._unlink(parent, base)
-            # a new inode with the entry's attributes (what _new then _set_attrs would give, in one step)
-            xattrs = dict(e.xattrs) if e.xattrs else {}
-            if overlay and xattrs:
-                xattrs = {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTRS)}
+            # a new inode with the entry's attributes (what _new then set_attrs would give, in one step)
             is_file = e.is_file
             node = Node(self._next_ino, TYPE_BITS[e.type] | (e.mode & 0o7777), e.uid, e.gid,
-                        e.size if is_file else 0, e.mtime_ns, xattrs=xattrs,
+                        e.size if is_file else 0, e.mtime_ns, xattrs=xattrs_of(e),
                         children={} if e.type == "5" else None)
             self._next_ino += 1
             if overlay and node.is_dir and old is not None and id(old) in whiteouts:

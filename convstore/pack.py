@@ -186,14 +186,14 @@ PACK_IDENTITY_VERSION = 1
 
 def pack_identity(src: ImageSource, params: ChunkParams, dom: Domain) -> str:
     """What a version is packed from and how: the source's reference, its manifest's digest and
-    its config's (hashed here; the config's diff_ids pin every layer's content, also where the
-    manifest digest does not, as in a docker archive), the chunking, the convergence domain's id
-    and epoch, and the packer and manifest format versions.  Not the zstd level, which only
-    shapes chunks that are new, and an unchanged source has none."""
+    its config's (every source checks the config against it; the config's diff_ids pin every
+    layer's content, also where the manifest digest does not, as in a docker archive), the
+    chunking, the convergence domain's id and epoch, and the packer and manifest format versions.
+    Not the zstd level, which only shapes chunks that are new, and an unchanged source has none."""
     if not src.manifest_digest:
         return ""
     doc = {"v": [PACK_IDENTITY_VERSION, MANIFEST_FORMAT_VERSION], "ref": src.ref, "source": src.manifest_digest,
-           "config": "sha256:" + hashlib.sha256(src.config_bytes).hexdigest(), "chunking": params.to_json(),
+           "config": src.config_digest, "chunking": params.to_json(),
            "domain": [dom.public.get("id"), dom.public.get("epoch")]}
     return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
