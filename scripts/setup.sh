@@ -2,7 +2,7 @@
 # Install what convstore, its tests and its demo need on a fresh Debian machine:
 #  1. the Debian tools they drive for real (apt; idempotent);
 #  2. a virtual environment .venv (no system site-packages) holding convstore
-#     (editable) and its test extras, installed from pyproject.toml only.
+#     (editable, strict mode) and its test extras, installed from pyproject.toml only.
 # The venv is rebuilt from scratch when pyproject.toml or the interpreter changed,
 # or always with CONVSTORE_FRESH_VENV=1 (scripts/test.sh sets it), so nothing
 # installed by hand can stand in for an undeclared dependency.
@@ -33,14 +33,26 @@ fi
 PY=${PYTHON:-python3}
 VENV=${CONVSTORE_VENV:-$PWD/.venv}
 stamp=$( (sha256sum pyproject.toml; echo "$EXTRAS"; "$PY" -c 'import sys; print(sys.version, sys.executable)') | sha256sum | cut -c1-16)
+pip_q() { PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+           | { grep -v -e "^WARNING: Location 'file:" -e "Running pip as the 'root' user" >&2 || true; }; }
+# convstore is installed editable in setuptools' strict mode: links to the checkout's files from
+# build/__editable__.*, named by one static path.  The default mode's import hook costs every
+# process 13 ms of start-up (docs/benchmarks.md), where a user's installed wheel costs none; a new
+# module needs the links made again, which the module-list stamp below does.
+EDITABLE=(--config-settings editable_mode=strict)
 if [ "${CONVSTORE_FRESH_VENV:-0}" = 1 ] || [ "$(cat "$VENV/.convstore-stamp" 2>/dev/null)" != "$stamp" ]; then
   echo "setup: creating a fresh virtual environment in $VENV (pip install -e '.[$EXTRAS]')" >&2
   "$PY" -m venv --clear "$VENV"
-  pip_q() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
-             | { grep -v -e "^WARNING: Location 'file:" -e "Running pip as the 'root' user" >&2 || true; }; }
   pip_q --upgrade pip
-  pip_q -e ".[$EXTRAS]"
+  pip_q -e ".[$EXTRAS]" "${EDITABLE[@]}"
+  rm -f "$VENV/.convstore-modules"
   echo "$stamp" >"$VENV/.convstore-stamp"
+fi
+modules=$(find convstore -name '*.py' -not -path '*/__pycache__/*' -o -name py.typed | sort | sha256sum | cut -c1-16)
+if [ "$(cat "$VENV/.convstore-modules" 2>/dev/null)" != "$modules" ]; then
+  [ -f "$VENV/.convstore-modules" ] && echo "setup: convstore's modules changed: linking them again" >&2
+  pip_q --no-deps -e . "${EDITABLE[@]}"
+  echo "$modules" >"$VENV/.convstore-modules"
 fi
 "$VENV/bin/python" -c "import convstore.cli, convstore.stores.registry" \
   || { echo "setup: convstore does not import in $VENV" >&2; exit 1; }

@@ -24,9 +24,14 @@ NOBODY = 65534
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Every convstore process here runs outside the checkout: ``python -m`` in the checkout would import its
+# convstore/ instead of the installed one, other code than a daemon started elsewhere runs (and not used)
+OUTSIDE = Path(tempfile.gettempdir())
+
+
 def convstore(env: dict[str, str], *args: str, cwd: Path | None = None, **kw: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "convstore", *args], env=env, cwd=cwd, capture_output=True,
-                          timeout=120, **kw)  # type: ignore[call-overload]
+    return subprocess.run([sys.executable, "-m", "convstore", *args], env=env, cwd=cwd or OUTSIDE,
+                          capture_output=True, timeout=120, **kw)  # type: ignore[call-overload]
 
 
 def status(env: dict[str, str]) -> dict:
@@ -99,7 +104,7 @@ def test_signals_reach_the_command_and_a_vanished_client_ends_it(daemon, image_d
     mnt = image_dir / "mnt"
     mnt.mkdir()
     # SIGTERM to the client is relayed: the foreground mount unmounts and exits 0, as it does alone
-    p = subprocess.Popen([sys.executable, "-m", "convstore", "mount", "box:1", str(mnt)], env=client,
+    p = subprocess.Popen([sys.executable, "-m", "convstore", "mount", "box:1", str(mnt)], env=client, cwd=image_dir,
                          stderr=subprocess.PIPE)
     wait_for(lambda: os.path.ismount(mnt) or p.poll() is not None, "the mount")
     assert os.path.ismount(mnt), p.stderr.read() if p.stderr else ""
@@ -108,7 +113,7 @@ def test_signals_reach_the_command_and_a_vanished_client_ends_it(daemon, image_d
     assert p.wait(timeout=20) == 0
     assert not os.path.ismount(mnt)
     # a client killed outright: its command gets SIGHUP and ends (libfuse unmounts on it)
-    p = subprocess.Popen([sys.executable, "-m", "convstore", "mount", "box:1", str(mnt)], env=client,
+    p = subprocess.Popen([sys.executable, "-m", "convstore", "mount", "box:1", str(mnt)], env=client, cwd=image_dir,
                          stderr=subprocess.DEVNULL)
     wait_for(lambda: os.path.ismount(mnt), "the second mount")
     p.kill()
@@ -116,7 +121,7 @@ def test_signals_reach_the_command_and_a_vanished_client_ends_it(daemon, image_d
     wait_for(lambda: not os.path.ismount(mnt), "the orphaned command to end")
     wait_for(lambda: status(daemon)["running"] == 0, "the daemon to reap it")
     # a command killed by a signal (libfuse does not catch SIGQUIT) kills its client with the same signal
-    p = subprocess.Popen([sys.executable, "-m", "convstore", "mount", "box:1", str(mnt)], env=client,
+    p = subprocess.Popen([sys.executable, "-m", "convstore", "mount", "box:1", str(mnt)], env=client, cwd=image_dir,
                          stderr=subprocess.DEVNULL)
     wait_for(lambda: os.path.ismount(mnt), "the third mount")
     try:
@@ -125,12 +130,13 @@ def test_signals_reach_the_command_and_a_vanished_client_ends_it(daemon, image_d
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
     # SIGKILL of the command itself (the OOM killer's signal) is reported the same way
-    p = subprocess.Popen([sys.executable, "-m", "convstore", "mount", "box:1", str(mnt)], env=client,
+    p = subprocess.Popen([sys.executable, "-m", "convstore", "mount", "box:1", str(mnt)], env=client, cwd=image_dir,
                          stderr=subprocess.DEVNULL)
     wait_for(lambda: os.path.ismount(mnt), "the fourth mount")
     try:
-        pid = status(daemon)["pid"]
-        [command] = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        info = status(daemon)  # the daemon's children: this command, and the spare made for the next one
+        pid = info["pid"]
+        [command] = set(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()) - {str(info["spare"])}
         os.kill(int(command), signal.SIGKILL)
         assert p.wait(timeout=20) == -signal.SIGKILL
     finally:
@@ -168,6 +174,17 @@ def test_one_daemon_per_socket_and_stop_removes_it(daemon):
     assert convstore(daemon, "--help").returncode == 0  # no daemon: the command runs alone
 
 
+def test_a_spare_that_died_is_replaced(daemon, image_dir):
+    # the daemon forks each command's process ahead of it; one killed while idle costs nothing but its place
+    info = status(daemon)
+    assert info["spare"] is not None
+    os.kill(info["spare"], signal.SIGKILL)
+    assert convstore(daemon, "--help", cwd=image_dir).returncode == 0
+    after = status(daemon)
+    assert after["served"] == info["served"] + 1
+    assert after["spare"] not in (None, info["spare"])
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
 def test_another_user_is_refused():
     # the venv's interpreter may sit in root's home: the other user runs the system's python3 on the stdlib-only
@@ -184,7 +201,7 @@ def test_another_user_is_refused():
             os.chmod(path, mode)
         probe = ("import socket, struct, sys\n"
                  "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-                 "b = b'{\"v\": 1, \"op\": \"status\"}'\n"
+                 "b = b'convstore-daemon\\x002\\x00status\\x00'\n"
                  "try:\n"
                  "    s.sendall(struct.pack('!I', len(b)) + b)\n"
                  "    print(len(s.recv(100)))\n"
@@ -196,7 +213,7 @@ def test_another_user_is_refused():
         assert p.stdout.strip() == "0"  # closed without a word
         # and a client does not hand its descriptors to another user's socket: it runs the command itself
         client = ("import sys; sys.path.insert(0, sys.argv[1])\n"
-                  "from convstore.daemon import run_via_daemon\n"
+                  "from convstore.daemon_client import run_via_daemon\n"
                   "print(run_via_daemon(['images']))\n")
         p = subprocess.run([system_python, "-c", client, str(REPO)], capture_output=True, text=True, timeout=60,
                            user=NOBODY, env={"CONVSTORE_DAEMON_SOCKET": str(sock), "PATH": "/usr/bin:/bin"})
@@ -208,24 +225,56 @@ def test_another_user_is_refused():
         shutil.rmtree(top, ignore_errors=True)
 
 
-def test_the_wire_format_is_checked(daemon):
+def test_the_wire_format_is_checked(daemon, tmp_path):
+    from convstore.daemon_client import encode_request
+
     sock = daemon["CONVSTORE_DAEMON_SOCKET"]
-    for body in (b'{"v": 2, "op": "status"}', b"not json", b'{"v": 1, "op": "run", "argv": "x"}', b"[" * 200_000):
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(sock)
-            s.sendall(struct.pack("!I", len(body)) + body)
-            reply = s.recv(100)
-            assert reply == b"" or reply[:1] == b"F", reply  # refused, or told to run the command itself
+
+    def run(*fields: str) -> bytes:
+        return encode_request("run", *fields)
+
+    cases = [  # (body, send descriptors, the reply expected: b"" dropped, F fall back, I status)
+        (encode_request("status"), False, b"I"),
+        (b"convstore-daemon\x009\x00status\x00", False, b"F"),  # another version: told so
+        (b'{"v": 1, "op": "status"}', False, b""),  # version 1 was JSON
+        (b"convstore-daemon\x002\x00status", False, b""),  # not NUL-terminated
+        (encode_request("reboot"), False, b""),
+        (encode_request("status", "extra"), False, b""),
+        (run("convstore", "18", "1", "", "fp", "images"), False, b""),  # no descriptors
+        (run("convstore", "0x12", "1", "", "fp", "images"), True, b""),  # umask not decimal
+        (run("convstore", "4096", "1", "", "fp", "images"), True, b""),  # umask too large
+        (run("convstore", "18", "9", "", "fp", "images"), True, b""),  # more arguments than fields
+        (run("convstore", "18", "-1", "", "fp"), True, b""),
+        (run("convstore", "18", "1", "9", "fp", "images"), True, b""),  # SIGKILL is not a relayed signal
+        (run("convstore", "18", "1", "", "fp", "images", "NOEQUALS"), True, b""),
+        (run("convstore", "18", "1", "", "fp", "images", "=x"), True, b""),
+        (run("convstore", "18", "1", "2,15", "other code", "images", "A=1"), True, b"F"),  # well-formed: other code
+        (b"[" * 200_000, False, b""),
+    ]
+    with open(os.devnull, "rb") as null:
+        for body, with_fds, expected in cases:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(sock)
+                head = struct.pack("!I", len(body))
+                if with_fds:
+                    socket.send_fds(s, [head], [null.fileno()] * 3 + [os.open(tmp_path, os.O_PATH)])
+                    s.sendall(body)
+                else:
+                    s.sendall(head + body)
+                reply = s.recv(100)
+                assert reply[:1] == expected, (body[:80], reply)
     assert status(daemon)["running"] == 0
 
 
 def test_a_client_with_a_closed_stream_runs_alone(daemon, image_dir):
     # the socket would take the closed descriptor's number and be sent as the command's stdout
     before = status(daemon)["served"]
-    p = subprocess.run([sys.executable, "-m", "convstore", "--help"], env=daemon, stderr=subprocess.PIPE,
+    p = subprocess.run([sys.executable, "-m", "convstore", "--help"], env=daemon, stderr=subprocess.PIPE, cwd=image_dir,
                        preexec_fn=lambda: os.close(1), timeout=60)
     assert status(daemon)["served"] == before
     assert b"Usage" not in p.stderr
+    assert convstore(daemon, "--help", cwd=image_dir).returncode == 0  # with its streams: served
+    assert status(daemon)["served"] == before + 1
 
 
 def _no_new_privs() -> None:
