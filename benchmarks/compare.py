@@ -168,8 +168,13 @@ def _plain_layout(dest: Path, src: Any, files: list[Path]) -> Path:
 
 # -- the tools ----------------------------------------------------------------
 
+# the installed command, as a user runs it (``python -m convstore`` adds runpy's imports, and in the
+# checkout it would import the checkout's files, not the installed package the daemon runs)
+CONVSTORE = str(Path(sys.executable).parent / "convstore")
+
+
 def convstore_cmd(store: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "convstore", "--store", str(store / "store"), "--key", f"file:{store / 'key'}",
+    return [CONVSTORE, "--store", str(store / "store"), "--key", f"file:{store / 'key'}",
             "-q", *args]
 
 
@@ -180,19 +185,19 @@ class Daemon:
     def __init__(self, work: Path):
         self.socket = fresh(work / "daemon") / "cli.sock"
         os.chmod(self.socket.parent, 0o700)
-        run([sys.executable, "-m", "convstore", "daemon", "--background", "--socket", str(self.socket)])
+        run([CONVSTORE, "daemon", "--background", "--socket", str(self.socket)])
 
     def env(self, daemon: bool) -> dict[str, str]:
         return {"CONVSTORE_DAEMON": "1" if daemon else "0", "CONVSTORE_DAEMON_SOCKET": str(self.socket)}
 
     def status(self) -> dict[str, Any]:
-        p = subprocess.run([sys.executable, "-m", "convstore", "daemon", "--status", "--socket", str(self.socket)],
+        p = subprocess.run([CONVSTORE, "daemon", "--status", "--socket", str(self.socket)],
                            capture_output=True, text=True, check=True)
         doc: dict[str, Any] = json.loads(p.stdout)
         return doc
 
     def stop(self) -> None:
-        subprocess.run([sys.executable, "-m", "convstore", "daemon", "--stop", "--socket", str(self.socket)],
+        subprocess.run([CONVSTORE, "daemon", "--stop", "--socket", str(self.socket)],
                        capture_output=True, check=False)
 
 
@@ -380,7 +385,7 @@ def start_rows(work: Path, store: Tool, rootfs: Path, rounds: int) -> dict[str, 
 
 
 def version_seconds(n: int = 15) -> list[float]:
-    return [run([sys.executable, "-m", "convstore", "--version"]).seconds for _ in range(n)]
+    return [run([CONVSTORE, "--version"]).seconds for _ in range(n)]
 
 
 # -- reporting ----------------------------------------------------------------
@@ -554,7 +559,9 @@ def machine() -> str:
             + "; ".join(f"{k}: {v}" for k, v in vers.items()))
 
 
-COMMANDS = """Commands, one process each (`REPO`, `STORE` fresh per tool; `DIR` one image's layer tars or rootfs):
+COMMANDS = """Commands, one process each (`REPO`, `STORE` fresh per tool; `DIR` one image's layer tars or rootfs;
+`convstore` is the installed command, as a user runs it; scripts/setup.sh installs it editable in setuptools'
+strict mode, which starts as a wheel install does, without an import hook):
 
 - convstore: `convstore --store STORE --key file:KEY -q pack oci:LAYOUT:latest IMG:latest`, where `LAYOUT`
   holds the layer tars themselves as uncompressed layers (hard links); all in one call: one process packing
