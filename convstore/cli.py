@@ -725,6 +725,7 @@ def daemon(
         return
     from typer.main import get_command
 
+    d.close_inherited()  # what started it must not be held open by every command it forks
     command = get_command(app)
     server = d.Daemon(path, lambda prog: main(lambda: command(prog_name=prog)), __version__)
     try:

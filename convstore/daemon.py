@@ -61,7 +61,7 @@ from .daemon_client import (
 
 REQUEST_TIMEOUT = 5.0  # a client silent this long mid-request is dropped
 
-__all__ = ["Daemon", "DaemonError", "request", "socket_path"]
+__all__ = ["Daemon", "DaemonError", "close_inherited", "request", "socket_path"]
 
 
 # what a command's process may differ in from the daemon's without running with more than it had
@@ -359,14 +359,23 @@ class Daemon:
             spare, self.spare = self.spare, None
             if spare is None:
                 break
+            started = False
             try:
+                # bounded: a spare that does not take its command (stopped, or copying a huge mapping) is replaced
+                spare.sock.settimeout(REQUEST_TIMEOUT)
                 socket.send_fds(spare.sock, [struct.pack("!I", len(body))], fds)
                 spare.sock.sendall(body)
-            except OSError:
-                _killpg(spare.pid, signal.SIGKILL)
-                continue
+                try:
+                    started = recv_exact(spare.sock, 1) == b"R"  # it is the command now (idle signals dropped)
+                except TimeoutError:
+                    started = True  # it holds the whole command and may be running it: never run it again
+            except (OSError, EOFError):
+                pass  # not all sent, or it died before taking it: nothing ran there
             finally:
                 spare.sock.close()
+            if not started:
+                _killpg(spare.pid, signal.SIGKILL)
+                continue
             self.served += 1
             self.children[spare.pid] = _Child(spare.pid, conn)
             self._selector.register(conn, selectors.EVENT_READ, self.children[spare.pid])
@@ -385,7 +394,10 @@ class Daemon:
         self._respawn = False
         if self.spare is not None or self.stopping:
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            return  # as a failed fork: no spare (the command is told to run in its client)
         old = signal.pthread_sigmask(signal.SIG_BLOCK, (*RELAYED, signal.SIGCHLD))  # held until it is the command
         try:
             pid = os.fork()
@@ -402,7 +414,8 @@ class Daemon:
                     os.close(fd)
                 code = self._spare(theirs, old)
             except BaseException as e:  # noqa: BLE001 - reported on the client's stderr, never unwound into the server
-                os.write(2, f"convstore: internal error in the daemon's child: {type(e).__name__}: {e}\n".encode())
+                os.write(2, f"convstore: internal error in the daemon's child: {type(e).__name__}: {e}\n".encode(
+                    errors="backslashreplace"))
             finally:
                 os._exit(code)
         theirs.close()
@@ -438,8 +451,12 @@ class Daemon:
             if len(head) < 4:
                 head += recv_exact(sock, 4 - len(head))
             body = recv_exact(sock, struct.unpack("!I", head)[0])
+            # a signal sent to this process while it idled was not meant for the command it is about to run
+            while signal.sigtimedwait(RELAYED, 0) is not None:
+                pass
+            sock.sendall(b"R")  # from here the daemon relays the client's signals to this process
         except (OSError, EOFError):
-            return 0
+            return 0  # no command (the daemon stopped or gave up on this spare): nothing runs
         sock.close()
         cmd = _Command.parse(decode_request(body)[1], len(fds))
         for i in cmd.ignored:  # what the client ignores (nohup), its command ignores too
@@ -493,6 +510,20 @@ class Daemon:
                 except (OSError, ValueError):
                     pass
         return code
+
+
+def close_inherited() -> None:
+    """Close the descriptors above 2 this process inherited (a launcher's
+    pipe, say): called before the daemon opens anything of its own, so that
+    no command it forks holds them open (a reader waiting for their end
+    would wait for the daemon's)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the directory listing's own descriptor, already closed
 
 
 def _stream(fd: int, mode: str, env: dict[str, str]) -> io.TextIOWrapper:

@@ -149,13 +149,13 @@ def send_frame(sock: _socket.socket, kind: bytes, payload: bytes = b"") -> None:
 
 
 def recv_exact(sock: _socket.socket, n: int) -> bytes:
-    buf = b""
+    buf = bytearray()
     while len(buf) < n:
-        part = sock.recv(n - len(buf))
+        part = sock.recv(min(n - len(buf), 1 << 20))
         if not part:
             raise EOFError
         buf += part
-    return buf
+    return bytes(buf)
 
 
 def recv_frame(sock: _socket.socket) -> tuple[bytes, bytes]:
@@ -254,7 +254,11 @@ def _committed(s: _socket.socket, ignored: list[int]) -> int | None:
         return None  # never sent: nothing runs there
     s.settimeout(None)
 
+    relayed: list[int] = []
+    fell_back = False
+
     def relay(signum: int, _frame: object) -> None:
+        relayed.append(signum)
         try:
             s.sendall(b"S" + bytes([signum]))
         except OSError:
@@ -266,6 +270,7 @@ def _committed(s: _socket.socket, ignored: list[int]) -> int | None:
         while True:
             kind, payload = recv_frame(s)
             if kind == b"F":
+                fell_back = True
                 return None  # the daemon could not fork: the command never started
             if kind == b"X":
                 return int(_INT.unpack(payload)[0])
@@ -285,6 +290,9 @@ def _committed(s: _socket.socket, ignored: list[int]) -> int | None:
     finally:
         for sig, handler in saved.items():
             _signal.signal(sig, handler)
+        if fell_back:  # what the user sent while it was handed over is this process's now (Ctrl-C: it stops)
+            for sig in relayed:
+                _signal.raise_signal(sig)
 
 
 def _prog_name() -> str:
@@ -297,6 +305,37 @@ def _prog_name() -> str:
     return f"python -m {package if name == '__main__' else f'{package}.{name}'}"
 
 
+def _listeners(path: str) -> list[int]:
+    """The pids of this user's ``convstore daemon`` processes that hold the
+    socket listening at ``path`` (from /proc; SO_PEERCRED would name the
+    process that called listen(), which a daemon started in the background
+    by an older version had already left)."""
+    inodes = set()
+    try:
+        with open("/proc/net/unix") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 8 and parts[7] == path and int(parts[3], 16) & 0x10000:  # __SO_ACCEPTCON
+                    inodes.add(f"socket:[{parts[6]}]")
+        pids = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or os.stat(f"/proc/{name}").st_uid != os.getuid():
+                continue
+            try:
+                fds = os.listdir(f"/proc/{name}/fd")
+                if not any(os.readlink(f"/proc/{name}/fd/{fd}") in inodes for fd in fds):
+                    continue
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    cmdline = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"daemon" in cmdline and any(b"convstore" in a for a in cmdline) and int(name) > 1:
+                pids.append(int(name))
+        return pids
+    except (OSError, ValueError):
+        return []
+
+
 def request(path: str, op: str) -> dict[str, object]:
     """Ask the daemon at ``path`` for its ``status``, or to ``stop``."""
     import json
@@ -305,15 +344,16 @@ def request(path: str, op: str) -> dict[str, object]:
     if s is None:
         raise DaemonError(f"no convstore daemon of this user answers at {path}")
     try:
-        pid = peer(s)[0]
         body = encode_request(op)
         try:
             s.sendall(_LENGTH.pack(len(body)) + body)
             kind, payload = recv_frame(s)
         except (OSError, EOFError) as e:
             # a daemon of another convstore version drops the request unanswered
-            raise DaemonError(f"the daemon at {path} (pid {pid}) did not answer{f': {e}' if str(e) else ''}; "
-                              f"if it is another convstore version's, stop it with: kill {pid}") from None
+            pids = _listeners(path)
+            hint = (f"; if it is another convstore version's, stop it with: kill {' '.join(map(str, pids))}"
+                    if pids else "; it may be another convstore version's: stop that `convstore daemon` process")
+            raise DaemonError(f"the daemon at {path} did not answer{f' ({e})' if str(e) else ''}{hint}") from None
     finally:
         s.close()
     if kind != b"I":

@@ -40,12 +40,12 @@ def status(env: dict[str, str]) -> dict:
     return json.loads(p.stdout)
 
 
-def start_daemon(folder: Path, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+def start_daemon(folder: Path, extra_env: dict[str, str] | None = None, **kw: object) -> dict[str, str]:
     folder.mkdir(mode=0o700)
     env = {**os.environ, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(folder / "cli.sock")}
     env.pop("CONVSTORE_STORE", None)
     env.pop("CONVSTORE_KEY", None)
-    p = convstore({**env, **(extra_env or {})}, "daemon", "--background", cwd=folder.parent)
+    p = convstore({**env, **(extra_env or {})}, "daemon", "--background", cwd=folder.parent, **kw)
     assert p.returncode == 0, p.stderr
     assert b"listening on" in p.stdout
     return env
@@ -174,15 +174,43 @@ def test_one_daemon_per_socket_and_stop_removes_it(daemon):
     assert convstore(daemon, "--help").returncode == 0  # no daemon: the command runs alone
 
 
-def test_a_spare_that_died_is_replaced(daemon, image_dir):
-    # the daemon forks each command's process ahead of it; one killed while idle costs nothing but its place
+def test_a_spare_is_replaced_when_killed_and_deaf_while_idle(daemon, image_dir):
+    # the daemon forks each command's process ahead of it: a signal sent to it while it waits is not the
+    # next command's, and one killed while idle costs nothing but its place
     info = status(daemon)
     assert info["spare"] is not None
-    os.kill(info["spare"], signal.SIGKILL)
-    assert convstore(daemon, "--help", cwd=image_dir).returncode == 0
+    os.kill(info["spare"], signal.SIGTERM)
+    os.kill(info["spare"], signal.SIGINT)
+    p = convstore(daemon, "--help", cwd=image_dir)
+    assert p.returncode == 0 and b"Usage" in p.stdout, p.stderr
     after = status(daemon)
     assert after["served"] == info["served"] + 1
-    assert after["spare"] not in (None, info["spare"])
+    os.kill(after["spare"], signal.SIGKILL)
+    assert convstore(daemon, "--help", cwd=image_dir).returncode == 0
+    last = status(daemon)
+    assert last["served"] == after["served"] + 1
+    assert last["spare"] not in (None, after["spare"])
+
+
+def test_the_daemon_keeps_nothing_its_launcher_gave_it(tmp_path, image_dir):
+    # a launcher's pipe held by the daemon, and so by every command it forks, would never see its end
+    import select
+
+    r, w = os.pipe()
+    try:
+        env = start_daemon(tmp_path / "d", pass_fds=(w,))
+        os.close(w)
+        w = -1
+        try:
+            assert convstore(env, "--help", cwd=image_dir).returncode == 0
+            assert select.select([r], [], [], 30)[0], "the daemon or its spare still holds the launcher's pipe"
+            assert os.read(r, 1) == b""
+        finally:
+            convstore(env, "daemon", "--stop")
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
