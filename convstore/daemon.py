@@ -110,8 +110,8 @@ class _Command:
             prog, umask, ignored, fingerprint, argv, env)
 
     @classmethod
-    def parse(cls, fields: list[str], nfds: int) -> _Command:
-        if nfds != 4 or len(fields) < 5:
+    def parse(cls, fields: list[str]) -> _Command:
+        if len(fields) < 5:
             raise WireError("malformed request")
         umask, argc = decimal(fields[1]), decimal(fields[2])
         ignored = [decimal(i) for i in fields[3].split(",")] if fields[3] else []
@@ -303,11 +303,8 @@ class Daemon:
                 conn.close()
                 return
             conn.settimeout(REQUEST_TIMEOUT)
-            head, fds, flags, _ = socket.recv_fds(conn, 4, 8)
-            if len(head) < 4:
-                head += recv_exact(conn, 4 - len(head))
-            (n,) = struct.unpack("!I", head)
-            if n > MAX_REQUEST or flags & getattr(socket, "MSG_CTRUNC", 8):
+            (n,) = struct.unpack("!I", recv_exact(conn, 4))  # descriptors sent along are dropped by the kernel
+            if n > MAX_REQUEST:
                 raise ValueError("request too large")
             try:
                 body = recv_exact(conn, n)
@@ -333,12 +330,15 @@ class Daemon:
     def status(self) -> dict[str, object]:
         return {"pid": os.getpid(), "socket": self.path, "version": self.version,
                 "code": os.path.dirname(os.path.abspath(__file__)), "served": self.served,
-                "running": len(self.children), "spare": self.spare.pid if self.spare else None, "started": self.started, "stopping": self.stopping,
+                "running": len(self.children), "spare": self.spare.pid if self.spare else None,
+                "started": self.started, "stopping": self.stopping,
                 "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                 "command_max_rss_kib": self.max_rss_kib}
 
     def _run(self, conn: socket.socket, client: int, body: bytes, fields: list[str], fds: list[int]) -> None:
-        cmd = _Command.parse(fields, len(fds))
+        """Check a ``run`` request, take the client's descriptors with its commitment, and hand the
+        command to a spare; ``fds`` (closed by the caller) receives the descriptors."""
+        cmd = _Command.parse(fields)
         if cmd.fingerprint != self.fingerprint:
             send_frame(conn, b"F", b"the daemon runs other code than this client; restart it")
             raise ValueError("stale")
@@ -350,7 +350,9 @@ class Daemon:
             send_frame(conn, b"F", b"the client runs in another context than the daemon")
             raise ValueError("context")
         send_frame(conn, b"A")
-        if recv_exact(conn, 1) != b"G":
+        go, received, flags, _ = socket.recv_fds(conn, 1, 8)
+        fds.extend(received)
+        if go != b"G" or len(received) != 4 or flags & getattr(socket, "MSG_CTRUNC", 8):
             raise ValueError("not committed")
         conn.settimeout(None)
         for _attempt in (0, 1):  # a spare that died idle is replaced once
@@ -446,6 +448,8 @@ class Daemon:
         _prefault(lambda: bool(select.select([sock], [], [], 0)[0]))
         try:
             head, fds, _flags, _ = socket.recv_fds(sock, 4, 4)
+            if len(fds) != 4:
+                return 0
             if not head:
                 return 0
             if len(head) < 4:
@@ -458,7 +462,7 @@ class Daemon:
         except (OSError, EOFError):
             return 0  # no command (the daemon stopped or gave up on this spare): nothing runs
         sock.close()
-        cmd = _Command.parse(decode_request(body)[1], len(fds))
+        cmd = _Command.parse(decode_request(body)[1])
         for i in cmd.ignored:  # what the client ignores (nohup), its command ignores too
             signal.signal(i, signal.SIG_IGN)
         for target, fd in enumerate(fds[:3]):

@@ -8,8 +8,8 @@ and ``json`` cost a client 15-30 ms of imports (``enum``, ``selectors``,
 ``re``), which was half of what a command handed to the daemon cost
 (docs/benchmarks.md).  The server is :mod:`convstore.daemon`.
 
-Wire format, version 2.  Client to daemon: one 4-byte big-endian length
-(carrying the descriptors), then that many bytes: NUL-terminated fields,
+Wire format, version 2.  Client to daemon: one 4-byte big-endian length,
+then that many bytes: NUL-terminated fields,
 ``convstore-daemon``, the protocol version in decimal, the operation
 (``run``, ``status`` or ``stop``), and for ``run``: the program name, the
 umask and the number of arguments in decimal, the ignored relayed signals
@@ -17,7 +17,10 @@ umask and the number of arguments in decimal, the ignored relayed signals
 environment as ``KEY=VALUE`` fields up to the end.  Strings travel as the
 operating system's bytes (``os.fsencode``); nothing in them can hold a NUL.
 After ``A`` the client sends one byte ``G`` (committed: from here on the
-command may run); then, while it runs, ``b"S" + signal number`` frames.
+command may run) carrying its stdin, stdout, stderr and working directory
+as descriptors (``SCM_RIGHTS``), never earlier: a daemon that does not
+answer holds none of them; then, while it runs, ``b"S" + signal number``
+frames.
 Daemon to client: frames of one type byte and a 4-byte length: ``A``
 accepted, ``F`` fall back (reason; before the command starts only), ``I``
 status JSON, ``X`` exit status (4 bytes, signed), ``K`` killed by a signal
@@ -227,13 +230,7 @@ def _run_client(s: _socket.socket, argv: list[str]) -> int | None:
         os.umask(umask)
         body = encode_request("run", _prog_name(), str(umask), str(len(argv)), ",".join(map(str, ignored)),
                               fingerprint(), *argv, *(k + b"=" + v for k, v in os.environb.items()))
-        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
-        try:
-            fds = struct.pack("4i", 0, 1, 2, cwd)
-            s.sendmsg([_LENGTH.pack(len(body))], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-        finally:
-            os.close(cwd)
-        s.sendall(body)
+        s.sendall(_LENGTH.pack(len(body)) + body)
         kind, _why = recv_frame(s)
         if kind != b"A":
             return None
@@ -248,8 +245,15 @@ def _run_client(s: _socket.socket, argv: list[str]) -> int | None:
 
 
 def _committed(s: _socket.socket, ignored: list[int]) -> int | None:
+    # the descriptors go with the commitment, never before: a daemon that does not answer must not
+    # hold this process's stdout (a pipe's reader would wait for its end as long as the daemon lives)
     try:
-        s.sendall(b"G")  # the daemon forks the command now
+        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
+        try:
+            fds = struct.pack("4i", 0, 1, 2, cwd)
+            s.sendmsg([b"G"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])  # the command starts now
+        finally:
+            os.close(cwd)
     except OSError:
         return None  # never sent: nothing runs there
     s.settimeout(None)

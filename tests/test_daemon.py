@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -213,6 +214,75 @@ def test_the_daemon_keeps_nothing_its_launcher_gave_it(tmp_path, image_dir):
             os.close(w)
 
 
+def _scripted_daemon(folder: Path, script) -> tuple[dict[str, str], threading.Thread]:
+    """A socket at ``folder/cli.sock`` answered by ``script(conn)``: a scripted peer that puts the
+    client through what the real daemon does only under faults."""
+    folder.mkdir(mode=0o700)
+    path = folder / "cli.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                script(conn)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return {**os.environ, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(path)}, t
+
+
+def _read_request(conn: socket.socket) -> None:
+    (n,) = struct.unpack("!I", conn.recv(4))
+    while n:
+        n -= len(conn.recv(n))
+
+
+def test_a_daemon_that_never_answers_is_not_waited_for(tmp_path, image_dir):
+    # it accepts nothing: the client gives up after its hand-shake time-out and runs the command itself
+    silent = socket.socket(socket.AF_UNIX)
+    (tmp_path / "d").mkdir(mode=0o700)
+    silent.bind(str(tmp_path / "d" / "cli.sock"))
+    silent.listen(1)
+    try:
+        env = {**os.environ, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(tmp_path / "d" / "cli.sock")}
+        # and its stdout ends with it: a daemon that never answered was never given the descriptors
+        p = convstore(env, "--help", cwd=image_dir)
+        assert p.returncode == 0 and b"Usage" in p.stdout, p.stderr
+    finally:
+        silent.close()
+
+
+def test_a_signal_sent_while_a_command_falls_back_is_not_lost(tmp_path, image_dir):
+    # the daemon accepted, the client committed, the user pressed Ctrl-C, then the daemon could not start
+    # the command ("F"): the command runs in the client, and the Ctrl-C is the client's, as it would have been
+    committed = threading.Event()
+
+    def script(conn: socket.socket) -> None:
+        _read_request(conn)
+        conn.sendall(b"A" + struct.pack("!I", 0))
+        assert conn.recv(1) == b"G"
+        committed.set()
+        assert conn.recv(2) == b"S" + bytes([signal.SIGINT])  # relayed to the daemon
+        conn.sendall(b"F" + struct.pack("!I", 11) + b"fork failed")
+
+    env, server = _scripted_daemon(tmp_path / "d", script)
+    p = subprocess.Popen([sys.executable, "-m", "convstore", "--help"], env=env, cwd=image_dir,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert committed.wait(60)
+        p.send_signal(signal.SIGINT)
+        out, _err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    server.join(60)
+    assert p.returncode == -signal.SIGINT  # interrupted, as a process of its own would have been
+    assert b"Usage" not in out
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
 def test_another_user_is_refused():
     # the venv's interpreter may sit in root's home: the other user runs the system's python3 on the stdlib-only
@@ -253,45 +323,48 @@ def test_another_user_is_refused():
         shutil.rmtree(top, ignore_errors=True)
 
 
-def test_the_wire_format_is_checked(daemon, tmp_path):
+def test_the_wire_format_is_checked(daemon, image_dir):
     from convstore.daemon_client import encode_request
 
     sock = daemon["CONVSTORE_DAEMON_SOCKET"]
+    # the installed convstore's fingerprint, as a client outside the checkout computes it
+    fp = subprocess.run([sys.executable, "-c", "from convstore.daemon_client import fingerprint; "
+                         "import sys; sys.stdout.write(fingerprint())"], env=daemon, cwd=image_dir,
+                        capture_output=True, text=True, check=True).stdout
 
     def run(*fields: str) -> bytes:
         return encode_request("run", *fields)
 
-    cases = [  # (body, send descriptors, the reply expected: b"" dropped, F fall back, I status)
-        (encode_request("status"), False, b"I"),
-        (b"convstore-daemon\x009\x00status\x00", False, b"F"),  # another version: told so
-        (b'{"v": 1, "op": "status"}', False, b""),  # version 1 was JSON
-        (b"convstore-daemon\x002\x00status", False, b""),  # not NUL-terminated
-        (encode_request("reboot"), False, b""),
-        (encode_request("status", "extra"), False, b""),
-        (run("convstore", "18", "1", "", "fp", "images"), False, b""),  # no descriptors
-        (run("convstore", "0x12", "1", "", "fp", "images"), True, b""),  # umask not decimal
-        (run("convstore", "4096", "1", "", "fp", "images"), True, b""),  # umask too large
-        (run("convstore", "18", "9", "", "fp", "images"), True, b""),  # more arguments than fields
-        (run("convstore", "18", "-1", "", "fp"), True, b""),
-        (run("convstore", "18", "1", "9", "fp", "images"), True, b""),  # SIGKILL is not a relayed signal
-        (run("convstore", "18", "1", "", "fp", "images", "NOEQUALS"), True, b""),
-        (run("convstore", "18", "1", "", "fp", "images", "=x"), True, b""),
-        (run("convstore", "18", "1", "2,15", "other code", "images", "A=1"), True, b"F"),  # well-formed: other code
-        (b"[" * 200_000, False, b""),
+    cases = [  # (body, the reply expected: b"" dropped, F fall back, I status, A accepted)
+        (encode_request("status"), b"I"),
+        (b"convstore-daemon\x009\x00status\x00", b"F"),  # another version: told so
+        (b'{"v": 1, "op": "status"}', b""),  # version 1 was JSON
+        (b"convstore-daemon\x002\x00status", b""),  # not NUL-terminated
+        (encode_request("reboot"), b""),
+        (encode_request("status", "extra"), b""),
+        (run("convstore", "0x12", "1", "", fp, "images"), b""),  # umask not decimal
+        (run("convstore", "4096", "1", "", fp, "images"), b""),  # umask too large
+        (run("convstore", "18", "9", "", fp, "images"), b""),  # more arguments than fields
+        (run("convstore", "18", "-1", "", fp), b""),
+        (run("convstore", "18", "1", "9", fp, "images"), b""),  # SIGKILL is not a relayed signal
+        (run("convstore", "18", "1", "", fp, "images", "NOEQUALS"), b""),
+        (run("convstore", "18", "1", "", fp, "images", "=x"), b""),
+        (run("convstore", "18", "1", "2,15", "other code", "images", "A=1"), b"F"),  # well-formed: other code
+        (run("convstore", "18", "1", "2,15", fp, "--help", "A=1"), b"A"),  # accepted: then G without descriptors
+        (b"[" * 200_000, b""),
     ]
-    with open(os.devnull, "rb") as null:
-        for body, with_fds, expected in cases:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(sock)
-                head = struct.pack("!I", len(body))
-                if with_fds:
-                    socket.send_fds(s, [head], [null.fileno()] * 3 + [os.open(tmp_path, os.O_PATH)])
-                    s.sendall(body)
-                else:
-                    s.sendall(head + body)
-                reply = s.recv(100)
-                assert reply[:1] == expected, (body[:80], reply)
-    assert status(daemon)["running"] == 0
+    before = status(daemon)["served"]
+    for body, expected in cases:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(sock)
+            s.sendall(struct.pack("!I", len(body)) + body)
+            reply = s.recv(100)
+            assert reply[:1] == expected, (body[:80], reply)
+            if expected == b"A":
+                s.sendall(b"G")  # committed, but without its descriptors: dropped, nothing runs
+                assert s.recv(100) == b""
+    after = status(daemon)
+    assert (after["served"], after["running"]) == (before, 0)
 
 
 def test_a_client_with_a_closed_stream_runs_alone(daemon, image_dir):
