@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import errno
 import gc
 import io
 import json
@@ -131,7 +132,7 @@ class Daemon:
     (it reads ``sys.argv``; ``prog`` names the program in usage lines)."""
 
     def __init__(self, path: str, entry: Callable[[str], None], version: str) -> None:
-        self.path, self.entry, self.version = path, entry, version
+        self.path, self.entry, self.version = os.path.abspath(path), entry, version
         self.fingerprint = fingerprint()
         self.context = _context("self")
         self.children: dict[int, _Child] = {}
@@ -142,6 +143,7 @@ class Daemon:
         self.listener: socket.socket | None = None
         self.spare: _Spare | None = None
         self._respawn = False
+        self._reserve = -1
         self._inode: tuple[int, int] | None = None
 
     def bind(self) -> None:
@@ -198,6 +200,7 @@ class Daemon:
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ, None)
         sel.register(wake_r, selectors.EVENT_READ, None)
+        self._reserve = _reserve_fd()
         self._inherited = [wake_r, wake_w]
         self._selector = sel
         self._respawn = True
@@ -294,7 +297,16 @@ class Daemon:
         assert self.listener is not None
         try:
             conn, _ = self.listener.accept()
-        except OSError:
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE) and self._reserve >= 0:
+                # out of descriptors: the pending client would keep the listener readable (a busy loop);
+                # the reserve descriptor makes room to take it and drop it (it falls back)
+                os.close(self._reserve)
+                try:
+                    self.listener.accept()[0].close()
+                except OSError:
+                    pass
+                self._reserve = _reserve_fd()
             return
         fds: list[int] = []
         try:
@@ -352,8 +364,11 @@ class Daemon:
         send_frame(conn, b"A")
         go, received, flags, _ = socket.recv_fds(conn, 1, 8)
         fds.extend(received)
-        if go != b"G" or len(received) != 4 or flags & getattr(socket, "MSG_CTRUNC", 8):
+        if go != b"G":
             raise ValueError("not committed")
+        if len(received) != 4 or flags & getattr(socket, "MSG_CTRUNC", 8):  # e.g. this daemon at its fd limit
+            send_frame(conn, b"F", b"the client's descriptors did not arrive")
+            raise ValueError("no descriptors")
         conn.settimeout(None)
         for _attempt in (0, 1):  # a spare that died idle is replaced once
             if self.spare is None:
@@ -370,7 +385,13 @@ class Daemon:
                 try:
                     started = recv_exact(spare.sock, 1) == b"R"  # it is the command now (idle signals dropped)
                 except TimeoutError:
-                    started = True  # it holds the whole command and may be running it: never run it again
+                    # stopped or stuck: it must not start later, unsupervised.  Killed, its socket ends; an
+                    # acknowledgement it sent first says the command had started (and is reported as killed)
+                    _killpg(spare.pid, signal.SIGKILL)
+                    try:
+                        started = spare.sock.recv(1) == b"R"
+                    except TimeoutError:
+                        started = True  # not even gone (uninterruptible): reported when it is, never run again
             except (OSError, EOFError):
                 pass  # not all sent, or it died before taking it: nothing ran there
             finally:
@@ -440,6 +461,8 @@ class Daemon:
         self._selector.close()
         for fd in self._inherited:
             os.close(fd)
+        if self._reserve >= 0:
+            os.close(self._reserve)
         if self.listener is not None:
             self.listener.close()
         for other in self.children.values():
@@ -516,6 +539,13 @@ class Daemon:
         return code
 
 
+def _reserve_fd() -> int:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
 def close_inherited() -> None:
     """Close the descriptors above 2 this process inherited (a launcher's
     pipe, say): called before the daemon opens anything of its own, so that
@@ -523,11 +553,12 @@ def close_inherited() -> None:
     would wait for the daemon's)."""
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd > 2:
-            try:
+        try:
+            # what survived an exec is inheritable; what Python and its modules open is not (PEP 446)
+            if fd > 2 and os.get_inheritable(fd):
                 os.close(fd)
-            except OSError:
-                pass  # the directory listing's own descriptor, already closed
+        except OSError:
+            pass  # the directory listing's own descriptor, already closed
 
 
 def _stream(fd: int, mode: str, env: dict[str, str]) -> io.TextIOWrapper:

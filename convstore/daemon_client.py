@@ -295,7 +295,7 @@ def _committed(s: _socket.socket, ignored: list[int]) -> int | None:
         for sig, handler in saved.items():
             _signal.signal(sig, handler)
         if fell_back:  # what the user sent while it was handed over is this process's now (Ctrl-C: it stops)
-            for sig in relayed:
+            for sig in sorted(set(relayed), key=lambda n: n == _signal.SIGINT):  # a killing signal before Ctrl-C
                 _signal.raise_signal(sig)
 
 
@@ -315,17 +315,20 @@ def _listeners(path: str) -> list[int]:
     process that called listen(), which a daemon started in the background
     by an older version had already left)."""
     inodes = set()
+    where = os.path.abspath(path)  # as the daemon binds it
     try:
         with open("/proc/net/unix") as f:
             for line in f:
-                parts = line.split()
-                if len(parts) >= 8 and parts[7] == path and int(parts[3], 16) & 0x10000:  # __SO_ACCEPTCON
+                parts = line.rstrip("\n").split(None, 7)
+                if len(parts) == 8 and parts[7] == where and int(parts[3], 16) & 0x10000:  # __SO_ACCEPTCON
                     inodes.add(f"socket:[{parts[6]}]")
         pids = []
         for name in os.listdir("/proc"):
-            if not name.isdigit() or os.stat(f"/proc/{name}").st_uid != os.getuid():
+            if not name.isdigit():
                 continue
             try:
+                if os.stat(f"/proc/{name}").st_uid != os.getuid():
+                    continue
                 fds = os.listdir(f"/proc/{name}/fd")
                 if not any(os.readlink(f"/proc/{name}/fd/{fd}") in inodes for fd in fds):
                     continue

@@ -193,6 +193,20 @@ def test_a_spare_is_replaced_when_killed_and_deaf_while_idle(daemon, image_dir):
     assert last["spare"] not in (None, after["spare"])
 
 
+def test_a_stopped_spare_is_replaced_not_waited_for(daemon, image_dir):
+    # a spare that does not take its command (stopped here; or stuck) is killed after the hand-over's
+    # time-out and the command runs in a fresh one: it neither hangs nor "succeeds" without running
+    info = status(daemon)
+    os.kill(info["spare"], signal.SIGSTOP)
+    p = convstore(daemon, "--help", cwd=image_dir)
+    assert p.returncode == 0 and b"Usage" in p.stdout, p.stderr
+    after = status(daemon)
+    assert after["served"] == info["served"] + 1
+    assert after["spare"] != info["spare"]
+    wait_for(lambda: not Path(f"/proc/{info['spare']}").exists() or
+             Path(f"/proc/{info['spare']}/stat").read_text().split()[2] == "Z", "the stopped spare to be killed")
+
+
 def test_the_daemon_keeps_nothing_its_launcher_gave_it(tmp_path, image_dir):
     # a launcher's pipe held by the daemon, and so by every command it forks, would never see its end
     import select
@@ -361,8 +375,8 @@ def test_the_wire_format_is_checked(daemon, image_dir):
             reply = s.recv(100)
             assert reply[:1] == expected, (body[:80], reply)
             if expected == b"A":
-                s.sendall(b"G")  # committed, but without its descriptors: dropped, nothing runs
-                assert s.recv(100) == b""
+                s.sendall(b"G")  # committed, but without its descriptors: nothing runs, and the client is told
+                assert s.recv(100)[:1] == b"F"
     after = status(daemon)
     assert (after["served"], after["running"]) == (before, 0)
 
