@@ -45,7 +45,6 @@ import traceback
 from collections.abc import Callable, Iterable
 
 from .daemon_client import (
-    MAX_REQUEST,
     RELAYED,
     DaemonError,
     WireError,
@@ -54,9 +53,12 @@ from .daemon_client import (
     decode_request,
     fingerprint,
     peer,
+    private_dir,
     recv_exact,
+    recv_message,
     request,
     send_frame,
+    send_message,
     socket_path,
 )
 
@@ -150,10 +152,9 @@ class Daemon:
         """Create the socket (0600, in a 0700 directory of this user), or
         explain why not; a live daemon at the same path is an error, a dead
         one's socket is replaced."""
-        folder = os.path.dirname(os.path.abspath(self.path))
+        folder = os.path.dirname(self.path)
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        st = os.lstat(folder)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        if not private_dir(os.lstat(folder)):
             raise DaemonError(f"{folder} must be a directory of this user that no one else can write "
                               f"(someone else's, a link, or open to others)")
         live = connect(self.path)
@@ -315,11 +316,8 @@ class Daemon:
                 conn.close()
                 return
             conn.settimeout(REQUEST_TIMEOUT)
-            (n,) = struct.unpack("!I", recv_exact(conn, 4))  # descriptors sent along are dropped by the kernel
-            if n > MAX_REQUEST:
-                raise ValueError("request too large")
+            body = recv_message(conn)  # descriptors sent along are dropped by the kernel
             try:
-                body = recv_exact(conn, n)
                 op, fields = decode_request(body)
             except WireError as e:
                 if e.version:
@@ -380,8 +378,8 @@ class Daemon:
             try:
                 # bounded: a spare that does not take its command (stopped, or copying a huge mapping) is replaced
                 spare.sock.settimeout(REQUEST_TIMEOUT)
-                socket.send_fds(spare.sock, [struct.pack("!I", len(body))], fds)
-                spare.sock.sendall(body)
+                socket.send_fds(spare.sock, [b"C"], fds)  # the client's descriptors, then its request
+                send_message(spare.sock, body)
                 try:
                     started = recv_exact(spare.sock, 1) == b"R"  # it is the command now (idle signals dropped)
                 except TimeoutError:
@@ -470,14 +468,10 @@ class Daemon:
         _parent_death_signal(signal.SIGHUP)  # a daemon that dies takes its commands with it, as a terminal would
         _prefault(lambda: bool(select.select([sock], [], [], 0)[0]))
         try:
-            head, fds, _flags, _ = socket.recv_fds(sock, 4, 4)
-            if len(fds) != 4:
+            go, fds, _flags, _ = socket.recv_fds(sock, 1, 4)
+            if go != b"C" or len(fds) != 4:
                 return 0
-            if not head:
-                return 0
-            if len(head) < 4:
-                head += recv_exact(sock, 4 - len(head))
-            body = recv_exact(sock, struct.unpack("!I", head)[0])
+            body = recv_message(sock)
             # a signal sent to this process while it idled was not meant for the command it is about to run
             while signal.sigtimedwait(RELAYED, 0) is not None:
                 pass

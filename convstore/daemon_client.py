@@ -161,6 +161,19 @@ def recv_exact(sock: _socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def send_message(sock: _socket.socket, body: bytes) -> None:
+    """A request: its 4-byte length, then its bytes."""
+    sock.sendall(_LENGTH.pack(len(body)) + body)
+
+
+def recv_message(sock: _socket.socket) -> bytes:
+    """A request sent by :func:`send_message`; :class:`WireError` past :data:`MAX_REQUEST`."""
+    (n,) = _LENGTH.unpack(recv_exact(sock, _LENGTH.size))
+    if n > MAX_REQUEST:
+        raise WireError("request too large")
+    return recv_exact(sock, n)
+
+
 def recv_frame(sock: _socket.socket) -> tuple[bytes, bytes]:
     kind, n = _FRAME.unpack(recv_exact(sock, _FRAME.size))
     if n > MAX_REQUEST:
@@ -168,16 +181,19 @@ def recv_frame(sock: _socket.socket) -> tuple[bytes, bytes]:
     return kind, recv_exact(sock, n)
 
 
+def private_dir(st: os.stat_result) -> bool:
+    """An ``lstat`` of a directory of this user that no one else can write."""
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _safe_socket(path: str) -> bool:
     """The socket and its directory belong to this user, and no one else can replace them."""
-    uid = os.getuid()
     try:
         st = os.lstat(path)
         dst = os.lstat(os.path.dirname(path) or ".")
     except OSError:
         return False
-    return (stat.S_ISSOCK(st.st_mode) and st.st_uid == uid and stat.S_ISDIR(dst.st_mode) and dst.st_uid == uid
-            and not dst.st_mode & 0o022)
+    return stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid() and private_dir(dst)
 
 
 def connect(path: str) -> _socket.socket | None:
@@ -230,7 +246,7 @@ def _run_client(s: _socket.socket, argv: list[str]) -> int | None:
         os.umask(umask)
         body = encode_request("run", _prog_name(), str(umask), str(len(argv)), ",".join(map(str, ignored)),
                               fingerprint(), *argv, *(k + b"=" + v for k, v in os.environb.items()))
-        s.sendall(_LENGTH.pack(len(body)) + body)
+        send_message(s, body)
         kind, _why = recv_frame(s)
         if kind != b"A":
             return None
@@ -351,9 +367,8 @@ def request(path: str, op: str) -> dict[str, object]:
     if s is None:
         raise DaemonError(f"no convstore daemon of this user answers at {path}")
     try:
-        body = encode_request(op)
         try:
-            s.sendall(_LENGTH.pack(len(body)) + body)
+            send_message(s, encode_request(op))
             kind, payload = recv_frame(s)
         except (OSError, EOFError) as e:
             # a daemon of another convstore version drops the request unanswered
