@@ -42,6 +42,14 @@ COMPRESSIONS = tuple(MEDIA_FOR_COMPRESSION)
 
 _DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 
+#: The largest manifest or image index convstore reads, from a registry or an OCI layout: the OCI
+#: distribution spec's limit (registries SHOULD accept manifests up to 4 MiB; clients may refuse more).
+MAX_MANIFEST = 4 << 20
+#: The largest other JSON document (image config, index.json, oci-layout, manifest.json of a docker
+#: archive): a config is a blob, which the spec does not bound; 16 MiB is four times the manifest limit
+#: (the largest config among common images is under 100 kB).
+MAX_JSON = 16 << 20
+
 
 def layer_compression(media_type: str) -> str:
     try:
@@ -59,6 +67,21 @@ def check_digest(digest: object) -> str:
 
 def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def verify_bytes(data: bytes, digest: str, size: object, what: str) -> bytes:
+    """``data`` if it hashes to ``digest`` and, where a descriptor gives one, has ``size`` bytes.
+
+    The one check for every digest convstore is given or reads (a pin, a
+    descriptor, an index entry); :class:`DigestMismatch` naming ``what`` otherwise.
+    """
+    check_digest(digest)
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or len(data) != size):
+        raise DigestMismatch(f"{what}: {len(data)} bytes, but its descriptor says {size!r}")
+    got = sha256_digest(data)
+    if not hmac.compare_digest(got, digest):
+        raise DigestMismatch(f"{what}: content hashes to {got}, expected {digest}")
+    return data
 
 
 def sniff_compression(head: bytes) -> str:

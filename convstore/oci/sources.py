@@ -24,9 +24,7 @@ from ..errors import (
     UnsupportedMediaType,
 )
 from . import media
-from .media import VerifyingReader, check_digest, sha256_digest
-
-MAX_JSON = 16 << 20  # manifests and configs larger than this are refused
+from .media import MAX_JSON, MAX_MANIFEST, VerifyingReader, check_digest, sha256_digest, verify_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +122,7 @@ class OCILayoutSource(ImageSource):
         desc = self._select(index.get("manifests") or [])
         desc = self._resolve_index(desc)
         self.manifest_media_type = desc.get("mediaType", "")
-        self.manifest_bytes = self._read_blob(desc)
+        self.manifest_bytes = self._read_blob(desc, MAX_MANIFEST)
         self.manifest_digest = desc["digest"]
         manifest = _loads(self.manifest_bytes, "image manifest")
         mt = manifest.get("mediaType") or self.manifest_media_type
@@ -135,35 +133,35 @@ class OCILayoutSource(ImageSource):
         self.config_media_type = cdesc.get("mediaType", "")
         if self.config_media_type not in (media.OCI_CONFIG, media.DOCKER_CONFIG):
             raise UnsupportedMediaType(f"{self.ref}: unsupported config media type {self.config_media_type!r}")
-        self.config_bytes = self._read_blob(cdesc)
+        self.config_bytes = self._read_blob(cdesc, MAX_JSON)
         self.config_digest = cdesc["digest"]
         self.annotations = manifest.get("annotations") or {}
         self._set_layers(manifest.get("layers") or [])
 
-    def _read_small(self, p: str) -> bytes:
+    def _read_small(self, p: str, cap: int = MAX_JSON) -> bytes:
         try:
             with open(p, "rb") as f:
-                b = f.read(MAX_JSON + 1)
+                b = f.read(cap + 1)
         except FileNotFoundError:
             raise SourceNotFound(f"{p}: no such file") from None
         except OSError as e:
             raise SourceError(f"{p}: {e.strerror}") from None
-        if len(b) > MAX_JSON:
-            raise SourceError(f"{p}: larger than {MAX_JSON} bytes")
+        if len(b) > cap:
+            raise SourceError(f"{p}: larger than {cap} bytes")
         return b
 
     def _blob_path(self, digest: str) -> str:
         check_digest(digest)
         return os.path.join(self.path, "blobs", "sha256", digest.split(":", 1)[1])
 
-    def _read_blob(self, desc: dict[str, Any]) -> bytes:
+    def _read_blob(self, desc: dict[str, Any], cap: int) -> bytes:
+        """A JSON blob a descriptor names (at most ``cap`` bytes), checked against its digest and size."""
         digest = check_digest(desc.get("digest"))
-        b = self._read_small(self._blob_path(digest))
-        if sha256_digest(b) != digest:
-            raise DigestMismatch(f"{self.ref}: blob {digest} does not match its digest")
-        if "size" in desc and len(b) != desc["size"]:
-            raise DigestMismatch(f"{self.ref}: blob {digest} has size {len(b)}, descriptor says {desc['size']}")
-        return b
+        size = desc.get("size")
+        if isinstance(size, int) and size > cap:
+            raise SourceError(f"{self.ref}: blob {digest} is larger than {cap} bytes")
+        return verify_bytes(self._read_small(self._blob_path(digest), cap), digest, size,
+                            f"{self.ref}: blob {digest}")
 
     def _select(self, manifests: list[dict[str, Any]]) -> dict[str, Any]:
         if self.tag is None:
@@ -183,7 +181,7 @@ class OCILayoutSource(ImageSource):
         for _ in range(4):
             if desc.get("mediaType") not in (media.OCI_INDEX, media.DOCKER_MANIFEST_LIST):
                 return desc
-            idx = _loads(self._read_blob(desc), "image index")
+            idx = _loads(self._read_blob(desc, MAX_MANIFEST), "image index")
             want_os, want_arch = _host_platform()
             for m in idx.get("manifests") or []:
                 p = m.get("platform") or {}
@@ -300,15 +298,18 @@ class RegistrySource(ImageSource):
     distribution API, layers streamed and verified, never stored whole."""
 
     def __init__(self, spec: str, insecure: bool = False):
-        from ..stores.registry import RegistryClient, RegistryError
+        from ..stores.registry import RegistryClient, RegistryCorrupt, RegistryError
 
         self.ref = spec
         rest = spec[len("docker://"):]
         host, _, path = rest.partition("/")
         if not host or not path:
             raise InvalidReference(f"{spec!r}: a registry source is docker://HOST[:PORT]/REPO[:TAG]")
-        if "@" in path:
+        if "@" in path:  # REPO@DIGEST or REPO:TAG@DIGEST (the digest decides)
             repo, ref = path.split("@", 1)
+            if ":" in repo.rsplit("/", 1)[-1]:
+                repo = repo.rpartition(":")[0]
+            check_digest(ref)
         else:
             repo, _, ref = path.rpartition(":") if ":" in path.rsplit("/", 1)[-1] else (path, "", "latest")
         loopback = host.split(":")[0] in ("127.0.0.1", "localhost", "[::1]")
@@ -329,7 +330,9 @@ class RegistrySource(ImageSource):
                        and (m.get("platform") or {}).get("architecture") == want_arch]
                 if not sel:
                     raise SourceNotFound(f"{spec}: no manifest for {want_os}/{want_arch}")
-                got = self.client.get_manifest(repo, sel[0]["digest"], accept)
+                # the index entry's digest and size pin the platform manifest
+                got = self.client.get_manifest(repo, check_digest(sel[0].get("digest")), accept,
+                                               expect_size=sel[0].get("size"))
                 if got is None:
                     raise SourceNotFound(f"{spec}: manifest {sel[0]['digest']} is missing")
                 body, mt, digest = got
@@ -344,11 +347,14 @@ class RegistrySource(ImageSource):
                 raise UnsupportedMediaType(f"{spec}: unsupported config media type {self.config_media_type!r}")
             self.config_digest = check_digest(cdesc.get("digest"))
             try:
-                self.config_bytes = self.client.get_blob(repo, self.config_digest)
+                self.config_bytes = self.client.get_blob(repo, self.config_digest, size=cdesc.get("size"),
+                                                         max_bytes=MAX_JSON)
             except KeyError:
                 raise SourceNotFound(f"{spec}: config blob {self.config_digest} is missing") from None
             self.annotations = doc.get("annotations") or {}
             self._set_layers(doc.get("layers") or [])
+        except RegistryCorrupt as e:
+            raise DigestMismatch(f"{spec}: {e}") from None
         except RegistryError as e:
             raise SourceError(str(e)) from None
 

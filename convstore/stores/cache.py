@@ -19,6 +19,8 @@ import threading
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 
+from ..errors import CorruptObject, DigestMismatch
+from ..oci.media import verify_bytes
 from .base import ChunkStore, ForwardingChunkStore, Location, ObjectStore
 from .local import append_line
 from .packs import makedirs_private
@@ -187,6 +189,10 @@ class CachedStore(ObjectStore):
             data = self.cache.get(key)
             if data is None:
                 data = self.remote.get(key)
+                try:  # a sealed manifest is named by its digest: what does not match it is never cached
+                    verify_bytes(data, "sha256:" + key.rsplit("/", 1)[-1], None, f"{self.remote!r}: object {key}")
+                except DigestMismatch as e:
+                    raise CorruptObject(str(e)) from None
                 self.cache.put(key, data)
             return data
         return self.remote.get(key)

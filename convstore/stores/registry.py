@@ -50,7 +50,8 @@ from typing import Any
 import requests
 import requests.adapters
 
-from ..errors import ConvstoreError, CorruptObject, InvalidReference, StoreError, StoreFormatError
+from ..errors import ConvstoreError, CorruptObject, DigestMismatch, InvalidReference, StoreError, StoreFormatError
+from ..oci.media import MAX_MANIFEST, check_digest, sha256_digest, verify_bytes
 from .base import ChunkStore, Location, ObjectStore
 from .packs import AUTO_MERGE_MAX, SortedIndex, encode_midx, makedirs_private, record
 
@@ -75,6 +76,20 @@ PACK_BYTES = 32 << 20
 COMPACT_SEGMENTS = 16  # segments not yet merged that make a writer write a snapshot
 INLINE_BYTES = 16 << 10  # objects up to this size are also embedded in their artifact (one GET reads them)
 LIST_WORKERS = 16
+# -- response caps, enforced while the body streams in (a registry's answer never decides how much is read)
+# manifests and image indexes: the distribution spec's limit (media.MAX_MANIFEST); convstore's own
+# artifacts are far below it (an image's artifact lists its pack blobs, ~150 bytes each: 27,000 packs)
+MAX_TAGS_PAGE = 4 << 20  # one page of a tag listing: asked for 1,000 tags of at most 128 characters
+MAX_TAGS = 1_000_000  # tags in one listing (every page): ~100 MB of Python strings, a 250,000-image store
+MAX_BLOB = 64 << 20  # a whole-blob GET with no descriptor size (configs, metadata objects are far smaller)
+# the registry store's own blobs, each checked against its descriptor's size before it is read:
+# an index segment lists the chunks of one pack (under PACK_BYTES, plus the chunk that fills it); a chunk
+# is at least 32 bytes (its header and tag), a record 44 bytes: ~44 MiB at most
+MAX_SEGMENT = _SEG_HEAD.size + _SEG.size * (PACK_BYTES // 32 + 2)
+MAX_SNAPSHOT = 2 << 30  # a snapshot holds a record per chunk of the store: 2 GiB is ~25 M chunks
+MAX_COVERED = 64 << 20  # a snapshot's JSON list of the tags it covers (~37 bytes a tag)
+MAX_OBJECT = 1 << 30  # a sealed manifest (a row per chunk and every file's metadata) or catalog object
+MAX_OTHER = 64 << 10  # any other answer (upload, delete, an error's body: only its start is shown)
 RETRIES = 4  # attempts per request; backoff 0.2, 0.4, 0.8 s between them
 TIMEOUT = 60.0  # seconds without an answer (connect: at most 10) before a request is retried
 
@@ -85,6 +100,10 @@ class RegistryError(StoreError):
 
 class RegistryCorrupt(RegistryError, CorruptObject):
     """The registry returned a blob that does not match its digest."""
+
+
+class RegistryResponseTooLarge(RegistryError):
+    """The registry sent more than convstore reads for that kind of answer (final: not retried)."""
 
 
 def parse_store_url(url: str) -> tuple[str, str]:
@@ -134,15 +153,28 @@ class RegistryClient:
     def __repr__(self) -> str:  # never the credentials
         return f"RegistryClient({self.host})"
 
-    def _req(self, method: str, url: str, ok: tuple[int, ...], **kw: Any) -> requests.Response:
+    def _req(self, method: str, url: str, ok: tuple[int, ...], *, cap: int = MAX_OTHER, kind: str = "an answer",
+             stream: bool = False, **kw: Any) -> requests.Response:
+        """One request, retried on connection errors, timeouts, 5xx and 429.
+
+        The body of an answer in ``ok`` is read here, at most ``cap`` bytes
+        (:class:`RegistryResponseTooLarge` naming ``kind`` past it, never
+        retried), and is then the response's ``content``; ``stream=True``
+        leaves it unread for the caller.  Other answers are never read whole.
+        """
         import oras.auth
 
         delay = 0.2
         for attempt in range(RETRIES):
+            r = None
             try:
                 # oras-py's do_request (auth handling) without its retry decorator, whose
                 # backoff sleeps up to 81 s and hides errors: this policy is bounded (~3 s).
-                r = self._do_request(self.reg, url, method, **kw)
+                r = self._do_request(self.reg, url, method, stream=True, **kw)
+                if r.status_code in ok:
+                    if not stream:
+                        r._content = self._read_capped(r, cap, kind)  # requests' own cache of the body
+                    return r
             except oras.auth.AuthenticationException as e:
                 raise RegistryError(f"registry {self.host} refused the credentials ({e})") from None
             except requests.Timeout:
@@ -158,18 +190,52 @@ class RegistryClient:
                 raise RegistryError(f"registry {self.host} requires credentials (--username with "
                                     f"--password-stdin, or docker login)") from None
             else:
-                if r.status_code in ok:
-                    return r
-                if r.status_code in (401, 403):
-                    raise RegistryError(f"registry {self.host} refused the credentials (HTTP {r.status_code})")
-                if r.status_code < 500 and r.status_code != 429:
-                    raise RegistryError(f"registry {self.host} refused {method} {url.split('/v2/', 1)[-1]}: "
-                                        f"HTTP {r.status_code} {r.text[:200].strip()}")
-                if attempt == RETRIES - 1:
-                    raise RegistryError(f"registry {self.host} failed: HTTP {r.status_code} for {method}")
+                try:
+                    if r.status_code in (401, 403):
+                        raise RegistryError(f"registry {self.host} refused the credentials (HTTP {r.status_code})")
+                    if r.status_code < 500 and r.status_code != 429:
+                        raise RegistryError(f"registry {self.host} refused {method} {url.split('/v2/', 1)[-1]}: "
+                                            f"HTTP {r.status_code} {self._snippet(r)}")
+                    if attempt == RETRIES - 1:
+                        raise RegistryError(f"registry {self.host} failed: HTTP {r.status_code} for {method}")
+                finally:
+                    r.close()
+            finally:
+                if r is not None and not stream and r._content is False:  # body unread: drop the connection
+                    r.close()
             time.sleep(delay)
             delay *= 2
         raise RegistryError(f"registry {self.host}: giving up")  # pragma: no cover
+
+    def _read_capped(self, r: requests.Response, cap: int, kind: str) -> bytes:
+        """The body of ``r`` if it has at most ``cap`` bytes; read as it arrives, never more than cap + 64 KiB."""
+        def too_large() -> RegistryResponseTooLarge:
+            r.close()
+            limit = f"{cap >> 20} MiB" if cap >= 1 << 20 and cap % (1 << 20) == 0 else f"{cap} bytes"
+            why = " (the distribution spec's limit)" if kind == "a manifest" else ""
+            return RegistryResponseTooLarge(f"registry {self.host} sent {kind} larger than {limit}{why}")
+
+        try:
+            declared = int(r.headers.get("Content-Length", ""))
+        except ValueError:
+            declared = -1
+        if declared > cap:
+            raise too_large()
+        buf = bytearray()
+        for part in r.iter_content(1 << 16):
+            buf += part
+            if len(buf) > cap:
+                raise too_large()
+        return bytes(buf)
+
+    @staticmethod
+    def _snippet(r: requests.Response) -> str:
+        """The start of an error answer's body (at most 200 bytes are read)."""
+        try:
+            head = r.raw.read(200, decode_content=True) or b""
+        except Exception:  # the error is already being reported; its body is a courtesy
+            head = b""
+        return head.decode("utf-8", "replace").strip()
 
     def blob_exists(self, repo: str, digest: str) -> bool:
         return self._req("HEAD", f"{self.base}/{repo}/blobs/{digest}", (200, 404)).status_code == 200
@@ -200,20 +266,38 @@ class RegistryClient:
                   headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))})
         return digest
 
-    def get_blob(self, repo: str, digest: str, start: int | None = None, end: int | None = None) -> bytes:
-        headers = {"Range": f"bytes={start}-{end - 1}"} if start is not None and end is not None else {}
-        r = self._req("GET", f"{self.base}/{repo}/blobs/{digest}", (200, 206, 404), headers=headers)
+    def get_blob(self, repo: str, digest: str, start: int | None = None, end: int | None = None, *,
+                 size: int | None = None, max_bytes: int = MAX_BLOB) -> bytes:
+        """A byte range of a blob (as the registry sends it: the caller checks what it holds),
+        or the whole blob, checked against ``digest`` and, where given (a descriptor's),
+        ``size``: :class:`RegistryCorrupt` otherwise.  A whole blob is read up to ``size``
+        or else ``max_bytes``, a range up to its length."""
+        url = f"{self.base}/{repo}/blobs/{digest}"
+        if start is not None and end is not None:
+            r = self._req("GET", url, (200, 206, 404), headers={"Range": f"bytes={start}-{end - 1}"},
+                          cap=max(0, end - start), kind="a blob range")
+            if r.status_code == 404:
+                raise KeyError(digest)
+            return r.content
+        what = f"blob {digest} from {self.host}"
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise RegistryCorrupt(f"{what}: its descriptor's size {size!r} is not a size")
+        if size is not None and size > max_bytes:
+            raise RegistryResponseTooLarge(f"{what}: its descriptor's size {size} is over the {max_bytes}-byte "
+                                           f"limit for it")
+        r = self._req("GET", url, (200, 404), cap=max_bytes if size is None else size, kind=f"blob {digest}")
         if r.status_code == 404:
             raise KeyError(digest)
-        data = r.content
-        if not headers and not hmac.compare_digest("sha256:" + hashlib.sha256(data).hexdigest(), digest):
-            raise RegistryCorrupt(f"blob {digest} from {self.host} does not match its digest")
-        return data
+        try:
+            return verify_bytes(r.content, digest, size, what)
+        except DigestMismatch as e:
+            raise RegistryCorrupt(str(e)) from None
 
     def open_blob(self, repo: str, digest: str) -> Any:
         """A streaming reader of a blob (the caller verifies the digest)."""
         r = self._req("GET", f"{self.base}/{repo}/blobs/{digest}", (200, 404), stream=True)
         if r.status_code == 404:
+            r.close()
             raise KeyError(digest)
         r.raw.decode_content = False
         return r.raw
@@ -225,12 +309,30 @@ class RegistryClient:
         self._req("PUT", f"{self.base}/{repo}/manifests/{ref}", (201,), data=body,
                   headers={"Content-Type": media_type})
 
-    def get_manifest(self, repo: str, ref: str, accept: list[str]) -> tuple[bytes, str, str] | None:
-        r = self._req("GET", f"{self.base}/{repo}/manifests/{ref}", (200, 404), headers={"Accept": ", ".join(accept)})
+    def get_manifest(self, repo: str, ref: str, accept: list[str], *, expect_digest: str | None = None,
+                     expect_size: int | None = None) -> tuple[bytes, str, str] | None:
+        """(body, Content-Type, digest of the body), or None if there is no such manifest.
+
+        A digest is a promise: when ``ref`` is a digest (or ``expect_digest``
+        is given) the body must hash to it, and have ``expect_size`` bytes
+        where given (an index entry's size), else :class:`DigestMismatch`.
+        At most the distribution spec's 4 MiB is read."""
+        if expect_digest is None and ":" in ref:  # a tag never holds a colon: this is a digest reference
+            expect_digest = ref
+        if expect_digest is not None:
+            check_digest(expect_digest)
+        r = self._req("GET", f"{self.base}/{repo}/manifests/{ref}", (200, 404), headers={"Accept": ", ".join(accept)},
+                      cap=MAX_MANIFEST, kind="a manifest")
         if r.status_code == 404:
             return None
         body = r.content
-        return body, r.headers.get("Content-Type", ""), "sha256:" + hashlib.sha256(body).hexdigest()
+        if expect_digest is not None:
+            verify_bytes(body, expect_digest, expect_size, f"registry {self.host} sent another manifest for "
+                                                           f"{repo}@{expect_digest}")
+        elif expect_size is not None and len(body) != expect_size:
+            raise DigestMismatch(f"registry {self.host} sent a manifest of {len(body)} bytes for {repo}:{ref}, "
+                                 f"expected {expect_size}")
+        return body, r.headers.get("Content-Type", ""), sha256_digest(body)
 
     def delete_manifest(self, repo: str, digest: str) -> bool:
         """Delete a manifest (and its tags); False where the registry does not allow deletes."""
@@ -243,13 +345,23 @@ class RegistryClient:
         return True
 
     def tags(self, repo: str) -> list[str]:
+        """Every tag of ``repo`` (each page read up to MAX_TAGS_PAGE, at most MAX_TAGS in all)."""
         out: list[str] = []
         url = f"{self.base}/{repo}/tags/list?n=1000"
         while url:
-            r = self._req("GET", url, (200, 404))
+            r = self._req("GET", url, (200, 404), cap=MAX_TAGS_PAGE, kind="a tag list page")
             if r.status_code == 404:
                 return out
-            out += r.json().get("tags") or []
+            try:
+                doc = r.json()
+                page = doc.get("tags") or []
+                if not isinstance(page, list):
+                    raise ValueError
+            except (ValueError, AttributeError):
+                raise RegistryError(f"registry {self.host} sent a malformed tag list for {repo}") from None
+            out += page
+            if len(out) > MAX_TAGS:
+                raise RegistryResponseTooLarge(f"registry {self.host} lists more than {MAX_TAGS} tags in {repo}")
             link = r.headers.get("Link", "")
             url = ""
             if 'rel="next"' in link:
@@ -378,16 +490,24 @@ class RegistryChunkStore(ChunkStore):
         doc = json.loads(body)
         return doc if isinstance(doc, dict) else None
 
-    def _blob(self, digest: object) -> bytes:
+    def _blob(self, layer: object, max_bytes: int) -> bytes:
+        """An index artifact's layer blob, checked against its descriptor (digest and size)."""
+        if not isinstance(layer, dict):
+            raise StoreError("bad blob descriptor in the index")
+        digest, size = layer.get("digest"), layer.get("size")
         if not isinstance(digest, str):
             raise StoreError("bad blob digest in the index")
         hexd = digest.split(":", 1)[-1]
         if len(hexd) != 64 or any(c not in "0123456789abcdef" for c in hexd):
             raise StoreError(f"bad blob digest {digest!r} in the index")
-        data = self._cached("blobs", hexd, lambda: self.client.get_blob(self.index_repo, digest))
-        if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), hexd):
-            raise StoreError(f"index blob {digest} does not match its digest")
-        return data
+        if not isinstance(size, int):
+            raise StoreError(f"index blob {digest} has no size")
+        data = self._cached("blobs", hexd, lambda: self.client.get_blob(self.index_repo, digest, size=size,
+                                                                         max_bytes=max_bytes))
+        try:  # also what index_dir held
+            return verify_bytes(data, digest, size, f"index blob {digest}")
+        except DigestMismatch as e:
+            raise StoreError(str(e)) from None
 
     def refresh(self) -> None:
         """Load the index artifacts not seen yet (one tag listing)."""
@@ -398,7 +518,7 @@ class RegistryChunkStore(ChunkStore):
         # only well-formed index tags: they become cache file names (a registry's tag list is not trusted)
         tags = [t for t in self.client.tags(self.index_repo) if isinstance(t, str) and _INDEX_TAG.match(t)]
         for t in sorted(t for t in tags if t.startswith("s-") and t not in self._snaps and t not in self._covered):
-            got = self._index_artifact(t, AT_INDEX_SNAPSHOT, 2)
+            got = self._index_artifact(t, AT_INDEX_SNAPSHOT, (MAX_SNAPSHOT, MAX_COVERED))
             if got is None:
                 continue
             data, cov = got
@@ -419,7 +539,7 @@ class RegistryChunkStore(ChunkStore):
         for t in [t for t in self._snaps if t in self._covered]:
             del self._snaps[t]
         for t in sorted(t for t in tags if t.startswith("x-") and t not in self._seg_tags and t not in self._covered):
-            got = self._index_artifact(t, AT_CHUNK_INDEX, 1)
+            got = self._index_artifact(t, AT_CHUNK_INDEX, (MAX_SEGMENT,))
             if got is None:
                 continue
             try:
@@ -430,15 +550,15 @@ class RegistryChunkStore(ChunkStore):
             self._add_segment(t, recs)
         self._loaded = True
 
-    def _index_artifact(self, tag: str, artifact_type: str, layers: int) -> list[bytes] | None:
-        """The first ``layers`` blobs of the index artifact ``tag``; None (logged)
+    def _index_artifact(self, tag: str, artifact_type: str, caps: tuple[int, ...]) -> list[bytes] | None:
+        """The first blobs of the index artifact ``tag``, one per cap in ``caps``; None (logged)
         if it is gone, of another type, malformed or damaged.  A registry that
         fails (after retries) is an error, not a missing index."""
         try:
             art = self._artifact_of(tag)
             if art is None or art.get("artifactType") != artifact_type:
                 return None
-            return [self._blob(art["layers"][i]["digest"]) for i in range(layers)]
+            return [self._blob(art["layers"][i], cap) for i, cap in enumerate(caps)]
         except RegistryError as e:
             if not isinstance(e, CorruptObject):
                 raise
@@ -749,7 +869,8 @@ class RegistryStore(ObjectStore):
         except (AttributeError, KeyError, IndexError, TypeError):
             raise StoreError(f"registry object for {key} is not a convstore artifact") from None
         data = _inline(layer)
-        return data if data is not None else self.client.get_blob(self.repo, digest)
+        return data if data is not None else self.client.get_blob(self.repo, digest, size=layer.get("size"),
+                                                                  max_bytes=MAX_OBJECT)
 
     def has(self, key: str) -> bool:
         return self.client.get_manifest(self.repo, self._tag(key), [OCI_MANIFEST]) is not None

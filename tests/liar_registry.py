@@ -1,0 +1,139 @@
+"""A registry that lies: an HTTP server on 127.0.0.1 (free port, threaded)
+in front of a real registry (tests/kms_fixtures.py ``Registry``).
+
+Every request is forwarded to ``upstream`` unless ``liar.lie(method, path)``
+returns a lie for it:
+
+* ``Swap(path)``: answer with what the registry answers for another path
+  (another image's manifest for a pinned digest, another blob's bytes);
+* ``Body(data, content_type, status)``: answer these bytes;
+* ``Endless(content_type, limit, status)``: answer a chunked body generated
+  as it is sent (no Content-Length), until the client stops reading or
+  ``limit`` bytes went out.
+
+``liar.served`` counts the requests each path got (retries show up there).
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+@dataclass
+class Swap:
+    path: str
+
+
+@dataclass
+class Body:
+    data: bytes
+    content_type: str = "application/octet-stream"
+    status: int = 200
+
+
+@dataclass
+class Endless:
+    content_type: str = "application/vnd.oci.image.manifest.v1+json"
+    limit: int = 1 << 40
+    status: int = 200
+    sent: int = 0  # bytes written so far (read by the test)
+
+
+Lie = Swap | Body | Endless
+
+
+class LiarRegistry:
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.lie: Callable[[str, str], Lie | None] | None = None
+        self.served: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        liar = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+            def _upstream(self, path: str, body: bytes | None) -> tuple[http.client.HTTPResponse, bytes]:
+                c = http.client.HTTPConnection(liar.upstream, timeout=60)
+                headers: dict[str, str] = {}
+                for k, v in self.headers.items():
+                    if k.lower() not in HOP_BY_HOP:
+                        headers[k] = f"{headers[k]}, {v}" if k in headers else v
+                try:
+                    c.request(self.command, path, body=body, headers=headers)
+                    r = c.getresponse()
+                    return r, r.read()
+                finally:
+                    c.close()
+
+            def _endless(self, e: Endless) -> None:
+                self.send_response(e.status)
+                self.send_header("Content-Type", e.content_type)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                piece = b"[" + b" " * ((1 << 20) - 1)  # the start of a JSON document that never ends
+                try:
+                    while e.sent < e.limit:
+                        n = min(len(piece), e.limit - e.sent)
+                        self.wfile.write(b"%x\r\n%s\r\n" % (n, piece[:n]))
+                        e.sent += n
+                        piece = b" " * len(piece)
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:  # the client stopped reading: what it should do
+                    pass
+                self.close_connection = True
+
+            def _serve(self) -> None:
+                with liar._lock:
+                    liar.served[f"{self.command} {self.path}"] += 1
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                lie = liar.lie(self.command, self.path) if liar.lie else None
+                if isinstance(lie, Endless):
+                    self._endless(lie)
+                    return
+                if isinstance(lie, Body):
+                    self.send_response(lie.status)
+                    self.send_header("Content-Type", lie.content_type)
+                    self.send_header("Content-Length", str(len(lie.data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(lie.data)
+                    return
+                r, data = self._upstream(lie.path if isinstance(lie, Swap) else self.path, body)
+                self.send_response(r.status, r.reason)
+                for k, v in r.getheaders():
+                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                length = r.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _serve
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda *a: None  # type: ignore[method-assign]  # clients that hang up are expected
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def requests_for(self, method: str, path_part: str) -> int:
+        with self._lock:
+            return sum(n for k, n in self.served.items() if k.startswith(method + " ") and path_part in k)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

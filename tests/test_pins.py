@@ -1,0 +1,239 @@
+"""A digest is a promise, and a registry's answer is bounded (issue 21 §1, §3).
+
+Every test talks to a registry that lies (tests/liar_registry.py) in front of
+a real docker-registry: it answers a pinned digest with another image's
+manifest, an index entry with another manifest, a blob with other bytes, or
+any request with an endless body.  What is checked: the one-line error, that
+nothing is stored (the catalog as before), and for the endless bodies the
+peak RSS of the ``convstore`` process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import run_cli
+from imagebuilder import Entry, make_tar, write_oci
+from liar_registry import Body, Endless, LiarRegistry, Swap
+
+import convstore
+from convstore.errors import DigestMismatch
+from convstore.oci.sources import _host_platform
+from convstore.stores.registry import RegistryClient, RegistryResponseTooLarge
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+RSS_LIMIT = 150 << 20
+#: an "endless" body in the suite: well above RSS_LIMIT, so that the code before the caps fails,
+#: small enough for a shared machine (by hand, 600 MiB drove the old client to over 1.2 GiB)
+ENDLESS = 256 << 20
+
+
+def _http(host: str, method: str, path: str, body: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    c = http.client.HTTPConnection(host, timeout=60)
+    try:
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        c.close()
+
+
+def _manifest(host: str, repo: str, ref: str) -> tuple[str, bytes]:
+    status, h, body = _http(host, "GET", f"/v2/{repo}/manifests/{ref}", headers={"Accept": OCI_MANIFEST})
+    assert status == 200, body
+    return h["docker-content-digest"], body
+
+
+@pytest.fixture
+def two_images(tmp_path, registry):
+    """Images a and b (small, synthetic) in the real registry as pins/a:1 and pins/b:1, and an index
+    pins/multi:1 whose entry for this host's platform is a.  Returns their manifests' digests, bodies."""
+    out = {}
+    for n in ("a", "b"):
+        write_oci(str(tmp_path / f"src-{n}"), [make_tar([Entry(f"{n}.txt", data=f"image {n}\n".encode() * 50)])])
+        p = subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{tmp_path / f'src-{n}'}:latest",
+                            f"docker://{registry.host}/pins/{n}:1"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        out[n] = _manifest(registry.host, f"pins/{n}", "1")
+    os_, arch = _host_platform()
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": out["a"][0], "size": len(out["a"][1]),
+         "platform": {"os": os_, "architecture": arch}}]}).encode()
+    status, _h, body = _http(registry.host, "PUT", "/v2/pins/a/manifests/multi", index, {"Content-Type": OCI_INDEX})
+    assert status == 201, body
+    out["index"] = (hashlib.sha256(index).hexdigest(), index)
+    return out
+
+
+@pytest.fixture
+def liar(registry):
+    lr = LiarRegistry(registry.host)
+    yield lr
+    lr.stop()
+
+
+def _one_line(p: subprocess.CompletedProcess[str]) -> str:
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, (p.returncode, p.stderr)
+    assert lines[0].startswith("convstore: error: ")
+    return lines[0]
+
+
+def _catalog(env: dict[str, str]) -> list[tuple[str, str, str]]:
+    return [(f"{i['name']}:{i['tag']}", i["manifest"], i["state"]) for i in json.loads(run_cli(env, "images", "--json").stdout)]
+
+
+# -- §1: a digest pin is a promise ----------------------------------------------------------------
+
+def test_pinned_digest_answered_with_another_manifest_cli(two_images, liar, cli_env):
+    """docker://HOST/REPO@PIN: the registry answers the pin with image b's manifest."""
+    (a_digest, _), (b_digest, _) = two_images["a"], two_images["b"]
+    liar.lie = lambda m, p: Swap(f"/v2/pins/b/manifests/{b_digest}") if p == f"/v2/pins/a/manifests/{a_digest}" \
+        else None
+    src = f"docker://{liar.host}/pins/a@{a_digest}"
+    line = _one_line(run_cli(cli_env, "pack", src, "a:1", check=False))
+    assert f"hashes to {b_digest}, expected {a_digest}" in line and liar.host in line
+    assert _catalog(cli_env) == []  # nothing stored
+    # an image already under the name keeps being served
+    liar.lie = None
+    run_cli(cli_env, "pack", src, "a:1")
+    before = _catalog(cli_env)
+    liar.lie = lambda m, p: Swap(f"/v2/pins/b/manifests/{b_digest}") if p == f"/v2/pins/a/manifests/{a_digest}" \
+        else None
+    _one_line(run_cli(cli_env, "pack", src, "a:1", check=False))
+    assert _catalog(cli_env) == before
+    served = json.loads(run_cli(cli_env, "inspect", "--json", "a:1").stdout)["config_digest"]
+    assert served == json.loads(two_images["a"][1])["config"]["digest"]  # still image a
+
+
+def test_pinned_digest_api_and_client(two_images, liar, store):
+    (a_digest, _), (b_digest, _) = two_images["a"], two_images["b"]
+    liar.lie = lambda m, p: Swap(f"/v2/pins/b/manifests/{b_digest}") if p == f"/v2/pins/a/manifests/{a_digest}" \
+        else None
+    with pytest.raises(DigestMismatch, match=f"expected {a_digest}"):
+        store.pack(f"docker://{liar.host}/pins/a@{a_digest}", "a:1")
+    with pytest.raises(DigestMismatch):  # REPO:TAG@DIGEST: the digest decides
+        store.pack(f"docker://{liar.host}/pins/a:1@{a_digest}", "a:1")
+    assert store.images() == []
+    # the client itself: a digest reference, or expect_digest= with a tag
+    client = RegistryClient(liar.host, insecure=True)
+    with pytest.raises(DigestMismatch):
+        client.get_manifest("pins/a", a_digest, [OCI_MANIFEST])
+    liar.lie = None
+    with pytest.raises(DigestMismatch):
+        client.get_manifest("pins/b", "1", [OCI_MANIFEST], expect_digest=a_digest)
+    body, _mt, digest = client.get_manifest("pins/a", "1", [OCI_MANIFEST], expect_digest=a_digest)
+    assert digest == a_digest and body == two_images["a"][1]
+
+
+def test_index_entry_answered_with_another_manifest(two_images, liar, store, cli_env):
+    """An index (by tag) names the platform manifest by digest: the registry answers it with b's."""
+    (a_digest, _), (b_digest, _) = two_images["a"], two_images["b"]
+    liar.lie = lambda m, p: Swap(f"/v2/pins/b/manifests/{b_digest}") if p == f"/v2/pins/a/manifests/{a_digest}" \
+        else None
+    with pytest.raises(DigestMismatch, match=f"expected {a_digest}"):
+        store.pack(f"docker://{liar.host}/pins/a:multi", "m:1")
+    assert store.images() == []
+    line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:multi", "m:1", check=False))
+    assert f"expected {a_digest}" in line
+    assert _catalog(cli_env) == []
+    liar.lie = None
+    store.pack(f"docker://{liar.host}/pins/a:multi", "m:1")  # the honest answer packs a
+    assert store.inspect("m:1").config_digest == json.loads(two_images["a"][1])["config"]["digest"]
+
+
+def test_index_entry_size_is_checked(two_images, liar, store):
+    """The index entry's size is part of the promise (OCI descriptor)."""
+    a_digest, a_body = two_images["a"]
+    index = json.loads(two_images["index"][1])
+    index["manifests"][0]["size"] = len(a_body) + 1
+    liar.lie = lambda m, p: Body(json.dumps(index).encode(), OCI_INDEX) if p == "/v2/pins/a/manifests/multi" \
+        else None
+    with pytest.raises(DigestMismatch, match=f"{len(a_body)} bytes, but its descriptor says {len(a_body) + 1}"):
+        store.pack(f"docker://{liar.host}/pins/a:multi", "m:1")
+    assert store.images() == []
+
+
+def test_config_blob_answered_with_other_bytes(two_images, liar, store, cli_env):
+    a_digest, a_body = two_images["a"]
+    b_config = json.loads(two_images["b"][1])["config"]["digest"]
+    a_config = json.loads(a_body)["config"]["digest"]
+    liar.lie = lambda m, p: Swap(f"/v2/pins/b/blobs/{b_config}") if p == f"/v2/pins/a/blobs/{a_config}" else None
+    with pytest.raises(DigestMismatch, match=f"expected {a_config}"):
+        store.pack(f"docker://{liar.host}/pins/a@{a_digest}", "a:1")
+    assert store.images() == []
+    line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
+    assert f"expected {a_config}" in line
+    assert _catalog(cli_env) == []
+
+
+# -- §3: bounded memory whatever a registry sends ------------------------------------------------
+
+def _measured(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run the CLI as a child of this process; (its result, its peak RSS in bytes) from wait4."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, "-m", "convstore.cli", *args], env=env, stdout=out, stderr=err)
+        _pid, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read()), usage.ru_maxrss * 1024
+
+
+@pytest.mark.parametrize("case", ["manifest", "manifest-error-body", "config-blob"])
+def test_endless_answer_to_pack_is_bounded(case, two_images, liar, cli_env):
+    a_digest, a_body = two_images["a"]
+    a_config = json.loads(a_body)["config"]
+    endless = Endless(limit=ENDLESS, status=400 if case == "manifest-error-body" else 200)
+    target = f"/v2/pins/a/blobs/{a_config['digest']}" if case == "config-blob" else "/v2/pins/a/manifests/1"
+    liar.lie = lambda m, p: endless if m == "GET" and p == target else None
+    p, rss = _measured(cli_env, "pack", f"docker://{liar.host}/pins/a:1", "a:1")
+    line = _one_line(p)
+    expected = {"manifest": f"registry {liar.host} sent a manifest larger than 4 MiB (the distribution spec's limit)",
+                "manifest-error-body": f"registry {liar.host} refused GET pins/a/manifests/1: HTTP 400 [",
+                "config-blob": f"registry {liar.host} sent blob {a_config['digest']} larger than "
+                               f"{a_config['size']} bytes"}[case]
+    assert line == f"convstore: error: {expected}"
+    assert rss < RSS_LIMIT, f"peak RSS {rss >> 20} MiB"
+    assert liar.requests_for("GET", target) == 1  # an oversized answer is final: never read again
+    assert _catalog(cli_env) == []
+
+
+def test_endless_tag_listing_is_bounded(tmp_path, registry, liar, keyfile, cli_env):
+    url = f"oci://{registry.host}/lst"
+    convstore.Store.open(url, f"file:{keyfile}", insecure=True, cache_dir=str(tmp_path / "c0"))  # creates it
+    endless = Endless(content_type="application/json", limit=ENDLESS)
+    liar.lie = lambda m, p: endless if m == "GET" and "/tags/list" in p else None
+    p, rss = _measured(cli_env, "--insecure", "--store", f"oci://{liar.host}/lst", "--cache", str(tmp_path / "c1"),
+                       "images")
+    assert _one_line(p) == f"convstore: error: registry {liar.host} sent a tag list page larger than 4 MiB"
+    assert rss < RSS_LIMIT, f"peak RSS {rss >> 20} MiB"
+    assert liar.requests_for("GET", "/tags/list") == 1
+
+
+def test_client_caps_every_kind(two_images, liar):
+    """The API: RegistryResponseTooLarge (a RegistryError) for a manifest, a blob, a listing."""
+    a_digest, a_body = two_images["a"]
+    cfg = json.loads(a_body)["config"]
+    liar.lie = lambda m, p: Endless(limit=ENDLESS) if m == "GET" else None
+    client = RegistryClient(liar.host, insecure=True)
+    with pytest.raises(RegistryResponseTooLarge, match="4 MiB"):
+        client.get_manifest("pins/a", "1", [OCI_MANIFEST])
+    with pytest.raises(RegistryResponseTooLarge, match=f"larger than {cfg['size']} bytes"):
+        client.get_blob("pins/a", cfg["digest"], size=cfg["size"])
+    with pytest.raises(RegistryResponseTooLarge, match="64 MiB"):
+        client.get_blob("pins/a", cfg["digest"])
+    with pytest.raises(RegistryResponseTooLarge, match="tag list page"):
+        client.tags("pins/a")
+    with pytest.raises(RegistryResponseTooLarge, match="blob range"):
+        client.get_blob("pins/a", cfg["digest"], 0, 10)
