@@ -25,7 +25,8 @@ from liar_registry import Body, Endless, LiarRegistry, Swap
 import convstore
 from convstore.errors import DigestMismatch
 from convstore.oci.sources import _host_platform
-from convstore.stores.registry import RegistryClient, RegistryResponseTooLarge
+from convstore.stores import registry as registry_store
+from convstore.stores.registry import RegistryClient
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -54,14 +55,16 @@ def _manifest(host: str, repo: str, ref: str) -> tuple[str, bytes]:
 
 @pytest.fixture
 def two_images(tmp_path, registry):
-    """Images a and b (small, synthetic) in the real registry as pins/a:1 and pins/b:1, and an index
+    """Images a and b (small, synthetic) in the real registry as pins/a:1 and pins/b:1 (and pins/a:other), and an index
     pins/multi:1 whose entry for this host's platform is a.  Returns their manifests' digests, bodies."""
     out = {}
-    for n in ("a", "b"):
+    for n, dests in (("a", ["pins/a:1"]), ("b", ["pins/b:1", "pins/a:other"])):  # b's blobs also in pins/a
         write_oci(str(tmp_path / f"src-{n}"), [make_tar([Entry(f"{n}.txt", data=f"image {n}\n".encode() * 50)])])
-        p = subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{tmp_path / f'src-{n}'}:latest",
-                            f"docker://{registry.host}/pins/{n}:1"], capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
+        for dest in dests:
+            p = subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false",
+                                f"oci:{tmp_path / f'src-{n}'}:latest", f"docker://{registry.host}/{dest}"],
+                               capture_output=True, text=True)
+            assert p.returncode == 0, p.stderr
         out[n] = _manifest(registry.host, f"pins/{n}", "1")
     os_, arch = _host_platform()
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
@@ -198,13 +201,13 @@ def test_endless_answer_to_pack_is_bounded(case, two_images, liar, cli_env):
     target = f"/v2/pins/a/blobs/{a_config['digest']}" if case == "config-blob" else "/v2/pins/a/manifests/1"
     liar.lie = lambda m, p: endless if m == "GET" and p == target else None
     p, rss = _measured(cli_env, "pack", f"docker://{liar.host}/pins/a:1", "a:1")
+    assert rss < RSS_LIMIT, f"peak RSS {rss >> 20} MiB"
     line = _one_line(p)
     expected = {"manifest": f"registry {liar.host} sent a manifest larger than 4 MiB (the distribution spec's limit)",
                 "manifest-error-body": f"registry {liar.host} refused GET pins/a/manifests/1: HTTP 400 [",
                 "config-blob": f"registry {liar.host} sent blob {a_config['digest']} larger than "
                                f"{a_config['size']} bytes"}[case]
     assert line == f"convstore: error: {expected}"
-    assert rss < RSS_LIMIT, f"peak RSS {rss >> 20} MiB"
     assert liar.requests_for("GET", target) == 1  # an oversized answer is final: never read again
     assert _catalog(cli_env) == []
 
@@ -216,8 +219,8 @@ def test_endless_tag_listing_is_bounded(tmp_path, registry, liar, keyfile, cli_e
     liar.lie = lambda m, p: endless if m == "GET" and "/tags/list" in p else None
     p, rss = _measured(cli_env, "--insecure", "--store", f"oci://{liar.host}/lst", "--cache", str(tmp_path / "c1"),
                        "images")
-    assert _one_line(p) == f"convstore: error: registry {liar.host} sent a tag list page larger than 4 MiB"
     assert rss < RSS_LIMIT, f"peak RSS {rss >> 20} MiB"
+    assert _one_line(p) == f"convstore: error: registry {liar.host} sent a tag list page larger than 4 MiB"
     assert liar.requests_for("GET", "/tags/list") == 1
 
 
@@ -227,13 +230,13 @@ def test_client_caps_every_kind(two_images, liar):
     cfg = json.loads(a_body)["config"]
     liar.lie = lambda m, p: Endless(limit=ENDLESS) if m == "GET" else None
     client = RegistryClient(liar.host, insecure=True)
-    with pytest.raises(RegistryResponseTooLarge, match="4 MiB"):
+    with pytest.raises(registry_store.RegistryResponseTooLarge, match="4 MiB"):
         client.get_manifest("pins/a", "1", [OCI_MANIFEST])
-    with pytest.raises(RegistryResponseTooLarge, match=f"larger than {cfg['size']} bytes"):
+    with pytest.raises(registry_store.RegistryResponseTooLarge, match=f"larger than {cfg['size']} bytes"):
         client.get_blob("pins/a", cfg["digest"], size=cfg["size"])
-    with pytest.raises(RegistryResponseTooLarge, match="64 MiB"):
+    with pytest.raises(registry_store.RegistryResponseTooLarge, match="64 MiB"):
         client.get_blob("pins/a", cfg["digest"])
-    with pytest.raises(RegistryResponseTooLarge, match="tag list page"):
+    with pytest.raises(registry_store.RegistryResponseTooLarge, match="tag list page"):
         client.tags("pins/a")
-    with pytest.raises(RegistryResponseTooLarge, match="blob range"):
+    with pytest.raises(registry_store.RegistryResponseTooLarge, match="blob range"):
         client.get_blob("pins/a", cfg["digest"], 0, 10)

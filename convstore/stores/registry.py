@@ -172,8 +172,8 @@ class RegistryClient:
                 # backoff sleeps up to 81 s and hides errors: this policy is bounded (~3 s).
                 r = self._do_request(self.reg, url, method, stream=True, **kw)
                 if r.status_code in ok:
-                    if not stream:
-                        r._content = self._read_capped(r, cap, kind)  # requests' own cache of the body
+                    if not stream:  # (a HEAD answer has no body: its Content-Length is the GET's)
+                        r._content = b"" if method == "HEAD" else self._read_capped(r, cap, kind)  # its .content
                     return r
             except oras.auth.AuthenticationException as e:
                 raise RegistryError(f"registry {self.host} refused the credentials ({e})") from None
