@@ -6,7 +6,7 @@ returns a lie for it:
 
 * ``Swap(path)``: answer with what the registry answers for another path
   (another image's manifest for a pinned digest, another blob's bytes);
-* ``Body(data, content_type, status)``: answer these bytes;
+* ``Body(data, content_type, status, headers)``: answer these bytes;
 * ``Endless(content_type, limit, status)``: answer a chunked body generated
   as it is sent (no Content-Length), until the client stops reading or
   ``limit`` bytes went out.
@@ -36,6 +36,7 @@ class Body:
     data: bytes
     content_type: str = "application/octet-stream"
     status: int = 200
+    headers: dict[str, str] | None = None
 
 
 @dataclass
@@ -106,6 +107,8 @@ class LiarRegistry:
                     self.send_response(lie.status)
                     self.send_header("Content-Type", lie.content_type)
                     self.send_header("Content-Length", str(len(lie.data)))
+                    for k, v in (lie.headers or {}).items():
+                        self.send_header(k, v)
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(lie.data)

@@ -193,20 +193,30 @@ def _measured(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProc
         return subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read()), usage.ru_maxrss * 1024
 
 
-@pytest.mark.parametrize("case", ["manifest", "manifest-error-body", "config-blob"])
+@pytest.mark.parametrize("case", ["manifest", "manifest-error-body", "config-blob", "token"])
 def test_endless_answer_to_pack_is_bounded(case, two_images, liar, cli_env):
     a_digest, a_body = two_images["a"]
     a_config = json.loads(a_body)["config"]
     endless = Endless(limit=ENDLESS, status=400 if case == "manifest-error-body" else 200)
-    target = f"/v2/pins/a/blobs/{a_config['digest']}" if case == "config-blob" else "/v2/pins/a/manifests/1"
-    liar.lie = lambda m, p: endless if m == "GET" and p == target else None
+    target = {"config-blob": f"/v2/pins/a/blobs/{a_config['digest']}", "token": "/token?"}.get(
+        case, "/v2/pins/a/manifests/1")
+    challenge = Body(b"{}", "application/json", 401,
+                     {"WWW-Authenticate": f'Bearer realm="http://{liar.host}/token",service="liar"'})
+
+    def lie(m: str, p: str) -> Endless | Body | None:
+        if case == "token":  # every request wants a token; the token server's answer never ends
+            return endless if p.startswith("/token") else challenge
+        return endless if m == "GET" and p == target else None
+
+    liar.lie = lie
     p, rss = _measured(cli_env, "pack", f"docker://{liar.host}/pins/a:1", "a:1")
     assert rss < RSS_LIMIT, f"peak RSS {rss >> 20} MiB"
     line = _one_line(p)
     expected = {"manifest": f"registry {liar.host} sent a manifest larger than 4 MiB (the distribution spec's limit)",
                 "manifest-error-body": f"registry {liar.host} refused GET pins/a/manifests/1: HTTP 400 [",
                 "config-blob": f"registry {liar.host} sent blob {a_config['digest']} larger than "
-                               f"{a_config['size']} bytes"}[case]
+                               f"{a_config['size']} bytes",
+                "token": f"registry {liar.host} sent an answer larger than 4 MiB"}[case]
     assert line == f"convstore: error: {expected}"
     assert liar.requests_for("GET", target) == 1  # an oversized answer is final: never read again
     assert _catalog(cli_env) == []

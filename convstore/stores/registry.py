@@ -43,6 +43,7 @@ import secrets
 import struct
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -116,18 +117,52 @@ def parse_store_url(url: str) -> tuple[str, str]:
     return host, repo.rstrip("/")
 
 
+def _read_capped(r: requests.Response, cap: int, host: str, kind: str) -> bytes:
+    """The body of ``r`` if it has at most ``cap`` bytes, read as it arrives (never more than cap + 64 KiB);
+    :class:`RegistryResponseTooLarge` naming ``host`` and ``kind`` otherwise.  A HEAD answer has no body."""
+    def too_large() -> RegistryResponseTooLarge:
+        r.close()
+        limit = f"{cap >> 20} MiB" if cap >= 1 << 20 and cap % (1 << 20) == 0 else f"{cap} bytes"
+        why = " (the distribution spec's limit)" if kind == "a manifest" else ""
+        return RegistryResponseTooLarge(f"registry {host} sent {kind} larger than {limit}{why}")
+
+    if r.request is not None and r.request.method == "HEAD":
+        return b""
+    try:
+        declared = int(r.headers.get("Content-Length", ""))
+    except ValueError:
+        declared = -1
+    if declared > cap:
+        raise too_large()
+    buf = bytearray()
+    for part in r.iter_content(1 << 16):
+        buf += part
+        if len(buf) > cap:
+            raise too_large()
+    return bytes(buf)
+
+
 class _TimeoutAdapter(requests.adapters.HTTPAdapter):
     """Every request gets a (connect, read) timeout: a stalled registry is an
-    error after it, never a hang (oras-py sets none)."""
+    error after it, never a hang (oras-py sets none).  A body nobody streams
+    (oras-py's token requests; :meth:`RegistryClient._req` streams and caps
+    its own) is read here, at most ``MAX_MANIFEST``."""
 
-    def __init__(self, timeout: tuple[float, float]):
+    def __init__(self, timeout: tuple[float, float], host: str):
         super().__init__()
         self.timeout = timeout
+        self.host = host
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kw: Any) -> requests.Response:
         if kw.get("timeout") is None:
             kw["timeout"] = self.timeout
-        return super().send(request, *args, **kw)
+        if kw.get("stream"):
+            return super().send(request, *args, **kw)
+        kw["stream"] = True
+        r = super().send(request, *args, **kw)
+        host = urllib.parse.urlsplit(request.url or "").netloc or self.host
+        r._content = _read_capped(r, MAX_MANIFEST, host, "an answer")  # what requests' .content returns
+        return r
 
 
 class RegistryClient:
@@ -141,7 +176,7 @@ class RegistryClient:
         self.timeout = timeout
         self.reg = oras.provider.Registry(hostname=host, insecure=insecure,
                                           auth_backend="basic" if username else "token")
-        adapter = _TimeoutAdapter((min(timeout, 10.0), timeout))
+        adapter = _TimeoutAdapter((min(timeout, 10.0), timeout), host)
         self.reg.session.mount("http://", adapter)
         self.reg.session.mount("https://", adapter)
         if username:
@@ -173,7 +208,7 @@ class RegistryClient:
                 r = self._do_request(self.reg, url, method, stream=True, **kw)
                 if r.status_code in ok:
                     if not stream:  # (a HEAD answer has no body: its Content-Length is the GET's)
-                        r._content = b"" if method == "HEAD" else self._read_capped(r, cap, kind)  # its .content
+                        r._content = _read_capped(r, cap, self.host, kind)  # what requests' .content returns
                     return r
             except oras.auth.AuthenticationException as e:
                 raise RegistryError(f"registry {self.host} refused the credentials ({e})") from None
@@ -206,27 +241,6 @@ class RegistryClient:
             time.sleep(delay)
             delay *= 2
         raise RegistryError(f"registry {self.host}: giving up")  # pragma: no cover
-
-    def _read_capped(self, r: requests.Response, cap: int, kind: str) -> bytes:
-        """The body of ``r`` if it has at most ``cap`` bytes; read as it arrives, never more than cap + 64 KiB."""
-        def too_large() -> RegistryResponseTooLarge:
-            r.close()
-            limit = f"{cap >> 20} MiB" if cap >= 1 << 20 and cap % (1 << 20) == 0 else f"{cap} bytes"
-            why = " (the distribution spec's limit)" if kind == "a manifest" else ""
-            return RegistryResponseTooLarge(f"registry {self.host} sent {kind} larger than {limit}{why}")
-
-        try:
-            declared = int(r.headers.get("Content-Length", ""))
-        except ValueError:
-            declared = -1
-        if declared > cap:
-            raise too_large()
-        buf = bytearray()
-        for part in r.iter_content(1 << 16):
-            buf += part
-            if len(buf) > cap:
-                raise too_large()
-        return bytes(buf)
 
     @staticmethod
     def _snippet(r: requests.Response) -> str:
