@@ -91,7 +91,8 @@ def _one_line(p: subprocess.CompletedProcess[str]) -> str:
 
 
 def _catalog(env: dict[str, str]) -> list[tuple[str, str, str]]:
-    return [(f"{i['name']}:{i['tag']}", i["manifest"], i["state"]) for i in json.loads(run_cli(env, "images", "--json").stdout)]
+    listed = json.loads(run_cli(env, "images", "--json").stdout)
+    return [(f"{i['name']}:{i['tag']}", i["manifest"], i["state"]) for i in listed]
 
 
 # -- §1: a digest pin is a promise ----------------------------------------------------------------
@@ -250,3 +251,52 @@ def test_client_caps_every_kind(two_images, liar):
         client.tags("pins/a")
     with pytest.raises(registry_store.RegistryResponseTooLarge, match="blob range"):
         client.get_blob("pins/a", cfg["digest"], 0, 10)
+
+
+# -- every other place a digest is named ----------------------------------------------------------
+
+def test_a_registry_store_object_that_is_not_what_its_name_says_is_never_cached(tmp_path, registry, liar, store):
+    """A registry store answers a's sealed manifest with b's (a well-formed artifact under a's key): the
+    read fails, and the client's cache does not keep b's bytes under a's name (a poisoned cache would
+    fail every later read of a, after the registry behaves again)."""
+    from convstore.stores import registry as rs
+    from convstore.transfer import copy_image
+
+    for n in ("a", "b"):
+        write_oci(str(tmp_path / n), [make_tar([Entry(f"{n}.txt", data=os.urandom(3000))])])
+        store.pack(f"oci:{tmp_path / n}", f"{n}:1")
+    url = f"oci://{registry.host}/poison"
+    remote = convstore.Store.open(url, store.key, insecure=True, cache_dir=str(tmp_path / "c0"))
+    for n in ("a", "b"):
+        copy_image(store, remote, f"{n}:1")
+    digest = {f"{e.ref}": str(e.manifest_digest) for e in remote.images()}
+    key_a, key_b = (f"manifests/{digest[r].split(':', 1)[1]}" for r in ("a:1", "b:1"))
+    sealed_b = rs.open_registry(url, insecure=True)[0].get(key_b)
+    layer = rs._layer("sha256:" + hashlib.sha256(sealed_b).hexdigest(), len(sealed_b), data=sealed_b)
+    forged = rs._artifact(rs.AT_MANIFEST, [layer], {"org.convstore.key": key_a})
+    liar.lie = lambda m, p: Body(forged, OCI_MANIFEST) if m == "GET" and \
+        p == f"/v2/poison/manifests/{rs.RegistryStore._tag(key_a)}" else None
+    worker = convstore.Store.open(f"oci://{liar.host}/poison", store.key, insecure=True,
+                                  cache_dir=str(tmp_path / "cw"))
+    with pytest.raises(convstore.CorruptObject, match=digest["a:1"].split(":", 1)[1]):
+        worker.open_image("a:1")
+    liar.lie = None  # the registry behaves again: the same cache serves a
+    again = convstore.Store.open(f"oci://{liar.host}/poison", store.key, insecure=True,
+                                 cache_dir=str(tmp_path / "cw"))
+    assert again.open_image("a:1")[1].name == "a"
+
+
+def test_an_oci_layout_manifest_is_capped_like_a_registry_one(tmp_path, store):
+    """One rule for manifests wherever they come from: the distribution spec's 4 MiB."""
+    d = write_oci(str(tmp_path / "big"), [make_tar([Entry("f", data=b"x")])])
+    root = tmp_path / "big"
+    body = (root / "blobs" / "sha256" / d["manifest"]["digest"][7:]).read_bytes()
+    padded = body[:-1] + b" " * (5 << 20) + b"}"  # valid JSON, 5 MiB
+    new = hashlib.sha256(padded).hexdigest()
+    (root / "blobs" / "sha256" / new).write_bytes(padded)
+    index = json.loads((root / "index.json").read_text())
+    index["manifests"][0].update(digest=f"sha256:{new}", size=len(padded))
+    (root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(convstore.SourceError, match=f"larger than {4 << 20} bytes"):
+        store.pack(f"oci:{root}", "big:1")
+    assert store.images() == []
