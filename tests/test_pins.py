@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from conftest import run_cli
@@ -27,6 +28,7 @@ from convstore.errors import DigestMismatch
 from convstore.oci.sources import _host_platform
 from convstore.stores import registry as registry_store
 from convstore.stores.registry import RegistryClient
+from convstore.transfer import copy_image
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -55,10 +57,11 @@ def _manifest(host: str, repo: str, ref: str) -> tuple[str, bytes]:
 
 @pytest.fixture
 def two_images(tmp_path, registry):
-    """Images a and b (small, synthetic) in the real registry as pins/a:1 and pins/b:1 (and pins/a:other), and an index
-    pins/multi:1 whose entry for this host's platform is a.  Returns their manifests' digests, bodies."""
+    """Images a and b (small, synthetic) in the real registry as pins/a:1 and pins/b:1 (b also as
+    pins/a:other: its blobs are in a's repository too), and an index pins/a:multi whose entry for this
+    host's platform is a.  Returns (digest, body) of each manifest and of the index."""
     out = {}
-    for n, dests in (("a", ["pins/a:1"]), ("b", ["pins/b:1", "pins/a:other"])):  # b's blobs also in pins/a
+    for n, dests in (("a", ["pins/a:1"]), ("b", ["pins/b:1", "pins/a:other"])):
         write_oci(str(tmp_path / f"src-{n}"), [make_tar([Entry(f"{n}.txt", data=f"image {n}\n".encode() * 50)])])
         for dest in dests:
             p = subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false",
@@ -72,7 +75,7 @@ def two_images(tmp_path, registry):
          "platform": {"os": os_, "architecture": arch}}]}).encode()
     status, _h, body = _http(registry.host, "PUT", "/v2/pins/a/manifests/multi", index, {"Content-Type": OCI_INDEX})
     assert status == 201, body
-    out["index"] = (hashlib.sha256(index).hexdigest(), index)
+    out["index"] = ("sha256:" + hashlib.sha256(index).hexdigest(), index)
     return out
 
 
@@ -183,8 +186,6 @@ def test_config_blob_answered_with_other_bytes(two_images, liar, store, cli_env)
 
 def _measured(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], int]:
     """Run the CLI as a child of this process; (its result, its peak RSS in bytes) from wait4."""
-    import tempfile
-
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         p = subprocess.Popen([sys.executable, "-m", "convstore.cli", *args], env=env, stdout=out, stderr=err)
         _pid, status, usage = os.wait4(p.pid, 0)
@@ -259,9 +260,7 @@ def test_a_registry_store_object_that_is_not_what_its_name_says_is_never_cached(
     """A registry store answers a's sealed manifest with b's (a well-formed artifact under a's key): the
     read fails, and the client's cache does not keep b's bytes under a's name (a poisoned cache would
     fail every later read of a, after the registry behaves again)."""
-    from convstore.stores import registry as rs
-    from convstore.transfer import copy_image
-
+    rs = registry_store
     for n in ("a", "b"):
         write_oci(str(tmp_path / n), [make_tar([Entry(f"{n}.txt", data=os.urandom(3000))])])
         store.pack(f"oci:{tmp_path / n}", f"{n}:1")
