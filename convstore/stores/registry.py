@@ -118,7 +118,7 @@ def parse_store_url(url: str) -> tuple[str, str]:
 
 
 def _read_capped(r: requests.Response, cap: int, host: str, kind: str) -> bytes:
-    """The body of ``r`` if it has at most ``cap`` bytes, read as it arrives (never more than cap + 64 KiB);
+    """The body of ``r`` if it has at most ``cap`` bytes, read as it arrives (64 KiB at a time);
     :class:`RegistryResponseTooLarge` naming ``host`` and ``kind`` otherwise.  A HEAD answer has no body."""
     def too_large() -> RegistryResponseTooLarge:
         r.close()
@@ -574,7 +574,7 @@ class RegistryChunkStore(ChunkStore):
                 return None
             return [self._blob(art["layers"][i], cap) for i, cap in enumerate(caps)]
         except RegistryError as e:
-            if not isinstance(e, CorruptObject):
+            if not isinstance(e, (CorruptObject, RegistryResponseTooLarge)):  # damaged or oversized: skipped
                 raise
             log.warning("skipping index artifact %s: %s", tag, e)
         except (StoreError, KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
