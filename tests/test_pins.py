@@ -299,3 +299,21 @@ def test_an_oci_layout_manifest_is_capped_like_a_registry_one(tmp_path, store):
     with pytest.raises(convstore.SourceError, match=f"larger than {4 << 20} bytes"):
         store.pack(f"oci:{root}", "big:1")
     assert store.images() == []
+
+
+def test_an_endless_index_blob_of_a_registry_store_is_read_no_further_than_its_size(tmp_path, registry, liar,
+                                                                                    store):
+    """The chunk index (a dedup accelerator) of a registry store: a segment blob answered with an endless
+    body is read up to its descriptor's size, then skipped with a warning, as a damaged one is."""
+    write_oci(str(tmp_path / "a"), [make_tar([Entry("a.txt", data=os.urandom(3000))])])
+    store.pack(f"oci:{tmp_path / 'a'}", "a:1")
+    copy_image(store, convstore.Store.open(f"oci://{registry.host}/ix", store.key, insecure=True,
+                                           cache_dir=str(tmp_path / "c0")), "a:1")
+    cids = [c.cid for c in store.open_image("a:1")[1].chunks]
+    _meta, chunks = registry_store.open_registry(f"oci://{registry.host}/ix", insecure=True)
+    assert all(chunks.has(c) for c in cids)  # the honest index finds them
+    endless = Endless(content_type="application/octet-stream", limit=ENDLESS)
+    liar.lie = lambda m, p: endless if m == "GET" and p.startswith("/v2/ix/convstore-index/blobs/") else None
+    _meta, chunks = registry_store.open_registry(f"oci://{liar.host}/ix", insecure=True)
+    assert not any(chunks.has(c) for c in cids)  # skipped: not an error
+    assert 0 < endless.sent < 32 << 20, f"{endless.sent >> 20} MiB sent"
