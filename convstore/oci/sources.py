@@ -225,8 +225,8 @@ class DockerArchiveSource(ImageSource):
             self.config_bytes = self._member_bytes(entry["Config"])
             self.config_digest = sha256_digest(self.config_bytes)
             want = os.path.basename(entry["Config"]).removesuffix(".json")
-            if len(want) == 64 and "sha256:" + want != self.config_digest:
-                raise DigestMismatch(f"{self.ref}: config {entry['Config']} does not match its digest")
+            if len(want) == 64:  # named by its digest (blobs/sha256/HEX, or HEX.json)
+                verify_bytes(self.config_bytes, "sha256:" + want, None, f"{self.ref}: config {entry['Config']}")
             self.config_media_type = media.OCI_CONFIG
             self.manifest_media_type = media.OCI_MANIFEST
             self.manifest_bytes = json.dumps(entry, sort_keys=True).encode()
