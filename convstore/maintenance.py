@@ -18,8 +18,9 @@ from . import lifecycle
 from .catalog import FAILED, INACTIVE, CatalogEntry
 from .manifest import ROW_SIZE
 from .stores.base import ChunkSet
-from .errors import ChunkMissing, ConvstoreError, CorruptObject, KeyAccessDenied, StoreError
+from .errors import ChunkMissing, ConvstoreError, CorruptObject, KeyAccessDenied, SourceChanged, StoreError
 from .oci.sources import parse_source
+from .pack import check_recorded_source
 from .refs import ImageRef
 from .store import Store
 
@@ -67,12 +68,19 @@ def refresh(store: Store, ref: str | None = None, check_sources: bool = True) ->
 
 
 def _problem(store: Store, e: CatalogEntry) -> str | None:
-    """Why ``e`` cannot be served, or None."""
+    """Why ``e`` cannot be served, or None.  A FAILED image comes back only if its source still
+    serves what it was packed from (a moved tag keeps it FAILED, naming both digests)."""
     try:
         src = parse_source(e.source)
-        src.close()
     except ConvstoreError as err:
         return f"source {e.source} is no longer available ({err})"
+    try:
+        if e.state == FAILED:
+            check_recorded_source(store, e, src)
+    except SourceChanged as err:
+        return str(err)
+    finally:
+        src.close()
     try:
         store.load_manifest(e)
     except KeyAccessDenied as err:
@@ -259,8 +267,8 @@ def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other:
     for cid, imgs in bad.items():
         if other is not None:
             try:
-                blob = other.chunks.blob(cid)
-                other.chunks.open(blob, idents[cid])  # only a copy that checks out against our manifest
+                # only a copy that checks out against our (authenticated) manifest: the plaintext it names
+                blob = other.chunks.checked(other.chunks.blob(cid), idents[cid])
                 store.chunks.put(cid, blob)
                 copied.update(imgs)
                 continue
@@ -270,9 +278,8 @@ def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other:
     store.chunks.flush()
     report.repaired.extend(sorted(copied - still))
     for ref in sorted(still):
-        e = store.entry(ref)
         try:
-            store.pack(e.source, ref, reuse_layers=False, domain=store.domain_of(e))  # back into its own domain
+            store.repack(ref, repair=True)  # only what it was packed from, back into its own domain
             report.repaired.append(ref)
         except ConvstoreError as err:
             report.not_repaired[ref] = str(err)
