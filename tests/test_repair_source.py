@@ -83,7 +83,7 @@ def test_cli_repair_of_a_moved_oci_tag_fails_and_keeps_the_old_content(tmp_path,
 
     p = run_cli(cli_env, "verify", "--repair", check=False)
     why = f"source oci:{src} now serves {new}, packed from {old}; pack it explicitly to take the new content"
-    assert p.returncode == 1 and f"could not repair x:1: {why}" in p.stdout.splitlines(), p.stdout
+    assert p.returncode == 1 and f"could not repair x:1: {why}" in [ln.strip() for ln in p.stdout.splitlines()], p.stdout
     assert "repaired x:1" not in p.stdout and "Traceback" not in p.stdout + p.stderr
     line = [ln for ln in run_cli(cli_env, "images").stdout.splitlines() if ln.startswith("x")]
     assert "FAILED" in line[0]
@@ -256,7 +256,7 @@ def test_repair_of_a_moved_registry_tag_fails(tmp_path, cli_env, registry, moved
     corrupt_one_chunk(store, "r:1")
     p = run_cli(cli_env, "verify", "--repair", check=False)
     why = f"source {dest} now serves {new}, packed from {old}; pack it explicitly to take the new content"
-    assert p.returncode == 1 and f"could not repair r:1: {why}" in p.stdout.splitlines(), p.stdout
+    assert p.returncode == 1 and f"could not repair r:1: {why}" in [ln.strip() for ln in p.stdout.splitlines()], p.stdout
     p = run_cli(cli_env, "cat", "r:1", "/who", check=False)
     assert p.returncode == 1 and p.stderr == f"convstore: error: image r:1 is FAILED: {why}\n"
     run_cli(cli_env, "pack", dest, "r:1")  # explicit: takes the new content
