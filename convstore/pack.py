@@ -28,10 +28,10 @@ import zstandard
 from .chunking import ChunkParams, StreamChunker
 from .crypto import ChunkIdentity, identify_chunk
 from .catalog import ACTIVE, CatalogEntry
-from .errors import ConvstoreError, DigestMismatch, SourceChanged
+from .errors import ConvstoreError, DigestMismatch, SourceChanged, SourceNotFound
 from .manifest import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 from .manifest import ROW_SIZE, LayerRecord, Manifest
-from .oci.media import HashingReader
+from .oci.media import HashingReader, check_digest
 from .oci.sources import ImageSource, LayerDescriptor, layer_stream, parse_source
 from .progress import NoProgress, Progress
 from .refs import ImageRef
@@ -196,11 +196,30 @@ def repack(store: Store, ref: str | ImageRef, *, repair: bool = False, progress:
     iref = e.ref
     try:
         expect = _recorded_source(store, e)
-    except SourceChanged as err:
+        src = _open_recorded(e.source, expect[0])
+    except ConvstoreError as err:
         store.abort_pack(iref, err)
         raise
-    return pack(store, e.source, str(iref), domain=store.domain_of(e), progress=progress,
-                reuse_layers=not repair, expect=expect)
+    with src:
+        return pack(store, src, str(iref), domain=store.domain_of(e), progress=progress,
+                    reuse_layers=not repair, expect=expect)
+
+
+def _open_recorded(source: str, manifest_digest: str) -> ImageSource:
+    """``source`` read at ``manifest_digest`` where it can be (a registry: ``docker://HOST/REPO@DIGEST``),
+    so a moved tag does not matter while the registry still holds the manifest; else (an OCI layout, a
+    docker archive, or a registry that no longer has that digest) as recorded, and the caller compares.
+    The source keeps its recorded name (what the entry, the manifest and the pack identity record)."""
+    if source.startswith("docker://") and "@" not in source:
+        host, _, path = source[len("docker://"):].partition("/")
+        repo = path.rpartition(":")[0] if ":" in path.rsplit("/", 1)[-1] else path
+        try:
+            src = parse_source(f"docker://{host}/{repo}@{check_digest(manifest_digest)}")
+            src.ref = source
+            return src
+        except SourceNotFound:
+            pass  # the digest is gone: the tag, compared by the caller, names what the source serves now
+    return parse_source(source)
 
 
 def check_recorded_source(store: Store, e: CatalogEntry, src: ImageSource) -> None:

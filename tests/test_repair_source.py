@@ -233,9 +233,11 @@ def test_entry_without_recorded_digests_uses_its_sealed_manifest_or_refuses(tmp_
     assert store.entry("x:1").state == FAILED and store.entry("x:1").manifest_digest == e.manifest_digest
 
 
-def test_repair_of_a_moved_registry_tag_fails(tmp_path, cli_env, registry, moved):
+def test_repair_of_a_moved_registry_tag_reads_by_digest_or_fails(tmp_path, cli_env, registry, moved):
     """The same with a real registry: skopeo pushes the old image, the pack takes it, skopeo moves the
-    tag to the new image, a chunk is corrupted, and verify --repair refuses the new content."""
+    tag to the new image and a chunk is corrupted.  The repair reads the recorded digest, so while the
+    registry still holds it the old content comes back; once it is deleted, the tag is compared and the
+    repair refuses the new content, naming both digests."""
     skopeo = need_tool("skopeo")
     src, _old, _new = moved
     dest = f"docker://{registry.host}/app:1"
@@ -254,10 +256,103 @@ def test_repair_of_a_moved_registry_tag_fails(tmp_path, cli_env, registry, moved
     new = push(tmp_path / "other")
     assert new != old
     corrupt_one_chunk(store, "r:1")
+    p = run_cli(cli_env, "verify", "--repair")
+    assert "repaired r:1" in p.stdout
+    assert run_cli(cli_env, "cat", "r:1", "/who").stdout == OLD.decode()
+    assert convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"]).entry("r:1").source == dest
+
+    # the registry's owner deletes the old manifest: only the moved tag is left
+    subprocess.run([skopeo, "delete", "--tls-verify=false", f"docker://{registry.host}/app@{old}"], check=True,
+                   capture_output=True)
+    corrupt_one_chunk(store, "r:1")
     p = run_cli(cli_env, "verify", "--repair", check=False)
     why = f"source {dest} now serves {new}, packed from {old}; pack it explicitly to take the new content"
-    assert p.returncode == 1 and f"could not repair r:1: {why}" in [ln.strip() for ln in p.stdout.splitlines()], p.stdout
+    assert p.returncode == 1 and f"could not repair r:1: {why}" in [ln.strip() for ln in p.stdout.splitlines()], \
+        p.stdout
     p = run_cli(cli_env, "cat", "r:1", "/who", check=False)
     assert p.returncode == 1 and p.stderr == f"convstore: error: image r:1 is FAILED: {why}\n"
     run_cli(cli_env, "pack", dest, "r:1")  # explicit: takes the new content
     assert run_cli(cli_env, "cat", "r:1", "/who").stdout == NEW.decode()
+
+
+class LyingRegistry:
+    """A registry front on 127.0.0.1 that forwards every read to a real registry, but once ``lie`` is set
+    answers every manifest request (by tag or by digest) with the manifest ``lie`` names."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.lie: str | None = None
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path = self.path
+                if front.lie and "/manifests/" in path:
+                    path = path.rsplit("/manifests/", 1)[0] + "/manifests/" + front.lie
+                c = http.client.HTTPConnection(upstream, timeout=60)
+                try:
+                    c.request(self.command, path, headers={k: v for k, v in self.headers.items()
+                                                           if k.lower() not in ("connection", "host")})
+                    r = c.getresponse()
+                    data = r.read()
+                finally:
+                    c.close()
+                self.send_response(r.status, r.reason)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("connection", "content-length", "transfer-encoding", "keep-alive"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_HEAD = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_repair_from_a_registry_that_lies_about_a_digest_fails(tmp_path, store, registry, moved):
+    """A registry that answers the recorded digest with another image's manifest (no tag moved at all):
+    the repair reads by digest, computes the digest of what it got, and refuses it."""
+    skopeo = need_tool("skopeo")
+    src, _old, _new = moved
+    for d, tag in ((src, "1"), (tmp_path / "other", "2")):
+        subprocess.run([skopeo, "copy", "-q", "--dest-tls-verify=false", f"oci:{d}:latest",
+                        f"docker://{registry.host}/app:{tag}"], check=True, capture_output=True)
+    liar = LyingRegistry(registry.host)
+    try:
+        source = f"docker://{liar.host}/app:1"
+        store.pack(source, "r:1")
+        old = recorded_digest(store, "r:1")
+        new = json.loads(subprocess.run([skopeo, "inspect", "--tls-verify=false", f"docker://{registry.host}/app:2"],
+                                        check=True, capture_output=True, text=True).stdout)["Digest"]
+        liar.lie = new
+        corrupt_one_chunk(store, "r:1")
+        r = store.verify("r:1", repair=True)
+        why = f"source {source} now serves {new}, packed from {old}; pack it explicitly to take the new content"
+        assert r.repaired == [] and r.not_repaired == {"r:1": why}
+        e = store.entry("r:1")
+        assert (e.state, e.reason) == (FAILED, why)
+        with pytest.raises(ImageFailed, match="now serves"):
+            who(store, "r:1", tmp_path)
+        liar.lie = None  # honest again: refresh recovers it and the repair brings the old content back
+        store.refresh()
+        assert store.verify("r:1", repair=True).repaired == ["r:1"] and who(store, "r:1", tmp_path) == OLD
+    finally:
+        liar.stop()
