@@ -141,9 +141,10 @@ def start_reactivation(cur: CatalogEntry | None, now: float, inactive_after: flo
     return _to(cur, PENDING, "reactivating", now), True
 
 
-def fail(cur: CatalogEntry | None, now: float, reason: str) -> CatalogEntry | None:
-    """The image cannot be served (source gone, key denied, repair impossible)."""
-    if cur is None or not cur.complete or cur.state == FAILED:
+def fail(cur: CatalogEntry | None, now: float, reason: str, update_reason: bool = False) -> CatalogEntry | None:
+    """The image cannot be served (source gone or changed, key denied, repair impossible).  An image
+    already FAILED keeps its reason, unless ``update_reason`` (refresh: the problem found now)."""
+    if cur is None or not cur.complete or (cur.state == FAILED and (not update_reason or cur.reason == reason)):
         return cur
     return _to(cur, FAILED, reason, now)
 

@@ -53,7 +53,7 @@ def refresh(store: Store, ref: str | None = None, check_sources: bool = True) ->
             if cur is None or not cur.complete:
                 return cur
             if problem:
-                return lifecycle.fail(cur, now, problem)
+                return lifecycle.fail(cur, now, problem, update_reason=True)
             if cur.state == FAILED and check_sources:
                 return lifecycle.recover(cur, now)
             if store.is_stale(cur, now):
@@ -62,7 +62,7 @@ def refresh(store: Store, ref: str | None = None, check_sources: bool = True) ->
 
         new = store.update_entry(e.ref, change)
         new_state = new.state if new else "removed"
-        if new_state != e.state:
+        if new_state != e.state or (new is not None and new.state == FAILED and new.reason != e.reason):
             changes.append(RefreshChange(str(e.ref), e.state, new_state, new.reason if new else "interrupted pack"))
     return changes
 

@@ -356,3 +356,22 @@ def test_repair_from_a_registry_that_lies_about_a_digest_fails(tmp_path, store, 
         assert store.verify("r:1", repair=True).repaired == ["r:1"] and who(store, "r:1", tmp_path) == OLD
     finally:
         liar.stop()
+
+
+def test_cli_refresh_keeps_an_image_failed_while_its_source_serves_other_content(tmp_path, cli_env, moved):
+    """A FAILED image (its source was gone) whose source comes back with the tag moved stays FAILED at
+    refresh, with the reason naming both digests; it comes back once the source serves what was packed."""
+    src, old, new = moved
+    run_cli(cli_env, "pack", f"oci:{src}", "x:1")
+    shutil.move(src, tmp_path / "away")
+    assert "x:1: ACTIVE -> FAILED (source" in run_cli(cli_env, "refresh").stdout
+    shutil.copytree(tmp_path / "away", src)
+    move_tag(src, tmp_path / "other")
+    why = f"source oci:{src} now serves {new}, packed from {old}; pack it explicitly to take the new content"
+    p = run_cli(cli_env, "refresh")
+    assert p.stdout == f"x:1: FAILED -> FAILED ({why})\n" and p.stderr == ""
+    p = run_cli(cli_env, "cat", "x:1", "/who", check=False)
+    assert p.returncode == 1 and p.stderr == f"convstore: error: image x:1 is FAILED: {why}\n"
+    shutil.copyfile(tmp_path / "away" / "index.json", src / "index.json")  # the tag is back on the packed image
+    assert run_cli(cli_env, "refresh").stdout == "x:1: FAILED -> ACTIVE (source and key are available again)\n"
+    assert run_cli(cli_env, "cat", "x:1", "/who").stdout == OLD.decode()
