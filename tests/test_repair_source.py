@@ -375,3 +375,23 @@ def test_cli_refresh_keeps_an_image_failed_while_its_source_serves_other_content
     shutil.copyfile(tmp_path / "away" / "index.json", src / "index.json")  # the tag is back on the packed image
     assert run_cli(cli_env, "refresh").stdout == "x:1: FAILED -> ACTIVE (source and key are available again)\n"
     assert run_cli(cli_env, "cat", "x:1", "/who").stdout == OLD.decode()
+
+
+def test_a_copied_image_is_repaired_only_from_what_was_packed(tmp_path, keyfile, moved):
+    """A copy into another store (push/pull) records the source digests of the image it copies, so a
+    repair there refuses the moved source too."""
+    from convstore.transfer import copy_image
+
+    src, old, new = moved
+    a = convstore.Store.open(str(tmp_path / "a"), f"file:{keyfile}")
+    b = convstore.Store.open(str(tmp_path / "b"), f"file:{keyfile}")
+    a.pack(f"oci:{src}", "x:1")
+    copy_image(a, b, "x:1")
+    move_tag(src, tmp_path / "other")
+    corrupt_one_chunk(b, "x:1")
+    r = b.verify("x:1", repair=True)
+    assert r.repaired == [] and f"now serves {new}, packed from {old}" in r.not_repaired["x:1"]
+    assert b.entry("x:1").state == FAILED
+    with pytest.raises(ImageFailed):
+        who(b, "x:1", tmp_path)
+    assert b.entry("x:1").source_manifest == old  # recorded by the copy itself
