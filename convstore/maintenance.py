@@ -72,15 +72,13 @@ def _problem(store: Store, e: CatalogEntry) -> str | None:
     serves what it was packed from (a moved tag keeps it FAILED, naming both digests)."""
     try:
         src = parse_source(e.source)
-    except ConvstoreError as err:
-        return f"source {e.source} is no longer available ({err})"
-    try:
+        src.close()
         if e.state == FAILED:
-            check_recorded_source(store, e, src)
+            check_recorded_source(store, e)
     except SourceChanged as err:
         return str(err)
-    finally:
-        src.close()
+    except ConvstoreError as err:
+        return f"source {e.source} is no longer available ({err})"
     try:
         store.load_manifest(e)
     except KeyAccessDenied as err:

@@ -222,9 +222,12 @@ def _open_recorded(source: str, manifest_digest: str) -> ImageSource:
     return parse_source(source)
 
 
-def check_recorded_source(store: Store, e: CatalogEntry, src: ImageSource) -> None:
-    """:class:`SourceChanged` unless ``src`` serves what ``e``'s version was packed from (refresh)."""
-    _check_source(src, _recorded_source(store, e))
+def check_recorded_source(store: Store, e: CatalogEntry) -> None:
+    """:class:`SourceChanged` unless ``e``'s recorded source serves what its version was packed from,
+    read as :func:`repack` reads it (refresh: whether a FAILED image may come back)."""
+    expect = _recorded_source(store, e)
+    with _open_recorded(e.source, expect[0]) as src:
+        _check_source(src, expect)
 
 
 def _recorded_source(store: Store, e: CatalogEntry) -> tuple[str, str]:
