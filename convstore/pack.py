@@ -31,8 +31,8 @@ from .catalog import ACTIVE, CatalogEntry
 from .errors import ConvstoreError, DigestMismatch, SourceChanged, SourceNotFound
 from .manifest import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 from .manifest import ROW_SIZE, LayerRecord, Manifest
-from .oci.media import HashingReader, check_digest
-from .oci.sources import ImageSource, LayerDescriptor, layer_stream, parse_source
+from .oci.media import HashingReader
+from .oci.sources import ImageSource, LayerDescriptor, layer_stream, open_at_digest, parse_source
 from .progress import NoProgress, Progress
 from .refs import ImageRef
 from .domains import DEFAULT_DOMAIN, Domain
@@ -206,20 +206,14 @@ def repack(store: Store, ref: str | ImageRef, *, repair: bool = False, progress:
 
 
 def _open_recorded(source: str, manifest_digest: str) -> ImageSource:
-    """``source`` read at ``manifest_digest`` where it can be (a registry: ``docker://HOST/REPO@DIGEST``),
-    so a moved tag does not matter while the registry still holds the manifest; else (an OCI layout, a
-    docker archive, or a registry that no longer has that digest) as recorded, and the caller compares.
-    The source keeps its recorded name (what the entry, the manifest and the pack identity record)."""
-    if source.startswith("docker://") and "@" not in source:
-        host, _, path = source[len("docker://"):].partition("/")
-        repo = path.rpartition(":")[0] if ":" in path.rsplit("/", 1)[-1] else path
-        try:
-            src = parse_source(f"docker://{host}/{repo}@{check_digest(manifest_digest)}")
-            src.ref = source
-            return src
-        except SourceNotFound:
-            pass  # the digest is gone: the tag, compared by the caller, names what the source serves now
-    return parse_source(source)
+    """``source`` read at the recorded ``manifest_digest`` where it can be (a registry, an OCI layout),
+    so a moved tag does not matter while the source still holds that manifest; else (a docker archive,
+    or a source that no longer has it) as recorded.  The caller compares either way."""
+    try:
+        src = open_at_digest(source, manifest_digest)
+    except SourceNotFound:
+        src = None  # the digest is gone: the recorded name, compared by the caller, says what it serves now
+    return src if src is not None else parse_source(source)
 
 
 def check_recorded_source(store: Store, e: CatalogEntry) -> None:

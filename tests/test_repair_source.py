@@ -395,3 +395,30 @@ def test_a_copied_image_is_repaired_only_from_what_was_packed(tmp_path, keyfile,
     with pytest.raises(ImageFailed):
         who(b, "x:1", tmp_path)
     assert b.entry("x:1").source_manifest == old  # recorded by the copy itself
+
+
+def test_oci_layout_repair_reads_the_recorded_digest_while_the_layout_holds_it(tmp_path, cli_env, moved):
+    """``latest`` moved to the new image, but the layout still lists the packed one (under ``v1``): the
+    repair reads the index entry with the recorded manifest digest and the name keeps its old content.
+    Once that entry is gone too, the repair refuses (FAILED, both digests named)."""
+    src, old, new = moved
+    run_cli(cli_env, "pack", f"oci:{src}:latest", "x:1")
+    index = json.loads((src / "index.json").read_text())
+    index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] = "v1"
+    move_tag(src, tmp_path / "other")
+    moved_index = json.loads((src / "index.json").read_text())
+    (src / "index.json").write_text(json.dumps({**moved_index,
+                                                "manifests": index["manifests"] + moved_index["manifests"]}))
+    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    corrupt_one_chunk(store, "x:1")
+    assert "repaired x:1" in run_cli(cli_env, "verify", "--repair").stdout
+    assert run_cli(cli_env, "cat", "x:1", "/who").stdout == OLD.decode()
+    e = store.entry("x:1")
+    assert e.state == ACTIVE and e.source == f"oci:{src}:latest" and e.source_manifest == old
+
+    (src / "index.json").write_text(json.dumps(moved_index))  # the old entry is dropped as well
+    corrupt_one_chunk(store, "x:1")
+    p = run_cli(cli_env, "verify", "--repair", check=False)
+    why = f"source oci:{src}:latest now serves {new}, packed from {old}; pack it explicitly to take the new content"
+    assert p.returncode == 1 and f"could not repair x:1: {why}" in [ln.strip() for ln in p.stdout.splitlines()]
+    assert run_cli(cli_env, "cat", "x:1", "/who", check=False).stderr == f"convstore: error: image x:1 is FAILED: {why}\n"
