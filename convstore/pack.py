@@ -28,7 +28,7 @@ import zstandard
 from .chunking import ChunkParams, StreamChunker
 from .crypto import ChunkIdentity, identify_chunk
 from .catalog import ACTIVE, CatalogEntry
-from .errors import ConvstoreError, DigestMismatch, SourceChanged, SourceNotFound
+from .errors import ConvstoreError, DigestMismatch, ImagePending, SourceChanged, SourceNotFound
 from .manifest import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 from .manifest import ROW_SIZE, LayerRecord, Manifest
 from .oci.media import HashingReader
@@ -194,6 +194,8 @@ def repack(store: Store, ref: str | ImageRef, *, repair: bool = False, progress:
     from the source again (no layer is reused)."""
     e = store.entry(ref)
     iref = e.ref
+    if not e.complete:
+        raise ImagePending(f"image {iref} has no packed version yet: nothing to re-pack")
     try:
         expect = _recorded_source(store, e)
         src = _open_recorded(e.source, expect[0])
