@@ -25,7 +25,7 @@ _EXPORTS = {
     **{name: "errors" for name in (
         "ChunkMissing", "ConvstoreError", "CorruptLayer", "CorruptObject", "DigestMismatch", "ImageFailed",
         "ImageInactive", "ImageNotFound", "ImagePending", "InvalidReference", "KeyAccessDenied", "KeyFileError",
-        "KeyProviderError", "RollbackDetected", "SourceError", "SourceNotFound", "StoreError", "StoreFormatError",
+        "KeyProviderError", "RollbackDetected", "SourceChanged", "SourceError", "SourceNotFound", "StoreError", "StoreFormatError",
         "TamperedObject", "UnsafePathError", "UnsupportedMediaType")},
 }
 
@@ -65,6 +65,7 @@ if TYPE_CHECKING:
         KeyFileError,
         KeyProviderError,
         RollbackDetected,
+        SourceChanged,
         SourceError,
         SourceNotFound,
         StoreError,
@@ -81,7 +82,7 @@ if TYPE_CHECKING:
 __all__ = [
     "__version__", "Store", "StoreOptions", "StoreStats", "ImageInfo", "CatalogEntry", "ChunkParams", "KeyProvider", "LocalKeyFile",
     "open_key", "default_store_path", "TamperedObject", "RollbackDetected",
-    "ConvstoreError", "SourceError", "SourceNotFound", "DigestMismatch", "CorruptLayer", "UnsupportedMediaType",
-    "StoreError", "ImageNotFound", "ImagePending", "ImageInactive", "ImageFailed", "ChunkMissing", "CorruptObject", "StoreFormatError", "KeyProviderError",
+    "ConvstoreError", "SourceError", "SourceNotFound", "SourceChanged", "DigestMismatch", "CorruptLayer",
+    "UnsupportedMediaType", "StoreError", "ImageNotFound", "ImagePending", "ImageInactive", "ImageFailed", "ChunkMissing", "CorruptObject", "StoreFormatError", "KeyProviderError",
     "KeyAccessDenied", "KeyFileError", "UnsafePathError", "InvalidReference",
 ]

@@ -42,7 +42,8 @@ from .trust import TrustState
 
 log = logging.getLogger("convstore")
 
-REF_VERSION = 2  # 2: MAC-authenticated (convstore.authmeta), with seq
+REF_VERSION = 3  # 2: MAC-authenticated (convstore.authmeta), with seq; 3: source_manifest, source_config
+READABLE_REF_VERSIONS = (2, 3)  # a version-2 entry records no source digests (a re-pack falls back to its manifest)
 PENDING, ACTIVE, INACTIVE, FAILED = "pending", "active", "inactive", "failed"
 STATES = (PENDING, ACTIVE, INACTIVE, FAILED)
 HISTORY = 20
@@ -91,6 +92,10 @@ class CatalogEntry:
     domain: str = ""
     #: what the current version was packed from and how (``pack.pack_identity``): a pack of the same is a no-op
     packed_from: str = ""
+    #: the digests of the source manifest and config the current version was packed from: a re-pack
+    #: (repair, reactivation) must find exactly these at the source (``pack.repack``); "" if unknown
+    source_manifest: str = ""
+    source_config: str = ""
 
     @property
     def complete(self) -> bool:
@@ -110,13 +115,14 @@ class CatalogEntry:
                 "created": self.created, "source": self.source, "logical_bytes": self.logical_bytes,
                 "layers": self.layers, "last_read": self.last_read, "pending": self.pending,
                 "history": list(self.history), "seq": self.seq, "domain": self.domain,
-                "packed_from": self.packed_from}
+                "packed_from": self.packed_from, "source_manifest": self.source_manifest,
+                "source_config": self.source_config}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CatalogEntry:
         if d.get("format") != "convstore-ref":
             raise CorruptObject("catalog entry is malformed")
-        if d.get("version") != REF_VERSION:
+        if d.get("version") not in READABLE_REF_VERSIONS:
             raise StoreFormatError(f"catalog entry version {d.get('version')} is not supported")
         try:
             if d["state"] not in STATES:
@@ -127,7 +133,8 @@ class CatalogEntry:
                        d.get("created", ""), d.get("source", ""), int(d.get("logical_bytes", 0)),
                        int(d.get("layers", 0)), float(d.get("last_read", 0)), d.get("pending"),
                        tuple(d.get("history") or ()), int(d.get("seq", 0)), str(d.get("domain", "")),
-                       str(d.get("packed_from", "")))
+                       str(d.get("packed_from", "")), str(d.get("source_manifest") or ""),
+                       str(d.get("source_config") or ""))
         except (KeyError, ValueError, TypeError):
             raise CorruptObject("catalog entry is malformed") from None
 

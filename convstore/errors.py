@@ -11,6 +11,7 @@ key material.
     │   ├── SourceNotFound     path, tag or blob missing
     │   ├── DigestMismatch     a blob or diff_id does not hash to its digest
     │   ├── CorruptLayer       truncated or malformed compression or tar
+    │   ├── SourceChanged      a re-pack's source no longer serves what was packed
     │   └── UnsupportedMediaType
     ├── StoreError             the store cannot be used
     │   ├── ImageNotFound      no such name:tag in the catalog
@@ -56,6 +57,12 @@ class DigestMismatch(SourceError):
 
 class CorruptLayer(SourceError):
     """A layer's compression stream or tar stream is truncated or malformed."""
+
+
+class SourceChanged(SourceError):
+    """A re-pack (repair, reactivation) found that the recorded source now serves another image than
+    the one packed (a moved tag), or cannot show it serves the same; the image goes FAILED, never
+    to the new content."""
 
 
 class UnsupportedMediaType(SourceError):

@@ -16,7 +16,8 @@ PENDING  ACTIVE       :func:`finish_pack`            every chunk and the manifes
 ACTIVE   ACTIVE       :func:`finish_pack`            an update of a served tag
 INACTIVE ACTIVE       :func:`finish_pack`            a pack that raced a refresh (also FAILED)
 PENDING  INACTIVE     :func:`abort_pack`             a re-pack failed; :func:`clear_dead_pack`
-PENDING  FAILED       :func:`abort_pack`             a re-pack found its source gone
+PENDING  FAILED       :func:`abort_pack`             a re-pack found its source gone or changed
+ACTIVE   FAILED       :func:`abort_pack`             a repair found its source changed
 ACTIVE   INACTIVE     :func:`deactivate`             unread for ``inactive_after`` (refresh, read)
 INACTIVE PENDING      :func:`start_reactivation`     the first read of an INACTIVE image
 ACTIVE   FAILED       :func:`fail`                   source gone, key denied, repair impossible
@@ -78,22 +79,29 @@ def begin_pack(cur: CatalogEntry | None, ref: ImageRef, now: float, source: str)
 
 def finish_pack(cur: CatalogEntry | None, ref: ImageRef, now: float, *, manifest_digest: str, key_id: str,
                 wrapped_key: bytes, created: str, source: str, logical_bytes: int, layers: int,
-                domain: str, packed_from: str = "") -> CatalogEntry:
-    """Point ``ref`` at a complete, durable version: ACTIVE."""
+                domain: str, packed_from: str = "", source_digests: tuple[str, str] = ("", "")) -> CatalogEntry:
+    """Point ``ref`` at a complete, durable version: ACTIVE.  ``source_digests``: the source manifest's
+    and config's digests it was packed from (what a re-pack must find again)."""
     base = cur or CatalogEntry(ref, PENDING, now)
     return _to(base, ACTIVE, "packed", now, manifest_digest=manifest_digest, key_id=key_id,
                            wrapped_key=wrapped_key, created=created, source=source, logical_bytes=logical_bytes,
-                           layers=layers, last_read=now, pending=None, domain=domain, packed_from=packed_from)
+                           layers=layers, last_read=now, pending=None, domain=domain, packed_from=packed_from,
+                           source_manifest=source_digests[0], source_config=source_digests[1])
 
 
-def abort_pack(cur: CatalogEntry | None, now: float, error: str, source_gone: bool) -> CatalogEntry | None:
-    """A pack by this process failed: keep serving the previous version."""
+def abort_pack(cur: CatalogEntry | None, now: float, error: str, source_gone: bool,
+               source_changed: bool = False) -> CatalogEntry | None:
+    """A pack by this process failed: keep serving the previous version.  A re-pack (repair,
+    reactivation) whose source now serves other content: FAILED with ``error``, which names both
+    digests; the entry keeps its version (nothing else is ever served under the name)."""
     if cur is None:
         return None
     if cur.pending and cur.pending.get("pid") != os.getpid() and pid_alive(cur.pending):
         return cur  # another process's pack: not ours to abort
     if not cur.complete:
         return None  # a first pack that failed leaves the catalog as it was
+    if source_changed:
+        return _to(cur, FAILED, error, now, pending=None)
     if cur.state == PENDING:  # a reactivation or re-pack
         if source_gone:
             return _to(cur, FAILED, f"source {cur.source} no longer exists", now, pending=None)
@@ -133,9 +141,10 @@ def start_reactivation(cur: CatalogEntry | None, now: float, inactive_after: flo
     return _to(cur, PENDING, "reactivating", now), True
 
 
-def fail(cur: CatalogEntry | None, now: float, reason: str) -> CatalogEntry | None:
-    """The image cannot be served (source gone, key denied, repair impossible)."""
-    if cur is None or not cur.complete or cur.state == FAILED:
+def fail(cur: CatalogEntry | None, now: float, reason: str, update_reason: bool = False) -> CatalogEntry | None:
+    """The image cannot be served (source gone or changed, key denied, repair impossible).  An image
+    already FAILED keeps its reason, unless ``update_reason`` (refresh: the problem found now)."""
+    if cur is None or not cur.complete or (cur.state == FAILED and (not update_reason or cur.reason == reason)):
         return cur
     return _to(cur, FAILED, reason, now)
 

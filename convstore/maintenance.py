@@ -18,8 +18,9 @@ from . import lifecycle
 from .catalog import FAILED, INACTIVE, CatalogEntry
 from .manifest import ROW_SIZE
 from .stores.base import ChunkSet
-from .errors import ChunkMissing, ConvstoreError, CorruptObject, KeyAccessDenied, StoreError
+from .errors import ChunkMissing, ConvstoreError, CorruptObject, KeyAccessDenied, SourceChanged, StoreError
 from .oci.sources import parse_source
+from .pack import check_recorded_source
 from .refs import ImageRef
 from .store import Store
 
@@ -52,7 +53,7 @@ def refresh(store: Store, ref: str | None = None, check_sources: bool = True) ->
             if cur is None or not cur.complete:
                 return cur
             if problem:
-                return lifecycle.fail(cur, now, problem)
+                return lifecycle.fail(cur, now, problem, update_reason=True)
             if cur.state == FAILED and check_sources:
                 return lifecycle.recover(cur, now)
             if store.is_stale(cur, now):
@@ -61,16 +62,21 @@ def refresh(store: Store, ref: str | None = None, check_sources: bool = True) ->
 
         new = store.update_entry(e.ref, change)
         new_state = new.state if new else "removed"
-        if new_state != e.state:
+        if new_state != e.state or (new is not None and new.state == FAILED and new.reason != e.reason):
             changes.append(RefreshChange(str(e.ref), e.state, new_state, new.reason if new else "interrupted pack"))
     return changes
 
 
 def _problem(store: Store, e: CatalogEntry) -> str | None:
-    """Why ``e`` cannot be served, or None."""
+    """Why ``e`` cannot be served, or None.  A FAILED image comes back only if its source still
+    serves what it was packed from (a moved tag keeps it FAILED, naming both digests)."""
     try:
         src = parse_source(e.source)
         src.close()
+        if e.state == FAILED:
+            check_recorded_source(store, e)
+    except SourceChanged as err:
+        return str(err)
     except ConvstoreError as err:
         return f"source {e.source} is no longer available ({err})"
     try:
@@ -259,8 +265,8 @@ def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other:
     for cid, imgs in bad.items():
         if other is not None:
             try:
-                blob = other.chunks.blob(cid)
-                other.chunks.open(blob, idents[cid])  # only a copy that checks out against our manifest
+                # only a copy that checks out against our (authenticated) manifest: the plaintext it names
+                blob = other.chunks.checked(other.chunks.blob(cid), idents[cid])
                 store.chunks.put(cid, blob)
                 copied.update(imgs)
                 continue
@@ -270,9 +276,8 @@ def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other:
     store.chunks.flush()
     report.repaired.extend(sorted(copied - still))
     for ref in sorted(still):
-        e = store.entry(ref)
         try:
-            store.pack(e.source, ref, reuse_layers=False, domain=store.domain_of(e))  # back into its own domain
+            store.repack(ref, repair=True)  # only what it was packed from, back into its own domain
             report.repaired.append(ref)
         except ConvstoreError as err:
             report.not_repaired[ref] = str(err)

@@ -27,12 +27,12 @@ import zstandard
 
 from .chunking import ChunkParams, StreamChunker
 from .crypto import ChunkIdentity, identify_chunk
-from .catalog import ACTIVE
-from .errors import ConvstoreError, DigestMismatch
+from .catalog import ACTIVE, CatalogEntry
+from .errors import ConvstoreError, DigestMismatch, ImagePending, SourceChanged, SourceNotFound
 from .manifest import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 from .manifest import ROW_SIZE, LayerRecord, Manifest
 from .oci.media import HashingReader
-from .oci.sources import ImageSource, LayerDescriptor, layer_stream, parse_source
+from .oci.sources import ImageSource, LayerDescriptor, layer_stream, open_at_digest, parse_source
 from .progress import NoProgress, Progress
 from .refs import ImageRef
 from .domains import DEFAULT_DOMAIN, Domain
@@ -149,13 +149,15 @@ def pack(
     progress: Progress | None = None,
     reuse_layers: bool = True,
     insecure: bool = False,
+    expect: tuple[str, str] | None = None,
 ) -> PackResult:
     """Pack an image into ``store`` under ``ref`` (``NAME[:TAG]``).
 
     The catalog changes only when every chunk and the manifest are durable;
     any error before that leaves it as it was.  A layer whose diff_id is
     already stored (with all its chunks) is reused without reading its blob,
-    unless ``reuse_layers`` is False.
+    unless ``reuse_layers`` is False.  ``expect`` (a re-pack, :func:`repack`): the
+    (manifest digest, config digest) the source must serve, else :class:`SourceChanged`.
     """
     t0 = time.perf_counter()
     iref = ImageRef.parse(ref)
@@ -166,6 +168,8 @@ def pack(
             src = parse_source(source, insecure=insecure) if isinstance(source, str) else source
             if isinstance(source, str):
                 stack.callback(src.close)
+            if expect is not None:
+                _check_source(src, expect)
             dom = store.domain(domain)
             identity = pack_identity(src, params, dom)
             done = _up_to_date(store, iref, identity, t0) if reuse_layers else None  # a repair reads the source
@@ -178,6 +182,77 @@ def pack(
         store.chunks.abort()  # unpublished chunks of a failed pack are dropped
         store.abort_pack(iref, e)
         raise
+
+
+def repack(store: Store, ref: str | ImageRef, *, repair: bool = False, progress: Progress | None = None
+           ) -> PackResult:
+    """Re-pack ``ref`` from the source its authenticated catalog entry records, back into its own
+    domain (verify --repair, the reactivation of an INACTIVE image): a repair never changes what a
+    name serves.  The source must serve the very manifest and config the current version was packed
+    from; if it serves anything else (a moved tag), or that cannot be told, the image goes FAILED
+    with the reason (:class:`SourceChanged`) and keeps its version.  ``repair``: read every layer
+    from the source again (no layer is reused)."""
+    e = store.entry(ref)
+    iref = e.ref
+    if not e.complete:
+        raise ImagePending(f"image {iref} has no packed version yet: nothing to re-pack")
+    try:
+        expect = _recorded_source(store, e)
+        src = _open_recorded(e.source, expect[0])
+    except ConvstoreError as err:
+        store.abort_pack(iref, err)
+        raise
+    with src:
+        return pack(store, src, str(iref), domain=store.domain_of(e), progress=progress,
+                    reuse_layers=not repair, expect=expect)
+
+
+def _open_recorded(source: str, manifest_digest: str) -> ImageSource:
+    """``source`` read at the recorded ``manifest_digest`` where it can be (a registry, an OCI layout),
+    so a moved tag does not matter while the source still holds that manifest; else (a docker archive,
+    or a source that no longer has it) as recorded.  The caller compares either way."""
+    try:
+        src = open_at_digest(source, manifest_digest)
+    except SourceNotFound:
+        src = None  # the digest is gone: the recorded name, compared by the caller, says what it serves now
+    return src if src is not None else parse_source(source)
+
+
+def check_recorded_source(store: Store, e: CatalogEntry) -> None:
+    """:class:`SourceChanged` unless ``e``'s recorded source serves what its version was packed from,
+    read as :func:`repack` reads it (refresh: whether a FAILED image may come back)."""
+    expect = _recorded_source(store, e)
+    with _open_recorded(e.source, expect[0]) as src:
+        _check_source(src, expect)
+
+
+def _recorded_source(store: Store, e: CatalogEntry) -> tuple[str, str]:
+    """The (manifest, config) digests ``e``'s version was packed from: from the entry (catalog
+    version 3), else from its sealed manifest (entries written before them; both authenticated)."""
+    if e.source_manifest and e.source_config:
+        return e.source_manifest, e.source_config
+    try:
+        m = store.load_manifest(e)
+        recorded = (str((m.source or {}).get("manifest_digest") or ""), m.config_digest or "")
+    except ConvstoreError as err:
+        raise SourceChanged(f"cannot re-pack {e.ref} from {e.source}: its entry records no source digest and its "
+                            f"manifest cannot be read ({err}); pack it explicitly") from None
+    if not all(recorded):
+        raise SourceChanged(f"cannot re-pack {e.ref} from {e.source}: no source digest is recorded for it; "
+                            f"pack it explicitly")
+    return recorded
+
+
+def _check_source(src: ImageSource, expect: tuple[str, str]) -> None:
+    """A re-pack reads exactly what was packed: the source's manifest and config digests (the
+    config's diff_ids pin every layer) are those recorded, or :class:`SourceChanged`."""
+    manifest, config = expect
+    if not hmac.compare_digest(src.manifest_digest or "", manifest):
+        raise SourceChanged(f"source {src.ref} now serves {src.manifest_digest or 'an unnamed manifest'}, "
+                            f"packed from {manifest}; pack it explicitly to take the new content")
+    if not hmac.compare_digest(src.config_digest or "", config):
+        raise SourceChanged(f"source {src.ref} now serves config {src.config_digest}, packed from config {config} "
+                            f"(manifest {manifest}); pack it explicitly to take the new content")
 
 
 # Bumped whenever what a pack writes changes: a version packed by older code is then packed again.
@@ -289,7 +364,7 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
         manifest.locations = store.chunks.locate([c.cid for c in table], [prior.get(c.cid) for c in table])
         digest, wrapped = store.put_manifest(manifest)
         store.finish_pack(iref, digest, wrapped, manifest.created, src.ref, manifest.logical_bytes, len(layers),
-                          dom.public["name"], identity)
+                          dom.public["name"], identity, (src.manifest_digest or "", src.config_digest))
         store.record_layers(dom, manifest, digest, wrapped)
     finally:
         progress.finish()

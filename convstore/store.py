@@ -34,6 +34,7 @@ from .errors import (
     CorruptObject,
     RollbackDetected,
     ImageFailed,
+    SourceChanged,
     ImageInactive,
     ImagePending,
     SourceNotFound,
@@ -303,7 +304,8 @@ class Store:
         return self._change(ref, lambda cur: lifecycle.begin_pack(cur, ref, now, source))
 
     def finish_pack(self, ref: ImageRef, manifest_digest: str, wrapped: bytes, created: str, source: str,
-                    logical_bytes: int, layers: int, domain: str, packed_from: str = "") -> CatalogEntry:
+                    logical_bytes: int, layers: int, domain: str, packed_from: str = "",
+                    source_digests: tuple[str, str] = ("", "")) -> CatalogEntry:
         """Make every chunk durable, then atomically point ``ref`` at the new version: ACTIVE."""
         self.chunk_store.flush()
         self.objects.flush()
@@ -312,13 +314,15 @@ class Store:
         return self._change(ref, lambda cur: lifecycle.finish_pack(
             cur, ref, now, manifest_digest=manifest_digest, key_id=self.key.key_id, wrapped_key=wrapped,
             created=created, source=source, logical_bytes=logical_bytes, layers=layers, domain=domain,
-            packed_from=packed_from))
+            packed_from=packed_from, source_digests=source_digests))
 
     def abort_pack(self, ref: ImageRef, error: BaseException) -> None:
-        """A pack failed: keep serving the previous version (a re-pack whose source is gone: FAILED)."""
+        """A pack failed: keep serving the previous version (a re-pack whose source is gone or now
+        serves other content: FAILED)."""
         now = self.clock()
         self.update_entry(ref, lambda cur: lifecycle.abort_pack(cur, now, str(error),
-                                                                isinstance(error, SourceNotFound)))
+                                                                isinstance(error, SourceNotFound),
+                                                                isinstance(error, SourceChanged)))
 
     def gc_guard(self) -> AbstractContextManager[None]:
         """What a pack or copy into this store holds while it relies on chunks
@@ -372,15 +376,15 @@ class Store:
 
     def _spawn_repack(self, e: CatalogEntry) -> None:
         """Re-pack in a detached worker process (library code; it inherits
-        this store's options on a pipe, never in argv).  The source and the
-        convergence domain come from the authenticated catalog entry."""
+        this store's options on a pipe, never in argv).  The worker re-reads the
+        authenticated catalog entry: the source, the digests it must still serve
+        and the convergence domain come from there (:meth:`repack`)."""
         from .worker import spawn
 
         if self.options.key is None:
             raise StoreError(f"cannot reactivate {e.ref} automatically (the key provider cannot be reopened in "
                              f"another process): run convstore pack {e.source} {e.ref}")
-        spawn({"op": "pack", "source": e.source, "ref": str(e.ref), "domain": self.domain_of(e)},
-              replace(self.options, allow_rollback=False))
+        spawn({"op": "repack", "ref": str(e.ref)}, replace(self.options, allow_rollback=False))
 
     def domain_of(self, e: CatalogEntry) -> str:
         """The convergence domain ``e``'s image belongs in: as its entry records,
@@ -433,6 +437,14 @@ class Store:
 
         return pack(self, source, ref, level=DEFAULT_LEVEL if level is None else level, params=params,
                     workers=workers, domain=domain, progress=progress, reuse_layers=reuse_layers, insecure=insecure)
+
+    def repack(self, ref: ImageRef | str, *, repair: bool = False, progress: Progress | None = None) -> PackResult:
+        """Re-pack ``ref`` from the source its authenticated entry records, into its own domain,
+        only if that source still serves the very manifest and config it was packed from
+        (else :class:`SourceChanged`, and the image is FAILED).  ``repair``: read every layer again."""
+        from .pack import repack
+
+        return repack(self, ref, repair=repair, progress=progress)
 
     def unpack_oci(self, ref: str, dest: str, *, compress: str | None = None, workers: int | None = None,
                    progress: Progress | None = None) -> UnpackResult:

@@ -77,8 +77,10 @@ def _copy(src: Store, dst: Store, entry: CatalogEntry, manifest: Manifest, targe
         # the domain is recorded only if the destination has one of that name (a re-pack there goes into it)
         dom = str(manifest.domain.get("name", ""))
         known = {d["name"] for d in dst.domains()}
+        # the source digests come from the (authenticated) manifest: a re-pack there must find them again
         dst.finish_pack(target, digest, wrapped, manifest.created, entry.source, entry.logical_bytes, entry.layers,
-                        dom if dom in known else "")
+                        dom if dom in known else "",
+                        source_digests=(str(manifest.source.get("manifest_digest") or ""), manifest.config_digest))
     except BaseException:
         dst.chunks.abort()
         raise

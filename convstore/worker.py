@@ -9,7 +9,7 @@ reports a failure as one line on its standard error and exits 1.
 
 Tasks::
 
-    {"op": "pack", "source": SOURCE, "ref": NAME:TAG, "domain": DOMAIN}
+    {"op": "repack", "ref": NAME:TAG}   (the reactivation of an INACTIVE image: Store.repack)
     {"op": "mount", "ref": NAME:TAG, "mountpoint": DIR}
     {"op": "layerstore", "mountpoint": DIR, "stats_file": PATH or null}
 """
@@ -63,8 +63,8 @@ def run_task(doc: dict[str, Any]) -> None:
     options = StoreOptions.from_json(doc["options"])
     task = doc["task"]
     store = options.open()
-    if task["op"] == "pack":
-        store.pack(task["source"], task["ref"], domain=task.get("domain") or "default")
+    if task["op"] == "repack":
+        store.repack(task["ref"])  # source, digests and domain from the authenticated entry
     elif task["op"] == "mount":
         from .reader import ImageFS
         from .reader.fuse import serve

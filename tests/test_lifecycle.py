@@ -35,7 +35,7 @@ def clock():
 @pytest.fixture
 def cstore(tmp_path, keyfile, clock):
     s = convstore.Store.open(str(tmp_path / "store"), f"file:{keyfile}", clock=clock, inactive_after=14 * DAY)
-    s.reactivator = lambda e: s.pack(e.source, str(e.ref), domain=e.domain)  # in-process, for determinism
+    s.reactivator = lambda e: s.repack(e.ref)  # in-process, for determinism
     return s
 
 

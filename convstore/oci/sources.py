@@ -108,7 +108,8 @@ class OCILayoutSource(ImageSource):
     """``oci:DIR[:TAG]``: tag from ``org.opencontainers.image.ref.name``,
     default the only manifest in index.json."""
 
-    def __init__(self, path: str, tag: str | None):
+    def __init__(self, path: str, tag: str | None, *, digest: str | None = None):
+        """``digest``: read the image whose (platform) manifest has this digest, whatever its tag."""
         self.path = path
         self.tag = tag
         self.ref = f"oci:{path}" + (f":{tag}" if tag else "")
@@ -119,8 +120,10 @@ class OCILayoutSource(ImageSource):
         if ver != "1.0.0":
             raise UnsupportedMediaType(f"{path}: unsupported imageLayoutVersion {ver!r}")
         index = _loads(self._read_small(os.path.join(path, "index.json")), "index.json")
-        desc = self._select(index.get("manifests") or [])
-        desc = self._resolve_index(desc)
+        if digest is not None:
+            desc = self._select_digest(index.get("manifests") or [], digest)
+        else:
+            desc = self._resolve_index(self._select(index.get("manifests") or []))
         self.manifest_media_type = desc.get("mediaType", "")
         self.manifest_bytes = self._read_blob(desc, MAX_MANIFEST)
         self.manifest_digest = desc["digest"]
@@ -175,6 +178,17 @@ class OCILayoutSource(ImageSource):
             if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == self.tag:
                 return m
         raise SourceNotFound(f"{self.path}: no image tagged {self.tag!r}")
+
+    def _select_digest(self, manifests: list[dict[str, Any]], digest: str) -> dict[str, Any]:
+        """The index entry (followed to this host's platform) whose manifest is ``digest``."""
+        for m in manifests:
+            try:
+                desc = self._resolve_index(m)
+            except SourceError:
+                continue
+            if desc.get("digest") == digest:
+                return desc
+        raise SourceNotFound(f"{self.path}: no image with manifest {digest}")
 
     def _resolve_index(self, desc: dict[str, Any]) -> dict[str, Any]:
         """Follow an image index to the manifest for this host's platform."""
@@ -390,6 +404,28 @@ def parse_source(spec: str, insecure: bool = False) -> ImageSource:
     raise InvalidReference(f"{spec!r}: unknown source transport {kind!r} (use oci:, docker-archive: or docker://)")
 
 
+def open_at_digest(spec: str, manifest_digest: str, insecure: bool = False) -> ImageSource | None:
+    """``spec`` read at ``manifest_digest`` instead of its tag, where the transport can address a
+    manifest by digest (a registry: ``REPO@DIGEST``; an OCI layout: the index entry with that
+    manifest), keeping ``spec`` as its name; None where it cannot (a docker archive).  Raises
+    :class:`SourceNotFound` if the source no longer holds that manifest.  What is read is still
+    hashed: the caller compares its digest."""
+    check_digest(manifest_digest)
+    if spec.startswith("docker://"):
+        host, _, path = spec[len("docker://"):].partition("/")
+        repo = path.split("@", 1)[0]
+        if "@" not in path and ":" in repo.rsplit("/", 1)[-1]:
+            repo = repo.rpartition(":")[0]
+        src: ImageSource = RegistrySource(f"docker://{host}/{repo}@{manifest_digest}", insecure=insecure)
+    elif spec.startswith("oci:"):
+        path, tag = _split_path_ref(spec[len("oci:"):], os.path.isdir)
+        src = OCILayoutSource(path, tag, digest=manifest_digest)
+    else:
+        return None
+    src.ref = spec
+    return src
+
+
 def _split_path_ref(rest: str, exists: Any) -> tuple[str, str | None]:
     """Split PATH[:REF] like skopeo: the longest existing prefix is the path."""
     if exists(rest):
@@ -411,4 +447,4 @@ def layer_stream(source: ImageSource, index: int) -> tuple[VerifyingReader, Bina
 
 
 __all__ = ["ImageSource", "OCILayoutSource", "DockerArchiveSource", "LayerDescriptor", "parse_source",
-           "layer_stream", "CorruptLayer"]
+           "open_at_digest", "layer_stream", "CorruptLayer"]
