@@ -215,6 +215,9 @@ def _open_recorded(source: str, manifest_digest: str) -> ImageSource:
         src = open_at_digest(source, manifest_digest)
     except SourceNotFound:
         src = None  # the digest is gone: the recorded name, compared by the caller, says what it serves now
+    except DigestMismatch as err:  # asked for the recorded digest, answered with other bytes
+        raise SourceChanged(f"source {source} does not serve what was packed ({err}); pack it explicitly "
+                            f"to take the new content") from None
     return src if src is not None else parse_source(source)
 
 
