@@ -45,6 +45,7 @@ import traceback
 from collections.abc import Callable, Iterable
 
 from .daemon_client import (
+    MAX_REQUEST,
     RELAYED,
     DaemonError,
     WireError,
@@ -63,8 +64,9 @@ from .daemon_client import (
 )
 
 REQUEST_TIMEOUT = 5.0  # a client silent this long mid-request is dropped
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11's socket module lacks the name
 
-__all__ = ["Daemon", "DaemonError", "close_inherited", "request", "socket_path"]
+__all__ = ["Daemon", "DaemonError", "close_inherited", "request", "scrub_environment", "socket_path"]
 
 
 # what a command's process may differ in from the daemon's without running with more than it had
@@ -72,6 +74,116 @@ __all__ = ["Daemon", "DaemonError", "close_inherited", "request", "socket_path"]
 _CONTEXT_NS = ("mnt", "pid", "net", "user", "ipc", "uts", "cgroup", "time")
 _CONTEXT_STATUS = ("Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:",
                    "NoNewPrivs:", "Seccomp:", "Seccomp_filters:")
+
+
+# the resource limits /proc/PID/limits shows, by name: all of Linux's (Python names no RLIMIT_LOCKS: 10)
+_LIMITS = {"Max cpu time": resource.RLIMIT_CPU, "Max file size": resource.RLIMIT_FSIZE,
+           "Max data size": resource.RLIMIT_DATA, "Max stack size": resource.RLIMIT_STACK,
+           "Max core file size": resource.RLIMIT_CORE, "Max resident set": resource.RLIMIT_RSS,
+           "Max processes": resource.RLIMIT_NPROC, "Max open files": resource.RLIMIT_NOFILE,
+           "Max locked memory": resource.RLIMIT_MEMLOCK, "Max address space": resource.RLIMIT_AS,
+           "Max file locks": getattr(resource, "RLIMIT_LOCKS", 10), "Max pending signals": resource.RLIMIT_SIGPENDING,
+           "Max msgqueue size": resource.RLIMIT_MSGQUEUE, "Max nice priority": resource.RLIMIT_NICE,
+           "Max realtime priority": resource.RLIMIT_RTPRIO, "Max realtime timeout": resource.RLIMIT_RTTIME}
+
+
+def _command_limits(pid: int | str) -> list[tuple[int, int, int]]:
+    """The resource limits a command of process ``pid`` runs with: its own (``/proc/PID/limits``),
+    never above this process's hard limits (a client cannot raise them by lying), as (resource, soft,
+    hard).  OSError if unreadable, ValueError if a limit is missing or unparsable."""
+    def value(text: str) -> int:
+        return resource.RLIM_INFINITY if text == "unlimited" else int(text)
+
+    def lower(a: int, b: int) -> int:
+        return b if a == resource.RLIM_INFINITY else a if b == resource.RLIM_INFINITY else min(a, b)
+
+    seen: dict[int, tuple[int, int]] = {}
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f.read().splitlines()[1:]:
+            name, rest = line[:26].strip(), line[26:].split()
+            if name in _LIMITS and len(rest) >= 2:
+                seen[_LIMITS[name]] = (value(rest[0]), value(rest[1]))
+    if set(seen) != set(_LIMITS.values()):
+        raise ValueError("/proc/PID/limits lacks a limit")
+    out = []
+    for res, (soft, hard) in sorted(seen.items()):
+        hard = lower(hard, resource.getrlimit(res)[1])
+        out.append((res, lower(soft, hard), hard))
+    return out
+
+
+def _peer_pidfd(conn: socket.socket, pid: int) -> int:
+    """A pidfd of the process that connected (``SO_PEERPIDFD``: that process, even if its pid was
+    reused since), or, on a kernel without it, one opened on its ``SO_PEERCRED`` pid at accept;
+    -1 if neither (the connecting process is gone)."""
+    try:
+        (fd,) = struct.unpack("i", conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))
+    except OSError as e:
+        if e.errno != errno.ENOPROTOOPT:
+            return -1  # ESRCH: it exited (its pid may be someone else's now)
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return -1
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def _still(pidfd: int, pid: int) -> bool:
+    """The process behind ``pidfd`` still has pid ``pid`` and has not exited: checked after its
+    ``/proc/PID`` was read, it shows that what was read was that process's."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            same = any(line.split() == ["Pid:", str(pid)] for line in f)
+    except OSError:
+        return False
+    poll = select.poll()
+    poll.register(pidfd, select.POLLIN)  # readable once the process has exited
+    return same and not poll.poll(0)
+
+
+def _loaded_files() -> dict[str, tuple[int, int]]:
+    """The size and modification time of every module file this process has loaded (convstore's,
+    its dependencies', the standard library's)."""
+    out: dict[str, tuple[int, int]] = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path not in out:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            out[path] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _files_changed(files: dict[str, tuple[int, int]]) -> bool:
+    for path, seen in files.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            return True
+        if (st.st_size, st.st_mtime_ns) != seen:
+            return True
+    return False
+
+
+# what the daemon's own environment keeps (no secret of whatever started it: every command's
+# /proc/PID/environ shows it); a command gets its client's environment in-process
+_KEEP_ENV = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "CONVSTORE_DAEMON_SOCKET")
+
+
+def scrub_environment(path: str) -> None:
+    """Re-execute this process (``convstore daemon``) with a minimal environment: what names the
+    socket (``path``), the locale, ``PATH``, ``HOME``, ``TMPDIR``, ``TZ`` and the interpreter's
+    ``PYTHON*`` settings (the code fingerprint depends on them).  Returns when it already has one."""
+    env = {k: v for k, v in os.environ.items() if k in _KEEP_ENV or k.startswith(("LC_", "PYTHON"))}
+    env["CONVSTORE_DAEMON_SOCKET"] = os.path.abspath(path)
+    if env == dict(os.environ):
+        return
+    for f in (sys.stdout, sys.stderr):
+        f.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def _context(pid: int | str) -> list[str]:
@@ -92,6 +204,24 @@ class _Child:
 
     def __init__(self, pid: int, conn: socket.socket) -> None:
         self.pid, self.conn, self.connected, self.buf = pid, conn, True, b""
+
+
+class _Pending:
+    """A client whose request is still arriving (read as its bytes come, never waited for), or who
+    was accepted and has yet to commit: its connection, the pid and a pidfd of the process that
+    connected, and what was checked of its request."""
+
+    def __init__(self, conn: socket.socket, pid: int, pidfd: int) -> None:
+        self.conn, self.pid, self.pidfd = conn, pid, pidfd
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT
+        self.buf = bytearray()
+        self.body = b""  # the whole request, once accepted
+        self.limits: list[tuple[int, int, int]] = []  # its command's resource limits, once accepted
+
+    def close_pidfd(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 class _Spare:
@@ -147,6 +277,8 @@ class Daemon:
         self._respawn = False
         self._reserve = -1
         self._inode: tuple[int, int] | None = None
+        self._pending: set[_Pending] = set()
+        self._files: dict[str, tuple[int, int]] = {}
 
     def bind(self) -> None:
         """Create the socket (0600, in a 0700 directory of this user), or
@@ -156,7 +288,8 @@ class Daemon:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         if not private_dir(os.lstat(folder)):
             raise DaemonError(f"{folder} must be a directory of this user that no one else can write "
-                              f"(someone else's, a link, or open to others)")
+                              f"(someone else's, a link, or open to others): remove it, or set "
+                              f"XDG_RUNTIME_DIR or CONVSTORE_DAEMON_SOCKET to a place of your own")
         live = connect(self.path)
         if live is not None:
             live.close()
@@ -172,6 +305,10 @@ class Daemon:
         old = os.umask(0o177)  # created 0600
         try:
             s.bind(self.path)
+        except OSError as e:
+            s.close()
+            raise DaemonError(f"cannot listen at {self.path} ({e}): set CONVSTORE_DAEMON_SOCKET to a shorter path "
+                              f"of your own") from None
         finally:
             os.umask(old)
         st = os.lstat(self.path)
@@ -186,6 +323,7 @@ class Daemon:
         assert self.listener is not None
         self.listener.listen(64)  # again, in this process: SO_PEERCRED names the listening process to clients
         self.started = time.time()
+        self._files = _loaded_files()  # after the imports: rechecked at each command
         gc.freeze()  # what was imported stays out of every child's collections (and unshared pages untouched)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -209,7 +347,10 @@ class Daemon:
             while not (self.stopping and not self.children):
                 if self._respawn:  # here, between requests, it inherits no request's descriptors
                     self._spawn_spare()
-                for key, _ in sel.select():
+                timeout = None
+                if self._pending:
+                    timeout = max(0.0, min(p.deadline for p in self._pending) - time.monotonic())
+                for key, _ in sel.select(timeout):
                     if key.fileobj is self.listener:
                         self._accept()
                     elif key.fileobj == wake_r:
@@ -219,8 +360,13 @@ class Daemon:
                                     break
                             except BlockingIOError:
                                 break
+                    elif isinstance(key.data, _Pending):
+                        self._from_pending(key.data)
                     else:
                         self._from_client(key.data)
+                now = time.monotonic()
+                for p in [p for p in self._pending if p.deadline <= now]:  # silent for too long: dropped
+                    self._drop(p)
                 while pending:
                     signum = pending.pop()
                     if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -238,6 +384,13 @@ class Daemon:
 
     def _stop_listening(self) -> None:
         self.stopping = True
+        for p in list(self._pending):  # nothing of theirs has run: an accepted one is told to run it itself
+            if p.body:
+                try:
+                    send_frame(p.conn, b"F", b"the daemon stopped")
+                except OSError:
+                    pass
+            self._drop(p)
         if self.spare is not None:  # it reads the end of its socket, and exits
             self.spare.sock.close()
             self.spare = None
@@ -295,6 +448,8 @@ class Daemon:
                 _killpg(child.pid, frame[1])
 
     def _accept(self) -> None:
+        """Take a connection of this user and read its request as it arrives (:meth:`_from_pending`):
+        a client that trickles its bytes holds up no one else."""
         assert self.listener is not None
         try:
             conn, _ = self.listener.accept()
@@ -309,33 +464,64 @@ class Daemon:
                     pass
                 self._reserve = _reserve_fd()
             return
-        fds: list[int] = []
         try:
             pid, uid = peer(conn)
-            if uid != os.getuid():
-                conn.close()
-                return
-            conn.settimeout(REQUEST_TIMEOUT)
-            body = recv_message(conn)  # descriptors sent along are dropped by the kernel
-            try:
-                op, fields = decode_request(body)
-            except WireError as e:
-                if e.version:
-                    send_frame(conn, b"F", b"protocol version")
-                raise
-            if op in ("status", "stop") and not fields:
-                send_frame(conn, b"I", json.dumps(self.status()).encode())
-                if op == "stop":
-                    self._stop_listening()
-            elif op == "run":
-                self._run(conn, pid, body, fields, fds)
-                return
-            raise ValueError("done")
-        except Exception:  # noqa: BLE001 - one bad request never takes the daemon down
+        except OSError:
             conn.close()
-        finally:
-            for fd in fds:
-                os.close(fd)
+            return
+        if uid != os.getuid():
+            conn.close()
+            return
+        p = _Pending(conn, pid, _peer_pidfd(conn, pid))  # taken now: the process that connected
+        conn.setblocking(False)
+        self._pending.add(p)
+        self._selector.register(conn, selectors.EVENT_READ, p)
+
+    def _drop(self, p: _Pending) -> None:
+        if p in self._pending:
+            self._pending.discard(p)
+            self._selector.unregister(p.conn)
+            p.conn.close()
+            p.close_pidfd()
+
+    def _from_pending(self, p: _Pending) -> None:
+        try:
+            if p.body:
+                self._commit(p)
+            else:
+                self._read_request(p)
+        except Exception:  # noqa: BLE001 - one bad request never takes the daemon down
+            self._drop(p)
+
+    def _read_request(self, p: _Pending) -> None:
+        """What has arrived of a request (length, then body; never past it); handled once whole."""
+        want = 4 - len(p.buf) if len(p.buf) < 4 else 4 + struct.unpack("!I", p.buf[:4])[0] - len(p.buf)
+        data = p.conn.recv(min(want, 1 << 20))
+        if not data:
+            raise EOFError
+        p.buf += data
+        if len(p.buf) < 4:
+            return
+        (n,) = struct.unpack("!I", p.buf[:4])
+        if n > MAX_REQUEST:
+            raise WireError("request too large")
+        if len(p.buf) < 4 + n:
+            return
+        body, p.buf = bytes(p.buf[4:]), bytearray()
+        try:
+            op, fields = decode_request(body)
+        except WireError as e:
+            if e.version:
+                send_frame(p.conn, b"F", b"protocol version")
+            raise
+        if op == "run":
+            self._accept_run(p, body, fields)
+            return
+        if op in ("status", "stop") and not fields:
+            send_frame(p.conn, b"I", json.dumps(self.status()).encode())
+            if op == "stop":
+                self._stop_listening()
+        self._drop(p)
 
     def status(self) -> dict[str, object]:
         return {"pid": os.getpid(), "socket": self.path, "version": self.version,
@@ -345,29 +531,61 @@ class Daemon:
                 "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                 "command_max_rss_kib": self.max_rss_kib}
 
-    def _run(self, conn: socket.socket, client: int, body: bytes, fields: list[str], fds: list[int]) -> None:
-        """Check a ``run`` request, take the client's descriptors with its commitment, and hand the
-        command to a spare; ``fds`` (closed by the caller) receives the descriptors."""
+    def _accept_run(self, p: _Pending, body: bytes, fields: list[str]) -> None:
+        """Check a ``run`` request: the client's code, this daemon's (unchanged on disk since it
+        started), the client's context and resource limits, read from ``/proc`` while the process that
+        connected demonstrably still had that pid; then answer "accepted"."""
         cmd = _Command.parse(fields)
         if cmd.fingerprint != self.fingerprint:
-            send_frame(conn, b"F", b"the daemon runs other code than this client; restart it")
+            send_frame(p.conn, b"F", b"the daemon runs other code than this client; restart it")
+            raise ValueError("stale")
+        if _files_changed(self._files):  # an edited or upgraded dependency: this daemon serves no more
+            send_frame(p.conn, b"F", b"the daemon's code changed on disk since it started; it stops")
+            self._stop_listening()
             raise ValueError("stale")
         try:
-            same = _context(client) == self.context
-        except OSError:
-            same = False
-        if not same:  # another namespace, fewer capabilities, a sandbox: the command must run there, not here
-            send_frame(conn, b"F", b"the client runs in another context than the daemon")
+            context, limits = _context(p.pid), _command_limits(p.pid)
+        except (OSError, ValueError):
+            context, limits = [], []
+        if p.pidfd < 0 or not _still(p.pidfd, p.pid):  # the pid read may be another process's now
+            send_frame(p.conn, b"F", b"the process that connected has exited")
+            raise ValueError("gone")
+        if context != self.context:  # another namespace, fewer capabilities, a sandbox: it runs there
+            send_frame(p.conn, b"F", b"the client runs in another context than the daemon")
             raise ValueError("context")
-        send_frame(conn, b"A")
-        go, received, flags, _ = socket.recv_fds(conn, 1, 8)
-        fds.extend(received)
-        if go != b"G":
-            raise ValueError("not committed")
-        if len(received) != 4 or flags & getattr(socket, "MSG_CTRUNC", 8):  # e.g. this daemon at its fd limit
-            send_frame(conn, b"F", b"the client's descriptors did not arrive")
-            raise ValueError("no descriptors")
-        conn.settimeout(None)
+        p.body, p.limits = body, limits
+        p.deadline = time.monotonic() + REQUEST_TIMEOUT
+        send_frame(p.conn, b"A")
+
+    def _commit(self, p: _Pending) -> None:
+        """The client's commitment (``G``, with its descriptors): hand the command to a spare."""
+        go, fds, flags, _ = socket.recv_fds(p.conn, 1, 8)
+        try:
+            if go != b"G":
+                raise ValueError("not committed")
+            if len(fds) != 4 or flags & getattr(socket, "MSG_CTRUNC", 8):  # e.g. this daemon at its fd limit
+                send_frame(p.conn, b"F", b"the client's descriptors did not arrive")
+                raise ValueError("no descriptors")
+            if not _still(p.pidfd, p.pid):  # if nothing else is left of the client, nothing runs
+                send_frame(p.conn, b"F", b"the process that connected has exited")
+                raise ValueError("gone")
+            self._pending.discard(p)
+            self._selector.unregister(p.conn)
+            p.close_pidfd()
+            conn = p.conn
+            conn.setblocking(True)
+            if not self._hand_over(conn, p.body, p.limits, fds):
+                try:
+                    send_frame(conn, b"F", b"fork failed")
+                finally:
+                    conn.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _hand_over(self, conn: socket.socket, body: bytes, limits: list[tuple[int, int, int]],
+                   fds: list[int]) -> bool:
+        """Give the command to a spare (another once if it fails); False if none took it (nothing ran)."""
         for _attempt in (0, 1):  # a spare that died idle is replaced once
             if self.spare is None:
                 self._spawn_spare([conn.fileno(), *fds])
@@ -380,6 +598,7 @@ class Daemon:
                 spare.sock.settimeout(REQUEST_TIMEOUT)
                 socket.send_fds(spare.sock, [b"C"], fds)  # the client's descriptors, then its request
                 send_message(spare.sock, body)
+                send_message(spare.sock, json.dumps(limits).encode())
                 try:
                     started = recv_exact(spare.sock, 1) == b"R"  # it is the command now (idle signals dropped)
                 except TimeoutError:
@@ -401,9 +620,8 @@ class Daemon:
             self.children[spare.pid] = _Child(spare.pid, conn)
             self._selector.register(conn, selectors.EVENT_READ, self.children[spare.pid])
             self._respawn = True  # the next command's, made once this request's descriptors are closed
-            return
-        send_frame(conn, b"F", b"fork failed")
-        raise ValueError("no process for the command")
+            return True
+        return False
 
     def _spawn_spare(self, close: list[int] | None = None) -> None:
         """Fork the next command's process before its command comes.  While
@@ -465,6 +683,9 @@ class Daemon:
             self.listener.close()
         for other in self.children.values():
             other.conn.close()
+        for p in self._pending:  # other clients' requests, still arriving
+            p.conn.close()
+            p.close_pidfd()
         _parent_death_signal(signal.SIGHUP)  # a daemon that dies takes its commands with it, as a terminal would
         _prefault(lambda: bool(select.select([sock], [], [], 0)[0]))
         try:
@@ -472,12 +693,14 @@ class Daemon:
             if go != b"C" or len(fds) != 4:
                 return 0
             body = recv_message(sock)
+            for res, soft, hard in json.loads(recv_message(sock)):  # never more than the client had
+                resource.setrlimit(res, (soft, hard))
             # a signal sent to this process while it idled was not meant for the command it is about to run
             while signal.sigtimedwait(RELAYED, 0) is not None:
                 pass
             sock.sendall(b"R")  # from here the daemon relays the client's signals to this process
-        except (OSError, EOFError):
-            return 0  # no command (the daemon stopped or gave up on this spare): nothing runs
+        except (OSError, EOFError, ValueError):
+            return 0  # no command (the daemon stopped or gave up on this spare), or unfit: nothing runs
         sock.close()
         cmd = _Command.parse(decode_request(body)[1])
         for i in cmd.ignored:  # what the client ignores (nohup), its command ignores too
