@@ -15,7 +15,12 @@ Trust: the socket is created 0600 in a directory of its owner that no one
 else can write, and both ends check the other's uid (``SO_PEERCRED``): a
 daemon serves only its own user, and a client talks only to a daemon of its
 own user.  A daemon whose code differs from the client's (an upgrade, an
-edit) is not used: the client runs the command itself.
+edit) is not used: the client runs the command itself; one whose loaded
+module files changed on disk since it started (a patched dependency) stops.
+A command never runs with more than its client had: the client's context
+is read from ``/proc`` while a pidfd of the process that connected shows it
+still holds that pid (``SO_PEERPIDFD``), the client's resource limits are
+applied to the command, and the daemon runs with a scrubbed environment.
 
 The client and the wire format are in :mod:`convstore.daemon_client`, which
 every command imports first and which imports almost nothing.
@@ -574,11 +579,16 @@ class Daemon:
             p.close_pidfd()
             conn = p.conn
             conn.setblocking(True)
-            if not self._hand_over(conn, p.body, p.limits, fds):
+            try:
+                taken = self._hand_over(conn, p.body, p.limits, fds)
+            except Exception:  # noqa: BLE001 - no spare has it: nothing ran, the client runs it itself
+                taken = False
+            if not taken:
                 try:
                     send_frame(conn, b"F", b"fork failed")
-                finally:
-                    conn.close()
+                except OSError:
+                    pass
+                conn.close()
         finally:
             for fd in fds:
                 os.close(fd)
