@@ -181,7 +181,13 @@ _KEEP_ENV = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "CONVSTORE_DAEMON_SOCKET")
 def scrub_environment(path: str) -> None:
     """Re-execute this process (``convstore daemon``) with a minimal environment: what names the
     socket (``path``), the locale, ``PATH``, ``HOME``, ``TMPDIR``, ``TZ`` and the interpreter's
-    ``PYTHON*`` settings (the code fingerprint depends on them).  Returns when it already has one."""
+    ``PYTHON*`` settings (the code fingerprint depends on them).  Returns when it already has one, or
+    when this process is not ``convstore``'s own (``sys.orig_argv`` would not start the daemon)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if not (spec is not None and spec.name == "convstore.__main__"
+            or os.path.basename(getattr(main, "__file__", None) or "") == "convstore"):
+        return  # not `convstore` or `python -m convstore` (a program calling the CLI in-process): no re-exec
     env = {k: v for k, v in os.environ.items() if k in _KEEP_ENV or k.startswith(("LC_", "PYTHON"))}
     env["CONVSTORE_DAEMON_SOCKET"] = os.path.abspath(path)
     if env == dict(os.environ):
