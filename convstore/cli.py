@@ -754,11 +754,13 @@ def daemon(
         os.close(w)
         try:
             server.serve()
+            d.restart_if_stale(server)  # its loaded code changed on disk: again, on the new code
         finally:
             os._exit(0)
     # plain: a rich console made here would be inherited by every command
     sys.stderr.write(f"convstore daemon listening on {path}; Ctrl-C stops it\n")
     server.serve()
+    d.restart_if_stale(server)
 
 
 def main(command: Callable[[], object] | None = None) -> None:

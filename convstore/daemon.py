@@ -16,7 +16,8 @@ else can write, and both ends check the other's uid (``SO_PEERCRED``): a
 daemon serves only its own user, and a client talks only to a daemon of its
 own user.  A daemon whose code differs from the client's (an upgrade, an
 edit) is not used: the client runs the command itself; one whose loaded
-module files changed on disk since it started (a patched dependency) stops.
+module files changed on disk since it started (a patched dependency) stops
+and starts again on the new code.
 A command never runs with more than its client had: the client's context
 is read from ``/proc`` while a pidfd of the process that connected shows it
 still holds that pid (``SO_PEERPIDFD``), the client's resource limits are
@@ -71,7 +72,8 @@ from .daemon_client import (
 REQUEST_TIMEOUT = 5.0  # a client silent this long mid-request is dropped
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11's socket module lacks the name
 
-__all__ = ["Daemon", "DaemonError", "close_inherited", "request", "scrub_environment", "socket_path"]
+__all__ = ["Daemon", "DaemonError", "close_inherited", "request", "restart_if_stale", "scrub_environment",
+           "socket_path"]
 
 
 # what a command's process may differ in from the daemon's without running with more than it had
@@ -197,6 +199,18 @@ def scrub_environment(path: str) -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def restart_if_stale(server: Daemon) -> None:
+    """Once a daemon that stopped because its loaded code changed on disk has seen its commands end,
+    start it again as it was started (same arguments, its scrubbed environment), on the new code."""
+    if not server.stale:
+        return
+    try:
+        os.chdir(server.launch_cwd)
+    except OSError:
+        return
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], dict(os.environ))
+
+
 def _context(pid: int | str) -> list[str]:
     """A process's root, namespaces, ids, groups, capabilities and seccomp/no_new_privs state
     (OSError if unreadable)."""
@@ -290,6 +304,8 @@ class Daemon:
         self._inode: tuple[int, int] | None = None
         self._pending: set[_Pending] = set()
         self._files: dict[str, tuple[int, int]] = {}
+        self.stale = False  # a module file it loaded changed on disk: it stopped, to start again
+        self.launch_cwd = os.getcwd()  # where it was started (``python -m convstore`` may import from there)
 
     def bind(self) -> None:
         """Create the socket (0600, in a 0700 directory of this user), or
@@ -551,7 +567,8 @@ class Daemon:
             send_frame(p.conn, b"F", b"the daemon runs other code than this client; restart it")
             raise ValueError("stale")
         if _files_changed(self._files):  # an edited or upgraded dependency: this daemon serves no more
-            send_frame(p.conn, b"F", b"the daemon's code changed on disk since it started; it stops")
+            send_frame(p.conn, b"F", b"the daemon's code changed on disk since it started; it restarts")
+            self.stale = True
             self._stop_listening()
             raise ValueError("stale")
         try:

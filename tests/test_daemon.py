@@ -502,12 +502,23 @@ def test_an_edited_dependency_retires_the_daemon(tmp_path, image_dir):
         # patched in place (its directory, on sys.path, keeps its mtime): the daemon's copy is stale now
         with open(deps / "platformdirs" / "__init__.py", "a") as f:
             f.write("\n# patched\n")
+        old = status(env)["pid"]
         p = convstore(env, "--help", cwd=image_dir)
         assert p.returncode == 0 and b"Usage" in p.stdout, p.stderr
-        # the command ran in its client, and the daemon stopped (the next one starts on the new code)
-        wait_for(lambda: not Path(env["CONVSTORE_DAEMON_SOCKET"]).exists(), "the daemon to stop")
-        p = convstore(env, "daemon", "--status")
-        assert p.returncode == 1 and b"no convstore daemon" in p.stderr
+        # the command ran in its client (the stale daemon served nothing more), and the daemon started again:
+        # the next command is served by a process that loaded the patched file
+        wait_for(lambda: not Path(f"/proc/{old}").exists() or Path(f"/proc/{old}/stat").read_text().split()[2] == "Z",
+                 "the stale daemon to exit")
+
+        def restarted() -> bool:
+            p = convstore(env, "daemon", "--status")
+            return p.returncode == 0 and json.loads(p.stdout)["pid"] != old
+
+        wait_for(restarted, "the daemon to start again", timeout=60)
+        info = status(env)
+        assert info["served"] == 0
+        assert convstore(env, "--help", cwd=image_dir).returncode == 0
+        assert status(env)["served"] == 1
     finally:
         convstore(env, "daemon", "--stop")
 
