@@ -180,16 +180,22 @@ def _files_changed(files: dict[str, tuple[int, int]]) -> bool:
 _KEEP_ENV = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "CONVSTORE_DAEMON_SOCKET")
 
 
+def _own_process() -> bool:
+    """This process is ``convstore`` or ``python -m convstore`` (not a program that calls the CLI
+    in-process), so ``sys.orig_argv`` starts it again."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return (spec is not None and spec.name == "convstore.__main__"
+            or os.path.basename(getattr(main, "__file__", None) or "") == "convstore")
+
+
 def scrub_environment(path: str) -> None:
     """Re-execute this process (``convstore daemon``) with a minimal environment: what names the
     socket (``path``), the locale, ``PATH``, ``HOME``, ``TMPDIR``, ``TZ`` and the interpreter's
     ``PYTHON*`` settings (the code fingerprint depends on them).  Returns when it already has one, or
     when this process is not ``convstore``'s own (``sys.orig_argv`` would not start the daemon)."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if not (spec is not None and spec.name == "convstore.__main__"
-            or os.path.basename(getattr(main, "__file__", None) or "") == "convstore"):
-        return  # not `convstore` or `python -m convstore` (a program calling the CLI in-process): no re-exec
+    if not _own_process():
+        return
     env = {k: v for k, v in os.environ.items() if k in _KEEP_ENV or k.startswith(("LC_", "PYTHON"))}
     env["CONVSTORE_DAEMON_SOCKET"] = os.path.abspath(path)
     if env == dict(os.environ):
@@ -202,7 +208,7 @@ def scrub_environment(path: str) -> None:
 def restart_if_stale(server: Daemon) -> None:
     """Once a daemon that stopped because its loaded code changed on disk has seen its commands end,
     start it again as it was started (same arguments, its scrubbed environment), on the new code."""
-    if not server.stale:
+    if not server.stale or not _own_process():
         return
     try:
         os.chdir(server.launch_cwd)
