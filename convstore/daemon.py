@@ -207,12 +207,19 @@ def scrub_environment(path: str) -> None:
 
 def restart_if_stale(server: Daemon) -> None:
     """Once a daemon that stopped because its loaded code changed on disk has seen its commands end,
-    start it again as it was started (same arguments, its scrubbed environment), on the new code."""
+    start it again as it was started (same arguments, its scrubbed environment, the folder it started in
+    if no one else can have put code there), on the new code."""
     if not server.stale or not _own_process():
         return
     try:
         os.chdir(server.launch_cwd)
+        st = os.stat(".")
     except OSError:
+        return
+    # ``python -m`` imports from there (and relative paths in its arguments name things there): only the
+    # folder it was started in, still this user's (or root's) and closed to others, else it stays stopped
+    if ((st.st_dev, st.st_ino) != server.launch_dir or st.st_uid not in (os.getuid(), 0)
+            or st.st_mode & 0o022):
         return
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], dict(os.environ))
 
@@ -312,6 +319,8 @@ class Daemon:
         self._files: dict[str, tuple[int, int]] = {}
         self.stale = False  # a module file it loaded changed on disk: it stopped, to start again
         self.launch_cwd = os.getcwd()  # where it was started (``python -m convstore`` may import from there)
+        st = os.stat(".")
+        self.launch_dir = (st.st_dev, st.st_ino)  # that folder, not whatever later has its name
 
     def bind(self) -> None:
         """Create the socket (0600, in a 0700 directory of this user), or

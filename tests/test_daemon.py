@@ -696,3 +696,44 @@ def test_a_folder_another_user_took_first_does_not_block_the_daemon():
     finally:
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(squatted, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+@pytest.mark.parametrize("how", ["replaced", "open to others"])
+def test_a_restart_never_imports_what_another_user_put_in_its_launch_folder(tmp_path, image_dir, how):
+    # `python -m convstore daemon` imports from its working directory; a stale daemon starts again from there,
+    # perhaps long after: another user who replaced that folder, or can write to it, must not choose its code
+    import platformdirs
+
+    deps = tmp_path / "deps"
+    shutil.copytree(Path(platformdirs.__file__).parent, deps / "platformdirs",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    launch = tmp_path / "launch"
+    launch.mkdir(mode=0o777 if how == "open to others" else 0o755)
+    launch.chmod(0o777 if how == "open to others" else 0o755)
+    folder = tmp_path / "d"
+    folder.mkdir(mode=0o700)
+    env = {**os.environ, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(folder / "cli.sock"),
+           "PYTHONPATH": str(deps)}
+    p = convstore(env, "daemon", "--background", cwd=launch)
+    assert p.returncode == 0 and b"listening on" in p.stdout, p.stderr
+    try:
+        old = status(env)["pid"]
+        if how == "replaced":  # the user moved the folder away; another user made one of the same name
+            launch.rename(tmp_path / "moved")
+            launch.mkdir()
+            os.chown(launch, NOBODY, NOBODY)
+        planted = launch / "convstore"
+        planted.mkdir()
+        pwned = tmp_path / "pwned"
+        (planted / "__init__.py").write_text(f"open({str(pwned)!r}, 'w').close()\n")
+        (planted / "__main__.py").write_text("")
+        os.chown(planted, NOBODY, NOBODY)
+        with open(deps / "platformdirs" / "__init__.py", "a") as f:  # an upgrade: the daemon is stale
+            f.write("\n# patched\n")
+        assert convstore(env, "--help", cwd=image_dir).returncode == 0
+        wait_for(lambda: not Path(f"/proc/{old}").exists() or Path(f"/proc/{old}/stat").read_text().split()[2] == "Z",
+                 "the stale daemon to exit")
+        assert not pwned.exists()
+    finally:
+        convstore(env, "daemon", "--stop")
