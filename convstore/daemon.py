@@ -94,15 +94,25 @@ _LIMITS = {"Max cpu time": resource.RLIMIT_CPU, "Max file size": resource.RLIMIT
            "Max realtime priority": resource.RLIMIT_RTPRIO, "Max realtime timeout": resource.RLIMIT_RTTIME}
 
 
+_RLIM_MAX = (1 << 64) - 1  # a limit as the kernel holds it (rlim_t; this is RLIM_INFINITY, "unlimited")
+
+
+def _rlim(value: int) -> int:
+    """A limit as :mod:`resource` gives or takes it: Python 3.11 passes a ``rlim_t`` through a C long, so
+    one past 2**63 - 1 is negative there (unlimited: -1), and a positive one that large overflows."""
+    return value - (1 << 64) if resource.RLIM_INFINITY < 0 and value >= 1 << 63 else value
+
+
 def _command_limits(pid: int | str) -> list[tuple[int, int, int]]:
     """The resource limits a command of process ``pid`` runs with: its own (``/proc/PID/limits``),
     never above this process's hard limits (a client cannot raise them by lying), as (resource, soft,
-    hard).  OSError if unreadable, ValueError if a limit is missing or unparsable."""
+    hard) for :func:`resource.setrlimit`.  Compared as the kernel does, unsigned.  OSError if
+    unreadable, ValueError if a limit is missing or unparsable."""
     def value(text: str) -> int:
-        return resource.RLIM_INFINITY if text == "unlimited" else int(text)
-
-    def lower(a: int, b: int) -> int:
-        return b if a == resource.RLIM_INFINITY else a if b == resource.RLIM_INFINITY else min(a, b)
+        v = _RLIM_MAX if text == "unlimited" else int(text)
+        if not 0 <= v <= _RLIM_MAX:
+            raise ValueError(f"limit out of range: {text}")
+        return v
 
     seen: dict[int, tuple[int, int]] = {}
     with open(f"/proc/{pid}/limits") as f:
@@ -114,8 +124,8 @@ def _command_limits(pid: int | str) -> list[tuple[int, int, int]]:
         raise ValueError("/proc/PID/limits lacks a limit")
     out = []
     for res, (soft, hard) in sorted(seen.items()):
-        hard = lower(hard, resource.getrlimit(res)[1])
-        out.append((res, lower(soft, hard), hard))
+        hard = min(hard, resource.getrlimit(res)[1] & _RLIM_MAX)
+        out.append((res, _rlim(min(soft, hard)), _rlim(hard)))
     return out
 
 

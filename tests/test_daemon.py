@@ -737,3 +737,31 @@ def test_a_restart_never_imports_what_another_user_put_in_its_launch_folder(tmp_
         assert not pwned.exists()
     finally:
         convstore(env, "daemon", "--stop")
+
+
+_HUGE = (1 << 63) - (1 << 64)  # 2**63, finite, past a C long: Python gives and takes it negative; /proc shows it
+
+
+def test_limits_past_a_c_long_are_compared_as_the_kernel_does(tmp_path, image_dir):
+    def daemon_limits() -> None:  # the daemon's hard limit of real-time CPU is finite but huge
+        resource.setrlimit(resource.RLIMIT_RTTIME, (_HUGE, _HUGE))
+
+    env = start_daemon(tmp_path / "d", preexec_fn=daemon_limits)
+    try:
+        assert "9223372036854775808  9223372036854775808" in _limits(status(env)["pid"])
+
+        def small() -> None:  # the client's is small: it binds, the daemon's being huge or not
+            resource.setrlimit(resource.RLIMIT_RTTIME, (1000000, 1000000))
+
+        with blocked_command(env, image_dir, small) as (p, command):
+            assert _limits(command) == _limits(p.pid)
+
+        def huge() -> None:  # the client's own limit is huge, below the daemon's unlimited: served, exactly so
+            small()
+            resource.setrlimit(resource.RLIMIT_RSS, (_HUGE + 1, _HUGE + 1))
+
+        with blocked_command(env, image_dir, huge) as (p, command):
+            assert "9223372036854775809  9223372036854775809" in _limits(command)
+            assert _limits(command) == _limits(p.pid)
+    finally:
+        convstore(env, "daemon", "--stop")
