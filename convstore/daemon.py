@@ -129,6 +129,14 @@ def _command_limits(pid: int | str) -> list[tuple[int, int, int]]:
     return out
 
 
+def _scheduling(pid: int | str) -> tuple[int, int]:
+    """A process's nice value and scheduling policy (``/proc/PID/stat``): an unprivileged process
+    cannot take back a higher priority, nor leave ``SCHED_IDLE``, so its command must not have them."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold anything
+    return int(fields[16]), int(fields[38])
+
+
 def _peer_pidfd(conn: socket.socket, pid: int) -> int:
     """A pidfd of the process that connected (``SO_PEERPIDFD``: that process, even if its pid was
     reused since), or, on a kernel without it, one opened on its ``SO_PEERCRED`` pid at accept;
@@ -265,6 +273,7 @@ class _Pending:
         self.buf = bytearray()
         self.body = b""  # the whole request, once accepted
         self.limits: list[tuple[int, int, int]] = []  # its command's resource limits, once accepted
+        self.scheduling = (0, 0)  # and its nice value and scheduling policy
 
     def close_pidfd(self) -> None:
         if self.pidfd >= 0:
@@ -597,16 +606,16 @@ class Daemon:
             self._stop_listening()
             raise ValueError("stale")
         try:
-            context, limits = _context(p.pid), _command_limits(p.pid)
-        except (OSError, ValueError):
-            context, limits = [], []
+            context, limits, scheduling = _context(p.pid), _command_limits(p.pid), _scheduling(p.pid)
+        except (OSError, ValueError, IndexError):
+            context, limits, scheduling = [], [], (0, 0)
         if p.pidfd < 0 or not _still(p.pidfd, p.pid):  # the pid read may be another process's now
             send_frame(p.conn, b"F", b"the process that connected has exited")
             raise ValueError("gone")
         if context != self.context:  # another namespace, fewer capabilities, a sandbox: it runs there
             send_frame(p.conn, b"F", b"the client runs in another context than the daemon")
             raise ValueError("context")
-        p.body, p.limits = body, limits
+        p.body, p.limits, p.scheduling = body, limits, scheduling
         p.deadline = time.monotonic() + REQUEST_TIMEOUT
         send_frame(p.conn, b"A")
 
@@ -628,7 +637,7 @@ class Daemon:
             conn = p.conn
             conn.setblocking(True)
             try:
-                taken = self._hand_over(conn, p.body, p.limits, fds)
+                taken = self._hand_over(conn, p.body, p.limits, p.scheduling, fds)
             except Exception:  # noqa: BLE001 - no spare has it: nothing ran, the client runs it itself
                 taken = False
             if not taken:
@@ -642,7 +651,7 @@ class Daemon:
                 os.close(fd)
 
     def _hand_over(self, conn: socket.socket, body: bytes, limits: list[tuple[int, int, int]],
-                   fds: list[int]) -> bool:
+                   scheduling: tuple[int, int], fds: list[int]) -> bool:
         """Give the command to a spare (another once if it fails); False if none took it (nothing ran)."""
         for _attempt in (0, 1):  # a spare that died idle is replaced once
             if self.spare is None:
@@ -656,7 +665,7 @@ class Daemon:
                 spare.sock.settimeout(REQUEST_TIMEOUT)
                 socket.send_fds(spare.sock, [b"C"], fds)  # the client's descriptors, then its request
                 send_message(spare.sock, body)
-                send_message(spare.sock, json.dumps(limits).encode())
+                send_message(spare.sock, json.dumps([limits, scheduling]).encode())
                 try:
                     started = recv_exact(spare.sock, 1) == b"R"  # it is the command now (idle signals dropped)
                 except TimeoutError:
@@ -751,8 +760,13 @@ class Daemon:
             if go != b"C" or len(fds) != 4:
                 return 0
             body = recv_message(sock)
-            for res, soft, hard in json.loads(recv_message(sock)):  # never more than the client had
+            limits, (nice, policy) = json.loads(recv_message(sock))
+            for res, soft, hard in limits:  # never more than the client had
                 resource.setrlimit(res, (soft, hard))
+            if nice > os.getpriority(os.PRIO_PROCESS, 0):  # nor a higher priority (a lower one it may have)
+                os.setpriority(os.PRIO_PROCESS, 0, nice)
+            if policy in (os.SCHED_BATCH, os.SCHED_IDLE) and os.sched_getscheduler(0) != policy:
+                os.sched_setscheduler(0, policy, os.sched_param(0))
             # a signal sent to this process while it idled was not meant for the command it is about to run
             while signal.sigtimedwait(RELAYED, 0) is not None:
                 pass

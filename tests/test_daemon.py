@@ -765,3 +765,19 @@ def test_limits_past_a_c_long_are_compared_as_the_kernel_does(tmp_path, image_di
             assert _limits(command) == _limits(p.pid)
     finally:
         convstore(env, "daemon", "--stop")
+
+
+def _scheduling(pid: int) -> tuple[int, int]:
+    """(nice, policy) of a process, as /proc/PID/stat shows them."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[16]), int(fields[38])
+
+
+def test_a_nice_or_idle_client_gets_no_higher_priority_in_the_daemon(daemon, image_dir):
+    # `nice -n 19 convstore ...` and `chrt -i 0 convstore ...`: an unprivileged process cannot take back the
+    # priority it gave up, so its command must not run at the daemon's
+    for name, lower in (("nice", lambda: os.nice(19)),
+                        ("idle", lambda: os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)))):
+        with blocked_command(daemon, image_dir, lower) as (p, command):
+            assert _scheduling(p.pid) != _scheduling(status(daemon)["pid"]), name
+            assert _scheduling(command) == _scheduling(p.pid), name
