@@ -704,8 +704,8 @@ _PRELOAD = ("convstore.pack", "convstore.unpack", "convstore.maintenance", "conv
 def daemon(
     socket_path: Optional[str] = typer.Option(
         None, "--socket", metavar="PATH",
-        help="[default: $CONVSTORE_DAEMON_SOCKET, $XDG_RUNTIME_DIR/convstore/cli.sock, or /run/convstore/cli.sock "
-             "for root]"),
+        help="[default: $CONVSTORE_DAEMON_SOCKET, $XDG_RUNTIME_DIR/convstore/cli.sock, /run/convstore/cli.sock "
+             "for root, or ~/.cache/convstore-daemon/cli.sock]"),
     background: bool = typer.Option(False, "--background", "-b", help="Return once it listens"),
     status: bool = typer.Option(False, "--status", help="Print the running daemon's state as JSON"),
     stop: bool = typer.Option(False, "--stop", help="Stop the running daemon (after its running commands)"),
@@ -725,6 +725,7 @@ def daemon(
         return
     from typer.main import get_command
 
+    d.scrub_environment(path)  # re-executes itself: no secret of its launcher in any command's /proc/PID/environ
     d.close_inherited()  # what started it must not be held open by every command it forks
     command = get_command(app)
     server = d.Daemon(path, lambda prog: main(lambda: command(prog_name=prog)), __version__)
@@ -753,11 +754,13 @@ def daemon(
         os.close(w)
         try:
             server.serve()
+            d.restart_if_stale(server)  # its loaded code changed on disk: again, on the new code
         finally:
             os._exit(0)
     # plain: a rich console made here would be inherited by every command
     sys.stderr.write(f"convstore daemon listening on {path}; Ctrl-C stops it\n")
     server.serve()
+    d.restart_if_stale(server)
 
 
 def main(command: Callable[[], object] | None = None) -> None:

@@ -15,7 +15,13 @@ Trust: the socket is created 0600 in a directory of its owner that no one
 else can write, and both ends check the other's uid (``SO_PEERCRED``): a
 daemon serves only its own user, and a client talks only to a daemon of its
 own user.  A daemon whose code differs from the client's (an upgrade, an
-edit) is not used: the client runs the command itself.
+edit) is not used: the client runs the command itself; one whose loaded
+module files changed on disk since it started (a patched dependency) stops
+and starts again on the new code.
+A command never runs with more than its client had: the client's context
+is read from ``/proc`` while a pidfd of the process that connected shows it
+still holds that pid (``SO_PEERPIDFD``), the client's resource limits are
+applied to the command, and the daemon runs with a scrubbed environment.
 
 The client and the wire format are in :mod:`convstore.daemon_client`, which
 every command imports first and which imports almost nothing.
@@ -45,6 +51,7 @@ import traceback
 from collections.abc import Callable, Iterable
 
 from .daemon_client import (
+    MAX_REQUEST,
     RELAYED,
     DaemonError,
     WireError,
@@ -63,8 +70,10 @@ from .daemon_client import (
 )
 
 REQUEST_TIMEOUT = 5.0  # a client silent this long mid-request is dropped
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11's socket module lacks the name
 
-__all__ = ["Daemon", "DaemonError", "close_inherited", "request", "socket_path"]
+__all__ = ["Daemon", "DaemonError", "close_inherited", "request", "restart_if_stale", "scrub_environment",
+           "socket_path"]
 
 
 # what a command's process may differ in from the daemon's without running with more than it had
@@ -72,6 +81,165 @@ __all__ = ["Daemon", "DaemonError", "close_inherited", "request", "socket_path"]
 _CONTEXT_NS = ("mnt", "pid", "net", "user", "ipc", "uts", "cgroup", "time")
 _CONTEXT_STATUS = ("Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:",
                    "NoNewPrivs:", "Seccomp:", "Seccomp_filters:")
+
+
+# the resource limits /proc/PID/limits shows, by name: all of Linux's (Python names no RLIMIT_LOCKS: 10)
+_LIMITS = {"Max cpu time": resource.RLIMIT_CPU, "Max file size": resource.RLIMIT_FSIZE,
+           "Max data size": resource.RLIMIT_DATA, "Max stack size": resource.RLIMIT_STACK,
+           "Max core file size": resource.RLIMIT_CORE, "Max resident set": resource.RLIMIT_RSS,
+           "Max processes": resource.RLIMIT_NPROC, "Max open files": resource.RLIMIT_NOFILE,
+           "Max locked memory": resource.RLIMIT_MEMLOCK, "Max address space": resource.RLIMIT_AS,
+           "Max file locks": getattr(resource, "RLIMIT_LOCKS", 10), "Max pending signals": resource.RLIMIT_SIGPENDING,
+           "Max msgqueue size": resource.RLIMIT_MSGQUEUE, "Max nice priority": resource.RLIMIT_NICE,
+           "Max realtime priority": resource.RLIMIT_RTPRIO, "Max realtime timeout": resource.RLIMIT_RTTIME}
+
+
+_RLIM_MAX = (1 << 64) - 1  # a limit as the kernel holds it (rlim_t; this is RLIM_INFINITY, "unlimited")
+
+
+def _rlim(value: int) -> int:
+    """A limit as :mod:`resource` gives or takes it: Python 3.11 passes a ``rlim_t`` through a C long, so
+    one past 2**63 - 1 is negative there (unlimited: -1), and a positive one that large overflows."""
+    return value - (1 << 64) if resource.RLIM_INFINITY < 0 and value >= 1 << 63 else value
+
+
+def _command_limits(pid: int | str) -> list[tuple[int, int, int]]:
+    """The resource limits a command of process ``pid`` runs with: its own (``/proc/PID/limits``),
+    never above this process's hard limits (a client cannot raise them by lying), as (resource, soft,
+    hard) for :func:`resource.setrlimit`.  Compared as the kernel does, unsigned.  OSError if
+    unreadable, ValueError if a limit is missing or unparsable."""
+    def value(text: str) -> int:
+        v = _RLIM_MAX if text == "unlimited" else int(text)
+        if not 0 <= v <= _RLIM_MAX:
+            raise ValueError(f"limit out of range: {text}")
+        return v
+
+    seen: dict[int, tuple[int, int]] = {}
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f.read().splitlines()[1:]:
+            name, rest = line[:26].strip(), line[26:].split()
+            if name in _LIMITS and len(rest) >= 2:
+                seen[_LIMITS[name]] = (value(rest[0]), value(rest[1]))
+    if set(seen) != set(_LIMITS.values()):
+        raise ValueError("/proc/PID/limits lacks a limit")
+    out = []
+    for res, (soft, hard) in sorted(seen.items()):
+        hard = min(hard, resource.getrlimit(res)[1] & _RLIM_MAX)
+        out.append((res, _rlim(min(soft, hard)), _rlim(hard)))
+    return out
+
+
+def _scheduling(pid: int | str) -> tuple[int, int]:
+    """A process's nice value and scheduling policy (``/proc/PID/stat``): an unprivileged process
+    cannot take back a higher priority, nor leave ``SCHED_IDLE``, so its command must not have them."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold anything
+    return int(fields[16]), int(fields[38])
+
+
+def _peer_pidfd(conn: socket.socket, pid: int) -> int:
+    """A pidfd of the process that connected (``SO_PEERPIDFD``: that process, even if its pid was
+    reused since), or, on a kernel without it, one opened on its ``SO_PEERCRED`` pid at accept;
+    -1 if neither (the connecting process is gone)."""
+    try:
+        (fd,) = struct.unpack("i", conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))
+    except OSError as e:
+        if e.errno != errno.ENOPROTOOPT:
+            return -1  # ESRCH: it exited (its pid may be someone else's now)
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return -1
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def _still(pidfd: int, pid: int) -> bool:
+    """The process behind ``pidfd`` still has pid ``pid`` and has not exited: checked after its
+    ``/proc/PID`` was read, it shows that what was read was that process's."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            same = any(line.split() == ["Pid:", str(pid)] for line in f)
+    except OSError:
+        return False
+    poll = select.poll()
+    poll.register(pidfd, select.POLLIN)  # readable once the process has exited
+    return same and not poll.poll(0)
+
+
+def _loaded_files() -> dict[str, tuple[int, int]]:
+    """The size and modification time of every module file this process has loaded (convstore's,
+    its dependencies', the standard library's)."""
+    out: dict[str, tuple[int, int]] = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path not in out:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            out[path] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _files_changed(files: dict[str, tuple[int, int]]) -> bool:
+    for path, seen in files.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            return True
+        if (st.st_size, st.st_mtime_ns) != seen:
+            return True
+    return False
+
+
+# what the daemon's own environment keeps (no secret of whatever started it: every command's
+# /proc/PID/environ shows it); a command gets its client's environment in-process
+_KEEP_ENV = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "CONVSTORE_DAEMON_SOCKET")
+
+
+def _own_process() -> bool:
+    """This process is ``convstore`` or ``python -m convstore`` (not a program that calls the CLI
+    in-process), so ``sys.orig_argv`` starts it again."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return (spec is not None and spec.name == "convstore.__main__"
+            or os.path.basename(getattr(main, "__file__", None) or "") == "convstore")
+
+
+def scrub_environment(path: str) -> None:
+    """Re-execute this process (``convstore daemon``) with a minimal environment: what names the
+    socket (``path``), the locale, ``PATH``, ``HOME``, ``TMPDIR``, ``TZ`` and the interpreter's
+    ``PYTHON*`` settings (the code fingerprint depends on them).  Returns when it already has one, or
+    when this process is not ``convstore``'s own (``sys.orig_argv`` would not start the daemon)."""
+    if not _own_process():
+        return
+    env = {k: v for k, v in os.environ.items() if k in _KEEP_ENV or k.startswith(("LC_", "PYTHON"))}
+    env["CONVSTORE_DAEMON_SOCKET"] = os.path.abspath(path)
+    if env == dict(os.environ):
+        return
+    for f in (sys.stdout, sys.stderr):
+        f.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def restart_if_stale(server: Daemon) -> None:
+    """Once a daemon that stopped because its loaded code changed on disk has seen its commands end,
+    start it again as it was started (same arguments, its scrubbed environment, the folder it started in
+    if no one else can have put code there), on the new code."""
+    if not server.stale or not _own_process():
+        return
+    try:
+        os.chdir(server.launch_cwd)
+        st = os.stat(".")
+    except OSError:
+        return
+    # ``python -m`` imports from there (and relative paths in its arguments name things there): only the
+    # folder it was started in, still this user's (or root's) and closed to others, else it stays stopped
+    if ((st.st_dev, st.st_ino) != server.launch_dir or st.st_uid not in (os.getuid(), 0)
+            or st.st_mode & 0o022):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], dict(os.environ))
 
 
 def _context(pid: int | str) -> list[str]:
@@ -92,6 +260,25 @@ class _Child:
 
     def __init__(self, pid: int, conn: socket.socket) -> None:
         self.pid, self.conn, self.connected, self.buf = pid, conn, True, b""
+
+
+class _Pending:
+    """A client whose request is still arriving (read as its bytes come, never waited for), or who
+    was accepted and has yet to commit: its connection, the pid and a pidfd of the process that
+    connected, and what was checked of its request."""
+
+    def __init__(self, conn: socket.socket, pid: int, pidfd: int) -> None:
+        self.conn, self.pid, self.pidfd = conn, pid, pidfd
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT
+        self.buf = bytearray()
+        self.body = b""  # the whole request, once accepted
+        self.limits: list[tuple[int, int, int]] = []  # its command's resource limits, once accepted
+        self.scheduling = (0, 0)  # and its nice value and scheduling policy
+
+    def close_pidfd(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 class _Spare:
@@ -147,6 +334,12 @@ class Daemon:
         self._respawn = False
         self._reserve = -1
         self._inode: tuple[int, int] | None = None
+        self._pending: set[_Pending] = set()
+        self._files: dict[str, tuple[int, int]] = {}
+        self.stale = False  # a module file it loaded changed on disk: it stopped, to start again
+        self.launch_cwd = os.getcwd()  # where it was started (``python -m convstore`` may import from there)
+        st = os.stat(".")
+        self.launch_dir = (st.st_dev, st.st_ino)  # that folder, not whatever later has its name
 
     def bind(self) -> None:
         """Create the socket (0600, in a 0700 directory of this user), or
@@ -156,7 +349,8 @@ class Daemon:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         if not private_dir(os.lstat(folder)):
             raise DaemonError(f"{folder} must be a directory of this user that no one else can write "
-                              f"(someone else's, a link, or open to others)")
+                              f"(someone else's, a link, or open to others): remove it, or set "
+                              f"XDG_RUNTIME_DIR or CONVSTORE_DAEMON_SOCKET to a place of your own")
         live = connect(self.path)
         if live is not None:
             live.close()
@@ -172,6 +366,10 @@ class Daemon:
         old = os.umask(0o177)  # created 0600
         try:
             s.bind(self.path)
+        except OSError as e:
+            s.close()
+            raise DaemonError(f"cannot listen at {self.path} ({e}): set CONVSTORE_DAEMON_SOCKET to a shorter path "
+                              f"of your own") from None
         finally:
             os.umask(old)
         st = os.lstat(self.path)
@@ -186,6 +384,7 @@ class Daemon:
         assert self.listener is not None
         self.listener.listen(64)  # again, in this process: SO_PEERCRED names the listening process to clients
         self.started = time.time()
+        self._files = _loaded_files()  # after the imports: rechecked at each command
         gc.freeze()  # what was imported stays out of every child's collections (and unshared pages untouched)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -209,7 +408,10 @@ class Daemon:
             while not (self.stopping and not self.children):
                 if self._respawn:  # here, between requests, it inherits no request's descriptors
                     self._spawn_spare()
-                for key, _ in sel.select():
+                timeout = None
+                if self._pending:
+                    timeout = max(0.0, min(p.deadline for p in self._pending) - time.monotonic())
+                for key, _ in sel.select(timeout):
                     if key.fileobj is self.listener:
                         self._accept()
                     elif key.fileobj == wake_r:
@@ -219,8 +421,13 @@ class Daemon:
                                     break
                             except BlockingIOError:
                                 break
+                    elif isinstance(key.data, _Pending):
+                        self._from_pending(key.data)
                     else:
                         self._from_client(key.data)
+                now = time.monotonic()
+                for p in [p for p in self._pending if p.deadline <= now]:  # silent for too long: dropped
+                    self._drop(p)
                 while pending:
                     signum = pending.pop()
                     if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -238,6 +445,13 @@ class Daemon:
 
     def _stop_listening(self) -> None:
         self.stopping = True
+        for p in list(self._pending):  # nothing of theirs has run: an accepted one is told to run it itself
+            if p.body:
+                try:
+                    send_frame(p.conn, b"F", b"the daemon stopped")
+                except OSError:
+                    pass
+            self._drop(p)
         if self.spare is not None:  # it reads the end of its socket, and exits
             self.spare.sock.close()
             self.spare = None
@@ -295,6 +509,8 @@ class Daemon:
                 _killpg(child.pid, frame[1])
 
     def _accept(self) -> None:
+        """Take a connection of this user and read its request as it arrives (:meth:`_from_pending`):
+        a client that trickles its bytes holds up no one else."""
         assert self.listener is not None
         try:
             conn, _ = self.listener.accept()
@@ -309,33 +525,64 @@ class Daemon:
                     pass
                 self._reserve = _reserve_fd()
             return
-        fds: list[int] = []
         try:
             pid, uid = peer(conn)
-            if uid != os.getuid():
-                conn.close()
-                return
-            conn.settimeout(REQUEST_TIMEOUT)
-            body = recv_message(conn)  # descriptors sent along are dropped by the kernel
-            try:
-                op, fields = decode_request(body)
-            except WireError as e:
-                if e.version:
-                    send_frame(conn, b"F", b"protocol version")
-                raise
-            if op in ("status", "stop") and not fields:
-                send_frame(conn, b"I", json.dumps(self.status()).encode())
-                if op == "stop":
-                    self._stop_listening()
-            elif op == "run":
-                self._run(conn, pid, body, fields, fds)
-                return
-            raise ValueError("done")
-        except Exception:  # noqa: BLE001 - one bad request never takes the daemon down
+        except OSError:
             conn.close()
-        finally:
-            for fd in fds:
-                os.close(fd)
+            return
+        if uid != os.getuid():
+            conn.close()
+            return
+        p = _Pending(conn, pid, _peer_pidfd(conn, pid))  # taken now: the process that connected
+        conn.setblocking(False)
+        self._pending.add(p)
+        self._selector.register(conn, selectors.EVENT_READ, p)
+
+    def _drop(self, p: _Pending) -> None:
+        if p in self._pending:
+            self._pending.discard(p)
+            self._selector.unregister(p.conn)
+            p.conn.close()
+            p.close_pidfd()
+
+    def _from_pending(self, p: _Pending) -> None:
+        try:
+            if p.body:
+                self._commit(p)
+            else:
+                self._read_request(p)
+        except Exception:  # noqa: BLE001 - one bad request never takes the daemon down
+            self._drop(p)
+
+    def _read_request(self, p: _Pending) -> None:
+        """What has arrived of a request (length, then body; never past it); handled once whole."""
+        want = 4 - len(p.buf) if len(p.buf) < 4 else 4 + struct.unpack("!I", p.buf[:4])[0] - len(p.buf)
+        data = p.conn.recv(min(want, 1 << 20))
+        if not data:
+            raise EOFError
+        p.buf += data
+        if len(p.buf) < 4:
+            return
+        (n,) = struct.unpack("!I", p.buf[:4])
+        if n > MAX_REQUEST:
+            raise WireError("request too large")
+        if len(p.buf) < 4 + n:
+            return
+        body, p.buf = bytes(p.buf[4:]), bytearray()
+        try:
+            op, fields = decode_request(body)
+        except WireError as e:
+            if e.version:
+                send_frame(p.conn, b"F", b"protocol version")
+            raise
+        if op == "run":
+            self._accept_run(p, body, fields)
+            return
+        if op in ("status", "stop") and not fields:
+            send_frame(p.conn, b"I", json.dumps(self.status()).encode())
+            if op == "stop":
+                self._stop_listening()
+        self._drop(p)
 
     def status(self) -> dict[str, object]:
         return {"pid": os.getpid(), "socket": self.path, "version": self.version,
@@ -345,29 +592,67 @@ class Daemon:
                 "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                 "command_max_rss_kib": self.max_rss_kib}
 
-    def _run(self, conn: socket.socket, client: int, body: bytes, fields: list[str], fds: list[int]) -> None:
-        """Check a ``run`` request, take the client's descriptors with its commitment, and hand the
-        command to a spare; ``fds`` (closed by the caller) receives the descriptors."""
+    def _accept_run(self, p: _Pending, body: bytes, fields: list[str]) -> None:
+        """Check a ``run`` request: the client's code, this daemon's (unchanged on disk since it
+        started), the client's context and resource limits, read from ``/proc`` while the process that
+        connected demonstrably still had that pid; then answer "accepted"."""
         cmd = _Command.parse(fields)
         if cmd.fingerprint != self.fingerprint:
-            send_frame(conn, b"F", b"the daemon runs other code than this client; restart it")
+            send_frame(p.conn, b"F", b"the daemon runs other code than this client; restart it")
+            raise ValueError("stale")
+        if _files_changed(self._files):  # an edited or upgraded dependency: this daemon serves no more
+            send_frame(p.conn, b"F", b"the daemon's code changed on disk since it started; it restarts")
+            self.stale = True
+            self._stop_listening()
             raise ValueError("stale")
         try:
-            same = _context(client) == self.context
-        except OSError:
-            same = False
-        if not same:  # another namespace, fewer capabilities, a sandbox: the command must run there, not here
-            send_frame(conn, b"F", b"the client runs in another context than the daemon")
+            context, limits, scheduling = _context(p.pid), _command_limits(p.pid), _scheduling(p.pid)
+        except (OSError, ValueError, IndexError):
+            context, limits, scheduling = [], [], (0, 0)
+        if p.pidfd < 0 or not _still(p.pidfd, p.pid):  # the pid read may be another process's now
+            send_frame(p.conn, b"F", b"the process that connected has exited")
+            raise ValueError("gone")
+        if context != self.context:  # another namespace, fewer capabilities, a sandbox: it runs there
+            send_frame(p.conn, b"F", b"the client runs in another context than the daemon")
             raise ValueError("context")
-        send_frame(conn, b"A")
-        go, received, flags, _ = socket.recv_fds(conn, 1, 8)
-        fds.extend(received)
-        if go != b"G":
-            raise ValueError("not committed")
-        if len(received) != 4 or flags & getattr(socket, "MSG_CTRUNC", 8):  # e.g. this daemon at its fd limit
-            send_frame(conn, b"F", b"the client's descriptors did not arrive")
-            raise ValueError("no descriptors")
-        conn.settimeout(None)
+        p.body, p.limits, p.scheduling = body, limits, scheduling
+        p.deadline = time.monotonic() + REQUEST_TIMEOUT
+        send_frame(p.conn, b"A")
+
+    def _commit(self, p: _Pending) -> None:
+        """The client's commitment (``G``, with its descriptors): hand the command to a spare."""
+        go, fds, flags, _ = socket.recv_fds(p.conn, 1, 8)
+        try:
+            if go != b"G":
+                raise ValueError("not committed")
+            if len(fds) != 4 or flags & getattr(socket, "MSG_CTRUNC", 8):  # e.g. this daemon at its fd limit
+                send_frame(p.conn, b"F", b"the client's descriptors did not arrive")
+                raise ValueError("no descriptors")
+            if not _still(p.pidfd, p.pid):  # if nothing else is left of the client, nothing runs
+                send_frame(p.conn, b"F", b"the process that connected has exited")
+                raise ValueError("gone")
+            self._pending.discard(p)
+            self._selector.unregister(p.conn)
+            p.close_pidfd()
+            conn = p.conn
+            conn.setblocking(True)
+            try:
+                taken = self._hand_over(conn, p.body, p.limits, p.scheduling, fds)
+            except Exception:  # noqa: BLE001 - no spare has it: nothing ran, the client runs it itself
+                taken = False
+            if not taken:
+                try:
+                    send_frame(conn, b"F", b"fork failed")
+                except OSError:
+                    pass
+                conn.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _hand_over(self, conn: socket.socket, body: bytes, limits: list[tuple[int, int, int]],
+                   scheduling: tuple[int, int], fds: list[int]) -> bool:
+        """Give the command to a spare (another once if it fails); False if none took it (nothing ran)."""
         for _attempt in (0, 1):  # a spare that died idle is replaced once
             if self.spare is None:
                 self._spawn_spare([conn.fileno(), *fds])
@@ -380,6 +665,7 @@ class Daemon:
                 spare.sock.settimeout(REQUEST_TIMEOUT)
                 socket.send_fds(spare.sock, [b"C"], fds)  # the client's descriptors, then its request
                 send_message(spare.sock, body)
+                send_message(spare.sock, json.dumps([limits, scheduling]).encode())
                 try:
                     started = recv_exact(spare.sock, 1) == b"R"  # it is the command now (idle signals dropped)
                 except TimeoutError:
@@ -401,9 +687,8 @@ class Daemon:
             self.children[spare.pid] = _Child(spare.pid, conn)
             self._selector.register(conn, selectors.EVENT_READ, self.children[spare.pid])
             self._respawn = True  # the next command's, made once this request's descriptors are closed
-            return
-        send_frame(conn, b"F", b"fork failed")
-        raise ValueError("no process for the command")
+            return True
+        return False
 
     def _spawn_spare(self, close: list[int] | None = None) -> None:
         """Fork the next command's process before its command comes.  While
@@ -465,6 +750,9 @@ class Daemon:
             self.listener.close()
         for other in self.children.values():
             other.conn.close()
+        for p in self._pending:  # other clients' requests, still arriving
+            p.conn.close()
+            p.close_pidfd()
         _parent_death_signal(signal.SIGHUP)  # a daemon that dies takes its commands with it, as a terminal would
         _prefault(lambda: bool(select.select([sock], [], [], 0)[0]))
         try:
@@ -472,12 +760,19 @@ class Daemon:
             if go != b"C" or len(fds) != 4:
                 return 0
             body = recv_message(sock)
+            limits, (nice, policy) = json.loads(recv_message(sock))
+            for res, soft, hard in limits:  # never more than the client had
+                resource.setrlimit(res, (soft, hard))
+            if nice > os.getpriority(os.PRIO_PROCESS, 0):  # nor a higher priority (a lower one it may have)
+                os.setpriority(os.PRIO_PROCESS, 0, nice)
+            if policy in (os.SCHED_BATCH, os.SCHED_IDLE) and os.sched_getscheduler(0) != policy:
+                os.sched_setscheduler(0, policy, os.sched_param(0))
             # a signal sent to this process while it idled was not meant for the command it is about to run
             while signal.sigtimedwait(RELAYED, 0) is not None:
                 pass
             sock.sendall(b"R")  # from here the daemon relays the client's signals to this process
-        except (OSError, EOFError):
-            return 0  # no command (the daemon stopped or gave up on this spare): nothing runs
+        except (OSError, EOFError, ValueError):
+            return 0  # no command (the daemon stopped or gave up on this spare), or unfit: nothing runs
         sock.close()
         cmd = _Command.parse(decode_request(body)[1])
         for i in cmd.ignored:  # what the client ignores (nohup), its command ignores too

@@ -70,7 +70,9 @@ class WireError(ValueError):
 def socket_path() -> str:
     """Where the daemon listens: ``$CONVSTORE_DAEMON_SOCKET``, else
     ``$XDG_RUNTIME_DIR/convstore/cli.sock``, else ``/run/convstore/cli.sock``
-    for root and ``/tmp/convstore-UID/cli.sock`` for other users."""
+    for root, else ``~/.cache/convstore-daemon/cli.sock`` (a home of this
+    user: a name in ``/tmp`` could be taken first by another user), and only
+    without such a home ``/tmp/convstore-UID/cli.sock``."""
     explicit = os.environ.get("CONVSTORE_DAEMON_SOCKET")
     if explicit:
         return explicit
@@ -79,6 +81,13 @@ def socket_path() -> str:
         return os.path.join(runtime, "convstore", "cli.sock")
     if os.getuid() == 0:
         return "/run/convstore/cli.sock"
+    home = os.environ.get("HOME", "")
+    try:
+        st = os.stat(home) if os.path.isabs(home) else None
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        return os.path.join(home, ".cache", "convstore-daemon", "cli.sock")
     return f"/tmp/convstore-{os.getuid()}/cli.sock"
 
 

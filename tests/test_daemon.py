@@ -4,8 +4,10 @@ signals), is refused across users, and is not used when the code differs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -409,3 +411,373 @@ def test_a_confined_client_runs_alone(daemon, image_dir):
     assert status(daemon)["served"] == before
     assert convstore(client, "images", cwd=image_dir).returncode == 0  # unconfined: served
     assert status(daemon)["served"] == before + 1
+
+
+# ---------------------------------------------------------------- a command never has more than its client had
+
+
+@contextlib.contextmanager
+def blocked_command(env: dict[str, str], cwd: Path, preexec_fn=None):
+    """A command the daemon runs, blocked reading the registry password from its stdin: yields
+    (its client, the command's pid)."""
+    before = status(env)
+    p = subprocess.Popen([sys.executable, "-m", "convstore", "--password-stdin", "pull", "oci://127.0.0.1:9/none",
+                          "box:1"], cwd=cwd, env={**env, "CONVSTORE_STORE": "store"}, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
+    try:
+        wait_for(lambda: status(env)["served"] == before["served"] + 1 or p.poll() is not None, "the command")
+        assert p.poll() is None, p.stderr.read() if p.stderr else ""
+        info = status(env)
+        [command] = set(Path(f"/proc/{info['pid']}/task/{info['pid']}/children").read_text().split()) - {
+            str(info["spare"])}
+        yield p, int(command)
+    finally:
+        p.communicate(b"\n", timeout=60)
+
+
+def _limits(pid: int) -> str:
+    return Path(f"/proc/{pid}/limits").read_text()
+
+
+def test_the_clients_resource_limits_bind_its_command(daemon, image_dir):
+    client = {**daemon, "CONVSTORE_STORE": "store", "CONVSTORE_KEY": "file:keys/master.key"}
+    assert convstore(client, "pack", "oci:src", "box:1", cwd=image_dir).returncode == 0
+
+    def small_files() -> None:  # ulimit -f 64
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    # a command writing more than its client may fails in the daemon as it does alone (EFBIG), file cut short
+    results = {}
+    for name, env in (("alone", {**client, "CONVSTORE_DAEMON": "0"}), ("daemon", client)):
+        before = status(daemon)["served"]
+        with open(image_dir / f"{name}.out", "wb") as out:
+            p = subprocess.run([sys.executable, "-m", "convstore", "cat", "box:1", "/big.bin"], env=env,
+                               cwd=image_dir, stdout=out, stderr=subprocess.PIPE, preexec_fn=small_files, timeout=120)
+        results[name] = (p.returncode, (image_dir / f"{name}.out").stat().st_size, p.stderr)
+        assert status(daemon)["served"] == before + (name == "daemon")
+    assert results["alone"][0] == 1 and results["alone"][1] <= 65536, results["alone"]
+    assert results["daemon"] == results["alone"]
+
+    # every limit (ulimit -n -v -c -t -u ...), soft and hard, is the client's in its command
+    def limited() -> None:
+        for res, lim in ((resource.RLIMIT_NOFILE, (512, 900)), (resource.RLIMIT_CORE, (0, 0)),
+                         (resource.RLIMIT_AS, (8 << 30, 8 << 30)), (resource.RLIMIT_CPU, (3000, 3600)),
+                         (resource.RLIMIT_NPROC, (5000, 6000)), (resource.RLIMIT_STACK, (4 << 20, 64 << 20)),
+                         (resource.RLIMIT_MEMLOCK, (1 << 20, 1 << 20)), (resource.RLIMIT_MSGQUEUE, (4096, 8192))):
+            resource.setrlimit(res, lim)
+
+    with blocked_command(daemon, image_dir, limited) as (p, command):
+        assert _limits(command) == _limits(p.pid)
+        assert _limits(command) != _limits(status(daemon)["pid"])
+
+
+def test_no_secret_of_the_daemons_launcher_reaches_its_commands(tmp_path, image_dir):
+    # what the daemon was started with stays readable in /proc/PID/environ of every process it forks
+    secrets = {"CONVSTORE_PKCS11_PIN": "4711-pin-secret", "FOO_TOKEN": "0815-token-secret"}
+    env = start_daemon(tmp_path / "d", secrets)
+    try:
+        info = status(env)
+        with blocked_command(env, image_dir) as (_p, command):
+            for pid in (info["pid"], info["spare"], command):
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+                assert not any(v in environ for v in (b"4711-pin", b"0815-token", b"PKCS11", b"FOO_TOKEN")), pid
+                assert b"PATH=" in environ  # what it keeps
+    finally:
+        convstore(env, "daemon", "--stop")
+
+
+def test_an_edited_dependency_retires_the_daemon(tmp_path, image_dir):
+    # a copy of a dependency the daemon loads (platformdirs, preloaded), first on the path of both ends
+    import platformdirs
+
+    deps = tmp_path / "deps"
+    shutil.copytree(Path(platformdirs.__file__).parent, deps / "platformdirs",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = start_daemon(tmp_path / "d", {"PYTHONPATH": str(deps)})
+    env["PYTHONPATH"] = str(deps)
+    try:
+        before = status(env)["served"]
+        assert convstore(env, "--help", cwd=image_dir).returncode == 0
+        assert status(env)["served"] == before + 1
+        # patched in place (its directory, on sys.path, keeps its mtime): the daemon's copy is stale now
+        with open(deps / "platformdirs" / "__init__.py", "a") as f:
+            f.write("\n# patched\n")
+        old = status(env)["pid"]
+        p = convstore(env, "--help", cwd=image_dir)
+        assert p.returncode == 0 and b"Usage" in p.stdout, p.stderr
+        # the command ran in its client (the stale daemon served nothing more), and the daemon started again:
+        # the next command is served by a process that loaded the patched file
+        wait_for(lambda: not Path(f"/proc/{old}").exists() or Path(f"/proc/{old}/stat").read_text().split()[2] == "Z",
+                 "the stale daemon to exit")
+
+        def restarted() -> bool:
+            p = convstore(env, "daemon", "--status")
+            return p.returncode == 0 and json.loads(p.stdout)["pid"] != old
+
+        wait_for(restarted, "the daemon to start again", timeout=60)
+        info = status(env)
+        assert info["served"] == 0
+        assert convstore(env, "--help", cwd=image_dir).returncode == 0
+        assert status(env)["served"] == 1
+    finally:
+        convstore(env, "daemon", "--stop")
+
+
+def test_a_trickling_client_holds_up_no_other(daemon, image_dir):
+    before = status(daemon)["served"]
+    with socket.socket(socket.AF_UNIX) as staller:
+        staller.connect(daemon["CONVSTORE_DAEMON_SOCKET"])
+        staller.sendall(b"\0")  # one byte of a request's length, then nothing
+        p = convstore(daemon, "--help", cwd=image_dir)
+        # the staller is still connected, its request still pending: the command did not wait it out
+        staller.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            staller.recv(1)
+    assert p.returncode == 0 and b"Usage" in p.stdout, p.stderr
+    # and it ran in the daemon, not in its client after a hand-shake that timed out
+    assert status(daemon)["served"] == before + 1
+
+
+# the process that connects hands the connection to its child and exits; the child sends the request
+_RACER = r"""
+import os, socket, struct, sys
+from convstore.daemon_client import encode_request, fingerprint, recv_frame, send_message
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+go, out = int(sys.argv[2]), int(sys.argv[3])
+if os.fork():
+    os._exit(0)
+os.read(go, 1)
+env = [k + "=" + v for k, v in os.environ.items()]
+send_message(s, encode_request("run", "convstore", "18", "1", "", fingerprint(), "--help", *env))
+kind, why = recv_frame(s)
+if kind == b"A":
+    cwd = os.open(".", os.O_PATH)
+    s.sendmsg([b"G"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("4i", 0, 1, 2, cwd))])
+    kind2, code = recv_frame(s)
+    why += b" then " + kind2 + code
+os.write(out, kind + why)
+"""
+
+
+def _spawn_with_pid(pid: int, argv: list[str]) -> subprocess.Popen:
+    """A process with the given (free) pid: the kernel's next pid set just below it, then a fork."""
+    for _ in range(500):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        p = subprocess.Popen(argv)
+        if p.pid == pid:
+            return p
+        p.kill()
+        p.wait()
+    pytest.fail(f"could not start a process with pid {pid}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to choose the next pid (ns_last_pid)")
+def test_a_pid_reused_after_the_client_left_does_not_vouch_for_it(daemon, image_dir):
+    # a confined (no_new_privs) client connects, hands the connection to its child and exits; an unconfined
+    # process of the same user takes its pid; the child's request must not run as that process's would
+    before = status(daemon)["served"]
+    go_r, go_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        racer = subprocess.Popen([sys.executable, "-c", _RACER, daemon["CONVSTORE_DAEMON_SOCKET"], str(go_r),
+                                  str(out_w)], env=daemon, cwd=image_dir, pass_fds=(go_r, out_w),
+                                 stdout=subprocess.DEVNULL, preexec_fn=_no_new_privs)
+        assert racer.wait(timeout=60) == 0  # reaped: its pid is free
+        os.close(go_r)
+        os.close(out_w)
+        go_r = out_w = -1
+        impostor = _spawn_with_pid(racer.pid, ["sleep", "120"])
+        try:
+            assert "NoNewPrivs:\t0" in Path(f"/proc/{racer.pid}/status").read_text()
+            os.write(go_w, b"g")
+            reply = b""
+            while chunk := os.read(out_r, 200):
+                reply += chunk
+        finally:
+            impostor.kill()
+            impostor.wait()
+    finally:
+        for fd in (go_r, go_w, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)
+    assert reply == b"Fthe process that connected has exited", reply
+    assert status(daemon)["served"] == before
+
+
+def test_a_request_sent_after_the_connecting_process_exited_is_refused(daemon, image_dir):
+    # the mechanism without the pid reuse: whoever holds the connection, nothing runs for a process that is gone
+    before = status(daemon)["served"]
+    go_r, go_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        racer = subprocess.Popen([sys.executable, "-c", _RACER, daemon["CONVSTORE_DAEMON_SOCKET"], str(go_r),
+                                  str(out_w)], env=daemon, cwd=image_dir, pass_fds=(go_r, out_w),
+                                 stdout=subprocess.DEVNULL)
+        assert racer.wait(timeout=60) == 0
+        os.close(go_r)
+        os.close(out_w)
+        go_r = out_w = -1
+        os.write(go_w, b"g")
+        reply = b""
+        while chunk := os.read(out_r, 200):
+            reply += chunk
+    finally:
+        for fd in (go_r, go_w, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)
+    assert reply.startswith(b"F"), reply
+    assert status(daemon)["served"] == before
+
+
+_SERVER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from convstore.daemon import Daemon, DaemonError
+from convstore.daemon_client import socket_path
+d = Daemon(socket_path(), lambda prog: sys.exit(42), "test")
+try:
+    d.bind()
+except DaemonError as e:
+    print("error:", e, flush=True)
+    sys.exit(1)
+print(d.path, flush=True)
+d.serve()
+"""
+_CLIENT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from convstore.daemon_client import run_via_daemon
+print(run_via_daemon(["images"]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
+def test_a_folder_another_user_took_first_does_not_block_the_daemon():
+    # without XDG_RUNTIME_DIR, /tmp/convstore-UID is a name any user can take first.  The other users run the
+    # system's python3 on the stdlib-only daemon modules (the venv's interpreter may sit in root's home)
+    system_python = shutil.which("python3", path="/usr/bin:/bin")
+    if system_python is None:
+        pytest.fail("no system python3 for the other user's side of this test")
+    user = 65533
+    squatted = Path(f"/tmp/convstore-{user}")
+    home = Path(tempfile.mkdtemp(prefix="convstore-home-", dir="/tmp"))
+    try:
+        os.chmod(home, 0o755)
+        os.chown(home, user, user)
+        squatted.mkdir(mode=0o755)
+        os.chown(squatted, NOBODY, NOBODY)  # taken first by nobody
+
+        def run(script: str, home_dir: str, **kw: object) -> subprocess.Popen:
+            return subprocess.Popen([system_python, "-c", script, str(REPO)], user=user, cwd="/", text=True,
+                                    env={"HOME": home_dir, "PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+
+        # a home of its own: the daemon listens there, and serves its user's commands
+        server = run(_SERVER, str(home))
+        try:
+            where = server.stdout.readline().strip() if server.stdout else ""
+            assert where == str(home / ".cache" / "convstore-daemon" / "cli.sock"), (where, server.stderr)
+            client = run(_CLIENT, str(home))
+            out, err = client.communicate(timeout=60)
+            assert (client.returncode, out.strip()) == (0, "42"), err  # served by the daemon (its entry's status)
+        finally:
+            server.terminate()
+            server.communicate(timeout=60)
+        # no home of its own: one line naming the fix, and the client runs its command itself
+        server = run(_SERVER, "/nonexistent")
+        out, err = server.communicate(timeout=60)
+        assert server.returncode == 1 and out.count("\n") == 1, (out, err)
+        assert f"/tmp/convstore-{user}" in out and "CONVSTORE_DAEMON_SOCKET" in out, out
+        client = run(_CLIENT, "/nonexistent")
+        out, err = client.communicate(timeout=60)
+        assert (client.returncode, out.strip()) == (0, "None"), err
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(squatted, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+@pytest.mark.parametrize("how", ["replaced", "open to others"])
+def test_a_restart_never_imports_what_another_user_put_in_its_launch_folder(tmp_path, image_dir, how):
+    # `python -m convstore daemon` imports from its working directory; a stale daemon starts again from there,
+    # perhaps long after: another user who replaced that folder, or can write to it, must not choose its code
+    import platformdirs
+
+    deps = tmp_path / "deps"
+    shutil.copytree(Path(platformdirs.__file__).parent, deps / "platformdirs",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    launch = tmp_path / "launch"
+    launch.mkdir(mode=0o777 if how == "open to others" else 0o755)
+    launch.chmod(0o777 if how == "open to others" else 0o755)
+    folder = tmp_path / "d"
+    folder.mkdir(mode=0o700)
+    env = {**os.environ, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(folder / "cli.sock"),
+           "PYTHONPATH": str(deps)}
+    p = convstore(env, "daemon", "--background", cwd=launch)
+    assert p.returncode == 0 and b"listening on" in p.stdout, p.stderr
+    try:
+        old = status(env)["pid"]
+        if how == "replaced":  # the user moved the folder away; another user made one of the same name
+            launch.rename(tmp_path / "moved")
+            launch.mkdir()
+            os.chown(launch, NOBODY, NOBODY)
+        planted = launch / "convstore"
+        planted.mkdir()
+        pwned = tmp_path / "pwned"
+        (planted / "__init__.py").write_text(f"open({str(pwned)!r}, 'w').close()\n")
+        (planted / "__main__.py").write_text("")
+        os.chown(planted, NOBODY, NOBODY)
+        with open(deps / "platformdirs" / "__init__.py", "a") as f:  # an upgrade: the daemon is stale
+            f.write("\n# patched\n")
+        assert convstore(env, "--help", cwd=image_dir).returncode == 0
+        wait_for(lambda: not Path(f"/proc/{old}").exists() or Path(f"/proc/{old}/stat").read_text().split()[2] == "Z",
+                 "the stale daemon to exit")
+        assert not pwned.exists()
+    finally:
+        convstore(env, "daemon", "--stop")
+
+
+_HUGE = (1 << 63) - (1 << 64)  # 2**63, finite, past a C long: Python gives and takes it negative; /proc shows it
+
+
+def test_limits_past_a_c_long_are_compared_as_the_kernel_does(tmp_path, image_dir):
+    def daemon_limits() -> None:  # the daemon's hard limit of real-time CPU is finite but huge
+        resource.setrlimit(resource.RLIMIT_RTTIME, (_HUGE, _HUGE))
+
+    env = start_daemon(tmp_path / "d", preexec_fn=daemon_limits)
+    try:
+        assert "9223372036854775808  9223372036854775808" in _limits(status(env)["pid"])
+
+        def small() -> None:  # the client's is small: it binds, the daemon's being huge or not
+            resource.setrlimit(resource.RLIMIT_RTTIME, (1000000, 1000000))
+
+        with blocked_command(env, image_dir, small) as (p, command):
+            assert _limits(command) == _limits(p.pid)
+
+        def huge() -> None:  # the client's own limit is huge, below the daemon's unlimited: served, exactly so
+            small()
+            resource.setrlimit(resource.RLIMIT_RSS, (_HUGE + 1, _HUGE + 1))
+
+        with blocked_command(env, image_dir, huge) as (p, command):
+            assert "9223372036854775809  9223372036854775809" in _limits(command)
+            assert _limits(command) == _limits(p.pid)
+    finally:
+        convstore(env, "daemon", "--stop")
+
+
+def _scheduling(pid: int) -> tuple[int, int]:
+    """(nice, policy) of a process, as /proc/PID/stat shows them."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[16]), int(fields[38])
+
+
+def test_a_nice_or_idle_client_gets_no_higher_priority_in_the_daemon(daemon, image_dir):
+    # `nice -n 19 convstore ...` and `chrt -i 0 convstore ...`: an unprivileged process cannot take back the
+    # priority it gave up, so its command must not run at the daemon's
+    for name, lower in (("nice", lambda: os.nice(19)),
+                        ("idle", lambda: os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)))):
+        with blocked_command(daemon, image_dir, lower) as (p, command):
+            assert _scheduling(p.pid) != _scheduling(status(daemon)["pid"]), name
+            assert _scheduling(command) == _scheduling(p.pid), name
