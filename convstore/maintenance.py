@@ -52,9 +52,11 @@ def refresh(store: Store, ref: str | None = None, check_sources: bool = True) ->
             cur = lifecycle.clear_dead_pack(cur, now)
             if cur is None or not cur.complete:
                 return cur
-            if problem:
+            # the source was judged for e's version: a name packed again meanwhile is judged next time
+            judged = cur.manifest_digest == e.manifest_digest
+            if problem and judged:
                 return lifecycle.fail(cur, now, problem, update_reason=True)
-            if cur.state == FAILED and check_sources:
+            if cur.state == FAILED and check_sources and judged:
                 return lifecycle.recover(cur, now)
             if store.is_stale(cur, now):
                 return lifecycle.deactivate(cur, now, store.inactive_after)

@@ -522,3 +522,27 @@ def test_a_copy_into_the_name_during_a_repair_is_never_undone(tmp_path, keyfile,
     e = a.entry("x:1")
     assert e.state == ACTIVE and e.pending is None and e.source_manifest == copied.source_manifest
     assert who(a, "x:1", tmp_path) == NEW
+
+
+def test_refresh_judges_only_the_version_whose_source_it_checked(tmp_path, cli_env, registry, moved):
+    """refresh checks an entry's source, then applies the verdict under the entry's lock: if the user packed
+    the name again meanwhile (another process), the verdict on the old version's source must not mark the
+    new version FAILED (nor bring a FAILED one back)."""
+    src, _old, _new = moved
+    _push(registry, src, "1")
+    front = LyingRegistry(registry.host)
+    try:
+        store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+        store.pack(f"docker://{front.host}/app:1", "x:1")
+        front.lie = "sha256:" + "0" * 64  # the old source is gone (the registry answers 404)
+        explicit: list[subprocess.CompletedProcess[str]] = []
+        front.on_manifest = lambda: explicit.append(run_cli(cli_env, "pack", f"oci:{tmp_path / 'other'}", "x:1",
+                                                            check=False))
+        store.refresh()
+        assert explicit and explicit[0].returncode == 0, explicit
+        e = store.entry("x:1")
+        assert (e.state, e.source) == (ACTIVE, f"oci:{tmp_path / 'other'}"), (e.state, e.reason)
+        assert who(store, "x:1", tmp_path) == NEW
+        assert store.refresh() == []  # its own source is there: nothing to say about it
+    finally:
+        front.stop()
