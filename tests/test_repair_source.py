@@ -546,3 +546,25 @@ def test_refresh_judges_only_the_version_whose_source_it_checked(tmp_path, cli_e
         assert store.refresh() == []  # its own source is there: nothing to say about it
     finally:
         front.stop()
+
+
+def test_a_name_removed_during_a_repair_is_not_re_created(tmp_path, cli_env, registry, moved):
+    """The racer removes the name (convstore rm, another process) while the repair reads its source: the
+    repair must not bring the removed image back under the name."""
+    src, _old, _new = moved
+    _push(registry, src, "1")
+    front = LyingRegistry(registry.host)
+    try:
+        store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+        store.pack(f"docker://{front.host}/app:1", "x:1")
+        corrupt_one_chunk(store, "x:1")
+        removed: list[subprocess.CompletedProcess[str]] = []
+        front.on_manifest = lambda: removed.append(run_cli(cli_env, "rm", "x:1", check=False))
+        r = store.verify("x:1", repair=True)
+        assert removed and removed[0].returncode == 0, removed
+        assert r.repaired == [] and "was removed while it was being re-packed" in r.not_repaired["x:1"], r
+        with pytest.raises(convstore.ImageNotFound):
+            store.entry("x:1")
+        assert "x:1" not in run_cli(cli_env, "images").stdout
+    finally:
+        front.stop()
