@@ -23,7 +23,7 @@ _EXPORTS = {
     "CatalogEntry": "catalog", "StoreOptions": "options",
     "ImageInfo": "store", "Store": "store", "StoreStats": "store", "default_store_path": "store",
     **{name: "errors" for name in (
-        "ChunkMissing", "ConvstoreError", "CorruptLayer", "CorruptObject", "DigestMismatch", "ImageFailed",
+        "ChunkMissing", "ConvstoreError", "CorruptLayer", "CorruptObject", "DigestMismatch", "ImageChanged", "ImageFailed",
         "ImageInactive", "ImageNotFound", "ImagePending", "InvalidReference", "KeyAccessDenied", "KeyFileError",
         "KeyProviderError", "RollbackDetected", "SourceChanged", "SourceError", "SourceNotFound", "StoreError", "StoreFormatError",
         "TamperedObject", "UnsafePathError", "UnsupportedMediaType")},
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
         CorruptLayer,
         CorruptObject,
         DigestMismatch,
+        ImageChanged,
         ImageFailed,
         ImageInactive,
         ImageNotFound,
@@ -83,6 +84,6 @@ __all__ = [
     "__version__", "Store", "StoreOptions", "StoreStats", "ImageInfo", "CatalogEntry", "ChunkParams", "KeyProvider", "LocalKeyFile",
     "open_key", "default_store_path", "TamperedObject", "RollbackDetected",
     "ConvstoreError", "SourceError", "SourceNotFound", "SourceChanged", "DigestMismatch", "CorruptLayer",
-    "UnsupportedMediaType", "StoreError", "ImageNotFound", "ImagePending", "ImageInactive", "ImageFailed", "ChunkMissing", "CorruptObject", "StoreFormatError", "KeyProviderError",
+    "UnsupportedMediaType", "StoreError", "ImageNotFound", "ImagePending", "ImageChanged", "ImageInactive", "ImageFailed", "ChunkMissing", "CorruptObject", "StoreFormatError", "KeyProviderError",
     "KeyAccessDenied", "KeyFileError", "UnsafePathError", "InvalidReference",
 ]

@@ -16,6 +16,7 @@ key material.
     ├── StoreError             the store cannot be used
     │   ├── ImageNotFound      no such name:tag in the catalog
     │   ├── ImagePending       being packed; not readable yet
+    │   ├── ImageChanged       packed again (or removed) while a re-pack of it ran
     │   ├── ImageInactive      unused too long; a read starts its re-pack
     │   ├── ImageFailed        source gone or key denied
     │   ├── ChunkMissing       a chunk the manifest names is absent
@@ -79,6 +80,11 @@ class ImageNotFound(StoreError):
 
 class ImagePending(StoreError):
     """The image is being packed (PENDING) and cannot be used yet."""
+
+
+class ImageChanged(StoreError):
+    """A re-pack (repair, reactivation) found the name packed again, copied into or removed after it
+    read the entry: it publishes nothing, and the name keeps what was put there last."""
 
 
 class ImageInactive(StoreError):

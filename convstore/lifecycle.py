@@ -37,7 +37,7 @@ from dataclasses import replace
 from typing import Any
 
 from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, CatalogEntry, iso, pid_alive
-from .errors import ImageNotFound, ImagePending
+from .errors import ImageChanged, ImageNotFound, ImagePending
 from .refs import ImageRef
 
 NEW = "new"
@@ -62,12 +62,28 @@ def _pending_mark(now: float, source: str) -> dict[str, Any]:
     return {"since": now, "pid": os.getpid(), "host": socket.gethostname(), "source": source}
 
 
-def begin_pack(cur: CatalogEntry | None, ref: ImageRef, now: float, source: str) -> CatalogEntry:
+def _check_repack_of(cur: CatalogEntry | None, ref: ImageRef, repack_of: str | None) -> None:
+    """A re-pack of the version ``repack_of`` goes on only while the name still points at it: if the
+    name was packed again, copied into or removed since the re-pack read its entry, :class:`ImageChanged`
+    (a repair never puts back what the user replaced or removed)."""
+    if repack_of is None:
+        return
+    if cur is None or not cur.complete:
+        raise ImageChanged(f"image {ref} was removed while it was being re-packed: nothing re-packed")
+    if cur.manifest_digest != repack_of:
+        raise ImageChanged(f"image {ref} was packed again while it was being re-packed (it now holds "
+                           f"{cur.manifest_digest}, the re-pack was of {repack_of}): nothing re-packed")
+
+
+def begin_pack(cur: CatalogEntry | None, ref: ImageRef, now: float, source: str,
+               repack_of: str | None = None) -> CatalogEntry:
     """Mark ``ref`` PENDING, or note a pending update of a servable image.
-    Refuses if another live process is packing it."""
+    Refuses if another live process is packing it, or (a re-pack of the version ``repack_of``)
+    if the name no longer points at that version."""
     if cur is not None and cur.pending and pid_alive(cur.pending) and cur.pending.get("pid") != os.getpid():
         raise ImagePending(f"image {ref} is already being packed (pid {cur.pending.get('pid')}, "
                            f"since {iso(cur.pending.get('since'))})")
+    _check_repack_of(cur, ref, repack_of)
     pending = _pending_mark(now, source)
     if cur is None:
         return CatalogEntry(ref, PENDING, now, "packing", source=source, pending=pending,
@@ -79,9 +95,13 @@ def begin_pack(cur: CatalogEntry | None, ref: ImageRef, now: float, source: str)
 
 def finish_pack(cur: CatalogEntry | None, ref: ImageRef, now: float, *, manifest_digest: str, key_id: str,
                 wrapped_key: bytes, created: str, source: str, logical_bytes: int, layers: int,
-                domain: str, packed_from: str = "", source_digests: tuple[str, str] = ("", "")) -> CatalogEntry:
+                domain: str, packed_from: str = "", source_digests: tuple[str, str] = ("", ""),
+                repack_of: str | None = None) -> CatalogEntry:
     """Point ``ref`` at a complete, durable version: ACTIVE.  ``source_digests``: the source manifest's
-    and config's digests it was packed from (what a re-pack must find again)."""
+    and config's digests it was packed from (what a re-pack must find again).  ``repack_of``: a re-pack
+    publishes only while the name still points at the version it re-packs (a copy into the name takes
+    no pack lock)."""
+    _check_repack_of(cur, ref, repack_of)
     base = cur or CatalogEntry(ref, PENDING, now)
     return _to(base, ACTIVE, "packed", now, manifest_digest=manifest_digest, key_id=key_id,
                            wrapped_key=wrapped_key, created=created, source=source, logical_bytes=logical_bytes,
@@ -90,14 +110,18 @@ def finish_pack(cur: CatalogEntry | None, ref: ImageRef, now: float, *, manifest
 
 
 def abort_pack(cur: CatalogEntry | None, now: float, error: str, source_gone: bool,
-               source_changed: bool = False) -> CatalogEntry | None:
+               source_changed: bool = False, repack_of: str | None = None) -> CatalogEntry | None:
     """A pack by this process failed: keep serving the previous version.  A re-pack (repair,
     reactivation) whose source now serves other content: FAILED with ``error``, which names both
-    digests; the entry keeps its version (nothing else is ever served under the name)."""
+    digests; the entry keeps its version (nothing else is ever served under the name).  A re-pack of
+    ``repack_of`` whose name now holds another version judges nothing about it: it only drops its mark."""
     if cur is None:
         return None
     if cur.pending and cur.pending.get("pid") != os.getpid() and pid_alive(cur.pending):
         return cur  # another process's pack: not ours to abort
+    if repack_of is not None and cur.manifest_digest != repack_of:
+        ours = cur.pending and cur.pending.get("pid") == os.getpid()
+        return replace(cur, pending=None) if ours else cur
     if not cur.complete:
         return None  # a first pack that failed leaves the catalog as it was
     if source_changed:
@@ -141,10 +165,14 @@ def start_reactivation(cur: CatalogEntry | None, now: float, inactive_after: flo
     return _to(cur, PENDING, "reactivating", now), True
 
 
-def fail(cur: CatalogEntry | None, now: float, reason: str, update_reason: bool = False) -> CatalogEntry | None:
+def fail(cur: CatalogEntry | None, now: float, reason: str, update_reason: bool = False,
+         version: str | None = None) -> CatalogEntry | None:
     """The image cannot be served (source gone or changed, key denied, repair impossible).  An image
-    already FAILED keeps its reason, unless ``update_reason`` (refresh: the problem found now)."""
+    already FAILED keeps its reason, unless ``update_reason`` (refresh: the problem found now).
+    ``version``: the manifest the problem was found in; a name packed again since is left alone."""
     if cur is None or not cur.complete or (cur.state == FAILED and (not update_reason or cur.reason == reason)):
+        return cur
+    if version is not None and cur.manifest_digest != version:
         return cur
     return _to(cur, FAILED, reason, now)
 

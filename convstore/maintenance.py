@@ -52,9 +52,11 @@ def refresh(store: Store, ref: str | None = None, check_sources: bool = True) ->
             cur = lifecycle.clear_dead_pack(cur, now)
             if cur is None or not cur.complete:
                 return cur
-            if problem:
+            # the source was judged for e's version: a name packed again meanwhile is judged next time
+            judged = cur.manifest_digest == e.manifest_digest
+            if problem and judged:
                 return lifecycle.fail(cur, now, problem, update_reason=True)
-            if cur.state == FAILED and check_sources:
+            if cur.state == FAILED and check_sources and judged:
                 return lifecycle.recover(cur, now)
             if store.is_stale(cur, now):
                 return lifecycle.deactivate(cur, now, store.inactive_after)
@@ -248,14 +250,17 @@ def verify(store: Store, ref: str | None = None, repair: bool = False, workers: 
         store.chunk_store.repair_index()
         report.repaired.append(INDEX)
     if repair and not report.clean and set(report.affected) - {INDEX}:
-        _repair(store, report, idents, repair_from)
+        _repair(store, report, idents, repair_from, {str(e.ref): e.manifest_digest or "" for e in entries})
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other: Store | None) -> None:
+def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other: Store | None,
+            versions: dict[str, str]) -> None:
     """Copy bad chunks from ``other`` where it holds good ones, then re-pack
-    every image still affected from its (authenticated) source."""
+    every image still affected from its (authenticated) source.  An image that cannot be
+    repaired goes FAILED only if it still holds the version found broken (``versions``): one
+    packed again meanwhile is not judged by the old version's problem."""
     # corrupt chunks were quarantined by the read that found them (after a second read confirmed it);
     # nothing is deleted here, so a transient error never costs a good chunk
     bad = {bytes.fromhex(h): imgs for h, imgs in (*report.missing.items(), *report.corrupt.items())}
@@ -281,5 +286,5 @@ def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other:
             report.repaired.append(ref)
         except ConvstoreError as err:
             report.not_repaired[ref] = str(err)
-            now, why = store.clock(), f"cannot repair: {err}"
-            store.update_entry(ImageRef.parse(ref), lambda c: lifecycle.fail(c, now, why))
+            now, why, seen = store.clock(), f"cannot repair: {err}", versions.get(ref, "")
+            store.update_entry(ImageRef.parse(ref), lambda c: lifecycle.fail(c, now, why, version=seen))

@@ -150,6 +150,7 @@ def pack(
     reuse_layers: bool = True,
     insecure: bool = False,
     expect: tuple[str, str] | None = None,
+    repack_of: str | None = None,
 ) -> PackResult:
     """Pack an image into ``store`` under ``ref`` (``NAME[:TAG]``).
 
@@ -157,7 +158,9 @@ def pack(
     any error before that leaves it as it was.  A layer whose diff_id is
     already stored (with all its chunks) is reused without reading its blob,
     unless ``reuse_layers`` is False.  ``expect`` (a re-pack, :func:`repack`): the
-    (manifest digest, config digest) the source must serve, else :class:`SourceChanged`.
+    (manifest digest, config digest) the source must serve, else :class:`SourceChanged`;
+    ``repack_of``: the version it re-packs, which the name must still point at when the pack
+    begins and when it publishes (else :class:`ImageChanged`, and nothing is published).
     """
     t0 = time.perf_counter()
     iref = ImageRef.parse(ref)
@@ -176,11 +179,12 @@ def pack(
             if done is not None:
                 return done
             stack.enter_context(store.gc_guard())  # gc waits for packs in progress
-            store.begin_pack(iref, src.ref)
-            return _pack(store, src, iref, dom, params, level, workers, progress, reuse_layers, t0, identity)
+            store.begin_pack(iref, src.ref, repack_of)
+            return _pack(store, src, iref, dom, params, level, workers, progress, reuse_layers, t0, identity,
+                         repack_of)
     except BaseException as e:
         store.chunks.abort()  # unpublished chunks of a failed pack are dropped
-        store.abort_pack(iref, e)
+        store.abort_pack(iref, e, repack_of)
         raise
 
 
@@ -200,11 +204,11 @@ def repack(store: Store, ref: str | ImageRef, *, repair: bool = False, progress:
         expect = _recorded_source(store, e)
         src = _open_recorded(e.source, expect[0])
     except ConvstoreError as err:
-        store.abort_pack(iref, err)
+        store.abort_pack(iref, err, e.manifest_digest)
         raise
-    with src:
+    with src:  # the name may be packed again meanwhile: this re-pack then publishes nothing (repack_of)
         return pack(store, src, str(iref), domain=store.domain_of(e), progress=progress,
-                    reuse_layers=not repair, expect=expect)
+                    reuse_layers=not repair, expect=expect, repack_of=e.manifest_digest)
 
 
 def _open_recorded(source: str, manifest_digest: str) -> ImageSource:
@@ -301,7 +305,8 @@ def _up_to_date(store: Store, iref: ImageRef, identity: str, t0: float) -> PackR
 
 
 def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: ChunkParams, level: int,
-          workers: int | None, progress: Progress, reuse_layers: bool, t0: float, identity: str) -> PackResult:
+          workers: int | None, progress: Progress, reuse_layers: bool, t0: float, identity: str,
+          repack_of: str | None = None) -> PackResult:
     table: list[ChunkIdentity] = []
     index: dict[bytes, int] = {}
     layers: list[LayerRecord] = []
@@ -367,7 +372,7 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
         manifest.locations = store.chunks.locate([c.cid for c in table], [prior.get(c.cid) for c in table])
         digest, wrapped = store.put_manifest(manifest)
         store.finish_pack(iref, digest, wrapped, manifest.created, src.ref, manifest.logical_bytes, len(layers),
-                          dom.public["name"], identity, (src.manifest_digest or "", src.config_digest))
+                          dom.public["name"], identity, (src.manifest_digest or "", src.config_digest), repack_of)
         store.record_layers(dom, manifest, digest, wrapped)
     finally:
         progress.finish()

@@ -298,15 +298,17 @@ class Store:
         assert e is not None
         return e
 
-    def begin_pack(self, ref: ImageRef, source: str) -> CatalogEntry:
-        """Mark ``ref`` PENDING (or note the pending update of a servable image)."""
+    def begin_pack(self, ref: ImageRef, source: str, repack_of: str | None = None) -> CatalogEntry:
+        """Mark ``ref`` PENDING (or note the pending update of a servable image).  ``repack_of``: a
+        re-pack of that version (refused with :class:`ImageChanged` once ``ref`` points elsewhere)."""
         now = self.clock()
-        return self._change(ref, lambda cur: lifecycle.begin_pack(cur, ref, now, source))
+        return self._change(ref, lambda cur: lifecycle.begin_pack(cur, ref, now, source, repack_of))
 
     def finish_pack(self, ref: ImageRef, manifest_digest: str, wrapped: bytes, created: str, source: str,
                     logical_bytes: int, layers: int, domain: str, packed_from: str = "",
-                    source_digests: tuple[str, str] = ("", "")) -> CatalogEntry:
-        """Make every chunk durable, then atomically point ``ref`` at the new version: ACTIVE."""
+                    source_digests: tuple[str, str] = ("", ""), repack_of: str | None = None) -> CatalogEntry:
+        """Make every chunk durable, then atomically point ``ref`` at the new version: ACTIVE (a re-pack
+        of ``repack_of``: only if ``ref`` still points at that version)."""
         self.chunk_store.flush()
         self.objects.flush()
         self.ident.check_current(self.key)  # a rekey that ran meanwhile: never publish under a retired key
@@ -314,15 +316,15 @@ class Store:
         return self._change(ref, lambda cur: lifecycle.finish_pack(
             cur, ref, now, manifest_digest=manifest_digest, key_id=self.key.key_id, wrapped_key=wrapped,
             created=created, source=source, logical_bytes=logical_bytes, layers=layers, domain=domain,
-            packed_from=packed_from, source_digests=source_digests))
+            packed_from=packed_from, source_digests=source_digests, repack_of=repack_of))
 
-    def abort_pack(self, ref: ImageRef, error: BaseException) -> None:
+    def abort_pack(self, ref: ImageRef, error: BaseException, repack_of: str | None = None) -> None:
         """A pack failed: keep serving the previous version (a re-pack whose source is gone or now
         serves other content: FAILED)."""
         now = self.clock()
         self.update_entry(ref, lambda cur: lifecycle.abort_pack(cur, now, str(error),
                                                                 isinstance(error, SourceNotFound),
-                                                                isinstance(error, SourceChanged)))
+                                                                isinstance(error, SourceChanged), repack_of))
 
     def gc_guard(self) -> AbstractContextManager[None]:
         """What a pack or copy into this store holds while it relies on chunks

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from conftest import need_tool, run_cli
@@ -284,7 +285,12 @@ class LyingRegistry:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.lie: str | None = None
+        #: a racer: run once, when the first manifest request arrives (before it is answered)
+        self.on_manifest: Callable[[], None] | None = None
         front = self
+        import threading
+
+        hook_lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -294,6 +300,11 @@ class LyingRegistry:
 
             def do_GET(self) -> None:
                 path = self.path
+                if "/manifests/" in path:
+                    with hook_lock:
+                        hook, front.on_manifest = front.on_manifest, None
+                    if hook is not None:
+                        hook()
                 if front.lie and "/manifests/" in path:
                     path = path.rsplit("/manifests/", 1)[0] + "/manifests/" + front.lie
                 c = http.client.HTTPConnection(upstream, timeout=60)
@@ -318,8 +329,6 @@ class LyingRegistry:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        import threading
-
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
@@ -424,3 +433,140 @@ def test_oci_layout_repair_reads_the_recorded_digest_while_the_layout_holds_it(t
     why = f"source oci:{src}:latest now serves {new}, packed from {old}; pack it explicitly to take the new content"
     assert p.returncode == 1 and f"could not repair x:1: {why}" in [ln.strip() for ln in p.stdout.splitlines()]
     assert run_cli(cli_env, "cat", "x:1", "/who", check=False).stderr == f"convstore: error: image x:1 is FAILED: {why}\n"
+
+
+def _push(registry, layout_dir: Path, tag: str) -> str:
+    skopeo = need_tool("skopeo")
+    dest = f"docker://{registry.host}/app:{tag}"
+    subprocess.run([skopeo, "copy", "-q", "--dest-tls-verify=false", f"oci:{layout_dir}:latest", dest], check=True,
+                   capture_output=True)
+    return json.loads(subprocess.run([skopeo, "inspect", "--tls-verify=false", dest], check=True, capture_output=True,
+                                     text=True).stdout)["Digest"]
+
+
+def test_an_explicit_pack_that_lands_during_a_repair_is_never_undone(tmp_path, cli_env, registry, moved):
+    """The racer: while the repair reads its (unchanged) source, the user packs other content into the name
+    (another process, the CLI).  The repair had read the old entry; it must not publish the old content over
+    the explicit pack, nor re-create the name: it drops its re-pack and the name keeps what was packed last."""
+    src, old, _new = moved
+    _push(registry, src, "1")
+    front = LyingRegistry(registry.host)  # honest: only the hook makes the race happen when it must
+    try:
+        store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+        store.pack(f"docker://{front.host}/app:1", "x:1")
+        before = store.entry("x:1").manifest_digest
+        corrupt_one_chunk(store, "x:1")
+        explicit: list[subprocess.CompletedProcess[str]] = []
+        front.on_manifest = lambda: explicit.append(run_cli(cli_env, "pack", f"oci:{tmp_path / 'other'}", "x:1",
+                                                            check=False))
+        r = store.verify("x:1", repair=True)
+        assert explicit and explicit[0].returncode == 0, explicit
+        e = store.entry("x:1")
+        assert e.state == ACTIVE and e.manifest_digest != before and e.source == f"oci:{tmp_path / 'other'}"
+        assert who(store, "x:1", tmp_path) == NEW  # the explicit pack's content, not the repair's
+        assert r.repaired == [] and "packed again while it was being re-packed" in r.not_repaired["x:1"], r
+    finally:
+        front.stop()
+
+
+def test_a_repair_that_meets_an_explicit_pack_does_not_fail_it(tmp_path, cli_env, registry, moved):
+    """The same race where the repair's source has moved: the repair refuses (SourceChanged), but the name now
+    holds what the user packed explicitly meanwhile; that must stay ACTIVE, not be marked FAILED for a source
+    it was never packed from."""
+    src, old, _new = moved
+    _push(registry, src, "1")
+    new = _push(registry, tmp_path / "other", "2")
+    front = LyingRegistry(registry.host)
+    try:
+        store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+        store.pack(f"docker://{front.host}/app:1", "x:1")
+        corrupt_one_chunk(store, "x:1")
+        front.lie = new  # the source now serves another image
+        explicit: list[subprocess.CompletedProcess[str]] = []
+        front.on_manifest = lambda: explicit.append(run_cli(cli_env, "pack", f"oci:{tmp_path / 'other'}", "x:1",
+                                                            check=False))
+        r = store.verify("x:1", repair=True)
+        assert explicit and explicit[0].returncode == 0, explicit
+        assert r.repaired == [] and "x:1" in r.not_repaired
+        e = store.entry("x:1")
+        assert (e.state, e.source) == (ACTIVE, f"oci:{tmp_path / 'other'}"), (e.state, e.reason)
+        assert who(store, "x:1", tmp_path) == NEW
+    finally:
+        front.stop()
+
+
+def test_a_copy_into_the_name_during_a_repair_is_never_undone(tmp_path, keyfile, moved):
+    """A copy (push/pull) into the name lands while the repair is packing (it takes no pack lock): the repair
+    must not publish its old content over it when it finishes."""
+    from convstore.transfer import copy_image
+
+    src, _old, _new = moved
+    a = convstore.Store.open(str(tmp_path / "a"), f"file:{keyfile}")
+    b = convstore.Store.open(str(tmp_path / "b"), f"file:{keyfile}")
+    a.pack(f"oci:{src}", "x:1")
+    b.pack(f"oci:{tmp_path / 'other'}", "y:1")
+    copied = b.entry("y:1")
+
+    class CopyMeanwhile:
+        """The racer, run once the repair has started packing."""
+
+        def start(self, description: str, total: int | None) -> None:
+            copy_image(b, a, "y:1", "x:1")
+
+        def advance(self, n: int) -> None:
+            pass
+
+        def finish(self) -> None:
+            pass
+
+    with pytest.raises(convstore.ConvstoreError, match="packed again while it was being re-packed"):
+        a.repack("x:1", repair=True, progress=CopyMeanwhile())
+    e = a.entry("x:1")
+    assert e.state == ACTIVE and e.pending is None and e.source_manifest == copied.source_manifest
+    assert who(a, "x:1", tmp_path) == NEW
+
+
+def test_refresh_judges_only_the_version_whose_source_it_checked(tmp_path, cli_env, registry, moved):
+    """refresh checks an entry's source, then applies the verdict under the entry's lock: if the user packed
+    the name again meanwhile (another process), the verdict on the old version's source must not mark the
+    new version FAILED (nor bring a FAILED one back)."""
+    src, _old, _new = moved
+    _push(registry, src, "1")
+    front = LyingRegistry(registry.host)
+    try:
+        store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+        store.pack(f"docker://{front.host}/app:1", "x:1")
+        front.lie = "sha256:" + "0" * 64  # the old source is gone (the registry answers 404)
+        explicit: list[subprocess.CompletedProcess[str]] = []
+        front.on_manifest = lambda: explicit.append(run_cli(cli_env, "pack", f"oci:{tmp_path / 'other'}", "x:1",
+                                                            check=False))
+        store.refresh()
+        assert explicit and explicit[0].returncode == 0, explicit
+        e = store.entry("x:1")
+        assert (e.state, e.source) == (ACTIVE, f"oci:{tmp_path / 'other'}"), (e.state, e.reason)
+        assert who(store, "x:1", tmp_path) == NEW
+        assert store.refresh() == []  # its own source is there: nothing to say about it
+    finally:
+        front.stop()
+
+
+def test_a_name_removed_during_a_repair_is_not_re_created(tmp_path, cli_env, registry, moved):
+    """The racer removes the name (convstore rm, another process) while the repair reads its source: the
+    repair must not bring the removed image back under the name."""
+    src, _old, _new = moved
+    _push(registry, src, "1")
+    front = LyingRegistry(registry.host)
+    try:
+        store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+        store.pack(f"docker://{front.host}/app:1", "x:1")
+        corrupt_one_chunk(store, "x:1")
+        removed: list[subprocess.CompletedProcess[str]] = []
+        front.on_manifest = lambda: removed.append(run_cli(cli_env, "rm", "x:1", check=False))
+        r = store.verify("x:1", repair=True)
+        assert removed and removed[0].returncode == 0, removed
+        assert r.repaired == [] and "was removed while it was being re-packed" in r.not_repaired["x:1"], r
+        with pytest.raises(convstore.ImageNotFound):
+            store.entry("x:1")
+        assert "x:1" not in run_cli(cli_env, "images").stdout
+    finally:
+        front.stop()
