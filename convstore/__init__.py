@@ -26,7 +26,9 @@ _EXPORTS = {
         "ChunkMissing", "ConvstoreError", "CorruptLayer", "CorruptObject", "DigestMismatch", "ImageFailed",
         "ImageInactive", "ImageNotFound", "ImagePending", "InvalidReference", "KeyAccessDenied", "KeyFileError",
         "KeyProviderError", "RollbackDetected", "SourceError", "SourceNotFound", "StoreError", "StoreFormatError",
-        "TamperedObject", "UnsafePathError", "UnsupportedMediaType")},
+        "TamperedObject", "UnsafePathError", "UnsupportedMediaType", "PolicyError", "PolicyInvalid",
+        "PolicyDenied", "SignatureRequired")},
+    "Policy": "oci.policy", "load_policy": "oci.policy",
 }
 
 
@@ -64,7 +66,11 @@ if TYPE_CHECKING:
         KeyAccessDenied,
         KeyFileError,
         KeyProviderError,
+        PolicyDenied,
+        PolicyError,
+        PolicyInvalid,
         RollbackDetected,
+        SignatureRequired,
         SourceError,
         SourceNotFound,
         StoreError,
@@ -74,6 +80,7 @@ if TYPE_CHECKING:
         UnsupportedMediaType,
     )
     from .keys import KeyProvider, LocalKeyFile, open_key
+    from .oci.policy import Policy, load_policy
     from .options import StoreOptions
     from .store import ImageInfo, Store, StoreStats, default_store_path
 
@@ -84,4 +91,5 @@ __all__ = [
     "ConvstoreError", "SourceError", "SourceNotFound", "DigestMismatch", "CorruptLayer", "UnsupportedMediaType",
     "StoreError", "ImageNotFound", "ImagePending", "ImageInactive", "ImageFailed", "ChunkMissing", "CorruptObject", "StoreFormatError", "KeyProviderError",
     "KeyAccessDenied", "KeyFileError", "UnsafePathError", "InvalidReference",
+    "PolicyError", "PolicyInvalid", "PolicyDenied", "SignatureRequired", "Policy", "load_policy",
 ]
