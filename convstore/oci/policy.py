@@ -395,6 +395,8 @@ def _accept(policy: Policy, req: Requirement, candidates: list[tuple[bytes, str]
     reasons: list[str] = []
     for payload, b64 in candidates:
         try:
+            if not b64:
+                raise SignatureInvalid(f"missing {sigstore.SIGNATURE_ANNOTATION} annotation")
             key, claim = sigstore.verify(keys, payload, b64)
             if not hmac.compare_digest(claim.manifest_digest, manifest_digest):
                 raise SignatureInvalid(f"signature for digest {claim.manifest_digest} does not match "
@@ -477,16 +479,16 @@ def require(policy: Policy | None, m: Manifest, what: str) -> None:
             continue
         if rec and rec.get("v") != RECORD_VERSION:
             raise PolicyDenied(f"{what}: verification record version {rec.get('v')!r} is not supported")
-        digest = _check_bound(m, what)
         cands = []
         for s in rec.get("signatures") or []:
             try:
                 cands.append((base64.b64decode(s["payload"], validate=True), str(s["signature"])))
             except (KeyError, TypeError, binascii.Error, ValueError):
                 raise PolicyDenied(f"{what}: the recorded signature is malformed") from None
-        none = (f"the node's trust policy {policy.label} ({where}) requires a sigstore signature, and the image "
-                f"was packed without one ({describe(m.verification)})")
-        _accept(policy, r, cands, scope.docker_ref, digest, what, none)
+        if not cands:
+            raise SignatureRequired(f"{what}: the node's trust policy {policy.label} ({where}) requires a sigstore "
+                                    f"signature, and the image was packed without one ({describe(m.verification)})")
+        _accept(policy, r, cands, scope.docker_ref, _check_bound(m, what), what, "")
 
 
 def describe(rec: dict[str, Any] | None) -> str:
