@@ -10,10 +10,13 @@ interoperability."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -101,7 +104,7 @@ def test_good_signature_is_packed_and_inspect_shows_what_was_verified(tmp_path, 
     assert s["docker_manifest_digest"] == signing["digest"]["a"] == v["manifest_digest"]
     assert s["docker_reference"] == f"{signing['host']}/app:a"
     assert s["signed_identity"] == {"type": "matchRepoDigestOrExact"}
-    payload = __import__("base64").b64decode(s["payload"])
+    payload = base64.b64decode(s["payload"])
     assert json.loads(payload)["critical"]["image"]["docker-manifest-digest"] == signing["digest"]["a"]
     assert s["payload_digest"] == "sha256:" + hashlib.sha256(payload).hexdigest()
     text = run_cli(cli_env, "inspect", "app:a").stdout
@@ -311,3 +314,62 @@ def test_verification_record_round_trips_and_old_manifests_read(tmp_path, signin
 def test_policy_errors_are_convstore_errors():
     for e in (PolicyDenied, PolicyInvalid, SignatureRequired, SignatureInvalid):
         assert issubclass(e, convstore.ConvstoreError)
+
+
+# -- interoperability: signatures made by real cosign and skopeo ---------------------------------
+# containers/image's own fixtures, from Debian's golang-github-containers-image-dev (scripts/setup.sh
+# unpacks them into the venv); the cases and expectations are those of its policy_eval_sigstore_test.go.
+CIMAGE_FIXTURES = Path(sys.prefix) / "share" / "containers-image-fixtures"
+
+
+def _cimage_signature(rel: str) -> tuple[bytes, str]:
+    """(payload, base64 signature) of a containers/image signature file ("\\0sigstore-json\\n" + JSON)."""
+    data = (CIMAGE_FIXTURES / rel).read_bytes()
+    assert data.startswith(b"\0sigstore-json\n")
+    doc = json.loads(data[len(b"\0sigstore-json\n"):])
+    assert doc["mimeType"] == "application/vnd.dev.cosign.simplesigning.v1+json"
+    return base64.b64decode(doc["payload"]), doc["annotations"]["dev.cosignproject.cosign/signature"]
+
+
+def _cimage_digest(rel: str) -> str:
+    return "sha256:" + hashlib.sha256((CIMAGE_FIXTURES / rel / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_real_cosign_and_skopeo_signatures_are_judged_as_containers_image_judges_them():
+    from convstore.oci.dockerref import DockerRef
+    from convstore.oci.policy import Requirement, SignedIdentity, accept
+
+    assert (CIMAGE_FIXTURES / "cosign.pub").is_file(), "scripts/setup.sh unpacks containers/image's fixtures"
+    pub = str(CIMAGE_FIXTURES / "cosign.pub")
+    pol = Policy(None, ())
+
+    def judge(sig: str, image: str, ref: str, identity: str, key_data: bool = False) -> None:
+        req = (Requirement("sigstoreSigned", key_datas=((CIMAGE_FIXTURES / "cosign.pub").read_bytes(),),
+                           identity=SignedIdentity(identity)) if key_data
+               else Requirement("sigstoreSigned", key_paths=(pub,), identity=SignedIdentity(identity)))
+        accept(pol, req, [_cimage_signature(sig)], DockerRef.parse(ref), _cimage_digest(image), "t", "none")
+
+    cosign = "192.168.64.2:5000/cosign-signed-single-sample"
+    judge("dir-img-cosign-valid/signature-1", "dir-img-cosign-valid", cosign, "matchRepository")  # made by cosign
+    judge("dir-img-cosign-valid/signature-1", "dir-img-cosign-valid", cosign, "matchRepository", key_data=True)
+    judge("dir-img-cosign-valid-with-tag/signature-1", "dir-img-cosign-valid-with-tag",  # made by skopeo
+          "192.168.64.2:5000/skopeo-signed:tag", "matchExact")
+    judge("dir-img-cosign-valid-with-tag/signature-1", "dir-img-cosign-valid-with-tag",
+          "192.168.64.2:5000/skopeo-signed:tag", "matchRepoDigestOrExact")
+    refused = [
+        (("unknown-cosign-key.signature", "dir-img-cosign-valid", cosign, "matchRepository"),
+         "cryptographic signature verification failed"),
+        (("dir-img-cosign-manifest-digest-error/signature-1", "dir-img-cosign-manifest-digest-error", cosign,
+          "matchRepository"), "does not match"),
+        (("dir-img-cosign-modified-manifest/signature-1", "dir-img-cosign-modified-manifest", cosign,
+          "matchRepository"), "does not match"),
+        (("dir-img-cosign-valid-with-tag/signature-1", "dir-img-cosign-valid-with-tag",
+          "192.168.64.2:5000/skopeo-signed:othertag", "matchExact"), "is not accepted"),
+        (("dir-img-cosign-valid/signature-1", "dir-img-cosign-valid", cosign + ":latest", "matchExact"),
+         "is not accepted"),  # cosign signs a name without a tag: never an exact match
+        (("dir-img-cosign-valid/signature-1", "dir-img-cosign-valid", cosign + ":latest", "matchRepoDigestOrExact"),
+         "is not accepted"),
+    ]
+    for args, why in refused:
+        with pytest.raises(SignatureInvalid, match=why):
+            judge(*args)

@@ -385,7 +385,7 @@ def _check_supported(policy: Policy, where: str, reqs: tuple[Requirement, ...], 
             raise PolicyInvalid(f"{what}: trust policy {policy.label} {where}: {r.unsupported}")
 
 
-def _accept(policy: Policy, req: Requirement, candidates: list[tuple[bytes, str]], intended: DockerRef | None,
+def accept(policy: Policy, req: Requirement, candidates: list[tuple[bytes, str]], intended: DockerRef | None,
             manifest_digest: str, what: str, none_msg: str) -> dict[str, Any]:
     """The record of the first candidate (payload, base64 signature) that satisfies ``req``: signed by one of
     its keys, for ``manifest_digest``, with an identity ``req.identity`` accepts.  Raises otherwise."""
@@ -440,7 +440,7 @@ def evaluate(policy: Policy, src: ImageSource) -> dict[str, Any]:
                 none = (f"a signature was required by {policy.label} ({where}), but {scope.transport or 'this'}: "
                         f"sources carry no sigstore signatures")
             cands = [(a.payload, a.annotations.get(sigstore.SIGNATURE_ANNOTATION, "")) for a in atts]
-            record["signatures"].append(_accept(policy, r, cands, scope.docker_ref, src.manifest_digest,
+            record["signatures"].append(accept(policy, r, cands, scope.docker_ref, src.manifest_digest,
                                                 src.ref, none))
     return record
 
@@ -488,7 +488,7 @@ def require(policy: Policy | None, m: Manifest, what: str) -> None:
         if not cands:
             raise SignatureRequired(f"{what}: the node's trust policy {policy.label} ({where}) requires a sigstore "
                                     f"signature, and the image was packed without one ({describe(m.verification)})")
-        _accept(policy, r, cands, scope.docker_ref, _check_bound(m, what), what, "")
+        accept(policy, r, cands, scope.docker_ref, _check_bound(m, what), what, "")
 
 
 def describe(rec: dict[str, Any] | None) -> str:
@@ -505,4 +505,4 @@ def describe(rec: dict[str, Any] | None) -> str:
 
 
 __all__ = ["Policy", "Requirement", "SignedIdentity", "Scope", "NO_POLICY", "load_policy", "scope_of", "evaluate",
-           "require", "describe", "user_policy_path"]
+           "require", "accept", "describe", "user_policy_path"]
