@@ -35,8 +35,8 @@ ACCEPT = {"default": [{"type": "insecureAcceptAnything"}]}
 
 def _runnable_layer(marker: str) -> bytes:
     """A tiny runnable root: the host's dash and the two libraries it loads."""
-    files = [Entry("bin", "dir"), Entry("lib", "dir"), Entry("lib/x86_64-linux-gnu", "dir"), Entry("lib64", "dir"),
-             Entry("etc", "dir"), Entry("etc/marker", data=marker.encode())]
+    files = [Entry(d, "dir") for d in ("bin", "lib", "lib/x86_64-linux-gnu", "lib64", "etc", "proc", "dev", "sys",
+                                       "tmp")] + [Entry("etc/marker", data=marker.encode())]
     for src, dst in (("/bin/dash", "bin/sh"), ("/lib/x86_64-linux-gnu/libc.so.6", "lib/x86_64-linux-gnu/libc.so.6"),
                      ("/lib64/ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2")):
         with open(os.path.realpath(src), "rb") as f:
