@@ -373,3 +373,73 @@ def test_real_cosign_and_skopeo_signatures_are_judged_as_containers_image_judges
     for args, why in refused:
         with pytest.raises(SignatureInvalid, match=why):
             judge(*args)
+
+
+def test_signed_identity_rules_follow_containers_image():
+    from convstore.oci.dockerref import DockerRef
+    from convstore.oci.policy import SignedIdentity
+
+    tagged, digested = DockerRef.parse("reg.io/ns/app:1"), DockerRef.parse("reg.io/ns/app@sha256:" + "a" * 64)
+    cases = [
+        (SignedIdentity("matchRepoDigestOrExact"), tagged, "reg.io/ns/app:1", True),
+        (SignedIdentity("matchRepoDigestOrExact"), tagged, "reg.io/ns/app:2", False),
+        (SignedIdentity("matchRepoDigestOrExact"), digested, "reg.io/ns/app:anything", True),
+        (SignedIdentity("matchRepoDigestOrExact"), digested, "reg.io/ns/app", False),  # name only: never
+        (SignedIdentity("matchRepoDigestOrExact"), tagged, "reg.io/ns/other:1", False),
+        (SignedIdentity("matchExact"), tagged, "reg.io/ns/app:1", True),
+        (SignedIdentity("matchExact"), digested, "reg.io/ns/app:1", False),
+        (SignedIdentity("matchRepository"), tagged, "reg.io/ns/app:9", True),
+        (SignedIdentity("exactReference", docker_reference="reg.io/ns/app:7"), tagged, "reg.io/ns/app:7", True),
+        (SignedIdentity("exactReference", docker_reference="reg.io/ns/app:7"), tagged, "reg.io/ns/app:1", False),
+        (SignedIdentity("exactRepository", docker_repository="other.io/x"), tagged, "other.io/x:5", True),
+        (SignedIdentity("remapIdentity", prefix="reg.io/ns", signed_prefix="upstream.io/team"), tagged,
+         "upstream.io/team/app:1", True),
+        (SignedIdentity("remapIdentity", prefix="reg.io/ns", signed_prefix="upstream.io/team"), tagged,
+         "reg.io/ns/app:1", False),
+        (SignedIdentity("matchRepository"), DockerRef.parse("busybox:1"), "docker.io/library/busybox:2", True),
+    ]
+    for ident, intended, signed, want in cases:
+        assert ident.matches(intended, signed) is want, (ident, intended, signed)
+    assert not SignedIdentity("matchRepository").matches(None, "reg.io/ns/app:1")  # oci:, docker-archive:
+
+
+def test_key_data_and_the_default_policy_lookup(tmp_path, monkeypatch):
+    from convstore.oci import policy as policy_mod
+
+    key = make_key(tmp_path / "k")
+    doc = {"default": [{"type": "sigstoreSigned", "keyData": base64.b64encode(key.public_pem).decode()}]}
+    pol = Policy.parse(json.dumps(doc).encode(), "p.json")
+    assert [k.key_id for k in pol.default[0].keys(pol.path)] == [_key_id(key)]
+    with pytest.raises(PolicyInvalid, match="keyData is not valid base64"):
+        Policy.parse(b'{"default": [{"type": "sigstoreSigned", "keyData": "%%%"}]}', "p.json")
+    # the user's file first (XDG_CONFIG_HOME), then the system's, else none: everything accepted, recorded as such
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.setattr(policy_mod, "SYSTEM_POLICY", str(tmp_path / "etc-policy.json"))
+    assert policy_mod.load_policy() is policy_mod.NO_POLICY
+    policy_file(tmp_path / "etc-policy.json", {"default": [{"type": "reject"}]})
+    assert policy_mod.load_policy().path == str(tmp_path / "etc-policy.json")
+    (tmp_path / "cfg" / "containers").mkdir(parents=True)
+    policy_file(tmp_path / "cfg" / "containers" / "policy.json", ACCEPT)
+    assert policy_mod.load_policy().path == str(tmp_path / "cfg" / "containers" / "policy.json")
+
+
+def test_the_user_policy_file_governs_a_pack_without_policy_option(tmp_path, cli_env):
+    write_oci(str(tmp_path / "x"), [make_tar([Entry("f", data=b"x")])])
+    (tmp_path / "cfg" / "containers").mkdir(parents=True)
+    policy_file(tmp_path / "cfg" / "containers" / "policy.json", {"default": [{"type": "reject"}]})
+    env = {**cli_env, "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    _fails_one_line(run_cli(env, "pack", f"oci:{tmp_path / 'x'}", "x:1", check=False), "rejected by trust policy",
+                    str(tmp_path / "cfg" / "containers" / "policy.json"))
+    _nothing_stored(env, tmp_path)
+
+
+def test_the_record_travels_with_push_and_pull(tmp_path, signing, cli_env):
+    pol = policy_file(tmp_path / "policy.json", sigstore_policy(f"{signing['host']}/app", signing["key"]))
+    run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a")
+    url = f"oci://{signing['host']}/store"
+    run_cli(cli_env, "--insecure", "push", "app:a", url)
+    env2 = {**cli_env, "CONVSTORE_STORE": str(tmp_path / "store2")}
+    run_cli(env2, "--insecure", "pull", url, "app:a")
+    v1 = json.loads(run_cli(cli_env, "inspect", "--json", "app:a").stdout)["verification"]
+    v2 = json.loads(run_cli(env2, "inspect", "--json", "app:a").stdout)["verification"]
+    assert v1 == v2 and v1["signatures"][0]["key_id"] == _key_id(signing["key"])
