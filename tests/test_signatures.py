@@ -443,3 +443,24 @@ def test_the_record_travels_with_push_and_pull(tmp_path, signing, cli_env):
     v1 = json.loads(run_cli(cli_env, "inspect", "--json", "app:a").stdout)["verification"]
     v2 = json.loads(run_cli(env2, "inspect", "--json", "app:a").stdout)["verification"]
     assert v1 == v2 and v1["signatures"][0]["key_id"] == _key_id(signing["key"])
+
+
+def test_snapshotter_and_containerd_load_apply_the_node_policy(tmp_path, signing, cli_env):
+    """`convstore snapshotter` serves only accepted images' layers; `containerd-load` refuses before it
+    writes anything to containerd (the address here does not even exist)."""
+    from convstore.reader.snapshotter import Snapshotter, load_into_containerd
+
+    _pack_signed_and_unsigned(tmp_path, signing, cli_env)
+    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    node = Policy.load(str(policy_file(tmp_path / "node.json", sigstore_policy(signing["host"], signing["key"]))))
+    digest = {n: store.manifest(f"app:{n}").layers[0].digest for n in ("a", "b")}
+    snap = Snapshotter(store, str(tmp_path / "snaps"), node)
+    try:
+        assert snap.layers.layer(digest["a"]) is not None and snap.layers.layer(digest["b"]) is None
+    finally:
+        snap.layers.close()
+    with pytest.raises(SignatureRequired, match="app:b"):
+        load_into_containerd(store, "app:b", str(tmp_path / "no-containerd.sock"), policy=node)
+    p = run_cli(cli_env, "containerd-load", "--policy", str(tmp_path / "node.json"), "--address",
+                str(tmp_path / "no-containerd.sock"), "app:b", check=False)
+    _fails_one_line(p, "requires a sigstore signature")
