@@ -464,3 +464,30 @@ def test_snapshotter_and_containerd_load_apply_the_node_policy(tmp_path, signing
     p = run_cli(cli_env, "containerd-load", "--policy", str(tmp_path / "node.json"), "--address",
                 str(tmp_path / "no-containerd.sock"), "app:b", check=False)
     _fails_one_line(p, "requires a sigstore signature")
+
+
+@pytest.mark.parametrize("what", ["payload", "attachment"])
+def test_a_registry_that_alters_the_signature_is_refused(tmp_path, signing, cli_env, what):
+    """A liar in front of the registry flips a byte of the signature payload blob (its digest no longer
+    matches) or of the attachment manifest: refused, nothing stored."""
+    from netproxy import CountingProxy
+
+    att = signing["digest"]["a"].replace(":", "-") + ".sig"
+    body = json.loads(signing["client"].get_manifest("app", att, [OCI_MANIFEST])[0])
+    payload_digest = body["layers"][0]["digest"]
+    proxy = CountingProxy(signing["host"])
+    proxy.fault = lambda m, p: "corrupt" if m == "GET" and (
+        p.endswith(f"/blobs/{payload_digest}") if what == "payload" else p.endswith(f"/manifests/{att}")) else None
+    try:
+        # signed as the registry's name, fetched through the proxy's: the policy names the signed repository
+        pol = policy_file(tmp_path / "policy.json", sigstore_policy(
+            proxy.host, signing["key"], signedIdentity={"type": "exactRepository",
+                                                        "dockerRepository": f"{signing['host']}/app"}))
+        p = run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{proxy.host}/app:a", "app:a", check=False)
+        assert proxy.faults_injected >= 1
+        _fails_one_line(p, "does not match its digest" if what == "payload" else "sigstore attachment")
+        _nothing_stored(cli_env, tmp_path)
+        proxy.fault = None  # the same pack through an honest proxy is accepted
+        run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{proxy.host}/app:a", "app:a")
+    finally:
+        proxy.stop()
