@@ -159,9 +159,10 @@ def pack(
     any error before that leaves it as it was.  A layer whose diff_id is
     already stored (with all its chunks) is reused without reading its blob,
     unless ``reuse_layers`` is False.  The source must satisfy the trust
-    ``policy`` (default: the containers tools' policy file, see
-    :func:`convstore.oci.policy.load_policy`) before anything is stored; what
-    it verified is sealed into the manifest.
+    ``policy`` before anything is stored; what it verified is sealed into the
+    manifest.  ``policy`` None (re-packs: repair, reactivation): the policy
+    file the name's current version was verified under, if it still exists,
+    else the containers tools' policy file (:func:`convstore.oci.policy.load_policy`).
     """
     t0 = time.perf_counter()
     iref = ImageRef.parse(ref)
@@ -172,7 +173,7 @@ def pack(
             src = parse_source(source, insecure=insecure) if isinstance(source, str) else source
             if isinstance(source, str):
                 stack.callback(src.close)
-            verification = evaluate_policy(load_policy() if policy is None else policy, src)
+            verification = evaluate_policy(_recorded_policy(store, iref) if policy is None else policy, src)
             dom = store.domain(domain)
             identity = pack_identity(src, params, dom, verification)
             done = _up_to_date(store, iref, identity, t0) if reuse_layers else None  # a repair reads the source
@@ -186,6 +187,18 @@ def pack(
         store.chunks.abort()  # unpublished chunks of a failed pack are dropped
         store.abort_pack(iref, e)
         raise
+
+
+def _recorded_policy(store: Store, iref: ImageRef) -> Policy:
+    """The policy file ``iref``'s current version was verified under (a re-pack verifies under the same
+    policy, so a repair does not drop what was verified), else the default policy."""
+    try:
+        path = (store.load_manifest(store.entry(iref)).verification or {}).get("policy")
+    except (ConvstoreError, OSError):
+        path = None
+    if isinstance(path, str) and os.path.isfile(path):
+        return Policy.load(path)
+    return load_policy()
 
 
 # Bumped whenever what a pack writes changes: a version packed by older code is then packed again.

@@ -491,3 +491,19 @@ def test_a_registry_that_alters_the_signature_is_refused(tmp_path, signing, cli_
         run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{proxy.host}/app:a", "app:a")
     finally:
         proxy.stop()
+
+
+def test_a_re_pack_verifies_under_the_policy_the_image_was_packed_under(tmp_path, signing, cli_env):
+    """verify --repair and reactivation re-pack through the library without a policy: they use the policy file
+    recorded in the image (not the machine's default, which here accepts anything and verifies nothing)."""
+    pol = policy_file(tmp_path / "policy.json", sigstore_policy(f"{signing['host']}/app", signing["key"]))
+    run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a")
+    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    store.pack(f"docker://{signing['host']}/app:a", "app:a", reuse_layers=False)  # what a repair does
+    v = store.inspect("app:a").verification
+    assert v["policy"] == str(pol) and v["signatures"][0]["key_id"] == _key_id(signing["key"])
+    # the recorded policy still decides: a signature it no longer accepts fails the re-pack
+    policy_file(tmp_path / "policy.json", sigstore_policy(f"{signing['host']}/app", make_key(tmp_path / "o", "o")))
+    with pytest.raises(SignatureInvalid):
+        store.pack(f"docker://{signing['host']}/app:a", "app:a", reuse_layers=False)
+    assert store.inspect("app:a").verification == v  # the old version still serves
