@@ -26,7 +26,9 @@ _EXPORTS = {
         "ChunkMissing", "ConvstoreError", "CorruptLayer", "CorruptObject", "DigestMismatch", "ImageChanged", "ImageFailed",
         "ImageInactive", "ImageNotFound", "ImagePending", "InvalidReference", "KeyAccessDenied", "KeyFileError",
         "KeyProviderError", "RollbackDetected", "SourceChanged", "SourceError", "SourceNotFound", "StoreError", "StoreFormatError",
-        "TamperedObject", "UnsafePathError", "UnsupportedMediaType")},
+        "TamperedObject", "UnsafePathError", "UnsupportedMediaType", "PolicyError", "PolicyInvalid",
+        "PolicyDenied", "SignatureRequired")},
+    "Policy": "oci.policy", "load_policy": "oci.policy",
 }
 
 
@@ -65,7 +67,11 @@ if TYPE_CHECKING:
         KeyAccessDenied,
         KeyFileError,
         KeyProviderError,
+        PolicyDenied,
+        PolicyError,
+        PolicyInvalid,
         RollbackDetected,
+        SignatureRequired,
         SourceChanged,
         SourceError,
         SourceNotFound,
@@ -76,6 +82,7 @@ if TYPE_CHECKING:
         UnsupportedMediaType,
     )
     from .keys import KeyProvider, LocalKeyFile, open_key
+    from .oci.policy import Policy, load_policy
     from .options import StoreOptions
     from .store import ImageInfo, Store, StoreStats, default_store_path
 
@@ -86,4 +93,5 @@ __all__ = [
     "ConvstoreError", "SourceError", "SourceNotFound", "SourceChanged", "DigestMismatch", "CorruptLayer",
     "UnsupportedMediaType", "StoreError", "ImageNotFound", "ImagePending", "ImageChanged", "ImageInactive", "ImageFailed", "ChunkMissing", "CorruptObject", "StoreFormatError", "KeyProviderError",
     "KeyAccessDenied", "KeyFileError", "UnsafePathError", "InvalidReference",
+    "PolicyError", "PolicyInvalid", "PolicyDenied", "SignatureRequired", "Policy", "load_policy",
 ]

@@ -217,16 +217,33 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+_POLICY_HELP = ("Trust policy (containers-policy.json) [default: ~/.config/containers/policy.json, else "
+                "/etc/containers/policy.json, else accept everything]")
+
+
+def _policy_option() -> Any:
+    return typer.Option(None, "--policy", metavar="PATH", help=_POLICY_HELP)
+
+
+def _policy(path: str | None) -> Any:
+    """The trust policy at ``path`` (must exist), else the one the containers tools find."""
+    from .oci.policy import load_policy
+
+    return load_policy(path)
+
+
 @app.command()
 def pack(
-    source: str = typer.Argument(..., help="oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]"),
+    source: str = typer.Argument(..., help="oci:DIR[:TAG], docker-archive:FILE[:NAME:TAG] or docker://HOST/REPO[:TAG]"),
     ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
     level: int = typer.Option(3, "--level", min=0, max=19, help="zstd level per chunk (0 = no compression)"),
     domain: str = typer.Option("default", "--domain", metavar="NAME", help="Convergence domain (dedup scope)"),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+    policy: Optional[str] = _policy_option(),
 ) -> None:
-    """Pack an image into the store."""
-    r = _store().pack(source, ref, level=level, domain=domain, progress=_RichProgress(), insecure=state.insecure)
+    """Pack an image into the store, if the trust policy accepts it (docs/security.md)."""
+    r = _store().pack(source, ref, level=level, domain=domain, progress=_RichProgress(), insecure=state.insecure,
+                      policy=_policy(policy))
     if json_out:
         _emit_json(r.to_json())
         return
@@ -303,6 +320,9 @@ def inspect(ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
     out.print(f"{doc['name']}:{doc['tag']}  state={doc['state']}  manifest={doc['manifest']}", highlight=False)
     out.print(f"source: {doc['source']}\ncreated: {doc['created']}\nkey: {doc['key_id']}  "
               f"domain: {doc['domain']['name']} (epoch {doc['domain']['epoch']})", highlight=False)
+    from .oci.policy import describe
+
+    out.print(f"verification: {describe(doc.get('verification'))}", highlight=False, markup=False, soft_wrap=True)
     c = doc["chunking"]
     out.print(f"chunking: {c['algorithm']} min/avg/max {c['min_size']}/{c['avg_size']}/{c['max_size']}, "
               f"zstd level {doc['compression_level']}, {doc['chunks']} unique chunks", highlight=False)
@@ -571,18 +591,22 @@ def mount(
     ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
     mountpoint: str = typer.Argument(..., metavar="MOUNTPOINT"),
     background: bool = typer.Option(False, "--background", "-b", help="Return once mounted; unmount with fusermount3 -u"),
+    policy: Optional[str] = _policy_option(),
 ) -> None:
     """Mount an image read-only with FUSE (foreground until Ctrl-C / SIGTERM / unmount)."""
     _prepare_mountpoint(mountpoint)
+    node_policy = _policy(policy)
     if background:
-        _mount_in_background({"op": "mount", "ref": ref, "mountpoint": os.path.abspath(mountpoint)}, mountpoint,
-                             ref)
+        _mount_in_background({"op": "mount", "ref": ref, "mountpoint": os.path.abspath(mountpoint),
+                              "policy": node_policy.path}, mountpoint, ref)
         return
+    from .oci.policy import require
     from .reader import ImageFS
     from .reader.fuse import serve
     from .reader.run import PREFETCH_ON_OPEN
 
     with ImageFS.from_store(_store(), ref, prefetch_on_open=PREFETCH_ON_OPEN) as fs:
+        require(node_policy, fs.manifest, ref)
         serve(fs, mountpoint)
 
 
@@ -592,17 +616,19 @@ def layerstore(
     background: bool = typer.Option(False, "--background", "-b", help="Return once mounted; unmount with fusermount3 -u"),
     stats_file: Optional[str] = typer.Option(None, "--stats-file", metavar="PATH",
                                              help="Keep what was fetched, per image, in this JSON file"),
+    policy: Optional[str] = _policy_option(),
 ) -> None:
     """Serve the store's layers to podman / CRI-O as an additional layer store (docs/engines.md)."""
     _prepare_mountpoint(mountpoint)
     stats = os.path.abspath(stats_file) if stats_file else None
+    node_policy = _policy(policy)
     if background:
-        _mount_in_background({"op": "layerstore", "mountpoint": os.path.abspath(mountpoint), "stats_file": stats},
-                             mountpoint, "the layer store")
+        _mount_in_background({"op": "layerstore", "mountpoint": os.path.abspath(mountpoint), "stats_file": stats,
+                              "policy": node_policy.path}, mountpoint, "the layer store")
         return
     from .reader.layerstore import serve_layerstore
 
-    serve_layerstore(_store(), mountpoint, stats)
+    serve_layerstore(_store(), mountpoint, stats, policy=node_policy)
 
 
 @app.command()
@@ -612,11 +638,13 @@ def snapshotter(
                                help="The unix socket containerd's [proxy_plugins] entry names"),
     stats_file: Optional[str] = typer.Option(None, "--stats-file", metavar="PATH",
                                              help="Keep what was fetched, per image, in this JSON file"),
+    policy: Optional[str] = _policy_option(),
 ) -> None:
     """Serve containerd's snapshots API (a proxy snapshotter) with the store's layers (docs/engines.md)."""
     from .reader.snapshotter import serve_snapshotter
 
-    serve_snapshotter(_store(), root, socket, os.path.abspath(stats_file) if stats_file else None)
+    serve_snapshotter(_store(), root, socket, os.path.abspath(stats_file) if stats_file else None,
+                      policy=_policy(policy))
 
 
 @app.command("containerd-load")
@@ -629,11 +657,13 @@ def containerd_load(
     namespace: str = typer.Option("default", "--namespace", "-n", help="containerd namespace"),
     snapshotter_name: str = typer.Option("convstore", "--snapshotter", metavar="NAME",
                                          help="The [proxy_plugins] name of `convstore snapshotter`"),
+    policy: Optional[str] = _policy_option(),
 ) -> None:
     """Make an image of the store a containerd image whose layers come from `convstore snapshotter`, lazily."""
     from .reader.snapshotter import load_into_containerd
 
-    got = load_into_containerd(_store(), ref, address, name=name, namespace=namespace, snapshotter=snapshotter_name)
+    got = load_into_containerd(_store(), ref, address, name=name, namespace=namespace, snapshotter=snapshotter_name,
+                               policy=_policy(policy))
     out.print(f"loaded {ref} into containerd as {got} (snapshotter {snapshotter_name}); "
               f"run it with: ctr run --snapshotter {snapshotter_name} {got} ID", highlight=False)
 
@@ -678,13 +708,15 @@ def run(
     record: Optional[bool] = typer.Option(None, "--record-profile/--no-record-profile",
                                           help="Record the start-up profile [default: when there is none]"),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stderr"),
+    policy: Optional[str] = _policy_option(),
 ) -> None:
     """Run an image's Entrypoint/Cmd (or CMD) from a lazy read-only mount; exit with its code."""
     if runtime not in ("auto", "runc", "chroot"):
         raise typer.BadParameter("--runtime must be auto, runc or chroot")
     from .reader.run import run_image
 
-    r = run_image(_store(), ref, command or None, runtime=runtime, prefetch=prefetch, record=record)
+    r = run_image(_store(), ref, command or None, runtime=runtime, prefetch=prefetch, record=record,
+                  policy=_policy(policy))
     if json_out:
         err.print(json.dumps(r.to_json()), highlight=False, soft_wrap=True)
     elif show_stats:

@@ -29,6 +29,11 @@ key material.
     │   ├── KeyNotFound        the master key does not exist
     │   ├── KeyProviderUnavailable  the provider cannot be reached or is not installed
     │   └── KeyFileError       the key file is unusable
+    ├── PolicyError            the trust policy (containers-policy.json) cannot be used or refuses
+    │   ├── PolicyInvalid      the policy file is missing, malformed, or names a requirement not supported
+    │   └── PolicyDenied       the policy refuses the image (reject; no signature verifies)
+    │       ├── SignatureRequired  a signature is required and none exists (or none was recorded)
+    │       └── SignatureInvalid   a signature fails (bad signature, other digest or identity, malformed)
     ├── UnsafePathError        an entry would be written outside its target
     └── InvalidReference       a malformed NAME[:TAG] or SOURCE string
 """
@@ -137,6 +142,32 @@ class KeyProviderUnavailable(KeyProviderError):
 
 class KeyFileError(KeyProviderError):
     """The local key file is missing, malformed or has unsafe permissions."""
+
+
+class PolicyError(ConvstoreError):
+    """The trust policy cannot be used, or it refuses the image."""
+
+
+class PolicyInvalid(PolicyError):
+    """The policy file is missing, malformed, or uses a requirement convstore
+    does not implement (e.g. ``signedBy``, ``sigstoreSigned`` with Fulcio):
+    refused, never ignored."""
+
+
+class PolicyDenied(PolicyError):
+    """The policy refuses the image: a ``reject`` requirement, or no signature
+    satisfies a ``sigstoreSigned`` requirement (wrong key, other digest,
+    other identity, malformed signature)."""
+
+
+class SignatureRequired(PolicyDenied):
+    """A ``sigstoreSigned`` requirement applies and the image has no signature
+    (at pack: none attached in the registry; at start: none recorded)."""
+
+
+class SignatureInvalid(PolicyDenied):
+    """A signature fails: malformed, a bad cryptographic signature, or a
+    payload that names another manifest digest or identity."""
 
 
 class UnsafePathError(ConvstoreError):

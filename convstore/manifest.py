@@ -4,7 +4,8 @@ Plaintext layout (format version 2, see docs/format.md; version 1, without
 location hints, is still read)::
 
     b"CSMANIF\\0" | u32 version | u32 nsections | nsections x u64 length | sections
-    section 0      JSON document (layers, config, file index, parameters)
+    section 0      JSON document (layers, config, file index, parameters; the
+                   optional trust-policy verification record)
     section 1      chunk table: N x (cid 32 | ckey 32 | phash 32 | size u32)
     other sections named by the JSON: raw config bytes, original manifest
                    bytes, per layer zstd(tar metadata), segment table and the
@@ -111,6 +112,9 @@ class Manifest:
     #: where each chunk of ``chunks`` was stored when the manifest was written
     #: (hints: checked on use, see convstore.stores.base.Location); may be empty
     locations: list[Location | None] = field(default_factory=list)
+    #: what the trust policy verified at pack (convstore.oci.policy.evaluate: its own version "v");
+    #: None in manifests written before it existed, which read as "no verification recorded"
+    verification: dict[str, Any] | None = None
 
     def hint(self, i: int) -> Location | None:
         return self.locations[i] if i < len(self.locations) else None
@@ -160,6 +164,8 @@ class Manifest:
                 for l in self.layers
             ],
         }
+        if self.verification is not None:
+            doc["verification"] = self.verification
         if self.locations:
             containers: dict[bytes, int] = {}
             rows = []
@@ -198,6 +204,9 @@ class Manifest:
                     raise CorruptObject("manifest: location hints have a bad length")
                 locations = [None if ci == _NO_HINT else (containers[ci], off, ln)
                              for ci, off, ln in _LOC.iter_unpack(loc_rows)]
+            verification = doc.get("verification")
+            if verification is not None and not isinstance(verification, dict):
+                raise CorruptObject("manifest: the verification record is not an object")
             layers = []
             for l in doc["layers"]:
                 idx = array("I")
@@ -216,7 +225,7 @@ class Manifest:
                 source_manifest_media_type=doc["source_manifest"]["media_type"],
                 source_manifest_bytes=sections[doc["source_manifest"]["section"]],
                 annotations=doc.get("annotations") or {}, layers=layers, chunks=chunks,
-                created=doc.get("created", ""), locations=locations,
+                created=doc.get("created", ""), locations=locations, verification=verification,
             )
         except (struct.error, KeyError, IndexError, TypeError, ValueError) as e:
             raise CorruptObject(f"manifest is malformed ({type(e).__name__})") from None

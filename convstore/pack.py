@@ -32,6 +32,8 @@ from .errors import ConvstoreError, DigestMismatch, ImagePending, SourceChanged,
 from .manifest import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 from .manifest import ROW_SIZE, LayerRecord, Manifest
 from .oci.media import HashingReader
+from .oci.policy import Policy, load_policy
+from .oci.policy import evaluate as evaluate_policy
 from .oci.sources import ImageSource, LayerDescriptor, layer_stream, open_at_digest, parse_source
 from .progress import NoProgress, Progress
 from .refs import ImageRef
@@ -151,6 +153,7 @@ def pack(
     insecure: bool = False,
     expect: tuple[str, str] | None = None,
     repack_of: str | None = None,
+    policy: Policy | None = None,
 ) -> PackResult:
     """Pack an image into ``store`` under ``ref`` (``NAME[:TAG]``).
 
@@ -161,6 +164,11 @@ def pack(
     (manifest digest, config digest) the source must serve, else :class:`SourceChanged`;
     ``repack_of``: the version it re-packs, which the name must still point at when the pack
     begins and when it publishes (else :class:`ImageChanged`, and nothing is published).
+    The source must satisfy the trust
+    ``policy`` before anything is stored; what it verified is sealed into the
+    manifest.  ``policy`` None (re-packs: repair, reactivation): the policy
+    file the name's current version was verified under, if it still exists,
+    else the containers tools' policy file (:func:`convstore.oci.policy.load_policy`).
     """
     t0 = time.perf_counter()
     iref = ImageRef.parse(ref)
@@ -173,15 +181,16 @@ def pack(
                 stack.callback(src.close)
             if expect is not None:
                 _check_source(src, expect)
+            verification = evaluate_policy(_recorded_policy(store, iref) if policy is None else policy, src)
             dom = store.domain(domain)
-            identity = pack_identity(src, params, dom)
+            identity = pack_identity(src, params, dom, verification)
             done = _up_to_date(store, iref, identity, t0) if reuse_layers else None  # a repair reads the source
             if done is not None:
                 return done
             stack.enter_context(store.gc_guard())  # gc waits for packs in progress
             store.begin_pack(iref, src.ref, repack_of)
             return _pack(store, src, iref, dom, params, level, workers, progress, reuse_layers, t0, identity,
-                         repack_of)
+                         repack_of, verification)
     except BaseException as e:
         store.chunks.abort()  # unpublished chunks of a failed pack are dropped
         store.abort_pack(iref, e, repack_of)
@@ -262,21 +271,38 @@ def _check_source(src: ImageSource, expect: tuple[str, str]) -> None:
                             f"(manifest {manifest}); pack it explicitly to take the new content")
 
 
+def _recorded_policy(store: Store, iref: ImageRef) -> Policy:
+    """The policy file ``iref``'s current version was verified under (a re-pack verifies under the same
+    policy, so a repair does not drop what was verified), else the default policy."""
+    try:
+        path = (store.load_manifest(store.entry(iref)).verification or {}).get("policy")
+    except (ConvstoreError, OSError):
+        path = None
+    if isinstance(path, str) and os.path.isfile(path):
+        return Policy.load(path)
+    return load_policy()
+
+
 # Bumped whenever what a pack writes changes: a version packed by older code is then packed again.
 PACK_IDENTITY_VERSION = 1
 
 
-def pack_identity(src: ImageSource, params: ChunkParams, dom: Domain) -> str:
+def pack_identity(src: ImageSource, params: ChunkParams, dom: Domain,
+                  verification: dict[str, Any] | None = None) -> str:
     """What a version is packed from and how: the source's reference, its manifest's digest and
     its config's (every source checks the config against it; the config's diff_ids pin every
     layer's content, also where the manifest digest does not, as in a docker archive), the
     chunking, the convergence domain's id and epoch, and the packer and manifest format versions.
-    Not the zstd level, which only shapes chunks that are new, and an unchanged source has none."""
+    Not the zstd level, which only shapes chunks that are new, and an unchanged source has none.
+    The signatures the trust policy verified, when there are any: a version packed without them
+    (or with others) is packed again, so the sealed record is the current one."""
     if not src.manifest_digest:
         return ""
     doc = {"v": [PACK_IDENTITY_VERSION, MANIFEST_FORMAT_VERSION], "ref": src.ref, "source": src.manifest_digest,
            "config": src.config_digest, "chunking": params.to_json(),
            "domain": [dom.public.get("id"), dom.public.get("epoch")]}
+    if verification and verification.get("signatures"):
+        doc["signatures"] = [s.get("signature_digest") for s in verification["signatures"]]
     return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -306,7 +332,7 @@ def _up_to_date(store: Store, iref: ImageRef, identity: str, t0: float) -> PackR
 
 def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: ChunkParams, level: int,
           workers: int | None, progress: Progress, reuse_layers: bool, t0: float, identity: str,
-          repack_of: str | None = None) -> PackResult:
+          repack_of: str | None = None, verification: dict[str, Any] | None = None) -> PackResult:
     table: list[ChunkIdentity] = []
     index: dict[bytes, int] = {}
     layers: list[LayerRecord] = []
@@ -366,7 +392,7 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
             config_media_type=src.config_media_type, config_digest=src.config_digest,
             config_bytes=src.config_bytes, source_manifest_media_type=src.manifest_media_type,
             source_manifest_bytes=src.manifest_bytes, annotations=src.annotations,
-            layers=layers, chunks=table, created=now_iso(),
+            layers=layers, chunks=table, created=now_iso(), verification=verification,
         )
         store.chunks.flush()  # chunks durable before anything references them
         manifest.locations = store.chunks.locate([c.cid for c in table], [prior.get(c.cid) for c in table])

@@ -52,6 +52,7 @@ from .trust import TrustState, check_location, default_state_dir
 if TYPE_CHECKING:
     from .chunking import ChunkParams
     from .maintenance import GCReport, RefreshChange, VerifyReport
+    from .oci.policy import Policy
     from .oci.sources import ImageSource
     from .pack import PackResult
     from .progress import Progress
@@ -433,12 +434,14 @@ class Store:
     # -- operations (implemented in their own modules) -------------------
     def pack(self, source: str | ImageSource, ref: str, *, level: int | None = None, params: ChunkParams | None = None,
              workers: int | None = None, domain: str = DEFAULT_DOMAIN, progress: Progress | None = None,
-             reuse_layers: bool = True, insecure: bool = False) -> PackResult:
-        """Pack ``source`` (``oci:DIR[:TAG]``, ``docker-archive:FILE``, ``docker://...``) as ``ref``."""
+             reuse_layers: bool = True, insecure: bool = False, policy: Policy | None = None) -> PackResult:
+        """Pack ``source`` (``oci:DIR[:TAG]``, ``docker-archive:FILE``, ``docker://...``) as ``ref``, if the trust
+        ``policy`` (default: the containers tools' policy file) accepts it."""
         from .pack import DEFAULT_LEVEL, pack
 
         return pack(self, source, ref, level=DEFAULT_LEVEL if level is None else level, params=params,
-                    workers=workers, domain=domain, progress=progress, reuse_layers=reuse_layers, insecure=insecure)
+                    workers=workers, domain=domain, progress=progress, reuse_layers=reuse_layers, insecure=insecure,
+                    policy=policy)
 
     def repack(self, ref: ImageRef | str, *, repair: bool = False, progress: Progress | None = None) -> PackResult:
         """Re-pack ``ref`` from the source its authenticated entry records, into its own domain,
@@ -488,7 +491,7 @@ class Store:
         return ImageInfo(
             entry=e.public(), domain=dict(m.domain), chunking=m.chunking.to_json(),
             compression_level=m.compression_level, config_digest=m.config_digest,
-            config=json.loads(m.config_bytes), chunks=len(m.chunks),
+            config=json.loads(m.config_bytes), chunks=len(m.chunks), verification=m.verification,
             layers=tuple(LayerInfo(l.media_type, l.digest, l.size, l.diff_id, l.uncompressed_size, len(l.entries),
                                    len(l.chunks)) for l in m.layers))
 
@@ -536,6 +539,8 @@ class ImageInfo:
     config: dict[str, Any]
     chunks: int
     layers: tuple[LayerInfo, ...]
+    #: what the trust policy verified at pack (convstore.oci.policy), None if nothing was recorded
+    verification: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -10,8 +10,10 @@ reports a failure as one line on its standard error and exits 1.
 Tasks::
 
     {"op": "repack", "ref": NAME:TAG}   (the reactivation of an INACTIVE image: Store.repack)
-    {"op": "mount", "ref": NAME:TAG, "mountpoint": DIR}
-    {"op": "layerstore", "mountpoint": DIR, "stats_file": PATH or null}
+    {"op": "mount", "ref": NAME:TAG, "mountpoint": DIR, "policy": PATH or null}
+    {"op": "layerstore", "mountpoint": DIR, "stats_file": PATH or null, "policy": PATH or null}
+
+``policy``: the node's trust policy file (null: none, nothing required).
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def run_task(doc: dict[str, Any]) -> None:
     options = StoreOptions.from_json(doc["options"])
     task = doc["task"]
     store = options.open()
+    from .oci.policy import load_policy, require
+
+    policy = load_policy(task["policy"]) if task.get("policy") else None
     if task["op"] == "repack":
         store.repack(task["ref"])  # source, digests and domain from the authenticated entry
     elif task["op"] == "mount":
@@ -71,11 +76,12 @@ def run_task(doc: dict[str, Any]) -> None:
         from .reader.run import PREFETCH_ON_OPEN
 
         with ImageFS.from_store(store, task["ref"], prefetch_on_open=PREFETCH_ON_OPEN) as fs:
+            require(policy, fs.manifest, task["ref"])
             serve(fs, task["mountpoint"])
     elif task["op"] == "layerstore":
         from .reader.layerstore import serve_layerstore
 
-        serve_layerstore(store, task["mountpoint"], task.get("stats_file"))
+        serve_layerstore(store, task["mountpoint"], task.get("stats_file"), policy=policy)
     else:
         raise ConvstoreError(f"unknown worker task {task.get('op')!r}")
 

@@ -54,6 +54,20 @@ if [ "$(cat "$VENV/.convstore-modules" 2>/dev/null)" != "$modules" ]; then
   pip_q --no-deps -e . "${EDITABLE[@]}"
   echo "$modules" >"$VENV/.convstore-modules"
 fi
+# containers/image's own signature fixtures (signatures made by real cosign and skopeo), from Debian's
+# golang-github-containers-image-dev: tests/test_signatures.py checks convstore's verifier against them.
+# Only that package's files are unpacked (apt-get download, dpkg-deb -x), not its 300 Go build dependencies.
+FIX="$VENV/share/containers-image-fixtures"
+if [ ! -f "$FIX/cosign.pub" ]; then
+  tmp=$(mktemp -d)
+  chmod 755 "$tmp"  # apt downloads as _apt
+  (cd "$tmp" && apt-get download -qq golang-github-containers-image-dev 2>/dev/null) \
+    || { echo "setup: apt-get download golang-github-containers-image-dev failed (run apt-get update?)" >&2; exit 1; }
+  dpkg-deb -x "$tmp"/golang-github-containers-image-dev_*.deb "$tmp/x"
+  mkdir -p "$FIX"
+  cp -r "$tmp"/x/usr/share/gocode/src/github.com/containers/image/signature/fixtures/. "$FIX/"
+  rm -rf "$tmp"
+fi
 "$VENV/bin/python" -c "import convstore.cli, convstore.stores.registry" \
   || { echo "setup: convstore does not import in $VENV" >&2; exit 1; }
 echo "$VENV"

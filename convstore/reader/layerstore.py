@@ -53,6 +53,8 @@ from ..errors import ConvstoreError, ImageNotFound
 from ..lifecycle import ACTIVE
 from ..manifest import Manifest
 from ..oci.media import check_digest
+from ..oci.policy import Policy
+from ..oci.policy import require as require_policy
 from ..paths import components
 from ..store import Store
 from .fetcher import ChunkFetcher
@@ -92,8 +94,9 @@ class LayerStore:
     """Layers by blob digest over a store's ACTIVE images, each served once
     as an :class:`ImageFS` of that layer alone (one chunk fetcher per image)."""
 
-    def __init__(self, store: Store, *, cache_bytes: int = 256 << 20) -> None:
+    def __init__(self, store: Store, *, cache_bytes: int = 256 << 20, policy: Policy | None = None) -> None:
         self.store = store
+        self.policy = policy  # the node's trust policy: images it refuses are not served
         self.cache_bytes = cache_bytes
         self._lock = threading.Lock()
         self._layers: dict[str, _Layer] = {}
@@ -116,6 +119,7 @@ class LayerStore:
                 continue
             try:
                 m = self.store.load_manifest(e)
+                require_policy(self.policy, m, str(e.ref))
                 digests = [(check_digest(lr.digest), check_digest(lr.diff_id)) for lr in m.layers]
             except ConvstoreError as err:
                 log.warning("layer store: skipping %s: %s", e.ref, err)
@@ -164,6 +168,7 @@ class LayerStore:
             got = self._manifests.get(lay.entry.manifest_digest or "")
             if got is None:
                 entry, manifest = self.store.open_image(lay.entry.ref)  # the read gate: a read is recorded
+                require_policy(self.policy, manifest, str(entry.ref))  # packed again since the scan: check again
                 key = entry.manifest_digest or ""  # the image may have been packed again since the scan
                 got = self._manifests.get(key)
                 if got is None:
@@ -354,11 +359,12 @@ class LayerStoreOperations(ImageOperations):
 
 
 
-def serve_layerstore(store: Store, mountpoint: str, stats_file: str | None = None) -> None:
-    """Serve the layer store at ``mountpoint`` until unmounted."""
+def serve_layerstore(store: Store, mountpoint: str, stats_file: str | None = None, *,
+                     policy: Policy | None = None) -> None:
+    """Serve the layer store at ``mountpoint`` until unmounted (only images ``policy`` accepts)."""
     from .fuse import serve
 
-    layers = LayerStore(store)
+    layers = LayerStore(store, policy=policy)
     layers.scan()
     done = threading.Event()
     writer = threading.Thread(target=write_stats, args=(layers, stats_file, done), daemon=True)

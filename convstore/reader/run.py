@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConvstoreError
+from ..oci.policy import Policy
+from ..oci.policy import require as require_policy
 from ..store import Store
 from .fuse import BackgroundMount
 from .imagefs import FSError, ImageFS
@@ -230,11 +232,12 @@ def _run_runc(runc: str, bundle: str, cid: str, stdout: Any, stderr: Any) -> tup
 
 def run_image(store: Store, ref: str, command: list[str] | None = None, *, runtime: str = "auto",
               prefetch: bool = True, record: bool | None = None, fs: ImageFS | None = None,
-              stdout: Any = None, stderr: Any = None) -> RunResult:
+              stdout: Any = None, stderr: Any = None, policy: Policy | None = None) -> RunResult:
     """Run ``ref``'s Entrypoint/Cmd (or ``command``) from a lazy FUSE mount.
 
     ``runtime``: ``runc``, ``chroot`` or ``auto`` (runc if it works).
     ``record``: record a start-up profile (default: when the image has none).
+    ``policy``: the node's trust policy; an image it refuses does not start.
     """
     t0 = time.perf_counter()
     if os.geteuid() != 0:
@@ -243,6 +246,7 @@ def run_image(store: Store, ref: str, command: list[str] | None = None, *, runti
         fs = ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN)
     entry = fs.entry if fs.entry is not None else store.entry(ref)
     manifest = fs.manifest
+    require_policy(policy, manifest, ref)
     config = json.loads(manifest.config_bytes)
     profile_state = "none"
     profile = store.load_profile(entry) if prefetch or record is None else None

@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConvstoreError
+from ..oci.policy import Policy
+from ..oci.policy import require as require_policy
 from ..store import Store
 from . import containerd_api as api
 from .fuse import BackgroundMount
@@ -112,7 +114,7 @@ class SnapshotError(Exception):
 class Snapshotter:
     """The snapshot model over ``root`` and a convstore store."""
 
-    def __init__(self, store: Store, root: str) -> None:
+    def __init__(self, store: Store, root: str, policy: Policy | None = None) -> None:
         self._grpc = _grpc()
         self.root = os.path.abspath(root)
         if "," in self.root or ":" in self.root:
@@ -120,7 +122,7 @@ class Snapshotter:
         os.makedirs(os.path.join(self.root, "snapshots"), mode=0o700, exist_ok=True)
         os.makedirs(os.path.join(self.root, "l"), mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)  # the layers below are decrypted image files
-        self.layers = LayerStore(store)
+        self.layers = LayerStore(store, policy=policy)  # images the node's trust policy refuses are not served
         self.layers.scan()
         self.mountpoint = os.path.join(self.root, "layers")
         self._mount = BackgroundMount(None, self.mountpoint, LayerStoreOperations(self.layers))
@@ -370,7 +372,8 @@ class Snapshotter:
         return grpc.method_handlers_generic_handler(api.SERVICE, handlers)
 
 
-def serve_snapshotter(store: Store, root: str, socket_path: str, stats_file: str | None = None) -> None:
+def serve_snapshotter(store: Store, root: str, socket_path: str, stats_file: str | None = None, *,
+                      policy: Policy | None = None) -> None:
     """Serve on the unix socket ``socket_path`` until SIGINT/SIGTERM; what
     the layers fetched goes to ``stats_file`` as the layer store writes it."""
     import signal
@@ -387,7 +390,7 @@ def serve_snapshotter(store: Store, root: str, socket_path: str, stats_file: str
                 os.unlink(socket_path)  # left by a snapshotter that is gone
             else:
                 raise ConvstoreError(f"{socket_path}: a snapshotter is already serving there")
-    with Snapshotter(store, root) as snap:
+    with Snapshotter(store, root, policy) as snap:
         server = grpc.server(ThreadPoolExecutor(8, thread_name_prefix="convstore-snapshots"))
         server.add_generic_rpc_handlers((snap.handler(),))
         mask = os.umask(0o077)  # the socket is root's alone from its creation
@@ -410,7 +413,8 @@ def serve_snapshotter(store: Store, root: str, socket_path: str, stats_file: str
 
 
 def load_into_containerd(store: Store, ref: str, address: str, *, name: str | None = None,
-                         namespace: str = "default", snapshotter: str = "convstore") -> str:
+                         namespace: str = "default", snapshotter: str = "convstore",
+                         policy: Policy | None = None) -> str:
     """Make image ``ref`` of ``store`` an image of the containerd at
     ``address`` whose layers are the convstore snapshotter's (registered as
     ``snapshotter``): no layer blob is written or fetched.  Returns the
@@ -418,6 +422,7 @@ def load_into_containerd(store: Store, ref: str, address: str, *, name: str | No
     image was packed from, else ``convstore.local/NAME:TAG``."""
     grpc = _grpc()
     entry, manifest = store.open_image(ref)
+    require_policy(policy, manifest, ref)  # the node's trust policy
     mbytes = manifest.source_manifest_bytes
     mdigest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
     source = str(manifest.source.get("ref") or "")
