@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from ..errors import DigestMismatch, PolicyInvalid, SignatureInvalid
+from ..errors import PolicyInvalid, SignatureInvalid
 from . import media
 
 if TYPE_CHECKING:
@@ -125,11 +125,10 @@ def fetch_attachments(client: RegistryClient, repo: str, manifest_digest: str) -
         if not isinstance(size, int) or not 0 <= size <= MAX_SIGNATURE_BODY:
             raise SignatureInvalid(f"{where}: layer {digest} has size {size!r} (at most {MAX_SIGNATURE_BODY})")
         try:
-            payload = client.get_blob(repo, digest)
+            payload = client.get_blob(repo, digest, size=size, max_bytes=MAX_SIGNATURE_BODY)
         except KeyError:
             raise SignatureInvalid(f"{where}: payload blob {digest} is missing") from None
-        if len(payload) != size or media.sha256_digest(payload) != digest:
-            raise DigestMismatch(f"{where}: payload blob {digest} does not match its digest")
+        media.verify_bytes(payload, digest, size, f"{where}: payload blob {digest}")
         ann = layer.get("annotations") or {}
         if not isinstance(ann, dict) or not all(isinstance(v, str) for v in ann.values()):
             raise SignatureInvalid(f"{where}: layer {digest} has malformed annotations")
