@@ -28,6 +28,7 @@ key material.
     │   ├── KeyProviderUnavailable  the provider cannot be reached or is not installed
     │   └── KeyFileError       the key file is unusable
     ├── UnsafePathError        an entry would be written outside its target
+    ├── ExposedMountpoint      a mount of decrypted files that other users could reach
     └── InvalidReference       a malformed NAME[:TAG] or SOURCE string
 """
 
@@ -128,3 +129,8 @@ class KeyFileError(KeyProviderError):
 
 class UnsafePathError(ConvstoreError):
     """A layer entry would be written outside the target directory."""
+
+
+class ExposedMountpoint(ConvstoreError):
+    """A FUSE mount made for every user (``allow_other``) whose mount point other users could reach:
+    its parent directory is not this user's (or root's) alone."""

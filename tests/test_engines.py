@@ -243,3 +243,87 @@ def test_containerd_runs_from_the_convstore_snapshotter(tmp_path: Path, cli_env:
         assert snap.wait(timeout=30) == 0
         unmount_below(tmp_path)
     assert not os.path.ismount(tmp_path / "snapshots" / "layers")
+
+
+# -- issue 21 §6: the engine surface ------------------------------------------------------------------------------
+
+def _grpc_call(sock: Path, service: str, method: str, req, resp, namespace: str, lease: str = ""):
+    import grpc
+
+    meta = (("containerd-namespace", namespace),) + ((("containerd-lease", lease),) if lease else ())
+    with grpc.insecure_channel(f"unix://{sock}") as ch:
+        fn = ch.unary_unary(f"/{service}/{method}", request_serializer=lambda m: m.SerializeToString(),
+                            response_deserializer=resp.FromString)
+        return fn(req, metadata=meta, timeout=60)
+
+
+@pytest.mark.corpus
+def test_containerd_namespace_cannot_plant_a_layer_under_another(tmp_path: Path, cli_env: dict[str, str],
+                                                                 corpus: dict) -> None:
+    """The attack of issue 21 §6: a client of namespace `evil` commits its own
+    snapshot (convstore's base layer plus a planted file) labelled with the
+    image's top chain ID before anyone in `default` loads the image; a
+    container started in `default` must still run on convstore's layer."""
+    import grpc
+
+    from convstore.reader import containerd_api as api
+    from convstore.reader.layerstore import chain_ids
+
+    need_tool("containerd")
+    need_tool("ctr")
+    image = "app1"
+    run_cli(cli_env, "pack", f"oci:{CORPUS_DIR / image}:latest", f"{image}:latest")
+    stored = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    _, manifest = stored.open_image(f"{image}:latest")
+    chains = [c for c, _ in chain_ids([lr.diff_id for lr in manifest.layers])]
+    assert len(chains) >= 2
+    snap_sock = tmp_path / "run" / "snapshotter.sock"
+    snap = start_snapshotter(cli_env, tmp_path / "snapshots", snap_sock)
+    ctd = None
+    ref = "containerd.io/snapshot.ref"
+    try:
+        ctd = Containerd(tmp_path / "containerd", snap_sock)
+        sock = ctd.socket
+        evil = "evil"
+        ctd.ctr("-n", evil, "leases", "create", "--id", "evil-lease", "--expires", "0")  # kept from the GC
+        parent = ""
+        for chain in chains[:-1]:  # evil reaches convstore's lower layers by the remote-snapshot protocol
+            with pytest.raises(grpc.RpcError) as e:
+                _grpc_call(sock, api.SNAPSHOTS, "Prepare", api.PrepareSnapshotRequest(
+                    snapshotter="convstore", key=f"evil-{chain[-8:]}", parent=parent, labels={ref: chain}),
+                    api.PrepareSnapshotResponse, evil, "evil-lease")
+            assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            parent = chain
+        mounts = _grpc_call(sock, api.SNAPSHOTS, "Prepare", api.PrepareSnapshotRequest(
+            snapshotter="convstore", key="evil-work", parent=parent), api.PrepareSnapshotResponse, evil, "evil-lease").mounts
+        upper = next(o.removeprefix("upperdir=") for m in mounts for o in m.options if o.startswith("upperdir="))
+        Path(upper, "planted").write_text("evil\n")
+        try:  # labelled at Commit, and again by Update
+            _grpc_call(sock, api.SNAPSHOTS, "Commit", api.CommitSnapshotRequest(
+                snapshotter="convstore", name="evil-top", key="evil-work", labels={ref: chains[-1]}),
+                api.Empty, evil, "evil-lease")
+        except grpc.RpcError as e2:
+            pytest.fail(f"evil's commit failed: {e2.details()}")
+        try:
+            _grpc_call(sock, api.SNAPSHOTS, "Update", api.UpdateSnapshotRequest(
+                snapshotter="convstore", info=api.Info(name="evil-top", labels={ref: chains[-1]}),
+                update_mask={"paths": [f"labels.{ref}"]}), api.UpdateSnapshotResponse, evil, "evil-lease")
+        except grpc.RpcError:
+            pass  # refusing the label is fine too
+        # now `default` loads and runs the image
+        run_cli(cli_env, "containerd-load", f"{image}:latest", "--address", str(sock))
+        name = f"convstore.local/{image}:latest"
+        r = ctd.ctr("run", "--snapshotter", "convstore", "--rm", name, "t-evil", "sh", "-c",
+                    "cat /planted 2>/dev/null || echo clean", check=False)
+        assert (r.returncode, r.stdout.strip()) == (0, "clean"), (r.stdout, r.stderr)
+        r = ctd.ctr("run", "--snapshotter", "convstore", "--rm", name, "t-hello", check=False)
+        assert (r.returncode, r.stdout.strip()) == (0, "hello"), r.stderr
+        # evil's own view of its snapshot is untouched: it is still there, in its namespace only
+        assert "evil-top" in ctd.ctr("-n", "evil", "snapshots", "--snapshotter", "convstore", "ls").stdout
+        assert "evil-top" not in ctd.ctr("snapshots", "--snapshotter", "convstore", "ls").stdout
+    finally:
+        if ctd is not None:
+            ctd.stop()
+        snap.terminate()
+        assert snap.wait(timeout=30) == 0
+        unmount_below(tmp_path)
