@@ -327,3 +327,95 @@ def test_containerd_namespace_cannot_plant_a_layer_under_another(tmp_path: Path,
         snap.terminate()
         assert snap.wait(timeout=30) == 0
         unmount_below(tmp_path)
+
+
+@pytest.fixture
+def snapshotter_obj(tmp_path: Path, store: convstore.Store):
+    """The snapshot model over a store holding the two-layer image (its gRPC methods called directly; no mount)."""
+    pytest.importorskip("grpc")
+    from convstore.reader.layerstore import chain_ids
+    from convstore.reader.snapshotter import Snapshotter
+
+    layout = tmp_path / "img"
+    write_oci(str(layout), _layers())
+    store.pack(f"oci:{layout}:latest", "two:1")
+    _, manifest = store.open_image("two:1")
+    chains = [c for c, _ in chain_ids([lr.diff_id for lr in manifest.layers])]
+    snap = Snapshotter(store, str(tmp_path / "snaps"))
+    yield snap, chains
+    snap.layers.close()
+
+
+def _code(e: BaseException) -> str:
+    return getattr(e, "code").name
+
+
+def test_snapshotter_lookup_is_answered_by_convstore_layers_only(snapshotter_obj) -> None:
+    """Within one namespace too: a client's snapshot labelled with a stored
+    chain ID (at Commit and Update) never becomes the answer to
+    containerd's remote-snapshot lookup, and List honours its filter."""
+    from convstore.reader import containerd_api as api
+    from convstore.reader.snapshotter import REF_LABEL, SnapshotError
+
+    snap, (c0, c1) = snapshotter_obj
+    ns = "default/"
+    with pytest.raises(SnapshotError) as e:  # convstore's base layer, by the remote-snapshot protocol
+        snap.Prepare(api.PrepareSnapshotRequest(key=ns + "1/x", parent="", labels={REF_LABEL: c0}))
+    assert _code(e.value) == "ALREADY_EXISTS"
+    # a client plants a snapshot over the base layer, labelled as the top layer
+    snap.Prepare(api.PrepareSnapshotRequest(key=ns + "2/work", parent=c0, labels={"any": "thing"}))
+    snap.Commit(api.CommitSnapshotRequest(name=ns + "3/fake", key=ns + "2/work", labels={REF_LABEL: c1}))
+    snap.Update(api.UpdateSnapshotRequest(info=api.Info(name=ns + "3/fake", labels={REF_LABEL: c1}),
+                                          update_mask={"paths": [f"labels.{REF_LABEL}"]}))
+    with pytest.raises(SnapshotError) as e:  # containerd's unpacker asks for the top layer
+        snap.Prepare(api.PrepareSnapshotRequest(key=ns + "4/y", parent=c0, labels={REF_LABEL: c1}))
+    assert _code(e.value) == "ALREADY_EXISTS"
+    # ... and looks the target up as containerd 1.6 does
+    lookup = f'labels."{REF_LABEL}"=={c1},parent=="{c0}"'
+    found = [i.name for r in snap.List(api.ListSnapshotsRequest(filters=[lookup])) for i in r.info]
+    assert found == [c1]
+    assert [i.name for r in snap.List(api.ListSnapshotsRequest(filters=[f'name=="{ns}3/fake"'])) for i in r.info] \
+        == [ns + "3/fake"]
+    every = [i.name for r in snap.List(api.ListSnapshotsRequest()) for i in r.info]
+    assert set(every) == {c0, c1, ns + "3/fake"}
+    for bad in ("labels.x~=(", "nosuchfield==1", "name==/re/", "name=1"):  # refused, never ignored
+        with pytest.raises(SnapshotError) as e:
+            list(snap.List(api.ListSnapshotsRequest(filters=[bad])))
+        assert _code(e.value) == "INVALID_ARGUMENT", bad
+
+
+def test_snapshotter_bounds_keys_labels_and_answers(snapshotter_obj, tmp_path: Path) -> None:
+    """Labels are bounded as containerd bounds them (key + value 4096 bytes),
+    and a snapshot's label set too; List answers stay far under gRPC's 4 MiB
+    message limit; a change writes what changed, not the whole state."""
+    from convstore.reader import containerd_api as api
+    from convstore.reader.snapshotter import SnapshotError
+
+    snap, _ = snapshotter_obj
+    with pytest.raises(SnapshotError) as e:
+        snap.Prepare(api.PrepareSnapshotRequest(key="default/1/big", labels={"k": "v" * 4096}))
+    assert _code(e.value) == "INVALID_ARGUMENT"
+    with pytest.raises(SnapshotError) as e:
+        snap.Prepare(api.PrepareSnapshotRequest(key="default/1/many", labels={f"l{i}": "x" for i in range(80000)}))
+    assert _code(e.value) == "INVALID_ARGUMENT"
+    with pytest.raises(SnapshotError) as e:
+        snap.Prepare(api.PrepareSnapshotRequest(key="k" * 5000))
+    assert _code(e.value) == "INVALID_ARGUMENT"
+    fat = {f"label-{j}": "v" * 4000 for j in range(15)}  # 60 KB of labels: within the bounds
+    for i in range(80):
+        snap.View(api.ViewSnapshotRequest(key=f"default/{i}/fat", labels=fat))
+    answers = list(snap.List(api.ListSnapshotsRequest()))
+    assert sum(len(r.info) for r in answers) == 80 + 0
+    assert max(r.ByteSize() for r in answers) < 2 << 20  # gRPC refuses a message over 4 MiB
+    for i in range(300):
+        snap.View(api.ViewSnapshotRequest(key=f"default/{i}/small-{'x' * 100}", labels={"a": "b" * 200}))
+
+    def written() -> int:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+    before = written()
+    snap.View(api.ViewSnapshotRequest(key="default/999/one-more"))
+    snap.Remove(api.RemoveSnapshotRequest(key="default/999/one-more"))
+    cost = written() - before
+    assert cost < 256 << 10, cost  # the state is ~5 MB: a change writes a few pages, not all of it
