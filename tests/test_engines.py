@@ -147,6 +147,7 @@ def test_layer_store_tree(layerstore, tmp_path: Path) -> None:
     while not (stats.exists() and json.loads(stats.read_text()).get("two:1", {}).get("chunks_fetched")):
         assert time.monotonic() < deadline, "the stats file never showed the reads"
         time.sleep(0.1)
+    assert stats.stat().st_mode & 0o777 == 0o600  # it names the images this node runs
 
 
 @pytest.mark.corpus
@@ -419,3 +420,41 @@ def test_snapshotter_bounds_keys_labels_and_answers(snapshotter_obj, tmp_path: P
     snap.Remove(api.RemoveSnapshotRequest(key="default/999/one-more"))
     cost = written() - before
     assert cost < 256 << 10, cost  # the state is ~5 MB: a change writes a few pages, not all of it
+
+
+def test_layerstore_refuses_a_mount_point_others_can_reach(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The mount shows every stored image's decrypted files to every user
+    (allow_other): a mount point under a directory others can enter is
+    refused in one line, nothing mounted; under a 0700 directory it works."""
+    if os.geteuid() != 0:
+        pytest.skip("allow_other mounts are made as root only")
+    layout = tmp_path / "img"
+    write_oci(str(layout), _layers())
+    run_cli(cli_env, "pack", f"oci:{layout}:latest", "two:1")
+    open_dir = tmp_path / "shared"
+    open_dir.mkdir(mode=0o755)
+    os.chmod(open_dir, 0o755)
+    mnt = open_dir / "als"
+    mnt.mkdir()
+    import sys
+
+    for background in ([], ["--background"]):
+        p = subprocess.Popen([sys.executable, "-m", "convstore.cli", "layerstore", *background, str(mnt)],
+                             env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = p.communicate(timeout=60)  # refused: it exits at once (a served mount would block)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        try:
+            assert p.returncode == 1 and err.count("\n") == 1, (background, p.returncode, err)
+            assert f"chmod 0700 {open_dir}" in err and "Traceback" not in err
+            assert not os.path.ismount(mnt)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
+    os.chmod(open_dir, 0o700)
+    r = run_cli(cli_env, "layerstore", "--background", str(mnt))
+    try:
+        assert os.path.ismount(mnt)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
