@@ -458,3 +458,75 @@ def test_layerstore_refuses_a_mount_point_others_can_reach(tmp_path: Path, cli_e
         assert os.path.ismount(mnt)
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+
+
+def test_layerstore_holding_a_pkcs11_key_leaves_no_core_and_no_pin(tmp_path: Path, softhsm) -> None:
+    """A layer store that opened a PKCS#11 key with ``pin-source=env:VAR``:
+    the PIN is gone from its /proc/PID/environ, its core limit is 0 and
+    SIGABRT leaves no core file (core_pattern here is ``core``, in the
+    process's working directory; the test raises the soft core limit of the
+    process it starts, as a system with core dumps on would, and changes no
+    system-wide setting)."""
+    import resource
+    import signal
+    import sys
+
+    from kms_fixtures import PIN
+
+    if os.geteuid() != 0:
+        pytest.skip("the layer store mounts for every user as root")
+    spec = softhsm.add_key("engines-core")
+    env = dict(os.environ, CONVSTORE_STORE=str(tmp_path / "store"), CONVSTORE_KEY=spec, **softhsm.env)
+    layout = tmp_path / "img"
+    descs = write_oci(str(layout), _layers())
+    run_cli(env, "pack", f"oci:{layout}:latest", "two:1")
+    mnt, cwd = tmp_path / "als", tmp_path / "cwd"
+    mnt.mkdir()
+    cwd.mkdir()
+
+    def cores_on() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+    p = subprocess.Popen([sys.executable, "-m", "convstore.cli", "layerstore", str(mnt)], env=env, cwd=cwd,
+                         preexec_fn=cores_on, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            assert p.poll() is None, p.stderr.read() if p.stderr else ""
+            assert time.monotonic() < deadline, "the layer store did not mount"
+            time.sleep(0.05)
+        # the key is open (a layer read unwraps the image's keys through the token)
+        assert (_ref_dir(mnt) / descs["layers"][0]["digest"] / "diff" / "etc" / "keep").read_bytes() == b"kept\n"
+        with open(f"/proc/{p.pid}/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+        assert not [e for e in entries if e.startswith(b"CONVSTORE_TEST_PIN=") and e != b"CONVSTORE_TEST_PIN="]
+        assert f"={PIN}".encode() not in b"\0".join(entries)
+        with open(f"/proc/{p.pid}/limits") as f:
+            core = next(line for line in f if line.startswith("Max core file size")).split()[4:6]
+        assert core == ["0", "0"], core
+        os.kill(p.pid, signal.SIGABRT)
+        assert p.wait(timeout=30) == -signal.SIGABRT
+        assert list(cwd.iterdir()) == []  # no core file
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
+def test_opening_a_key_turns_core_dumps_off(tmp_path: Path, keyfile: str) -> None:
+    """The process that opens a master key becomes non-dumpable
+    (PR_GET_DUMPABLE 0: no core, no same-user ptrace or /proc/PID/mem) with
+    a core limit of 0, whatever it was started with."""
+    import sys
+
+    code = ("import ctypes, resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n"
+            "import convstore\n"
+            "convstore.Store.open(sys.argv[1], 'file:' + sys.argv[2])\n"
+            "libc = ctypes.CDLL(None)\n"
+            "print(libc.prctl(3, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store"), keyfile], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "(0,", "0)"], r.stdout
