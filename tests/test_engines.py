@@ -530,3 +530,37 @@ def test_opening_a_key_turns_core_dumps_off(tmp_path: Path, keyfile: str) -> Non
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "(0,", "0)"], r.stdout
+
+
+def test_snapshotter_state_upgrade_and_version(tmp_path: Path, store: convstore.Store) -> None:
+    """A metadata.json of earlier versions is imported once (a client's
+    planted ref label dropped, a convstore layer's labels its own); a
+    database of another format version is refused in one line."""
+    pytest.importorskip("grpc")
+    import sqlite3
+
+    from convstore.reader import containerd_api as api
+    from convstore.reader.snapshotter import REF_LABEL, Snapshotter
+
+    root = tmp_path / "snaps"
+    root.mkdir(mode=0o700)
+    chain = "sha256:" + "a" * 64
+    legacy = {chain: {"kind": 3, "parent": "", "labels": {REF_LABEL: "sha256:" + "b" * 64}, "created": 1.0,
+                      "updated": 1.0, "id": "", "remote": "sha256:" + "c" * 64},
+              "default/3/fake": {"kind": 3, "parent": chain, "labels": {REF_LABEL: "sha256:" + "d" * 64, "x": "y"},
+                                 "created": 1.0, "updated": 1.0, "id": "0123456789abcdef", "remote": ""}}
+    (root / "metadata.json").write_text(json.dumps(legacy))
+    snap = Snapshotter(store, str(root))
+    try:
+        infos = {i.name: dict(i.labels) for r in snap.List(api.ListSnapshotsRequest()) for i in r.info}
+        assert infos["default/3/fake"] == {"x": "y"}
+        assert infos[chain][REF_LABEL] == chain
+    finally:
+        snap.layers.close()
+    assert not (root / "metadata.json").exists() and (root / "metadata.json.imported").exists()
+    assert (root / "metadata.db").stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(root / "metadata.db") as db:
+        db.execute("PRAGMA user_version=7")
+    with pytest.raises(convstore.ConvstoreError) as e:
+        Snapshotter(store, str(root))
+    assert "format 7" in str(e.value) and "\n" not in str(e.value)
