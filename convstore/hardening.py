@@ -8,7 +8,10 @@ first loaded (:func:`convstore.keys.open_key`), so every process that opens
 a store with its key (CLI commands, ``layerstore``, ``snapshotter``,
 ``mount``, the worker, the daemon's commands) is covered.  The dumpable flag
 is reset by ``execve`` (runc, the tools convstore runs); the core limit is
-inherited, which is harmless.
+inherited, which is harmless.  ``convstore daemon``, which reads its
+clients' requests (their environments) but opens no key, calls
+:func:`no_core_dumps` only: it stays dumpable, so its user's tools still see
+its ``/proc/PID`` (the stop hint).
 
 :func:`take_secret_env` reads a secret (a PKCS#11 PIN named by
 ``pin-source=env:VAR``) from the environment and removes it: from
@@ -32,9 +35,14 @@ PR_GET_DUMPABLE = 3
 _TAKEN: dict[str, str] = {}
 
 
+def no_core_dumps() -> None:
+    """``RLIMIT_CORE`` 0, soft and hard, for this process and its children."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def protect_process() -> None:
     """No core dumps and no same-user ptrace/``/proc/PID/mem`` for this process (idempotent)."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    no_core_dumps()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         err = ctypes.get_errno()

@@ -328,9 +328,12 @@ class Snapshotter:
     def List(self, req: Any, namespace: str | None = None) -> Iterator[Any]:
         """The snapshots ``req.filters`` select (containerd's filter syntax;
         an unknown filter is refused), in key order.  A caller in a containerd
-        namespace sees that namespace's snapshots (containerd names them
-        ``NAMESPACE/SEQ/NAME``) and convstore's layers, which every namespace
-        shares; one without (containerd's garbage collector) sees all."""
+        namespace (gRPC header ``containerd-namespace``) sees that namespace's
+        snapshots (containerd names them ``NAMESPACE/SEQ/NAME``) and convstore's
+        layers, which every namespace shares; one without sees all.
+        containerd 1.6 sends no such header to a proxy snapshotter: what keeps
+        its namespaces apart is that only a convstore layer carries the ref
+        label its remote-snapshot lookup filters on."""
         try:
             match = parse_all(list(req.filters))
         except FilterError as e:
