@@ -1,7 +1,7 @@
 """Process hardening for processes that hold key material.
 
-:func:`protect_process` turns core dumps off (``RLIMIT_CORE`` = 0, soft and
-hard) and makes the process non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``):
+:func:`protect_process` turns core dumps off (a soft ``RLIMIT_CORE`` of 0)
+and makes the process non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``):
 no core file, no ``/proc/PID/mem`` or ptrace for other processes of the same
 user, ``/proc/PID/*`` owned by root.  It is called where key material is
 first loaded (:func:`convstore.keys.open_key`), so every process that opens
@@ -36,8 +36,10 @@ _TAKEN: dict[str, str] = {}
 
 
 def no_core_dumps() -> None:
-    """``RLIMIT_CORE`` 0, soft and hard, for this process and its children."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    """A core limit of 0 for this process and its children (the soft limit,
+    which is the one that applies; the hard limit is left, so that a program
+    embedding the library is not changed for good)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
 
 def protect_process() -> None:
@@ -52,7 +54,7 @@ def protect_process() -> None:
 def is_protected() -> bool:
     """Whether this process is non-dumpable and has no core limit (for diagnostics)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    return libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0 and resource.getrlimit(resource.RLIMIT_CORE) == (0, 0)
+    return libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0 and resource.getrlimit(resource.RLIMIT_CORE)[0] == 0
 
 
 def _wipe_initial_environ(name: str) -> None:

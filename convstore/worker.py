@@ -25,8 +25,8 @@ import sys
 from dataclasses import replace
 from typing import IO, Any
 
-from .errors import ConvstoreError
 from . import hardening
+from .errors import ConvstoreError
 from .options import StoreOptions
 
 #: variables that may hold a secret (a key spec can carry a PIN); a worker gets what it needs on its pipe
