@@ -566,3 +566,38 @@ def test_snapshotter_state_upgrade_and_version(tmp_path: Path, store: convstore.
     with pytest.raises(convstore.ConvstoreError) as e:
         Snapshotter(store, str(root))
     assert "format 7" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_pin_taken_from_the_environment_still_reaches_a_worker(tmp_path: Path, softhsm, monkeypatch) -> None:
+    """Opening a PKCS#11 key with ``pin-source=env:VAR`` takes VAR out of the
+    process's environment; a background
+    worker started afterwards (a re-pack, a mount) still opens the key: the
+    PIN travels on its pipe."""
+    from kms_fixtures import PIN
+
+    from convstore.options import StoreOptions
+    from convstore.worker import spawn
+
+    if os.geteuid() != 0:
+        pytest.skip("the mount is made for every user as root")
+    spec = softhsm.add_key("engines-worker").replace("env:CONVSTORE_TEST_PIN", "env:ENGINES_PIN")
+    monkeypatch.setenv("ENGINES_PIN", PIN)
+    store = convstore.Store.open(str(tmp_path / "store"), spec)
+    assert "ENGINES_PIN" not in os.environ  # no child inherits it (/proc/PID/environ: the layer store test)
+    layout = tmp_path / "img"
+    write_oci(str(layout), _layers())
+    store.pack(f"oci:{layout}:latest", "two:1")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = spawn({"op": "mount", "ref": "two:1", "mountpoint": str(mnt)}, StoreOptions(path=str(tmp_path / "store"),
+                                                                                   key=spec), stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            assert p.poll() is None, p.stderr.read() if p.stderr else ""
+            assert time.monotonic() < deadline, "the worker did not mount"
+            time.sleep(0.05)
+        assert (mnt / "etc" / "new").read_bytes() == b"new\n"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        p.wait(timeout=30)
