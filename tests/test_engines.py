@@ -601,3 +601,35 @@ def test_a_pin_taken_from_the_environment_still_reaches_a_worker(tmp_path: Path,
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
         p.wait(timeout=30)
+
+
+def test_containerd_filter_syntax() -> None:
+    """containerd's filter grammar as its snapshot service sends it: quoted
+    field paths and values (Go escapes), ==, !=, ~=, presence, ',' for all
+    and several filters for any; anything else is refused."""
+    from convstore.reader.ctrfilter import FilterError, Subject, parse_all
+
+    a = Subject("default/3/x", "", "committed", {"containerd.io/snapshot.ref": "sha256:ab", "a.b": "1"})
+    b = Subject("sha256:ab", "p", "active", {})
+    cases = {
+        'labels."containerd.io/snapshot.ref"==sha256:ab,parent==""': (True, False),
+        "labels.a.b==1": (True, False),  # an unquoted dotted label key, as containerd joins it
+        "labels.nope": (False, False),
+        "labels.nope!=x": (True, True),
+        "kind==active": (False, True),
+        'name~="^default/"': (True, False),
+        'name=="sha256\\x3aab"': (False, True),
+        " name == sha256:ab , kind==active ": (False, True),
+    }
+    for f, want in cases.items():
+        match = parse_all([f])
+        assert (match(a), match(b)) == want, f
+    either = parse_all(["kind==active", "parent==\"\""])
+    assert either(a) and either(b) and parse_all([])(a)
+    for bad in ("", "name==", "name===x", "name==/x/", "name==|x|", "name==\"x", "name==\"\\q\"", "labels",
+                "foo==1", "name.x==1", "name==a,,kind==b", "name==a kind==b", "name~=(", "x" * 20000):
+        if bad == "":
+            assert parse_all([bad])(a)  # an empty filter matches all, as containerd's does
+            continue
+        with pytest.raises(FilterError):
+            parse_all([bad])
