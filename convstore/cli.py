@@ -758,6 +758,9 @@ def daemon(
     from typer.main import get_command
 
     d.scrub_environment(path)  # re-executes itself: no secret of its launcher in any command's /proc/PID/environ
+    from .hardening import no_core_dumps
+
+    no_core_dumps()  # its clients' requests carry their environments (a PIN may be among them)
     d.close_inherited()  # what started it must not be held open by every command it forks
     command = get_command(app)
     server = d.Daemon(path, lambda prog: main(lambda: command(prog_name=prog)), __version__)

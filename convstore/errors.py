@@ -35,6 +35,7 @@ key material.
     │       ├── SignatureRequired  a signature is required and none exists (or none was recorded)
     │       └── SignatureInvalid   a signature fails (bad signature, other digest or identity, malformed)
     ├── UnsafePathError        an entry would be written outside its target
+    ├── ExposedMountpoint      a mount of decrypted files that other users could reach
     └── InvalidReference       a malformed NAME[:TAG] or SOURCE string
 """
 
@@ -172,3 +173,8 @@ class SignatureInvalid(PolicyDenied):
 
 class UnsafePathError(ConvstoreError):
     """A layer entry would be written outside the target directory."""
+
+
+class ExposedMountpoint(ConvstoreError):
+    """A FUSE mount made for every user (``allow_other``) whose mount point other users could reach:
+    its parent directory is not this user's (or root's) alone."""

@@ -27,6 +27,7 @@ import sys
 from dataclasses import replace
 from typing import IO, Any
 
+from . import hardening
 from .errors import ConvstoreError
 from .options import StoreOptions
 
@@ -45,8 +46,9 @@ def spawn(task: dict[str, Any], options: StoreOptions, *, stderr: int | IO[bytes
         key = options.key
         for m in reversed(list(re.finditer(r"([?&;])pin-source=env:([A-Za-z_][A-Za-z0-9_]*)", key))):
             secret_env.add(m.group(2))
-            if m.group(2) in os.environ:
-                pin = urllib.parse.quote(os.environ[m.group(2)], safe="")
+            value = hardening.secret_env(m.group(2))  # still in the environment, or already taken by the key provider
+            if value is not None:
+                pin = urllib.parse.quote(value, safe="")
                 key = key[:m.start()] + f"{m.group(1)}pin-value={pin}" + key[m.end():]
         options = replace(options, key=key)
     env = {k: v for k, v in os.environ.items() if k not in secret_env}  # the options carry them

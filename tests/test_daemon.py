@@ -65,7 +65,7 @@ def daemon(tmp_path: Path):
 def image_dir(tmp_path: Path) -> Path:
     """A work directory with a small OCI layout at ``src``, and the client's store settings in the environment."""
     work = tmp_path / "work"
-    work.mkdir()
+    work.mkdir(mode=0o700)  # mounts made for every user need a private parent
     write_oci(str(work / "src"), [make_tar([Entry("etc", "dir"), Entry("etc/hostname", data=b"box\n"),
                                             Entry("big.bin", data=BIG)])])
     return work

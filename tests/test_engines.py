@@ -147,6 +147,7 @@ def test_layer_store_tree(layerstore, tmp_path: Path) -> None:
     while not (stats.exists() and json.loads(stats.read_text()).get("two:1", {}).get("chunks_fetched")):
         assert time.monotonic() < deadline, "the stats file never showed the reads"
         time.sleep(0.1)
+    assert stats.stat().st_mode & 0o777 == 0o600  # it names the images this node runs
 
 
 @pytest.mark.corpus
@@ -243,3 +244,392 @@ def test_containerd_runs_from_the_convstore_snapshotter(tmp_path: Path, cli_env:
         assert snap.wait(timeout=30) == 0
         unmount_below(tmp_path)
     assert not os.path.ismount(tmp_path / "snapshots" / "layers")
+
+
+# -- issue 21 §6: the engine surface ------------------------------------------------------------------------------
+
+def _grpc_call(sock: Path, service: str, method: str, req, resp, namespace: str, lease: str = ""):
+    import grpc
+
+    meta = (("containerd-namespace", namespace),) + ((("containerd-lease", lease),) if lease else ())
+    with grpc.insecure_channel(f"unix://{sock}") as ch:
+        fn = ch.unary_unary(f"/{service}/{method}", request_serializer=lambda m: m.SerializeToString(),
+                            response_deserializer=resp.FromString)
+        return fn(req, metadata=meta, timeout=60)
+
+
+@pytest.mark.corpus
+def test_containerd_namespace_cannot_plant_a_layer_under_another(tmp_path: Path, cli_env: dict[str, str],
+                                                                 corpus: dict) -> None:
+    """The attack of issue 21 §6: a client of namespace `evil` commits its own
+    snapshot (convstore's base layer plus a planted file) labelled with the
+    image's top chain ID before anyone in `default` loads the image; a
+    container started in `default` must still run on convstore's layer."""
+    import grpc
+
+    from convstore.reader import containerd_api as api
+    from convstore.reader.layerstore import chain_ids
+
+    need_tool("containerd")
+    need_tool("ctr")
+    image = "app1"
+    run_cli(cli_env, "pack", f"oci:{CORPUS_DIR / image}:latest", f"{image}:latest")
+    stored = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    _, manifest = stored.open_image(f"{image}:latest")
+    chains = [c for c, _ in chain_ids([lr.diff_id for lr in manifest.layers])]
+    assert len(chains) >= 2
+    snap_sock = tmp_path / "run" / "snapshotter.sock"
+    snap = start_snapshotter(cli_env, tmp_path / "snapshots", snap_sock)
+    ctd = None
+    ref = "containerd.io/snapshot.ref"
+    try:
+        ctd = Containerd(tmp_path / "containerd", snap_sock)
+        sock = ctd.socket
+        evil = "evil"
+        ctd.ctr("-n", evil, "leases", "create", "--id", "evil-lease", "--expires", "0")  # kept from the GC
+        parent = ""
+        for chain in chains[:-1]:  # evil reaches convstore's lower layers by the remote-snapshot protocol
+            with pytest.raises(grpc.RpcError) as e:
+                _grpc_call(sock, api.SNAPSHOTS, "Prepare", api.PrepareSnapshotRequest(
+                    snapshotter="convstore", key=f"evil-{chain[-8:]}", parent=parent, labels={ref: chain}),
+                    api.PrepareSnapshotResponse, evil, "evil-lease")
+            assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            parent = chain
+        mounts = _grpc_call(sock, api.SNAPSHOTS, "Prepare", api.PrepareSnapshotRequest(
+            snapshotter="convstore", key="evil-work", parent=parent), api.PrepareSnapshotResponse, evil, "evil-lease").mounts
+        upper = next(o.removeprefix("upperdir=") for m in mounts for o in m.options if o.startswith("upperdir="))
+        Path(upper, "planted").write_text("evil\n")
+        try:  # labelled at Commit, and again by Update
+            _grpc_call(sock, api.SNAPSHOTS, "Commit", api.CommitSnapshotRequest(
+                snapshotter="convstore", name="evil-top", key="evil-work", labels={ref: chains[-1]}),
+                api.Empty, evil, "evil-lease")
+        except grpc.RpcError as e2:
+            pytest.fail(f"evil's commit failed: {e2.details()}")
+        try:
+            _grpc_call(sock, api.SNAPSHOTS, "Update", api.UpdateSnapshotRequest(
+                snapshotter="convstore", info=api.Info(name="evil-top", labels={ref: chains[-1]}),
+                update_mask={"paths": [f"labels.{ref}"]}), api.UpdateSnapshotResponse, evil, "evil-lease")
+        except grpc.RpcError:
+            pass  # refusing the label is fine too
+        # now `default` loads and runs the image
+        run_cli(cli_env, "containerd-load", f"{image}:latest", "--address", str(sock))
+        name = f"convstore.local/{image}:latest"
+        r = ctd.ctr("run", "--snapshotter", "convstore", "--rm", name, "t-evil", "sh", "-c",
+                    "cat /planted 2>/dev/null || echo clean", check=False)
+        assert (r.returncode, r.stdout.strip()) == (0, "clean"), (r.stdout, r.stderr)
+        r = ctd.ctr("run", "--snapshotter", "convstore", "--rm", name, "t-hello", check=False)
+        assert (r.returncode, r.stdout.strip()) == (0, "hello"), r.stderr
+        # evil's own view of its snapshot is untouched: it is still there, in its namespace only
+        assert "evil-top" in ctd.ctr("-n", "evil", "snapshots", "--snapshotter", "convstore", "ls").stdout
+        assert "evil-top" not in ctd.ctr("snapshots", "--snapshotter", "convstore", "ls").stdout
+    finally:
+        if ctd is not None:
+            ctd.stop()
+        snap.terminate()
+        assert snap.wait(timeout=30) == 0
+        unmount_below(tmp_path)
+
+
+@pytest.fixture
+def snapshotter_obj(tmp_path: Path, store: convstore.Store):
+    """The snapshot model over a store holding the two-layer image (its gRPC methods called directly; no mount)."""
+    pytest.importorskip("grpc")
+    from convstore.reader.layerstore import chain_ids
+    from convstore.reader.snapshotter import Snapshotter
+
+    layout = tmp_path / "img"
+    write_oci(str(layout), _layers())
+    store.pack(f"oci:{layout}:latest", "two:1")
+    _, manifest = store.open_image("two:1")
+    chains = [c for c, _ in chain_ids([lr.diff_id for lr in manifest.layers])]
+    snap = Snapshotter(store, str(tmp_path / "snaps"))
+    yield snap, chains
+    snap.layers.close()
+
+
+def _code(e: BaseException) -> str:
+    return getattr(e, "code").name
+
+
+def test_snapshotter_lookup_is_answered_by_convstore_layers_only(snapshotter_obj) -> None:
+    """Within one namespace too: a client's snapshot labelled with a stored
+    chain ID (at Commit and Update) never becomes the answer to
+    containerd's remote-snapshot lookup, and List honours its filter."""
+    from convstore.reader import containerd_api as api
+    from convstore.reader.snapshotter import REF_LABEL, SnapshotError
+
+    snap, (c0, c1) = snapshotter_obj
+    ns = "default/"
+    with pytest.raises(SnapshotError) as e:  # convstore's base layer, by the remote-snapshot protocol
+        snap.Prepare(api.PrepareSnapshotRequest(key=ns + "1/x", parent="", labels={REF_LABEL: c0}))
+    assert _code(e.value) == "ALREADY_EXISTS"
+    # a client plants a snapshot over the base layer, labelled as the top layer
+    snap.Prepare(api.PrepareSnapshotRequest(key=ns + "2/work", parent=c0, labels={"any": "thing"}))
+    snap.Commit(api.CommitSnapshotRequest(name=ns + "3/fake", key=ns + "2/work", labels={REF_LABEL: c1}))
+    snap.Update(api.UpdateSnapshotRequest(info=api.Info(name=ns + "3/fake", labels={REF_LABEL: c1}),
+                                          update_mask={"paths": [f"labels.{REF_LABEL}"]}))
+    with pytest.raises(SnapshotError) as e:  # containerd's unpacker asks for the top layer
+        snap.Prepare(api.PrepareSnapshotRequest(key=ns + "4/y", parent=c0, labels={REF_LABEL: c1}))
+    assert _code(e.value) == "ALREADY_EXISTS"
+    # ... and looks the target up as containerd 1.6 does
+    lookup = f'labels."{REF_LABEL}"=={c1},parent=="{c0}"'
+    found = [i.name for r in snap.List(api.ListSnapshotsRequest(filters=[lookup])) for i in r.info]
+    assert found == [c1]
+    assert [i.name for r in snap.List(api.ListSnapshotsRequest(filters=[f'name=="{ns}3/fake"'])) for i in r.info] \
+        == [ns + "3/fake"]
+    every = [i.name for r in snap.List(api.ListSnapshotsRequest()) for i in r.info]
+    assert set(every) == {c0, c1, ns + "3/fake"}
+    for bad in ("labels.x~=(", "nosuchfield==1", "name==/re/", "name=1"):  # refused, never ignored
+        with pytest.raises(SnapshotError) as e:
+            list(snap.List(api.ListSnapshotsRequest(filters=[bad])))
+        assert _code(e.value) == "INVALID_ARGUMENT", bad
+
+
+def test_snapshotter_bounds_keys_labels_and_answers(snapshotter_obj, tmp_path: Path) -> None:
+    """Labels are bounded as containerd bounds them (key + value 4096 bytes),
+    and a snapshot's label set too; List answers stay far under gRPC's 4 MiB
+    message limit; a change writes what changed, not the whole state."""
+    from convstore.reader import containerd_api as api
+    from convstore.reader.snapshotter import SnapshotError
+
+    snap, _ = snapshotter_obj
+    with pytest.raises(SnapshotError) as e:
+        snap.Prepare(api.PrepareSnapshotRequest(key="default/1/big", labels={"k": "v" * 4096}))
+    assert _code(e.value) == "INVALID_ARGUMENT"
+    with pytest.raises(SnapshotError) as e:
+        snap.Prepare(api.PrepareSnapshotRequest(key="default/1/many", labels={f"l{i}": "x" for i in range(80000)}))
+    assert _code(e.value) == "INVALID_ARGUMENT"
+    with pytest.raises(SnapshotError) as e:
+        snap.Prepare(api.PrepareSnapshotRequest(key="k" * 5000))
+    assert _code(e.value) == "INVALID_ARGUMENT"
+    fat = {f"label-{j}": "v" * 4000 for j in range(15)}  # 60 KB of labels: within the bounds
+    for i in range(80):
+        snap.View(api.ViewSnapshotRequest(key=f"default/{i}/fat", labels=fat))
+    answers = list(snap.List(api.ListSnapshotsRequest()))
+    assert sum(len(r.info) for r in answers) == 80 + 0
+    assert max(r.ByteSize() for r in answers) < 2 << 20  # gRPC refuses a message over 4 MiB
+    for i in range(300):
+        snap.View(api.ViewSnapshotRequest(key=f"default/{i}/small-{'x' * 100}", labels={"a": "b" * 200}))
+
+    def written() -> int:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+    before = written()
+    snap.View(api.ViewSnapshotRequest(key="default/999/one-more"))
+    snap.Remove(api.RemoveSnapshotRequest(key="default/999/one-more"))
+    cost = written() - before
+    assert cost < 256 << 10, cost  # the state is ~5 MB: a change writes a few pages, not all of it
+
+
+def test_layerstore_refuses_a_mount_point_others_can_reach(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The mount shows every stored image's decrypted files to every user
+    (allow_other): a mount point under a directory others can enter is
+    refused in one line, nothing mounted; under a 0700 directory it works."""
+    if os.geteuid() != 0:
+        pytest.skip("allow_other mounts are made as root only")
+    layout = tmp_path / "img"
+    write_oci(str(layout), _layers())
+    run_cli(cli_env, "pack", f"oci:{layout}:latest", "two:1")
+    open_dir = tmp_path / "shared"
+    open_dir.mkdir(mode=0o755)
+    os.chmod(open_dir, 0o755)
+    mnt = open_dir / "als"
+    mnt.mkdir()
+    import sys
+
+    for background in ([], ["--background"]):
+        p = subprocess.Popen([sys.executable, "-m", "convstore.cli", "layerstore", *background, str(mnt)],
+                             env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = p.communicate(timeout=60)  # refused: it exits at once (a served mount would block)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        try:
+            assert p.returncode == 1 and err.count("\n") == 1, (background, p.returncode, err)
+            assert f"chmod 0700 {open_dir}" in err and "Traceback" not in err
+            assert not os.path.ismount(mnt)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
+    os.chmod(open_dir, 0o700)
+    r = run_cli(cli_env, "layerstore", "--background", str(mnt))
+    try:
+        assert os.path.ismount(mnt)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+
+
+def test_layerstore_holding_a_pkcs11_key_leaves_no_core_and_no_pin(tmp_path: Path, softhsm) -> None:
+    """A layer store that opened a PKCS#11 key with ``pin-source=env:VAR``:
+    the PIN is gone from its /proc/PID/environ, its core limit is 0 and
+    SIGABRT leaves no core file (core_pattern here is ``core``, in the
+    process's working directory; the test raises the soft core limit of the
+    process it starts, as a system with core dumps on would, and changes no
+    system-wide setting)."""
+    import resource
+    import signal
+    import sys
+
+    from kms_fixtures import PIN
+
+    if os.geteuid() != 0:
+        pytest.skip("the layer store mounts for every user as root")
+    spec = softhsm.add_key("engines-core")
+    env = dict(os.environ, CONVSTORE_STORE=str(tmp_path / "store"), CONVSTORE_KEY=spec, **softhsm.env)
+    layout = tmp_path / "img"
+    descs = write_oci(str(layout), _layers())
+    run_cli(env, "pack", f"oci:{layout}:latest", "two:1")
+    mnt, cwd = tmp_path / "als", tmp_path / "cwd"
+    mnt.mkdir()
+    cwd.mkdir()
+
+    def cores_on() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+        resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+
+    p = subprocess.Popen([sys.executable, "-m", "convstore.cli", "layerstore", str(mnt)], env=env, cwd=cwd,
+                         preexec_fn=cores_on, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            assert p.poll() is None, p.stderr.read() if p.stderr else ""
+            assert time.monotonic() < deadline, "the layer store did not mount"
+            time.sleep(0.05)
+        # the key is open (a layer read unwraps the image's keys through the token)
+        assert (_ref_dir(mnt) / descs["layers"][0]["digest"] / "diff" / "etc" / "keep").read_bytes() == b"kept\n"
+        with open(f"/proc/{p.pid}/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+        assert not [e for e in entries if e.startswith(b"CONVSTORE_TEST_PIN=") and e != b"CONVSTORE_TEST_PIN="]
+        assert f"={PIN}".encode() not in b"\0".join(entries)
+        with open(f"/proc/{p.pid}/limits") as f:
+            core = next(line for line in f if line.startswith("Max core file size")).split()[4:6]
+        assert core[0] == "0", core  # the soft limit, the one that applies
+        os.kill(p.pid, signal.SIGABRT)
+        assert p.wait(timeout=30) == -signal.SIGABRT
+        assert list(cwd.iterdir()) == []  # no core file
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
+def test_opening_a_key_turns_core_dumps_off(tmp_path: Path, keyfile: str) -> None:
+    """The process that opens a master key becomes non-dumpable
+    (PR_GET_DUMPABLE 0: no core, no same-user ptrace or /proc/PID/mem) with
+    a (soft) core limit of 0, whatever it was started with."""
+    import sys
+
+    code = ("import ctypes, resource, sys\n"
+            "hard = resource.getrlimit(resource.RLIMIT_CORE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))\n"
+            "import convstore\n"
+            "convstore.Store.open(sys.argv[1], 'file:' + sys.argv[2])\n"
+            "libc = ctypes.CDLL(None)\n"
+            "print(libc.prctl(3, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)[0])\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store"), keyfile], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "0"], r.stdout  # not dumpable; soft core limit 0
+
+
+def test_snapshotter_state_upgrade_and_version(tmp_path: Path, store: convstore.Store) -> None:
+    """A metadata.json of earlier versions is imported once (a client's
+    planted ref label dropped, a convstore layer's labels its own); a
+    database of another format version is refused in one line."""
+    pytest.importorskip("grpc")
+    import sqlite3
+
+    from convstore.reader import containerd_api as api
+    from convstore.reader.snapshotter import REF_LABEL, Snapshotter
+
+    root = tmp_path / "snaps"
+    root.mkdir(mode=0o700)
+    chain = "sha256:" + "a" * 64
+    legacy = {chain: {"kind": 3, "parent": "", "labels": {REF_LABEL: "sha256:" + "b" * 64}, "created": 1.0,
+                      "updated": 1.0, "id": "", "remote": "sha256:" + "c" * 64},
+              "default/3/fake": {"kind": 3, "parent": chain, "labels": {REF_LABEL: "sha256:" + "d" * 64, "x": "y"},
+                                 "created": 1.0, "updated": 1.0, "id": "0123456789abcdef", "remote": ""}}
+    (root / "metadata.json").write_text(json.dumps(legacy))
+    snap = Snapshotter(store, str(root))
+    try:
+        infos = {i.name: dict(i.labels) for r in snap.List(api.ListSnapshotsRequest()) for i in r.info}
+        assert infos["default/3/fake"] == {"x": "y"}
+        assert infos[chain][REF_LABEL] == chain
+    finally:
+        snap.layers.close()
+    assert not (root / "metadata.json").exists() and (root / "metadata.json.imported").exists()
+    assert (root / "metadata.db").stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(root / "metadata.db") as db:
+        db.execute("PRAGMA user_version=7")
+    with pytest.raises(convstore.ConvstoreError) as e:
+        Snapshotter(store, str(root))
+    assert "format 7" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_pin_taken_from_the_environment_still_reaches_a_worker(tmp_path: Path, softhsm, monkeypatch) -> None:
+    """Opening a PKCS#11 key with ``pin-source=env:VAR`` takes VAR out of the
+    process's environment; a background
+    worker started afterwards (a re-pack, a mount) still opens the key: the
+    PIN travels on its pipe."""
+    from kms_fixtures import PIN
+
+    from convstore.options import StoreOptions
+    from convstore.worker import spawn
+
+    if os.geteuid() != 0:
+        pytest.skip("the mount is made for every user as root")
+    spec = softhsm.add_key("engines-worker").replace("env:CONVSTORE_TEST_PIN", "env:ENGINES_PIN")
+    monkeypatch.setenv("ENGINES_PIN", PIN)
+    store = convstore.Store.open(str(tmp_path / "store"), spec)
+    assert "ENGINES_PIN" not in os.environ  # no child inherits it (/proc/PID/environ: the layer store test)
+    layout = tmp_path / "img"
+    write_oci(str(layout), _layers())
+    store.pack(f"oci:{layout}:latest", "two:1")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = spawn({"op": "mount", "ref": "two:1", "mountpoint": str(mnt)}, StoreOptions(path=str(tmp_path / "store"),
+                                                                                   key=spec), stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            assert p.poll() is None, p.stderr.read() if p.stderr else ""
+            assert time.monotonic() < deadline, "the worker did not mount"
+            time.sleep(0.05)
+        assert (mnt / "etc" / "new").read_bytes() == b"new\n"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        p.wait(timeout=30)
+
+
+def test_containerd_filter_syntax() -> None:
+    """containerd's filter grammar as its snapshot service sends it: quoted
+    field paths and values (Go escapes), ==, !=, ~=, presence, ',' for all
+    and several filters for any; anything else is refused."""
+    from convstore.reader.ctrfilter import FilterError, Subject, parse_all
+
+    a = Subject("default/3/x", "", "committed", {"containerd.io/snapshot.ref": "sha256:ab", "a.b": "1"})
+    b = Subject("sha256:ab", "p", "active", {})
+    cases = {
+        'labels."containerd.io/snapshot.ref"==sha256:ab,parent==""': (True, False),
+        "labels.a.b==1": (True, False),  # an unquoted dotted label key, as containerd joins it
+        "labels.nope": (False, False),
+        "labels.nope!=x": (True, True),
+        "kind==active": (False, True),
+        'name~="^default/"': (True, False),
+        'name=="sha256\\x3aab"': (False, True),
+        " name == sha256:ab , kind==active ": (False, True),
+    }
+    for f, want in cases.items():
+        match = parse_all([f])
+        assert (match(a), match(b)) == want, f
+    either = parse_all(["kind==active", "parent==\"\""])
+    assert either(a) and either(b) and parse_all([])(a)
+    for bad in ("", "name==", "name===x", "name==/x/", "name==|x|", "name==\"x", "name==\"\\q\"", "labels",
+                "foo==1", "name.x==1", "name==a,,kind==b", "name==a kind==b", "name~=(", "x" * 20000):
+        if bad == "":
+            assert parse_all([bad])(a)  # an empty filter matches all, as containerd's does
+            continue
+        with pytest.raises(FilterError):
+            parse_all([bad])

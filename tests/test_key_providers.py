@@ -112,7 +112,7 @@ def test_domains_isolate_and_rotate(tmp_path, store):
 
 def test_rekey_across_providers(tmp_path, softhsm, moto_kms, cli_env):
     old = f"file:{tmp_path / 'old' / 'master.key'}"
-    env = dict(cli_env, CONVSTORE_KEY=old, **moto_kms.env)
+    env = dict(cli_env, CONVSTORE_KEY=old, **moto_kms.env, **softhsm.env)  # the PIN: an in-process open took it
     for n in ("a", "b", "c"):
         run_cli(env, "pack", src_image(tmp_path, n), f"{n}:1")
     root = env["CONVSTORE_STORE"]

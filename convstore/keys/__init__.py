@@ -7,6 +7,7 @@ import os
 import platformdirs
 
 from ..errors import InvalidReference
+from ..hardening import protect_process
 from .base import KeyProvider, canonical_context
 from .local import LocalKeyFile
 
@@ -23,6 +24,7 @@ def open_key(spec: str | None = None, *, kms_endpoint: str | None = None) -> Key
     """Open the provider named by ``spec``: ``file:PATH``,
     ``pkcs11:token=..;object=..?module-path=..&pin-source=..`` or ``awskms:KEY``."""
     spec = spec or default_key_spec()
+    protect_process()  # key material is loaded from here on: no core dump, no same-user ptrace
     scheme, sep, arg = spec.partition(":")
     # never echo the spec itself: it may carry a PIN
     if not sep or not arg:

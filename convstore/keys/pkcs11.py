@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import InvalidReference, KeyAccessDenied, KeyNotFound, KeyProviderUnavailable, StoreFormatError
+from ..hardening import take_secret_env
 from .base import KeyProvider, canonical_context
 
 MAGIC = b"CSP"
@@ -49,7 +50,7 @@ def _pin(attrs: dict[str, str]) -> str | None:
     if src:
         kind, _, arg = src.partition(":")
         if kind == "env":
-            pin = os.environ.get(arg)
+            pin = take_secret_env(arg)  # gone from os.environ and /proc/PID/environ once read
             if pin is None:
                 raise KeyProviderUnavailable(f"pkcs11 PIN variable {arg} is not set")
             return pin

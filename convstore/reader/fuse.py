@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import mfusepy
 
-from ..errors import ConvstoreError, StoreError
+from ..errors import ConvstoreError, ExposedMountpoint, StoreError
 from .imagefs import FSError, ImageFS, Node
 
 log = logging.getLogger(__name__)
@@ -147,14 +148,34 @@ def fuse_options(allow_other: bool = True, read_only: bool = True) -> dict[str, 
     return opts
 
 
+def check_private_mountpoint(mountpoint: str) -> None:
+    """Refuse to mount for every user (``allow_other``: the files are the
+    image's, decrypted) where other users could reach the mount: the mount
+    point's parent must belong to this user or root and be closed to group
+    and others (0700)."""
+    parent = os.path.dirname(os.path.realpath(mountpoint))
+    try:
+        st = os.stat(parent)
+    except OSError as e:
+        raise ExposedMountpoint(f"cannot check the mount point's parent {parent}: {e.strerror}") from None
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o077:
+        fix = f"chmod 0700 {parent}" if st.st_uid in (0, os.geteuid()) else f"chown root {parent} && chmod 0700 {parent}"
+        raise ExposedMountpoint(f"{mountpoint}: other users can reach it through {parent} (mode "
+                                f"{stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}) and would read the image's "
+                                f"decrypted files; fix: {fix}")
+
+
 def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None, read_only: bool = True) -> None:
     """Serve in the foreground until unmounted (libfuse handles SIGINT/SIGTERM
     by unmounting cleanly).  A dead mount left there by a killed process is
-    detached first."""
+    detached first.  A mount for every user needs a private mount point
+    (:func:`check_private_mountpoint`)."""
+    opts = fuse_options(read_only=read_only)
+    if opts.get("allow_other"):
+        check_private_mountpoint(mountpoint)
     recover_stale_mount(mountpoint)
     try:
-        mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=False,
-                     **fuse_options(read_only=read_only))
+        mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=False, **opts)
     except RuntimeError as e:
         # libfuse reports a loop ended by SIGINT/SIGTERM as an error status
         # after it has unmounted; only a failure to mount is an error.
@@ -219,6 +240,8 @@ class BackgroundMount:
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self.ops.ready.wait(0.05):
+            if isinstance(self._error, ExposedMountpoint):
+                raise self._error  # refused before mounting: its own message
             if self._error is not None or not self._thread.is_alive():
                 raise StoreError(f"cannot mount at {self.mountpoint} (libfuse status {self._error or 'exited'})")
             if time.monotonic() > deadline:

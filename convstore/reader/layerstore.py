@@ -391,8 +391,7 @@ def write_stats(layers: LayerStore, path: str | None, done: threading.Event) -> 
                 fd, tmp = tempfile.mkstemp(prefix=".stats-", dir=os.path.dirname(os.path.abspath(path)))
                 with os.fdopen(fd, "w") as f:
                     f.write(doc + "\n")
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
+                os.replace(tmp, path)  # mkstemp's 0600: it names the images this node runs
                 last = doc
             except OSError as e:
                 log.warning("layer store: cannot write %s: %s", path, e.strerror)

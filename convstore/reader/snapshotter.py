@@ -25,7 +25,7 @@ the image unpacked.
 
 Layers the store does not hold are unpacked by containerd into ordinary
 directories, as with the overlay snapshotter.  State lives in
-``ROOT/metadata.json`` (replaced atomically on every change), active
+``ROOT/metadata.db`` (:mod:`convstore.reader.snapmeta`, one transaction per change), active
 snapshots' files in ``ROOT/snapshots/<id>/{fs,work}``.
 """
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import os
 import re
@@ -43,7 +42,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConvstoreError
@@ -51,8 +49,10 @@ from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
 from ..store import Store
 from . import containerd_api as api
+from .ctrfilter import FilterError, Subject, parse_all
 from .fuse import BackgroundMount
 from .layerstore import LayerStore, LayerStoreOperations, chain_ids, write_stats
+from .snapmeta import MAX_KEY, Snap, SnapshotDB, label_problem
 
 log = logging.getLogger(__name__)
 
@@ -60,40 +60,17 @@ REF_LABEL = "containerd.io/snapshot.ref"
 REMOTE_LABEL = "containerd.io/snapshot/convstore.layer"  # set on a committed convstore layer: its blob digest
 
 
-@dataclass
-class Snap:
-    kind: int
-    parent: str
-    labels: dict[str, str] = field(default_factory=dict)
-    created: float = 0.0
-    updated: float = 0.0
-    id: str = ""  # local directory (active snapshots, and layers containerd unpacked)
-    remote: str = ""  # blob digest of a convstore layer
-
-
-_ID = re.compile(r"[0-9a-f]{16}")
+#: labels that are convstore's alone: set on its own layers, dropped from what a client gives
+RESERVED_PREFIX = "containerd.io/snapshot/convstore."
+#: one List answer stays far below gRPC's 4 MiB message limit
+LIST_BATCH_BYTES = 1 << 20
+NAMESPACE_HEADER = "containerd-namespace"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_KINDS = {api.VIEW: "view", api.ACTIVE: "active", api.COMMITTED: "committed"}
 
 
-def _load_metadata(path: str) -> dict[str, Snap]:
-    """The saved snapshots, each checked (its id and digest name directories)."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-        out = {}
-        for key, v in doc.items():
-            s = Snap(**v)
-            ok = (isinstance(key, str) and s.kind in (api.VIEW, api.ACTIVE, api.COMMITTED)
-                  and isinstance(s.parent, str) and isinstance(s.labels, dict)
-                  and all(isinstance(k, str) and isinstance(x, str) for k, x in s.labels.items())
-                  and (s.id == "" or _ID.fullmatch(s.id) is not None)
-                  and (s.remote == "" or _DIGEST.fullmatch(s.remote) is not None) and bool(s.id) != bool(s.remote))
-            if not ok:
-                raise ValueError(key)
-            out[key] = s
-        return out
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise ConvstoreError(f"{path} is damaged ({type(e).__name__}); move it away to start empty") from None
+def _reserved(label: str) -> bool:
+    return label == REF_LABEL or label.startswith(RESERVED_PREFIX)
 
 
 def _grpc() -> Any:
@@ -127,10 +104,9 @@ class Snapshotter:
         self.mountpoint = os.path.join(self.root, "layers")
         self._mount = BackgroundMount(None, self.mountpoint, LayerStoreOperations(self.layers))
         self._lock = threading.RLock()
-        self._snaps: dict[str, Snap] = {}
-        meta = os.path.join(self.root, "metadata.json")
-        if os.path.exists(meta):
-            self._snaps = _load_metadata(meta)
+        self._db = SnapshotDB(self.root)
+        self._snaps = self._db.load()
+        self._normalize()
 
     def __enter__(self) -> Snapshotter:
         self._mount.__enter__()
@@ -139,15 +115,42 @@ class Snapshotter:
     def __exit__(self, *exc: object) -> None:
         self._mount.__exit__(*exc)
         self.layers.close()
+        self._db.close()
 
     # -- state --------------------------------------------------------------
-    def _save(self) -> None:
-        path = os.path.join(self.root, "metadata.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump({k: asdict(v) for k, v in self._snaps.items()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+    def _normalize(self) -> None:
+        """A convstore layer carries convstore's labels alone, and no other
+        snapshot carries them (a state written by earlier versions may)."""
+        fixed = {}
+        for key, s in self._snaps.items():
+            want = self._remote_labels(key, s.remote) if s.remote else \
+                {k: v for k, v in s.labels.items() if not _reserved(k)}
+            if want != s.labels:
+                s.labels = want
+                fixed[key] = s
+        if fixed:
+            log.warning("snapshotter: reset the convstore labels of %d snapshot(s)", len(fixed))
+            self._db.write(fixed)
+
+    @staticmethod
+    def _remote_labels(chain: str, digest: str) -> dict[str, str]:
+        return {REF_LABEL: chain, REMOTE_LABEL: digest}  # what containerd looks the target up by
+
+    def _client_labels(self, labels: Any, base: dict[str, str] | None = None) -> dict[str, str]:
+        """``base`` updated with a client's labels, bounded; convstore's own labels
+        are dropped (a client's label never makes its snapshot a convstore layer)."""
+        out = dict(base or {})
+        out.update((k, v) for k, v in dict(labels).items() if not _reserved(k))
+        problem = label_problem(out)
+        if problem:
+            raise self._err("INVALID_ARGUMENT", problem)
+        return out
+
+    def _check_key(self, key: str) -> None:
+        if not key or len(key.encode()) > MAX_KEY:
+            raise self._err("INVALID_ARGUMENT", f"a snapshot key must have 1 to {MAX_KEY} bytes")
+        if _DIGEST.fullmatch(key):
+            raise self._err("INVALID_ARGUMENT", f"snapshot key {key}: bare digests name convstore's layers")
 
     def _err(self, code: str, msg: str) -> SnapshotError:
         return SnapshotError(getattr(self._grpc.StatusCode, code), msg)
@@ -168,11 +171,21 @@ class Snapshotter:
             todo.append((chain_id, hit[0], hit[1]))
             chain_id = hit[1]
         now = time.time()
-        for chain, digest, parent in reversed(todo):
-            labels = {REF_LABEL: chain, REMOTE_LABEL: digest}  # what containerd looks the target up by
-            self._snaps[chain] = Snap(api.COMMITTED, parent, labels, now, now, remote=digest)
-        self._save()
+        new = {chain: Snap(api.COMMITTED, parent, self._remote_labels(chain, digest), now, now, remote=digest)
+               for chain, digest, parent in reversed(todo)}
+        self._db.write(new)
+        self._snaps.update(new)
         return True
+
+    def _remote_target(self, target: str, parent: str) -> bool:
+        """Whether convstore's own layer is the snapshot ``target`` names over
+        ``parent`` (committed now if need be): only a convstore layer answers a
+        remote-snapshot lookup, whatever labels other snapshots carry."""
+        s = self._snaps.get(target)
+        if s is not None:
+            return bool(s.remote) and s.parent == parent
+        hit = self.layers.chain(target)
+        return hit is not None and hit[1] == parent and self._commit_remote(target)
 
     def _dir(self, s: Snap) -> str:
         """The directory a committed snapshot contributes as a lower layer."""
@@ -215,6 +228,7 @@ class Snapshotter:
                           options=[f"workdir={base}/work", f"upperdir={base}/fs", "lowerdir=" + ":".join(lowers)])]
 
     def _new(self, key: str, parent: str, labels: dict[str, str], kind: int) -> list[Any]:
+        self._check_key(key)
         if key in self._snaps:
             raise self._err("ALREADY_EXISTS", f"snapshot {key} already exists")
         if parent:
@@ -226,8 +240,9 @@ class Snapshotter:
         os.makedirs(os.path.join(base, "fs"), mode=0o755)
         os.makedirs(os.path.join(base, "work"), mode=0o700)
         now = time.time()
-        s = self._snaps[key] = Snap(kind, parent, dict(labels), now, now, id=sid)
-        self._save()
+        s = Snap(kind, parent, labels, now, now, id=sid)
+        self._db.write({key: s})
+        self._snaps[key] = s
         return self._mounts(s)
 
     def _info(self, key: str, s: Snap) -> Any:
@@ -239,18 +254,16 @@ class Snapshotter:
     # -- the API ------------------------------------------------------------
     def Prepare(self, req: Any) -> Any:
         with self._lock:
+            labels = self._client_labels(req.labels)
             target = req.labels.get(REF_LABEL, "")
-            if target and target not in self._snaps:
-                hit = self.layers.chain(target)
-                if hit is not None and hit[1] == req.parent and self._commit_remote(target):
-                    raise self._err("ALREADY_EXISTS", f"target snapshot {target!r}: a convstore layer")
-            elif target:
-                raise self._err("ALREADY_EXISTS", f"target snapshot {target!r} already exists")
-            return api.PrepareSnapshotResponse(mounts=self._new(req.key, req.parent, dict(req.labels), api.ACTIVE))
+            if target and self._remote_target(target, req.parent):
+                raise self._err("ALREADY_EXISTS", f"target snapshot {target!r}: a convstore layer")
+            return api.PrepareSnapshotResponse(mounts=self._new(req.key, req.parent, labels, api.ACTIVE))
 
     def View(self, req: Any) -> Any:
         with self._lock:
-            return api.ViewSnapshotResponse(mounts=self._new(req.key, req.parent, dict(req.labels), api.VIEW))
+            labels = self._client_labels(req.labels)
+            return api.ViewSnapshotResponse(mounts=self._new(req.key, req.parent, labels, api.VIEW))
 
     def Mounts(self, req: Any) -> Any:
         with self._lock:
@@ -264,14 +277,15 @@ class Snapshotter:
             s = self._get(req.key)
             if s.kind != api.ACTIVE:
                 raise self._err("FAILED_PRECONDITION", f"snapshot {req.key} is not active")
+            self._check_key(req.name)
             if req.name in self._snaps:
                 raise self._err("ALREADY_EXISTS", f"snapshot {req.name} already exists")
+            new = Snap(api.COMMITTED, s.parent, self._client_labels(req.labels, s.labels), s.created, time.time(),
+                       s.id)
+            self._db.write({req.name: new}, delete=[req.key])
             del self._snaps[req.key]
-            s.kind, s.updated = api.COMMITTED, time.time()
-            s.labels.update(req.labels)
-            self._snaps[req.name] = s
+            self._snaps[req.name] = new
             shutil.rmtree(os.path.join(self.root, "snapshots", s.id, "work"), ignore_errors=True)
-            self._save()
             return api.Empty()
 
     def Remove(self, req: Any) -> Any:
@@ -279,8 +293,8 @@ class Snapshotter:
             s = self._get(req.key)
             if any(c.parent == req.key for c in self._snaps.values()):
                 raise self._err("FAILED_PRECONDITION", f"snapshot {req.key} has children")
+            self._db.write(delete=[req.key])
             del self._snaps[req.key]
-            self._save()
             if s.id:
                 shutil.rmtree(os.path.join(self.root, "snapshots", s.id), ignore_errors=True)
             return api.Empty()
@@ -292,27 +306,56 @@ class Snapshotter:
     def Update(self, req: Any) -> Any:
         with self._lock:
             s = self._get(req.info.name)
+            labels = dict(s.labels)
             paths = list(req.update_mask.paths) or ["labels"]
             for p in paths:
                 if p == "labels":
-                    s.labels = dict(req.info.labels)
+                    labels = dict(req.info.labels)
                 elif p.startswith("labels."):
                     k = p[len("labels."):]
                     if k in req.info.labels:
-                        s.labels[k] = req.info.labels[k]
+                        labels[k] = req.info.labels[k]
                     else:
-                        s.labels.pop(k, None)
+                        labels.pop(k, None)
                 else:
                     raise self._err("INVALID_ARGUMENT", f"cannot update {p!r}")
-            s.updated = time.time()
-            self._save()
-            return api.UpdateSnapshotResponse(info=self._info(req.info.name, s))
+            if s.remote:
+                # shared by every namespace: its labels are convstore's; a client's stay in containerd's own metadata
+                return api.UpdateSnapshotResponse(info=self._info(req.info.name, s))
+            new = Snap(s.kind, s.parent, self._client_labels(labels), s.created, time.time(), s.id)
+            self._db.write({req.info.name: new})
+            self._snaps[req.info.name] = new
+            return api.UpdateSnapshotResponse(info=self._info(req.info.name, new))
 
-    def List(self, req: Any) -> Iterator[Any]:
+    def List(self, req: Any, namespace: str | None = None) -> Iterator[Any]:
+        """The snapshots ``req.filters`` select (containerd's filter syntax;
+        an unknown filter is refused), in key order.  A caller in a containerd
+        namespace (gRPC header ``containerd-namespace``) sees that namespace's
+        snapshots (containerd names them ``NAMESPACE/SEQ/NAME``) and convstore's
+        layers, which every namespace shares; one without sees all.
+        containerd 1.6 sends no such header to a proxy snapshotter: what keeps
+        its namespaces apart is that only a convstore layer carries the ref
+        label its remote-snapshot lookup filters on."""
+        try:
+            match = parse_all(list(req.filters))
+        except FilterError as e:
+            raise self._err("INVALID_ARGUMENT", f"filter: {e}") from None
+        prefix = f"{namespace}/" if namespace else ""
         with self._lock:
-            infos = [self._info(k, s) for k, s in self._snaps.items()]
-        for i in range(0, len(infos), 100):
-            yield api.ListSnapshotsResponse(info=infos[i : i + 100])
+            infos = [self._info(k, s) for k, s in sorted(self._snaps.items())
+                     if (s.remote or k.startswith(prefix))
+                     and match(Subject(k, s.parent, _KINDS.get(s.kind, ""), s.labels))]
+        batch: list[Any] = []
+        size = 0
+        for info in infos:
+            n = info.ByteSize() + 8
+            if batch and size + n > LIST_BATCH_BYTES:
+                yield api.ListSnapshotsResponse(info=batch)
+                batch, size = [], 0
+            batch.append(info)
+            size += n
+        if batch:
+            yield api.ListSnapshotsResponse(info=batch)
 
     def Usage(self, req: Any) -> Any:
         with self._lock:
@@ -356,8 +399,9 @@ class Snapshotter:
                     ctx.abort(e.code, str(e))
 
             def streaming(req: Any, ctx: Any) -> Any:
+                namespace = dict(ctx.invocation_metadata() or ()).get(NAMESPACE_HEADER)
                 try:
-                    yield from fn(req)
+                    yield from fn(req, namespace)
                 except SnapshotError as e:
                     ctx.abort(e.code, str(e))
 

@@ -1,0 +1,97 @@
+"""Process hardening for processes that hold key material.
+
+:func:`protect_process` turns core dumps off (a soft ``RLIMIT_CORE`` of 0)
+and makes the process non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``):
+no core file, no ``/proc/PID/mem`` or ptrace for other processes of the same
+user, ``/proc/PID/*`` owned by root.  It is called where key material is
+first loaded (:func:`convstore.keys.open_key`), so every process that opens
+a store with its key (CLI commands, ``layerstore``, ``snapshotter``,
+``mount``, the worker, the daemon's commands) is covered.  The dumpable flag
+is reset by ``execve`` (runc, the tools convstore runs); the core limit is
+inherited, which is harmless.  ``convstore daemon``, which reads its
+clients' requests (their environments) but opens no key, calls
+:func:`no_core_dumps` only: it stays dumpable, so its user's tools still see
+its ``/proc/PID`` (the stop hint).
+
+:func:`take_secret_env` reads a secret (a PKCS#11 PIN named by
+``pin-source=env:VAR``) from the environment and removes it: from
+``os.environ`` (so no child inherits it) and from the environment block the
+kernel shows as ``/proc/PID/environ`` (the process's initial stack copy,
+overwritten in place through ``/proc/self/mem``).  The value is kept in this
+module only, for :func:`secret_env` (a worker gets it on its pipe).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+
+log = logging.getLogger(__name__)
+
+PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE = 3
+_TAKEN: dict[str, str] = {}
+
+
+def no_core_dumps() -> None:
+    """A core limit of 0 for this process and its children (the soft limit,
+    which is the one that applies; the hard limit is left, so that a program
+    embedding the library is not changed for good)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+
+
+def protect_process() -> None:
+    """No core dumps and no same-user ptrace/``/proc/PID/mem`` for this process (idempotent)."""
+    no_core_dumps()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        log.warning("cannot make the process non-dumpable: %s", os.strerror(err))
+
+
+def is_protected() -> bool:
+    """Whether this process is non-dumpable and has no core limit (for diagnostics)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0 and resource.getrlimit(resource.RLIMIT_CORE)[0] == 0
+
+
+def _wipe_initial_environ(name: str) -> None:
+    """Overwrite ``NAME=value`` in the kernel-visible environment block (``/proc/self/environ``) with NULs."""
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2:].split()
+    start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50 and 51)
+    prefix = name.encode() + b"="
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(start)
+        block = mem.read(end - start)
+        pos = 0
+        while pos < len(block):
+            stop = block.find(b"\0", pos)
+            stop = len(block) if stop < 0 else stop
+            if block.startswith(prefix, pos):
+                mem.seek(start + pos)
+                mem.write(b"\0" * (stop - pos))
+            pos = stop + 1
+
+
+def take_secret_env(name: str) -> str | None:
+    """The secret in environment variable ``name``, removed from this process's environment
+    (``os.environ`` and ``/proc/PID/environ``); a second call returns the same value."""
+    value = os.environ.pop(name, None)
+    if value is None:
+        return _TAKEN.get(name)
+    _TAKEN[name] = value
+    try:
+        _wipe_initial_environ(name)
+    except (OSError, ValueError, IndexError) as e:  # not Linux, or /proc not mounted
+        log.warning("cannot scrub %s from /proc/self/environ: %s", name, e)
+    return value
+
+
+def secret_env(name: str) -> str | None:
+    """A secret environment variable, whether still in the environment or already taken."""
+    value = os.environ.get(name)
+    return value if value is not None else _TAKEN.get(name)
