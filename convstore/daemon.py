@@ -207,20 +207,24 @@ def _own_process() -> bool:
             or os.path.basename(getattr(main, "__file__", None) or "") == "convstore")
 
 
-def scrub_environment(path: str) -> None:
+def scrub_environment(path: str, args: list[str]) -> None:
     """Re-execute this process (``convstore daemon``) with a minimal environment: what names the
     socket (``path``), the locale, ``PATH``, ``HOME``, ``TMPDIR``, ``TZ`` and the interpreter's
-    ``PYTHON*`` settings (the code fingerprint depends on them).  Returns when it already has one, or
+    ``PYTHON*`` settings (the code fingerprint depends on them); and with only the interpreter's options
+    and ``daemon ARGS`` as its command line (a global option before ``daemon``, a key URI or a user name,
+    would stay in every command's ``/proc/PID/cmdline``).  Returns when it already has both, or
     when this process is not ``convstore``'s own (``sys.orig_argv`` would not start the daemon)."""
     if not _own_process():
         return
     env = {k: v for k, v in os.environ.items() if k in _KEEP_ENV or k.startswith(("LC_", "PYTHON"))}
     env["CONVSTORE_DAEMON_SOCKET"] = os.path.abspath(path)
-    if env == dict(os.environ):
+    # sys.orig_argv: the interpreter, its options, the script (or -m convstore), then sys.argv[1:]
+    argv = [*sys.orig_argv[1:len(sys.orig_argv) - (len(sys.argv) - 1)], "daemon", *args]
+    if env == dict(os.environ) and argv == sys.orig_argv[1:]:
         return
     for f in (sys.stdout, sys.stderr):
         f.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *argv], env)
 
 
 def restart_if_stale(server: Daemon) -> None:

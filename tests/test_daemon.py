@@ -486,6 +486,27 @@ def test_no_secret_of_the_daemons_launcher_reaches_its_commands(tmp_path, image_
         convstore(env, "daemon", "--stop")
 
 
+def test_no_secret_on_the_daemons_command_line_reaches_its_commands(tmp_path, image_dir):
+    # global options before `daemon` (a key URI with its PIN, a registry user) mean nothing to the daemon, but its
+    # command line is every forked process's /proc/PID/cmdline, and what it re-executes itself with
+    folder = tmp_path / "d"
+    folder.mkdir(mode=0o700)
+    env = {**os.environ, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(folder / "cli.sock")}
+    p = convstore(env, "--username", "alice-0815", "--key",
+                  "pkcs11:token=t;object=o?module-path=/none.so&pin-value=4711-pin-secret", "daemon", "-b",
+                  cwd=tmp_path)
+    assert p.returncode == 0 and b"listening on" in p.stdout, p.stderr
+    try:
+        info = status(env)
+        with blocked_command(env, image_dir) as (_p, command):
+            for pid in (info["pid"], info["spare"], command):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                assert b"4711-pin" not in cmdline and b"alice-0815" not in cmdline, (pid, cmdline)
+                assert cmdline.split(b"\0")[-3:] == [b"daemon", b"--background", b""], cmdline
+    finally:
+        convstore(env, "daemon", "--stop")
+
+
 def test_an_edited_dependency_retires_the_daemon(tmp_path, image_dir):
     # a copy of a dependency the daemon loads (platformdirs, preloaded), first on the path of both ends
     import platformdirs
