@@ -70,6 +70,9 @@ from .daemon_client import (
 )
 
 REQUEST_TIMEOUT = 5.0  # a client silent this long mid-request is dropped
+# requests read at once, each up to MAX_REQUEST: whoever can connect (any process of the user, in any
+# context or cgroup) holds no more of the daemon's memory and descriptors than this; more are dropped
+MAX_PENDING = 32
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11's socket module lacks the name
 
 __all__ = ["Daemon", "DaemonError", "close_inherited", "request", "restart_if_stale", "scrub_environment",
@@ -534,7 +537,7 @@ class Daemon:
         except OSError:
             conn.close()
             return
-        if uid != os.getuid():
+        if uid != os.getuid() or len(self._pending) >= MAX_PENDING:  # too many: it runs its command itself
             conn.close()
             return
         p = _Pending(conn, pid, _peer_pidfd(conn, pid))  # taken now: the process that connected

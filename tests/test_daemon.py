@@ -802,3 +802,38 @@ def test_a_nice_or_idle_client_gets_no_higher_priority_in_the_daemon(daemon, ima
         with blocked_command(daemon, image_dir, lower) as (p, command):
             assert _scheduling(p.pid) != _scheduling(status(daemon)["pid"]), name
             assert _scheduling(command) == _scheduling(p.pid), name
+
+
+def test_many_half_sent_requests_hold_a_bounded_part_of_the_daemon(tmp_path, image_dir):
+    # any process of the user can connect, whatever its context, cgroup included: before a request is checked, it
+    # was buffered whole (4 MiB) for every connection the daemon's descriptors allowed (here 2 x 20,000)
+    env = start_daemon(tmp_path / "d")
+    try:
+        base = status(env)["rss_kib"]
+        conns = []
+        try:
+            for _ in range(200):
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(env["CONVSTORE_DAEMON_SOCKET"])
+                conns.append(s)
+                try:
+                    s.sendall(struct.pack("!I", (4 << 20) - 1) + b"\0" * (1 << 20))  # a quarter, then silence
+                except OSError:  # dropped by the daemon (the kernel's buffer took part of it, or none)
+                    pass
+        finally:
+            for s in conns:
+                s.close()
+
+        def peak() -> int | None:  # its peak RSS, once it answers again
+            p = convstore(env, "daemon", "--status")
+            return json.loads(p.stdout)["rss_kib"] if p.returncode == 0 else None
+
+        wait_for(lambda: peak() is not None, "the daemon to answer")
+        grown = (peak() or 0) - base
+        assert grown < 128 << 10, f"the daemon grew by {grown >> 10} MiB"
+        # and it serves once they are gone
+        before = status(env)["served"]
+        assert convstore(env, "--help", cwd=image_dir).returncode == 0
+        assert status(env)["served"] == before + 1
+    finally:
+        convstore(env, "daemon", "--stop")
