@@ -726,8 +726,11 @@ def daemon(
     from typer.main import get_command
 
     # re-executes itself: no secret of its launcher in any command's /proc/PID/environ or cmdline
-    d.scrub_environment(path, [*(["--socket", os.path.abspath(path)] if socket_path else []),
-                               *(["--background"] if background else [])])
+    try:
+        d.scrub_environment(path, [*(["--socket", os.path.abspath(path)] if socket_path else []),
+                                   *(["--background"] if background else [])])
+    except d.DaemonError as e:
+        raise ConvstoreError(str(e)) from None
     d.close_inherited()  # what started it must not be held open by every command it forks
     command = get_command(app)
     server = d.Daemon(path, lambda prog: main(lambda: command(prog_name=prog)), __version__)

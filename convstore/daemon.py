@@ -202,11 +202,11 @@ _KEEP_ENV = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "CONVSTORE_DAEMON_SOCKET")
 
 
 def _own_process() -> bool:
-    """This process is ``convstore`` or ``python -m convstore`` (not a program that calls the CLI
-    in-process), so ``sys.orig_argv`` starts it again."""
+    """This process is ``convstore``, ``python -m convstore`` or ``python -m convstore.cli`` (not a
+    program that calls the CLI in-process), so ``sys.orig_argv`` starts it again."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    return (spec is not None and spec.name == "convstore.__main__"
+    return (spec is not None and spec.name in ("convstore.__main__", "convstore.cli")
             or os.path.basename(getattr(main, "__file__", None) or "") == "convstore")
 
 
@@ -215,10 +215,12 @@ def scrub_environment(path: str, args: list[str]) -> None:
     socket (``path``), the locale, ``PATH``, ``HOME``, ``TMPDIR``, ``TZ`` and the interpreter's
     ``PYTHON*`` settings (the code fingerprint depends on them); and with only the interpreter's options
     and ``daemon ARGS`` as its command line (a global option before ``daemon``, a key URI or a user name,
-    would stay in every command's ``/proc/PID/cmdline``).  Returns when it already has both, or
-    when this process is not ``convstore``'s own (``sys.orig_argv`` would not start the daemon)."""
+    would stay in every command's ``/proc/PID/cmdline``).  Returns when it already has both;
+    :class:`DaemonError` when this process is not ``convstore``'s own (``sys.orig_argv`` would not start
+    the daemon, and what it was started with would stay)."""
     if not _own_process():
-        return
+        raise DaemonError("start the daemon as `convstore daemon` or `python -m convstore daemon`: this process "
+                          "cannot start itself again without its launcher's environment")
     env = {k: v for k, v in os.environ.items() if k in _KEEP_ENV or k.startswith(("LC_", "PYTHON"))}
     env["CONVSTORE_DAEMON_SOCKET"] = os.path.abspath(path)
     # sys.orig_argv: the interpreter, its options, the script (or -m convstore), then sys.argv[1:]

@@ -507,6 +507,23 @@ def test_no_secret_on_the_daemons_command_line_reaches_its_commands(tmp_path, im
         convstore(env, "daemon", "--stop")
 
 
+def test_a_daemon_started_as_the_cli_module_keeps_no_secret_either(tmp_path, image_dir):
+    # `python -m convstore.cli daemon` (as the tests run the command line) is convstore's own process too
+    folder = tmp_path / "d"
+    folder.mkdir(mode=0o700)
+    env = {**os.environ, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(folder / "cli.sock")}
+    p = subprocess.run([sys.executable, "-m", "convstore.cli", "daemon", "-b"], cwd=tmp_path, capture_output=True,
+                       env={**env, "CONVSTORE_PKCS11_PIN": "4711-pin-secret"}, timeout=120)
+    assert p.returncode == 0 and b"listening on" in p.stdout, p.stderr
+    try:
+        info = status(env)
+        with blocked_command(env, image_dir) as (_p, command):
+            for pid in (info["pid"], info["spare"], command):
+                assert b"4711-pin" not in Path(f"/proc/{pid}/environ").read_bytes(), pid
+    finally:
+        convstore(env, "daemon", "--stop")
+
+
 def test_an_edited_dependency_retires_the_daemon(tmp_path, image_dir):
     # a copy of a dependency the daemon loads (platformdirs, preloaded), first on the path of both ends
     import platformdirs
