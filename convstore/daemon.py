@@ -394,6 +394,7 @@ class Daemon:
         self.listener.listen(64)  # again, in this process: SO_PEERCRED names the listening process to clients
         self.started = time.time()
         self._files = _loaded_files()  # after the imports: rechecked at each command
+        self._forget_launch_folder()
         gc.freeze()  # what was imported stays out of every child's collections (and unshared pages untouched)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -451,6 +452,14 @@ class Daemon:
             sel.close()
             os.close(wake_r)
             os.close(wake_w)
+
+    def _forget_launch_folder(self) -> None:
+        """``python -m`` put the folder the daemon started in first on ``sys.path``: a command importing
+        a module the daemon has not (``pkcs11``, say) must not look there, whatever folder its client is
+        in (anyone who can write there would choose its code), unless convstore itself comes from it."""
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if sys.path and os.path.abspath(sys.path[0]) == self.launch_cwd != package_parent:
+            del sys.path[0]
 
     def _stop_listening(self) -> None:
         self.stopping = True

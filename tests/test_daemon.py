@@ -854,3 +854,30 @@ def test_many_half_sent_requests_hold_a_bounded_part_of_the_daemon(tmp_path, ima
         assert status(env)["served"] == before + 1
     finally:
         convstore(env, "daemon", "--stop")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_command_never_imports_from_the_folder_the_daemon_was_started_in(tmp_path, image_dir):
+    # `python -m convstore daemon` puts its working directory first on sys.path; a command importing a module the
+    # daemon had not (python-pkcs11, for a pkcs11: key) looked there first, whatever folder its client ran in
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    launch.chmod(0o777)  # say /tmp, or a shared folder
+    folder = tmp_path / "d"
+    folder.mkdir(mode=0o700)
+    env = {**os.environ, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(folder / "cli.sock")}
+    p = convstore(env, "daemon", "--background", cwd=launch)
+    assert p.returncode == 0 and b"listening on" in p.stdout, p.stderr
+    try:
+        pwned = tmp_path / "pwned"
+        planted = launch / "pkcs11.py"  # by another user, after the daemon started
+        planted.write_text(f"open({str(pwned)!r}, 'w').close()\n")
+        os.chown(planted, NOBODY, NOBODY)
+        client = {**env, "CONVSTORE_STORE": "store"}
+        key = "pkcs11:token=t;object=o?module-path=/nonexistent.so&pin-value=1"
+        before = status(env)["served"]
+        p = convstore(client, "--key", key, "pack", "oci:src", "box:1", cwd=image_dir)
+        assert status(env)["served"] == before + 1, p.stderr  # it ran in the daemon
+        assert not pwned.exists(), p.stderr
+    finally:
+        convstore(env, "daemon", "--stop")
