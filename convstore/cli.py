@@ -757,7 +757,12 @@ def daemon(
         return
     from typer.main import get_command
 
-    d.scrub_environment(path)  # re-executes itself: no secret of its launcher in any command's /proc/PID/environ
+    # re-executes itself: no secret of its launcher in any command's /proc/PID/environ or cmdline
+    try:
+        d.scrub_environment(path, [*(["--socket", os.path.abspath(path)] if socket_path else []),
+                                   *(["--background"] if background else [])])
+    except d.DaemonError as e:
+        raise ConvstoreError(str(e)) from None
     from .hardening import no_core_dumps
 
     no_core_dumps()  # its clients' requests carry their environments (a PIN may be among them)

@@ -70,6 +70,9 @@ from .daemon_client import (
 )
 
 REQUEST_TIMEOUT = 5.0  # a client silent this long mid-request is dropped
+# requests read at once, each up to MAX_REQUEST: whoever can connect (any process of the user, in any
+# context or cgroup) holds no more of the daemon's memory and descriptors than this; more are dropped
+MAX_PENDING = 32
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11's socket module lacks the name
 
 __all__ = ["Daemon", "DaemonError", "close_inherited", "request", "restart_if_stale", "scrub_environment",
@@ -199,28 +202,34 @@ _KEEP_ENV = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "CONVSTORE_DAEMON_SOCKET")
 
 
 def _own_process() -> bool:
-    """This process is ``convstore`` or ``python -m convstore`` (not a program that calls the CLI
-    in-process), so ``sys.orig_argv`` starts it again."""
+    """This process is ``convstore``, ``python -m convstore`` or ``python -m convstore.cli`` (not a
+    program that calls the CLI in-process), so ``sys.orig_argv`` starts it again."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    return (spec is not None and spec.name == "convstore.__main__"
+    return (spec is not None and spec.name in ("convstore.__main__", "convstore.cli")
             or os.path.basename(getattr(main, "__file__", None) or "") == "convstore")
 
 
-def scrub_environment(path: str) -> None:
+def scrub_environment(path: str, args: list[str]) -> None:
     """Re-execute this process (``convstore daemon``) with a minimal environment: what names the
     socket (``path``), the locale, ``PATH``, ``HOME``, ``TMPDIR``, ``TZ`` and the interpreter's
-    ``PYTHON*`` settings (the code fingerprint depends on them).  Returns when it already has one, or
-    when this process is not ``convstore``'s own (``sys.orig_argv`` would not start the daemon)."""
+    ``PYTHON*`` settings (the code fingerprint depends on them); and with only the interpreter's options
+    and ``daemon ARGS`` as its command line (a global option before ``daemon``, a key URI or a user name,
+    would stay in every command's ``/proc/PID/cmdline``).  Returns when it already has both;
+    :class:`DaemonError` when this process is not ``convstore``'s own (``sys.orig_argv`` would not start
+    the daemon, and what it was started with would stay)."""
     if not _own_process():
-        return
+        raise DaemonError("start the daemon as `convstore daemon` or `python -m convstore daemon`: this process "
+                          "cannot start itself again without its launcher's environment")
     env = {k: v for k, v in os.environ.items() if k in _KEEP_ENV or k.startswith(("LC_", "PYTHON"))}
     env["CONVSTORE_DAEMON_SOCKET"] = os.path.abspath(path)
-    if env == dict(os.environ):
+    # sys.orig_argv: the interpreter, its options, the script (or -m convstore), then sys.argv[1:]
+    argv = [*sys.orig_argv[1:len(sys.orig_argv) - (len(sys.argv) - 1)], "daemon", *args]
+    if env == dict(os.environ) and argv == sys.orig_argv[1:]:
         return
     for f in (sys.stdout, sys.stderr):
         f.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *argv], env)
 
 
 def restart_if_stale(server: Daemon) -> None:
@@ -385,6 +394,7 @@ class Daemon:
         self.listener.listen(64)  # again, in this process: SO_PEERCRED names the listening process to clients
         self.started = time.time()
         self._files = _loaded_files()  # after the imports: rechecked at each command
+        self._forget_launch_folder()
         gc.freeze()  # what was imported stays out of every child's collections (and unshared pages untouched)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -442,6 +452,14 @@ class Daemon:
             sel.close()
             os.close(wake_r)
             os.close(wake_w)
+
+    def _forget_launch_folder(self) -> None:
+        """``python -m`` put the folder the daemon started in first on ``sys.path``: a command importing
+        a module the daemon has not (``pkcs11``, say) must not look there, whatever folder its client is
+        in (anyone who can write there would choose its code), unless convstore itself comes from it."""
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if sys.path and os.path.abspath(sys.path[0]) == self.launch_cwd != package_parent:
+            del sys.path[0]
 
     def _stop_listening(self) -> None:
         self.stopping = True
@@ -530,7 +548,7 @@ class Daemon:
         except OSError:
             conn.close()
             return
-        if uid != os.getuid():
+        if uid != os.getuid() or len(self._pending) >= MAX_PENDING:  # too many: it runs its command itself
             conn.close()
             return
         p = _Pending(conn, pid, _peer_pidfd(conn, pid))  # taken now: the process that connected

@@ -486,6 +486,44 @@ def test_no_secret_of_the_daemons_launcher_reaches_its_commands(tmp_path, image_
         convstore(env, "daemon", "--stop")
 
 
+def test_no_secret_on_the_daemons_command_line_reaches_its_commands(tmp_path, image_dir):
+    # global options before `daemon` (a key URI with its PIN, a registry user) mean nothing to the daemon, but its
+    # command line is every forked process's /proc/PID/cmdline, and what it re-executes itself with
+    folder = tmp_path / "d"
+    folder.mkdir(mode=0o700)
+    env = {**os.environ, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(folder / "cli.sock")}
+    p = convstore(env, "--username", "alice-0815", "--key",
+                  "pkcs11:token=t;object=o?module-path=/none.so&pin-value=4711-pin-secret", "daemon", "-b",
+                  cwd=tmp_path)
+    assert p.returncode == 0 and b"listening on" in p.stdout, p.stderr
+    try:
+        info = status(env)
+        with blocked_command(env, image_dir) as (_p, command):
+            for pid in (info["pid"], info["spare"], command):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                assert b"4711-pin" not in cmdline and b"alice-0815" not in cmdline, (pid, cmdline)
+                assert cmdline.split(b"\0")[-3:] == [b"daemon", b"--background", b""], cmdline
+    finally:
+        convstore(env, "daemon", "--stop")
+
+
+def test_a_daemon_started_as_the_cli_module_keeps_no_secret_either(tmp_path, image_dir):
+    # `python -m convstore.cli daemon` (as the tests run the command line) is convstore's own process too
+    folder = tmp_path / "d"
+    folder.mkdir(mode=0o700)
+    env = {**os.environ, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(folder / "cli.sock")}
+    p = subprocess.run([sys.executable, "-m", "convstore.cli", "daemon", "-b"], cwd=tmp_path, capture_output=True,
+                       env={**env, "CONVSTORE_PKCS11_PIN": "4711-pin-secret"}, timeout=120)
+    assert p.returncode == 0 and b"listening on" in p.stdout, p.stderr
+    try:
+        info = status(env)
+        with blocked_command(env, image_dir) as (_p, command):
+            for pid in (info["pid"], info["spare"], command):
+                assert b"4711-pin" not in Path(f"/proc/{pid}/environ").read_bytes(), pid
+    finally:
+        convstore(env, "daemon", "--stop")
+
+
 def test_an_edited_dependency_retires_the_daemon(tmp_path, image_dir):
     # a copy of a dependency the daemon loads (platformdirs, preloaded), first on the path of both ends
     import platformdirs
@@ -781,3 +819,65 @@ def test_a_nice_or_idle_client_gets_no_higher_priority_in_the_daemon(daemon, ima
         with blocked_command(daemon, image_dir, lower) as (p, command):
             assert _scheduling(p.pid) != _scheduling(status(daemon)["pid"]), name
             assert _scheduling(command) == _scheduling(p.pid), name
+
+
+def test_many_half_sent_requests_hold_a_bounded_part_of_the_daemon(tmp_path, image_dir):
+    # any process of the user can connect, whatever its context, cgroup included: before a request is checked, it
+    # was buffered whole (4 MiB) for every connection the daemon's descriptors allowed (here 2 x 20,000)
+    env = start_daemon(tmp_path / "d")
+    try:
+        base = status(env)["rss_kib"]
+        conns = []
+        try:
+            for _ in range(200):
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(env["CONVSTORE_DAEMON_SOCKET"])
+                conns.append(s)
+                try:
+                    s.sendall(struct.pack("!I", (4 << 20) - 1) + b"\0" * (1 << 20))  # a quarter, then silence
+                except OSError:  # dropped by the daemon (the kernel's buffer took part of it, or none)
+                    pass
+        finally:
+            for s in conns:
+                s.close()
+
+        def peak() -> int | None:  # its peak RSS, once it answers again
+            p = convstore(env, "daemon", "--status")
+            return json.loads(p.stdout)["rss_kib"] if p.returncode == 0 else None
+
+        wait_for(lambda: peak() is not None, "the daemon to answer")
+        grown = (peak() or 0) - base
+        assert grown < 128 << 10, f"the daemon grew by {grown >> 10} MiB"
+        # and it serves once they are gone
+        before = status(env)["served"]
+        assert convstore(env, "--help", cwd=image_dir).returncode == 0
+        assert status(env)["served"] == before + 1
+    finally:
+        convstore(env, "daemon", "--stop")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_command_never_imports_from_the_folder_the_daemon_was_started_in(tmp_path, image_dir):
+    # `python -m convstore daemon` puts its working directory first on sys.path; a command importing a module the
+    # daemon had not (python-pkcs11, for a pkcs11: key) looked there first, whatever folder its client ran in
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    launch.chmod(0o777)  # say /tmp, or a shared folder
+    folder = tmp_path / "d"
+    folder.mkdir(mode=0o700)
+    env = {**os.environ, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(folder / "cli.sock")}
+    p = convstore(env, "daemon", "--background", cwd=launch)
+    assert p.returncode == 0 and b"listening on" in p.stdout, p.stderr
+    try:
+        pwned = tmp_path / "pwned"
+        planted = launch / "pkcs11.py"  # by another user, after the daemon started
+        planted.write_text(f"open({str(pwned)!r}, 'w').close()\n")
+        os.chown(planted, NOBODY, NOBODY)
+        client = {**env, "CONVSTORE_STORE": "store"}
+        key = "pkcs11:token=t;object=o?module-path=/nonexistent.so&pin-value=1"
+        before = status(env)["served"]
+        p = convstore(client, "--key", key, "pack", "oci:src", "box:1", cwd=image_dir)
+        assert status(env)["served"] == before + 1, p.stderr  # it ran in the daemon
+        assert not pwned.exists(), p.stderr
+    finally:
+        convstore(env, "daemon", "--stop")
