@@ -7,9 +7,12 @@ returns a lie for it:
 * ``Swap(path)``: answer with what the registry answers for another path
   (another image's manifest for a pinned digest, another blob's bytes);
 * ``Body(data, content_type, status, headers)``: answer these bytes;
-* ``Endless(content_type, limit, status)``: answer a chunked body generated
+* ``Endless(content_type, limit, status, ...)``: answer a chunked body generated
   as it is sent (no Content-Length), until the client stops reading or
-  ``limit`` bytes went out.
+  ``limit`` bytes went out; with ``headers`` (a redirect's Location), in
+  pieces of ``piece`` bytes ``pause`` seconds apart (a trickle), or
+  compressed with ``encoding`` ("gzip", "gzip, gzip": ``sent`` then counts
+  the decoded bytes, and ``limit`` bounds them).
 
 ``liar.served`` counts the requests each path got (retries show up there).
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +49,11 @@ class Endless:
     content_type: str = "application/vnd.oci.image.manifest.v1+json"
     limit: int = 1 << 40
     status: int = 200
-    sent: int = 0  # bytes written so far (read by the test)
+    sent: int = 0  # bytes offered so far, decoded (read by the test)
+    headers: dict[str, str] | None = None
+    piece: int = 1 << 20  # bytes per chunk of the body
+    pause: float = 0.0  # seconds between two chunks (a body trickled in)
+    encoding: str | None = None  # a Content-Encoding the body is in (its pieces then are that encoding's)
 
 
 Lie = Swap | Body | Endless
@@ -81,14 +90,26 @@ class LiarRegistry:
                 self.send_response(e.status)
                 self.send_header("Content-Type", e.content_type)
                 self.send_header("Transfer-Encoding", "chunked")
+                if e.encoding:
+                    self.send_header("Content-Encoding", e.encoding)
+                for k, v in (e.headers or {}).items():
+                    self.send_header(k, v)
                 self.end_headers()
-                piece = b"[" + b" " * ((1 << 20) - 1)  # the start of a JSON document that never ends
+                # the start of a JSON document that never ends (decoded, where the body is encoded)
+                piece = b"[" + b" " * (e.piece - 1)
+                coders = [zlib.compressobj(9, zlib.DEFLATED, 31) for _ in (e.encoding or "").split(",") if _.strip()]
                 try:
                     while e.sent < e.limit:
                         n = min(len(piece), e.limit - e.sent)
-                        self.wfile.write(b"%x\r\n%s\r\n" % (n, piece[:n]))
-                        e.sent += n
+                        out = piece[:n]
+                        for c in coders:  # the first encoding applied is the innermost
+                            out = c.compress(out) + c.flush(zlib.Z_SYNC_FLUSH)
+                        e.sent += n  # offered: a client that hangs up fails the write
+                        if out:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(out), out))
                         piece = b" " * len(piece)
+                        if e.pause:
+                            time.sleep(e.pause)  # a trickle: the pace of the body is the lie
                     self.wfile.write(b"0\r\n\r\n")
                 except OSError:  # the client stopped reading: what it should do
                     pass

@@ -317,3 +317,64 @@ def test_an_endless_index_blob_of_a_registry_store_is_read_no_further_than_its_s
     _meta, chunks = registry_store.open_registry(f"oci://{liar.host}/ix", insecure=True)
     assert not any(chunks.has(c) for c in cids)  # skipped: not an error
     assert 0 < endless.sent < 32 << 20, f"{endless.sent >> 20} MiB sent"
+
+
+# -- §3, the review: what requests reads on its own, and time ------------------------------------
+
+def test_an_endless_redirect_body_is_bounded(two_images, liar, cli_env):
+    """A redirect's body is read by requests itself (to free the connection) before it follows the
+    Location: a 302 with an endless body must be capped like any answer, not read whole into memory."""
+    endless = Endless(limit=ENDLESS, status=302, headers={"Location": f"http://{liar.host}/v2/pins/a/manifests/1"})
+    liar.lie = lambda m, p: endless if m == "GET" and p == "/v2/pins/a/manifests/moved" else None
+    p, rss = _measured(cli_env, "pack", f"docker://{liar.host}/pins/a:moved", "a:1")
+    assert rss < RSS_LIMIT, f"peak RSS {rss >> 20} MiB"
+    assert _one_line(p) == f"convstore: error: registry {liar.host} sent a redirect larger than 65536 bytes"
+    assert endless.sent < ENDLESS
+    assert _catalog(cli_env) == []
+    # a redirect with an ordinary body is followed, and what it leads to is checked as ever
+    liar.lie = lambda m, p: Body(b"moved", "text/plain", 302, {"Location": f"http://{liar.host}/v2/pins/a/manifests/1"}) \
+        if m == "GET" and p == "/v2/pins/a/manifests/moved" else None
+    run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:moved", "a:1")
+    assert [r for r, _m, _s in _catalog(cli_env)] == ["a:1"]
+
+
+def test_a_redirect_for_a_pinned_manifest_to_another_host_is_still_checked(two_images, liar, registry, store):
+    """A pin answered by a redirect to another host (a CDN, or whoever the registry names) that serves
+    another image's manifest: the digest check applies to what the redirect leads to."""
+    (a_digest, _), (b_digest, _) = two_images["a"], two_images["b"]
+    other = LiarRegistry(registry.host)  # the redirect target: another host, serving b for a's pin
+    try:
+        other.lie = lambda m, p: Swap(f"/v2/pins/b/manifests/{b_digest}") if "/manifests/" in p else None
+        liar.lie = lambda m, p: Body(b"", "text/plain", 307, {"Location": f"http://{other.host}{p}"}) \
+            if m == "GET" and p == f"/v2/pins/a/manifests/{a_digest}" else None
+        with pytest.raises(DigestMismatch, match=f"hashes to {b_digest}, expected {a_digest}"):
+            store.pack(f"docker://{liar.host}/pins/a@{a_digest}", "a:1")
+        assert other.requests_for("GET", "/manifests/") == 1
+        assert store.images() == []
+    finally:
+        other.stop()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "gzip, gzip"])
+def test_a_compressed_endless_answer_is_capped_decoded(encoding, two_images, liar):
+    """Content-Encoding: a small body that inflates into gigabytes is capped on what it decodes to,
+    as it decodes (a nested gzip inflates ~1000x twice)."""
+    endless = Endless(limit=4 << 30, encoding=encoding, piece=16 << 20)
+    liar.lie = lambda m, p: endless if m == "GET" and "/manifests/" in p else None
+    client = RegistryClient(liar.host, insecure=True)
+    with pytest.raises(registry_store.RegistryResponseTooLarge, match="larger than 4 MiB"):
+        client.get_manifest("pins/a", "1", [OCI_MANIFEST])
+    assert endless.sent < 1 << 30, f"{endless.sent >> 20} MiB decoded"
+
+
+def test_a_trickled_answer_meets_a_deadline(two_images, liar, monkeypatch):
+    """A body trickled a byte at a time, each sooner than the read timeout, never times out per read:
+    an answer must arrive whole within the timeout plus its cap at MIN_RATE bytes a second."""
+    monkeypatch.setattr(registry_store, "MIN_RATE", 1 << 30, raising=False)  # the deadline is then the timeout (1 s)
+    trickle = Endless(limit=20, piece=1, pause=0.4)
+    liar.lie = lambda m, p: trickle if m == "GET" and "/manifests/" in p else None
+    client = RegistryClient(liar.host, insecure=True, timeout=1.0)
+    with pytest.raises(registry_store.RegistryError, match=f"registry {liar.host} sent a manifest too slowly"):
+        client.get_manifest("pins/a", "1", [OCI_MANIFEST])
+    assert trickle.sent < 10, f"{trickle.sent} bytes: read until the body ended"
+    assert liar.requests_for("GET", "/manifests/") == 1  # final: a trickle is not asked for again

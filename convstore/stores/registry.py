@@ -93,6 +93,9 @@ MAX_OBJECT = 1 << 30  # a sealed manifest (a row per chunk and every file's meta
 MAX_OTHER = 64 << 10  # any other answer (upload, delete, an error's body: only its start is shown)
 RETRIES = 4  # attempts per request; backoff 0.2, 0.4, 0.8 s between them
 TIMEOUT = 60.0  # seconds without an answer (connect: at most 10) before a request is retried
+# an answer's body must arrive whole within TIMEOUT plus its cap at this rate (a manifest: 60 + 64 s),
+# however it trickles in: a per-read timeout alone never fires on a byte sent every TIMEOUT - 1 s
+MIN_RATE = 64 << 10
 
 
 class RegistryError(StoreError):
@@ -107,6 +110,10 @@ class RegistryResponseTooLarge(RegistryError):
     """The registry sent more than convstore reads for that kind of answer (final: not retried)."""
 
 
+class RegistryTooSlow(RegistryError):
+    """The registry's answer did not arrive whole by its deadline (final: not retried)."""
+
+
 def parse_store_url(url: str) -> tuple[str, str]:
     """``oci://HOST[:PORT]/REPO`` -> (host, repo)."""
     if not url.startswith("oci://"):
@@ -117,9 +124,12 @@ def parse_store_url(url: str) -> tuple[str, str]:
     return host, repo.rstrip("/")
 
 
-def _read_capped(r: requests.Response, cap: int, host: str, kind: str) -> bytes:
-    """The body of ``r`` if it has at most ``cap`` bytes, read as it arrives (64 KiB at a time);
-    :class:`RegistryResponseTooLarge` naming ``host`` and ``kind`` otherwise.  A HEAD answer has no body."""
+def _read_capped(r: requests.Response, cap: int, host: str, kind: str, timeout: float) -> bytes:
+    """The body of ``r`` if it has at most ``cap`` bytes, read as it arrives (64 KiB at a time,
+    decoded: a Content-Encoding is capped on what it inflates to) and whole within ``timeout``
+    seconds plus ``cap`` at MIN_RATE bytes a second (a trickle meets no per-read timeout: past the
+    deadline the socket is shut down); :class:`RegistryResponseTooLarge` naming ``host`` and
+    ``kind`` past the cap, :class:`RegistryTooSlow` past the deadline.  A HEAD answer has no body."""
     def too_large() -> RegistryResponseTooLarge:
         r.close()
         limit = f"{cap >> 20} MiB" if cap >= 1 << 20 and cap % (1 << 20) == 0 else f"{cap} bytes"
@@ -134,11 +144,35 @@ def _read_capped(r: requests.Response, cap: int, host: str, kind: str) -> bytes:
         declared = -1
     if declared > cap:
         raise too_large()
+    deadline = timeout + cap / MIN_RATE
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        try:
+            r.raw.shutdown()  # wakes a read blocked on the socket: it ends or fails at once
+        except Exception:  # already closed, or no socket: nothing is blocked on it
+            pass
+
+    watchdog = threading.Timer(deadline, expire)
+    watchdog.daemon = True
+    watchdog.start()
     buf = bytearray()
-    for part in r.iter_content(1 << 16):
-        buf += part
-        if len(buf) > cap:
-            raise too_large()
+    try:
+        for part in r.iter_content(1 << 16):
+            buf += part
+            if len(buf) > cap:
+                raise too_large()
+            if expired.is_set():
+                break
+    except (requests.exceptions.RequestException, OSError):
+        if not expired.is_set():
+            raise
+    finally:
+        watchdog.cancel()
+    if expired.is_set():
+        r.close()
+        raise RegistryTooSlow(f"registry {host} sent {kind} too slowly (not whole within {deadline:g} s)")
     return bytes(buf)
 
 
@@ -146,7 +180,8 @@ class _TimeoutAdapter(requests.adapters.HTTPAdapter):
     """Every request gets a (connect, read) timeout: a stalled registry is an
     error after it, never a hang (oras-py sets none).  A body nobody streams
     (oras-py's token requests; :meth:`RegistryClient._req` streams and caps
-    its own) is read here, at most ``MAX_MANIFEST``."""
+    its own) is read here, at most ``MAX_MANIFEST``, and so is a redirect's
+    (which requests reads whole, streamed or not), at most ``MAX_OTHER``."""
 
     def __init__(self, timeout: tuple[float, float], host: str):
         super().__init__()
@@ -156,12 +191,14 @@ class _TimeoutAdapter(requests.adapters.HTTPAdapter):
     def send(self, request: requests.PreparedRequest, *args: Any, **kw: Any) -> requests.Response:
         if kw.get("timeout") is None:
             kw["timeout"] = self.timeout
-        if kw.get("stream"):
-            return super().send(request, *args, **kw)
+        streamed = bool(kw.get("stream"))
         kw["stream"] = True
         r = super().send(request, *args, **kw)
         host = urllib.parse.urlsplit(request.url or "").netloc or self.host
-        r._content = _read_capped(r, MAX_MANIFEST, host, "an answer")  # what requests' .content returns
+        if r.is_redirect:  # requests reads a redirect's body whole itself before it follows it
+            r._content = _read_capped(r, MAX_OTHER, host, "a redirect", self.timeout[1])
+        elif not streamed:
+            r._content = _read_capped(r, MAX_MANIFEST, host, "an answer", self.timeout[1])  # requests' .content
         return r
 
 
@@ -208,7 +245,7 @@ class RegistryClient:
                 r = self._do_request(self.reg, url, method, stream=True, **kw)
                 if r.status_code in ok:
                     if not stream:  # (a HEAD answer has no body: its Content-Length is the GET's)
-                        r._content = _read_capped(r, cap, self.host, kind)  # what requests' .content returns
+                        r._content = _read_capped(r, cap, self.host, kind, self.timeout)  # requests' .content
                     return r
             except oras.auth.AuthenticationException as e:
                 raise RegistryError(f"registry {self.host} refused the credentials ({e})") from None
