@@ -25,10 +25,12 @@ key material.
     ├── KeyProviderError       key provider failures
     │   ├── KeyAccessDenied    the provider refuses (wrong key, revoked, moved wrapped key)
     │   ├── KeyNotFound        the master key does not exist
+    │   │   └── KeyFileMissing a named key file does not exist (and is not created)
     │   ├── KeyProviderUnavailable  the provider cannot be reached or is not installed
     │   └── KeyFileError       the key file is unusable
     ├── UnsafePathError        an entry would be written outside its target
-    └── InvalidReference       a malformed NAME[:TAG] or SOURCE string
+    └── InvalidReference       a malformed NAME[:TAG], SOURCE, --store or --key string
+                               (the CLI's usage error: exit status 2)
 """
 
 from __future__ import annotations
@@ -124,6 +126,11 @@ class KeyProviderUnavailable(KeyProviderError):
 
 class KeyFileError(KeyProviderError):
     """The local key file is missing, malformed or has unsafe permissions."""
+
+
+class KeyFileMissing(KeyFileError, KeyNotFound):
+    """A key file named explicitly does not exist: only the default key file,
+    a new store's key and a rekey target are created."""
 
 
 class UnsafePathError(ConvstoreError):

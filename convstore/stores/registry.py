@@ -149,6 +149,11 @@ class RegistryClient:
                 if attempt == RETRIES - 1:
                     raise RegistryError(f"registry {self.host} did not answer within {self.timeout:g} s "
                                         f"({RETRIES} attempts)") from None
+            except requests.exceptions.SSLError as e:
+                # up, but not TLS: a plain-HTTP registry answers the TLS hello with HTTP ("wrong version number")
+                if "WRONG_VERSION_NUMBER" in str(e).upper().replace(" ", "_"):
+                    raise RegistryError(f"the registry at {self.host} speaks plain HTTP; use --insecure") from None
+                raise RegistryError(f"TLS with the registry at {self.host} failed: {e.__class__.__name__}") from None
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ContentDecodingError):
                 if attempt == RETRIES - 1:
