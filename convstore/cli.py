@@ -250,12 +250,12 @@ def pack(
         _emit_json(r.to_json())
         return
     if r.up_to_date:
-        out.print(f"{r.ref} is up to date: it was packed from this source, and all {r.chunks} chunks are present "
+        out.print(f"{r.ref} is up to date: it was packed from this source, and all {_n(r.chunks, 'chunk')} are present "
                   f"({_n(r.layers, 'layer')}, {_mb(r.logical_bytes)}); nothing written", highlight=False)
         return
     rate = r.logical_bytes / 1e6 / r.seconds if r.seconds else 0.0
     out.print(f"packed {r.ref}: {_n(r.layers, 'layer')}, {_mb(r.logical_bytes)} in {r.seconds:.2f} s ({rate:.0f} MB/s); "
-              f"{r.new_chunks} new of {r.chunks} chunks, {_mb(r.new_stored_bytes)} stored")
+              f"{r.new_chunks} new of {_n(r.chunks, 'chunk')}, {_mb(r.new_stored_bytes)} stored")
 
 
 @app.command()

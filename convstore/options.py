@@ -51,8 +51,8 @@ def resolve_store_location(location: str | None) -> str:
             raise InvalidReference(f"{where} {location!r} names no repository: use oci://HOST[:PORT]/REPO")
         return location.rstrip("/")
     if _SCHEME.match(location):
-        raise InvalidReference(f"{where} {location!r} is not a store: give {STORE_FORMS}; "
-                               f"for a local folder whose name has a colon, write ./{location}")
+        raise InvalidReference(f"{where} {location!r} is not a store: give {STORE_FORMS} "
+                               f"(a local folder whose name has a colon: write it as ./NAME)")
     return os.path.abspath(os.path.expanduser(location))
 
 
