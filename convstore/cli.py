@@ -172,12 +172,15 @@ def _options(url: str | None, create: bool = False) -> StoreOptions:
                         now=float(now) if now else None, create=create, **reg)
 
 
+#: key files this command created: said once it ends (in its error line if it fails)
+_created_keys: list[str] = []
+
+
 def _open(url: str | None, create: bool = False) -> Store:
     s = _options(url, create).open()
     key = getattr(s.key, "inner", s.key)
     if getattr(key, "created", False):
-        err.print(f"convstore: created a new master key at {key.path} (mode 0600); keep a copy of it: "
-                  f"without it the store cannot be read", highlight=False, markup=False, soft_wrap=True)
+        _created_keys.append(key.path)
     return s
 
 
@@ -812,21 +815,35 @@ def main(command: Callable[[], object] | None = None) -> None:
             app()
         else:
             command()
+    except SystemExit:  # typer's end of a command, success or not
+        _say_created_keys()
+        raise
     except InvalidReference as e:  # a malformed NAME, SOURCE, --store or --key: a usage error
-        err.print(f"convstore: error: {e}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(f"error: {e}", 2)
     except ConvstoreError as e:
-        err.print(f"convstore: error: {e}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(f"error: {e}", 1)
     except OSError as e:
-        err.print(f"convstore: error: {e}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(f"error: {e}", 1)
     except Exception as e:
         if os.environ.get("CONVSTORE_DEBUG"):
             raise
-        err.print(f"convstore: internal error: {type(e).__name__}: {e} (set CONVSTORE_DEBUG=1 for a traceback)",
-                  highlight=False, markup=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(f"internal error: {type(e).__name__}: {e} (set CONVSTORE_DEBUG=1 for a traceback)", 1)
+    _say_created_keys()
+
+
+def _fail(msg: str, status: int) -> None:
+    """One line on stderr (naming a key file this command created), and the exit status."""
+    if _created_keys:
+        msg += f" (a new master key was created at {', '.join(_created_keys)})"
+    err.print(f"convstore: {msg}", highlight=False, markup=False, soft_wrap=True)
+    sys.exit(status)
+
+
+def _say_created_keys() -> None:
+    for path in _created_keys:
+        err.print(f"convstore: created a new master key at {path} (mode 0600); keep a copy of it: "
+                  f"without it the store cannot be read", highlight=False, markup=False, soft_wrap=True)
+    _created_keys.clear()
 
 
 if __name__ == "__main__":

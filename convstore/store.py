@@ -189,11 +189,14 @@ class Store:
         try:
             provider = key if isinstance(key, KeyProvider) else open_key(key, kms_endpoint=kms_endpoint)
         except KeyFileMissing:
-            # a registry that cannot be reached, or no store at all, is said before the missing key
-            if objects.has("store.json"):
-                raise
-            if not create:
-                raise no_store(path) from None
+            # a registry that cannot be reached, an old layout or no store at all is said before the missing key
+            try:
+                objects.get("store.json")
+            except KeyError:
+                if not create:
+                    raise no_store(path) from None
+            else:
+                raise  # the store exists: its key must too
             # a new store with a new key: the key named for it is created with it (and the CLI says so)
             provider = open_key(key if isinstance(key, str) else None, kms_endpoint=kms_endpoint, create_file=True)
         if not is_registry_url(path):

@@ -129,6 +129,12 @@ def test_pack_still_creates_its_store(tmp_path, cli_env):
 
 # -- keys ---------------------------------------------------------------------------------------------------------
 
+def test_a_key_created_by_a_failing_command_is_named_in_its_one_error_line(tmp_path, cli_env):
+    p = run_cli(cli_env, "--insecure", "pack", "docker://127.0.0.1:9/x:1", "x:1", check=False)
+    key = cli_env["CONVSTORE_KEY"][5:]
+    one_line(p, 1, "cannot reach the registry at 127.0.0.1:9", f"(a new master key was created at {key})")
+    assert Path(key).exists()
+
 def test_named_key_file_must_exist(tmp_path, cli_env):
     run_cli(cli_env, "pack", small_image(tmp_path), "img:1")
     wrong = tmp_path / "wrong" / "path" / "master.key"
