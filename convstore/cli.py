@@ -33,6 +33,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # help texts as written: "[default: ...]" or "[proxy_plugins]" are not rich markup tags
     help="Store OCI images as convergent-encrypted, deduplicated chunks; unpack them back exactly.",
 )
 
@@ -178,8 +179,10 @@ _created_keys: list[str] = []
 
 def _open(url: str | None, create: bool = False) -> Store:
     s = _options(url, create).open()
+    from .keys import LocalKeyFile
+
     key = getattr(s.key, "inner", s.key)
-    if getattr(key, "created", False):
+    if isinstance(key, LocalKeyFile) and key.created:
         _created_keys.append(key.path)
     return s
 
@@ -647,7 +650,7 @@ def layerstore(
 def snapshotter(
     root: str = typer.Argument(..., metavar="ROOT", help="Snapshot state and directories"),
     socket: str = typer.Option("/run/convstore/snapshotter.sock", "--socket", metavar="PATH",
-                               help="The unix socket containerd's \\[proxy_plugins] entry names"),
+                               help="The unix socket containerd's [proxy_plugins] entry names"),
     stats_file: Optional[str] = typer.Option(None, "--stats-file", metavar="PATH",
                                              help="Keep what was fetched, per image, in this JSON file"),
 ) -> None:
@@ -666,7 +669,7 @@ def containerd_load(
                                        help="Image name in containerd [default: the image's source reference]"),
     namespace: str = typer.Option("default", "--namespace", "-n", help="containerd namespace"),
     snapshotter_name: str = typer.Option("convstore", "--snapshotter", metavar="NAME",
-                                         help="The \\[proxy_plugins] name of `convstore snapshotter`"),
+                                         help="The [proxy_plugins] name of `convstore snapshotter`"),
 ) -> None:
     """Make an image of the store a containerd image whose layers come from `convstore snapshotter`, lazily."""
     from .reader.snapshotter import load_into_containerd
