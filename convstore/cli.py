@@ -112,7 +112,7 @@ def _global(
                                   help="Add this per-request latency to store reads (measurement)"),
     bandwidth: float = typer.Option(0.0, "--simulate-bandwidth", metavar="MB/S", min=0,
                                     help="Cap store reads at this bandwidth (measurement)"),
-    insecure: bool = typer.Option(False, "--insecure", help="Plain http to registries (loopback testing)"),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP to registries, stores and docker:// sources alike (loopback too)"),
     username: Optional[str] = typer.Option(None, "--username", help="Registry user"),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the registry password from stdin"),
     cache: Optional[str] = typer.Option(None, "--cache", metavar="DIR",
