@@ -256,7 +256,8 @@ def pack(
         _emit_json(r.to_json())
         return
     if r.up_to_date:
-        out.print(f"{r.ref} is up to date: it was packed from this source, and all {_n(r.chunks, 'chunk')} are present "
+        out.print(f"{r.ref} is up to date: it was packed from this source, and its {_n(r.chunks, 'chunk')} "
+                  f"{'is' if r.chunks == 1 else 'are all'} present "
                   f"({_n(r.layers, 'layer')}, {_mb(r.logical_bytes)}); nothing written", highlight=False)
         return
     rate = r.logical_bytes / 1e6 / r.seconds if r.seconds else 0.0
