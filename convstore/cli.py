@@ -6,17 +6,18 @@ error.  Progress bars appear only when stderr is a terminal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from ._version import __version__
-from .errors import ConvstoreError
-from .options import StoreOptions
+from .errors import ConvstoreError, InvalidReference
+from .options import StoreOptions, is_registry_url, resolve_store_location
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -32,6 +33,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # help texts as written: "[default: ...]" or "[proxy_plugins]" are not rich markup tags
     help="Store OCI images as convergent-encrypted, deduplicated chunks; unpack them back exactly.",
 )
 
@@ -98,16 +100,19 @@ def _version_flag(value: bool) -> None:
 def _global(
     version: bool = typer.Option(False, "--version", callback=_version_flag, is_eager=True,
                                  help="Print the version and exit"),
-    store: Optional[str] = typer.Option(None, "--store", metavar="PATH",
-                                        help="Store directory [default: $CONVSTORE_STORE or the user data dir]"),
+    store: Optional[str] = typer.Option(None, "--store", metavar="PATH|oci://HOST/REPO",
+                                        help="The store: a local folder, or a registry repository oci://HOST[:PORT]/REPO "
+                                             "[default: $CONVSTORE_STORE, else ~/.local/share/convstore/store]"),
     key: Optional[str] = typer.Option(None, "--key", metavar="SPEC",
-                                      help="Master key: file:PATH [default: $CONVSTORE_KEY or a key file in the user config dir]"),
+                                      help="Master key: file:PATH, pkcs11:token=T;object=K?module-path=..., or "
+                                           "awskms:KEY [default: $CONVSTORE_KEY, else ~/.config/convstore/master.key, "
+                                           "created on first use]; a key named here must exist (unless the store is new)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars"),
     latency: float = typer.Option(0.0, "--simulate-latency", metavar="MS", min=0,
                                   help="Add this per-request latency to store reads (measurement)"),
     bandwidth: float = typer.Option(0.0, "--simulate-bandwidth", metavar="MB/S", min=0,
                                     help="Cap store reads at this bandwidth (measurement)"),
-    insecure: bool = typer.Option(False, "--insecure", help="Plain http to registries (loopback testing)"),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP to registries, stores and docker:// sources alike (loopback too)"),
     username: Optional[str] = typer.Option(None, "--username", help="Registry user"),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the registry password from stdin"),
     cache: Optional[str] = typer.Option(None, "--cache", metavar="DIR",
@@ -149,10 +154,13 @@ def _duration(spec: str) -> float:
 _password: list[str | None] = []
 
 
-def _options(url: str | None) -> StoreOptions:
-    """The store options the global flags describe (the registry password is read once)."""
+def _options(url: str | None, create: bool = False) -> StoreOptions:
+    """The store options the global flags describe (the registry password is read once).
+    ``url``: ``--store`` or another store argument (None: $CONVSTORE_STORE or the default);
+    ``create``: whether the command may create the store (read-only commands never do)."""
     reg: dict[str, Any] = {}
-    if url and url.startswith("oci://"):
+    url = resolve_store_location(url)
+    if is_registry_url(url):
         if state.password_stdin and not _password:
             _password.append(sys.stdin.readline().rstrip("\n"))
         reg = {"insecure": state.insecure, "username": state.username,
@@ -162,15 +170,26 @@ def _options(url: str | None) -> StoreOptions:
     return StoreOptions(path=url, key=state.key_spec, kms_endpoint=state.kms_endpoint,
                         inactive_after=state.inactive_after, latency_ms=state.latency_ms,
                         bandwidth_mbps=state.bandwidth_mbps, allow_rollback=state.allow_rollback,
-                        now=float(now) if now else None, **reg)
+                        now=float(now) if now else None, create=create, **reg)
 
 
-def _open(url: str | None) -> Store:
-    return _options(url).open()
+#: key files this command created: said once it ends (in its error line if it fails)
+_created_keys: list[str] = []
 
 
-def _store() -> Store:
-    return _open(state.store_path)
+def _open(url: str | None, create: bool = False) -> Store:
+    s = _options(url, create).open()
+    from .keys import LocalKeyFile
+
+    key = getattr(s.key, "inner", s.key)
+    if isinstance(key, LocalKeyFile) and key.created:
+        _created_keys.append(key.path)
+    return s
+
+
+def _store(create: bool = False) -> Store:
+    """The store ``--store`` names; only commands that write images (pack, pull, domain create) create it."""
+    return _open(state.store_path, create)
 
 
 def _print_fetch_stats(stats: dict[str, Any], extra: str = "") -> None:
@@ -232,9 +251,15 @@ def _policy(path: str | None) -> Any:
     return load_policy(path)
 
 
+def _n(count: int, noun: str) -> str:
+    """``1 layer``, ``2 layers``."""
+    return f"{count} {noun if count == 1 else noun + 's'}"
+
+
 @app.command()
 def pack(
-    source: str = typer.Argument(..., help="oci:DIR[:TAG], docker-archive:FILE[:NAME:TAG] or docker://HOST/REPO[:TAG]"),
+    source: str = typer.Argument(..., metavar="SOURCE",
+                                 help="oci:DIR[:TAG], docker-archive:FILE[:NAME:TAG] or docker://HOST[:PORT]/REPO[:TAG]"),
     ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
     level: int = typer.Option(3, "--level", min=0, max=19, help="zstd level per chunk (0 = no compression)"),
     domain: str = typer.Option("default", "--domain", metavar="NAME", help="Convergence domain (dedup scope)"),
@@ -242,18 +267,19 @@ def pack(
     policy: Optional[str] = _policy_option(),
 ) -> None:
     """Pack an image into the store, if the trust policy accepts it (docs/security.md)."""
-    r = _store().pack(source, ref, level=level, domain=domain, progress=_RichProgress(), insecure=state.insecure,
-                      policy=_policy(policy))
+    r = _store(create=True).pack(source, ref, level=level, domain=domain, progress=_RichProgress(),
+                                 insecure=state.insecure, policy=_policy(policy))
     if json_out:
         _emit_json(r.to_json())
         return
     if r.up_to_date:
-        out.print(f"{r.ref} is up to date: it was packed from this source, and all {r.chunks} chunks are present "
-                  f"({r.layers} layers, {_mb(r.logical_bytes)}); nothing written", highlight=False)
+        out.print(f"{r.ref} is up to date: it was packed from this source, and its {_n(r.chunks, 'chunk')} "
+                  f"{'is' if r.chunks == 1 else 'are all'} present "
+                  f"({_n(r.layers, 'layer')}, {_mb(r.logical_bytes)}); nothing written", highlight=False)
         return
     rate = r.logical_bytes / 1e6 / r.seconds if r.seconds else 0.0
-    out.print(f"packed {r.ref}: {r.layers} layers, {_mb(r.logical_bytes)} in {r.seconds:.2f} s ({rate:.0f} MB/s); "
-              f"{r.new_chunks} new of {r.chunks} chunks, {_mb(r.new_stored_bytes)} stored")
+    out.print(f"packed {r.ref}: {_n(r.layers, 'layer')}, {_mb(r.logical_bytes)} in {r.seconds:.2f} s ({rate:.0f} MB/s); "
+              f"{r.new_chunks} new of {_n(r.chunks, 'chunk')}, {_mb(r.new_stored_bytes)} stored")
 
 
 @app.command()
@@ -277,11 +303,11 @@ def unpack(
         r: Any = store.unpack_rootfs(ref, rootfs, progress=_RichProgress())
         for w in r.warnings:
             err.print(f"warning: {w}", highlight=False)
-        msg = f"unpacked {r.ref} to {r.dest}: {r.files} files, {_mb(r.bytes_written)} in {r.seconds:.2f} s"
+        msg = f"unpacked {r.ref} to {r.dest}: {_n(r.files, 'file')}, {_mb(r.bytes_written)} in {r.seconds:.2f} s"
     else:
         assert dest is not None
         r = store.unpack_oci(ref, dest, compress=compress, progress=_RichProgress())
-        msg = f"unpacked {r.ref} to {r.dest}: {r.layers} layers, {_mb(r.written_bytes)} in {r.seconds:.2f} s"
+        msg = f"unpacked {r.ref} to {r.dest}: {_n(r.layers, 'layer')}, {_mb(r.written_bytes)} in {r.seconds:.2f} s"
     if json_out:
         _emit_json(r.to_json())
     else:
@@ -325,7 +351,7 @@ def inspect(ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
     out.print(f"verification: {describe(doc.get('verification'))}", highlight=False, markup=False, soft_wrap=True)
     c = doc["chunking"]
     out.print(f"chunking: {c['algorithm']} min/avg/max {c['min_size']}/{c['avg_size']}/{c['max_size']}, "
-              f"zstd level {doc['compression_level']}, {doc['chunks']} unique chunks", highlight=False)
+              f"zstd level {doc['compression_level']}, {_n(doc['chunks'], 'unique chunk')}", highlight=False)
     from rich.table import Table
 
     t = Table("#", "MEDIA TYPE", "DIFF ID", "SIZE", "FILES", "CHUNKS", box=None)
@@ -358,7 +384,7 @@ app.add_typer(domain_app, name="domain")
 @domain_app.command("create")
 def domain_create(name: str = typer.Argument(...)) -> None:
     """Create a domain with a fresh secret (pack into it with --domain NAME)."""
-    rec = _store().create_domain(name)
+    rec = _store(create=True).create_domain(name)
     out.print(f"created domain {rec['name']} (epoch {rec['epoch']}, key {rec['key_id']})", highlight=False)
 
 
@@ -391,7 +417,7 @@ def push(ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
     """Copy an image to a registry store, sending only the chunks it lacks."""
     from .transfer import copy_image
 
-    r = copy_image(_store(), _open(url), ref, progress=_RichProgress())
+    r = copy_image(_store(), _open(url, create=True), ref, progress=_RichProgress())
     _copy_report(r, json_out, "pushed", url)
 
 
@@ -402,7 +428,7 @@ def pull(url: str = typer.Argument(..., metavar="oci://HOST[:PORT]/REPO"),
     """Copy an image from a registry store into this store, fetching only missing chunks."""
     from .transfer import copy_image
 
-    r = copy_image(_open(url), _store(), ref, progress=_RichProgress())
+    r = copy_image(_open(url), _store(create=True), ref, progress=_RichProgress())
     _copy_report(r, json_out, "pulled", url)
 
 
@@ -410,19 +436,23 @@ def _copy_report(r: Any, json_out: bool, verb: str, url: str) -> None:
     if json_out:
         _emit_json(r.to_json())
         return
-    out.print(f"{verb} {r.ref} ({url}): sent {r.chunks_sent} of {r.chunks} chunks, {_mb(r.bytes_sent)} in "
+    moved = "sent" if verb == "pushed" else "fetched"
+    out.print(f"{verb} {r.ref} ({url}): {moved} {r.chunks_sent} of {_n(r.chunks, 'chunk')}, {_mb(r.bytes_sent)} in "
               f"{r.seconds:.2f} s", highlight=False)
 
 
 @app.command()
-def rekey(to: str = typer.Option(..., "--to", metavar="SPEC", help="The new master key"),
+def rekey(to: str = typer.Option(..., "--to", metavar="SPEC",
+                                  help="The new master key: file:PATH (created if missing), "
+                                       "'pkcs11:token=T;object=K?module-path=...' (quote it: ; ends a shell "
+                                       "command) or awskms:KEY"),
           json_out: bool = typer.Option(False, "--json", help="Print the report as JSON")) -> None:
     """Re-wrap every data key and domain secret under a new master key (chunks untouched; resumable)."""
     r = _store().rekey(to, kms_endpoint=state.kms_endpoint)
     if json_out:
         _emit_json(r.to_json())
         return
-    out.print(f"re-wrapped {r.images} images, {r.domains} domains, {r.layer_records} layer records under "
+    out.print(f"re-wrapped {_n(r.images, 'image')}, {_n(r.domains, 'domain')}, {_n(r.layer_records, 'layer record')} under "
               f"{r.new_key_id} ({r.skipped} already done) in {r.seconds:.2f} s; the old key {r.old_key_id} "
               f"is no longer needed", highlight=False)
 
@@ -439,13 +469,10 @@ def audit(since: Optional[str] = typer.Option(None, "--since", metavar="ISO-TIME
         for r in recs:
             sys.stdout.write(json.dumps(r, sort_keys=True) + "\n")
         return
-    from rich.table import Table
-
-    t = Table("TIME", "OP", "OUTCOME", "PURPOSE", "IMAGE/DOMAIN", "KEY", "PID", "USER", box=None)
-    for r in recs:
-        t.add_row(r["time"], r["op"], r["outcome"], r["purpose"], r.get("image") or r.get("domain", ""),
-                  r["key_id"], str(r["pid"]), r["user"])
-    out.print(t)
+    rows = [("TIME", "OP", "OUTCOME", "PURPOSE", "IMAGE/DOMAIN", "KEY", "PID", "USER")]
+    rows += [(r["time"], r["op"], r["outcome"], r["purpose"], r.get("image") or r.get("domain", ""),
+              r["key_id"], str(r["pid"]), r["user"]) for r in recs]
+    _print_columns(rows)  # whole cells, on a terminal or a pipe
 
 
 @app.command()
@@ -467,9 +494,9 @@ def gc_cmd(dry_run: bool = typer.Option(False, "--dry-run", help="Report what wo
         _emit_json(r.to_json())
         return
     verb = "would free" if dry_run else "freed"
-    out.print(f"{verb} {r.chunks_removed} of {r.chunks_total} chunks ({_mb(r.chunk_bytes_freed)}), "
-              f"{r.manifests_removed} manifests ({_mb(r.manifest_bytes_freed)}), {r.other_files_removed} other files; "
-              f"{r.live_images} live images" + (f", reclaimed inactive: {', '.join(r.reclaimed_images)}"
+    out.print(f"{verb} {r.chunks_removed} of {_n(r.chunks_total, 'chunk')} ({_mb(r.chunk_bytes_freed)}), "
+              f"{_n(r.manifests_removed, 'manifest')} ({_mb(r.manifest_bytes_freed)}), "
+              f"{_n(r.other_files_removed, 'other file')}; {_n(r.live_images, 'live image')}" + (f", reclaimed inactive: {', '.join(r.reclaimed_images)}"
                                                   if r.reclaimed_images else "")
               + ("" if dry_run else f"; store {_mb(r.store_bytes_before)} -> {_mb(r.store_bytes_after)}"),
               highlight=False)
@@ -489,7 +516,7 @@ def verify(ref: Optional[str] = typer.Argument(None, metavar="[NAME[:TAG]]"),
     if json_out:
         _emit_json(r.to_json())
     else:
-        out.print(f"checked {r.chunks_checked} chunks of {r.images} images in {r.seconds:.2f} s: "
+        out.print(f"checked {_n(r.chunks_checked, 'chunk')} of {_n(r.images, 'image')} in {r.seconds:.2f} s: "
                   + ("clean" if r.clean else f"{len(r.missing)} missing, {len(r.corrupt)} corrupt"), highlight=False)
         for kind, d in (("missing", r.missing), ("corrupt", r.corrupt)):
             for cid, imgs in sorted(d.items()):
@@ -538,7 +565,7 @@ def ls_cmd(
     """List a directory of an image (reads the manifest only, no chunk)."""
     from .reader import ImageFS
 
-    with ImageFS.from_store(_store(), ref) as fs:
+    with ImageFS.from_store(_store(), ref) as fs, _image_path_errors(ref, path):
         import stat as st
 
         s = fs.stat(path, follow=True)
@@ -565,6 +592,21 @@ def ls_cmd(
             out.print(n, highlight=False, markup=False)
 
 
+@contextlib.contextmanager
+def _image_path_errors(ref: str, path: str) -> Iterator[None]:
+    """An OSError of a path inside an image, said in words with the image and the path."""
+    import errno
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None or isinstance(e, (BrokenPipeError, ConnectionError)):
+            raise
+        why = {errno.ENOENT: "no such file or directory", errno.EISDIR: "is a directory (use convstore ls)",
+               errno.ENOTDIR: "a parent is not a directory", errno.ELOOP: "too many levels of symbolic links"}
+        raise ConvstoreError(f"{ref}: {path}: {why.get(e.errno) or os.strerror(e.errno).lower()}") from None
+
+
 @app.command()
 def cat(
     ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
@@ -574,7 +616,7 @@ def cat(
     """Write a file of an image to stdout, fetching only its chunks."""
     from .reader import ImageFS
 
-    with ImageFS.from_store(_store(), ref) as fs:
+    with ImageFS.from_store(_store(), ref) as fs, _image_path_errors(ref, path):
         with fs.open(path) as f:
             while True:
                 b = f.read(1 << 20)
@@ -742,8 +784,10 @@ def daemon(
     status: bool = typer.Option(False, "--status", help="Print the running daemon's state as JSON"),
     stop: bool = typer.Option(False, "--stop", help="Stop the running daemon (after its running commands)"),
 ) -> None:
-    """Keep convstore loaded: later commands of this user fork from it instead of starting Python (0.15-0.2 s less
-    each).  Set CONVSTORE_DAEMON=0 to run a command without it."""
+    """Keep convstore loaded, so later commands start 0.15-0.2 s faster.
+
+    Later commands of this user fork from it instead of starting Python.  Set CONVSTORE_DAEMON=0 to run a
+    command without it."""
     import importlib
 
     from . import daemon as d
@@ -751,9 +795,16 @@ def daemon(
     path = socket_path or d.socket_path()
     if status or stop:
         try:
-            out.print(json.dumps(d.request(path, "stop" if stop else "status")), highlight=False, soft_wrap=True)
+            info = d.request(path, "stop" if stop else "status")
         except d.DaemonError as e:
             raise ConvstoreError(str(e)) from None
+        if stop:
+            running = int(info.get("running") or 0)  # type: ignore[call-overload]
+            out.print(f"stopping the convstore daemon (pid {info.get('pid')}) on {path}"
+                      + (f": it exits after its {_n(running, 'running command')}" if running else ""),
+                      highlight=False)
+        else:
+            out.print(json.dumps(info), highlight=False, soft_wrap=True)
         return
     from typer.main import get_command
 
@@ -811,18 +862,35 @@ def main(command: Callable[[], object] | None = None) -> None:
             app()
         else:
             command()
+    except SystemExit:  # typer's end of a command, success or not
+        _say_created_keys()
+        raise
+    except InvalidReference as e:  # a malformed NAME, SOURCE, --store or --key: a usage error
+        _fail(f"error: {e}", 2)
     except ConvstoreError as e:
-        err.print(f"convstore: error: {e}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(f"error: {e}", 1)
     except OSError as e:
-        err.print(f"convstore: error: {e}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(f"error: {e}", 1)
     except Exception as e:
         if os.environ.get("CONVSTORE_DEBUG"):
             raise
-        err.print(f"convstore: internal error: {type(e).__name__}: {e} (set CONVSTORE_DEBUG=1 for a traceback)",
-                  highlight=False, markup=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(f"internal error: {type(e).__name__}: {e} (set CONVSTORE_DEBUG=1 for a traceback)", 1)
+    _say_created_keys()
+
+
+def _fail(msg: str, status: int) -> None:
+    """One line on stderr (naming a key file this command created), and the exit status."""
+    if _created_keys:
+        msg += f" (a new master key was created at {', '.join(_created_keys)})"
+    err.print(f"convstore: {msg}", highlight=False, markup=False, soft_wrap=True)
+    sys.exit(status)
+
+
+def _say_created_keys() -> None:
+    for path in _created_keys:
+        err.print(f"convstore: created a new master key at {path} (mode 0600); keep a copy of it: "
+                  f"without it the store cannot be read", highlight=False, markup=False, soft_wrap=True)
+    _created_keys.clear()
 
 
 if __name__ == "__main__":

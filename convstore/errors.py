@@ -27,6 +27,7 @@ key material.
     ├── KeyProviderError       key provider failures
     │   ├── KeyAccessDenied    the provider refuses (wrong key, revoked, moved wrapped key)
     │   ├── KeyNotFound        the master key does not exist
+    │   │   └── KeyFileMissing a named key file does not exist (and is not created)
     │   ├── KeyProviderUnavailable  the provider cannot be reached or is not installed
     │   └── KeyFileError       the key file is unusable
     ├── PolicyError            the trust policy (containers-policy.json) cannot be used or refuses
@@ -36,7 +37,8 @@ key material.
     │       └── SignatureInvalid   a signature fails (bad signature, other digest or identity, malformed)
     ├── UnsafePathError        an entry would be written outside its target
     ├── ExposedMountpoint      a mount of decrypted files that other users could reach
-    └── InvalidReference       a malformed NAME[:TAG] or SOURCE string
+    └── InvalidReference       a malformed NAME[:TAG], SOURCE, --store or --key string
+                               (the CLI's usage error: exit status 2)
 """
 
 from __future__ import annotations
@@ -169,6 +171,11 @@ class SignatureRequired(PolicyDenied):
 class SignatureInvalid(PolicyDenied):
     """A signature fails: malformed, a bad cryptographic signature, or a
     payload that names another manifest digest or identity."""
+
+
+class KeyFileMissing(KeyFileError, KeyNotFound):
+    """A key file named explicitly does not exist: only the default key file,
+    a new store's key and a rekey target are created."""
 
 
 class UnsafePathError(ConvstoreError):

@@ -10,11 +10,50 @@ may carry a secret (a PKCS#11 PIN) and a registry password is one.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from .errors import InvalidReference
+
 if TYPE_CHECKING:
     from .store import Store
+
+#: what ``--store`` and ``$CONVSTORE_STORE`` accept, named in every error about them
+STORE_FORMS = "a local folder (PATH) or a registry repository (oci://HOST[:PORT]/REPO)"
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def default_local_store() -> str:
+    """The user's default local store: ``<user data dir>/convstore/store``."""
+    import platformdirs
+
+    return os.path.join(platformdirs.user_data_dir("convstore"), "store")
+
+
+def is_registry_url(location: str) -> bool:
+    return location.startswith("oci://")
+
+
+def resolve_store_location(location: str | None) -> str:
+    """The store ``--store`` names: ``location``, else ``$CONVSTORE_STORE``,
+    else the default local store; an absolute local path or a checked
+    ``oci://HOST[:PORT]/REPO``.  Anything that looks like a URL (``SCHEME:``)
+    but is not one of those is refused (:class:`InvalidReference`) rather
+    than taken as a folder name: ``oci:/h/r`` or ``ocl://h/r`` would
+    otherwise silently become a local store named ``oci:``."""
+    where = "--store" if location else "$CONVSTORE_STORE"
+    location = location or os.environ.get("CONVSTORE_STORE") or default_local_store()
+    if is_registry_url(location):
+        host, _, repo = location[len("oci://"):].partition("/")
+        if not host or not repo.strip("/"):
+            raise InvalidReference(f"{where} {location!r} names no repository: use oci://HOST[:PORT]/REPO")
+        return location.rstrip("/")
+    if _SCHEME.match(location):
+        raise InvalidReference(f"{where} {location!r} is not a store: give {STORE_FORMS} "
+                               f"(a local folder whose name has a colon: write it as ./NAME)")
+    return os.path.abspath(os.path.expanduser(location))
 
 
 @dataclass(frozen=True)
@@ -34,6 +73,7 @@ class StoreOptions:
     state_dir: str | None = None  #: trust state folder (rollback protection); None: the user's
     allow_rollback: bool = False
     now: float | None = None  #: a fixed clock (tests and what-if runs)
+    create: bool = True  #: False: the store must exist (a read-only command never creates one)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

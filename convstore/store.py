@@ -28,7 +28,7 @@ from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, Catalog, CatalogEntry, i
 from .chunks import Chunks
 from .domains import DEFAULT_DOMAIN, Domain, Domains
 from .manifest_store import ManifestStore
-from .storeid import StoreIdentity
+from .storeid import StoreIdentity, no_store
 from .errors import (
     ConvstoreError,
     CorruptObject,
@@ -37,13 +37,14 @@ from .errors import (
     SourceChanged,
     ImageInactive,
     ImagePending,
+    KeyFileMissing,
     SourceNotFound,
     StoreError,
 )
 from .keys import KeyProvider, open_key
 from .keys.audit import AUDIT_LOG, AuditedKeyProvider, parse_audit
 from .manifest import ROW_SIZE, ROW_SIZE_AT, LayerRecord, Manifest
-from .options import StoreOptions
+from .options import StoreOptions, default_local_store, is_registry_url, resolve_store_location
 from .refs import ImageRef
 from .stores.base import ChunkSet, ChunkStore, ObjectStore
 from .stores.local import LocalChunkStore, LocalStore
@@ -69,7 +70,7 @@ READ_STAMP_INTERVAL = 3600.0  # last_read is written at most this often
 
 def default_store_path() -> str:
     """``$CONVSTORE_STORE``, else ``<user data dir>/convstore/store``."""
-    return os.environ.get("CONVSTORE_STORE") or os.path.join(platformdirs.user_data_dir("convstore"), "store")
+    return os.environ.get("CONVSTORE_STORE") or default_local_store()
 
 
 def default_cache_dir(url: str) -> str:
@@ -83,17 +84,17 @@ def read_audit_log(options: StoreOptions, since: str | None = None,
     """The audit log of the store ``options`` name; reading it needs no key.
     A local store keeps it inside; a registry store's clients each keep theirs
     beside their cache (a registry has no append)."""
-    path = options.path
-    if path and path.startswith("oci://"):
+    path = resolve_store_location(options.path)
+    if is_registry_url(path):
         log_path = os.path.join(options.cache_dir or default_cache_dir(path), AUDIT_LOG)
     else:
-        log_path = os.path.join(os.path.abspath(os.path.expanduser(path or default_store_path())), AUDIT_LOG)
+        log_path = os.path.join(path, AUDIT_LOG)
     try:
         with open(log_path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         if not os.path.isdir(os.path.dirname(os.path.dirname(log_path))):
-            raise StoreError(f"no store at {path or default_store_path()}") from None
+            raise StoreError(f"no store at {path}") from None
         return []
     return parse_audit(data, since, image)
 
@@ -104,7 +105,8 @@ class Store:
     def __init__(self, objects: ObjectStore, key: KeyProvider, *, chunk_store: ChunkStore,
                  clock: Callable[[], float] = time.time,
                  inactive_after: float = DEFAULT_INACTIVE_AFTER, key_cache_ttl: float = 300.0,
-                 options: StoreOptions | None = None, state_dir: str | None = None, allow_rollback: bool = False):
+                 options: StoreOptions | None = None, state_dir: str | None = None, allow_rollback: bool = False,
+                 create: bool = True):
         self.objects = objects
         self.chunk_store = chunk_store
         #: the simulated link of a throttled() view (measurement), else None
@@ -119,7 +121,7 @@ class Store:
         #: called with the (authenticated) entry of an INACTIVE image to start its re-pack
         self.reactivator: Callable[[CatalogEntry], None] = self._spawn_repack
         #: store.json: the id and the metadata key
-        self.ident = StoreIdentity(objects, self.key)
+        self.ident = StoreIdentity(objects, self.key, create=create, where=self.options.path or "this store")
         self.id = self.ident.id
         #: rollback protection: the newest versions this client has seen (see convstore.trust)
         sdir = state_dir or (options.state_dir if options else None) or default_state_dir()
@@ -161,16 +163,18 @@ class Store:
              state_dir: str | None = None, allow_rollback: bool = False,
              insecure: bool = False, username: str | None = None, password: str | None = None,
              cache_dir: str | None = None, cache_bytes: int = 2 << 30, timeout: float = 60.0,
-             options: StoreOptions | None = None) -> Store:
-        """Open (creating if needed) the store at ``path`` -- a local folder
-        (default: the user's data dir) or ``oci://HOST[:PORT]/REPO`` (a registry,
-        read through a bounded local cache; ``timeout``: seconds a registry may
-        stay silent before a request is retried, 4 attempts) -- with ``key`` (a
-        provider or a ``--key`` spec; default: the user's key file)."""
-        provider = key if isinstance(key, KeyProvider) else open_key(key, kms_endpoint=kms_endpoint)
+             options: StoreOptions | None = None, create: bool = True) -> Store:
+        """Open (creating if needed, unless ``create`` is False) the store at
+        ``path`` -- a local folder (default: ``$CONVSTORE_STORE``, else the
+        user's data dir) or ``oci://HOST[:PORT]/REPO`` (a registry, read
+        through a bounded local cache; ``timeout``: seconds a registry may stay
+        silent before a request is retried, 4 attempts) -- with ``key`` (a
+        provider or a ``--key`` spec; default: the user's key file).  A named
+        key file that does not exist is created only with a new store."""
+        path = resolve_store_location(path)
         objects: ObjectStore
         chunk_store: ChunkStore
-        if path and path.startswith("oci://"):
+        if is_registry_url(path):
             from .stores.cache import CachedChunkStore, CachedStore, DiskCache
             from .stores.registry import open_registry
 
@@ -180,17 +184,35 @@ class Store:
             cache = DiskCache(cache_dir, cache_bytes)
             objects, chunk_store = CachedStore(meta, cache), CachedChunkStore(chunks, cache)
         else:
-            path = os.path.abspath(os.path.expanduser(path or default_store_path()))
+            if not create and not os.path.isdir(path):
+                raise StoreError(f"{path} is not a folder, so not a store") if os.path.exists(path) \
+                    else no_store(path)
+            objects = LocalStore(path)
+        try:
+            provider = key if isinstance(key, KeyProvider) else open_key(key, kms_endpoint=kms_endpoint)
+        except KeyFileMissing:
+            # a registry that cannot be reached, an old layout or no store at all is said before the missing key
+            try:
+                objects.get("store.json")
+            except KeyError:
+                if not create:
+                    raise no_store(path) from None
+            else:
+                raise  # the store exists: its key must too
+            # a new store with a new key: the key named for it is created with it (and the CLI says so)
+            provider = open_key(key if isinstance(key, str) else None, kms_endpoint=kms_endpoint, create_file=True)
+        if not is_registry_url(path):
             kp = getattr(provider, "path", None)
             if kp and os.path.commonpath([os.path.realpath(path), os.path.realpath(kp)]) == os.path.realpath(path):
                 raise StoreError(f"the key file {kp} lies inside the store {path}: keep master keys apart from data")
-            objects, chunk_store = LocalStore(path), LocalChunkStore(path)
+            chunk_store = LocalChunkStore(path)
         options = options or StoreOptions(
             path=path, key=provider.spec, kms_endpoint=kms_endpoint or getattr(provider, "endpoint", None),
             insecure=insecure, username=username, password=password, cache_dir=cache_dir, cache_bytes=cache_bytes,
             timeout=timeout, state_dir=state_dir, allow_rollback=allow_rollback)
         return cls(objects, provider, chunk_store=chunk_store, clock=clock, inactive_after=inactive_after,
-                   key_cache_ttl=key_cache_ttl, options=options, state_dir=state_dir, allow_rollback=allow_rollback)
+                   key_cache_ttl=key_cache_ttl, options=options, state_dir=state_dir, allow_rollback=allow_rollback,
+                   create=create)
 
     @classmethod
     def open_with(cls, options: StoreOptions) -> Store:
@@ -202,7 +224,7 @@ class Store:
                      else DEFAULT_INACTIVE_AFTER, state_dir=options.state_dir,
                      allow_rollback=options.allow_rollback, insecure=options.insecure, username=options.username,
                      password=options.password, cache_dir=options.cache_dir, cache_bytes=options.cache_bytes,
-                     timeout=options.timeout, options=options)
+                     timeout=options.timeout, options=options, create=options.create)
         # what a worker inherits names the store and key actually opened (defaults and $CONVSTORE_* resolved)
         s.options = replace(options, path=options.path or getattr(s.objects, "root", None),
                             key=options.key or s.key.spec,
@@ -482,7 +504,9 @@ class Store:
         """Re-wrap every data key and domain secret under ``new``."""
         from .rekey import rekey
 
-        return rekey(self, new if isinstance(new, KeyProvider) else open_key(new, kms_endpoint=kms_endpoint))
+        # the target is a new key by intent: a named key file that does not exist yet is created
+        return rekey(self, new if isinstance(new, KeyProvider)
+                     else open_key(new, kms_endpoint=kms_endpoint, create_file=True))
 
     def inspect(self, ref: str) -> ImageInfo:
         """An image's catalog entry, chunking and layers (no key bytes)."""

@@ -41,10 +41,15 @@ def metadata_context(store_id: str) -> dict[str, str]:
     return {"purpose": "metadata", "store": store_id}
 
 
+def no_store(where: str) -> StoreError:
+    """What a command that may not create a store says when there is none."""
+    return StoreError(f"no convstore store at {where}; pack, pull or push an image to create one")
+
+
 class StoreIdentity:
     """Reads (or creates, with a new metadata key) ``store.json``."""
 
-    def __init__(self, objects: ObjectStore, key: KeyProvider):
+    def __init__(self, objects: ObjectStore, key: KeyProvider, *, create: bool = True, where: str = "this store"):
         self.objects = objects
         self.key = key
         self._meta: MetadataKey | None = None
@@ -53,6 +58,8 @@ class StoreIdentity:
         try:
             doc = parse_json(objects.get("store.json"), "store.json")
         except KeyError:
+            if not create:  # a read-only command: nothing is created, in a folder or a registry
+                raise no_store(where) from None
             sid = uuid.uuid4().hex
             raw, wrapped = key.generate(metadata_context(sid))
             doc = {"format": STORE_FORMAT, "version": STORE_VERSION, "id": sid, "created": now_iso(),

@@ -30,6 +30,7 @@ echo; echo "# FAILED -> ACTIVE: the source is back"
 mv "$W/src.gone" "$W/src"
 step convstore refresh; show
 echo; echo "# another master key can neither read nor change anything: the catalog is authenticated"
+python3 -c 'import convstore, sys; convstore.LocalKeyFile(sys.argv[1])' "$W/other/master.key"  # a key named with --key must exist
 step convstore --key "file:$W/other/master.key" refresh
 step convstore --key "file:$W/other/master.key" run demo:1
 show

@@ -159,7 +159,7 @@ def test_corpus_through_registry(tmp_path, corpus, registry):
     for img in CORPUS_IMAGES:
         subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{CORPUS_DIR / img}:latest",
                         f"docker://{registry.host}/corpus/{img}:latest"], check=True, capture_output=True)
-        run_cli(env, "pack", f"docker://{registry.host}/corpus/{img}:latest", f"{img}:latest")
+        run_cli(env, "--insecure", "pack", f"docker://{registry.host}/corpus/{img}:latest", f"{img}:latest")
         r = json.loads(run_cli(env, "--insecure", "push", "--json", f"{img}:latest", url).stdout)
         sent[img] = (r["chunks_sent"], r["chunks"])
     print(f"\nchunks sent per push (sent, total): {sent}")

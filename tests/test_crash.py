@@ -118,7 +118,7 @@ def test_kill_rekey_at_every_step(tmp_path, base, keyfile):
     root, env = base
     assert cli(env, "pack", f"oci:{tmp_path / 'b'}", "b:1").returncode == 0
     new = tmp_path / "new" / "master.key"
-    convstore.Store.open(root, f"file:{new}")  # creates the new key file (outside the store)
+    convstore.LocalKeyFile(str(new))  # creates the new key file (outside the store)
     outcomes = []
     for n in range(1, MAX_POINTS):
         run_root = str(tmp_path / f"rk{n}")

@@ -403,8 +403,9 @@ def _no_new_privs() -> None:
 
 def test_a_confined_client_runs_alone(daemon, image_dir):
     # same uid, but confined (here: no_new_privs, as a sandbox sets it): its command must not run outside
-    before = status(daemon)["served"]
     client = {**daemon, "CONVSTORE_STORE": "store", "CONVSTORE_KEY": "file:keys/master.key"}
+    assert convstore({**client, "CONVSTORE_DAEMON": "0"}, "pack", "oci:src", "box:1", cwd=image_dir).returncode == 0
+    before = status(daemon)["served"]
     p = subprocess.run([sys.executable, "-m", "convstore", "images"], env=client, cwd=image_dir,
                        capture_output=True, preexec_fn=_no_new_privs, timeout=60)
     assert p.returncode == 0, p.stderr

@@ -125,6 +125,7 @@ def test_bad_source_cli(tmp_path, cli_env, make):
 
 
 def test_wrong_key_file(tmp_path, store, good):
+    convstore.LocalKeyFile(str(tmp_path / "other" / "k"))  # another key that exists (a missing one is KeyFileMissing)
     other = convstore.Store.open(store.objects.root, f"file:{tmp_path / 'other' / 'k'}")
     with pytest.raises(KeyAccessDenied):
         other.manifest("keep:1")
@@ -136,6 +137,7 @@ def test_wrong_key_file(tmp_path, store, good):
 def test_wrong_key_file_cli(tmp_path, cli_env):
     write_oci(str(tmp_path / "ok"), [rich_layer()])
     run_cli(cli_env, "pack", f"oci:{tmp_path / 'ok'}", "keep:1")
+    convstore.LocalKeyFile(str(tmp_path / "other.key"))  # another key that exists (a missing one is KeyFileMissing)
     env = dict(cli_env, CONVSTORE_KEY=f"file:{tmp_path / 'other.key'}")
     p = run_cli(env, "unpack", "keep:1", "--rootfs", str(tmp_path / "r"), check=False)
     assert p.returncode == 1 and "sealed under master key" in p.stderr and len(p.stderr.strip().splitlines()) == 1

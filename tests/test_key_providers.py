@@ -121,7 +121,7 @@ def test_rekey_across_providers(tmp_path, softhsm, moto_kms, cli_env):
                  for p in os.listdir(os.path.join(root, "manifests"))}
     hsm = softhsm.add_key("rekeyed")
     out = run_cli(env, "rekey", "--to", hsm).stdout
-    assert "re-wrapped 3 images, 1 domains" in out
+    assert "re-wrapped 3 images, 1 domain," in out
     assert "re-wrapped 0 images, 0 domains" in run_cli(env, "rekey", "--to", hsm).stdout  # resumable/idempotent
     os.unlink(tmp_path / "old" / "master.key")  # the old key is no longer needed
     kms = moto_kms.new_key()

@@ -93,6 +93,7 @@ def test_key_denied_is_failed(tmp_path, cstore, keyfile):
     src = shared_and_own(tmp_path, "a", [])
     cstore.pack(f"oci:{src}", "a:1")
     # another master key cannot even authenticate the catalog: every read is refused, nothing changes
+    convstore.LocalKeyFile(str(tmp_path / "other.key"))  # another key that exists
     other = convstore.Store.open(cstore.objects.root, f"file:{tmp_path / 'other.key'}")
     with pytest.raises(KeyAccessDenied, match="metadata key is sealed under master key"):
         other.manifest("a:1")

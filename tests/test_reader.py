@@ -168,7 +168,7 @@ def test_cli_ls_cat(image, cli_env, tmp_path):
                        capture_output=True, timeout=60)
     assert p.returncode == 0 and p.stdout == BIG and b"fetched" in p.stderr
     p = run_cli(cli_env, "cat", "lazy:1", "/nope", check=False)
-    assert p.returncode == 1 and "No such file" in p.stderr or "ENOENT" in p.stderr
+    assert p.returncode == 1 and p.stderr == "convstore: error: lazy:1: /nope: no such file or directory\n"
 
 
 def test_cli_mount_background_and_sigterm(image, cli_env, tmp_path):

@@ -53,11 +53,11 @@ def test_pack_from_registry_source(tmp_path, registry, store):
     skopeo = subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{tmp_path / 'a'}:latest",
                              f"docker://{registry.host}/src/a:v1"], capture_output=True, text=True)
     assert skopeo.returncode == 0, skopeo.stderr
-    store.pack(f"docker://{registry.host}/src/a:v1", "a:1")
+    store.pack(f"docker://{registry.host}/src/a:v1", "a:1", insecure=True)
     store.pack(f"oci:{tmp_path / 'a'}", "a:local")
     assert store.inspect("a:1").layers[1].diff_id == store.inspect("a:local").layers[1].diff_id
     with pytest.raises(convstore.SourceNotFound):
-        store.pack(f"docker://{registry.host}/src/a:nope", "x:1")
+        store.pack(f"docker://{registry.host}/src/a:nope", "x:1", insecure=True)
 
 
 def test_lazy_read_through_cache_tier(tmp_path, registry, store):

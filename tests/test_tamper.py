@@ -319,7 +319,7 @@ def test_key_file_or_folder_open_to_others_is_refused(tmp_path: Path) -> None:
     from convstore.keys import open_key
 
     d = tmp_path / "kd"
-    open_key(f"file:{d / 'master.key'}")
+    open_key(f"file:{d / 'master.key'}", create_file=True)
     os.chmod(d, 0o755)
     with pytest.raises(KeyFileError, match="key folder .* is open to other users"):
         open_key(f"file:{d / 'master.key'}")

@@ -18,7 +18,7 @@ from blake3 import blake3
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ..errors import KeyAccessDenied, KeyFileError, StoreFormatError
+from ..errors import KeyAccessDenied, KeyFileError, KeyFileMissing, StoreFormatError
 from .base import KeyProvider, canonical_context
 
 WRAP_MAGIC = b"CSW"
@@ -34,6 +34,8 @@ class LocalKeyFile(KeyProvider):
 
     def __init__(self, path: str, *, create: bool = True):
         self.path = os.path.abspath(path)
+        #: whether this process created the key file (the CLI says so)
+        self.created = False
         self._key = self._load(create)
         self._key_id = "file:" + blake3(self._key, derive_key_context="convstore v1 key id").hexdigest()[:24]
 
@@ -65,7 +67,8 @@ class LocalKeyFile(KeyProvider):
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             if not create:
-                raise KeyFileError(f"key file {self.path} does not exist") from None
+                raise KeyFileMissing(f"key file {self.path} does not exist (a key named with --key or "
+                                     f"$CONVSTORE_KEY must exist; only a new store's key is created)") from None
             return self._create()
         except OSError as e:
             raise KeyFileError(f"key file {self.path}: {e.strerror}") from None
@@ -112,6 +115,7 @@ class LocalKeyFile(KeyProvider):
             os.unlink(tmp)
             return self._load(create=False)
         os.unlink(tmp)
+        self.created = True
         dfd = os.open(d, os.O_RDONLY)
         try:
             os.fsync(dfd)

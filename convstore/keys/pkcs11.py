@@ -93,7 +93,10 @@ class PKCS11Key(KeyProvider):
             self._key = self._session.get_key(key_type=pkcs11.KeyType.AES, label=self._label,
                                               object_class=pkcs11.ObjectClass.SECRET_KEY)
         except pkcs11.exceptions.NoSuchKey:
-            raise KeyNotFound(f"no AES key labelled {self._label!r} in token {attrs['token']!r}") from None
+            # a private (CKA_PRIVATE) key is invisible to a session that has not logged in
+            hint = "" if _pin(attrs) is not None else \
+                " (no PIN was given, so only public objects are visible: add pin-source=env:VAR or file:PATH)"
+            raise KeyNotFound(f"no AES key labelled {self._label!r} in token {attrs['token']!r}{hint}") from None
         except pkcs11.exceptions.PinIncorrect:
             raise KeyAccessDenied(f"PKCS#11 PIN for token {attrs['token']!r} is incorrect") from None
         except pkcs11.exceptions.PKCS11Error as e:

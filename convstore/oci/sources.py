@@ -326,8 +326,8 @@ class RegistrySource(ImageSource):
             check_digest(ref)
         else:
             repo, _, ref = path.rpartition(":") if ":" in path.rsplit("/", 1)[-1] else (path, "", "latest")
-        loopback = host.split(":")[0] in ("127.0.0.1", "localhost", "[::1]")
-        self.client = RegistryClient(host, insecure=insecure or loopback)
+        # plain HTTP only with --insecure, as for a registry store (loopback included: one rule)
+        self.client = RegistryClient(host, insecure=insecure)
         self.repo = repo
         accept = [media.OCI_MANIFEST, media.DOCKER_MANIFEST, media.OCI_INDEX, media.DOCKER_MANIFEST_LIST]
         try:

@@ -253,6 +253,11 @@ class RegistryClient:
                 if attempt == RETRIES - 1:
                     raise RegistryError(f"registry {self.host} did not answer within {self.timeout:g} s "
                                         f"({RETRIES} attempts)") from None
+            except requests.exceptions.SSLError as e:
+                # up, but not TLS: a plain-HTTP registry answers the TLS hello with HTTP ("wrong version number")
+                if "WRONG_VERSION_NUMBER" in str(e).upper().replace(" ", "_"):
+                    raise RegistryError(f"the registry at {self.host} speaks plain HTTP; use --insecure") from None
+                raise RegistryError(f"TLS with the registry at {self.host} failed: {e.__class__.__name__}") from None
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ContentDecodingError):
                 if attempt == RETRIES - 1:
@@ -927,7 +932,16 @@ class RegistryStore(ObjectStore):
         return self.client.get_manifest(self.repo, self._tag(key), [OCI_MANIFEST]) is not None
 
     def get(self, key: str) -> bytes:
-        return self._value(key, self._manifest(self._tag(key)))
+        m = self._manifest(self._tag(key))
+        if m is None and key == "store.json":
+            self._refuse_layout_1()  # said even by a command that would not create the store
+        return self._value(key, m)
+
+    def _refuse_layout_1(self) -> None:
+        if self.client.get_manifest(self.repo, "o-" + hashlib.sha256(b"store.json").hexdigest()[:40],
+                                    [OCI_MANIFEST]) is not None:
+            raise StoreFormatError(f"{self.url} holds a convstore store of registry layout 1 (before index "
+                                   f"snapshots and location hints): push its images into a new repository")
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         """Several objects, fetched in parallel (a listing's manifests are reused)."""
@@ -947,10 +961,8 @@ class RegistryStore(ObjectStore):
             refs: Collection[bytes] = ()) -> bool:
         if exclusive and self.has(key):
             return False
-        if key == "store.json" and exclusive and self.client.get_manifest(
-                self.repo, "o-" + hashlib.sha256(b"store.json").hexdigest()[:40], [OCI_MANIFEST]) is not None:
-            raise StoreFormatError(f"{self.url} holds a convstore store of registry layout 1 (before index "
-                                   f"snapshots and location hints): push its images into a new repository")
+        if key == "store.json" and exclusive:
+            self._refuse_layout_1()
         digest = self.client.put_blob(self.repo, data)
         kind = AT_MANIFEST if key.startswith("manifests/") else AT_IMAGE if key.startswith("refs/") else AT_OBJECT
         layers = [_layer(digest, len(data), data=data if len(data) <= INLINE_BYTES else None)]
