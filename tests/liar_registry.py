@@ -54,6 +54,7 @@ class Endless:
     piece: int = 1 << 20  # bytes per chunk of the body
     pause: float = 0.0  # seconds between two chunks (a body trickled in)
     encoding: str | None = None  # a Content-Encoding the body is in (its pieces then are that encoding's)
+    data: bytes | None = None  # what the body holds (then it ends there), instead of a JSON start and spaces
 
 
 Lie = Swap | Body | Endless
@@ -97,11 +98,17 @@ class LiarRegistry:
                 self.end_headers()
                 # the start of a JSON document that never ends (decoded, where the body is encoded)
                 piece = b"[" + b" " * (e.piece - 1)
+                rest = e.data
                 coders = [zlib.compressobj(9, zlib.DEFLATED, 31) for _ in (e.encoding or "").split(",") if _.strip()]
                 try:
                     while e.sent < e.limit:
                         n = min(len(piece), e.limit - e.sent)
                         out = piece[:n]
+                        if rest is not None:
+                            if not rest:
+                                break
+                            n = min(e.piece, len(rest), e.limit - e.sent)
+                            out, rest = rest[:n], rest[n:]
                         for c in coders:  # the first encoding applied is the innermost
                             out = c.compress(out) + c.flush(zlib.Z_SYNC_FLUSH)
                         e.sent += n  # offered: a client that hangs up fails the write

@@ -378,3 +378,25 @@ def test_a_trickled_answer_meets_a_deadline(two_images, liar, monkeypatch):
         client.get_manifest("pins/a", "1", [OCI_MANIFEST])
     assert trickle.sent < 10, f"{trickle.sent} bytes: read until the body ended"
     assert liar.requests_for("GET", "/manifests/") == 1  # final: a trickle is not asked for again
+
+
+def test_a_trickled_layer_blob_meets_a_deadline(two_images, liar, store, monkeypatch):
+    """A layer blob streams (it is not capped in memory) but must also arrive within the timeout plus its
+    size at MIN_RATE: one line naming the registry, nothing stored."""
+    from convstore.oci.sources import RegistrySource
+
+    monkeypatch.setattr(registry_store, "MIN_RATE", 1 << 30, raising=False)
+    a_digest, a_body = two_images["a"]
+    layer = json.loads(a_body)["layers"][0]
+    _status, _h, blob = _http(liar.upstream, "GET", f"/v2/pins/a/blobs/{layer['digest']}")
+    assert len(blob) == layer["size"]
+    trickle = Endless(content_type="application/octet-stream", data=blob, piece=layer["size"] // 40 + 1, pause=0.4)
+    liar.lie = lambda m, p: trickle if m == "GET" and p == f"/v2/pins/a/blobs/{layer['digest']}" else None
+    src = RegistrySource(f"docker://{liar.host}/pins/a@{a_digest}")
+    src.client.timeout = 1.0
+    with pytest.raises(registry_store.RegistryTooSlow,
+                       match=f"registry {liar.host} sent blob {layer['digest']} too slowly"):
+        store.pack(src, "a:1", reuse_layers=False)
+    assert trickle.sent < layer["size"] // 4, f"{trickle.sent} bytes: read until the body ended"
+    assert store.images() == []
+

@@ -364,7 +364,7 @@ class RegistrySource(ImageSource):
         d = self.layers[index]
         assert d.digest is not None
         try:
-            raw = self.client.open_blob(self.repo, d.digest)
+            raw = self.client.open_blob(self.repo, d.digest, d.size)
         except KeyError:
             raise SourceNotFound(f"{self.ref}: layer blob {d.digest} is missing") from None
         except RegistryError as e:

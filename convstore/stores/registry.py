@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -202,6 +203,55 @@ class _TimeoutAdapter(requests.adapters.HTTPAdapter):
         return r
 
 
+class _BlobStream(io.RawIOBase):
+    """A blob's body as it streams in (undecoded), whole within ``deadline`` seconds: past it the
+    socket is shut down and a read is :class:`RegistryTooSlow`; a body broken off is a RegistryError."""
+
+    def __init__(self, r: requests.Response, deadline: float, host: str, what: str):
+        self._r, self._deadline, self._host, self._what = r, deadline, host, what
+        self._expired = threading.Event()
+        self._watchdog = threading.Timer(deadline, self._expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _expire(self) -> None:
+        self._expired.set()
+        try:
+            self._r.raw.shutdown()  # wakes a read blocked on the socket
+        except Exception:  # already closed: nothing is blocked on it
+            pass
+
+    def _too_slow(self) -> RegistryTooSlow:
+        return RegistryTooSlow(f"registry {self._host} sent {self._what} too slowly "
+                               f"(not whole within {self._deadline:g} s)")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._expired.is_set():
+            raise self._too_slow()
+        try:
+            n = self._r.raw.readinto(b)
+        except ConvstoreError:
+            raise
+        except Exception as e:  # urllib3's and http.client's errors, OSError: the connection broke
+            self._watchdog.cancel()
+            if self._expired.is_set():
+                raise self._too_slow() from None
+            raise RegistryError(f"registry {self._host} broke off {self._what} ({type(e).__name__})") from None
+        if self._expired.is_set():
+            raise self._too_slow()
+        if not n:
+            self._watchdog.cancel()
+        return n
+
+    def close(self) -> None:
+        self._watchdog.cancel()
+        self._r.close()
+        super().close()
+
+
 class RegistryClient:
     """Byte-level registry operations over oras-py's provider (auth, paths)."""
 
@@ -344,14 +394,17 @@ class RegistryClient:
         except DigestMismatch as e:
             raise RegistryCorrupt(str(e)) from None
 
-    def open_blob(self, repo: str, digest: str) -> Any:
-        """A streaming reader of a blob (the caller verifies the digest)."""
+    def open_blob(self, repo: str, digest: str, size: int | None = None) -> _BlobStream:
+        """A streaming reader of a blob as stored (the caller verifies the digest), whole within the
+        timeout plus ``size`` (else ``MAX_BLOB``) at MIN_RATE bytes a second: :class:`RegistryTooSlow`
+        past it, :class:`RegistryError` for a body broken off."""
         r = self._req("GET", f"{self.base}/{repo}/blobs/{digest}", (200, 404), stream=True)
         if r.status_code == 404:
             r.close()
             raise KeyError(digest)
         r.raw.decode_content = False
-        return r.raw
+        deadline = self.timeout + (size if size is not None and size >= 0 else MAX_BLOB) / MIN_RATE
+        return _BlobStream(r, deadline, self.host, f"blob {digest}")
 
     def put_manifest(self, repo: str, ref: str, body: bytes, media_type: str = OCI_MANIFEST) -> None:
         if repo not in self._empty_done:  # artifacts name the empty config; the registry wants it present
