@@ -400,3 +400,45 @@ def test_a_trickled_layer_blob_meets_a_deadline(two_images, liar, store, monkeyp
     assert trickle.sent < layer["size"] // 4, f"{trickle.sent} bytes: read until the body ended"
     assert store.images() == []
 
+
+
+def test_an_endless_tag_listing_by_pages_ends(two_images, liar):
+    """Each page of a tag listing is capped, and so is the listing: pages that add no tag but name a
+    next page (the same one, or always a new one) are refused, not followed for ever."""
+    for fresh in (False, True):
+        liar.served.clear()
+
+        def lie(m: str, p: str) -> Body | None:
+            if "/tags/list" not in p:
+                return None
+            if liar.requests_for("GET", "/tags/list") > 300:  # bounds the test on code that follows for ever
+                return Body(b'{"tags": []}', "application/json")
+            nxt = f"/v2/pins/a/tags/list?n=1000&last={liar.requests_for('GET', '/tags/list')}" if fresh \
+                else "/v2/pins/a/tags/list?n=1000"
+            return Body(b'{"name": "pins/a", "tags": []}', "application/json", headers={"Link": f'<{nxt}>; rel="next"'})
+
+        liar.lie = lie
+        client = RegistryClient(liar.host, insecure=True)
+        with pytest.raises(registry_store.RegistryError, match=f"registry {liar.host} sent a tag list page"):
+            client.tags("pins/a")
+        assert liar.requests_for("GET", "/tags/list") == 1
+
+
+def test_a_tag_listing_has_a_bounded_number_of_pages(two_images, liar, monkeypatch):
+    """Pages of one tag each, for ever: the listing stops at MAX_TAG_PAGES pages."""
+    monkeypatch.setattr(registry_store, "MAX_TAG_PAGES", 5, raising=False)
+
+    def lie(m: str, p: str) -> Body | None:
+        if "/tags/list" not in p:
+            return None
+        n = liar.requests_for("GET", "/tags/list")
+        if n > 300:  # bounds the test on code that follows for ever
+            return Body(b'{"tags": []}', "application/json")
+        return Body(json.dumps({"name": "pins/a", "tags": [f"t{n}"]}).encode(), "application/json",
+                    headers={"Link": f'</v2/pins/a/tags/list?n=1000&last=t{n}>; rel="next"'})
+
+    liar.lie = lie
+    client = RegistryClient(liar.host, insecure=True)
+    with pytest.raises(registry_store.RegistryResponseTooLarge, match="or 5 pages of them in pins/a"):
+        client.tags("pins/a")
+    assert liar.requests_for("GET", "/tags/list") == 6

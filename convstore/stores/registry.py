@@ -83,6 +83,7 @@ LIST_WORKERS = 16
 # artifacts are far below it (an image's artifact lists its pack blobs, ~150 bytes each: 27,000 packs)
 MAX_TAGS_PAGE = 4 << 20  # one page of a tag listing: asked for 1,000 tags of at most 128 characters
 MAX_TAGS = 1_000_000  # tags in one listing (every page): ~100 MB of Python strings, a 250,000-image store
+MAX_TAG_PAGES = 10_000  # pages of one listing: MAX_TAGS at 100 a page (registries may give fewer than asked)
 MAX_BLOB = 64 << 20  # a whole-blob GET with no descriptor size (configs, metadata objects are far smaller)
 # the registry store's own blobs, each checked against its descriptor's size before it is read:
 # an index segment lists the chunks of one pack (under PACK_BYTES, plus the chunk that fills it); a chunk
@@ -449,8 +450,10 @@ class RegistryClient:
         return True
 
     def tags(self, repo: str) -> list[str]:
-        """Every tag of ``repo`` (each page read up to MAX_TAGS_PAGE, at most MAX_TAGS in all)."""
+        """Every tag of ``repo`` (each page read up to MAX_TAGS_PAGE, at most MAX_TAGS in all, in at
+        most MAX_TAG_PAGES pages, each adding a tag)."""
         out: list[str] = []
+        pages = 0
         url = f"{self.base}/{repo}/tags/list?n=1000"
         while url:
             r = self._req("GET", url, (200, 404), cap=MAX_TAGS_PAGE, kind="a tag list page")
@@ -464,11 +467,16 @@ class RegistryClient:
             except (ValueError, AttributeError):
                 raise RegistryError(f"registry {self.host} sent a malformed tag list for {repo}") from None
             out += page
-            if len(out) > MAX_TAGS:
-                raise RegistryResponseTooLarge(f"registry {self.host} lists more than {MAX_TAGS} tags in {repo}")
+            pages += 1
+            if len(out) > MAX_TAGS or pages > MAX_TAG_PAGES:
+                raise RegistryResponseTooLarge(f"registry {self.host} lists more than {MAX_TAGS} tags or "
+                                               f"{MAX_TAG_PAGES} pages of them in {repo}")
             link = r.headers.get("Link", "")
             url = ""
             if 'rel="next"' in link:
+                if not page:  # a next page after one that added nothing: a listing that never ends
+                    raise RegistryError(f"registry {self.host} sent a tag list page for {repo} with no tag "
+                                        f"and a next page")
                 nxt = link.split(";")[0].strip("<> ")
                 url = nxt if nxt.startswith("http") else self.base.rsplit("/v2", 1)[0] + nxt
         return out
