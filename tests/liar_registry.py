@@ -134,12 +134,15 @@ class LiarRegistry:
                 if isinstance(lie, Body):
                     self.send_response(lie.status)
                     self.send_header("Content-Type", lie.content_type)
-                    self.send_header("Content-Length", str(len(lie.data)))
+                    if "Content-Length" not in (lie.headers or {}):  # (a lie may name another length)
+                        self.send_header("Content-Length", str(len(lie.data)))
                     for k, v in (lie.headers or {}).items():
                         self.send_header(k, v)
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(lie.data)
+                    if "Content-Length" in (lie.headers or {}):
+                        self.close_connection = True
                     return
                 r, data = self._upstream(lie.path if isinstance(lie, Swap) else self.path, body)
                 self.send_response(r.status, r.reason)

@@ -442,3 +442,16 @@ def test_a_tag_listing_has_a_bounded_number_of_pages(two_images, liar, monkeypat
     with pytest.raises(registry_store.RegistryResponseTooLarge, match="or 5 pages of them in pins/a"):
         client.tags("pins/a")
     assert liar.requests_for("GET", "/tags/list") == 6
+
+
+def test_a_layer_blob_broken_off_is_one_line(two_images, liar, cli_env):
+    """A layer blob whose body ends before its Content-Length: one line naming the registry (it was
+    urllib3's ProtocolError, an internal error), nothing stored."""
+    a_digest, a_body = two_images["a"]
+    layer = json.loads(a_body)["layers"][0]
+    _status, _h, blob = _http(liar.upstream, "GET", f"/v2/pins/a/blobs/{layer['digest']}")
+    liar.lie = lambda m, p: Body(blob[:10], "application/octet-stream", 200, {"Content-Length": str(len(blob))}) \
+        if m == "GET" and p == f"/v2/pins/a/blobs/{layer['digest']}" else None
+    line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a@{a_digest}", "a:1", check=False))
+    assert line == f"convstore: error: registry {liar.host} broke off blob {layer['digest']} (ProtocolError)"
+    assert _catalog(cli_env) == []
