@@ -455,3 +455,19 @@ def test_a_layer_blob_broken_off_is_one_line(two_images, liar, cli_env):
     line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a@{a_digest}", "a:1", check=False))
     assert line == f"convstore: error: registry {liar.host} broke off blob {layer['digest']} (ProtocolError)"
     assert _catalog(cli_env) == []
+
+
+@pytest.mark.parametrize("body", [b"[]", b'{"mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [1]}',
+                                  b'{"mediaType": "application/vnd.oci.image.manifest.v1+json", "config": "x"}'])
+def test_a_manifest_of_another_shape_is_one_line(body, two_images, liar, cli_env, tmp_path):
+    """Valid JSON of another shape than the spec's (a list, an index entry that is a number): one line
+    naming the source (it was an internal AttributeError), from a registry and from an OCI layout."""
+    liar.lie = lambda m, p: Body(body, OCI_MANIFEST) if m == "GET" and p == "/v2/pins/a/manifests/1" else None
+    line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
+    assert line.startswith(f"convstore: error: docker://{liar.host}/pins/a:1: malformed manifest or index (")
+    root = tmp_path / "layout"
+    write_oci(str(root), [make_tar([Entry("f", data=b"x")])])
+    (root / "index.json").write_bytes(body)
+    line = _one_line(run_cli(cli_env, "pack", f"oci:{root}", "a:1", check=False))
+    assert line.startswith(f"convstore: error: oci:{root}: malformed image layout (")
+    assert _catalog(cli_env) == []
