@@ -471,3 +471,16 @@ def test_a_manifest_of_another_shape_is_one_line(body, two_images, liar, cli_env
     line = _one_line(run_cli(cli_env, "pack", f"oci:{root}", "a:1", check=False))
     assert line.startswith(f"convstore: error: oci:{root}: malformed image layout (")
     assert _catalog(cli_env) == []
+
+
+def test_a_trickled_error_body_meets_a_deadline(two_images, liar):
+    """The start of an error answer's body is shown: it is read within the timeout, not byte by byte
+    for as long as the registry trickles it."""
+    trickle = Endless(limit=40, piece=1, pause=0.4, status=400)
+    liar.lie = lambda m, p: trickle if m == "GET" and "/manifests/" in p else None
+    client = RegistryClient(liar.host, insecure=True, timeout=1.0)
+    with pytest.raises(registry_store.RegistryError, match=f"registry {liar.host} refused GET pins/a/manifests/1: "
+                                                           f"HTTP 400"):
+        client.get_manifest("pins/a", "1", [OCI_MANIFEST])
+    assert trickle.sent < 10, f"{trickle.sent} bytes: read until the body ended"
+

@@ -47,7 +47,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import requests
 import requests.adapters
@@ -126,6 +126,28 @@ def parse_store_url(url: str) -> tuple[str, str]:
     return host, repo.rstrip("/")
 
 
+class _Watchdog:
+    """Shuts ``r``'s socket down ``seconds`` from now unless cancelled: a read blocked on it then ends
+    or fails at once (a per-read timeout never fires on a body trickled in); ``expired`` tells why."""
+
+    def __init__(self, r: requests.Response, seconds: float):
+        self.r, self.seconds = r, seconds
+        self.expired = threading.Event()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired.set()
+        try:
+            self.r.raw.shutdown()
+        except Exception:  # already closed, or no socket: nothing is blocked on it
+            pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 def _read_capped(r: requests.Response, cap: int, host: str, kind: str, timeout: float) -> bytes:
     """The body of ``r`` if it has at most ``cap`` bytes, read as it arrives (64 KiB at a time,
     decoded: a Content-Encoding is capped on what it inflates to) and whole within ``timeout``
@@ -147,32 +169,21 @@ def _read_capped(r: requests.Response, cap: int, host: str, kind: str, timeout: 
     if declared > cap:
         raise too_large()
     deadline = timeout + cap / MIN_RATE
-    expired = threading.Event()
-
-    def expire() -> None:
-        expired.set()
-        try:
-            r.raw.shutdown()  # wakes a read blocked on the socket: it ends or fails at once
-        except Exception:  # already closed, or no socket: nothing is blocked on it
-            pass
-
-    watchdog = threading.Timer(deadline, expire)
-    watchdog.daemon = True
-    watchdog.start()
+    watchdog = _Watchdog(r, deadline)
     buf = bytearray()
     try:
         for part in r.iter_content(1 << 16):
             buf += part
             if len(buf) > cap:
                 raise too_large()
-            if expired.is_set():
+            if watchdog.expired.is_set():
                 break
     except (requests.exceptions.RequestException, OSError):
-        if not expired.is_set():
+        if not watchdog.expired.is_set():
             raise
     finally:
         watchdog.cancel()
-    if expired.is_set():
+    if watchdog.expired.is_set():
         r.close()
         raise RegistryTooSlow(f"registry {host} sent {kind} too slowly (not whole within {deadline:g} s)")
     return bytes(buf)
@@ -210,17 +221,8 @@ class _BlobStream(io.RawIOBase):
 
     def __init__(self, r: requests.Response, deadline: float, host: str, what: str):
         self._r, self._deadline, self._host, self._what = r, deadline, host, what
-        self._expired = threading.Event()
-        self._watchdog = threading.Timer(deadline, self._expire)
-        self._watchdog.daemon = True
-        self._watchdog.start()
-
-    def _expire(self) -> None:
-        self._expired.set()
-        try:
-            self._r.raw.shutdown()  # wakes a read blocked on the socket
-        except Exception:  # already closed: nothing is blocked on it
-            pass
+        self._watchdog = _Watchdog(r, deadline)
+        self._expired = self._watchdog.expired
 
     def _too_slow(self) -> RegistryTooSlow:
         return RegistryTooSlow(f"registry {self._host} sent {self._what} too slowly "
@@ -318,7 +320,7 @@ class RegistryClient:
                         raise RegistryError(f"registry {self.host} refused the credentials (HTTP {r.status_code})")
                     if r.status_code < 500 and r.status_code != 429:
                         raise RegistryError(f"registry {self.host} refused {method} {url.split('/v2/', 1)[-1]}: "
-                                            f"HTTP {r.status_code} {self._snippet(r)}")
+                                            f"HTTP {r.status_code} {self._snippet(r, self.timeout)}")
                     if attempt == RETRIES - 1:
                         raise RegistryError(f"registry {self.host} failed: HTTP {r.status_code} for {method}")
                 finally:
@@ -331,12 +333,15 @@ class RegistryClient:
         raise RegistryError(f"registry {self.host}: giving up")  # pragma: no cover
 
     @staticmethod
-    def _snippet(r: requests.Response) -> str:
-        """The start of an error answer's body (at most 200 bytes are read)."""
+    def _snippet(r: requests.Response, timeout: float) -> str:
+        """The start of an error answer's body (at most 200 bytes are read, within ``timeout``)."""
+        watchdog = _Watchdog(r, timeout)
         try:
             head = r.raw.read(200, decode_content=True) or b""
         except Exception:  # the error is already being reported; its body is a courtesy
             head = b""
+        finally:
+            watchdog.cancel()
         return head.decode("utf-8", "replace").strip()
 
     def blob_exists(self, repo: str, digest: str) -> bool:
@@ -395,7 +400,7 @@ class RegistryClient:
         except DigestMismatch as e:
             raise RegistryCorrupt(str(e)) from None
 
-    def open_blob(self, repo: str, digest: str, size: int | None = None) -> _BlobStream:
+    def open_blob(self, repo: str, digest: str, size: int | None = None) -> BinaryIO:
         """A streaming reader of a blob as stored (the caller verifies the digest), whole within the
         timeout plus ``size`` (else ``MAX_BLOB``) at MIN_RATE bytes a second: :class:`RegistryTooSlow`
         past it, :class:`RegistryError` for a body broken off."""
@@ -405,7 +410,7 @@ class RegistryClient:
             raise KeyError(digest)
         r.raw.decode_content = False
         deadline = self.timeout + (size if size is not None and size >= 0 else MAX_BLOB) / MIN_RATE
-        return _BlobStream(r, deadline, self.host, f"blob {digest}")
+        return cast(BinaryIO, _BlobStream(r, deadline, self.host, f"blob {digest}"))  # a raw binary stream
 
     def put_manifest(self, repo: str, ref: str, body: bytes, media_type: str = OCI_MANIFEST) -> None:
         if repo not in self._empty_done:  # artifacts name the empty config; the registry wants it present
