@@ -484,3 +484,14 @@ def test_a_trickled_error_body_meets_a_deadline(two_images, liar):
         client.get_manifest("pins/a", "1", [OCI_MANIFEST])
     assert trickle.sent < 10, f"{trickle.sent} bytes: read until the body ended"
 
+
+
+def test_a_token_answer_of_another_shape_is_one_line(two_images, liar, cli_env):
+    """The auth realm (token server) answers with JSON that is not an object: one line naming the registry
+    (it was an internal AttributeError from oras-py's token handling)."""
+    challenge = Body(b"{}", "application/json", 401,
+                     {"WWW-Authenticate": f'Bearer realm="http://{liar.host}/token",service="liar"'})
+    liar.lie = lambda m, p: Body(b"[]", "application/json") if p.startswith("/token") else challenge
+    line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
+    assert line.startswith(f"convstore: error: registry {liar.host} sent a malformed authentication answer (")
+    assert _catalog(cli_env) == []

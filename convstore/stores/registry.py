@@ -314,6 +314,9 @@ class RegistryClient:
                 # oras could not answer the auth challenge: no (usable) credentials
                 raise RegistryError(f"registry {self.host} requires credentials (--username with "
                                     f"--password-stdin, or docker login)") from None
+            except (AttributeError, TypeError) as e:  # oras-py read a token answer of another shape
+                raise RegistryError(f"registry {self.host} sent a malformed authentication answer "
+                                    f"({type(e).__name__}: {e})") from None
             else:
                 try:
                     if r.status_code in (401, 403):
