@@ -332,8 +332,8 @@ def test_an_endless_redirect_body_is_bounded(two_images, liar, cli_env):
     assert endless.sent < ENDLESS
     assert _catalog(cli_env) == []
     # a redirect with an ordinary body is followed, and what it leads to is checked as ever
-    liar.lie = lambda m, p: Body(b"moved", "text/plain", 302, {"Location": f"http://{liar.host}/v2/pins/a/manifests/1"}) \
-        if m == "GET" and p == "/v2/pins/a/manifests/moved" else None
+    moved = Body(b"moved", "text/plain", 302, {"Location": f"http://{liar.host}/v2/pins/a/manifests/1"})
+    liar.lie = lambda m, p: moved if m == "GET" and p == "/v2/pins/a/manifests/moved" else None
     run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:moved", "a:1")
     assert [r for r, _m, _s in _catalog(cli_env)] == ["a:1"]
 
