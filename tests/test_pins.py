@@ -94,7 +94,7 @@ def _one_line(p: subprocess.CompletedProcess[str]) -> str:
 
 
 def _catalog(env: dict[str, str]) -> list[tuple[str, str, str]]:
-    listed = json.loads(run_cli(env, "images", "--json").stdout)
+    listed = json.loads(run_cli(env, "--insecure", "images", "--json").stdout)
     return [(f"{i['name']}:{i['tag']}", i["manifest"], i["state"]) for i in listed]
 
 
@@ -106,18 +106,18 @@ def test_pinned_digest_answered_with_another_manifest_cli(two_images, liar, cli_
     liar.lie = lambda m, p: Swap(f"/v2/pins/b/manifests/{b_digest}") if p == f"/v2/pins/a/manifests/{a_digest}" \
         else None
     src = f"docker://{liar.host}/pins/a@{a_digest}"
-    line = _one_line(run_cli(cli_env, "pack", src, "a:1", check=False))
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", src, "a:1", check=False))
     assert f"hashes to {b_digest}, expected {a_digest}" in line and liar.host in line
     assert _catalog(cli_env) == []  # nothing stored
     # an image already under the name keeps being served
     liar.lie = None
-    run_cli(cli_env, "pack", src, "a:1")
+    run_cli(cli_env, "--insecure", "pack", src, "a:1")
     before = _catalog(cli_env)
     liar.lie = lambda m, p: Swap(f"/v2/pins/b/manifests/{b_digest}") if p == f"/v2/pins/a/manifests/{a_digest}" \
         else None
-    _one_line(run_cli(cli_env, "pack", src, "a:1", check=False))
+    _one_line(run_cli(cli_env, "--insecure", "pack", src, "a:1", check=False))
     assert _catalog(cli_env) == before
-    served = json.loads(run_cli(cli_env, "inspect", "--json", "a:1").stdout)["config_digest"]
+    served = json.loads(run_cli(cli_env, "--insecure", "inspect", "--json", "a:1").stdout)["config_digest"]
     assert served == json.loads(two_images["a"][1])["config"]["digest"]  # still image a
 
 
@@ -149,7 +149,7 @@ def test_index_entry_answered_with_another_manifest(two_images, liar, store, cli
     with pytest.raises(DigestMismatch, match=f"expected {a_digest}"):
         store.pack(f"docker://{liar.host}/pins/a:multi", "m:1")
     assert store.images() == []
-    line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:multi", "m:1", check=False))
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:multi", "m:1", check=False))
     assert f"expected {a_digest}" in line
     assert _catalog(cli_env) == []
     liar.lie = None
@@ -177,7 +177,7 @@ def test_config_blob_answered_with_other_bytes(two_images, liar, store, cli_env)
     with pytest.raises(DigestMismatch, match=f"expected {a_config}"):
         store.pack(f"docker://{liar.host}/pins/a@{a_digest}", "a:1")
     assert store.images() == []
-    line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
     assert f"expected {a_config}" in line
     assert _catalog(cli_env) == []
 
@@ -185,14 +185,29 @@ def test_config_blob_answered_with_other_bytes(two_images, liar, store, cli_env)
 # -- §3: bounded memory whatever a registry sends ------------------------------------------------
 
 def _measured(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], int]:
-    """Run the CLI as a child of this process; (its result, its peak RSS in bytes) from wait4."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([sys.executable, "-m", "convstore.cli", *args], env=env, stdout=out, stderr=err)
-        _pid, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+    """Run the CLI; (its result, its peak RSS in bytes) from wait4.  A small interpreter forks it and
+    reads its usage: a child forked straight from this (large) test process would count this process's
+    pages, touched between fork and exec, in its peak."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r") as rss:
+        p = subprocess.run([sys.executable, "-c", _MEASURE, rss.name, "-m", "convstore.cli", *args], env=env,
+                           stdout=out, stderr=err, timeout=600)
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read()), usage.ru_maxrss * 1024
+        return subprocess.CompletedProcess(args, p.returncode, out.read(), err.read()), int(rss.read()) * 1024
+
+
+_MEASURE = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
 
 
 @pytest.mark.parametrize("case", ["manifest", "manifest-error-body", "config-blob", "token"])
@@ -211,7 +226,7 @@ def test_endless_answer_to_pack_is_bounded(case, two_images, liar, cli_env):
         return endless if m == "GET" and p == target else None
 
     liar.lie = lie
-    p, rss = _measured(cli_env, "pack", f"docker://{liar.host}/pins/a:1", "a:1")
+    p, rss = _measured(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:1", "a:1")
     assert rss < RSS_LIMIT, f"peak RSS {rss >> 20} MiB"
     line = _one_line(p)
     expected = {"manifest": f"registry {liar.host} sent a manifest larger than 4 MiB (the distribution spec's limit)",
@@ -326,7 +341,7 @@ def test_an_endless_redirect_body_is_bounded(two_images, liar, cli_env):
     Location: a 302 with an endless body must be capped like any answer, not read whole into memory."""
     endless = Endless(limit=ENDLESS, status=302, headers={"Location": f"http://{liar.host}/v2/pins/a/manifests/1"})
     liar.lie = lambda m, p: endless if m == "GET" and p == "/v2/pins/a/manifests/moved" else None
-    p, rss = _measured(cli_env, "pack", f"docker://{liar.host}/pins/a:moved", "a:1")
+    p, rss = _measured(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:moved", "a:1")
     assert rss < RSS_LIMIT, f"peak RSS {rss >> 20} MiB"
     assert _one_line(p) == f"convstore: error: registry {liar.host} sent a redirect larger than 65536 bytes"
     assert endless.sent < ENDLESS
@@ -334,7 +349,7 @@ def test_an_endless_redirect_body_is_bounded(two_images, liar, cli_env):
     # a redirect with an ordinary body is followed, and what it leads to is checked as ever
     moved = Body(b"moved", "text/plain", 302, {"Location": f"http://{liar.host}/v2/pins/a/manifests/1"})
     liar.lie = lambda m, p: moved if m == "GET" and p == "/v2/pins/a/manifests/moved" else None
-    run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:moved", "a:1")
+    run_cli(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:moved", "a:1")
     assert [r for r, _m, _s in _catalog(cli_env)] == ["a:1"]
 
 
@@ -452,7 +467,7 @@ def test_a_layer_blob_broken_off_is_one_line(two_images, liar, cli_env):
     _status, _h, blob = _http(liar.upstream, "GET", f"/v2/pins/a/blobs/{layer['digest']}")
     liar.lie = lambda m, p: Body(blob[:10], "application/octet-stream", 200, {"Content-Length": str(len(blob))}) \
         if m == "GET" and p == f"/v2/pins/a/blobs/{layer['digest']}" else None
-    line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a@{a_digest}", "a:1", check=False))
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a@{a_digest}", "a:1", check=False))
     assert line == f"convstore: error: registry {liar.host} broke off blob {layer['digest']} (ProtocolError)"
     assert _catalog(cli_env) == []
 
@@ -463,12 +478,12 @@ def test_a_manifest_of_another_shape_is_one_line(body, two_images, liar, cli_env
     """Valid JSON of another shape than the spec's (a list, an index entry that is a number): one line
     naming the source (it was an internal AttributeError), from a registry and from an OCI layout."""
     liar.lie = lambda m, p: Body(body, OCI_MANIFEST) if m == "GET" and p == "/v2/pins/a/manifests/1" else None
-    line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
     assert line.startswith(f"convstore: error: docker://{liar.host}/pins/a:1: malformed manifest or index (")
     root = tmp_path / "layout"
     write_oci(str(root), [make_tar([Entry("f", data=b"x")])])
     (root / "index.json").write_bytes(body)
-    line = _one_line(run_cli(cli_env, "pack", f"oci:{root}", "a:1", check=False))
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", f"oci:{root}", "a:1", check=False))
     assert line.startswith(f"convstore: error: oci:{root}: malformed image layout (")
     assert _catalog(cli_env) == []
 
@@ -492,6 +507,6 @@ def test_a_token_answer_of_another_shape_is_one_line(two_images, liar, cli_env):
     challenge = Body(b"{}", "application/json", 401,
                      {"WWW-Authenticate": f'Bearer realm="http://{liar.host}/token",service="liar"'})
     liar.lie = lambda m, p: Body(b"[]", "application/json") if p.startswith("/token") else challenge
-    line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
     assert line.startswith(f"convstore: error: registry {liar.host} sent a malformed authentication answer (")
     assert _catalog(cli_env) == []

@@ -114,11 +114,11 @@ class OCILayoutSource(ImageSource):
         self.tag = tag
         self.ref = f"oci:{path}" + (f":{tag}" if tag else "")
         try:
-            self._open(path)
+            self._open(path, digest)
         except (AttributeError, TypeError, ValueError, KeyError) as e:  # JSON of another shape than the spec's
             raise SourceError(f"{self.ref}: malformed image layout ({type(e).__name__}: {e})") from None
 
-    def _open(self, path: str) -> None:
+    def _open(self, path: str, digest: str | None) -> None:
         layout = os.path.join(path, "oci-layout")
         if not os.path.isfile(layout):
             raise SourceNotFound(f"{path}: not an OCI image layout (no oci-layout file)")
