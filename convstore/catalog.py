@@ -16,6 +16,7 @@ atomically under a per-ref lock.  States (the product's lifecycle):
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import hashlib
 import logging
@@ -188,10 +189,12 @@ class Catalog:
         self.trust.check_entry(str(r), e.seq, e.manifest_digest)
         return e
 
-    def update(self, r: ImageRef, change: Callable[[CatalogEntry | None], CatalogEntry | None]) -> CatalogEntry | None:
+    def update(self, ref: ImageRef | str,
+               change: Callable[[CatalogEntry | None], CatalogEntry | None]) -> CatalogEntry | None:
         """Read-modify-write one entry under its lock; ``change`` returns the
         new entry, or None to remove it.  A registry has no locks: there an
         update is last-writer-wins (one tag PUT)."""
+        r = ImageRef.parse(ref) if isinstance(ref, str) else ref
         with self._ref_lock(r):
             cur = self.read(r)
             new = change(cur)
@@ -212,7 +215,8 @@ class Catalog:
         with self._ref_lock(r):
             self.objects.delete(r.key)
 
-    def entry(self, r: ImageRef) -> CatalogEntry:
+    def entry(self, ref: ImageRef | str) -> CatalogEntry:
+        r = ImageRef.parse(ref) if isinstance(ref, str) else ref
         e = self.read(r)
         if e is None:
             raise ImageNotFound(f"no image {r} in the store")
@@ -239,3 +243,7 @@ class Catalog:
                 if problems is not None:
                     problems[k.removeprefix("refs/")] = str(err)
         return sorted(out, key=lambda e: (e.ref.name, e.ref.tag))
+
+    def complete(self, *, strict: bool = False) -> builtins.list[CatalogEntry]:
+        """Every entry that names a published version (not a first pack still PENDING)."""
+        return [e for e in self.list(strict=strict) if e.complete]

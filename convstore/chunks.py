@@ -156,3 +156,11 @@ class Chunks:
 
     def usage(self) -> int:
         return self.store.usage()
+
+    # -- the quarantine (``quarantine/<cid hex>``: evidence, kept until gc) ----
+    def quarantined(self) -> list[str]:
+        """The keys of quarantined blobs."""
+        return list(self.objects.list(QUARANTINE.rstrip("/")))
+
+    def drop_quarantined(self, keys: list[str]) -> None:
+        self.objects.delete_many(keys)

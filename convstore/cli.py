@@ -178,8 +178,10 @@ _created_keys: list[str] = []
 
 
 def _open(url: str | None, create: bool = False) -> Store:
-    s = _options(url, create).open()
     from .keys import LocalKeyFile
+    from .store import Store
+
+    s = Store.open_with(_options(url, create))
 
     key = getattr(s.key, "inner", s.key)
     if isinstance(key, LocalKeyFile) and key.created:

@@ -1,10 +1,11 @@
 """The image lifecycle: every transition of a catalog entry, in one place.
 
 Each function takes the current entry (or None) and returns the new one (or
-None to remove it).  They are pure: :meth:`Store.update_entry` runs them
-under the entry's lock and writes (and authenticates) the result.  Only the
-transitions in :data:`TRANSITIONS` are allowed; :meth:`CatalogEntry.transition`
-refuses any other.
+None to remove it).  They are pure: :meth:`Catalog.update
+<convstore.catalog.Catalog.update>` runs them under the entry's lock and
+writes (and authenticates) the result.  Only the transitions in
+:data:`TRANSITIONS` are allowed: :func:`_to`, the one place a state changes,
+refuses any other (:meth:`CatalogEntry.transition` only records one).
 
 ======== ============ ============================== ===================================
 from     to           function                       trigger
