@@ -770,7 +770,7 @@ def run(
 
 
 # What a daemon imports before it forks its first command: every command's modules.
-_PRELOAD = ("convstore.pack", "convstore.unpack", "convstore.maintenance", "convstore.lifecycle",
+_PRELOAD = ("convstore.pack", "convstore.unpack", "convstore.maintenance", "convstore.core.lifecycle",
             "convstore.reader.run", "convstore.reader.layerstore", "convstore.stores.registry",
             "convstore.stores.cache", "convstore.worker", "rich.console", "rich.progress", "rich.table",
             "platformdirs")

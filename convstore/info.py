@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .core import Repository
+from .core.repository import Repository
 from .manifest import ROW_SIZE, ROW_SIZE_AT
 from .stores.base import ChunkSet
 

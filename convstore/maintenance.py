@@ -14,14 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import lifecycle
-from .catalog import FAILED, INACTIVE, CatalogEntry
+from .core import lifecycle
+from .core.catalog import FAILED, INACTIVE, CatalogEntry
 from .manifest import ROW_SIZE
 from .stores.base import ChunkSet
 from .errors import ChunkMissing, ConvstoreError, CorruptObject, KeyAccessDenied, SourceChanged, StoreError
 from .oci.sources import parse_source
 from .pack import check_recorded_source, repack
-from .core import Repository
+from .core.repository import Repository
 
 TMP_GRACE = 3600.0  # temporary files older than this belong to dead writers
 INDEX = "chunk index"  # what verify names when an index file (a cache) is damaged

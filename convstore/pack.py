@@ -27,7 +27,7 @@ import zstandard
 
 from .chunking import ChunkParams, StreamChunker
 from .crypto import ChunkIdentity, identify_chunk
-from .catalog import ACTIVE, CatalogEntry
+from .core.catalog import ACTIVE, CatalogEntry
 from .errors import ConvstoreError, DigestMismatch, ImagePending, SourceChanged, SourceNotFound
 from .manifest import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 from .manifest import ROW_SIZE, LayerRecord, Manifest
@@ -37,10 +37,10 @@ from .oci.policy import evaluate as evaluate_policy
 from .oci.sources import ImageSource, LayerDescriptor, layer_stream, open_at_digest, parse_source
 from .progress import NoProgress, Progress
 from .refs import ImageRef
-from .domains import DEFAULT_DOMAIN, Domain
-from .core import Repository
+from .core.domains import DEFAULT_DOMAIN, Domain
+from .core.repository import Repository
 from .stores.base import Location
-from .storeid import now_iso
+from .core.identity import now_iso
 from .tarsplit import split_tar
 
 DEFAULT_LEVEL = 3

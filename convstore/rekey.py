@@ -9,12 +9,11 @@ running it again.  Afterwards the old key is no longer needed.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass, replace
 
-from .catalog import CatalogEntry
-from .core import Repository
+from .core.catalog import CatalogEntry
+from .core.repository import Repository
 from .keys import KeyProvider
 from .keys.audit import AuditedKeyProvider
 
@@ -41,7 +40,7 @@ def rekey(store: Repository, new: KeyProvider) -> RekeyReport:
     new = new if isinstance(new, AuditedKeyProvider) else AuditedKeyProvider(new, store.record_audit)
     # exclusive against packs and pulls (they hold the gc lock shared): none can publish an image
     # under the old key after this pass went by it.  A registry store has no locks: stop its writers.
-    with store.gc_lock() if store.objects.supports_locking else contextlib.nullcontext():
+    with store.gc_lock(optional=True):
         counts = _rekey(store, old, new)
     return RekeyReport(old.key_id, new.key_id, *counts, time.perf_counter() - t0)
 
@@ -53,7 +52,7 @@ def _rekey(store: Repository, old: KeyProvider, new: KeyProvider) -> tuple[int, 
     # at any point is finished by running it again with the old key
     store.ident.unlock(new if store.ident.metadata_key_id == new.key_id else old)
 
-    # domain secrets (each record under its lock: convstore.domains)
+    # domain secrets (each record under its lock: convstore.core.domains)
     domains, done = store.convergence_domains.rewrap(old, new)
     skipped += done
 
@@ -78,7 +77,7 @@ def _rekey(store: Repository, old: KeyProvider, new: KeyProvider) -> tuple[int, 
         else:
             skipped += 1
 
-    # layer-index records carry wrapped data keys too (convstore.manifest_store)
+    # layer-index records carry wrapped data keys too (convstore.core.manifests)
     layers, done = store.manifests.rewrap_layer_records(old, new)
     skipped += done
     store.ident.rewrap(old, new)

@@ -26,7 +26,7 @@ from .errors import CorruptLayer, SourceError
 from .manifest import LayerRecord, Manifest
 from .merge import MergedTree, Node, merge_layers
 from .progress import NoProgress, Progress
-from .core import Repository
+from .core.repository import Repository
 
 
 @dataclass

@@ -17,8 +17,9 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import info, lifecycle
-from .catalog import INACTIVE, CatalogEntry
+from . import info
+from .core import lifecycle
+from .core.catalog import INACTIVE, CatalogEntry
 from .core.repository import (  # noqa: F401 (re-exported: the public names of convstore.store)
     DEFAULT_INACTIVE_AFTER,
     READ_STAMP_INTERVAL,
@@ -26,7 +27,7 @@ from .core.repository import (  # noqa: F401 (re-exported: the public names of c
     default_cache_dir,
     read_audit_log,
 )
-from .domains import DEFAULT_DOMAIN, Domain
+from .core.domains import DEFAULT_DOMAIN, Domain
 from .errors import CorruptObject, RollbackDetected
 from .info import ImageInfo, LayerInfo, StoreStats  # noqa: F401 (re-exported)
 from .keys import KeyProvider, open_key
@@ -65,7 +66,7 @@ class Store(Repository):
         """Audit records, optionally from an ISO time on, or for one image name."""
         return read_audit_log(self.options, since, image)
 
-    # -- identity and the metadata key (convstore.storeid) -------------------
+    # -- identity and the metadata key (convstore.core.identity) -------------------
     def unlock_metadata(self, provider: KeyProvider) -> None:
         self.ident.unlock(provider)
 
@@ -75,7 +76,7 @@ class Store(Repository):
     def rewrap_metadata_key(self, old: KeyProvider, new: KeyProvider) -> bool:
         return self.ident.rewrap(old, new)
 
-    # -- convergence domains (convstore.domains) -------------------------------
+    # -- convergence domains (convstore.core.domains) -------------------------------
     def domain(self, name: str = DEFAULT_DOMAIN) -> Domain:
         """The convergence domain ``name``, unlocked (the default one is created on first use)."""
         return self.convergence_domains.get(name)
@@ -92,7 +93,7 @@ class Store(Repository):
         """The public fields of every domain record."""
         return self.convergence_domains.list()
 
-    # -- manifests, profiles, layer index (convstore.manifest_store) ---------
+    # -- manifests, profiles, layer index (convstore.core.manifests) ---------
     def put_manifest(self, manifest: Manifest) -> tuple[str, bytes]:
         """Seal, store durably, and return (digest, wrapped data key)."""
         return self.manifests.put(manifest)
@@ -110,7 +111,7 @@ class Store(Repository):
     def record_layers(self, domain: Domain, manifest: Manifest, digest: str, wrapped: bytes) -> None:
         self.manifests.record_layers(domain, manifest, digest, wrapped)
 
-    # -- catalog (convstore.catalog.Catalog) ------------------------------------
+    # -- catalog (convstore.core.catalog.Catalog) ------------------------------------
     def update_entry(self, ref: ImageRef | str,
                      change: Callable[[CatalogEntry | None], CatalogEntry | None]) -> CatalogEntry | None:
         """Read-modify-write one catalog entry under its lock; ``change``

@@ -14,11 +14,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from .catalog import CatalogEntry
+from .core.catalog import CatalogEntry
 from .manifest import Manifest
 from .progress import NoProgress, Progress
 from .refs import ImageRef
-from .core import Repository
+from .core.repository import Repository
 
 
 @dataclass

@@ -25,7 +25,7 @@ from .errors import ConvstoreError, CorruptLayer, DigestMismatch, InvalidReferen
 from .manifest import LayerRecord, Manifest
 from .oci import media
 from .progress import NoProgress, Progress
-from .core import Repository
+from .core.repository import Repository
 from .tarsplit import join_tar
 from .writeback import Writeback
 

@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import IO, Any
 
 from . import hardening
-from .catalog import CatalogEntry
+from .core.catalog import CatalogEntry
 from .errors import ConvstoreError, StoreError
 from .options import StoreOptions
 
@@ -77,7 +77,7 @@ def spawn_repack(options: StoreOptions, e: CatalogEntry) -> None:
 
 
 def run_task(doc: dict[str, Any]) -> None:
-    from .core import Repository
+    from .core.repository import Repository
     from .oci.policy import load_policy, require
 
     options = StoreOptions.from_json(doc["options"])

@@ -2,7 +2,7 @@
 operations.
 
 It holds the object and chunk stores, the store's identity and metadata key
-(:mod:`convstore.storeid`), the catalog, the convergence domains, the sealed
+(:mod:`convstore.core.identity`), the catalog, the convergence domains, the sealed
 manifests and layer index, the chunk seam, this client's trust state and the
 audit log; and the few methods that span parts: the lifecycle calls of a pack
 (:meth:`begin_pack`, :meth:`finish_pack`, :meth:`abort_pack`), the read gate
@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import platformdirs
 
-from .. import lifecycle
-from ..catalog import ACTIVE, FAILED, INACTIVE, PENDING, Catalog, CatalogEntry, iso
-from ..chunks import Chunks
-from ..domains import DEFAULT_DOMAIN, Domain, Domains
+from . import lifecycle
+from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, Catalog, CatalogEntry, iso
+from .chunks import Chunks
+from .domains import DEFAULT_DOMAIN, Domain, Domains
 from ..errors import (
     ConvstoreError,
     ImageFailed,
@@ -53,13 +53,13 @@ from ..errors import (
 from ..keys import KeyProvider, open_key
 from ..keys.audit import AUDIT_LOG, AuditedKeyProvider, parse_audit
 from ..manifest import LayerRecord, Manifest
-from ..manifest_store import ManifestStore
+from .manifests import ManifestStore
 from ..options import StoreOptions, is_registry_url, resolve_store_location
 from ..refs import ImageRef
-from ..storeid import StoreIdentity, no_store
+from .identity import StoreIdentity, no_store
 from ..stores.base import ChunkStore, ObjectStore
 from ..stores.local import LocalChunkStore, LocalStore
-from ..trust import TrustState, check_location, default_state_dir
+from .trust import TrustState, check_location, default_state_dir
 
 if TYPE_CHECKING:
     from ..stores.slow import Link
@@ -120,7 +120,7 @@ class Repository:
         #: store.json: the id and the metadata key
         self.ident = StoreIdentity(objects, self.key, create=create, where=self.options.path or "this store")
         self.id = self.ident.id
-        #: rollback protection: the newest versions this client has seen (see convstore.trust)
+        #: rollback protection: the newest versions this client has seen (see convstore.core.trust)
         sdir = state_dir or (options.state_dir if options else None) or default_state_dir()
         self.trust = TrustState(sdir, self.id, allow_rollback=allow_rollback)
         location = self.options.path or getattr(objects, "root", None)
@@ -259,7 +259,7 @@ class Repository:
         # a copy from another store names the source's domain, which need not exist here
         return name if name in {d["name"] for d in self.convergence_domains.list()} else DEFAULT_DOMAIN
 
-    # -- lifecycle (the transitions themselves live in convstore.lifecycle) --
+    # -- lifecycle (the transitions themselves live in convstore.core.lifecycle) --
     def _change(self, ref: ImageRef, fn: Callable[[CatalogEntry | None], CatalogEntry | None]) -> CatalogEntry:
         e = self.catalog.update(ref, fn)
         assert e is not None
@@ -302,9 +302,12 @@ class Repository:
             return contextlib.nullcontext()
         return self.objects.lock(GC_LOCK, shared=True)
 
-    def gc_lock(self) -> AbstractContextManager[None]:
+    def gc_lock(self, *, optional: bool = False) -> AbstractContextManager[None]:
         """The gc lock, exclusive: what gc and rekey hold (no pack or copy can
-        publish meanwhile).  A store without locks (a registry) refuses it."""
+        publish meanwhile).  A store without locks (a registry) refuses it,
+        or with ``optional`` gives none (its writers must be stopped)."""
+        if optional and not self.objects.supports_locking:
+            return contextlib.nullcontext()
         return self.objects.lock(GC_LOCK)
 
     def is_stale(self, e: CatalogEntry, now: float) -> bool:

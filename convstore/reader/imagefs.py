@@ -17,8 +17,8 @@ from ..errors import ConvstoreError
 from ..manifest import Manifest
 from ..merge import Node, layer_tree, merge_layers
 from ..paths import MAX_LINKS, components
-from ..catalog import CatalogEntry
-from ..core import Repository
+from ..core.catalog import CatalogEntry
+from ..core.repository import Repository
 from .fetcher import ChunkFetcher
 
 class FSError(ConvstoreError, OSError):

@@ -48,15 +48,15 @@ from typing import Any, TypeVar
 
 import mfusepy
 
-from ..catalog import CatalogEntry
+from ..core.catalog import CatalogEntry
 from ..errors import ConvstoreError, ImageNotFound
-from ..lifecycle import ACTIVE
+from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
 from ..oci.media import check_digest
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
 from ..paths import components
-from ..core import Repository
+from ..core.repository import Repository
 from .fetcher import ChunkFetcher
 from .fuse import ImageOperations
 from .imagefs import ImageFS, Stat

@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import ConvstoreError
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
-from ..core import Repository
+from ..core.repository import Repository
 from .fuse import BackgroundMount
 from .imagefs import FSError, ImageFS
 

@@ -47,7 +47,7 @@ from typing import Any
 from ..errors import ConvstoreError
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
-from ..core import Repository
+from ..core.repository import Repository
 from . import containerd_api as api
 from .ctrfilter import FilterError, Subject, parse_all
 from .fuse import BackgroundMount

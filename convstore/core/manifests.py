@@ -23,13 +23,13 @@ from blake3 import blake3
 
 from .catalog import CatalogEntry
 from .chunks import Chunks
-from .crypto import layer_index_name, seal, unseal
+from ..crypto import layer_index_name, seal, unseal
 from .domains import Domain
-from .errors import ConvstoreError, CorruptObject, ImagePending, KeyAccessDenied, StoreError, StoreFormatError
-from .keys import KeyProvider
-from .manifest import LayerRecord, Manifest, chunk_table
-from .storeid import StoreIdentity, check_key_id
-from .stores.base import ObjectStore
+from ..errors import ConvstoreError, CorruptObject, ImagePending, KeyAccessDenied, StoreError, StoreFormatError
+from ..keys import KeyProvider
+from ..manifest import LayerRecord, Manifest, chunk_table
+from .identity import StoreIdentity, check_key_id
+from ..stores.base import ObjectStore
 
 LAYER_INDEX_VERSION = 2
 

@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import (
+from ..errors import (
     CorruptObject,
     ImageNotFound,
     RollbackDetected,
@@ -36,14 +36,14 @@ from .errors import (
     StoreFormatError,
     TamperedObject,
 )
-from .refs import ImageRef
-from .storeid import StoreIdentity
-from .stores.base import ObjectStore
+from ..refs import ImageRef
+from .identity import StoreIdentity
+from ..stores.base import ObjectStore
 from .trust import TrustState
 
 log = logging.getLogger("convstore")
 
-REF_VERSION = 3  # 2: MAC-authenticated (convstore.authmeta), with seq; 3: source_manifest, source_config
+REF_VERSION = 3  # 2: MAC-authenticated (convstore.core.authmeta), with seq; 3: source_manifest, source_config
 READABLE_REF_VERSIONS = (2, 3)  # a version-2 entry records no source digests (a re-pack falls back to its manifest)
 PENDING, ACTIVE, INACTIVE, FAILED = "pending", "active", "inactive", "failed"
 STATES = (PENDING, ACTIVE, INACTIVE, FAILED)
@@ -87,7 +87,7 @@ class CatalogEntry:
     last_read: float = 0.0
     pending: dict[str, Any] | None = None
     history: tuple[dict[str, Any], ...] = ()
-    #: grows with every write of this entry (rollback protection, convstore.trust)
+    #: grows with every write of this entry (rollback protection, convstore.core.trust)
     seq: int = 0
     #: the convergence domain the current version was packed in (a re-pack goes back into it)
     domain: str = ""
@@ -160,8 +160,8 @@ class CatalogEntry:
 
 class Catalog:
     """The catalog of one store: ``refs/<name>:<tag>`` entries, each
-    MAC-authenticated and bound to its name and tag (:mod:`convstore.authmeta`),
-    checked against this client's trust state (:mod:`convstore.trust`), and
+    MAC-authenticated and bound to its name and tag (:mod:`convstore.core.authmeta`),
+    checked against this client's trust state (:mod:`convstore.core.trust`), and
     replaced atomically under a per-ref lock."""
 
     def __init__(self, objects: ObjectStore, ident: StoreIdentity, trust: TrustState):

@@ -15,11 +15,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .crypto import domain_chunk_key, domain_layer_key
-from .errors import InvalidReference, StoreError, StoreFormatError, TamperedObject
-from .keys import KeyProvider
-from .storeid import StoreIdentity, check_key_id, now_iso
-from .stores.base import ObjectStore
+from ..crypto import domain_chunk_key, domain_layer_key
+from ..errors import InvalidReference, StoreError, StoreFormatError, TamperedObject
+from ..keys import KeyProvider
+from .identity import StoreIdentity, check_key_id, now_iso
+from ..stores.base import ObjectStore
 from .trust import TrustState
 
 DOMAIN_VERSION = 2  # 2: MAC-authenticated

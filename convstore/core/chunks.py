@@ -22,10 +22,10 @@ import hmac
 import logging
 from collections.abc import Iterable, Iterator
 
-from .crypto import ChunkIdentity, decrypt_chunk
-from .errors import ChunkMissing, ConvstoreError, CorruptObject
-from .crypto import encrypt_chunk
-from .stores.base import ChunkStore, Location, ObjectStore
+from ..crypto import ChunkIdentity, decrypt_chunk
+from ..errors import ChunkMissing, ConvstoreError, CorruptObject
+from ..crypto import encrypt_chunk
+from ..stores.base import ChunkStore, Location, ObjectStore
 
 QUARANTINE = "quarantine/"
 log = logging.getLogger("convstore")
