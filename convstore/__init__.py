@@ -20,7 +20,7 @@ TYPE_CHECKING = False
 # command line's start-up pay only for what they touch.
 _EXPORTS = {
     "ChunkParams": "chunking", "KeyProvider": "keys", "LocalKeyFile": "keys", "open_key": "keys",
-    "CatalogEntry": "catalog", "StoreOptions": "options",
+    "CatalogEntry": "core.catalog", "StoreOptions": "options",
     "ImageInfo": "store", "Store": "store", "StoreStats": "store", "default_store_path": "store",
     **{name: "errors" for name in (
         "ChunkMissing", "ConvstoreError", "CorruptLayer", "CorruptObject", "DigestMismatch", "ImageChanged", "ImageFailed",
@@ -50,7 +50,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from typing import Any
 
-    from .catalog import CatalogEntry
+    from .core.catalog import CatalogEntry
     from .chunking import ChunkParams
     from .errors import (
         ChunkMissing,

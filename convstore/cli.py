@@ -178,8 +178,10 @@ _created_keys: list[str] = []
 
 
 def _open(url: str | None, create: bool = False) -> Store:
-    s = _options(url, create).open()
     from .keys import LocalKeyFile
+    from .store import Store
+
+    s = Store.open_with(_options(url, create))
 
     key = getattr(s.key, "inner", s.key)
     if isinstance(key, LocalKeyFile) and key.created:
@@ -768,7 +770,7 @@ def run(
 
 
 # What a daemon imports before it forks its first command: every command's modules.
-_PRELOAD = ("convstore.pack", "convstore.unpack", "convstore.maintenance", "convstore.lifecycle",
+_PRELOAD = ("convstore.pack", "convstore.unpack", "convstore.maintenance", "convstore.core.lifecycle",
             "convstore.reader.run", "convstore.reader.layerstore", "convstore.stores.registry",
             "convstore.stores.cache", "convstore.worker", "rich.console", "rich.progress", "rich.table",
             "platformdirs")

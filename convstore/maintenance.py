@@ -14,15 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import lifecycle
-from .catalog import FAILED, INACTIVE, CatalogEntry
+from .core import lifecycle
+from .core.catalog import FAILED, INACTIVE, CatalogEntry
 from .manifest import ROW_SIZE
 from .stores.base import ChunkSet
 from .errors import ChunkMissing, ConvstoreError, CorruptObject, KeyAccessDenied, SourceChanged, StoreError
 from .oci.sources import parse_source
-from .pack import check_recorded_source
-from .refs import ImageRef
-from .store import Store
+from .pack import check_recorded_source, repack
+from .core.repository import Repository
 
 TMP_GRACE = 3600.0  # temporary files older than this belong to dead writers
 INDEX = "chunk index"  # what verify names when an index file (a cache) is damaged
@@ -37,11 +36,11 @@ class RefreshChange:
     reason: str
 
 
-def refresh(store: Store, ref: str | None = None, check_sources: bool = True) -> list[RefreshChange]:
+def refresh(store: Repository, ref: str | None = None, check_sources: bool = True) -> list[RefreshChange]:
     """Re-check sources and keys (FAILED <-> ACTIVE), age unused images to
     INACTIVE, and clear packs that died (their pid is gone)."""
     now = store.clock()
-    entries = [store.entry(ref)] if ref else store.images()
+    entries = [store.catalog.entry(ref)] if ref else store.catalog.list()
     changes: list[RefreshChange] = []
     for e in entries:
         problem = _problem(store, e) if check_sources and e.complete else None
@@ -62,14 +61,14 @@ def refresh(store: Store, ref: str | None = None, check_sources: bool = True) ->
                 return lifecycle.deactivate(cur, now, store.inactive_after)
             return cur
 
-        new = store.update_entry(e.ref, change)
+        new = store.catalog.update(e.ref, change)
         new_state = new.state if new else "removed"
         if new_state != e.state or (new is not None and new.state == FAILED and new.reason != e.reason):
             changes.append(RefreshChange(str(e.ref), e.state, new_state, new.reason if new else "interrupted pack"))
     return changes
 
 
-def _problem(store: Store, e: CatalogEntry) -> str | None:
+def _problem(store: Repository, e: CatalogEntry) -> str | None:
     """Why ``e`` cannot be served, or None.  A FAILED image comes back only if its source still
     serves what it was packed from (a moved tag keeps it FAILED, naming both digests)."""
     try:
@@ -82,7 +81,7 @@ def _problem(store: Store, e: CatalogEntry) -> str | None:
     except ConvstoreError as err:
         return f"source {e.source} is no longer available ({err})"
     try:
-        store.load_manifest(e)
+        store.manifests.load(e)
     except KeyAccessDenied as err:
         return f"key access denied: {err}"
     except StoreError as err:
@@ -110,20 +109,19 @@ class GCReport:
         return asdict(self)
 
 
-def gc(store: Store, dry_run: bool = False) -> GCReport:
+def gc(store: Repository, dry_run: bool = False) -> GCReport:
     """Mark every chunk a live (complete, not INACTIVE) image references;
     sweep the rest.  Also removes unreferenced manifests, profiles,
     layer-index records and stale temporary files."""
     t0 = time.perf_counter()
-    objects = store.objects
-    with objects.lock("gc"):
+    with store.gc_lock():
         refresh(store, check_sources=False)
         before = _usage(store)
         live = ChunkSet()
         keep_manifests: set[str] = set()
         reclaimed: list[str] = []
         n_live = 0
-        for e in store.complete_images(strict=True):  # an entry that fails authentication stops gc
+        for e in store.catalog.complete(strict=True):  # an entry that fails authentication stops gc
             keep_manifests.add(e.manifest_digest.split(":", 1)[1])  # type: ignore[union-attr]
             if e.state == INACTIVE:
                 reclaimed.append(str(e.ref))
@@ -135,37 +133,23 @@ def gc(store: Store, dry_run: bool = False) -> GCReport:
         del live
         doomed = [c for c, _n in unreferenced]
         chunk_bytes = sum(n for _c, n in unreferenced)
-        dead_manifests = [k for k in objects.list("manifests") if k.split("/", 1)[1] not in keep_manifests]
-        manifest_bytes = sum(objects.size(k) for k in dead_manifests)
-        others = [k for k in objects.list("profiles") if k.split("/", 1)[1] not in keep_manifests]
-        others += _stale_layer_records(store, keep_manifests)
-        others += list(objects.list("quarantine"))
+        dead_manifests, manifest_bytes, others = store.manifests.dead(keep_manifests)
+        quarantined = store.chunks.quarantined()
         if not dry_run:
             store.chunks.delete(doomed)
             store.chunk_store.compact()
-            objects.delete_many(dead_manifests + others)
-            others_n = len(others) + store.chunk_store.clean_leftovers(TMP_GRACE)
+            store.manifests.delete(dead_manifests + others)
+            store.chunks.drop_quarantined(quarantined)
+            others_n = len(others) + len(quarantined) + store.chunk_store.clean_leftovers(TMP_GRACE)
         else:
-            others_n = len(others)
+            others_n = len(others) + len(quarantined)
         after = before if dry_run else _usage(store)
     return GCReport(dry_run, n_live, reclaimed, chunks_total, len(doomed), chunk_bytes, len(dead_manifests),
                     manifest_bytes, others_n, before, after, time.perf_counter() - t0)
 
 
-def _usage(store: Store) -> int:
-    return store.chunks.usage() + sum(store.objects.usage(p) for p in ("manifests", "profiles", "layers"))
-
-
-def _stale_layer_records(store: Store, keep: set[str]) -> list[str]:
-    """Layer-index records of removed images, and any that fail authentication."""
-    out = []
-    for k, rec in store.manifests.layer_records():
-        try:
-            if rec is None or rec["manifest"].split(":", 1)[1] not in keep:
-                out.append(k)
-        except (KeyError, TypeError, AttributeError):
-            out.append(k)
-    return out
+def _usage(store: Repository) -> int:
+    return store.chunks.usage() + store.manifests.usage(derived=True)
 
 
 # -- verification ----------------------------------------------------------------
@@ -199,8 +183,8 @@ class VerifyReport:
         return d
 
 
-def verify(store: Store, ref: str | None = None, repair: bool = False, workers: int = 4,
-           repair_from: Store | None = None) -> VerifyReport:
+def verify(store: Repository, ref: str | None = None, repair: bool = False, workers: int = 4,
+           repair_from: Repository | None = None) -> VerifyReport:
     """Check that every catalog entry authenticates, and that every chunk of
     every live image (or of ``ref``) is present, decrypts, and holds the
     plaintext its manifest names.  A corrupt chunk is quarantined.  With
@@ -211,14 +195,14 @@ def verify(store: Store, ref: str | None = None, repair: bool = False, workers: 
     report = VerifyReport(0, 0)
     report.index_problems = store.chunk_store.check_index()
     if ref:
-        entries = [store.entry(ref)]
+        entries = [store.catalog.entry(ref)]
     else:
-        entries = [e for e in store.images(problems=report.unreadable) if e.complete and e.state != INACTIVE]
+        entries = [e for e in store.catalog.list(problems=report.unreadable) if e.complete and e.state != INACTIVE]
     users: dict[bytes, list[str]] = {}
     idents: dict[bytes, Any] = {}
     for e in entries:
         try:
-            m = store.load_manifest(e)
+            m = store.manifests.load(e)
         except ConvstoreError as err:
             report.unreadable[str(e.ref)] = str(err)
             continue
@@ -255,7 +239,7 @@ def verify(store: Store, ref: str | None = None, repair: bool = False, workers: 
     return report
 
 
-def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other: Store | None,
+def _repair(store: Repository, report: VerifyReport, idents: dict[bytes, Any], other: Repository | None,
             versions: dict[str, str]) -> None:
     """Copy bad chunks from ``other`` where it holds good ones, then re-pack
     every image still affected from its (authenticated) source.  An image that cannot be
@@ -264,7 +248,7 @@ def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other:
     # corrupt chunks were quarantined by the read that found them (after a second read confirmed it);
     # nothing is deleted here, so a transient error never costs a good chunk
     bad = {bytes.fromhex(h): imgs for h, imgs in (*report.missing.items(), *report.corrupt.items())}
-    authentic = {str(e.ref) for e in store.images()}
+    authentic = {str(e.ref) for e in store.catalog.list()}
     still = {r for r in report.unreadable if r in authentic}  # a tampered entry has no source to trust
     copied: set[str] = set()
     for cid, imgs in bad.items():
@@ -282,9 +266,9 @@ def _repair(store: Store, report: VerifyReport, idents: dict[bytes, Any], other:
     report.repaired.extend(sorted(copied - still))
     for ref in sorted(still):
         try:
-            store.repack(ref, repair=True)  # only what it was packed from, back into its own domain
+            repack(store, ref, repair=True)  # only what it was packed from, back into its own domain
             report.repaired.append(ref)
         except ConvstoreError as err:
             report.not_repaired[ref] = str(err)
             now, why, seen = store.clock(), f"cannot repair: {err}", versions.get(ref, "")
-            store.update_entry(ImageRef.parse(ref), lambda c: lifecycle.fail(c, now, why, version=seen))
+            store.catalog.update(ref, lambda c: lifecycle.fail(c, now, why, version=seen))

@@ -1,6 +1,6 @@
 """How a store was opened: the one record a child process inherits.
 
-:class:`StoreOptions` holds everything :meth:`Store.open` needs (where the
+:class:`StoreOptions` holds everything :meth:`Repository.open <convstore.core.Repository.open>` needs (where the
 store is, which master key, registry and KMS settings, measurement
 throttles).  A background re-pack or mount runs library code in a child
 process (:mod:`convstore.worker`) that receives these options on its standard
@@ -13,12 +13,9 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import InvalidReference
-
-if TYPE_CHECKING:
-    from .store import Store
 
 #: what ``--store`` and ``$CONVSTORE_STORE`` accept, named in every error about them
 STORE_FORMS = "a local folder (PATH) or a registry repository (oci://HOST[:PORT]/REPO)"
@@ -82,8 +79,3 @@ class StoreOptions:
     def from_json(cls, doc: dict[str, Any]) -> StoreOptions:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in doc.items() if k in names})
-
-    def open(self) -> Store:
-        from .store import Store
-
-        return Store.open_with(self)

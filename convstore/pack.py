@@ -27,7 +27,7 @@ import zstandard
 
 from .chunking import ChunkParams, StreamChunker
 from .crypto import ChunkIdentity, identify_chunk
-from .catalog import ACTIVE, CatalogEntry
+from .core.catalog import ACTIVE, CatalogEntry
 from .errors import ConvstoreError, DigestMismatch, ImagePending, SourceChanged, SourceNotFound
 from .manifest import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 from .manifest import ROW_SIZE, LayerRecord, Manifest
@@ -37,10 +37,10 @@ from .oci.policy import evaluate as evaluate_policy
 from .oci.sources import ImageSource, LayerDescriptor, layer_stream, open_at_digest, parse_source
 from .progress import NoProgress, Progress
 from .refs import ImageRef
-from .domains import DEFAULT_DOMAIN, Domain
-from .store import Store
+from .core.domains import DEFAULT_DOMAIN, Domain
+from .core.repository import Repository
 from .stores.base import Location
-from .storeid import now_iso
+from .core.identity import now_iso
 from .tarsplit import split_tar
 
 DEFAULT_LEVEL = 3
@@ -78,7 +78,7 @@ def _intern(ident: ChunkIdentity, table: list[ChunkIdentity], index: dict[bytes,
 class _ChunkSink:
     """Hands chunks to the pool and collects their identities in order."""
 
-    def __init__(self, store: Store, domain_key: bytes, level: int, pool: ThreadPoolExecutor,
+    def __init__(self, store: Repository, domain_key: bytes, level: int, pool: ThreadPoolExecutor,
                  table: list[ChunkIdentity], index: dict[bytes, int], max_inflight: int):
         self._chunks = store.chunks
         self._dkey = domain_key
@@ -140,7 +140,7 @@ class _MetaSink:
 
 
 def pack(
-    store: Store,
+    store: Repository,
     source: str | ImageSource,
     ref: str,
     *,
@@ -182,7 +182,7 @@ def pack(
             if expect is not None:
                 _check_source(src, expect)
             verification = evaluate_policy(_recorded_policy(store, iref) if policy is None else policy, src)
-            dom = store.domain(domain)
+            dom = store.convergence_domains.get(domain)
             identity = pack_identity(src, params, dom, verification)
             done = _up_to_date(store, iref, identity, t0) if reuse_layers else None  # a repair reads the source
             if done is not None:
@@ -197,7 +197,7 @@ def pack(
         raise
 
 
-def repack(store: Store, ref: str | ImageRef, *, repair: bool = False, progress: Progress | None = None
+def repack(store: Repository, ref: str | ImageRef, *, repair: bool = False, progress: Progress | None = None
            ) -> PackResult:
     """Re-pack ``ref`` from the source its authenticated catalog entry records, back into its own
     domain (verify --repair, the reactivation of an INACTIVE image): a repair never changes what a
@@ -205,7 +205,7 @@ def repack(store: Store, ref: str | ImageRef, *, repair: bool = False, progress:
     from; if it serves anything else (a moved tag), or that cannot be told, the image goes FAILED
     with the reason (:class:`SourceChanged`) and keeps its version.  ``repair``: read every layer
     from the source again (no layer is reused)."""
-    e = store.entry(ref)
+    e = store.catalog.entry(ref)
     iref = e.ref
     if not e.complete:
         raise ImagePending(f"image {iref} has no packed version yet: nothing to re-pack")
@@ -234,7 +234,7 @@ def _open_recorded(source: str, manifest_digest: str, insecure: bool = False) ->
     return src if src is not None else parse_source(source, insecure=insecure)
 
 
-def check_recorded_source(store: Store, e: CatalogEntry) -> None:
+def check_recorded_source(store: Repository, e: CatalogEntry) -> None:
     """:class:`SourceChanged` unless ``e``'s recorded source serves what its version was packed from,
     read as :func:`repack` reads it (refresh: whether a FAILED image may come back)."""
     expect = _recorded_source(store, e)
@@ -242,13 +242,13 @@ def check_recorded_source(store: Store, e: CatalogEntry) -> None:
         _check_source(src, expect)
 
 
-def _recorded_source(store: Store, e: CatalogEntry) -> tuple[str, str]:
+def _recorded_source(store: Repository, e: CatalogEntry) -> tuple[str, str]:
     """The (manifest, config) digests ``e``'s version was packed from: from the entry (catalog
     version 3), else from its sealed manifest (entries written before them; both authenticated)."""
     if e.source_manifest and e.source_config:
         return e.source_manifest, e.source_config
     try:
-        m = store.load_manifest(e)
+        m = store.manifests.load(e)
         recorded = (str((m.source or {}).get("manifest_digest") or ""), m.config_digest or "")
     except ConvstoreError as err:
         raise SourceChanged(f"cannot re-pack {e.ref} from {e.source}: its entry records no source digest and its "
@@ -271,11 +271,11 @@ def _check_source(src: ImageSource, expect: tuple[str, str]) -> None:
                             f"(manifest {manifest}); pack it explicitly to take the new content")
 
 
-def _recorded_policy(store: Store, iref: ImageRef) -> Policy:
+def _recorded_policy(store: Repository, iref: ImageRef) -> Policy:
     """The policy file ``iref``'s current version was verified under (a re-pack verifies under the same
     policy, so a repair does not drop what was verified), else the default policy."""
     try:
-        path = (store.load_manifest(store.entry(iref)).verification or {}).get("policy")
+        path = (store.manifests.load(store.catalog.entry(iref)).verification or {}).get("policy")
     except (ConvstoreError, OSError):
         path = None
     if isinstance(path, str) and os.path.isfile(path):
@@ -306,7 +306,7 @@ def pack_identity(src: ImageSource, params: ChunkParams, dom: Domain,
     return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _up_to_date(store: Store, iref: ImageRef, identity: str, t0: float) -> PackResult | None:
+def _up_to_date(store: Repository, iref: ImageRef, identity: str, t0: float) -> PackResult | None:
     """The result of a pack that has nothing to do, or None: ``iref`` is ACTIVE, not stale, under
     the current master key, with no pack in progress, its version was packed from ``identity``,
     and every chunk of it is present (a pack of an image with a lost chunk re-reads the source and
@@ -314,7 +314,7 @@ def _up_to_date(store: Store, iref: ImageRef, identity: str, t0: float) -> PackR
     if not identity:
         return None
     try:
-        e = store.entry(iref)
+        e = store.catalog.entry(iref)
         now = store.clock()
         if (e.state != ACTIVE or e.pending or not e.complete or store.is_stale(e, now)
                 or e.key_id != store.key.key_id or not hmac.compare_digest(e.packed_from, identity)):
@@ -330,7 +330,7 @@ def _up_to_date(store: Store, iref: ImageRef, identity: str, t0: float) -> PackR
                       e.layers, time.perf_counter() - t0, up_to_date=True)
 
 
-def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: ChunkParams, level: int,
+def _pack(store: Repository, src: ImageSource, iref: ImageRef, dom: Domain, params: ChunkParams, level: int,
           workers: int | None, progress: Progress, reuse_layers: bool, t0: float, identity: str,
           repack_of: str | None = None, verification: dict[str, Any] | None = None) -> PackResult:
     table: list[ChunkIdentity] = []
@@ -396,10 +396,10 @@ def _pack(store: Store, src: ImageSource, iref: ImageRef, dom: Domain, params: C
         )
         store.chunks.flush()  # chunks durable before anything references them
         manifest.locations = store.chunks.locate([c.cid for c in table], [prior.get(c.cid) for c in table])
-        digest, wrapped = store.put_manifest(manifest)
+        digest, wrapped = store.manifests.put(manifest)
         store.finish_pack(iref, digest, wrapped, manifest.created, src.ref, manifest.logical_bytes, len(layers),
                           dom.public["name"], identity, (src.manifest_digest or "", src.config_digest), repack_of)
-        store.record_layers(dom, manifest, digest, wrapped)
+        store.manifests.record_layers(dom, manifest, digest, wrapped)
     finally:
         progress.finish()
     return PackResult(str(iref), digest, len(layers), manifest.logical_bytes, len(table), new_chunks, new_plain,

@@ -26,7 +26,7 @@ from .errors import CorruptLayer, SourceError
 from .manifest import LayerRecord, Manifest
 from .merge import MergedTree, Node, merge_layers
 from .progress import NoProgress, Progress
-from .store import Store
+from .core.repository import Repository
 
 
 @dataclass
@@ -46,7 +46,7 @@ class _Content:
     """Reads wanted byte ranges of one layer's content stream, in increasing
     order, fetching only the chunks that hold them (``lookahead`` in flight)."""
 
-    def __init__(self, store: Store, manifest: Manifest, layer: LayerRecord, pool: ThreadPoolExecutor,
+    def __init__(self, store: Repository, manifest: Manifest, layer: LayerRecord, pool: ThreadPoolExecutor,
                  ranges: list[tuple[int, int]], lookahead: int = 16):
         self._starts = [0]
         for i in layer.chunks:
@@ -118,7 +118,7 @@ class RootfsWriter:
         self.files = 0
         self.bytes = 0
 
-    def write(self, tree: MergedTree, store: Store, manifest: Manifest, progress: Progress) -> None:
+    def write(self, tree: MergedTree, store: Repository, manifest: Manifest, progress: Progress) -> None:
         self.warnings.extend(tree.warnings)
         first: dict[int, str] = {}  # inode -> the first path written for it (hardlinks link to it)
         files: dict[int, list[tuple[int, str, Node]]] = {}  # layer -> (offset, path, node)
@@ -196,7 +196,7 @@ class RootfsWriter:
         os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
 
 
-def apply_manifest(store: Store, manifest: Manifest, root: str, progress: Progress | None = None) -> RootfsWriter:
+def apply_manifest(store: Repository, manifest: Manifest, root: str, progress: Progress | None = None) -> RootfsWriter:
     """Merge ``manifest``'s layers (refusing hostile trees before anything is written) and write the result."""
     tree = merge_layers([layer.entries for layer in manifest.layers])
     w = RootfsWriter(root)
@@ -204,7 +204,7 @@ def apply_manifest(store: Store, manifest: Manifest, root: str, progress: Progre
     return w
 
 
-def unpack_rootfs(store: Store, ref: str, dest: str, *, progress: Progress | None = None) -> RootfsResult:
+def unpack_rootfs(store: Repository, ref: str, dest: str, *, progress: Progress | None = None) -> RootfsResult:
     """Write the flattened root filesystem of ``ref`` to ``dest`` (absent or empty)."""
     t0 = time.perf_counter()
     dest = os.path.abspath(dest)

@@ -14,11 +14,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from .catalog import CatalogEntry
+from .core.catalog import CatalogEntry
 from .manifest import Manifest
 from .progress import NoProgress, Progress
 from .refs import ImageRef
-from .store import Store
+from .core.repository import Repository
 
 
 @dataclass
@@ -33,7 +33,7 @@ class CopyResult:
         return asdict(self)
 
 
-def copy_image(src: Store, dst: Store, ref: str, dst_ref: str | None = None, *, workers: int = 8,
+def copy_image(src: Repository, dst: Repository, ref: str, dst_ref: str | None = None, *, workers: int = 8,
                progress: Progress | None = None) -> CopyResult:
     t0 = time.perf_counter()
     progress = progress or NoProgress()
@@ -46,7 +46,7 @@ def copy_image(src: Store, dst: Store, ref: str, dst_ref: str | None = None, *, 
         return _copy(src, dst, entry, manifest, target, workers, progress, t0)
 
 
-def _copy(src: Store, dst: Store, entry: CatalogEntry, manifest: Manifest, target: ImageRef, workers: int,
+def _copy(src: Repository, dst: Repository, entry: CatalogEntry, manifest: Manifest, target: ImageRef, workers: int,
           progress: Progress, t0: float) -> CopyResult:
     cids = list(dict.fromkeys(c.cid for c in manifest.chunks))
     missing = [c for c in cids if not dst.chunks.has(c)]
@@ -73,10 +73,10 @@ def _copy(src: Store, dst: Store, entry: CatalogEntry, manifest: Manifest, targe
         dst.chunks.flush()
         # the hints name the source's containers: the destination's replace them
         manifest.locations = dst.chunks.locate([c.cid for c in manifest.chunks])
-        digest, wrapped = dst.put_manifest(manifest)
+        digest, wrapped = dst.manifests.put(manifest)
         # the domain is recorded only if the destination has one of that name (a re-pack there goes into it)
         dom = str(manifest.domain.get("name", ""))
-        known = {d["name"] for d in dst.domains()}
+        known = {d["name"] for d in dst.convergence_domains.list()}
         # the source digests come from the (authenticated) manifest: a re-pack there must find them again
         dst.finish_pack(target, digest, wrapped, manifest.created, entry.source, entry.logical_bytes, entry.layers,
                         dom if dom in known else "",

@@ -25,12 +25,12 @@ from .errors import ConvstoreError, CorruptLayer, DigestMismatch, InvalidReferen
 from .manifest import LayerRecord, Manifest
 from .oci import media
 from .progress import NoProgress, Progress
-from .store import Store
+from .core.repository import Repository
 from .tarsplit import join_tar
 from .writeback import Writeback
 
 
-def iter_content(store: Store, manifest: Manifest, layer: LayerRecord, pool: ThreadPoolExecutor,
+def iter_content(store: Repository, manifest: Manifest, layer: LayerRecord, pool: ThreadPoolExecutor,
                  lookahead: int = 16) -> Iterator[bytes]:
     """The layer's file-content stream, chunk by chunk, fetched and decrypted
     ``lookahead`` chunks ahead in ``pool``."""
@@ -54,7 +54,7 @@ def iter_content(store: Store, manifest: Manifest, layer: LayerRecord, pool: Thr
         yield data
 
 
-def iter_layer_tar(store: Store, manifest: Manifest, layer: LayerRecord,
+def iter_layer_tar(store: Repository, manifest: Manifest, layer: LayerRecord,
                    pool: ThreadPoolExecutor) -> Iterator[memoryview | bytes]:
     """The layer's exact uncompressed tar, in pieces."""
     return join_tar(layer.segments, layer.metadata(), iter_content(store, manifest, layer, pool))
@@ -98,7 +98,7 @@ class UnpackResult:
         return dict(self.__dict__)
 
 
-def _write_layer(store: Store, manifest: Manifest, layer: LayerRecord, compression: str, blobs: str,
+def _write_layer(store: Repository, manifest: Manifest, layer: LayerRecord, compression: str, blobs: str,
                  pool: ThreadPoolExecutor, progress: Progress) -> tuple[str, int]:
     """Write one layer blob into ``blobs`` and return (digest, size)."""
     tmp = os.path.join(blobs, f".tmp-{secrets.token_hex(8)}")
@@ -174,7 +174,7 @@ def parse_oci_dest(spec: str) -> tuple[str, str | None]:
     return path, tag
 
 
-def unpack_oci(store: Store, ref: str, dest: str, *, compress: str | None = None, workers: int | None = None,
+def unpack_oci(store: Repository, ref: str, dest: str, *, compress: str | None = None, workers: int | None = None,
                progress: Progress | None = None) -> UnpackResult:
     """Write image ``ref`` into the OCI layout ``dest`` (``oci:DIR[:TAG]``).
 

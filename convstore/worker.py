@@ -9,7 +9,7 @@ reports a failure as one line on its standard error and exits 1.
 
 Tasks::
 
-    {"op": "repack", "ref": NAME:TAG}   (the reactivation of an INACTIVE image: Store.repack)
+    {"op": "repack", "ref": NAME:TAG}   (the reactivation of an INACTIVE image: convstore.pack.repack)
     {"op": "mount", "ref": NAME:TAG, "mountpoint": DIR, "policy": PATH or null}
     {"op": "layerstore", "mountpoint": DIR, "stats_file": PATH or null, "policy": PATH or null}
 
@@ -28,7 +28,8 @@ from dataclasses import replace
 from typing import IO, Any
 
 from . import hardening
-from .errors import ConvstoreError
+from .core.catalog import CatalogEntry
+from .errors import ConvstoreError, StoreError
 from .options import StoreOptions
 
 #: variables that may hold a secret (a key spec can carry a PIN); a worker gets what it needs on its pipe
@@ -63,15 +64,30 @@ def spawn(task: dict[str, Any], options: StoreOptions, *, stderr: int | IO[bytes
     return p
 
 
+def spawn_repack(options: StoreOptions, e: CatalogEntry) -> None:
+    """Re-pack ``e``'s image in a detached worker process (the reactivator of a
+    store opened by the facade or a worker).  The worker inherits the store's
+    options on a pipe, never in argv, and re-reads the authenticated catalog
+    entry: the source, the digests it must still serve and the convergence
+    domain come from there (:func:`convstore.pack.repack`)."""
+    if options.key is None:
+        raise StoreError(f"cannot reactivate {e.ref} automatically (the key provider cannot be reopened in "
+                         f"another process): run convstore pack {e.source} {e.ref}")
+    spawn({"op": "repack", "ref": str(e.ref)}, replace(options, allow_rollback=False))
+
+
 def run_task(doc: dict[str, Any]) -> None:
-    options = StoreOptions.from_json(doc["options"])
-    task = doc["task"]
-    store = options.open()
+    from .core.repository import Repository
     from .oci.policy import load_policy, require
 
+    options = StoreOptions.from_json(doc["options"])
+    task = doc["task"]
+    store = Repository.open_with(options, reactivator=lambda e: spawn_repack(store.options, e))
     policy = load_policy(task["policy"]) if task.get("policy") else None
     if task["op"] == "repack":
-        store.repack(task["ref"])  # source, digests and domain from the authenticated entry
+        from .pack import repack
+
+        repack(store, task["ref"])  # source, digests and domain from the authenticated entry
     elif task["op"] == "mount":
         from .reader import ImageFS
         from .reader.fuse import serve

@@ -21,7 +21,7 @@ CORPUS_IMAGES = ["base", "app1", "app2", "app1-rebuilt", "base-prev"]
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Rollback-protection state (convstore.trust) of this test session, not the user's."""
+    """Rollback-protection state (convstore.core.trust) of this test session, not the user's."""
     os.environ["CONVSTORE_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
     os.environ["CONVSTORE_DAEMON"] = "0"  # a daemon the user runs never serves the tests (test_daemon starts its own)
 

@@ -16,7 +16,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from convstore.authmeta import parse_json
+    from convstore.core.authmeta import parse_json
     from convstore.errors import ConvstoreError, CorruptLayer
     from convstore.manifest import Manifest, chunk_table
     from convstore.stores.packs import SortedIndex, decode_index

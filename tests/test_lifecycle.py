@@ -13,7 +13,7 @@ from conftest import run_cli
 from imagebuilder import Entry, make_tar, rich_layer, write_oci
 
 import convstore
-from convstore.catalog import ACTIVE, FAILED, INACTIVE, PENDING
+from convstore.core.catalog import ACTIVE, FAILED, INACTIVE, PENDING
 from convstore.errors import ImageFailed, ImageInactive, ImagePending, KeyAccessDenied
 
 DAY = 86400.0
@@ -307,8 +307,8 @@ def test_cli_reactivation_runs_in_a_worker(tmp_path, cli_env):
 
 
 def test_transitions_outside_the_table_are_refused():
-    from convstore import lifecycle
-    from convstore.catalog import CatalogEntry
+    from convstore.core import lifecycle
+    from convstore.core.catalog import CatalogEntry
     from convstore.refs import ImageRef
 
     now = time.time()

@@ -24,7 +24,7 @@ from conftest import need_tool, run_cli
 from imagebuilder import Entry, make_tar, write_oci
 
 import convstore
-from convstore.catalog import ACTIVE, FAILED, INACTIVE
+from convstore.core.catalog import ACTIVE, FAILED, INACTIVE
 from convstore.errors import ImageFailed, ImageInactive
 
 DAY = 86400.0

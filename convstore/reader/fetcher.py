@@ -13,7 +13,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from ..chunks import Chunks
+from ..core.chunks import Chunks
 from ..errors import ChunkMissing
 from ..manifest import Manifest
 

@@ -17,8 +17,8 @@ from ..errors import ConvstoreError
 from ..manifest import Manifest
 from ..merge import Node, layer_tree, merge_layers
 from ..paths import MAX_LINKS, components
-from ..catalog import CatalogEntry
-from ..store import Store
+from ..core.catalog import CatalogEntry
+from ..core.repository import Repository
 from .fetcher import ChunkFetcher
 
 class FSError(ConvstoreError, OSError):
@@ -68,7 +68,7 @@ class ImageFS:
         self.inodes = tree.inodes
 
     @classmethod
-    def from_store(cls, store: Store, ref: str, *, cache_bytes: int = 256 << 20, workers: int = 16,
+    def from_store(cls, store: Repository, ref: str, *, cache_bytes: int = 256 << 20, workers: int = 16,
                    readahead: int = 8, prefetch_on_open: int = 0) -> ImageFS:
         """Open ``ref``: loads (and authenticates) its manifest, reads no chunk."""
         entry, manifest = store.open_image(ref)

@@ -48,15 +48,15 @@ from typing import Any, TypeVar
 
 import mfusepy
 
-from ..catalog import CatalogEntry
+from ..core.catalog import CatalogEntry
 from ..errors import ConvstoreError, ImageNotFound
-from ..lifecycle import ACTIVE
+from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
 from ..oci.media import check_digest
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
 from ..paths import components
-from ..store import Store
+from ..core.repository import Repository
 from .fetcher import ChunkFetcher
 from .fuse import ImageOperations
 from .imagefs import ImageFS, Stat
@@ -94,7 +94,7 @@ class LayerStore:
     """Layers by blob digest over a store's ACTIVE images, each served once
     as an :class:`ImageFS` of that layer alone (one chunk fetcher per image)."""
 
-    def __init__(self, store: Store, *, cache_bytes: int = 256 << 20, policy: Policy | None = None) -> None:
+    def __init__(self, store: Repository, *, cache_bytes: int = 256 << 20, policy: Policy | None = None) -> None:
         self.store = store
         self.policy = policy  # the node's trust policy: images it refuses are not served
         self.cache_bytes = cache_bytes
@@ -114,11 +114,11 @@ class LayerStore:
             self._scanned = time.monotonic()  # one rescan at a time, however many lookups miss
         found: dict[str, _Layer] = {}
         chains: dict[str, tuple[str, str]] = {}
-        for e in self.store.complete_images():
+        for e in self.store.catalog.complete():
             if e.state != ACTIVE:
                 continue
             try:
-                m = self.store.load_manifest(e)
+                m = self.store.manifests.load(e)
                 require_policy(self.policy, m, str(e.ref))
                 digests = [(check_digest(lr.digest), check_digest(lr.diff_id)) for lr in m.layers]
             except ConvstoreError as err:
@@ -186,7 +186,7 @@ class LayerStore:
     def _start_profile(self, key: str, entry: CatalogEntry, fetcher: ChunkFetcher) -> None:
         """The image's start-up profile (as ``convstore run`` records and uses
         it): prefetched when there is one, else recorded for a while."""
-        profile = self.store.load_profile(entry)
+        profile = self.store.manifests.load_profile(entry)
         if profile:
             fetcher.prefetch_profile(profile)
             return
@@ -203,7 +203,7 @@ class LayerStore:
             recorded = fetcher.stop_recording()
         if recorded:
             try:
-                self.store.save_profile(entry, recorded)
+                self.store.manifests.save_profile(entry, recorded)
             except (ConvstoreError, OSError) as e:
                 log.warning("layer store: cannot save the start-up profile of %s: %s", entry.ref, e)
 
@@ -359,7 +359,7 @@ class LayerStoreOperations(ImageOperations):
 
 
 
-def serve_layerstore(store: Store, mountpoint: str, stats_file: str | None = None, *,
+def serve_layerstore(store: Repository, mountpoint: str, stats_file: str | None = None, *,
                      policy: Policy | None = None) -> None:
     """Serve the layer store at ``mountpoint`` until unmounted (only images ``policy`` accepts)."""
     from .fuse import serve

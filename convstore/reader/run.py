@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import ConvstoreError
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
-from ..store import Store
+from ..core.repository import Repository
 from .fuse import BackgroundMount
 from .imagefs import FSError, ImageFS
 
@@ -230,7 +230,7 @@ def _run_runc(runc: str, bundle: str, cid: str, stdout: Any, stderr: Any) -> tup
     return p.wait(), failed, msg
 
 
-def run_image(store: Store, ref: str, command: list[str] | None = None, *, runtime: str = "auto",
+def run_image(store: Repository, ref: str, command: list[str] | None = None, *, runtime: str = "auto",
               prefetch: bool = True, record: bool | None = None, fs: ImageFS | None = None,
               stdout: Any = None, stderr: Any = None, policy: Policy | None = None) -> RunResult:
     """Run ``ref``'s Entrypoint/Cmd (or ``command``) from a lazy FUSE mount.
@@ -244,12 +244,12 @@ def run_image(store: Store, ref: str, command: list[str] | None = None, *, runti
         raise RunError("convstore run needs root (FUSE allow_other, namespaces, runc)")
     if fs is None:
         fs = ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN)
-    entry = fs.entry if fs.entry is not None else store.entry(ref)
+    entry = fs.entry if fs.entry is not None else store.catalog.entry(ref)
     manifest = fs.manifest
     require_policy(policy, manifest, ref)
     config = json.loads(manifest.config_bytes)
     profile_state = "none"
-    profile = store.load_profile(entry) if prefetch or record is None else None
+    profile = store.manifests.load_profile(entry) if prefetch or record is None else None
     if prefetch and profile:
         # queued from a thread: starting the fetcher's workers costs the main thread tens of ms,
         # which overlap the mount and runc's start this way (a read that comes first shares the fetch)
@@ -299,7 +299,7 @@ def run_image(store: Store, ref: str, command: list[str] | None = None, *, runti
         shutil.rmtree(work, ignore_errors=True)
     recorded = fs.fetcher.stop_recording()
     if recorded:
-        store.save_profile(entry, recorded)
+        store.manifests.save_profile(entry, recorded)
         profile_state = f"recorded {len(recorded)}"
     return RunResult(code, used, time.perf_counter() - t0, fs.fetcher.stats.to_json(), read_calls, read_bytes,
                      profile_state, fs.warnings[:20])

@@ -47,7 +47,7 @@ from typing import Any
 from ..errors import ConvstoreError
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
-from ..store import Store
+from ..core.repository import Repository
 from . import containerd_api as api
 from .ctrfilter import FilterError, Subject, parse_all
 from .fuse import BackgroundMount
@@ -91,7 +91,7 @@ class SnapshotError(Exception):
 class Snapshotter:
     """The snapshot model over ``root`` and a convstore store."""
 
-    def __init__(self, store: Store, root: str, policy: Policy | None = None) -> None:
+    def __init__(self, store: Repository, root: str, policy: Policy | None = None) -> None:
         self._grpc = _grpc()
         self.root = os.path.abspath(root)
         if "," in self.root or ":" in self.root:
@@ -416,7 +416,7 @@ class Snapshotter:
         return grpc.method_handlers_generic_handler(api.SERVICE, handlers)
 
 
-def serve_snapshotter(store: Store, root: str, socket_path: str, stats_file: str | None = None, *,
+def serve_snapshotter(store: Repository, root: str, socket_path: str, stats_file: str | None = None, *,
                       policy: Policy | None = None) -> None:
     """Serve on the unix socket ``socket_path`` until SIGINT/SIGTERM; what
     the layers fetched goes to ``stats_file`` as the layer store writes it."""
@@ -456,7 +456,7 @@ def serve_snapshotter(store: Store, root: str, socket_path: str, stats_file: str
             writer.join(timeout=5)
 
 
-def load_into_containerd(store: Store, ref: str, address: str, *, name: str | None = None,
+def load_into_containerd(store: Repository, ref: str, address: str, *, name: str | None = None,
                          namespace: str = "default", snapshotter: str = "convstore",
                          policy: Policy | None = None) -> str:
     """Make image ``ref`` of ``store`` an image of the containerd at

@@ -4,7 +4,7 @@ Two stores make a backend:
 
 * :class:`ChunkStore` -- encrypted chunk blobs by chunk id: write-once,
   immutable, many of them (a backend packs them into larger files or blobs).
-  Chunks are stored and read only through :mod:`convstore.chunks`; gc and
+  Chunks are stored and read only through :mod:`convstore.core.chunks`; gc and
   verify also use its index operations (``unreferenced``, ``compact``,
   ``check_index``, ``repair_index``, ``clean_leftovers``) directly.
 * :class:`ObjectStore` -- the small metadata store: ``/``-separated keys to

@@ -3,7 +3,7 @@
 ``store.json`` holds the store id (bound into every wrapped key and sealed
 object, so objects copied into another store do not open there) and the
 store's metadata key wrapped by the master key under ``{"purpose":
-"metadata", "store": <id>}`` (see :mod:`convstore.authmeta`).  A changed id
+"metadata", "store": <id>}`` (see :mod:`convstore.core.authmeta`).  A changed id
 cannot unwrap the metadata key, so the identity is authenticated too.
 """
 
@@ -18,9 +18,9 @@ import uuid
 from typing import Any
 
 from .authmeta import MetadataKey, parse_json
-from .errors import CorruptObject, KeyAccessDenied, StoreError, StoreFormatError, TamperedObject
-from .keys import KeyProvider
-from .stores.base import ObjectStore
+from ..errors import CorruptObject, KeyAccessDenied, StoreError, StoreFormatError, TamperedObject
+from ..keys import KeyProvider
+from ..stores.base import ObjectStore
 
 STORE_FORMAT = "convstore-store"
 STORE_VERSION = 2  # 2: authenticated metadata (a metadata key wrapped in store.json)

@@ -1,7 +1,7 @@
 """Rollback protection: what this client has already seen of each store.
 
 A store writer without the master key cannot forge or edit metadata
-(:mod:`convstore.authmeta`), but it can put back an *older* authentic version
+(:mod:`convstore.core.authmeta`), but it can put back an *older* authentic version
 of an object: a catalog entry that served the previous image, or a domain
 record from before an epoch rotation.  Like TUF's snapshot and timestamp
 roles, the client remembers the newest version it has seen and refuses to go
@@ -46,7 +46,7 @@ from typing import Any
 
 import platformdirs
 
-from .errors import RollbackDetected, StoreError
+from ..errors import RollbackDetected, StoreError
 
 TRUST_FORMAT = "convstore-trust"
 TRUST_VERSION = 1

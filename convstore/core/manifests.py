@@ -23,13 +23,13 @@ from blake3 import blake3
 
 from .catalog import CatalogEntry
 from .chunks import Chunks
-from .crypto import layer_index_name, seal, unseal
+from ..crypto import layer_index_name, seal, unseal
 from .domains import Domain
-from .errors import ConvstoreError, CorruptObject, ImagePending, KeyAccessDenied, StoreError, StoreFormatError
-from .keys import KeyProvider
-from .manifest import LayerRecord, Manifest, chunk_table
-from .storeid import StoreIdentity, check_key_id
-from .stores.base import ObjectStore
+from ..errors import ConvstoreError, CorruptObject, ImagePending, KeyAccessDenied, StoreError, StoreFormatError
+from ..keys import KeyProvider
+from ..manifest import LayerRecord, Manifest, chunk_table
+from .identity import StoreIdentity, check_key_id
+from ..stores.base import ObjectStore
 
 LAYER_INDEX_VERSION = 2
 
@@ -167,3 +167,51 @@ class ManifestStore:
         if not all(chunks.has(m.chunks[i].cid, m.hint(i)) for i in set(layer.chunks)):
             return None
         return m, layer
+
+    # -- what gc and rekey need: the owner of manifests/, profiles/ and layers/ ----
+    def usage(self, *, derived: bool = False) -> int:
+        """Bytes of the sealed manifests (``derived``: with profiles and layer-index records)."""
+        return sum(self.objects.usage(p) for p in (("manifests", "profiles", "layers") if derived else ("manifests",)))
+
+    def dead(self, keep: set[str]) -> tuple[list[str], int, list[str]]:
+        """What no kept manifest (``keep``: digest hex) needs: (manifest keys, their bytes, the keys of
+        profiles and layer-index records -- of removed images, or failing authentication)."""
+        manifests = [k for k in self.objects.list("manifests") if k.split("/", 1)[1] not in keep]
+        size = sum(self.objects.size(k) for k in manifests)
+        others = [k for k in self.objects.list("profiles") if k.split("/", 1)[1] not in keep]
+        for k, rec in self.layer_records():
+            try:
+                if rec is None or rec["manifest"].split(":", 1)[1] not in keep:
+                    others.append(k)
+            except (KeyError, TypeError, AttributeError):
+                others.append(k)
+        return manifests, size, others
+
+    def delete(self, keys: list[str]) -> None:
+        """Drop manifests, profiles and layer-index records (gc's sweep)."""
+        self.objects.delete_many(keys)
+
+    def rewrap_layer_records(self, old: KeyProvider, new: KeyProvider) -> tuple[int, int]:
+        """Re-wrap the data key every layer-index record carries under ``new``: (re-wrapped, skipped).
+        A record that fails authentication or whose key ``old`` cannot open is dropped (a hint: losing it
+        only costs a re-read).  Durable when it returns."""
+        done = skipped = 0
+        for k, maybe in self.layer_records():
+            if maybe is None:
+                self.objects.delete(k)  # fails authentication: a hint nobody may trust
+                continue
+            rec = maybe
+            if rec.get("key_id") == new.key_id:
+                skipped += 1
+                continue
+            ctx = self.context(rec["image"], rec["manifest"])
+            try:
+                dek = old.unwrap(base64.b64decode(rec["wrapped_key"]), ctx)
+            except Exception:
+                self.objects.delete(k)  # a stale hint: dropping it only costs a re-read
+                continue
+            rec.update(key_id=new.key_id, wrapped_key=base64.b64encode(new.wrap(dek, ctx)).decode())
+            self.put_layer_record(k, rec)
+            done += 1
+        self.objects.flush()
+        return done, skipped

@@ -16,6 +16,7 @@ atomically under a per-ref lock.  States (the product's lifecycle):
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import hashlib
 import logging
@@ -27,7 +28,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import (
+from ..errors import (
     CorruptObject,
     ImageNotFound,
     RollbackDetected,
@@ -35,14 +36,14 @@ from .errors import (
     StoreFormatError,
     TamperedObject,
 )
-from .refs import ImageRef
-from .storeid import StoreIdentity
-from .stores.base import ObjectStore
+from ..refs import ImageRef
+from .identity import StoreIdentity
+from ..stores.base import ObjectStore
 from .trust import TrustState
 
 log = logging.getLogger("convstore")
 
-REF_VERSION = 3  # 2: MAC-authenticated (convstore.authmeta), with seq; 3: source_manifest, source_config
+REF_VERSION = 3  # 2: MAC-authenticated (convstore.core.authmeta), with seq; 3: source_manifest, source_config
 READABLE_REF_VERSIONS = (2, 3)  # a version-2 entry records no source digests (a re-pack falls back to its manifest)
 PENDING, ACTIVE, INACTIVE, FAILED = "pending", "active", "inactive", "failed"
 STATES = (PENDING, ACTIVE, INACTIVE, FAILED)
@@ -86,7 +87,7 @@ class CatalogEntry:
     last_read: float = 0.0
     pending: dict[str, Any] | None = None
     history: tuple[dict[str, Any], ...] = ()
-    #: grows with every write of this entry (rollback protection, convstore.trust)
+    #: grows with every write of this entry (rollback protection, convstore.core.trust)
     seq: int = 0
     #: the convergence domain the current version was packed in (a re-pack goes back into it)
     domain: str = ""
@@ -159,8 +160,8 @@ class CatalogEntry:
 
 class Catalog:
     """The catalog of one store: ``refs/<name>:<tag>`` entries, each
-    MAC-authenticated and bound to its name and tag (:mod:`convstore.authmeta`),
-    checked against this client's trust state (:mod:`convstore.trust`), and
+    MAC-authenticated and bound to its name and tag (:mod:`convstore.core.authmeta`),
+    checked against this client's trust state (:mod:`convstore.core.trust`), and
     replaced atomically under a per-ref lock."""
 
     def __init__(self, objects: ObjectStore, ident: StoreIdentity, trust: TrustState):
@@ -188,10 +189,12 @@ class Catalog:
         self.trust.check_entry(str(r), e.seq, e.manifest_digest)
         return e
 
-    def update(self, r: ImageRef, change: Callable[[CatalogEntry | None], CatalogEntry | None]) -> CatalogEntry | None:
+    def update(self, ref: ImageRef | str,
+               change: Callable[[CatalogEntry | None], CatalogEntry | None]) -> CatalogEntry | None:
         """Read-modify-write one entry under its lock; ``change`` returns the
         new entry, or None to remove it.  A registry has no locks: there an
         update is last-writer-wins (one tag PUT)."""
+        r = ImageRef.parse(ref) if isinstance(ref, str) else ref
         with self._ref_lock(r):
             cur = self.read(r)
             new = change(cur)
@@ -212,7 +215,8 @@ class Catalog:
         with self._ref_lock(r):
             self.objects.delete(r.key)
 
-    def entry(self, r: ImageRef) -> CatalogEntry:
+    def entry(self, ref: ImageRef | str) -> CatalogEntry:
+        r = ImageRef.parse(ref) if isinstance(ref, str) else ref
         e = self.read(r)
         if e is None:
             raise ImageNotFound(f"no image {r} in the store")
@@ -239,3 +243,7 @@ class Catalog:
                 if problems is not None:
                     problems[k.removeprefix("refs/")] = str(err)
         return sorted(out, key=lambda e: (e.ref.name, e.ref.tag))
+
+    def complete(self, *, strict: bool = False) -> builtins.list[CatalogEntry]:
+        """Every entry that names a published version (not a first pack still PENDING)."""
+        return [e for e in self.list(strict=strict) if e.complete]

@@ -11,14 +11,15 @@ from __future__ import annotations
 import base64
 import re
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .crypto import domain_chunk_key, domain_layer_key
-from .errors import InvalidReference, StoreError, StoreFormatError, TamperedObject
-from .keys import KeyProvider
-from .storeid import StoreIdentity, check_key_id, now_iso
-from .stores.base import ObjectStore
+from ..crypto import domain_chunk_key, domain_layer_key
+from ..errors import InvalidReference, StoreError, StoreFormatError, TamperedObject
+from ..keys import KeyProvider
+from .identity import StoreIdentity, check_key_id, now_iso
+from ..stores.base import ObjectStore
 from .trust import TrustState
 
 DOMAIN_VERSION = 2  # 2: MAC-authenticated
@@ -124,7 +125,7 @@ class Domains:
     def rotate(self, name: str) -> dict[str, Any]:
         """Start a new epoch: a new secret, so new chunks no longer dedup with
         older ones; older images stay readable (their manifests hold their keys)."""
-        with self.objects.lock(f"domain-{name}"):
+        with self._lock(name):
             try:
                 rec = self.record(name)
             except KeyError:
@@ -139,9 +140,32 @@ class Domains:
         self._open.pop(name, None)
         return rec
 
+    def _lock(self, name: str) -> AbstractContextManager[None]:
+        """The lock of one domain record (rotate and rekey replace it under this)."""
+        return self.objects.lock(f"domain-{name}")
+
+    def names(self) -> list[str]:
+        return [k.split("/", 1)[1] for k in sorted(self.objects.list("domains"))]
+
+    def rewrap(self, old: KeyProvider, new: KeyProvider) -> tuple[int, int]:
+        """Re-wrap every domain secret under ``new``, each record under its lock: (re-wrapped, skipped)."""
+        done = skipped = 0
+        for name in self.names():
+            with self._lock(name):
+                rec = self.record(name)
+                if rec["key_id"] == new.key_id:
+                    skipped += 1
+                    continue
+                ctx = self.context(rec)
+                secret = old.unwrap(base64.b64decode(rec["wrapped_secret"]), ctx)
+                rec = dict(rec, key_id=new.key_id, wrapped_secret=base64.b64encode(new.wrap(secret, ctx)).decode())
+                self.write(rec)
+                done += 1
+        return done, skipped
+
     def list(self) -> list[dict[str, Any]]:
         out = []
-        for k in sorted(self.objects.list("domains")):
-            rec = self.record(k.split("/", 1)[1])
+        for name in self.names():
+            rec = self.record(name)
             out.append({k2: rec.get(k2) for k2 in ("name", "epoch", "id", "key_id", "created", "epochs")})
         return out

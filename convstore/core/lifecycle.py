@@ -1,10 +1,11 @@
 """The image lifecycle: every transition of a catalog entry, in one place.
 
 Each function takes the current entry (or None) and returns the new one (or
-None to remove it).  They are pure: :meth:`Store.update_entry` runs them
-under the entry's lock and writes (and authenticates) the result.  Only the
-transitions in :data:`TRANSITIONS` are allowed; :meth:`CatalogEntry.transition`
-refuses any other.
+None to remove it).  They are pure: :meth:`Catalog.update
+<convstore.core.catalog.Catalog.update>` runs them under the entry's lock and
+writes (and authenticates) the result.  Only the transitions in
+:data:`TRANSITIONS` are allowed: :func:`_to`, the one place a state changes,
+refuses any other (:meth:`CatalogEntry.transition` only records one).
 
 ======== ============ ============================== ===================================
 from     to           function                       trigger
@@ -37,8 +38,8 @@ from dataclasses import replace
 from typing import Any
 
 from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, CatalogEntry, iso, pid_alive
-from .errors import ImageChanged, ImageNotFound, ImagePending
-from .refs import ImageRef
+from ..errors import ImageChanged, ImageNotFound, ImagePending
+from ..refs import ImageRef
 
 NEW = "new"
 #: (from, to) pairs a transition may make; (s, s) pairs record an event without a state change

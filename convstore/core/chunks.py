@@ -22,10 +22,10 @@ import hmac
 import logging
 from collections.abc import Iterable, Iterator
 
-from .crypto import ChunkIdentity, decrypt_chunk
-from .errors import ChunkMissing, ConvstoreError, CorruptObject
-from .crypto import encrypt_chunk
-from .stores.base import ChunkStore, Location, ObjectStore
+from ..crypto import ChunkIdentity, decrypt_chunk
+from ..errors import ChunkMissing, ConvstoreError, CorruptObject
+from ..crypto import encrypt_chunk
+from ..stores.base import ChunkStore, Location, ObjectStore
 
 QUARANTINE = "quarantine/"
 log = logging.getLogger("convstore")
@@ -156,3 +156,11 @@ class Chunks:
 
     def usage(self) -> int:
         return self.store.usage()
+
+    # -- the quarantine (``quarantine/<cid hex>``: evidence, kept until gc) ----
+    def quarantined(self) -> list[str]:
+        """The keys of quarantined blobs."""
+        return list(self.objects.list(QUARANTINE.rstrip("/")))
+
+    def drop_quarantined(self, keys: list[str]) -> None:
+        self.objects.delete_many(keys)

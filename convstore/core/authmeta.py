@@ -17,7 +17,7 @@ Construction: ``mac = BLAKE3-keyed(K_kind, identity || 0x00 || body)``, with
 ``K_kind = BLAKE3-derive_key("convstore v2 metadata mac " + kind, K_meta)``
 and ``body`` the object's canonical JSON (sorted keys, compact, without the
 ``mac`` field).  Compared in constant time.  Replay of an *older* version of
-the same object is not caught here; :mod:`convstore.trust` does that for a
+the same object is not caught here; :mod:`convstore.core.trust` does that for a
 client that keeps state.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 from blake3 import blake3
 
-from .errors import CorruptObject, TamperedObject
+from ..errors import CorruptObject, TamperedObject
 
 KINDS = ("entry", "domain", "layer")
 MAC_FIELD = "mac"
