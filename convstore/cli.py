@@ -790,7 +790,7 @@ def daemon(
     command without it."""
     import importlib
 
-    from . import daemon as d
+    from .daemon import server as d
 
     path = socket_path or d.socket_path()
     if status or stop:
