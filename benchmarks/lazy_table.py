@@ -30,7 +30,8 @@ from corpus_bench import CORPUS_DIR, IMAGES, ensure_corpus, new_store  # noqa: E
 import convstore  # noqa: E402
 from convstore.reader import ImageFS  # noqa: E402
 from convstore.reader.fuse import BackgroundMount  # noqa: E402
-from convstore.reader.run import PREFETCH_ON_OPEN, _runc_bundle, process_spec, run_image  # noqa: E402
+from convstore.engines.run import _runc_bundle, process_spec, run_image  # noqa: E402
+from convstore.reader.imagefs import PREFETCH_ON_OPEN  # noqa: E402
 
 SETTINGS = [(0.002, 200e6), (0.020, 100e6)]
 

@@ -104,7 +104,7 @@ def fuse_load(w: Path, env: dict[str, str], seconds: float) -> dict[str, object]
 def starts(w: Path, env: dict[str, str], runs: int) -> dict[str, object]:
     import convstore
     from convstore.reader import ImageFS
-    from convstore.reader.run import _runc_bundle, process_spec
+    from convstore.engines.run import _runc_bundle, process_spec
 
     store = convstore.Store.open(env["CONVSTORE_STORE"], env["CONVSTORE_KEY"])
     cli(env, "run", "app1:latest")  # records the start-up profile

@@ -15,7 +15,7 @@ def main() -> None:
 
         sys.stdout.write(f"convstore {__version__}\n")
         return
-    from .daemon_client import run_via_daemon
+    from .daemon.client import run_via_daemon
 
     code = run_via_daemon(sys.argv[1:])  # the user's `convstore daemon`, when one runs
     if code is not None:

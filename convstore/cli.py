@@ -644,14 +644,9 @@ def mount(
         _mount_in_background({"op": "mount", "ref": ref, "mountpoint": os.path.abspath(mountpoint),
                               "policy": node_policy.path}, mountpoint, ref)
         return
-    from .oci.policy import require
-    from .reader import ImageFS
-    from .reader.fuse import serve
-    from .reader.run import PREFETCH_ON_OPEN
+    from .reader.fuse import mount_image
 
-    with ImageFS.from_store(_store(), ref, prefetch_on_open=PREFETCH_ON_OPEN) as fs:
-        require(node_policy, fs.manifest, ref)
-        serve(fs, mountpoint)
+    mount_image(_store(), ref, mountpoint, policy=node_policy)
 
 
 @app.command()
@@ -670,9 +665,9 @@ def layerstore(
         _mount_in_background({"op": "layerstore", "mountpoint": os.path.abspath(mountpoint), "stats_file": stats,
                               "policy": node_policy.path}, mountpoint, "the layer store")
         return
-    from .reader.layerstore import serve_layerstore
+    from .engines.layerstore import LayerStore, serve_layerstore
 
-    serve_layerstore(_store(), mountpoint, stats, policy=node_policy)
+    serve_layerstore(LayerStore(_store(), policy=node_policy), mountpoint, stats)
 
 
 @app.command()
@@ -685,10 +680,11 @@ def snapshotter(
     policy: Optional[str] = _policy_option(),
 ) -> None:
     """Serve containerd's snapshots API (a proxy snapshotter) with the store's layers (docs/engines.md)."""
-    from .reader.snapshotter import serve_snapshotter
+    from .engines.layerstore import LayerStore
+    from .engines.snapshotter import serve_snapshotter
 
-    serve_snapshotter(_store(), root, socket, os.path.abspath(stats_file) if stats_file else None,
-                      policy=_policy(policy))
+    serve_snapshotter(LayerStore(_store(), policy=_policy(policy)), root, socket,
+                      os.path.abspath(stats_file) if stats_file else None)
 
 
 @app.command("containerd-load")
@@ -704,7 +700,7 @@ def containerd_load(
     policy: Optional[str] = _policy_option(),
 ) -> None:
     """Make an image of the store a containerd image whose layers come from `convstore snapshotter`, lazily."""
-    from .reader.snapshotter import load_into_containerd
+    from .engines.snapshotter import load_into_containerd
 
     got = load_into_containerd(_store(), ref, address, name=name, namespace=namespace, snapshotter=snapshotter_name,
                                policy=_policy(policy))
@@ -757,7 +753,7 @@ def run(
     """Run an image's Entrypoint/Cmd (or CMD) from a lazy read-only mount; exit with its code."""
     if runtime not in ("auto", "runc", "chroot"):
         raise typer.BadParameter("--runtime must be auto, runc or chroot")
-    from .reader.run import run_image
+    from .engines.run import run_image
 
     r = run_image(_store(), ref, command or None, runtime=runtime, prefetch=prefetch, record=record,
                   policy=_policy(policy))
@@ -771,7 +767,7 @@ def run(
 
 # What a daemon imports before it forks its first command: every command's modules.
 _PRELOAD = ("convstore.pack", "convstore.unpack", "convstore.maintenance", "convstore.core.lifecycle",
-            "convstore.reader.run", "convstore.reader.layerstore", "convstore.stores.registry",
+            "convstore.engines.run", "convstore.engines.layerstore", "convstore.stores.registry",
             "convstore.stores.cache", "convstore.worker", "rich.console", "rich.progress", "rich.table",
             "platformdirs")
 
@@ -792,7 +788,7 @@ def daemon(
     command without it."""
     import importlib
 
-    from . import daemon as d
+    from .daemon import server as d
 
     path = socket_path or d.socket_path()
     if status or stop:

@@ -78,7 +78,7 @@ def spawn_repack(options: StoreOptions, e: CatalogEntry) -> None:
 
 def run_task(doc: dict[str, Any]) -> None:
     from .core.repository import Repository
-    from .oci.policy import load_policy, require
+    from .oci.policy import load_policy
 
     options = StoreOptions.from_json(doc["options"])
     task = doc["task"]
@@ -89,17 +89,13 @@ def run_task(doc: dict[str, Any]) -> None:
 
         repack(store, task["ref"])  # source, digests and domain from the authenticated entry
     elif task["op"] == "mount":
-        from .reader import ImageFS
-        from .reader.fuse import serve
-        from .reader.run import PREFETCH_ON_OPEN
+        from .reader.fuse import mount_image
 
-        with ImageFS.from_store(store, task["ref"], prefetch_on_open=PREFETCH_ON_OPEN) as fs:
-            require(policy, fs.manifest, task["ref"])
-            serve(fs, task["mountpoint"])
+        mount_image(store, task["ref"], task["mountpoint"], policy=policy)
     elif task["op"] == "layerstore":
-        from .reader.layerstore import serve_layerstore
+        from .engines.layerstore import LayerStore, serve_layerstore
 
-        serve_layerstore(store, task["mountpoint"], task.get("stats_file"), policy=policy)
+        serve_layerstore(LayerStore(store, policy=policy), task["mountpoint"], task.get("stats_file"))
     else:
         raise ConvstoreError(f"unknown worker task {task.get('op')!r}")
 

@@ -327,7 +327,7 @@ def test_another_user_is_refused():
         assert p.stdout.strip() == "0"  # closed without a word
         # and a client does not hand its descriptors to another user's socket: it runs the command itself
         client = ("import sys; sys.path.insert(0, sys.argv[1])\n"
-                  "from convstore.daemon_client import run_via_daemon\n"
+                  "from convstore.daemon.client import run_via_daemon\n"
                   "print(run_via_daemon(['images']))\n")
         p = subprocess.run([system_python, "-c", client, str(REPO)], capture_output=True, text=True, timeout=60,
                            user=NOBODY, env={"CONVSTORE_DAEMON_SOCKET": str(sock), "PATH": "/usr/bin:/bin"})
@@ -340,11 +340,11 @@ def test_another_user_is_refused():
 
 
 def test_the_wire_format_is_checked(daemon, image_dir):
-    from convstore.daemon_client import encode_request
+    from convstore.daemon.protocol import encode_request
 
     sock = daemon["CONVSTORE_DAEMON_SOCKET"]
     # the installed convstore's fingerprint, as a client outside the checkout computes it
-    fp = subprocess.run([sys.executable, "-c", "from convstore.daemon_client import fingerprint; "
+    fp = subprocess.run([sys.executable, "-c", "from convstore.daemon.protocol import fingerprint; "
                          "import sys; sys.stdout.write(fingerprint())"], env=daemon, cwd=image_dir,
                         capture_output=True, text=True, check=True).stdout
 
@@ -580,7 +580,7 @@ def test_a_trickling_client_holds_up_no_other(daemon, image_dir):
 # the process that connects hands the connection to its child and exits; the child sends the request
 _RACER = r"""
 import os, socket, struct, sys
-from convstore.daemon_client import encode_request, fingerprint, recv_frame, send_message
+from convstore.daemon.protocol import encode_request, fingerprint, recv_frame, send_message
 s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])
 go, out = int(sys.argv[2]), int(sys.argv[3])
@@ -673,8 +673,8 @@ def test_a_request_sent_after_the_connecting_process_exited_is_refused(daemon, i
 _SERVER = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-from convstore.daemon import Daemon, DaemonError
-from convstore.daemon_client import socket_path
+from convstore.daemon.server import Daemon, DaemonError
+from convstore.daemon.protocol import socket_path
 d = Daemon(socket_path(), lambda prog: sys.exit(42), "test")
 try:
     d.bind()
@@ -687,7 +687,7 @@ d.serve()
 _CLIENT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-from convstore.daemon_client import run_via_daemon
+from convstore.daemon.client import run_via_daemon
 print(run_via_daemon(["images"]))
 """
 

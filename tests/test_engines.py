@@ -267,8 +267,8 @@ def test_containerd_namespace_cannot_plant_a_layer_under_another(tmp_path: Path,
     container started in `default` must still run on convstore's layer."""
     import grpc
 
-    from convstore.reader import containerd_api as api
-    from convstore.reader.layerstore import chain_ids
+    from convstore.engines import containerd_api as api
+    from convstore.engines.layerstore import chain_ids
 
     need_tool("containerd")
     need_tool("ctr")
@@ -334,15 +334,15 @@ def test_containerd_namespace_cannot_plant_a_layer_under_another(tmp_path: Path,
 def snapshotter_obj(tmp_path: Path, store: convstore.Store):
     """The snapshot model over a store holding the two-layer image (its gRPC methods called directly; no mount)."""
     pytest.importorskip("grpc")
-    from convstore.reader.layerstore import chain_ids
-    from convstore.reader.snapshotter import Snapshotter
+    from convstore.engines.layerstore import LayerMount, LayerStore, chain_ids
+    from convstore.engines.snapshotter import Snapshotter
 
     layout = tmp_path / "img"
     write_oci(str(layout), _layers())
     store.pack(f"oci:{layout}:latest", "two:1")
     _, manifest = store.open_image("two:1")
     chains = [c for c, _ in chain_ids([lr.diff_id for lr in manifest.layers])]
-    snap = Snapshotter(store, str(tmp_path / "snaps"))
+    snap = Snapshotter(str(tmp_path / "snaps"), LayerMount(LayerStore(store), str(tmp_path / "snaps" / "layers")))
     yield snap, chains
     snap.layers.close()
 
@@ -355,8 +355,8 @@ def test_snapshotter_lookup_is_answered_by_convstore_layers_only(snapshotter_obj
     """Within one namespace too: a client's snapshot labelled with a stored
     chain ID (at Commit and Update) never becomes the answer to
     containerd's remote-snapshot lookup, and List honours its filter."""
-    from convstore.reader import containerd_api as api
-    from convstore.reader.snapshotter import REF_LABEL, SnapshotError
+    from convstore.engines import containerd_api as api
+    from convstore.engines.snapshotter import REF_LABEL, SnapshotError
 
     snap, (c0, c1) = snapshotter_obj
     ns = "default/"
@@ -389,8 +389,8 @@ def test_snapshotter_bounds_keys_labels_and_answers(snapshotter_obj, tmp_path: P
     """Labels are bounded as containerd bounds them (key + value 4096 bytes),
     and a snapshot's label set too; List answers stay far under gRPC's 4 MiB
     message limit; a change writes what changed, not the whole state."""
-    from convstore.reader import containerd_api as api
-    from convstore.reader.snapshotter import SnapshotError
+    from convstore.engines import containerd_api as api
+    from convstore.engines.snapshotter import SnapshotError
 
     snap, _ = snapshotter_obj
     with pytest.raises(SnapshotError) as e:
@@ -541,8 +541,9 @@ def test_snapshotter_state_upgrade_and_version(tmp_path: Path, store: convstore.
     pytest.importorskip("grpc")
     import sqlite3
 
-    from convstore.reader import containerd_api as api
-    from convstore.reader.snapshotter import REF_LABEL, Snapshotter
+    from convstore.engines import containerd_api as api
+    from convstore.engines.layerstore import LayerMount, LayerStore
+    from convstore.engines.snapshotter import REF_LABEL, Snapshotter
 
     root = tmp_path / "snaps"
     root.mkdir(mode=0o700)
@@ -552,7 +553,7 @@ def test_snapshotter_state_upgrade_and_version(tmp_path: Path, store: convstore.
               "default/3/fake": {"kind": 3, "parent": chain, "labels": {REF_LABEL: "sha256:" + "d" * 64, "x": "y"},
                                  "created": 1.0, "updated": 1.0, "id": "0123456789abcdef", "remote": ""}}
     (root / "metadata.json").write_text(json.dumps(legacy))
-    snap = Snapshotter(store, str(root))
+    snap = Snapshotter(str(root), LayerMount(LayerStore(store), str(root / "layers")))
     try:
         infos = {i.name: dict(i.labels) for r in snap.List(api.ListSnapshotsRequest()) for i in r.info}
         assert infos["default/3/fake"] == {"x": "y"}
@@ -564,7 +565,7 @@ def test_snapshotter_state_upgrade_and_version(tmp_path: Path, store: convstore.
     with sqlite3.connect(root / "metadata.db") as db:
         db.execute("PRAGMA user_version=7")
     with pytest.raises(convstore.ConvstoreError) as e:
-        Snapshotter(store, str(root))
+        Snapshotter(str(root), LayerMount(LayerStore(store), str(root / "layers")))
     assert "format 7" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -607,7 +608,7 @@ def test_containerd_filter_syntax() -> None:
     """containerd's filter grammar as its snapshot service sends it: quoted
     field paths and values (Go escapes), ==, !=, ~=, presence, ',' for all
     and several filters for any; anything else is refused."""
-    from convstore.reader.ctrfilter import FilterError, Subject, parse_all
+    from convstore.engines.ctrfilter import FilterError, Subject, parse_all
 
     a = Subject("default/3/x", "", "committed", {"containerd.io/snapshot.ref": "sha256:ab", "a.b": "1"})
     b = Subject("sha256:ab", "p", "active", {})

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -267,7 +268,7 @@ def test_node_policy_at_start_refuses_unsigned_and_starts_signed(tmp_path, signi
 
 def test_layer_store_serves_only_images_the_node_policy_accepts(tmp_path, signing, cli_env):
     """The check behind `convstore layerstore` and `convstore snapshotter` (both serve a LayerStore)."""
-    from convstore.reader.layerstore import LayerStore
+    from convstore.engines.layerstore import LayerStore
 
     _pack_signed_and_unsigned(tmp_path, signing, cli_env)
     store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"], insecure=True)
@@ -279,6 +280,39 @@ def test_layer_store_serves_only_images_the_node_policy_accepts(tmp_path, signin
     open_ls = LayerStore(store)
     open_ls.scan()
     assert open_ls.layer(digest["b"]) is not None  # without a node policy both are served
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the layer store mounts for every user (FUSE allow_other)")
+def test_layerstore_command_serves_only_images_the_node_policy_accepts(tmp_path, signing, cli_env):
+    """`convstore layerstore --policy`, in the foreground and through its background worker: the command
+    line builds the LayerStore it serves, and the node policy goes with it."""
+    _pack_signed_and_unsigned(tmp_path, signing, cli_env)
+    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    digest = {n: store.manifest(f"app:{n}").layers[0].digest for n in ("a", "b")}
+    node = policy_file(tmp_path / "node.json", sigstore_policy(signing["host"], signing["key"]))
+    ref_dir = base64.b64encode(b"registry.example/any:1").decode()  # the engine's image reference: any
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for background in (True, False):
+        args = ["layerstore", *(["--background"] if background else []), "--policy", str(node), str(mnt)]
+        fg = None if background else subprocess.Popen([sys.executable, "-m", "convstore", *args], env=cli_env,
+                                                      stderr=subprocess.PIPE)
+        if background:
+            run_cli(cli_env, *args)
+        try:
+            deadline = time.monotonic() + 30
+            while not os.path.ismount(mnt):
+                assert fg is None or fg.poll() is None, fg.stderr.read() if fg and fg.stderr else ""
+                assert time.monotonic() < deadline, "the layer store did not mount"
+                time.sleep(0.05)
+            served = os.listdir(mnt / ref_dir)
+            assert digest["a"] in served and digest["b"] not in served, (background, served)
+            assert (mnt / ref_dir / digest["a"] / "info").is_file()
+            assert not (mnt / ref_dir / digest["b"]).exists()
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+            if fg is not None:
+                fg.wait(timeout=30)
 
 
 def test_require_rechecks_the_sealed_source_manifest(tmp_path, signing, cli_env):
@@ -448,13 +482,15 @@ def test_the_record_travels_with_push_and_pull(tmp_path, signing, cli_env):
 def test_snapshotter_and_containerd_load_apply_the_node_policy(tmp_path, signing, cli_env):
     """`convstore snapshotter` serves only accepted images' layers; `containerd-load` refuses before it
     writes anything to containerd (the address here does not even exist)."""
-    from convstore.reader.snapshotter import Snapshotter, load_into_containerd
+    from convstore.engines.layerstore import LayerMount, LayerStore
+    from convstore.engines.snapshotter import Snapshotter, load_into_containerd
 
     _pack_signed_and_unsigned(tmp_path, signing, cli_env)
     store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"], insecure=True)
     node = Policy.load(str(policy_file(tmp_path / "node.json", sigstore_policy(signing["host"], signing["key"]))))
     digest = {n: store.manifest(f"app:{n}").layers[0].digest for n in ("a", "b")}
-    snap = Snapshotter(store, str(tmp_path / "snaps"), node)
+    snap = Snapshotter(str(tmp_path / "snaps"),
+                       LayerMount(LayerStore(store, policy=node), str(tmp_path / "snaps" / "layers")))
     try:
         assert snap.layers.layer(digest["a"]) is not None and snap.layers.layer(digest["b"]) is None
     finally:

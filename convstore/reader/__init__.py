@@ -1,4 +1,4 @@
-"""The lazy-loading reader: ImageFS, chunk fetching, FUSE and container start."""
+"""The lazy-loading reader: ImageFS, chunk fetching and the FUSE mount (the engines over it: convstore.engines)."""
 
 from .fetcher import ChunkFetcher, FetchStats
 from .imagefs import FSError, ImageFS, LazyFile, Stat

@@ -19,7 +19,9 @@ from typing import Any
 import mfusepy
 
 from ..errors import ConvstoreError, ExposedMountpoint, StoreError
-from .imagefs import FSError, ImageFS, Node
+from ..oci.policy import Policy, require
+from ..core.repository import Repository
+from .imagefs import PREFETCH_ON_OPEN, FSError, ImageFS, Node
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,15 @@ def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = Non
         # after it has unmounted; only a failure to mount is an error.
         if os.path.ismount(mountpoint) or not getattr(e, "args", None) or e.args[0] != 8:
             raise StoreError(f"FUSE at {mountpoint} failed (libfuse status {e})") from None
+
+
+def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy | None = None) -> None:
+    """``convstore mount`` (in the foreground, or in its background worker):
+    serve image ``ref`` read-only at ``mountpoint`` until unmounted, once
+    ``policy`` (the node's trust policy) accepts it."""
+    with ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN) as fs:
+        require(policy, fs.manifest, ref)
+        serve(fs, mountpoint)
 
 
 def recover_stale_mount(mountpoint: str) -> bool:

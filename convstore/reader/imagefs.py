@@ -21,6 +21,13 @@ from ..core.catalog import CatalogEntry
 from ..core.repository import Repository
 from .fetcher import ChunkFetcher
 
+# ``prefetch_on_open`` where processes read the image (mount, run, the engines): a process that opens a
+# file almost always reads it (binaries, libraries, scripts), and fetching small files whole at open()
+# turns a chain of round trips into one (app1 at 20 ms latency: 2.2 s -> 0.5 s, read amplification
+# 1.75 -> 1.86).
+PREFETCH_ON_OPEN = 16 << 20
+
+
 class FSError(ConvstoreError, OSError):
     """A path error inside an image, carrying an errno (ENOENT, ENOTDIR, ...)."""
 

@@ -2,13 +2,16 @@
 
 containerd loads it from ``[proxy_plugins]`` (``type = "snapshot"``) and
 talks containerd's snapshots API to it over a unix socket (gRPC; the schema
-is :mod:`convstore.reader.containerd_api`).  It keeps containerd's snapshot
+is :mod:`convstore.engines.containerd_api`).  It keeps containerd's snapshot
 model (committed, active and view snapshots, each with a parent) and its
 mounts are overlayfs mounts, as containerd's own overlay snapshotter makes
 them, with one difference: a committed layer whose chain ID belongs to an
 image in the convstore store is never unpacked.  It is that layer's
-directory in an in-process :class:`~convstore.reader.layerstore.LayerStore`
-FUSE mount (one layer as an overlay lower directory, files fetched lazily).
+directory in the :class:`~convstore.engines.layerstore.LayerMount` it is
+given: a :class:`~convstore.engines.layerstore.LayerStore` served over FUSE
+by this process (one layer as an overlay lower directory, files fetched
+lazily), as stargz-snapshotter's ``NewSnapshotter(ctx, root, targetFs)``
+receives its filesystem.
 
 How containerd finds out (its "remote snapshot" protocol): a ``Prepare``
 carrying ``containerd.io/snapshot.ref`` = a stored layer's chain ID commits
@@ -25,13 +28,12 @@ the image unpacked.
 
 Layers the store does not hold are unpacked by containerd into ordinary
 directories, as with the overlay snapshotter.  State lives in
-``ROOT/metadata.db`` (:mod:`convstore.reader.snapmeta`, one transaction per change), active
+``ROOT/metadata.db`` (:mod:`convstore.engines.snapmeta`, one transaction per change), active
 snapshots' files in ``ROOT/snapshots/<id>/{fs,work}``.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import os
@@ -50,8 +52,7 @@ from ..oci.policy import require as require_policy
 from ..core.repository import Repository
 from . import containerd_api as api
 from .ctrfilter import FilterError, Subject, parse_all
-from .fuse import BackgroundMount
-from .layerstore import LayerStore, LayerStoreOperations, chain_ids, write_stats
+from .layerstore import LayerMount, LayerStore, chain_ids, write_stats
 from .snapmeta import MAX_KEY, Snap, SnapshotDB, label_problem
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,10 @@ class SnapshotError(Exception):
 
 
 class Snapshotter:
-    """The snapshot model over ``root`` and a convstore store."""
+    """The snapshot model over ``root``, whose convstore layers are those of ``layers``
+    (mounted while the snapshotter is in a ``with``; closed with it)."""
 
-    def __init__(self, store: Repository, root: str, policy: Policy | None = None) -> None:
+    def __init__(self, root: str, layers: LayerMount) -> None:
         self._grpc = _grpc()
         self.root = os.path.abspath(root)
         if "," in self.root or ":" in self.root:
@@ -99,10 +101,9 @@ class Snapshotter:
         os.makedirs(os.path.join(self.root, "snapshots"), mode=0o700, exist_ok=True)
         os.makedirs(os.path.join(self.root, "l"), mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)  # the layers below are decrypted image files
-        self.layers = LayerStore(store, policy=policy)  # images the node's trust policy refuses are not served
+        self.layers = layers.layers
         self.layers.scan()
-        self.mountpoint = os.path.join(self.root, "layers")
-        self._mount = BackgroundMount(None, self.mountpoint, LayerStoreOperations(self.layers))
+        self._mount = layers
         self._lock = threading.RLock()
         self._db = SnapshotDB(self.root)
         self._snaps = self._db.load()
@@ -192,7 +193,7 @@ class Snapshotter:
         if s.remote:
             # through a short link: a digest's ':' would split overlayfs's lowerdir list
             link = os.path.join(self.root, "l", s.remote.removeprefix("sha256:"))
-            target = os.path.join(self.mountpoint, base64.b64encode(b"containerd").decode(), s.remote, "diff")
+            target = self._mount.diff_dir(s.remote)
             try:
                 current = os.readlink(link)
             except OSError:
@@ -416,10 +417,10 @@ class Snapshotter:
         return grpc.method_handlers_generic_handler(api.SERVICE, handlers)
 
 
-def serve_snapshotter(store: Repository, root: str, socket_path: str, stats_file: str | None = None, *,
-                      policy: Policy | None = None) -> None:
-    """Serve on the unix socket ``socket_path`` until SIGINT/SIGTERM; what
-    the layers fetched goes to ``stats_file`` as the layer store writes it."""
+def serve_snapshotter(layers: LayerStore, root: str, socket_path: str, stats_file: str | None = None) -> None:
+    """Serve on the unix socket ``socket_path`` until SIGINT/SIGTERM, with
+    ``layers`` mounted at ``ROOT/layers``; what the layers fetched goes to
+    ``stats_file`` as the layer store writes it."""
     import signal
 
     grpc = _grpc()
@@ -434,7 +435,7 @@ def serve_snapshotter(store: Repository, root: str, socket_path: str, stats_file
                 os.unlink(socket_path)  # left by a snapshotter that is gone
             else:
                 raise ConvstoreError(f"{socket_path}: a snapshotter is already serving there")
-    with Snapshotter(store, root, policy) as snap:
+    with Snapshotter(root, LayerMount(layers, os.path.join(os.path.abspath(root), "layers"))) as snap:
         server = grpc.server(ThreadPoolExecutor(8, thread_name_prefix="convstore-snapshots"))
         server.add_generic_rpc_handlers((snap.handler(),))
         mask = os.umask(0o077)  # the socket is root's alone from its creation

@@ -57,10 +57,9 @@ from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
 from ..paths import components
 from ..core.repository import Repository
-from .fetcher import ChunkFetcher
-from .fuse import ImageOperations
-from .imagefs import ImageFS, Stat
-from .run import PREFETCH_ON_OPEN
+from ..reader.fetcher import ChunkFetcher
+from ..reader.fuse import BackgroundMount, ImageOperations, serve
+from ..reader.imagefs import PREFETCH_ON_OPEN, ImageFS, Stat
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -358,13 +357,30 @@ class LayerStoreOperations(ImageOperations):
                 "f_ffree": 0, "f_namemax": 255}
 
 
+class LayerMount:
+    """A layer store's tree served by this process at ``mountpoint`` (in a
+    thread, while in a ``with``): the containerd snapshotter's convstore
+    layers are its ``diff/`` directories."""
 
-def serve_layerstore(store: Repository, mountpoint: str, stats_file: str | None = None, *,
-                     policy: Policy | None = None) -> None:
-    """Serve the layer store at ``mountpoint`` until unmounted (only images ``policy`` accepts)."""
-    from .fuse import serve
+    def __init__(self, layers: LayerStore, mountpoint: str) -> None:
+        self.layers = layers
+        self.mountpoint = os.path.abspath(mountpoint)
+        self._mount = BackgroundMount(None, self.mountpoint, LayerStoreOperations(layers))
 
-    layers = LayerStore(store, policy=policy)
+    def diff_dir(self, digest: str) -> str:
+        """The directory of layer ``digest``'s files (under the image reference ``containerd``: any serves)."""
+        return os.path.join(self.mountpoint, base64.b64encode(b"containerd").decode(), digest, "diff")
+
+    def __enter__(self) -> LayerMount:
+        self._mount.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mount.__exit__(*exc)
+
+
+def serve_layerstore(layers: LayerStore, mountpoint: str, stats_file: str | None = None) -> None:
+    """Serve ``layers`` at ``mountpoint`` until unmounted (then closes them)."""
     layers.scan()
     done = threading.Event()
     writer = threading.Thread(target=write_stats, args=(layers, stats_file, done), daemon=True)

@@ -23,8 +23,9 @@ is read from ``/proc`` while a pidfd of the process that connected shows it
 still holds that pid (``SO_PEERPIDFD``), the client's resource limits are
 applied to the command, and the daemon runs with a scrubbed environment.
 
-The client and the wire format are in :mod:`convstore.daemon_client`, which
-every command imports first and which imports almost nothing.
+The client (:mod:`convstore.daemon.client`), which every command imports
+first and which imports almost nothing, and the wire format both sides speak
+(:mod:`convstore.daemon.protocol`) are this package's other two modules.
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 
-from .daemon_client import (
+from .client import connect, request
+from .protocol import (
     MAX_REQUEST,
     RELAYED,
+    STATUS,
     DaemonError,
     WireError,
-    connect,
     decimal,
     decode_request,
     fingerprint,
@@ -63,7 +65,6 @@ from .daemon_client import (
     private_dir,
     recv_exact,
     recv_message,
-    request,
     send_frame,
     send_message,
     socket_path,
@@ -457,7 +458,7 @@ class Daemon:
         """``python -m`` put the folder the daemon started in first on ``sys.path``: a command importing
         a module the daemon has not (``pkcs11``, say) must not look there, whatever folder its client is
         in (anyone who can write there would choose its code), unless convstore itself comes from it."""
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if sys.path and os.path.abspath(sys.path[0]) == self.launch_cwd != package_parent:
             del sys.path[0]
 
@@ -503,9 +504,9 @@ class Daemon:
                 self._selector.unregister(child.conn)
             try:
                 if os.WIFSIGNALED(status):
-                    send_frame(child.conn, b"K", struct.pack("!i", os.WTERMSIG(status)))
+                    send_frame(child.conn, b"K", STATUS.pack(os.WTERMSIG(status)))
                 else:
-                    send_frame(child.conn, b"X", struct.pack("!i", os.waitstatus_to_exitcode(status)))
+                    send_frame(child.conn, b"X", STATUS.pack(os.waitstatus_to_exitcode(status)))
             except OSError:
                 pass
             child.conn.close()
@@ -604,7 +605,7 @@ class Daemon:
 
     def status(self) -> dict[str, object]:
         return {"pid": os.getpid(), "socket": self.path, "version": self.version,
-                "code": os.path.dirname(os.path.abspath(__file__)), "served": self.served,
+                "code": os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "served": self.served,
                 "running": len(self.children), "spare": self.spare.pid if self.spare else None,
                 "started": self.started, "stopping": self.stopping,
                 "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -805,7 +806,7 @@ class Daemon:
         os.environ.clear()
         os.environ.update(cmd.env)
         tempfile.tempdir = None
-        from .stores import faults
+        from ..stores import faults
 
         faults.configure()
         sys.stdin = _stream(0, "r", cmd.env)
