@@ -115,6 +115,8 @@ class OCILayoutSource(ImageSource):
         self.ref = f"oci:{path}" + (f":{tag}" if tag else "")
         try:
             self._open(path, digest)
+        except ConvstoreError:
+            raise  # already says what is wrong (some are ValueErrors too)
         except (AttributeError, TypeError, ValueError, KeyError) as e:  # JSON of another shape than the spec's
             raise SourceError(f"{self.ref}: malformed image layout ({type(e).__name__}: {e})") from None
 
@@ -126,10 +128,13 @@ class OCILayoutSource(ImageSource):
         if ver != "1.0.0":
             raise UnsupportedMediaType(f"{path}: unsupported imageLayoutVersion {ver!r}")
         index = _loads(self._read_small(os.path.join(path, "index.json")), "index.json")
+        manifests = index.get("manifests")
+        if not isinstance(manifests, list):
+            raise ValueError("index.json has no list of manifests")
         if digest is not None:
-            desc = self._select_digest(index.get("manifests") or [], digest)
+            desc = self._select_digest(manifests, digest)
         else:
-            desc = self._resolve_index(self._select(index.get("manifests") or []))
+            desc = self._resolve_index(self._select(manifests))
         self.manifest_media_type = desc.get("mediaType", "")
         self.manifest_bytes = self._read_blob(desc, MAX_MANIFEST)
         self.manifest_digest = desc["digest"]
@@ -377,6 +382,8 @@ class RegistrySource(ImageSource):
             raise DigestMismatch(f"{spec}: {e}") from None
         except RegistryError as e:
             raise SourceError(str(e)) from None
+        except ConvstoreError:
+            raise  # already says what is wrong (some are ValueErrors too)
         except (AttributeError, TypeError, ValueError, KeyError) as e:  # JSON of another shape than the spec's
             raise SourceError(f"{spec}: malformed manifest or index ({type(e).__name__}: {e})") from None
 
