@@ -27,7 +27,8 @@ import convstore
 from convstore.errors import DigestMismatch
 from convstore.oci.sources import _host_platform
 from convstore.stores import registry as registry_store
-from convstore.stores.registry import RegistryClient
+from convstore.oci import registry_client
+from convstore.oci.registry_client import RegistryClient
 from convstore.transfer import copy_image
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -370,7 +371,7 @@ def test_a_compressed_endless_answer_is_capped_decoded(encoding, two_images, lia
 def test_a_trickled_answer_meets_a_deadline(two_images, liar, monkeypatch):
     """A body trickled a byte at a time, each sooner than the read timeout, never times out per read:
     an answer must arrive whole within the timeout plus its cap at MIN_RATE bytes a second."""
-    monkeypatch.setattr(registry_store, "MIN_RATE", 1 << 30, raising=False)  # the deadline is then the timeout (1 s)
+    monkeypatch.setattr(registry_client, "MIN_RATE", 1 << 30, raising=False)  # the deadline is then the timeout (1 s)
     trickle = Endless(limit=20, piece=1, pause=0.4)
     liar.lie = lambda m, p: trickle if m == "GET" and "/manifests/" in p else None
     client = RegistryClient(liar.host, insecure=True, timeout=1.0)
