@@ -242,6 +242,10 @@ class ForwardingChunkStore(ChunkStore):
     def usage(self) -> int:
         return self.inner.usage()
 
+    def clean_leftovers(self, grace: float) -> int:
+        return self.inner.clean_leftovers(grace)
+
+
 class ObjectStore(ABC):
     """The metadata store.  Capability flags instead of probing."""
 
