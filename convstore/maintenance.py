@@ -73,7 +73,7 @@ def _problem(store: Store, e: CatalogEntry) -> str | None:
     """Why ``e`` cannot be served, or None.  A FAILED image comes back only if its source still
     serves what it was packed from (a moved tag keeps it FAILED, naming both digests)."""
     try:
-        src = parse_source(e.source)
+        src = parse_source(e.source, insecure=store.options.insecure)
         src.close()
         if e.state == FAILED:
             check_recorded_source(store, e)

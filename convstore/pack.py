@@ -211,7 +211,7 @@ def repack(store: Store, ref: str | ImageRef, *, repair: bool = False, progress:
         raise ImagePending(f"image {iref} has no packed version yet: nothing to re-pack")
     try:
         expect = _recorded_source(store, e)
-        src = _open_recorded(e.source, expect[0])
+        src = _open_recorded(e.source, expect[0], store.options.insecure)
     except ConvstoreError as err:
         store.abort_pack(iref, err, e.manifest_digest)
         raise
@@ -220,25 +220,25 @@ def repack(store: Store, ref: str | ImageRef, *, repair: bool = False, progress:
                     reuse_layers=not repair, expect=expect, repack_of=e.manifest_digest)
 
 
-def _open_recorded(source: str, manifest_digest: str) -> ImageSource:
+def _open_recorded(source: str, manifest_digest: str, insecure: bool = False) -> ImageSource:
     """``source`` read at the recorded ``manifest_digest`` where it can be (a registry, an OCI layout),
     so a moved tag does not matter while the source still holds that manifest; else (a docker archive,
     or a source that no longer has it) as recorded.  The caller compares either way."""
     try:
-        src = open_at_digest(source, manifest_digest)
+        src = open_at_digest(source, manifest_digest, insecure)
     except SourceNotFound:
         src = None  # the digest is gone: the recorded name, compared by the caller, says what it serves now
     except DigestMismatch as err:  # asked for the recorded digest, answered with other bytes
         raise SourceChanged(f"source {source} does not serve what was packed ({err}); pack it explicitly "
                             f"to take the new content") from None
-    return src if src is not None else parse_source(source)
+    return src if src is not None else parse_source(source, insecure=insecure)
 
 
 def check_recorded_source(store: Store, e: CatalogEntry) -> None:
     """:class:`SourceChanged` unless ``e``'s recorded source serves what its version was packed from,
     read as :func:`repack` reads it (refresh: whether a FAILED image may come back)."""
     expect = _recorded_source(store, e)
-    with _open_recorded(e.source, expect[0]) as src:
+    with _open_recorded(e.source, expect[0], store.options.insecure) as src:
         _check_source(src, expect)
 
 

@@ -456,13 +456,14 @@ class Store:
     # -- operations (implemented in their own modules) -------------------
     def pack(self, source: str | ImageSource, ref: str, *, level: int | None = None, params: ChunkParams | None = None,
              workers: int | None = None, domain: str = DEFAULT_DOMAIN, progress: Progress | None = None,
-             reuse_layers: bool = True, insecure: bool = False, policy: Policy | None = None) -> PackResult:
+             reuse_layers: bool = True, insecure: bool | None = None, policy: Policy | None = None) -> PackResult:
         """Pack ``source`` (``oci:DIR[:TAG]``, ``docker-archive:FILE``, ``docker://...``) as ``ref``, if the trust
         ``policy`` (default: the containers tools' policy file) accepts it."""
         from .pack import DEFAULT_LEVEL, pack
 
         return pack(self, source, ref, level=DEFAULT_LEVEL if level is None else level, params=params,
-                    workers=workers, domain=domain, progress=progress, reuse_layers=reuse_layers, insecure=insecure,
+                    workers=workers, domain=domain, progress=progress, reuse_layers=reuse_layers,
+                    insecure=self.options.insecure if insecure is None else insecure,
                     policy=policy)
 
     def repack(self, ref: ImageRef | str, *, repair: bool = False, progress: Progress | None = None) -> PackResult:

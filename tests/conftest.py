@@ -33,7 +33,8 @@ def keyfile(tmp_path: Path) -> str:
 
 @pytest.fixture
 def store(tmp_path: Path, keyfile: str) -> convstore.Store:
-    return convstore.Store.open(str(tmp_path / "store"), f"file:{keyfile}")
+    """A local store; its docker:// sources (the tests' loopback registries) speak plain HTTP."""
+    return convstore.Store.open(str(tmp_path / "store"), f"file:{keyfile}", insecure=True)
 
 
 @pytest.fixture

@@ -54,6 +54,7 @@ class Endless:
     piece: int = 1 << 20  # bytes per chunk of the body
     pause: float = 0.0  # seconds between two chunks (a body trickled in)
     encoding: str | None = None  # a Content-Encoding the body is in (its pieces then are that encoding's)
+    data: bytes | None = None  # what the body holds (then it ends there), instead of a JSON start and spaces
 
 
 Lie = Swap | Body | Endless
@@ -97,11 +98,17 @@ class LiarRegistry:
                 self.end_headers()
                 # the start of a JSON document that never ends (decoded, where the body is encoded)
                 piece = b"[" + b" " * (e.piece - 1)
+                rest = e.data
                 coders = [zlib.compressobj(9, zlib.DEFLATED, 31) for _ in (e.encoding or "").split(",") if _.strip()]
                 try:
                     while e.sent < e.limit:
                         n = min(len(piece), e.limit - e.sent)
                         out = piece[:n]
+                        if rest is not None:
+                            if not rest:
+                                break
+                            n = min(e.piece, len(rest), e.limit - e.sent)
+                            out, rest = rest[:n], rest[n:]
                         for c in coders:  # the first encoding applied is the innermost
                             out = c.compress(out) + c.flush(zlib.Z_SYNC_FLUSH)
                         e.sent += n  # offered: a client that hangs up fails the write
@@ -127,12 +134,15 @@ class LiarRegistry:
                 if isinstance(lie, Body):
                     self.send_response(lie.status)
                     self.send_header("Content-Type", lie.content_type)
-                    self.send_header("Content-Length", str(len(lie.data)))
+                    if "Content-Length" not in (lie.headers or {}):  # (a lie may name another length)
+                        self.send_header("Content-Length", str(len(lie.data)))
                     for k, v in (lie.headers or {}).items():
                         self.send_header(k, v)
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(lie.data)
+                    if "Content-Length" in (lie.headers or {}):
+                        self.close_connection = True
                     return
                 r, data = self._upstream(lie.path if isinstance(lie, Swap) else self.path, body)
                 self.send_response(r.status, r.reason)

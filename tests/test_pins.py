@@ -95,7 +95,7 @@ def _one_line(p: subprocess.CompletedProcess[str]) -> str:
 
 
 def _catalog(env: dict[str, str]) -> list[tuple[str, str, str]]:
-    listed = json.loads(run_cli(env, "images", "--json").stdout)
+    listed = json.loads(run_cli(env, "--insecure", "images", "--json").stdout)
     return [(f"{i['name']}:{i['tag']}", i["manifest"], i["state"]) for i in listed]
 
 
@@ -107,18 +107,18 @@ def test_pinned_digest_answered_with_another_manifest_cli(two_images, liar, cli_
     liar.lie = lambda m, p: Swap(f"/v2/pins/b/manifests/{b_digest}") if p == f"/v2/pins/a/manifests/{a_digest}" \
         else None
     src = f"docker://{liar.host}/pins/a@{a_digest}"
-    line = _one_line(run_cli(cli_env, "pack", src, "a:1", check=False))
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", src, "a:1", check=False))
     assert f"hashes to {b_digest}, expected {a_digest}" in line and liar.host in line
     assert _catalog(cli_env) == []  # nothing stored
     # an image already under the name keeps being served
     liar.lie = None
-    run_cli(cli_env, "pack", src, "a:1")
+    run_cli(cli_env, "--insecure", "pack", src, "a:1")
     before = _catalog(cli_env)
     liar.lie = lambda m, p: Swap(f"/v2/pins/b/manifests/{b_digest}") if p == f"/v2/pins/a/manifests/{a_digest}" \
         else None
-    _one_line(run_cli(cli_env, "pack", src, "a:1", check=False))
+    _one_line(run_cli(cli_env, "--insecure", "pack", src, "a:1", check=False))
     assert _catalog(cli_env) == before
-    served = json.loads(run_cli(cli_env, "inspect", "--json", "a:1").stdout)["config_digest"]
+    served = json.loads(run_cli(cli_env, "--insecure", "inspect", "--json", "a:1").stdout)["config_digest"]
     assert served == json.loads(two_images["a"][1])["config"]["digest"]  # still image a
 
 
@@ -150,7 +150,7 @@ def test_index_entry_answered_with_another_manifest(two_images, liar, store, cli
     with pytest.raises(DigestMismatch, match=f"expected {a_digest}"):
         store.pack(f"docker://{liar.host}/pins/a:multi", "m:1")
     assert store.images() == []
-    line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:multi", "m:1", check=False))
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:multi", "m:1", check=False))
     assert f"expected {a_digest}" in line
     assert _catalog(cli_env) == []
     liar.lie = None
@@ -178,7 +178,7 @@ def test_config_blob_answered_with_other_bytes(two_images, liar, store, cli_env)
     with pytest.raises(DigestMismatch, match=f"expected {a_config}"):
         store.pack(f"docker://{liar.host}/pins/a@{a_digest}", "a:1")
     assert store.images() == []
-    line = _one_line(run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
     assert f"expected {a_config}" in line
     assert _catalog(cli_env) == []
 
@@ -186,14 +186,29 @@ def test_config_blob_answered_with_other_bytes(two_images, liar, store, cli_env)
 # -- §3: bounded memory whatever a registry sends ------------------------------------------------
 
 def _measured(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], int]:
-    """Run the CLI as a child of this process; (its result, its peak RSS in bytes) from wait4."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([sys.executable, "-m", "convstore.cli", *args], env=env, stdout=out, stderr=err)
-        _pid, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+    """Run the CLI; (its result, its peak RSS in bytes) from wait4.  A small interpreter forks it and
+    reads its usage: a child forked straight from this (large) test process would count this process's
+    pages, touched between fork and exec, in its peak."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r") as rss:
+        p = subprocess.run([sys.executable, "-c", _MEASURE, rss.name, "-m", "convstore.cli", *args], env=env,
+                           stdout=out, stderr=err, timeout=600)
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read()), usage.ru_maxrss * 1024
+        return subprocess.CompletedProcess(args, p.returncode, out.read(), err.read()), int(rss.read()) * 1024
+
+
+_MEASURE = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
 
 
 @pytest.mark.parametrize("case", ["manifest", "manifest-error-body", "config-blob", "token"])
@@ -212,7 +227,7 @@ def test_endless_answer_to_pack_is_bounded(case, two_images, liar, cli_env):
         return endless if m == "GET" and p == target else None
 
     liar.lie = lie
-    p, rss = _measured(cli_env, "pack", f"docker://{liar.host}/pins/a:1", "a:1")
+    p, rss = _measured(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:1", "a:1")
     assert rss < RSS_LIMIT, f"peak RSS {rss >> 20} MiB"
     line = _one_line(p)
     expected = {"manifest": f"registry {liar.host} sent a manifest larger than 4 MiB (the distribution spec's limit)",
@@ -327,15 +342,15 @@ def test_an_endless_redirect_body_is_bounded(two_images, liar, cli_env):
     Location: a 302 with an endless body must be capped like any answer, not read whole into memory."""
     endless = Endless(limit=ENDLESS, status=302, headers={"Location": f"http://{liar.host}/v2/pins/a/manifests/1"})
     liar.lie = lambda m, p: endless if m == "GET" and p == "/v2/pins/a/manifests/moved" else None
-    p, rss = _measured(cli_env, "pack", f"docker://{liar.host}/pins/a:moved", "a:1")
+    p, rss = _measured(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:moved", "a:1")
     assert rss < RSS_LIMIT, f"peak RSS {rss >> 20} MiB"
     assert _one_line(p) == f"convstore: error: registry {liar.host} sent a redirect larger than 65536 bytes"
     assert endless.sent < ENDLESS
     assert _catalog(cli_env) == []
     # a redirect with an ordinary body is followed, and what it leads to is checked as ever
-    liar.lie = lambda m, p: Body(b"moved", "text/plain", 302, {"Location": f"http://{liar.host}/v2/pins/a/manifests/1"}) \
-        if m == "GET" and p == "/v2/pins/a/manifests/moved" else None
-    run_cli(cli_env, "pack", f"docker://{liar.host}/pins/a:moved", "a:1")
+    moved = Body(b"moved", "text/plain", 302, {"Location": f"http://{liar.host}/v2/pins/a/manifests/1"})
+    liar.lie = lambda m, p: moved if m == "GET" and p == "/v2/pins/a/manifests/moved" else None
+    run_cli(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:moved", "a:1")
     assert [r for r, _m, _s in _catalog(cli_env)] == ["a:1"]
 
 
@@ -379,3 +394,120 @@ def test_a_trickled_answer_meets_a_deadline(two_images, liar, monkeypatch):
         client.get_manifest("pins/a", "1", [OCI_MANIFEST])
     assert trickle.sent < 10, f"{trickle.sent} bytes: read until the body ended"
     assert liar.requests_for("GET", "/manifests/") == 1  # final: a trickle is not asked for again
+
+
+def test_a_trickled_layer_blob_meets_a_deadline(two_images, liar, store, monkeypatch):
+    """A layer blob streams (it is not capped in memory) but must also arrive within the timeout plus its
+    size at MIN_RATE: one line naming the registry, nothing stored."""
+    from convstore.oci.sources import RegistrySource
+
+    monkeypatch.setattr(registry_client, "MIN_RATE", 1 << 30, raising=False)
+    a_digest, a_body = two_images["a"]
+    layer = json.loads(a_body)["layers"][0]
+    _status, _h, blob = _http(liar.upstream, "GET", f"/v2/pins/a/blobs/{layer['digest']}")
+    assert len(blob) == layer["size"]
+    trickle = Endless(content_type="application/octet-stream", data=blob, piece=layer["size"] // 40 + 1, pause=0.4)
+    liar.lie = lambda m, p: trickle if m == "GET" and p == f"/v2/pins/a/blobs/{layer['digest']}" else None
+    src = RegistrySource(f"docker://{liar.host}/pins/a@{a_digest}")
+    src.client.timeout = 1.0
+    with pytest.raises(registry_store.RegistryTooSlow,
+                       match=f"registry {liar.host} sent blob {layer['digest']} too slowly"):
+        store.pack(src, "a:1", reuse_layers=False)
+    assert trickle.sent < layer["size"] // 4, f"{trickle.sent} bytes: read until the body ended"
+    assert store.images() == []
+
+
+
+def test_an_endless_tag_listing_by_pages_ends(two_images, liar):
+    """Each page of a tag listing is capped, and so is the listing: pages that add no tag but name a
+    next page (the same one, or always a new one) are refused, not followed for ever."""
+    for fresh in (False, True):
+        liar.served.clear()
+
+        def lie(m: str, p: str) -> Body | None:
+            if "/tags/list" not in p:
+                return None
+            if liar.requests_for("GET", "/tags/list") > 300:  # bounds the test on code that follows for ever
+                return Body(b'{"tags": []}', "application/json")
+            nxt = f"/v2/pins/a/tags/list?n=1000&last={liar.requests_for('GET', '/tags/list')}" if fresh \
+                else "/v2/pins/a/tags/list?n=1000"
+            return Body(b'{"name": "pins/a", "tags": []}', "application/json", headers={"Link": f'<{nxt}>; rel="next"'})
+
+        liar.lie = lie
+        client = RegistryClient(liar.host, insecure=True)
+        with pytest.raises(registry_store.RegistryError, match=f"registry {liar.host} sent a tag list page"):
+            client.tags("pins/a")
+        assert liar.requests_for("GET", "/tags/list") == 1
+
+
+def test_a_tag_listing_has_a_bounded_number_of_pages(two_images, liar, monkeypatch):
+    """Pages of one tag each, for ever: the listing stops at MAX_TAG_PAGES pages."""
+    monkeypatch.setattr(registry_client, "MAX_TAG_PAGES", 5, raising=False)
+
+    def lie(m: str, p: str) -> Body | None:
+        if "/tags/list" not in p:
+            return None
+        n = liar.requests_for("GET", "/tags/list")
+        if n > 300:  # bounds the test on code that follows for ever
+            return Body(b'{"tags": []}', "application/json")
+        return Body(json.dumps({"name": "pins/a", "tags": [f"t{n}"]}).encode(), "application/json",
+                    headers={"Link": f'</v2/pins/a/tags/list?n=1000&last=t{n}>; rel="next"'})
+
+    liar.lie = lie
+    client = RegistryClient(liar.host, insecure=True)
+    with pytest.raises(registry_store.RegistryResponseTooLarge, match="or 5 pages of them in pins/a"):
+        client.tags("pins/a")
+    assert liar.requests_for("GET", "/tags/list") == 6
+
+
+def test_a_layer_blob_broken_off_is_one_line(two_images, liar, cli_env):
+    """A layer blob whose body ends before its Content-Length: one line naming the registry (it was
+    urllib3's ProtocolError, an internal error), nothing stored."""
+    a_digest, a_body = two_images["a"]
+    layer = json.loads(a_body)["layers"][0]
+    _status, _h, blob = _http(liar.upstream, "GET", f"/v2/pins/a/blobs/{layer['digest']}")
+    liar.lie = lambda m, p: Body(blob[:10], "application/octet-stream", 200, {"Content-Length": str(len(blob))}) \
+        if m == "GET" and p == f"/v2/pins/a/blobs/{layer['digest']}" else None
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a@{a_digest}", "a:1", check=False))
+    assert line == f"convstore: error: registry {liar.host} broke off blob {layer['digest']} (ProtocolError)"
+    assert _catalog(cli_env) == []
+
+
+@pytest.mark.parametrize("body", [b"[]", b'{"mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [1]}',
+                                  b'{"mediaType": "application/vnd.oci.image.manifest.v1+json", "config": "x"}'])
+def test_a_manifest_of_another_shape_is_one_line(body, two_images, liar, cli_env, tmp_path):
+    """Valid JSON of another shape than the spec's (a list, an index entry that is a number): one line
+    naming the source (it was an internal AttributeError), from a registry and from an OCI layout."""
+    liar.lie = lambda m, p: Body(body, OCI_MANIFEST) if m == "GET" and p == "/v2/pins/a/manifests/1" else None
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
+    assert line.startswith(f"convstore: error: docker://{liar.host}/pins/a:1: malformed manifest or index (")
+    root = tmp_path / "layout"
+    write_oci(str(root), [make_tar([Entry("f", data=b"x")])])
+    (root / "index.json").write_bytes(body)
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", f"oci:{root}", "a:1", check=False))
+    assert line.startswith(f"convstore: error: oci:{root}: malformed image layout (")
+    assert _catalog(cli_env) == []
+
+
+def test_a_trickled_error_body_meets_a_deadline(two_images, liar):
+    """The start of an error answer's body is shown: it is read within the timeout, not byte by byte
+    for as long as the registry trickles it."""
+    trickle = Endless(limit=40, piece=1, pause=0.4, status=400)
+    liar.lie = lambda m, p: trickle if m == "GET" and "/manifests/" in p else None
+    client = RegistryClient(liar.host, insecure=True, timeout=1.0)
+    with pytest.raises(registry_store.RegistryError, match=f"registry {liar.host} refused GET pins/a/manifests/1: "
+                                                           f"HTTP 400"):
+        client.get_manifest("pins/a", "1", [OCI_MANIFEST])
+    assert trickle.sent < 10, f"{trickle.sent} bytes: read until the body ended"
+
+
+
+def test_a_token_answer_of_another_shape_is_one_line(two_images, liar, cli_env):
+    """The auth realm (token server) answers with JSON that is not an object: one line naming the registry
+    (it was an internal AttributeError from oras-py's token handling)."""
+    challenge = Body(b"{}", "application/json", 401,
+                     {"WWW-Authenticate": f'Bearer realm="http://{liar.host}/token",service="liar"'})
+    liar.lie = lambda m, p: Body(b"[]", "application/json") if p.startswith("/token") else challenge
+    line = _one_line(run_cli(cli_env, "--insecure", "pack", f"docker://{liar.host}/pins/a:1", "a:1", check=False))
+    assert line.startswith(f"convstore: error: registry {liar.host} sent a malformed authentication answer (")
+    assert _catalog(cli_env) == []

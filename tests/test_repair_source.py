@@ -75,29 +75,29 @@ def moved(tmp_path: Path) -> tuple[Path, str, str]:
 
 def test_cli_repair_of_a_moved_oci_tag_fails_and_keeps_the_old_content(tmp_path, cli_env, moved):
     src, old, new = moved
-    run_cli(cli_env, "pack", f"oci:{src}", "x:1")
+    run_cli(cli_env, "--insecure", "pack", f"oci:{src}", "x:1")
     store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
     assert recorded_digest(store, "x:1") == old
     before = store.entry("x:1").manifest_digest
     move_tag(src, tmp_path / "other")
     corrupt_one_chunk(store, "x:1")
 
-    p = run_cli(cli_env, "verify", "--repair", check=False)
+    p = run_cli(cli_env, "--insecure", "verify", "--repair", check=False)
     why = f"source oci:{src} now serves {new}, packed from {old}; pack it explicitly to take the new content"
     assert p.returncode == 1 and f"could not repair x:1: {why}" in [ln.strip() for ln in p.stdout.splitlines()], p.stdout
     assert "repaired x:1" not in p.stdout and "Traceback" not in p.stdout + p.stderr
-    line = [ln for ln in run_cli(cli_env, "images").stdout.splitlines() if ln.startswith("x")]
+    line = [ln for ln in run_cli(cli_env, "--insecure", "images").stdout.splitlines() if ln.startswith("x")]
     assert "FAILED" in line[0]
     # the name still points at the old version; reading it is refused in one line, never the new bytes
     store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
     e = store.entry("x:1")
     assert (e.state, e.manifest_digest, e.reason) == (FAILED, before, why)
-    p = run_cli(cli_env, "cat", "x:1", "/who", check=False)
+    p = run_cli(cli_env, "--insecure", "cat", "x:1", "/who", check=False)
     assert p.returncode == 1 and p.stdout == "" and p.stderr == f"convstore: error: image x:1 is FAILED: {why}\n"
 
     # the user who wants the new content packs it explicitly: that still works
-    run_cli(cli_env, "pack", f"oci:{src}", "x:1")
-    assert run_cli(cli_env, "cat", "x:1", "/who").stdout == NEW.decode()
+    run_cli(cli_env, "--insecure", "pack", f"oci:{src}", "x:1")
+    assert run_cli(cli_env, "--insecure", "cat", "x:1", "/who").stdout == NEW.decode()
 
 
 def test_api_repair_of_a_moved_oci_tag_fails_and_keeps_the_old_content(tmp_path, store, moved):
@@ -171,22 +171,22 @@ def test_cli_reactivation_of_a_moved_source_fails_in_the_worker(tmp_path, cli_en
     """The read that meets an INACTIVE image starts a real background re-pack (convstore.worker);
     the source moved meanwhile: the image ends FAILED naming both digests, never the new bytes."""
     src, old, new = moved
-    run_cli(cli_env, "pack", f"oci:{src}", "x:1")
+    run_cli(cli_env, "--insecure", "pack", f"oci:{src}", "x:1")
     later = dict(cli_env, CONVSTORE_NOW=str(time.time() + 30 * DAY))
-    assert "ACTIVE -> INACTIVE" in run_cli(later, "refresh").stdout
-    run_cli(later, "gc")
+    assert "ACTIVE -> INACTIVE" in run_cli(later, "--insecure", "refresh").stdout
+    run_cli(later, "--insecure", "gc")
     move_tag(src, tmp_path / "other")
-    p = run_cli(later, "cat", "x:1", "/who", check=False)
+    p = run_cli(later, "--insecure", "cat", "x:1", "/who", check=False)
     assert p.returncode == 1 and "being reactivated" in p.stderr
     deadline = time.monotonic() + 120
     while True:
-        states = run_cli(later, "images").stdout.split()
+        states = run_cli(later, "--insecure", "images").stdout.split()
         if "FAILED" in states or "ACTIVE" in states:
             break
         assert time.monotonic() < deadline, states
         time.sleep(0.1)  # polling a condition (bounded), not ordering events
     why = f"source oci:{src} now serves {new}, packed from {old}; pack it explicitly to take the new content"
-    p = run_cli(later, "cat", "x:1", "/who", check=False)
+    p = run_cli(later, "--insecure", "cat", "x:1", "/who", check=False)
     assert p.returncode == 1 and p.stdout == "" and p.stderr == f"convstore: error: image x:1 is FAILED: {why}\n"
 
 
@@ -251,29 +251,29 @@ def test_repair_of_a_moved_registry_tag_reads_by_digest_or_fails(tmp_path, cli_e
         return json.loads(p.stdout)["Digest"]
 
     old = push(src)
-    run_cli(cli_env, "pack", dest, "r:1")
+    run_cli(cli_env, "--insecure", "pack", dest, "r:1")
     store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
     assert recorded_digest(store, "r:1") == old
     new = push(tmp_path / "other")
     assert new != old
     corrupt_one_chunk(store, "r:1")
-    p = run_cli(cli_env, "verify", "--repair")
+    p = run_cli(cli_env, "--insecure", "verify", "--repair")
     assert "repaired r:1" in p.stdout
-    assert run_cli(cli_env, "cat", "r:1", "/who").stdout == OLD.decode()
+    assert run_cli(cli_env, "--insecure", "cat", "r:1", "/who").stdout == OLD.decode()
     assert convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"]).entry("r:1").source == dest
 
     # the registry's owner deletes the old manifest: only the moved tag is left
     subprocess.run([skopeo, "delete", "--tls-verify=false", f"docker://{registry.host}/app@{old}"], check=True,
                    capture_output=True)
     corrupt_one_chunk(store, "r:1")
-    p = run_cli(cli_env, "verify", "--repair", check=False)
+    p = run_cli(cli_env, "--insecure", "verify", "--repair", check=False)
     why = f"source {dest} now serves {new}, packed from {old}; pack it explicitly to take the new content"
     assert p.returncode == 1 and f"could not repair r:1: {why}" in [ln.strip() for ln in p.stdout.splitlines()], \
         p.stdout
-    p = run_cli(cli_env, "cat", "r:1", "/who", check=False)
+    p = run_cli(cli_env, "--insecure", "cat", "r:1", "/who", check=False)
     assert p.returncode == 1 and p.stderr == f"convstore: error: image r:1 is FAILED: {why}\n"
-    run_cli(cli_env, "pack", dest, "r:1")  # explicit: takes the new content
-    assert run_cli(cli_env, "cat", "r:1", "/who").stdout == NEW.decode()
+    run_cli(cli_env, "--insecure", "pack", dest, "r:1")  # explicit: takes the new content
+    assert run_cli(cli_env, "--insecure", "cat", "r:1", "/who").stdout == NEW.decode()
 
 
 class LyingRegistry:
@@ -373,19 +373,19 @@ def test_cli_refresh_keeps_an_image_failed_while_its_source_serves_other_content
     """A FAILED image (its source was gone) whose source comes back with the tag moved stays FAILED at
     refresh, with the reason naming both digests; it comes back once the source serves what was packed."""
     src, old, new = moved
-    run_cli(cli_env, "pack", f"oci:{src}", "x:1")
+    run_cli(cli_env, "--insecure", "pack", f"oci:{src}", "x:1")
     shutil.move(src, tmp_path / "away")
-    assert "x:1: ACTIVE -> FAILED (source" in run_cli(cli_env, "refresh").stdout
+    assert "x:1: ACTIVE -> FAILED (source" in run_cli(cli_env, "--insecure", "refresh").stdout
     shutil.copytree(tmp_path / "away", src)
     move_tag(src, tmp_path / "other")
     why = f"source oci:{src} now serves {new}, packed from {old}; pack it explicitly to take the new content"
-    p = run_cli(cli_env, "refresh")
+    p = run_cli(cli_env, "--insecure", "refresh")
     assert p.stdout == f"x:1: FAILED -> FAILED ({why})\n" and p.stderr == ""
-    p = run_cli(cli_env, "cat", "x:1", "/who", check=False)
+    p = run_cli(cli_env, "--insecure", "cat", "x:1", "/who", check=False)
     assert p.returncode == 1 and p.stderr == f"convstore: error: image x:1 is FAILED: {why}\n"
     shutil.copyfile(tmp_path / "away" / "index.json", src / "index.json")  # the tag is back on the packed image
-    assert run_cli(cli_env, "refresh").stdout == "x:1: FAILED -> ACTIVE (source and key are available again)\n"
-    assert run_cli(cli_env, "cat", "x:1", "/who").stdout == OLD.decode()
+    assert run_cli(cli_env, "--insecure", "refresh").stdout == "x:1: FAILED -> ACTIVE (source and key are available again)\n"
+    assert run_cli(cli_env, "--insecure", "cat", "x:1", "/who").stdout == OLD.decode()
 
 
 def test_a_copied_image_is_repaired_only_from_what_was_packed(tmp_path, keyfile, moved):
@@ -413,7 +413,7 @@ def test_oci_layout_repair_reads_the_recorded_digest_while_the_layout_holds_it(t
     repair reads the index entry with the recorded manifest digest and the name keeps its old content.
     Once that entry is gone too, the repair refuses (FAILED, both digests named)."""
     src, old, new = moved
-    run_cli(cli_env, "pack", f"oci:{src}:latest", "x:1")
+    run_cli(cli_env, "--insecure", "pack", f"oci:{src}:latest", "x:1")
     index = json.loads((src / "index.json").read_text())
     index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] = "v1"
     move_tag(src, tmp_path / "other")
@@ -422,17 +422,17 @@ def test_oci_layout_repair_reads_the_recorded_digest_while_the_layout_holds_it(t
                                                 "manifests": index["manifests"] + moved_index["manifests"]}))
     store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
     corrupt_one_chunk(store, "x:1")
-    assert "repaired x:1" in run_cli(cli_env, "verify", "--repair").stdout
-    assert run_cli(cli_env, "cat", "x:1", "/who").stdout == OLD.decode()
+    assert "repaired x:1" in run_cli(cli_env, "--insecure", "verify", "--repair").stdout
+    assert run_cli(cli_env, "--insecure", "cat", "x:1", "/who").stdout == OLD.decode()
     e = store.entry("x:1")
     assert e.state == ACTIVE and e.source == f"oci:{src}:latest" and e.source_manifest == old
 
     (src / "index.json").write_text(json.dumps(moved_index))  # the old entry is dropped as well
     corrupt_one_chunk(store, "x:1")
-    p = run_cli(cli_env, "verify", "--repair", check=False)
+    p = run_cli(cli_env, "--insecure", "verify", "--repair", check=False)
     why = f"source oci:{src}:latest now serves {new}, packed from {old}; pack it explicitly to take the new content"
     assert p.returncode == 1 and f"could not repair x:1: {why}" in [ln.strip() for ln in p.stdout.splitlines()]
-    assert run_cli(cli_env, "cat", "x:1", "/who", check=False).stderr == f"convstore: error: image x:1 is FAILED: {why}\n"
+    assert run_cli(cli_env, "--insecure", "cat", "x:1", "/who", check=False).stderr == f"convstore: error: image x:1 is FAILED: {why}\n"
 
 
 def _push(registry, layout_dir: Path, tag: str) -> str:
@@ -457,7 +457,7 @@ def test_an_explicit_pack_that_lands_during_a_repair_is_never_undone(tmp_path, c
         before = store.entry("x:1").manifest_digest
         corrupt_one_chunk(store, "x:1")
         explicit: list[subprocess.CompletedProcess[str]] = []
-        front.on_manifest = lambda: explicit.append(run_cli(cli_env, "pack", f"oci:{tmp_path / 'other'}", "x:1",
+        front.on_manifest = lambda: explicit.append(run_cli(cli_env, "--insecure", "pack", f"oci:{tmp_path / 'other'}", "x:1",
                                                             check=False))
         r = store.verify("x:1", repair=True)
         assert explicit and explicit[0].returncode == 0, explicit
@@ -483,7 +483,7 @@ def test_a_repair_that_meets_an_explicit_pack_does_not_fail_it(tmp_path, cli_env
         corrupt_one_chunk(store, "x:1")
         front.lie = new  # the source now serves another image
         explicit: list[subprocess.CompletedProcess[str]] = []
-        front.on_manifest = lambda: explicit.append(run_cli(cli_env, "pack", f"oci:{tmp_path / 'other'}", "x:1",
+        front.on_manifest = lambda: explicit.append(run_cli(cli_env, "--insecure", "pack", f"oci:{tmp_path / 'other'}", "x:1",
                                                             check=False))
         r = store.verify("x:1", repair=True)
         assert explicit and explicit[0].returncode == 0, explicit
@@ -538,7 +538,7 @@ def test_refresh_judges_only_the_version_whose_source_it_checked(tmp_path, cli_e
         store.pack(f"docker://{front.host}/app:1", "x:1")
         front.lie = "sha256:" + "0" * 64  # the old source is gone (the registry answers 404)
         explicit: list[subprocess.CompletedProcess[str]] = []
-        front.on_manifest = lambda: explicit.append(run_cli(cli_env, "pack", f"oci:{tmp_path / 'other'}", "x:1",
+        front.on_manifest = lambda: explicit.append(run_cli(cli_env, "--insecure", "pack", f"oci:{tmp_path / 'other'}", "x:1",
                                                             check=False))
         store.refresh()
         assert explicit and explicit[0].returncode == 0, explicit
@@ -561,12 +561,12 @@ def test_a_name_removed_during_a_repair_is_not_re_created(tmp_path, cli_env, reg
         store.pack(f"docker://{front.host}/app:1", "x:1")
         corrupt_one_chunk(store, "x:1")
         removed: list[subprocess.CompletedProcess[str]] = []
-        front.on_manifest = lambda: removed.append(run_cli(cli_env, "rm", "x:1", check=False))
+        front.on_manifest = lambda: removed.append(run_cli(cli_env, "--insecure", "rm", "x:1", check=False))
         r = store.verify("x:1", repair=True)
         assert removed and removed[0].returncode == 0, removed
         assert r.repaired == [] and "was removed while it was being re-packed" in r.not_repaired["x:1"], r
         with pytest.raises(convstore.ImageNotFound):
             store.entry("x:1")
-        assert "x:1" not in run_cli(cli_env, "images").stdout
+        assert "x:1" not in run_cli(cli_env, "--insecure", "images").stdout
     finally:
         front.stop()

@@ -75,7 +75,7 @@ def _fails_one_line(p: subprocess.CompletedProcess[str], *needles: str) -> None:
 
 
 def _nothing_stored(env: dict[str, str], tmp_path) -> None:
-    assert json.loads(run_cli(env, "images", "--json").stdout) == []
+    assert json.loads(run_cli(env, "--insecure", "images", "--json").stdout) == []
     packs = tmp_path / "store" / "packs"
     assert not packs.exists() or not [p for p in packs.iterdir() if p.name.endswith(".pack")]
 
@@ -93,9 +93,9 @@ def test_the_attachment_is_where_containers_image_looks(signing):
 
 def test_good_signature_is_packed_and_inspect_shows_what_was_verified(tmp_path, signing, cli_env):
     pol = policy_file(tmp_path / "policy.json", sigstore_policy(f"{signing['host']}/app", signing["key"]))
-    p = run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a")
+    p = run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a")
     assert "packed app:a" in p.stdout
-    doc = json.loads(run_cli(cli_env, "inspect", "--json", "app:a").stdout)
+    doc = json.loads(run_cli(cli_env, "--insecure", "inspect", "--json", "app:a").stdout)
     v = doc["verification"]
     assert v["v"] == 1 and v["policy"] == str(pol) and v["requirements"] == ["sigstoreSigned"]
     assert v["scope"] == f'docker transports.docker["{signing["host"]}/app"]'
@@ -107,7 +107,7 @@ def test_good_signature_is_packed_and_inspect_shows_what_was_verified(tmp_path, 
     payload = base64.b64decode(s["payload"])
     assert json.loads(payload)["critical"]["image"]["docker-manifest-digest"] == signing["digest"]["a"]
     assert s["payload_digest"] == "sha256:" + hashlib.sha256(payload).hexdigest()
-    text = run_cli(cli_env, "inspect", "app:a").stdout
+    text = run_cli(cli_env, "--insecure", "inspect", "app:a").stdout
     assert f"verification: sigstoreSigned by key {_key_id(signing['key'])} for {signing['digest']['a']}" in text
     # the library shows the same
     store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
@@ -117,7 +117,7 @@ def test_good_signature_is_packed_and_inspect_shows_what_was_verified(tmp_path, 
 def test_wrong_key_is_refused_and_nothing_is_stored(tmp_path, signing, cli_env):
     other = make_key(tmp_path / "other", "other")
     pol = policy_file(tmp_path / "policy.json", sigstore_policy(f"{signing['host']}/app", other))
-    p = run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a", check=False)
+    p = run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a", check=False)
     _fails_one_line(p, "cryptographic signature verification failed", _key_id(other)[:19])
     _nothing_stored(cli_env, tmp_path)
 
@@ -128,7 +128,7 @@ def test_a_signature_moved_to_another_digest_is_refused(tmp_path, signing, cli_e
     body, mt, _ = c.get_manifest("app", signing["digest"]["a"].replace(":", "-") + ".sig", [OCI_MANIFEST])
     c.put_manifest("app", signing["digest"]["b"].replace(":", "-") + ".sig", body, OCI_MANIFEST)
     pol = policy_file(tmp_path / "policy.json", sigstore_policy(f"{signing['host']}/app", signing["key"]))
-    p = run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{signing['host']}/app:b", "app:b", check=False)
+    p = run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{signing['host']}/app:b", "app:b", check=False)
     _fails_one_line(p, f"signature for digest {signing['digest']['a']} does not match {signing['digest']['b']}")
     _nothing_stored(cli_env, tmp_path)
 
@@ -139,24 +139,24 @@ def test_a_signed_image_under_another_tag_fails_the_identity_rule_unless_the_pol
     body, mt, _ = c.get_manifest("app", "a", [OCI_MANIFEST])
     c.put_manifest("app", "moved", body, OCI_MANIFEST)  # same digest: the signature is found, its identity is app:a
     pol = policy_file(tmp_path / "policy.json", sigstore_policy(f"{signing['host']}/app", signing["key"]))
-    p = run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{signing['host']}/app:moved", "app:m",
+    p = run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{signing['host']}/app:moved", "app:m",
                 check=False)
     _fails_one_line(p, f"signature for identity '{signing['host']}/app:a' is not accepted")
     _nothing_stored(cli_env, tmp_path)
     pol2 = policy_file(tmp_path / "policy2.json", sigstore_policy(f"{signing['host']}/app", signing["key"],
                                                                   signedIdentity={"type": "matchRepository"}))
-    run_cli(cli_env, "pack", "--policy", str(pol2), f"docker://{signing['host']}/app:moved", "app:m")
+    run_cli(cli_env, "--insecure", "pack", "--policy", str(pol2), f"docker://{signing['host']}/app:moved", "app:m")
 
 
 def test_no_signature_under_sigstore_signed_is_refused(tmp_path, signing, cli_env):
     pol = policy_file(tmp_path / "policy.json", sigstore_policy(f"{signing['host']}/app", signing["key"]))
-    p = run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{signing['host']}/app:b", "app:b", check=False)
+    p = run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{signing['host']}/app:b", "app:b", check=False)
     _fails_one_line(p, "a signature was required", "but no signature exists")
     _nothing_stored(cli_env, tmp_path)
     # an OCI layout carries no signatures: a policy requiring them for oci: refuses it
     pol2 = policy_file(tmp_path / "policy2.json", {"default": [{"type": "sigstoreSigned",
                                                                 "keyPath": str(signing["key"].public)}]})
-    p = run_cli(cli_env, "pack", "--policy", str(pol2), f"oci:{tmp_path / 'b'}", "b:1", check=False)
+    p = run_cli(cli_env, "--insecure", "pack", "--policy", str(pol2), f"oci:{tmp_path / 'b'}", "b:1", check=False)
     _fails_one_line(p, "oci: sources carry no sigstore signatures")
 
 
@@ -164,21 +164,21 @@ def test_reject_is_refused(tmp_path, signing, cli_env):
     pol = policy_file(tmp_path / "policy.json", {"default": [{"type": "insecureAcceptAnything"}],
                                                  "transports": {"docker": {signing["host"]: [{"type": "reject"}]},
                                                                 "oci": {str(tmp_path / "b"): [{"type": "reject"}]}}})
-    p = run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a", check=False)
+    p = run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a", check=False)
     _fails_one_line(p, "rejected by trust policy", f'transports.docker["{signing["host"]}"]')
-    p = run_cli(cli_env, "pack", "--policy", str(pol), f"oci:{tmp_path / 'b'}", "b:1", check=False)
+    p = run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"oci:{tmp_path / 'b'}", "b:1", check=False)
     _fails_one_line(p, "rejected by trust policy", f'transports.oci["{tmp_path / "b"}"]')
     _nothing_stored(cli_env, tmp_path)
-    run_cli(cli_env, "pack", "--policy", str(pol), f"oci:{tmp_path / 'a'}", "a:1")  # other scopes: the default
+    run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"oci:{tmp_path / 'a'}", "a:1")  # other scopes: the default
 
 
 def test_insecure_accept_anything_packs_and_records_no_verification(tmp_path, signing, cli_env):
     pol = policy_file(tmp_path / "policy.json", ACCEPT)
-    run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{signing['host']}/app:b", "app:b")
-    v = json.loads(run_cli(cli_env, "inspect", "--json", "app:b").stdout)["verification"]
+    run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{signing['host']}/app:b", "app:b")
+    v = json.loads(run_cli(cli_env, "--insecure", "inspect", "--json", "app:b").stdout)["verification"]
     assert v["signatures"] == [] and v["requirements"] == ["insecureAcceptAnything"] and v["policy"] == str(pol)
     assert "verification: no signature verified (requirements insecureAcceptAnything" in \
-        run_cli(cli_env, "inspect", "app:b").stdout
+        run_cli(cli_env, "--insecure", "inspect", "app:b").stdout
 
 
 @pytest.mark.parametrize("req, needle", [
@@ -190,7 +190,7 @@ def test_insecure_accept_anything_packs_and_records_no_verification(tmp_path, si
 ])
 def test_an_unsupported_requirement_is_refused_in_one_line(tmp_path, signing, cli_env, req, needle):
     pol = policy_file(tmp_path / "policy.json", {"default": [req]})
-    p = run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a", check=False)
+    p = run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a", check=False)
     _fails_one_line(p, needle)
     _nothing_stored(cli_env, tmp_path)
 
@@ -204,9 +204,9 @@ def test_an_unsupported_requirement_is_refused_in_one_line(tmp_path, signing, cl
 def test_a_malformed_policy_is_refused_in_one_line(tmp_path, cli_env, doc, needle):
     write_oci(str(tmp_path / "x"), [make_tar([Entry("f", data=b"x")])])
     pol = policy_file(tmp_path / "policy.json", doc)
-    p = run_cli(cli_env, "pack", "--policy", str(pol), f"oci:{tmp_path / 'x'}", "x:1", check=False)
+    p = run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"oci:{tmp_path / 'x'}", "x:1", check=False)
     _fails_one_line(p, needle)
-    p = run_cli(cli_env, "pack", "--policy", str(tmp_path / "missing.json"), f"oci:{tmp_path / 'x'}", "x:1",
+    p = run_cli(cli_env, "--insecure", "pack", "--policy", str(tmp_path / "missing.json"), f"oci:{tmp_path / 'x'}", "x:1",
                 check=False)
     _fails_one_line(p, "missing.json: No such file or directory")
 
@@ -235,8 +235,8 @@ def _pack_signed_and_unsigned(tmp_path, signing, env) -> None:
                            {"default": [{"type": "insecureAcceptAnything"}], "transports": {"docker": {
                                f"{signing['host']}/app:a": [{"type": "sigstoreSigned",
                                                              "keyPath": str(signing["key"].public)}]}}})
-    run_cli(env, "pack", "--policy", str(pack_pol), f"docker://{signing['host']}/app:a", "app:a")
-    run_cli(env, "pack", "--policy", str(pack_pol), f"docker://{signing['host']}/app:b", "app:b")
+    run_cli(env, "--insecure", "pack", "--policy", str(pack_pol), f"docker://{signing['host']}/app:a", "app:a")
+    run_cli(env, "--insecure", "pack", "--policy", str(pack_pol), f"docker://{signing['host']}/app:b", "app:b")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="run and mount need root (FUSE allow_other, runc)")
@@ -254,11 +254,11 @@ def test_node_policy_at_start_refuses_unsigned_and_starts_signed(tmp_path, signi
     # a node that trusts another key: the recorded signature is verified again, not taken on trust
     other = make_key(tmp_path / "other", "other")
     node2 = policy_file(tmp_path / "node2.json", sigstore_policy(signing["host"], other))
-    _fails_one_line(run_cli(cli_env, "run", "--policy", str(node2), "app:a", check=False),
+    _fails_one_line(run_cli(cli_env, "--insecure", "run", "--policy", str(node2), "app:a", check=False),
                     "cryptographic signature verification failed")
     # the signed image starts under the strict policy
-    assert run_cli(cli_env, "run", "--policy", str(node), "app:a").stdout == "hello\n"
-    run_cli(cli_env, "mount", "--background", "--policy", str(node), "app:a", str(mnt))
+    assert run_cli(cli_env, "--insecure", "run", "--policy", str(node), "app:a").stdout == "hello\n"
+    run_cli(cli_env, "--insecure", "mount", "--background", "--policy", str(node), "app:a", str(mnt))
     try:
         assert (mnt / "etc" / "marker").read_text() == "image a\n"
     finally:
@@ -428,20 +428,20 @@ def test_the_user_policy_file_governs_a_pack_without_policy_option(tmp_path, cli
     (tmp_path / "cfg" / "containers").mkdir(parents=True)
     policy_file(tmp_path / "cfg" / "containers" / "policy.json", {"default": [{"type": "reject"}]})
     env = {**cli_env, "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
-    _fails_one_line(run_cli(env, "pack", f"oci:{tmp_path / 'x'}", "x:1", check=False), "rejected by trust policy",
+    _fails_one_line(run_cli(env, "--insecure", "pack", f"oci:{tmp_path / 'x'}", "x:1", check=False), "rejected by trust policy",
                     str(tmp_path / "cfg" / "containers" / "policy.json"))
     _nothing_stored(env, tmp_path)
 
 
 def test_the_record_travels_with_push_and_pull(tmp_path, signing, cli_env):
     pol = policy_file(tmp_path / "policy.json", sigstore_policy(f"{signing['host']}/app", signing["key"]))
-    run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a")
+    run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a")
     url = f"oci://{signing['host']}/store"
     run_cli(cli_env, "--insecure", "push", "app:a", url)
     env2 = {**cli_env, "CONVSTORE_STORE": str(tmp_path / "store2")}
     run_cli(env2, "--insecure", "pull", url, "app:a")
-    v1 = json.loads(run_cli(cli_env, "inspect", "--json", "app:a").stdout)["verification"]
-    v2 = json.loads(run_cli(env2, "inspect", "--json", "app:a").stdout)["verification"]
+    v1 = json.loads(run_cli(cli_env, "--insecure", "inspect", "--json", "app:a").stdout)["verification"]
+    v2 = json.loads(run_cli(env2, "--insecure", "inspect", "--json", "app:a").stdout)["verification"]
     assert v1 == v2 and v1["signatures"][0]["key_id"] == _key_id(signing["key"])
 
 
@@ -461,7 +461,7 @@ def test_snapshotter_and_containerd_load_apply_the_node_policy(tmp_path, signing
         snap.layers.close()
     with pytest.raises(SignatureRequired, match="app:b"):
         load_into_containerd(store, "app:b", str(tmp_path / "no-containerd.sock"), policy=node)
-    p = run_cli(cli_env, "containerd-load", "--policy", str(tmp_path / "node.json"), "--address",
+    p = run_cli(cli_env, "--insecure", "containerd-load", "--policy", str(tmp_path / "node.json"), "--address",
                 str(tmp_path / "no-containerd.sock"), "app:b", check=False)
     _fails_one_line(p, "requires a sigstore signature")
 
@@ -483,12 +483,12 @@ def test_a_registry_that_alters_the_signature_is_refused(tmp_path, signing, cli_
         pol = policy_file(tmp_path / "policy.json", sigstore_policy(
             proxy.host, signing["key"], signedIdentity={"type": "exactRepository",
                                                         "dockerRepository": f"{signing['host']}/app"}))
-        p = run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{proxy.host}/app:a", "app:a", check=False)
+        p = run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{proxy.host}/app:a", "app:a", check=False)
         assert proxy.faults_injected >= 1
         _fails_one_line(p, "content hashes to" if what == "payload" else "sigstore attachment")
         _nothing_stored(cli_env, tmp_path)
         proxy.fault = None  # the same pack through an honest proxy is accepted
-        run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{proxy.host}/app:a", "app:a")
+        run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{proxy.host}/app:a", "app:a")
     finally:
         proxy.stop()
 
@@ -497,7 +497,7 @@ def test_a_re_pack_verifies_under_the_policy_the_image_was_packed_under(tmp_path
     """verify --repair and reactivation re-pack through the library without a policy: they use the policy file
     recorded in the image (not the machine's default, which here accepts anything and verifies nothing)."""
     pol = policy_file(tmp_path / "policy.json", sigstore_policy(f"{signing['host']}/app", signing["key"]))
-    run_cli(cli_env, "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a")
+    run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a")
     store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
     store.pack(f"docker://{signing['host']}/app:a", "app:a", reuse_layers=False)  # what a repair does
     v = store.inspect("app:a").verification

@@ -17,15 +17,16 @@ digest checks, errors -- runs the same over a scripted adapter in tests.
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 import time
 import urllib.parse
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import requests
 import requests.adapters
 
-from ..errors import CorruptObject, DigestMismatch, StoreError
+from ..errors import ConvstoreError, CorruptObject, DigestMismatch, StoreError
 from .media import MAX_MANIFEST, check_digest, sha256_digest, verify_bytes
 
 
@@ -37,6 +38,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 # artifacts are far below it (an image's artifact lists its pack blobs, ~150 bytes each: 27,000 packs)
 MAX_TAGS_PAGE = 4 << 20  # one page of a tag listing: asked for 1,000 tags of at most 128 characters
 MAX_TAGS = 1_000_000  # tags in one listing (every page): ~100 MB of Python strings, a 250,000-image store
+MAX_TAG_PAGES = 10_000  # pages of one listing: MAX_TAGS at 100 a page (registries may give fewer than asked)
 MAX_BLOB = 64 << 20  # a whole-blob GET with no descriptor size (configs, metadata objects are far smaller)
 MAX_OTHER = 64 << 10  # any other answer (upload, delete, an error's body: only its start is shown)
 RETRIES = 4  # attempts per request; backoff 0.2, 0.4, 0.8 s between them
@@ -63,6 +65,28 @@ class RegistryTooSlow(RegistryError):
 
 
 
+class _Watchdog:
+    """Shuts ``r``'s socket down ``seconds`` from now unless cancelled: a read blocked on it then ends
+    or fails at once (a per-read timeout never fires on a body trickled in); ``expired`` tells why."""
+
+    def __init__(self, r: requests.Response, seconds: float):
+        self.r, self.seconds = r, seconds
+        self.expired = threading.Event()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired.set()
+        try:
+            self.r.raw.shutdown()
+        except Exception:  # already closed, or no socket: nothing is blocked on it
+            pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 def _read_capped(r: requests.Response, cap: int, host: str, kind: str, timeout: float) -> bytes:
     """The body of ``r`` if it has at most ``cap`` bytes, read as it arrives (64 KiB at a time,
     decoded: a Content-Encoding is capped on what it inflates to) and whole within ``timeout``
@@ -84,32 +108,21 @@ def _read_capped(r: requests.Response, cap: int, host: str, kind: str, timeout: 
     if declared > cap:
         raise too_large()
     deadline = timeout + cap / MIN_RATE
-    expired = threading.Event()
-
-    def expire() -> None:
-        expired.set()
-        try:
-            r.raw.shutdown()  # wakes a read blocked on the socket: it ends or fails at once
-        except Exception:  # already closed, or no socket: nothing is blocked on it
-            pass
-
-    watchdog = threading.Timer(deadline, expire)
-    watchdog.daemon = True
-    watchdog.start()
+    watchdog = _Watchdog(r, deadline)
     buf = bytearray()
     try:
         for part in r.iter_content(1 << 16):
             buf += part
             if len(buf) > cap:
                 raise too_large()
-            if expired.is_set():
+            if watchdog.expired.is_set():
                 break
     except (requests.exceptions.RequestException, OSError):
-        if not expired.is_set():
+        if not watchdog.expired.is_set():
             raise
     finally:
         watchdog.cancel()
-    if expired.is_set():
+    if watchdog.expired.is_set():
         r.close()
         raise RegistryTooSlow(f"registry {host} sent {kind} too slowly (not whole within {deadline:g} s)")
     return bytes(buf)
@@ -152,6 +165,46 @@ class _TimeoutAdapter(requests.adapters.HTTPAdapter):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+        super().close()
+
+
+class _BlobStream(io.RawIOBase):
+    """A blob's body as it streams in (undecoded), whole within ``deadline`` seconds: past it the
+    socket is shut down and a read is :class:`RegistryTooSlow`; a body broken off is a RegistryError."""
+
+    def __init__(self, r: requests.Response, deadline: float, host: str, what: str):
+        self._r, self._deadline, self._host, self._what = r, deadline, host, what
+        self._watchdog = _Watchdog(r, deadline)
+        self._expired = self._watchdog.expired
+
+    def _too_slow(self) -> RegistryTooSlow:
+        return RegistryTooSlow(f"registry {self._host} sent {self._what} too slowly "
+                               f"(not whole within {self._deadline:g} s)")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._expired.is_set():
+            raise self._too_slow()
+        try:
+            n = self._r.raw.readinto(b)
+        except ConvstoreError:
+            raise
+        except Exception as e:  # urllib3's and http.client's errors, OSError: the connection broke
+            self._watchdog.cancel()
+            if self._expired.is_set():
+                raise self._too_slow() from None
+            raise RegistryError(f"registry {self._host} broke off {self._what} ({type(e).__name__})") from None
+        if self._expired.is_set():
+            raise self._too_slow()
+        if not n:
+            self._watchdog.cancel()
+        return n
+
+    def close(self) -> None:
+        self._watchdog.cancel()
+        self._r.close()
         super().close()
 
 
@@ -224,13 +277,16 @@ class RegistryClient:
                 # oras could not answer the auth challenge: no (usable) credentials
                 raise RegistryError(f"registry {self.host} requires credentials (--username with "
                                     f"--password-stdin, or docker login)") from None
+            except (AttributeError, TypeError) as e:  # oras-py read a token answer of another shape
+                raise RegistryError(f"registry {self.host} sent a malformed authentication answer "
+                                    f"({type(e).__name__}: {e})") from None
             else:
                 try:
                     if r.status_code in (401, 403):
                         raise RegistryError(f"registry {self.host} refused the credentials (HTTP {r.status_code})")
                     if r.status_code < 500 and r.status_code != 429:
                         raise RegistryError(f"registry {self.host} refused {method} {url.split('/v2/', 1)[-1]}: "
-                                            f"HTTP {r.status_code} {self._snippet(r)}")
+                                            f"HTTP {r.status_code} {self._snippet(r, self.timeout)}")
                     if attempt == RETRIES - 1:
                         raise RegistryError(f"registry {self.host} failed: HTTP {r.status_code} for {method}")
                 finally:
@@ -243,12 +299,15 @@ class RegistryClient:
         raise RegistryError(f"registry {self.host}: giving up")  # pragma: no cover
 
     @staticmethod
-    def _snippet(r: requests.Response) -> str:
-        """The start of an error answer's body (at most 200 bytes are read)."""
+    def _snippet(r: requests.Response, timeout: float) -> str:
+        """The start of an error answer's body (at most 200 bytes are read, within ``timeout``)."""
+        watchdog = _Watchdog(r, timeout)
         try:
             head = r.raw.read(200, decode_content=True) or b""
         except Exception:  # the error is already being reported; its body is a courtesy
             head = b""
+        finally:
+            watchdog.cancel()
         return head.decode("utf-8", "replace").strip()
 
     def blob_exists(self, repo: str, digest: str) -> bool:
@@ -307,14 +366,17 @@ class RegistryClient:
         except DigestMismatch as e:
             raise RegistryCorrupt(str(e)) from None
 
-    def open_blob(self, repo: str, digest: str) -> Any:
-        """A streaming reader of a blob (the caller verifies the digest)."""
+    def open_blob(self, repo: str, digest: str, size: int | None = None) -> BinaryIO:
+        """A streaming reader of a blob as stored (the caller verifies the digest), whole within the
+        timeout plus ``size`` (else ``MAX_BLOB``) at MIN_RATE bytes a second: :class:`RegistryTooSlow`
+        past it, :class:`RegistryError` for a body broken off."""
         r = self._req("GET", f"{self.base}/{repo}/blobs/{digest}", (200, 404), stream=True)
         if r.status_code == 404:
             r.close()
             raise KeyError(digest)
         r.raw.decode_content = False
-        return r.raw
+        deadline = self.timeout + (size if size is not None and size >= 0 else MAX_BLOB) / MIN_RATE
+        return cast(BinaryIO, _BlobStream(r, deadline, self.host, f"blob {digest}"))  # a raw binary stream
 
     def put_manifest(self, repo: str, ref: str, body: bytes, media_type: str = OCI_MANIFEST) -> None:
         if repo not in self._empty_done:  # artifacts name the empty config; the registry wants it present
@@ -359,8 +421,10 @@ class RegistryClient:
         return True
 
     def tags(self, repo: str) -> list[str]:
-        """Every tag of ``repo`` (each page read up to MAX_TAGS_PAGE, at most MAX_TAGS in all)."""
+        """Every tag of ``repo`` (each page read up to MAX_TAGS_PAGE, at most MAX_TAGS in all, in at
+        most MAX_TAG_PAGES pages, each adding a tag)."""
         out: list[str] = []
+        pages = 0
         url = f"{self.base}/{repo}/tags/list?n=1000"
         while url:
             r = self._req("GET", url, (200, 404), cap=MAX_TAGS_PAGE, kind="a tag list page")
@@ -374,11 +438,16 @@ class RegistryClient:
             except (ValueError, AttributeError):
                 raise RegistryError(f"registry {self.host} sent a malformed tag list for {repo}") from None
             out += page
-            if len(out) > MAX_TAGS:
-                raise RegistryResponseTooLarge(f"registry {self.host} lists more than {MAX_TAGS} tags in {repo}")
+            pages += 1
+            if len(out) > MAX_TAGS or pages > MAX_TAG_PAGES:
+                raise RegistryResponseTooLarge(f"registry {self.host} lists more than {MAX_TAGS} tags or "
+                                               f"{MAX_TAG_PAGES} pages of them in {repo}")
             link = r.headers.get("Link", "")
             url = ""
             if 'rel="next"' in link:
+                if not page:  # a next page after one that added nothing: a listing that never ends
+                    raise RegistryError(f"registry {self.host} sent a tag list page for {repo} with no tag "
+                                        f"and a next page")
                 nxt = link.split(";")[0].strip("<> ")
                 url = nxt if nxt.startswith("http") else self.base.rsplit("/v2", 1)[0] + nxt
         return out

@@ -113,6 +113,12 @@ class OCILayoutSource(ImageSource):
         self.path = path
         self.tag = tag
         self.ref = f"oci:{path}" + (f":{tag}" if tag else "")
+        try:
+            self._open(path, digest)
+        except (AttributeError, TypeError, ValueError, KeyError) as e:  # JSON of another shape than the spec's
+            raise SourceError(f"{self.ref}: malformed image layout ({type(e).__name__}: {e})") from None
+
+    def _open(self, path: str, digest: str | None) -> None:
         layout = os.path.join(path, "oci-layout")
         if not os.path.isfile(layout):
             raise SourceNotFound(f"{path}: not an OCI image layout (no oci-layout file)")
@@ -371,6 +377,8 @@ class RegistrySource(ImageSource):
             raise DigestMismatch(f"{spec}: {e}") from None
         except RegistryError as e:
             raise SourceError(str(e)) from None
+        except (AttributeError, TypeError, ValueError, KeyError) as e:  # JSON of another shape than the spec's
+            raise SourceError(f"{spec}: malformed manifest or index ({type(e).__name__}: {e})") from None
 
     def open_layer(self, index: int) -> VerifyingReader:
         from .registry_client import RegistryError
@@ -378,7 +386,7 @@ class RegistrySource(ImageSource):
         d = self.layers[index]
         assert d.digest is not None
         try:
-            raw = self.client.open_blob(self.repo, d.digest)
+            raw = self.client.open_blob(self.repo, d.digest, d.size)
         except KeyError:
             raise SourceNotFound(f"{self.ref}: layer blob {d.digest} is missing") from None
         except RegistryError as e:
