@@ -163,14 +163,14 @@ def _options(url: str | None, create: bool = False) -> StoreOptions:
     if is_registry_url(url):
         if state.password_stdin and not _password:
             _password.append(sys.stdin.readline().rstrip("\n"))
-        reg = {"insecure": state.insecure, "username": state.username,
+        reg = {"username": state.username,
                "password": _password[0] if _password else None, "cache_dir": state.cache,
                "cache_bytes": int(state.cache_size * 1e6), "timeout": state.timeout}
     now = os.environ.get("CONVSTORE_NOW")  # a fixed clock (epoch seconds) for tests and what-if runs
     return StoreOptions(path=url, key=state.key_spec, kms_endpoint=state.kms_endpoint,
                         inactive_after=state.inactive_after, latency_ms=state.latency_ms,
                         bandwidth_mbps=state.bandwidth_mbps, allow_rollback=state.allow_rollback,
-                        now=float(now) if now else None, create=create, **reg)
+                        now=float(now) if now else None, create=create, insecure=state.insecure, **reg)
 
 
 #: key files this command created: said once it ends (in its error line if it fails)

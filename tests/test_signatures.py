@@ -110,7 +110,7 @@ def test_good_signature_is_packed_and_inspect_shows_what_was_verified(tmp_path, 
     text = run_cli(cli_env, "--insecure", "inspect", "app:a").stdout
     assert f"verification: sigstoreSigned by key {_key_id(signing['key'])} for {signing['digest']['a']}" in text
     # the library shows the same
-    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"], insecure=True)
     assert store.inspect("app:a").verification == v
 
 
@@ -270,7 +270,7 @@ def test_layer_store_serves_only_images_the_node_policy_accepts(tmp_path, signin
     from convstore.reader.layerstore import LayerStore
 
     _pack_signed_and_unsigned(tmp_path, signing, cli_env)
-    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"], insecure=True)
     digest = {n: store.manifest(f"app:{n}").layers[0].digest for n in ("a", "b")}
     node = Policy.load(str(policy_file(tmp_path / "node.json", sigstore_policy(signing["host"], signing["key"]))))
     ls = LayerStore(store, policy=node)
@@ -286,7 +286,7 @@ def test_require_rechecks_the_sealed_source_manifest(tmp_path, signing, cli_env)
     from convstore.oci.policy import require
 
     _pack_signed_and_unsigned(tmp_path, signing, cli_env)
-    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"], insecure=True)
     node = Policy.load(str(policy_file(tmp_path / "node.json", sigstore_policy(signing["host"], signing["key"]))))
     a, b = store.manifest("app:a"), store.manifest("app:b")
     require(node, a, "app:a")
@@ -302,7 +302,7 @@ def test_require_rechecks_the_sealed_source_manifest(tmp_path, signing, cli_env)
 
 def test_verification_record_round_trips_and_old_manifests_read(tmp_path, signing, cli_env):
     _pack_signed_and_unsigned(tmp_path, signing, cli_env)
-    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"], insecure=True)
     m = store.manifest("app:a")
     assert Manifest.decode(m.encode()).verification == m.verification is not None
     m.verification = None
@@ -451,7 +451,7 @@ def test_snapshotter_and_containerd_load_apply_the_node_policy(tmp_path, signing
     from convstore.reader.snapshotter import Snapshotter, load_into_containerd
 
     _pack_signed_and_unsigned(tmp_path, signing, cli_env)
-    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"], insecure=True)
     node = Policy.load(str(policy_file(tmp_path / "node.json", sigstore_policy(signing["host"], signing["key"]))))
     digest = {n: store.manifest(f"app:{n}").layers[0].digest for n in ("a", "b")}
     snap = Snapshotter(store, str(tmp_path / "snaps"), node)
@@ -498,7 +498,7 @@ def test_a_re_pack_verifies_under_the_policy_the_image_was_packed_under(tmp_path
     recorded in the image (not the machine's default, which here accepts anything and verifies nothing)."""
     pol = policy_file(tmp_path / "policy.json", sigstore_policy(f"{signing['host']}/app", signing["key"]))
     run_cli(cli_env, "--insecure", "pack", "--policy", str(pol), f"docker://{signing['host']}/app:a", "app:a")
-    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"])
+    store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"], insecure=True)
     store.pack(f"docker://{signing['host']}/app:a", "app:a", reuse_layers=False)  # what a repair does
     v = store.inspect("app:a").verification
     assert v["policy"] == str(pol) and v["signatures"][0]["key_id"] == _key_id(signing["key"])
