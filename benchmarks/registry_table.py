@@ -81,7 +81,7 @@ def main() -> None:
 
 def chunk_vs_pack() -> None:
     """One blob per chunk vs one packed blob with ranged reads (1,000 x 40 kB)."""
-    from convstore.stores.registry import RegistryClient
+    from convstore.oci.registry_client import RegistryClient
 
     with tempfile.TemporaryDirectory() as tmp:
         reg = Registry(Path(tmp) / "r")

@@ -19,8 +19,9 @@ with atheris.instrument_imports():
     from convstore.core.authmeta import parse_json
     from convstore.errors import ConvstoreError, CorruptLayer
     from convstore.manifest import Manifest, chunk_table
-    from convstore.stores.packs import SortedIndex, decode_index
-    from convstore.stores.registry import _decode_segment
+    from convstore.stores.index import SortedIndex
+    from convstore.stores.packs import decode_index
+    from convstore.stores.registry.index import _decode_segment
     from convstore.tarsplit import join_tar, split_tar, unpack_segments
 
 

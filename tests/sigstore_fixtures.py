@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from convstore.oci.media import OCI_CONFIG, OCI_MANIFEST
-from convstore.stores.registry import RegistryClient
+from convstore.oci.registry_client import RegistryClient
 
 SIMPLESIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"

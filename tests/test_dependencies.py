@@ -138,7 +138,7 @@ def test_removing_a_dependency_from_pyproject_fails_the_check(tmp_path: Path) ->
     (tmp_path / "convstore").symlink_to(REPO / "convstore")
     found = problems("convstore", (), root=tmp_path)
     assert found and all("'oras'" in p and "not declared" in p for p in found), found
-    assert any(p.startswith("convstore/stores/registry.py:") for p in found)
+    assert any(p.startswith("convstore/oci/registry_client.py:") for p in found)
 
 
 def test_unguarded_extra_and_unknown_modules_are_reported(tmp_path: Path) -> None:

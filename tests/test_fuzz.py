@@ -11,7 +11,8 @@ from pathlib import Path
 from blake3 import blake3
 from imagebuilder import Entry, make_tar, rich_layer
 
-from convstore.stores.packs import encode_index, encode_midx, record
+from convstore.stores.index import encode_midx, record
+from convstore.stores.packs import encode_index
 
 HARNESS = Path(__file__).with_name("fuzz_parsers.py")
 

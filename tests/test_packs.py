@@ -186,7 +186,7 @@ def _store_with_merged_index(tmp_path: Path) -> Store:
 
 
 def test_a_planted_multi_pack_index_cannot_make_gc_drop_a_live_chunk(tmp_path: Path) -> None:
-    from convstore.stores.packs import encode_midx, record
+    from convstore.stores.index import encode_midx, record
 
     store = _store_with_merged_index(tmp_path)
     m = store.manifest("a:1")

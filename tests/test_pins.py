@@ -28,7 +28,8 @@ import convstore
 from convstore.errors import DigestMismatch
 from convstore.oci.sources import _host_platform
 from convstore.stores import registry as registry_store
-from convstore.stores.registry import RegistryClient
+from convstore.oci import registry_client
+from convstore.oci.registry_client import RegistryClient
 from convstore.transfer import copy_image
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -386,7 +387,7 @@ def test_a_compressed_endless_answer_is_capped_decoded(encoding, two_images, lia
 def test_a_trickled_answer_meets_a_deadline(two_images, liar, monkeypatch):
     """A body trickled a byte at a time, each sooner than the read timeout, never times out per read:
     an answer must arrive whole within the timeout plus its cap at MIN_RATE bytes a second."""
-    monkeypatch.setattr(registry_store, "MIN_RATE", 1 << 30, raising=False)  # the deadline is then the timeout (1 s)
+    monkeypatch.setattr(registry_client, "MIN_RATE", 1 << 30, raising=False)  # the deadline is then the timeout (1 s)
     trickle = Endless(limit=20, piece=1, pause=0.4)
     liar.lie = lambda m, p: trickle if m == "GET" and "/manifests/" in p else None
     client = RegistryClient(liar.host, insecure=True, timeout=1.0)
@@ -401,7 +402,7 @@ def test_a_trickled_layer_blob_meets_a_deadline(two_images, liar, store, monkeyp
     size at MIN_RATE: one line naming the registry, nothing stored."""
     from convstore.oci.sources import RegistrySource
 
-    monkeypatch.setattr(registry_store, "MIN_RATE", 1 << 30, raising=False)
+    monkeypatch.setattr(registry_client, "MIN_RATE", 1 << 30, raising=False)
     a_digest, a_body = two_images["a"]
     layer = json.loads(a_body)["layers"][0]
     _status, _h, blob = _http(liar.upstream, "GET", f"/v2/pins/a/blobs/{layer['digest']}")
@@ -442,7 +443,7 @@ def test_an_endless_tag_listing_by_pages_ends(two_images, liar):
 
 def test_a_tag_listing_has_a_bounded_number_of_pages(two_images, liar, monkeypatch):
     """Pages of one tag each, for ever: the listing stops at MAX_TAG_PAGES pages."""
-    monkeypatch.setattr(registry_store, "MAX_TAG_PAGES", 5, raising=False)
+    monkeypatch.setattr(registry_client, "MAX_TAG_PAGES", 5, raising=False)
 
     def lie(m: str, p: str) -> Body | None:
         if "/tags/list" not in p:

@@ -264,7 +264,7 @@ def test_index_segments_are_merged_into_snapshots_and_a_new_client_reads_few(tmp
 def test_a_layout_1_registry_store_is_refused_in_one_line(tmp_path, registry, cli_env):
     import hashlib
 
-    from convstore.stores.registry import RegistryClient
+    from convstore.oci.registry_client import RegistryClient
 
     c = RegistryClient(registry.host, insecure=True)
     d = c.put_blob("old", b"{}")
@@ -277,7 +277,7 @@ def test_a_layout_1_registry_store_is_refused_in_one_line(tmp_path, registry, cl
 
 
 def test_index_tags_this_client_did_not_write_are_ignored(tmp_path, registry, store):
-    from convstore.stores.registry import RegistryClient
+    from convstore.oci.registry_client import RegistryClient
     from convstore.transfer import copy_image
 
     images(tmp_path)

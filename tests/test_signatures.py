@@ -29,7 +29,7 @@ from convstore.errors import PolicyDenied, PolicyInvalid, SignatureInvalid, Sign
 from convstore.manifest import Manifest
 from convstore.oci.media import OCI_MANIFEST
 from convstore.oci.policy import Policy, scope_of
-from convstore.stores.registry import RegistryClient
+from convstore.oci.registry_client import RegistryClient
 
 ACCEPT = {"default": [{"type": "insecureAcceptAnything"}]}
 

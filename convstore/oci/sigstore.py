@@ -34,7 +34,7 @@ from ..errors import PolicyInvalid, SignatureInvalid
 from . import media
 
 if TYPE_CHECKING:
-    from ..stores.registry import RegistryClient
+    from .registry_client import RegistryClient
 
 SIGNATURE_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"

@@ -323,7 +323,7 @@ class RegistrySource(ImageSource):
     distribution API, layers streamed and verified, never stored whole."""
 
     def __init__(self, spec: str, insecure: bool = False):
-        from ..stores.registry import RegistryClient, RegistryCorrupt, RegistryError
+        from .registry_client import RegistryClient, RegistryCorrupt, RegistryError
 
         self.ref = spec
         rest = spec[len("docker://"):]
@@ -388,7 +388,7 @@ class RegistrySource(ImageSource):
             raise SourceError(f"{spec}: malformed manifest or index ({type(e).__name__}: {e})") from None
 
     def open_layer(self, index: int) -> VerifyingReader:
-        from ..stores.registry import RegistryError
+        from .registry_client import RegistryError
 
         d = self.layers[index]
         assert d.digest is not None

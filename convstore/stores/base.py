@@ -41,6 +41,15 @@ from ..errors import ConvstoreError, StoreError
 Location = tuple[bytes, int, int]
 
 
+def check_key(key: str) -> str:
+    """``key`` if it is a valid object key (``/``-separated, relative, no
+    empty, ``.`` or ``..`` part, no NUL), else :class:`StoreError`."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in key:
+        raise StoreError(f"invalid object key {key!r}")
+    return key
+
+
 class ChunkSet:
     """A large set of chunk ids, compact (32 bytes each, no object per id):
     256 buckets by first byte, each turned into a Python set only while it is
@@ -142,8 +151,10 @@ class ChunkStore(ABC):
             out += [(c, n) for c, n in items if c not in keep]
         return total, out
 
-    def compact(self) -> None:
-        """Tidy the index after deletes (gc calls this last)."""
+    def compact(self) -> bool | None:
+        """Tidy the index after deletes (gc calls this last); whether it
+        rewrote anything, where the backend says."""
+        return None
 
     def check_index(self) -> list[str]:
         """Damaged index files (``verify``); each one a line."""
@@ -231,6 +242,10 @@ class ForwardingChunkStore(ChunkStore):
     def usage(self) -> int:
         return self.inner.usage()
 
+    def clean_leftovers(self, grace: float) -> int:
+        return self.inner.clean_leftovers(grace)
+
+
 class ObjectStore(ABC):
     """The metadata store.  Capability flags instead of probing."""
 
@@ -297,3 +312,50 @@ class ObjectStore(ABC):
     def usage(self, prefix: str) -> int:
         """Total stored bytes under ``prefix``."""
         return sum(self.size(k) for k in self.list(prefix))
+
+
+class ForwardingObjectStore(ObjectStore):
+    """An object store that passes every call to ``inner``: the base of the
+    wrappers (a read cache, a simulated link), which override only what they
+    change.  ``get_many`` and ``delete_many`` are not forwarded: the defaults
+    go through this wrapper's own ``get`` and ``delete``."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.supports_writes = inner.supports_writes
+        self.supports_deletes = inner.supports_deletes
+        self.supports_locking = inner.supports_locking
+
+    def get(self, key: str) -> bytes:
+        return self.inner.get(key)
+
+    def has(self, key: str) -> bool:
+        return self.inner.has(key)
+
+    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False,
+            refs: Collection[bytes] = ()) -> bool:
+        return self.inner.put(key, data, durable=durable, exclusive=exclusive, refs=refs)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        return self.inner.list(prefix)
+
+    def size(self, key: str) -> int:
+        return self.inner.size(key)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def evict(self, key: str) -> None:
+        self.inner.evict(key)
+
+    def lock(self, name: str, shared: bool = False) -> AbstractContextManager[None]:
+        return self.inner.lock(name, shared)
+
+    def append_line(self, key: str, line: str) -> None:
+        self.inner.append_line(key, line)
+
+    def usage(self, prefix: str) -> int:
+        return self.inner.usage(prefix)

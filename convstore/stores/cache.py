@@ -16,14 +16,11 @@ import hashlib
 import os
 import secrets
 import threading
-from collections.abc import Collection, Iterator
-from contextlib import AbstractContextManager
 
 from ..errors import CorruptObject, DigestMismatch
 from ..oci.media import verify_bytes
-from .base import ChunkStore, ForwardingChunkStore, Location, ObjectStore
-from .local import append_line
-from .packs import makedirs_private
+from .base import ChunkStore, ForwardingChunkStore, ForwardingObjectStore, Location, ObjectStore
+from .fs import append_line, makedirs_private
 
 IMMUTABLE_OBJECTS = ("manifests/",)
 
@@ -171,15 +168,14 @@ class CachedChunkStore(ForwardingChunkStore):
         self.cache.drop(self._name(cid))
 
 
-class CachedStore(ObjectStore):
+class CachedStore(ForwardingObjectStore):
     """Metadata from the remote, sealed manifests read through the :class:`DiskCache`;
     the key audit log is kept locally beside the cache (a registry has no append)."""
 
     def __init__(self, remote: ObjectStore, cache: DiskCache):
+        super().__init__(remote)
         self.remote = remote
         self.cache = cache
-        self.supports_locking = remote.supports_locking
-        self.supports_deletes = remote.supports_deletes
 
     def __repr__(self) -> str:
         return f"CachedStore({self.remote!r}, {self.cache!r})"
@@ -207,31 +203,12 @@ class CachedStore(ObjectStore):
             return True
         return self.remote.has(key)
 
-    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False,
-            refs: Collection[bytes] = ()) -> bool:
-        return self.remote.put(key, data, durable=durable, exclusive=exclusive, refs=refs)
-
     def evict(self, key: str) -> None:
         self.cache.drop(key)
 
     def delete(self, key: str) -> None:
         self.evict(key)
         self.remote.delete(key)
-
-    def list(self, prefix: str) -> Iterator[str]:
-        return self.remote.list(prefix)
-
-    def size(self, key: str) -> int:
-        return self.remote.size(key)
-
-    def flush(self) -> None:
-        self.remote.flush()
-
-    def usage(self, prefix: str) -> int:
-        return self.remote.usage(prefix)
-
-    def lock(self, name: str, shared: bool = False) -> AbstractContextManager[None]:
-        return self.remote.lock(name, shared)
 
     def append_line(self, key: str, line: str) -> None:
         append_line(os.path.join(self.cache.dir, key), line)

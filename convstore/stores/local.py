@@ -1,6 +1,6 @@
 """The embedded default store: a directory on a local filesystem.
 
-Chunks live in pack files (:class:`LocalChunkStore` over :mod:`.packs`);
+Chunks live in pack files (:class:`~.packs.PackSet`, named ``LocalChunkStore`` here);
 every other object is one file (:class:`LocalStore`).  Atomicity: each file is written to ``tmp/`` and
 renamed into place.  Durability: a durable put fsyncs the file, renames, and
 fsyncs the directory; chunk puts are made durable when their pack is
@@ -19,99 +19,14 @@ import secrets
 from collections.abc import Collection, Iterator
 
 from ..errors import StoreError, TamperedObject
-from .base import ChunkSet, ChunkStore, Location, ObjectStore
+from .base import ObjectStore, check_key
 from .faults import crash_point
-from .packs import PackSet, makedirs_private, open_dir_at
-
-def append_line(path: str, line: str) -> None:
-    """One ``write`` with O_APPEND: lines from several processes never interleave.
-    The file itself is never a symlink (O_NOFOLLOW)."""
-    makedirs_private(os.path.dirname(path))
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, (line.replace("\n", " ") + "\n").encode())
-    finally:
-        os.close(fd)
+from .fs import makedirs_private, open_dir_at
+from .packs import PackSet
 
 
-def _valid_key(key: str) -> str:
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in key:
-        raise StoreError(f"invalid object key {key!r}")
-    return key
-
-
-class LocalChunkStore(ChunkStore):
-    """Chunks in the pack files of a local store (``ROOT/packs``)."""
-
-    def __init__(self, root: str):
-        self.root = os.path.abspath(root)
-        try:
-            self.packs = PackSet(self.root)
-        except OSError as e:
-            raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from None
-
-    def __repr__(self) -> str:
-        return f"LocalChunkStore({self.root!r})"
-
-    def has(self, cid: bytes) -> bool:
-        return self.packs.has(cid)
-
-    def holds(self, hint: Location) -> bool:
-        return self.packs.holds(hint)
-
-    def locate(self, cid: bytes) -> Location | None:
-        return self.packs.locate(cid)
-
-    def get(self, cid: bytes, hint: Location | None = None) -> bytes:
-        return self.packs.get(cid, hint)
-
-    def put(self, cid: bytes, blob: bytes) -> None:
-        self.packs.put(cid, blob)
-
-    def flush(self) -> None:
-        """Publish (durably) the pack being written."""
-        self.packs.flush()
-
-    def abort(self) -> None:
-        self.packs.abort()
-
-    def delete(self, cids: list[bytes]) -> None:
-        if cids:
-            self.packs.delete(cids)
-
-    def ids(self) -> Iterator[bytes]:
-        return self.packs.cids()
-
-    def entries(self) -> Iterator[tuple[bytes, int]]:
-        return self.packs.entries()
-
-    def unreferenced(self, live: ChunkSet) -> tuple[int, list[tuple[bytes, int]]]:
-        return self.packs.unreferenced(live)
-
-    def evict(self, cid: bytes) -> None:
-        self.packs.evict(cid)
-
-    def compact(self) -> None:
-        self.packs.compact(full=True)
-
-    def check_index(self) -> list[str]:
-        return self.packs.verify_indexes()
-
-    def repair_index(self) -> None:
-        self.packs.repair_indexes()
-
-    def size(self, cid: bytes) -> int:
-        loc = self.packs.locate(cid)
-        if loc is None:
-            raise KeyError(cid.hex())
-        return loc[2]
-
-    def usage(self) -> int:
-        return self.packs.usage()
-
-    def clean_leftovers(self, grace: float) -> int:
-        return self.packs.clean_leftovers(grace)
+#: the chunk store of a local store: its pack files (:class:`~.packs.PackSet` is a ChunkStore)
+LocalChunkStore = PackSet
 
 
 class LocalStore(ObjectStore):
@@ -144,7 +59,7 @@ class LocalStore(ObjectStore):
                 pass
 
     def path(self, key: str) -> str:
-        return os.path.join(self.root, _valid_key(key))
+        return os.path.join(self.root, check_key(key))
 
     def _dir(self, rel: str, create: bool = False) -> int:
         """A descriptor of the folder ``rel`` under the root, opened without
@@ -152,7 +67,7 @@ class LocalStore(ObjectStore):
         return open_dir_at(os.dup(self._root_fd), rel, create=create, where=self.root)
 
     def _split(self, key: str) -> tuple[str, str]:
-        d, _, name = _valid_key(key).rpartition("/")
+        d, _, name = check_key(key).rpartition("/")
         return d, name
 
     def _open(self, key: str, flags: int, mode: int = 0o600, create_dir: bool = False) -> int:

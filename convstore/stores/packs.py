@@ -10,7 +10,7 @@ leaves only unreferenced temporary files.
 
 Finding a chunk must not cost in proportion to the store: a process does
 not load every pack index.  Published indexes are merged into a few
-*multi-pack indexes* (git's ``multi-pack-index``): sorted records read
+*multi-pack indexes* (:mod:`.index`, git's ``multi-pack-index``): sorted records read
 through ``mmap`` with a 256-entry fanout table and a binary search, so
 opening a store maps a handful of files and a lookup touches a few pages.
 Packs not yet merged ("loose") are loaded into a small dict.  A writer merges
@@ -22,40 +22,34 @@ is written to ``tmp/`` and renamed into ``packs/`` (then the merged ones are
 removed), its records for packs that are gone are ignored, and a crash at any
 point leaves at worst a duplicate or a temporary file.
 
-Formats (little-endian, see docs/format.md)::
+Formats (little-endian, see docs/format.md; ``NAME.midx`` in :mod:`.index`)::
 
     NAME.pack  b"CSPACK\\0\\0" | u32 version 1 | blobs...
     NAME.idx   b"CSIDX\\0\\0\\0" | u32 version 1 | u32 count
                | count x (cid 32 | u64 offset | u32 length), sorted by cid
                | blake3 of everything before (32)
-    NAME.midx  b"CSMIDX\\0\\0" | u32 version 1 | u32 npacks | u64 count
-               | npacks x pack name (16, raw) | fanout 256 x u64
-               | count x (cid 32 | pack name 16 | u64 offset | u32 length | u32 0), sorted by cid
-               | blake3 of everything before (32)
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hmac
 import logging
-import mmap
 import os
 import re
 import secrets
-import stat
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from itertools import chain
+from collections.abc import Iterator
 
 from blake3 import blake3
 
 from ..errors import StoreError, StoreFormatError
-from .base import ChunkSet, Location
+from .base import ChunkSet, ChunkStore, Location
 from .faults import crash_point
+from .fs import open_dir, open_regular
+from .index import AUTO_MERGE_MAX, SortedIndex, encode_midx, record
 from ..writeback import Writeback
 
 log = logging.getLogger(__name__)
@@ -67,11 +61,7 @@ _HEAD = struct.Struct("<8sI")
 _IDX_HEAD = struct.Struct("<8sII")
 _ENTRY = struct.Struct("<32sQI")
 DEFAULT_TARGET = 128 << 20
-MIDX_MAGIC = b"CSMIDX\0\0"
-_MIDX_HEAD = struct.Struct("<8sIIQ")
-_FANOUT = struct.Struct("<256Q")
 COMPACT_PACKS = 8  # loose packs that make a writer merge after its flush
-AUTO_MERGE_MAX = 1 << 18  # records: bigger merges are left to gc (compact(full=True))
 _PACK_NAME = re.compile(r"[0-9a-f]{32}\Z")
 
 
@@ -94,222 +84,6 @@ def decode_index(data: bytes, what: str) -> list[tuple[bytes, int, int]]:
         raise StoreError(f"{what}: pack index is corrupt")
     return [_ENTRY.unpack_from(body, _IDX_HEAD.size + i * _ENTRY.size) for i in range(count)]
 
-
-def makedirs_private(d: str) -> None:
-    """``os.makedirs`` with every directory it creates 0700 (store objects are
-    not for other users, whatever the umask)."""
-    if os.path.isdir(d):
-        return
-    parent = os.path.dirname(d)
-    if parent and parent != d:
-        makedirs_private(parent)
-    try:
-        os.mkdir(d, 0o700)
-    except FileExistsError:
-        pass
-
-
-def open_dir_at(fd: int, rel: str, *, create: bool, where: str) -> int:
-    """Walk ``rel`` from the folder descriptor ``fd`` (which this takes over)
-    component by component with ``O_NOFOLLOW``, creating missing folders 0700
-    if ``create`` (else FileNotFoundError): a symlink planted in a store is
-    refused, never followed.  ``where`` names the root in the error."""
-    try:
-        for part in filter(None, rel.split("/")):
-            if create:
-                try:
-                    os.mkdir(part, 0o700, dir_fd=fd)
-                except FileExistsError:
-                    pass
-            try:
-                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as e:
-                if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise StoreError(f"{os.path.join(where, rel)}: a store folder is a symlink or not a folder; "
-                                     f"refusing to follow it") from None
-                raise
-            os.close(fd)
-            fd = nfd
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def open_dir(root: str, rel: str) -> int:
-    """A descriptor of ``root/rel`` (created 0700 as needed), opened without
-    following symlinks.  Work relative to it, so that a folder swapped later
-    changes nothing."""
-    makedirs_private(root)
-    return open_dir_at(os.open(root, os.O_RDONLY | os.O_DIRECTORY), rel, create=True, where=root)
-
-
-def open_regular(name: str, dir_fd: int) -> int | None:
-    """A read-only descriptor of the regular file ``name`` in ``dir_fd``; None
-    if it is a symlink, a FIFO, a device or a folder (planted, never followed)."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
-            return None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
-
-
-class SortedIndex:
-    """A multi-pack index (or a registry's index snapshot: the same layout
-    with 32-byte container names and its own magic), mapped read-only."""
-
-    def __init__(self, fd: int, what: str, magic: bytes = MIDX_MAGIC, name_len: int = 16):
-        try:
-            size = os.fstat(fd).st_size
-            if size < _MIDX_HEAD.size + _FANOUT.size + 32:
-                raise StoreError(f"{what}: truncated index")
-            self.mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        self.file_backed = True
-        self._init(what, magic, name_len, size)
-
-    @classmethod
-    def from_bytes(cls, data: bytes, what: str, magic: bytes = MIDX_MAGIC, name_len: int = 16) -> SortedIndex:
-        """An index held in anonymous memory (no file to map)."""
-        self = cls.__new__(cls)
-        if len(data) < _MIDX_HEAD.size + _FANOUT.size + 32:
-            raise StoreError(f"{what}: truncated index")
-        self.mm = mmap.mmap(-1, len(data))
-        self.mm.write(data)
-        self.file_backed = False
-        self._init(what, magic, name_len, len(data))
-        return self
-
-    def _drop(self, start: int, stop: int) -> None:
-        """Drop the pages of ``[start, stop)`` from this process's page tables
-        (a file-backed map only: the file keeps the bytes; an anonymous map
-        would lose them)."""
-        if not self.file_backed:
-            return
-        page = start - start % mmap.PAGESIZE
-        try:
-            self.mm.madvise(mmap.MADV_DONTNEED, page, stop - page)
-        except (OSError, ValueError, AttributeError):
-            pass
-
-    def _init(self, what: str, want_magic: bytes, name_len: int, size: int) -> None:
-        magic, version, npacks, count = _MIDX_HEAD.unpack_from(self.mm)
-        if magic != want_magic:
-            raise StoreError(f"{what}: not a convstore index")
-        if version != VERSION:
-            raise StoreFormatError(f"{what}: index version {version} is not supported")
-        self.name_len = name_len
-        self.rec = struct.Struct(f"<32s{name_len}sQII")
-        self.fan_at = _MIDX_HEAD.size + name_len * npacks
-        self.base = self.fan_at + _FANOUT.size
-        if size != self.base + count * self.rec.size + 32:
-            raise StoreError(f"{what}: index has a bad length")
-        h = _MIDX_HEAD.size
-        self.packs = {bytes(self.mm[h + name_len * i : h + name_len * (i + 1)]).hex() for i in range(npacks)}
-        self.fanout = _FANOUT.unpack_from(self.mm, self.fan_at)
-        if self.fanout[255] != count or any(a > b for a, b in zip(self.fanout, self.fanout[1:])):
-            raise StoreError(f"{what}: multi-pack index has a bad fanout table")
-        self.count = count
-
-    def find(self, cid: bytes) -> tuple[bytes, int, int] | None:
-        """(raw pack name, offset, length) of ``cid``, by binary search in its fanout bucket."""
-        b = cid[0]
-        lo = self.fanout[b - 1] if b else 0
-        hi = self.fanout[b]
-        mm, base, size = self.mm, self.base, self.rec.size
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            p = base + mid * size
-            k = mm[p : p + 32]
-            if k < cid:
-                lo = mid + 1
-            elif k > cid:
-                hi = mid
-            else:
-                _c, pack, off, ln, _r = self.rec.unpack_from(mm, p)
-                return pack, off, ln
-        return None
-
-    def records(self) -> Iterator[bytes]:
-        """Every record (cid | container name | offset | length | 0), in cid order."""
-        mm, n = self.mm, self.rec.size
-        for start, stop in self._spans():
-            for p in range(start, stop, n):
-                yield mm[p : p + n]
-
-    def _spans(self) -> Iterator[tuple[int, int]]:
-        """The record area in slices of about 4 MiB, each dropped from this
-        process's page tables once the caller has moved on (a scan of the
-        whole index would otherwise count every page in the RSS)."""
-        step = ((4 << 20) // self.rec.size) * self.rec.size
-        end = self.base + self.count * self.rec.size
-        for start in range(self.base, end, step):
-            stop = min(end, start + step)
-            yield start, stop
-            self._drop(start, stop)
-
-    def bucket_cids(self, first: int) -> set[bytes]:
-        """The cids whose first byte is ``first`` (built in C; the pages read are dropped behind)."""
-        lo = self.fanout[first - 1] if first else 0
-        start, stop = self.base + lo * self.rec.size, self.base + self.fanout[first] * self.rec.size
-        if start == stop:
-            return set()
-        view = memoryview(self.mm)[start:stop]
-        try:
-            out = set(chain.from_iterable(struct.iter_unpack(f"<32s{self.rec.size - 32}x", view)))
-            if out and (min(out)[0] != first or max(out)[0] != first):  # a damaged or planted index
-                out = {c for c in out if c[0] == first}
-            return out
-        finally:
-            view.release()
-            self._drop(start, stop)
-
-    def entries(self, live: set[bytes] | None = None) -> Iterator[tuple[bytes, int]]:
-        """(cid, length) of every record whose container is in ``live`` (all if None)."""
-        a, b = 32, 32 + self.name_len
-        for r in self.records():
-            if live is None or r[a:b] in live:
-                yield r[:32], int.from_bytes(r[b + 8 : b + 12], "little")
-
-    def checksum_ok(self) -> bool:
-        """Whether the trailing BLAKE3 matches (read in slices, pages dropped behind)."""
-        h = blake3()
-        end = len(self.mm) - 32
-        step = 4 << 20
-        for start in range(0, end, step):
-            stop = min(end, start + step)
-            view = memoryview(self.mm)[start:stop]
-            h.update(view)
-            view.release()
-            self._drop(start, stop)
-        return hmac.compare_digest(h.digest(), self.mm[end:])
-
-
-def record(cid: bytes, container: bytes, off: int, ln: int) -> bytes:
-    """One index record (a container name of 16 or 32 bytes)."""
-    return cid + container + struct.pack("<QII", off, ln, 0)
-
-
-def encode_midx(records: list[bytes], magic: bytes = MIDX_MAGIC, name_len: int = 16) -> bytes:
-    """An index of ``records`` (in any order; sorted here in place, and of a
-    cid listed more than once only the first in sort order is kept)."""
-    records.sort()
-    records = [r for i, r in enumerate(records) if i == 0 or r[:32] != records[i - 1][:32]]
-    packs = sorted({r[32 : 32 + name_len] for r in records})
-    fan = [0] * 256
-    for r in records:
-        fan[r[0]] += 1
-    for i in range(1, 256):
-        fan[i] += fan[i - 1]
-    body = b"".join([_MIDX_HEAD.pack(magic, VERSION, len(packs), len(records)), *packs,
-                     _FANOUT.pack(*fan), *records])
-    return body + blake3(body).digest()
 
 
 class _Writer:
@@ -350,19 +124,28 @@ class _Writer:
             pass
 
 
-class PackSet:
-    """The chunk area of a local store.  Thread-safe; several processes may
-    write at once (each writes its own packs).  Nothing is read at
-    construction: the first lookup maps the multi-pack indexes and loads the
-    loose pack indexes (see the module docstring)."""
+class PackSet(ChunkStore):
+    """The chunk store of a local store (``ROOT/packs``): its chunks in pack
+    files.  Thread-safe; several processes may write at once (each writes its
+    own packs).  Nothing is read at construction: the first lookup maps the
+    multi-pack indexes and loads the loose pack indexes (see the module
+    docstring)."""
 
     def __init__(self, root: str, target_size: int = DEFAULT_TARGET):
-        self.dir = os.path.join(root, "packs")
+        self.root = os.path.abspath(root)
+        self.dir = os.path.join(self.root, "packs")
         self.target = target_size
-        # every file operation is relative to these two descriptors (no path is followed again)
-        self._dfd = open_dir(root, "packs")
-        self._tfd = open_dir(root, "tmp")
+        self._dfd = self._tfd = -1
+        self._fds: dict[str, int] = {}  # open packs, for pread without an open() per chunk
+        self._retired: list[int] = []
         self._lock = threading.RLock()
+        # every file operation is relative to these two descriptors (no path is followed again)
+        try:
+            self._dfd = open_dir(self.root, "packs")
+            self._tfd = open_dir(self.root, "tmp")
+        except OSError as e:
+            self.close()
+            raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from None
         self._scanned = False
         self._live: set[str] = set()  # packs with an index
         self._live_raw: set[bytes] = set()
@@ -371,9 +154,10 @@ class PackSet:
         self._loose: dict[bytes, tuple[str, int, int]] = {}  # cid -> (pack, offset, length), packs not merged
         self._loose_packs: set[str] = set()
         self._w: _Writer | None = None
-        self._fds: dict[str, int] = {}  # open packs, for pread without an open() per chunk
-        self._retired: list[int] = []
         self._recheck: set[bytes] = set()  # chunks whose next read goes by their pack's own index (after a bad read)
+
+    def __repr__(self) -> str:
+        return f"PackSet({self.root!r})"
 
     # -- index --------------------------------------------------------------
     def refresh(self) -> None:
@@ -755,6 +539,15 @@ class PackSet:
     def cids(self) -> Iterator[bytes]:
         return (c for c, _n in self.entries())
 
+    def ids(self) -> Iterator[bytes]:
+        return self.cids()
+
+    def size(self, cid: bytes) -> int:
+        loc = self.locate(cid)
+        if loc is None:
+            raise KeyError(cid.hex())
+        return loc[2]
+
     def usage(self) -> int:
         total = 0
         for n in os.listdir(self._dfd):
@@ -770,6 +563,12 @@ class PackSet:
             self._scan()
             return [f"{os.path.join(self.dir, n)}: checksum mismatch" for n, m in self._midx.items()
                     if not m.checksum_ok()] + [f"{os.path.join(self.dir, n)}: unreadable" for n in self._bad_midx]
+
+    def check_index(self) -> list[str]:
+        return self.verify_indexes()
+
+    def repair_index(self) -> None:
+        self.repair_indexes()
 
     def repair_indexes(self) -> None:
         """Remove damaged multi-pack indexes (their packs' own indexes hold
@@ -806,9 +605,11 @@ class PackSet:
                  if name.endswith(".pack") and name[:-5] + ".idx" not in names)
         return n
 
-    def delete(self, cids: Iterable[bytes]) -> None:
+    def delete(self, cids: list[bytes]) -> None:
         """Remove chunks by rewriting the packs that hold them (the indexes
         are merged afterwards by :meth:`compact`)."""
+        if not cids:
+            return
         with self._lock:
             self.flush()
             self._scan()

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Collection
 
-from .base import ChunkStore, ForwardingChunkStore, Location, ObjectStore
+from .base import ChunkStore, ForwardingChunkStore, ForwardingObjectStore, Location, ObjectStore
 
 
 class Link:
@@ -42,12 +41,10 @@ class Link:
         time.sleep(max(0.0, done - time.monotonic()))
 
 
-class SlowStore(ObjectStore):
+class SlowStore(ForwardingObjectStore):
     def __init__(self, inner: ObjectStore, link: Link):
-        self.inner = inner
+        super().__init__(inner)
         self.link = link
-        self.supports_deletes = inner.supports_deletes
-        self.supports_locking = inner.supports_locking
 
     def __repr__(self) -> str:
         return f"SlowStore({self.inner!r}, {self.link!r})"
@@ -65,30 +62,6 @@ class SlowStore(ObjectStore):
             refs: Collection[bytes] = ()) -> bool:
         self.link.delay(len(data))
         return self.inner.put(key, data, durable=durable, exclusive=exclusive, refs=refs)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def evict(self, key: str) -> None:
-        self.inner.evict(key)
-
-    def list(self, prefix: str) -> Iterator[str]:
-        return self.inner.list(prefix)
-
-    def size(self, key: str) -> int:
-        return self.inner.size(key)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def append_line(self, key: str, line: str) -> None:
-        self.inner.append_line(key, line)
-
-    def lock(self, name: str, shared: bool = False) -> AbstractContextManager[None]:
-        return self.inner.lock(name, shared)
-
-    def usage(self, prefix: str) -> int:
-        return self.inner.usage(prefix)
 
 
 class SlowChunkStore(ForwardingChunkStore):

@@ -1,0 +1,453 @@
+"""The registry HTTP client: the OCI distribution API at the byte level, on oras-py.
+
+oras-py's ``Registry`` provider gives auth (docker config, basic, token),
+the distribution API paths and ``do_request``; it takes file paths for
+blobs and has no ranged reads, so :class:`RegistryClient` extends it with
+byte-level blob upload, ranged GET, manifest PUT/GET by reference, tag
+listing and retries with backoff on 5xx and connection errors.  Every
+answer is read under a cap for its kind and a deadline (see the constants).
+
+Used by the registry store (:mod:`convstore.stores.registry`), image sources
+(:mod:`.sources`) and signature attachments (:mod:`.sigstore`).  The network
+is a ``requests`` transport adapter, injectable (``transport=``, the model
+is httpx's transports): the client's policy -- timeouts, caps, retries,
+digest checks, errors -- runs the same over a scripted adapter in tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+import urllib.parse
+from typing import Any, BinaryIO, cast
+
+import requests
+import requests.adapters
+
+from ..errors import ConvstoreError, CorruptObject, DigestMismatch, StoreError
+from .media import MAX_MANIFEST, check_digest, sha256_digest, verify_bytes
+
+
+EMPTY_CONFIG: dict[str, Any] = {"mediaType": "application/vnd.oci.empty.v1+json",
+                "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a", "size": 2}
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+# -- response caps, enforced while the body streams in (a registry's answer never decides how much is read)
+# manifests and image indexes: the distribution spec's limit (media.MAX_MANIFEST); convstore's own
+# artifacts are far below it (an image's artifact lists its pack blobs, ~150 bytes each: 27,000 packs)
+MAX_TAGS_PAGE = 4 << 20  # one page of a tag listing: asked for 1,000 tags of at most 128 characters
+MAX_TAGS = 1_000_000  # tags in one listing (every page): ~100 MB of Python strings, a 250,000-image store
+MAX_TAG_PAGES = 10_000  # pages of one listing: MAX_TAGS at 100 a page (registries may give fewer than asked)
+MAX_BLOB = 64 << 20  # a whole-blob GET with no descriptor size (configs, metadata objects are far smaller)
+MAX_OTHER = 64 << 10  # any other answer (upload, delete, an error's body: only its start is shown)
+RETRIES = 4  # attempts per request; backoff 0.2, 0.4, 0.8 s between them
+TIMEOUT = 60.0  # seconds without an answer (connect: at most 10) before a request is retried
+# an answer's body must arrive whole within TIMEOUT plus its cap at this rate (a manifest: 60 + 64 s),
+# however it trickles in: a per-read timeout alone never fires on a byte sent every TIMEOUT - 1 s
+MIN_RATE = 64 << 10
+
+
+class RegistryError(StoreError):
+    """The registry refused, failed, or could not be reached."""
+
+
+class RegistryCorrupt(RegistryError, CorruptObject):
+    """The registry returned a blob that does not match its digest."""
+
+
+class RegistryResponseTooLarge(RegistryError):
+    """The registry sent more than convstore reads for that kind of answer (final: not retried)."""
+
+
+class RegistryTooSlow(RegistryError):
+    """The registry's answer did not arrive whole by its deadline (final: not retried)."""
+
+
+
+class _Watchdog:
+    """Shuts ``r``'s socket down ``seconds`` from now unless cancelled: a read blocked on it then ends
+    or fails at once (a per-read timeout never fires on a body trickled in); ``expired`` tells why."""
+
+    def __init__(self, r: requests.Response, seconds: float):
+        self.r, self.seconds = r, seconds
+        self.expired = threading.Event()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired.set()
+        try:
+            self.r.raw.shutdown()
+        except Exception:  # already closed, or no socket: nothing is blocked on it
+            pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _read_capped(r: requests.Response, cap: int, host: str, kind: str, timeout: float) -> bytes:
+    """The body of ``r`` if it has at most ``cap`` bytes, read as it arrives (64 KiB at a time,
+    decoded: a Content-Encoding is capped on what it inflates to) and whole within ``timeout``
+    seconds plus ``cap`` at MIN_RATE bytes a second (a trickle meets no per-read timeout: past the
+    deadline the socket is shut down); :class:`RegistryResponseTooLarge` naming ``host`` and
+    ``kind`` past the cap, :class:`RegistryTooSlow` past the deadline.  A HEAD answer has no body."""
+    def too_large() -> RegistryResponseTooLarge:
+        r.close()
+        limit = f"{cap >> 20} MiB" if cap >= 1 << 20 and cap % (1 << 20) == 0 else f"{cap} bytes"
+        why = " (the distribution spec's limit)" if kind == "a manifest" else ""
+        return RegistryResponseTooLarge(f"registry {host} sent {kind} larger than {limit}{why}")
+
+    if r.request is not None and r.request.method == "HEAD":
+        return b""
+    try:
+        declared = int(r.headers.get("Content-Length", ""))
+    except ValueError:
+        declared = -1
+    if declared > cap:
+        raise too_large()
+    deadline = timeout + cap / MIN_RATE
+    watchdog = _Watchdog(r, deadline)
+    buf = bytearray()
+    try:
+        for part in r.iter_content(1 << 16):
+            buf += part
+            if len(buf) > cap:
+                raise too_large()
+            if watchdog.expired.is_set():
+                break
+    except (requests.exceptions.RequestException, OSError):
+        if not watchdog.expired.is_set():
+            raise
+    finally:
+        watchdog.cancel()
+    if watchdog.expired.is_set():
+        r.close()
+        raise RegistryTooSlow(f"registry {host} sent {kind} too slowly (not whole within {deadline:g} s)")
+    return bytes(buf)
+
+
+class _TimeoutAdapter(requests.adapters.HTTPAdapter):
+    """Every request gets a (connect, read) timeout: a stalled registry is an
+    error after it, never a hang (oras-py sets none).  A body nobody streams
+    (oras-py's token requests; :meth:`RegistryClient._req` streams and caps
+    its own) is read here, at most ``MAX_MANIFEST``, and so is a redirect's
+    (which requests reads whole, streamed or not), at most ``MAX_OTHER``.
+
+    The bytes go through ``transport`` where one is given (any
+    :class:`requests.adapters.BaseAdapter`: a scripted registry in tests),
+    else through this adapter's own connection pool."""
+
+    def __init__(self, timeout: tuple[float, float], host: str,
+                 transport: requests.adapters.BaseAdapter | None = None):
+        super().__init__()
+        self.timeout = timeout
+        self.host = host
+        self.transport = transport
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kw: Any) -> requests.Response:
+        if kw.get("timeout") is None:
+            kw["timeout"] = self.timeout
+        streamed = bool(kw.get("stream"))
+        kw["stream"] = True
+        if self.transport is not None:
+            r = self.transport.send(request, *args, **kw)
+        else:
+            r = super().send(request, *args, **kw)
+        host = urllib.parse.urlsplit(request.url or "").netloc or self.host
+        if r.is_redirect:  # requests reads a redirect's body whole itself before it follows it
+            r._content = _read_capped(r, MAX_OTHER, host, "a redirect", self.timeout[1])
+        elif not streamed:
+            r._content = _read_capped(r, MAX_MANIFEST, host, "an answer", self.timeout[1])  # requests' .content
+        return r
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        super().close()
+
+
+class _BlobStream(io.RawIOBase):
+    """A blob's body as it streams in (undecoded), whole within ``deadline`` seconds: past it the
+    socket is shut down and a read is :class:`RegistryTooSlow`; a body broken off is a RegistryError."""
+
+    def __init__(self, r: requests.Response, deadline: float, host: str, what: str):
+        self._r, self._deadline, self._host, self._what = r, deadline, host, what
+        self._watchdog = _Watchdog(r, deadline)
+        self._expired = self._watchdog.expired
+
+    def _too_slow(self) -> RegistryTooSlow:
+        return RegistryTooSlow(f"registry {self._host} sent {self._what} too slowly "
+                               f"(not whole within {self._deadline:g} s)")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._expired.is_set():
+            raise self._too_slow()
+        try:
+            n = self._r.raw.readinto(b)
+        except ConvstoreError:
+            raise
+        except Exception as e:  # urllib3's and http.client's errors, OSError: the connection broke
+            self._watchdog.cancel()
+            if self._expired.is_set():
+                raise self._too_slow() from None
+            raise RegistryError(f"registry {self._host} broke off {self._what} ({type(e).__name__})") from None
+        if self._expired.is_set():
+            raise self._too_slow()
+        if not n:
+            self._watchdog.cancel()
+        return n
+
+    def close(self) -> None:
+        self._watchdog.cancel()
+        self._r.close()
+        super().close()
+
+
+class RegistryClient:
+    """Byte-level registry operations over oras-py's provider (auth, paths).
+
+    ``transport``: the adapter that moves the bytes (default: requests'
+    own HTTP); the client's policy -- timeouts, caps, retries, digest checks
+    and errors -- is the same over any transport."""
+
+    def __init__(self, host: str, insecure: bool = False, username: str | None = None,
+                 password: str | None = None, timeout: float = TIMEOUT, *,
+                 transport: requests.adapters.BaseAdapter | None = None):
+        import oras.provider
+
+        self.host = host
+        self.timeout = timeout
+        self.reg = oras.provider.Registry(hostname=host, insecure=insecure,
+                                          auth_backend="basic" if username else "token")
+        adapter = _TimeoutAdapter((min(timeout, 10.0), timeout), host, transport)
+        self.reg.session.mount("http://", adapter)
+        self.reg.session.mount("https://", adapter)
+        if username:
+            self.reg.auth.set_basic_auth(username, password or "")
+        self.base = f"{'http' if insecure else 'https'}://{host}/v2"
+        self._empty_done: set[str] = set()
+        self._do_request = getattr(oras.provider.Registry.do_request, "__wrapped__", oras.provider.Registry.do_request)
+
+    def __repr__(self) -> str:  # never the credentials
+        return f"RegistryClient({self.host})"
+
+    def _req(self, method: str, url: str, ok: tuple[int, ...], *, cap: int = MAX_OTHER, kind: str = "an answer",
+             stream: bool = False, **kw: Any) -> requests.Response:
+        """One request, retried on connection errors, timeouts, 5xx and 429.
+
+        The body of an answer in ``ok`` is read here, at most ``cap`` bytes
+        (:class:`RegistryResponseTooLarge` naming ``kind`` past it, never
+        retried), and is then the response's ``content``; ``stream=True``
+        leaves it unread for the caller.  Other answers are never read whole.
+        """
+        import oras.auth
+
+        delay = 0.2
+        for attempt in range(RETRIES):
+            r = None
+            try:
+                # oras-py's do_request (auth handling) without its retry decorator, whose
+                # backoff sleeps up to 81 s and hides errors: this policy is bounded (~3 s).
+                r = self._do_request(self.reg, url, method, stream=True, **kw)
+                if r.status_code in ok:
+                    if not stream:  # (a HEAD answer has no body: its Content-Length is the GET's)
+                        r._content = _read_capped(r, cap, self.host, kind, self.timeout)  # requests' .content
+                    return r
+            except oras.auth.AuthenticationException as e:
+                raise RegistryError(f"registry {self.host} refused the credentials ({e})") from None
+            except requests.Timeout:
+                if attempt == RETRIES - 1:
+                    raise RegistryError(f"registry {self.host} did not answer within {self.timeout:g} s "
+                                        f"({RETRIES} attempts)") from None
+            except requests.exceptions.SSLError as e:
+                # up, but not TLS: a plain-HTTP registry answers the TLS hello with HTTP ("wrong version number")
+                if "WRONG_VERSION_NUMBER" in str(e).upper().replace(" ", "_"):
+                    raise RegistryError(f"the registry at {self.host} speaks plain HTTP; use --insecure") from None
+                raise RegistryError(f"TLS with the registry at {self.host} failed: {e.__class__.__name__}") from None
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError):
+                if attempt == RETRIES - 1:
+                    raise RegistryError(f"cannot reach the registry at {self.host}") from None
+            except (ValueError, requests.exceptions.InvalidURL, requests.exceptions.MissingSchema):
+                # oras could not answer the auth challenge: no (usable) credentials
+                raise RegistryError(f"registry {self.host} requires credentials (--username with "
+                                    f"--password-stdin, or docker login)") from None
+            except (AttributeError, TypeError) as e:  # oras-py read a token answer of another shape
+                raise RegistryError(f"registry {self.host} sent a malformed authentication answer "
+                                    f"({type(e).__name__}: {e})") from None
+            else:
+                try:
+                    if r.status_code in (401, 403):
+                        raise RegistryError(f"registry {self.host} refused the credentials (HTTP {r.status_code})")
+                    if r.status_code < 500 and r.status_code != 429:
+                        raise RegistryError(f"registry {self.host} refused {method} {url.split('/v2/', 1)[-1]}: "
+                                            f"HTTP {r.status_code} {self._snippet(r, self.timeout)}")
+                    if attempt == RETRIES - 1:
+                        raise RegistryError(f"registry {self.host} failed: HTTP {r.status_code} for {method}")
+                finally:
+                    r.close()
+            finally:
+                if r is not None and not stream and r._content is False:  # body unread: drop the connection
+                    r.close()
+            time.sleep(delay)
+            delay *= 2
+        raise RegistryError(f"registry {self.host}: giving up")  # pragma: no cover
+
+    @staticmethod
+    def _snippet(r: requests.Response, timeout: float) -> str:
+        """The start of an error answer's body (at most 200 bytes are read, within ``timeout``)."""
+        watchdog = _Watchdog(r, timeout)
+        try:
+            head = r.raw.read(200, decode_content=True) or b""
+        except Exception:  # the error is already being reported; its body is a courtesy
+            head = b""
+        finally:
+            watchdog.cancel()
+        return head.decode("utf-8", "replace").strip()
+
+    def blob_exists(self, repo: str, digest: str) -> bool:
+        return self._req("HEAD", f"{self.base}/{repo}/blobs/{digest}", (200, 404)).status_code == 200
+
+    def blob_size(self, repo: str, digest: str) -> int | None:
+        """The size of a blob, or None if the registry does not have it."""
+        r = self._req("HEAD", f"{self.base}/{repo}/blobs/{digest}", (200, 404))
+        if r.status_code != 200:
+            return None
+        try:
+            return int(r.headers.get("Content-Length", ""))
+        except ValueError:
+            raise RegistryError(f"registry {self.host} gave no size for blob {digest}") from None
+
+    def put_blob(self, repo: str, data: bytes, digest: str | None = None) -> str:
+        """Upload ``data`` (monolithic POST + PUT) unless it is already there."""
+        digest = digest or "sha256:" + hashlib.sha256(data).hexdigest()
+        if self.blob_exists(repo, digest):
+            return digest
+        r = self._req("POST", f"{self.base}/{repo}/blobs/uploads/", (202,))
+        loc = r.headers.get("Location", "")
+        if not loc:
+            raise RegistryError("registry gave no upload location")
+        if not loc.startswith("http"):
+            loc = self.base.rsplit("/v2", 1)[0] + loc
+        sep = "&" if "?" in loc else "?"
+        self._req("PUT", f"{loc}{sep}digest={digest}", (201,), data=data,
+                  headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))})
+        return digest
+
+    def get_blob(self, repo: str, digest: str, start: int | None = None, end: int | None = None, *,
+                 size: int | None = None, max_bytes: int = MAX_BLOB) -> bytes:
+        """A byte range of a blob (as the registry sends it: the caller checks what it holds),
+        or the whole blob, checked against ``digest`` and, where given (a descriptor's),
+        ``size``: :class:`RegistryCorrupt` otherwise.  A whole blob is read up to ``size``
+        or else ``max_bytes``, a range up to its length."""
+        url = f"{self.base}/{repo}/blobs/{digest}"
+        if start is not None and end is not None:
+            r = self._req("GET", url, (200, 206, 404), headers={"Range": f"bytes={start}-{end - 1}"},
+                          cap=max(0, end - start), kind="a blob range")
+            if r.status_code == 404:
+                raise KeyError(digest)
+            return r.content
+        what = f"blob {digest} from {self.host}"
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise RegistryCorrupt(f"{what}: its descriptor's size {size!r} is not a size")
+        if size is not None and size > max_bytes:
+            raise RegistryResponseTooLarge(f"{what}: its descriptor's size {size} is over the {max_bytes}-byte "
+                                           f"limit for it")
+        r = self._req("GET", url, (200, 404), cap=max_bytes if size is None else size, kind=f"blob {digest}")
+        if r.status_code == 404:
+            raise KeyError(digest)
+        try:
+            return verify_bytes(r.content, digest, size, what)
+        except DigestMismatch as e:
+            raise RegistryCorrupt(str(e)) from None
+
+    def open_blob(self, repo: str, digest: str, size: int | None = None) -> BinaryIO:
+        """A streaming reader of a blob as stored (the caller verifies the digest), whole within the
+        timeout plus ``size`` (else ``MAX_BLOB``) at MIN_RATE bytes a second: :class:`RegistryTooSlow`
+        past it, :class:`RegistryError` for a body broken off."""
+        r = self._req("GET", f"{self.base}/{repo}/blobs/{digest}", (200, 404), stream=True)
+        if r.status_code == 404:
+            r.close()
+            raise KeyError(digest)
+        r.raw.decode_content = False
+        deadline = self.timeout + (size if size is not None and size >= 0 else MAX_BLOB) / MIN_RATE
+        return cast(BinaryIO, _BlobStream(r, deadline, self.host, f"blob {digest}"))  # a raw binary stream
+
+    def put_manifest(self, repo: str, ref: str, body: bytes, media_type: str = OCI_MANIFEST) -> None:
+        if repo not in self._empty_done:  # artifacts name the empty config; the registry wants it present
+            self.put_blob(repo, b"{}", str(EMPTY_CONFIG["digest"]))
+            self._empty_done.add(repo)
+        self._req("PUT", f"{self.base}/{repo}/manifests/{ref}", (201,), data=body,
+                  headers={"Content-Type": media_type})
+
+    def get_manifest(self, repo: str, ref: str, accept: list[str], *, expect_digest: str | None = None,
+                     expect_size: int | None = None) -> tuple[bytes, str, str] | None:
+        """(body, Content-Type, digest of the body), or None if there is no such manifest.
+
+        A digest is a promise: when ``ref`` is a digest (or ``expect_digest``
+        is given) the body must hash to it, and have ``expect_size`` bytes
+        where given (an index entry's size), else :class:`DigestMismatch`.
+        At most the distribution spec's 4 MiB is read."""
+        if expect_digest is None and ":" in ref:  # a tag never holds a colon: this is a digest reference
+            expect_digest = ref
+        if expect_digest is not None:
+            check_digest(expect_digest)
+        r = self._req("GET", f"{self.base}/{repo}/manifests/{ref}", (200, 404), headers={"Accept": ", ".join(accept)},
+                      cap=MAX_MANIFEST, kind="a manifest")
+        if r.status_code == 404:
+            return None
+        body = r.content
+        if expect_digest is not None:
+            verify_bytes(body, expect_digest, expect_size, f"registry {self.host} sent another manifest for "
+                                                           f"{repo}@{expect_digest}")
+        elif expect_size is not None and len(body) != expect_size:
+            raise DigestMismatch(f"registry {self.host} sent a manifest of {len(body)} bytes for {repo}:{ref}, "
+                                 f"expected {expect_size}")
+        return body, r.headers.get("Content-Type", ""), sha256_digest(body)
+
+    def delete_manifest(self, repo: str, digest: str) -> bool:
+        """Delete a manifest (and its tags); False where the registry does not allow deletes."""
+        try:
+            self._req("DELETE", f"{self.base}/{repo}/manifests/{digest}", (202, 404))
+        except RegistryError as e:
+            if "HTTP 405" in str(e) or "HTTP 400" in str(e):
+                return False
+            raise
+        return True
+
+    def tags(self, repo: str) -> list[str]:
+        """Every tag of ``repo`` (each page read up to MAX_TAGS_PAGE, at most MAX_TAGS in all, in at
+        most MAX_TAG_PAGES pages, each adding a tag)."""
+        out: list[str] = []
+        pages = 0
+        url = f"{self.base}/{repo}/tags/list?n=1000"
+        while url:
+            r = self._req("GET", url, (200, 404), cap=MAX_TAGS_PAGE, kind="a tag list page")
+            if r.status_code == 404:
+                return out
+            try:
+                doc = r.json()
+                page = doc.get("tags") or []
+                if not isinstance(page, list):
+                    raise ValueError
+            except (ValueError, AttributeError):
+                raise RegistryError(f"registry {self.host} sent a malformed tag list for {repo}") from None
+            out += page
+            pages += 1
+            if len(out) > MAX_TAGS or pages > MAX_TAG_PAGES:
+                raise RegistryResponseTooLarge(f"registry {self.host} lists more than {MAX_TAGS} tags or "
+                                               f"{MAX_TAG_PAGES} pages of them in {repo}")
+            link = r.headers.get("Link", "")
+            url = ""
+            if 'rel="next"' in link:
+                if not page:  # a next page after one that added nothing: a listing that never ends
+                    raise RegistryError(f"registry {self.host} sent a tag list page for {repo} with no tag "
+                                        f"and a next page")
+                nxt = link.split(";")[0].strip("<> ")
+                url = nxt if nxt.startswith("http") else self.base.rsplit("/v2", 1)[0] + nxt
+        return out
