@@ -267,16 +267,9 @@ class Policy:
 
     @classmethod
     def parse(cls, data: bytes, path: str) -> Policy:
-        def no_dups(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-            d: dict[str, Any] = {}
-            for k, v in pairs:
-                if k in d:
-                    raise PolicyInvalid(f"{path}: duplicate key {k!r}")
-                d[k] = v
-            return d
-
         try:
-            doc = json.loads(data, object_pairs_hook=no_dups)
+            doc = json.loads(data, object_pairs_hook=sigstore.no_duplicate_keys(
+                lambda m: PolicyInvalid(f"{path}: {m}")))
         except (ValueError, UnicodeDecodeError) as e:
             raise PolicyInvalid(f"{path}: not valid JSON ({e.__class__.__name__})") from None
         if not isinstance(doc, dict):

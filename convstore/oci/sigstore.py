@@ -24,6 +24,7 @@ import binascii
 import hashlib
 import json
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -136,13 +137,20 @@ def fetch_attachments(client: RegistryClient, repo: str, manifest_digest: str) -
     return out
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    d: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in d:
-            raise SignatureInvalid(f"signature payload: duplicate key {k!r}")
-        d[k] = v
-    return d
+def no_duplicate_keys(error: Callable[[str], Exception]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A ``json.loads`` object_pairs_hook that refuses a key given twice (``error(message)``):
+    signature payloads and policy files are parsed as strictly as containers/image parses them."""
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in d:
+                raise error(f"duplicate key {k!r}")
+            d[k] = v
+        return d
+    return hook
+
+
+_no_duplicates = no_duplicate_keys(lambda m: SignatureInvalid(f"signature payload: {m}"))
 
 
 def _exact(obj: Any, fields: set[str], what: str) -> dict[str, Any]:
