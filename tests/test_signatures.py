@@ -212,6 +212,16 @@ def test_a_malformed_policy_is_refused_in_one_line(tmp_path, cli_env, doc, needl
     _fails_one_line(p, "missing.json: No such file or directory")
 
 
+def test_a_key_given_twice_is_refused_in_a_policy_and_in_a_signature_payload():
+    """containers/image parses both strictly: a duplicate key could make two parsers read two documents."""
+    with pytest.raises(PolicyInvalid, match=r"p.json: duplicate key 'default'"):
+        Policy.parse(b'{"default": [{"type": "reject"}], "default": [{"type": "insecureAcceptAnything"}]}', "p.json")
+    from convstore.oci.sigstore import _no_duplicates
+
+    with pytest.raises(SignatureInvalid, match="signature payload: duplicate key 'critical'"):
+        json.loads('{"critical": {}, "critical": {}}', object_pairs_hook=_no_duplicates)
+
+
 def test_most_specific_scope_wins_and_scopes_follow_containers_image():
     doc = {"default": [{"type": "reject"}], "transports": {"docker": {
         "reg.example.com": [{"type": "insecureAcceptAnything"}],
