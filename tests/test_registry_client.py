@@ -165,6 +165,20 @@ def test_404_is_absence_not_an_error():
     assert len(t.seen) == 6  # each once: absence is final
 
 
+def test_a_small_range_of_a_missing_blob_is_absence_whatever_the_error_body():
+    """The registry's 404 body (its JSON error) is longer than a small range: still absence (the
+    reader then falls back to the index), not an answer larger than the range."""
+    body = json.dumps({"errors": [{"code": "BLOB_UNKNOWN", "message": "blob unknown to registry",
+                                   "detail": "sha256:" + "0" * 64}]}).encode()
+    c, _t = client(lambda m, p, h: (404, {"Content-Length": str(len(body))}, body))
+    with pytest.raises(KeyError):
+        c.get_blob("app", digest(b"x"), 0, 41)
+    big = b"x" * (registry_client.MAX_OTHER + 1)  # an error body is still bounded
+    c, _t = client(lambda m, p, h: (404, {}, big))
+    with pytest.raises(RegistryResponseTooLarge):
+        c.get_blob("app", digest(b"x"), 0, 41)
+
+
 def test_401_and_403_are_refusals_not_retried():
     c, t = client(lambda m, p, h: (401, {}, b"who are you"))
     with pytest.raises(RegistryError, match=f"registry {HOST} requires credentials"):

@@ -256,7 +256,9 @@ class RegistryClient:
                 r = self._do_request(self.reg, url, method, stream=True, **kw)
                 if r.status_code in ok:
                     if not stream:  # (a HEAD answer has no body: its Content-Length is the GET's)
-                        r._content = _read_capped(r, cap, self.host, kind, self.timeout)  # requests' .content
+                        # a 404 carries the registry's error, not what was asked for: its own cap
+                        body_cap = cap if r.status_code < 300 else MAX_OTHER
+                        r._content = _read_capped(r, body_cap, self.host, kind, self.timeout)  # requests' .content
                     return r
             except oras.auth.AuthenticationException as e:
                 raise RegistryError(f"registry {self.host} refused the credentials ({e})") from None
