@@ -61,8 +61,12 @@ FIX="$VENV/share/containers-image-fixtures"
 if [ ! -f "$FIX/cosign.pub" ]; then
   tmp=$(mktemp -d)
   chmod 755 "$tmp"  # apt downloads as _apt
-  (cd "$tmp" && apt-get download -qq golang-github-containers-image-dev 2>/dev/null) \
-    || { echo "setup: apt-get download golang-github-containers-image-dev failed (run apt-get update?)" >&2; exit 1; }
+  fetch_fixtures() { (cd "$tmp" && apt-get download -qq golang-github-containers-image-dev 2>/dev/null); }
+  if ! fetch_fixtures; then  # no package lists yet (the Debian tools were already installed): read them once
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    fetch_fixtures || { echo "setup: apt-get download golang-github-containers-image-dev failed" >&2; exit 1; }
+  fi
   dpkg-deb -x "$tmp"/golang-github-containers-image-dev_*.deb "$tmp/x"
   mkdir -p "$FIX"
   cp -r "$tmp"/x/usr/share/gocode/src/github.com/containers/image/signature/fixtures/. "$FIX/"
