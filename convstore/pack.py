@@ -90,6 +90,7 @@ class _ChunkSink:
         self._max = max_inflight
         self.layer_chunks = array("I")
         self.new_chunks = 0
+        self._counted: set[bytes] = set()
         self.new_plain = 0
         self.new_stored = 0
 
@@ -106,8 +107,11 @@ class _ChunkSink:
 
     def _collect(self, fut: Future[tuple[ChunkIdentity, int]]) -> None:
         ident, stored = fut.result()
-        i, first = _intern(ident, self._table, self._index)
-        if first and stored >= 0:  # counted once, even when two copies were in flight together
+        i, _first = _intern(ident, self._table, self._index)
+        # counted once, whichever of two copies in flight together stored it (the one collected
+        # first may be the one that found it already stored by the other)
+        if stored >= 0 and ident.cid not in self._counted:
+            self._counted.add(ident.cid)
             self.new_chunks += 1
             self.new_plain += ident.size
             self.new_stored += stored
