@@ -27,7 +27,7 @@ _EXPORTS = {
         "ImageInactive", "ImageNotFound", "ImagePending", "InvalidReference", "KeyAccessDenied", "KeyFileError",
         "KeyProviderError", "RollbackDetected", "SourceChanged", "SourceError", "SourceNotFound", "StoreError", "StoreFormatError",
         "TamperedObject", "UnsafePathError", "UnsupportedMediaType", "PolicyError", "PolicyInvalid",
-        "PolicyDenied", "SignatureRequired")},
+        "PolicyDenied", "SignatureRequired", "DomainConflict", "StoreBusy")},
     "Policy": "oci.policy", "load_policy": "oci.policy",
 }
 
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
         CorruptLayer,
         CorruptObject,
         DigestMismatch,
+        DomainConflict,
         ImageChanged,
         ImageFailed,
         ImageInactive,
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
         SourceChanged,
         SourceError,
         SourceNotFound,
+        StoreBusy,
         StoreError,
         StoreFormatError,
         TamperedObject,
@@ -94,4 +96,5 @@ __all__ = [
     "UnsupportedMediaType", "StoreError", "ImageNotFound", "ImagePending", "ImageChanged", "ImageInactive", "ImageFailed", "ChunkMissing", "CorruptObject", "StoreFormatError", "KeyProviderError",
     "KeyAccessDenied", "KeyFileError", "UnsafePathError", "InvalidReference",
     "PolicyError", "PolicyInvalid", "PolicyDenied", "SignatureRequired", "Policy", "load_policy",
+    "DomainConflict", "StoreBusy",
 ]

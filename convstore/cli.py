@@ -342,12 +342,14 @@ def inspect(ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
             json_out: bool = typer.Option(False, "--json", help="Print as JSON")) -> None:
     """Show an image's catalog entry, layers and chunking."""
     doc = _store().inspect(ref).to_json()
+    from .core.domains import describe as describe_domain
+
     if json_out:
         _emit_json(doc)
         return
     out.print(f"{doc['name']}:{doc['tag']}  state={doc['state']}  manifest={doc['manifest']}", highlight=False)
     out.print(f"source: {doc['source']}\ncreated: {doc['created']}\nkey: {doc['key_id']}  "
-              f"domain: {doc['domain']['name']} (epoch {doc['domain']['epoch']})", highlight=False)
+              f"domain: {describe_domain(doc['domain'])}", highlight=False)
     from .oci.policy import describe
 
     out.print(f"verification: {describe(doc.get('verification'))}", highlight=False, markup=False, soft_wrap=True)
@@ -387,7 +389,9 @@ app.add_typer(domain_app, name="domain")
 def domain_create(name: str = typer.Argument(...)) -> None:
     """Create a domain with a fresh secret (pack into it with --domain NAME)."""
     rec = _store(create=True).create_domain(name)
-    out.print(f"created domain {rec['name']} (epoch {rec['epoch']}, key {rec['key_id']})", highlight=False)
+    from .core.domains import describe as describe_domain
+
+    out.print(f"created domain {describe_domain(rec)}, key {rec['key_id']}", highlight=False)
 
 
 @domain_app.command("list")
@@ -399,9 +403,9 @@ def domain_list(json_out: bool = typer.Option(False, "--json", help="Print as JS
         return
     from rich.table import Table
 
-    t = Table("NAME", "EPOCH", "KEY", "CREATED", box=None)
+    t = Table("NAME", "EPOCH", "ID", "KEY", "CREATED", box=None)
     for d in ds:
-        t.add_row(d["name"], str(d["epoch"]), d["key_id"], d["created"])
+        t.add_row(d["name"], str(d["epoch"]), str(d.get("id") or "")[:16], d["key_id"], d["created"])
     out.print(t)
 
 

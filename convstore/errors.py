@@ -23,6 +23,8 @@ key material.
     │   ├── CorruptObject      an object fails authentication or its hash
     │   │   └── TamperedObject a metadata object was edited, renamed, moved or forged
     │   ├── RollbackDetected   a tag or domain went back to a version older than this client saw
+    │   ├── DomainConflict     a store already has another convergence domain of the same name
+    │   ├── StoreBusy          a registry store's lease refuses (gc while a pack is in flight, or the reverse)
     │   └── StoreFormatError   unknown or future on-disk format version
     ├── KeyProviderError       key provider failures
     │   ├── KeyAccessDenied    the provider refuses (wrong key, revoked, moved wrapped key)
@@ -120,6 +122,19 @@ class TamperedObject(CorruptObject):
 class RollbackDetected(StoreError):
     """A catalog entry or domain record is older than one this client has
     already seen (a store writer put back an old version)."""
+
+
+class DomainConflict(StoreError):
+    """A copy would bring a convergence domain into a store that already has a
+    *different* domain (another id, so another secret) of the same name: two
+    domains never share a name in one store (images would silently stop
+    deduplicating)."""
+
+
+class StoreBusy(StoreError):
+    """A store without locks (a registry) holds a live lease that excludes this
+    operation: gc while a pack or copy into it is in flight, or a pack while gc
+    runs.  Nothing was changed; run it again after the other one finished."""
 
 
 class StoreFormatError(StoreError):

@@ -3,8 +3,12 @@
 GC safety with concurrent packs: every pack holds the store's ``gc`` lock
 shared for its whole run, and gc holds it exclusively, so gc never runs
 while a pack might be relying on (deduplicating against) a chunk that no
-manifest references yet.  Readers take no lock: a reader of an image that is
-removed and collected may fail, one of a live image cannot.
+manifest references yet.  A store without locks (a registry) uses leases
+instead (:mod:`convstore.core.leases`, docs/lifecycle.md): gc there deletes
+the removed images' manifests and rewrites the chunk index; the registry's
+own garbage collection frees the pack blobs nothing references any more.
+Readers take no lock: a reader of an image that is removed and collected may
+fail, one of a live image cannot.
 """
 
 from __future__ import annotations
@@ -121,6 +125,8 @@ def gc(store: Repository, dry_run: bool = False) -> GCReport:
         keep_manifests: set[str] = set()
         reclaimed: list[str] = []
         n_live = 0
+        # a store whose containers someone else reclaims (a registry) must know which ones live images use
+        live_containers: set[bytes] | None = set() if store.chunk_store.needs_locations else None
         for e in store.catalog.complete(strict=True):  # an entry that fails authentication stops gc
             keep_manifests.add(e.manifest_digest.split(":", 1)[1])  # type: ignore[union-attr]
             if e.state == INACTIVE:
@@ -129,6 +135,8 @@ def gc(store: Repository, dry_run: bool = False) -> GCReport:
             table = store.manifests.chunk_table(e)  # the chunk table only: no file index decoded
             n_live += 1
             live.add_rows(table, ROW_SIZE)  # 32 bytes per id, no object per id
+            if live_containers is not None:
+                live_containers.update(h[0] for h in store.manifests.load(e).locations if h is not None)
         chunks_total, unreferenced = store.chunk_store.unreferenced(live)  # set operations over the index
         del live
         doomed = [c for c, _n in unreferenced]
@@ -136,11 +144,13 @@ def gc(store: Repository, dry_run: bool = False) -> GCReport:
         dead_manifests, manifest_bytes, others = store.manifests.dead(keep_manifests)
         quarantined = store.chunks.quarantined()
         if not dry_run:
-            store.chunks.delete(doomed)
+            store.chunks.sweep(doomed, live_containers)
             store.chunk_store.compact()
             store.manifests.delete(dead_manifests + others)
             store.chunks.drop_quarantined(quarantined)
             others_n = len(others) + len(quarantined) + store.chunk_store.clean_leftovers(TMP_GRACE)
+            if not store.objects.supports_locking:
+                others_n += store.leases.clean()  # dead holders' leases (and unauthentic ones)
         else:
             others_n = len(others) + len(quarantined)
         after = before if dry_run else _usage(store)

@@ -39,8 +39,9 @@ def rekey(store: Repository, new: KeyProvider) -> RekeyReport:
     old = store.key
     new = new if isinstance(new, AuditedKeyProvider) else AuditedKeyProvider(new, store.record_audit)
     # exclusive against packs and pulls (they hold the gc lock shared): none can publish an image
-    # under the old key after this pass went by it.  A registry store has no locks: stop its writers.
-    with store.gc_lock(optional=True):
+    # under the old key after this pass went by it.  A registry store: an exclusive lease (StoreBusy while
+    # a pack or copy into it holds one).
+    with store.gc_lock(optional=True, purpose="rekey"):
         counts = _rekey(store, old, new)
     return RekeyReport(old.key_id, new.key_id, *counts, time.perf_counter() - t0)
 

@@ -4,6 +4,10 @@ the chunks the destination lacks.
 Chunks are copied as they are (they are bound to their chunk id, not to a
 store); the manifest is re-sealed under a new data key for the destination
 store and wrapped for it, since every wrapped key is bound to its store.
+The image's convergence domain comes along where the destination lacks it
+(:meth:`~convstore.core.domains.Domains.adopt`), first, so that what is
+packed there later dedups with what was copied; a destination with another
+domain of that name refuses before anything is copied (DomainConflict).
 The destination's catalog entry is written last: an interrupted copy leaves
 nothing visible, and re-running it sends only what is still missing.
 """
@@ -43,11 +47,26 @@ def copy_image(src: Repository, dst: Repository, ref: str, dst_ref: str | None =
         manifest.name, manifest.tag = target.name, target.tag
     # like a pack, a copy into a local store relies on chunks it finds there: gc waits for it
     with dst.gc_guard():
-        return _copy(src, dst, entry, manifest, target, workers, progress, t0)
+        domain = _bring_domain(src, dst, manifest)
+        return _copy(src, dst, entry, manifest, target, workers, progress, t0, domain)
+
+
+def _bring_domain(src: Repository, dst: Repository, manifest: Manifest) -> str:
+    """Adopt the image's domain into ``dst`` where it lacks it; the name to record in the destination's
+    entry: the domain's name if ``dst`` now holds that very domain (same id), else "" (none)."""
+    name, did = str(manifest.domain.get("name") or ""), str(manifest.domain.get("id") or "")
+    if not name or not did or src.id == dst.id:
+        return name if src.id == dst.id else ""
+    dst.convergence_domains.adopt(src.convergence_domains, name, did)  # DomainConflict before any write
+    try:
+        mine = dst.convergence_domains.record(name)
+    except KeyError:
+        return ""
+    return name if mine.get("id") == did else ""
 
 
 def _copy(src: Repository, dst: Repository, entry: CatalogEntry, manifest: Manifest, target: ImageRef, workers: int,
-          progress: Progress, t0: float) -> CopyResult:
+          progress: Progress, t0: float, domain: str) -> CopyResult:
     cids = list(dict.fromkeys(c.cid for c in manifest.chunks))
     missing = [c for c in cids if not dst.chunks.has(c)]
     idents = {c.cid: c for c in manifest.chunks}
@@ -74,12 +93,10 @@ def _copy(src: Repository, dst: Repository, entry: CatalogEntry, manifest: Manif
         # the hints name the source's containers: the destination's replace them
         manifest.locations = dst.chunks.locate([c.cid for c in manifest.chunks])
         digest, wrapped = dst.manifests.put(manifest)
-        # the domain is recorded only if the destination has one of that name (a re-pack there goes into it)
-        dom = str(manifest.domain.get("name", ""))
-        known = {d["name"] for d in dst.convergence_domains.list()}
+        # the domain is recorded only if the destination holds that very domain (a re-pack there goes into it)
         # the source digests come from the (authenticated) manifest: a re-pack there must find them again
         dst.finish_pack(target, digest, wrapped, manifest.created, entry.source, entry.logical_bytes, entry.layers,
-                        dom if dom in known else "",
+                        domain,
                         source_digests=(str(manifest.source.get("manifest_digest") or ""), manifest.config_digest))
     except BaseException:
         dst.chunks.abort()

@@ -1,7 +1,7 @@
 """Authenticated store metadata.
 
 Every metadata object a reader trusts (catalog entries, convergence-domain
-records, layer-index records) carries a MAC under the store's *metadata key*,
+records, layer-index records, leases) carries a MAC under the store's *metadata key*,
 a random 32-byte key wrapped by the master key (context ``{"purpose":
 "metadata", "store": <store id>}``) and kept in ``store.json``.  Only a holder
 of the master key can unwrap it, so a store writer without the key can
@@ -31,7 +31,7 @@ from blake3 import blake3
 
 from ..errors import CorruptObject, TamperedObject
 
-KINDS = ("entry", "domain", "layer")
+KINDS = ("entry", "domain", "layer", "lease")
 MAC_FIELD = "mac"
 
 

@@ -82,6 +82,10 @@ class Chunks:
     def delete(self, cids: Iterable[bytes]) -> None:
         self.store.delete(list(cids))
 
+    def sweep(self, cids: Iterable[bytes], live_containers: set[bytes] | None = None) -> None:
+        """gc's sweep (:meth:`ChunkStore.sweep <convstore.stores.base.ChunkStore.sweep>`)."""
+        self.store.sweep(list(cids), live_containers)
+
     # -- reading ------------------------------------------------------------
     def blob(self, cid: bytes, what: str = "", hint: Location | None = None) -> bytes:
         """The stored (encrypted) blob; :class:`ChunkMissing` if absent."""

@@ -4,11 +4,20 @@ A domain record (``domains/<name>``, MAC-authenticated and bound to its
 name) holds the current epoch's secret wrapped by the master key under
 ``{"purpose": "domain", "store", "domain", "epoch"}``.  Chunk ids and keys,
 and layer-index names, are derived from the secret (:mod:`convstore.crypto`).
+
+A domain's identity is global: its random ``id`` (made once, at creation)
+names the same secret in every store that holds it.  A copy between stores
+brings the source's domain into a destination that lacks it (:meth:`Domains.adopt`:
+the secret unwrapped by the source's key, wrapped by the destination's, the
+record authenticated by the destination's metadata key), so images packed
+anywhere in one domain share chunks; a destination with *another* domain of
+that name refuses (:class:`~convstore.errors.DomainConflict`).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import uuid
 from contextlib import AbstractContextManager
@@ -16,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..crypto import domain_chunk_key, domain_layer_key
-from ..errors import InvalidReference, StoreError, StoreFormatError, TamperedObject
+from ..errors import DomainConflict, InvalidReference, StoreError, StoreFormatError, TamperedObject
 from ..keys import KeyProvider
 from .identity import StoreIdentity, check_key_id, now_iso
 from ..stores.base import ObjectStore
@@ -33,6 +42,12 @@ class Domain:
     public: dict[str, Any]
     chunk_key: bytes = field(repr=False)
     layer_key: bytes = field(repr=False)
+
+
+def describe(public: dict[str, Any]) -> str:
+    """``name (epoch N, id XXXXXXXXXXXXXXXX)``: how a domain is shown everywhere (the name alone is
+    not an identity: two stores may each have made a ``default`` of their own)."""
+    return f"{public.get('name')} (epoch {public.get('epoch')}, id {str(public.get('id') or '?')[:16]})"
 
 
 def check_domain_name(name: str) -> None:
@@ -121,6 +136,49 @@ class Domains:
                     return rec, secret
             raise StoreError(f"convergence domain {name!r} already exists")
         return rec, secret
+
+    def adopt(self, source: Domains, name: str, domain_id: str) -> bool:
+        """Bring the domain ``name`` of ``source`` (another store) here, if it is the domain
+        ``domain_id`` and this store lacks it or holds an older epoch of it: the same id, epochs and
+        current secret; the secret unwrapped by the source's key (its wrap context binds the source
+        store) and wrapped by this store's key (binding this store), the record authenticated under
+        this store's metadata key.  The secret never leaves the two key providers' calls.  Whether
+        it wrote a record.  :class:`DomainConflict` if this store has another domain of that name."""
+        try:
+            theirs = source.record(name)
+        except KeyError:
+            return False  # the source no longer has it: the copied image still reads (its manifest holds its keys)
+        if theirs.get("id") != domain_id:
+            return False  # the image was packed in another domain of that name (one the source replaced)
+        with self._lock(name) if self.objects.supports_locking else contextlib.nullcontext():
+            try:
+                mine: dict[str, Any] | None = self.record(name)
+            except KeyError:
+                mine = None
+            if mine is not None:
+                self._check_same(mine, theirs)
+                if mine["epoch"] >= theirs["epoch"]:
+                    return False
+            check_key_id(source.key, theirs["key_id"], f"domain {name!r}")
+            secret = source.key.unwrap(base64.b64decode(theirs["wrapped_secret"]), source.context(theirs))
+            rec = {k: theirs[k] for k in ("format", "version", "name", "epoch", "id", "created", "epochs")
+                   if k in theirs}
+            rec["key_id"] = self.key.key_id
+            rec["wrapped_secret"] = base64.b64encode(self.key.wrap(secret, self.context(rec))).decode()
+            if not self.write(rec, exclusive=mine is None):
+                # created meanwhile by someone else (a store without locks): only the same domain is accepted
+                self._check_same(self.record(name), theirs)
+                return False
+        self._open.pop(name, None)
+        return True
+
+    @staticmethod
+    def _check_same(mine: dict[str, Any], theirs: dict[str, Any]) -> None:
+        if mine.get("id") != theirs.get("id"):
+            raise DomainConflict(
+                f"this store already has another convergence domain named {mine['name']!r} ({describe(mine)}; "
+                f"the copied image is in {describe(theirs)}): they do not share a secret, so they never share "
+                f"a chunk; nothing was copied (copy into a store without that domain, or pack it again here)")
 
     def rotate(self, name: str) -> dict[str, Any]:
         """Start a new epoch: a new secret, so new chunks no longer dedup with

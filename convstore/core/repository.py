@@ -24,7 +24,6 @@ that spawns a worker).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -57,6 +56,7 @@ from .manifests import ManifestStore
 from ..options import StoreOptions, is_registry_url, resolve_store_location
 from ..refs import ImageRef
 from .identity import StoreIdentity, no_store
+from .leases import PACK_WAIT, Leases
 from ..stores.base import ChunkStore, ObjectStore
 from ..stores.local import LocalChunkStore, LocalStore
 from .trust import TrustState, check_location, default_state_dir
@@ -138,6 +138,8 @@ class Repository:
         self.manifests = ManifestStore(self.objects, self.key, self.ident)
         #: the chunk seam: the one encrypt->store and fetch->decrypt->check path
         self.chunks = Chunks(self.chunk_store, self.objects)
+        #: the gc lock of a store without locks (a registry): leases (wall-clock time, whatever ``clock`` says)
+        self.leases = Leases(self.objects, self.ident)
 
     def throttled(self: R, latency_s: float, bandwidth_bps: float) -> R:
         """The same store behind a simulated link (latency per request, shared
@@ -293,21 +295,22 @@ class Repository:
                                                                   isinstance(error, SourceNotFound),
                                                                   isinstance(error, SourceChanged), repack_of))
 
-    def gc_guard(self) -> AbstractContextManager[None]:
+    def gc_guard(self) -> AbstractContextManager[Any]:
         """What a pack or copy into this store holds while it relies on chunks
         it found there: the gc lock, shared (gc takes it exclusively).  A
-        registry has no locks and no convstore gc (its own garbage collection
-        keeps every pack blob an image manifest references)."""
+        store without locks (a registry) holds a shared lease instead
+        (:mod:`convstore.core.leases`), waiting up to ``PACK_WAIT`` for a running gc."""
         if not self.objects.supports_locking:
-            return contextlib.nullcontext()
+            return self.leases.hold("pack", exclusive=False, wait=PACK_WAIT)
         return self.objects.lock(GC_LOCK, shared=True)
 
-    def gc_lock(self, *, optional: bool = False) -> AbstractContextManager[None]:
+    def gc_lock(self, *, optional: bool = False, purpose: str = "gc") -> AbstractContextManager[Any]:
         """The gc lock, exclusive: what gc and rekey hold (no pack or copy can
-        publish meanwhile).  A store without locks (a registry) refuses it,
-        or with ``optional`` gives none (its writers must be stopped)."""
-        if optional and not self.objects.supports_locking:
-            return contextlib.nullcontext()
+        publish meanwhile).  A store without locks (a registry) takes an
+        exclusive lease: :class:`~convstore.errors.StoreBusy` while a pack or
+        copy into it holds one (``optional`` is kept for callers; a lease is always taken)."""
+        if not self.objects.supports_locking:
+            return self.leases.hold(purpose, exclusive=True)
         return self.objects.lock(GC_LOCK)
 
     def is_stale(self, e: CatalogEntry, now: float) -> bool:

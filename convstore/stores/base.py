@@ -129,6 +129,13 @@ class ChunkStore(ABC):
     @abstractmethod
     def delete(self, cids: list[bytes]) -> None: ...
 
+    def sweep(self, cids: list[bytes], live_containers: set[bytes] | None = None) -> None:
+        """gc's sweep: remove the chunks ``cids``.  ``live_containers`` (given to a store that
+        ``needs_locations``): the containers the live images' manifests reference; a store whose
+        containers are reclaimed by someone else (a registry's own garbage collection) also forgets
+        every chunk it placed outside them, since those containers may go."""
+        self.delete(cids)
+
     @abstractmethod
     def ids(self) -> Iterator[bytes]:
         """Every stored chunk id, in no particular order."""
@@ -214,6 +221,9 @@ class ForwardingChunkStore(ChunkStore):
 
     def delete(self, cids: list[bytes]) -> None:
         self.inner.delete(cids)
+
+    def sweep(self, cids: list[bytes], live_containers: set[bytes] | None = None) -> None:
+        self.inner.sweep(cids, live_containers)
 
     def evict(self, cid: bytes) -> None:
         self.inner.evict(cid)

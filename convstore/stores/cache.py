@@ -164,6 +164,12 @@ class CachedChunkStore(ForwardingChunkStore):
             self.cache.drop(self._name(c))
         self.inner.delete(cids)
 
+    def sweep(self, cids: list[bytes], live_containers: set[bytes] | None = None) -> None:
+        """The node's copies of swept chunks go too (what only removed images used)."""
+        for c in cids:
+            self.cache.drop(self._name(c))
+        self.inner.sweep(cids, live_containers)
+
     def evict(self, cid: bytes) -> None:
         self.cache.drop(self._name(cid))
 

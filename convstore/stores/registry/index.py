@@ -405,8 +405,48 @@ class RegistryChunkStore(ChunkStore):
             self._pack = bytearray()
 
     def delete(self, cids: list[bytes]) -> None:
-        if cids:
-            raise StoreError("a registry store does not delete chunks: use the registry's garbage collection")
+        self.sweep(cids)
+
+    def sweep(self, cids: list[bytes], live_containers: set[bytes] | None = None) -> None:
+        """gc's sweep: the pack blobs themselves are the registry's to free (its garbage collection frees
+        every blob no tagged manifest references, once gc deleted the removed images' manifests); here
+        the index forgets ``cids`` and every record in a pack outside ``live_containers``, so that no
+        later pack dedups against a chunk whose pack blob may be gone.  One new snapshot replaces every
+        index artifact (gc holds the store's exclusive lease: no writer adds one meanwhile)."""
+        drop = set(cids)
+        with self._lock:
+            self._load()
+            if not drop and live_containers is None:
+                return
+            old = [*self._seg_tags, *self._snaps, *(c for t in self._snaps for c in self._snap_covers.get(t, ()))]
+            records: list[bytes] = []
+            for snap in self._snaps.values():
+                records.extend(bytes(r) for r in snap.records())
+            for t, recs in self._seg_tags.items():
+                if t not in self._covered:
+                    records.extend(record(cid, bytes.fromhex(pack.split(":", 1)[1]), off, n)
+                                   for cid, pack, off, n in recs)
+            records = [r for r in records if r[:32] not in drop
+                       and (live_containers is None or r[32:64] in live_containers)]
+        data = encode_midx(records, SNAP_MAGIC, 32)
+        covered = sorted(set(old))
+        cov = json.dumps(covered).encode()
+        d1 = self.client.put_blob(self.index_repo, data)
+        d2 = self.client.put_blob(self.index_repo, cov)
+        tag = self._put_index_artifact("s-", AT_INDEX_SNAPSHOT,
+                                       [layer(d1, len(data)), layer(d2, len(cov), "application/json")])
+        with self._lock:
+            snap = SortedIndex.from_bytes(data, f"index snapshot {tag}", SNAP_MAGIC, 32)
+            self._snaps = {tag: snap}
+            self._snap_size = {tag: snap.count}
+            self._snap_covers = {tag: covered}
+            self._covered |= set(covered)
+            self._segs.clear()
+            self._known = set(snap.packs)
+        for t in covered:  # best effort, as in compact: what stays is skipped as covered
+            digest = self._art_digest.get(t)
+            if digest is not None and not self.client.delete_manifest(self.index_repo, digest):
+                break
 
     def ids(self) -> Iterator[bytes]:
         return (c for c, _n in self.entries())

@@ -25,7 +25,7 @@ MAX_OBJECT = 1 << 30  # a sealed manifest (a row per chunk and every file's meta
 
 
 # object keys -> tag prefixes: a listing of one kind needs only the tag list
-_KINDS = (("store.json", "s-"), ("refs/", "r-"), ("manifests/", "m-"), ("domains/", "d-"), ("layers/", "l-"), ("profiles/", "p-"))
+_KINDS = (("store.json", "s-"), ("refs/", "r-"), ("manifests/", "m-"), ("domains/", "d-"), ("layers/", "l-"), ("profiles/", "p-"), ("leases/", "e-"))
 
 
 class RegistryStore(ObjectStore):

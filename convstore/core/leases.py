@@ -1,0 +1,165 @@
+"""Leases: the gc lock of a store that has no locks (a registry, an object store).
+
+A lease is a small authenticated object ``leases/<id>`` (docs/format.md):
+who holds it (purpose, host, pid), whether it is *exclusive* (gc, rekey) or
+*shared* (a pack or copy into the store), and when its holder last renewed
+it.  A holder renews it every ``ttl / 4`` seconds from a background thread;
+a lease not renewed for ``ttl`` seconds belongs to a holder that died and is
+ignored (gc deletes it).
+
+Taking one without a compare-and-swap (restic's locks work the same way):
+the taker *first writes* its lease, *then lists* the others.  Of two takers
+that exclude each other, whichever lists second sees the first one's lease
+(each wrote before it listed), so they can never both go on; when both see
+each other both back off (delete their own) and a pack retries after a
+pause, bounded by its ``wait``.  What this needs of the store: a write that
+completes is seen by every later listing (a registry's tags are).
+
+A lease that fails authentication was not written by a holder of the
+store's key: it is ignored (and gc deletes it), so a forged lease can
+neither keep gc out nor let a real one in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConvstoreError, StoreBusy, StoreError
+from ..stores.base import ObjectStore
+from .identity import StoreIdentity
+
+log = logging.getLogger(__name__)
+
+LEASE_VERSION = 1
+#: a lease not renewed for this long is a dead holder's (restic: 30 min); clocks of the
+#: machines sharing a store must agree to well within it
+LEASE_TTL = 1800.0
+PACK_WAIT = 600.0  # how long a pack waits for a running gc before it gives up (StoreBusy)
+POLL = 1.0  # seconds between two looks at the leases while waiting
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: str
+    purpose: str
+    exclusive: bool
+    host: str
+    pid: int
+    created: float
+    renewed: float
+    ttl: float
+
+    def live(self, now: float) -> bool:
+        return now - self.renewed < self.ttl
+
+    def describe(self, now: float) -> str:
+        return (f"{'an exclusive' if self.exclusive else 'a'} {self.purpose} lease of pid {self.pid} on "
+                f"{self.host}, renewed {max(0.0, now - self.renewed):.0f} s ago")
+
+
+class Leases:
+    """The leases of one store (see the module docstring)."""
+
+    def __init__(self, objects: ObjectStore, ident: StoreIdentity, clock: Callable[[], float] = time.time,
+                 ttl: float = LEASE_TTL):
+        self.objects, self.ident, self.clock, self.ttl = objects, ident, clock, ttl
+
+    @staticmethod
+    def _key(lease_id: str) -> str:
+        return f"leases/{lease_id}"
+
+    def _write(self, lease: Lease) -> None:
+        doc = {"format": "convstore-lease", "version": LEASE_VERSION, "id": lease.id, "purpose": lease.purpose,
+               "exclusive": lease.exclusive, "host": lease.host, "pid": lease.pid, "created": lease.created,
+               "renewed": lease.renewed, "ttl": lease.ttl}
+        self.objects.put(self._key(lease.id), self.ident.meta().sign("lease", f"lease {lease.id}", doc))
+
+    def _read(self, key: str) -> Lease | None:
+        """The authenticated lease at ``key``; None if it is gone or fails authentication (logged)."""
+        lease_id = key.rsplit("/", 1)[-1]
+        try:
+            doc = self.ident.meta().open("lease", f"lease {lease_id}", self.objects.get(key), f"lease {lease_id}")
+            if doc.get("format") != "convstore-lease" or doc.get("version") != LEASE_VERSION \
+                    or doc.get("id") != lease_id:
+                raise StoreError(f"lease {lease_id} has an unsupported format or names another lease")
+            return Lease(lease_id, str(doc["purpose"]), bool(doc["exclusive"]), str(doc["host"]), int(doc["pid"]),
+                         float(doc["created"]), float(doc["renewed"]), float(doc["ttl"]))
+        except KeyError:
+            return None  # released meanwhile
+        except (ConvstoreError, TypeError, ValueError) as e:
+            log.warning("ignoring lease %s: %s", lease_id, e)
+            return None
+
+    def all(self) -> tuple[list[Lease], list[str]]:
+        """(the authentic leases, the keys of the others)."""
+        good, bad = [], []
+        for key in self.objects.list("leases"):
+            lease = self._read(key)
+            if lease is None:
+                if self.objects.has(key):
+                    bad.append(key)
+            else:
+                good.append(lease)
+        return good, bad
+
+    def clean(self) -> int:
+        """Delete the leases of dead holders and the unauthentic ones (gc, under its own lease); how many."""
+        now = self.clock()
+        good, bad = self.all()
+        doomed = bad + [self._key(l.id) for l in good if not l.live(now)]
+        self.objects.delete_many(doomed)
+        return len(doomed)
+
+    @contextlib.contextmanager
+    def hold(self, purpose: str, *, exclusive: bool, wait: float = 0.0) -> Iterator[Lease]:
+        """Hold a lease for the block: shared ones exclude only exclusive ones.  Waits up to ``wait``
+        seconds for the leases that exclude it to go; then :class:`StoreBusy`, naming them."""
+        now = self.clock()
+        lease = Lease(secrets.token_hex(16), purpose, exclusive, socket.gethostname(), os.getpid(), now, now,
+                      self.ttl)
+        deadline = time.monotonic() + wait
+        while True:
+            lease = Lease(lease.id, purpose, exclusive, lease.host, lease.pid, lease.created, self.clock(), self.ttl)
+            self._write(lease)  # first write, then list: see the module docstring
+            now = self.clock()
+            others = [l for l in self.all()[0] if l.id != lease.id and l.live(now) and (exclusive or l.exclusive)]
+            if not others:
+                break
+            self.objects.delete(self._key(lease.id))
+            if time.monotonic() >= deadline:
+                what = "; ".join(l.describe(now) for l in others)
+                raise StoreBusy(f"{purpose} cannot run now: the store holds {what} (nothing was changed; a "
+                                f"lease not renewed for {self.ttl:.0f} s is ignored)")
+            time.sleep(POLL)  # a bounded poll: the other holder releases, or its lease expires
+        stop = threading.Event()
+
+        def renew() -> None:
+            cur = lease
+            while not stop.wait(self.ttl / 4):
+                cur = Lease(cur.id, purpose, exclusive, cur.host, cur.pid, cur.created, self.clock(), self.ttl)
+                try:
+                    self._write(cur)
+                except ConvstoreError as e:  # the next renewal tries again; past the ttl the lease is lost
+                    log.warning("could not renew the %s lease %s: %s", purpose, cur.id, e)
+
+        t = threading.Thread(target=renew, name=f"convstore-lease-{purpose}", daemon=True)
+        t.start()
+        try:
+            yield lease
+        finally:
+            stop.set()
+            t.join()
+            try:
+                self.objects.delete(self._key(lease.id))
+            except ConvstoreError as e:  # it expires by itself
+                log.warning("could not release the %s lease %s: %s", purpose, lease.id, e)
