@@ -85,10 +85,14 @@ class DiskCache:
             self._evict()
 
     def drop(self, name: str) -> None:
+        p = self._path(name)
         try:
-            os.unlink(self._path(name))
+            size = os.lstat(p).st_size
+            os.unlink(p)
         except FileNotFoundError:
-            pass
+            return
+        with self._lock:
+            self._size = max(0, self._size - size)
 
     def cached_bytes(self) -> int:
         return self._size
