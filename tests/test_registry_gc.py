@@ -17,7 +17,6 @@ import requests
 from imagebuilder import Entry, make_tar, rich_layer, write_oci
 
 import convstore
-from convstore.core.leases import Lease
 
 
 def _images(tmp_path):
@@ -137,6 +136,8 @@ def test_gc_leaves_a_pack_in_flight_alone_and_it_publishes_intact(tmp_path, regi
 
 
 def test_a_dead_packers_lease_expires_and_a_forged_one_is_ignored(tmp_path, registry, keyfile):
+    from convstore.core.leases import Lease
+
     _images(tmp_path)
     url = f"oci://{registry.host}/stale"
     s = _open(url, keyfile, tmp_path / "c1")
