@@ -274,6 +274,8 @@ def test_gc_waits_for_a_copy_into_the_store(tmp_path, cstore, keyfile):
     shared = [Entry("shared", data=os.urandom(400_000))]
     src = convstore.Store.open(str(tmp_path / "src-store"), f"file:{keyfile}")
     src.pack(f"oci:{shared_and_own(tmp_path, 'a', shared)}", "a:1")
+    # one convergence domain in both stores (a copy into a store with another "default" is DomainConflict)
+    cstore.convergence_domains.adopt(src.convergence_domains, "default", src.domains()[0]["id"])
     cstore.pack(f"oci:{shared_and_own(tmp_path, 'b', shared)}", "b:1")
     cstore.rm("b:1")  # the shared chunks are now garbage in the destination, until a:1 arrives
     slow = src.throttled(0.05, 1e9)

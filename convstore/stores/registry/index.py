@@ -405,7 +405,9 @@ class RegistryChunkStore(ChunkStore):
             self._pack = bytearray()
 
     def delete(self, cids: list[bytes]) -> None:
-        self.sweep(cids)
+        if cids:
+            raise StoreError("a registry store does not delete chunks: gc unreferences them (sweep) and the "
+                             "registry's garbage collection frees their pack blobs")
 
     def sweep(self, cids: list[bytes], live_containers: set[bytes] | None = None) -> None:
         """gc's sweep: the pack blobs themselves are the registry's to free (its garbage collection frees
