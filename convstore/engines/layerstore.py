@@ -66,6 +66,8 @@ T = TypeVar("T")
 
 #: how often a lookup of an unknown digest may re-read the catalog (new packs appear)
 RESCAN_SECONDS = 2.0
+#: how often a serving layer store re-reads the catalog anyway (a removed image stops being served)
+REVALIDATE_SECONDS = 10.0
 #: an image with no start-up profile has the chunks read in its first seconds recorded as one
 RECORD_SECONDS = 10.0
 _GZIP = 2  # containers/storage's archive.Gzip (compression of the original blob)
@@ -132,6 +134,36 @@ class LayerStore:
             self._layers = found
             self._chains = chains
             self._scanned = time.monotonic()
+            dropped = self._drop_removed()
+        for f in dropped:
+            f.close()
+
+    def _drop_removed(self) -> list[ChunkFetcher]:
+        """Forget the trees and fetchers of images no longer ACTIVE here (removed, packed again, FAILED):
+        their layers stop being served (a layer another image also has is served from that one); the
+        rest are untouched.  Under the lock; the fetchers to close."""
+        for d, fs in list(self._trees.items()):
+            lay = self._layers.get(d)
+            if lay is None or lay.entry.manifest_digest != getattr(fs.entry, "manifest_digest", None):
+                del self._trees[d]
+        live = {lay.entry.manifest_digest for lay in self._layers.values()}
+        dropped = []
+        for key in [k for k in self._manifests if k not in live]:
+            timer = self._recording.pop(key, None)
+            if timer is not None:
+                timer.cancel()
+            dropped.append(self._manifests.pop(key)[2])
+            log.info("layer store: no longer serving %s (removed or replaced)", key)
+        return dropped
+
+    def watch(self, done: threading.Event, every: float | None = None) -> None:
+        """Re-read the catalog every ``every`` seconds until ``done``: a removed image stops being
+        served within that time even if no lookup misses (a service's background thread)."""
+        while not done.wait(REVALIDATE_SECONDS if every is None else every):
+            try:
+                self.scan()
+            except ConvstoreError as e:  # the store is unreachable: keep serving what was known
+                log.warning("layer store: cannot re-read the catalog: %s", e)
 
     def _find(self, pick: Callable[[], T | None]) -> T | None:
         """``pick()`` under the lock; on a miss, once the index is old enough, again after a rescan."""
@@ -373,9 +405,15 @@ class LayerMount:
 
     def __enter__(self) -> LayerMount:
         self._mount.__enter__()
+        self._done = threading.Event()
+        self._watcher = threading.Thread(target=self.layers.watch, args=(self._done,), daemon=True,
+                                         name="convstore-layers-watch")
+        self._watcher.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._watcher.join(timeout=30)
         self._mount.__exit__(*exc)
 
 
@@ -386,6 +424,7 @@ def serve_layerstore(layers: LayerStore, mountpoint: str, stats_file: str | None
     writer = threading.Thread(target=write_stats, args=(layers, stats_file, done), daemon=True)
     if stats_file:
         writer.start()
+    threading.Thread(target=layers.watch, args=(done,), daemon=True, name="convstore-layers-watch").start()
     try:
         serve(None, mountpoint, LayerStoreOperations(layers), read_only=False)
     finally:
