@@ -504,6 +504,8 @@ def test_a_copy_into_the_name_during_a_repair_is_never_undone(tmp_path, keyfile,
     a = convstore.Store.open(str(tmp_path / "a"), f"file:{keyfile}", insecure=True)
     b = convstore.Store.open(str(tmp_path / "b"), f"file:{keyfile}", insecure=True)
     a.pack(f"oci:{src}", "x:1")
+    # one convergence domain in both stores (a copy into a store with another "default" is DomainConflict)
+    b.convergence_domains.adopt(a.convergence_domains, "default", a.domains()[0]["id"])
     b.pack(f"oci:{tmp_path / 'other'}", "y:1")
     copied = b.entry("y:1")
 
