@@ -52,3 +52,43 @@ def test_a_removed_image_stops_being_served_and_the_other_reads_on(tmp_path: Pat
             assert (b / name).read_bytes() == data
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+
+
+def test_a_layer_store_over_a_registry_drops_a_removed_images_chunks_from_the_node_cache(
+        tmp_path: Path, cli_env: dict[str, str], registry) -> None:
+    import convstore
+    from convstore.stores.cache import DiskCache
+
+    a_digest, a_files = _image(tmp_path, "a")
+    b_digest, b_files = _image(tmp_path, "b")
+    url = f"oci://{registry.host}/node"
+    reg = ["--insecure", "--store", url]
+    run_cli(cli_env, *reg, "--cache", str(tmp_path / "packer"), "pack", f"oci:{tmp_path / 'a'}", "a:1")
+    run_cli(cli_env, *reg, "--cache", str(tmp_path / "packer"), "pack", f"oci:{tmp_path / 'b'}", "b:1")
+    other = convstore.Store.open(url, cli_env["CONVSTORE_KEY"], insecure=True, cache_dir=str(tmp_path / "other"))
+    ids = {n: {c.cid for c in other.manifests.load(other.catalog.entry(f"{n}:1")).chunks} for n in ("a", "b")}
+    only_a = ids["a"] - ids["b"]
+    assert only_a
+    node = tmp_path / "node-cache"
+    mnt = tmp_path / "als"
+    mnt.mkdir()
+    run_cli(cli_env, *reg, "--cache", str(node), "layerstore", "--background", str(mnt))
+    try:
+        ref = mnt / base64.b64encode(b"127.0.0.1:5000/x:1").decode()
+        a, b = ref / a_digest / "diff" / "a", ref / b_digest / "diff" / "b"
+        for name, data in a_files.items():
+            assert (a / name).read_bytes() == data
+        for name, data in b_files.items():
+            assert (b / name).read_bytes() == data
+        cache = DiskCache(str(node))
+        assert all(cache.contains("chunk " + c.hex()) for c in ids["a"] | ids["b"])
+        other.rm("a:1")  # another machine removes the image
+        deadline = time.monotonic() + 60
+        while any(cache.contains("chunk " + c.hex()) for c in only_a):
+            assert time.monotonic() < deadline, "the node cache still holds the removed image's chunks"
+            time.sleep(0.2)
+        assert all(cache.contains("chunk " + c.hex()) for c in ids["b"])
+        for name, data in b_files.items():
+            assert (b / name).read_bytes() == data
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)

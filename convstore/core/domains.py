@@ -161,8 +161,8 @@ class Domains:
                     return False
             check_key_id(source.key, theirs["key_id"], f"domain {name!r}")
             secret = source.key.unwrap(base64.b64decode(theirs["wrapped_secret"]), source.context(theirs))
-            rec = {k: theirs[k] for k in ("format", "version", "name", "epoch", "id", "created", "epochs")
-                   if k in theirs}
+            rec: dict[str, Any] = {k: theirs[k] for k in ("format", "version", "name", "epoch", "id", "created",
+                                                          "epochs") if k in theirs}
             rec["key_id"] = self.key.key_id
             rec["wrapped_secret"] = base64.b64encode(self.key.wrap(secret, self.context(rec))).decode()
             if not self.write(rec, exclusive=mine is None):

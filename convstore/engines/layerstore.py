@@ -115,6 +115,7 @@ class LayerStore:
             self._scanned = time.monotonic()  # one rescan at a time, however many lookups miss
         found: dict[str, _Layer] = {}
         chains: dict[str, tuple[str, str]] = {}
+        loaded: list[Manifest] = []
         for e in self.store.catalog.complete():
             if e.state != ACTIVE:
                 continue
@@ -125,6 +126,7 @@ class LayerStore:
             except ConvstoreError as err:
                 log.warning("layer store: skipping %s: %s", e.ref, err)
                 continue
+            loaded.append(m)
             for lr, (digest, _), (chain, parent) in zip(m.layers, digests, chain_ids([d for _, d in digests])):
                 info = {"compressed-diff-digest": digest, "compressed-size": lr.size, "diff-digest": lr.diff_id,
                         "diff-size": lr.uncompressed_size, "compression": _COMPRESSION.get(lr.compression, 0)}
@@ -135,13 +137,18 @@ class LayerStore:
             self._chains = chains
             self._scanned = time.monotonic()
             dropped = self._drop_removed()
-        for f in dropped:
-            f.close()
+        if dropped:
+            live = {c.cid for m in loaded for c in m.chunks}
+            for manifest, f in dropped:
+                f.close()
+                for c in manifest.chunks:  # the node cache keeps only what a served image still uses
+                    if c.cid not in live:
+                        self.store.chunk_store.evict(c.cid)
 
-    def _drop_removed(self) -> list[ChunkFetcher]:
+    def _drop_removed(self) -> list[tuple[Manifest, ChunkFetcher]]:
         """Forget the trees and fetchers of images no longer ACTIVE here (removed, packed again, FAILED):
         their layers stop being served (a layer another image also has is served from that one); the
-        rest are untouched.  Under the lock; the fetchers to close."""
+        rest are untouched.  Under the lock; the (manifest, fetcher) of each image dropped."""
         for d, fs in list(self._trees.items()):
             lay = self._layers.get(d)
             if lay is None or lay.entry.manifest_digest != getattr(fs.entry, "manifest_digest", None):
@@ -152,7 +159,8 @@ class LayerStore:
             timer = self._recording.pop(key, None)
             if timer is not None:
                 timer.cancel()
-            dropped.append(self._manifests.pop(key)[2])
+            _entry, manifest, fetcher = self._manifests.pop(key)
+            dropped.append((manifest, fetcher))
             log.info("layer store: no longer serving %s (removed or replaced)", key)
         return dropped
 
