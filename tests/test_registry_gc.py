@@ -119,6 +119,11 @@ def test_gc_leaves_a_pack_in_flight_alone_and_it_publishes_intact(tmp_path, regi
         assert [(l.purpose, l.exclusive) for l in leases] == [("pack", False)]
         with pytest.raises(convstore.StoreBusy, match="a pack lease of pid"):
             s.gc()
+        # the CLI says so in one line, and changed nothing
+        p = subprocess.run([sys.executable, "-m", "convstore.cli", "--insecure", "--store", url, "--cache",
+                            str(tmp_path / "c-cli"), "gc"], env=cli_env, capture_output=True, text=True)
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "gc cannot run now" in p.stderr and "Traceback" not in p.stderr
     finally:
         release.set()
     out, err = racer.communicate(timeout=300)
