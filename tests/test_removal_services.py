@@ -92,3 +92,29 @@ def test_a_layer_store_over_a_registry_drops_a_removed_images_chunks_from_the_no
             assert (b / name).read_bytes() == data
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+
+
+def test_the_snapshotters_layers_stop_serving_a_removed_image_and_serve_the_other(tmp_path: Path, store) -> None:
+    """The containerd snapshotter serves its convstore layers through a layer store mount (real FUSE)."""
+    from convstore.engines.layerstore import LayerMount, LayerStore
+    from convstore.engines.snapshotter import Snapshotter
+
+    a_digest, a_files = _image(tmp_path, "a")
+    b_digest, b_files = _image(tmp_path, "b")
+    store.pack(f"oci:{tmp_path / 'a'}", "a:1")
+    store.pack(f"oci:{tmp_path / 'b'}", "b:1")
+    mount = LayerMount(LayerStore(store), str(tmp_path / "snaps" / "layers"))
+    with Snapshotter(str(tmp_path / "snaps"), mount):
+        a, b = Path(mount.diff_dir(a_digest)) / "a", Path(mount.diff_dir(b_digest)) / "b"
+        assert (a / "f0").read_bytes() == a_files["f0"] and (b / "f0").read_bytes() == b_files["f0"]
+        store.rm("a:1")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                (a / "f1").read_bytes()
+            except OSError:
+                break
+            assert time.monotonic() < deadline, "the removed image is still served"
+            time.sleep(0.2)
+        for name, data in b_files.items():
+            assert (b / name).read_bytes() == data
