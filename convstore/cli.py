@@ -443,6 +443,8 @@ def _copy_report(r: Any, json_out: bool, verb: str, url: str) -> None:
         _emit_json(r.to_json())
         return
     moved = "sent" if verb == "pushed" else "fetched"
+    if r.domain_note:
+        err.print(f"convstore: note: {r.domain_note}", highlight=False)
     out.print(f"{verb} {r.ref} ({url}): {moved} {r.chunks_sent} of {_n(r.chunks, 'chunk')}, {_mb(r.bytes_sent)} in "
               f"{r.seconds:.2f} s", highlight=False)
 

@@ -6,23 +6,29 @@ store); the manifest is re-sealed under a new data key for the destination
 store and wrapped for it, since every wrapped key is bound to its store.
 The image's convergence domain comes along where the destination lacks it
 (:meth:`~convstore.core.domains.Domains.adopt`), first, so that what is
-packed there later dedups with what was copied; a destination with another
-domain of that name refuses before anything is copied (DomainConflict).
+packed there later dedups with what was copied.  A destination with another
+domain of that name keeps its own: the image is copied all the same (its
+manifest holds its chunk keys, so it reads), but its chunks will not dedup
+with what is packed there, and the result says so (``domain_note``).
 The destination's catalog entry is written last: an interrupted copy leaves
 nothing visible, and re-running it sends only what is still missing.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from .core.catalog import CatalogEntry
+from .errors import DomainConflict
 from .manifest import Manifest
 from .progress import NoProgress, Progress
 from .refs import ImageRef
 from .core.repository import Repository
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,6 +38,8 @@ class CopyResult:
     chunks_sent: int
     bytes_sent: int
     seconds: float
+    # empty, or why the image's convergence domain is not shared with the destination's (no dedup)
+    domain_note: str = ""
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -47,8 +55,14 @@ def copy_image(src: Repository, dst: Repository, ref: str, dst_ref: str | None =
         manifest.name, manifest.tag = target.name, target.tag
     # like a pack, a copy into a local store relies on chunks it finds there: gc waits for it
     with dst.gc_guard():
-        domain = _bring_domain(src, dst, manifest)
-        return _copy(src, dst, entry, manifest, target, workers, progress, t0, domain)
+        try:
+            domain, note = _bring_domain(src, dst, manifest), ""
+        except DomainConflict as e:
+            domain, note = "", str(e)
+            log.info("%s", note)  # the result carries it; the CLI prints it
+        result = _copy(src, dst, entry, manifest, target, workers, progress, t0, domain)
+        result.domain_note = note
+        return result
 
 
 def _bring_domain(src: Repository, dst: Repository, manifest: Manifest) -> str:
@@ -57,7 +71,7 @@ def _bring_domain(src: Repository, dst: Repository, manifest: Manifest) -> str:
     name, did = str(manifest.domain.get("name") or ""), str(manifest.domain.get("id") or "")
     if not name or not did or src.id == dst.id:
         return name if src.id == dst.id else ""
-    dst.convergence_domains.adopt(src.convergence_domains, name, did)  # DomainConflict before any write
+    dst.convergence_domains.adopt(src.convergence_domains, name, did)  # DomainConflict: nothing written
     try:
         mine = dst.convergence_domains.record(name)
     except KeyError:

@@ -1,7 +1,8 @@
 """Convergence domains across stores (issue 25 §5), on a real docker-registry
 (127.0.0.1): a push brings the image's domain into the registry store, so an
 image packed straight into that store dedups with the pushed one; a store with
-another domain of that name refuses; a tampered or transplanted domain record
+another domain of that name keeps it and the copy says the two will not
+dedup; a tampered or transplanted domain record
 is refused."""
 
 from __future__ import annotations
@@ -63,23 +64,30 @@ def test_push_then_direct_pack_of_a_subset_stores_no_new_chunk(tmp_path, registr
     assert s.verify().clean
 
 
-def test_a_store_with_another_domain_of_that_name_refuses_the_push(tmp_path, registry, cli_env):
+def test_a_store_with_another_domain_of_that_name_copies_and_says_it_will_not_dedup(tmp_path, registry, cli_env):
     _images(tmp_path)
     url = f"oci://{registry.host}/other"
     # the registry store got a default domain of its own first (a direct pack)
     _reg(cli_env, url, tmp_path / "c1", "pack", f"oci:{tmp_path / 'base'}", "base:1")
+    s = _open(url, cli_env, tmp_path / "c2")
+    theirs = s.convergence_domains.record("default")
     run_cli(cli_env, "pack", f"oci:{tmp_path / 'app'}", "app:1")
     p = run_cli(cli_env, "--insecure", "push", "app:1", url, check=False)
-    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-    assert "another convergence domain named 'default'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    s = _open(url, cli_env, tmp_path / "c2")
-    assert [str(e.ref) for e in s.images()] == ["base:1"]  # nothing copied
-    local = _open(str(tmp_path / "store"), cli_env, tmp_path / "c2")
-    with pytest.raises(convstore.DomainConflict):
-        from convstore.transfer import copy_image
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    # not silent: the push says the two domains do not share chunks
+    assert "another convergence domain named 'default'" in p.stderr and "will not dedup" in p.stderr, p.stderr
+    s = _open(url, cli_env, tmp_path / "c3")
+    assert sorted(str(e.ref) for e in s.images()) == ["app:1", "base:1"]
+    # the destination keeps its own domain (never replaced by the pushed one)
+    assert s.convergence_domains.record("default")["id"] == theirs["id"]
+    local = _open(str(tmp_path / "store"), cli_env, tmp_path / "c4")
+    from convstore.transfer import copy_image
 
-        copy_image(local, s, "app:1")
-    assert [str(e.ref) for e in _open(url, cli_env, tmp_path / "c3").images()] == ["base:1"]
+    r = copy_image(local, s, "app:1", "app:2")
+    assert r.domain_note and "will not dedup" in r.domain_note and r.chunks_sent == 0
+    for ref in ("app:1", "app:2", "base:1"):
+        s.unpack_oci(ref, f"oci:{tmp_path / ('out-' + ref.replace(':', '-'))}")  # every diff_id checked
+    assert s.verify().clean
 
 
 def _domain_record(s):

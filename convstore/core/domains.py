@@ -11,7 +11,8 @@ brings the source's domain into a destination that lacks it (:meth:`Domains.adop
 the secret unwrapped by the source's key, wrapped by the destination's, the
 record authenticated by the destination's metadata key), so images packed
 anywhere in one domain share chunks; a destination with *another* domain of
-that name refuses (:class:`~convstore.errors.DomainConflict`).
+that name keeps its own (:class:`~convstore.errors.DomainConflict`, which a
+copy reports and goes on without the domain).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class Domains:
             raise DomainConflict(
                 f"this store already has another convergence domain named {mine['name']!r} ({describe(mine)}; "
                 f"the copied image is in {describe(theirs)}): they do not share a secret, so they never share "
-                f"a chunk; nothing was copied (copy into a store without that domain, or pack it again here)")
+                f"a chunk: the image is copied without its domain and will not dedup with what is packed there")
 
     def rotate(self, name: str) -> dict[str, Any]:
         """Start a new epoch: a new secret, so new chunks no longer dedup with
