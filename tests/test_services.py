@@ -1,0 +1,223 @@
+"""Running convstore as a service (issue 23 §4, §7): systemd's readiness
+protocol, ``--background`` waiting for it, logs that reach a file or the
+journal, the config file, and the systemd units in contrib/systemd.
+
+Every readiness test listens on a NOTIFY_SOCKET of its own, as systemd
+would, and checks the service at the moment READY=1 arrives: the mount must
+answer then (real FUSE), the snapshotter's socket must accept.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import CORPUS_DIR, REPO, need_tool, run_cli
+from engine_fixtures import podman, podman_config, remove_podman_root
+from imagebuilder import Entry, make_tar, write_oci
+from kms_fixtures import Registry
+
+UNITS = REPO / "contrib" / "systemd"
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's: what a service sends to
+    ``$NOTIFY_SOCKET`` (with the sender's pid, and any fds passed)."""
+
+    def __init__(self, tmp: Path | None = None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if tmp is None:  # the abstract namespace, as systemd uses
+            name = f"convstore-test-{secrets.token_hex(8)}"
+            self.sock.bind("\0" + name)
+            self.env = f"@{name}"
+        else:
+            path = str(tmp / "notify.sock")
+            self.sock.bind(path)
+            self.env = path
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+
+    def receive(self, timeout: float) -> tuple[dict[str, str], int | None, list[int]]:
+        """One message: its assignments, the sender's pid, the fds it carried."""
+        self.sock.settimeout(timeout)
+        data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(4 * 16))
+        pid, fds = None, []
+        for level, kind, d in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = struct.unpack("iII", d[:12])[0]
+            elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += list(struct.unpack(f"{len(d) // 4}i", d[: len(d) - len(d) % 4]))
+        msg = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        return msg, pid, fds
+
+    def wait_for(self, key: str, value: str, timeout: float, proc: subprocess.Popen | None = None) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {key}={value} within {timeout} s")
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"the service exited {proc.returncode} before {key}={value}: "
+                                     f"{proc.stderr.read().decode() if proc.stderr else ''}")
+            try:
+                msg, pid, fds = self.receive(min(left, 0.2))
+            except TimeoutError:
+                continue
+            for fd in fds:
+                os.close(fd)
+            if proc is not None:
+                assert pid == proc.pid, (pid, proc.pid)
+            if msg.get(key) == value:
+                return msg
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[NotifySocket]:
+    s = NotifySocket()
+    yield s
+    s.close()
+
+
+# -- sd_notify --------------------------------------------------------------------------------------------------------
+
+
+def test_notify_speaks_to_abstract_and_path_sockets_and_passes_fds(tmp_path: Path, notify_socket: NotifySocket,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from convstore.service import sdnotify
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sdnotify.notify("READY=1") is False  # no manager: nothing sent, no error
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.env)
+    assert sdnotify.notify("READY=1\nSTATUS=up")
+    msg, pid, fds = notify_socket.receive(5)
+    assert msg == {"READY": "1", "STATUS": "up"} and pid == os.getpid() and fds == []
+    # FDSTORE: a real descriptor reaches the manager (what a restart gets back: /dev/fuse in kfuse's failover)
+    r, w = os.pipe()
+    try:
+        assert sdnotify.notify("FDSTORE=1\nFDNAME=fuse", [r])
+        msg, _, fds = notify_socket.receive(5)
+        assert msg == {"FDSTORE": "1", "FDNAME": "fuse"} and len(fds) == 1 and fds[0] != r
+        os.write(w, b"through the stored fd")
+        assert os.read(fds[0], 100) == b"through the stored fd"
+        os.close(fds[0])
+    finally:
+        os.close(r)
+        os.close(w)
+    path_socket = NotifySocket(tmp_path)
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", path_socket.env)
+        assert sdnotify.stopping("bye")
+        assert path_socket.receive(5)[0] == {"STOPPING": "1", "STATUS": "bye"}
+    finally:
+        path_socket.close()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
+    assert sdnotify.notify("READY=1") is False  # logged, not raised: the service keeps serving
+    monkeypatch.setenv("NOTIFY_SOCKET", "vsock:2:1234")
+    assert sdnotify.notify("READY=1") is False
+
+
+def _two_layer_image(tmp_path: Path, env: dict[str, str]) -> list[dict]:
+    lower = make_tar([Entry("etc/", "dir"), Entry("etc/hello", data=b"hello\n")])
+    upper = make_tar([Entry("etc/", "dir"), Entry("etc/world", data=b"world\n")])
+    layout = tmp_path / "img"
+    descs = write_oci(str(layout), [lower, upper])
+    run_cli(env, "pack", f"oci:{layout}:latest", "two:1")
+    return descs["layers"]
+
+
+def _private_mountpoint(tmp_path: Path, name: str) -> Path:
+    (tmp_path / "private").mkdir(mode=0o700, exist_ok=True)
+    mnt = tmp_path / "private" / name
+    mnt.mkdir()
+    return mnt
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "convstore", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _layer_file(mnt: Path, digest: str, path: str) -> Path:
+    return mnt / base64.b64encode(b"any/ref:1").decode() / digest / "diff" / path
+
+
+def test_layerstore_says_ready_only_once_its_mount_serves(tmp_path: Path, cli_env: dict[str, str],
+                                                          notify_socket: NotifySocket) -> None:
+    """READY=1 arrives once the tree is there (read at that very moment), not
+    when the process starts: the store is made slow (300 ms a read), so the
+    scan before the mount takes a while.  The watchdog is fed; SIGTERM sends
+    STOPPING=1 and unmounts."""
+    layers = _two_layer_image(tmp_path, cli_env)
+    mnt = _private_mountpoint(tmp_path, "layers")
+    env = {**cli_env, "NOTIFY_SOCKET": notify_socket.env, "WATCHDOG_USEC": "300000"}
+    p = _cli(env, "--simulate-latency", "300", "layerstore", str(mnt))
+    try:
+        started = time.monotonic()
+        msg = notify_socket.wait_for("READY", "1", 60, p)
+        # at this moment the mount serves: the layer's file is there
+        assert os.path.ismount(mnt)
+        assert _layer_file(mnt, layers[0]["digest"], "etc/hello").read_bytes() == b"hello\n"
+        assert time.monotonic() - started > 0.3  # the slow scan came first
+        assert msg["STATUS"] == f"serving the layer store at {mnt}" and msg["MAINPID"] == str(p.pid)
+        notify_socket.wait_for("WATCHDOG", "1", 10, p)
+        p.send_signal(signal.SIGTERM)
+        notify_socket.wait_for("STOPPING", "1", 30)
+        assert p.wait(30) == 0
+        assert not os.path.ismount(mnt)
+        log = p.stderr.read().decode() if p.stderr else ""
+        assert re.search(r"INFO convstore\.service\.sdnotify\[\d+\]: serving the layer store at", log), log
+    finally:
+        if p.poll() is None:
+            p.kill()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
+def test_mount_says_ready_once_its_image_is_there(tmp_path: Path, cli_env: dict[str, str],
+                                                  notify_socket: NotifySocket) -> None:
+    _two_layer_image(tmp_path, cli_env)
+    mnt = _private_mountpoint(tmp_path, "two")
+    p = _cli({**cli_env, "NOTIFY_SOCKET": notify_socket.env}, "--simulate-latency", "200", "mount", "two:1", str(mnt))
+    try:
+        notify_socket.wait_for("READY", "1", 60, p)
+        assert (mnt / "etc" / "world").read_bytes() == b"world\n"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
+def test_snapshotter_says_ready_once_its_socket_and_layers_serve(tmp_path: Path, cli_env: dict[str, str],
+                                                                 notify_socket: NotifySocket) -> None:
+    layers = _two_layer_image(tmp_path, cli_env)
+    root = tmp_path / "snap"
+    sock = tmp_path / "run" / "snapshotter.sock"
+    p = _cli({**cli_env, "NOTIFY_SOCKET": notify_socket.env}, "--simulate-latency", "200", "snapshotter", str(root),
+             "--socket", str(sock))
+    try:
+        notify_socket.wait_for("READY", "1", 60, p)
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(sock))  # containerd can call it now
+        assert _layer_file(root / "layers", layers[1]["digest"], "etc/world").read_bytes() == b"world\n"
+        p.send_signal(signal.SIGTERM)
+        notify_socket.wait_for("STOPPING", "1", 30)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        subprocess.run(["fusermount3", "-u", "-z", str(root / "layers")], check=False, capture_output=True)
