@@ -221,3 +221,152 @@ def test_snapshotter_says_ready_once_its_socket_and_layers_serve(tmp_path: Path,
         if p.poll() is None:
             p.kill()
         subprocess.run(["fusermount3", "-u", "-z", str(root / "layers")], check=False, capture_output=True)
+
+
+# -- --background ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.corpus
+def test_background_layer_store_on_a_registry_store_is_ready_for_podman_at_once(tmp_path: Path, cli_env: dict[str, str],
+                                                                                corpus: dict) -> None:
+    """``layerstore --background`` over a registry store (a slow first scan)
+    returns only once it serves: a podman pull and run right after it
+    succeed from its layers.  Its log is a 0600 file it names, the child's
+    standard error, and says where it serves."""
+    need_tool("skopeo")
+    need_tool("podman")
+    reg = Registry(tmp_path / "registry")
+    podman_root = tmp_path / "podman"
+    mnt = _private_mountpoint(tmp_path, "als")
+    env = {k: v for k, v in cli_env.items() if k != "CONVSTORE_STORE"}
+    store = ["--insecure", "--store", f"oci://{reg.host}/convstore", "--cache", str(tmp_path / "cache")]
+    log = tmp_path / "logs" / "layerstore.log"
+    try:
+        src = f"oci:{CORPUS_DIR / 'app1'}:latest"
+        subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", src, f"docker://{reg.host}/app1:latest"],
+                       check=True, timeout=300)
+        run_cli(env, *store, "pack", src, "app1:latest")
+        shutil.rmtree(tmp_path / "cache")  # a node with an empty cache
+        out = run_cli(env, *store, "--simulate-latency", "100", "layerstore", "--background", str(mnt),
+                      "--log-file", str(log)).stdout
+        assert f"log: {log}" in out
+        penv = podman_config(podman_root, mnt)
+        ref = f"{reg.host}/app1:latest"
+        podman(penv, "pull", "-q", "--tls-verify=false", ref)
+        r = podman(penv, "run", "--rm", ref, check=False)
+        assert (r.returncode, r.stdout.strip()) == (0, "hello"), r.stderr
+        assert log.stat().st_mode & 0o777 == 0o600
+        pid = int(re.search(r"\(pid (\d+)\)", out).group(1))  # type: ignore[union-attr]
+        assert os.readlink(f"/proc/{pid}/fd/2") == str(log)  # its stderr: the log file, not a dead pipe
+        assert f"serving the layer store at {mnt}" in log.read_text()
+    finally:
+        remove_podman_root(podman_config(podman_root, mnt), podman_root)
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        reg.stop()
+
+
+def test_background_reports_the_childs_start_up_error_in_one_line(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """A child that fails before it serves (here: the store's master key is
+    the wrong one) makes ``--background`` exit 1 with the child's own error
+    in one line, naming its log, where the same error is; nothing stays
+    mounted."""
+    _two_layer_image(tmp_path, cli_env)
+    wrong = tmp_path / "keys2" / "other.key"
+    run_cli({**cli_env, "CONVSTORE_STORE": str(tmp_path / "other-store"), "CONVSTORE_KEY": f"file:{wrong}"},
+            "pack", f"oci:{tmp_path / 'img'}:latest", "x:1")  # another store, and its own master key
+    mnt = _private_mountpoint(tmp_path, "two")
+    log = tmp_path / "mount.log"
+    r = run_cli({**cli_env, "CONVSTORE_KEY": f"file:{wrong}"}, "mount", "--background", "two:1", str(mnt),
+                "--log-file", str(log), check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("convstore: error: ") and f"(log: {log})" in r.stderr
+    child_error = r.stderr.removeprefix("convstore: error: ").split(" (log: ")[0]
+    assert "key" in child_error and "Traceback" not in r.stderr
+    assert f"convstore: error: {child_error}" in log.read_text()
+    assert not os.path.ismount(mnt)
+
+
+# -- the config file ---------------------------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def test_config_file_gives_the_services_their_options_and_the_command_line_wins(tmp_path: Path,
+                                                                                 cli_env: dict[str, str]) -> None:
+    layers = _two_layer_image(tmp_path, cli_env)
+    mnt = _private_mountpoint(tmp_path, "als")
+    stats, other_stats = tmp_path / "stats.json", tmp_path / "other-stats.json"
+    cfg = _config(tmp_path, f'''version = 1
+[global]
+store = "{cli_env['CONVSTORE_STORE']}"
+key = "{cli_env['CONVSTORE_KEY']}"
+[layerstore]
+mountpoint = "{mnt}"
+stats-file = "{stats}"
+log-file = "{tmp_path / 'ls.log'}"
+[mount]
+ref = "two:1"
+''')
+    env = {k: v for k, v in cli_env.items() if k not in ("CONVSTORE_STORE", "CONVSTORE_KEY")}
+    try:
+        # everything from the file: the store, the key, the mount point, the stats file
+        run_cli(env, "--config", str(cfg), "layerstore", "--background")
+        assert _layer_file(mnt, layers[0]["digest"], "etc/hello").read_bytes() == b"hello\n"
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        _wait_for_file(stats)
+        # the command line wins over the file
+        run_cli({**env, "CONVSTORE_CONFIG": str(cfg)}, "layerstore", "--background", "--stats-file", str(other_stats))
+        assert _layer_file(mnt, layers[1]["digest"], "etc/world").read_bytes() == b"world\n"
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        _wait_for_file(other_stats)
+        # an argument from the file ([mount] ref), the other one on the command line
+        mnt2 = _private_mountpoint(tmp_path, "two")
+        run_cli(env, "--config", str(cfg), "mount", "--background", "--mountpoint", str(mnt2), check=False)
+        r = run_cli(env, "--config", str(cfg), "mount", "--background", "--log-file", str(tmp_path / "m.log"),
+                    "two:1", str(mnt2))
+        assert "mounted two:1" in r.stdout and (mnt2 / "etc" / "world").read_bytes() == b"world\n"
+        subprocess.run(["fusermount3", "-u", str(mnt2)], check=True)
+        # an environment variable of an option wins over the file too (as click's envvar)
+        r = run_cli({**env, "CONVSTORE_STORE": str(tmp_path / "nowhere")}, "--config", str(cfg), "images", check=False)
+        assert "two" not in r.stdout
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
+def _wait_for_file(path: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} was never written"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("text, says", [
+    ('version = 1\n[layerstore]\nstats_flie = "/x"\n', "[layerstore]: unknown key 'stats_flie'"),
+    ('version = 1\n[layerstore]\ninsecure = true\n', "unknown key 'insecure' (a global option: put it in [global])"),
+    ('version = 1\n[global]\ncache-size = "big"\n', "[global] cache-size: expected a number, not 'big'"),
+    ('version = 1\n[podman]\nx = 1\n', "unknown section [podman]"),
+    ('[global]\ninsecure = true\n', "'version = 1' is missing"),
+    ('version = 2\n', "version 2 is newer than this convstore reads (1)"),
+    ('version = 1\n[global\n', "not valid TOML"),
+])
+def test_config_file_errors_are_one_line_naming_what(tmp_path: Path, cli_env: dict[str, str], text: str,
+                                                      says: str) -> None:
+    cfg = _config(tmp_path, text)
+    r = run_cli(cli_env, "--config", str(cfg), "images", check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+    assert r.stderr.startswith(f"convstore: error: config file {cfg}: ")
+
+
+def test_config_file_others_may_write_is_refused(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    _two_layer_image(tmp_path, cli_env)
+    cfg = _config(tmp_path, "version = 1\n")
+    cfg.chmod(0o664)
+    r = run_cli({**cli_env, "CONVSTORE_CONFIG": str(cfg)}, "images", check=False)
+    assert r.returncode == 2 and "others may write it" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    cfg.chmod(0o644)
+    assert run_cli({**cli_env, "CONVSTORE_CONFIG": str(cfg)}, "images").returncode == 0

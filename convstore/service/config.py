@@ -111,7 +111,7 @@ def _key(param: Any) -> str:
 
 
 def _check_type(path: str, where: str, param: Any, value: Any) -> Any:
-    kind = "boolean" if getattr(param, "is_flag", False) else getattr(param.type, "name", "text")
+    kind = "boolean" if getattr(param, "is_flag", False) else str(getattr(param.type, "name", "text")).split()[0]
     ok = {"boolean": lambda v: isinstance(v, bool),
           "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           "integer": lambda v: isinstance(v, int) and not isinstance(v, bool)}.get(kind, lambda v: isinstance(v, str))
