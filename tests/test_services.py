@@ -268,8 +268,7 @@ def test_background_layer_store_on_a_registry_store_is_ready_for_podman_at_once(
 def test_background_reports_the_childs_start_up_error_in_one_line(tmp_path: Path, cli_env: dict[str, str]) -> None:
     """A child that fails before it serves (here: the store's master key is
     the wrong one) makes ``--background`` exit 1 with the child's own error
-    in one line, naming its log, where the same error is; nothing stays
-    mounted."""
+    in one line, the same line as in its log; nothing stays mounted."""
     _two_layer_image(tmp_path, cli_env)
     wrong = tmp_path / "keys2" / "other.key"
     run_cli({**cli_env, "CONVSTORE_STORE": str(tmp_path / "other-store"), "CONVSTORE_KEY": f"file:{wrong}"},
@@ -279,11 +278,49 @@ def test_background_reports_the_childs_start_up_error_in_one_line(tmp_path: Path
     r = run_cli({**cli_env, "CONVSTORE_KEY": f"file:{wrong}"}, "mount", "--background", "two:1", str(mnt),
                 "--log-file", str(log), check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith("convstore: error: ") and f"(log: {log})" in r.stderr
-    child_error = r.stderr.removeprefix("convstore: error: ").split(" (log: ")[0]
-    assert "key" in child_error and "Traceback" not in r.stderr
-    assert f"convstore: error: {child_error}" in log.read_text()
+    assert r.stderr.startswith("convstore: error: ") and "key" in r.stderr
+    assert r.stderr in log.read_text()  # the child's own line, as the foreground command says it
     assert not os.path.ismount(mnt)
+
+
+def _child(code: str, log_fd: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env}, stderr=log_fd)
+
+
+def test_ready_waiter_believes_only_its_child(tmp_path: Path) -> None:
+    """The --background parent's socket: a READY=1 from another process (a
+    liar on the same machine) is ignored; the child's own counts.  A child
+    that dies without an error line of its own is reported by its last
+    line and its log's path; one that never gets ready is stopped."""
+    from convstore.errors import ServiceStartFailed, ServiceStartTimeout
+    from convstore.service.background import ReadyWaiter, open_log
+
+    log = str(tmp_path / "logs" / "x.log")
+    fd, offset = open_log(log)
+    assert os.stat(log).st_mode & 0o777 == 0o600 and os.stat(os.path.dirname(log)).st_mode & 0o777 == 0o700
+    send = ("import os, socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
+            "s.connect(os.environ['NOTIFY_SOCKET']); s.send(b'READY=1\\nSTATUS=%s')")
+    with ReadyWaiter() as w:
+        child = _child("import time; time.sleep(60)", fd, {})
+        try:
+            liar = _child(send % "liar", fd, {"NOTIFY_SOCKET": w.path})
+            assert liar.wait(30) == 0
+            with pytest.raises(ServiceStartTimeout) as e:
+                w.wait(child, "the sleeper", log, offset, timeout=2)  # the liar's READY=1 did not count
+            assert "was not ready after 2 s; stopped it" in str(e.value) and child.poll() is not None
+        finally:
+            if child.poll() is None:
+                child.kill()
+        honest = _child(send % "honest" + "; import time; time.sleep(60)", fd, {"NOTIFY_SOCKET": w.path})
+        try:
+            assert w.wait(honest, "honest", log, offset, timeout=30) == "honest"
+        finally:
+            honest.kill()
+        crash = _child("raise SystemExit('Boom: the last words')", fd, {})
+        with pytest.raises(ServiceStartFailed) as e:
+            w.wait(crash, "the crasher", log, offset, timeout=30)
+        assert str(e.value) == f"the crasher exited with status 1: Boom: the last words (log: {log})"
+    os.close(fd)
 
 
 # -- the config file ---------------------------------------------------------------------------------------------------

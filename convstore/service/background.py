@@ -94,7 +94,8 @@ class ReadyWaiter:
     def wait(self, proc: subprocess.Popen[bytes], what: str, log_path: str, log_offset: int,
              timeout: float = READY_TIMEOUT) -> str:
         """Wait until ``proc`` says ``READY=1`` (returns its ``STATUS=``), exits
-        (:class:`ServiceStartFailed` with its last error line) or times out
+        (:class:`ServiceStartFailed` with its error line; with its last line
+        and the log's path if it said none) or times out
         (:class:`ServiceStartTimeout`; it is stopped)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -105,8 +106,11 @@ class ReadyWaiter:
             if proc.poll() is not None:
                 for msg in self._messages(proc.pid, 0):  # it may have said why before it went
                     self.status = msg.get("STATUS", self.status)
-                raise ServiceStartFailed(f"{last_error(log_path, log_offset) or f'{what} exited with status {proc.returncode}'}"
-                                         f" (log: {log_path})")
+                said, clean = last_error(log_path, log_offset)
+                if clean:  # its own error line, as the command in the foreground says it
+                    raise ServiceStartFailed(said)
+                raise ServiceStartFailed(f"{what} exited with status {proc.returncode}"
+                                         + (f": {said}" if said else "") + f" (log: {log_path})")
             if time.monotonic() > deadline:
                 proc.terminate()
                 try:
@@ -118,14 +122,16 @@ class ReadyWaiter:
                                           + f"; stopped it (log: {log_path})")
 
 
-def last_error(path: str, offset: int) -> str:
-    """The child's error line (``convstore: error: ...``), else its last line, from what it wrote after ``offset``."""
+def last_error(path: str, offset: int) -> tuple[str, bool]:
+    """What the child wrote last after ``offset``: its error line (``convstore: error: ...``, True), else its
+    last line (a traceback's, False)."""
     try:
         with open(path, "rb") as f:
             f.seek(offset)
             lines = [ln.strip() for ln in f.read(1 << 20).decode(errors="replace").splitlines() if ln.strip()]
     except OSError:
-        return ""
-    errors = [ln for ln in lines if ln.startswith("convstore: ")]
-    line = (errors or lines or [""])[-1]
-    return line.removeprefix("convstore: ").removeprefix("error: ")
+        return "", False
+    errors = [ln for ln in lines if ln.startswith("convstore: error: ")]
+    if errors:
+        return errors[-1].removeprefix("convstore: error: "), True
+    return (lines or [""])[-1], False
