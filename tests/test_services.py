@@ -179,23 +179,31 @@ def test_layerstore_says_ready_only_once_its_mount_serves(tmp_path: Path, cli_en
         assert p.wait(30) == 0
         assert not os.path.ismount(mnt)
         log = p.stderr.read().decode() if p.stderr else ""
-        assert re.search(r"INFO convstore\.service\.sdnotify\[\d+\]: serving the layer store at", log), log
+        assert re.search(r"INFO convstore\.engines\.layerstore\[\d+\]: serving the layer store at", log), log
     finally:
         if p.poll() is None:
             p.kill()
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
 
 
-def test_mount_says_ready_once_its_image_is_there(tmp_path: Path, cli_env: dict[str, str],
-                                                  notify_socket: NotifySocket) -> None:
+def test_mount_says_ready_once_its_image_is_there_and_logs_to_the_journal(tmp_path: Path, cli_env: dict[str, str],
+                                                                          notify_socket: NotifySocket) -> None:
+    """Also: with its stderr the journal's stream ($JOURNAL_STREAM names it,
+    as systemd sets it), each log line carries its syslog priority."""
     _two_layer_image(tmp_path, cli_env)
     mnt = _private_mountpoint(tmp_path, "two")
-    p = _cli({**cli_env, "NOTIFY_SOCKET": notify_socket.env}, "--simulate-latency", "200", "mount", "two:1", str(mnt))
+    journal = open(tmp_path / "journal", "wb")
+    st = os.fstat(journal.fileno())
+    p = subprocess.Popen([sys.executable, "-m", "convstore", "--simulate-latency", "200", "mount", "two:1", str(mnt)],
+                         env={**cli_env, "NOTIFY_SOCKET": notify_socket.env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+                         stdout=subprocess.DEVNULL, stderr=journal)
+    journal.close()
     try:
         notify_socket.wait_for("READY", "1", 60, p)
         assert (mnt / "etc" / "world").read_bytes() == b"world\n"
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 0
+        assert f"<6>convstore.reader.fuse: serving two:1 at {mnt}\n" in (tmp_path / "journal").read_text()
     finally:
         if p.poll() is None:
             p.kill()

@@ -382,6 +382,7 @@ class LayerMount:
 
 def serve_layerstore(layers: LayerStore, mountpoint: str, stats_file: str | None = None) -> None:
     """Serve ``layers`` at ``mountpoint`` until unmounted (then closes them)."""
+    sdnotify.status("scanning the store")
     layers.scan()
     done = threading.Event()
     writer = threading.Thread(target=write_stats, args=(layers, stats_file, done), daemon=True)
@@ -390,7 +391,7 @@ def serve_layerstore(layers: LayerStore, mountpoint: str, stats_file: str | None
     try:
         serve(None, mountpoint, LayerStoreOperations(layers), read_only=False,
               on_ready=lambda: sdnotify.serving(f"serving the layer store at {mountpoint}",
-                                                lambda: mount_answers(mountpoint)))
+                                                lambda: mount_answers(mountpoint), log))
     finally:
         sdnotify.stopping(f"unmounted the layer store from {mountpoint}")
         done.set()

@@ -437,6 +437,7 @@ def serve_snapshotter(layers: LayerStore, root: str, socket_path: str, stats_fil
                 os.unlink(socket_path)  # left by a snapshotter that is gone
             else:
                 raise ConvstoreError(f"{socket_path}: a snapshotter is already serving there")
+    sdnotify.status("scanning the store")
     layer_mount = LayerMount(layers, os.path.join(os.path.abspath(root), "layers"))
     with Snapshotter(root, layer_mount) as snap:
         server = grpc.server(ThreadPoolExecutor(8, thread_name_prefix="convstore-snapshots"))
@@ -455,7 +456,7 @@ def serve_snapshotter(layers: LayerStore, root: str, socket_path: str, stats_fil
             writer.start()
         # its layers are mounted (LayerMount waits for that) and the socket listens: containerd may call
         sdnotify.serving(f"convstore snapshotter serving on {socket_path}, layers at {layer_mount.mountpoint}",
-                         lambda: mount_answers(layer_mount.mountpoint) and _socket_answers(socket_path))
+                         lambda: mount_answers(layer_mount.mountpoint) and _socket_answers(socket_path), log)
         stop.wait()
         sdnotify.stopping(f"convstore snapshotter stopping on {socket_path}")
         server.stop(grace=2).wait()

@@ -229,7 +229,7 @@ def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy 
         require(policy, fs.manifest, ref)
         try:
             serve(fs, mountpoint, on_ready=lambda: sdnotify.serving(f"serving {ref} at {mountpoint}",
-                                                                    lambda: mount_answers(mountpoint)))
+                                                                    lambda: mount_answers(mountpoint), log))
         finally:
             sdnotify.stopping(f"unmounted {ref} from {mountpoint}")
 

@@ -111,9 +111,9 @@ def start_watchdog(alive: Callable[[], bool], stop: threading.Event | None = Non
     return t
 
 
-def serving(status: str, alive: Callable[[], bool]) -> None:
-    """The service answers: log it, tell the manager (``READY=1``) and keep
-    its watchdog fed while ``alive()``."""
-    log.info("%s", status)
+def serving(status: str, alive: Callable[[], bool], logger: logging.Logger = log) -> None:
+    """The service answers: log it (on the service's ``logger``), tell the
+    manager (``READY=1``) and keep its watchdog fed while ``alive()``."""
+    logger.info("%s", status)
     ready(status)
     start_watchdog(alive)
