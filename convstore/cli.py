@@ -266,7 +266,8 @@ _BACKGROUND_HELP = "Return once it serves (its log goes to --log-file); unmount 
 def _log_file_option() -> Any:
     return typer.Option(None, "--log-file", metavar="PATH",
                         help="With --background: append the service's log here (0600) [default: "
-                             "/var/log/convstore/SERVICE@MOUNTPOINT.log for root, else under ~/.local/state/convstore/log]")
+                             "SERVICE@MOUNTPOINT.log in $CONVSTORE_LOG_DIR, else /var/log/convstore for root, "
+                             "else ~/.local/state/convstore/log]")
 
 
 def _policy(path: str | None) -> Any:

@@ -29,7 +29,9 @@ READY_TIMEOUT = 120.0
 
 
 def default_log_dir() -> str:
-    """``/var/log/convstore`` for root, else ``<user state dir>/convstore/log``."""
+    """``$CONVSTORE_LOG_DIR``, else ``/var/log/convstore`` for root, else ``<user state dir>/convstore/log``."""
+    if os.environ.get("CONVSTORE_LOG_DIR"):
+        return os.environ["CONVSTORE_LOG_DIR"]
     if os.geteuid() == 0:
         return "/var/log/convstore"
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
