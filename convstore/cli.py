@@ -710,8 +710,6 @@ def snapshotter(
     policy: Optional[str] = _policy_option(),
 ) -> None:
     """Serve containerd's snapshots API (a proxy snapshotter) with the store's layers (docs/engines.md)."""
-    from .engines.layerstore import LayerStore
-
     stats = os.path.abspath(stats_file) if stats_file else None
     node_policy = _policy(policy)
     if background:
@@ -719,6 +717,7 @@ def snapshotter(
                               "stats_file": stats, "policy": node_policy.path}, "snapshotter", root,
                              "the snapshotter", log_file)
         return
+    from .engines.layerstore import LayerStore
     from .engines.snapshotter import serve_snapshotter
 
     _service_logging()
