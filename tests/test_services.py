@@ -371,7 +371,6 @@ ref = "two:1"
         _wait_for_file(other_stats)
         # an argument from the file ([mount] ref), the other one on the command line
         mnt2 = _private_mountpoint(tmp_path, "two")
-        run_cli(env, "--config", str(cfg), "mount", "--background", "--mountpoint", str(mnt2), check=False)
         r = run_cli(env, "--config", str(cfg), "mount", "--background", "--log-file", str(tmp_path / "m.log"),
                     "two:1", str(mnt2))
         assert "mounted two:1" in r.stdout and (mnt2 / "etc" / "world").read_bytes() == b"world\n"
