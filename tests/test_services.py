@@ -355,7 +355,7 @@ mountpoint = "{mnt}"
 stats-file = "{stats}"
 log-file = "{tmp_path / 'ls.log'}"
 [mount]
-ref = "two:1"
+ref = "nothere:1"
 ''')
     env = {k: v for k, v in cli_env.items() if k not in ("CONVSTORE_STORE", "CONVSTORE_KEY")}
     try:
@@ -369,7 +369,7 @@ ref = "two:1"
         assert _layer_file(mnt, layers[1]["digest"], "etc/world").read_bytes() == b"world\n"
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
         _wait_for_file(other_stats)
-        # an argument from the file ([mount] ref), the other one on the command line
+        # arguments on the command line win over the file's ([mount] ref names another image)
         mnt2 = _private_mountpoint(tmp_path, "two")
         r = run_cli(env, "--config", str(cfg), "mount", "--background", "--log-file", str(tmp_path / "m.log"),
                     "two:1", str(mnt2))
@@ -377,7 +377,7 @@ ref = "two:1"
         subprocess.run(["fusermount3", "-u", str(mnt2)], check=True)
         # an environment variable of an option wins over the file too (as click's envvar)
         r = run_cli({**env, "CONVSTORE_STORE": str(tmp_path / "nowhere")}, "--config", str(cfg), "images", check=False)
-        assert "two" not in r.stdout
+        assert "two" not in r.stdout and f"{tmp_path / 'nowhere'}" in r.stderr, r.stderr
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
 
