@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from ._version import __version__
-from .errors import ConvstoreError, InvalidReference
+from .errors import ConfigError, ConvstoreError, InvalidReference
 from .options import StoreOptions, is_registry_url, resolve_store_location
 
 if TYPE_CHECKING:
@@ -96,10 +96,24 @@ def _version_flag(value: bool) -> None:
         raise typer.Exit()
 
 
+def _config_flag(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
+    """Options from the config file become defaults (click's default_map): the command line still wins."""
+    from .service import config
+
+    path = config.find(value)
+    if path:
+        ctx.default_map = {**config.defaults(path, ctx.command), **(ctx.default_map or {})}
+    return value
+
+
 @app.callback()
 def _global(
     version: bool = typer.Option(False, "--version", callback=_version_flag, is_eager=True,
                                  help="Print the version and exit"),
+    config_file: Optional[str] = typer.Option(None, "--config", metavar="PATH", callback=_config_flag, is_eager=True,
+                                              help="Options of the services from this TOML file [default: "
+                                                   "$CONVSTORE_CONFIG, else /etc/convstore/config.toml (root) or "
+                                                   "~/.config/convstore/config.toml, if it exists]"),
     store: Optional[str] = typer.Option(None, "--store", metavar="PATH|oci://HOST/REPO",
                                         help="The store: a local folder, or a registry repository oci://HOST[:PORT]/REPO "
                                              "[default: $CONVSTORE_STORE, else ~/.local/share/convstore/store]"),
@@ -244,6 +258,16 @@ _POLICY_HELP = ("Trust policy (containers-policy.json) [default: ~/.config/conta
 
 def _policy_option() -> Any:
     return typer.Option(None, "--policy", metavar="PATH", help=_POLICY_HELP)
+
+
+_BACKGROUND_HELP = "Return once it serves (its log goes to --log-file); unmount with fusermount3 -u"
+
+
+def _log_file_option() -> Any:
+    return typer.Option(None, "--log-file", metavar="PATH",
+                        help="With --background: append the service's log here (0600) [default: "
+                             "SERVICE@MOUNTPOINT.log in $CONVSTORE_LOG_DIR, else /var/log/convstore for root, "
+                             "else ~/.local/state/convstore/log]")
 
 
 def _policy(path: str | None) -> Any:
@@ -640,25 +664,28 @@ def cat(
 def mount(
     ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
     mountpoint: str = typer.Argument(..., metavar="MOUNTPOINT"),
-    background: bool = typer.Option(False, "--background", "-b", help="Return once mounted; unmount with fusermount3 -u"),
+    background: bool = typer.Option(False, "--background", "-b", help=_BACKGROUND_HELP),
+    log_file: Optional[str] = _log_file_option(),
     policy: Optional[str] = _policy_option(),
 ) -> None:
     """Mount an image read-only with FUSE (foreground until Ctrl-C / SIGTERM / unmount)."""
     _prepare_mountpoint(mountpoint)
     node_policy = _policy(policy)
     if background:
-        _mount_in_background({"op": "mount", "ref": ref, "mountpoint": os.path.abspath(mountpoint),
-                              "policy": node_policy.path}, mountpoint, ref)
+        _serve_in_background({"op": "mount", "ref": ref, "mountpoint": os.path.abspath(mountpoint),
+                              "policy": node_policy.path}, "mount", mountpoint, ref, log_file)
         return
     from .reader.fuse import mount_image
 
+    _service_logging()
     mount_image(_store(), ref, mountpoint, policy=node_policy)
 
 
 @app.command()
 def layerstore(
     mountpoint: str = typer.Argument(..., metavar="MOUNTPOINT"),
-    background: bool = typer.Option(False, "--background", "-b", help="Return once mounted; unmount with fusermount3 -u"),
+    background: bool = typer.Option(False, "--background", "-b", help=_BACKGROUND_HELP),
+    log_file: Optional[str] = _log_file_option(),
     stats_file: Optional[str] = typer.Option(None, "--stats-file", metavar="PATH",
                                              help="Keep what was fetched, per image, in this JSON file"),
     policy: Optional[str] = _policy_option(),
@@ -668,11 +695,12 @@ def layerstore(
     stats = os.path.abspath(stats_file) if stats_file else None
     node_policy = _policy(policy)
     if background:
-        _mount_in_background({"op": "layerstore", "mountpoint": os.path.abspath(mountpoint), "stats_file": stats,
-                              "policy": node_policy.path}, mountpoint, "the layer store")
+        _serve_in_background({"op": "layerstore", "mountpoint": os.path.abspath(mountpoint), "stats_file": stats,
+                              "policy": node_policy.path}, "layerstore", mountpoint, "the layer store", log_file)
         return
     from .engines.layerstore import LayerStore, serve_layerstore
 
+    _service_logging()
     serve_layerstore(LayerStore(_store(), policy=node_policy), mountpoint, stats)
 
 
@@ -683,14 +711,23 @@ def snapshotter(
                                help="The unix socket containerd's [proxy_plugins] entry names"),
     stats_file: Optional[str] = typer.Option(None, "--stats-file", metavar="PATH",
                                              help="Keep what was fetched, per image, in this JSON file"),
+    background: bool = typer.Option(False, "--background", "-b", help="Return once it serves (stop it with kill PID)"),
+    log_file: Optional[str] = _log_file_option(),
     policy: Optional[str] = _policy_option(),
 ) -> None:
     """Serve containerd's snapshots API (a proxy snapshotter) with the store's layers (docs/engines.md)."""
+    stats = os.path.abspath(stats_file) if stats_file else None
+    node_policy = _policy(policy)
+    if background:
+        _serve_in_background({"op": "snapshotter", "root": os.path.abspath(root), "socket": os.path.abspath(socket),
+                              "stats_file": stats, "policy": node_policy.path}, "snapshotter", root,
+                             "the snapshotter", log_file)
+        return
     from .engines.layerstore import LayerStore
     from .engines.snapshotter import serve_snapshotter
 
-    serve_snapshotter(LayerStore(_store(), policy=_policy(policy)), root, socket,
-                      os.path.abspath(stats_file) if stats_file else None)
+    _service_logging()
+    serve_snapshotter(LayerStore(_store(), policy=node_policy), root, socket, stats)
 
 
 @app.command("containerd-load")
@@ -722,26 +759,37 @@ def _prepare_mountpoint(mountpoint: str) -> None:
         raise typer.BadParameter(f"{mountpoint} is not a directory")
 
 
-def _mount_in_background(task: dict[str, Any], mountpoint: str, what: str) -> None:
-    import subprocess
+def _service_logging() -> None:
+    """A service in the foreground logs to stderr: the terminal, or systemd's journal."""
+    from .service.logs import setup_service_logging
+
+    setup_service_logging()
+
+
+def _serve_in_background(task: dict[str, Any], service: str, where: str, what: str, log_file: str | None) -> None:
+    """Run ``task`` (a service) in a child, its log in a file, and return once it says READY=1
+    (systemd's protocol on a socket of this process), or fail with its error line."""
     import time as _t
 
+    from .service.background import ReadyWaiter, default_log_file, open_log
     from .worker import spawn
 
-    # library code in a child that inherits the store options on a pipe (a PIN never reaches argv)
-    p = spawn(task, _options(state.store_path), stderr=subprocess.PIPE)
-    deadline = _t.monotonic() + 30
-    while not os.path.ismount(mountpoint):
-        if p.poll() is not None:
-            msg = (p.stderr.read().decode(errors="replace").strip().splitlines() or ["mount failed"])[-1] \
-                if p.stderr else "mount failed"
-            raise ConvstoreError(msg.removeprefix("convstore: error: "))
-        if _t.monotonic() > deadline:
-            p.terminate()
-            raise ConvstoreError(f"timed out mounting {what} at {mountpoint}")
-        _t.sleep(0.02)
-    out.print(f"mounted {what} at {mountpoint} (pid {p.pid}); unmount with: fusermount3 -u {mountpoint}",
-              highlight=False)
+    log_path = os.path.abspath(log_file) if log_file else default_log_file(service, where)
+    fd, offset = open_log(log_path)
+    try:
+        os.write(fd, f"{_t.strftime('%Y-%m-%dT%H:%M:%S%z')} convstore {service} --background: starting\n".encode())
+        with ReadyWaiter() as waiter:
+            # library code in a child that inherits the store options on a pipe (a PIN never reaches argv)
+            p = spawn(task, _options(state.store_path), stderr=fd, env={"NOTIFY_SOCKET": waiter.path})
+            waiter.wait(p, what, log_path, offset)
+    finally:
+        os.close(fd)
+    if service == "snapshotter":
+        out.print(f"{what} serves on {task['socket']} (pid {p.pid}); stop it with: kill {p.pid}; log: {log_path}",
+                  highlight=False)
+    else:
+        out.print(f"mounted {what} at {where} (pid {p.pid}); unmount with: fusermount3 -u {where}; log: {log_path}",
+                  highlight=False)
 
 
 @app.command()
@@ -869,7 +917,7 @@ def main(command: Callable[[], object] | None = None) -> None:
     except SystemExit:  # typer's end of a command, success or not
         _say_created_keys()
         raise
-    except InvalidReference as e:  # a malformed NAME, SOURCE, --store or --key: a usage error
+    except (InvalidReference, ConfigError) as e:  # a malformed NAME, SOURCE, --store, --key or config: usage
         _fail(f"error: {e}", 2)
     except ConvstoreError as e:
         _fail(f"error: {e}", 1)

@@ -39,6 +39,11 @@ key material.
     │       └── SignatureInvalid   a signature fails (bad signature, other digest or identity, malformed)
     ├── UnsafePathError        an entry would be written outside its target
     ├── ExposedMountpoint      a mount of decrypted files that other users could reach
+    ├── ServiceError           a --background service did not become ready
+    │   ├── ServiceStartFailed  it exited first (its error, and its log file)
+    │   └── ServiceStartTimeout not ready in time (stopped)
+    ├── ConfigError            the config file is unreadable, unknown keys, wrong types, newer version
+    │                          (the CLI's usage error: exit status 2)
     └── InvalidReference       a malformed NAME[:TAG], SOURCE, --store or --key string
                                (the CLI's usage error: exit status 2)
 """
@@ -200,3 +205,20 @@ class UnsafePathError(ConvstoreError):
 class ExposedMountpoint(ConvstoreError):
     """A FUSE mount made for every user (``allow_other``) whose mount point other users could reach:
     its parent directory is not this user's (or root's) alone."""
+
+
+class ServiceError(ConvstoreError):
+    """A service (``layerstore``, ``snapshotter``, ``mount``) started with ``--background`` did not become ready."""
+
+
+class ServiceStartFailed(ServiceError):
+    """The background service exited before it was ready; its error is in the message (and its log)."""
+
+
+class ServiceStartTimeout(ServiceError):
+    """The background service was not ready in time (it was stopped; its log says how far it got)."""
+
+
+class ConfigError(ConvstoreError):
+    """The config file (``--config``, ``$CONVSTORE_CONFIG``, ``/etc/convstore/config.toml``) cannot be used:
+    unreadable, not TOML, an unknown section or key, a value of the wrong type, or a newer version."""

@@ -12,6 +12,11 @@ Tasks::
     {"op": "repack", "ref": NAME:TAG}   (the reactivation of an INACTIVE image: convstore.pack.repack)
     {"op": "mount", "ref": NAME:TAG, "mountpoint": DIR, "policy": PATH or null}
     {"op": "layerstore", "mountpoint": DIR, "stats_file": PATH or null, "policy": PATH or null}
+    {"op": "snapshotter", "root": DIR, "socket": PATH, "stats_file": PATH or null, "policy": PATH or null}
+
+The services (mount, layerstore, snapshotter) log to standard error (the
+log file ``--background`` opened) and say ``READY=1`` on ``$NOTIFY_SOCKET``
+once they serve (:mod:`convstore.service`).
 
 ``policy``: the node's trust policy file (null: none, nothing required).
 """
@@ -36,9 +41,10 @@ from .options import StoreOptions
 SECRET_ENV = ("CONVSTORE_KEY",)
 
 
-def spawn(task: dict[str, Any], options: StoreOptions, *, stderr: int | IO[bytes] | None = subprocess.DEVNULL
-          ) -> subprocess.Popen[bytes]:
-    """Start ``task`` in a new session; returns at once."""
+def spawn(task: dict[str, Any], options: StoreOptions, *, stderr: int | IO[bytes] | None = subprocess.DEVNULL,
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``task`` in a new session; returns at once.  ``env``: variables
+    to add (a background service's ``NOTIFY_SOCKET``)."""
     if options.key is None and os.environ.get("CONVSTORE_KEY"):
         options = replace(options, key=os.environ["CONVSTORE_KEY"])
     secret_env = set(SECRET_ENV)
@@ -52,8 +58,9 @@ def spawn(task: dict[str, Any], options: StoreOptions, *, stderr: int | IO[bytes
                 pin = urllib.parse.quote(value, safe="")
                 key = key[:m.start()] + f"{m.group(1)}pin-value={pin}" + key[m.end():]
         options = replace(options, key=key)
-    env = {k: v for k, v in os.environ.items() if k not in secret_env}  # the options carry them
-    p = subprocess.Popen([sys.executable, "-m", "convstore.worker"], stdin=subprocess.PIPE, env=env,
+    child_env = {k: v for k, v in os.environ.items() if k not in secret_env}  # the options carry them
+    child_env.update(env or {})
+    p = subprocess.Popen([sys.executable, "-m", "convstore.worker"], stdin=subprocess.PIPE, env=child_env,
                          stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, close_fds=True)
     assert p.stdin is not None
     try:
@@ -82,6 +89,10 @@ def run_task(doc: dict[str, Any]) -> None:
 
     options = StoreOptions.from_json(doc["options"])
     task = doc["task"]
+    if task["op"] != "repack":
+        from .service.logs import setup_service_logging
+
+        setup_service_logging()
     store = Repository.open_with(options, reactivator=lambda e: spawn_repack(store.options, e))
     policy = load_policy(task["policy"]) if task.get("policy") else None
     if task["op"] == "repack":
@@ -96,6 +107,11 @@ def run_task(doc: dict[str, Any]) -> None:
         from .engines.layerstore import LayerStore, serve_layerstore
 
         serve_layerstore(LayerStore(store, policy=policy), task["mountpoint"], task.get("stats_file"))
+    elif task["op"] == "snapshotter":
+        from .engines.layerstore import LayerStore
+        from .engines.snapshotter import serve_snapshotter
+
+        serve_snapshotter(LayerStore(store, policy=policy), task["root"], task["socket"], task.get("stats_file"))
     else:
         raise ConvstoreError(f"unknown worker task {task.get('op')!r}")
 
@@ -105,6 +121,9 @@ def main() -> int:
         doc = json.loads(sys.stdin.buffer.read())
         run_task(doc)
     except ConvstoreError as e:
+        print(f"convstore: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
         print(f"convstore: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, KeyError, TypeError):

@@ -24,6 +24,7 @@ def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Rollback-protection state (convstore.core.trust) of this test session, not the user's."""
     os.environ["CONVSTORE_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
     os.environ["CONVSTORE_DAEMON"] = "0"  # a daemon the user runs never serves the tests (test_daemon starts its own)
+    os.environ["CONVSTORE_LOG_DIR"] = str(tmp_path_factory.mktemp("logs"))  # --background logs, not /var/log's
 
 
 @pytest.fixture

@@ -58,7 +58,8 @@ from ..oci.policy import require as require_policy
 from ..paths import components
 from ..core.repository import Repository
 from ..reader.fetcher import ChunkFetcher
-from ..reader.fuse import BackgroundMount, ImageOperations, serve
+from ..reader.fuse import BackgroundMount, ImageOperations, mount_answers, serve
+from ..service import sdnotify
 from ..reader.imagefs import PREFETCH_ON_OPEN, ImageFS, Stat
 
 log = logging.getLogger(__name__)
@@ -427,6 +428,7 @@ class LayerMount:
 
 def serve_layerstore(layers: LayerStore, mountpoint: str, stats_file: str | None = None) -> None:
     """Serve ``layers`` at ``mountpoint`` until unmounted (then closes them)."""
+    sdnotify.status("scanning the store")
     layers.scan()
     done = threading.Event()
     writer = threading.Thread(target=write_stats, args=(layers, stats_file, done), daemon=True)
@@ -434,8 +436,11 @@ def serve_layerstore(layers: LayerStore, mountpoint: str, stats_file: str | None
         writer.start()
     threading.Thread(target=layers.watch, args=(done,), daemon=True, name="convstore-layers-watch").start()
     try:
-        serve(None, mountpoint, LayerStoreOperations(layers), read_only=False)
+        serve(None, mountpoint, LayerStoreOperations(layers), read_only=False,
+              on_ready=lambda: sdnotify.serving(f"serving the layer store at {mountpoint}",
+                                                lambda: mount_answers(mountpoint), log))
     finally:
+        sdnotify.stopping(f"unmounted the layer store from {mountpoint}")
         done.set()
         if stats_file:
             writer.join(timeout=5)

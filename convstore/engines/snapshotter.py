@@ -50,6 +50,8 @@ from ..errors import ConvstoreError
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
 from ..core.repository import Repository
+from ..reader.fuse import mount_answers
+from ..service import sdnotify
 from . import containerd_api as api
 from .ctrfilter import FilterError, Subject, parse_all
 from .layerstore import LayerMount, LayerStore, chain_ids, write_stats
@@ -435,7 +437,9 @@ def serve_snapshotter(layers: LayerStore, root: str, socket_path: str, stats_fil
                 os.unlink(socket_path)  # left by a snapshotter that is gone
             else:
                 raise ConvstoreError(f"{socket_path}: a snapshotter is already serving there")
-    with Snapshotter(root, LayerMount(layers, os.path.join(os.path.abspath(root), "layers"))) as snap:
+    sdnotify.status("scanning the store")
+    layer_mount = LayerMount(layers, os.path.join(os.path.abspath(root), "layers"))
+    with Snapshotter(root, layer_mount) as snap:
         server = grpc.server(ThreadPoolExecutor(8, thread_name_prefix="convstore-snapshots"))
         server.add_generic_rpc_handlers((snap.handler(),))
         mask = os.umask(0o077)  # the socket is root's alone from its creation
@@ -447,14 +451,29 @@ def serve_snapshotter(layers: LayerStore, root: str, socket_path: str, stats_fil
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *a: stop.set())
-        log.info("convstore snapshotter serving on %s", socket_path)
         writer = threading.Thread(target=write_stats, args=(snap.layers, stats_file, stop), daemon=True)
         if stats_file:
             writer.start()
+        # its layers are mounted (LayerMount waits for that) and the socket listens: containerd may call
+        sdnotify.serving(f"convstore snapshotter serving on {socket_path}, layers at {layer_mount.mountpoint}",
+                         lambda: mount_answers(layer_mount.mountpoint) and _socket_answers(socket_path), log)
         stop.wait()
+        sdnotify.stopping(f"convstore snapshotter stopping on {socket_path}")
         server.stop(grace=2).wait()
         if stats_file:
             writer.join(timeout=5)
+
+
+def _socket_answers(path: str) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(5)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def load_into_containerd(store: Repository, ref: str, address: str, *, name: str | None = None,

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import mfusepy
@@ -21,6 +22,7 @@ import mfusepy
 from ..errors import ConvstoreError, ExposedMountpoint, StoreError
 from ..oci.policy import Policy, require
 from ..core.repository import Repository
+from ..service import sdnotify
 from .imagefs import PREFETCH_ON_OPEN, FSError, ImageFS, Node
 
 log = logging.getLogger(__name__)
@@ -167,31 +169,69 @@ def check_private_mountpoint(mountpoint: str) -> None:
                                 f"decrypted files; fix: {fix}")
 
 
-def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None, read_only: bool = True) -> None:
+def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None, read_only: bool = True,
+          on_ready: Callable[[], object] | None = None) -> None:
     """Serve in the foreground until unmounted (libfuse handles SIGINT/SIGTERM
     by unmounting cleanly).  A dead mount left there by a killed process is
     detached first.  A mount for every user needs a private mount point
-    (:func:`check_private_mountpoint`)."""
+    (:func:`check_private_mountpoint`).  ``on_ready`` is called (in another
+    thread) once a request has gone through this server: the mount serves."""
     opts = fuse_options(read_only=read_only)
     if opts.get("allow_other"):
         check_private_mountpoint(mountpoint)
     recover_stale_mount(mountpoint)
+    ops = ops or ImageOperations(fs)
+    done = threading.Event()
+    if on_ready is not None:
+        threading.Thread(target=_when_served, args=(ops, mountpoint, on_ready, done), name="convstore-ready",
+                         daemon=True).start()
     try:
-        mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=False, **opts)
+        mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=False, **opts)
     except RuntimeError as e:
         # libfuse reports a loop ended by SIGINT/SIGTERM as an error status
         # after it has unmounted; only a failure to mount is an error.
         if os.path.ismount(mountpoint) or not getattr(e, "args", None) or e.args[0] != 8:
             raise StoreError(f"FUSE at {mountpoint} failed (libfuse status {e})") from None
+    finally:
+        done.set()
+
+
+def mount_answers(mountpoint: str) -> bool:
+    """Whether ``mountpoint`` is a mount that answers a statfs (a round trip
+    through its FUSE server, never the kernel's cache)."""
+    try:
+        os.statvfs(mountpoint)
+    except OSError:
+        return False
+    return os.path.ismount(mountpoint)
+
+
+def _when_served(ops: ImageOperations, mountpoint: str, on_ready: Callable[[], object], done: threading.Event) -> None:
+    """Call ``on_ready`` once the kernel's INIT has reached ``ops`` and a
+    statfs has been answered through the mount (not before: a client told
+    "ready" must find the tree there)."""
+    while not ops.ready.wait(0.05):
+        if done.is_set():
+            return
+    while not done.is_set():
+        if mount_answers(mountpoint):
+            on_ready()
+            return
+        done.wait(0.02)
 
 
 def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy | None = None) -> None:
     """``convstore mount`` (in the foreground, or in its background worker):
     serve image ``ref`` read-only at ``mountpoint`` until unmounted, once
-    ``policy`` (the node's trust policy) accepts it."""
+    ``policy`` (the node's trust policy) accepts it.  Tells a service
+    manager (``$NOTIFY_SOCKET``) when it serves and when it stops."""
     with ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN) as fs:
         require(policy, fs.manifest, ref)
-        serve(fs, mountpoint)
+        try:
+            serve(fs, mountpoint, on_ready=lambda: sdnotify.serving(f"serving {ref} at {mountpoint}",
+                                                                    lambda: mount_answers(mountpoint), log))
+        finally:
+            sdnotify.stopping(f"unmounted {ref} from {mountpoint}")
 
 
 def recover_stale_mount(mountpoint: str) -> bool:
