@@ -44,6 +44,8 @@ class CountingProxy:
         self.stall_s = 30.0
         self.faults_injected = 0
         self.counts: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()  # bytes of answer bodies by kind
+        self.ranges: Counter[tuple[str, str]] = Counter()  # (path, Range header) of every GET blob
         self._lock = threading.Lock()
         proxy = self
 
@@ -56,6 +58,8 @@ class CountingProxy:
             def _forward(self) -> None:
                 with proxy._lock:
                     proxy.counts[kind_of(self.command, self.path)] += 1
+                    if kind_of(self.command, self.path) == "GET blob":
+                        proxy.ranges[(self.path, self.headers.get("Range", ""))] += 1
                 if proxy.latency_s:
                     time.sleep(proxy.latency_s)
                 n = int(self.headers.get("Content-Length") or 0)
@@ -100,6 +104,8 @@ class CountingProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy._lock:
+                        proxy.sent[kind_of(self.command, self.path)] += len(data)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _forward
 
@@ -113,6 +119,8 @@ class CountingProxy:
     def reset(self) -> None:
         with self._lock:
             self.counts.clear()
+            self.sent.clear()
+            self.ranges.clear()
 
     def total(self) -> int:
         with self._lock:
