@@ -1,6 +1,7 @@
 """A real site tier on 127.0.0.1: Debian's nginx with the project's config
 (contrib/site-tier/nginx.conf: proxy_cache + slice + proxy_cache_lock) in
-front of an origin ``host:port``; stopped by its PID.  ``log()`` reads its
+front of an origin ``host:port``, in ``mode`` "range" (keyed on the nodes'
+ranges) or "slice" (fixed slices); stopped by its PID.  ``log()`` reads its
 access log (method, uri, range, status, bytes, cache status per request)."""
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def free_port() -> int:
 
 
 class SiteTier:
-    def __init__(self, root: Path, origin: str, slice_size: str = "256k", max_size: str = "4g"):
+    def __init__(self, root: Path, origin: str, mode: str = "range", slice_size: str = "256k",
+                 max_size: str = "4g"):
         exe = shutil.which("nginx") or "/usr/sbin/nginx"
         if not os.path.exists(exe):
             raise RuntimeError("nginx is not installed; scripts/setup.sh installs nginx-light")
@@ -36,7 +38,9 @@ class SiteTier:
             (root / d).mkdir(parents=True, exist_ok=True)
         conf = TEMPLATE.read_text()
         for k, v in {"DIR": str(root), "LISTEN": self.host, "ORIGIN": origin, "SLICE": slice_size,
-                     "MAX_SIZE": max_size, "USER": "user root;" if os.geteuid() == 0 else ""}.items():
+                     "MAX_SIZE": max_size,
+                     "KEY": "$slice_range" if mode == "slice" else "$http_range",
+                     "SLICE_ON": "" if mode == "slice" else "#", "USER": "user root;" if os.geteuid() == 0 else ""}.items():
             conf = conf.replace(f"@@{k}@@", v)
         (root / "nginx.conf").write_text(conf)
         self.proc = subprocess.Popen([exe, "-p", str(root), "-c", str(root / "nginx.conf"), "-g", "daemon off;"],
