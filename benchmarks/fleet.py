@@ -8,15 +8,17 @@ Each node is a separate ``convstore run IMAGE -- python3 -c pass`` process
 prefetched (recorded once before the measurement, as a deployed image has).
 All N are started at once; a node's start is its process's wall time.
 
-The origin is Debian's docker-registry behind the project's latency proxy
-(tests/netproxy.py) at ``--origin-ms`` (30) per request, which also counts
-the requests and bytes the origin served.  The site tier is nginx with
+The origin is Debian's docker-registry in a network namespace of its own,
+reached over a veth pair whose origin side is shaped by ``tbf`` to
+``--origin-mbit`` (1000: a site's uplink to its registry or object store;
+0: unshaped), behind the project's latency proxy (tests/netproxy.py) at
+``--origin-ms`` (30) per request, which also counts the requests and bytes
+the origin served.  The site tier is nginx with
 contrib/site-tier/nginx.conf (proxy_cache + slice + proxy_cache_lock, cold at
 the start of its run) in front of that proxy, reached by the nodes through a
 second latency proxy at ``--tier-ms`` (2), which counts what the tier served.
-This kernel has no netem, so latency comes from the proxies; bandwidth is not
-shaped (loopback), which favours the plain pull least of all: it moves the
-most bytes.
+This kernel has no netem, so latency comes from the proxies; the tier and
+the nodes share loopback (unshaped).
 
 Measured in the same run: one node alone (cold, no tier) -- the reference
 start and the CPU seconds of one start (user+sys of the node process and its
@@ -35,6 +37,7 @@ import json
 import os
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -48,7 +51,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 from corpus_bench import CORPUS_DIR, ensure_corpus  # noqa: E402
 from docblock import write_block  # noqa: E402
-from kms_fixtures import Registry  # noqa: E402
 from netproxy import CountingProxy  # noqa: E402
 from site_tier import SiteTier  # noqa: E402
 
@@ -87,13 +89,68 @@ def launch(cmds: list[tuple[list[str], dict[str, str]]]) -> list[dict[str, float
     return results
 
 
+class ShapedOrigin:
+    """docker-registry in its own network namespace behind a veth pair whose origin side sends at
+    ``mbit`` (tbf); ``host`` is its address as seen from here.  Torn down by :meth:`stop`."""
+
+    def __init__(self, root: Path, mbit: float):
+        tag = f"cvf{os.getpid() % 100000}"
+        self.ns, self.dev = tag, f"{tag}a"
+        net = 100 + os.getpid() % 150
+        here, there = f"10.{net}.77.1", f"10.{net}.77.2"
+        self.proc: subprocess.Popen[bytes] | None = None
+        steps = [["ip", "netns", "add", self.ns],
+                 ["ip", "link", "add", self.dev, "type", "veth", "peer", "name", f"{tag}b"],
+                 ["ip", "link", "set", f"{tag}b", "netns", self.ns],
+                 ["ip", "addr", "add", f"{here}/30", "dev", self.dev], ["ip", "link", "set", self.dev, "up"],
+                 ["ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{there}/30", "dev", f"{tag}b"],
+                 ["ip", "netns", "exec", self.ns, "ip", "link", "set", f"{tag}b", "up"],
+                 ["ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up"]]
+        if mbit:
+            steps.append(["ip", "netns", "exec", self.ns, "tc", "qdisc", "add", "dev", f"{tag}b", "root", "tbf",
+                          "rate", f"{mbit:g}mbit", "burst", "512kb", "latency", "200ms"])
+        try:
+            for st in steps:
+                subprocess.run(st, check=True, capture_output=True)
+            root.mkdir(parents=True, exist_ok=True)
+            self.host = f"{there}:5000"
+            (root / "config.yml").write_text(
+                f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {root / 'data'}}}}}\n"
+                f"http: {{addr: {self.host}}}\n")
+            self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, "docker-registry", "serve",
+                                          str(root / "config.yml")], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    socket.create_connection((there, 5000), 0.2).close()
+                    break
+                except OSError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("docker-registry did not start in its namespace") from None
+                    time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        subprocess.run(["ip", "link", "del", self.dev], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+
 def node_cmds(w: Path, tag: str, n: int, store_url: str, key: str, site: str | None,
               image: str) -> list[tuple[list[str], dict[str, str]]]:
     out = []
     for i in range(n):
+        # bytecode as an installed package has it (compiled once, by the recording run: a sandbox's
+        # PYTHONDONTWRITEBYTECODE would otherwise make every node compile every module it imports)
         env = dict(os.environ, CONVSTORE_DAEMON="0", CONVSTORE_KEY=key,
-                   CONVSTORE_STATE_DIR=str(w / tag / f"state{i}"))
+                   CONVSTORE_STATE_DIR=str(w / tag / f"state{i}"), PYTHONPYCACHEPREFIX=str(w / "pycache"))
         env.pop("CONVSTORE_SITE_CACHE", None)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         cmd = [*CLI, "--insecure", "--store", store_url, "--cache", str(w / tag / f"cache{i}"),
                *(["--site-cache", site] if site else []), "run", f"{image}:latest", "--", "python3", "-c", "pass"]
         out.append((cmd, env))
@@ -114,6 +171,7 @@ def main() -> None:
     ap.add_argument("--image", default="app1")
     ap.add_argument("--origin", choices=("registry", "s3"), default="registry")
     ap.add_argument("--origin-ms", type=float, default=30.0)
+    ap.add_argument("--origin-mbit", type=float, default=1000.0, help="the origin's uplink (tbf); 0: unshaped")
     ap.add_argument("--tier-ms", type=float, default=2.0)
     ap.add_argument("--tier-mode", choices=("range", "slice"), default="range",
                     help="the tier's cache key: the nodes' ranges, or fixed slices (contrib/site-tier/nginx.conf)")
@@ -130,8 +188,8 @@ def main() -> None:
     cores = os.cpu_count() or 1
     w = Path(tempfile.mkdtemp(prefix="convstore-fleet-"))
     res: dict[str, object] = {"nodes": a.nodes, "image": a.image, "cores": cores, "origin_ms": a.origin_ms,
-                              "tier_ms": a.tier_ms, "tier_mode": a.tier_mode if a.tier_mode == "range" else f"slice {a.slice}"}
-    reg = Registry(w / "registry")
+                              "tier_ms": a.tier_ms, "origin_mbit": a.origin_mbit, "tier_mode": a.tier_mode if a.tier_mode == "range" else f"slice {a.slice}"}
+    reg = ShapedOrigin(w / "registry", a.origin_mbit)
     origin = CountingProxy(reg.host, a.origin_ms / 1e3)
     try:
         key = f"file:{w / 'master.key'}"
@@ -223,7 +281,7 @@ def render(res: dict[str, object]) -> str:
     ref = max(t1, floor)
     one_bytes = float(al["origin_bytes"])
     lines = [f"{res['nodes']} nodes on {res['cores']} cores, image {res['image']}, origin {res['origin_ms']:g} ms "
-             f"away, site tier {res['tier_ms']:g} ms (nginx, cache key: {res['tier_mode']}). One node alone (cold, no tier): "
+             f"away (uplink {res['origin_mbit']:g} Mbit/s, tbf), site tier {res['tier_ms']:g} ms (nginx, cache key: {res['tier_mode']}). One node alone (cold, no tier): "
              f"{t1:.2f} s, {float(al['cpu']):.2f} CPU s a start, origin served {one_bytes / 1e6:.1f} MB. "
              f"CPU floor = {res['nodes']} x {float(al['cpu']):.2f} s / {res['cores']} cores = {floor:.1f} s.",
              "",
