@@ -111,7 +111,9 @@ def test_a_tier_that_is_down_is_skipped_within_a_bounded_time(tmp_path, origin, 
     took = time.monotonic() - t
     assert o["files"] == truth
     assert o["tier"]["tier_failures"] == 1 and o["tier"]["tier_chunks"] == 0 and o["tier"]["origin_chunks"] > 0
-    assert took < 20, took  # one bounded attempt (connection refused, ~1.4 s of retries), then skipped
+    # one bounded attempt (connection refused: ~1.4 s of retries), then skipped for the rest of the start;
+    # the wall-clock bound is loose (a loaded machine), the single failure is what bounds the cost
+    assert took < 60, took
     assert proxy.sent["GET blob"] > 2_000_000  # the origin served it
 
 

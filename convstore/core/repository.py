@@ -184,11 +184,13 @@ class Repository:
                                          index_dir=os.path.join(cache_dir, "index"), timeout=timeout)
             cache = DiskCache(cache_dir, cache_bytes)
             origin: ChunkStore = chunks
+            origin_meta: ObjectStore = meta
             if site_cache:
                 from ..stores.sitetier import open_site_tier
 
-                origin = open_site_tier(path, site_cache, chunks, username=username, password=password)
-            objects, chunk_store = CachedStore(meta, cache), CachedChunkStore(origin, cache)
+                origin_meta, origin = open_site_tier(path, site_cache, chunks, meta, username=username,
+                                                     password=password)
+            objects, chunk_store = CachedStore(origin_meta, cache), CachedChunkStore(origin, cache)
         else:
             if site_cache:
                 raise InvalidReference(f"--site-cache: {path} is a local store; a site cache fronts a registry "

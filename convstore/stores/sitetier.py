@@ -24,9 +24,15 @@ tier.  The tier is never trusted and never needed:
   the same hint; after ``max_lies`` such blobs the tier is not used again by
   this process.
 
-Metadata (catalog entries, sealed manifests, domains) never comes through the
-tier: it is small, read once per start, and its authentication binds it to the
-origin's store identity, which a second path would only complicate.
+Of the metadata only sealed manifests come through the tier
+(:class:`SiteTierObjectStore`): they are write-once objects named by the sha256
+of their bytes, so what the tier answers is checked against the name before
+anything reads it (and then unsealed under the store's metadata key, like any
+copy); one that does not match is counted as a lie and read from the origin.
+A sealed manifest of a large image is hundreds of kB, the biggest thing a
+start reads besides chunks.  Catalog entries, domains, profiles and the
+store's identity -- mutable, or bound to freshness (rollback protection) --
+always come from the origin.
 """
 
 from __future__ import annotations
@@ -37,8 +43,11 @@ import time
 from collections import OrderedDict
 from urllib.parse import urlsplit
 
+import hashlib
+import hmac
+
 from ..errors import ConvstoreError, InvalidReference
-from .base import ChunkStore, ForwardingChunkStore, Location
+from .base import ChunkStore, ForwardingChunkStore, ForwardingObjectStore, Location, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,14 @@ class SiteTierChunkStore(ForwardingChunkStore):
     def _usable(self) -> bool:
         return self.tier_lies < self.max_lies and time.monotonic() >= self._down_until
 
+    def lied(self, what: str) -> None:
+        """The tier served ``what`` and it did not check out."""
+        with self._lock:
+            self.tier_lies += 1
+            lies = self.tier_lies
+        log.warning("site tier %r served %s that does not check out: read from the origin%s", self.tier, what,
+                    "; the tier is not used again" if lies >= self.max_lies else "")
+
     def _failed(self, e: BaseException) -> None:
         with self._lock:
             self.tier_failures += 1
@@ -108,7 +125,9 @@ class SiteTierChunkStore(ForwardingChunkStore):
         if hint is not None and not bypass and self._usable():
             try:
                 data = self.tier.get(cid, hint)
-            except (ConvstoreError, KeyError, OSError) as e:
+            except KeyError:
+                pass  # the tier has no such pack (a stale hint): the origin's index knows better
+            except (ConvstoreError, OSError) as e:
                 self._failed(e)
             else:
                 self._remember([cid], {cid: hint})
@@ -129,7 +148,9 @@ class SiteTierChunkStore(ForwardingChunkStore):
         if via and self._usable():
             try:
                 got = self.tier.get_many(via, {c: hints[c] for c in via})
-            except (ConvstoreError, KeyError, OSError) as e:
+            except KeyError:
+                pass  # a stale hint among them: all from the origin, the tier stays in use
+            except (ConvstoreError, OSError) as e:
                 self._failed(e)
             else:
                 out.update(got)
@@ -156,15 +177,11 @@ class SiteTierChunkStore(ForwardingChunkStore):
         of ``cid`` goes to the origin (at the same hint), and the tier is
         counted as having lied."""
         with self._lock:
-            if cid in self._hints:
+            served = cid in self._hints
+            if served:
                 self._bypass.add(cid)
-                self.tier_lies += 1
-                lies = self.tier_lies
-            else:
-                lies = 0
-        if lies:
-            log.warning("site tier %r served chunk %s that does not check out: read from the origin%s",
-                        self.tier, cid.hex(), "; the tier is not used again" if lies >= self.max_lies else "")
+        if served:
+            self.lied(f"chunk {cid.hex()}")
         self.inner.evict(cid)
 
     def stats(self) -> dict[str, int]:
@@ -174,16 +191,61 @@ class SiteTierChunkStore(ForwardingChunkStore):
                     "tier_lies": self.tier_lies}
 
 
-def open_site_tier(origin_url: str, site_cache: str, origin: ChunkStore, *, username: str | None = None,
-                   password: str | None = None, timeout: float = TIER_TIMEOUT) -> SiteTierChunkStore:
-    """``origin`` (the chunk store of ``origin_url``) read through the site cache at ``site_cache``."""
+class SiteTierObjectStore(ForwardingObjectStore):
+    """``origin`` (``inner``) with sealed manifests (``manifests/<sha256>``) read through ``tier``
+    first, checked against their names; health and lies are counted by ``chunks`` (one tier)."""
+
+    def __init__(self, origin: ObjectStore, tier: ObjectStore, chunks: SiteTierChunkStore) -> None:
+        super().__init__(origin)
+        self.tier = tier
+        self.chunks = chunks
+        #: sealed manifests the tier served (and that matched their names)
+        self.tier_objects = 0
+
+    def __repr__(self) -> str:
+        return f"SiteTierObjectStore({self.inner!r}, tier={self.tier!r})"
+
+    def get(self, key: str) -> bytes:
+        name = key[len("manifests/"):] if key.startswith("manifests/") else ""
+        if len(name) == 64 and self.chunks._usable():
+            try:
+                data = self.tier.get(key)
+            except KeyError:
+                pass  # not there (yet): the origin says
+            except (ConvstoreError, OSError) as e:
+                self.chunks._failed(e)
+            else:
+                if hmac.compare_digest(hashlib.sha256(data).hexdigest(), name):
+                    self.tier_objects += 1
+                    return data
+                self.chunks.lied(f"object {key}")
+        return self.inner.get(key)
+
+
+def tier_stats(store: ChunkStore) -> dict[str, int] | None:
+    """The counters of the site tier ``store`` reads through (wrappers followed by ``inner``), or None."""
+    seen = 0
+    while store is not None and seen < 16:
+        if isinstance(store, SiteTierChunkStore):
+            return store.stats()
+        store = getattr(store, "inner", None)  # type: ignore[assignment]
+        seen += 1
+    return None
+
+
+def open_site_tier(origin_url: str, site_cache: str, origin: ChunkStore, objects: ObjectStore, *,
+                   username: str | None = None, password: str | None = None,
+                   timeout: float = TIER_TIMEOUT) -> tuple[SiteTierObjectStore, SiteTierChunkStore]:
+    """``objects`` and ``origin`` (the metadata and chunk stores of ``origin_url``) read through the
+    site cache at ``site_cache``."""
     host, insecure = parse_site_cache(site_cache)
     if origin_url.startswith("oci://"):
         from ..oci.registry_client import RegistryClient
-        from .registry import RegistryChunkStore, parse_store_url
+        from .registry import RegistryChunkStore, RegistryStore, parse_store_url
 
         _origin_host, repo = parse_store_url(origin_url)
         client = RegistryClient(host, insecure, username, password, timeout)
-        return SiteTierChunkStore(origin, RegistryChunkStore(f"oci://{host}/{repo}", client, repo, None))
+        chunks = SiteTierChunkStore(origin, RegistryChunkStore(f"oci://{host}/{repo}", client, repo, None))
+        return SiteTierObjectStore(objects, RegistryStore(f"oci://{host}/{repo}", client, repo), chunks), chunks
     raise InvalidReference(f"--site-cache: {origin_url!r} is not a store a site cache can front "
                            f"(registry stores, oci://HOST/REPO)")
