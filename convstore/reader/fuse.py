@@ -14,7 +14,7 @@ import stat
 import subprocess
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 
@@ -40,7 +40,10 @@ def _load_mfusepy() -> Any:
     return m
 
 
-mfusepy = _load_mfusepy()
+if TYPE_CHECKING:
+    import mfusepy
+else:
+    mfusepy = _load_mfusepy()
 
 from ..errors import ConvstoreError, ExposedMountpoint, StoreError
 from ..oci.policy import Policy, require
