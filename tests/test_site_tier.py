@@ -22,7 +22,7 @@ from site_tier import SiteTier, free_port
 
 import convstore
 from convstore.reader import ImageFS
-from convstore.stores.sitetier import SiteTierChunkStore
+from convstore.stores.sitetier import SiteTierChunkStore, SiteTierObjectStore
 
 #: a node: opens the registry store (own cache and trust state), reads every regular file of the image
 #: lazily through the reader, prints {path: sha256} and the site tier's counters
@@ -36,7 +36,8 @@ with ImageFS.from_store(s, "a:1") as fs:
     for path in [p for p, n in fs.walk() if stat.S_ISREG(n.mode)]:
         out[path] = hashlib.sha256(fs.open(path).read()).hexdigest()
 tier = s.chunk_store.inner
-print(json.dumps({"files": out, "tier": tier.stats() if hasattr(tier, "stats") else None}))
+print(json.dumps({"files": out, "tier": tier.stats() if hasattr(tier, "stats") else None,
+                  "manifests_via_tier": getattr(s.objects.inner, "tier_objects", None)}))
 """
 
 
@@ -51,7 +52,9 @@ def _files(n: int, size: int) -> list[Entry]:
 @pytest.fixture
 def origin(tmp_path, registry, store):
     """(counting proxy in front of the origin registry, store URL through it, the truth {path: sha256})."""
-    write_oci(str(tmp_path / "a"), [rich_layer(), make_tar(_files(24, 100_000))])
+    # 800 small files besides: the sealed manifest is over INLINE_BYTES, a blob of its own (as a real image's)
+    small = [Entry(f"s/{os.urandom(16).hex()}", data=os.urandom(100)) for _ in range(800)]
+    write_oci(str(tmp_path / "a"), [rich_layer(), make_tar(_files(24, 100_000) + small)])
     store.pack(f"oci:{tmp_path / 'a'}", "a:1")
     proxy = CountingProxy(registry.host)
     url = f"oci://{proxy.host}/fleet"
@@ -94,6 +97,7 @@ def test_nodes_starting_one_image_through_the_tier_fetch_it_from_the_origin_once
         tier.stop()
     for o in outs:
         assert o["files"] == truth  # every node read the image exactly
+        assert o["manifests_via_tier"] == 1  # the sealed manifest came from the tier, checked against its name
         assert o["tier"]["tier_chunks"] > 0 and o["tier"]["tier_lies"] == 0 and o["tier"]["tier_failures"] == 0
     origin_bytes = proxy.sent["GET blob"]
     # the origin served each slice of each pack once, whatever the three nodes asked for at once
@@ -129,6 +133,8 @@ def test_a_lying_tier_never_serves_wrong_bytes_and_the_origin_is_read_instead(tm
         tier = w.chunk_store.inner
         assert isinstance(tier, SiteTierChunkStore)
         stats = tier.stats()
+        objects = w.objects.inner  # the sealed manifest came through the liar too: refused by its name
+        assert isinstance(objects, SiteTierObjectStore) and objects.tier_objects == 0
     finally:
         liar.stop()
     assert got == truth  # nothing wrong was ever returned

@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 import hashlib
 import hmac
 
-from ..errors import ConvstoreError, InvalidReference
+from ..errors import ConvstoreError, CorruptObject, InvalidReference
 from .base import ChunkStore, ForwardingChunkStore, ForwardingObjectStore, Location, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,8 @@ class SiteTierObjectStore(ForwardingObjectStore):
                 data = self.tier.get(key)
             except KeyError:
                 pass  # not there (yet): the origin says
+            except CorruptObject:  # a blob that does not match its digest: a lie, not an outage
+                self.chunks.lied(f"object {key}")
             except (ConvstoreError, OSError) as e:
                 self.chunks._failed(e)
             else:
