@@ -83,6 +83,8 @@ class _State:
     password_stdin: bool = False
     cache: str | None = None
     cache_size: float = 2048.0
+    site_cache: str | None = None
+    site_cache_flag: bool = False
     timeout: float = 60.0
     allow_rollback: bool = False
 
@@ -134,6 +136,10 @@ def _global(
     cache_size: float = typer.Option(2048.0, "--cache-size", metavar="MB", min=1, help="Cache bound in MB"),
     timeout: float = typer.Option(60.0, "--timeout", metavar="S", min=0.1,
                                   help="Registry silence before a request is retried (4 attempts)"),
+    site_cache: Optional[str] = typer.Option(None, "--site-cache", metavar="URL",
+                                             help="A shared site tier http[s]://HOST[:PORT] chunk reads of a registry "
+                                                  "store go through first; skipped while down, never trusted "
+                                                  "[default: $CONVSTORE_SITE_CACHE]"),
     kms_endpoint: Optional[str] = typer.Option(None, "--kms-endpoint", metavar="URL",
                                                help="KMS endpoint for awskms: keys [default: $CONVSTORE_KMS_ENDPOINT]"),
     inactive_after: Optional[str] = typer.Option(None, "--inactive-after", metavar="DURATION",
@@ -150,6 +156,8 @@ def _global(
     state.kms_endpoint = kms_endpoint
     state.insecure, state.username, state.password_stdin = insecure, username, password_stdin
     state.cache, state.cache_size, state.timeout = cache, cache_size, timeout
+    state.site_cache = site_cache or os.environ.get("CONVSTORE_SITE_CACHE") or None
+    state.site_cache_flag = site_cache is not None
     state.allow_rollback = allow_rollback
     spec = inactive_after or os.environ.get("CONVSTORE_INACTIVE_AFTER")
     state.inactive_after = _duration(spec) if spec else None
@@ -179,7 +187,10 @@ def _options(url: str | None, create: bool = False) -> StoreOptions:
             _password.append(sys.stdin.readline().rstrip("\n"))
         reg = {"username": state.username,
                "password": _password[0] if _password else None, "cache_dir": state.cache,
-               "cache_bytes": int(state.cache_size * 1e6), "timeout": state.timeout}
+               "cache_bytes": int(state.cache_size * 1e6), "timeout": state.timeout,
+               "site_cache": state.site_cache}
+    elif state.site_cache_flag:  # named for a local store: refused when it is opened ($CONVSTORE_SITE_CACHE is not)
+        reg = {"site_cache": state.site_cache}
     now = os.environ.get("CONVSTORE_NOW")  # a fixed clock (epoch seconds) for tests and what-if runs
     return StoreOptions(path=url, key=state.key_spec, kms_endpoint=state.kms_endpoint,
                         inactive_after=state.inactive_after, latency_ms=state.latency_ms,

@@ -64,6 +64,7 @@ class StoreOptions:
     cache_dir: str | None = None
     cache_bytes: int = 2 << 30
     timeout: float = 60.0  #: seconds a registry may stay silent before a request is retried
+    site_cache: str | None = None  #: ``http[s]://HOST[:PORT]``: the site tier chunks are read through (stores/sitetier.py)
     inactive_after: float | None = None
     latency_ms: float = 0.0
     bandwidth_mbps: float = 0.0

@@ -44,6 +44,8 @@ class CountingProxy:
         self.stall_s = 30.0
         self.faults_injected = 0
         self.counts: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()  # bytes of answer bodies by kind
+        self.ranges: Counter[tuple[str, str]] = Counter()  # (path, Range header) of every GET blob
         self._lock = threading.Lock()
         proxy = self
 
@@ -56,6 +58,8 @@ class CountingProxy:
             def _forward(self) -> None:
                 with proxy._lock:
                     proxy.counts[kind_of(self.command, self.path)] += 1
+                    if kind_of(self.command, self.path) == "GET blob":
+                        proxy.ranges[(self.path, self.headers.get("Range", ""))] += 1
                 if proxy.latency_s:
                     time.sleep(proxy.latency_s)
                 n = int(self.headers.get("Content-Length") or 0)
@@ -100,6 +104,8 @@ class CountingProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy._lock:
+                        proxy.sent[kind_of(self.command, self.path)] += len(data)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _forward
 
@@ -113,6 +119,8 @@ class CountingProxy:
     def reset(self) -> None:
         with self._lock:
             self.counts.clear()
+            self.sent.clear()
+            self.ranges.clear()
 
     def total(self) -> int:
         with self._lock:
@@ -125,3 +133,116 @@ class CountingProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class DelayProxy:
+    """A TCP proxy on 127.0.0.1 that holds every piece a client sends for ``latency_s``
+    before passing it on (one added round trip per request), on one asyncio loop in its own
+    thread: what a fleet benchmark needs, where hundreds of connections at once would starve a
+    thread per connection (:class:`CountingProxy`) on the GIL.  It counts the bytes sent back
+    (``sent``, by request kind is not known at this level: all of it) and, from the request lines
+    it sees, requests by kind (``counts``) and (path, Range) of blob GETs (``ranges``)."""
+
+    _REQ = None
+
+    def __init__(self, upstream: str, latency_s: float = 0.0):
+        import asyncio
+        import re
+
+        DelayProxy._REQ = re.compile(rb"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/1\.[01]\r\n(.*?)\r\n\r\n", re.S)
+        self.upstream = upstream
+        self.latency_s = latency_s
+        self.counts: Counter[str] = Counter()
+        self.ranges: Counter[tuple[str, str]] = Counter()
+        self.sent_bytes = 0
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        uhost, uport = upstream.rsplit(":", 1)
+
+        async def pipe_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            loop = asyncio.get_running_loop()
+            q: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+            async def deliver() -> None:
+                while True:
+                    due, data = await q.get()
+                    if not data:
+                        break
+                    wait = due - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    writer.write(data)
+                    await writer.drain()
+                writer.close()
+
+            task = loop.create_task(deliver())
+            try:
+                while True:
+                    data = await reader.read(65536)
+                    if data:
+                        for m in self._REQ.finditer(data):
+                            method, path = m.group(1).decode(), m.group(2).decode(errors="replace")
+                            kind = kind_of(method, path)
+                            self.counts[kind] += 1
+                            if kind == "GET blob":
+                                rng = re.search(rb"(?im)^range: *(\S+)", m.group(3))
+                                self.ranges[(path, rng.group(1).decode() if rng else "")] += 1
+                    await q.put((loop.time() + self.latency_s, data))
+                    if not data:
+                        break
+            except OSError:
+                await q.put((0.0, b""))
+            await task
+
+        async def pipe_down(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    data = await reader.read(262144)
+                    if not data:
+                        break
+                    self.sent_bytes += len(data)
+                    writer.write(data)
+                    await writer.drain()
+            except OSError:
+                pass
+            finally:
+                writer.close()
+
+        async def handle(creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+            try:
+                ureader, uwriter = await asyncio.open_connection(uhost, int(uport))
+            except OSError:
+                cwriter.close()
+                return
+            await asyncio.gather(pipe_up(creader, uwriter), pipe_down(ureader, cwriter), return_exceptions=True)
+
+        async def serve() -> None:
+            self._server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=4096)
+            self.host = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+            ready.set()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(serve())
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def reset(self) -> None:
+        def clear() -> None:
+            self.counts.clear()
+            self.ranges.clear()
+            self.sent_bytes = 0
+        done = threading.Event()
+        self._loop.call_soon_threadsafe(lambda: (clear(), done.set()))
+        done.wait(10)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -44,6 +44,7 @@ from ..errors import (
     ImageFailed,
     ImageInactive,
     ImagePending,
+    InvalidReference,
     KeyFileMissing,
     SourceChanged,
     SourceNotFound,
@@ -162,7 +163,7 @@ class Repository:
              state_dir: str | None = None, allow_rollback: bool = False,
              insecure: bool = False, username: str | None = None, password: str | None = None,
              cache_dir: str | None = None, cache_bytes: int = 2 << 30, timeout: float = 60.0,
-             options: StoreOptions | None = None, create: bool = True,
+             options: StoreOptions | None = None, create: bool = True, site_cache: str | None = None,
              reactivator: Callable[[CatalogEntry], None] | None = None) -> R:
         """Open (creating if needed, unless ``create`` is False) the store at
         ``path`` -- a local folder (default: ``$CONVSTORE_STORE``, else the
@@ -170,7 +171,9 @@ class Repository:
         through a bounded local cache; ``timeout``: seconds a registry may stay
         silent before a request is retried, 4 attempts) -- with ``key`` (a
         provider or a ``--key`` spec; default: the user's key file).  A named
-        key file that does not exist is created only with a new store."""
+        key file that does not exist is created only with a new store.
+        ``site_cache``: a shared site tier (``http[s]://HOST[:PORT]``) chunk
+        reads go through first (:mod:`convstore.stores.sitetier`)."""
         path = resolve_store_location(path)
         objects: ObjectStore
         chunk_store: ChunkStore
@@ -182,8 +185,18 @@ class Repository:
             meta, chunks = open_registry(path, insecure=insecure, username=username, password=password,
                                          index_dir=os.path.join(cache_dir, "index"), timeout=timeout)
             cache = DiskCache(cache_dir, cache_bytes)
-            objects, chunk_store = CachedStore(meta, cache), CachedChunkStore(chunks, cache)
+            origin: ChunkStore = chunks
+            origin_meta: ObjectStore = meta
+            if site_cache:
+                from ..stores.sitetier import open_site_tier
+
+                origin_meta, origin = open_site_tier(path, site_cache, chunks, meta, username=username,
+                                                     password=password)
+            objects, chunk_store = CachedStore(origin_meta, cache), CachedChunkStore(origin, cache)
         else:
+            if site_cache:
+                raise InvalidReference(f"--site-cache: {path} is a local store; a site cache fronts a registry "
+                                       f"store (oci://HOST/REPO)")
             if not create and not os.path.isdir(path):
                 raise StoreError(f"{path} is not a folder, so not a store") if os.path.exists(path) \
                     else no_store(path)
@@ -209,7 +222,7 @@ class Repository:
         options = options or StoreOptions(
             path=path, key=provider.spec, kms_endpoint=kms_endpoint or getattr(provider, "endpoint", None),
             insecure=insecure, username=username, password=password, cache_dir=cache_dir, cache_bytes=cache_bytes,
-            timeout=timeout, state_dir=state_dir, allow_rollback=allow_rollback)
+            timeout=timeout, state_dir=state_dir, allow_rollback=allow_rollback, site_cache=site_cache)
         return cls(objects, provider, chunk_store=chunk_store, clock=clock, inactive_after=inactive_after,
                    key_cache_ttl=key_cache_ttl, options=options, state_dir=state_dir, allow_rollback=allow_rollback,
                    create=create, reactivator=reactivator)
@@ -225,7 +238,8 @@ class Repository:
                      else DEFAULT_INACTIVE_AFTER, state_dir=options.state_dir,
                      allow_rollback=options.allow_rollback, insecure=options.insecure, username=options.username,
                      password=options.password, cache_dir=options.cache_dir, cache_bytes=options.cache_bytes,
-                     timeout=options.timeout, options=options, create=options.create, reactivator=reactivator)
+                     timeout=options.timeout, options=options, create=options.create, reactivator=reactivator,
+                     site_cache=options.site_cache)
         # what a worker inherits names the store and key actually opened (defaults and $CONVSTORE_* resolved)
         s.options = replace(options, path=options.path or getattr(s.objects, "root", None),
                             key=options.key or s.key.spec,

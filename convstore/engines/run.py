@@ -54,6 +54,7 @@ class RunResult:
     fuse_read_bytes: int
     profile: str  # "recorded", "prefetched N", "none"
     warnings: list[str] = field(default_factory=list)
+    site_tier: dict[str, int] | None = None  # chunks and bytes the site tier served, its failures and lies
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -297,5 +298,7 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
     if recorded:
         store.manifests.save_profile(entry, recorded)
         profile_state = f"recorded {len(recorded)}"
+    from ..stores.sitetier import tier_stats
+
     return RunResult(code, used, time.perf_counter() - t0, fs.fetcher.stats.to_json(), read_calls, read_bytes,
-                     profile_state, fs.warnings[:20])
+                     profile_state, fs.warnings[:20], tier_stats(store.chunk_store))

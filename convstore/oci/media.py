@@ -6,7 +6,8 @@ import hashlib
 import hmac
 import io
 import re
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import zstandard
 from isal import igzip, igzip_threaded
@@ -210,3 +211,16 @@ class _ErrorMapping(io.RawIOBase):
         except Exception:
             pass
         super().close()
+
+
+def no_duplicate_keys(error: Callable[[str], Exception]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A ``json.loads`` object_pairs_hook that refuses a key given twice (``error(message)``):
+    signature payloads and policy files are parsed as strictly as containers/image parses them."""
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in d:
+                raise error(f"duplicate key {k!r}")
+            d[k] = v
+        return d
+    return hook

@@ -43,10 +43,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidReference, PolicyDenied, PolicyInvalid, SignatureInvalid, SignatureRequired
-from . import sigstore
+from .media import no_duplicate_keys
 from .dockerref import DockerRef, identity as docker_identity, namespaces as docker_namespaces
 
 if TYPE_CHECKING:
+    from . import sigstore
     from ..manifest import Manifest
     from .sources import ImageSource
 
@@ -129,6 +130,8 @@ class Requirement:
 
     def keys(self, policy_path: str | None) -> list[sigstore.PublicKey]:
         """The trusted public keys (read when the requirement is used, as containers/image does)."""
+        from . import sigstore  # only where signatures are read: it loads cryptography
+
         out = []
         for p in self.key_paths:
             try:
@@ -268,7 +271,7 @@ class Policy:
     @classmethod
     def parse(cls, data: bytes, path: str) -> Policy:
         try:
-            doc = json.loads(data, object_pairs_hook=sigstore.no_duplicate_keys(
+            doc = json.loads(data, object_pairs_hook=no_duplicate_keys(
                 lambda m: PolicyInvalid(f"{path}: {m}")))
         except (ValueError, UnicodeDecodeError) as e:
             raise PolicyInvalid(f"{path}: not valid JSON ({e.__class__.__name__})") from None
@@ -382,6 +385,8 @@ def accept(policy: Policy, req: Requirement, candidates: list[tuple[bytes, str]]
             manifest_digest: str, what: str, none_msg: str) -> dict[str, Any]:
     """The record of the first candidate (payload, base64 signature) that satisfies ``req``: signed by one of
     its keys, for ``manifest_digest``, with an identity ``req.identity`` accepts.  Raises otherwise."""
+    from . import sigstore  # only where signatures are read: it loads cryptography
+
     if not candidates:
         raise SignatureRequired(f"{what}: {none_msg}")
     keys = req.keys(policy.path)
@@ -413,6 +418,8 @@ def accept(policy: Policy, req: Requirement, candidates: list[tuple[bytes, str]]
 def evaluate(policy: Policy, src: ImageSource) -> dict[str, Any]:
     """Check ``src`` against ``policy`` before anything of it is stored; the verification record
     to seal into its manifest.  Raises :class:`PolicyDenied` (or a subclass) or :class:`PolicyInvalid`."""
+    from . import sigstore  # only where signatures are read: it loads cryptography
+
     scope = scope_of(src.ref, getattr(src, "path", None) if src.ref.startswith("oci:") else None)
     where, reqs = policy.requirements_for(scope)
     _check_supported(policy, where, reqs, src.ref)

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from ..errors import PolicyInvalid, SignatureInvalid
 from . import media
+from .media import no_duplicate_keys  # policy files and payloads are parsed alike
 
 if TYPE_CHECKING:
     from .registry_client import RegistryClient
@@ -135,19 +136,6 @@ def fetch_attachments(client: RegistryClient, repo: str, manifest_digest: str) -
             raise SignatureInvalid(f"{where}: layer {digest} has malformed annotations")
         out.append(Attachment(SIGNATURE_MEDIA_TYPE, digest, payload, dict(ann)))
     return out
-
-
-def no_duplicate_keys(error: Callable[[str], Exception]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    """A ``json.loads`` object_pairs_hook that refuses a key given twice (``error(message)``):
-    signature payloads and policy files are parsed as strictly as containers/image parses them."""
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in d:
-                raise error(f"duplicate key {k!r}")
-            d[k] = v
-        return d
-    return hook
 
 
 _no_duplicates = no_duplicate_keys(lambda m: SignatureInvalid(f"signature payload: {m}"))

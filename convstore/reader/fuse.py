@@ -15,9 +15,36 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mfusepy
+
+
+def _load_mfusepy() -> Any:
+    """mfusepy, bound to libfuse3 by its soname where the loader knows it: its own search
+    (``find_library('fuse')`` first, which runs ldconfig and gcc) costs a start ~20 ms."""
+    import ctypes
+    import sys
+
+    if sys.platform != "linux" or os.environ.get("FUSE_LIBRARY_PATH") or "mfusepy" in sys.modules:
+        import mfusepy as m
+        return m
+    try:
+        ctypes.CDLL("libfuse3.so.3")
+    except OSError:
+        import mfusepy as m
+        return m
+    os.environ["FUSE_LIBRARY_PATH"] = "libfuse3.so.3"  # what find_library('fuse3') answers, without its search
+    try:
+        import mfusepy as m
+    finally:
+        del os.environ["FUSE_LIBRARY_PATH"]
+    return m
+
+
+if TYPE_CHECKING:
+    import mfusepy
+else:
+    mfusepy = _load_mfusepy()
 
 from ..errors import ConvstoreError, ExposedMountpoint, StoreError
 from ..oci.policy import Policy, require

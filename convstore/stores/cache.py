@@ -176,6 +176,7 @@ class CachedChunkStore(ForwardingChunkStore):
 
     def evict(self, cid: bytes) -> None:
         self.cache.drop(self._name(cid))
+        self.inner.evict(cid)  # a site tier behind the cache is bypassed for it too
 
 
 class CachedStore(ForwardingObjectStore):
