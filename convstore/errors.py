@@ -185,3 +185,26 @@ class UnsafePathError(ConvstoreError):
 class ExposedMountpoint(ConvstoreError):
     """A FUSE mount made for every user (``allow_other``) whose mount point other users could reach:
     its parent directory is not this user's (or root's) alone."""
+
+
+#: why a read failed, by exception class (the first of an error's classes, most derived first, found here);
+#: the bounded set of causes the metrics and the stats file count read errors under
+READ_ERROR_CAUSES = {
+    "ChunkMissing": "missing",
+    "RegistryCorrupt": "corrupt",  # the store has no such chunk (removed, or a hint and the index both stale)
+    "CorruptObject": "corrupt",  # the chunk does not authenticate against its manifest (tampered, damaged)
+    "RegistryTooSlow": "timeout",
+    "TimeoutError": "timeout",
+    "ConnectionError": "unreachable",  # refused, reset, no route (requests' and the built-in one alike)
+    "RegistryError": "registry",  # any other registry answer (HTTP error, oversized, ...)
+    "OSError": "io",
+}
+
+
+def error_cause(exc: BaseException) -> str:
+    """The cause a failed read is counted under: one of READ_ERROR_CAUSES' values, else "other"."""
+    for cls in type(exc).__mro__:
+        cause = READ_ERROR_CAUSES.get(cls.__name__)
+        if cause is not None:
+            return cause
+    return "other"

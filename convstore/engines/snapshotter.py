@@ -52,7 +52,8 @@ from ..oci.policy import require as require_policy
 from ..core.repository import Repository
 from . import containerd_api as api
 from .ctrfilter import FilterError, Subject, parse_all
-from .layerstore import LayerMount, LayerStore, chain_ids, write_stats
+from ..metrics import reporting
+from .layerstore import LayerMount, LayerStore, chain_ids
 from .snapmeta import MAX_KEY, Snap, SnapshotDB, label_problem
 
 log = logging.getLogger(__name__)
@@ -417,10 +418,11 @@ class Snapshotter:
         return grpc.method_handlers_generic_handler(api.SERVICE, handlers)
 
 
-def serve_snapshotter(layers: LayerStore, root: str, socket_path: str, stats_file: str | None = None) -> None:
+def serve_snapshotter(layers: LayerStore, root: str, socket_path: str, stats_file: str | None = None,
+                      metrics_address: str | None = None) -> None:
     """Serve on the unix socket ``socket_path`` until SIGINT/SIGTERM, with
-    ``layers`` mounted at ``ROOT/layers``; what the layers fetched goes to
-    ``stats_file`` as the layer store writes it."""
+    ``layers`` mounted at ``ROOT/layers``; what the layers fetched is
+    reported on ``metrics_address`` and in ``stats_file`` as the layer store does."""
     import signal
 
     grpc = _grpc()
@@ -448,13 +450,9 @@ def serve_snapshotter(layers: LayerStore, root: str, socket_path: str, stats_fil
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *a: stop.set())
         log.info("convstore snapshotter serving on %s", socket_path)
-        writer = threading.Thread(target=write_stats, args=(snap.layers, stats_file, stop), daemon=True)
-        if stats_file:
-            writer.start()
-        stop.wait()
-        server.stop(grace=2).wait()
-        if stats_file:
-            writer.join(timeout=5)
+        with reporting(snap.layers.metrics, metrics_address, stats_file):
+            stop.wait()
+            server.stop(grace=2).wait()
 
 
 def load_into_containerd(store: Repository, ref: str, address: str, *, name: str | None = None,

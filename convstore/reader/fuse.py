@@ -6,6 +6,7 @@ EIO, and is logged by name; the mount stays up and always unmounts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -14,6 +15,8 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import mfusepy
@@ -21,6 +24,7 @@ import mfusepy
 from ..errors import ConvstoreError, ExposedMountpoint, StoreError
 from ..oci.policy import Policy, require
 from ..core.repository import Repository
+from .chunkcache import ChunkCache
 from .imagefs import PREFETCH_ON_OPEN, FSError, ImageFS, Node
 
 log = logging.getLogger(__name__)
@@ -185,13 +189,18 @@ def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = Non
             raise StoreError(f"FUSE at {mountpoint} failed (libfuse status {e})") from None
 
 
-def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy | None = None) -> None:
+def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy | None = None,
+                cache: ChunkCache | None = None,
+                report: Callable[[ImageFS], AbstractContextManager[None]] | None = None) -> None:
     """``convstore mount`` (in the foreground, or in its background worker):
     serve image ``ref`` read-only at ``mountpoint`` until unmounted, once
-    ``policy`` (the node's trust policy) accepts it."""
-    with ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN) as fs:
+    ``policy`` (the node's trust policy) accepts it; ``cache``: the process's
+    memory budget; ``report``: what reports on the image while it is served
+    (metrics, stats file)."""
+    with ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN, cache=cache) as fs:
         require(policy, fs.manifest, ref)
-        serve(fs, mountpoint)
+        with report(fs) if report is not None else contextlib.nullcontext():
+            serve(fs, mountpoint)
 
 
 def recover_stale_mount(mountpoint: str) -> bool:
