@@ -207,7 +207,7 @@ class ProcessMetrics:
             starts = [r.__dict__ for r in self.starts]
         errors: dict[str, int] = {}
         for doc in images.values():
-            errors = _merge(errors, doc["read_errors"])
+            errors = _merge(errors, doc["read_errors"])  # what readers saw (EIO)
         doc = {"version": STATS_FORMAT, "pid": self.pid, "started": self.started, "updated": time.time(),
                "images": images, "read_errors": errors, "starts": starts,
                "memory_cache": {"bytes": self.cache.bytes, "budget": self.cache.budget,
@@ -342,6 +342,8 @@ class _Collector(Collector):
                                    labels=["image"])
         errors = CounterMetricFamily("convstore_read_errors", "Reads that failed (EIO), by cause",
                                      labels=["image", "cause"])
+        fetch_errors = CounterMetricFamily("convstore_fetch_errors", "Chunk fetches (prefetches too) that failed, "
+                                           "by cause", labels=["image", "cause"])
         prefetched = CounterMetricFamily("convstore_prefetched_chunks", "Chunks fetched ahead of readers "
                                          "(readahead, start-up profile, background fetch)", labels=["image"])
         img_chunks = GaugeMetricFamily("convstore_image_chunks", "Chunks in the image", labels=["image"])
@@ -362,13 +364,16 @@ class _Collector(Collector):
             wait.add_metric([label], s.wait_seconds)
             for cause, n in sorted(s.read_errors.items()):
                 errors.add_metric([label, cause], n)
+            for cause, n in sorted(s.fetch_errors.items()):
+                fetch_errors.add_metric([label, cause], n)
             prefetched.add_metric([label], s.prefetched_chunks)
             img_chunks.add_metric([label], pc)
             img_bytes.add_metric([label], pb)
             for tier, counts in s.fetch_seconds.items():
                 latency[tier] = _merge(latency.get(tier, [0] * len(counts)), counts)
                 latency_sum[tier] = latency_sum.get(tier, 0.0) + s.fetch_seconds_sum.get(tier, 0.0)
-        yield from (chunks, nbytes, plain, hits, misses, read, wait, errors, prefetched, img_chunks, img_bytes)
+        yield from (chunks, nbytes, plain, hits, misses, read, wait, errors, fetch_errors, prefetched, img_chunks,
+                    img_bytes)
         hist = HistogramMetricFamily("convstore_fetch_seconds", "Time one chunk fetch below memory took, by tier",
                                      labels=["tier"])
         for tier, counts in sorted(latency.items()):

@@ -34,6 +34,7 @@ class FetchStats:
     disk_chunks: int = 0  # of chunks_fetched, those the node's disk cache served (the rest: the origin)
     disk_bytes: int = 0  # of bytes_fetched, likewise
     read_errors: dict[str, int] = field(default_factory=dict)  # failed reads by cause (errors.error_cause)
+    fetch_errors: dict[str, int] = field(default_factory=dict)  # failed fetches (prefetches too) by cause
     # fetch latency per tier ("disk", "origin"): counts per LATENCY_BUCKETS bound (+Inf last), and the sum
     fetch_seconds: dict[str, list[int]] = field(default_factory=dict)
     fetch_seconds_sum: dict[str, float] = field(default_factory=dict)
@@ -42,6 +43,11 @@ class FetchStats:
         counts = self.fetch_seconds.setdefault(tier, [0] * (len(LATENCY_BUCKETS) + 1))
         counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.fetch_seconds_sum[tier] = self.fetch_seconds_sum.get(tier, 0.0) + seconds
+
+    @staticmethod
+    def count_error(counts: dict[str, int], e: BaseException) -> None:
+        cause = error_cause(e)
+        counts[cause] = counts.get(cause, 0) + 1
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -94,11 +100,13 @@ class ChunkFetcher:
         t = time.perf_counter()
         try:
             plain, stored = self.chunks.read(ident, hint=self.manifest.hint(idx))
-        except ChunkMissing as e:
-            log.error("%s", e)
-            raise
         except Exception as e:
-            log.error("chunk %s: %s", ident.cid.hex(), e)
+            if isinstance(e, ChunkMissing):  # its message names the chunk
+                log.error("%s", e)
+            else:
+                log.error("chunk %s: %s", ident.cid.hex(), e)
+            with self._lock:
+                self.stats.count_error(self.stats.fetch_errors, e)
             raise
         with self._lock:
             self.stats.chunks_fetched += 1
@@ -152,8 +160,7 @@ class ChunkFetcher:
             return got.result()
         except Exception as e:
             with self._lock:
-                cause = error_cause(e)
-                self.stats.read_errors[cause] = self.stats.read_errors.get(cause, 0) + 1
+                self.stats.count_error(self.stats.read_errors, e)
             raise
         finally:
             with self._lock:
