@@ -51,9 +51,11 @@ log = logging.getLogger(__name__)
 #: images with a label of their own; the rest are summed under "other"
 MAX_IMAGES = 64
 OTHER = "other"
-#: an image's start is the first START_WINDOW seconds after this process first serves it (the same window
-#: a start-up profile is recorded over): what was fetched by then is what the start needed
+#: an image's start is the START_WINDOW seconds from the first read of its content in this process (the
+#: window a start-up profile is recorded over): what was fetched by then is what the start needed
 START_WINDOW = 10.0
+#: how often the start watcher looks for images whose content was first read
+START_POLL = 0.1
 #: start records kept in the stats file (the newest)
 MAX_START_RECORDS = 100
 STATS_FORMAT = 2
@@ -92,6 +94,9 @@ class _Image:
     fetcher: ChunkFetcher
     plain_bytes: int
     chunks: int
+    first_read: float | None = None  # monotonic time its content was first read (None: not yet)
+    first_read_epoch: float = 0.0
+    recorded: bool = False
 
 
 def _merge(a: Any, b: Any) -> Any:
@@ -120,7 +125,8 @@ class ProcessMetrics:
         self._images: list[_Image] = []
         self._labels: dict[str, str] = {}
         self.starts: list[StartRecord] = []
-        self._timers: list[threading.Timer] = []
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU, open fds
         self.registry.register(_Collector(self))
@@ -142,28 +148,43 @@ class ProcessMetrics:
             if name not in self._labels:
                 self._labels[name] = name if len(self._labels) < MAX_IMAGES else OTHER
             self._images.append(_Image(name, fetcher, sum(c.size for c in manifest.chunks), len(manifest.chunks)))
-            t = threading.Timer(self.start_window, self._record_start, args=(name, fetcher, time.time()))
-            t.daemon = True
-            self._timers.append(t)
-        t.start()
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch_starts, name="convstore-starts", daemon=True)
+                self._watcher.start()
 
     def label(self, name: str) -> str:
         with self._lock:
             return self._labels.get(name, OTHER)
 
-    def _record_start(self, name: str, fetcher: ChunkFetcher, started: float) -> None:
-        s = fetcher.stats
+    def _watch_starts(self) -> None:
+        """Open an image's start window at the first read of its content (a pull only looks at the tree;
+        a container's first process reads), and record the start when it closes.  Reads the counters only."""
+        while not self._closed.wait(START_POLL):
+            now = time.monotonic()
+            with self._lock:
+                pending = [i for i in self._images if not i.recorded]
+            for img in pending:
+                s = img.fetcher.stats
+                if img.first_read is None:
+                    if s.cache_hits or s.cache_misses:  # a reader asked for a chunk (prefetches do not count)
+                        img.first_read, img.first_read_epoch = now, time.time()
+                elif now - img.first_read >= self.start_window:
+                    img.recorded = True
+                    self._record_start(img)
+
+    def _record_start(self, img: _Image) -> None:
+        s = img.fetcher.stats
+        rec = StartRecord(img.name, img.first_read_epoch, self.start_window, s.bytes_fetched,
+                          s.bytes_fetched - s.disk_bytes,
+                          s.plain_bytes_fetched / img.plain_bytes if img.plain_bytes else 1.0, s.wait_seconds)
         with self._lock:
-            img = next(i for i in self._images if i.fetcher is fetcher)
-            rec = StartRecord(name, started, self.start_window, s.bytes_fetched, s.bytes_fetched - s.disk_bytes,
-                              s.plain_bytes_fetched / img.plain_bytes if img.plain_bytes else 1.0, s.wait_seconds)
             self.starts = (self.starts + [rec])[-MAX_START_RECORDS:]
         self._start_fetched.observe(rec.fetched_bytes)
         self._start_fraction.observe(rec.fraction)
         self._start_wait.observe(rec.wait_seconds)
-        log.info("start of %s: by %.0f s it fetched %d bytes (%d from the origin), %.1f%% of the image, and waited "
-                 "%.2f s on fetches", name, rec.window, rec.fetched_bytes, rec.origin_bytes, 100 * rec.fraction,
-                 rec.wait_seconds)
+        log.info("start of %s: in its first %.0f s it fetched %d bytes (%d from the origin), %.1f%% of the image, "
+                 "and its readers waited %.2f s on fetches", img.name, rec.window, rec.fetched_bytes,
+                 rec.origin_bytes, 100 * rec.fraction, rec.wait_seconds)
 
     def per_image(self) -> dict[str, tuple[FetchStats, int, int]]:
         """Each label's counters summed (stats, plaintext bytes, chunks)."""
@@ -180,10 +201,7 @@ class ProcessMetrics:
         return out
 
     def close(self) -> None:
-        with self._lock:
-            timers, self._timers = self._timers, []
-        for t in timers:
-            t.cancel()
+        self._closed.set()
 
     # -- the endpoint -------------------------------------------------------
     def serve(self, address: str) -> MetricsServer:

@@ -19,8 +19,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import CORPUS_DIR, need_tool, run_cli
+from engine_fixtures import podman, podman_config, remove_podman_root
 from imagebuilder import Entry, make_tar, write_oci
+from kms_fixtures import Registry
 from prometheus_client.parser import text_string_to_metric_families
 
 import convstore
@@ -195,3 +197,87 @@ def test_one_memory_budget_for_every_image_a_layer_store_serves(tmp_path: Path, 
     # what was fetched is more than the budget could hold: the bound held under pressure
     assert sum(f.stats.plain_bytes_fetched for f in fetchers.values()) > 4 * budget
     layers.close()
+
+
+def test_tiers_of_a_registry_store_origin_then_node_disk_cache(image: convstore.Store, cli_env: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    """Over a real registry: a first mount fetches from the origin, a second process (same node cache) from disk."""
+    reg = Registry(tmp_path / "registry")
+    try:
+        url = f"oci://{reg.host}/tiers"
+        run_cli(cli_env, "--insecure", "push", "m:1", url)
+        remote = convstore.Store.open(url, image.key, insecure=True, cache_dir=str(tmp_path / "probe-cache"))
+        _, layer0 = _chunks_of(remote, "/big.bin")
+        stored = stored_bytes(remote, layer0)
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        cache = ["--insecure", "--store", url, "--cache", str(tmp_path / "node-cache")]
+        for tier in ("origin", "disk"):
+            port = free_port()
+            run_cli(cli_env, *cache, "mount", "--background", "--metrics-address", f"127.0.0.1:{port}", "m:1",
+                    str(mnt))
+            try:
+                assert (mnt / "big.bin").read_bytes() == BIG
+                m = scrape(port)
+                assert sample(m, "convstore_fetched_chunks_total", image="m:1", tier=tier) >= len(layer0) - 1
+                other = "disk" if tier == "origin" else "origin"
+                assert sample(m, "convstore_fetched_chunks_total", image="m:1", tier=other) <= 1  # a/keep's chunk
+                total = sum(sample(m, "convstore_fetched_bytes_total", image="m:1", tier=t) for t in ("disk", "origin"))
+                assert total <= stored
+                assert sample(m, "convstore_fetch_seconds_count", tier=tier) >= len(layer0) - 1
+                assert sample(m, "convstore_node_cache_bytes") >= sample(m, "convstore_fetched_bytes_total",
+                                                                         image="m:1", tier=tier)
+                assert sample(m, "convstore_node_cache_limit_bytes") == 2048e6
+            finally:
+                subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    finally:
+        reg.kill()
+
+
+@pytest.mark.corpus
+def test_podman_start_through_the_layer_store_is_recorded(tmp_path: Path, cli_env: dict[str, str],
+                                                          corpus: dict) -> None:
+    """A real engine: podman runs app1 from the layer store; the endpoint's counters equal the stats file's
+    (FetchStats of the same process) and the start is recorded once its window ends."""
+    need_tool("skopeo")
+    need_tool("podman")
+    reg = Registry(tmp_path / "registry")
+    podman_root, mnt, stats, port = tmp_path / "podman", tmp_path / "als", tmp_path / "stats.json", free_port()
+    mnt.mkdir()
+    env = podman_config(podman_root, mnt)
+    try:
+        src = f"oci:{CORPUS_DIR / 'app1'}:latest"
+        subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", src, f"docker://{reg.host}/app1:latest"],
+                       check=True, timeout=300)
+        run_cli(cli_env, "pack", src, "app1:latest")
+        run_cli(cli_env, "layerstore", "--background", str(mnt), "--stats-file", str(stats),
+                "--metrics-address", f"127.0.0.1:{port}", "--memory-budget", "64")
+        ref = f"{reg.host}/app1:latest"
+        podman(env, "pull", "-q", "--tls-verify=false", ref)
+        assert podman(env, "run", "--rm", ref).stdout.strip() == "hello"
+        deadline = time.monotonic() + 40  # the start window (10 s) ends, then the record is made
+        while sample(m := scrape(port), "convstore_start_image_fraction_count") < 1:
+            assert time.monotonic() < deadline, "no start record"
+            time.sleep(0.2)
+        assert sample(m, "convstore_start_image_fraction_count") == 1  # one image, one start
+        assert 0 < sample(m, "convstore_start_image_fraction_sum") < 0.25  # a few MB of a 122 MB image
+        total = corpus["images"]["app1"]
+        deadline = time.monotonic() + 10
+        while True:
+            doc = json.loads(stats.read_text()) if stats.exists() else {}
+            got = doc.get("images", {}).get("app1:latest", {})
+            m = scrape(port)
+            if got.get("chunks_fetched") == sample(m, "convstore_fetched_chunks_total", image="app1:latest",
+                                                   tier="origin"):
+                break
+            assert time.monotonic() < deadline, (got, total)
+            time.sleep(0.2)
+        assert got["chunks_fetched"] > 0 and got["bytes_fetched"] == sample(
+            m, "convstore_fetched_bytes_total", image="app1:latest", tier="origin")
+        assert sample(m, "convstore_memory_budget_bytes") == 64 << 20
+        assert sample(m, "convstore_memory_cache_peak_bytes") <= 64 << 20
+        assert [r["image"] for r in doc["starts"]] == ["app1:latest"] and doc["starts"][0]["fetched_bytes"] > 0
+    finally:
+        remove_podman_root(env, podman_root)
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        reg.kill()
