@@ -1,0 +1,137 @@
+"""A layer store's memory with many images (issue 23, section 6): 20 images,
+100 starts, then one full read; the layer store process's RSS after each phase.
+
+    python -m benchmarks.memory [--work DIR] [--memory-budget MIB] [--json]
+
+The 20 images are the five corpus images packed into four convergence
+domains (so no two share a chunk: 20 distinct images, as a node serving 20
+unrelated images sees).  A "start" reads the same files every time for an
+image, as a container's start does: 60 of its files of at most 2 MiB,
+chosen by a seeded draw, read whole through the layer store's FUSE mount
+(``convstore layerstore --background``, a process of its own whose
+``VmRSS``/``VmHWM`` are read from /proc).  100 starts are five rounds over
+the 20 images.  Then app1 (domain 0) is read whole.
+
+To compare with the code before the shared budget, run the same command with
+``PYTHONPATH`` naming an older checkout's folder: the store (packed once into
+``--work``) is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import convstore
+
+CORPUS = Path(os.environ.get("CONVSTORE_CORPUS", Path.home() / ".cache" / "convstore-corpus"))
+IMAGES = ["base", "app1", "app2", "app1-rebuilt", "base-prev"]
+DOMAINS = ["default", "d1", "d2", "d3"]
+FILES_PER_START = 60
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    p = subprocess.run([sys.executable, "-m", "convstore.cli", *args], env=env, capture_output=True, text=True,
+                       timeout=1800)
+    if p.returncode != 0:
+        raise SystemExit(f"memory: convstore {' '.join(args)} failed: {p.stderr.strip()[-500:]}")
+    return p.stdout
+
+
+def rss(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of ``pid`` in bytes."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    got = {k: int(v) * 1024 for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, re.M)}
+    return got["VmRSS"], got["VmHWM"]
+
+
+def prepare(work: Path, env: dict[str, str]) -> list[str]:
+    """Pack the 20 images once (a marker file says it was done)."""
+    refs = [f"{d}-{i}:1" for d in DOMAINS for i in IMAGES]
+    if (work / "packed").exists():
+        return refs
+    for d in DOMAINS[1:]:
+        cli(env, "domain", "create", d)
+    for d in DOMAINS:
+        for i in IMAGES:
+            cli(env, "-q", "pack", "--domain", d, f"oci:{CORPUS / i}:latest", f"{d}-{i}:1")
+    (work / "packed").write_text("\n".join(refs))
+    return refs
+
+
+def start_files(store: convstore.Store, ref: str, everything: bool = False) -> list[tuple[str, str, int]]:
+    """(layer blob digest, path, size) of the files a start of ``ref`` reads (or of every file)."""
+    m = store.manifest(ref)
+    files = [(lr.digest, e.path, e.size) for lr in m.layers for e in lr.entries if e.is_file and e.size]
+    if everything:
+        return files
+    small = sorted(f for f in files if f[2] <= 2 << 20)
+    return random.Random(ref).sample(small, min(FILES_PER_START, len(small)))
+
+
+def read_all(mnt: Path, files: list[tuple[str, str, int]]) -> int:
+    root = mnt / base64.b64encode(b"bench").decode()
+    n = 0
+    for digest, path, _ in files:
+        with open(root / digest / "diff" / path.lstrip("/"), "rb") as f:
+            while chunk := f.read(1 << 20):
+                n += len(chunk)
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/var/tmp/convstore-bench-memory")
+    ap.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
+                    help="passed to the layer store (omit for its default, or for code without the option)")
+    ap.add_argument("--starts", type=int, default=100)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o700)
+    env = {**os.environ, "CONVSTORE_STORE": str(work / "store"), "CONVSTORE_KEY": f"file:{work / 'master.key'}",
+           "CONVSTORE_STATE_DIR": str(work / "state"), "CONVSTORE_DAEMON": "0"}
+    refs = prepare(work, env)
+    store = convstore.Store.open(str(work / "store"), f"file:{work / 'master.key'}")
+    plans = {r: start_files(store, r) for r in refs}
+    mnt = work / "als"
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+    extra = ["--memory-budget", str(a.memory_budget)] if a.memory_budget else []
+    out = cli(env, "layerstore", "--background", str(mnt), *extra)
+    pid = int(re.search(r"\(pid (\d+)\)", out).group(1))  # type: ignore[union-attr]
+    rows: list[tuple[str, int, int, float]] = []
+    try:
+        rows.append(("mounted", *rss(pid), 0.0))
+        n = 0
+        t = time.perf_counter()
+        for k in range(a.starts):
+            ref = refs[k % len(refs)]
+            read_all(mnt, plans[ref])
+            n += 1
+            if n in (len(refs), a.starts):
+                rows.append((f"after {n} starts", *rss(pid), time.perf_counter() - t))
+        t = time.perf_counter()
+        got = read_all(mnt, start_files(store, "default-app1:1", everything=True))
+        rows.append((f"after one full read of app1 ({got / 1e6:.0f} MB)", *rss(pid), time.perf_counter() - t))
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+    if a.json:
+        print(json.dumps([{"phase": p, "rss": r, "hwm": h, "seconds": s} for p, r, h, s in rows]))
+        return
+    print(f"{'phase':45} {'RSS MiB':>8} {'peak MiB':>9} {'s':>7}")
+    for p, r, h, s in rows:
+        print(f"{p:45} {r / 2**20:8.1f} {h / 2**20:9.1f} {s:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
