@@ -10,7 +10,10 @@ image, as a container's start does: 60 of its files of at most 2 MiB,
 chosen by a seeded draw, read whole through the layer store's FUSE mount
 (``convstore layerstore --background``, a process of its own whose
 ``VmRSS``/``VmHWM`` are read from /proc).  100 starts are five rounds over
-the 20 images.  Then app1 (domain 0) is read whole.
+the 20 images.  Then app1 (domain 0) is read whole, then every image is
+(``--full-reads``).  With ``--scrape`` the layer store also serves metrics
+and the shared cache's own count of its bytes is shown (code with the
+budget only).
 
 To compare with the code before the shared budget, run the same command with
 ``PYTHONPATH`` naming an older checkout's folder: the store (packed once into
@@ -25,9 +28,11 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import convstore
@@ -93,6 +98,8 @@ def main() -> None:
     ap.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
                     help="passed to the layer store (omit for its default, or for code without the option)")
     ap.add_argument("--starts", type=int, default=100)
+    ap.add_argument("--full-reads", type=int, default=20, metavar="N", help="then read N images whole")
+    ap.add_argument("--scrape", action="store_true", help="show the memory cache's bytes from the endpoint")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     work = Path(a.work)
@@ -107,11 +114,25 @@ def main() -> None:
     mnt.mkdir(exist_ok=True)
     subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
     extra = ["--memory-budget", str(a.memory_budget)] if a.memory_budget else []
+    port = 0
+    if a.scrape:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        extra += ["--metrics-address", f"127.0.0.1:{port}"]
+
+    def cached() -> float:
+        if not port:
+            return float("nan")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return float(re.search(r"^convstore_memory_cache_bytes (\S+)$", text, re.M).group(1))  # type: ignore
+
     out = cli(env, "layerstore", "--background", str(mnt), *extra)
     pid = int(re.search(r"\(pid (\d+)\)", out).group(1))  # type: ignore[union-attr]
-    rows: list[tuple[str, int, int, float]] = []
+    rows: list[tuple[str, int, int, float, float]] = []
     try:
-        rows.append(("mounted", *rss(pid), 0.0))
+        rows.append(("mounted", *rss(pid), cached(), 0.0))
         n = 0
         t = time.perf_counter()
         for k in range(a.starts):
@@ -119,18 +140,24 @@ def main() -> None:
             read_all(mnt, plans[ref])
             n += 1
             if n in (len(refs), a.starts):
-                rows.append((f"after {n} starts", *rss(pid), time.perf_counter() - t))
+                rows.append((f"after {n} starts", *rss(pid), cached(), time.perf_counter() - t))
         t = time.perf_counter()
         got = read_all(mnt, start_files(store, "default-app1:1", everything=True))
-        rows.append((f"after one full read of app1 ({got / 1e6:.0f} MB)", *rss(pid), time.perf_counter() - t))
+        rows.append((f"after one full read of app1 ({got / 1e6:.0f} MB)", *rss(pid), cached(),
+                     time.perf_counter() - t))
+        if a.full_reads:
+            t = time.perf_counter()
+            got = sum(read_all(mnt, start_files(store, r, everything=True)) for r in refs[:a.full_reads])
+            rows.append((f"after full reads of {min(a.full_reads, len(refs))} images ({got / 1e6:.0f} MB)",
+                         *rss(pid), cached(), time.perf_counter() - t))
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
     if a.json:
-        print(json.dumps([{"phase": p, "rss": r, "hwm": h, "seconds": s} for p, r, h, s in rows]))
+        print(json.dumps([{"phase": p, "rss": r, "hwm": h, "cache": c, "seconds": s} for p, r, h, c, s in rows]))
         return
-    print(f"{'phase':45} {'RSS MiB':>8} {'peak MiB':>9} {'s':>7}")
-    for p, r, h, s in rows:
-        print(f"{p:45} {r / 2**20:8.1f} {h / 2**20:9.1f} {s:7.1f}")
+    print(f"{'phase':50} {'RSS MiB':>8} {'peak MiB':>9} {'cache MiB':>10} {'s':>7}")
+    for p, r, h, c, s in rows:
+        print(f"{p:50} {r / 2**20:8.1f} {h / 2**20:9.1f} {c / 2**20:10.1f} {s:7.1f}")
 
 
 if __name__ == "__main__":
