@@ -3,9 +3,13 @@
 
     python -m benchmarks.memory [--work DIR] [--memory-budget MIB] [--json]
 
-The 20 images are the five corpus images packed into four convergence
-domains (so no two share a chunk: 20 distinct images, as a node serving 20
-unrelated images sees).  A "start" reads the same files every time for an
+The 20 images are the five corpus images in four variants, each packed into
+a convergence domain of its own (so no two variants share a chunk) with its
+layers compressed again (gzip, the variant's number as the header's mtime:
+other blob digests, the same diff_ids), so that the layer store, which finds
+a layer by its blob digest, serves 20 distinct images as a node serving 20
+unrelated images does (within a variant, app1's base layer is base's, as in
+the corpus).  A "start" reads the same files every time for an
 image, as a container's start does: 60 of its files of at most 2 MiB,
 chosen by a seeded draw, read whole through the layer store's FUSE mount
 (``convstore layerstore --background``, a process of its own whose
@@ -58,17 +62,50 @@ def rss(pid: int) -> tuple[int, int]:
     return got["VmRSS"], got["VmHWM"]
 
 
+def variant(src: Path, dst: Path, n: int) -> None:
+    """An OCI layout of ``src``'s image whose layers are gzip-compressed again with header mtime ``n``."""
+    import gzip
+    import hashlib
+    import shutil
+
+    import zstandard
+
+    def put(data: bytes) -> str:
+        d = hashlib.sha256(data).hexdigest()
+        (dst / "blobs" / "sha256" / d).write_bytes(data)
+        return "sha256:" + d
+
+    shutil.rmtree(dst, ignore_errors=True)
+    (dst / "blobs" / "sha256").mkdir(parents=True)
+    (dst / "oci-layout").write_bytes((src / "oci-layout").read_bytes())
+    blob = lambda digest: (src / "blobs" / "sha256" / digest.split(":")[1]).read_bytes()  # noqa: E731
+    index = json.loads((src / "index.json").read_text())
+    desc = index["manifests"][0]
+    manifest = json.loads(blob(desc["digest"]))
+    put(blob(manifest["config"]["digest"]))
+    for lay in manifest["layers"]:
+        raw = blob(lay["digest"])
+        tar = zstandard.ZstdDecompressor().decompressobj().decompress(raw) if "zstd" in lay["mediaType"] \
+            else gzip.decompress(raw)
+        again = gzip.compress(tar, compresslevel=1, mtime=n)
+        lay.update(digest=put(again), size=len(again), mediaType="application/vnd.oci.image.layer.v1.tar+gzip")
+    body = json.dumps(manifest).encode()
+    desc.update(digest=put(body), size=len(body))
+    (dst / "index.json").write_text(json.dumps(index))
+
+
 def prepare(work: Path, env: dict[str, str]) -> list[str]:
     """Pack the 20 images once (a marker file says it was done)."""
     refs = [f"{d}-{i}:1" for d in DOMAINS for i in IMAGES]
-    if (work / "packed").exists():
+    if (work / "packed-v2").exists():
         return refs
     for d in DOMAINS[1:]:
         cli(env, "domain", "create", d)
-    for d in DOMAINS:
+    for n, d in enumerate(DOMAINS, 1):
         for i in IMAGES:
-            cli(env, "-q", "pack", "--domain", d, f"oci:{CORPUS / i}:latest", f"{d}-{i}:1")
-    (work / "packed").write_text("\n".join(refs))
+            variant(CORPUS / i, work / "layout", n)
+            cli(env, "-q", "pack", "--domain", d, f"oci:{work / 'layout'}:latest", f"{d}-{i}:1")
+    (work / "packed-v2").write_text("\n".join(refs))
     return refs
 
 
@@ -128,11 +165,25 @@ def main() -> None:
             text = r.read().decode()
         return float(re.search(r"^convstore_memory_cache_bytes (\S+)$", text, re.M).group(1))  # type: ignore
 
-    out = cli(env, "layerstore", "--background", str(mnt), *extra)
+    stats = work / "stats.json"
+    stats.unlink(missing_ok=True)
+
+    def fetched() -> float:
+        """Plaintext bytes fetched from the store so far (the stats file, format 1 or 2)."""
+        time.sleep(0.6)  # the stats writer's next flush
+        doc = json.loads(stats.read_text()) if stats.exists() else {}
+        return sum(v.get("plain_bytes_fetched", 0) for v in doc.get("images", doc).values() if isinstance(v, dict))
+
+    out = cli(env, "layerstore", "--background", str(mnt), "--stats-file", str(stats), *extra)
     pid = int(re.search(r"\(pid (\d+)\)", out).group(1))  # type: ignore[union-attr]
-    rows: list[tuple[str, int, int, float, float]] = []
+    rows: list[tuple[str, int, int, float, float, float]] = []
+
+    def row(phase: str, t: float) -> None:
+        dt = time.perf_counter() - t
+        rows.append((phase, *rss(pid), cached(), fetched(), dt))
+
     try:
-        rows.append(("mounted", *rss(pid), cached(), 0.0))
+        row("mounted", time.perf_counter())
         n = 0
         t = time.perf_counter()
         for k in range(a.starts):
@@ -140,25 +191,24 @@ def main() -> None:
             read_all(mnt, plans[ref])
             n += 1
             if n in (len(refs), a.starts):
-                rows.append((f"after {n} starts", *rss(pid), cached(), time.perf_counter() - t))
+                row(f"after {n} starts", t)
+                t = time.perf_counter()
         t = time.perf_counter()
         got = read_all(mnt, start_files(store, "default-app1:1", everything=True))
-        rows.append((f"after one full read of app1 ({got / 1e6:.0f} MB)", *rss(pid), cached(),
-                     time.perf_counter() - t))
+        row(f"after one full read of app1 ({got / 1e6:.0f} MB)", t)
         if a.full_reads:
             t = time.perf_counter()
             got = sum(read_all(mnt, start_files(store, r, everything=True)) for r in refs[:a.full_reads])
-            rows.append((f"after full reads of {min(a.full_reads, len(refs))} images ({got / 1e6:.0f} MB)",
-                         *rss(pid), cached(), time.perf_counter() - t))
+            row(f"after full reads of {min(a.full_reads, len(refs))} images ({got / 1e6:.0f} MB)", t)
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
     if a.json:
-        print(json.dumps([{"phase": p, "rss": r, "hwm": h, "cache": c, "seconds": s} for p, r, h, c, s in rows]))
+        print(json.dumps([{"phase": p, "rss": r, "hwm": h, "cache": c, "fetched": f, "seconds": s}
+                          for p, r, h, c, f, s in rows]))
         return
-    print(f"{'phase':50} {'RSS MiB':>8} {'peak MiB':>9} {'cache MiB':>10} {'s':>7}")
-    for p, r, h, c, s in rows:
-        print(f"{p:50} {r / 2**20:8.1f} {h / 2**20:9.1f} {c / 2**20:10.1f} {s:7.1f}")
-
+    print(f"{'phase':50} {'RSS MiB':>8} {'peak MiB':>9} {'cache MiB':>10} {'fetched MB':>11} {'s':>7}")
+    for p, r, h, c, f, s in rows:
+        print(f"{p:50} {r / 2**20:8.1f} {h / 2**20:9.1f} {c / 2**20:10.1f} {f / 1e6:11.0f} {s:7.1f}")
 
 if __name__ == "__main__":
     main()

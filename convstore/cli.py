@@ -696,16 +696,16 @@ def layerstore(
     _prepare_mountpoint(mountpoint)
     stats = os.path.abspath(stats_file) if stats_file else None
     node_policy = _policy(policy)
-    report = {"metrics_address": _metrics_address(metrics_address), "memory_budget": int(memory_budget * (1 << 20))}
+    address, budget = _metrics_address(metrics_address), int(memory_budget * (1 << 20))
     if background:
         _mount_in_background({"op": "layerstore", "mountpoint": os.path.abspath(mountpoint), "stats_file": stats,
-                              "policy": node_policy.path, **report}, mountpoint, "the layer store")
+                              "policy": node_policy.path, "metrics_address": address, "memory_budget": budget},
+                             mountpoint, "the layer store")
         return
     from .engines.layerstore import LayerStore, serve_layerstore
     from .reader.chunkcache import ChunkCache
 
-    serve_layerstore(LayerStore(_store(), policy=node_policy, cache=ChunkCache(report["memory_budget"])), mountpoint,
-                     stats, report["metrics_address"])
+    serve_layerstore(LayerStore(_store(), policy=node_policy, cache=ChunkCache(budget)), mountpoint, stats, address)
 
 
 @app.command()

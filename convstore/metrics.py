@@ -217,7 +217,7 @@ class ProcessMetrics:
     # -- the stats file -----------------------------------------------------
     def stats_doc(self) -> dict[str, Any]:
         """This process's part of the stats file (``accumulate`` adds earlier processes')."""
-        images = {}
+        images: dict[str, Any] = {}
         with self._lock:
             for i in self._images:
                 doc = i.fetcher.stats.to_json()
@@ -401,15 +401,15 @@ class _Collector(Collector):
                 buckets.append((bound, cum))
             hist.add_metric([tier], buckets, latency_sum[tier])
         yield hist
-        c = m.cache
+        mc = m.cache
         yield GaugeMetricFamily("convstore_memory_cache_bytes", "Plaintext bytes in the process's chunk cache",
-                                value=c.bytes)
+                                value=mc.bytes)
         yield GaugeMetricFamily("convstore_memory_budget_bytes", "The process's memory budget (--memory-budget)",
-                                value=c.budget)
+                                value=mc.budget)
         yield GaugeMetricFamily("convstore_memory_cache_peak_bytes", "The most plaintext bytes ever cached at once",
-                                value=c.peak_bytes)
+                                value=mc.peak_bytes)
         yield CounterMetricFamily("convstore_memory_cache_evictions", "Chunks dropped to stay within the budget",
-                                  value=c.evictions)
+                                  value=mc.evictions)
         if m.node_cache is not None:
             d = m.node_cache
             yield GaugeMetricFamily("convstore_node_cache_bytes", "Bytes in the node's disk cache",

@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from ..core.chunks import Chunks
 from ..errors import ChunkMissing, error_cause
@@ -49,7 +50,7 @@ class FetchStats:
         cause = error_cause(e)
         counts[cause] = counts.get(cause, 0) + 1
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
