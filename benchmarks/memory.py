@@ -85,8 +85,12 @@ def variant(src: Path, dst: Path, n: int) -> None:
     put(blob(manifest["config"]["digest"]))
     for lay in manifest["layers"]:
         raw = blob(lay["digest"])
-        tar = zstandard.ZstdDecompressor().decompressobj().decompress(raw) if "zstd" in lay["mediaType"] \
-            else gzip.decompress(raw)
+        if raw[:2] == b"\x1f\x8b":
+            tar = gzip.decompress(raw)
+        elif raw[:4] == b"\x28\xb5\x2f\xfd":
+            tar = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+        else:
+            tar = raw  # an uncompressed layer
         again = gzip.compress(tar, compresslevel=1, mtime=n)
         lay.update(digest=put(again), size=len(again), mediaType="application/vnd.oci.image.layer.v1.tar+gzip")
     body = json.dumps(manifest).encode()
@@ -144,7 +148,11 @@ def main() -> None:
     os.chmod(work, 0o700)
     env = {**os.environ, "CONVSTORE_STORE": str(work / "store"), "CONVSTORE_KEY": f"file:{work / 'master.key'}",
            "CONVSTORE_STATE_DIR": str(work / "state"), "CONVSTORE_DAEMON": "0"}
+    os.environ["CONVSTORE_STATE_DIR"] = env["CONVSTORE_STATE_DIR"]  # this process opens the store too
     refs = prepare(work, env)
+    import shutil
+
+    shutil.rmtree(work / "store" / "profiles", ignore_errors=True)  # every run starts without start-up profiles
     store = convstore.Store.open(str(work / "store"), f"file:{work / 'master.key'}")
     plans = {r: start_files(store, r) for r in refs}
     mnt = work / "als"
@@ -184,6 +192,11 @@ def main() -> None:
 
     try:
         row("mounted", time.perf_counter())
+        t = time.perf_counter()
+        for ref in refs:  # the layer store builds each image's layer trees: its metadata, no content read
+            for lr in store.manifest(ref).layers:
+                os.stat(mnt / base64.b64encode(b"bench").decode() / lr.digest / "diff")
+        row("after opening the 20 images (no file read)", t)
         n = 0
         t = time.perf_counter()
         for k in range(a.starts):

@@ -224,6 +224,7 @@ class LayerStore:
         with self._lock:
             for _, _, f in self._manifests.values():
                 f.close()
+        self.metrics.close()
 
 
 _DIR = stat.S_IFDIR | 0o555

@@ -10,13 +10,32 @@ number of images, and lets images that share chunks share their copy.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
+import time
 from collections import OrderedDict
 
 from ..crypto import ChunkIdentity
 
 #: the default budget of a long-running process (mount, layer store, snapshotter)
 DEFAULT_MEMORY_BUDGET = 128 << 20
+#: evicted bytes (a fraction of the budget) after which freed memory is handed back to the system
+TRIM_FRACTION = 0.25
+TRIM_INTERVAL = 1.0  # seconds, at most once per
+
+
+def _malloc_trim() -> object:
+    """glibc's ``malloc_trim`` (None elsewhere): chunks are freed by the fetch pools' threads, each
+    allocating from its own malloc arena; without a trim, evicted plaintext stays in the process's RSS."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
 
 
 class ChunkCache:
@@ -33,6 +52,8 @@ class ChunkCache:
         self.bytes = 0  # plaintext bytes held now
         self.peak_bytes = 0  # the most ever held at once
         self.evictions = 0
+        self._evicted = 0  # bytes evicted since the last trim
+        self._trimmed = 0.0
 
     @staticmethod
     def key(ident: ChunkIdentity) -> bytes:
@@ -56,13 +77,23 @@ class ChunkCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return
+            dropped = []
             while self._items and self.bytes + len(data) > self.budget:
                 _, old = self._items.popitem(last=False)
                 self.bytes -= len(old)
                 self.evictions += 1
+                self._evicted += len(old)
+                dropped.append(old)
             self._items[key] = data
             self.bytes += len(data)
             self.peak_bytes = max(self.peak_bytes, self.bytes)
+            now = time.monotonic()
+            trim = self._evicted > self.budget * TRIM_FRACTION and now - self._trimmed > TRIM_INTERVAL
+            if trim:
+                self._evicted, self._trimmed = 0, now
+        del dropped  # freed here, outside the lock
+        if trim and _TRIM is not None:
+            _TRIM(0)  # type: ignore[operator]
 
     def __len__(self) -> int:
         with self._lock:
