@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -281,3 +282,46 @@ def test_podman_start_through_the_layer_store_is_recorded(tmp_path: Path, cli_en
         remove_podman_root(env, podman_root)
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
         reg.kill()
+
+
+@pytest.mark.corpus
+def test_containerd_snapshotter_endpoint(tmp_path: Path, cli_env: dict[str, str], corpus: dict) -> None:
+    """The snapshotter serves the same endpoint and stats file; a container run through it is counted, and its
+    start recorded, once its window has ended."""
+    need_tool("containerd")
+    need_tool("ctr")
+    from engine_fixtures import Containerd, unmount_below
+
+    run_cli(cli_env, "pack", f"oci:{CORPUS_DIR / 'app1'}:latest", "app1:latest")
+    sock, stats, port = tmp_path / "run" / "snapshotter.sock", tmp_path / "snap-stats.json", free_port()
+    snap = subprocess.Popen([sys.executable, "-m", "convstore", "snapshotter", str(tmp_path / "snapshots"), "--socket",
+                             str(sock), "--metrics-address", f"127.0.0.1:{port}", "--stats-file", str(stats),
+                             "--memory-budget", "48"], env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ctd = None
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert snap.poll() is None and time.monotonic() < deadline, "the snapshotter did not start"
+            time.sleep(0.05)
+        assert sample(scrape(port), "convstore_memory_budget_bytes") == 48 << 20
+        ctd = Containerd(tmp_path / "containerd", sock)
+        run_cli(cli_env, "containerd-load", "app1:latest", "--address", str(ctd.socket))
+        r = ctd.ctr("run", "--snapshotter", "convstore", "--rm", "convstore.local/app1:latest", "t0", check=False)
+        assert (r.returncode, r.stdout.strip()) == (0, "hello"), r.stderr
+        deadline = time.monotonic() + 40
+        while sample(m := scrape(port), "convstore_start_image_fraction_count") < 1:
+            assert time.monotonic() < deadline, "no start record"
+            time.sleep(0.2)
+        fetched = sample(m, "convstore_fetched_chunks_total", image="app1:latest", tier="origin")
+        assert fetched > 0 and sample(m, "convstore_memory_cache_peak_bytes") <= 48 << 20
+        deadline = time.monotonic() + 10
+        while json.loads(stats.read_text() if stats.exists() else "{}").get("images", {}).get(
+                "app1:latest", {}).get("chunks_fetched") != fetched:
+            assert time.monotonic() < deadline, stats.read_text() if stats.exists() else "no stats file"
+            time.sleep(0.1)
+    finally:
+        if ctd is not None:
+            ctd.stop()
+        snap.terminate()
+        assert snap.wait(timeout=30) == 0
+        unmount_below(tmp_path)
