@@ -11,7 +11,7 @@ number of images, and lets images that share chunks share their copy.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -25,17 +25,17 @@ TRIM_FRACTION = 0.25
 TRIM_INTERVAL = 1.0  # seconds, at most once per
 
 
-def _malloc_trim() -> object:
-    """glibc's ``malloc_trim`` (None elsewhere): chunks are freed by the fetch pools' threads, each
+def _malloc_trim() -> None:
+    """glibc's ``malloc_trim(0)`` (nothing elsewhere): chunks are freed by the fetch pools' threads, each
     allocating from its own malloc arena; without a trim, evicted plaintext stays in the process's RSS."""
-    name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: no library search, no subprocess
     except (OSError, AttributeError):
-        return None
+        pass
 
 
-_TRIM = _malloc_trim()
+#: whether freed memory can be handed back (glibc on Linux)
+CAN_TRIM = sys.platform.startswith("linux")
 
 
 class ChunkCache:
@@ -53,7 +53,8 @@ class ChunkCache:
         self.peak_bytes = 0  # the most ever held at once
         self.evictions = 0
         self._evicted = 0  # bytes evicted since the last trim
-        self._trimmed = 0.0
+        self._trim = threading.Event()
+        self._trimmer: threading.Thread | None = None
 
     @staticmethod
     def key(ident: ChunkIdentity) -> bytes:
@@ -87,13 +88,21 @@ class ChunkCache:
             self._items[key] = data
             self.bytes += len(data)
             self.peak_bytes = max(self.peak_bytes, self.bytes)
-            now = time.monotonic()
-            trim = self._evicted > self.budget * TRIM_FRACTION and now - self._trimmed > TRIM_INTERVAL
-            if trim:
-                self._evicted, self._trimmed = 0, now
+            if self._evicted > self.budget * TRIM_FRACTION and CAN_TRIM:
+                self._evicted = 0
+                if self._trimmer is None:
+                    self._trimmer = threading.Thread(target=self._trim_loop, name="convstore-trim", daemon=True)
+                    self._trimmer.start()
+                self._trim.set()
         del dropped  # freed here, outside the lock
-        if trim and _TRIM is not None:
-            _TRIM(0)  # type: ignore[operator]
+
+    def _trim_loop(self) -> None:
+        """Hand freed memory back to the system when asked, at most once per TRIM_INTERVAL (no reader waits)."""
+        while True:
+            self._trim.wait()
+            self._trim.clear()
+            _malloc_trim()
+            time.sleep(TRIM_INTERVAL)  # a rate limit, not an ordering
 
     def __len__(self) -> int:
         with self._lock:
