@@ -152,10 +152,6 @@ class ProcessMetrics:
                 self._watcher = threading.Thread(target=self._watch_starts, name="convstore-starts", daemon=True)
                 self._watcher.start()
 
-    def label(self, name: str) -> str:
-        with self._lock:
-            return self._labels.get(name, OTHER)
-
     def _watch_starts(self) -> None:
         """Open an image's start window at the first read of its content (a pull only looks at the tree;
         a container's first process reads), and record the start when it closes.  Reads the counters only."""
@@ -173,10 +169,11 @@ class ProcessMetrics:
                     self._record_start(img)
 
     def _record_start(self, img: _Image) -> None:
-        s = img.fetcher.stats
+        s = FetchStats(**img.fetcher.snapshot())
         rec = StartRecord(img.name, img.first_read_epoch, self.start_window, s.bytes_fetched,
                           s.bytes_fetched - s.disk_bytes,
-                          s.plain_bytes_fetched / img.plain_bytes if img.plain_bytes else 1.0, s.wait_seconds)
+                          min(1.0, s.plain_bytes_fetched / img.plain_bytes) if img.plain_bytes else 1.0,
+                          s.wait_seconds)
         with self._lock:
             self.starts = (self.starts + [rec])[-MAX_START_RECORDS:]
         self._start_fetched.observe(rec.fetched_bytes)
@@ -192,7 +189,7 @@ class ProcessMetrics:
             images = [(self._labels.get(i.name, OTHER), i) for i in self._images]
         out: dict[str, tuple[FetchStats, int, int]] = {}
         for label, i in images:
-            doc = i.fetcher.stats.to_json()
+            doc = i.fetcher.snapshot()
             if label in out:
                 prev, pb, pc = out[label]
                 out[label] = (FetchStats(**_merge(prev.to_json(), doc)), pb + i.plain_bytes, pc + i.chunks)
@@ -220,7 +217,7 @@ class ProcessMetrics:
         images: dict[str, Any] = {}
         with self._lock:
             for i in self._images:
-                doc = i.fetcher.stats.to_json()
+                doc = i.fetcher.snapshot()
                 images[i.name] = _merge(images[i.name], doc) if i.name in images else doc
             starts = [r.__dict__ for r in self.starts]
         errors: dict[str, int] = {}

@@ -94,6 +94,11 @@ class ChunkFetcher:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as they are now (a copy, taken under the lock: for reports)."""
+        with self._lock:
+            return self.stats.to_json()
+
     # -- chunk level --------------------------------------------------------
     def _load(self, idx: int) -> bytes:
         ident = self.manifest.chunks[idx]
