@@ -56,7 +56,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str
 def fetched(stats: Path) -> int:
     time.sleep(0.6)  # the stats writer's last flush
     doc = json.loads(stats.read_text()) if stats.exists() else {}
-    return sum(v["bytes_fetched"] for v in doc.values())
+    return sum(v["bytes_fetched"] for v in doc.get("images", {}).values())
 
 
 def podman_round(w: Path, ref: str, remote: list[str] | None) -> tuple[float, float, int]:

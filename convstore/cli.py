@@ -281,6 +281,35 @@ def _log_file_option() -> Any:
                              "else ~/.local/state/convstore/log]")
 
 
+def _metrics_option() -> Any:
+    return typer.Option(None, "--metrics-address", metavar="HOST:PORT",
+                        help="Serve Prometheus metrics at http://HOST:PORT/metrics (off by default; it names the "
+                             "images served: keep it on loopback or a trusted network)")
+
+
+def _memory_budget_option() -> Any:
+    return typer.Option(128.0, "--memory-budget", metavar="MIB", min=1,
+                        help="Plaintext chunks kept in memory, shared by every image this process serves")
+
+
+def _stats_file_option() -> Any:
+    return typer.Option(None, "--stats-file", metavar="PATH",
+                        help="Keep what was fetched, per image, and errors, caches and starts in this JSON file "
+                             "(added to across restarts)")
+
+
+def _metrics_address(spec: str | None) -> str | None:
+    """``--metrics-address`` checked before anything is mounted (a usage error if malformed)."""
+    if spec is not None:
+        from .metrics import parse_address
+
+        try:
+            parse_address(spec)
+        except ValueError as e:
+            raise typer.BadParameter(f"--metrics-address: {e}") from None
+    return spec
+
+
 def _policy(path: str | None) -> Any:
     """The trust policy at ``path`` (must exist), else the one the containers tools find."""
     from .oci.policy import load_policy
@@ -678,18 +707,23 @@ def mount(
     background: bool = typer.Option(False, "--background", "-b", help=_BACKGROUND_HELP),
     log_file: Optional[str] = _log_file_option(),
     policy: Optional[str] = _policy_option(),
+    metrics_address: Optional[str] = _metrics_option(),
+    memory_budget: float = _memory_budget_option(),
+    stats_file: Optional[str] = _stats_file_option(),
 ) -> None:
     """Mount an image read-only with FUSE (foreground until Ctrl-C / SIGTERM / unmount)."""
     _prepare_mountpoint(mountpoint)
     node_policy = _policy(policy)
+    report = {"metrics_address": _metrics_address(metrics_address), "memory_budget": int(memory_budget * (1 << 20)),
+              "stats_file": os.path.abspath(stats_file) if stats_file else None}
     if background:
         _serve_in_background({"op": "mount", "ref": ref, "mountpoint": os.path.abspath(mountpoint),
-                              "policy": node_policy.path}, "mount", mountpoint, ref, log_file)
+                              "policy": node_policy.path, **report}, "mount", mountpoint, ref, log_file)
         return
-    from .reader.fuse import mount_image
+    from .worker import run_mount
 
     _service_logging()
-    mount_image(_store(), ref, mountpoint, policy=node_policy)
+    run_mount(_store(), ref, mountpoint, node_policy, report)
 
 
 @app.command()
@@ -697,22 +731,26 @@ def layerstore(
     mountpoint: str = typer.Argument(..., metavar="MOUNTPOINT"),
     background: bool = typer.Option(False, "--background", "-b", help=_BACKGROUND_HELP),
     log_file: Optional[str] = _log_file_option(),
-    stats_file: Optional[str] = typer.Option(None, "--stats-file", metavar="PATH",
-                                             help="Keep what was fetched, per image, in this JSON file"),
+    stats_file: Optional[str] = _stats_file_option(),
     policy: Optional[str] = _policy_option(),
+    metrics_address: Optional[str] = _metrics_option(),
+    memory_budget: float = _memory_budget_option(),
 ) -> None:
     """Serve the store's layers to podman / CRI-O as an additional layer store (docs/engines.md)."""
     _prepare_mountpoint(mountpoint)
     stats = os.path.abspath(stats_file) if stats_file else None
     node_policy = _policy(policy)
+    address, budget = _metrics_address(metrics_address), int(memory_budget * (1 << 20))
     if background:
         _serve_in_background({"op": "layerstore", "mountpoint": os.path.abspath(mountpoint), "stats_file": stats,
-                              "policy": node_policy.path}, "layerstore", mountpoint, "the layer store", log_file)
+                              "policy": node_policy.path, "metrics_address": address, "memory_budget": budget},
+                             "layerstore", mountpoint, "the layer store", log_file)
         return
     from .engines.layerstore import LayerStore, serve_layerstore
+    from .reader.chunkcache import ChunkCache
 
     _service_logging()
-    serve_layerstore(LayerStore(_store(), policy=node_policy), mountpoint, stats)
+    serve_layerstore(LayerStore(_store(), policy=node_policy, cache=ChunkCache(budget)), mountpoint, stats, address)
 
 
 @app.command()
@@ -720,25 +758,28 @@ def snapshotter(
     root: str = typer.Argument(..., metavar="ROOT", help="Snapshot state and directories"),
     socket: str = typer.Option("/run/convstore/snapshotter.sock", "--socket", metavar="PATH",
                                help="The unix socket containerd's [proxy_plugins] entry names"),
-    stats_file: Optional[str] = typer.Option(None, "--stats-file", metavar="PATH",
-                                             help="Keep what was fetched, per image, in this JSON file"),
+    stats_file: Optional[str] = _stats_file_option(),
     background: bool = typer.Option(False, "--background", "-b", help="Return once it serves (stop it with kill PID)"),
     log_file: Optional[str] = _log_file_option(),
     policy: Optional[str] = _policy_option(),
+    metrics_address: Optional[str] = _metrics_option(),
+    memory_budget: float = _memory_budget_option(),
 ) -> None:
     """Serve containerd's snapshots API (a proxy snapshotter) with the store's layers (docs/engines.md)."""
     stats = os.path.abspath(stats_file) if stats_file else None
     node_policy = _policy(policy)
+    address, budget = _metrics_address(metrics_address), int(memory_budget * (1 << 20))
     if background:
         _serve_in_background({"op": "snapshotter", "root": os.path.abspath(root), "socket": os.path.abspath(socket),
-                              "stats_file": stats, "policy": node_policy.path}, "snapshotter", root,
-                             "the snapshotter", log_file)
+                              "stats_file": stats, "policy": node_policy.path, "metrics_address": address,
+                              "memory_budget": budget}, "snapshotter", root, "the snapshotter", log_file)
         return
     from .engines.layerstore import LayerStore
     from .engines.snapshotter import serve_snapshotter
+    from .reader.chunkcache import ChunkCache
 
     _service_logging()
-    serve_snapshotter(LayerStore(_store(), policy=node_policy), root, socket, stats)
+    serve_snapshotter(LayerStore(_store(), policy=node_policy, cache=ChunkCache(budget)), root, socket, stats, address)
 
 
 @app.command("containerd-load")

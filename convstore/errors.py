@@ -222,3 +222,26 @@ class ServiceStartTimeout(ServiceError):
 class ConfigError(ConvstoreError):
     """The config file (``--config``, ``$CONVSTORE_CONFIG``, ``/etc/convstore/config.toml``) cannot be used:
     unreadable, not TOML, an unknown section or key, a value of the wrong type, or a newer version."""
+
+
+#: why a read failed, by exception class (the first of an error's classes, most derived first, found here);
+#: the bounded set of causes the metrics and the stats file count read errors under
+READ_ERROR_CAUSES = {
+    "ChunkMissing": "missing",
+    "RegistryCorrupt": "corrupt",  # the store has no such chunk (removed, or a hint and the index both stale)
+    "CorruptObject": "corrupt",  # the chunk does not authenticate against its manifest (tampered, damaged)
+    "RegistryTooSlow": "timeout",
+    "TimeoutError": "timeout",
+    "ConnectionError": "unreachable",  # refused, reset, no route (requests' and the built-in one alike)
+    "RegistryError": "registry",  # any other registry answer (HTTP error, oversized, ...)
+    "OSError": "io",
+}
+
+
+def error_cause(exc: BaseException) -> str:
+    """The cause a failed read is counted under: one of READ_ERROR_CAUSES' values, else "other"."""
+    for cls in type(exc).__mro__:
+        cause = READ_ERROR_CAUSES.get(cls.__name__)
+        if cause is not None:
+            return cause
+    return "other"

@@ -10,9 +10,12 @@ reports a failure as one line on its standard error and exits 1.
 Tasks::
 
     {"op": "repack", "ref": NAME:TAG}   (the reactivation of an INACTIVE image: convstore.pack.repack)
-    {"op": "mount", "ref": NAME:TAG, "mountpoint": DIR, "policy": PATH or null}
-    {"op": "layerstore", "mountpoint": DIR, "stats_file": PATH or null, "policy": PATH or null}
-    {"op": "snapshotter", "root": DIR, "socket": PATH, "stats_file": PATH or null, "policy": PATH or null}
+    {"op": "mount", "ref": NAME:TAG, "mountpoint": DIR, "policy": PATH or null, "stats_file": PATH or null,
+     "metrics_address": HOST:PORT or null, "memory_budget": BYTES}
+    {"op": "layerstore", "mountpoint": DIR, "stats_file": PATH or null, "policy": PATH or null,
+     "metrics_address": HOST:PORT or null, "memory_budget": BYTES}
+    {"op": "snapshotter", "root": DIR, "socket": PATH, "stats_file": PATH or null, "policy": PATH or null,
+     "metrics_address": HOST:PORT or null, "memory_budget": BYTES}
 
 The services (mount, layerstore, snapshotter) log to standard error (the
 log file ``--background`` opened) and say ``READY=1`` on ``$NOTIFY_SOCKET``
@@ -30,12 +33,16 @@ import subprocess
 import urllib.parse
 import sys
 from dataclasses import replace
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import hardening
 from .core.catalog import CatalogEntry
 from .errors import ConvstoreError, StoreError
 from .options import StoreOptions
+
+if TYPE_CHECKING:
+    from .core.repository import Repository
+    from .oci.policy import Policy
 
 #: variables that may hold a secret (a key spec can carry a PIN); a worker gets what it needs on its pipe
 SECRET_ENV = ("CONVSTORE_KEY",)
@@ -100,20 +107,36 @@ def run_task(doc: dict[str, Any]) -> None:
 
         repack(store, task["ref"])  # source, digests and domain from the authenticated entry
     elif task["op"] == "mount":
-        from .reader.fuse import mount_image
-
-        mount_image(store, task["ref"], task["mountpoint"], policy=policy)
+        run_mount(store, task["ref"], task["mountpoint"], policy, task)
     elif task["op"] == "layerstore":
         from .engines.layerstore import LayerStore, serve_layerstore
+        from .reader.chunkcache import DEFAULT_MEMORY_BUDGET, ChunkCache
 
-        serve_layerstore(LayerStore(store, policy=policy), task["mountpoint"], task.get("stats_file"))
+        cache = ChunkCache(int(task.get("memory_budget") or DEFAULT_MEMORY_BUDGET))
+        serve_layerstore(LayerStore(store, policy=policy, cache=cache), task["mountpoint"], task.get("stats_file"),
+                         task.get("metrics_address"))
     elif task["op"] == "snapshotter":
         from .engines.layerstore import LayerStore
         from .engines.snapshotter import serve_snapshotter
+        from .reader.chunkcache import DEFAULT_MEMORY_BUDGET, ChunkCache
 
-        serve_snapshotter(LayerStore(store, policy=policy), task["root"], task["socket"], task.get("stats_file"))
+        cache = ChunkCache(int(task.get("memory_budget") or DEFAULT_MEMORY_BUDGET))
+        serve_snapshotter(LayerStore(store, policy=policy, cache=cache), task["root"], task["socket"],
+                          task.get("stats_file"), task.get("metrics_address"))
     else:
         raise ConvstoreError(f"unknown worker task {task.get('op')!r}")
+
+
+def run_mount(store: Repository, ref: str, mountpoint: str, policy: Policy | None, report: dict[str, Any]) -> None:
+    """``convstore mount`` (foreground or its worker): ``report`` holds ``memory_budget`` (bytes),
+    ``metrics_address`` and ``stats_file`` (or None)."""
+    from .metrics import mount_reporting
+    from .reader.chunkcache import DEFAULT_MEMORY_BUDGET, ChunkCache
+    from .reader.fuse import mount_image
+
+    cache = ChunkCache(int(report.get("memory_budget") or DEFAULT_MEMORY_BUDGET))
+    mount_image(store, ref, mountpoint, policy=policy, cache=cache,
+                report=mount_reporting(store, cache, report.get("metrics_address"), report.get("stats_file")))
 
 
 def main() -> int:

@@ -144,7 +144,7 @@ def test_layer_store_tree(layerstore, tmp_path: Path) -> None:
     finally:
         subprocess.run(["umount", str(merged)], check=True)
     deadline = time.monotonic() + 10
-    while not (stats.exists() and json.loads(stats.read_text()).get("two:1", {}).get("chunks_fetched")):
+    while not (stats.exists() and json.loads(stats.read_text())["images"].get("two:1", {}).get("chunks_fetched")):
         assert time.monotonic() < deadline, "the stats file never showed the reads"
         time.sleep(0.1)
     assert stats.stat().st_mode & 0o777 == 0o600  # it names the images this node runs
@@ -178,7 +178,7 @@ def test_podman_runs_from_the_layer_store(tmp_path: Path, cli_env: dict[str, str
         deadline = time.monotonic() + 10
         while True:
             st = json.loads((tmp_path / "stats.json").read_text()) if (tmp_path / "stats.json").exists() else {}
-            got = st.get(f"{image}:latest", {})
+            got = st.get("images", {}).get(f"{image}:latest", {})
             if got.get("chunks_fetched") or time.monotonic() > deadline:
                 break
             time.sleep(0.1)

@@ -24,9 +24,10 @@ blob's size but refuses reads (EIO): convstore keeps the layer's tar, not the
 original compressed bytes.  Like ``convstore run``, the store prefetches an
 image's recorded start-up profile when it first serves one of its layers,
 and records one (the chunks read in its first 10 s) for an image that has
-none.  What was fetched, per image, is written as JSON
-to a stats file when one is given (``--stats-file``), every half second
-while it changes and at the end.
+none.  All images share one memory budget (``--memory-budget``, a
+:class:`ChunkCache`); what was fetched is reported by the process's
+:class:`~convstore.metrics.ProcessMetrics` (``--metrics-address``,
+``--stats-file``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -52,11 +52,13 @@ from ..core.catalog import CatalogEntry
 from ..errors import ConvstoreError, ImageNotFound
 from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
+from ..metrics import ProcessMetrics, node_cache_of, reporting
 from ..oci.media import check_digest
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
 from ..paths import components
 from ..core.repository import Repository
+from ..reader.chunkcache import ChunkCache
 from ..reader.fetcher import ChunkFetcher
 from ..reader.fuse import BackgroundMount, ImageOperations, mount_answers, serve
 from ..service import sdnotify
@@ -96,10 +98,11 @@ class LayerStore:
     """Layers by blob digest over a store's ACTIVE images, each served once
     as an :class:`ImageFS` of that layer alone (one chunk fetcher per image)."""
 
-    def __init__(self, store: Repository, *, cache_bytes: int = 256 << 20, policy: Policy | None = None) -> None:
+    def __init__(self, store: Repository, *, cache: ChunkCache | None = None, policy: Policy | None = None) -> None:
         self.store = store
         self.policy = policy  # the node's trust policy: images it refuses are not served
-        self.cache_bytes = cache_bytes
+        self.cache = cache if cache is not None else ChunkCache()  # one memory budget for every image served
+        self.metrics = ProcessMetrics(self.cache, node_cache_of(store))
         self._lock = threading.Lock()
         self._layers: dict[str, _Layer] = {}
         self._chains: dict[str, tuple[str, str]] = {}  # chain ID -> (blob digest, parent chain ID or "")
@@ -212,8 +215,9 @@ class LayerStore:
                 key = entry.manifest_digest or ""  # the image may have been packed again since the scan
                 got = self._manifests.get(key)
                 if got is None:
-                    fetcher = ChunkFetcher(self.store.chunks, manifest, cache_bytes=self.cache_bytes)
+                    fetcher = ChunkFetcher(self.store.chunks, manifest, cache=self.cache)
                     got = self._manifests[key] = (entry, manifest, fetcher)
+                    self.metrics.add_image(str(entry.ref), fetcher, manifest)
                     self._start_profile(key, entry, fetcher)
             index = next((i for i, lr in enumerate(got[1].layers) if lr.digest == digest), None)
             if index is None:
@@ -261,6 +265,7 @@ class LayerStore:
         with self._lock:
             for _, _, f in self._manifests.values():
                 f.close()
+        self.metrics.close()
 
 
 _DIR = stat.S_IFDIR | 0o555
@@ -426,42 +431,20 @@ class LayerMount:
         self._mount.__exit__(*exc)
 
 
-def serve_layerstore(layers: LayerStore, mountpoint: str, stats_file: str | None = None) -> None:
-    """Serve ``layers`` at ``mountpoint`` until unmounted (then closes them)."""
+def serve_layerstore(layers: LayerStore, mountpoint: str, stats_file: str | None = None,
+                     metrics_address: str | None = None) -> None:
+    """Serve ``layers`` at ``mountpoint`` until unmounted (then closes them),
+    reporting on ``metrics_address`` and in ``stats_file`` if given."""
     sdnotify.status("scanning the store")
     layers.scan()
     done = threading.Event()
-    writer = threading.Thread(target=write_stats, args=(layers, stats_file, done), daemon=True)
-    if stats_file:
-        writer.start()
     threading.Thread(target=layers.watch, args=(done,), daemon=True, name="convstore-layers-watch").start()
     try:
-        serve(None, mountpoint, LayerStoreOperations(layers), read_only=False,
-              on_ready=lambda: sdnotify.serving(f"serving the layer store at {mountpoint}",
-                                                lambda: mount_answers(mountpoint), log))
+        with reporting(layers.metrics, metrics_address, stats_file):
+            serve(None, mountpoint, LayerStoreOperations(layers), read_only=False,
+                  on_ready=lambda: sdnotify.serving(f"serving the layer store at {mountpoint}",
+                                                    lambda: mount_answers(mountpoint), log))
     finally:
         sdnotify.stopping(f"unmounted the layer store from {mountpoint}")
         done.set()
-        if stats_file:
-            writer.join(timeout=5)
         layers.close()
-
-
-def write_stats(layers: LayerStore, path: str | None, done: threading.Event) -> None:
-    """Keep ``path`` holding the layers' fetch counters (JSON) until ``done``, and once more then."""
-    assert path is not None
-    last = None
-    while True:
-        stopping = done.wait(0.5)
-        doc = json.dumps(layers.stats(), indent=1, sort_keys=True)
-        if doc != last:
-            try:
-                fd, tmp = tempfile.mkstemp(prefix=".stats-", dir=os.path.dirname(os.path.abspath(path)))
-                with os.fdopen(fd, "w") as f:
-                    f.write(doc + "\n")
-                os.replace(tmp, path)  # mkstemp's 0600: it names the images this node runs
-                last = doc
-            except OSError as e:
-                log.warning("layer store: cannot write %s: %s", path, e.strerror)
-        if stopping:
-            return

@@ -54,7 +54,8 @@ from ..reader.fuse import mount_answers
 from ..service import sdnotify
 from . import containerd_api as api
 from .ctrfilter import FilterError, Subject, parse_all
-from .layerstore import LayerMount, LayerStore, chain_ids, write_stats
+from ..metrics import reporting
+from .layerstore import LayerMount, LayerStore, chain_ids
 from .snapmeta import MAX_KEY, Snap, SnapshotDB, label_problem
 
 log = logging.getLogger(__name__)
@@ -419,10 +420,11 @@ class Snapshotter:
         return grpc.method_handlers_generic_handler(api.SERVICE, handlers)
 
 
-def serve_snapshotter(layers: LayerStore, root: str, socket_path: str, stats_file: str | None = None) -> None:
+def serve_snapshotter(layers: LayerStore, root: str, socket_path: str, stats_file: str | None = None,
+                      metrics_address: str | None = None) -> None:
     """Serve on the unix socket ``socket_path`` until SIGINT/SIGTERM, with
-    ``layers`` mounted at ``ROOT/layers``; what the layers fetched goes to
-    ``stats_file`` as the layer store writes it."""
+    ``layers`` mounted at ``ROOT/layers``; what the layers fetched is
+    reported on ``metrics_address`` and in ``stats_file`` as the layer store does."""
     import signal
 
     grpc = _grpc()
@@ -451,17 +453,13 @@ def serve_snapshotter(layers: LayerStore, root: str, socket_path: str, stats_fil
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *a: stop.set())
-        writer = threading.Thread(target=write_stats, args=(snap.layers, stats_file, stop), daemon=True)
-        if stats_file:
-            writer.start()
-        # its layers are mounted (LayerMount waits for that) and the socket listens: containerd may call
-        sdnotify.serving(f"convstore snapshotter serving on {socket_path}, layers at {layer_mount.mountpoint}",
-                         lambda: mount_answers(layer_mount.mountpoint) and _socket_answers(socket_path), log)
-        stop.wait()
-        sdnotify.stopping(f"convstore snapshotter stopping on {socket_path}")
-        server.stop(grace=2).wait()
-        if stats_file:
-            writer.join(timeout=5)
+        with reporting(snap.layers.metrics, metrics_address, stats_file):
+            # its layers are mounted (LayerMount waits for that) and the socket listens: containerd may call
+            sdnotify.serving(f"convstore snapshotter serving on {socket_path}, layers at {layer_mount.mountpoint}",
+                             lambda: mount_answers(layer_mount.mountpoint) and _socket_answers(socket_path), log)
+            stop.wait()
+            sdnotify.stopping(f"convstore snapshotter stopping on {socket_path}")
+            server.stop(grace=2).wait()
 
 
 def _socket_answers(path: str) -> bool:

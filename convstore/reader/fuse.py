@@ -6,6 +6,7 @@ EIO, and is logged by name; the mount stays up and always unmounts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -15,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 
@@ -50,6 +52,7 @@ from ..errors import ConvstoreError, ExposedMountpoint, StoreError
 from ..oci.policy import Policy, require
 from ..core.repository import Repository
 from ..service import sdnotify
+from .chunkcache import ChunkCache
 from .imagefs import PREFETCH_ON_OPEN, FSError, ImageFS, Node
 
 log = logging.getLogger(__name__)
@@ -247,16 +250,21 @@ def _when_served(ops: ImageOperations, mountpoint: str, on_ready: Callable[[], o
         done.wait(0.02)
 
 
-def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy | None = None) -> None:
+def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy | None = None,
+                cache: ChunkCache | None = None,
+                report: Callable[[ImageFS], AbstractContextManager[None]] | None = None) -> None:
     """``convstore mount`` (in the foreground, or in its background worker):
     serve image ``ref`` read-only at ``mountpoint`` until unmounted, once
-    ``policy`` (the node's trust policy) accepts it.  Tells a service
-    manager (``$NOTIFY_SOCKET``) when it serves and when it stops."""
-    with ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN) as fs:
+    ``policy`` (the node's trust policy) accepts it; ``cache``: the process's
+    memory budget; ``report``: what reports on the image while it is served
+    (metrics, stats file).  Tells a service manager (``$NOTIFY_SOCKET``) when
+    it serves and when it stops."""
+    with ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN, cache=cache) as fs:
         require(policy, fs.manifest, ref)
         try:
-            serve(fs, mountpoint, on_ready=lambda: sdnotify.serving(f"serving {ref} at {mountpoint}",
-                                                                    lambda: mount_answers(mountpoint), log))
+            with report(fs) if report is not None else contextlib.nullcontext():
+                serve(fs, mountpoint, on_ready=lambda: sdnotify.serving(f"serving {ref} at {mountpoint}",
+                                                                        lambda: mount_answers(mountpoint), log))
         finally:
             sdnotify.stopping(f"unmounted {ref} from {mountpoint}")
 

@@ -19,6 +19,7 @@ from ..merge import Node, layer_tree, merge_layers
 from ..paths import MAX_LINKS, components
 from ..core.catalog import CatalogEntry
 from ..core.repository import Repository
+from .chunkcache import ChunkCache
 from .fetcher import ChunkFetcher
 
 # ``prefetch_on_open`` where processes read the image (mount, run, the engines): a process that opens a
@@ -76,11 +77,12 @@ class ImageFS:
 
     @classmethod
     def from_store(cls, store: Repository, ref: str, *, cache_bytes: int = 256 << 20, workers: int = 16,
-                   readahead: int = 8, prefetch_on_open: int = 0) -> ImageFS:
-        """Open ``ref``: loads (and authenticates) its manifest, reads no chunk."""
+                   readahead: int = 8, prefetch_on_open: int = 0, cache: ChunkCache | None = None) -> ImageFS:
+        """Open ``ref``: loads (and authenticates) its manifest, reads no chunk.
+        ``cache``: the process's shared plaintext cache (else one of ``cache_bytes``)."""
         entry, manifest = store.open_image(ref)
         fs = cls(manifest, ChunkFetcher(store.chunks, manifest, cache_bytes=cache_bytes, workers=workers,
-                                        readahead=readahead), prefetch_on_open)
+                                        readahead=readahead, cache=cache), prefetch_on_open)
         fs.entry = entry
         return fs
 

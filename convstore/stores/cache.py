@@ -142,6 +142,10 @@ class CachedChunkStore(ForwardingChunkStore):
     def _name(cid: bytes) -> str:
         return "chunk " + cid.hex()
 
+    def is_cached(self, cid: bytes) -> bool:
+        """Whether the node's disk cache holds the chunk (which tier a read will come from)."""
+        return self.cache.contains(self._name(cid))
+
     def get(self, cid: bytes, hint: Location | None = None) -> bytes:
         data = self.cache.get(self._name(cid))
         if data is None:
