@@ -23,6 +23,8 @@ key material.
     │   ├── CorruptObject      an object fails authentication or its hash
     │   │   └── TamperedObject a metadata object was edited, renamed, moved or forged
     │   ├── RollbackDetected   a tag or domain went back to a version older than this client saw
+    │   ├── FuseSessionError   a held FUSE session cannot be taken over (other image, holder refuses)
+    │   ├── KernelFuseError    the low-level FUSE server cannot mount (mount(2) refused)
     │   └── StoreFormatError   unknown or future on-disk format version
     ├── KeyProviderError       key provider failures
     │   ├── KeyAccessDenied    the provider refuses (wrong key, revoked, moved wrapped key)
@@ -180,6 +182,15 @@ class KeyFileMissing(KeyFileError, KeyNotFound):
 
 class UnsafePathError(ConvstoreError):
     """A layer entry would be written outside the target directory."""
+
+
+class FuseSessionError(StoreError):
+    """A FUSE session kept by a holder (failover) cannot be taken over: it serves another image, or its
+    holder refuses or is unreadable."""
+
+
+class KernelFuseError(StoreError):
+    """The low-level FUSE server cannot mount or serve (mount(2) refused, /dev/fuse unusable)."""
 
 
 class ExposedMountpoint(ConvstoreError):

@@ -1,4 +1,9 @@
-"""Read-only FUSE mount of an :class:`ImageFS` (mfusepy on libfuse3).
+"""Read-only FUSE mount of an :class:`ImageFS`.
+
+As root, an image is served by the low-level server of :mod:`.kfuse`
+(kernel protocol on /dev/fuse: stable nodeids, no open round trips,
+failover through :mod:`.fdholder`); otherwise, and for trees of other
+callbacks (the layer store), by mfusepy on libfuse3.
 
 A chunk that is missing or corrupt fails only the read that needs it, with
 EIO, and is logged by name; the mount stays up and always unmounts.
@@ -21,6 +26,7 @@ import mfusepy
 from ..errors import ConvstoreError, ExposedMountpoint, StoreError
 from ..oci.policy import Policy, require
 from ..core.repository import Repository
+from . import fdholder, kfuse
 from .imagefs import PREFETCH_ON_OPEN, FSError, ImageFS, Node
 
 log = logging.getLogger(__name__)
@@ -167,15 +173,26 @@ def check_private_mountpoint(mountpoint: str) -> None:
                                 f"decrypted files; fix: {fix}")
 
 
-def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None, read_only: bool = True) -> None:
-    """Serve in the foreground until unmounted (libfuse handles SIGINT/SIGTERM
-    by unmounting cleanly).  A dead mount left there by a killed process is
-    detached first.  A mount for every user needs a private mount point
-    (:func:`check_private_mountpoint`)."""
+def low_level(fs: ImageFS | None, ops: ImageOperations | None) -> bool:
+    """Whether this mount is served by :mod:`.kfuse`: an image (not other callbacks) and a process that
+    may mount(2) (root; ``CONVSTORE_FUSE=libfuse`` forces libfuse)."""
+    return fs is not None and (ops is None or type(ops) is ImageOperations) and kfuse.available()
+
+
+def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None, read_only: bool = True,
+          ref: str = "") -> None:
+    """Serve in the foreground until unmounted (SIGINT/SIGTERM unmount
+    cleanly).  A dead mount left there by a killed process is detached
+    first; one whose session a holder keeps is taken over (kfuse).  A mount
+    for every user needs a private mount point (:func:`check_private_mountpoint`)."""
     opts = fuse_options(read_only=read_only)
     if opts.get("allow_other"):
         check_private_mountpoint(mountpoint)
     recover_stale_mount(mountpoint)
+    if low_level(fs, ops):
+        assert fs is not None
+        kfuse.serve(fs, mountpoint, counters=ops, read_only=read_only, ref=ref)
+        return
     try:
         mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=False, **opts)
     except RuntimeError as e:
@@ -191,13 +208,16 @@ def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy 
     ``policy`` (the node's trust policy) accepts it."""
     with ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN) as fs:
         require(policy, fs.manifest, ref)
-        serve(fs, mountpoint)
+        serve(fs, mountpoint, ref=ref)
 
 
 def recover_stale_mount(mountpoint: str) -> bool:
     """If ``mountpoint`` is a FUSE mount whose process died ("transport
     endpoint is not connected"), detach it (lazily) so it can be mounted
-    again; whether one was found.  A live mount is left alone."""
+    again; whether one was found.  A live mount is left alone, and so is one
+    whose session a holder keeps for a successor (:mod:`.fdholder`)."""
+    if fdholder.held(mountpoint):
+        return False
     try:
         os.statvfs(mountpoint)  # always asks the daemon (a stat may be answered from the kernel's cache)
         return False
@@ -236,6 +256,7 @@ class BackgroundMount:
         self.read_only = read_only
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.server: kfuse.KernelServer | None = None  # the low-level server, when it serves this mount
 
     def _run(self) -> None:
         try:
@@ -247,6 +268,12 @@ class BackgroundMount:
         if not os.path.exists("/dev/fuse"):
             raise StoreError("FUSE is not available (/dev/fuse is missing)")
         os.makedirs(self.mountpoint, exist_ok=True)
+        if low_level(self.fs, self.ops):
+            assert self.fs is not None
+            check_private_mountpoint(self.mountpoint)
+            recover_stale_mount(self.mountpoint)
+            self.server = kfuse.start(self.fs, self.mountpoint, counters=self.ops, read_only=self.read_only)
+            return self
         self._thread = threading.Thread(target=self._run, name="convstore-fuse", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
@@ -261,5 +288,7 @@ class BackgroundMount:
 
     def __exit__(self, *exc: object) -> None:
         unmount(self.mountpoint)
+        if self.server is not None and self.server.wait(10):
+            os.close(self.server.fd)  # ended: else (lazily detached, files still open) it serves on
         if self._thread is not None:
             self._thread.join(timeout=10)

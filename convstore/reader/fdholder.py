@@ -1,0 +1,245 @@
+"""The FUSE session holder: keeps a mount's ``/dev/fuse`` connection alive across its server's death.
+
+When the low-level server (:mod:`.kfuse`) has mounted and answered the
+kernel's INIT, it starts a holder: a small process of its own (``python -m
+convstore.reader.fdholder``, a new session, so a kill of the server's
+process group spares it) that keeps a duplicate of the ``/dev/fuse`` fd and
+what a successor needs (the image's manifest digest, the negotiated INIT
+parameters).  While it holds the fd the kernel keeps the connection: readers
+of a killed server wait instead of failing with ENOTCONN.  A successor
+started the same way (``convstore mount REF MOUNTPOINT``) asks the holder
+for the fd (SCM_RIGHTS over the holder's unix socket), checks it serves the
+same manifest (same inode numbers, the kernel's nodeids) and serves on; the
+requests its predecessor had taken are asked for again (FUSE_NOTIFY_RESEND).
+
+The fd is the filesystem: whoever has it answers every read of the mount.
+The socket is 0600 in a 0700 directory, and the holder also checks its peer
+with SO_PEERCRED: only a process of the holder's own uid gets it (a
+stranger's connection is closed and logged).  The holder exits when the
+connection ends (unmounted or aborted: ``/dev/fuse`` polls POLLERR) or when
+told to drop it (a clean stop).
+
+Session state (JSON, format version 1)::
+
+    {"version": 1, "mountpoint": DIR, "manifest_digest": "sha256:...", "ref": NAME:TAG,
+     "init": {"major": 7, "minor": N, "flags": N, "max_readahead": N}}
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import json
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+from typing import Any
+
+STATE_VERSION = 1
+_MAX_STATE = 64 << 10
+
+
+def sessions_dir() -> str:
+    """Where holders listen: ``$CONVSTORE_FUSE_SESSIONS``, else /run/convstore/fuse (root) or
+    ``$XDG_RUNTIME_DIR/convstore/fuse``."""
+    d = os.environ.get("CONVSTORE_FUSE_SESSIONS")
+    if d:
+        return d
+    if os.geteuid() != 0 and os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "convstore", "fuse")
+    return "/run/convstore/fuse"
+
+
+def mount_key(mountpoint: str) -> str:
+    """The mount point, absolute, its parent resolved: never a syscall on the mount point itself
+    (a mount whose server is gone would block it)."""
+    a = os.path.abspath(mountpoint)
+    return os.path.join(os.path.realpath(os.path.dirname(a)), os.path.basename(a))
+
+
+def socket_path(mountpoint: str) -> str:
+    h = hashlib.sha256(os.fsencode(mount_key(mountpoint))).hexdigest()[:32]
+    return os.path.join(sessions_dir(), f"{h}.sock")
+
+
+# -- the client side (the server processes) -------------------------------------
+def _connect(mountpoint: str) -> socket.socket | None:
+    path = socket_path(mountpoint)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(10)
+    try:
+        s.connect(path)
+    except FileNotFoundError:
+        s.close()
+        return None
+    except ConnectionRefusedError:  # a holder that died: its socket is left over
+        s.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
+    return s
+
+
+def held(mountpoint: str) -> bool:
+    """Whether a holder keeps a session for ``mountpoint`` (asks it; never touches the mount)."""
+    s = _connect(mountpoint)
+    if s is None:
+        return False
+    try:
+        s.sendall(b'{"op": "ping"}\n')
+        return s.recv(16).startswith(b"ok")
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def take(mountpoint: str) -> tuple[int, dict[str, Any]] | None:
+    """A duplicate of the held ``/dev/fuse`` fd and the session state, or None when nothing is held.
+    The holder keeps its own copy (a successor of the successor can take it again)."""
+    from ..errors import FuseSessionError
+
+    s = _connect(mountpoint)
+    if s is None:
+        return None
+    try:
+        s.sendall(b'{"op": "get"}\n')
+        fds = array.array("i")
+        msg, anc, _flags, _addr = s.recvmsg(_MAX_STATE, socket.CMSG_SPACE(fds.itemsize))
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - (len(data) % fds.itemsize)])
+    except OSError as e:
+        raise FuseSessionError(f"the FUSE session holder of {mountpoint} did not answer: {e}") from None
+    finally:
+        s.close()
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise FuseSessionError(f"the FUSE session holder of {mountpoint} refused to hand over its session "
+                               f"({msg.decode(errors='replace').strip() or 'no answer'})")
+    try:
+        state = json.loads(msg)
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"version {state.get('version') if isinstance(state, dict) else '?'}")
+    except ValueError as e:
+        os.close(fds[0])
+        raise FuseSessionError(f"the FUSE session holder of {mountpoint} sent unreadable state: {e}") from None
+    return fds[0], state
+
+
+def drop(mountpoint: str) -> None:
+    """Tell the holder to close its fd and exit (a clean stop); nothing if there is none."""
+    s = _connect(mountpoint)
+    if s is None:
+        return
+    try:
+        s.sendall(b'{"op": "drop"}\n')
+        s.recv(16)
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
+def hold(mountpoint: str, fd: int, state: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """Start a holder keeping ``fd`` (a duplicate) and ``state`` for ``mountpoint``; returns once it listens."""
+    from ..errors import FuseSessionError
+
+    d = sessions_dir()
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.stat(d)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise FuseSessionError(f"{d} must be a directory of uid {os.geteuid()} closed to others (mode 0700)")
+    p = subprocess.Popen([sys.executable, "-m", "convstore.reader.fdholder", socket_path(mountpoint), str(fd)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd,), start_new_session=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("CONVSTORE_KEY")})
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write(json.dumps({**state, "version": STATE_VERSION}).encode())
+    p.stdin.close()
+    line = p.stdout.readline()  # "ready" once it listens, nothing if it failed
+    p.stdout.close()
+    if not line.startswith(b"ready"):
+        p.wait()
+        raise FuseSessionError(f"the FUSE session holder for {mountpoint} failed to start (exit {p.returncode})")
+    return p
+
+
+# -- the holder process ---------------------------------------------------------
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def _serve_holder(path: str, fuse_fd: int, state: bytes) -> None:
+    old = os.umask(0o177)
+    try:
+        if os.path.exists(path):
+            os.unlink(path)  # a dead holder's socket (the client found nobody listening)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        srv.bind(path)
+    finally:
+        os.umask(old)
+    srv.listen(8)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    os.close(1)
+    me = os.geteuid()
+    poll = select.poll()
+    poll.register(srv.fileno(), select.POLLIN)
+    poll.register(fuse_fd, 0)  # POLLERR/POLLHUP only: the connection ended
+    try:
+        while True:
+            for fd, ev in poll.poll():
+                if fd == fuse_fd:
+                    return  # unmounted or aborted: nothing left to hold
+                conn, _ = srv.accept()
+                with conn:
+                    conn.settimeout(5)
+                    uid = _peer_uid(conn)
+                    if uid != me:
+                        sys.stderr.write(f"convstore fdholder: refused a connection from uid {uid} to {path}\n")
+                        continue  # never the fd, not even the state
+                    try:
+                        req = json.loads(conn.recv(4096) or b"{}")
+                    except (ValueError, OSError):
+                        continue
+                    op = req.get("op") if isinstance(req, dict) else None
+                    try:
+                        if op == "ping":
+                            conn.sendall(b"ok\n")
+                        elif op == "get":
+                            conn.sendmsg([state], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                    array.array("i", [fuse_fd]).tobytes())])
+                        elif op == "drop":
+                            conn.sendall(b"ok\n")
+                            return
+                    except OSError:
+                        continue
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fuse_fd)
+
+
+def main() -> None:
+    path, fd = sys.argv[1], int(sys.argv[2])
+    state = sys.stdin.buffer.read(_MAX_STATE + 1)
+    if len(state) > _MAX_STATE:
+        sys.exit("convstore fdholder: session state too large")
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C to the server's group is not for the holder
+    _serve_holder(path, fd, state)
+
+
+if __name__ == "__main__":
+    main()

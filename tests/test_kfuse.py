@@ -1,0 +1,237 @@
+"""The low-level FUSE server (convstore.reader.kfuse) and its failover (convstore.reader.fdholder), on real FUSE."""
+
+from __future__ import annotations
+
+import array
+import errno
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from imagebuilder import write_oci
+from test_reader import BIG, layers
+from treecmp import walk
+
+from convstore.errors import FuseSessionError
+from convstore.reader import ImageFS, fdholder, kfuse
+from convstore.reader.fuse import BackgroundMount
+
+pytestmark = pytest.mark.skipif(not kfuse.available(), reason="the low-level server mounts as root only")
+
+
+@pytest.fixture
+def image(tmp_path, store):
+    write_oci(str(tmp_path / "src"), layers())
+    store.pack(f"oci:{tmp_path / 'src'}", "lazy:1")
+    return store
+
+
+@pytest.fixture
+def sessions(monkeypatch):
+    """The holders' sockets: a short private path (a unix socket's path is at most 107 bytes)."""
+    d = tempfile.mkdtemp(prefix="kfuse-", dir="/tmp")
+    monkeypatch.setenv("CONVSTORE_FUSE_SESSIONS", d)
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _wait_for(cond, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_low_level_server_serves_the_image(image, tmp_path, sessions):
+    """The same tree as an unpack, through the kernel-protocol server (not libfuse), with its warm-read
+    choices: no OPEN reaches the server after the first (no_open), and nodeids are the image's inodes."""
+    image.unpack_rootfs("lazy:1", str(tmp_path / "root"))
+    with ImageFS.from_store(image, "lazy:1") as fs, BackgroundMount(fs, str(tmp_path / "mnt")) as m:
+        assert m.server is not None  # served by kfuse
+        assert walk(tmp_path / "mnt") == walk(tmp_path / "root")
+        for _ in range(3):
+            assert (tmp_path / "mnt" / "o" / "new").read_bytes() == b"6"
+        assert m.server.ops.get(kfuse.OPEN, 0) <= 1 and m.server.ops.get(kfuse.OPENDIR, 0) <= 1
+        assert os.stat(tmp_path / "mnt" / "a" / "keep").st_ino == fs.lookup("/a/keep").ino
+        assert os.statvfs(tmp_path / "mnt").f_files == fs.inodes + 1
+        with pytest.raises(OSError) as e:
+            open(tmp_path / "mnt" / "a" / "new-file", "w")
+        assert e.value.errno == errno.EROFS
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_kill_9_and_successor_keep_readers(image, cli_env, tmp_path, sessions):
+    """Issue 23 §3: a reader with an open file and a process whose cwd is in the mount keep working
+    across ``kill -9`` of the server and the start of its successor (the same public entry point)."""
+    env = {**cli_env, "CONVSTORE_FUSE_SESSIONS": str(sessions)}
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = run_cli(env, "mount", "--background", "lazy:1", str(mnt))
+    pid = int(re.search(r"\(pid (\d+)\)", p.stdout).group(1))  # type: ignore[union-attr]
+    sh = subprocess.Popen(["sh", "-c", "read x; cat keep; echo; read x; ls"], cwd=mnt / "a", stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        # the first close on a connection asks the server for FLUSH (answered ENOSYS: never again); done
+        # here, else the successor's own start (a fork of this process closing its fds) would wait for it
+        assert (mnt / "a" / "keep").read_bytes() == b"1"
+        f = open(mnt / "big.bin", "rb", buffering=0)
+        assert f.read(1000) == BIG[:1000]
+        _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
+
+        os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: not _alive(pid), "the server to die")
+        got: list[bytes | BaseException] = []
+
+        def rest() -> None:  # blocks while nobody serves (and fails at once with ENOTCONN without a holder)
+            try:
+                got.append(f.read())
+            except BaseException as e:
+                got.append(e)
+
+        reader = threading.Thread(target=rest)
+        reader.start()
+
+        run_cli(env, "mount", "--background", "lazy:1", str(mnt))  # the successor
+        reader.join(60)
+        assert not reader.is_alive()
+        assert got and not isinstance(got[0], BaseException), got
+        assert got[0] == BIG[1000:]
+        assert (mnt / "o" / "new").read_bytes() == b"6"  # a new lookup
+        assert sh.stdin is not None and sh.stdout is not None
+        sh.stdin.write("\n\n")
+        sh.stdin.close()
+        assert sh.stdout.read().split() == ["1", "keep"]  # cat and ls in the cwd it had before the kill
+        assert sh.wait(20) == 0
+        f.close()
+    finally:
+        sh.kill()
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    _wait_for(lambda: not fdholder.held(str(mnt)), "the holder to let go after the unmount")
+
+
+def test_successor_for_another_image_is_refused(image, cli_env, tmp_path, sessions):
+    """A successor serving another manifest would answer the kernel's nodeids with other files: refused."""
+    env = {**cli_env, "CONVSTORE_FUSE_SESSIONS": str(sessions)}
+    write_oci(str(tmp_path / "src2"), layers()[:2])
+    image.pack(f"oci:{tmp_path / 'src2'}", "other:1")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = run_cli(env, "mount", "--background", "lazy:1", str(mnt))
+    pid = int(re.search(r"\(pid (\d+)\)", p.stdout).group(1))  # type: ignore[union-attr]
+    try:
+        _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
+        os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: not _alive(pid), "the server to die")
+        p = run_cli(env, "mount", "other:1", str(mnt), check=False)
+        assert p.returncode == 1 and "is still served for image manifest" in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1  # one line, no traceback
+        run_cli(env, "mount", "--background", "lazy:1", str(mnt))
+        assert (mnt / "a" / "keep").read_bytes() == b"1"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_holder_refuses_a_stranger(image, tmp_path, sessions):
+    """The fd is the filesystem (whoever has it answers every read): even with its socket left open to
+    everyone, the holder hands it only to a peer of its own uid (SO_PEERCRED); a stranger gets nothing."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with ImageFS.from_store(image, "lazy:1") as fs:
+        server = kfuse.start(fs, str(mnt), hold=True, ref="lazy:1")
+        try:
+            _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
+            path = fdholder.socket_path(str(mnt))
+            os.chmod(sessions, 0o777)  # a misconfigured directory: the peer check must still hold
+            os.chmod(path, 0o777)
+            r, w = os.pipe()
+            child = os.fork()
+            if child == 0:  # the stranger: uid nobody asks for the fd
+                os.close(r)
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    s.settimeout(10)
+                    s.connect(path)
+                    s.sendall(b'{"op": "get"}\n')
+                    fds = array.array("i")
+                    try:
+                        msg, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(fds.itemsize))
+                    except ConnectionResetError:  # closed on it, its request unread
+                        msg, anc = b"", []
+                    n = sum(len(d) // fds.itemsize for lvl, kind, d in anc if kind == socket.SCM_RIGHTS)
+                    os.write(w, json.dumps({"fds": n, "msg": msg.decode(errors="replace")}).encode())
+                except BaseException as e:
+                    os.write(w, json.dumps({"error": repr(e)}).encode())
+                os._exit(0)
+            os.close(w)
+            with os.fdopen(r) as rf:
+                report = json.loads(rf.read())
+            os.waitpid(child, 0)
+            assert report == {"fds": 0, "msg": ""}, report  # connected, and got neither fd nor state
+            taken = fdholder.take(str(mnt))  # the owner still can
+            assert taken is not None and taken[1]["ref"] == "lazy:1"
+            assert stat.S_ISCHR(os.fstat(taken[0]).st_mode)
+            os.close(taken[0])
+        finally:
+            kfuse.umount(str(mnt), lazy=True)
+            server.wait(10)
+            os.close(server.fd)
+    _wait_for(lambda: not fdholder.held(str(mnt)), "the holder to let go after the unmount")
+
+
+def test_unreadable_holder_state_is_a_clear_error(tmp_path, sessions):
+    """A holder socket answering garbage (no fd) is refused by name, never served."""
+    mnt = tmp_path / "mnt"
+    path = fdholder.socket_path(str(mnt))
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def liar() -> None:
+        c, _ = srv.accept()
+        c.recv(100)
+        c.sendall(b'{"version": 1, "manifest_digest": "sha256:00"}')
+        c.close()
+
+    t = threading.Thread(target=liar)
+    t.start()
+    with pytest.raises(FuseSessionError, match="refused to hand over"):
+        fdholder.take(str(mnt))
+    t.join()
+    srv.close()
+
+
+def test_sigterm_unmounts_and_ends_the_session(image, cli_env, tmp_path, sessions):
+    env = {**cli_env, "CONVSTORE_FUSE_SESSIONS": str(sessions)}
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "convstore.cli", "mount", "lazy:1", str(mnt)], env=env,
+                         stderr=subprocess.PIPE)
+    _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
+    assert (mnt / "a" / "keep").read_bytes() == b"1"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+    assert not os.path.ismount(mnt)
+    _wait_for(lambda: not fdholder.held(str(mnt)), "the holder to let go")
