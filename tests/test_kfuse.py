@@ -235,3 +235,41 @@ def test_sigterm_unmounts_and_ends_the_session(image, cli_env, tmp_path, session
     assert p.wait(timeout=20) == 0
     assert not os.path.ismount(mnt)
     _wait_for(lambda: not fdholder.held(str(mnt)), "the holder to let go")
+
+
+def test_layer_store_kill_9_and_successor(image, cli_env, tmp_path, sessions):
+    """The layer store (path callbacks, PathServer): a file of a layer open across kill -9 and a
+    successor `convstore layerstore`; the successor knows the kernel's nodeids from the holder's journal."""
+    env = {**cli_env, "CONVSTORE_FUSE_SESSIONS": str(sessions)}
+    mnt = tmp_path / "layers"
+    mnt.mkdir()
+    _, manifest = image.open_image("lazy:1")
+    diff = mnt / "eA==" / manifest.layers[1].digest / "diff"  # any base64 image name; the layer with big.bin
+    p = run_cli(env, "layerstore", "--background", str(mnt))
+    pid = int(re.search(r"\(pid (\d+)\)", p.stdout).group(1))  # type: ignore[union-attr]
+    try:
+        assert (diff / "a" / "keep").read_bytes() == b"1"  # and the connection's first FLUSH is answered
+        f = open(diff / "big.bin", "rb", buffering=0)
+        assert f.read(1000) == BIG[:1000]
+        _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
+        os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: not _alive(pid), "the server to die")
+        got: list[bytes | BaseException] = []
+
+        def rest() -> None:
+            try:
+                got.append(f.read())
+            except BaseException as e:
+                got.append(e)
+
+        reader = threading.Thread(target=rest)
+        reader.start()
+        run_cli(env, "layerstore", "--background", str(mnt))  # the successor
+        reader.join(60)
+        assert not reader.is_alive()
+        assert got and got[0] == BIG[1000:], got
+        assert (diff / "o" / "old").read_bytes() == b"3"  # a new lookup
+        assert (diff / "a" / "keep").read_bytes() == b"1"  # a node the predecessor gave out
+        f.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -39,7 +39,8 @@ import sys
 from typing import Any
 
 STATE_VERSION = 1
-_MAX_STATE = 64 << 10
+_MAX_STATE = 64 << 10  # what a server hands over at the start
+_MAX_REQUEST = 64 << 20  # a request line (a path server's journal of nodeids)
 
 
 def sessions_dir() -> str:
@@ -110,10 +111,15 @@ def take(mountpoint: str) -> tuple[int, dict[str, Any]] | None:
     try:
         s.sendall(b'{"op": "get"}\n')
         fds = array.array("i")
-        msg, anc, _flags, _addr = s.recvmsg(_MAX_STATE, socket.CMSG_SPACE(fds.itemsize))
+        msg, anc, _flags, _addr = s.recvmsg(1 << 16, socket.CMSG_SPACE(fds.itemsize))
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[:len(data) - (len(data) % fds.itemsize)])
+        while fds and msg:
+            more = s.recv(1 << 20)
+            if not more:
+                break
+            msg += more
     except OSError as e:
         raise FuseSessionError(f"the FUSE session holder of {mountpoint} did not answer: {e}") from None
     finally:
@@ -131,6 +137,26 @@ def take(mountpoint: str) -> tuple[int, dict[str, Any]] | None:
         os.close(fds[0])
         raise FuseSessionError(f"the FUSE session holder of {mountpoint} sent unreadable state: {e}") from None
     return fds[0], state
+
+
+class Journal:
+    """A path server's line to its holder: new nodeids, kept for a successor.  Sent before the kernel
+    learns them; what is sent is read by the holder even if this process dies right after."""
+
+    def __init__(self, mountpoint: str):
+        from ..errors import FuseSessionError
+
+        s = _connect(mountpoint)
+        if s is None:
+            raise FuseSessionError(f"no FUSE session holder for {mountpoint}")
+        s.settimeout(None)
+        self._sock = s
+
+    def add(self, nodes: list[tuple[int, str]]) -> None:
+        self._sock.sendall(json.dumps({"op": "add", "nodes": nodes}).encode() + b"\n")
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def drop(mountpoint: str) -> None:
@@ -177,7 +203,7 @@ def _peer_uid(conn: socket.socket) -> int:
     return uid
 
 
-def _serve_holder(path: str, fuse_fd: int, state: bytes) -> None:
+def _serve_holder(path: str, fuse_fd: int, state: dict[str, Any]) -> None:
     old = os.umask(0o177)
     try:
         if os.path.exists(path):
@@ -194,34 +220,44 @@ def _serve_holder(path: str, fuse_fd: int, state: bytes) -> None:
     poll = select.poll()
     poll.register(srv.fileno(), select.POLLIN)
     poll.register(fuse_fd, 0)  # POLLERR/POLLHUP only: the connection ended
+    conns: dict[int, tuple[socket.socket, bytearray]] = {}
+
+    def close(fd: int) -> None:
+        poll.unregister(fd)
+        conns.pop(fd)[0].close()
+
     try:
         while True:
             for fd, ev in poll.poll():
                 if fd == fuse_fd:
                     return  # unmounted or aborted: nothing left to hold
-                conn, _ = srv.accept()
-                with conn:
-                    conn.settimeout(5)
+                if fd == srv.fileno():
+                    conn, _ = srv.accept()
                     uid = _peer_uid(conn)
                     if uid != me:
                         sys.stderr.write(f"convstore fdholder: refused a connection from uid {uid} to {path}\n")
-                        continue  # never the fd, not even the state
-                    try:
-                        req = json.loads(conn.recv(4096) or b"{}")
-                    except (ValueError, OSError):
+                        conn.close()  # never the fd, not even the state
                         continue
-                    op = req.get("op") if isinstance(req, dict) else None
-                    try:
-                        if op == "ping":
-                            conn.sendall(b"ok\n")
-                        elif op == "get":
-                            conn.sendmsg([state], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                    array.array("i", [fuse_fd]).tobytes())])
-                        elif op == "drop":
-                            conn.sendall(b"ok\n")
-                            return
-                    except OSError:
-                        continue
+                    conns[conn.fileno()] = (conn, bytearray())
+                    poll.register(conn.fileno(), select.POLLIN)
+                    continue
+                conn, buf = conns[fd]
+                try:
+                    data = conn.recv(1 << 16)
+                except OSError:
+                    data = b""
+                if not data:  # the peer is gone (what it sent before is read first)
+                    close(fd)
+                    continue
+                buf += data
+                if len(buf) > _MAX_REQUEST:
+                    close(fd)
+                    continue
+                while b"\n" in buf:
+                    line, _, rest = bytes(buf).partition(b"\n")
+                    buf[:] = rest
+                    if _handle(conn, line, fuse_fd, state):
+                        return
     finally:
         try:
             os.unlink(path)
@@ -230,11 +266,40 @@ def _serve_holder(path: str, fuse_fd: int, state: bytes) -> None:
         os.close(fuse_fd)
 
 
+def _handle(conn: socket.socket, line: bytes, fuse_fd: int, state: dict[str, Any]) -> bool:
+    """One request; whether the holder is to let go."""
+    try:
+        req = json.loads(line)
+    except ValueError:
+        return False
+    op = req.get("op") if isinstance(req, dict) else None
+    try:
+        if op == "ping":
+            conn.sendall(b"ok\n")
+        elif op == "get":
+            doc = json.dumps(state).encode()
+            conn.setblocking(True)
+            conn.sendmsg([doc[:4096]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fuse_fd]).tobytes())])
+            conn.sendall(doc[4096:])
+            conn.shutdown(socket.SHUT_WR)
+        elif op == "add":  # a path server's new nodeids (journal: kept for its successor)
+            nodes = req.get("nodes")
+            if isinstance(nodes, list):
+                state.setdefault("nodes", []).extend(nodes)
+        elif op == "drop":
+            conn.sendall(b"ok\n")
+            return True
+    except OSError:
+        pass
+    return False
+
+
 def main() -> None:
     path, fd = sys.argv[1], int(sys.argv[2])
-    state = sys.stdin.buffer.read(_MAX_STATE + 1)
-    if len(state) > _MAX_STATE:
+    raw = sys.stdin.buffer.read(_MAX_STATE + 1)
+    if len(raw) > _MAX_STATE:
         sys.exit("convstore fdholder: session state too large")
+    state = json.loads(raw)
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C to the server's group is not for the holder

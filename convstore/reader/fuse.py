@@ -179,6 +179,12 @@ def low_level(fs: ImageFS | None, ops: ImageOperations | None) -> bool:
     return fs is not None and (ops is None or type(ops) is ImageOperations) and kfuse.available()
 
 
+def paths_low_level(ops: ImageOperations | None) -> bool:
+    """Whether path callbacks that ask for it (a ``kfuse_paths`` attribute naming them: the layer store)
+    are served by :class:`kfuse.PathServer`, with failover."""
+    return ops is not None and bool(getattr(ops, "kfuse_paths", None)) and kfuse.available()
+
+
 def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None, read_only: bool = True,
           ref: str = "") -> None:
     """Serve in the foreground until unmounted (SIGINT/SIGTERM unmount
@@ -192,6 +198,9 @@ def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = Non
     if low_level(fs, ops):
         assert fs is not None
         kfuse.serve(fs, mountpoint, counters=ops, read_only=read_only, ref=ref)
+        return
+    if paths_low_level(ops):
+        kfuse.serve_paths(ops, mountpoint, read_only=read_only, what=ops.kfuse_paths)  # type: ignore[union-attr]
         return
     try:
         mfusepy.FUSE(ops or ImageOperations(fs), mountpoint, foreground=True, nothreads=False, **opts)
@@ -249,11 +258,13 @@ class BackgroundMount:
     """Mount in a thread of this process; a context manager that always unmounts."""
 
     def __init__(self, fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None,
-                 read_only: bool = True):
+                 read_only: bool = True, hold: bool = False):
+        """``hold``: the session outlives this process (failover, kfuse only), as :func:`serve`'s."""
         self.fs = fs
         self.mountpoint = os.path.abspath(mountpoint)
         self.ops = ops or ImageOperations(fs)
         self.read_only = read_only
+        self.hold = hold
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.server: kfuse.KernelServer | None = None  # the low-level server, when it serves this mount
@@ -267,12 +278,20 @@ class BackgroundMount:
     def __enter__(self) -> BackgroundMount:
         if not os.path.exists("/dev/fuse"):
             raise StoreError("FUSE is not available (/dev/fuse is missing)")
-        os.makedirs(self.mountpoint, exist_ok=True)
+        if not (self.hold and fdholder.held(self.mountpoint)):  # a held mount: a look at it would wait for us
+            os.makedirs(self.mountpoint, exist_ok=True)
         if low_level(self.fs, self.ops):
             assert self.fs is not None
             check_private_mountpoint(self.mountpoint)
             recover_stale_mount(self.mountpoint)
-            self.server = kfuse.start(self.fs, self.mountpoint, counters=self.ops, read_only=self.read_only)
+            self.server = kfuse.start(self.fs, self.mountpoint, counters=self.ops, read_only=self.read_only,
+                                      hold=self.hold)
+            return self
+        if paths_low_level(self.ops):
+            check_private_mountpoint(self.mountpoint)
+            recover_stale_mount(self.mountpoint)
+            self.server = kfuse.start_paths(self.ops, self.mountpoint, read_only=self.read_only, hold=self.hold,
+                                            what=self.ops.kfuse_paths)  # type: ignore[attr-defined]
             return self
         self._thread = threading.Thread(target=self._run, name="convstore-fuse", daemon=True)
         self._thread.start()
@@ -287,6 +306,8 @@ class BackgroundMount:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.hold:
+            fdholder.drop(self.mountpoint)
         unmount(self.mountpoint)
         if self.server is not None and self.server.wait(10):
             os.close(self.server.fd)  # ended: else (lazily detached, files still open) it serves on

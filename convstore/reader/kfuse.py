@@ -46,7 +46,9 @@ KERNEL_MINOR = 40  # what this server implements (struct sizes below are those o
 ROOT_ID = 1
 
 LOOKUP, FORGET, GETATTR, SETATTR, READLINK = 1, 2, 3, 4, 5
+MKDIR, UNLINK, RMDIR = 9, 10, 11
 OPEN, READ, STATFS, RELEASE = 14, 15, 17, 18
+CREATE = 35
 GETXATTR, LISTXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 22, 23, 25, 26, 27, 28, 29
 ACCESS, INTERRUPT, DESTROY, BATCH_FORGET, READDIRPLUS = 34, 36, 38, 42, 44
 
@@ -145,9 +147,13 @@ class KernelServer:
     ``counters``: an object with ``read_calls``/``read_bytes``/``ready`` (the
     :class:`ImageOperations` of the libfuse path), kept up to date."""
 
-    def __init__(self, fs: ImageFS, fd: int, *, counters: Any = None, negotiated: Negotiated | None = None,
+    #: the INIT flags this server asks for (those the kernel offers)
+    WANT = (ASYNC_READ | BIG_WRITES | DO_READDIRPLUS | READDIRPLUS_AUTO | PARALLEL_DIROPS | MAX_PAGES
+            | CACHE_SYMLINKS | INIT_EXT | HAS_RESEND)
+
+    def __init__(self, fs: ImageFS | None, fd: int, *, counters: Any = None, negotiated: Negotiated | None = None,
                  on_init: Callable[[Negotiated], None] | None = None):
-        self.fs = fs
+        self.fs: ImageFS = fs  # type: ignore[assignment]  # None only in PathServer
         self.fd = fd
         self.counters = counters
         self.negotiated = negotiated
@@ -162,7 +168,8 @@ class KernelServer:
         self._dirs: dict[int, list[tuple[bytes, Node | None, int]]] = {}
         self._prefetched: set[int] = set()
         self._threads: list[threading.Thread] = []
-        self._index()
+        if fs is not None:
+            self._index()
 
     # -- the tree by nodeid ---------------------------------------------------
     def _index(self) -> None:
@@ -283,9 +290,7 @@ class KernelServer:
             return
         if kflags & INIT_EXT and len(body) >= INIT_IN.size + 4:
             kflags |= struct.unpack_from("<I", body, INIT_IN.size)[0] << 32
-        want = (ASYNC_READ | BIG_WRITES | DO_READDIRPLUS | READDIRPLUS_AUTO | PARALLEL_DIROPS | MAX_PAGES
-                | CACHE_SYMLINKS | INIT_EXT | HAS_RESEND)
-        flags = kflags & want
+        flags = kflags & self.WANT
         neg = Negotiated(KERNEL_VERSION, min(minor, KERNEL_MINOR), flags, max_readahead)
         self._reply(unique, INIT_OUT.pack(neg.major, neg.minor, max_readahead, flags & 0xFFFFFFFF, 64, 48,
                                           MAX_WRITE, 1, MAX_WRITE // 4096, 0, flags >> 32, 0))
@@ -433,6 +438,213 @@ class _Errno(Exception):
         self.errno = err
 
 
+class PathServer(KernelServer):
+    """Serves path callbacks (an mfusepy ``Operations``: the layer store's tree of many images' layers,
+    which has no inode numbering of its own) on a ``/dev/fuse`` connection.
+
+    nodeids are given out in order and journaled to the session holder (:class:`fdholder.Journal`)
+    before the kernel learns them, so a successor knows the path of every nodeid the kernel holds.
+    Negative lookups are not cached (a layer store finds new images on a miss); files are opened
+    (the callbacks keep handles), with FOPEN_KEEP_CACHE."""
+
+    WANT = ASYNC_READ | BIG_WRITES | PARALLEL_DIROPS | MAX_PAGES | INIT_EXT | HAS_RESEND
+
+    def __init__(self, ops: Any, fd: int, *, negotiated: Negotiated | None = None,
+                 on_init: Callable[[Negotiated], None] | None = None, nodes: list[Any] | None = None):
+        super().__init__(None, fd, counters=ops, negotiated=negotiated, on_init=on_init)
+        self.callbacks = ops
+        self.journal: Any = None  # set once a holder keeps the session
+        self._paths: dict[int, str] = {ROOT_ID: "/"}
+        self._ids: dict[str, int] = {"/": ROOT_ID}
+        for nodeid, path in nodes or []:
+            self._paths[int(nodeid)] = str(path)
+            self._ids[str(path)] = int(nodeid)
+        self._next = max(self._paths) + 1
+
+    def _path(self, nodeid: int) -> str:
+        p = self._paths.get(nodeid)
+        if p is None:
+            raise _Errno(errno.ESTALE)
+        return p
+
+    def _assign(self, path: str) -> int:
+        with self._lock:
+            nodeid = self._ids.get(path)
+            if nodeid is None:
+                nodeid = self._next
+                self._next += 1
+                if self.journal is not None:
+                    self.journal.add([(nodeid, path)])
+                self._ids[path] = nodeid
+                self._paths[nodeid] = path
+        return nodeid
+
+    def _call(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self.callbacks, name)(*args)
+        except OSError as e:  # mfusepy.FuseOSError and FSError carry the errno
+            raise _Errno(e.errno or errno.EIO) from None
+
+    @staticmethod
+    def _pattr(st: dict[str, Any]) -> bytes:
+        def ns(key: str) -> tuple[int, int]:
+            v = st.get(key, 0)
+            return divmod(int(v), 1_000_000_000) if isinstance(v, int) else (int(v), int((v % 1) * 1e9))
+
+        (a, an), (m, mn), (c, cn) = ns("st_atime"), ns("st_mtime"), ns("st_ctime")
+        size = int(st.get("st_size", 0))
+        return ATTR.pack(int(st.get("st_ino", 0)), size, int(st.get("st_blocks", (size + 511) // 512)), a, m, c,
+                         an, mn, cn, int(st["st_mode"]), int(st.get("st_nlink", 1)), int(st.get("st_uid", 0)),
+                         int(st.get("st_gid", 0)), int(st.get("st_rdev", 0)) & 0xFFFFFFFF, 4096, 0)
+
+    @staticmethod
+    def _join(parent: str, name: str) -> str:
+        return parent.rstrip("/") + "/" + name
+
+    def _lookup(self, unique: int, nodeid: int, body: memoryview) -> None:
+        path = self._join(self._path(nodeid), os.fsdecode(bytes(body).split(b"\0", 1)[0]))
+        st = self._call("getattr", path, None)
+        self._reply(unique, ENTRY_HEAD.pack(self._assign(path), 0, TIMEOUT, TIMEOUT, 0, 0) + self._pattr(st))
+
+    def _getattr(self, unique: int, nodeid: int, body: memoryview) -> None:
+        st = self._call("getattr", self._path(nodeid), None)
+        self._reply(unique, ATTR_OUT_HEAD.pack(TIMEOUT, 0, 0) + self._pattr(st))
+
+    def _readlink(self, unique: int, nodeid: int, body: memoryview) -> None:
+        self._reply(unique, os.fsencode(self._call("readlink", self._path(nodeid))))
+
+    def _open(self, unique: int, nodeid: int, body: memoryview) -> None:
+        flags = struct.unpack_from("<I", body)[0]
+        fh = self._call("open", self._path(nodeid), flags)
+        self._reply(unique, OPEN_OUT.pack(int(fh), FOPEN_KEEP_CACHE, 0))
+
+    def _read(self, unique: int, nodeid: int, body: memoryview) -> None:
+        fh, offset, size, _flags = READ_IN.unpack_from(body)
+        self._reply(unique, self._call("read", self._path(nodeid), size, offset, fh))
+
+    def _release(self, unique: int, nodeid: int, body: memoryview) -> None:
+        fh = struct.unpack_from("<Q", body)[0]
+        self._call("release", self._paths.get(nodeid, "/"), fh)
+        self._reply(unique)
+
+    def _opendir(self, unique: int, nodeid: int, body: memoryview) -> None:
+        self._path(nodeid)
+        self._reply(unique, OPEN_OUT.pack(0, 0, 0))
+
+    def _readdir(self, unique: int, nodeid: int, body: memoryview, plus: bool = False) -> None:
+        path = self._path(nodeid)
+        _fh, offset, size, _flags = READ_IN.unpack_from(body)
+        names = self._call("readdir", path, 0)
+        out = bytearray()
+        for i in range(offset, len(names)):
+            e = names[i]
+            name, mode = (e, 0) if isinstance(e, str) else (e[0], e[1])
+            raw = os.fsencode(name)
+            rec = DIRENT.size + len(raw)
+            pad = (-rec) % 8
+            if len(out) + rec + pad > size:
+                break
+            out += DIRENT.pack(0xFFFFFFFF, i + 1, len(raw), stat.S_IFMT(mode) >> 12) + raw + bytes(pad)
+        self._reply(unique, bytes(out))
+
+    def _statfs(self, unique: int, nodeid: int, body: memoryview) -> None:
+        st = self._call("statfs", self._path(nodeid))
+        self._reply(unique, KSTATFS.pack(st.get("f_blocks", 0), st.get("f_bfree", 0), st.get("f_bavail", 0),
+                                         st.get("f_files", 0), st.get("f_ffree", 0), st.get("f_bsize", 4096),
+                                         st.get("f_namemax", 255), st.get("f_frsize", 4096), 0))
+
+    def _getxattr(self, unique: int, nodeid: int, body: memoryview) -> None:
+        size, _ = GETXATTR_IN.unpack_from(body)
+        name = os.fsdecode(bytes(body[GETXATTR_IN.size:]).split(b"\0", 1)[0])
+        self._sized(unique, size, self._call("getxattr", self._path(nodeid), name))
+
+    def _listxattr(self, unique: int, nodeid: int, body: memoryview) -> None:
+        size, _ = GETXATTR_IN.unpack_from(body)
+        names = self._call("listxattr", self._path(nodeid))
+        self._sized(unique, size, b"".join(os.fsencode(k) + b"\0" for k in names))
+
+    def _access(self, unique: int, nodeid: int, body: memoryview) -> None:
+        self._call("access", self._path(nodeid), struct.unpack_from("<I", body)[0])
+        self._reply(unique)
+
+    def _create(self, unique: int, nodeid: int, body: memoryview) -> None:
+        flags, mode = struct.unpack_from("<II", body)
+        name = os.fsdecode(bytes(body[16:]).split(b"\0", 1)[0])
+        self._call("create", self._join(self._path(nodeid), name), mode)
+        raise _Errno(errno.EROFS)  # a callback that accepted a create: nothing here writes
+
+    def _mkdir(self, unique: int, nodeid: int, body: memoryview) -> None:
+        mode = struct.unpack_from("<I", body)[0]
+        self._call("mkdir", self._join(self._path(nodeid), os.fsdecode(bytes(body[8:]).split(b"\0", 1)[0])), mode)
+        raise _Errno(errno.EROFS)
+
+    def _unlinkish(self, unique: int, nodeid: int, body: memoryview, name: str) -> None:
+        self._call(name, self._join(self._path(nodeid), os.fsdecode(bytes(body).split(b"\0", 1)[0])))
+        self._reply(unique)
+
+    def _rmdir(self, unique: int, nodeid: int, body: memoryview) -> None:
+        self._unlinkish(unique, nodeid, body, "rmdir")
+
+    def _unlink(self, unique: int, nodeid: int, body: memoryview) -> None:
+        self._unlinkish(unique, nodeid, body, "unlink")
+
+    _handlers = {
+        INIT: KernelServer._init, LOOKUP: _lookup, GETATTR: _getattr, READLINK: _readlink, OPEN: _open,
+        READ: _read, RELEASE: _release, OPENDIR: _opendir, READDIR: _readdir, RELEASEDIR: KernelServer._ok,
+        STATFS: _statfs, GETXATTR: _getxattr, LISTXATTR: _listxattr, ACCESS: _access,
+        FLUSH: KernelServer._flush, DESTROY: KernelServer._destroy, SETATTR: KernelServer._setattr,
+        CREATE: _create, MKDIR: _mkdir, RMDIR: _rmdir, UNLINK: _unlink,
+    }
+
+
+def start_paths(ops: Any, mountpoint: str, *, read_only: bool = False, hold: bool = False,
+                what: str = "paths") -> PathServer:
+    """Serve path callbacks at ``mountpoint`` (:class:`PathServer`); with ``hold``, with failover as
+    :func:`start` (a held session of the same ``what`` is taken over with its journal of nodeids)."""
+    from . import fdholder
+
+    mnt = fdholder.mount_key(mountpoint)
+    session = fdholder.take(mnt) if hold else None
+    if session is not None:
+        fd, state = session
+        if state.get("kind") != what:
+            os.close(fd)
+            raise FuseSessionError(f"{mountpoint} is still served for {state.get('kind') or state.get('ref')}, "
+                                   f"not {what}: unmount it first (umount -l {mountpoint})")
+        server = PathServer(ops, fd, negotiated=Negotiated.from_json(state["init"]), nodes=state.get("nodes"))
+        server.journal = fdholder.Journal(mnt)
+        server.start()
+        log.warning("took over the FUSE session at %s (%s, %d nodes) from a previous process", mnt, what,
+                    len(server._paths))
+        return server
+    fd = open_device()
+    server = PathServer(ops, fd)
+
+    def handed(neg: Negotiated) -> None:
+        if hold:
+            try:
+                fdholder.hold(mnt, fd, {"mountpoint": mnt, "kind": what, "ref": what, "init": neg.to_json(),
+                                        "nodes": []})
+                journal = fdholder.Journal(mnt)
+                with server._lock:  # what was looked up meanwhile, then every new one as it comes
+                    journal.add([(i, p) for i, p in server._paths.items() if i != ROOT_ID])
+                    server.journal = journal
+            except ConvstoreError as e:
+                log.error("%s: no failover for this mount: %s", mountpoint, e)
+
+    server.on_init = handed
+    try:
+        mount_fd(mnt, fd, read_only)
+    except BaseException:
+        os.close(fd)
+        raise
+    server.start()
+    if not server.ready.wait(30):
+        umount(mnt)
+        raise KernelFuseError(f"the kernel did not initialise the FUSE mount at {mountpoint}")
+    return server
+
+
 def open_device() -> int:
     try:
         return os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
@@ -491,6 +703,17 @@ def serve(fs: ImageFS, mountpoint: str, *, counters: Any = None, read_only: bool
     """Serve in the foreground until unmounted, with failover (:func:`start` with ``hold``).  SIGTERM or
     SIGINT unmount (lazily: files still open keep reading) and end the held session; a SIGKILL leaves
     the session with its holder for a successor."""
+    _serve_until_stopped(mountpoint, lambda: start(fs, mountpoint, counters=counters, read_only=read_only,
+                                                   hold=True, ref=ref))
+
+
+def serve_paths(ops: Any, mountpoint: str, *, read_only: bool = False, what: str = "paths") -> None:
+    """:func:`serve` for path callbacks (:class:`PathServer`, :func:`start_paths`)."""
+    _serve_until_stopped(mountpoint, lambda: start_paths(ops, mountpoint, read_only=read_only, hold=True,
+                                                         what=what))
+
+
+def _serve_until_stopped(mountpoint: str, starter: Callable[[], KernelServer]) -> None:
     import signal
 
     from . import fdholder
@@ -504,7 +727,7 @@ def serve(fs: ImageFS, mountpoint: str, *, counters: Any = None, read_only: bool
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stop)  # before mounting: a stop request as soon as the mount shows is honoured
-    server = start(fs, mountpoint, counters=counters, read_only=read_only, hold=True, ref=ref)
+    server = starter()
     while not server.wait(0.5):
         if stopping.is_set():
             fdholder.drop(mnt)
