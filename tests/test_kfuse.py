@@ -47,7 +47,7 @@ def sessions(monkeypatch):
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _wait_for(cond, what: str, timeout: float = 20.0) -> None:
+def _wait_for(cond, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -174,11 +174,11 @@ def test_holder_refuses_a_stranger(image, tmp_path, sessions):
                     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                     s.settimeout(10)
                     s.connect(path)
-                    s.sendall(b'{"op": "get"}\n')
                     fds = array.array("i")
                     try:
+                        s.sendall(b'{"op": "get"}\n')
                         msg, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(fds.itemsize))
-                    except ConnectionResetError:  # closed on it, its request unread
+                    except (ConnectionResetError, BrokenPipeError):  # closed on it, its request unread
                         msg, anc = b"", []
                     n = sum(len(d) // fds.itemsize for lvl, kind, d in anc if kind == socket.SCM_RIGHTS)
                     os.write(w, json.dumps({"fds": n, "msg": msg.decode(errors="replace")}).encode())
@@ -229,7 +229,12 @@ def test_sigterm_unmounts_and_ends_the_session(image, cli_env, tmp_path, session
     mnt.mkdir()
     p = subprocess.Popen([sys.executable, "-m", "convstore.cli", "mount", "lazy:1", str(mnt)], env=env,
                          stderr=subprocess.PIPE)
-    _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
+
+    def up() -> bool:
+        assert p.poll() is None, p.stderr.read() if p.stderr else p.returncode
+        return fdholder.held(str(mnt))
+
+    _wait_for(up, "the holder")
     assert (mnt / "a" / "keep").read_bytes() == b"1"
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == 0
@@ -271,5 +276,37 @@ def test_layer_store_kill_9_and_successor(image, cli_env, tmp_path, sessions):
         assert (diff / "o" / "old").read_bytes() == b"3"  # a new lookup
         assert (diff / "a" / "keep").read_bytes() == b"1"  # a node the predecessor gave out
         f.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_no_successor_within_the_grace_period_ends_the_session(image, cli_env, tmp_path, sessions):
+    """Failover must not turn a dead server into readers blocked for ever: with no successor within
+    $CONVSTORE_FUSE_FAILOVER_GRACE the holder lets go and readers fail (ENOTCONN), as without failover."""
+    env = {**cli_env, "CONVSTORE_FUSE_SESSIONS": str(sessions), "CONVSTORE_FUSE_FAILOVER_GRACE": "1"}
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = run_cli(env, "mount", "--background", "lazy:1", str(mnt))
+    pid = int(re.search(r"\(pid (\d+)\)", p.stdout).group(1))  # type: ignore[union-attr]
+    try:
+        assert (mnt / "a" / "keep").read_bytes() == b"1"
+        f = open(mnt / "big.bin", "rb", buffering=0)
+        assert f.read(1000) == BIG[:1000]
+        _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
+        os.kill(pid, signal.SIGKILL)
+        got: list[bytes | BaseException] = []
+
+        def rest() -> None:
+            try:
+                got.append(f.read())
+            except BaseException as e:
+                got.append(e)
+
+        reader = threading.Thread(target=rest, daemon=True)
+        reader.start()
+        reader.join(30)
+        assert not reader.is_alive(), "the reader still waits for a server that will never come"
+        assert isinstance(got[0], OSError) and got[0].errno == errno.ENOTCONN, got
+        assert not fdholder.held(str(mnt))
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -17,7 +17,10 @@ The socket is 0600 in a 0700 directory, and the holder also checks its peer
 with SO_PEERCRED: only a process of the holder's own uid gets it (a
 stranger's connection is closed and logged).  The holder exits when the
 connection ends (unmounted or aborted: ``/dev/fuse`` polls POLLERR) or when
-told to drop it (a clean stop).
+told to drop it (a clean stop), or when no server has been attached to
+it (the serving process keeps a connection open) for a grace period
+(``$CONVSTORE_FUSE_FAILOVER_GRACE``, 120 s): then the readers get ENOTCONN
+instead of waiting for ever.
 
 Session state (JSON, format version 1)::
 
@@ -36,11 +39,27 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from typing import Any
 
 STATE_VERSION = 1
 _MAX_STATE = 64 << 10  # what a server hands over at the start
 _MAX_REQUEST = 64 << 20  # a request line (a path server's journal of nodeids)
+#: how long a session whose server died waits for a successor ($CONVSTORE_FUSE_FAILOVER_GRACE, seconds)
+DEFAULT_GRACE = 120.0
+
+
+def grace_seconds() -> float:
+    from ..errors import FuseSessionError
+
+    raw = os.environ.get("CONVSTORE_FUSE_FAILOVER_GRACE", "")
+    try:
+        v = float(raw) if raw else DEFAULT_GRACE
+    except ValueError:
+        v = -1.0
+    if not 0 < v < 1e7:
+        raise FuseSessionError(f"CONVSTORE_FUSE_FAILOVER_GRACE={raw!r}: give a number of seconds > 0")
+    return v
 
 
 def sessions_dir() -> str:
@@ -127,6 +146,8 @@ def take(mountpoint: str) -> tuple[int, dict[str, Any]] | None:
     if len(fds) != 1:
         for fd in fds:
             os.close(fd)
+        if not msg:
+            return None  # the holder found its connection ended (unmounted) and let go
         raise FuseSessionError(f"the FUSE session holder of {mountpoint} refused to hand over its session "
                                f"({msg.decode(errors='replace').strip() or 'no answer'})")
     try:
@@ -136,6 +157,9 @@ def take(mountpoint: str) -> tuple[int, dict[str, Any]] | None:
     except ValueError as e:
         os.close(fds[0])
         raise FuseSessionError(f"the FUSE session holder of {mountpoint} sent unreadable state: {e}") from None
+    if not _connected(fds[0]):  # unmounted since
+        os.close(fds[0])
+        return None
     return fds[0], state
 
 
@@ -151,6 +175,7 @@ class Journal:
             raise FuseSessionError(f"no FUSE session holder for {mountpoint}")
         s.settimeout(None)
         self._sock = s
+        s.sendall(b'{"op": "attach"}\n')  # the holder's grace period stops while this connection lives
 
     def add(self, nodes: list[tuple[int, str]]) -> None:
         self._sock.sendall(json.dumps({"op": "add", "nodes": nodes}).encode() + b"\n")
@@ -182,11 +207,12 @@ def hold(mountpoint: str, fd: int, state: dict[str, Any]) -> subprocess.Popen[by
     st = os.stat(d)
     if st.st_uid != os.geteuid() or st.st_mode & 0o077:
         raise FuseSessionError(f"{d} must be a directory of uid {os.geteuid()} closed to others (mode 0700)")
-    p = subprocess.Popen([sys.executable, "-m", "convstore.reader.fdholder", socket_path(mountpoint), str(fd)],
+    # the file itself, isolated (-I): the holder needs the standard library only, and starts in tens of ms
+    p = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), socket_path(mountpoint), str(fd)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd,), start_new_session=True,
                          env={k: v for k, v in os.environ.items() if not k.startswith("CONVSTORE_KEY")})
     assert p.stdin is not None and p.stdout is not None
-    p.stdin.write(json.dumps({**state, "version": STATE_VERSION}).encode())
+    p.stdin.write(json.dumps({**state, "version": STATE_VERSION, "grace": grace_seconds()}).encode())
     p.stdin.close()
     line = p.stdout.readline()  # "ready" once it listens, nothing if it failed
     p.stdout.close()
@@ -221,14 +247,27 @@ def _serve_holder(path: str, fuse_fd: int, state: dict[str, Any]) -> None:
     poll.register(srv.fileno(), select.POLLIN)
     poll.register(fuse_fd, 0)  # POLLERR/POLLHUP only: the connection ended
     conns: dict[int, tuple[socket.socket, bytearray]] = {}
+    attached: set[int] = set()  # the connections of the serving process (none: it died)
+    grace = float(state.get("grace", DEFAULT_GRACE))
+    deadline: list[float | None] = [time.monotonic() + grace]  # until the server attaches
 
     def close(fd: int) -> None:
         poll.unregister(fd)
         conns.pop(fd)[0].close()
+        if fd in attached:
+            attached.discard(fd)
+            if not attached:
+                deadline[0] = time.monotonic() + grace  # a successor has this long to take over
 
     try:
         while True:
-            for fd, ev in poll.poll():
+            wait = None if deadline[0] is None else max(0.0, deadline[0] - time.monotonic())
+            events = poll.poll(None if wait is None else int(wait * 1000) + 1)
+            if not events and deadline[0] is not None and time.monotonic() >= deadline[0]:
+                sys.stderr.write(f"convstore fdholder: no server took over {state.get('mountpoint')} within "
+                                 f"{grace:g} s; letting the session go (its readers get ENOTCONN)\n")
+                return
+            for fd, ev in events:
                 if fd == fuse_fd:
                     return  # unmounted or aborted: nothing left to hold
                 if fd == srv.fileno():
@@ -256,8 +295,14 @@ def _serve_holder(path: str, fuse_fd: int, state: dict[str, Any]) -> None:
                 while b"\n" in buf:
                     line, _, rest = bytes(buf).partition(b"\n")
                     buf[:] = rest
-                    if _handle(conn, line, fuse_fd, state):
+                    op = _handle(conn, line, fuse_fd, state)
+                    if op == "drop":
                         return
+                    if op in ("attach", "add"):
+                        attached.add(fd)
+                        deadline[0] = None
+                    elif op == "get" and not attached:
+                        deadline[0] = time.monotonic() + grace
     finally:
         try:
             os.unlink(path)
@@ -266,13 +311,22 @@ def _serve_holder(path: str, fuse_fd: int, state: dict[str, Any]) -> None:
         os.close(fuse_fd)
 
 
-def _handle(conn: socket.socket, line: bytes, fuse_fd: int, state: dict[str, Any]) -> bool:
-    """One request; whether the holder is to let go."""
+def _connected(fuse_fd: int) -> bool:
+    """Whether the FUSE connection is still up (an unmount aborts it: the fd polls POLLERR)."""
+    p = select.poll()
+    p.register(fuse_fd, 0)
+    return not p.poll(0)
+
+
+def _handle(conn: socket.socket, line: bytes, fuse_fd: int, state: dict[str, Any]) -> str | None:
+    """One request; its op."""
     try:
         req = json.loads(line)
     except ValueError:
-        return False
+        return None
     op = req.get("op") if isinstance(req, dict) else None
+    if op in ("ping", "get") and not _connected(fuse_fd):
+        return "drop"  # unmounted meanwhile: nothing to hand over (the poll loop would see it next)
     try:
         if op == "ping":
             conn.sendall(b"ok\n")
@@ -288,10 +342,9 @@ def _handle(conn: socket.socket, line: bytes, fuse_fd: int, state: dict[str, Any
                 state.setdefault("nodes", []).extend(nodes)
         elif op == "drop":
             conn.sendall(b"ok\n")
-            return True
     except OSError:
         pass
-    return False
+    return op if isinstance(op, str) else None
 
 
 def main() -> None:

@@ -168,6 +168,7 @@ class KernelServer:
         self._dirs: dict[int, list[tuple[bytes, Node | None, int]]] = {}
         self._prefetched: set[int] = set()
         self._threads: list[threading.Thread] = []
+        self.journal: Any = None  # the connection to the session holder, while one keeps the session
         if fs is not None:
             self._index()
 
@@ -453,7 +454,6 @@ class PathServer(KernelServer):
                  on_init: Callable[[Negotiated], None] | None = None, nodes: list[Any] | None = None):
         super().__init__(None, fd, counters=ops, negotiated=negotiated, on_init=on_init)
         self.callbacks = ops
-        self.journal: Any = None  # set once a holder keeps the session
         self._paths: dict[int, str] = {ROOT_ID: "/"}
         self._ids: dict[str, int] = {"/": ROOT_ID}
         for nodeid, path in nodes or []:
@@ -672,6 +672,7 @@ def start(fs: ImageFS, mountpoint: str, *, counters: Any = None, read_only: bool
                                    f"({state.get('ref')}), not {digest or 'this image'}: start the server with "
                                    f"that image, or unmount it first (umount -l {mountpoint})")
         server = KernelServer(fs, fd, counters=counters, negotiated=Negotiated.from_json(state["init"]))
+        server.journal = fdholder.Journal(mnt)  # attached: the holder's grace period stops
         server.start()
         log.warning("took over the FUSE session at %s (image %s) from a previous process", mnt, state.get("ref"))
         return server
@@ -683,6 +684,7 @@ def start(fs: ImageFS, mountpoint: str, *, counters: Any = None, read_only: bool
             try:
                 fdholder.hold(mnt, fd, {"mountpoint": mnt, "manifest_digest": digest, "ref": ref,
                                         "init": neg.to_json()})
+                server.journal = fdholder.Journal(mnt)
             except ConvstoreError as e:  # the mount works, only without failover
                 log.error("%s: no failover for this mount: %s", mountpoint, e)
 
