@@ -310,3 +310,43 @@ def test_no_successor_within_the_grace_period_ends_the_session(image, cli_env, t
         assert not fdholder.held(str(mnt))
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+_LAYER_MOUNT = """
+import sys, threading, convstore
+from convstore.engines.layerstore import LayerMount, LayerStore
+store = convstore.Store.open(sys.argv[1], sys.argv[2])
+with LayerMount(LayerStore(store), sys.argv[3]):
+    print("up", flush=True)
+    threading.Event().wait()
+"""
+
+
+def test_snapshotter_layer_mount_survives_its_process(image, keyfile, tmp_path, sessions):
+    """The snapshotter serves its layers through LayerMount (in its own process): a restarted process
+    takes the held session over, and a layer file open across the kill -9 reads on."""
+    mnt = tmp_path / "layers"
+    _, manifest = image.open_image("lazy:1")
+    diff = mnt / "Y29udGFpbmVyZA==" / manifest.layers[1].digest / "diff"
+    args = [sys.executable, "-c", _LAYER_MOUNT, str(tmp_path / "store"), f"file:{keyfile}", str(mnt)]
+    env = {**os.environ, "CONVSTORE_FUSE_SESSIONS": str(sessions)}
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
+    successor = None
+    try:
+        assert first.stdout is not None and first.stdout.readline() == "up\n"
+        assert (diff / "a" / "keep").read_bytes() == b"1"
+        f = open(diff / "big.bin", "rb", buffering=0)
+        assert f.read(1000) == BIG[:1000]
+        _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
+        first.kill()
+        first.wait(20)
+        successor = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
+        assert successor.stdout is not None and successor.stdout.readline() == "up\n"
+        assert f.read() == BIG[1000:]
+        assert (diff / "o" / "old").read_bytes() == b"3"
+        f.close()
+    finally:
+        for p in (first, successor):
+            if p is not None:
+                p.kill()
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
