@@ -291,7 +291,7 @@ class BackgroundMount:
             check_private_mountpoint(self.mountpoint)
             recover_stale_mount(self.mountpoint)
             self.server = kfuse.start_paths(self.ops, self.mountpoint, read_only=self.read_only, hold=self.hold,
-                                            what=self.ops.kfuse_paths)  # type: ignore[attr-defined]
+                                            what=self.ops.kfuse_paths)
             return self
         self._thread = threading.Thread(target=self._run, name="convstore-fuse", daemon=True)
         self._thread.start()

@@ -423,7 +423,7 @@ class KernelServer:
     def _setattr(self, unique: int, nodeid: int, body: memoryview) -> None:
         raise _Errno(errno.EROFS)
 
-    _handlers: dict[int, Callable[[KernelServer, int, int, memoryview], None]] = {
+    _handlers: dict[int, Callable[..., None]] = {
         INIT: _init, LOOKUP: _lookup, GETATTR: _getattr, READLINK: _readlink, OPEN: _open, READ: _read,
         RELEASE: _ok, OPENDIR: _opendir, READDIR: _readdir, READDIRPLUS: _readdirplus, RELEASEDIR: _ok,
         STATFS: _statfs, GETXATTR: _getxattr, LISTXATTR: _listxattr, ACCESS: _access, FLUSH: _flush,
@@ -588,7 +588,7 @@ class PathServer(KernelServer):
     def _unlink(self, unique: int, nodeid: int, body: memoryview) -> None:
         self._unlinkish(unique, nodeid, body, "unlink")
 
-    _handlers = {
+    _handlers: dict[int, Callable[..., None]] = {
         INIT: KernelServer._init, LOOKUP: _lookup, GETATTR: _getattr, READLINK: _readlink, OPEN: _open,
         READ: _read, RELEASE: _release, OPENDIR: _opendir, READDIR: _readdir, RELEASEDIR: KernelServer._ok,
         STATFS: _statfs, GETXATTR: _getxattr, LISTXATTR: _listxattr, ACCESS: _access,
