@@ -723,12 +723,15 @@ def _mount_in_background(task: dict[str, Any], mountpoint: str, what: str) -> No
     import subprocess
     import time as _t
 
+    from .reader.fdholder import held, served
     from .worker import spawn
 
+    # a killed server's session, kept by its holder: ready once the new process has taken it over
+    ready = (lambda: served(mountpoint)) if held(mountpoint) else (lambda: os.path.ismount(mountpoint))
     # library code in a child that inherits the store options on a pipe (a PIN never reaches argv)
     p = spawn(task, _options(state.store_path), stderr=subprocess.PIPE)
     deadline = _t.monotonic() + 30
-    while not os.path.ismount(mountpoint):
+    while not ready():
         if p.poll() is not None:
             msg = (p.stderr.read().decode(errors="replace").strip().splitlines() or ["mount failed"])[-1] \
                 if p.stderr else "mount failed"

@@ -146,6 +146,8 @@ def test_successor_for_another_image_is_refused(image, cli_env, tmp_path, sessio
         p = run_cli(env, "mount", "other:1", str(mnt), check=False)
         assert p.returncode == 1 and "is still served for image manifest" in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1  # one line, no traceback
+        p = run_cli(env, "mount", "--background", "other:1", str(mnt), check=False)  # waits for the takeover
+        assert p.returncode == 1 and "is still served for image manifest" in p.stderr, p.stderr
         run_cli(env, "mount", "--background", "lazy:1", str(mnt))
         assert (mnt / "a" / "keep").read_bytes() == b"1"
     finally:

@@ -107,14 +107,23 @@ def _connect(mountpoint: str) -> socket.socket | None:
 
 def held(mountpoint: str) -> bool:
     """Whether a holder keeps a session for ``mountpoint`` (asks it; never touches the mount)."""
+    return _ping(mountpoint).startswith(b"ok")
+
+
+def served(mountpoint: str) -> bool:
+    """Whether a held session has a live server attached (a successor took it over)."""
+    return _ping(mountpoint).startswith(b"ok attached")
+
+
+def _ping(mountpoint: str) -> bytes:
     s = _connect(mountpoint)
     if s is None:
-        return False
+        return b""
     try:
         s.sendall(b'{"op": "ping"}\n')
-        return s.recv(16).startswith(b"ok")
+        return s.recv(32)
     except OSError:
-        return False
+        return b""
     finally:
         s.close()
 
@@ -264,8 +273,8 @@ def _serve_holder(path: str, fuse_fd: int, state: dict[str, Any]) -> None:
             wait = None if deadline[0] is None else max(0.0, deadline[0] - time.monotonic())
             events = poll.poll(None if wait is None else int(wait * 1000) + 1)
             if not events and deadline[0] is not None and time.monotonic() >= deadline[0]:
-                sys.stderr.write(f"convstore fdholder: no server took over {state.get('mountpoint')} within "
-                                 f"{grace:g} s; letting the session go (its readers get ENOTCONN)\n")
+                _log(f"no server took over {state.get('mountpoint')} within {grace:g} s; letting the session "
+                     f"go (its readers get ENOTCONN)")
                 return
             for fd, ev in events:
                 if fd == fuse_fd:
@@ -274,7 +283,7 @@ def _serve_holder(path: str, fuse_fd: int, state: dict[str, Any]) -> None:
                     conn, _ = srv.accept()
                     uid = _peer_uid(conn)
                     if uid != me:
-                        sys.stderr.write(f"convstore fdholder: refused a connection from uid {uid} to {path}\n")
+                        _log(f"refused a connection from uid {uid} to {path}")
                         conn.close()  # never the fd, not even the state
                         continue
                     conns[conn.fileno()] = (conn, bytearray())
@@ -295,7 +304,7 @@ def _serve_holder(path: str, fuse_fd: int, state: dict[str, Any]) -> None:
                 while b"\n" in buf:
                     line, _, rest = bytes(buf).partition(b"\n")
                     buf[:] = rest
-                    op = _handle(conn, line, fuse_fd, state)
+                    op = _handle(conn, line, fuse_fd, state, bool(attached))
                     if op == "drop":
                         return
                     if op in ("attach", "add"):
@@ -311,6 +320,15 @@ def _serve_holder(path: str, fuse_fd: int, state: dict[str, Any]) -> None:
         os.close(fuse_fd)
 
 
+def _log(msg: str) -> None:
+    """One line on stderr (the server's; a closed pipe must not end the holder)."""
+    try:
+        sys.stderr.write(f"convstore fdholder: {msg}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
 def _connected(fuse_fd: int) -> bool:
     """Whether the FUSE connection is still up (an unmount aborts it: the fd polls POLLERR)."""
     p = select.poll()
@@ -318,8 +336,8 @@ def _connected(fuse_fd: int) -> bool:
     return not p.poll(0)
 
 
-def _handle(conn: socket.socket, line: bytes, fuse_fd: int, state: dict[str, Any]) -> str | None:
-    """One request; its op."""
+def _handle(conn: socket.socket, line: bytes, fuse_fd: int, state: dict[str, Any], attached: bool) -> str | None:
+    """One request; its op.  ``attached``: whether a server is attached (the answer to a ping)."""
     try:
         req = json.loads(line)
     except ValueError:
@@ -329,7 +347,7 @@ def _handle(conn: socket.socket, line: bytes, fuse_fd: int, state: dict[str, Any
         return "drop"  # unmounted meanwhile: nothing to hand over (the poll loop would see it next)
     try:
         if op == "ping":
-            conn.sendall(b"ok\n")
+            conn.sendall(b"ok attached\n" if attached else b"ok\n")
         elif op == "get":
             doc = json.dumps(state).encode()
             conn.setblocking(True)
