@@ -352,3 +352,51 @@ def test_snapshotter_layer_mount_survives_its_process(image, keyfile, tmp_path, 
             if p is not None:
                 p.kill()
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.corpus
+def test_podman_container_survives_a_layer_store_kill_9(tmp_path, cli_env, sessions, corpus):
+    """Issue 23 §3 with a real engine: a podman container running on the layer store keeps reading
+    files it had not read yet across `kill -9` of `convstore layerstore` and the start of its successor."""
+    from conftest import CORPUS_DIR, need_tool
+    from engine_fixtures import podman, podman_config, remove_podman_root
+    from kms_fixtures import Registry
+
+    need_tool("skopeo")
+    need_tool("podman")
+    env = {**cli_env, "CONVSTORE_FUSE_SESSIONS": str(sessions)}
+    reg = Registry(tmp_path / "registry")
+    podman_root = tmp_path / "podman"
+    mnt = tmp_path / "als"
+    mnt.mkdir()
+    ctr = None
+    try:
+        src = f"oci:{CORPUS_DIR / 'app1'}:latest"
+        subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", src, f"docker://{reg.host}/app1:latest"],
+                       check=True, timeout=300)
+        run_cli(env, "pack", src, "app1:latest")
+        p = run_cli(env, "layerstore", "--background", str(mnt))
+        pid = int(re.search(r"\(pid (\d+)\)", p.stdout).group(1))  # type: ignore[union-attr]
+        penv = {**os.environ, **podman_config(podman_root, mnt)}
+        ref = f"{reg.host}/app1:latest"
+        podman(penv, "pull", "-q", "--tls-verify=false", ref)
+        ctr = subprocess.Popen([shutil.which("podman") or "podman", "run", "-i", "--rm", ref, "sh", "-c",
+                                "echo started; read x; ls /usr/lib | wc -l; head -1 /etc/os-release"],
+                               env=penv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        assert ctr.stdout is not None and ctr.stdin is not None
+        assert ctr.stdout.readline() == "started\n"
+        _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
+        os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: not _alive(pid), "the layer store to die")
+        run_cli(env, "layerstore", "--background", str(mnt))  # the successor
+        out, err = ctr.communicate("\n", timeout=120)
+        assert ctr.returncode == 0, err
+        count, first = out.split("\n", 1)
+        assert int(count) > 10 and first.startswith("PRETTY_NAME="), (out, err)
+    finally:
+        if ctr is not None and ctr.poll() is None:
+            ctr.kill()
+        remove_podman_root(podman_config(podman_root, mnt), podman_root)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        reg.stop()
