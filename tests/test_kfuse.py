@@ -400,3 +400,46 @@ def test_podman_container_survives_a_layer_store_kill_9(tmp_path, cli_env, sessi
         remove_podman_root(podman_config(podman_root, mnt), podman_root)
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         reg.stop()
+
+
+@pytest.mark.corpus
+def test_containerd_container_survives_a_snapshotter_kill_9(tmp_path, cli_env, sessions, corpus):
+    """The same with containerd: `kill -9` of `convstore snapshotter` under a running container, a new
+    snapshotter on the same ROOT takes the layers' session over, the container reads on."""
+    from conftest import CORPUS_DIR, need_tool
+    from engine_fixtures import Containerd, unmount_below
+    from test_engines import start_snapshotter
+
+    need_tool("containerd")
+    need_tool("ctr")
+    env = {**cli_env, "CONVSTORE_FUSE_SESSIONS": str(sessions)}
+    run_cli(env, "pack", f"oci:{CORPUS_DIR / 'app1'}:latest", "app1:latest")
+    snap_sock = tmp_path / "run" / "snapshotter.sock"
+    snap = start_snapshotter(env, tmp_path / "snapshots", snap_sock)
+    ctd = ctr = None
+    try:
+        ctd = Containerd(tmp_path / "containerd", snap_sock)
+        run_cli(env, "containerd-load", "app1:latest", "--address", str(ctd.socket))
+        ctr = subprocess.Popen(["ctr", "-a", str(ctd.socket), "run", "--snapshotter", "convstore", "--rm",
+                                "convstore.local/app1:latest", "t-failover", "sh", "-c",
+                                "echo started; read x; ls /usr/lib | wc -l; head -1 /etc/os-release"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert ctr.stdout is not None
+        assert ctr.stdout.readline() == "started\n"
+        _wait_for(lambda: fdholder.held(str(tmp_path / "snapshots" / "layers")), "the holder")
+        snap.kill()
+        snap.wait(20)
+        snap_sock.unlink()
+        snap = start_snapshotter(env, tmp_path / "snapshots", snap_sock)  # the successor
+        out, err = ctr.communicate("\n", timeout=120)
+        assert ctr.returncode == 0, err
+        count, first = out.split("\n", 1)
+        assert int(count) > 10 and first.startswith("PRETTY_NAME="), (out, err)
+    finally:
+        if ctr is not None and ctr.poll() is None:
+            ctr.kill()
+        if ctd is not None:
+            ctd.stop()
+        snap.terminate()
+        snap.wait(timeout=30)
+        unmount_below(tmp_path)
