@@ -102,6 +102,12 @@ def _connect(mountpoint: str) -> socket.socket | None:
         except OSError:
             pass
         return None
+    except OSError as e:  # e.g. a sessions directory too deep for a unix socket's path (107 bytes)
+        s.close()
+        import logging
+
+        logging.getLogger(__name__).warning("FUSE session holder socket %s unusable (no failover): %s", path, e)
+        return None
     return s
 
 
