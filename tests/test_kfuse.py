@@ -443,3 +443,38 @@ def test_containerd_container_survives_a_snapshotter_kill_9(tmp_path, cli_env, s
         snap.terminate()
         snap.wait(timeout=30)
         unmount_below(tmp_path)
+
+
+def test_a_holder_socket_planted_by_a_stranger_is_refused(tmp_path, sessions):
+    """The other direction: a successor asks only a holder of its own uid.  A stranger who could plant a
+    socket (a sessions directory open to everyone) would get the image served into a FUSE connection of
+    theirs; the successor refuses it by SO_PEERCRED (and anything handed over that is not /dev/fuse)."""
+    os.chmod(sessions, 0o1777)
+    mnt = tmp_path / "mnt"
+    path = fdholder.socket_path(str(mnt))
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # the stranger's fake holder: hands over a pipe as the "session"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            srv.bind(path)
+            srv.listen(1)
+            os.write(w, b"up")
+            c, _ = srv.accept()
+            c.recv(100)
+            c.sendmsg([b'{"version": 1, "init": {}}'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                        array.array("i", [r]).tobytes())])
+            c.close()
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(r, 2) == b"up"
+        with pytest.raises(FuseSessionError, match="belongs to uid 65534"):
+            fdholder.take(str(mnt))
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(r)
+        os.close(w)

@@ -36,6 +36,7 @@ import json
 import os
 import select
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -143,6 +144,14 @@ def take(mountpoint: str) -> tuple[int, dict[str, Any]] | None:
     if s is None:
         return None
     try:
+        uid = _peer_uid(s)
+    except OSError:
+        uid = -1
+    if uid != os.geteuid():  # a socket planted by someone else: never serve the image into their fd
+        s.close()
+        raise FuseSessionError(f"the FUSE session socket of {mountpoint} ({socket_path(mountpoint)}) belongs to "
+                               f"uid {uid}, not {os.geteuid()}: refused; remove it")
+    try:
         s.sendall(b'{"op": "get"}\n')
         fds = array.array("i")
         msg, anc, _flags, _addr = s.recvmsg(1 << 16, socket.CMSG_SPACE(fds.itemsize))
@@ -172,6 +181,11 @@ def take(mountpoint: str) -> tuple[int, dict[str, Any]] | None:
     except ValueError as e:
         os.close(fds[0])
         raise FuseSessionError(f"the FUSE session holder of {mountpoint} sent unreadable state: {e}") from None
+    st = os.fstat(fds[0])
+    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(10, 229):  # /dev/fuse
+        os.close(fds[0])
+        raise FuseSessionError(f"the FUSE session holder of {mountpoint} handed over something that is not "
+                               f"/dev/fuse: refused")
     if not _connected(fds[0]):  # unmounted since
         os.close(fds[0])
         return None
