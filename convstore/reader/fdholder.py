@@ -93,7 +93,7 @@ def _connect(mountpoint: str) -> socket.socket | None:
     s.settimeout(10)
     try:
         s.connect(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, PermissionError):  # none held (or not this user's to ask)
         s.close()
         return None
     except ConnectionRefusedError:  # a holder that died: its socket is left over
