@@ -478,3 +478,62 @@ def test_a_holder_socket_planted_by_a_stranger_is_refused(tmp_path, sessions):
         os.waitpid(child, 0)
         os.close(r)
         os.close(w)
+
+
+_STALLING_SERVER = """
+import sys, threading, convstore
+from convstore.reader import ImageFS, kfuse
+store = convstore.Store.open(sys.argv[1], sys.argv[2])
+fs = ImageFS.from_store(store, "lazy:1")
+if sys.argv[4] == "stall":  # a read of the big file never finishes: the kill comes while it is in flight
+    read = fs.read_node
+    def stall(n, offset, size):
+        if n.size < 1_000_000:
+            return read(n, offset, size)
+        print("fetching", flush=True)
+        threading.Event().wait()
+    fs.read_node = stall
+kfuse.start(fs, sys.argv[3], hold=True, ref="lazy:1")
+print("up", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_a_read_in_flight_at_the_kill_is_resent_to_the_successor(image, keyfile, tmp_path, sessions):
+    """The request the killed server had taken (and never answered) is not lost: the successor asks the
+    kernel to queue it again (FUSE_NOTIFY_RESEND) and answers it."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {**os.environ, "CONVSTORE_FUSE_SESSIONS": str(sessions)}
+    cmd = [sys.executable, "-c", _STALLING_SERVER, str(tmp_path / "store"), f"file:{keyfile}", str(mnt)]
+    first = subprocess.Popen([*cmd, "stall"], env=env, stdout=subprocess.PIPE, text=True)
+    successor = None
+    try:
+        assert first.stdout is not None and first.stdout.readline() == "up\n"
+        assert (mnt / "a" / "keep").read_bytes() == b"1"  # the first FLUSH answered (see above)
+        _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
+        f = open(mnt / "big.bin", "rb", buffering=0)
+        got: list[bytes | BaseException] = []
+
+        def read() -> None:
+            try:
+                got.append(f.read(100))
+            except BaseException as e:
+                got.append(e)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert first.stdout.readline() == "fetching\n"  # the server holds the request
+        first.kill()
+        first.wait(20)
+        successor = subprocess.Popen([*cmd, "serve"], env=env, stdout=subprocess.PIPE, text=True)
+        assert successor.stdout is not None and successor.stdout.readline() == "up\n"
+        reader.join(30)
+        assert not reader.is_alive(), "the request taken by the killed server was never answered"
+        assert got == [BIG[:100]]
+        f.close()
+    finally:
+        for p in (first, successor):
+            if p is not None:
+                p.kill()
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
