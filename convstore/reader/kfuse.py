@@ -20,6 +20,9 @@ open/flush/release is a round trip into Python too.  Here:
 
 The kernel structures (linux/uapi ``fuse.h``) are packed by hand below;
 only the operations a read-only tree needs are answered, the rest ENOSYS.
+
+:class:`PathServer` serves path callbacks (the layer store's tree) the same
+way, its nodeids journaled to the session holder for a successor.
 """
 
 from __future__ import annotations
