@@ -804,8 +804,11 @@ def containerd_load(
 
 
 def _prepare_mountpoint(mountpoint: str) -> None:
+    from .reader.fdholder import held
     from .reader.fuse import recover_stale_mount
 
+    if held(mountpoint):
+        return  # a killed server's session, kept for this successor (a look at the mount would wait for it)
     recover_stale_mount(mountpoint)  # a mount whose process was killed: detached, then mounted again
     if not os.path.isdir(mountpoint):
         raise typer.BadParameter(f"{mountpoint} is not a directory")

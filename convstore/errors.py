@@ -25,6 +25,8 @@ key material.
     │   ├── RollbackDetected   a tag or domain went back to a version older than this client saw
     │   ├── DomainConflict     a store already has another convergence domain of the same name
     │   ├── StoreBusy          a registry store's lease refuses (gc while a pack is in flight, or the reverse)
+    │   ├── FuseSessionError   a held FUSE session cannot be taken over (other image, holder refuses)
+    │   ├── KernelFuseError    the low-level FUSE server cannot mount (mount(2) refused)
     │   └── StoreFormatError   unknown or future on-disk format version
     ├── KeyProviderError       key provider failures
     │   ├── KeyAccessDenied    the provider refuses (wrong key, revoked, moved wrapped key)
@@ -200,6 +202,15 @@ class KeyFileMissing(KeyFileError, KeyNotFound):
 
 class UnsafePathError(ConvstoreError):
     """A layer entry would be written outside the target directory."""
+
+
+class FuseSessionError(StoreError):
+    """A FUSE session kept by a holder (failover) cannot be taken over: it serves another image, or its
+    holder refuses or is unreadable."""
+
+
+class KernelFuseError(StoreError):
+    """The low-level FUSE server cannot mount or serve (mount(2) refused, /dev/fuse unusable)."""
 
 
 class ExposedMountpoint(ConvstoreError):

@@ -31,6 +31,16 @@ def layers():
     return [rich_layer(), l0, l1]
 
 
+@pytest.fixture(params=["kfuse", "libfuse"])
+def fuse_backend(request, monkeypatch):
+    """Each FUSE test against both servers: the low-level one (the default as root) and libfuse."""
+    if request.param == "libfuse":
+        monkeypatch.setenv("CONVSTORE_FUSE", "libfuse")
+    else:
+        monkeypatch.delenv("CONVSTORE_FUSE", raising=False)
+    return request.param
+
+
 @pytest.fixture
 def image(tmp_path, store):
     write_oci(str(tmp_path / "src"), layers())
@@ -63,7 +73,7 @@ def test_merged_view_semantics(image):
         assert e.value.errno == errno.ENOENT
 
 
-def test_same_tree_as_rootfs_unpack(image, tmp_path):
+def test_same_tree_as_rootfs_unpack(fuse_backend, image, tmp_path):
     image.unpack_rootfs("lazy:1", str(tmp_path / "root"))
     with ImageFS.from_store(image, "lazy:1") as fs, BackgroundMount(fs, str(tmp_path / "mnt")):
         assert walk(tmp_path / "mnt") == walk(tmp_path / "root")
@@ -111,7 +121,7 @@ def test_slow_store_delays(image):
     assert slow.link is not None and slow.link.requests == 1 and slow.link.bytes == n
 
 
-def test_missing_chunk_is_eio_not_a_hang(image, tmp_path, caplog):
+def test_missing_chunk_is_eio_not_a_hang(fuse_backend, image, tmp_path, caplog):
     with ImageFS.from_store(image, "lazy:1") as fs:
         node = fs.lookup("/big.bin")
         layer = fs.manifest.layers[node.layer]
@@ -129,7 +139,7 @@ def test_missing_chunk_is_eio_not_a_hang(image, tmp_path, caplog):
     assert victim in caplog.text
 
 
-def test_corrupt_chunk_is_eio(image, tmp_path):
+def test_corrupt_chunk_is_eio(fuse_backend, image, tmp_path):
     with ImageFS.from_store(image, "lazy:1") as fs:
         import bisect
 
@@ -171,7 +181,8 @@ def test_cli_ls_cat(image, cli_env, tmp_path):
     assert p.returncode == 1 and p.stderr == "convstore: error: lazy:1: /nope: no such file or directory\n"
 
 
-def test_cli_mount_background_and_sigterm(image, cli_env, tmp_path):
+def test_cli_mount_background_and_sigterm(fuse_backend, image, cli_env, tmp_path):
+    cli_env = {**cli_env, "CONVSTORE_FUSE": fuse_backend}  # "kfuse": anything but libfuse
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     run_cli(cli_env, "mount", "--background", "lazy:1", str(mnt))

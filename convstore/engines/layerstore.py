@@ -275,6 +275,9 @@ _FILE = stat.S_IFREG | 0o444
 class LayerStoreOperations(ImageOperations):
     """The tree containers/storage reads, over :class:`LayerStore`."""
 
+    #: served by the low-level server as root, with failover (reader/kfuse.py PathServer)
+    kfuse_paths = "layerstore"
+
     def __init__(self, layers: LayerStore) -> None:
         super().__init__(None)
         self.layers = layers
@@ -411,7 +414,8 @@ class LayerMount:
     def __init__(self, layers: LayerStore, mountpoint: str) -> None:
         self.layers = layers
         self.mountpoint = os.path.abspath(mountpoint)
-        self._mount = BackgroundMount(None, self.mountpoint, LayerStoreOperations(layers))
+        # hold: a restarted snapshotter takes the mount over, its containers' reads go on
+        self._mount = BackgroundMount(None, self.mountpoint, LayerStoreOperations(layers), hold=True)
 
     def diff_dir(self, digest: str) -> str:
         """The directory of layer ``digest``'s files (under the image reference ``containerd``: any serves)."""

@@ -1,4 +1,9 @@
-"""Read-only FUSE mount of an :class:`ImageFS` (mfusepy on libfuse3).
+"""Read-only FUSE mount of an :class:`ImageFS`.
+
+As root, an image is served by the low-level server of :mod:`.kfuse`
+(kernel protocol on /dev/fuse: stable nodeids, no open round trips,
+failover through :mod:`.fdholder`); otherwise, and for trees of other
+callbacks (the layer store), by mfusepy on libfuse3.
 
 A chunk that is missing or corrupt fails only the read that needs it, with
 EIO, and is logged by name; the mount stays up and always unmounts.
@@ -52,6 +57,7 @@ from ..errors import ConvstoreError, ExposedMountpoint, StoreError
 from ..oci.policy import Policy, require
 from ..core.repository import Repository
 from ..service import sdnotify
+from . import fdholder, kfuse
 from .chunkcache import ChunkCache
 from .imagefs import PREFETCH_ON_OPEN, FSError, ImageFS, Node
 
@@ -199,29 +205,51 @@ def check_private_mountpoint(mountpoint: str) -> None:
                                 f"decrypted files; fix: {fix}")
 
 
+def low_level(fs: ImageFS | None, ops: ImageOperations | None) -> bool:
+    """Whether this mount is served by :mod:`.kfuse`: an image (not other callbacks) and a process that
+    may mount(2) (root; ``CONVSTORE_FUSE=libfuse`` forces libfuse)."""
+    return fs is not None and (ops is None or type(ops) is ImageOperations) and kfuse.available()
+
+
+def paths_low_level(ops: ImageOperations | None) -> bool:
+    """Whether path callbacks that ask for it (a ``kfuse_paths`` attribute naming them: the layer store)
+    are served by :class:`kfuse.PathServer`, with failover."""
+    return ops is not None and bool(getattr(ops, "kfuse_paths", None)) and kfuse.available()
+
+
 def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None, read_only: bool = True,
-          on_ready: Callable[[], object] | None = None) -> None:
-    """Serve in the foreground until unmounted (libfuse handles SIGINT/SIGTERM
-    by unmounting cleanly).  A dead mount left there by a killed process is
-    detached first.  A mount for every user needs a private mount point
-    (:func:`check_private_mountpoint`).  ``on_ready`` is called (in another
-    thread) once a request has gone through this server: the mount serves."""
+          ref: str = "", on_ready: Callable[[], object] | None = None) -> None:
+    """Serve in the foreground until unmounted (SIGINT/SIGTERM unmount
+    cleanly).  A dead mount left there by a killed process is detached
+    first; one whose session a holder keeps is taken over (kfuse).  A mount
+    for every user needs a private mount point (:func:`check_private_mountpoint`).
+    ``on_ready`` is called (in another thread) once a request has gone
+    through this server: the mount serves (after a takeover too)."""
     opts = fuse_options(read_only=read_only)
     if opts.get("allow_other"):
         check_private_mountpoint(mountpoint)
     recover_stale_mount(mountpoint)
+    kernel, paths = low_level(fs, ops), paths_low_level(ops)
     ops = ops or ImageOperations(fs)
     done = threading.Event()
     if on_ready is not None:
         threading.Thread(target=_when_served, args=(ops, mountpoint, on_ready, done), name="convstore-ready",
                          daemon=True).start()
     try:
-        mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=False, **opts)
-    except RuntimeError as e:
-        # libfuse reports a loop ended by SIGINT/SIGTERM as an error status
-        # after it has unmounted; only a failure to mount is an error.
-        if os.path.ismount(mountpoint) or not getattr(e, "args", None) or e.args[0] != 8:
-            raise StoreError(f"FUSE at {mountpoint} failed (libfuse status {e})") from None
+        if kernel:
+            assert fs is not None
+            kfuse.serve(fs, mountpoint, counters=ops, read_only=read_only, ref=ref)
+            return
+        if paths:
+            kfuse.serve_paths(ops, mountpoint, read_only=read_only, what=ops.kfuse_paths)  # type: ignore[attr-defined]
+            return
+        try:
+            mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=False, **opts)
+        except RuntimeError as e:
+            # libfuse reports a loop ended by SIGINT/SIGTERM as an error status
+            # after it has unmounted; only a failure to mount is an error.
+            if os.path.ismount(mountpoint) or not getattr(e, "args", None) or e.args[0] != 8:
+                raise StoreError(f"FUSE at {mountpoint} failed (libfuse status {e})") from None
     finally:
         done.set()
 
@@ -263,8 +291,8 @@ def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy 
         require(policy, fs.manifest, ref)
         try:
             with report(fs) if report is not None else contextlib.nullcontext():
-                serve(fs, mountpoint, on_ready=lambda: sdnotify.serving(f"serving {ref} at {mountpoint}",
-                                                                        lambda: mount_answers(mountpoint), log))
+                serve(fs, mountpoint, ref=ref, on_ready=lambda: sdnotify.serving(f"serving {ref} at {mountpoint}",
+                                                                                 lambda: mount_answers(mountpoint), log))
         finally:
             sdnotify.stopping(f"unmounted {ref} from {mountpoint}")
 
@@ -272,7 +300,10 @@ def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy 
 def recover_stale_mount(mountpoint: str) -> bool:
     """If ``mountpoint`` is a FUSE mount whose process died ("transport
     endpoint is not connected"), detach it (lazily) so it can be mounted
-    again; whether one was found.  A live mount is left alone."""
+    again; whether one was found.  A live mount is left alone, and so is one
+    whose session a holder keeps for a successor (:mod:`.fdholder`)."""
+    if fdholder.held(mountpoint):
+        return False
     try:
         os.statvfs(mountpoint)  # always asks the daemon (a stat may be answered from the kernel's cache)
         return False
@@ -304,13 +335,16 @@ class BackgroundMount:
     """Mount in a thread of this process; a context manager that always unmounts."""
 
     def __init__(self, fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = None,
-                 read_only: bool = True):
+                 read_only: bool = True, hold: bool = False):
+        """``hold``: the session outlives this process (failover, kfuse only), as :func:`serve`'s."""
         self.fs = fs
         self.mountpoint = os.path.abspath(mountpoint)
         self.ops = ops or ImageOperations(fs)
         self.read_only = read_only
+        self.hold = hold
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.server: kfuse.KernelServer | None = None  # the low-level server, when it serves this mount
 
     def _run(self) -> None:
         try:
@@ -321,7 +355,21 @@ class BackgroundMount:
     def __enter__(self) -> BackgroundMount:
         if not os.path.exists("/dev/fuse"):
             raise StoreError("FUSE is not available (/dev/fuse is missing)")
-        os.makedirs(self.mountpoint, exist_ok=True)
+        if not (self.hold and fdholder.held(self.mountpoint)):  # a held mount: a look at it would wait for us
+            os.makedirs(self.mountpoint, exist_ok=True)
+        if low_level(self.fs, self.ops):
+            assert self.fs is not None
+            check_private_mountpoint(self.mountpoint)
+            recover_stale_mount(self.mountpoint)
+            self.server = kfuse.start(self.fs, self.mountpoint, counters=self.ops, read_only=self.read_only,
+                                      hold=self.hold)
+            return self
+        if paths_low_level(self.ops):
+            check_private_mountpoint(self.mountpoint)
+            recover_stale_mount(self.mountpoint)
+            self.server = kfuse.start_paths(self.ops, self.mountpoint, read_only=self.read_only, hold=self.hold,
+                                            what=self.ops.kfuse_paths)
+            return self
         self._thread = threading.Thread(target=self._run, name="convstore-fuse", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
@@ -335,6 +383,10 @@ class BackgroundMount:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.hold:
+            fdholder.drop(self.mountpoint)
         unmount(self.mountpoint)
+        if self.server is not None and self.server.wait(10):
+            os.close(self.server.fd)  # ended: else (lazily detached, files still open) it serves on
         if self._thread is not None:
             self._thread.join(timeout=10)
