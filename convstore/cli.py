@@ -636,17 +636,24 @@ def mount(
     mountpoint: str = typer.Argument(..., metavar="MOUNTPOINT"),
     background: bool = typer.Option(False, "--background", "-b", help="Return once mounted; unmount with fusermount3 -u"),
     policy: Optional[str] = _policy_option(),
+    background_fetch: Optional[bool] = typer.Option(None, "--background-fetch/--no-background-fetch",
+                                                    help="Fetch the rest of each image in the background after "
+                                                         "its start [default: on, or $CONVSTORE_BACKGROUND_FETCH]"),
+    background_rate: Optional[str] = typer.Option(None, "--background-rate", metavar="BYTES/S",
+                                                  help="Bandwidth bound of the background fetch, e.g. 50M "
+                                                       "[default: unbounded, or $CONVSTORE_BACKGROUND_RATE]"),
 ) -> None:
     """Mount an image read-only with FUSE (foreground until Ctrl-C / SIGTERM / unmount)."""
     _prepare_mountpoint(mountpoint)
     node_policy = _policy(policy)
+    fetch = _background_fetch(background_fetch, background_rate)
     if background:
         _mount_in_background({"op": "mount", "ref": ref, "mountpoint": os.path.abspath(mountpoint),
-                              "policy": node_policy.path}, mountpoint, ref)
+                              "policy": node_policy.path, "background": fetch.to_json()}, mountpoint, ref)
         return
     from .reader.fuse import mount_image
 
-    mount_image(_store(), ref, mountpoint, policy=node_policy)
+    mount_image(_store(), ref, mountpoint, policy=node_policy, background=fetch)
 
 
 @app.command()
@@ -656,18 +663,26 @@ def layerstore(
     stats_file: Optional[str] = typer.Option(None, "--stats-file", metavar="PATH",
                                              help="Keep what was fetched, per image, in this JSON file"),
     policy: Optional[str] = _policy_option(),
+    background_fetch: Optional[bool] = typer.Option(None, "--background-fetch/--no-background-fetch",
+                                                    help="Fetch the rest of each image in the background after "
+                                                         "its start [default: on, or $CONVSTORE_BACKGROUND_FETCH]"),
+    background_rate: Optional[str] = typer.Option(None, "--background-rate", metavar="BYTES/S",
+                                                  help="Bandwidth bound of the background fetch, e.g. 50M "
+                                                       "[default: unbounded, or $CONVSTORE_BACKGROUND_RATE]"),
 ) -> None:
     """Serve the store's layers to podman / CRI-O as an additional layer store (docs/engines.md)."""
     _prepare_mountpoint(mountpoint)
     stats = os.path.abspath(stats_file) if stats_file else None
     node_policy = _policy(policy)
+    fetch = _background_fetch(background_fetch, background_rate)
     if background:
         _mount_in_background({"op": "layerstore", "mountpoint": os.path.abspath(mountpoint), "stats_file": stats,
-                              "policy": node_policy.path}, mountpoint, "the layer store")
+                              "policy": node_policy.path, "background": fetch.to_json()}, mountpoint,
+                             "the layer store")
         return
     from .engines.layerstore import LayerStore, serve_layerstore
 
-    serve_layerstore(LayerStore(_store(), policy=node_policy), mountpoint, stats)
+    serve_layerstore(LayerStore(_store(), policy=node_policy, background=fetch), mountpoint, stats)
 
 
 @app.command()
@@ -678,12 +693,19 @@ def snapshotter(
     stats_file: Optional[str] = typer.Option(None, "--stats-file", metavar="PATH",
                                              help="Keep what was fetched, per image, in this JSON file"),
     policy: Optional[str] = _policy_option(),
+    background_fetch: Optional[bool] = typer.Option(None, "--background-fetch/--no-background-fetch",
+                                                    help="Fetch the rest of each image in the background after "
+                                                         "its start [default: on, or $CONVSTORE_BACKGROUND_FETCH]"),
+    background_rate: Optional[str] = typer.Option(None, "--background-rate", metavar="BYTES/S",
+                                                  help="Bandwidth bound of the background fetch, e.g. 50M "
+                                                       "[default: unbounded, or $CONVSTORE_BACKGROUND_RATE]"),
 ) -> None:
     """Serve containerd's snapshots API (a proxy snapshotter) with the store's layers (docs/engines.md)."""
     from .engines.layerstore import LayerStore
     from .engines.snapshotter import serve_snapshotter
 
-    serve_snapshotter(LayerStore(_store(), policy=_policy(policy)), root, socket,
+    fetch = _background_fetch(background_fetch, background_rate)
+    serve_snapshotter(LayerStore(_store(), policy=_policy(policy), background=fetch), root, socket,
                       os.path.abspath(stats_file) if stats_file else None)
 
 
@@ -706,6 +728,13 @@ def containerd_load(
                                policy=_policy(policy))
     out.print(f"loaded {ref} into containerd as {got} (snapshotter {snapshotter_name}); "
               f"run it with: ctr run --snapshotter {snapshotter_name} {got} ID", highlight=False)
+
+
+def _background_fetch(enabled: Optional[bool], rate: Optional[str]) -> Any:
+    """The node's background-fetch setting: the options over the environment (convstore.reader.background)."""
+    from .reader.background import BackgroundConfig
+
+    return BackgroundConfig.from_env(enabled, rate)
 
 
 def _prepare_mountpoint(mountpoint: str) -> None:
@@ -746,9 +775,16 @@ def run(
     show_stats: bool = typer.Option(False, "--stats", help="Print what was fetched to stderr"),
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Prefetch the recorded start-up profile"),
     record: Optional[bool] = typer.Option(None, "--record-profile/--no-record-profile",
-                                          help="Record the start-up profile [default: when there is none]"),
+                                          help="Merge what this start reads into the start-up profile "
+                                               "[default: yes]"),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stderr"),
     policy: Optional[str] = _policy_option(),
+    background_fetch: Optional[bool] = typer.Option(None, "--background-fetch/--no-background-fetch",
+                                                    help="Fetch the rest of each image in the background after "
+                                                         "its start [default: on, or $CONVSTORE_BACKGROUND_FETCH]"),
+    background_rate: Optional[str] = typer.Option(None, "--background-rate", metavar="BYTES/S",
+                                                  help="Bandwidth bound of the background fetch, e.g. 50M "
+                                                       "[default: unbounded, or $CONVSTORE_BACKGROUND_RATE]"),
 ) -> None:
     """Run an image's Entrypoint/Cmd (or CMD) from a lazy read-only mount; exit with its code."""
     if runtime not in ("auto", "runc", "chroot"):
@@ -756,7 +792,7 @@ def run(
     from .engines.run import run_image
 
     r = run_image(_store(), ref, command or None, runtime=runtime, prefetch=prefetch, record=record,
-                  policy=_policy(policy))
+                  policy=_policy(policy), background=_background_fetch(background_fetch, background_rate))
     if json_out:
         err.print(json.dumps(r.to_json()), highlight=False, soft_wrap=True)
     elif show_stats:

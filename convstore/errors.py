@@ -185,3 +185,7 @@ class UnsafePathError(ConvstoreError):
 class ExposedMountpoint(ConvstoreError):
     """A FUSE mount made for every user (``allow_other``) whose mount point other users could reach:
     its parent directory is not this user's (or root's) alone."""
+
+
+class BackgroundConfigError(ConvstoreError):
+    """A background-fetch setting (option or environment) that does not parse."""

@@ -79,6 +79,7 @@ def spawn_repack(options: StoreOptions, e: CatalogEntry) -> None:
 def run_task(doc: dict[str, Any]) -> None:
     from .core.repository import Repository
     from .oci.policy import load_policy
+    from .reader.background import BackgroundConfig
 
     options = StoreOptions.from_json(doc["options"])
     task = doc["task"]
@@ -91,11 +92,13 @@ def run_task(doc: dict[str, Any]) -> None:
     elif task["op"] == "mount":
         from .reader.fuse import mount_image
 
-        mount_image(store, task["ref"], task["mountpoint"], policy=policy)
+        mount_image(store, task["ref"], task["mountpoint"], policy=policy,
+                    background=BackgroundConfig.from_json(task.get("background")))
     elif task["op"] == "layerstore":
         from .engines.layerstore import LayerStore, serve_layerstore
 
-        serve_layerstore(LayerStore(store, policy=policy), task["mountpoint"], task.get("stats_file"))
+        serve_layerstore(LayerStore(store, policy=policy, background=BackgroundConfig.from_json(task.get("background"))),
+                         task["mountpoint"], task.get("stats_file"))
     else:
         raise ConvstoreError(f"unknown worker task {task.get('op')!r}")
 

@@ -1,6 +1,17 @@
 """Chunk fetching for lazy reads: a bounded LRU of plaintext chunks, one
 fetch per chunk however many readers want it, sequential readahead, a thread
-pool, counters, and start-up profile recording."""
+pool, counters, and start-up profile recording and prefetching.
+
+A recorded profile is prefetched in COALESCED batches: its chunks, in file
+order, sorted by where they are stored and cut into ``PROFILE_PARALLEL``
+slices of about equal bytes, each read with one
+:meth:`~convstore.core.chunks.Chunks.blobs` call (the registry store reads
+neighbours in a pack blob with one ranged GET), the slices in parallel.  A
+reader that wants one of those chunks meanwhile waits on the same fetch.
+
+The fetcher counts the reads it is waiting on for a reader (``demand``);
+the background fetch (:mod:`.background`) runs only while that is zero.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -18,6 +30,20 @@ from ..errors import ChunkMissing
 from ..manifest import Manifest
 
 log = logging.getLogger(__name__)
+
+#: a profile is prefetched as this many coalesced reads in parallel
+PROFILE_PARALLEL = 4
+
+
+def store_requests(store: object) -> int:
+    """Requests a chunk store (or the backend under its forwarding wrappers)
+    has sent to its remote so far: 0 for a store that counts none (a local one)."""
+    while store is not None:
+        n = getattr(store, "requests", None)
+        if isinstance(n, int):
+            return n
+        store = getattr(store, "inner", None)
+    return 0
 
 
 @dataclass
@@ -30,6 +56,9 @@ class FetchStats:
     wait_seconds: float = 0.0  # time readers spent blocked on the store
     bytes_read: int = 0  # bytes returned to readers
     prefetched_chunks: int = 0
+    profile_chunks: int = 0  # chunks of the start-up profile prefetched
+    profile_batches: int = 0  # coalesced reads they took (each one or a few requests)
+    requests: int = 0  # requests the chunk store sent to its remote since this fetcher opened (refresh_requests)
 
     def to_json(self) -> dict[str, float]:
         return asdict(self)
@@ -56,6 +85,12 @@ class ChunkFetcher:
         self._recorded: set[tuple[int, int]] = set()
         # starts[layer][k] = offset of the k-th chunk in that layer's content stream
         self._starts: list[list[int]] = []
+        self._demand = 0  # reads a reader is waiting on now
+        self._idle = threading.Condition(self._lock)
+        self._closers: list[Callable[[], None]] = []
+        self._requests_base = store_requests(chunks.store)
+        #: set once a start-up profile's prefetch is over (at once when there is none to prefetch)
+        self.profile_done = threading.Event()
         for layer in manifest.layers:
             pos, starts = 0, []
             for i in layer.chunks:
@@ -65,7 +100,30 @@ class ChunkFetcher:
             self._starts.append(starts)
 
     def close(self) -> None:
+        for stop in self._closers:
+            stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def on_close(self, stop: Callable[[], None]) -> None:
+        """Call ``stop`` first when the fetcher closes (a background fetch over it)."""
+        self._closers.append(stop)
+
+    def refresh_requests(self) -> FetchStats:
+        """The counters, with ``requests`` brought up to date."""
+        with self._lock:
+            self.stats.requests = store_requests(self.chunks.store) - self._requests_base
+            return self.stats
+
+    # -- priority: what the background fetch waits for ------------------------
+    @property
+    def demand(self) -> int:
+        """How many chunk reads readers are waiting on right now."""
+        return self._demand
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until no reader waits on a chunk; whether none does."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._demand == 0, timeout)
 
     # -- chunk level --------------------------------------------------------
     def _load(self, idx: int) -> bytes:
@@ -127,12 +185,16 @@ class ChunkFetcher:
                 self.stats.cache_hits += 1
                 return got
             self.stats.cache_misses += 1
+            self._demand += 1
         t = time.perf_counter()
         try:
             return got.result()
         finally:
             with self._lock:
                 self.stats.wait_seconds += time.perf_counter() - t
+                self._demand -= 1
+                if self._demand == 0:
+                    self._idle.notify_all()
 
     # -- byte ranges --------------------------------------------------------
     def read(self, layer: int, offset: int, size: int) -> bytes:
@@ -183,11 +245,105 @@ class ChunkFetcher:
             rec, self.recording = self.recording, None
         return rec or []
 
-    def prefetch_profile(self, profile: list[tuple[int, int]]) -> int:
-        """Start fetching a recorded start-up profile, in order; returns how many."""
-        n = 0
-        for layer, k in profile:
+    def prefetch_profile(self, profile: list[tuple[int, int]], parallel: int = PROFILE_PARALLEL,
+                         wait: bool = False) -> int:
+        """Start fetching a recorded start-up profile: its chunks in file
+        order, in ``parallel`` coalesced batches; returns how many chunks it
+        names.  ``wait``: return once they are fetched.  Sets
+        :attr:`profile_done` when they are."""
+        seen: set[int] = set()
+        idxs: list[int] = []
+        for layer, k in sorted(set(profile)):  # (layer, position) is file order
             if 0 <= layer < len(self.manifest.layers) and 0 <= k < len(self.manifest.layers[layer].chunks):
-                self.prefetch(self.manifest.layers[layer].chunks[k])
-                n += 1
-        return n
+                idx = self.manifest.layers[layer].chunks[k]
+                if idx not in seen:
+                    seen.add(idx)
+                    idxs.append(idx)
+        futs: dict[int, Future[bytes]] = {}
+        with self._lock:
+            for idx in idxs:
+                if idx in self._cache or idx in self._inflight:
+                    continue
+                fut: Future[bytes] = Future()
+                fut.set_running_or_notify_cancel()
+                self._inflight[idx] = fut
+                fut.add_done_callback(functools.partial(self._done, idx))
+                futs[idx] = fut
+            self.stats.prefetched_chunks += len(futs)
+            self.stats.profile_chunks += len(futs)
+        todo = sorted(futs, key=self._where)  # neighbours in a pack blob next to each other
+        slices = _split_by_bytes(todo, [self._stored_size(i) for i in todo], max(1, parallel))
+        with self._lock:
+            self.stats.profile_batches += len(slices)
+        submitted = [self._pool.submit(self._load_batch, part, futs) for part in slices]
+        if not submitted:
+            self.profile_done.set()
+        else:
+            left = [len(submitted)]
+
+            def one_done(_f: object) -> None:
+                with self._lock:
+                    left[0] -= 1
+                    last = left[0] == 0
+                if last:
+                    self.profile_done.set()
+            for f in submitted:
+                f.add_done_callback(one_done)
+        if wait:
+            for fut in futs.values():
+                try:
+                    fut.result()
+                except Exception:  # noqa: BLE001  a reader that wants the chunk meets the error
+                    pass
+        return len(idxs)
+
+    def _where(self, idx: int) -> tuple[bytes, int]:
+        h = self.manifest.hint(idx)
+        return (h[0], h[1]) if h is not None else (b"", idx)
+
+    def _stored_size(self, idx: int) -> int:
+        h = self.manifest.hint(idx)
+        return h[2] if h is not None else self.manifest.chunks[idx].size
+
+    def _load_batch(self, idxs: list[int], futs: dict[int, Future[bytes]]) -> None:
+        """Fetch chunks with one coalesced call; each one that it did not bring
+        is read alone (its error goes to whoever waits for it)."""
+        idents = [self.manifest.chunks[i] for i in idxs]
+        hints = {c.cid: h for c, h in ((c, self.manifest.hint(i)) for c, i in zip(idents, idxs)) if h is not None}
+        try:
+            blobs = self.chunks.blobs([c.cid for c in idents], hints)
+        except Exception as e:  # noqa: BLE001  each chunk is tried again alone below
+            log.debug("profile batch of %d chunks: %s; reading them one by one", len(idxs), e)
+            blobs = {}
+        for idx, ident in zip(idxs, idents):
+            fut = futs[idx]
+            try:
+                blob = blobs.get(ident.cid)
+                if blob is None:
+                    plain = self._load(idx)
+                else:
+                    plain = self.chunks.open(blob, ident)
+                    with self._lock:
+                        self.stats.chunks_fetched += 1
+                        self.stats.bytes_fetched += len(blob)
+                        self.stats.plain_bytes_fetched += len(plain)
+            except BaseException as e:  # noqa: BLE001  handed to the readers
+                fut.set_exception(e)
+            else:
+                fut.set_result(plain)
+
+
+def _split_by_bytes(items: list[int], sizes: list[int], parts: int) -> list[list[int]]:
+    """``items`` cut, in order, into at most ``parts`` runs of about equal total size."""
+    if not items:
+        return []
+    total = sum(sizes)
+    target = total / parts
+    out: list[list[int]] = [[]]
+    acc = 0
+    for item, size in zip(items, sizes):
+        if out[-1] and acc >= target * len(out) and len(out) < parts:
+            out.append([])
+        out[-1].append(item)
+        acc += size
+    return out

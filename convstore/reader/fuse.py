@@ -21,6 +21,7 @@ import mfusepy
 from ..errors import ConvstoreError, ExposedMountpoint, StoreError
 from ..oci.policy import Policy, require
 from ..core.repository import Repository
+from .background import BackgroundConfig, start_fetching
 from .imagefs import PREFETCH_ON_OPEN, FSError, ImageFS, Node
 
 log = logging.getLogger(__name__)
@@ -185,12 +186,17 @@ def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = Non
             raise StoreError(f"FUSE at {mountpoint} failed (libfuse status {e})") from None
 
 
-def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy | None = None) -> None:
+def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy | None = None,
+                background: BackgroundConfig | None = None) -> None:
     """``convstore mount`` (in the foreground, or in its background worker):
     serve image ``ref`` read-only at ``mountpoint`` until unmounted, once
-    ``policy`` (the node's trust policy) accepts it."""
+    ``policy`` (the node's trust policy) accepts it.  The image's start-up
+    profile is prefetched, then the rest fetched in the background
+    (``background``: default on, see convstore.reader.background)."""
     with ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN) as fs:
         require(policy, fs.manifest, ref)
+        profile = store.manifests.load_profile(fs.entry) if fs.entry is not None else None
+        start_fetching(fs.fetcher, profile, background or BackgroundConfig.from_env(), ref)
         serve(fs, mountpoint)
 
 

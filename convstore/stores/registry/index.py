@@ -83,6 +83,9 @@ class RegistryChunkStore(ChunkStore):
         self._known: set[str] = set()  # pack digests (hex) the loaded index names, or this client wrote
         self._pending: dict[bytes, tuple[int, int]] = {}  # cid -> (offset, length) in _pack
         self._pack = bytearray()
+        self._count_lock = threading.Lock()
+        self.requests = 0  # ranged chunk reads sent (plain counters, read by the fetcher's stats)
+        self.range_bytes = 0
 
     def __repr__(self) -> str:
         return f"RegistryChunkStore({self.url})"
@@ -233,6 +236,9 @@ class RegistryChunkStore(ChunkStore):
         return bytes.fromhex(loc[0].split(":", 1)[1]), loc[1], loc[2]
 
     def _range(self, digest: str, start: int, end: int) -> bytes:
+        with self._count_lock:
+            self.requests += 1  # ranged GETs sent (the readers' request counts: reader/fetcher.py)
+            self.range_bytes += end - start
         data = self.client.get_blob(self.repo, digest, start, end)
         if len(data) != end - start:
             raise StoreError(f"registry returned {len(data)} bytes for a {end - start}-byte range")
