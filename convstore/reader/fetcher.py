@@ -120,6 +120,11 @@ class ChunkFetcher:
         """How many chunk reads readers are waiting on right now."""
         return self._demand
 
+    @property
+    def inflight(self) -> int:
+        """How many chunk fetches are under way (readers', readahead's, a profile's)."""
+        return len(self._inflight)
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` until no reader waits on a chunk; whether none does."""
         with self._idle:

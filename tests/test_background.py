@@ -1,0 +1,213 @@
+"""Fetch scheduling of the lazy reader against a real registry: the
+background fetch (everything local after a start, readers first), the
+coalesced prefetch of a start-up profile (few requests, counted at the
+registry through a proxy), and profiles merged across starts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from imagebuilder import Entry, make_tar, write_oci
+from netproxy import CountingProxy
+
+import convstore
+from convstore.reader import ImageFS
+from convstore.reader.fuse import BackgroundMount
+from convstore.stores.cache import DiskCache
+from convstore.transfer import copy_image
+
+N_FILES = 120
+
+
+def _data(i: int, size: int = 40_000) -> bytes:
+    return hashlib.shake_256(f"file {i}".encode()).digest(size)
+
+
+@pytest.fixture
+def remote(tmp_path: Path, registry, store: convstore.Store) -> str:
+    """A registry store holding ``many:1`` (N_FILES files of 40 kB, one 3 MB file): its oci:// URL."""
+    entries = [Entry("d", "dir")] + [Entry(f"d/f{i:03d}", data=_data(i)) for i in range(N_FILES)]
+    entries.append(Entry("big.bin", data=_data(999, 3_000_000)))
+    write_oci(str(tmp_path / "src"), [make_tar(entries)])
+    store.pack(f"oci:{tmp_path / 'src'}", "many:1")
+    url = f"oci://{registry.host}/bg"
+    copy_image(store, convstore.Store.open(url, store.key, insecure=True, cache_dir=str(tmp_path / "c0")), "many:1")
+    return url
+
+
+def _node(url: str, store: convstore.Store, cache: Path) -> convstore.Store:
+    return convstore.Store.open(url, store.key, insecure=True, cache_dir=str(cache))
+
+
+def _local(cache: Path, manifest) -> int:
+    """How many of the image's chunks are in the node cache at ``cache``."""
+    dc = DiskCache(str(cache))
+    return sum(dc.contains("chunk " + c.cid.hex()) for c in manifest.chunks)
+
+
+def _wait(cond, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_background_fetch_makes_the_whole_image_local_and_off_means_off(tmp_path, remote, store):
+    """Two nodes mount the image (real FUSE) and read one file: with the
+    background fetch on, every chunk of the image becomes local; on the node
+    with it off, by the time the first is complete, only what was read is."""
+    from convstore.reader.background import BackgroundConfig, start_fetching
+
+    mounts = {}
+    for name, on in (("on", True), ("off", False)):
+        node = _node(remote, store, tmp_path / f"cache-{name}")
+        fs = ImageFS.from_store(node, "many:1")
+        bg = start_fetching(fs.fetcher, None, BackgroundConfig(enabled=on, batch_bytes=1 << 20), "many:1")
+        mnt = tmp_path / f"mnt-{name}"
+        m = BackgroundMount(fs, str(mnt)).__enter__()
+        mounts[name] = (fs, bg, m)
+    try:
+        manifest = mounts["on"][0].manifest
+        total = len({c.cid for c in manifest.chunks})
+        for name in mounts:
+            assert (tmp_path / f"mnt-{name}" / "d" / "f005").read_bytes() == _data(5)
+        assert _wait(lambda: _local(tmp_path / "cache-on", manifest) == total), \
+            (mounts["on"][1].progress(), _local(tmp_path / "cache-on", manifest), total)
+        p = mounts["on"][1].progress()
+        assert mounts["on"][1].wait(30) and mounts["on"][1].progress().state == "done", p
+        p = mounts["on"][1].progress()
+        assert p.chunks_local == p.chunks_total == total and p.batches >= 1
+        # the off node: only the chunks its reads fetched, and its background fetch says it is off
+        assert mounts["off"][1].progress().state == "off"
+        off_local = _local(tmp_path / "cache-off", manifest)
+        assert 0 < off_local == mounts["off"][0].fetcher.stats.chunks_fetched < total
+        # and everything reads back from the node cache alone (the on node's files, through FUSE)
+        for i in (0, 77, N_FILES - 1):
+            assert (tmp_path / "mnt-on" / "d" / f"f{i:03d}").read_bytes() == _data(i)
+    finally:
+        for fs, _bg, m in mounts.values():
+            m.__exit__(None, None, None)
+            fs.close()
+
+
+def test_an_on_demand_read_is_served_while_the_background_fetch_still_runs(tmp_path, remote, store):
+    """The background fetch is paced to a crawl (64 kB batches at 128 kB/s);
+    a reader asking for chunks at the image's far end gets them by itself,
+    and the background fetch is still running when the read returns: it did
+    not wait behind it (counters, not timing)."""
+    from convstore.reader.background import BackgroundConfig, start_fetching
+
+    node = _node(remote, store, tmp_path / "cache")
+    with ImageFS.from_store(node, "many:1") as fs:
+        bg = start_fetching(fs.fetcher, None, BackgroundConfig(rate=128 << 10, batch_bytes=64 << 10,
+                                                               concurrency=1), "many:1")
+        assert _wait(lambda: bg.progress().batches >= 1, 30), bg.progress()
+        assert fs.open("/big.bin").read() == _data(999, 3_000_000)  # the last file packed
+        p = bg.progress()
+        assert p.state == "running" and p.chunks_local < p.chunks_total, p
+        assert fs.fetcher.stats.chunks_fetched > 0  # the read fetched its own chunks
+        bg.stop()
+        assert bg.progress().state == "stopped"
+
+
+def _start(fs: ImageFS, files: list[int]) -> list[tuple[int, int]]:
+    """One "start": read ``files`` through the fetcher, recording; what it recorded."""
+    fs.fetcher.start_recording()
+    for i in files:
+        assert fs.open(f"/d/f{i:03d}").read() == _data(i)
+    return fs.fetcher.stop_recording()
+
+
+def test_a_start_with_a_profile_makes_at_most_10_requests(tmp_path, remote, store, registry):
+    """The first start reads 60 scattered files and records them; a second
+    node, cache empty, prefetches the profile and reads the same files:
+    counted at the registry, at most 10 ranged GETs for it all."""
+    from convstore.reader.profile import save_start
+
+    first = _node(remote, store, tmp_path / "cache1")
+    wanted = list(range(0, N_FILES, 2))
+    with ImageFS.from_store(first, "many:1") as fs:
+        recorded = _start(fs, wanted)
+        first_requests = fs.fetcher.refresh_requests().requests
+    assert save_start(first, first.entry("many:1"), recorded) == len(set(recorded))
+    assert first_requests >= len(wanted)  # without a profile: a request per file, and it says so
+    proxy = CountingProxy(registry.host)
+    try:
+        node = _node(remote.replace(registry.host, proxy.host), store, tmp_path / "cache2")
+        with ImageFS.from_store(node, "many:1") as fs:
+            profile = node.load_profile(node.entry("many:1"))
+            assert profile is not None and len(profile) == len(set(recorded))
+            proxy.reset()
+            fs.fetcher.prefetch_profile(profile)
+            for i in wanted:
+                assert fs.open(f"/d/f{i:03d}").read() == _data(i)
+            blob_gets = proxy.snapshot().get("GET blob", 0)  # when the "container" is ready
+            assert _wait(lambda: fs.fetcher.inflight == 0, 30)  # readahead the reads started
+            st = fs.fetcher.refresh_requests()
+        assert blob_gets <= 10, (blob_gets, proxy.snapshot())
+        # what the fetcher says it sent is what the registry saw
+        assert st.requests == proxy.snapshot().get("GET blob", 0) and st.profile_chunks == len(profile)
+    finally:
+        proxy.stop()
+
+
+def test_profiles_merge_across_starts_in_file_order(tmp_path, remote, store):
+    """Two starts read different files (the second one files packed earlier):
+    the stored profile has both, in file order, and counts two starts."""
+    from convstore.reader.profile import save_start
+
+    node = _node(remote, store, tmp_path / "cache")
+    e = node.entry("many:1")
+    with ImageFS.from_store(node, "many:1") as fs:
+        a = _start(fs, [90, 91, 92])
+    save_start(node, e, a)
+    with ImageFS.from_store(node, "many:1") as fs:
+        b = _start(fs, [3, 4])
+    save_start(node, e, b)
+    chunks, starts = node.manifests.load_profile_record(e)
+    assert set(a) | set(b) == set(chunks) and set(a).isdisjoint(b)
+    assert chunks == sorted(chunks) and starts == 2
+    # a start that reads nothing new stores nothing
+    assert save_start(node, e, b) is None
+
+
+def test_run_merges_what_each_start_reads(tmp_path, store, corpus):
+    """``convstore run`` of a corpus image (real FUSE; runc, or chroot) with
+    a different command each time: the image's stored profile grows to the
+    union of both starts and counts two."""
+    if os.geteuid() != 0:
+        pytest.fail("convstore run needs root (the CI runs the tests as root)")
+    from conftest import CORPUS_DIR
+    from convstore.engines.run import run_image
+    from convstore.reader.background import BackgroundConfig
+
+    store.pack(f"oci:{CORPUS_DIR / 'app1'}:latest", "app1:latest")
+    off = BackgroundConfig(enabled=False)
+    got = []
+    for cmd in (["/bin/cat", "/etc/debian_version"], ["/usr/bin/python3", "-c", "pass"]):
+        r = run_image(store, "app1:latest", cmd, background=off, stdout=subprocess.DEVNULL)
+        assert r.exit_code == 0, r
+        rec = store.manifests.load_profile_record(store.entry("app1:latest"))
+        assert rec is not None
+        got.append(rec)
+    (first, n1), (second, n2) = got
+    assert (n1, n2) == (1, 2) and set(first) < set(second) and second == sorted(second), (len(first), len(second))
+
+
+def test_background_fetch_settings_are_checked_in_one_line(tmp_path, cli_env):
+    env = dict(cli_env, CONVSTORE_BACKGROUND_FETCH="sometimes")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    p = run_cli(env, "mount", "x:1", str(mnt), check=False)
+    assert p.returncode == 1 and p.stderr == \
+        "convstore: error: CONVSTORE_BACKGROUND_FETCH='sometimes': use on or off\n", p.stderr
+    p = run_cli(cli_env, "layerstore", "--background-rate", "fast", str(mnt), check=False)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "fast" in p.stderr, p.stderr
