@@ -44,6 +44,11 @@ class CountingProxy:
         self.stall_s = 30.0
         self.faults_injected = 0
         self.counts: Counter[str] = Counter()
+        self.bytes = 0  # body bytes answered
+        #: with a list here, every answered request is appended: (seconds since the proxy started, method, path,
+        #: Range header, status, body bytes) -- a benchmark's request log
+        self.log: list[tuple[float, str, str, str, int, int]] | None = None
+        self._t0 = time.monotonic()
         self._lock = threading.Lock()
         proxy = self
 
@@ -100,6 +105,11 @@ class CountingProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                with proxy._lock:
+                    proxy.bytes += len(data) if self.command != "HEAD" else 0
+                    if proxy.log is not None:
+                        proxy.log.append((time.monotonic() - proxy._t0, self.command, self.path,
+                                          self.headers.get("Range", ""), r.status, len(data)))
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _forward
 
@@ -113,6 +123,7 @@ class CountingProxy:
     def reset(self) -> None:
         with self._lock:
             self.counts.clear()
+            self.bytes = 0
 
     def total(self) -> int:
         with self._lock:

@@ -10,8 +10,10 @@ Order and priority:
   so the registry store reads a batch with one ranged GET (coalesced by
   :meth:`~convstore.stores.base.ChunkStore.get_many`);
 * before each batch it waits until no reader is waiting on a chunk
-  (:meth:`ChunkFetcher.wait_idle`): on-demand reads always go first, and a
-  batch is never in the fetcher's own pool, which serves readers;
+  (:meth:`ChunkFetcher.wait_idle`) and readers have asked for nothing for
+  ``quiet`` seconds (the burst of a start is left alone): on-demand reads
+  always go first, and a batch is never in the fetcher's own pool, which
+  serves readers;
 * at most ``concurrency`` batches are in flight, and ``rate`` (bytes per
   second, 0: unbounded) paces them.
 
@@ -67,17 +69,19 @@ class BackgroundConfig:
     rate: int = 0  # bytes per second, 0: unbounded
     concurrency: int = 2  # batches in flight
     batch_bytes: int = 8 << 20  # stored bytes per batch (one ranged GET when they are neighbours)
+    quiet: float = 0.3  # seconds readers must have asked for nothing before a batch starts
 
-    def to_json(self) -> dict[str, int | bool]:
+    def to_json(self) -> dict[str, int | bool | float]:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, doc: dict[str, int | bool] | None) -> BackgroundConfig:
+    def from_json(cls, doc: dict[str, int | bool | float] | None) -> BackgroundConfig:
         """What :meth:`to_json` wrote (a background worker's task); None: the environment's."""
         if doc is None:
             return cls.from_env()
         return cls(enabled=bool(doc.get("enabled", True)), rate=int(doc.get("rate", 0)),
-                   concurrency=int(doc.get("concurrency", 2)), batch_bytes=int(doc.get("batch_bytes", 8 << 20)))
+                   concurrency=int(doc.get("concurrency", 2)), batch_bytes=int(doc.get("batch_bytes", 8 << 20)),
+                   quiet=float(doc.get("quiet", 0.3)))
 
     @classmethod
     def from_env(cls, enabled: bool | None = None, rate: str | int | None = None) -> BackgroundConfig:
@@ -268,10 +272,13 @@ class BackgroundFetch:
 
     def _one(self, store: ChunkStore, batch: list[int]) -> None:
         m = self.fetcher.manifest
-        while not self.fetcher.wait_idle(0.1):  # readers first
+        while True:  # readers first: none waiting, and none asking for a moment
+            quiet_for = time.monotonic() - self.fetcher.last_activity
+            if quiet_for >= self.config.quiet and self.fetcher.wait_idle(0.1):
+                break
             with self._lock:
                 self._progress.yields += 1
-            if self._stop.is_set():
+            if self._stop.wait(max(0.02, min(0.1, self.config.quiet - quiet_for))):
                 return
         size = sum(self._size(i) for i in batch)
         if self.config.rate:

@@ -9,8 +9,15 @@ slices of about equal bytes, each read with one
 neighbours in a pack blob with one ranged GET), the slices in parallel.  A
 reader that wants one of those chunks meanwhile waits on the same fetch.
 
-The fetcher counts the reads it is waiting on for a reader (``demand``);
-the background fetch (:mod:`.background`) runs only while that is zero.
+A file opened (``prefetch_range``) and a sequential readahead are fetched
+as one batch each too.  While a start is being recorded, what it made the
+fetcher fetch -- reads, files opened, readahead -- is recorded: the next
+start prefetches all of it up front.
+
+The fetcher counts the reads it is waiting on for a reader (``demand``) and
+notes when readers last asked for anything (``last_activity``); the
+background fetch (:mod:`.background`) runs only when there is no demand and
+readers have been quiet for a moment.
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ class ChunkFetcher:
         # starts[layer][k] = offset of the k-th chunk in that layer's content stream
         self._starts: list[list[int]] = []
         self._demand = 0  # reads a reader is waiting on now
+        self.last_activity = 0.0  # monotonic time of the last read or prefetch a reader caused
         self._idle = threading.Condition(self._lock)
         self._closers: list[Callable[[], None]] = []
         self._requests_base = store_requests(chunks.store)
@@ -179,12 +187,17 @@ class ChunkFetcher:
                 self.stats.prefetched_chunks += 1
                 self._future(idx)
 
+    def _record(self, layer: int, k: int) -> None:
+        """Note a chunk this start reads or makes the fetcher fetch (caller holds the lock)."""
+        if self.recording is not None and (layer, k) not in self._recorded:
+            self._recorded.add((layer, k))
+            self.recording.append((layer, k))
+
     def chunk(self, layer: int, k: int) -> bytes:
         idx = self.manifest.layers[layer].chunks[k]
         with self._lock:
-            if self.recording is not None and (layer, k) not in self._recorded:
-                self._recorded.add((layer, k))
-                self.recording.append((layer, k))
+            self._record(layer, k)
+            self.last_activity = time.monotonic()
             got = self._future(idx)
             if isinstance(got, bytes):
                 self.stats.cache_hits += 1
@@ -220,10 +233,9 @@ class ChunkFetcher:
             out.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
             pos = starts[k + 1]
             k += 1
-        # readahead when this read continues the previous one in this layer
+        # readahead when this read continues the previous one in this layer: one coalesced fetch
         if self.readahead and self._last.get(layer) in (first - 1, first):
-            for j in range(k, min(k + self.readahead, len(chunks))):
-                self.prefetch(chunks[j])
+            self._prefetch_positions(layer, range(k, min(k + self.readahead, len(chunks))))
         self._last[layer] = k - 1
         with self._lock:
             self.stats.bytes_read += end - offset
@@ -231,14 +243,42 @@ class ChunkFetcher:
 
     def prefetch_range(self, layer: int, offset: int, size: int) -> None:
         """Start fetching every chunk that covers a byte range (e.g. a file
-        being opened), so a reader that walks it waits one round trip."""
+        being opened) with one coalesced read, so a reader that walks it
+        waits one round trip."""
         starts = self._starts[layer]
         end = min(offset + size, starts[-1])
         k = bisect.bisect_right(starts, offset) - 1
-        chunks = self.manifest.layers[layer].chunks
-        while k < len(chunks) and starts[k] < end:
-            self.prefetch(chunks[k])
+        first = k
+        while k < len(self.manifest.layers[layer].chunks) and starts[k] < end:
             k += 1
+        self._prefetch_positions(layer, range(first, k))
+
+    def _prefetch_positions(self, layer: int, positions: range) -> None:
+        """Fetch chunks ``positions`` of a layer ahead of the readers, as one
+        batch; they are part of what a start being recorded fetched."""
+        chunks = self.manifest.layers[layer].chunks
+        with self._lock:
+            for k in positions:
+                self._record(layer, k)
+            self.last_activity = time.monotonic()
+            futs = self._claim([chunks[k] for k in positions])
+            self.stats.prefetched_chunks += len(futs)
+        if futs:
+            self._pool.submit(self._load_batch, sorted(futs, key=self._where), futs)
+
+    def _claim(self, idxs: list[int]) -> dict[int, Future[bytes]]:
+        """A future in flight for each chunk that is neither cached nor being
+        fetched; the caller fetches them (:meth:`_load_batch`).  Caller holds the lock."""
+        futs: dict[int, Future[bytes]] = {}
+        for idx in idxs:
+            if idx in self._cache or idx in self._inflight or idx in futs:
+                continue
+            fut: Future[bytes] = Future()
+            fut.set_running_or_notify_cancel()
+            self._inflight[idx] = fut
+            fut.add_done_callback(functools.partial(self._done, idx))
+            futs[idx] = fut
+        return futs
 
     def start_recording(self) -> None:
         self.recording = []
@@ -264,16 +304,8 @@ class ChunkFetcher:
                 if idx not in seen:
                     seen.add(idx)
                     idxs.append(idx)
-        futs: dict[int, Future[bytes]] = {}
         with self._lock:
-            for idx in idxs:
-                if idx in self._cache or idx in self._inflight:
-                    continue
-                fut: Future[bytes] = Future()
-                fut.set_running_or_notify_cancel()
-                self._inflight[idx] = fut
-                fut.add_done_callback(functools.partial(self._done, idx))
-                futs[idx] = fut
+            futs = self._claim(idxs)
             self.stats.prefetched_chunks += len(futs)
             self.stats.profile_chunks += len(futs)
         todo = sorted(futs, key=self._where)  # neighbours in a pack blob next to each other
