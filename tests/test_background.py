@@ -220,3 +220,83 @@ def test_background_fetch_settings_are_checked_in_one_line(tmp_path, cli_env):
         "convstore: error: CONVSTORE_BACKGROUND_FETCH='sometimes': use on or off\n", p.stderr
     p = run_cli(cli_env, "layerstore", "--background-rate", "fast", str(mnt), check=False)
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "fast" in p.stderr, p.stderr
+
+
+class _LyingRanges:
+    """A transport in front of the real registry that lies in its answers to
+    multi-range reads only: ``how`` is "flip" (one byte of the first part's
+    data changed, lengths kept), "whole" (the Range header ignored: 200 and
+    the whole blob) or "short" (the last part cut short)."""
+
+    def __init__(self, how: str) -> None:
+        import requests.adapters
+
+        self.how = how
+        self.lies = 0
+        self.inner = requests.adapters.HTTPAdapter()
+
+    def __call__(self):  # the adapter the client mounts
+        import io
+
+        import requests.adapters
+
+        outer = self
+
+        class Adapter(requests.adapters.BaseAdapter):
+            def send(self, request, **kw):
+                rng = request.headers.get("Range", "")
+                multi = "," in rng
+                if multi and outer.how == "whole":
+                    del request.headers["Range"]
+                r = outer.inner.send(request, **kw)
+                if not multi or r.status_code not in (200, 206):
+                    return r
+                body = r.raw.read()
+                outer.lies += 1
+                if outer.how == "flip":
+                    at = body.index(b"\r\n\r\n") + 4  # the first part's first data byte
+                    body = body[:at] + bytes([body[at] ^ 1]) + body[at + 1 :]
+                elif outer.how == "short":
+                    end = body.rindex(b"\r\n--")
+                    body = body[: end - 5] + body[end:]
+                r.raw = io.BytesIO(body)
+                r.headers["Content-Length"] = str(len(body))
+                return r
+
+            def close(self):
+                outer.inner.close()
+
+        return Adapter()
+
+
+@pytest.mark.parametrize("how", ["flip", "whole", "short"])
+def test_a_registry_lying_in_multi_range_answers_never_gets_wrong_bytes_served(tmp_path, remote, store, how):
+    """A profile prefetch reads several ranges of a pack with one multi-range
+    GET; a registry that answers it with altered bytes, the whole blob or a
+    cut part never gets them served: the chunks are authenticated and read
+    again one range at a time."""
+    from convstore.core.repository import Repository
+    from convstore.stores.cache import CachedChunkStore, CachedStore
+    from convstore.stores.registry import open_registry
+
+    liar = _LyingRanges(how)
+    cache = DiskCache(str(tmp_path / "cache"))
+    meta, chunks = open_registry(remote, insecure=True, index_dir=str(tmp_path / "cache" / "index"),
+                                 transport=liar())
+    node = Repository(CachedStore(meta, cache), store.key, chunk_store=CachedChunkStore(chunks, cache),
+                      state_dir=str(tmp_path / "state"))
+    wanted = [0, 40, 80, 119]  # 1.6 MB apart: four ranges of one pack
+    m = store.manifest("many:1")
+    layer = m.layers[0]
+    # the chunks of those files, as a profile names them
+    with ImageFS.from_store(store, "many:1") as fs:
+        recorded = _start(fs, wanted)
+    with ImageFS.from_store(node, "many:1") as fs:
+        fs.fetcher.prefetch_profile(recorded, parallel=1)
+        for i in wanted:
+            assert fs.open(f"/d/f{i:03d}").read() == _data(i)
+    assert liar.lies >= 1 and len(layer.chunks) > len(recorded)
+    if how == "flip":
+        assert chunks.multi_range  # an answer of the right shape: the bad chunk is caught by its tag
+    else:
+        assert not chunks.multi_range  # refused once: one range a request from then on
