@@ -300,3 +300,63 @@ def test_a_registry_lying_in_multi_range_answers_never_gets_wrong_bytes_served(t
         assert chunks.multi_range  # an answer of the right shape: the bad chunk is caught by its tag
     else:
         assert not chunks.multi_range  # refused once: one range a request from then on
+
+
+@pytest.mark.corpus
+def test_a_podman_start_with_a_profile_makes_at_most_10_chunk_requests(tmp_path, cli_env, corpus):
+    """podman runs app1 from the layer store, the convstore store in a real
+    registry behind a counting proxy.  The first start (no profile) says how
+    many requests it made; a second node with an empty cache, the profile
+    merged from the first, reads its chunks with at most 10 requests before
+    the container has run."""
+    import json
+    import sys
+
+    from conftest import CORPUS_DIR, need_tool
+    from engine_fixtures import podman, podman_config, remove_podman_root
+    from kms_fixtures import Registry
+
+    need_tool("skopeo")
+    need_tool("podman")
+    reg = Registry(tmp_path / "registry")
+    proxy = CountingProxy(reg.host)
+    proxy.log = []
+    src = f"oci:{CORPUS_DIR / 'app1'}:latest"
+    try:
+        subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", src, f"docker://{reg.host}/app1:latest"],
+                       check=True, timeout=300)
+        run_cli(cli_env, "pack", src, "app1:latest")
+        run_cli(cli_env, "--insecure", "push", "app1:latest", f"oci://{reg.host}/cs")
+        ref = f"{proxy.host}/app1:latest"
+        env = dict(cli_env, CONVSTORE_BACKGROUND_FETCH="off")  # what the start itself needs, alone
+        chunk_gets = []
+        for n in (1, 2):
+            mnt, root, stats = tmp_path / f"als{n}", tmp_path / f"podman{n}", tmp_path / f"stats{n}.json"
+            mnt.mkdir()
+            run_cli(env, "--insecure", "--store", f"oci://{proxy.host}/cs", "--cache", str(tmp_path / f"c{n}"),
+                    "layerstore", "--background", str(mnt), "--stats-file", str(stats))
+            penv = podman_config(root, mnt)
+            try:
+                proxy.log.clear()
+                podman(penv, "pull", "-q", "--tls-verify=false", ref)
+                assert podman(penv, "run", "--rm", ref).stdout.strip() == "hello"
+                chunk_gets.append([e for e in proxy.log if e[1] == "GET" and "/v2/cs/blobs/" in e[2] and e[3]])
+            finally:
+                remove_podman_root(penv, root)
+                subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+            # the layer store saves the merged profile as it exits
+            deadline = time.monotonic() + 30
+            while subprocess.run(["pgrep", "-f", f"layerstore.*{mnt}"], capture_output=True).returncode == 0 \
+                    and time.monotonic() < deadline:
+                time.sleep(0.1)
+            doc = json.loads(stats.read_text())["app1:latest"]
+            if n == 1:  # the layer store says how many requests it made (all of them, up to its exit)
+                made = [e for e in proxy.log if e[1] == "GET" and "/v2/cs/blobs/" in e[2] and e[3]]
+                assert doc.get("requests") == len(made), (doc, len(made))
+        first, second = (len(g) for g in chunk_gets)
+        print(f"\nranged GETs of chunks before ready: first start {first}, with the profile {second} "
+              f"({sum(e[5] for e in chunk_gets[1]) / 1e6:.1f} MB)", file=sys.stderr)
+        assert second <= 10, [(e[3][:60], e[5]) for e in chunk_gets[1]]
+    finally:
+        proxy.stop()
+        reg.stop()
