@@ -67,9 +67,9 @@ def parse_rate(text: str) -> int:
 class BackgroundConfig:
     enabled: bool = True
     rate: int = 0  # bytes per second, 0: unbounded
-    concurrency: int = 2  # batches in flight
-    batch_bytes: int = 8 << 20  # stored bytes per batch (one ranged GET when they are neighbours)
-    quiet: float = 0.3  # seconds readers must have asked for nothing before a batch starts
+    concurrency: int = 1  # batches in flight
+    batch_bytes: int = 4 << 20  # stored bytes per batch (one ranged GET when they are neighbours)
+    quiet: float = 1.0  # seconds readers must have asked for nothing before a batch starts
 
     def to_json(self) -> dict[str, int | bool | float]:
         return asdict(self)
@@ -80,8 +80,8 @@ class BackgroundConfig:
         if doc is None:
             return cls.from_env()
         return cls(enabled=bool(doc.get("enabled", True)), rate=int(doc.get("rate", 0)),
-                   concurrency=int(doc.get("concurrency", 2)), batch_bytes=int(doc.get("batch_bytes", 8 << 20)),
-                   quiet=float(doc.get("quiet", 0.3)))
+                   concurrency=int(doc.get("concurrency", 1)), batch_bytes=int(doc.get("batch_bytes", 4 << 20)),
+                   quiet=float(doc.get("quiet", 1.0)))
 
     @classmethod
     def from_env(cls, enabled: bool | None = None, rate: str | int | None = None) -> BackgroundConfig:

@@ -65,7 +65,9 @@ class FetchStats:
     prefetched_chunks: int = 0
     profile_chunks: int = 0  # chunks of the start-up profile prefetched
     profile_batches: int = 0  # coalesced reads they took (each one or a few requests)
-    requests: int = 0  # requests the chunk store sent to its remote since this fetcher opened (refresh_requests)
+    # requests the chunk store sent to its remote since this fetcher opened (refresh_requests): this image's,
+    # and those of other images and background fetches over the same store meanwhile
+    requests: int = 0
 
     def to_json(self) -> dict[str, float]:
         return asdict(self)

@@ -37,7 +37,8 @@ COMPACT_SEGMENTS = 16  # segments not yet merged that make a writer write a snap
 # is at least 32 bytes (its header and tag), a record 44 bytes: ~44 MiB at most
 MAX_SEGMENT = _SEG_HEAD.size + _SEG.size * (PACK_BYTES // 32 + 2)
 MAX_SNAPSHOT = 2 << 30  # a snapshot holds a record per chunk of the store: 2 GiB is ~25 M chunks
-MULTI_RANGES = 64  # ranges in one multi-range GET (a Range header of ~2 kB)
+MULTI_RANGES = 128  # ranges in one multi-range GET (a Range header of ~3 kB)
+MULTI_GAP = 64 << 10  # with multi-range reads, a gap is bridged only up to this (a range costs no request)
 MAX_COVERED = 64 << 20  # a snapshot's JSON list of the tags it covers (~37 bytes a tag)
 
 
@@ -288,11 +289,12 @@ class RegistryChunkStore(ChunkStore):
                 out[c] = self.get(c)
             else:
                 by_pack.setdefault(loc[0], []).append((loc[1], loc[2], c))
+        gap = min(max_gap, MULTI_GAP) if self.multi_range else max_gap
         for digest, items in by_pack.items():
             items.sort()
             spans: list[tuple[int, int, list[tuple[int, int, bytes]]]] = []  # (start, end, its chunks)
             for off, n, c in items:
-                if spans and off - spans[-1][1] <= max_gap and off + n - spans[-1][0] <= max_span:
+                if spans and off - spans[-1][1] <= gap and off + n - spans[-1][0] <= max_span:
                     start, end, its = spans[-1]
                     spans[-1] = (start, max(end, off + n), its + [(off, n, c)])
                 else:
