@@ -60,42 +60,48 @@ def _wait(cond, seconds: float = 60.0) -> bool:
     return True
 
 
-def test_background_fetch_makes_the_whole_image_local_and_off_means_off(tmp_path, remote, store):
+def test_background_fetch_makes_the_whole_image_local_and_off_means_off(tmp_path, remote, store, registry):
     """Two nodes mount the image (real FUSE) and read one file: with the
-    background fetch on, every chunk of the image becomes local; on the node
+    background fetch on, every chunk of the image becomes local, and the
+    whole tree reads back once the registry fails every request; on the node
     with it off, by the time the first is complete, only what was read is."""
     from convstore.reader.background import BackgroundConfig, start_fetching
 
+    proxy = CountingProxy(registry.host)
     mounts = {}
-    for name, on in (("on", True), ("off", False)):
-        node = _node(remote, store, tmp_path / f"cache-{name}")
-        fs = ImageFS.from_store(node, "many:1")
-        bg = start_fetching(fs.fetcher, None, BackgroundConfig(enabled=on, batch_bytes=1 << 20), "many:1")
-        mnt = tmp_path / f"mnt-{name}"
-        m = BackgroundMount(fs, str(mnt)).__enter__()
-        mounts[name] = (fs, bg, m)
     try:
+        for name, on in (("on", True), ("off", False)):
+            url = remote.replace(registry.host, proxy.host) if on else remote
+            node = _node(url, store, tmp_path / f"cache-{name}")
+            fs = ImageFS.from_store(node, "many:1")
+            bg = start_fetching(fs.fetcher, None, BackgroundConfig(enabled=on, batch_bytes=1 << 20), "many:1")
+            mnt = tmp_path / f"mnt-{name}"
+            m = BackgroundMount(fs, str(mnt)).__enter__()
+            mounts[name] = (fs, bg, m)
         manifest = mounts["on"][0].manifest
         total = len({c.cid for c in manifest.chunks})
         for name in mounts:
             assert (tmp_path / f"mnt-{name}" / "d" / "f005").read_bytes() == _data(5)
         assert _wait(lambda: _local(tmp_path / "cache-on", manifest) == total), \
             (mounts["on"][1].progress(), _local(tmp_path / "cache-on", manifest), total)
-        p = mounts["on"][1].progress()
-        assert mounts["on"][1].wait(30) and mounts["on"][1].progress().state == "done", p
+        assert mounts["on"][1].wait(30) and mounts["on"][1].progress().state == "done", mounts["on"][1].progress()
         p = mounts["on"][1].progress()
         assert p.chunks_local == p.chunks_total == total and p.batches >= 1
         # the off node: only the chunks its reads fetched, and its background fetch says it is off
         assert mounts["off"][1].progress().state == "off"
         off_local = _local(tmp_path / "cache-off", manifest)
         assert 0 < off_local == mounts["off"][0].fetcher.stats.chunks_fetched < total
-        # and everything reads back from the node cache alone (the on node's files, through FUSE)
-        for i in (0, 77, N_FILES - 1):
+        # the registry fails every request from now on: the on node reads its whole tree from the node cache
+        proxy.fault = lambda method, path: "500"
+        for i in range(N_FILES):
             assert (tmp_path / "mnt-on" / "d" / f"f{i:03d}").read_bytes() == _data(i)
+        assert (tmp_path / "mnt-on" / "big.bin").read_bytes() == _data(999, 3_000_000)
+        assert proxy.faults_injected == 0  # not one request needed
     finally:
         for fs, _bg, m in mounts.values():
             m.__exit__(None, None, None)
             fs.close()
+        proxy.stop()
 
 
 def test_an_on_demand_read_is_served_while_the_background_fetch_still_runs(tmp_path, remote, store):
