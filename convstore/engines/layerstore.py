@@ -101,7 +101,7 @@ class LayerStore:
                  background: BackgroundConfig | None = None) -> None:
         self.store = store
         #: the background fetch of each image served (on by default; BackgroundConfig(enabled=False): off)
-        self.background = background or BackgroundConfig()
+        self.background = background or BackgroundConfig.from_env()
         self._background: dict[str, BackgroundFetch] = {}
         self.policy = policy  # the node's trust policy: images it refuses are not served
         self.cache_bytes = cache_bytes
