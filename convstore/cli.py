@@ -199,6 +199,7 @@ def _print_fetch_stats(stats: dict[str, Any], extra: str = "") -> None:
               f"({_mb(stats['plain_bytes_fetched'])} plaintext); {_mb(stats['bytes_read'])} read; "
               f"cache hits {stats['cache_hits']}, misses {stats['cache_misses']}, "
               f"prefetched {stats['prefetched_chunks']}; waited {stats['wait_seconds']:.3f} s on the store"
+              + (f"; {stats['requests']} requests to the registry" if stats.get("requests") else "")
               + (f"; {extra}" if extra else ""), highlight=False, soft_wrap=True)
 
 
@@ -627,7 +628,7 @@ def cat(
                 sys.stdout.buffer.write(b)
         sys.stdout.buffer.flush()
         if show_stats:
-            _print_fetch_stats(fs.fetcher.stats.to_json())
+            _print_fetch_stats(fs.fetcher.refresh_requests().to_json())
 
 
 @app.command()
