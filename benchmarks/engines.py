@@ -1,22 +1,33 @@
 """podman and containerd starting a corpus image: a plain pull + run against
-the same image's layers from convstore, side by side in one run.
+the same image's layers from convstore, side by side in one run, at 0, 20
+and 50 ms per request.
 
-    sudo python -m benchmarks.engines [--image app1] [--rounds 3] [--write-docs]
+    sudo python -m benchmarks.engines [--image app1] [--rounds 3] [--label after] [--write-docs]
 
 The original image is in Debian's docker-registry on 127.0.0.1; its
 convstore twin is pushed to a convstore registry store in the same registry
-(one repository per latency setting, so each has its own start-up profile).
-At 0 ms everything talks to the registry directly; at 20 ms everything goes
-through one proxy (tests/netproxy.py) that adds the latency to every
-request, so the engines' pulls and convstore's chunk reads pay the same
-round trip (the proxy also costs some CPU per request, and convstore makes
-more, smaller requests).
+(one repository per engine and latency setting, so each has its own
+start-up profile).  Everything -- the engines' pulls and convstore's chunk
+reads -- goes through one proxy per latency setting (tests/netproxy.py),
+which adds the latency to every request (0 ms: no delay, the proxy's own
+cost only) and counts requests and bytes.
 
 Every start begins with empty engine storage and a fresh convstore process
 (``layerstore`` for podman, ``snapshotter`` for containerd) with an empty
 cache; that process's own start is not counted (it is a daemon).  The first
 convstore start of each setting records the image's start-up profile, the
 later ones prefetch it.  Times are per command, as a user runs them.
+``requests``/``bytes`` are what the proxy saw from the start of the pull to
+the end of the run (the container printed ``hello`` and exited: ready).
+Where the code has a background fetch (convstore.reader.background), the
+lazy starts run with it off, and one more start per setting runs with it on:
+its start time, and when the whole image was local (from the stats file).
+
+The local-image baseline of an engine is its ``run`` of an image it has
+pulled (the plain round's run).  ``--label`` names the plot
+(docs/img/engines-latency-LABEL.png) and the JSON results
+(benchmarks/results/engines-LABEL.json); one podman start with a profile at
+0 ms has its request log written beside them.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -40,8 +52,10 @@ from engine_fixtures import Containerd, podman_config, remove_podman_root, unmou
 from kms_fixtures import Registry  # noqa: E402
 from netproxy import CountingProxy  # noqa: E402
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "engines.md"
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "engines.md"
 CS = [sys.executable, "-m", "convstore", "-q"]
+LATENCIES = (0.0, 0.020, 0.050)
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
@@ -59,39 +73,85 @@ def fetched(stats: Path) -> int:
     return sum(v["bytes_fetched"] for v in doc.get("images", {}).values())
 
 
-def podman_round(w: Path, ref: str, remote: list[str] | None) -> tuple[float, float, int]:
-    """(pull, run, bytes convstore read) for one podman start, plain when ``remote`` is None."""
+def local_at(stats: Path, t0: float, timeout: float = 90.0) -> float | None:
+    """Seconds from ``t0`` (unix time) until the background fetch said it was done, from the stats file."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            doc = json.loads(stats.read_text())
+        except (OSError, ValueError):
+            doc = {}
+        bgs = [v.get("background") or {} for v in doc.values()]
+        if bgs and all(b.get("state") in ("done", "failed", "too-large", "off", "local") for b in bgs):
+            return max(b.get("finished", 0) for b in bgs) - t0 if all(b.get("state") == "done" for b in bgs) \
+                else None
+        time.sleep(0.1)
+    return None
+
+
+class Start:
+    """One start: times, what the proxy saw, and (background on) when the image was local."""
+
+    def __init__(self, pull: float, run: float, fetched: int, requests: int, req_bytes: int,
+                 local: float | None = None) -> None:
+        self.pull, self.run, self.fetched, self.requests, self.req_bytes, self.local = \
+            pull, run, fetched, requests, req_bytes, local
+
+    @property
+    def total(self) -> float:
+        return self.pull + self.run
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__, total=self.total)
+
+
+def podman_round(w: Path, ref: str, remote: list[str] | None, proxy: CountingProxy,
+                 background: bool | None = None) -> Start:
+    """One podman start, plain when ``remote`` is None; ``background``: the layer store's
+    --background-fetch setting (None: the code has none)."""
     mnt, stats = w / "als", w / "stats.json"
     stats.unlink(missing_ok=True)
     if remote is not None:
         mnt.mkdir(exist_ok=True)
-        timed(remote + ["layerstore", "-b", str(mnt), "--stats-file", str(stats)])
+        bg = [] if background is None else ["--background-fetch" if background else "--no-background-fetch"]
+        timed(remote + ["layerstore", "-b", str(mnt), "--stats-file", str(stats)] + bg)
     root = w / "podman"
     env = podman_config(root, mnt if remote is not None else None)
+    local = None
     try:
+        proxy.reset()
+        t0 = time.time()
         pull = timed(["podman", "pull", "-q", "--tls-verify=false", ref], env)[0]
         run, out = timed(["podman", "run", "--rm", ref], env)
+        requests, req_bytes = proxy.total(), proxy.bytes
         assert out.strip() == "hello", out
+        if background:
+            local = local_at(stats, t0)
     finally:
         remove_podman_root(env, root)
         if remote is not None:
             subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-    return pull, run, fetched(stats) if remote is not None else 0
+    return Start(pull, run, fetched(stats) if remote is not None else 0, requests, req_bytes, local)
 
 
-def containerd_round(w: Path, ref: str, image: str, remote: list[str] | None) -> tuple[float, float, int]:
-    """(pull or load, run, bytes convstore read) for one containerd start."""
+def containerd_round(w: Path, ref: str, image: str, remote: list[str] | None, proxy: CountingProxy,
+                     background: bool | None = None) -> Start:
+    """One containerd start (pull or ``containerd-load``, then ``ctr run``)."""
     sock, stats = w / "snap" / "snapshotter.sock", w / "snap-stats.json"
     stats.unlink(missing_ok=True)
     snap = None
     if remote is not None:
+        bg = [] if background is None else ["--background-fetch" if background else "--no-background-fetch"]
         snap = subprocess.Popen(remote + ["snapshotter", str(w / "snap" / "root"), "--socket", str(sock),
-                                          "--stats-file", str(stats)], stderr=subprocess.DEVNULL)
+                                          "--stats-file", str(stats)] + bg, stderr=subprocess.DEVNULL)
         while not sock.exists():
             assert snap.poll() is None, "the snapshotter exited"
             time.sleep(0.05)
     ctd = Containerd(w / "containerd", sock)
+    local = None
     try:
+        proxy.reset()
+        t0 = time.time()
         if remote is None:
             pull = timed(["ctr", "-a", str(ctd.socket), "images", "pull", "--plain-http", ref])[0]
             run, out = timed(["ctr", "-a", str(ctd.socket), "run", "--rm", ref, "bench"])
@@ -100,7 +160,10 @@ def containerd_round(w: Path, ref: str, image: str, remote: list[str] | None) ->
                                    "--name", ref])[0]
             run, out = timed(["ctr", "-a", str(ctd.socket), "run", "--snapshotter", "convstore", "--rm", ref,
                               "bench"])
+        requests, req_bytes = proxy.total(), proxy.bytes
         assert out.strip() == "hello", out
+        if background:
+            local = local_at(stats, t0)
     finally:
         ctd.stop()
         if snap is not None:
@@ -108,13 +171,75 @@ def containerd_round(w: Path, ref: str, image: str, remote: list[str] | None) ->
             snap.wait(timeout=30)
         unmount_below(w)
         subprocess.run(["rm", "-rf", str(w / "containerd"), str(w / "snap")], check=False)
-    return pull, run, fetched(stats) if remote is not None else 0
+    return Start(pull, run, fetched(stats) if remote is not None else 0, requests, req_bytes, local)
+
+
+def has_background_fetch() -> bool:
+    p = subprocess.run(CS + ["layerstore", "--help"], capture_output=True, text=True)
+    return "--background-fetch" in p.stdout
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def table(results: dict[str, Any], image: str, blob_bytes: int) -> str:
+    lines = ["| engine | latency | start | pull / load | run | total | vs local run | vs same at 0 ms | "
+             "requests | bytes (proxy) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for engine, by_lat in results.items():
+        local_run = med([s["run"] for s in by_lat["0"]["plain"]])
+        zero = {}
+        for lat, kinds in by_lat.items():
+            rows = [("plain pull + run", kinds["plain"]), ("convstore, first start", kinds["lazy"][:1]),
+                    ("convstore, with profile", kinds["lazy"][1:])]
+            if kinds.get("background"):
+                rows.append(("convstore, with profile, background fetch on", kinds["background"]))
+            for name, starts in rows:
+                if not starts:
+                    continue
+                total = med([s["total"] for s in starts])
+                if lat == "0":
+                    zero[name] = total
+                local = [s["local"] for s in starts if s.get("local") is not None]
+                extra = f"; image local at {med(local):.1f} s" if local else ""
+                lines.append(f"| {engine} | {lat} ms | {name}{extra} | {med([s['pull'] for s in starts]):.2f} s | "
+                             f"{med([s['run'] for s in starts]):.2f} s | **{total:.2f} s** | "
+                             f"{total / local_run:.1f}x | {total / zero[name]:.2f}x | "
+                             f"{med([s['requests'] for s in starts]):.0f} | "
+                             f"{med([s['req_bytes'] for s in starts]) / 1e6:.1f} MB |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], out: Path, label: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+    for ax, (engine, by_lat) in zip(axes[0], results.items()):
+        lats = sorted(by_lat, key=float)
+        for name, pick in (("plain pull", lambda k: k["plain"]), ("convstore, first start", lambda k: k["lazy"][:1]),
+                           ("convstore, with profile", lambda k: k["lazy"][1:])):
+            ys = [med([s["total"] for s in pick(by_lat[lat])]) for lat in lats]
+            ax.plot([float(x) for x in lats], ys, marker="o", label=name)
+        ax.set_title(f"{engine} ({label})")
+        ax.set_xlabel("latency per request (ms)")
+        ax.set_ylabel("pull + run (s)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default="app1")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--label", default="run")
+    ap.add_argument("--engines", default="podman,containerd")
     ap.add_argument("--write-docs", action="store_true")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -122,7 +247,11 @@ def main() -> None:
     ensure_corpus()
     corpus = json.loads((CORPUS_DIR / "corpus.json").read_text())["images"][a.image]
     blob_bytes = sum(lay["size"] for lay in corpus["layers"])
-    results: list[tuple[str, float, str, list[tuple[float, float, int]]]] = []
+    engines = a.engines.split(",")
+    bg_supported = has_background_fetch()
+    bg = False if bg_supported else None
+    results: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    request_log: list[tuple[float, str, str, str, int, int]] = []
     with tempfile.TemporaryDirectory(prefix="convstore-engines-") as tmp:
         w = Path(tmp)
         os.chmod(w, 0o700)
@@ -133,62 +262,65 @@ def main() -> None:
                             f"docker://{reg.host}/{a.image}:latest"], check=True)
             local = CS + ["--store", str(w / "store"), "--key", f"file:{w / 'key'}"]
             subprocess.run(local + ["pack", src, f"{a.image}:latest"], check=True)
-            for engine in ("podman", "containerd"):
-                for latency_ms in (0, 20):
+            for engine in engines:
+                for latency in LATENCIES:
                     subprocess.run(local + ["--insecure", "push", f"{a.image}:latest",
-                                            f"oci://{reg.host}/convstore-{engine}-{latency_ms}"], check=True)
-            for engine in ("podman", "containerd"):
-                for latency in (0.0, 0.020):
-                    proxy = CountingProxy(reg.host, latency) if latency else None
-                    host = proxy.host if proxy else reg.host
-                    ref = f"{host}/{a.image}:latest"
-                    remote = CS + ["--store", f"oci://{host}/convstore-{engine}-{round(latency * 1000)}",
+                                            f"oci://{reg.host}/convstore-{engine}-{round(latency * 1000)}"],
+                                   check=True)
+            for engine in engines:
+                results[engine] = {}
+                for latency in LATENCIES:
+                    ms = round(latency * 1000)
+                    proxy = CountingProxy(reg.host, latency)
+                    ref = f"{proxy.host}/{a.image}:latest"
+                    remote = CS + ["--store", f"oci://{proxy.host}/convstore-{engine}-{ms}",
                                    "--insecure", "--key", f"file:{w / 'key'}"]
-                    plain, lazy = [], []
-                    for r in range(a.rounds):
-                        print(f"{engine}, latency {latency * 1000:.0f} ms, round {r + 1}", file=sys.stderr)
-                        cache = ["--cache", str(w / f"cache-{engine}-{latency}-{r}")]
-                        if engine == "podman":
-                            plain.append(podman_round(w, ref, None))
-                            lazy.append(podman_round(w, ref, remote + cache))
-                        else:
-                            plain.append(containerd_round(w, ref, a.image, None))
-                            lazy.append(containerd_round(w, ref, a.image, remote + cache))
-                    if proxy:
+                    kinds: dict[str, list[dict[str, Any]]] = {"plain": [], "lazy": [], "background": []}
+                    try:
+                        for r in range(a.rounds):
+                            print(f"{engine}, latency {ms} ms, round {r + 1}", file=sys.stderr)
+                            cache = ["--cache", str(w / f"cache-{engine}-{ms}-{r}")]
+                            if engine == "podman":
+                                kinds["plain"].append(podman_round(w, ref, None, proxy).to_json())
+                                if r == 1 and ms == 0:
+                                    proxy.log = []
+                                kinds["lazy"].append(podman_round(w, ref, remote + cache, proxy, bg).to_json())
+                                if proxy.log is not None:
+                                    request_log, proxy.log = proxy.log, None
+                            else:
+                                kinds["plain"].append(containerd_round(w, ref, a.image, None, proxy).to_json())
+                                kinds["lazy"].append(containerd_round(w, ref, a.image, remote + cache, proxy,
+                                                                      bg).to_json())
+                        if bg_supported:
+                            print(f"{engine}, latency {ms} ms, background fetch on", file=sys.stderr)
+                            cache = ["--cache", str(w / f"cache-{engine}-{ms}-bg")]
+                            if engine == "podman":
+                                kinds["background"].append(podman_round(w, ref, remote + cache, proxy,
+                                                                        True).to_json())
+                            else:
+                                kinds["background"].append(containerd_round(w, ref, a.image, remote + cache,
+                                                                            proxy, True).to_json())
+                    finally:
                         proxy.stop()
-                    results.append((engine, latency, "plain", plain))
-                    results.append((engine, latency, "convstore", lazy))
+                    results[engine][str(ms)] = kinds
         finally:
             reg.stop()
-    lines = ["| engine | latency | start | pull (podman) / pull or `containerd-load` (containerd) | run | total | "
-             "bytes read |", "|---|---|---|---|---|---|---|"]
-    plain_total: dict[tuple[str, float], float] = {}
-    for engine, latency, kind, rounds in results:
-        ms = f"{latency * 1000:.0f} ms"
-        if kind == "plain":
-            total = statistics.median(p + r for p, r, _ in rounds)
-            plain_total[(engine, latency)] = total
-            lines.append(f"| {engine} | {ms} | plain (median) | {statistics.median(p for p, _, _ in rounds):.2f} s | "
-                         f"{statistics.median(r for _, r, _ in rounds):.2f} s | {total:.2f} s | "
-                         f"{blob_bytes / 1e6:.1f} MB (layer blobs) |")
-            continue
-        base = plain_total[(engine, latency)]
-        p0, r0, f0 = rounds[0]
-        lines.append(f"| {engine} | {ms} | convstore, first start (records the profile) | {p0:.2f} s | {r0:.2f} s | "
-                     f"**{p0 + r0:.2f} s** ({base / (p0 + r0):.1f}x) | {f0 / 1e6:.1f} MB |")
-        if len(rounds) > 1:
-            later = rounds[1:]
-            total = statistics.median(p + r for p, r, _ in later)
-            lines.append(f"| {engine} | {ms} | convstore, profile prefetched (median) | "
-                         f"{statistics.median(p for p, _, _ in later):.2f} s | "
-                         f"{statistics.median(r for _, r, _ in later):.2f} s | **{total:.2f} s** ({base / total:.1f}x) "
-                         f"| {statistics.median(f for _, _, f in later) / 1e6:.1f} MB |")
-    text = (f"`python -m benchmarks.engines --image {a.image} --rounds {a.rounds}`, "
+    text = (f"`python -m benchmarks.engines --image {a.image} --rounds {a.rounds} --label {a.label}`, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, image {a.image} "
-            f"({blob_bytes / 1e6:.1f} MB of gzip layers), medians of {a.rounds} rounds (see the script's doc for "
-            "the set-up). `bytes read`: what convstore fetched from its registry store, against the layer blobs "
-            "a plain pull downloads.\n\n" + "\n".join(lines))
+            f"({blob_bytes / 1e6:.1f} MB of gzip layers), medians of {a.rounds} rounds (the first convstore start "
+            f"of each setting alone; see the script's doc for the set-up). `vs local run`: the total against the "
+            f"same engine's run of an image it has already pulled (0 ms); `vs same at 0 ms`: the same kind of "
+            f"start at 0 ms. requests/bytes: every request through the proxy from pull to ready.\n\n"
+            + table(results, a.image, blob_bytes))
     print(text)
+    outdir = REPO / "benchmarks" / "results"
+    outdir.mkdir(exist_ok=True)
+    (outdir / f"engines-{a.label}.json").write_text(json.dumps(results, indent=1))
+    if request_log:
+        (outdir / f"engines-{a.label}-podman-profile-requests.txt").write_text(
+            "\n".join(f"{t:8.3f} {m} {path.split('?')[0]} {rng or '-'} {st} {n}"
+                       for t, m, path, rng, st, n in request_log) + "\n")
+    plot(results, REPO / "docs" / "img" / f"engines-latency-{a.label}.png", a.label)
     if a.write_docs:
         write_block("engines-starts", "Start times", text, docs=DOCS)
 

@@ -224,6 +224,7 @@ def _print_fetch_stats(stats: dict[str, Any], extra: str = "") -> None:
               f"({_mb(stats['plain_bytes_fetched'])} plaintext); {_mb(stats['bytes_read'])} read; "
               f"cache hits {stats['cache_hits']}, misses {stats['cache_misses']}, "
               f"prefetched {stats['prefetched_chunks']}; waited {stats['wait_seconds']:.3f} s on the store"
+              + (f"; {stats['requests']} requests to the registry" if stats.get("requests") else "")
               + (f"; {extra}" if extra else ""), highlight=False, soft_wrap=True)
 
 
@@ -697,7 +698,7 @@ def cat(
                 sys.stdout.buffer.write(b)
         sys.stdout.buffer.flush()
         if show_stats:
-            _print_fetch_stats(fs.fetcher.stats.to_json())
+            _print_fetch_stats(fs.fetcher.refresh_requests().to_json())
 
 
 @app.command()
@@ -710,12 +711,19 @@ def mount(
     metrics_address: Optional[str] = _metrics_option(),
     memory_budget: float = _memory_budget_option(),
     stats_file: Optional[str] = _stats_file_option(),
+    background_fetch: Optional[bool] = typer.Option(None, "--background-fetch/--no-background-fetch",
+                                                    help="Fetch the rest of each image in the background after "
+                                                         "its start [default: on, or $CONVSTORE_BACKGROUND_FETCH]"),
+    background_rate: Optional[str] = typer.Option(None, "--background-rate", metavar="BYTES/S",
+                                                  help="Bandwidth bound of the background fetch, e.g. 50M "
+                                                       "[default: unbounded, or $CONVSTORE_BACKGROUND_RATE]"),
 ) -> None:
     """Mount an image read-only with FUSE (foreground until Ctrl-C / SIGTERM / unmount)."""
     _prepare_mountpoint(mountpoint)
     node_policy = _policy(policy)
+    fetch = _background_fetch(background_fetch, background_rate)
     report = {"metrics_address": _metrics_address(metrics_address), "memory_budget": int(memory_budget * (1 << 20)),
-              "stats_file": os.path.abspath(stats_file) if stats_file else None}
+              "stats_file": os.path.abspath(stats_file) if stats_file else None, "background": fetch.to_json()}
     if background:
         _serve_in_background({"op": "mount", "ref": ref, "mountpoint": os.path.abspath(mountpoint),
                               "policy": node_policy.path, **report}, "mount", mountpoint, ref, log_file)
@@ -735,22 +743,30 @@ def layerstore(
     policy: Optional[str] = _policy_option(),
     metrics_address: Optional[str] = _metrics_option(),
     memory_budget: float = _memory_budget_option(),
+    background_fetch: Optional[bool] = typer.Option(None, "--background-fetch/--no-background-fetch",
+                                                    help="Fetch the rest of each image in the background after "
+                                                         "its start [default: on, or $CONVSTORE_BACKGROUND_FETCH]"),
+    background_rate: Optional[str] = typer.Option(None, "--background-rate", metavar="BYTES/S",
+                                                  help="Bandwidth bound of the background fetch, e.g. 50M "
+                                                       "[default: unbounded, or $CONVSTORE_BACKGROUND_RATE]"),
 ) -> None:
     """Serve the store's layers to podman / CRI-O as an additional layer store (docs/engines.md)."""
     _prepare_mountpoint(mountpoint)
     stats = os.path.abspath(stats_file) if stats_file else None
     node_policy = _policy(policy)
     address, budget = _metrics_address(metrics_address), int(memory_budget * (1 << 20))
+    fetch = _background_fetch(background_fetch, background_rate)
     if background:
         _serve_in_background({"op": "layerstore", "mountpoint": os.path.abspath(mountpoint), "stats_file": stats,
-                              "policy": node_policy.path, "metrics_address": address, "memory_budget": budget},
-                             "layerstore", mountpoint, "the layer store", log_file)
+                              "policy": node_policy.path, "metrics_address": address, "memory_budget": budget,
+                              "background": fetch.to_json()}, "layerstore", mountpoint, "the layer store", log_file)
         return
     from .engines.layerstore import LayerStore, serve_layerstore
     from .reader.chunkcache import ChunkCache
 
     _service_logging()
-    serve_layerstore(LayerStore(_store(), policy=node_policy, cache=ChunkCache(budget)), mountpoint, stats, address)
+    serve_layerstore(LayerStore(_store(), policy=node_policy, cache=ChunkCache(budget), background=fetch), mountpoint,
+                     stats, address)
 
 
 @app.command()
@@ -764,22 +780,31 @@ def snapshotter(
     policy: Optional[str] = _policy_option(),
     metrics_address: Optional[str] = _metrics_option(),
     memory_budget: float = _memory_budget_option(),
+    background_fetch: Optional[bool] = typer.Option(None, "--background-fetch/--no-background-fetch",
+                                                    help="Fetch the rest of each image in the background after "
+                                                         "its start [default: on, or $CONVSTORE_BACKGROUND_FETCH]"),
+    background_rate: Optional[str] = typer.Option(None, "--background-rate", metavar="BYTES/S",
+                                                  help="Bandwidth bound of the background fetch, e.g. 50M "
+                                                       "[default: unbounded, or $CONVSTORE_BACKGROUND_RATE]"),
 ) -> None:
     """Serve containerd's snapshots API (a proxy snapshotter) with the store's layers (docs/engines.md)."""
     stats = os.path.abspath(stats_file) if stats_file else None
     node_policy = _policy(policy)
     address, budget = _metrics_address(metrics_address), int(memory_budget * (1 << 20))
+    fetch = _background_fetch(background_fetch, background_rate)
     if background:
         _serve_in_background({"op": "snapshotter", "root": os.path.abspath(root), "socket": os.path.abspath(socket),
                               "stats_file": stats, "policy": node_policy.path, "metrics_address": address,
-                              "memory_budget": budget}, "snapshotter", root, "the snapshotter", log_file)
+                              "memory_budget": budget, "background": fetch.to_json()}, "snapshotter", root,
+                             "the snapshotter", log_file)
         return
     from .engines.layerstore import LayerStore
     from .engines.snapshotter import serve_snapshotter
     from .reader.chunkcache import ChunkCache
 
     _service_logging()
-    serve_snapshotter(LayerStore(_store(), policy=node_policy, cache=ChunkCache(budget)), root, socket, stats, address)
+    serve_snapshotter(LayerStore(_store(), policy=node_policy, cache=ChunkCache(budget), background=fetch), root,
+                      socket, stats, address)
 
 
 @app.command("containerd-load")
@@ -801,6 +826,13 @@ def containerd_load(
                                policy=_policy(policy))
     out.print(f"loaded {ref} into containerd as {got} (snapshotter {snapshotter_name}); "
               f"run it with: ctr run --snapshotter {snapshotter_name} {got} ID", highlight=False)
+
+
+def _background_fetch(enabled: Optional[bool], rate: Optional[str]) -> Any:
+    """The node's background-fetch setting: the options over the environment (convstore.reader.background)."""
+    from .reader.background import BackgroundConfig
+
+    return BackgroundConfig.from_env(enabled, rate)
 
 
 def _prepare_mountpoint(mountpoint: str) -> None:
@@ -855,9 +887,16 @@ def run(
     show_stats: bool = typer.Option(False, "--stats", help="Print what was fetched to stderr"),
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="Prefetch the recorded start-up profile"),
     record: Optional[bool] = typer.Option(None, "--record-profile/--no-record-profile",
-                                          help="Record the start-up profile [default: when there is none]"),
+                                          help="Merge what this start reads into the start-up profile "
+                                               "[default: yes]"),
     json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stderr"),
     policy: Optional[str] = _policy_option(),
+    background_fetch: Optional[bool] = typer.Option(None, "--background-fetch/--no-background-fetch",
+                                                    help="Fetch the rest of each image in the background after "
+                                                         "its start [default: on, or $CONVSTORE_BACKGROUND_FETCH]"),
+    background_rate: Optional[str] = typer.Option(None, "--background-rate", metavar="BYTES/S",
+                                                  help="Bandwidth bound of the background fetch, e.g. 50M "
+                                                       "[default: unbounded, or $CONVSTORE_BACKGROUND_RATE]"),
 ) -> None:
     """Run an image's Entrypoint/Cmd (or CMD) from a lazy read-only mount; exit with its code."""
     if runtime not in ("auto", "runc", "chroot"):
@@ -865,7 +904,7 @@ def run(
     from .engines.run import run_image
 
     r = run_image(_store(), ref, command or None, runtime=runtime, prefetch=prefetch, record=record,
-                  policy=_policy(policy))
+                  policy=_policy(policy), background=_background_fetch(background_fetch, background_rate))
     if json_out:
         err.print(json.dumps(r.to_json()), highlight=False, soft_wrap=True)
     elif show_stats:

@@ -256,3 +256,7 @@ def error_cause(exc: BaseException) -> str:
         if cause is not None:
             return cause
     return "other"
+
+
+class BackgroundConfigError(ConvstoreError):
+    """A background-fetch setting (option or environment) that does not parse."""

@@ -197,6 +197,22 @@ class ProcessMetrics:
                 out[label] = (FetchStats(**doc), i.plain_bytes, i.chunks)
         return out
 
+    def per_image_background(self) -> dict[str, tuple[int, int, int, int, int]]:
+        """Each label's background fetch (convstore.reader.background), summed: chunks total, chunks
+        local, stored bytes total, bytes fetched, fetches finished (done or nothing left to fetch)."""
+        with self._lock:
+            images = [(self._labels.get(i.name, OTHER), i) for i in self._images]
+        out: dict[str, tuple[int, int, int, int, int]] = {}
+        for label, i in images:
+            bg = getattr(i.fetcher, "background", None)
+            if bg is None:
+                continue
+            p = bg.progress()
+            row = (p.chunks_total, p.chunks_local, p.bytes_total, p.bytes_fetched, int(p.state in ("done", "local")))
+            prev = out.get(label)
+            out[label] = row if prev is None else tuple(a + b for a, b in zip(prev, row))  # type: ignore[assignment]
+        return out
+
     def close(self) -> None:
         self._closed.set()
 
@@ -389,6 +405,20 @@ class _Collector(Collector):
                 latency_sum[tier] = latency_sum.get(tier, 0.0) + s.fetch_seconds_sum.get(tier, 0.0)
         yield from (chunks, nbytes, plain, hits, misses, read, wait, errors, fetch_errors, prefetched, img_chunks,
                     img_bytes)
+        bg_total = GaugeMetricFamily("convstore_background_chunks", "Chunks of the image the background fetch "
+                                     "covers", labels=["image"])
+        bg_local = GaugeMetricFamily("convstore_background_local_chunks", "Of them, chunks in the node cache",
+                                     labels=["image"])
+        bg_bytes = CounterMetricFamily("convstore_background_fetched_bytes", "Stored bytes the background fetch "
+                                       "read", labels=["image"])
+        bg_done = GaugeMetricFamily("convstore_background_done", "1 once the image is local (its background "
+                                    "fetch is over)", labels=["image"])
+        for label, (total, local, _btotal, fetched, done) in sorted(m.per_image_background().items()):
+            bg_total.add_metric([label], total)
+            bg_local.add_metric([label], local)
+            bg_bytes.add_metric([label], fetched)
+            bg_done.add_metric([label], done)
+        yield from (bg_total, bg_local, bg_bytes, bg_done)
         hist = HistogramMetricFamily("convstore_fetch_seconds", "Time one chunk fetch below memory took, by tier",
                                      labels=["tier"])
         for tier, counts in sorted(latency.items()):

@@ -93,6 +93,7 @@ def spawn_repack(options: StoreOptions, e: CatalogEntry) -> None:
 def run_task(doc: dict[str, Any]) -> None:
     from .core.repository import Repository
     from .oci.policy import load_policy
+    from .reader.background import BackgroundConfig
 
     options = StoreOptions.from_json(doc["options"])
     task = doc["task"]
@@ -113,30 +114,34 @@ def run_task(doc: dict[str, Any]) -> None:
         from .reader.chunkcache import DEFAULT_MEMORY_BUDGET, ChunkCache
 
         cache = ChunkCache(int(task.get("memory_budget") or DEFAULT_MEMORY_BUDGET))
-        serve_layerstore(LayerStore(store, policy=policy, cache=cache), task["mountpoint"], task.get("stats_file"),
-                         task.get("metrics_address"))
+        serve_layerstore(LayerStore(store, policy=policy, cache=cache,
+                                    background=BackgroundConfig.from_json(task.get("background"))),
+                         task["mountpoint"], task.get("stats_file"), task.get("metrics_address"))
     elif task["op"] == "snapshotter":
         from .engines.layerstore import LayerStore
         from .engines.snapshotter import serve_snapshotter
         from .reader.chunkcache import DEFAULT_MEMORY_BUDGET, ChunkCache
 
         cache = ChunkCache(int(task.get("memory_budget") or DEFAULT_MEMORY_BUDGET))
-        serve_snapshotter(LayerStore(store, policy=policy, cache=cache), task["root"], task["socket"],
-                          task.get("stats_file"), task.get("metrics_address"))
+        serve_snapshotter(LayerStore(store, policy=policy, cache=cache,
+                                     background=BackgroundConfig.from_json(task.get("background"))),
+                          task["root"], task["socket"], task.get("stats_file"), task.get("metrics_address"))
     else:
         raise ConvstoreError(f"unknown worker task {task.get('op')!r}")
 
 
 def run_mount(store: Repository, ref: str, mountpoint: str, policy: Policy | None, report: dict[str, Any]) -> None:
     """``convstore mount`` (foreground or its worker): ``report`` holds ``memory_budget`` (bytes),
-    ``metrics_address`` and ``stats_file`` (or None)."""
+    ``metrics_address`` and ``stats_file`` (or None), and ``background`` (the background-fetch setting)."""
     from .metrics import mount_reporting
+    from .reader.background import BackgroundConfig
     from .reader.chunkcache import DEFAULT_MEMORY_BUDGET, ChunkCache
     from .reader.fuse import mount_image
 
     cache = ChunkCache(int(report.get("memory_budget") or DEFAULT_MEMORY_BUDGET))
     mount_image(store, ref, mountpoint, policy=policy, cache=cache,
-                report=mount_reporting(store, cache, report.get("metrics_address"), report.get("stats_file")))
+                report=mount_reporting(store, cache, report.get("metrics_address"), report.get("stats_file")),
+                background=BackgroundConfig.from_json(report.get("background")))
 
 
 def main() -> int:

@@ -46,6 +46,11 @@ class CountingProxy:
         self.counts: Counter[str] = Counter()
         self.sent: Counter[str] = Counter()  # bytes of answer bodies by kind
         self.ranges: Counter[tuple[str, str]] = Counter()  # (path, Range header) of every GET blob
+        self.bytes = 0  # body bytes answered
+        #: with a list here, every answered request is appended: (seconds since the proxy started, method, path,
+        #: Range header, status, body bytes) -- a benchmark's request log
+        self.log: list[tuple[float, str, str, str, int, int]] | None = None
+        self._t0 = time.monotonic()
         self._lock = threading.Lock()
         proxy = self
 
@@ -106,6 +111,11 @@ class CountingProxy:
                     self.wfile.write(data)
                     with proxy._lock:
                         proxy.sent[kind_of(self.command, self.path)] += len(data)
+                with proxy._lock:
+                    proxy.bytes += len(data) if self.command != "HEAD" else 0
+                    if proxy.log is not None:
+                        proxy.log.append((time.monotonic() - proxy._t0, self.command, self.path,
+                                          self.headers.get("Range", ""), r.status, len(data)))
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _forward
 
@@ -121,6 +131,7 @@ class CountingProxy:
             self.counts.clear()
             self.sent.clear()
             self.ranges.clear()
+            self.bytes = 0
 
     def total(self) -> int:
         with self._lock:

@@ -124,7 +124,8 @@ def test_a_fuse_mount_stays_up_through_registry_faults(tmp_path, served, cli_env
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     args = ["--insecure", "--store", url, "--cache", str(tmp_path / "fc"), "--timeout", "2"]
-    run_cli(cli_env, *args, "mount", "--background", "a:1", str(mnt))
+    # (no background fetch: the reads below must still go to the registry)
+    run_cli(cli_env, *args, "mount", "--background", "--no-background-fetch", "a:1", str(mnt))
     try:
         proxy.fault = lambda m, p: "500" if "/blobs/" in p else None
         with pytest.raises(OSError) as e:

@@ -32,6 +32,7 @@ from .identity import StoreIdentity, check_key_id
 from ..stores.base import ObjectStore
 
 LAYER_INDEX_VERSION = 2
+PROFILE_VERSION = 2  # start-up profiles: 1 one start in read order; 2 merged starts in file order (docs/format.md)
 
 
 def sealed_version(entry: CatalogEntry) -> tuple[str, bytes, str]:
@@ -96,24 +97,34 @@ class ManifestStore:
         dek = self.key.unwrap(wrapped, self.context(entry.ref.name, digest))
         return blake3(dek, derive_key_context="convstore v1 start-up profile").digest()
 
-    def save_profile(self, entry: CatalogEntry, profile: list[tuple[int, int]]) -> None:
-        """Store the chunks an image's start-up touched, sealed like its manifest."""
+    def save_profile(self, entry: CatalogEntry, profile: list[tuple[int, int]], starts: int = 1) -> None:
+        """Store the chunks an image's starts touched (format 2: (layer,
+        position) pairs in file order, the union of ``starts`` starts), sealed
+        like its manifest.  Merging is the reader's (convstore.reader.profile)."""
         digest = sealed_version(entry)[0]
-        body = json.dumps({"version": 1, "manifest": digest, "chunks": profile}).encode()
+        body = json.dumps({"version": PROFILE_VERSION, "manifest": digest, "starts": starts,
+                           "chunks": profile}).encode()
         sealed = seal(body, self._profile_key(entry), b"convstore profile v1\0" + digest.encode())
         self.objects.put("profiles/" + digest.split(":", 1)[1], sealed)
 
     def load_profile(self, entry: CatalogEntry) -> list[tuple[int, int]] | None:
         """The recorded start-up profile, or None if there is none or it does
         not match this image (never an error)."""
+        got = self.load_profile_record(entry)
+        return got[0] if got is not None else None
+
+    def load_profile_record(self, entry: CatalogEntry) -> tuple[list[tuple[int, int]], int] | None:
+        """(chunks, how many starts it merges) of the recorded profile, or None
+        (format 1, one start recorded in read order, is read as such)."""
         try:
             digest = sealed_version(entry)[0]
             sealed = self.objects.get("profiles/" + digest.split(":", 1)[1])
             doc = json.loads(unseal(sealed, self._profile_key(entry),
                                     b"convstore profile v1\0" + digest.encode(), "profile"))
-            if doc.get("version") != 1 or doc.get("manifest") != entry.manifest_digest:
+            if doc.get("version") not in (1, PROFILE_VERSION) or doc.get("manifest") != entry.manifest_digest:
                 return None
-            return [(int(a), int(b)) for a, b in doc["chunks"]]
+            starts = int(doc.get("starts", 1))
+            return [(int(a), int(b)) for a, b in doc["chunks"]], max(1, starts)
         except (KeyError, ValueError, TypeError, ConvstoreError):
             return None
 

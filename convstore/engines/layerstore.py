@@ -22,9 +22,11 @@ The engine tells a store when it starts and stops using a layer by creating
 containers/storage takes as "notification understood".  ``blob`` has the
 blob's size but refuses reads (EIO): convstore keeps the layer's tar, not the
 original compressed bytes.  Like ``convstore run``, the store prefetches an
-image's recorded start-up profile when it first serves one of its layers,
-and records one (the chunks read in its first 10 s) for an image that has
-none.  All images share one memory budget (``--memory-budget``, a
+image's recorded start-up profile (coalesced) when it first serves one of
+its layers, then fetches the rest of the image in the background
+(convstore.reader.background; ``background``), and records the chunks read
+in its first 10 s, merged into the image's profile (convstore.reader.profile).
+All images share one memory budget (``--memory-budget``, a
 :class:`ChunkCache`); what was fetched is reported by the process's
 :class:`~convstore.metrics.ProcessMetrics` (``--metrics-address``,
 ``--stats-file``).
@@ -58,9 +60,11 @@ from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
 from ..paths import components
 from ..core.repository import Repository
+from ..reader.background import BackgroundConfig, BackgroundFetch, BackgroundProgress, start_fetching
 from ..reader.chunkcache import ChunkCache
 from ..reader.fetcher import ChunkFetcher
 from ..reader.fuse import BackgroundMount, ImageOperations, mount_answers, serve
+from ..reader.profile import save_start
 from ..service import sdnotify
 from ..reader.imagefs import PREFETCH_ON_OPEN, ImageFS, Stat
 
@@ -98,8 +102,12 @@ class LayerStore:
     """Layers by blob digest over a store's ACTIVE images, each served once
     as an :class:`ImageFS` of that layer alone (one chunk fetcher per image)."""
 
-    def __init__(self, store: Repository, *, cache: ChunkCache | None = None, policy: Policy | None = None) -> None:
+    def __init__(self, store: Repository, *, cache: ChunkCache | None = None, policy: Policy | None = None,
+                 background: BackgroundConfig | None = None) -> None:
         self.store = store
+        #: the background fetch of each image served (on by default; BackgroundConfig(enabled=False): off)
+        self.background = background or BackgroundConfig.from_env()
+        self._background: dict[str, BackgroundFetch] = {}
         self.policy = policy  # the node's trust policy: images it refuses are not served
         self.cache = cache if cache is not None else ChunkCache()  # one memory budget for every image served
         self.metrics = ProcessMetrics(self.cache, node_cache_of(store))
@@ -229,11 +237,11 @@ class LayerStore:
 
     def _start_profile(self, key: str, entry: CatalogEntry, fetcher: ChunkFetcher) -> None:
         """The image's start-up profile (as ``convstore run`` records and uses
-        it): prefetched when there is one, else recorded for a while."""
+        it) prefetched in coalesced batches when there is one, then the rest of
+        the image in the background; what this start reads in its first
+        seconds is recorded and merged into the profile."""
         profile = self.store.manifests.load_profile(entry)
-        if profile:
-            fetcher.prefetch_profile(profile)
-            return
+        self._background[key] = start_fetching(fetcher, profile, self.background, str(entry.ref))
         fetcher.start_recording()
         timer = threading.Timer(RECORD_SECONDS, self._save_profile, args=(key,))
         timer.daemon = True
@@ -245,15 +253,27 @@ class LayerStore:
             self._recording.pop(key, None)
             entry, _, fetcher = self._manifests[key]
             recorded = fetcher.stop_recording()
-        if recorded:
-            try:
-                self.store.manifests.save_profile(entry, recorded)
-            except (ConvstoreError, OSError) as e:
-                log.warning("layer store: cannot save the start-up profile of %s: %s", entry.ref, e)
+        st = fetcher.refresh_requests()
+        log.info("layer store: %s: %d chunks read in its first %g s, %d registry requests (%d profile chunks in "
+                 "%d coalesced reads)", entry.ref, len(recorded), RECORD_SECONDS, st.requests, st.profile_chunks,
+                 st.profile_batches)
+        save_start(self.store, entry, recorded)
+
+    def progress(self) -> dict[str, BackgroundProgress]:
+        """The background fetch of each image served, by image reference."""
+        with self._lock:
+            return {str(self._manifests[k][0].ref): b.progress() for k, b in self._background.items()}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {str(e.ref): f.stats.to_json() for e, _, f in self._manifests.values()}
+            out: dict[str, Any] = {}
+            for key, (e, _, f) in self._manifests.items():
+                doc: dict[str, Any] = dict(f.refresh_requests().to_json())
+                out[str(e.ref)] = doc
+                bg = self._background.get(key)
+                if bg is not None:
+                    doc["background"] = bg.progress().to_json()
+            return out
 
     def close(self) -> None:
         """Save the profiles still being recorded, stop the fetchers."""

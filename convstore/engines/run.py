@@ -6,9 +6,11 @@ User, read-only root, no terminal) and run with ``runc``.  Where runc is
 missing or cannot start, the process runs in new mount/UTS/IPC namespaces
 under ``chroot`` instead.  The mount is always removed afterwards.
 
-A start-up profile (the chunks touched, in order) is recorded on a run that
-has none and stored sealed with the image; later runs prefetch it in parallel
-before and while the process starts.
+A start-up profile (the chunks touched) is recorded on every run and merged
+into the image's stored profile (convstore.reader.profile); a run prefetches
+it in coalesced parallel batches before and while the process starts, then
+fetches the rest of the image in the background while it runs
+(convstore.reader.background).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,9 @@ from ..errors import ConvstoreError
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
 from ..core.repository import Repository
+from ..reader.background import BackgroundConfig, start_fetching
 from ..reader.fuse import BackgroundMount
+from ..reader.profile import save_start
 from ..reader.imagefs import PREFETCH_ON_OPEN, FSError, ImageFS
 
 log = logging.getLogger(__name__)
@@ -229,11 +232,13 @@ def _run_runc(runc: str, bundle: str, cid: str, stdout: Any, stderr: Any) -> tup
 
 def run_image(store: Repository, ref: str, command: list[str] | None = None, *, runtime: str = "auto",
               prefetch: bool = True, record: bool | None = None, fs: ImageFS | None = None,
-              stdout: Any = None, stderr: Any = None, policy: Policy | None = None) -> RunResult:
+              stdout: Any = None, stderr: Any = None, policy: Policy | None = None,
+              background: BackgroundConfig | None = None) -> RunResult:
     """Run ``ref``'s Entrypoint/Cmd (or ``command``) from a lazy FUSE mount.
 
     ``runtime``: ``runc``, ``chroot`` or ``auto`` (runc if it works).
-    ``record``: record a start-up profile (default: when the image has none).
+    ``record``: record what this start reads into the image's start-up profile (default: yes).
+    ``background``: fetch the rest of the image while it runs (default: on; see convstore.reader.background).
     ``policy``: the node's trust policy; an image it refuses does not start.
     """
     t0 = time.perf_counter()
@@ -246,14 +251,13 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
     require_policy(policy, manifest, ref)
     config = json.loads(manifest.config_bytes)
     profile_state = "none"
-    profile = store.manifests.load_profile(entry) if prefetch or record is None else None
-    if prefetch and profile:
-        # queued from a thread: starting the fetcher's workers costs the main thread tens of ms,
-        # which overlap the mount and runc's start this way (a read that comes first shares the fetch)
-        threading.Thread(target=fs.fetcher.prefetch_profile, args=(profile,), name="convstore-prefetch",
-                         daemon=True).start()
+    profile = store.manifests.load_profile(entry) if prefetch else None
+    if profile:
         profile_state = f"prefetched {len(profile)}"
-    if record or (record is None and not profile):
+    # the profile queued from a thread: starting the fetcher's workers costs the main thread tens of ms,
+    # which overlap the mount and runc's start this way (a read that comes first shares the fetch)
+    start_fetching(fs.fetcher, profile, background or BackgroundConfig.from_env(), str(entry.ref), threaded=True)
+    if record is None or record:
         fs.fetcher.start_recording()
     proc = process_spec(fs, config, command)
     work = tempfile.mkdtemp(prefix="convstore-run-")
@@ -295,10 +299,10 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     recorded = fs.fetcher.stop_recording()
-    if recorded:
-        store.manifests.save_profile(entry, recorded)
-        profile_state = f"recorded {len(recorded)}"
+    merged = save_start(store, entry, recorded)
+    if merged is not None:
+        profile_state = f"recorded {len(recorded)} (profile {merged})" if profile else f"recorded {len(recorded)}"
     from ..stores.sitetier import tier_stats
 
-    return RunResult(code, used, time.perf_counter() - t0, fs.fetcher.stats.to_json(), read_calls, read_bytes,
-                     profile_state, fs.warnings[:20], tier_stats(store.chunk_store))
+    return RunResult(code, used, time.perf_counter() - t0, fs.fetcher.refresh_requests().to_json(), read_calls,
+                     read_bytes, profile_state, fs.warnings[:20], tier_stats(store.chunk_store))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import threading
 import time
 import urllib.parse
@@ -58,6 +59,10 @@ class RegistryCorrupt(RegistryError, CorruptObject):
 
 class RegistryResponseTooLarge(RegistryError):
     """The registry sent more than convstore reads for that kind of answer (final: not retried)."""
+
+
+class RegistryRangesRefused(RegistryError):
+    """The registry does not answer a multi-range read with the ranges asked for (read them one by one)."""
 
 
 class RegistryTooSlow(RegistryError):
@@ -126,6 +131,44 @@ def _read_capped(r: requests.Response, cap: int, host: str, kind: str, timeout: 
         r.close()
         raise RegistryTooSlow(f"registry {host} sent {kind} too slowly (not whole within {deadline:g} s)")
     return bytes(buf)
+
+
+def _split_byteranges(body: bytes, ctype: str, ranges: list[tuple[int, int]], host: str) -> list[bytes]:
+    """The parts of a ``multipart/byteranges`` answer, by the ranges asked for."""
+    bad = RegistryRangesRefused(f"registry {host} sent a malformed multi-range answer")
+    m = re.search(r'boundary="?([^";,\s]+)"?', ctype)
+    if not ctype.startswith("multipart/byteranges") or m is None:
+        raise bad
+    delim = b"--" + m.group(1).encode()
+    got: dict[int, bytes] = {}
+    pos = 0
+    while True:
+        at = body.find(delim, pos)
+        if at < 0:
+            raise bad
+        pos = at + len(delim)
+        if body[pos:pos + 2] == b"--":
+            break
+        head_end = body.find(b"\r\n\r\n", pos)
+        if head_end < 0:
+            raise bad
+        head = body[pos:head_end].decode("latin-1")
+        cr = re.search(r"(?im)^content-range:\s*bytes\s+(\d+)-(\d+)/", head)
+        if cr is None:
+            raise bad
+        start, last = int(cr.group(1)), int(cr.group(2))
+        data = body[head_end + 4 : head_end + 4 + last - start + 1]
+        if len(data) != last - start + 1:
+            raise bad
+        got[start] = data
+        pos = head_end + 4 + len(data)
+    out = []
+    for s, e in ranges:
+        part = got.get(s)
+        if part is None or len(part) != e - s:
+            raise bad
+        out.append(part)
+    return out
 
 
 class _TimeoutAdapter(requests.adapters.HTTPAdapter):
@@ -367,6 +410,31 @@ class RegistryClient:
             return verify_bytes(r.content, digest, size, what)
         except DigestMismatch as e:
             raise RegistryCorrupt(str(e)) from None
+
+    def get_blob_ranges(self, repo: str, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several byte ranges ``[(start, end)]`` (sorted, not overlapping) of a
+        blob with ONE request (an HTTP multi-range GET: docker-registry, like
+        any Go ``http.ServeContent``, answers ``multipart/byteranges``).  Each
+        part is placed by its own Content-Range and taken at its declared
+        length; an answer that is not the ranges asked for is
+        :class:`RegistryRangesRefused` (the caller reads them one by one)."""
+        url = f"{self.base}/{repo}/blobs/{digest}"
+        want = sum(e - s for s, e in ranges)
+        spec = ",".join(f"{s}-{e - 1}" for s, e in ranges)
+        try:
+            r = self._req("GET", url, (200, 206, 404), headers={"Range": f"bytes={spec}"},
+                          cap=want + 256 * len(ranges) + 1024, kind="blob ranges")
+        except RegistryResponseTooLarge as e:  # the whole blob, say: the Range header was ignored
+            raise RegistryRangesRefused(str(e)) from None
+        if r.status_code == 404:
+            raise KeyError(digest)
+        ctype = r.headers.get("Content-Type", "")
+        if r.status_code != 206 or len(ranges) == 1:
+            if r.status_code == 206 and len(ranges) == 1 and len(r.content) == ranges[0][1] - ranges[0][0]:
+                return [r.content]
+            raise RegistryRangesRefused(f"registry {self.host} answered a multi-range read with HTTP "
+                                        f"{r.status_code} ({ctype or 'no type'})")
+        return _split_byteranges(r.content, ctype, ranges, self.host)
 
     def open_blob(self, repo: str, digest: str, size: int | None = None) -> BinaryIO:
         """A streaming reader of a blob as stored (the caller verifies the digest), whole within the

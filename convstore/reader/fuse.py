@@ -58,6 +58,7 @@ from ..oci.policy import Policy, require
 from ..core.repository import Repository
 from ..service import sdnotify
 from . import fdholder, kfuse
+from .background import BackgroundConfig, start_fetching
 from .chunkcache import ChunkCache
 from .imagefs import PREFETCH_ON_OPEN, FSError, ImageFS, Node
 
@@ -280,15 +281,20 @@ def _when_served(ops: ImageOperations, mountpoint: str, on_ready: Callable[[], o
 
 def mount_image(store: Repository, ref: str, mountpoint: str, *, policy: Policy | None = None,
                 cache: ChunkCache | None = None,
-                report: Callable[[ImageFS], AbstractContextManager[None]] | None = None) -> None:
+                report: Callable[[ImageFS], AbstractContextManager[None]] | None = None,
+                background: BackgroundConfig | None = None) -> None:
     """``convstore mount`` (in the foreground, or in its background worker):
     serve image ``ref`` read-only at ``mountpoint`` until unmounted, once
     ``policy`` (the node's trust policy) accepts it; ``cache``: the process's
     memory budget; ``report``: what reports on the image while it is served
-    (metrics, stats file).  Tells a service manager (``$NOTIFY_SOCKET``) when
-    it serves and when it stops."""
+    (metrics, stats file).  The image's start-up profile is prefetched, then
+    the rest fetched in the background (``background``: default on, see
+    convstore.reader.background).  Tells a service manager
+    (``$NOTIFY_SOCKET``) when it serves and when it stops."""
     with ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN, cache=cache) as fs:
         require(policy, fs.manifest, ref)
+        profile = store.manifests.load_profile(fs.entry) if fs.entry is not None else None
+        start_fetching(fs.fetcher, profile, background or BackgroundConfig.from_env(), ref)
         try:
             with report(fs) if report is not None else contextlib.nullcontext():
                 serve(fs, mountpoint, ref=ref, on_ready=lambda: sdnotify.serving(f"serving {ref} at {mountpoint}",

@@ -153,6 +153,10 @@ class CachedChunkStore(ForwardingChunkStore):
             self.cache.put(self._name(cid), data)
         return data
 
+    def cached(self, cid: bytes) -> bool:
+        """Whether the chunk is in the node cache (local: read with no request)."""
+        return self.cache.contains(self._name(cid))
+
     def get_many(self, cids: list[bytes], hints: dict[bytes, Location] | None = None) -> dict[bytes, bytes]:
         out: dict[bytes, bytes] = {}
         missing = []

@@ -16,7 +16,8 @@ from typing import Any
 
 from ...errors import CorruptObject, DigestMismatch, StoreError
 from ...oci.media import verify_bytes
-from ...oci.registry_client import OCI_MANIFEST, RegistryClient, RegistryError, RegistryResponseTooLarge
+from ...oci.registry_client import (OCI_MANIFEST, RegistryClient, RegistryError, RegistryRangesRefused,
+                                    RegistryResponseTooLarge)
 from ..base import ChunkStore, Location
 from ..fs import makedirs_private
 from ..index import AUTO_MERGE_MAX, SortedIndex, encode_midx, record
@@ -36,6 +37,8 @@ COMPACT_SEGMENTS = 16  # segments not yet merged that make a writer write a snap
 # is at least 32 bytes (its header and tag), a record 44 bytes: ~44 MiB at most
 MAX_SEGMENT = _SEG_HEAD.size + _SEG.size * (PACK_BYTES // 32 + 2)
 MAX_SNAPSHOT = 2 << 30  # a snapshot holds a record per chunk of the store: 2 GiB is ~25 M chunks
+MULTI_RANGES = 128  # ranges in one multi-range GET (a Range header of ~3 kB)
+MULTI_GAP = 64 << 10  # with multi-range reads, a gap is bridged only up to this (a range costs no request)
 MAX_COVERED = 64 << 20  # a snapshot's JSON list of the tags it covers (~37 bytes a tag)
 
 
@@ -83,6 +86,10 @@ class RegistryChunkStore(ChunkStore):
         self._known: set[str] = set()  # pack digests (hex) the loaded index names, or this client wrote
         self._pending: dict[bytes, tuple[int, int]] = {}  # cid -> (offset, length) in _pack
         self._pack = bytearray()
+        self._count_lock = threading.Lock()
+        self.requests = 0  # ranged chunk reads sent (plain counters, read by the fetcher's stats)
+        self.multi_range = True  # until the registry answers one otherwise
+        self.range_bytes = 0
 
     def __repr__(self) -> str:
         return f"RegistryChunkStore({self.url})"
@@ -233,6 +240,9 @@ class RegistryChunkStore(ChunkStore):
         return bytes.fromhex(loc[0].split(":", 1)[1]), loc[1], loc[2]
 
     def _range(self, digest: str, start: int, end: int) -> bytes:
+        with self._count_lock:
+            self.requests += 1  # ranged GETs sent (the readers' request counts: reader/fetcher.py)
+            self.range_bytes += end - start
         data = self.client.get_blob(self.repo, digest, start, end)
         if len(data) != end - start:
             raise StoreError(f"registry returned {len(data)} bytes for a {end - start}-byte range")
@@ -261,7 +271,10 @@ class RegistryChunkStore(ChunkStore):
     def get_many(self, cids: list[bytes], hints: dict[bytes, Location] | None = None,
                  max_gap: int = 1 << 20, max_span: int = 16 << 20) -> dict[bytes, bytes]:
         """Chunks by coalesced ranged reads: neighbours in a pack (gaps up to
-        ``max_gap``) come in one request of at most ``max_span`` bytes."""
+        ``max_gap``) make one range of at most ``max_span`` bytes, and the
+        ranges of one pack go in one multi-range request (up to
+        ``MULTI_RANGES`` ranges, ``max_span`` bytes; one by one if the
+        registry does not answer it)."""
         out: dict[bytes, bytes] = {}
         by_pack: dict[str, list[tuple[int, int, bytes]]] = {}
         hints = hints or {}
@@ -276,28 +289,56 @@ class RegistryChunkStore(ChunkStore):
                 out[c] = self.get(c)
             else:
                 by_pack.setdefault(loc[0], []).append((loc[1], loc[2], c))
+        gap = min(max_gap, MULTI_GAP) if self.multi_range else max_gap
         for digest, items in by_pack.items():
             items.sort()
-            i = 0
-            while i < len(items):
-                j = i
-                start = items[i][0]
-                end = items[i][0] + items[i][1]
-                while j + 1 < len(items) and items[j + 1][0] - end <= max_gap and \
-                        items[j + 1][0] + items[j + 1][1] - start <= max_span:
-                    j += 1
-                    end = max(end, items[j][0] + items[j][1])
-                try:
-                    data = self._range(digest, start, end)
-                except RegistryError:
-                    raise
-                except (KeyError, StoreError):  # a stale hint: one by one through the index
-                    for _off, _n, c in items[i : j + 1]:
-                        out[c] = self.get(c)
+            spans: list[tuple[int, int, list[tuple[int, int, bytes]]]] = []  # (start, end, its chunks)
+            for off, n, c in items:
+                if spans and off - spans[-1][1] <= gap and off + n - spans[-1][0] <= max_span:
+                    start, end, its = spans[-1]
+                    spans[-1] = (start, max(end, off + n), its + [(off, n, c)])
                 else:
-                    for off, n, c in items[i : j + 1]:
+                    spans.append((off, off + n, [(off, n, c)]))
+            groups: list[list[tuple[int, int, list[tuple[int, int, bytes]]]]] = []
+            size = 0
+            for sp in spans:
+                if not groups or len(groups[-1]) >= MULTI_RANGES or size + sp[1] - sp[0] > max_span:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(sp)
+                size += sp[1] - sp[0]
+            for group in groups:
+                for (start, _end, its), data in zip(group, self._ranges(digest, [(a, b) for a, b, _ in group])):
+                    if data is None:  # a stale hint: one by one through the index
+                        for _off, _n, c in its:
+                            out[c] = self.get(c)
+                        continue
+                    for off, n, c in its:
                         out[c] = data[off - start : off - start + n]
-                i = j + 1
+        return out
+
+    def _ranges(self, digest: str, ranges: list[tuple[int, int]]) -> list[bytes | None]:
+        """Several ranges of a pack blob: one multi-range request, else one request
+        each; None for a range the pack does not have (gone, or shorter)."""
+        if len(ranges) > 1 and self.multi_range:
+            with self._count_lock:
+                self.requests += 1
+                self.range_bytes += sum(e - s for s, e in ranges)
+            try:
+                return list(self.client.get_blob_ranges(self.repo, digest, ranges))
+            except KeyError:
+                return [None] * len(ranges)
+            except RegistryRangesRefused as why:  # other registry errors are errors, as for one range
+                log.info("%s: no multi-range reads (%s); one range a request", self.url, why)
+                self.multi_range = False
+        out: list[bytes | None] = []
+        for s, e in ranges:
+            try:
+                out.append(self._range(digest, s, e))
+            except RegistryError:
+                raise
+            except (KeyError, StoreError):
+                out.append(None)
         return out
 
     def size(self, cid: bytes) -> int:
