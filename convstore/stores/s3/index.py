@@ -118,7 +118,7 @@ class S3ChunkStore(ChunkStore):
                 continue
             self._snaps[t] = snap
             self._snap_covers[t] = covered
-            self._known |= {p.hex() for p in snap.packs}
+            self._known |= set(snap.packs)
             self._covered |= set(covered)
         for t in [t for t in self._snaps if t in self._covered]:
             del self._snaps[t]
