@@ -45,9 +45,13 @@ class S3Client:
 
     def __init__(self, url: str, endpoint: str | None = None, timeout: float = 60.0, *,
                  session: Any = None) -> None:
-        import boto3
-        from botocore.config import Config
-
+        try:
+            import boto3
+            import botocore.exceptions
+            from botocore.config import Config
+        except ImportError:
+            raise S3Error("an s3:// store needs boto3: pip install 'convstore[aws]'") from None
+        self._errors = botocore.exceptions
         self.url = url
         self.bucket, self.prefix = parse_s3_url(url)
         self.endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or None
@@ -76,16 +80,13 @@ class S3Client:
 
     # -- error mapping ----------------------------------------------------
     def _fail(self, e: BaseException, what: str) -> S3Error:
-        from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError,
-                                         EndpointConnectionError, NoCredentialsError, PartialCredentialsError,
-                                         ReadTimeoutError)
-
-        if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+        x = self._errors
+        if isinstance(e, (x.NoCredentialsError, x.PartialCredentialsError)):
             return S3AccessDenied(f"no AWS credentials for s3://{self.bucket}: set AWS_ACCESS_KEY_ID and "
                                   f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
-        if isinstance(e, (EndpointConnectionError, BotoConnectionError, ReadTimeoutError)):
+        if isinstance(e, (x.EndpointConnectionError, x.ConnectionError, x.ReadTimeoutError)):
             return S3Unreachable(f"cannot reach the S3 endpoint {self.endpoint or 'of AWS'} (bucket {self.bucket})")
-        if isinstance(e, ClientError):
+        if isinstance(e, x.ClientError):
             code = str(e.response.get("Error", {}).get("Code", ""))
             if code == "NoSuchBucket":
                 return S3NoSuchBucket(f"no bucket {self.bucket} at {self.endpoint or 'AWS S3'}")

@@ -98,6 +98,10 @@ class S3ChunkStore(ChunkStore):
             os.replace(tmp, path)
         return data
 
+    def _fetch(self, tag: str, max_bytes: int) -> bytes:
+        """An index object, from ``index_dir`` if it was read before (they are immutable)."""
+        return self._cached(tag, lambda: self.client.get(INDEX + tag, max_bytes=max_bytes))
+
     def refresh(self) -> None:
         with self._lock:
             self._load()
@@ -107,7 +111,7 @@ class S3ChunkStore(ChunkStore):
         names = sorted(n[len(INDEX):] for n, _s, _m in objs if _INDEX_NAME.match(n[len(INDEX):]))
         for t in [t for t in names if t.startswith("s-") and t not in self._snaps and t not in self._covered]:
             try:
-                data = self._cached(t, lambda t=t: self.client.get(INDEX + t, max_bytes=MAX_SNAPSHOT))
+                data = self._fetch(t, MAX_SNAPSHOT)
                 covered, snap = _decode_snapshot(data, t)
             except KeyError:
                 continue  # merged and removed meanwhile
@@ -128,7 +132,7 @@ class S3ChunkStore(ChunkStore):
                     del self._segs[cid]
         for t in [t for t in names if t.startswith("x-") and t not in self._seg_tags and t not in self._covered]:
             try:
-                data = self._cached(t, lambda t=t: self.client.get(INDEX + t, max_bytes=MAX_SEGMENT))
+                data = self._fetch(t, MAX_SEGMENT)
                 recs = _decode_segment(data, t)
             except KeyError:
                 continue
