@@ -43,10 +43,16 @@ class SeaweedS3:
              "actions": ["Read", "List"]}]}
         (root / "s3.json").write_text(json.dumps(config))
         os.chmod(root / "s3.json", 0o600)
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        for attempt in range(3):  # a free port can be taken by another process before weed binds it
+            self.port = free_port()
+            self.endpoint = f"http://127.0.0.1:{self.port}"
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if attempt == 2:
+                    raise
 
     def start(self) -> None:
         # every port its own (a default gRPC port is the HTTP port + 10000, past 65535 for a high free port)

@@ -201,9 +201,11 @@ def test_gc_waits_for_a_concurrent_writer_that_relies_on_unreferenced_chunks(tmp
     w = threading.Thread(target=write)
     w.start()
     assert paused.reached.wait(60)
+    client = collector.objects.inner.client
+    held = [n for n, _s, _m in client.list_with_time("locks/gc/")[0]]
+    assert len(held) == 1 and held[0].startswith("locks/gc/s-"), held  # the writer's shared lease
     g = threading.Thread(target=collect)
     g.start()
-    client = collector.objects.inner.client
     deadline = time.monotonic() + 60
     while client.head("locks/gc/x") is None:  # gc has taken its exclusive lease and waits for the writer
         assert time.monotonic() < deadline and g.is_alive(), done
