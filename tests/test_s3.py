@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from conftest import run_cli
 from imagebuilder import Entry, make_tar, rich_layer, write_oci
 
 import convstore
-from convstore.errors import ConvstoreError, CorruptObject, S3AccessDenied, S3NoSuchBucket, S3Unreachable, TamperedObject
+from convstore.errors import ConvstoreError, CorruptObject, S3NoSuchBucket, S3Unreachable, TamperedObject
 from convstore.reader import ImageFS
 from convstore.stores.s3 import S3Client
 from convstore.transfer import copy_image
@@ -132,7 +130,6 @@ def test_a_cold_lazy_read_takes_at_most_5_requests_whatever_the_number_of_images
     remote = open_s3(s3, store.key, tmp_path / "c0")
 
     def cold_read(n: int) -> list[str]:
-        worker = None
         start = len(log.sent)
         worker = open_s3(s3, store.key, tmp_path / f"worker{n}")
         with ImageFS.from_store(worker, "img0:1") as fs:

@@ -203,10 +203,23 @@ class S3ChunkStore(ChunkStore):
         except KeyError:  # the index this client loaded is older than a gc: load it again
             with self._lock:
                 self._reset()
-                loc = self._lookup(cid)
-            if loc is None:
-                raise KeyError(cid.hex()) from None
-            return self._range(loc[0], loc[1], loc[1] + loc[2])
+                self._load()
+                places = self._places(cid)
+            for pack, off, n in places:  # every place the index names, newest snapshot last
+                try:
+                    return self._range(pack, off, off + n)
+                except KeyError:
+                    continue
+            raise KeyError(cid.hex()) from None
+
+    def _places(self, cid: bytes) -> list[tuple[str, int, int]]:
+        """Every place the loaded index names for ``cid`` (segments, then each snapshot)."""
+        out = [self._segs[cid]] if cid in self._segs else []
+        for snap in self._snaps.values():
+            got = snap.find(cid)
+            if got is not None:
+                out.append((got[0].hex(), got[1], got[2]))
+        return out
 
     def get_many(self, cids: list[bytes], hints: dict[bytes, Location] | None = None,
                  max_gap: int = 1 << 20, max_span: int = 16 << 20) -> dict[bytes, bytes]:
