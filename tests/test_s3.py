@@ -92,6 +92,14 @@ def test_pack_straight_into_s3_dedups_across_clients_and_reads_back_exactly(tmp_
     assert layer_blobs(tmp_path / "out") == layer_blobs(tmp_path / "b")
     s = open_s3(s3, f"file:{cli_env['CONVSTORE_KEY'].split(':', 1)[1]}", tmp_path / "c4")
     assert sorted(str(e.ref) for e in s.images()) == ["a:1", "b:1"] and s.verify().clean
+    # the maintenance commands run on it as on a local store: rm, then gc frees a's own chunks
+    c5 = ["--store", s3, "--cache", str(tmp_path / "c5")]
+    run_cli(env, *c5, "rm", "a:1")
+    gc = json.loads(run_cli(env, *c5, "gc", "--json").stdout)
+    assert gc["chunks_removed"] > 0 and gc["store_bytes_after"] < gc["store_bytes_before"], gc
+    assert json.loads(run_cli(env, *c5, "verify", "--json").stdout)["clean"]
+    run_cli(env, *c5, "unpack", "b:1", f"oci:{tmp_path / 'out2'}")
+    assert layer_blobs(tmp_path / "out2") == layer_blobs(tmp_path / "b")
 
 
 # -- the read path: requests counted ------------------------------------------------------------------------------
@@ -229,6 +237,28 @@ def test_gc_waits_for_a_concurrent_writer_that_relies_on_unreferenced_chunks(tmp
     assert layer_blobs(tmp_path / "outb") == layer_blobs(tmp_path / "b")
     assert again.gc().chunks_removed == 0
     assert client.list_with_time("locks/")[0] == []  # every lease released
+
+
+def test_an_expired_lease_is_removed_and_a_live_one_waited_for(s3):
+    """A holder that died leaves its lease: a waiter removes it once the server's clock says it
+    expired; a lease that is there and fresh makes the waiter give up with a named error."""
+    from convstore.errors import StoreError
+    from convstore.stores.s3.meta import lease
+
+    client = S3Client(s3)
+    assert client.put("locks/n/x", b"{}", if_absent=True)  # a dead holder's exclusive lease
+    with pytest.raises(StoreError, match="lock n of .* is still held"):
+        with lease(client, "n", ttl=3600, wait=0.5):
+            pass
+    with lease(client, "n", ttl=1.0, wait=30):  # expired after a second of the server's clock
+        assert client.head("locks/n/x") is not None
+        with pytest.raises(StoreError, match="still held"):
+            with lease(client, "n", shared=True, wait=0.5):  # a shared holder waits for the exclusive one
+                pass
+    assert client.list_with_time("locks/")[0] == []
+    client.put("locks/m/s-" + "0" * 32, b"{}")  # a dead shared holder
+    with lease(client, "m", ttl=1.0, wait=30):
+        assert [n for n, _s, _m in client.list_with_time("locks/m/")[0]] == ["locks/m/x"]
 
 
 # -- errors -------------------------------------------------------------------------------------------------------
