@@ -128,15 +128,16 @@ def seaweed(tmp_path_factory):
     from s3_fixtures import SeaweedS3
 
     s = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    s.bucket = s.new_bucket()  # one bucket (a SeaweedFS collection: volumes of its own), a prefix per test
     yield s
     s.stop()
 
 
 @pytest.fixture
 def s3(seaweed, monkeypatch):
-    """``s3://BUCKET/store`` on a new bucket of the SeaweedFS server, with its endpoint and
-    credentials in this process's environment (as an AWS tool takes them)."""
+    """``s3://BUCKET/<new prefix>`` on the SeaweedFS server, with its endpoint and credentials in
+    this process's environment (as an AWS tool takes them)."""
     for k, v in seaweed.env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return f"s3://{seaweed.new_bucket()}/store"
+    return f"s3://{seaweed.bucket}/t{os.urandom(6).hex()}"

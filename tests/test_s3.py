@@ -68,7 +68,7 @@ def test_push_pull_round_trips_local_s3_registry_exact(tmp_path, s3, seaweed, re
     reg = f"oci://{registry.host}/from-s3"
     c3 = ["--cache", str(tmp_path / "c3")]
     run_cli(env, "--insecure", *c3, "--store", s3, "push", "b:1", reg)  # S3 -> registry
-    other = s3 + "-copy"
+    other = s3 + "-copy"  # another prefix of the bucket
     run_cli(env, "--insecure", "--cache", str(tmp_path / "c4"), "--store", reg, "push", "b:1", other)  # registry -> S3
     env2 = dict(env, CONVSTORE_STORE=str(tmp_path / "store2"))
     pulled = json.loads(run_cli(env2, "--cache", str(tmp_path / "c5"), "pull", "--json", other, "b:1").stdout)
@@ -263,7 +263,7 @@ def test_an_expired_lease_is_removed_and_a_live_one_waited_for(s3):
 
 # -- errors -------------------------------------------------------------------------------------------------------
 def test_named_errors_for_no_bucket_denied_and_unreachable(tmp_path, s3, seaweed, store, cli_env):
-    bucket = s3.split("/")[2]
+    bucket, prefix = s3[len("s3://"):].split("/")
     with pytest.raises(S3NoSuchBucket, match="no bucket nope-"):
         open_s3("s3://nope-" + bucket + "/x", store.key, tmp_path / "c1")
     with pytest.raises(S3Unreachable, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
@@ -293,7 +293,7 @@ def test_named_errors_for_no_bucket_denied_and_unreachable(tmp_path, s3, seaweed
                 check=False)
     assert p.returncode == 0 and p.stdout.splitlines()[1].split()[:3] == ["a", "1", "ACTIVE"], p.stderr
     p = run_cli(dict(env, **seaweed.env(reader=True)), "--cache", str(tmp_path / "c5"), "push", "a:1",
-                s3.replace("/store", "/other"), check=False)
+                f"s3://{bucket}/{prefix}-other", check=False)
     assert p.returncode == 1 and "access denied" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
@@ -314,17 +314,17 @@ def test_swapped_pack_and_catalog_objects_are_refused_never_served(tmp_path, s3,
     remote = open_s3(s3, store.key, tmp_path / "c0")
     copy_image(store, remote, "a:1")
     copy_image(store, remote, "b:1")
-    bucket = s3.split("/")[2]
+    bucket, prefix = s3[len("s3://"):].split("/")
     raw = seaweed.client()
     # a writer swaps the catalog entries of a:1 and b:1 (both validly MAC'd, each under its own name)
-    ka, kb = "store/meta/refs/a:1", "store/meta/refs/b:1"
+    ka, kb = f"{prefix}/meta/refs/a:1", f"{prefix}/meta/refs/b:1"
     ea, eb = (raw.get_object(Bucket=bucket, Key=k)["Body"].read() for k in (ka, kb))
     raw.put_object(Bucket=bucket, Key=ka, Body=eb)
     with pytest.raises(TamperedObject):
         open_s3(s3, store.key, tmp_path / "c1").entry("a:1")
     raw.put_object(Bucket=bucket, Key=ka, Body=ea)
     # then replaces every pack with bytes of the same length (a hint still lands in range)
-    packs = [o["Key"] for o in raw.list_objects_v2(Bucket=bucket, Prefix="store/packs/")["Contents"]]
+    packs = [o["Key"] for o in raw.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/packs/")["Contents"]]
     assert packs
     for k in packs:
         size = raw.head_object(Bucket=bucket, Key=k)["ContentLength"]

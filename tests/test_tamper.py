@@ -199,9 +199,10 @@ def test_no_tamper_serves_other_content_on_s3(base: tuple[Path, str], tmp_path: 
             for o in page.get("Contents", ())]
     table = []
     for i, (name, tamper) in enumerate(cases(tmp, key).items()):
-        case = f"s3://{bucket}/case{i}"
+        case = f"s3://{bucket}/{prefix}-case{i}"
         for k in keys:
-            raw.copy_object(Bucket=bucket, Key=f"case{i}/" + k.split("/", 1)[1], CopySource={"Bucket": bucket, "Key": k})
+            raw.copy_object(Bucket=bucket, Key=f"{prefix}-case{i}/" + k.split("/", 1)[1],
+                            CopySource={"Bucket": bucket, "Key": k})
         tamper(convstore.Store.open(case, key, state_dir=str(tmp_path / "s1"),
                                     cache_dir=str(tmp_path / f"t{i}")).objects.inner)  # the bucket itself
         table.append((name, {ref: outcome(case, key, str(tmp_path / f"fresh-{os.urandom(4).hex()}"), ref)
