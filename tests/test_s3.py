@@ -137,9 +137,9 @@ def test_a_cold_lazy_read_takes_at_most_5_requests_whatever_the_number_of_images
     log = RequestLog(monkeypatch)
     remote = open_s3(s3, store.key, tmp_path / "c0")
 
-    def cold_read(n: int) -> list[str]:
+    def cold_read(n: int, days_later: float = 0) -> list[str]:
         start = len(log.sent)
-        worker = open_s3(s3, store.key, tmp_path / f"worker{n}")
+        worker = open_s3(s3, store.key, tmp_path / f"worker{n}", clock=lambda: time.time() + days_later * 86400)
         with ImageFS.from_store(worker, "img0:1") as fs:
             assert fs.open("/d/small.txt").read() == b"hello world\n"
         return log.sent[start:]
@@ -157,6 +157,10 @@ def test_a_cold_lazy_read_takes_at_most_5_requests_whatever_the_number_of_images
     assert len(one) == len(hundred), (one, hundred)  # open and read cost the same with 1 or 100 images
     assert not any("list-type" in r or r.endswith("/index/") for r in hundred), hundred  # no index, no listing
     assert sum(1 for r in hundred if "/packs/" in r and "bytes=" in r) >= 1, hundred  # the chunk: a ranged GET
+    # a reader writes nothing to the store, even a month after the last read (no last_read stamp,
+    # no INACTIVE aging: a fleet of nodes shares the store, and may hold read-only credentials)
+    later = cold_read(101, days_later=30)
+    assert len(later) == len(hundred) and all(r.startswith("GET ") for r in later + hundred), later
 
 
 # -- gc against a concurrent writer ------------------------------------------------------------------------------
