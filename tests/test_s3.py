@@ -301,6 +301,24 @@ def test_named_errors_for_no_bucket_denied_and_unreachable(tmp_path, s3, seaweed
     assert p.returncode == 1 and "access denied" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_credentials_from_a_named_profile(tmp_path, s3, seaweed, store, cli_env):
+    """As the AWS tools take them: a profile of the shared credentials file, named by AWS_PROFILE
+    (no key in the environment); a profile that does not exist is a named error, in one line."""
+    env = seaweed.env()
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[fleet]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\n"
+                     f"aws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}\n")
+    profile_env = {k: v for k, v in cli_env.items() if not k.startswith("AWS_")}  # no key in the environment
+    profile_env.update(CONVSTORE_S3_ENDPOINT=seaweed.endpoint, AWS_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull,
+                       AWS_SHARED_CREDENTIALS_FILE=str(creds), AWS_PROFILE="fleet")
+    images(tmp_path)
+    run_cli(profile_env, "pack", f"oci:{tmp_path / 'a'}", "a:1")
+    assert json.loads(run_cli(profile_env, "push", "--json", "a:1", s3).stdout)["chunks_sent"] > 0
+    p = run_cli(dict(profile_env, AWS_PROFILE="nope"), "--cache", str(tmp_path / "c"), "--store", s3, "images",
+                check=False)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "profile (nope)" in p.stderr, p.stderr
+
+
 def test_no_secret_in_repr_or_options(tmp_path, s3, seaweed, store):
     s = open_s3(s3, store.key, tmp_path / "c")
     secret = seaweed.env()["AWS_SECRET_ACCESS_KEY"]
