@@ -37,6 +37,15 @@ def is_s3_url(location: str) -> bool:
     return location.startswith("s3://")
 
 
+def parse_s3_url(url: str, where: str = "an S3 store") -> tuple[str, str]:
+    """``s3://BUCKET/PREFIX`` -> (bucket, prefix without slashes at its ends); the one check of its form."""
+    bucket, _, prefix = url[len("s3://"):].partition("/") if is_s3_url(url) else ("", "", "")
+    prefix = prefix.strip("/")
+    if not bucket or not prefix or any(p in ("", ".", "..") for p in prefix.split("/")):
+        raise InvalidReference(f"{where} {url!r} names no bucket and prefix: use s3://BUCKET/PREFIX")
+    return bucket, prefix
+
+
 def is_remote_url(location: str) -> bool:
     """A store read through a local cache: a registry or an S3 bucket."""
     return is_registry_url(location) or is_s3_url(location)
@@ -57,9 +66,7 @@ def resolve_store_location(location: str | None) -> str:
             raise InvalidReference(f"{where} {location!r} names no repository: use oci://HOST[:PORT]/REPO")
         return location.rstrip("/")
     if is_s3_url(location):
-        bucket, _, prefix = location[len("s3://"):].partition("/")
-        if not bucket or not prefix.strip("/") or any(p in ("", ".", "..") for p in prefix.strip("/").split("/")):
-            raise InvalidReference(f"{where} {location!r} names no bucket and prefix: use s3://BUCKET/PREFIX")
+        parse_s3_url(location, where)
         return location.rstrip("/")
     if _SCHEME.match(location):
         raise InvalidReference(f"{where} {location!r} is not a store: give {STORE_FORMS} "

@@ -17,26 +17,14 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from ...errors import InvalidReference, S3AccessDenied, S3Error, S3NoSuchBucket, S3Unreachable
+from ...errors import S3AccessDenied, S3Error, S3NoSuchBucket, S3Unreachable
+from ...options import parse_s3_url
 
 ENDPOINT_ENV = "CONVSTORE_S3_ENDPOINT"
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
            "AllAccessDisabled", "AccountProblem", "403"}
 _ABSENT = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """``s3://BUCKET[/PREFIX]`` -> (bucket, prefix without slashes at its ends)."""
-    if not url.startswith("s3://"):
-        raise InvalidReference(f"{url!r}: an S3 store is s3://BUCKET/PREFIX")
-    bucket, _, prefix = url[5:].partition("/")
-    if not bucket or "/" in bucket:
-        raise InvalidReference(f"{url!r} names no bucket: an S3 store is s3://BUCKET/PREFIX")
-    prefix = prefix.strip("/")
-    if any(p in ("", ".", "..") for p in prefix.split("/")) and prefix:
-        raise InvalidReference(f"{url!r}: the prefix has an empty, '.' or '..' part")
-    return bucket, prefix
 
 
 class S3Client:
@@ -76,7 +64,7 @@ class S3Client:
         return f"S3Client({self.url} at {self.endpoint or 'AWS'})"
 
     def key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
+        return f"{self.prefix}/{name}"
 
     # -- error mapping ----------------------------------------------------
     def _fail(self, e: BaseException, what: str) -> S3Error:

@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from ...errors import ConvstoreError, S3Error, StoreError
+from ...errors import ConvstoreError, StoreError
 from ..base import ObjectStore, check_key
 from .client import S3Client
 
@@ -194,4 +194,4 @@ class S3Store(ObjectStore):
         log.info("audit %s", line)  # S3 has no append; the local cache keeps the audit log
 
 
-__all__ = ["LEASE_TTL", "S3Error", "S3Store", "lease"]
+__all__ = ["LEASE_TTL", "S3Store", "lease"]
