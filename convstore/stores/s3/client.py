@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import email.utils
 import os
-from collections.abc import Iterator
 from typing import Any
 
 from ...errors import S3AccessDenied, S3Error, S3NoSuchBucket, S3Unreachable
