@@ -114,31 +114,30 @@ class S3Client:
                 raise KeyError(name) from None  # the object is shorter than the range: a stale hint
             raise self._fail(e, f"GET {name}") from None
 
-    def put(self, name: str, data: bytes, *, if_absent: bool = False) -> bool:
-        """Store an object (atomically: S3 shows the old one or the new one).  With
-        ``if_absent``, only if no object has that name (``If-None-Match: *``):
-        False if one had."""
+    def put(self, name: str, data: bytes, *, if_absent: bool = False) -> str:
+        """Store an object (atomically: S3 shows the old one or the new one); its ETag.
+        With ``if_absent``, only if no object has that name (``If-None-Match: *``):
+        "" (false) if one had."""
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(name), "Body": data}
         if if_absent:
             kw["IfNoneMatch"] = "*"
         try:
-            self.s3.put_object(**kw)
-            return True
+            return str(self.s3.put_object(**kw).get("ETag") or "-")
         except Exception as e:
             if if_absent and self._code(e) in _PRECONDITION:
-                return False
+                return ""
             raise self._fail(e, f"PUT {name}") from None
 
-    def head(self, name: str) -> tuple[int, float, float] | None:
-        """(size, last modified, the server's time now), both times in the server's
-        clock (epoch seconds); None if absent."""
+    def head(self, name: str) -> tuple[int, float, float, str] | None:
+        """(size, last modified, the server's time now, ETag), both times in the
+        server's clock (epoch seconds); None if absent."""
         try:
             r = self.s3.head_object(Bucket=self.bucket, Key=self.key(name))
         except Exception as e:
             if self._code(e) in _ABSENT:
                 return None
             raise self._fail(e, f"HEAD {name}") from None
-        return int(r["ContentLength"]), r["LastModified"].timestamp(), self._server_time(r)
+        return int(r["ContentLength"]), r["LastModified"].timestamp(), self._server_time(r), str(r.get("ETag") or "")
 
     @staticmethod
     def _server_time(r: dict[str, Any]) -> float:

@@ -46,15 +46,27 @@ def lease(client: S3Client, name: str, shared: bool = False, ttl: float = LEASE_
     Each side writes first and looks second, and S3 is strongly consistent
     (read-after-write and list-after-write), so an exclusive holder and a
     shared one can never both proceed.  A holder renews its lease every
-    ``RENEW_EVERY`` s; a lease not renewed for ``ttl`` (judged by the
-    server's own clock: its LastModified against the Date of the answer, so no
-    client clock matters) belongs to a dead process and is removed by a waiter.
+    ``RENEW_EVERY`` s (each write has new content, so a new ETag); a lease not
+    renewed for ``ttl`` (judged by the server's own clock: its LastModified
+    against the Date of the answer, so no client clock matters) belongs to a
+    dead process and is removed by a waiter.  Of several waiters that find
+    the same expired ``x``, only the one that creates ``broken-<its ETag>``
+    (``If-None-Match: *``) removes it, so none removes a lease taken since.  A
+    holder whose lease was taken from it (its renewal finds another ETag)
+    stops renewing and says so in the log.
     """
     prefix = f"{LOCKS}{name}/"
     xkey = prefix + "x"
     key = xkey if not shared else f"{prefix}s-{secrets.token_hex(16)}"
-    body = json.dumps({"holder": f"{socket.gethostname()}:{os.getpid()}", "ttl": ttl,
-                       "shared": shared}).encode()
+    token = secrets.token_hex(8)
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    writes = [0]
+
+    def body() -> bytes:
+        writes[0] += 1
+        return json.dumps({"holder": holder, "token": token, "write": writes[0], "ttl": ttl,
+                           "shared": shared}).encode()
+
     deadline = time.monotonic() + wait
     pause = 0.02
 
@@ -66,35 +78,47 @@ def lease(client: S3Client, name: str, shared: bool = False, ttl: float = LEASE_
         time.sleep(pause)
         pause = min(pause * 2, 1.0)
 
-    def stale(h: tuple[int, float, float] | None) -> bool:
+    def stale(h: tuple[int, float, float, str] | None) -> bool:
         return h is not None and h[2] - h[1] > ttl
 
+    def break_x(h: tuple[int, float, float, str]) -> None:
+        """Remove the expired exclusive lease ``h`` describes, if this waiter is the first to claim it."""
+        if client.put(f"{prefix}broken-{h[3].strip(chr(34))}", b"", if_absent=True):
+            log.warning("removing the expired exclusive lease of lock %s", name)
+            client.delete([xkey])
+
+    etag = ""
     if shared:
         while True:
-            client.put(key, body)
+            etag = client.put(key, body())
             h = client.head(xkey)
             if h is None:
                 break
             if stale(h):
-                log.warning("removing the expired exclusive lease of lock %s", name)
-                client.delete([xkey])
+                break_x(h)
                 continue
             client.delete([key])
             while (h := client.head(xkey)) is not None and not stale(h):
                 waited()
     else:
-        while not client.put(key, body, if_absent=True):
-            if stale(client.head(xkey)):
-                log.warning("removing the expired exclusive lease of lock %s", name)
-                client.delete([xkey])
+        while not (etag := client.put(key, body(), if_absent=True)):
+            h = client.head(xkey)
+            if h is not None and stale(h):
+                break_x(h)
                 continue
             waited()
     stop = threading.Event()
+    mine = [etag]
 
     def renew() -> None:
         while not stop.wait(RENEW_EVERY):
             try:
-                client.put(key, body)
+                h = client.head(key)
+                if h is None or h[3] != mine[0]:
+                    log.error("the lease of lock %s was taken from this process (not renewed for %.0f s): "
+                              "what it protects is no longer protected", name, ttl)
+                    return
+                mine[0] = client.put(key, body())
             except ConvstoreError as e:
                 log.warning("could not renew the lease of lock %s: %s", name, e)
 
@@ -103,12 +127,14 @@ def lease(client: S3Client, name: str, shared: bool = False, ttl: float = LEASE_
     try:
         if not shared:  # wait for the shared holders that came first
             while True:
-                objs, now = client.list_with_time(prefix + "s-")
-                dead = [n for n, _s, mtime in objs if now - mtime > ttl]
-                if dead:
+                objs, now = client.list_with_time(prefix)
+                leases = [(n, mtime) for n, _s, mtime in objs if n.startswith(prefix + "s-")]
+                dead = [n for n, mtime in leases if now - mtime > ttl]
+                old_marks = [n for n, _s, mtime in objs if n.startswith(prefix + "broken-") and now - mtime > 10 * ttl]
+                if dead or old_marks:
                     log.warning("removing %d expired shared leases of lock %s", len(dead), name)
-                    client.delete(dead)
-                if len(objs) == len(dead):
+                    client.delete(dead + old_marks)
+                if len(leases) == len(dead):
                     break
                 waited()
         yield
@@ -116,7 +142,9 @@ def lease(client: S3Client, name: str, shared: bool = False, ttl: float = LEASE_
         stop.set()
         renewer.join()
         try:
-            client.delete([key])
+            h = client.head(key)
+            if h is not None and h[3] == mine[0]:  # never another holder's lease
+                client.delete([key])
         except ConvstoreError as e:  # it expires by itself
             log.warning("could not release lock %s: %s", name, e)
 
@@ -167,7 +195,7 @@ class S3Store(ObjectStore):
         check_key(key)
         if refs and self.chunks is not None:  # no image is published that relies on a pack not there
             self.chunks.pack_sizes(set(refs))
-        return self.client.put(META + key, data, if_absent=exclusive)
+        return bool(self.client.put(META + key, data, if_absent=exclusive))
 
     def delete(self, key: str) -> None:
         self.client.delete([META + check_key(key)])
