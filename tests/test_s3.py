@@ -98,6 +98,7 @@ def test_pack_straight_into_s3_dedups_across_clients_and_reads_back_exactly(tmp_
     gc = json.loads(run_cli(env, *c5, "gc", "--json").stdout)
     assert gc["chunks_removed"] > 0 and gc["store_bytes_after"] < gc["store_bytes_before"], gc
     assert json.loads(run_cli(env, *c5, "verify", "--json").stdout)["clean"]
+    assert run_cli(env, *c5, "cat", "b:1", "/d/small.txt").stdout == "hello world\n"  # a lazy read
     run_cli(env, *c5, "unpack", "b:1", f"oci:{tmp_path / 'out2'}")
     assert layer_blobs(tmp_path / "out2") == layer_blobs(tmp_path / "b")
 
