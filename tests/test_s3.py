@@ -269,6 +269,26 @@ def test_an_expired_lease_is_removed_and_a_live_one_waited_for(s3):
         assert [n for n, _s, _m in client.list_with_time("locks/m/")[0]] == ["locks/m/x"]
 
 
+def test_a_long_lived_writer_sees_what_a_gc_moved(tmp_path, s3, store):
+    """A writer that loaded the index before a gc rewrote packs starts its next copy from the
+    index as it is then: it uploads what the gc removed instead of relying on it."""
+    images(tmp_path)
+    store.pack(f"oci:{tmp_path / 'a'}", "a:1")
+    store.pack(f"oci:{tmp_path / 'b'}", "b:1")
+    writer = open_s3(s3, store.key, tmp_path / "cw")
+    copy_image(store, writer, "b:1")
+    copy_image(store, writer, "a:1", "w1:1")  # the writer has loaded the index
+    other = open_s3(s3, store.key, tmp_path / "co")
+    other.rm("w1:1")
+    assert other.gc().chunks_removed > 0  # a's own chunks are gone, packs shared with b rewritten
+    again = copy_image(store, writer, "a:1", "w2:1")
+    assert again.chunks_sent > 0
+    fresh = open_s3(s3, store.key, tmp_path / "cf")
+    assert fresh.verify().clean
+    fresh.unpack_oci("w2:1", f"oci:{tmp_path / 'out'}")
+    assert layer_blobs(tmp_path / "out") == layer_blobs(tmp_path / "a")
+
+
 # -- errors -------------------------------------------------------------------------------------------------------
 def test_named_errors_for_no_bucket_denied_and_unreachable(tmp_path, s3, seaweed, store, cli_env):
     bucket, prefix = s3[len("s3://"):].split("/")

@@ -142,6 +142,9 @@ class S3ChunkStore(ChunkStore):
                 log.warning("skipping pack index %s: %s", t, e)
                 continue
             self._add_segment(t, [(cid, pack.split(":", 1)[1], off, n) for cid, pack, off, n in recs])
+        # the packs the index names now (a gc since the last load may have removed some)
+        self._known = {p for s in self._snaps.values() for p in s.packs} | \
+            {pack for recs in self._seg_tags.values() for _c, pack, _o, _n in recs}
         self._loaded = True
 
     def _add_segment(self, tag: str, recs: list[tuple[bytes, str, int, int]]) -> None:

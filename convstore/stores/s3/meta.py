@@ -216,7 +216,19 @@ class S3Store(ObjectStore):
     def lock(self, name: str, shared: bool = False) -> contextlib.AbstractContextManager[None]:
         if "/" in name or not name:
             raise StoreError(f"invalid lock name {name!r}")
+        if name == "gc" and shared and self.chunks is not None:
+            return self._writer_guard()
         return lease(self.client, name, shared)
+
+    @contextlib.contextmanager
+    def _writer_guard(self) -> Iterator[None]:
+        """The gc lock held shared by a pack or copy: once it is held no gc runs, and the writer
+        starts from the index as it is now (a gc may have rewritten packs since this client
+        loaded it: a long-lived writer would otherwise deduplicate against chunks moved away)."""
+        with lease(self.client, "gc", shared=True):
+            assert self.chunks is not None
+            self.chunks.refresh()
+            yield
 
     def append_line(self, key: str, line: str) -> None:
         log.info("audit %s", line)  # S3 has no append; the local cache keeps the audit log
