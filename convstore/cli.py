@@ -17,7 +17,7 @@ import typer
 
 from ._version import __version__
 from .errors import ConfigError, ConvstoreError, InvalidReference
-from .options import StoreOptions, is_registry_url, resolve_store_location
+from .options import StoreOptions, is_registry_url, is_s3_url, resolve_store_location
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -87,6 +87,7 @@ class _State:
     site_cache_flag: bool = False
     timeout: float = 60.0
     allow_rollback: bool = False
+    s3_endpoint: str | None = None
 
 
 state = _State()
@@ -116,8 +117,9 @@ def _global(
                                               help="Options of the services from this TOML file [default: "
                                                    "$CONVSTORE_CONFIG, else /etc/convstore/config.toml (root) or "
                                                    "~/.config/convstore/config.toml, if it exists]"),
-    store: Optional[str] = typer.Option(None, "--store", metavar="PATH|oci://HOST/REPO",
-                                        help="The store: a local folder, or a registry repository oci://HOST[:PORT]/REPO "
+    store: Optional[str] = typer.Option(None, "--store", metavar="PATH|oci://HOST/REPO|s3://BUCKET/PREFIX",
+                                        help="The store: a local folder, a registry repository oci://HOST[:PORT]/REPO "
+                                             "or an S3 bucket s3://BUCKET/PREFIX "
                                              "[default: $CONVSTORE_STORE, else ~/.local/share/convstore/store]"),
     key: Optional[str] = typer.Option(None, "--key", metavar="SPEC",
                                       help="Master key: file:PATH, pkcs11:token=T;object=K?module-path=..., or "
@@ -147,6 +149,10 @@ def _global(
                                                       "[default: $CONVSTORE_INACTIVE_AFTER or 14d]"),
     allow_rollback: bool = typer.Option(False, "--allow-rollback",
                                         help="Accept a tag or domain older than one this client has seen"),
+    s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", metavar="URL",
+                                              help="S3 endpoint of s3:// stores [default: $CONVSTORE_S3_ENDPOINT, "
+                                                   "else AWS]; credentials and region as the AWS tools take them "
+                                                   "(AWS_ACCESS_KEY_ID, AWS_PROFILE, AWS_REGION, ...)"),
 ) -> None:
     state.store_path = store
     state.key_spec = key
@@ -159,6 +165,7 @@ def _global(
     state.site_cache = site_cache or os.environ.get("CONVSTORE_SITE_CACHE") or None
     state.site_cache_flag = site_cache is not None
     state.allow_rollback = allow_rollback
+    state.s3_endpoint = s3_endpoint
     spec = inactive_after or os.environ.get("CONVSTORE_INACTIVE_AFTER")
     state.inactive_after = _duration(spec) if spec else None
 
@@ -189,6 +196,11 @@ def _options(url: str | None, create: bool = False) -> StoreOptions:
                "password": _password[0] if _password else None, "cache_dir": state.cache,
                "cache_bytes": int(state.cache_size * 1e6), "timeout": state.timeout,
                "site_cache": state.site_cache}
+    elif is_s3_url(url):
+        reg = {"cache_dir": state.cache, "cache_bytes": int(state.cache_size * 1e6), "timeout": state.timeout,
+               "s3_endpoint": state.s3_endpoint}
+        if state.site_cache_flag:  # refused when it is opened: a site tier fronts registry stores
+            reg["site_cache"] = state.site_cache
     elif state.site_cache_flag:  # named for a local store: refused when it is opened ($CONVSTORE_SITE_CACHE is not)
         reg = {"site_cache": state.site_cache}
     now = os.environ.get("CONVSTORE_NOW")  # a fixed clock (epoch seconds) for tests and what-if runs
@@ -483,9 +495,9 @@ def domain_rotate(name: str = typer.Argument("default")) -> None:
 
 @app.command()
 def push(ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
-         url: str = typer.Argument(..., metavar="oci://HOST[:PORT]/REPO"),
+         url: str = typer.Argument(..., metavar="oci://HOST[:PORT]/REPO|s3://BUCKET/PREFIX|PATH"),
          json_out: bool = typer.Option(False, "--json", help="Print the result as JSON")) -> None:
-    """Copy an image to a registry store, sending only the chunks it lacks."""
+    """Copy an image to another store (a registry, an S3 bucket, a folder), sending only the chunks it lacks."""
     from .transfer import copy_image
 
     r = copy_image(_store(), _open(url, create=True), ref, progress=_RichProgress())
@@ -493,10 +505,10 @@ def push(ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
 
 
 @app.command()
-def pull(url: str = typer.Argument(..., metavar="oci://HOST[:PORT]/REPO"),
+def pull(url: str = typer.Argument(..., metavar="oci://HOST[:PORT]/REPO|s3://BUCKET/PREFIX|PATH"),
          ref: str = typer.Argument(..., metavar="NAME[:TAG]"),
          json_out: bool = typer.Option(False, "--json", help="Print the result as JSON")) -> None:
-    """Copy an image from a registry store into this store, fetching only missing chunks."""
+    """Copy an image from another store (a registry, an S3 bucket, a folder) into this one, fetching only missing chunks."""
     from .transfer import copy_image
 
     r = copy_image(_open(url), _store(create=True), ref, progress=_RichProgress())

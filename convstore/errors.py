@@ -27,7 +27,11 @@ key material.
     │   ├── StoreBusy          a registry store's lease refuses (gc while a pack is in flight, or the reverse)
     │   ├── FuseSessionError   a held FUSE session cannot be taken over (other image, holder refuses)
     │   ├── KernelFuseError    the low-level FUSE server cannot mount (mount(2) refused)
-    │   └── StoreFormatError   unknown or future on-disk format version
+    │   ├── StoreFormatError   unknown or future on-disk format version
+    │   └── S3Error            an S3 store's object store refused or failed
+    │       ├── S3NoSuchBucket the bucket does not exist
+    │       ├── S3AccessDenied no credentials, or they are refused
+    │       └── S3Unreachable  the endpoint cannot be reached
     ├── KeyProviderError       key provider failures
     │   ├── KeyAccessDenied    the provider refuses (wrong key, revoked, moved wrapped key)
     │   ├── KeyNotFound        the master key does not exist
@@ -146,6 +150,22 @@ class StoreBusy(StoreError):
 
 class StoreFormatError(StoreError):
     """The store or an object in it has an unknown or newer format version."""
+
+
+class S3Error(StoreError):
+    """An S3 store's object store refused or failed a request (after retries)."""
+
+
+class S3NoSuchBucket(S3Error):
+    """The bucket an ``s3://BUCKET/PREFIX`` store names does not exist."""
+
+
+class S3AccessDenied(S3Error):
+    """No AWS credentials were found, or the object store refuses them."""
+
+
+class S3Unreachable(S3Error):
+    """The S3 endpoint cannot be reached (connection refused, DNS, timeout)."""
 
 
 class KeyProviderError(ConvstoreError):

@@ -18,7 +18,7 @@ from typing import Any
 from .errors import InvalidReference
 
 #: what ``--store`` and ``$CONVSTORE_STORE`` accept, named in every error about them
-STORE_FORMS = "a local folder (PATH) or a registry repository (oci://HOST[:PORT]/REPO)"
+STORE_FORMS = "a local folder (PATH), a registry repository (oci://HOST[:PORT]/REPO) or an S3 bucket (s3://BUCKET/PREFIX)"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -31,6 +31,24 @@ def default_local_store() -> str:
 
 def is_registry_url(location: str) -> bool:
     return location.startswith("oci://")
+
+
+def is_s3_url(location: str) -> bool:
+    return location.startswith("s3://")
+
+
+def parse_s3_url(url: str, where: str = "an S3 store") -> tuple[str, str]:
+    """``s3://BUCKET/PREFIX`` -> (bucket, prefix without slashes at its ends); the one check of its form."""
+    bucket, _, prefix = url[len("s3://"):].partition("/") if is_s3_url(url) else ("", "", "")
+    prefix = prefix.strip("/")
+    if not bucket or not prefix or any(p in ("", ".", "..") for p in prefix.split("/")):
+        raise InvalidReference(f"{where} {url!r} names no bucket and prefix: use s3://BUCKET/PREFIX")
+    return bucket, prefix
+
+
+def is_remote_url(location: str) -> bool:
+    """A store read through a local cache: a registry or an S3 bucket."""
+    return is_registry_url(location) or is_s3_url(location)
 
 
 def resolve_store_location(location: str | None) -> str:
@@ -47,6 +65,9 @@ def resolve_store_location(location: str | None) -> str:
         if not host or not repo.strip("/"):
             raise InvalidReference(f"{where} {location!r} names no repository: use oci://HOST[:PORT]/REPO")
         return location.rstrip("/")
+    if is_s3_url(location):
+        parse_s3_url(location, where)
+        return location.rstrip("/")
     if _SCHEME.match(location):
         raise InvalidReference(f"{where} {location!r} is not a store: give {STORE_FORMS} "
                                f"(a local folder whose name has a colon: write it as ./NAME)")
@@ -55,7 +76,7 @@ def resolve_store_location(location: str | None) -> str:
 
 @dataclass(frozen=True)
 class StoreOptions:
-    path: str | None = None  #: local path or ``oci://HOST/REPO``; None: the default local store
+    path: str | None = None  #: local path, ``oci://HOST/REPO`` or ``s3://BUCKET/PREFIX``; None: the default local store
     key: str | None = field(default=None, repr=False)  #: ``--key`` spec (may hold a PIN: secret)
     kms_endpoint: str | None = None
     insecure: bool = False
@@ -65,6 +86,7 @@ class StoreOptions:
     cache_bytes: int = 2 << 30
     timeout: float = 60.0  #: seconds a registry may stay silent before a request is retried
     site_cache: str | None = None  #: ``http[s]://HOST[:PORT]``: the site tier chunks are read through (stores/sitetier.py)
+    s3_endpoint: str | None = None  #: an S3 store's endpoint URL (None: $CONVSTORE_S3_ENDPOINT, else AWS)
     inactive_after: float | None = None
     latency_ms: float = 0.0
     bandwidth_mbps: float = 0.0

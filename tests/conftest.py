@@ -121,3 +121,24 @@ def auth_registry(tmp_path):
     r = Registry(tmp_path / "auth-registry", htpasswd=str(tmp_path / "htpasswd"))
     yield r
     r.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """SeaweedFS's S3 gateway on loopback (one per session: it takes a few seconds to start)."""
+    from s3_fixtures import SeaweedS3
+
+    s = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    s.bucket = s.new_bucket()  # one bucket (a SeaweedFS collection: volumes of its own), a prefix per test
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def s3(seaweed, monkeypatch):
+    """``s3://BUCKET/<new prefix>`` on the SeaweedFS server, with its endpoint and credentials in
+    this process's environment (as an AWS tool takes them)."""
+    for k, v in seaweed.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return f"s3://{seaweed.bucket}/t{os.urandom(6).hex()}"

@@ -1,5 +1,6 @@
 """The store contract: the same tests over every backend -- in memory, the
-local directory store, and a real registry (docker-registry on 127.0.0.1) --
+local directory store, a real registry (docker-registry on 127.0.0.1) and a
+real S3 object store (SeaweedFS on 127.0.0.1) --
 for the chunk store (has/get/get_many/put/flush/abort/delete/locate/entries)
 and the object store (get/put/exclusive put/delete/list/get_many/locks/logs).
 A backend that cannot do something says so by its capability flags, and is
@@ -25,10 +26,11 @@ from convstore.stores.cache import CachedChunkStore, CachedStore, DiskCache
 from convstore.stores.local import LocalChunkStore, LocalStore
 from convstore.stores.memory import MemoryChunkStore, MemoryStore
 from convstore.stores.registry import open_registry
+from convstore.stores.s3 import open_s3
 from convstore.stores.slow import Link, SlowChunkStore, SlowStore
 
 #: the backends, and the forwarding wrappers over them (a read cache over memory, a simulated link over local)
-BACKENDS = ["memory", "local", "registry", "cached-memory", "slow-local"]
+BACKENDS = ["memory", "local", "registry", "s3", "cached-memory", "slow-local"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -45,6 +47,10 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[tuple[str
         link = Link(0.0, 1e12)
         yield kind, SlowStore(LocalStore(str(tmp_path / "s")), link), \
             SlowChunkStore(LocalChunkStore(str(tmp_path / "s")), link)
+    elif kind == "s3":
+        url = request.getfixturevalue("s3")
+        meta3, chunks3 = open_s3(url, index_dir=str(tmp_path / "ix"))
+        yield kind, meta3, chunks3
     else:
         registry = request.getfixturevalue("registry")
         meta, chunks = open_registry(f"oci://{registry.host}/contract", insecure=True,
@@ -161,6 +167,8 @@ def test_a_second_handle_sees_what_was_flushed(backend, tmp_path):
         return  # one process, one handle: nothing else to open
     if kind in ("local", "slow-local"):
         other: ChunkStore = LocalChunkStore(str(tmp_path / "s"))
+    elif kind == "s3":
+        other = open_s3(chunks.url)[1]  # type: ignore[attr-defined]
     else:
         other = open_registry(chunks.url, insecure=True)[1]  # type: ignore[attr-defined]
     assert other.has(cid(1)) and other.get(cid(1)) == blob(1)
@@ -227,7 +235,7 @@ def test_locks_shared_together_exclusive_alone(backend):
 
 def test_append_only_log(backend):
     kind, objects, _chunks = backend
-    if kind == "registry":  # no append in a registry: lines go to the log (and a cache's local file)
+    if kind in ("registry", "s3"):  # no append there: lines go to the log (and a cache's local file)
         objects.append_line("log/audit", "one")
         return
     threads = [threading.Thread(target=lambda i=i: [objects.append_line("log/audit", f"t{i} {n}\nx")

@@ -54,7 +54,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def outcome(root: str, key: str, state: str, ref: str) -> str:
     """What a client gets for ``ref``: 'own', 'OTHER:<marker>', or 'refused:<error>'."""
     try:
-        s = convstore.Store.open(root, key, state_dir=state)
+        s = convstore.Store.open(root, key, state_dir=state, cache_dir=state + "-cache")
         with ImageFS.from_store(s, ref) as fs:
             got = fs.open("/who").read()
             payload = fs.open("/payload").read()
@@ -181,6 +181,41 @@ def test_no_tamper_serves_other_content(base: tuple[Path, str], tmp_path: Path) 
         if n.startswith("profile"):
             assert res["t:1"] == "own"  # a foreign profile is ignored (it is sealed to its own manifest)
     assert dict(table)["entry swap t:1 <- t:2 (same name)"]["t:1"] == "refused:TamperedObject"
+
+
+def test_no_tamper_serves_other_content_on_s3(base: tuple[Path, str], tmp_path: Path, s3: str, seaweed) -> None:
+    """The same cases against an S3 store (SeaweedFS): the four images packed straight into a
+    bucket prefix, copied object by object to a fresh prefix per case, tampered there by a
+    bucket writer who holds no key."""
+    tmp, key = base
+    src = convstore.Store.open(s3, key, state_dir=str(tmp_path / "s0"), cache_dir=str(tmp_path / "c0"))
+    src.create_domain("tenant")
+    for ref, marker in OWN.items():
+        src.pack(image(tmp_path, ref.replace(":", "-"), marker), ref, domain="tenant" if ref == "v:1" else "default")
+        src.save_profile(src.open_image(ref)[0], [(0, 0)])
+    bucket, prefix = s3[len("s3://"):].split("/", 1)
+    raw = seaweed.client()
+    keys = [o["Key"] for page in raw.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+            for o in page.get("Contents", ())]
+    table = []
+    for i, (name, tamper) in enumerate(cases(tmp, key).items()):
+        case = f"s3://{bucket}/{prefix}-case{i}"
+        for k in keys:
+            raw.copy_object(Bucket=bucket, Key=f"{prefix}-case{i}/" + k.split("/", 1)[1],
+                            CopySource={"Bucket": bucket, "Key": k})
+        tamper(convstore.Store.open(case, key, state_dir=str(tmp_path / "s1"),
+                                    cache_dir=str(tmp_path / f"t{i}")).objects.inner)  # the bucket itself
+        table.append((name, {ref: outcome(case, key, str(tmp_path / f"fresh-{os.urandom(4).hex()}"), ref)
+                             for ref in OWN}))
+    print("\n" + "\n".join(f"{n:<42} " + "  ".join(f"{r}={o}" for r, o in res.items()) for n, res in table))
+    assert [(n, r, o) for n, res in table for r, o in res.items() if o.startswith("OTHER")] == []
+    for n, res in table:
+        if n.startswith(("entry", "manifest")):
+            assert res["t:1"].startswith("refused:"), (n, res)
+        if n.startswith("store.json"):
+            assert all(o.startswith("refused:") for o in res.values()), (n, res)
+    assert dict(table)["entry swap t:1 <- t:2 (same name)"]["t:1"] == "refused:TamperedObject"
+    assert dict(table)["profile swap t:1 <- t:2"]["t:1"] == "own"
 
 
 def test_tampered_entry_is_named_in_one_line(base: tuple[Path, str], tmp_path: Path, cli_env: dict[str, str]) -> None:

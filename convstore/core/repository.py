@@ -54,7 +54,7 @@ from ..keys import KeyProvider, open_key
 from ..keys.audit import AUDIT_LOG, AuditedKeyProvider, parse_audit
 from ..manifest import LayerRecord, Manifest
 from .manifests import ManifestStore
-from ..options import StoreOptions, is_registry_url, resolve_store_location
+from ..options import StoreOptions, is_registry_url, is_remote_url, is_s3_url, resolve_store_location
 from ..refs import ImageRef
 from .identity import StoreIdentity, no_store
 from .leases import PACK_WAIT, Leases
@@ -73,8 +73,8 @@ R = TypeVar("R", bound="Repository")
 
 
 def default_cache_dir(url: str) -> str:
-    """The local cache of the registry store at ``url``."""
-    return os.path.join(platformdirs.user_cache_dir("convstore"), "registry",
+    """The local cache of the registry or S3 store at ``url``."""
+    return os.path.join(platformdirs.user_cache_dir("convstore"), "s3" if is_s3_url(url) else "registry",
                         hashlib.sha256(url.encode()).hexdigest()[:16])
 
 
@@ -84,7 +84,7 @@ def read_audit_log(options: StoreOptions, since: str | None = None,
     A local store keeps it inside; a registry store's clients each keep theirs
     beside their cache (a registry has no append)."""
     path = resolve_store_location(options.path)
-    if is_registry_url(path):
+    if is_remote_url(path):
         log_path = os.path.join(options.cache_dir or default_cache_dir(path), AUDIT_LOG)
     else:
         log_path = os.path.join(path, AUDIT_LOG)
@@ -163,13 +163,16 @@ class Repository:
              state_dir: str | None = None, allow_rollback: bool = False,
              insecure: bool = False, username: str | None = None, password: str | None = None,
              cache_dir: str | None = None, cache_bytes: int = 2 << 30, timeout: float = 60.0,
-             options: StoreOptions | None = None, create: bool = True, site_cache: str | None = None,
+             s3_endpoint: str | None = None, options: StoreOptions | None = None, create: bool = True,
+             site_cache: str | None = None,
              reactivator: Callable[[CatalogEntry], None] | None = None) -> R:
         """Open (creating if needed, unless ``create`` is False) the store at
         ``path`` -- a local folder (default: ``$CONVSTORE_STORE``, else the
-        user's data dir) or ``oci://HOST[:PORT]/REPO`` (a registry, read
+        user's data dir), ``oci://HOST[:PORT]/REPO`` (a registry, read
         through a bounded local cache; ``timeout``: seconds a registry may stay
-        silent before a request is retried, 4 attempts) -- with ``key`` (a
+        silent before a request is retried, 4 attempts) or
+        ``s3://BUCKET/PREFIX`` (an S3 bucket, cached alike; ``s3_endpoint``, else
+        ``$CONVSTORE_S3_ENDPOINT``, else AWS; credentials as the AWS tools take them) -- with ``key`` (a
         provider or a ``--key`` spec; default: the user's key file).  A named
         key file that does not exist is created only with a new store.
         ``site_cache``: a shared site tier (``http[s]://HOST[:PORT]``) chunk
@@ -193,6 +196,17 @@ class Repository:
                 origin_meta, origin = open_site_tier(path, site_cache, chunks, meta, username=username,
                                                      password=password)
             objects, chunk_store = CachedStore(origin_meta, cache), CachedChunkStore(origin, cache)
+        elif is_s3_url(path):
+            from ..stores.cache import CachedChunkStore, CachedStore, DiskCache
+            from ..stores.s3 import open_s3
+
+            if site_cache:
+                raise InvalidReference(f"--site-cache: {path} is an S3 store; a site cache fronts a registry "
+                                       f"store (oci://HOST/REPO) for now")
+            cache_dir = cache_dir or default_cache_dir(path)
+            s3meta, s3chunks = open_s3(path, s3_endpoint, index_dir=os.path.join(cache_dir, "index"), timeout=timeout)
+            cache = DiskCache(cache_dir, cache_bytes)
+            objects, chunk_store = CachedStore(s3meta, cache), CachedChunkStore(s3chunks, cache)
         else:
             if site_cache:
                 raise InvalidReference(f"--site-cache: {path} is a local store; a site cache fronts a registry "
@@ -214,7 +228,7 @@ class Repository:
                 raise  # the store exists: its key must too
             # a new store with a new key: the key named for it is created with it (and the CLI says so)
             provider = open_key(key if isinstance(key, str) else None, kms_endpoint=kms_endpoint, create_file=True)
-        if not is_registry_url(path):
+        if not is_remote_url(path):
             kp = getattr(provider, "path", None)
             if kp and os.path.commonpath([os.path.realpath(path), os.path.realpath(kp)]) == os.path.realpath(path):
                 raise StoreError(f"the key file {kp} lies inside the store {path}: keep master keys apart from data")
@@ -222,7 +236,8 @@ class Repository:
         options = options or StoreOptions(
             path=path, key=provider.spec, kms_endpoint=kms_endpoint or getattr(provider, "endpoint", None),
             insecure=insecure, username=username, password=password, cache_dir=cache_dir, cache_bytes=cache_bytes,
-            timeout=timeout, state_dir=state_dir, allow_rollback=allow_rollback, site_cache=site_cache)
+            timeout=timeout, s3_endpoint=s3_endpoint, state_dir=state_dir, allow_rollback=allow_rollback,
+            site_cache=site_cache)
         return cls(objects, provider, chunk_store=chunk_store, clock=clock, inactive_after=inactive_after,
                    key_cache_ttl=key_cache_ttl, options=options, state_dir=state_dir, allow_rollback=allow_rollback,
                    create=create, reactivator=reactivator)
@@ -238,8 +253,8 @@ class Repository:
                      else DEFAULT_INACTIVE_AFTER, state_dir=options.state_dir,
                      allow_rollback=options.allow_rollback, insecure=options.insecure, username=options.username,
                      password=options.password, cache_dir=options.cache_dir, cache_bytes=options.cache_bytes,
-                     timeout=options.timeout, options=options, create=options.create, reactivator=reactivator,
-                     site_cache=options.site_cache)
+                     timeout=options.timeout, s3_endpoint=options.s3_endpoint, options=options, create=options.create,
+                     reactivator=reactivator, site_cache=options.site_cache)
         # what a worker inherits names the store and key actually opened (defaults and $CONVSTORE_* resolved)
         s.options = replace(options, path=options.path or getattr(s.objects, "root", None),
                             key=options.key or s.key.spec,
@@ -330,7 +345,7 @@ class Repository:
     def is_stale(self, e: CatalogEntry, now: float) -> bool:
         """Unread for ``inactive_after``.  Only stores that can record reads
         (local ones) age their images; a registry copy never goes INACTIVE."""
-        return (self.objects.supports_locking and e.state == ACTIVE and e.complete
+        return (self.objects.supports_locking and self.objects.records_reads and e.state == ACTIVE and e.complete
                 and now - (e.last_read or e.state_since) > self.inactive_after)
 
     # -- the read gate -------------------------------------------------------
@@ -353,7 +368,7 @@ class Repository:
 
     def stamp_read(self, e: CatalogEntry, now: float) -> CatalogEntry:
         """Record a use of an ACTIVE image (``last_read``, written at most hourly; local stores only)."""
-        if now - e.last_read > READ_STAMP_INTERVAL and self.objects.supports_locking:
+        if now - e.last_read > READ_STAMP_INTERVAL and self.objects.supports_locking and self.objects.records_reads:
             e = self.catalog.update(e.ref, lambda cur: lifecycle.mark_read(cur, now)) or e
         return e
 

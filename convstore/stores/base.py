@@ -262,6 +262,9 @@ class ObjectStore(ABC):
     supports_writes: bool = True
     supports_deletes: bool = True
     supports_locking: bool = True
+    #: whether reads are recorded here (``last_read``, hence INACTIVE aging); False where many
+    #: readers share one remote store (S3) and must not write to it
+    records_reads: bool = True
 
     @abstractmethod
     def get(self, key: str) -> bytes:
@@ -335,6 +338,7 @@ class ForwardingObjectStore(ObjectStore):
         self.supports_writes = inner.supports_writes
         self.supports_deletes = inner.supports_deletes
         self.supports_locking = inner.supports_locking
+        self.records_reads = inner.records_reads
 
     def get(self, key: str) -> bytes:
         return self.inner.get(key)
