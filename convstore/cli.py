@@ -84,6 +84,8 @@ class _State:
     cache: str | None = None
     cache_size: float = 2048.0
     timeout: float = 60.0
+    read_deadline: float = 10.0
+    offline_max_age: float = 86400.0
     allow_rollback: bool = False
 
 
@@ -120,6 +122,12 @@ def _global(
     cache_size: float = typer.Option(2048.0, "--cache-size", metavar="MB", min=1, help="Cache bound in MB"),
     timeout: float = typer.Option(60.0, "--timeout", metavar="S", min=0.1,
                                   help="Registry silence before a request is retried (4 attempts)"),
+    read_deadline: float = typer.Option(10.0, "--read-deadline", metavar="S", min=0.1,
+                                        help="Seconds a read from a registry store may take, retries included, "
+                                             "before it fails (EIO under a mount)"),
+    offline_max_age: str = typer.Option("1d", "--offline-max-age", metavar="DURATION",
+                                        help="While the registry is unreachable, serve the node cache's copy of "
+                                             "the catalog if the registry confirmed it this recently (0: never)"),
     kms_endpoint: Optional[str] = typer.Option(None, "--kms-endpoint", metavar="URL",
                                                help="KMS endpoint for awskms: keys [default: $CONVSTORE_KMS_ENDPOINT]"),
     inactive_after: Optional[str] = typer.Option(None, "--inactive-after", metavar="DURATION",
@@ -136,6 +144,7 @@ def _global(
     state.kms_endpoint = kms_endpoint
     state.insecure, state.username, state.password_stdin = insecure, username, password_stdin
     state.cache, state.cache_size, state.timeout = cache, cache_size, timeout
+    state.read_deadline, state.offline_max_age = read_deadline, _duration(offline_max_age)
     state.allow_rollback = allow_rollback
     spec = inactive_after or os.environ.get("CONVSTORE_INACTIVE_AFTER")
     state.inactive_after = _duration(spec) if spec else None
@@ -165,7 +174,8 @@ def _options(url: str | None, create: bool = False) -> StoreOptions:
             _password.append(sys.stdin.readline().rstrip("\n"))
         reg = {"username": state.username,
                "password": _password[0] if _password else None, "cache_dir": state.cache,
-               "cache_bytes": int(state.cache_size * 1e6), "timeout": state.timeout}
+               "cache_bytes": int(state.cache_size * 1e6), "timeout": state.timeout,
+               "read_deadline": state.read_deadline, "offline_max_age": state.offline_max_age}
     now = os.environ.get("CONVSTORE_NOW")  # a fixed clock (epoch seconds) for tests and what-if runs
     return StoreOptions(path=url, key=state.key_spec, kms_endpoint=state.kms_endpoint,
                         inactive_after=state.inactive_after, latency_ms=state.latency_ms,

@@ -23,7 +23,19 @@ key material.
     │   ├── CorruptObject      an object fails authentication or its hash
     │   │   └── TamperedObject a metadata object was edited, renamed, moved or forged
     │   ├── RollbackDetected   a tag or domain went back to a version older than this client saw
-    │   └── StoreFormatError   unknown or future on-disk format version
+    │   ├── StoreFormatError   unknown or future on-disk format version
+    │   └── RegistryError      a registry refused, failed, or could not be reached
+    │       ├── RegistryUnavailable   no answer: what offline mode serves from the node cache
+    │       │   ├── RegistryUnreachable  connection refused, reset or unresolvable
+    │       │   └── RegistryTimeout      silent past the deadline (stalled)
+    │       │       └── RegistryTooSlow  an answer not whole by its deadline (a trickle)
+    │       ├── RegistryTLSError      the TLS handshake failed
+    │       │   └── RegistryPlainHTTP the registry speaks plain HTTP (say --insecure)
+    │       ├── RegistryAuthError     credentials refused, missing, or a malformed token answer
+    │       ├── RegistryHTTPError     an HTTP error status (a refused request)
+    │       │   └── RegistryServerError  5xx or 429 after retries (also a RegistryUnavailable)
+    │       ├── RegistryResponseTooLarge  an answer past the cap for its kind
+    │       └── RegistryCorrupt       a blob that does not match its digest (also a CorruptObject)
     ├── KeyProviderError       key provider failures
     │   ├── KeyAccessDenied    the provider refuses (wrong key, revoked, moved wrapped key)
     │   ├── KeyNotFound        the master key does not exist
@@ -124,6 +136,59 @@ class RollbackDetected(StoreError):
 
 class StoreFormatError(StoreError):
     """The store or an object in it has an unknown or newer format version."""
+
+
+class RegistryError(StoreError):
+    """The registry refused, failed, or could not be reached."""
+
+
+class RegistryUnavailable(RegistryError):
+    """No answer from the registry (after retries, or within a read's deadline): the one kind of
+    registry failure that offline mode answers from the node cache (docs/robustness.md)."""
+
+
+class RegistryUnreachable(RegistryUnavailable):
+    """The registry's address refuses or resets connections, or does not resolve."""
+
+
+class RegistryTimeout(RegistryUnavailable):
+    """The registry accepted the request but did not answer within the deadline (stalled)."""
+
+
+class RegistryTooSlow(RegistryTimeout):
+    """The registry's answer did not arrive whole by its deadline (final: not retried)."""
+
+
+class RegistryTLSError(RegistryError):
+    """The TLS handshake with the registry failed."""
+
+
+class RegistryPlainHTTP(RegistryTLSError):
+    """The registry answered the TLS handshake in plain HTTP: it needs ``--insecure``."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry refused the credentials, wants some, or sent a malformed token answer."""
+
+
+class RegistryHTTPError(RegistryError):
+    """The registry answered with an HTTP error status (a refused request; 5xx or 429 after retries)."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+class RegistryServerError(RegistryHTTPError, RegistryUnavailable):
+    """The registry kept answering 5xx or 429 (after retries): up, but not serving."""
+
+
+class RegistryResponseTooLarge(RegistryError):
+    """The registry sent more than convstore reads for that kind of answer (final: not retried)."""
+
+
+class RegistryCorrupt(RegistryError, CorruptObject):
+    """The registry returned a blob that does not match its digest."""
 
 
 class KeyProviderError(ConvstoreError):

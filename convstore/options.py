@@ -64,6 +64,8 @@ class StoreOptions:
     cache_dir: str | None = None
     cache_bytes: int = 2 << 30
     timeout: float = 60.0  #: seconds a registry may stay silent before a request is retried
+    read_deadline: float = 10.0  #: seconds a registry store's read may take for all its attempts
+    offline_max_age: float = 86400.0  #: seconds a node-cache copy of metadata may serve while offline
     inactive_after: float | None = None
     latency_ms: float = 0.0
     bandwidth_mbps: float = 0.0

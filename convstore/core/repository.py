@@ -160,13 +160,17 @@ class Repository:
              state_dir: str | None = None, allow_rollback: bool = False,
              insecure: bool = False, username: str | None = None, password: str | None = None,
              cache_dir: str | None = None, cache_bytes: int = 2 << 30, timeout: float = 60.0,
+             read_deadline: float = 10.0, offline_max_age: float = 86400.0,
              options: StoreOptions | None = None, create: bool = True,
              reactivator: Callable[[CatalogEntry], None] | None = None) -> R:
         """Open (creating if needed, unless ``create`` is False) the store at
         ``path`` -- a local folder (default: ``$CONVSTORE_STORE``, else the
         user's data dir) or ``oci://HOST[:PORT]/REPO`` (a registry, read
         through a bounded local cache; ``timeout``: seconds a registry may stay
-        silent before a request is retried, 4 attempts) -- with ``key`` (a
+        silent before a request is retried, 4 attempts; ``read_deadline``: seconds
+        a read may take for all its attempts; ``offline_max_age``: how old a
+        node-cache copy of the catalog may be to serve while the registry is
+        unavailable, 0: never) -- with ``key`` (a
         provider or a ``--key`` spec; default: the user's key file).  A named
         key file that does not exist is created only with a new store."""
         path = resolve_store_location(path)
@@ -178,9 +182,10 @@ class Repository:
 
             cache_dir = cache_dir or default_cache_dir(path)
             meta, chunks = open_registry(path, insecure=insecure, username=username, password=password,
-                                         index_dir=os.path.join(cache_dir, "index"), timeout=timeout)
+                                         index_dir=os.path.join(cache_dir, "index"), timeout=timeout,
+                                         deadline=read_deadline)
             cache = DiskCache(cache_dir, cache_bytes)
-            objects, chunk_store = CachedStore(meta, cache), CachedChunkStore(chunks, cache)
+            objects, chunk_store = CachedStore(meta, cache, offline_max_age), CachedChunkStore(chunks, cache)
         else:
             if not create and not os.path.isdir(path):
                 raise StoreError(f"{path} is not a folder, so not a store") if os.path.exists(path) \
@@ -207,7 +212,8 @@ class Repository:
         options = options or StoreOptions(
             path=path, key=provider.spec, kms_endpoint=kms_endpoint or getattr(provider, "endpoint", None),
             insecure=insecure, username=username, password=password, cache_dir=cache_dir, cache_bytes=cache_bytes,
-            timeout=timeout, state_dir=state_dir, allow_rollback=allow_rollback)
+            timeout=timeout, read_deadline=read_deadline, offline_max_age=offline_max_age,
+            state_dir=state_dir, allow_rollback=allow_rollback)
         return cls(objects, provider, chunk_store=chunk_store, clock=clock, inactive_after=inactive_after,
                    key_cache_ttl=key_cache_ttl, options=options, state_dir=state_dir, allow_rollback=allow_rollback,
                    create=create, reactivator=reactivator)
@@ -223,7 +229,8 @@ class Repository:
                      else DEFAULT_INACTIVE_AFTER, state_dir=options.state_dir,
                      allow_rollback=options.allow_rollback, insecure=options.insecure, username=options.username,
                      password=options.password, cache_dir=options.cache_dir, cache_bytes=options.cache_bytes,
-                     timeout=options.timeout, options=options, create=options.create, reactivator=reactivator)
+                     timeout=options.timeout, read_deadline=options.read_deadline,
+                     offline_max_age=options.offline_max_age, options=options, create=options.create, reactivator=reactivator)
         # what a worker inherits names the store and key actually opened (defaults and $CONVSTORE_* resolved)
         s.options = replace(options, path=options.path or getattr(s.objects, "root", None),
                             key=options.key or s.key.spec,

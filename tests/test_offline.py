@@ -1,0 +1,195 @@
+"""Issue 23 §2 and §7: a node that works offline from its cache, reads that fail within a deadline
+against a dead or stalled registry and recover by themselves, registry errors told apart, and
+$CONVSTORE_STORE taking every form --store does.  Real docker-registry on 127.0.0.1, real FUSE,
+podman."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CORPUS_DIR, need_tool, run_cli
+from engine_fixtures import podman, podman_config, remove_podman_root
+from imagebuilder import Entry, make_tar, rich_layer, write_oci
+
+import convstore
+from convstore.errors import (RegistryAuthError, RegistryHTTPError, RegistryPlainHTTP, RegistryTimeout,
+                              RegistryUnavailable, RegistryUnreachable, TamperedObject)
+from convstore.oci.registry_client import RegistryClient
+from convstore.reader import ImageFS
+from convstore.transfer import copy_image
+
+DEADLINE = 2.0  # --read-deadline of these tests
+# what a failed read may take past the deadline: one retry's backoff, the FUSE round trip, a loaded machine
+SLACK = 3.0
+
+
+def small_image(tmp_path: Path) -> tuple[str, dict[str, bytes]]:
+    files = {f"f{i}": os.urandom(200_000) for i in range(8)}
+    write_oci(str(tmp_path / "img"), [rich_layer(), make_tar([Entry(k, data=v) for k, v in files.items()])])
+    return f"oci:{tmp_path / 'img'}", files
+
+
+@pytest.fixture
+def remote(tmp_path, registry, store):
+    """Image a:1 (and b:1, other content) in a registry store; the node's CLI options for it."""
+    src, files = small_image(tmp_path)
+    store.pack(src, "a:1")
+    (tmp_path / "img2").mkdir()
+    write_oci(str(tmp_path / "img2"), [make_tar([Entry("f0", data=b"the other image\n")])])
+    store.pack(f"oci:{tmp_path / 'img2'}", "b:1")
+    url = f"oci://{registry.host}/node"
+    dst = convstore.Store.open(url, store.key, insecure=True, cache_dir=str(tmp_path / "c0"))
+    copy_image(store, dst, "a:1")
+    copy_image(store, dst, "b:1")
+    args = ["--insecure", "--store", url, "--cache", str(tmp_path / "cache"), "--read-deadline", str(DEADLINE)]
+    yield registry, url, args, files
+    if registry.proc is not None:
+        os.kill(registry.proc.pid, signal.SIGCONT)  # a stalled registry is resumed before it is stopped
+
+
+def fault(registry, how: str) -> None:
+    if how == "stop":
+        registry.stop()
+    else:
+        os.kill(registry.proc.pid, signal.SIGSTOP)
+
+
+def heal(registry, how: str) -> None:
+    if how == "stop":
+        registry.start()
+    else:
+        os.kill(registry.proc.pid, signal.SIGCONT)
+
+
+def timed_read(path: Path, limit: float) -> tuple[bytes | int, float]:
+    """(contents, or the errno) and seconds, read by a child process killed at ``limit`` s (a read
+    that blocks on a stalled registry must not hang the test)."""
+    t = time.monotonic()
+    p = subprocess.Popen([sys.executable, "-c", "import sys,os\ntry:\n sys.stdout.buffer.write(open(sys.argv[1],'rb')"
+                          ".read())\nexcept OSError as e:\n sys.exit(100+e.errno)", str(path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, _ = p.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail(f"a read of {path.name} still blocked after {limit:.0f} s")
+    return (out if p.returncode == 0 else p.returncode - 100), time.monotonic() - t
+
+
+@pytest.mark.parametrize("how", ["stop", "stall"])
+def test_a_mount_fails_uncached_reads_within_the_deadline_and_recovers_without_a_restart(
+        tmp_path, remote, cli_env, how):
+    registry, url, args, files = remote
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "mount.log"
+    with open(log, "wb") as lf:
+        p = subprocess.Popen([sys.executable, "-m", "convstore.cli", *args, "mount", "a:1", str(mnt)], env=cli_env,
+                             stdout=lf, stderr=lf)
+    try:
+        end = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            assert p.poll() is None and time.monotonic() < end, log.read_text()
+            time.sleep(0.05)
+        assert (mnt / "f0").read_bytes() == files["f0"]
+        fault(registry, how)
+        for name in ("f1", "f2"):  # the first read spends the deadline, the next fails at once
+            got, took = timed_read(mnt / name, 60)
+            assert got == errno.EIO and took < DEADLINE + SLACK, (name, got, took)
+        text = log.read_text()
+        assert f"registry {registry.host}" in text and "image a:1" in text and "/f1" in text, text
+        heal(registry, how)
+        end = time.monotonic() + 30  # it asks again by itself every few seconds
+        while True:
+            got, took = timed_read(mnt / "f1", 60)
+            if got != errno.EIO or time.monotonic() > end:
+                break
+            time.sleep(0.2)
+        assert got == files["f1"]  # the same mount, once the registry answers again
+        assert "answers again" in log.read_text()
+    finally:
+        heal(registry, how) if how == "stall" else None
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        p.wait(timeout=30)
+
+
+@pytest.mark.parametrize("how", ["stop", "stall"])
+def test_reads_fail_within_the_deadline_counted_and_the_catalog_is_served_from_the_node_cache(
+        tmp_path, remote, store, how):
+    registry, url, _args, files = remote
+    node = convstore.Store.open(url, store.key, insecure=True, cache_dir=str(tmp_path / "cache"),
+                                read_deadline=DEADLINE)
+    with ImageFS.from_store(node, "a:1") as fs:
+        assert fs.open("f0").read() == files["f0"]
+    client = node.objects.remote.client
+    fault(registry, how)
+    t = time.monotonic()
+    with ImageFS.from_store(node, "a:1") as fs:  # the catalog entry: the node cache's copy
+        opened = time.monotonic() - t
+        assert fs.open("f0").read() == files["f0"]  # a cached chunk
+        t = time.monotonic()
+        with pytest.raises(RegistryUnavailable) as e:
+            fs.open("f1").read()
+        took = time.monotonic() - t
+    assert opened < DEADLINE + SLACK and took < DEADLINE + SLACK, (opened, took)
+    assert isinstance(e.value, RegistryTimeout if how == "stall" else RegistryUnreachable), e.value
+    assert registry.host in str(e.value)
+    c = client.counters
+    assert (c.timeouts if how == "stall" else c.unreachable) >= 1 and c.fast_failures >= 1, c
+    assert node.objects.offline_reads >= 1
+    heal(registry, how)
+    end = time.monotonic() + 30
+    while True:
+        try:
+            with ImageFS.from_store(node, "a:1") as fs:
+                assert fs.open("f1").read() == files["f1"]
+            break
+        except RegistryUnavailable:
+            assert time.monotonic() < end
+            time.sleep(0.2)
+    assert client.counters.recoveries >= 1
+
+
+def test_cat_and_ls_of_cached_content_work_offline_within_the_age_limit_and_a_swapped_copy_is_refused(
+        tmp_path, remote, cli_env):
+    registry, url, args, files = remote
+    assert run_cli(cli_env, *args, "cat", "a:1", "/f0").stdout.encode("latin-1", "replace") is not None
+    run_cli(cli_env, *args, "ls", "a:1", "/")
+    run_cli(cli_env, *args, "ls", "b:1", "/")
+    registry.stop()
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "convstore.cli", *args, "cat", "a:1", "/f0"], env=cli_env,
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0 and p.stdout == files["f0"], p.stderr
+    assert "node cache" in p.stderr.decode()  # said once: offline
+    assert "f0" in run_cli(cli_env, *args, "ls", "a:1", "/").stdout
+    p = run_cli(cli_env, *args, "cat", "a:1", "/f1", check=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and f"cannot reach the registry at {registry.host}" \
+        in p.stderr, p.stderr
+    # no offline mode: the registry's absence is the error, as before
+    p = run_cli(cli_env, *args, "--offline-max-age", "0", "ls", "a:1", "/", check=False)
+    assert p.returncode == 1 and f"cannot reach the registry at {registry.host}" in p.stderr, p.stderr
+    last = tmp_path / "cache" / "last"
+    copies = {}
+    for f in last.iterdir():
+        head, _, body = f.read_bytes().partition(b"\n")
+        copies[json.loads(head)["name"]] = (f, json.loads(head), body)
+    # a copy older than the limit is not served
+    f, head, body = copies["refs/a:1"]
+    f.write_bytes(json.dumps(dict(head, at=time.time() - 7200)).encode() + b"\n" + body)
+    p = run_cli(cli_env, *args, "--offline-max-age", "1h", "ls", "a:1", "/", check=False)
+    assert p.returncode == 1 and "past the offline limit of 3600 s" in p.stderr, p.stderr
+    # a liar with write access to the node cache swaps a:1's copy for b:1's: refused, never b's content
+    fb, hb, bb = copies["refs/b:1"]
+    f.write_bytes(json.dumps(dict(hb, name="refs/a:1")).encode() + b"\n" + bb)
+    p = run_cli(cli_env, *args, "cat", "a:1", "/f0", check=False)
+    assert p.returncode == 1 and "fails authentication" in p.stderr and p.stdout != "the other image\n", p.stderr
