@@ -292,7 +292,7 @@ class RegistryClient:
             now = time.monotonic()
             if now < retry_at or self._probing:
                 self.counters.fast_failures += 1
-                raise cls(f"{why} (for {now - since:.0f} s; asked again every {PROBE_INTERVAL:g} s)")
+                raise cls(f"{why} (so found {now - since:.1f} s ago; asked again every {PROBE_INTERVAL:g} s)")
             self._probing = True
 
     def _mark_down(self, cls: type[RegistryUnavailable], why: str) -> None:
@@ -301,7 +301,7 @@ class RegistryClient:
             if self._down is None:
                 log.warning("%s: reads fail at once until it answers again", why)
             since = now if self._down is None else self._down[0]
-            self._down = (since, now + PROBE_INTERVAL, cls, why.split(" (for ")[0])
+            self._down = (since, now + PROBE_INTERVAL, cls, why.split(" (so found ")[0])
             self._probing = False
 
     def _mark_up(self) -> None:
