@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CORPUS_DIR, need_tool, run_cli
-from engine_fixtures import podman, podman_config, remove_podman_root
+from engine_fixtures import podman, podman_config, remove_podman_root, unmount_below
 from imagebuilder import Entry, make_tar, rich_layer, write_oci
 
 import convstore
@@ -196,3 +196,53 @@ def test_cat_and_ls_of_cached_content_work_offline_within_the_age_limit_and_a_sw
     f.write_bytes(json.dumps(dict(hb, name="refs/a:1")).encode() + b"\n" + bb)
     p = run_cli(cli_env, *args, "cat", "a:1", "/f0", check=False)
     assert p.returncode == 1 and "fails authentication" in p.stderr and p.stdout != "the other image\n", p.stderr
+
+
+@pytest.mark.corpus
+def test_services_start_with_the_registry_down_and_podman_runs_the_cached_image(tmp_path, registry, cli_env,
+                                                                                corpus):
+    need_tool("skopeo")
+    need_tool("podman")
+    image = "base"
+    src = f"oci:{CORPUS_DIR / image}:latest"
+    ref = f"{registry.host}/{image}:latest"
+    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", src, f"docker://{ref}"], check=True,
+                   timeout=300)
+    url = f"oci://{registry.host}/node"
+    args = ["--insecure", "--store", url, "--cache", str(tmp_path / "cache"), "--read-deadline", str(DEADLINE)]
+    run_cli(cli_env, *args, "pack", src, f"{image}:latest")  # straight into the registry store
+    mnt = tmp_path / "als"
+    mnt.mkdir()
+    podman_root = tmp_path / "podman"
+    env = podman_config(podman_root, mnt)
+    snap = None
+    try:
+        run_cli(cli_env, *args, "layerstore", "--background", str(mnt))
+        podman(env, "pull", "-q", "--tls-verify=false", ref)
+        r = podman(env, "run", "--rm", ref)
+        assert r.stdout.strip() == "hello", r.stderr  # the node cache now holds what a start reads
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        registry.stop()
+        # the layer store starts from the node cache, and podman starts the image it pulled before
+        t = time.monotonic()
+        p = run_cli(cli_env, *args, "layerstore", "--background", str(mnt))
+        assert time.monotonic() - t < 60, p.stderr
+        r = podman(env, "run", "--rm", ref, check=False)
+        assert (r.returncode, r.stdout.strip()) == (0, "hello"), r.stderr
+        # so does the containerd snapshotter
+        sock = tmp_path / "run" / "snap.sock"
+        with open(tmp_path / "snap.log", "wb") as log:
+            snap = subprocess.Popen([sys.executable, "-m", "convstore", *args, "snapshotter",
+                                     str(tmp_path / "snapshots"), "--socket", str(sock)], env=cli_env,
+                                    stdout=log, stderr=log)
+        end = time.monotonic() + 60
+        while not sock.exists():
+            assert snap.poll() is None and time.monotonic() < end, (tmp_path / "snap.log").read_text()
+            time.sleep(0.1)
+    finally:
+        if snap is not None:
+            snap.terminate()
+            snap.wait(timeout=30)
+        remove_podman_root(env, podman_root)
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        unmount_below(tmp_path)
