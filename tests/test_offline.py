@@ -246,3 +246,52 @@ def test_services_start_with_the_registry_down_and_podman_runs_the_cached_image(
         remove_podman_root(env, podman_root)
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
         unmount_below(tmp_path)
+
+
+def test_registry_errors_are_told_apart_by_class_and_message(tmp_path, registry, auth_registry):
+    from convstore.errors import RegistryServerError
+    from netproxy import CountingProxy
+
+    def fails(client: RegistryClient, cls: type, words: str) -> None:
+        with pytest.raises(cls) as e:
+            client.tags("x")
+        assert words in str(e.value) and "\n" not in str(e.value), e.value
+
+    fails(RegistryClient(registry.host), RegistryPlainHTTP, f"the registry at {registry.host} speaks plain HTTP; "
+                                                            f"use --insecure")
+    fails(RegistryClient(auth_registry.host, insecure=True), RegistryAuthError, "requires credentials")
+    fails(RegistryClient(auth_registry.host, insecure=True, username="alice", password="wrong"), RegistryAuthError,
+          "refused the credentials")
+    with pytest.raises(RegistryHTTPError) as e:
+        RegistryClient(registry.host, insecure=True).put_manifest("x", "t", b"not a manifest")
+    assert e.value.status == 400 and "HTTP 400" in str(e.value) and not isinstance(e.value, RegistryUnavailable), e.value
+    proxy = CountingProxy(registry.host)
+    try:
+        proxy.fault = lambda m, p: "500"
+        fails(RegistryClient(proxy.host, insecure=True, deadline=DEADLINE), RegistryServerError, "HTTP 500")
+        assert issubclass(RegistryServerError, RegistryUnavailable)  # served offline, like a dead registry
+    finally:
+        proxy.stop()
+    registry.stop()
+    fails(RegistryClient(registry.host, insecure=True), RegistryUnreachable, "cannot reach the registry at")
+    fails(RegistryClient(registry.host), RegistryUnreachable, "cannot reach the registry at")  # down: not "TLS"
+
+
+def test_convstore_store_takes_a_registry_and_says_insecure_for_plain_http(tmp_path, registry, cli_env):
+    src, files = small_image(tmp_path)
+    env = dict(cli_env, CONVSTORE_STORE=f"oci://{registry.host}/envstore")
+    cache = ["--cache", str(tmp_path / "cache")]
+    p = run_cli(env, *cache, "images", check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == \
+        f"convstore: error: the registry at {registry.host} speaks plain HTTP; use --insecure", p.stderr
+    p = subprocess.run([sys.executable, "-m", "convstore.cli", "--insecure", *cache, "pack", src, "e:1"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert not any(f.name.startswith("oci") for f in tmp_path.iterdir())  # no local folder named oci:
+    tags = json.loads(subprocess.run(["curl", "-s", f"http://{registry.host}/v2/envstore/tags/list"],
+                                     capture_output=True, text=True, check=True).stdout)["tags"]
+    assert any(t.startswith("r-") for t in tags)  # the catalog entry is in the registry
+    other = convstore.Store.open(f"oci://{registry.host}/envstore", cli_env["CONVSTORE_KEY"], insecure=True,
+                                 cache_dir=str(tmp_path / "c2"))
+    with ImageFS.from_store(other, "e:1") as fs:
+        assert fs.open("f3").read() == files["f3"]
