@@ -237,7 +237,7 @@ class RegistryClient:
         self.deadline = deadline
         self.counters = RegistryCounters()
         self._health = threading.Lock()
-        self._down: tuple[float, float, type[RegistryUnavailable], str] | None = None  # since, retry at, why
+        self._down: tuple[float, float, type[RegistryUnreachable | RegistryTimeout], str] | None = None  # since, retry at, why
         self._probing = False
         self.reg = oras.provider.Registry(hostname=host, insecure=insecure,
                                           auth_backend="basic" if username else "token")
@@ -274,7 +274,7 @@ class RegistryClient:
         self._gate()
         try:
             r = self._attempts(method, url, ok, cap, kind, stream, time.monotonic() + cast(float, self.deadline), **kw)
-        except RegistryUnavailable as e:
+        except (RegistryUnreachable, RegistryTimeout) as e:  # no answer (a 5xx is one: it is up)
             self._mark_down(type(e), str(e))
             raise
         except BaseException:
@@ -295,11 +295,11 @@ class RegistryClient:
                 raise cls(f"{why} (so found {now - since:.1f} s ago; asked again every {PROBE_INTERVAL:g} s)")
             self._probing = True
 
-    def _mark_down(self, cls: type[RegistryUnavailable], why: str) -> None:
+    def _mark_down(self, cls: type[RegistryUnreachable | RegistryTimeout], why: str) -> None:
         with self._health:
             now = time.monotonic()
             if self._down is None:
-                log.warning("%s: reads fail at once until it answers again", why)
+                log.info("%s: reads fail at once until it answers again", why)
             since = now if self._down is None else self._down[0]
             self._down = (since, now + PROBE_INTERVAL, cls, why.split(" (so found ")[0])
             self._probing = False

@@ -248,7 +248,7 @@ class CachedStore(ForwardingObjectStore):
         """The last copy of ``name`` (None: it was absent), if fresh enough; else ``err``, saying why."""
         got = self.last.load(name) if self.offline_max_age > 0 else None
         if got is None:
-            raise type(err)(f"{err}; the node cache has no copy of {name}") from None
+            raise err
         age = time.time() - got[0]
         if age > self.offline_max_age:
             raise type(err)(f"{err}; the node cache's copy of {name} is {age:.0f} s old, past the offline "
