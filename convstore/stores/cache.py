@@ -256,8 +256,8 @@ class CachedStore(ForwardingObjectStore):
         self.offline_reads += 1
         if not self._warned:
             self._warned = True
-            log.warning("%s: serving the catalog from the node cache (offline: copies confirmed up to %g s ago "
-                        "are used)", err, self.offline_max_age)
+            log.info("%s: serving the catalog from the node cache (offline: copies confirmed up to %g s ago "
+                     "are used)", err, self.offline_max_age)
         return got[1]
 
     def __repr__(self) -> str:
