@@ -150,7 +150,7 @@ def test_reads_fail_within_the_deadline_counted_and_the_catalog_is_served_from_t
     assert registry.host in str(e.value)
     c = client.counters
     assert (c.timeouts if how == "stall" else c.unreachable) >= 1 and c.fast_failures >= 1, c
-    assert node.objects.offline_reads >= 1
+    assert node.objects.offline_reads >= 1 and node.objects.counters()["fast_failures"] == c.fast_failures
     heal(registry, how)
     end = time.monotonic() + 30
     while True:

@@ -244,6 +244,15 @@ class CachedStore(ForwardingObjectStore):
         self.offline_reads = 0
         self._warned = False
 
+    def counters(self) -> dict[str, int]:
+        """Plain counters (for metrics): reads answered offline, and the remote client's (requests,
+        retries, unreachable, timeouts, fast_failures, recoveries) where it has them."""
+        client = getattr(self.remote, "client", None)
+        counters = getattr(client, "counters", None)
+        out: dict[str, int] = dict(counters.to_json()) if counters is not None else {}
+        out["offline_reads"] = self.offline_reads
+        return out
+
     def _offline(self, name: str, err: RegistryUnavailable) -> bytes | None:
         """The last copy of ``name`` (None: it was absent), if fresh enough; else ``err``, saying why."""
         got = self.last.load(name) if self.offline_max_age > 0 else None
