@@ -29,8 +29,8 @@ import requests
 import requests.adapters
 
 from ..errors import (ConvstoreError, DigestMismatch, RegistryAuthError, RegistryCorrupt, RegistryError,
-                      RegistryHTTPError, RegistryPlainHTTP, RegistryResponseTooLarge, RegistryServerError, RegistryTimeout,
-                      RegistryTLSError, RegistryTooSlow, RegistryUnavailable, RegistryUnreachable)
+                      RegistryHTTPError, RegistryPlainHTTP, RegistryResponseTooLarge, RegistryServerError,
+                      RegistryTimeout, RegistryTLSError, RegistryTooSlow, RegistryUnavailable, RegistryUnreachable)
 from .media import MAX_MANIFEST, check_digest, sha256_digest, verify_bytes
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,8 @@ class RegistryClient:
         self.deadline = deadline
         self.counters = RegistryCounters()
         self._health = threading.Lock()
-        self._down: tuple[float, float, type[RegistryUnreachable | RegistryTimeout], str] | None = None  # since, retry at, why
+        # while marked down: (since, next probe at, the error's class, its message)
+        self._down: tuple[float, float, type[RegistryUnreachable | RegistryTimeout], str] | None = None
         self._probing = False
         self.reg = oras.provider.Registry(hostname=host, insecure=insecure,
                                           auth_backend="basic" if username else "token")
@@ -273,7 +274,8 @@ class RegistryClient:
             return self._attempts(method, url, ok, cap, kind, stream, None, **kw)
         self._gate()
         try:
-            r = self._attempts(method, url, ok, cap, kind, stream, time.monotonic() + cast(float, self.deadline), **kw)
+            end = time.monotonic() + cast(float, self.deadline)
+            r = self._attempts(method, url, ok, cap, kind, stream, end, **kw)
         except (RegistryUnreachable, RegistryTimeout) as e:  # no answer (a 5xx is one: it is up)
             self._mark_down(type(e), str(e))
             raise
@@ -292,7 +294,7 @@ class RegistryClient:
             now = time.monotonic()
             if now < retry_at or self._probing:
                 self.counters.fast_failures += 1
-                raise cls(f"{why} (so found {now - since:.1f} s ago; asked again every {PROBE_INTERVAL:g} s)")
+                raise cls(f"{why} (marked down {now - since:.1f} s ago; asked again every {PROBE_INTERVAL:g} s)")
             self._probing = True
 
     def _mark_down(self, cls: type[RegistryUnreachable | RegistryTimeout], why: str) -> None:
@@ -301,7 +303,7 @@ class RegistryClient:
             if self._down is None:
                 log.info("%s: reads fail at once until it answers again", why)
             since = now if self._down is None else self._down[0]
-            self._down = (since, now + PROBE_INTERVAL, cls, why.split(" (so found ")[0])
+            self._down = (since, now + PROBE_INTERVAL, cls, why.split(" (marked down ")[0])
             self._probing = False
 
     def _mark_up(self) -> None:
