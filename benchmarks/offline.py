@@ -78,13 +78,13 @@ def main(extra: list[str]) -> None:
         print("registry restarted: f9:", until_ok(mnt / "f9"), flush=True)
         assert reg.proc is not None
         os.kill(reg.proc.pid, signal.SIGSTOP)
-        print("registry stalled: unread f10:", timed_read(mnt / "f10"), "| unread f8:", timed_read(mnt / "f8"),
+        print("registry stalled: unread f4:", timed_read(mnt / "f4"), "| unread f7:", timed_read(mnt / "f7"),
               flush=True)
         p, dt = cli(*g[:4], str(tmp / "cache2"), *extra, "cat", "a:1", "/f5", check=False)
         print(f"registry stalled: `cat` with an empty cache: exit {p.returncode} in {dt:.1f} s "
               f"{p.stderr.decode(errors='replace').strip()[-160:]}", flush=True)
         os.kill(reg.proc.pid, signal.SIGCONT)
-        print("registry resumed: f10:", until_ok(mnt / "f10"), flush=True)
+        print("registry resumed: f4:", until_ok(mnt / "f4"), flush=True)
     finally:
         if reg.proc is not None:
             os.kill(reg.proc.pid, signal.SIGCONT)
