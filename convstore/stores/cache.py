@@ -243,6 +243,7 @@ class CachedStore(ForwardingObjectStore):
         #: mutable objects and listings answered from their last copy (the registry unavailable)
         self.offline_reads = 0
         self._warned = False
+        self._count_lock = threading.Lock()
 
     def counters(self) -> dict[str, int]:
         """Plain counters (for metrics): reads answered offline, and the remote client's (requests,
@@ -262,9 +263,10 @@ class CachedStore(ForwardingObjectStore):
         if age > self.offline_max_age:
             raise type(err)(f"{err}; the node cache's copy of {name} is {age:.0f} s old, past the offline "
                             f"limit of {self.offline_max_age:g} s (--offline-max-age)") from None
-        self.offline_reads += 1
-        if not self._warned:
-            self._warned = True
+        with self._count_lock:
+            self.offline_reads += 1
+            first, self._warned = not self._warned, True
+        if first:
             log.info("%s: serving the catalog from the node cache (offline: copies confirmed up to %g s ago "
                      "are used)", err, self.offline_max_age)
         return got[1]
