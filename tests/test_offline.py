@@ -1,7 +1,7 @@
 """Issue 23 §2 and §7: a node that works offline from its cache, reads that fail within a deadline
 against a dead or stalled registry and recover by themselves, registry errors told apart, and
 $CONVSTORE_STORE taking every form --store does.  Real docker-registry on 127.0.0.1, real FUSE,
-podman."""
+podman and containerd."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CORPUS_DIR, need_tool, run_cli
-from engine_fixtures import podman, podman_config, remove_podman_root, unmount_below
+from engine_fixtures import Containerd, podman, podman_config, remove_podman_root, unmount_below
 from imagebuilder import Entry, make_tar, rich_layer, write_oci
 
 import convstore
@@ -202,6 +202,7 @@ def test_services_start_with_the_registry_down_and_podman_runs_the_cached_image(
                                                                                 corpus):
     need_tool("skopeo")
     need_tool("podman")
+    need_tool("containerd")
     image = "base"
     src = f"oci:{CORPUS_DIR / image}:latest"
     ref = f"{registry.host}/{image}:latest"
@@ -214,7 +215,7 @@ def test_services_start_with_the_registry_down_and_podman_runs_the_cached_image(
     mnt.mkdir()
     podman_root = tmp_path / "podman"
     env = podman_config(podman_root, mnt)
-    snap = None
+    snap = ctd = None
     try:
         run_cli(cli_env, *args, "layerstore", "--background", str(mnt))
         podman(env, "pull", "-q", "--tls-verify=false", ref)
@@ -228,7 +229,7 @@ def test_services_start_with_the_registry_down_and_podman_runs_the_cached_image(
         assert time.monotonic() - t < 60, p.stderr
         r = podman(env, "run", "--rm", ref, check=False)
         assert (r.returncode, r.stdout.strip()) == (0, "hello"), r.stderr
-        # so does the containerd snapshotter
+        # so does the containerd snapshotter (its layers come from the same node cache)
         sock = tmp_path / "run" / "snap.sock"
         with open(tmp_path / "snap.log", "wb") as log:
             snap = subprocess.Popen([sys.executable, "-m", "convstore", *args, "snapshotter",
@@ -238,7 +239,15 @@ def test_services_start_with_the_registry_down_and_podman_runs_the_cached_image(
         while not sock.exists():
             assert snap.poll() is None and time.monotonic() < end, (tmp_path / "snap.log").read_text()
             time.sleep(0.1)
+        # containerd-load reads the catalog offline, and containerd starts the image on the snapshotter
+        ctd = Containerd(tmp_path / "containerd", sock)
+        out = run_cli(cli_env, *args, "containerd-load", f"{image}:latest", "--address", str(ctd.socket)).stdout
+        assert f"convstore.local/{image}:latest" in out
+        r = ctd.ctr("run", "--snapshotter", "convstore", "--rm", f"convstore.local/{image}:latest", "t0", check=False)
+        assert (r.returncode, r.stdout.strip()) == (0, "hello"), r.stderr
     finally:
+        if ctd is not None:
+            ctd.stop()
         if snap is not None:
             snap.terminate()
             snap.wait(timeout=30)
