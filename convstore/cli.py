@@ -86,6 +86,8 @@ class _State:
     site_cache: str | None = None
     site_cache_flag: bool = False
     timeout: float = 60.0
+    read_deadline: float = 10.0
+    offline_max_age: float = 86400.0
     allow_rollback: bool = False
     s3_endpoint: str | None = None
 
@@ -142,6 +144,12 @@ def _global(
                                              help="A shared site tier http[s]://HOST[:PORT] chunk reads of a registry "
                                                   "store go through first; skipped while down, never trusted "
                                                   "[default: $CONVSTORE_SITE_CACHE]"),
+    read_deadline: float = typer.Option(10.0, "--read-deadline", metavar="S", min=0.1,
+                                        help="Seconds a read from a registry store may take, retries included, "
+                                             "before it fails (EIO under a mount)"),
+    offline_max_age: str = typer.Option("1d", "--offline-max-age", metavar="DURATION",
+                                        help="While the registry is unreachable, serve the node cache's copy of "
+                                             "the catalog if the registry confirmed it this recently (0: never)"),
     kms_endpoint: Optional[str] = typer.Option(None, "--kms-endpoint", metavar="URL",
                                                help="KMS endpoint for awskms: keys [default: $CONVSTORE_KMS_ENDPOINT]"),
     inactive_after: Optional[str] = typer.Option(None, "--inactive-after", metavar="DURATION",
@@ -164,6 +172,7 @@ def _global(
     state.cache, state.cache_size, state.timeout = cache, cache_size, timeout
     state.site_cache = site_cache or os.environ.get("CONVSTORE_SITE_CACHE") or None
     state.site_cache_flag = site_cache is not None
+    state.read_deadline, state.offline_max_age = read_deadline, _duration(offline_max_age)
     state.allow_rollback = allow_rollback
     state.s3_endpoint = s3_endpoint
     spec = inactive_after or os.environ.get("CONVSTORE_INACTIVE_AFTER")
@@ -195,7 +204,8 @@ def _options(url: str | None, create: bool = False) -> StoreOptions:
         reg = {"username": state.username,
                "password": _password[0] if _password else None, "cache_dir": state.cache,
                "cache_bytes": int(state.cache_size * 1e6), "timeout": state.timeout,
-               "site_cache": state.site_cache}
+               "site_cache": state.site_cache, "read_deadline": state.read_deadline,
+               "offline_max_age": state.offline_max_age}
     elif is_s3_url(url):
         reg = {"cache_dir": state.cache, "cache_bytes": int(state.cache_size * 1e6), "timeout": state.timeout,
                "s3_endpoint": state.s3_endpoint}

@@ -28,10 +28,23 @@ key material.
     │   ├── FuseSessionError   a held FUSE session cannot be taken over (other image, holder refuses)
     │   ├── KernelFuseError    the low-level FUSE server cannot mount (mount(2) refused)
     │   ├── StoreFormatError   unknown or future on-disk format version
-    │   └── S3Error            an S3 store's object store refused or failed
-    │       ├── S3NoSuchBucket the bucket does not exist
-    │       ├── S3AccessDenied no credentials, or they are refused
-    │       └── S3Unreachable  the endpoint cannot be reached
+    │   ├── S3Error            an S3 store's object store refused or failed
+    │   │   ├── S3NoSuchBucket the bucket does not exist
+    │   │   ├── S3AccessDenied no credentials, or they are refused
+    │   │   └── S3Unreachable  the endpoint cannot be reached
+    │   └── RegistryError      a registry refused, failed, or could not be reached
+    │       ├── RegistryUnavailable   no answer: what offline mode serves from the node cache
+    │       │   ├── RegistryUnreachable  connection refused, reset or unresolvable
+    │       │   └── RegistryTimeout      silent past the deadline (stalled)
+    │       │       └── RegistryTooSlow  an answer not whole by its deadline (a trickle)
+    │       ├── RegistryTLSError      the TLS handshake failed
+    │       │   └── RegistryPlainHTTP the registry speaks plain HTTP (say --insecure)
+    │       ├── RegistryAuthError     credentials refused, missing, or a malformed token answer
+    │       ├── RegistryHTTPError     an HTTP error status (a refused request)
+    │       │   └── RegistryServerError  5xx or 429 after retries (also a RegistryUnavailable)
+    │       ├── RegistryResponseTooLarge  an answer past the cap for its kind
+    │       ├── RegistryRangesRefused  no multi-range answer with the ranges asked for (read one by one)
+    │       └── RegistryCorrupt       a blob that does not match its digest (also a CorruptObject)
     ├── KeyProviderError       key provider failures
     │   ├── KeyAccessDenied    the provider refuses (wrong key, revoked, moved wrapped key)
     │   ├── KeyNotFound        the master key does not exist
@@ -166,6 +179,63 @@ class S3AccessDenied(S3Error):
 
 class S3Unreachable(S3Error):
     """The S3 endpoint cannot be reached (connection refused, DNS, timeout)."""
+
+
+class RegistryError(StoreError):
+    """The registry refused, failed, or could not be reached."""
+
+
+class RegistryUnavailable(RegistryError):
+    """No answer from the registry (after retries, or within a read's deadline): the one kind of
+    registry failure that offline mode answers from the node cache (docs/robustness.md)."""
+
+
+class RegistryUnreachable(RegistryUnavailable):
+    """The registry's address refuses or resets connections, or does not resolve."""
+
+
+class RegistryTimeout(RegistryUnavailable):
+    """The registry accepted the request but did not answer within the deadline (stalled)."""
+
+
+class RegistryTooSlow(RegistryTimeout):
+    """The registry's answer did not arrive whole by its deadline (final: not retried)."""
+
+
+class RegistryTLSError(RegistryError):
+    """The TLS handshake with the registry failed."""
+
+
+class RegistryPlainHTTP(RegistryTLSError):
+    """The registry answered the TLS handshake in plain HTTP: it needs ``--insecure``."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry refused the credentials, wants some, or sent a malformed token answer."""
+
+
+class RegistryHTTPError(RegistryError):
+    """The registry answered with an HTTP error status (a refused request; 5xx or 429 after retries)."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+class RegistryServerError(RegistryHTTPError, RegistryUnavailable):
+    """The registry kept answering 5xx or 429 (after retries): up, but not serving."""
+
+
+class RegistryResponseTooLarge(RegistryError):
+    """The registry sent more than convstore reads for that kind of answer (final: not retried)."""
+
+
+class RegistryCorrupt(RegistryError, CorruptObject):
+    """The registry returned a blob that does not match its digest."""
+
+
+class RegistryRangesRefused(RegistryError):
+    """The registry does not answer a multi-range read with the ranges asked for (read them one by one)."""
 
 
 class KeyProviderError(ConvstoreError):

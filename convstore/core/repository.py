@@ -164,13 +164,16 @@ class Repository:
              insecure: bool = False, username: str | None = None, password: str | None = None,
              cache_dir: str | None = None, cache_bytes: int = 2 << 30, timeout: float = 60.0,
              s3_endpoint: str | None = None, options: StoreOptions | None = None, create: bool = True,
-             site_cache: str | None = None,
+             site_cache: str | None = None, read_deadline: float = 10.0, offline_max_age: float = 86400.0,
              reactivator: Callable[[CatalogEntry], None] | None = None) -> R:
         """Open (creating if needed, unless ``create`` is False) the store at
         ``path`` -- a local folder (default: ``$CONVSTORE_STORE``, else the
         user's data dir), ``oci://HOST[:PORT]/REPO`` (a registry, read
         through a bounded local cache; ``timeout``: seconds a registry may stay
-        silent before a request is retried, 4 attempts) or
+        silent before a request is retried, 4 attempts; ``read_deadline``: seconds
+        a read may take for all its attempts; ``offline_max_age``: how old a
+        node-cache copy of the catalog may be to serve while the registry is
+        unavailable, 0: never) or
         ``s3://BUCKET/PREFIX`` (an S3 bucket, cached alike; ``s3_endpoint``, else
         ``$CONVSTORE_S3_ENDPOINT``, else AWS; credentials as the AWS tools take them) -- with ``key`` (a
         provider or a ``--key`` spec; default: the user's key file).  A named
@@ -186,7 +189,8 @@ class Repository:
 
             cache_dir = cache_dir or default_cache_dir(path)
             meta, chunks = open_registry(path, insecure=insecure, username=username, password=password,
-                                         index_dir=os.path.join(cache_dir, "index"), timeout=timeout)
+                                         index_dir=os.path.join(cache_dir, "index"), timeout=timeout,
+                                         deadline=read_deadline)
             cache = DiskCache(cache_dir, cache_bytes)
             origin: ChunkStore = chunks
             origin_meta: ObjectStore = meta
@@ -195,7 +199,7 @@ class Repository:
 
                 origin_meta, origin = open_site_tier(path, site_cache, chunks, meta, username=username,
                                                      password=password)
-            objects, chunk_store = CachedStore(origin_meta, cache), CachedChunkStore(origin, cache)
+            objects, chunk_store = CachedStore(origin_meta, cache, offline_max_age), CachedChunkStore(origin, cache)
         elif is_s3_url(path):
             from ..stores.cache import CachedChunkStore, CachedStore, DiskCache
             from ..stores.s3 import open_s3
@@ -237,7 +241,7 @@ class Repository:
             path=path, key=provider.spec, kms_endpoint=kms_endpoint or getattr(provider, "endpoint", None),
             insecure=insecure, username=username, password=password, cache_dir=cache_dir, cache_bytes=cache_bytes,
             timeout=timeout, s3_endpoint=s3_endpoint, state_dir=state_dir, allow_rollback=allow_rollback,
-            site_cache=site_cache)
+            site_cache=site_cache, read_deadline=read_deadline, offline_max_age=offline_max_age)
         return cls(objects, provider, chunk_store=chunk_store, clock=clock, inactive_after=inactive_after,
                    key_cache_ttl=key_cache_ttl, options=options, state_dir=state_dir, allow_rollback=allow_rollback,
                    create=create, reactivator=reactivator)
@@ -254,7 +258,8 @@ class Repository:
                      allow_rollback=options.allow_rollback, insecure=options.insecure, username=options.username,
                      password=options.password, cache_dir=options.cache_dir, cache_bytes=options.cache_bytes,
                      timeout=options.timeout, s3_endpoint=options.s3_endpoint, options=options, create=options.create,
-                     reactivator=reactivator, site_cache=options.site_cache)
+                     reactivator=reactivator, site_cache=options.site_cache, read_deadline=options.read_deadline,
+                     offline_max_age=options.offline_max_age)
         # what a worker inherits names the store and key actually opened (defaults and $CONVSTORE_* resolved)
         s.options = replace(options, path=options.path or getattr(s.objects, "root", None),
                             key=options.key or s.key.spec,

@@ -18,17 +18,24 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import re
 import threading
 import time
 import urllib.parse
+from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, cast
 
 import requests
 import requests.adapters
 
-from ..errors import ConvstoreError, CorruptObject, DigestMismatch, StoreError
+from ..errors import (ConvstoreError, DigestMismatch, RegistryAuthError, RegistryCorrupt, RegistryError,
+                      RegistryHTTPError, RegistryPlainHTTP, RegistryResponseTooLarge, RegistryServerError,
+                      RegistryRangesRefused, RegistryTimeout, RegistryTLSError, RegistryTooSlow, RegistryUnavailable,
+                      RegistryUnreachable)
 from .media import MAX_MANIFEST, check_digest, sha256_digest, verify_bytes
+
+log = logging.getLogger(__name__)
 
 
 EMPTY_CONFIG: dict[str, Any] = {"mediaType": "application/vnd.oci.empty.v1+json",
@@ -47,27 +54,25 @@ TIMEOUT = 60.0  # seconds without an answer (connect: at most 10) before a reque
 # an answer's body must arrive whole within TIMEOUT plus its cap at this rate (a manifest: 60 + 64 s),
 # however it trickles in: a per-read timeout alone never fires on a byte sent every TIMEOUT - 1 s
 MIN_RATE = 64 << 10
+READ_DEADLINE = 10.0  # a registry store's reads: seconds for every attempt at an answer (--read-deadline)
 
 
-class RegistryError(StoreError):
-    """The registry refused, failed, or could not be reached."""
+PROBE_INTERVAL = 2.0  # seconds a registry that missed a read's deadline is not asked again (reads fail at once)
 
 
-class RegistryCorrupt(RegistryError, CorruptObject):
-    """The registry returned a blob that does not match its digest."""
+@dataclass
+class RegistryCounters:
+    """Plain counters of one client (read by ``stats`` and the metrics exporter)."""
 
+    requests: int = 0  #: attempts sent
+    retries: int = 0  #: attempts after a first one failed
+    unreachable: int = 0  #: requests that ended RegistryUnreachable
+    timeouts: int = 0  #: requests that ended RegistryTimeout (a silent or stalled registry)
+    fast_failures: int = 0  #: reads refused at once while the registry was marked down
+    recoveries: int = 0  #: times the registry answered again after being marked down
 
-class RegistryResponseTooLarge(RegistryError):
-    """The registry sent more than convstore reads for that kind of answer (final: not retried)."""
-
-
-class RegistryRangesRefused(RegistryError):
-    """The registry does not answer a multi-range read with the ranges asked for (read them one by one)."""
-
-
-class RegistryTooSlow(RegistryError):
-    """The registry's answer did not arrive whole by its deadline (final: not retried)."""
-
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
 
 
 class _Watchdog:
@@ -188,10 +193,12 @@ class _TimeoutAdapter(requests.adapters.HTTPAdapter):
         self.timeout = timeout
         self.host = host
         self.transport = transport
+        #: a shorter (connect, read) timeout for the requests of this thread (a read's deadline)
+        self.bound = threading.local()
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kw: Any) -> requests.Response:
         if kw.get("timeout") is None:
-            kw["timeout"] = self.timeout
+            kw["timeout"] = getattr(self.bound, "timeout", None) or self.timeout
         streamed = bool(kw.get("stream"))
         kw["stream"] = True
         if self.transport is not None:
@@ -260,14 +267,22 @@ class RegistryClient:
 
     def __init__(self, host: str, insecure: bool = False, username: str | None = None,
                  password: str | None = None, timeout: float = TIMEOUT, *,
-                 transport: requests.adapters.BaseAdapter | None = None):
+                 transport: requests.adapters.BaseAdapter | None = None, deadline: float | None = None):
         import oras.provider
 
         self.host = host
         self.timeout = timeout
+        #: seconds a read (GET, HEAD) may take for all its attempts at an answer; past it, or while the
+        #: registry is marked down after one missed it, the read fails with RegistryUnavailable
+        self.deadline = deadline
+        self.counters = RegistryCounters()
+        self._health = threading.Lock()
+        # while marked down: (since, next probe at, the error's class, its message)
+        self._down: tuple[float, float, type[RegistryUnreachable | RegistryTimeout], str] | None = None
+        self._probing = False
         self.reg = oras.provider.Registry(hostname=host, insecure=insecure,
                                           auth_backend="basic" if username else "token")
-        adapter = _TimeoutAdapter((min(timeout, 10.0), timeout), host, transport)
+        adapter = self._adapter = _TimeoutAdapter((min(timeout, 10.0), timeout), host, transport)
         self.reg.session.mount("http://", adapter)
         self.reg.session.mount("https://", adapter)
         if username:
@@ -287,12 +302,76 @@ class RegistryClient:
         (:class:`RegistryResponseTooLarge` naming ``kind`` past it, never
         retried), and is then the response's ``content``; ``stream=True``
         leaves it unread for the caller.  Other answers are never read whole.
+
+        A read (GET, HEAD) of a client with a ``deadline`` gets that many
+        seconds for all its attempts (each one's timeouts cut to what is
+        left); one that misses it marks the registry down, and for
+        PROBE_INTERVAL seconds reads fail at once (then one read probes it
+        again, the others still fail at once until it answers).
         """
+        bounded = self.deadline is not None and method in ("GET", "HEAD")
+        if not bounded:
+            return self._attempts(method, url, ok, cap, kind, stream, None, **kw)
+        self._gate()
+        try:
+            end = time.monotonic() + cast(float, self.deadline)
+            r = self._attempts(method, url, ok, cap, kind, stream, end, **kw)
+        except (RegistryUnreachable, RegistryTimeout) as e:  # no answer (a 5xx is one: it is up)
+            self._mark_down(type(e), str(e))
+            raise
+        except BaseException:
+            self._mark_up()  # it answered (an error status, a refusal): it is up
+            raise
+        self._mark_up()
+        return r
+
+    def _gate(self) -> None:
+        """Refuse a read at once while the registry is marked down (one read at a time probes it)."""
+        with self._health:
+            if self._down is None:
+                return
+            since, retry_at, cls, why = self._down
+            now = time.monotonic()
+            if now < retry_at or self._probing:
+                self.counters.fast_failures += 1
+                raise cls(f"{why} (marked down {now - since:.1f} s ago; asked again every {PROBE_INTERVAL:g} s)")
+            self._probing = True
+
+    def _mark_down(self, cls: type[RegistryUnreachable | RegistryTimeout], why: str) -> None:
+        with self._health:
+            now = time.monotonic()
+            if self._down is None:
+                log.info("%s: reads fail at once until it answers again", why)
+            since = now if self._down is None else self._down[0]
+            self._down = (since, now + PROBE_INTERVAL, cls, why.split(" (marked down ")[0])
+            self._probing = False
+
+    def _mark_up(self) -> None:
+        with self._health:
+            if self._down is not None:
+                self.counters.recoveries += 1
+                log.warning("registry %s answers again (after %.0f s)", self.host, time.monotonic() - self._down[0])
+            self._down = None
+            self._probing = False
+
+    def _attempts(self, method: str, url: str, ok: tuple[int, ...], cap: int, kind: str, stream: bool,
+                  end: float | None, **kw: Any) -> requests.Response:
         import oras.auth
 
         delay = 0.2
+        timeouts = last_status = 0
         for attempt in range(RETRIES):
             r = None
+            timeout = self.timeout
+            if end is not None:
+                left = end - time.monotonic()
+                if left <= 0.05:
+                    break
+                timeout = min(self.timeout, left)
+                self._adapter.bound.timeout = (min(timeout, 10.0), timeout)
+            with self._health:
+                self.counters.requests += 1
+                self.counters.retries += attempt > 0
             try:
                 # oras-py's do_request (auth handling) without its retry decorator, whose
                 # backoff sleeps up to 81 s and hides errors: this policy is bounded (~3 s).
@@ -301,47 +380,77 @@ class RegistryClient:
                     if not stream:  # (a HEAD answer has no body: its Content-Length is the GET's)
                         # a 404 carries the registry's error, not what was asked for: its own cap
                         body_cap = cap if r.status_code < 300 else MAX_OTHER
-                        r._content = _read_capped(r, body_cap, self.host, kind, self.timeout)  # requests' .content
+                        r._content = _read_capped(r, body_cap, self.host, kind, timeout)  # requests' .content
                     return r
             except oras.auth.AuthenticationException as e:
-                raise RegistryError(f"registry {self.host} refused the credentials ({e})") from None
+                raise RegistryAuthError(f"registry {self.host} refused the credentials ({e})") from None
             except requests.Timeout:
+                timeouts += 1
                 if attempt == RETRIES - 1:
-                    raise RegistryError(f"registry {self.host} did not answer within {self.timeout:g} s "
-                                        f"({RETRIES} attempts)") from None
+                    self._count(RegistryTimeout)
+                    raise RegistryTimeout(f"registry {self.host} did not answer within {self.timeout:g} s "
+                                          f"({RETRIES} attempts)") from None
             except requests.exceptions.SSLError as e:
                 # up, but not TLS: a plain-HTTP registry answers the TLS hello with HTTP ("wrong version number")
                 if "WRONG_VERSION_NUMBER" in str(e).upper().replace(" ", "_"):
-                    raise RegistryError(f"the registry at {self.host} speaks plain HTTP; use --insecure") from None
-                raise RegistryError(f"TLS with the registry at {self.host} failed: {e.__class__.__name__}") from None
+                    raise RegistryPlainHTTP(f"the registry at {self.host} speaks plain HTTP; use --insecure") from None
+                raise RegistryTLSError(f"TLS with the registry at {self.host} failed: {e.__class__.__name__}") from None
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError):
+                    requests.exceptions.ContentDecodingError) as e:
+                if "timed out" in str(e):  # a body that stopped coming (urllib3's ReadTimeoutError, wrapped)
+                    timeouts += 1
                 if attempt == RETRIES - 1:
-                    raise RegistryError(f"cannot reach the registry at {self.host}") from None
+                    cls: type[RegistryUnavailable] = RegistryTimeout if timeouts else RegistryUnreachable
+                    self._count(cls)
+                    raise cls(f"cannot reach the registry at {self.host}") from None
             except (ValueError, requests.exceptions.InvalidURL, requests.exceptions.MissingSchema):
                 # oras could not answer the auth challenge: no (usable) credentials
-                raise RegistryError(f"registry {self.host} requires credentials (--username with "
-                                    f"--password-stdin, or docker login)") from None
+                raise RegistryAuthError(f"registry {self.host} requires credentials (--username with "
+                                        f"--password-stdin, or docker login)") from None
             except (AttributeError, TypeError) as e:  # oras-py read a token answer of another shape
-                raise RegistryError(f"registry {self.host} sent a malformed authentication answer "
-                                    f"({type(e).__name__}: {e})") from None
+                raise RegistryAuthError(f"registry {self.host} sent a malformed authentication answer "
+                                        f"({type(e).__name__}: {e})") from None
             else:
                 try:
                     if r.status_code in (401, 403):
-                        raise RegistryError(f"registry {self.host} refused the credentials (HTTP {r.status_code})")
+                        raise RegistryAuthError(f"registry {self.host} refused the credentials "
+                                                f"(HTTP {r.status_code})")
                     if r.status_code < 500 and r.status_code != 429:
-                        raise RegistryError(f"registry {self.host} refused {method} {url.split('/v2/', 1)[-1]}: "
-                                            f"HTTP {r.status_code} {self._snippet(r, self.timeout)}")
+                        raise RegistryHTTPError(f"registry {self.host} refused {method} "
+                                                f"{url.split('/v2/', 1)[-1]}: HTTP {r.status_code} "
+                                                f"{self._snippet(r, timeout)}", r.status_code)
+                    last_status = r.status_code
                     if attempt == RETRIES - 1:
-                        raise RegistryError(f"registry {self.host} failed: HTTP {r.status_code} for {method}")
+                        raise RegistryServerError(f"registry {self.host} failed: HTTP {r.status_code} for {method}",
+                                                  r.status_code)
                 finally:
                     r.close()
             finally:
                 if r is not None and not stream and r._content is False:  # body unread: drop the connection
                     r.close()
+                if end is not None:
+                    self._adapter.bound.timeout = None
+            if end is not None and time.monotonic() + delay >= end:
+                break
             time.sleep(delay)
             delay *= 2
-        raise RegistryError(f"registry {self.host}: giving up")  # pragma: no cover
+        # a read's deadline ran out between or during attempts
+        if last_status:
+            raise RegistryServerError(f"registry {self.host} failed: HTTP {last_status} for {method} "
+                                      f"(retried for {self.deadline:g} s)", last_status)
+        cls = RegistryTimeout if timeouts or end is None else RegistryUnreachable
+        self._count(cls)
+        if cls is RegistryTimeout:
+            raise RegistryTimeout(f"registry {self.host} did not answer within the read deadline of "
+                                  f"{self.deadline:g} s")
+        raise RegistryUnreachable(f"cannot reach the registry at {self.host} (tried for {self.deadline:g} s)")
+
+    def _count(self, cls: type[RegistryUnavailable]) -> None:
+        with self._health:
+            if cls is RegistryTimeout:
+                self.counters.timeouts += 1
+            else:
+                self.counters.unreachable += 1
 
     @staticmethod
     def _snippet(r: requests.Response, timeout: float) -> str:
@@ -484,8 +593,8 @@ class RegistryClient:
         """Delete a manifest (and its tags); False where the registry does not allow deletes."""
         try:
             self._req("DELETE", f"{self.base}/{repo}/manifests/{digest}", (202, 404))
-        except RegistryError as e:
-            if "HTTP 405" in str(e) or "HTTP 400" in str(e):
+        except RegistryHTTPError as e:
+            if e.status in (400, 405):
                 return False
             raise
         return True

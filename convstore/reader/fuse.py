@@ -81,6 +81,8 @@ class ImageOperations(mfusepy.Operations):
         self._lock = threading.Lock()
         self.read_calls = 0
         self.read_bytes = 0
+        #: reads answered EIO, by cause (the exception's class name: RegistryTimeout, ChunkMissing, ...)
+        self.read_errors: dict[str, int] = {}
         #: set when the kernel's INIT arrives: the mount is up and served
         self.ready = threading.Event()
 
@@ -145,15 +147,21 @@ class ImageOperations(mfusepy.Operations):
         try:
             data = fs.read_node(n, offset, size)
         except ConvstoreError as e:
-            log.error("read of %s at %d failed: %s", path, offset, e)
+            self._count_error(e)
+            log.error("read of %s at %d in image %s failed: %s", path, offset, fs.entry.ref if fs.entry else "?", e)
             raise mfusepy.FuseOSError(errno.EIO) from None
         except Exception as e:  # never let a bug take the mount down
+            self._count_error(e)
             log.exception("read of %s at %d failed: %s", path, offset, e)
             raise mfusepy.FuseOSError(errno.EIO) from None
         with self._lock:
             self.read_calls += 1
             self.read_bytes += len(data)
         return data
+
+    def _count_error(self, e: BaseException) -> None:
+        with self._lock:
+            self.read_errors[type(e).__name__] = self.read_errors.get(type(e).__name__, 0) + 1
 
     def release(self, path: str, fh: int) -> int:
         with self._lock:

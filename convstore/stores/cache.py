@@ -2,7 +2,10 @@
 
 Immutable objects -- chunks, and sealed manifests (their names are their
 content) -- are read through one directory of files (:class:`DiskCache`);
-everything mutable (catalog entries, domains) always goes to the remote.  The
+everything mutable (catalog entries, domains) is read from the remote, and the
+last copy read is kept (:class:`LastCopies`) for offline mode: while the
+remote is unavailable, a mutable object is served as last read if that was at
+most ``offline_max_age`` seconds ago (docs/security.md, "Offline mode").  The
 cache survives restarts, is bounded in bytes with LRU eviction (file mtime is
 the recency, touched on every hit), and is safe with several processes:
 files appear by atomic rename and eviction runs under an flock.  Its
@@ -13,16 +16,25 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
+import logging
 import os
 import secrets
 import threading
+import time
+from collections.abc import Collection, Iterator
 
-from ..errors import CorruptObject, DigestMismatch
+from ..errors import CorruptObject, DigestMismatch, RegistryUnavailable
 from ..oci.media import verify_bytes
 from .base import ChunkStore, ForwardingChunkStore, ForwardingObjectStore, Location, ObjectStore
 from .fs import append_line, makedirs_private
 
 IMMUTABLE_OBJECTS = ("manifests/",)
+OFFLINE_MAX_AGE = 86400.0  # seconds a last copy may be served while the remote is unavailable
+LAST_COPY_VERSION = 1
+REFRESH_EVERY = 60.0  # an unchanged copy's time is rewritten at most this often (its age is that coarse)
+
+log = logging.getLogger(__name__)
 
 
 class DiskCache:
@@ -187,14 +199,96 @@ class CachedChunkStore(ForwardingChunkStore):
         self.inner.evict(cid)  # a site tier behind the cache is bypassed for it too
 
 
+class LastCopies:
+    """The last answer the remote gave for each mutable object (and listing): its bytes, or that it
+    was absent, and when (wall clock) the remote last confirmed it.  One file per name under
+    ``dir``, written by atomic rename, 0600: a JSON header line ``{"v": 1, "name", "at", "absent"}``
+    and the bytes (format: docs/format.md, "Node cache").  Not bounded (metadata is small) and
+    never evicted: it is what a node starts from when the registry is down."""
+
+    def __init__(self, dir: str):
+        self.dir = dir
+        makedirs_private(dir)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, hashlib.sha256(name.encode()).hexdigest())
+
+    def load(self, name: str) -> tuple[float, bytes | None] | None:
+        """(confirmed at, bytes or None if absent), or None if never seen (or unreadable)."""
+        try:
+            with open(self._path(name), "rb") as f:
+                head, _, data = f.read().partition(b"\n")
+            doc = json.loads(head)
+            if doc.get("v") != LAST_COPY_VERSION or doc.get("name") != name:
+                return None
+            return float(doc["at"]), (None if doc.get("absent") else data)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def save(self, name: str, data: bytes | None) -> None:
+        now = time.time()
+        old = self.load(name)
+        if old is not None and old[1] == data and now - old[0] < REFRESH_EVERY:
+            return
+        head = json.dumps({"v": LAST_COPY_VERSION, "name": name, "at": now, "absent": data is None}).encode()
+        tmp = os.path.join(self.dir, f".{secrets.token_hex(8)}.tmp")
+        try:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(head + b"\n" + (data or b""))
+            os.replace(tmp, self._path(name))
+        except OSError as e:  # a full disk costs offline mode, never the read
+            log.warning("cannot keep the last copy of %s for offline use: %s", name, e)
+
+
 class CachedStore(ForwardingObjectStore):
     """Metadata from the remote, sealed manifests read through the :class:`DiskCache`;
-    the key audit log is kept locally beside the cache (a registry has no append)."""
+    the key audit log is kept locally beside the cache (a registry has no append).
 
-    def __init__(self, remote: ObjectStore, cache: DiskCache):
+    Offline mode: the last copy of every mutable object and listing read is
+    kept (:class:`LastCopies`); while the remote is unavailable
+    (:class:`~convstore.errors.RegistryUnavailable`: no answer, or 5xx), a
+    read is answered from it if the remote confirmed it at most
+    ``offline_max_age`` seconds ago (0: never).  What comes back is still
+    authenticated by its reader (catalog entries and domain records by their
+    MAC, bound to their name, and the rollback check; store.json by the
+    location pin and its wrapped key)."""
+
+    def __init__(self, remote: ObjectStore, cache: DiskCache, offline_max_age: float = OFFLINE_MAX_AGE):
         super().__init__(remote)
         self.remote = remote
         self.cache = cache
+        self.offline_max_age = offline_max_age
+        self.last = LastCopies(os.path.join(cache.dir, "last"))
+        #: mutable objects and listings answered from their last copy (the registry unavailable)
+        self.offline_reads = 0
+        self._warned = False
+        self._count_lock = threading.Lock()
+
+    def counters(self) -> dict[str, int]:
+        """Plain counters (for metrics): reads answered offline, and the remote client's (requests,
+        retries, unreachable, timeouts, fast_failures, recoveries) where it has them."""
+        client = getattr(self.remote, "client", None)
+        counters = getattr(client, "counters", None)
+        out: dict[str, int] = dict(counters.to_json()) if counters is not None else {}
+        out["offline_reads"] = self.offline_reads
+        return out
+
+    def _offline(self, name: str, err: RegistryUnavailable) -> bytes | None:
+        """The last copy of ``name`` (None: it was absent), if fresh enough; else ``err``, saying why."""
+        got = self.last.load(name) if self.offline_max_age > 0 else None
+        if got is None:
+            raise err
+        age = time.time() - got[0]
+        if age > self.offline_max_age:
+            raise type(err)(f"{err}; the node cache's copy of {name} is {age:.0f} s old, past the offline "
+                            f"limit of {self.offline_max_age:g} s (--offline-max-age)") from None
+        with self._count_lock:
+            self.offline_reads += 1
+            first, self._warned = not self._warned, True
+        if first:
+            log.info("%s: serving the catalog from the node cache (offline: copies confirmed up to %g s ago "
+                     "are used)", err, self.offline_max_age)
+        return got[1]
 
     def __repr__(self) -> str:
         return f"CachedStore({self.remote!r}, {self.cache!r})"
@@ -210,24 +304,60 @@ class CachedStore(ForwardingObjectStore):
                     raise CorruptObject(str(e)) from None
                 self.cache.put(key, data)
             return data
-        return self.remote.get(key)
+        try:
+            data = self.remote.get(key)
+        except KeyError:
+            self.last.save(key, None)
+            raise
+        except RegistryUnavailable as e:
+            got = self._offline(key, e)
+            if got is None:
+                raise KeyError(key) from None
+            return got
+        self.last.save(key, data)
+        return data
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         if any(k.startswith(IMMUTABLE_OBJECTS) for k in keys):
             return super().get_many(keys)
-        return self.remote.get_many(keys)
+        found = self.remote.get_many(keys)  # what it left out is read alone (its error, or its last copy)
+        for k, v in found.items():
+            self.last.save(k, v)
+        return found
 
     def has(self, key: str) -> bool:
         if key.startswith(IMMUTABLE_OBJECTS) and self.cache.contains(key):
             return True
-        return self.remote.has(key)
+        try:
+            return self.remote.has(key)
+        except RegistryUnavailable as e:
+            return self._offline(key, e) is not None
+
+    def list(self, prefix: str) -> Iterator[str]:
+        name = "listing " + prefix
+        try:
+            keys = list(self.remote.list(prefix))
+        except RegistryUnavailable as e:
+            keys = (self._offline(name, e) or b"").decode().split("\n")
+            return iter([k for k in keys if k])
+        self.last.save(name, "\n".join(keys).encode())
+        return iter(keys)
 
     def evict(self, key: str) -> None:
         self.cache.drop(key)
 
+    def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False,
+            refs: Collection[bytes] = ()) -> bool:
+        done = self.remote.put(key, data, durable=durable, exclusive=exclusive, refs=refs)
+        if done and not key.startswith(IMMUTABLE_OBJECTS):
+            self.last.save(key, data)
+        return done
+
     def delete(self, key: str) -> None:
         self.evict(key)
         self.remote.delete(key)
+        if not key.startswith(IMMUTABLE_OBJECTS):
+            self.last.save(key, None)
 
     def append_line(self, key: str, line: str) -> None:
         append_line(os.path.join(self.cache.dir, key), line)

@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...errors import InvalidReference
-from ...oci.registry_client import (TIMEOUT, RegistryClient, RegistryCorrupt, RegistryError,
+from ...oci.registry_client import (READ_DEADLINE, TIMEOUT, RegistryClient, RegistryCorrupt, RegistryError,
                                     RegistryResponseTooLarge, RegistryTooSlow)
 from .artifacts import AT_IMAGE, AT_MANIFEST, AT_OBJECT, artifact, layer
 from .index import COMPACT_SEGMENTS, INDEX_REPO, PACK_BYTES, RegistryChunkStore
@@ -61,11 +61,12 @@ def parse_store_url(url: str) -> tuple[str, str]:
 def open_registry(url: str, insecure: bool = False, username: str | None = None,
                   password: str | None = None, index_dir: str | None = None,
                   timeout: float = TIMEOUT, *, transport: requests.adapters.BaseAdapter | None = None,
-                  ) -> tuple[RegistryStore, RegistryChunkStore]:
+                  deadline: float | None = READ_DEADLINE) -> tuple[RegistryStore, RegistryChunkStore]:
     """The metadata store and the chunk store of one registry repository (one
-    client; ``transport``: see :class:`RegistryClient`)."""
+    client; ``transport``: see :class:`RegistryClient`; ``deadline``: the
+    seconds each read gets for all its attempts, see :meth:`RegistryClient._req`)."""
     host, repo = parse_store_url(url)
-    client = RegistryClient(host, insecure, username, password, timeout, transport=transport)
+    client = RegistryClient(host, insecure, username, password, timeout, transport=transport, deadline=deadline)
     client.reg.auth.load_configs(client.reg.get_container(f"{host}/{repo}"))
     meta, chunks = RegistryStore(url, client, repo), RegistryChunkStore(url, client, repo, index_dir)
     meta.chunks = chunks
