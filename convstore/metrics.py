@@ -115,9 +115,13 @@ class ProcessMetrics:
     collector, the endpoint and the stats file read them."""
 
     def __init__(self, cache: ChunkCache, node_cache: DiskCache | None = None, *,
-                 start_window: float = START_WINDOW) -> None:
+                 start_window: float = START_WINDOW,
+                 origin_counters: Callable[[], dict[str, int]] | None = None) -> None:
         self.cache = cache
         self.node_cache = node_cache
+        #: the store's own counters (a registry store: requests, retries, unreachable, timeouts,
+        #: fast_failures, recoveries, offline_reads -- stores/cache.py CachedStore.counters)
+        self.origin_counters = origin_counters
         self.start_window = start_window
         self.pid = os.getpid()
         self.started = time.time()
@@ -249,6 +253,11 @@ class ProcessMetrics:
         return doc
 
 
+def origin_counters_of(repo: Repository) -> Callable[[], dict[str, int]] | None:
+    """The counters of ``repo``'s metadata store and its registry client, where it has them."""
+    return getattr(repo.objects, "counters", None)
+
+
 def node_cache_of(repo: Repository) -> DiskCache | None:
     """The node's disk cache in front of ``repo``'s chunks (a registry store), if any."""
     store = repo.chunks.store
@@ -271,7 +280,7 @@ def reporting(metrics: ProcessMetrics, address: str | None, stats_file: str | No
 def mount_reporting(repo: Repository, cache: ChunkCache, address: str | None,
                     stats_file: str | None) -> Callable[[ImageFS], AbstractContextManager[None]]:
     """What ``convstore mount`` reports about the image it serves (for :func:`convstore.reader.fuse.mount_image`)."""
-    metrics = ProcessMetrics(cache, node_cache_of(repo))
+    metrics = ProcessMetrics(cache, node_cache_of(repo), origin_counters=origin_counters_of(repo))
 
     def report(fs: ImageFS) -> AbstractContextManager[None]:
         metrics.add_image(str(fs.entry.ref) if fs.entry else "image", fs.fetcher, fs.manifest)
@@ -437,6 +446,16 @@ class _Collector(Collector):
                                 value=mc.peak_bytes)
         yield CounterMetricFamily("convstore_memory_cache_evictions", "Chunks dropped to stay within the budget",
                                   value=mc.evictions)
+        if m.origin_counters is not None:
+            c = m.origin_counters()
+            origin = CounterMetricFamily("convstore_origin_events", "The store's client, by event: requests "
+                                         "sent, retries, unreachable, timeouts, fast_failures (reads refused at "
+                                         "once while the registry is marked down), recoveries, offline_reads "
+                                         "(metadata served from the node cache while the registry is "
+                                         "unavailable)", labels=["event"])
+            for event, n in sorted(c.items()):
+                origin.add_metric([event], n)
+            yield origin
         if m.node_cache is not None:
             d = m.node_cache
             yield GaugeMetricFamily("convstore_node_cache_bytes", "Bytes in the node's disk cache",

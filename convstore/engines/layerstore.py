@@ -54,7 +54,7 @@ from ..core.catalog import CatalogEntry
 from ..errors import ConvstoreError, ImageNotFound
 from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
-from ..metrics import ProcessMetrics, node_cache_of, reporting
+from ..metrics import ProcessMetrics, node_cache_of, origin_counters_of, reporting
 from ..oci.media import check_digest
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
@@ -110,7 +110,7 @@ class LayerStore:
         self._background: dict[str, BackgroundFetch] = {}
         self.policy = policy  # the node's trust policy: images it refuses are not served
         self.cache = cache if cache is not None else ChunkCache()  # one memory budget for every image served
-        self.metrics = ProcessMetrics(self.cache, node_cache_of(store))
+        self.metrics = ProcessMetrics(self.cache, node_cache_of(store), origin_counters=origin_counters_of(store))
         self._lock = threading.Lock()
         self._layers: dict[str, _Layer] = {}
         self._chains: dict[str, tuple[str, str]] = {}  # chain ID -> (blob digest, parent chain ID or "")

@@ -96,6 +96,26 @@ class FetchStats:
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+LOG_EVERY = 5.0  # seconds: one log line per cause of failed fetches (a dead registry fails every chunk)
+
+
+class _LogGate:
+    """At most one line per key every LOG_EVERY seconds; how many were held back meanwhile."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def suppress(self, key: str) -> int | None:
+        """None: hold this line back; else log it, saying how many were held back before it."""
+        now = time.monotonic()
+        if now - self._last.get(key, -LOG_EVERY) < LOG_EVERY:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+
 class ChunkFetcher:
     """Serves byte ranges of layer content streams from the store."""
 
@@ -113,6 +133,7 @@ class ChunkFetcher:
         # the node's disk cache in front of a remote store, if any: which tier served a fetch
         self._disk_cached = getattr(chunks.store, "is_cached", None)
         self._inflight: dict[int, Future[bytes]] = {}
+        self._log_gate = _LogGate()
         # re-entrant: a future that is already done runs its callback in the submitting thread
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="convstore-fetch")
@@ -181,12 +202,12 @@ class ChunkFetcher:
         try:
             plain, stored = self.chunks.read(ident, hint=self.manifest.hint(idx))
         except Exception as e:
-            if isinstance(e, ChunkMissing):  # its message names the chunk
-                log.error("%s", e)
-            else:
-                log.error("chunk %s: %s", ident.cid.hex(), e)
             with self._lock:
                 self.stats.count_error(self.stats.fetch_errors, e)
+                quiet = self._log_gate.suppress(error_cause(e))
+            if quiet is not None:
+                msg = str(e) if isinstance(e, ChunkMissing) else f"chunk {ident.cid.hex()}: {e}"  # it names the chunk
+                log.error("%s%s", msg, f" ({quiet} more like it in the last {LOG_EVERY:.0f} s)" if quiet else "")
             raise
         with self._lock:
             self.stats.chunks_fetched += 1
