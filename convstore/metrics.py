@@ -240,11 +240,14 @@ class ProcessMetrics:
                 doc = i.fetcher.snapshot()
                 images[i.name] = _merge(images[i.name], doc) if i.name in images else doc
             starts = [r.__dict__ for r in self.starts]
+            # this process's background fetches (reader/background.py): where each image stands, not summed
+            background = {i.name: i.fetcher.background.progress().to_json() for i in self._images
+                          if getattr(i.fetcher, "background", None) is not None}
         errors: dict[str, int] = {}
         for doc in images.values():
             errors = _merge(errors, doc["read_errors"])  # what readers saw (EIO)
         doc = {"version": STATS_FORMAT, "pid": self.pid, "started": self.started, "updated": time.time(),
-               "images": images, "read_errors": errors, "starts": starts,
+               "images": images, "read_errors": errors, "starts": starts, "background": background,
                "memory_cache": {"bytes": self.cache.bytes, "budget": self.cache.budget,
                                 "peak_bytes": self.cache.peak_bytes, "evictions": self.cache.evictions}}
         if self.node_cache is not None:

@@ -355,7 +355,7 @@ def test_a_podman_start_with_a_profile_makes_at_most_10_chunk_requests(tmp_path,
             while subprocess.run(["pgrep", "-f", f"layerstore.*{mnt}"], capture_output=True).returncode == 0 \
                     and time.monotonic() < deadline:
                 time.sleep(0.1)
-            doc = json.loads(stats.read_text())["app1:latest"]
+            doc = json.loads(stats.read_text())["images"]["app1:latest"]
             if n == 1:  # the layer store says how many requests it made (all of them, up to its exit)
                 made = [e for e in proxy.log if e[1] == "GET" and "/v2/cs/blobs/" in e[2] and e[3]]
                 assert doc.get("requests") == len(made), (doc, len(made))

@@ -167,6 +167,7 @@ class ChunkFetcher:
     def snapshot(self) -> dict[str, Any]:
         """The counters as they are now (a copy, taken under the lock: for reports)."""
         with self._lock:
+            self.stats.requests = store_requests(self.chunks.store) - self._requests_base
             return self.stats.to_json()
     def on_close(self, stop: Callable[[], None]) -> None:
         """Call ``stop`` first when the fetcher closes (a background fetch over it)."""
