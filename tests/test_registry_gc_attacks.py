@@ -1,0 +1,85 @@
+"""Attacks on gc of a registry store (issue 23 §6): leases against a registry that
+fails at the wrong moment, on a real docker-registry (127.0.0.1) behind fault-injecting
+proxies, with a real packer in another process (its own cache) racing gc."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections import Counter
+
+import pytest
+from test_registry_gc import _config_digest, _images, _open
+
+import convstore
+
+
+def test_a_lease_gc_cannot_read_keeps_gc_out_and_the_racing_pack_publishes_intact(tmp_path, registry, keyfile,
+                                                                                   cli_env):
+    """A real packer (another process) holds its lease and has written its sealed manifest; it is held by
+    a proxy at the catalog write that publishes it.  gc runs on another client whose registry fails
+    (HTTP 500, every retry) when it reads that lease.  A lease that cannot be *read* is not a forged one:
+    gc must refuse (StoreBusy), not run as if the store were idle -- which deletes the packer's sealed
+    manifest (no complete entry names it yet), so that the image it then publishes cannot be read."""
+    from netproxy import CountingProxy
+
+    _images(tmp_path)
+    url = f"oci://{registry.host}/leaseread"
+    s = _open(url, keyfile, tmp_path / "c1")
+    s.pack(f"oci:{tmp_path / 'keep'}", "keep:1")
+    racer_proxy, gc_proxy = CountingProxy(registry.host), CountingProxy(registry.host)
+    at_publish, release = threading.Event(), threading.Event()
+    ref_puts = Counter()
+
+    def hold_the_publish(method, path):
+        if method == "PUT" and "/leaseread/manifests/r-" in path:
+            ref_puts[path] += 1
+            if ref_puts[path] == 2:  # begin_pack wrote PENDING; this is finish_pack's ACTIVE
+                at_publish.set()
+                release.wait(120)
+        return None
+
+    racer_proxy.fault = hold_the_publish
+    racer = subprocess.Popen([sys.executable, "-m", "convstore.cli", "--quiet", "--insecure", "--store",
+                              f"oci://{racer_proxy.host}/leaseread", "--cache", str(tmp_path / "c-racer"), "pack",
+                              "--json", f"oci:{tmp_path / 'gone'}", "gone:1"], env=cli_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert at_publish.wait(120), racer.stderr.read() if racer.poll() is not None else "racer never got there"
+        leases = s.leases.all()[0]
+        assert [(l.purpose, l.exclusive) for l in leases] == [("pack", False)]
+        racer_tag = "/leaseread/manifests/e-"
+        lease_gets = Counter()
+
+        def flaky_lease_read(method, path):
+            # the racer's lease: the listing reads it, then the registry fails on every retry of the next
+            # read (~1.5 s of 500s), then answers again
+            if method == "GET" and racer_tag in path:
+                lease_gets[path] += 1
+                if 2 <= lease_gets[path] <= 5:
+                    return "500"
+            return None
+
+        gc_proxy.fault = flaky_lease_read
+        g = _open(f"oci://{gc_proxy.host}/leaseread", keyfile, tmp_path / "c-gc")
+        manifests_before = sorted(s.objects.list("manifests"))
+        assert len(manifests_before) == 2  # keep's and the racer's (not yet published)
+        with pytest.raises(convstore.StoreBusy, match="cannot be read"):
+            g.gc()
+        assert gc_proxy.faults_injected >= 4  # the fault did happen
+        assert sorted(s.objects.list("manifests")) == manifests_before  # nothing changed
+        assert [l.id for l in s.leases.all()[0]] == [l.id for l in leases]  # the racer's lease is still there
+    finally:
+        release.set()
+    out, err = racer.communicate(timeout=300)
+    racer_proxy.stop()
+    gc_proxy.stop()
+    assert racer.returncode == 0, err
+    assert json.loads(out)["ref"] == "gone:1"
+    # the published image reads whole on a new client (no cache), and the store verifies clean
+    s2 = _open(url, keyfile, tmp_path / "c2")
+    s2.unpack_oci("gone:1", f"oci:{tmp_path / 'out'}")  # every diff_id checked
+    assert _config_digest(tmp_path / "gone") == _config_digest(tmp_path / "out")
+    assert s2.verify().clean
