@@ -144,6 +144,8 @@ def gc(store: Repository, dry_run: bool = False) -> GCReport:
         dead_manifests, manifest_bytes, others = store.manifests.dead(keep_manifests)
         quarantined = store.chunks.quarantined()
         if not dry_run:
+            if not store.objects.supports_locking:
+                store.leases.check_held()  # gc's lease lapsed: a pack elsewhere may rely on what it would sweep
             store.chunks.sweep(doomed, live_containers)
             store.chunk_store.compact()
             store.manifests.delete(dead_manifests + others)

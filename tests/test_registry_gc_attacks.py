@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -82,4 +83,69 @@ def test_a_lease_gc_cannot_read_keeps_gc_out_and_the_racing_pack_publishes_intac
     s2 = _open(url, keyfile, tmp_path / "c2")
     s2.unpack_oci("gone:1", f"oci:{tmp_path / 'out'}")  # every diff_id checked
     assert _config_digest(tmp_path / "gone") == _config_digest(tmp_path / "out")
+    assert s2.verify().clean
+
+
+def test_a_pack_whose_lease_lapsed_publishes_nothing(tmp_path, registry, keyfile):
+    """A slow pack whose registry fails every renewal of its lease (ttl 2 s here): gc on another client
+    rightly takes the lapsed lease for a dead holder's and deletes the sealed manifest the pack has just
+    written (no complete entry names it).  The pack must then refuse to publish (StoreBusy) rather than
+    point its name at a manifest that is gone."""
+    from netproxy import CountingProxy
+
+    _images(tmp_path)
+    url = f"oci://{registry.host}/lapse"
+    s = _open(url, keyfile, tmp_path / "c1")
+    s.pack(f"oci:{tmp_path / 'keep'}", "keep:1")
+    proxy = CountingProxy(registry.host)
+    lease_puts = Counter()
+    manifest_written, at_publish, release = threading.Event(), threading.Event(), threading.Event()
+
+    def fault(method, path):
+        if method == "PUT" and "/lapse/manifests/e-" in path:
+            lease_puts[path] += 1
+            return "500" if lease_puts[path] > 1 else None  # taken, then never renewed
+        if method == "PUT" and "/lapse/manifests/m-" in path:
+            manifest_written.set()
+        elif method == "GET" and "/lapse/manifests/s-" in path and manifest_written.is_set() \
+                and not at_publish.is_set():  # finish_pack re-reads store.json: hold it there
+            at_publish.set()
+            release.wait(120)
+        return None
+
+    proxy.fault = fault
+    racer = _open(f"oci://{proxy.host}/lapse", keyfile, tmp_path / "c-racer")
+    racer.leases.ttl = 2.0
+    outcome: dict[str, object] = {}
+
+    def pack() -> None:
+        try:
+            outcome["result"] = racer.pack(f"oci:{tmp_path / 'gone'}", "gone:1")
+        except convstore.ConvstoreError as e:
+            outcome["error"] = e
+
+    t = threading.Thread(target=pack)
+    t.start()
+    try:
+        assert at_publish.wait(120), outcome
+        g = _open(url, keyfile, tmp_path / "c-gc")
+        deadline = time.monotonic() + 60
+        while any(l.live(time.time()) for l in g.leases.all()[0]):  # until the racer's lease has lapsed
+            assert time.monotonic() < deadline, g.leases.all()
+            time.sleep(0.2)
+        assert lease_puts and max(lease_puts.values()) > 1  # renewals were tried, and failed
+        report = g.gc()
+        assert report.manifests_removed == 1  # the racer's, written but not yet published
+    finally:
+        release.set()
+        t.join(300)
+    proxy.stop()
+    assert isinstance(outcome.get("error"), convstore.StoreBusy), outcome
+    assert "lost its lease" in str(outcome["error"])
+    # nothing points at a missing manifest: every ACTIVE image reads whole on a new client
+    s2 = _open(url, keyfile, tmp_path / "c2")
+    active = [str(e.ref) for e in s2.images() if e.state == "active"]
+    assert active == ["keep:1"], active
+    for ref in active:
+        s2.unpack_oci(ref, f"oci:{tmp_path / ('out-' + ref.replace(':', '-'))}")
     assert s2.verify().clean

@@ -281,6 +281,8 @@ class Repository:
         self.chunk_store.flush()
         self.objects.flush()
         self.ident.check_current(self.key)  # a rekey that ran meanwhile: never publish under a retired key
+        if not self.objects.supports_locking:
+            self.leases.check_held()  # a lease that lapsed: gc elsewhere may have taken what this relies on
         now = self.clock()
         return self._change(ref, lambda cur: lifecycle.finish_pack(
             cur, ref, now, manifest_digest=manifest_digest, key_id=self.key.key_id, wrapped_key=wrapped,
