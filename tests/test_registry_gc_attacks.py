@@ -149,3 +149,31 @@ def test_a_pack_whose_lease_lapsed_publishes_nothing(tmp_path, registry, keyfile
     for ref in active:
         s2.unpack_oci(ref, f"oci:{tmp_path / ('out-' + ref.replace(':', '-'))}")
     assert s2.verify().clean
+
+
+def _skew_setup(tmp_path, registry, keyfile):
+    _images(tmp_path)
+    url = f"oci://{registry.host}/skew"
+    s = _open(url, keyfile, tmp_path / "c1")
+    s.pack(f"oci:{tmp_path / 'keep'}", "keep:1")
+    return s, _open(url, keyfile, tmp_path / "c-packer"), _open(url, keyfile, tmp_path / "c-gc")
+
+
+def test_gc_keeps_out_of_a_live_pack_lease_written_by_a_clock_two_hours_behind(tmp_path, registry, keyfile):
+    """Two machines whose clocks disagree by more than the 30-minute ttl: the packer's fresh lease must
+    not look dead to gc.  Leases are timed on the registry's clock, not each writer's."""
+    s, packer, g = _skew_setup(tmp_path, registry, keyfile)
+    packer.leases.clock = lambda: time.time() - 7200
+    with packer.leases.hold("pack", exclusive=False) as lease:
+        with pytest.raises(convstore.StoreBusy, match="a pack lease of pid"):
+            g.gc()
+        assert [l.id for l in s.leases.all()[0]] == [lease.id]  # still there: gc did not take it for dead
+
+
+def test_a_pack_keeps_out_of_a_running_gc_whose_clock_is_two_hours_behind(tmp_path, registry, keyfile):
+    s, packer, g = _skew_setup(tmp_path, registry, keyfile)
+    g.leases.clock = lambda: time.time() - 7200
+    with g.leases.hold("gc", exclusive=True):
+        with pytest.raises(convstore.StoreBusy, match="an exclusive gc lease"):
+            with packer.leases.hold("pack", exclusive=False, wait=0.0):
+                pass

@@ -77,7 +77,29 @@ class Leases:
     def __init__(self, objects: ObjectStore, ident: StoreIdentity, clock: Callable[[], float] = time.time,
                  ttl: float = LEASE_TTL):
         self.objects, self.ident, self.clock, self.ttl = objects, ident, clock, ttl
+        self._offset = 0.0  # the store's clock minus ``clock`` (see :meth:`sync`)
         self._held: dict[str, tuple[str, float]] = {}  # lease id -> (purpose, monotonic time of its last write)
+
+    def now(self) -> float:
+        """Lease time: ``clock`` moved onto the store's own clock where it has one (a registry's
+        ``Date``), so that writers whose clocks disagree still agree on a lease's age."""
+        return self.clock() + self._offset
+
+    def sync(self) -> None:
+        """Measure this client's offset from the store's clock (one request); kept as it was if the
+        store has no clock or cannot be asked (then local clocks must agree, see docs/lifecycle.md)."""
+        try:
+            t0 = self.clock()
+            server = self.objects.server_time()
+            local = (t0 + self.clock()) / 2
+        except ConvstoreError as e:
+            log.warning("leases: cannot read the store's clock (%s); using this machine's", e)
+            return
+        if server is not None:
+            self._offset = server - local
+            if abs(self._offset) > self.ttl / 8:
+                log.warning("leases: this machine's clock is %.0f s off the store's; leases use the store's",
+                            self._offset)
 
     @staticmethod
     def _key(lease_id: str) -> str:
@@ -130,7 +152,7 @@ class Leases:
     def clean(self) -> int:
         """Delete the leases of dead holders and the unauthentic ones (gc, under its own lease); how many.
         One that cannot be read now is left alone (it may be live)."""
-        now = self.clock()
+        now = self.now()
         doomed = []
         for key in self.objects.list("leases"):
             try:
@@ -158,15 +180,16 @@ class Leases:
     def hold(self, purpose: str, *, exclusive: bool, wait: float = 0.0) -> Iterator[Lease]:
         """Hold a lease for the block: shared ones exclude only exclusive ones.  Waits up to ``wait``
         seconds for the leases that exclude it to go; then :class:`StoreBusy`, naming them."""
-        now = self.clock()
+        self.sync()
+        now = self.now()
         lease = Lease(secrets.token_hex(16), purpose, exclusive, socket.gethostname(), os.getpid(), now, now,
                       self.ttl)
         deadline = time.monotonic() + wait
         while True:
-            lease = Lease(lease.id, purpose, exclusive, lease.host, lease.pid, lease.created, self.clock(), self.ttl)
+            lease = Lease(lease.id, purpose, exclusive, lease.host, lease.pid, lease.created, self.now(), self.ttl)
             written = time.monotonic()
             self._write(lease)  # first write, then list: see the module docstring
-            now = self.clock()
+            now = self.now()
             try:
                 others = [l.describe(now) for l in self.all()[0]
                           if l.id != lease.id and l.live(now) and (exclusive or l.exclusive)]
@@ -186,7 +209,7 @@ class Leases:
         def renew() -> None:
             cur = lease
             while not stop.wait(self.ttl / 4):
-                cur = Lease(cur.id, purpose, exclusive, cur.host, cur.pid, cur.created, self.clock(), self.ttl)
+                cur = Lease(cur.id, purpose, exclusive, cur.host, cur.pid, cur.created, self.now(), self.ttl)
                 t = time.monotonic()
                 try:
                     self._write(cur)

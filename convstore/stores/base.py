@@ -311,6 +311,11 @@ class ObjectStore(ABC):
     def evict(self, key: str) -> None:
         """Drop any local copy of ``key`` (caches override this)."""
 
+    def server_time(self) -> float | None:
+        """The store's own clock (epoch seconds, e.g. a registry's ``Date``), shared by every client
+        of a store without locks (leases); None where the store has none (local stores)."""
+        return None
+
     def lock(self, name: str, shared: bool = False) -> AbstractContextManager[None]:
         """An inter-process lock (exclusive, or shared with other shared holders)."""
         raise StoreError(f"{type(self).__name__} does not support locking")
@@ -338,6 +343,9 @@ class ForwardingObjectStore(ObjectStore):
 
     def get(self, key: str) -> bytes:
         return self.inner.get(key)
+
+    def server_time(self) -> float | None:
+        return self.inner.server_time()
 
     def has(self, key: str) -> bool:
         return self.inner.has(key)

@@ -162,5 +162,8 @@ class RegistryStore(ObjectStore):
     def lock(self, name: str, shared: bool = False) -> Any:
         raise StoreError("a registry store has no locks")
 
+    def server_time(self) -> float | None:
+        return self.client.server_time(self.repo)
+
     def append_line(self, key: str, line: str) -> None:
         log.info("audit %s", line)  # a registry has no append; the local cache keeps the audit log
