@@ -15,6 +15,7 @@ import pytest
 from test_registry_gc import _config_digest, _images, _open
 
 import convstore
+from convstore.stores.registry.meta import RegistryStore
 
 
 def test_a_lease_gc_cannot_read_keeps_gc_out_and_the_racing_pack_publishes_intact(tmp_path, registry, keyfile,
@@ -51,7 +52,7 @@ def test_a_lease_gc_cannot_read_keeps_gc_out_and_the_racing_pack_publishes_intac
         assert at_publish.wait(120), racer.stderr.read() if racer.poll() is not None else "racer never got there"
         leases = s.leases.all()[0]
         assert [(l.purpose, l.exclusive) for l in leases] == [("pack", False)]
-        racer_tag = "/leaseread/manifests/e-"
+        racer_tag = "/leaseread/manifests/" + RegistryStore._tag(f"leases/{leases[0].id}")
         lease_gets = Counter()
 
         def flaky_lease_read(method, path):
@@ -130,7 +131,8 @@ def test_a_pack_whose_lease_lapsed_publishes_nothing(tmp_path, registry, keyfile
         assert at_publish.wait(120), outcome
         g = _open(url, keyfile, tmp_path / "c-gc")
         deadline = time.monotonic() + 60
-        while any(l.live(time.time()) for l in g.leases.all()[0]):  # until the racer's lease has lapsed
+        g.leases.sync()  # lease time is the registry's (1 s resolution): a margin of 1.5 s past the ttl
+        while any(l.live(g.leases.now() - 1.5) for l in g.leases.all()[0]):  # until the racer's lease lapsed
             assert time.monotonic() < deadline, g.leases.all()
             time.sleep(0.2)
         assert lease_puts and max(lease_puts.values()) > 1  # renewals were tried, and failed
