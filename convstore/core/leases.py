@@ -87,14 +87,11 @@ class Leases:
 
     def sync(self) -> None:
         """Measure this client's offset from the store's clock (one request); kept as it was if the
-        store has no clock or cannot be asked (then local clocks must agree, see docs/lifecycle.md)."""
-        try:
-            t0 = self.clock()
-            server = self.objects.server_time()
-            local = (t0 + self.clock()) / 2
-        except ConvstoreError as e:
-            log.warning("leases: cannot read the store's clock (%s); using this machine's", e)
-            return
+        store has no clock (then local clocks must agree, see docs/lifecycle.md).  A store that cannot
+        be asked fails here, as the lease write would."""
+        t0 = self.clock()
+        server = self.objects.server_time()
+        local = (t0 + self.clock()) / 2
         if server is not None:
             self._offset = server - local
             if abs(self._offset) > self.ttl / 8:
