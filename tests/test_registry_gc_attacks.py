@@ -179,3 +179,31 @@ def test_a_pack_keeps_out_of_a_running_gc_whose_clock_is_two_hours_behind(tmp_pa
         with pytest.raises(convstore.StoreBusy, match="an exclusive gc lease"):
             with packer.leases.hold("pack", exclusive=False, wait=0.0):
                 pass
+
+
+def test_a_copy_never_adopts_a_replayed_older_epoch_of_its_domain(tmp_path, registry, keyfile):
+    """A store writer without the key puts back an older, authentic record of the source's domain (its
+    epoch-1 secret, rotated out).  A node with no trust state of that source pushes an image packed at
+    epoch 2 into a registry store: the destination must not adopt the rotated-out epoch (the image's
+    authenticated manifest names the epoch it was packed in)."""
+    from convstore.transfer import copy_image
+
+    _images(tmp_path)
+    key = f"file:{keyfile}"
+    packer = convstore.Store.open(str(tmp_path / "src"), key, state_dir=str(tmp_path / "state-packer"))
+    packer.pack(f"oci:{tmp_path / 'keep'}", "keep:1")
+    epoch1 = packer.objects.get("domains/default")
+    packer.rotate_domain("default")
+    packer.pack(f"oci:{tmp_path / 'gone'}", "gone:2")
+    assert packer.catalog.entry("gone:2") and json.loads(packer.objects.get("domains/default"))["epoch"] == 2
+    packer.objects.put("domains/default", epoch1)  # the replay (MAC intact: it is the store's own old record)
+    node_state = str(tmp_path / "state-node")  # a node that never saw epoch 2
+    src = convstore.Store.open(str(tmp_path / "src"), key, state_dir=node_state)
+    dst = convstore.Store.open(f"oci://{registry.host}/adopt", key, insecure=True, state_dir=node_state,
+                               cache_dir=str(tmp_path / "c-node"))
+    copy_image(src, dst, "gone:2")
+    epochs = [d["epoch"] for d in dst.domains()]
+    assert all(e >= 2 for e in epochs), epochs  # never the rotated-out epoch-1 secret
+    out = tmp_path / "out"
+    dst.unpack_oci("gone:2", f"oci:{out}")  # the copy itself is whole
+    assert _config_digest(tmp_path / "gone") == _config_digest(out)
