@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConvstoreError, CorruptObject, StoreBusy, StoreError
+from ..errors import ConvstoreError, CorruptObject, LeaseUnreadable, StoreBusy, StoreError
 from ..stores.base import ObjectStore
 from .identity import StoreIdentity
 
@@ -46,10 +46,6 @@ LEASE_VERSION = 1
 LEASE_TTL = 1800.0
 PACK_WAIT = 600.0  # how long a pack waits for a running gc before it gives up (StoreBusy)
 POLL = 1.0  # seconds between two looks at the leases while waiting
-
-
-class LeaseUnreadable(StoreBusy):
-    """A lease could not be read (the store failed): it may be a live holder's, so it excludes everyone."""
 
 
 @dataclass(frozen=True)
