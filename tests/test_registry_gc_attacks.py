@@ -207,3 +207,25 @@ def test_a_copy_never_adopts_a_replayed_older_epoch_of_its_domain(tmp_path, regi
     out = tmp_path / "out"
     dst.unpack_oci("gone:2", f"oci:{out}")  # the copy itself is whole
     assert _config_digest(tmp_path / "gone") == _config_digest(out)
+
+
+def test_a_long_lived_packer_does_not_dedup_against_chunks_gc_swept_meanwhile(tmp_path, registry, keyfile):
+    """A packer process that loaded the chunk index before another machine's gc swept it (and the
+    registry freed the packs) must look again once it holds its lease: before, it deduplicated against
+    the swept chunks and its pack failed (a pack blob missing), again at every retry in that process."""
+    _images(tmp_path)
+    url = f"oci://{registry.host}/stale-index"
+    s = _open(url, keyfile, tmp_path / "c1")
+    s.pack(f"oci:{tmp_path / 'keep'}", "keep:1")
+    s.pack(f"oci:{tmp_path / 'gone'}", "gone:1")
+    packer = _open(url, keyfile, tmp_path / "c-packer")  # a long-lived process on another machine
+    assert packer.pack(f"oci:{tmp_path / 'gone'}", "gone:1").up_to_date  # its index is loaded now
+    s.rm("gone:1")
+    s.gc()
+    registry.garbage_collect()  # the removed image's own packs are freed
+    r = packer.pack(f"oci:{tmp_path / 'gone'}", "gone:2")
+    assert r.new_chunks > 0  # it uploaded what was swept
+    fresh = _open(url, keyfile, tmp_path / "c2")
+    fresh.unpack_oci("gone:2", f"oci:{tmp_path / 'out'}")
+    assert _config_digest(tmp_path / "gone") == _config_digest(tmp_path / "out")
+    assert fresh.verify().clean

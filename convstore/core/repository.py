@@ -24,11 +24,12 @@ that spawns a worker).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -303,8 +304,16 @@ class Repository:
         store without locks (a registry) holds a shared lease instead
         (:mod:`convstore.core.leases`), waiting up to ``PACK_WAIT`` for a running gc."""
         if not self.objects.supports_locking:
-            return self.leases.hold("pack", exclusive=False, wait=PACK_WAIT)
+            return self._leased()
         return self.objects.lock(GC_LOCK, shared=True)
+
+    @contextlib.contextmanager
+    def _leased(self) -> Iterator[None]:
+        """A shared lease, then a fresh look at the chunk index: what this process loaded before (a
+        long-lived one, or a pack's up-to-date check) may name chunks a gc swept meanwhile."""
+        with self.leases.hold("pack", exclusive=False, wait=PACK_WAIT):
+            self.chunk_store.refresh()
+            yield
 
     def gc_lock(self, *, optional: bool = False, purpose: str = "gc") -> AbstractContextManager[Any]:
         """The gc lock, exclusive: what gc and rekey hold (no pack or copy can

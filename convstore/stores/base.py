@@ -163,6 +163,10 @@ class ChunkStore(ABC):
         rewrote anything, where the backend says."""
         return None
 
+    def refresh(self) -> None:
+        """Look again at what other writers published or gc swept (an index
+        held in memory); nothing where every lookup reads the store."""
+
     def check_index(self) -> list[str]:
         """Damaged index files (``verify``); each one a line."""
         return []
@@ -215,6 +219,9 @@ class ForwardingChunkStore(ChunkStore):
 
     def flush(self) -> None:
         self.inner.flush()
+
+    def refresh(self) -> None:
+        self.inner.refresh()
 
     def abort(self) -> None:
         self.inner.abort()
