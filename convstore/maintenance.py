@@ -52,7 +52,7 @@ def refresh(store: Repository, ref: str | None = None, check_sources: bool = Tru
         def change(cur: CatalogEntry | None, problem: str | None = problem) -> CatalogEntry | None:
             if cur is None:
                 return None
-            cur = lifecycle.clear_dead_pack(cur, now)
+            cur = lifecycle.clear_dead_pack(cur, now, store.pending_alive)
             if cur is None or not cur.complete:
                 return cur
             # the source was judged for e's version: a name packed again meanwhile is judged next time

@@ -229,3 +229,31 @@ def test_a_long_lived_packer_does_not_dedup_against_chunks_gc_swept_meanwhile(tm
     fresh.unpack_oci("gone:2", f"oci:{tmp_path / 'out'}")
     assert _config_digest(tmp_path / "gone") == _config_digest(tmp_path / "out")
     assert fresh.verify().clean
+
+
+def test_a_packer_that_died_on_another_machine_does_not_block_its_tag_forever(tmp_path, registry, keyfile):
+    """A first pack on another machine died after its pending mark (its lease expired long ago).  On a
+    registry store its pid cannot be checked from here: the leases tell.  Before, every later pack and
+    rm of that tag was refused (ImagePending) forever, and refresh and gc never cleared the mark."""
+    from convstore.core.catalog import PENDING, CatalogEntry
+    from convstore.refs import ImageRef
+
+    _images(tmp_path)
+    s = _open(f"oci://{registry.host}/orphan", keyfile, tmp_path / "c1")
+    s.pack(f"oci:{tmp_path / 'keep'}", "keep:1")
+    then = time.time() - 7200
+    mark = {"since": then, "pid": 4242, "host": "dead-builder", "source": "oci:x"}
+    ref = ImageRef.parse("app:1")
+    s.catalog.update(ref, lambda cur: CatalogEntry(ref, PENDING, then, "packing", source="oci:x", pending=mark))
+    # while that packer's lease is live, it is alive: refused as before
+    with s.leases.hold("pack", exclusive=False):
+        lease = s.leases.all()[0][0]
+    s.leases._write(type(lease)(lease.id, "pack", False, "dead-builder", 4242, time.time(), time.time(), 1800.0))
+    with pytest.raises(convstore.ImagePending):
+        s.pack(f"oci:{tmp_path / 'gone'}", "app:1", )
+    s.objects.delete(f"leases/{lease.id}")
+    # it died: its lease is gone (or expired); the tag can be packed again, and removed
+    r = s.pack(f"oci:{tmp_path / 'gone'}", "app:1")
+    assert r.ref == "app:1" and s.catalog.entry("app:1").state == "active"
+    s.rm("app:1")
+    assert [str(e.ref) for e in s.images()] == ["keep:1"]

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -37,13 +38,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import platformdirs
 
 from . import lifecycle
-from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, Catalog, CatalogEntry, iso
+from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, Catalog, CatalogEntry, iso, pid_alive
 from .chunks import Chunks
 from .domains import DEFAULT_DOMAIN, Domain, Domains
 from ..errors import (
     ConvstoreError,
     ImageFailed,
     ImageInactive,
+    ImageNotFound,
     ImagePending,
     KeyFileMissing,
     SourceChanged,
@@ -268,9 +270,36 @@ class Repository:
         assert e is not None
         return e
 
+    def pending_alive(self, pending: dict[str, Any] | None) -> bool:
+        """Whether the pack that set a pending mark still runs: on this host, its pid; on another host
+        of a store without locks, whether it still holds a live lease (a pack holds one from before its
+        pending mark until it publishes); otherwise it cannot be told and is assumed to."""
+        if not pending:
+            return False
+        if self.objects.supports_locking or pending.get("host") == socket.gethostname():
+            return pid_alive(pending)
+        self.leases.sync()
+        now = self.leases.now()
+        return any(l.host == pending.get("host") and l.pid == pending.get("pid") and l.live(now)
+                   for l in self.leases.all()[0])  # LeaseUnreadable: cannot tell, nothing cleared
+
+    def clear_orphaned_pack(self, ref: ImageRef) -> None:
+        """Drop the pending mark another machine's pack left when it died (its lease expired), which
+        would otherwise refuse every later pack and rm of ``ref`` (stores without locks)."""
+        if self.objects.supports_locking:
+            return
+        try:
+            e = self.catalog.entry(ref)
+        except ImageNotFound:
+            return
+        if e.pending and e.pending.get("host") != socket.gethostname() and not self.pending_alive(e.pending):
+            now = self.clock()
+            self.catalog.update(ref, lambda cur: cur and lifecycle.clear_dead_pack(cur, now, self.pending_alive))
+
     def begin_pack(self, ref: ImageRef, source: str, repack_of: str | None = None) -> CatalogEntry:
         """Mark ``ref`` PENDING (or note the pending update of a servable image).  ``repack_of``: a
         re-pack of that version (refused with :class:`ImageChanged` once ``ref`` points elsewhere)."""
+        self.clear_orphaned_pack(ref)
         now = self.clock()
         return self._change(ref, lambda cur: lifecycle.begin_pack(cur, ref, now, source, repack_of))
 
