@@ -99,8 +99,10 @@ class LayerStore:
     """Layers by blob digest over a store's ACTIVE images, each served once
     as an :class:`ImageFS` of that layer alone (one chunk fetcher per image)."""
 
-    def __init__(self, store: Repository, *, cache_bytes: int = 256 << 20, policy: Policy | None = None) -> None:
+    def __init__(self, store: Repository, *, cache_bytes: int = 256 << 20, policy: Policy | None = None,
+                 revalidate: float = REVALIDATE_SECONDS, full_revalidate: float = FULL_REVALIDATE_SECONDS) -> None:
         self.store = store
+        self.revalidate, self.full_revalidate = revalidate, full_revalidate  # see watch()
         self.policy = policy  # the node's trust policy: images it refuses are not served
         self.cache_bytes = cache_bytes
         self._lock = threading.Lock()
@@ -197,8 +199,8 @@ class LayerStore:
         listing), re-reading the catalog if so, and every ``full_every`` seconds anyway: a removed
         image stops being served within ``every`` even if no lookup misses (a service's background
         thread)."""
-        every = REVALIDATE_SECONDS if every is None else every
-        full_every = FULL_REVALIDATE_SECONDS if full_every is None else full_every
+        every = self.revalidate if every is None else every
+        full_every = self.full_revalidate if full_every is None else full_every
         last_full = time.monotonic()
         while not done.wait(every):
             try:
