@@ -257,3 +257,35 @@ def test_a_packer_that_died_on_another_machine_does_not_block_its_tag_forever(tm
     assert r.ref == "app:1" and s.catalog.entry("app:1").state == "active"
     s.rm("app:1")
     assert [str(e.ref) for e in s.images()] == ["keep:1"]
+
+
+def test_gc_whose_lease_listing_fails_leaves_no_exclusive_lease_behind(tmp_path, registry, keyfile):
+    """gc writes its exclusive lease, then the registry fails the listing (every retry): gc fails, and
+    must take its lease with it -- before, it stayed for the 30-minute ttl and every pack waited on it."""
+    from netproxy import CountingProxy
+
+    _images(tmp_path)
+    url = f"oci://{registry.host}/leftover"
+    s = _open(url, keyfile, tmp_path / "c1")
+    s.pack(f"oci:{tmp_path / 'keep'}", "keep:1")
+    proxy = CountingProxy(registry.host)
+    state = {"lease_written": False, "failed": 0}
+
+    def fault(method, path):
+        if method == "PUT" and "/leftover/manifests/e-" in path:
+            state["lease_written"] = True
+        elif method == "GET" and "/leftover/tags/list" in path and state["lease_written"] and state["failed"] < 4:
+            state["failed"] += 1
+            return "500"
+        return None
+
+    proxy.fault = fault
+    try:
+        g = _open(f"oci://{proxy.host}/leftover", keyfile, tmp_path / "c-gc")
+        with pytest.raises(convstore.StoreError, match="HTTP 500"):
+            g.gc()
+        assert state["failed"] == 4
+    finally:
+        proxy.stop()
+    assert s.leases.all() == ([], [])  # nothing left to keep packs out
+    s.pack(f"oci:{tmp_path / 'gone'}", "gone:1")

@@ -188,6 +188,10 @@ class Leases:
                           if l.id != lease.id and l.live(now) and (exclusive or l.exclusive)]
             except LeaseUnreadable as e:  # unknown: as if an exclusive holder's (never treated as absent)
                 others = [str(e)]
+            except BaseException:  # the listing failed: never leave this lease behind to keep others out
+                with contextlib.suppress(ConvstoreError):
+                    self.objects.delete(self._key(lease.id))
+                raise
             if not others:
                 break
             self.objects.delete(self._key(lease.id))
