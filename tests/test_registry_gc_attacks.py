@@ -87,11 +87,13 @@ def test_a_lease_gc_cannot_read_keeps_gc_out_and_the_racing_pack_publishes_intac
     assert s2.verify().clean
 
 
-def test_a_pack_whose_lease_lapsed_publishes_nothing(tmp_path, registry, keyfile):
+@pytest.mark.parametrize("recovers", [False, True], ids=["still-failing", "renewals-recover"])
+def test_a_pack_whose_lease_lapsed_publishes_nothing(tmp_path, registry, keyfile, recovers):
     """A slow pack whose registry fails every renewal of its lease (ttl 2 s here): gc on another client
     rightly takes the lapsed lease for a dead holder's and deletes the sealed manifest the pack has just
     written (no complete entry names it).  The pack must then refuse to publish (StoreBusy) rather than
-    point its name at a manifest that is gone."""
+    point its name at a manifest that is gone -- also when its renewals work again before it publishes
+    (a lease that lapsed once is lost)."""
     from netproxy import CountingProxy
 
     _images(tmp_path)
@@ -101,11 +103,13 @@ def test_a_pack_whose_lease_lapsed_publishes_nothing(tmp_path, registry, keyfile
     proxy = CountingProxy(registry.host)
     lease_puts = Counter()
     manifest_written, at_publish, release = threading.Event(), threading.Event(), threading.Event()
+    failing = threading.Event()
+    failing.set()
 
     def fault(method, path):
         if method == "PUT" and "/lapse/manifests/e-" in path:
             lease_puts[path] += 1
-            return "500" if lease_puts[path] > 1 else None  # taken, then never renewed
+            return "500" if lease_puts[path] > 1 and failing.is_set() else None  # taken, then not renewed
         if method == "PUT" and "/lapse/manifests/m-" in path:
             manifest_written.set()
         elif method == "GET" and "/lapse/manifests/s-" in path and manifest_written.is_set() \
@@ -138,6 +142,12 @@ def test_a_pack_whose_lease_lapsed_publishes_nothing(tmp_path, registry, keyfile
         assert lease_puts and max(lease_puts.values()) > 1  # renewals were tried, and failed
         report = g.gc()
         assert report.manifests_removed == 1  # the racer's, written but not yet published
+        if recovers:  # the registry answers the renewals again before the pack publishes
+            failing.clear()
+            tried = sum(lease_puts.values())
+            while sum(lease_puts.values()) < tried + 2:  # two renewals went through
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
     finally:
         release.set()
         t.join(300)

@@ -74,7 +74,8 @@ class Leases:
                  ttl: float = LEASE_TTL):
         self.objects, self.ident, self.clock, self.ttl = objects, ident, clock, ttl
         self._offset = 0.0  # the store's clock minus ``clock`` (see :meth:`sync`)
-        self._held: dict[str, tuple[str, float]] = {}  # lease id -> (purpose, monotonic time of its last write)
+        self._held: dict[str, tuple[str, float]] = {}
+        self._lost: set[str] = set()  # leases held here that went unrenewed for more than ttl/2 once  # lease id -> (purpose, monotonic time of its last write)
 
     def now(self) -> float:
         """Lease time: ``clock`` moved onto the store's own clock where it has one (a registry's
@@ -164,9 +165,9 @@ class Leases:
         others may soon take it for a dead holder's and go on."""
         now = time.monotonic()
         for lease_id, (purpose, ok) in list(self._held.items()):
-            if now - ok > self.ttl / 2:
-                raise StoreBusy(f"the {purpose} lost its lease {lease_id}: it could not be renewed for "
-                                f"{now - ok:.0f} s (a lease not renewed for {self.ttl:.0f} s is taken for a "
+            if now - ok > self.ttl / 2 or lease_id in self._lost:
+                raise StoreBusy(f"the {purpose} lost its lease {lease_id}: it went unrenewed for more than "
+                                f"{self.ttl / 2:.0f} s (a lease not renewed for {self.ttl:.0f} s is taken for a "
                                 f"dead holder's); nothing was published: run it again")
 
     @contextlib.contextmanager
@@ -213,6 +214,8 @@ class Leases:
                 except ConvstoreError as e:  # the next renewal tries again; check_held refuses past ttl/2
                     log.warning("could not renew the %s lease %s: %s", purpose, cur.id, e)
                 else:
+                    if t - self._held.get(cur.id, (purpose, t))[1] > self.ttl / 2:
+                        self._lost.add(cur.id)  # it lapsed meanwhile: others may have gone on; lost for good
                     self._held[cur.id] = (purpose, t)
 
         t = threading.Thread(target=renew, name=f"convstore-lease-{purpose}", daemon=True)
@@ -223,6 +226,7 @@ class Leases:
             stop.set()
             t.join()
             self._held.pop(lease.id, None)
+            self._lost.discard(lease.id)
             try:
                 self.objects.delete(self._key(lease.id))
             except ConvstoreError as e:  # it expires by itself
