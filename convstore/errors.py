@@ -25,6 +25,7 @@ key material.
     │   ├── RollbackDetected   a tag or domain went back to a version older than this client saw
     │   ├── DomainConflict     a store already has another convergence domain of the same name
     │   ├── StoreBusy          a registry store's lease refuses (gc while a pack is in flight, or the reverse)
+    │   │   └── LeaseUnreadable  a lease is listed but cannot be read: it counts as a live exclusive one
     │   ├── FuseSessionError   a held FUSE session cannot be taken over (other image, holder refuses)
     │   ├── KernelFuseError    the low-level FUSE server cannot mount (mount(2) refused)
     │   ├── StoreFormatError   unknown or future on-disk format version
@@ -159,6 +160,11 @@ class StoreBusy(StoreError):
     """A store without locks (a registry) holds a live lease that excludes this
     operation: gc while a pack or copy into it is in flight, or a pack while gc
     runs.  Nothing was changed; run it again after the other one finished."""
+
+
+class LeaseUnreadable(StoreBusy):
+    """A lease is listed but cannot be read (the store failed): it may be a live
+    holder's, so it excludes everyone (never taken for absent or forged)."""
 
 
 class StoreFormatError(StoreError):

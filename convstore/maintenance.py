@@ -52,7 +52,7 @@ def refresh(store: Repository, ref: str | None = None, check_sources: bool = Tru
         def change(cur: CatalogEntry | None, problem: str | None = problem) -> CatalogEntry | None:
             if cur is None:
                 return None
-            cur = lifecycle.clear_dead_pack(cur, now)
+            cur = lifecycle.clear_dead_pack(cur, now, store.pending_alive)
             if cur is None or not cur.complete:
                 return cur
             # the source was judged for e's version: a name packed again meanwhile is judged next time
@@ -144,6 +144,8 @@ def gc(store: Repository, dry_run: bool = False) -> GCReport:
         dead_manifests, manifest_bytes, others = store.manifests.dead(keep_manifests)
         quarantined = store.chunks.quarantined()
         if not dry_run:
+            if not store.objects.supports_locking:
+                store.leases.check_held()  # gc's lease lapsed: a pack elsewhere may rely on what it would sweep
             store.chunks.sweep(doomed, live_containers)
             store.chunk_store.compact()
             store.manifests.delete(dead_manifests + others)

@@ -214,7 +214,8 @@ class ProcessMetrics:
             p = bg.progress()
             row = (p.chunks_total, p.chunks_local, p.bytes_total, p.bytes_fetched, int(p.state in ("done", "local")))
             prev = out.get(label)
-            out[label] = row if prev is None else tuple(a + b for a, b in zip(prev, row))  # type: ignore[assignment]
+            out[label] = row if prev is None else (prev[0] + row[0], prev[1] + row[1], prev[2] + row[2],
+                                                   prev[3] + row[3], prev[4] + row[4])
         return out
 
     def close(self) -> None:

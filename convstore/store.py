@@ -147,6 +147,10 @@ class Store(Repository):
         the owner's remedy for a damaged entry; then None is returned."""
         r = ImageRef.parse(ref) if isinstance(ref, str) else ref
         removed: list[CatalogEntry] = []
+        try:
+            self.clear_orphaned_pack(r)
+        except (CorruptObject, RollbackDetected):
+            pass  # a damaged entry: removed below
 
         def change(cur: CatalogEntry | None) -> CatalogEntry | None:
             if cur is not None:

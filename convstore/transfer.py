@@ -71,7 +71,9 @@ def _bring_domain(src: Repository, dst: Repository, manifest: Manifest) -> str:
     name, did = str(manifest.domain.get("name") or ""), str(manifest.domain.get("id") or "")
     if not name or not did or src.id == dst.id:
         return name if src.id == dst.id else ""
-    dst.convergence_domains.adopt(src.convergence_domains, name, did)  # DomainConflict: nothing written
+    epoch = manifest.domain.get("epoch")
+    dst.convergence_domains.adopt(src.convergence_domains, name, did,  # DomainConflict: nothing written
+                                  min_epoch=epoch if isinstance(epoch, int) else 0)
     try:
         mine = dst.convergence_domains.record(name)
     except KeyError:

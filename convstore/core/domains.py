@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import re
 import uuid
 from contextlib import AbstractContextManager
@@ -31,6 +32,8 @@ from ..keys import KeyProvider
 from .identity import StoreIdentity, check_key_id, now_iso
 from ..stores.base import ObjectStore
 from .trust import TrustState
+
+log = logging.getLogger(__name__)
 
 DOMAIN_VERSION = 2  # 2: MAC-authenticated
 DEFAULT_DOMAIN = "default"
@@ -138,19 +141,26 @@ class Domains:
             raise StoreError(f"convergence domain {name!r} already exists")
         return rec, secret
 
-    def adopt(self, source: Domains, name: str, domain_id: str) -> bool:
+    def adopt(self, source: Domains, name: str, domain_id: str, min_epoch: int = 0) -> bool:
         """Bring the domain ``name`` of ``source`` (another store) here, if it is the domain
         ``domain_id`` and this store lacks it or holds an older epoch of it: the same id, epochs and
         current secret; the secret unwrapped by the source's key (its wrap context binds the source
         store) and wrapped by this store's key (binding this store), the record authenticated under
         this store's metadata key.  The secret never leaves the two key providers' calls.  Whether
-        it wrote a record.  :class:`DomainConflict` if this store has another domain of that name."""
+        it wrote a record.  :class:`DomainConflict` if this store has another domain of that name.
+        ``min_epoch``: the epoch the copied image was packed in (its authenticated manifest says so):
+        a source record older than that is an authentic record replayed by a store writer (a rotated-out
+        secret), never adopted."""
         try:
             theirs = source.record(name)
         except KeyError:
             return False  # the source no longer has it: the copied image still reads (its manifest holds its keys)
         if theirs.get("id") != domain_id:
             return False  # the image was packed in another domain of that name (one the source replaced)
+        if theirs["epoch"] < min_epoch:
+            log.warning("not adopting domain %s: the source's record is of epoch %s, older than the copied "
+                        "image's %s (an older record replayed?)", describe(theirs), theirs["epoch"], min_epoch)
+            return False
         with self._lock(name) if self.objects.supports_locking else contextlib.nullcontext():
             try:
                 mine: dict[str, Any] | None = self.record(name)

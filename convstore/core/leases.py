@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConvstoreError, StoreBusy, StoreError
+from ..errors import ConvstoreError, CorruptObject, LeaseUnreadable, StoreBusy, StoreError
 from ..stores.base import ObjectStore
 from .identity import StoreIdentity
 
@@ -73,6 +73,27 @@ class Leases:
     def __init__(self, objects: ObjectStore, ident: StoreIdentity, clock: Callable[[], float] = time.time,
                  ttl: float = LEASE_TTL):
         self.objects, self.ident, self.clock, self.ttl = objects, ident, clock, ttl
+        self._offset = 0.0  # the store's clock minus ``clock`` (see :meth:`sync`)
+        self._held: dict[str, tuple[str, float]] = {}
+        self._lost: set[str] = set()  # leases held here that went unrenewed for more than ttl/2 once  # lease id -> (purpose, monotonic time of its last write)
+
+    def now(self) -> float:
+        """Lease time: ``clock`` moved onto the store's own clock where it has one (a registry's
+        ``Date``), so that writers whose clocks disagree still agree on a lease's age."""
+        return self.clock() + self._offset
+
+    def sync(self) -> None:
+        """Measure this client's offset from the store's clock (one request); kept as it was if the
+        store has no clock (then local clocks must agree, see docs/lifecycle.md).  A store that cannot
+        be asked fails here, as the lease write would."""
+        t0 = self.clock()
+        server = self.objects.server_time()
+        local = (t0 + self.clock()) / 2
+        if server is not None:
+            self._offset = server - local
+            if abs(self._offset) > self.ttl / 8:
+                log.warning("leases: this machine's clock is %.0f s off the store's; leases use the store's",
+                            self._offset)
 
     @staticmethod
     def _key(lease_id: str) -> str:
@@ -85,23 +106,33 @@ class Leases:
         self.objects.put(self._key(lease.id), self.ident.meta().sign("lease", f"lease {lease.id}", doc))
 
     def _read(self, key: str) -> Lease | None:
-        """The authenticated lease at ``key``; None if it is gone or fails authentication (logged)."""
+        """The authenticated lease at ``key``; None if it is gone or fails authentication (logged: a
+        forgery, ignored).  A lease that cannot be *read* (the store fails, times out) is not a forged
+        one: :class:`LeaseUnreadable`, so that no one goes on as if it were not there."""
         lease_id = key.rsplit("/", 1)[-1]
         try:
-            doc = self.ident.meta().open("lease", f"lease {lease_id}", self.objects.get(key), f"lease {lease_id}")
+            data = self.objects.get(key)
+        except KeyError:
+            return None  # released meanwhile
+        except CorruptObject as e:  # its content: not what a holder of the key wrote
+            log.warning("ignoring lease %s: %s", lease_id, e)
+            return None
+        except ConvstoreError as e:
+            raise LeaseUnreadable(f"lease {lease_id}, which cannot be read ({e}) and may be a live holder's") \
+                from None
+        try:
+            doc = self.ident.meta().open("lease", f"lease {lease_id}", data, f"lease {lease_id}")
             if doc.get("format") != "convstore-lease" or doc.get("version") != LEASE_VERSION \
                     or doc.get("id") != lease_id:
                 raise StoreError(f"lease {lease_id} has an unsupported format or names another lease")
             return Lease(lease_id, str(doc["purpose"]), bool(doc["exclusive"]), str(doc["host"]), int(doc["pid"]),
                          float(doc["created"]), float(doc["renewed"]), float(doc["ttl"]))
-        except KeyError:
-            return None  # released meanwhile
-        except (ConvstoreError, TypeError, ValueError) as e:
+        except (ConvstoreError, KeyError, TypeError, ValueError) as e:
             log.warning("ignoring lease %s: %s", lease_id, e)
             return None
 
     def all(self) -> tuple[list[Lease], list[str]]:
-        """(the authentic leases, the keys of the others)."""
+        """(the authentic leases, the keys of the others).  :class:`LeaseUnreadable` if one cannot be read."""
         good, bad = [], []
         for key in self.objects.list("leases"):
             lease = self._read(key)
@@ -113,44 +144,79 @@ class Leases:
         return good, bad
 
     def clean(self) -> int:
-        """Delete the leases of dead holders and the unauthentic ones (gc, under its own lease); how many."""
-        now = self.clock()
-        good, bad = self.all()
-        doomed = bad + [self._key(l.id) for l in good if not l.live(now)]
+        """Delete the leases of dead holders and the unauthentic ones (gc, under its own lease); how many.
+        One that cannot be read now is left alone (it may be live)."""
+        now = self.now()
+        doomed = []
+        for key in self.objects.list("leases"):
+            try:
+                lease = self._read(key)
+            except LeaseUnreadable as e:
+                log.warning("leaving %s alone: %s", key, e)
+                continue
+            if (lease is None and self.objects.has(key)) or (lease is not None and not lease.live(now)):
+                doomed.append(key)
         self.objects.delete_many(doomed)
         return len(doomed)
+
+    def check_held(self) -> None:
+        """Before a step that relies on the leases this process holds (a pack's publish, gc's sweep):
+        :class:`StoreBusy` if one was not renewed for half its ttl (the store failed every renewal), as
+        others may soon take it for a dead holder's and go on."""
+        now = time.monotonic()
+        for lease_id, (purpose, ok) in list(self._held.items()):
+            if now - ok > self.ttl / 2 or lease_id in self._lost:
+                raise StoreBusy(f"the {purpose} lost its lease {lease_id}: it went unrenewed for more than "
+                                f"{self.ttl / 2:.0f} s (a lease not renewed for {self.ttl:.0f} s is taken for a "
+                                f"dead holder's); nothing was published: run it again")
 
     @contextlib.contextmanager
     def hold(self, purpose: str, *, exclusive: bool, wait: float = 0.0) -> Iterator[Lease]:
         """Hold a lease for the block: shared ones exclude only exclusive ones.  Waits up to ``wait``
         seconds for the leases that exclude it to go; then :class:`StoreBusy`, naming them."""
-        now = self.clock()
+        self.sync()
+        now = self.now()
         lease = Lease(secrets.token_hex(16), purpose, exclusive, socket.gethostname(), os.getpid(), now, now,
                       self.ttl)
         deadline = time.monotonic() + wait
         while True:
-            lease = Lease(lease.id, purpose, exclusive, lease.host, lease.pid, lease.created, self.clock(), self.ttl)
+            lease = Lease(lease.id, purpose, exclusive, lease.host, lease.pid, lease.created, self.now(), self.ttl)
+            written = time.monotonic()
             self._write(lease)  # first write, then list: see the module docstring
-            now = self.clock()
-            others = [l for l in self.all()[0] if l.id != lease.id and l.live(now) and (exclusive or l.exclusive)]
+            now = self.now()
+            try:
+                others = [l.describe(now) for l in self.all()[0]
+                          if l.id != lease.id and l.live(now) and (exclusive or l.exclusive)]
+            except LeaseUnreadable as e:  # unknown: as if an exclusive holder's (never treated as absent)
+                others = [str(e)]
+            except BaseException:  # the listing failed: never leave this lease behind to keep others out
+                with contextlib.suppress(ConvstoreError):
+                    self.objects.delete(self._key(lease.id))
+                raise
             if not others:
                 break
             self.objects.delete(self._key(lease.id))
             if time.monotonic() >= deadline:
-                what = "; ".join(l.describe(now) for l in others)
+                what = "; ".join(others)
                 raise StoreBusy(f"{purpose} cannot run now: the store holds {what} (nothing was changed; a "
                                 f"lease not renewed for {self.ttl:.0f} s is ignored)")
             time.sleep(POLL)  # a bounded poll: the other holder releases, or its lease expires
         stop = threading.Event()
+        self._held[lease.id] = (purpose, written)
 
         def renew() -> None:
             cur = lease
             while not stop.wait(self.ttl / 4):
-                cur = Lease(cur.id, purpose, exclusive, cur.host, cur.pid, cur.created, self.clock(), self.ttl)
+                cur = Lease(cur.id, purpose, exclusive, cur.host, cur.pid, cur.created, self.now(), self.ttl)
+                t = time.monotonic()
                 try:
                     self._write(cur)
-                except ConvstoreError as e:  # the next renewal tries again; past the ttl the lease is lost
+                except ConvstoreError as e:  # the next renewal tries again; check_held refuses past ttl/2
                     log.warning("could not renew the %s lease %s: %s", purpose, cur.id, e)
+                else:
+                    if t - self._held.get(cur.id, (purpose, t))[1] > self.ttl / 2:
+                        self._lost.add(cur.id)  # it lapsed meanwhile: others may have gone on; lost for good
+                    self._held[cur.id] = (purpose, t)
 
         t = threading.Thread(target=renew, name=f"convstore-lease-{purpose}", daemon=True)
         t.start()
@@ -159,6 +225,8 @@ class Leases:
         finally:
             stop.set()
             t.join()
+            self._held.pop(lease.id, None)
+            self._lost.discard(lease.id)
             try:
                 self.objects.delete(self._key(lease.id))
             except ConvstoreError as e:  # it expires by itself

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -134,9 +135,11 @@ def abort_pack(cur: CatalogEntry | None, now: float, error: str, source_gone: bo
     return replace(cur, pending=None)
 
 
-def clear_dead_pack(cur: CatalogEntry, now: float) -> CatalogEntry | None:
-    """Drop the pending mark of a pack whose process is gone (refresh)."""
-    if not (cur.pending and not pid_alive(cur.pending)):
+def clear_dead_pack(cur: CatalogEntry, now: float,
+                    alive: Callable[[dict[str, Any] | None], bool] = pid_alive) -> CatalogEntry | None:
+    """Drop the pending mark of a pack whose process is gone (refresh); ``alive`` judges it
+    (a store without locks: :meth:`Repository.pending_alive`, which asks the leases)."""
+    if not (cur.pending and not alive(cur.pending)):
         return cur
     if not cur.complete:
         return None  # a first pack that died: nothing to serve

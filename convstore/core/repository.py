@@ -24,11 +24,13 @@ that spawns a worker).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -36,13 +38,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import platformdirs
 
 from . import lifecycle
-from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, Catalog, CatalogEntry, iso
+from .catalog import ACTIVE, FAILED, INACTIVE, PENDING, Catalog, CatalogEntry, iso, pid_alive
 from .chunks import Chunks
 from .domains import DEFAULT_DOMAIN, Domain, Domains
 from ..errors import (
     ConvstoreError,
     ImageFailed,
     ImageInactive,
+    ImageNotFound,
     ImagePending,
     InvalidReference,
     KeyFileMissing,
@@ -301,9 +304,36 @@ class Repository:
         assert e is not None
         return e
 
+    def pending_alive(self, pending: dict[str, Any] | None) -> bool:
+        """Whether the pack that set a pending mark still runs: on this host, its pid; on another host
+        of a store without locks, whether it still holds a live lease (a pack holds one from before its
+        pending mark until it publishes); otherwise it cannot be told and is assumed to."""
+        if not pending:
+            return False
+        if self.objects.supports_locking or pending.get("host") == socket.gethostname():
+            return pid_alive(pending)
+        self.leases.sync()
+        now = self.leases.now()
+        return any(l.host == pending.get("host") and l.pid == pending.get("pid") and l.live(now)
+                   for l in self.leases.all()[0])  # LeaseUnreadable: cannot tell, nothing cleared
+
+    def clear_orphaned_pack(self, ref: ImageRef) -> None:
+        """Drop the pending mark another machine's pack left when it died (its lease expired), which
+        would otherwise refuse every later pack and rm of ``ref`` (stores without locks)."""
+        if self.objects.supports_locking:
+            return
+        try:
+            e = self.catalog.entry(ref)
+        except ImageNotFound:
+            return
+        if e.pending and e.pending.get("host") != socket.gethostname() and not self.pending_alive(e.pending):
+            now = self.clock()
+            self.catalog.update(ref, lambda cur: cur and lifecycle.clear_dead_pack(cur, now, self.pending_alive))
+
     def begin_pack(self, ref: ImageRef, source: str, repack_of: str | None = None) -> CatalogEntry:
         """Mark ``ref`` PENDING (or note the pending update of a servable image).  ``repack_of``: a
         re-pack of that version (refused with :class:`ImageChanged` once ``ref`` points elsewhere)."""
+        self.clear_orphaned_pack(ref)
         now = self.clock()
         return self._change(ref, lambda cur: lifecycle.begin_pack(cur, ref, now, source, repack_of))
 
@@ -315,6 +345,8 @@ class Repository:
         self.chunk_store.flush()
         self.objects.flush()
         self.ident.check_current(self.key)  # a rekey that ran meanwhile: never publish under a retired key
+        if not self.objects.supports_locking:
+            self.leases.check_held()  # a lease that lapsed: gc elsewhere may have taken what this relies on
         now = self.clock()
         return self._change(ref, lambda cur: lifecycle.finish_pack(
             cur, ref, now, manifest_digest=manifest_digest, key_id=self.key.key_id, wrapped_key=wrapped,
@@ -335,8 +367,16 @@ class Repository:
         store without locks (a registry) holds a shared lease instead
         (:mod:`convstore.core.leases`), waiting up to ``PACK_WAIT`` for a running gc."""
         if not self.objects.supports_locking:
-            return self.leases.hold("pack", exclusive=False, wait=PACK_WAIT)
+            return self._leased()
         return self.objects.lock(GC_LOCK, shared=True)
+
+    @contextlib.contextmanager
+    def _leased(self) -> Iterator[None]:
+        """A shared lease, then a fresh look at the chunk index: what this process loaded before (a
+        long-lived one, or a pack's up-to-date check) may name chunks a gc swept meanwhile."""
+        with self.leases.hold("pack", exclusive=False, wait=PACK_WAIT):
+            self.chunk_store.refresh()
+            yield
 
     def gc_lock(self, *, optional: bool = False, purpose: str = "gc") -> AbstractContextManager[Any]:
         """The gc lock, exclusive: what gc and rekey hold (no pack or copy can

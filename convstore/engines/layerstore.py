@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 import mfusepy
 
 from ..core.catalog import CatalogEntry
-from ..errors import ConvstoreError, ImageNotFound
+from ..errors import ConvstoreError, ImageNotFound, StoreError
 from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
 from ..metrics import ProcessMetrics, node_cache_of, origin_counters_of, reporting
@@ -73,8 +73,12 @@ T = TypeVar("T")
 
 #: how often a lookup of an unknown digest may re-read the catalog (new packs appear)
 RESCAN_SECONDS = 2.0
-#: how often a serving layer store re-reads the catalog anyway (a removed image stops being served)
+#: how often a serving layer store looks for removed or added images: one tag listing (a removed
+#: image stops being served); a change in it re-reads the catalog
 REVALIDATE_SECONDS = 10.0
+#: how often it re-reads the whole catalog anyway (an image packed again or FAILED under the same
+#: name): 1 + one request per image on a registry, so not every 10 s on every node of a fleet
+FULL_REVALIDATE_SECONDS = 300.0
 #: an image with no start-up profile has the chunks read in its first seconds recorded as one
 RECORD_SECONDS = 10.0
 _GZIP = 2  # containers/storage's archive.Gzip (compression of the original blob)
@@ -103,8 +107,10 @@ class LayerStore:
     as an :class:`ImageFS` of that layer alone (one chunk fetcher per image)."""
 
     def __init__(self, store: Repository, *, cache: ChunkCache | None = None, policy: Policy | None = None,
-                 background: BackgroundConfig | None = None) -> None:
+                 background: BackgroundConfig | None = None, revalidate: float = REVALIDATE_SECONDS,
+                 full_revalidate: float = FULL_REVALIDATE_SECONDS) -> None:
         self.store = store
+        self.revalidate, self.full_revalidate = revalidate, full_revalidate  # see watch()
         #: the background fetch of each image served (on by default; BackgroundConfig(enabled=False): off)
         self.background = background or BackgroundConfig.from_env()
         self._background: dict[str, BackgroundFetch] = {}
@@ -118,6 +124,7 @@ class LayerStore:
         self._manifests: dict[str, tuple[CatalogEntry, Manifest, ChunkFetcher]] = {}
         self._trees: dict[str, ImageFS] = {}
         self._recording: dict[str, threading.Timer] = {}
+        self._seen_refs: frozenset[str] | None = None  # the catalog's keys at the last look (watch)
 
     def scan(self) -> None:
         """Index the blob digests and chain IDs of every ACTIVE image (manifests
@@ -144,6 +151,10 @@ class LayerStore:
                         "diff-size": lr.uncompressed_size, "compression": _COMPRESSION.get(lr.compression, 0)}
                 found.setdefault(digest, _Layer(e, json.dumps(info).encode() + b"\n", lr.size or 0))
                 chains.setdefault(chain, (digest, parent))
+        with self._lock:
+            doomed = set(self._manifests) - {lay.entry.manifest_digest for lay in found.values()}
+        if doomed:
+            self._check_store()  # a registry that lost the repository is unreachable, not empty
         with self._lock:
             self._layers = found
             self._chains = chains
@@ -176,12 +187,38 @@ class LayerStore:
             log.info("layer store: no longer serving %s (removed or replaced)", key)
         return dropped
 
-    def watch(self, done: threading.Event, every: float | None = None) -> None:
-        """Re-read the catalog every ``every`` seconds until ``done``: a removed image stops being
-        served within that time even if no lookup misses (a service's background thread)."""
-        while not done.wait(REVALIDATE_SECONDS if every is None else every):
+    def _check_store(self) -> None:
+        """Before images stop being served: the store is still the one opened (``store.json`` there,
+        same id).  A registry that answers 404 for everything (restarted on empty storage, a wrong
+        route) lists an empty catalog: that is an unreachable store, not a removal of every image."""
+        try:
+            doc = json.loads(self.store.objects.get("store.json"))
+        except (KeyError, ValueError) as e:
+            raise StoreError(f"the store no longer holds its store.json ({type(e).__name__}): treated as "
+                             f"unreachable, nothing stops being served") from None
+        if not isinstance(doc, dict) or doc.get("id") != self.store.id:
+            raise StoreError(f"the store is no longer store {self.store.id}: treated as unreachable, nothing "
+                             f"stops being served")
+
+    def _refs_changed(self) -> bool:
+        """Whether the catalog's names changed since the last look (one tag listing on a registry)."""
+        refs = frozenset(self.store.objects.list("refs"))
+        changed, self._seen_refs = refs != self._seen_refs, refs
+        return changed
+
+    def watch(self, done: threading.Event, every: float | None = None, full_every: float | None = None) -> None:
+        """Until ``done``: every ``every`` seconds look whether images were removed or added (one tag
+        listing), re-reading the catalog if so, and every ``full_every`` seconds anyway: a removed
+        image stops being served within ``every`` even if no lookup misses (a service's background
+        thread)."""
+        every = self.revalidate if every is None else every
+        full_every = self.full_revalidate if full_every is None else full_every
+        last_full = time.monotonic()
+        while not done.wait(every):
             try:
-                self.scan()
+                if self._refs_changed() or time.monotonic() - last_full >= full_every:
+                    self.scan()
+                    last_full = time.monotonic()
             except ConvstoreError as e:  # the store is unreachable: keep serving what was known
                 log.warning("layer store: cannot re-read the catalog: %s", e)
 

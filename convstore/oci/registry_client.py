@@ -599,6 +599,21 @@ class RegistryClient:
             raise
         return True
 
+    def server_time(self, repo: str) -> float | None:
+        """The registry's clock (its ``Date`` header, 1 s resolution, taken mid-request), or None if it
+        sends none.  One small request scoped to ``repo`` (so token auth works as for any other)."""
+        import email.utils
+
+        t0 = time.time()
+        r = self._req("GET", f"{self.base}/{repo}/tags/list?n=1", (200, 404), cap=MAX_TAGS_PAGE,
+                      kind="a tag list page")
+        t1 = time.time()
+        try:
+            server = email.utils.parsedate_to_datetime(r.headers.get("Date", "")).timestamp()
+        except (TypeError, ValueError, IndexError):
+            return None
+        return server + 0.5 + (time.time() - (t0 + t1) / 2)  # mid-second, carried to now
+
     def tags(self, repo: str) -> list[str]:
         """Every tag of ``repo`` (each page read up to MAX_TAGS_PAGE, at most MAX_TAGS in all, in at
         most MAX_TAG_PAGES pages, each adding a tag)."""

@@ -410,11 +410,15 @@ class ChunkFetcher:
         is read alone (its error goes to whoever waits for it)."""
         idents = [self.manifest.chunks[i] for i in idxs]
         hints = {c.cid: h for c, h in ((c, self.manifest.hint(i)) for c, i in zip(idents, idxs)) if h is not None}
+        # which tier serves each chunk (the node's disk cache, else the origin), asked before the fetch
+        disk = {c.cid for c in idents if self._disk_cached is not None and self._disk_cached(c.cid)}
+        t = time.perf_counter()
         try:
             blobs = self.chunks.blobs([c.cid for c in idents], hints)
         except Exception as e:  # noqa: BLE001  each chunk is tried again alone below
             log.debug("profile batch of %d chunks: %s; reading them one by one", len(idxs), e)
             blobs = {}
+        took = time.perf_counter() - t  # each chunk of the batch waited that long
         for idx, ident in zip(idxs, idents):
             fut = futs[idx]
             blob = blobs.get(ident.cid)
@@ -423,10 +427,15 @@ class ChunkFetcher:
                     plain = self._load(idx)
                 else:
                     plain = self.chunks.open(blob, ident)
+                    tier = "disk" if ident.cid in disk else "origin"
                     with self._lock:
                         self.stats.chunks_fetched += 1
                         self.stats.bytes_fetched += len(blob)
                         self.stats.plain_bytes_fetched += len(plain)
+                        self.stats.observe_fetch(tier, took)
+                        if tier == "disk":
+                            self.stats.disk_chunks += 1
+                            self.stats.disk_bytes += len(blob)
             except BaseException as e:  # noqa: BLE001  handed to the readers
                 if blob is not None and isinstance(e, Exception):  # _load counted its own
                     with self._lock:

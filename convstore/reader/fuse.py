@@ -250,7 +250,7 @@ def serve(fs: ImageFS | None, mountpoint: str, ops: ImageOperations | None = Non
             kfuse.serve(fs, mountpoint, counters=ops, read_only=read_only, ref=ref)
             return
         if paths:
-            kfuse.serve_paths(ops, mountpoint, read_only=read_only, what=ops.kfuse_paths)  # type: ignore[attr-defined]
+            kfuse.serve_paths(ops, mountpoint, read_only=read_only, what=ops.kfuse_paths)
             return
         try:
             mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=False, **opts)

@@ -163,6 +163,10 @@ class ChunkStore(ABC):
         rewrote anything, where the backend says."""
         return None
 
+    def refresh(self) -> None:
+        """Look again at what other writers published or gc swept (an index
+        held in memory); nothing where every lookup reads the store."""
+
     def check_index(self) -> list[str]:
         """Damaged index files (``verify``); each one a line."""
         return []
@@ -215,6 +219,9 @@ class ForwardingChunkStore(ChunkStore):
 
     def flush(self) -> None:
         self.inner.flush()
+
+    def refresh(self) -> None:
+        self.inner.refresh()
 
     def abort(self) -> None:
         self.inner.abort()
@@ -314,6 +321,11 @@ class ObjectStore(ABC):
     def evict(self, key: str) -> None:
         """Drop any local copy of ``key`` (caches override this)."""
 
+    def server_time(self) -> float | None:
+        """The store's own clock (epoch seconds, e.g. a registry's ``Date``), shared by every client
+        of a store without locks (leases); None where the store has none (local stores)."""
+        return None
+
     def lock(self, name: str, shared: bool = False) -> AbstractContextManager[None]:
         """An inter-process lock (exclusive, or shared with other shared holders)."""
         raise StoreError(f"{type(self).__name__} does not support locking")
@@ -342,6 +354,9 @@ class ForwardingObjectStore(ObjectStore):
 
     def get(self, key: str) -> bytes:
         return self.inner.get(key)
+
+    def server_time(self) -> float | None:
+        return self.inner.server_time()
 
     def has(self, key: str) -> bool:
         return self.inner.has(key)

@@ -176,6 +176,16 @@ class RegistryChunkStore(ChunkStore):
             self._covered |= set(covered)
         for t in [t for t in self._snaps if t in self._covered]:
             del self._snaps[t]
+        stale = [t for t in self._seg_tags if t in self._covered]
+        if stale:  # merged by another writer, or swept by gc: what they said is in the snapshots now (or gone)
+            for t in stale:
+                del self._seg_tags[t]
+            self._segs.clear()
+            for recs in self._seg_tags.values():
+                for cid, pack, off, n in recs:
+                    self._segs.setdefault(cid, (pack, off, n))
+            self._known = {p for snap in self._snaps.values() for p in snap.packs} | \
+                {pack.split(":", 1)[1] for recs in self._seg_tags.values() for _c, pack, _o, _n in recs}
         for t in sorted(t for t in tags if t.startswith("x-") and t not in self._seg_tags and t not in self._covered):
             got = self._index_artifact(t, AT_CHUNK_INDEX, (MAX_SEGMENT,))
             if got is None:

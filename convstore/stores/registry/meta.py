@@ -11,7 +11,7 @@ from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ...errors import ConvstoreError, StoreError, StoreFormatError
+from ...errors import ConvstoreError, CorruptObject, StoreError, StoreFormatError
 from ...oci.registry_client import OCI_MANIFEST, RegistryClient
 from ..base import ObjectStore
 from .artifacts import AT_IMAGE, AT_MANIFEST, AT_OBJECT, MT_PACK, artifact, inline, layer
@@ -64,7 +64,7 @@ class RegistryStore(ObjectStore):
         try:
             doc = json.loads(body)
         except ValueError:
-            raise StoreError(f"registry object {tag} is not a convstore artifact") from None
+            raise CorruptObject(f"registry object {tag} is not a convstore artifact") from None
         return doc if isinstance(doc, dict) else None
 
     def _value(self, key: str, m: dict[str, Any] | None) -> bytes:
@@ -72,11 +72,11 @@ class RegistryStore(ObjectStore):
             raise KeyError(key)
         try:
             if (m.get("annotations") or {}).get("org.convstore.key") != key:
-                raise StoreError(f"registry object for {key} is not what its tag claims")
+                raise CorruptObject(f"registry object for {key} is not what its tag claims")
             desc = m["layers"][0]
             digest = str(desc["digest"])
         except (AttributeError, KeyError, IndexError, TypeError):
-            raise StoreError(f"registry object for {key} is not a convstore artifact") from None
+            raise CorruptObject(f"registry object for {key} is not a convstore artifact") from None
         data = inline(desc)
         return data if data is not None else self.client.get_blob(self.repo, digest, size=desc.get("size"),
                                                                   max_bytes=MAX_OBJECT)
@@ -161,6 +161,9 @@ class RegistryStore(ObjectStore):
 
     def lock(self, name: str, shared: bool = False) -> Any:
         raise StoreError("a registry store has no locks")
+
+    def server_time(self) -> float | None:
+        return self.client.server_time(self.repo)
 
     def append_line(self, key: str, line: str) -> None:
         log.info("audit %s", line)  # a registry has no append; the local cache keeps the audit log
