@@ -451,15 +451,15 @@ class _Collector(Collector):
         yield CounterMetricFamily("convstore_memory_cache_evictions", "Chunks dropped to stay within the budget",
                                   value=mc.evictions)
         if m.origin_counters is not None:
-            c = m.origin_counters()
-            origin = CounterMetricFamily("convstore_origin_events", "The store's client, by event: requests "
+            events = m.origin_counters()
+            origin_events = CounterMetricFamily("convstore_origin_events", "The store's client, by event: requests "
                                          "sent, retries, unreachable, timeouts, fast_failures (reads refused at "
                                          "once while the registry is marked down), recoveries, offline_reads "
                                          "(metadata served from the node cache while the registry is "
                                          "unavailable)", labels=["event"])
-            for event, n in sorted(c.items()):
-                origin.add_metric([event], n)
-            yield origin
+            for event, n in sorted(events.items()):
+                origin_events.add_metric([event], n)
+            yield origin_events
         if m.node_cache is not None:
             d = m.node_cache
             yield GaugeMetricFamily("convstore_node_cache_bytes", "Bytes in the node's disk cache",
