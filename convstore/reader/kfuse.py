@@ -705,8 +705,8 @@ def start(fs: ImageFS, mountpoint: str, *, counters: Any = None, read_only: bool
 
 
 def serve(fs: ImageFS, mountpoint: str, *, counters: Any = None, read_only: bool = True, ref: str = "") -> None:
-    """Serve in the foreground until unmounted, with failover (:func:`start` with ``hold``).  SIGTERM or
-    SIGINT unmount (lazily: files still open keep reading) and end the held session; a SIGKILL leaves
+    """Serve in the foreground until unmounted, with failover (:func:`start` with ``hold``).  SIGTERM,
+    SIGINT or SIGHUP unmount (lazily: files still open keep reading) and end the held session; a SIGKILL leaves
     the session with its holder for a successor."""
     _serve_until_stopped(mountpoint, lambda: start(fs, mountpoint, counters=counters, read_only=read_only,
                                                    hold=True, ref=ref))
@@ -730,7 +730,9 @@ def _serve_until_stopped(mountpoint: str, starter: Callable[[], KernelServer]) -
         stopping.set()
 
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # as libfuse's handlers: SIGHUP too (the daemon sends it when a command's client vanished); a
+        # signal that kills (SIGKILL, SIGQUIT, a crash) leaves the session with its holder for a successor
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, stop)  # before mounting: a stop request as soon as the mount shows is honoured
     server = starter()
     while not server.wait(0.5):
