@@ -97,8 +97,9 @@ def test_a_mount_fails_uncached_reads_within_the_deadline_and_recovers_without_a
     mnt.mkdir()
     log = tmp_path / "mount.log"
     with open(log, "wb") as lf:
-        p = subprocess.Popen([sys.executable, "-m", "convstore.cli", *args, "mount", "a:1", str(mnt)], env=cli_env,
-                             stdout=lf, stderr=lf)
+        # no background fetch: the uncached files must stay uncached until the registry goes away
+        p = subprocess.Popen([sys.executable, "-m", "convstore.cli", *args, "mount", "--no-background-fetch", "a:1",
+                              str(mnt)], env=cli_env, stdout=lf, stderr=lf)
     try:
         end = time.monotonic() + 60
         while not os.path.ismount(mnt):

@@ -34,6 +34,7 @@ import array
 import hashlib
 import json
 import os
+import re
 import select
 import socket
 import stat
@@ -113,8 +114,33 @@ def _connect(mountpoint: str) -> socket.socket | None:
 
 
 def held(mountpoint: str) -> bool:
-    """Whether a holder keeps a session for ``mountpoint`` (asks it; never touches the mount)."""
-    return _ping(mountpoint).startswith(b"ok")
+    """Whether a holder keeps a session for ``mountpoint`` that is still mounted there (asks it, and
+    reads /proc/self/mountinfo; never touches the mount)."""
+    return mounted(mountpoint) and _ping(mountpoint).startswith(b"ok")
+
+
+def mounted(mountpoint: str) -> bool:
+    """Whether a FUSE file system is mounted at ``mountpoint`` (from /proc/self/mountinfo: a stat of a
+    mount whose server is gone would block).  A session held for a mount point that is no longer
+    mounted there (unmounted while an engine's overlay still holds its superblock) is not this mount
+    point's any more: a new server mounts afresh instead of taking it over."""
+    key = mount_key(mountpoint)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-") if "-" in fields else -1
+                if len(fields) > 4 and sep > 0 and fields[sep + 1].startswith("fuse") \
+                        and _unescape(fields[4]) == key:
+                    return True
+    except OSError:
+        return True  # cannot tell: as before, trust the holder
+    return False
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash are octal escapes there."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def served(mountpoint: str) -> bool:
@@ -188,6 +214,10 @@ def take(mountpoint: str) -> tuple[int, dict[str, Any]] | None:
                                f"/dev/fuse: refused")
     if not _connected(fds[0]):  # unmounted since
         os.close(fds[0])
+        return None
+    if not mounted(mountpoint):  # no longer mounted here (an overlay may keep it alive elsewhere): not ours
+        os.close(fds[0])
+        drop(mountpoint)
         return None
     return fds[0], state
 

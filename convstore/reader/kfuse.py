@@ -341,7 +341,12 @@ class KernelServer:
         try:
             data = self.fs.read_node(n, offset, size)
         except ConvstoreError as e:
-            log.error("read of inode %d (%s) at %d failed: %s", n.ino, self._name(n), offset, e)
+            count = getattr(self.counters, "_count_error", None)
+            if count is not None:
+                count(e)  # ImageOperations.read_errors, by cause
+            entry = getattr(self.fs, "entry", None)
+            log.error("read of %s (inode %d) at %d in image %s failed: %s", self._name(n), n.ino, offset,
+                      entry.ref if entry is not None else "?", e)
             raise _Errno(errno.EIO) from None
         if self.counters is not None:
             with self._lock:
