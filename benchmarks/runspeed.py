@@ -12,6 +12,10 @@ command is timed as a user runs it (wall time, and the CPU seconds of the
 command and its children from ``wait4``; a daemon-served command's work is
 done in the daemon's child, so its CPU is not seen here).  Medians and the
 ratios to ``runc run`` are printed (issue 24: own process <= 4x, daemon <= 2x).
+
+``--baseline DIR``: a checkout of other code (``git archive COMMIT | tar -x -C DIR``)
+whose ``convstore`` package runs the same commands in the same rounds
+(``PYTHONPATH=DIR``, its own daemon): before and after, side by side.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def main() -> None:
     ap.add_argument("--image", default="app1")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--json", help="write the raw samples here")
+    ap.add_argument("--baseline", metavar="DIR", help="also time the convstore package in DIR (before/after)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("runspeed: convstore run needs root (FUSE, runc)")
@@ -63,7 +68,7 @@ def main() -> None:
     args = json.loads((CORPUS_DIR / "corpus.json").read_text())["images"][a.image]["cmd"]
     work = Path(tempfile.mkdtemp(prefix="cs-runspeed-"))
     os.chmod(work, 0o700)
-    sock = work / "daemon" / "cli.sock"
+    socks: list[tuple[Path, dict[str, str]]] = []
     cs = [CONVSTORE, "--store", str(work / "store"), "--key", f"file:{work / 'key'}", "-q"]
     try:
         timed([*cs, "pack", f"oci:{CORPUS_DIR / a.image}:latest", f"{a.image}:latest"])
@@ -77,21 +82,30 @@ def main() -> None:
         spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                                "options": ["nosuid", "nodev", "mode=1777"]})
         (bundle / "config.json").write_text(json.dumps(spec))
-        (work / "daemon").mkdir(mode=0o700)
-        timed([CONVSTORE, "daemon", "--background", "--socket", str(sock)])
-        own = {"CONVSTORE_DAEMON": "0"}
-        via = {"CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(sock)}
-        run = [*cs, "run", f"{a.image}:latest"]
-        timed(run, own)  # records the start-up profile
-        timed(run, via)  # and the daemon's first command
-        rows: dict[str, list[tuple[float, float]]] = {"runc run, rootfs on disk": [], "convstore run, own process": [],
-                                                       "convstore run, through the daemon": []}
+        variants = {"": {}}
+        if a.baseline:
+            variants[" (baseline)"] = {"PYTHONPATH": str(Path(a.baseline).resolve())}
+        runs: dict[str, tuple[list[str], dict[str, str]]] = {}
+        for v, extra in variants.items():
+            sock = work / f"daemon{len(socks)}" / "cli.sock"
+            sock.parent.mkdir(mode=0o700)
+            timed([CONVSTORE, "daemon", "--background", "--socket", str(sock)], extra)
+            socks.append((sock, extra))
+            run = [*cs, "run", f"{a.image}:latest"]
+            runs[f"convstore run, own process{v}"] = (run, {**extra, "CONVSTORE_DAEMON": "0"})
+            runs[f"convstore run, through the daemon{v}"] = (run, {**extra, "CONVSTORE_DAEMON": "1",
+                                                                  "CONVSTORE_DAEMON_SOCKET": str(sock)})
+        for cmd, env in runs.values():  # the first records the start-up profile; each daemon's first command
+            timed(cmd, env)
+        rows: dict[str, list[tuple[float, float]]] = {"runc run, rootfs on disk": [], **{n: [] for n in runs}}
         for i in range(a.rounds):
             rows["runc run, rootfs on disk"].append(timed(["runc", "run", "--bundle", str(bundle), f"rs-{os.getpid()}-{i}"]))
-            rows["convstore run, own process"].append(timed(run, own))
-            rows["convstore run, through the daemon"].append(timed(run, via))
+            for n, (cmd, env) in runs.items():
+                rows[n].append(timed(cmd, env))
     finally:
-        subprocess.run([CONVSTORE, "daemon", "--stop", "--socket", str(sock)], capture_output=True, check=False)
+        for sock, extra in socks:
+            subprocess.run([CONVSTORE, "daemon", "--stop", "--socket", str(sock)], capture_output=True, check=False,
+                           env={**os.environ, **extra})
         shutil.rmtree(work, ignore_errors=True)
     base = statistics.median(w for w, _ in rows["runc run, rootfs on disk"])
     print(f"image {a.image}, medians of {a.rounds} rounds, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
