@@ -32,7 +32,8 @@ def main() -> None:
 
 
 def _exit_now(code: object) -> None:
-    """End the process as the interpreter would, minus the finalization that only frees memory (tens of ms):
+    """End the process as the interpreter would, minus the finalization that only frees memory (tens of ms),
+    as a daemon's forked child ends (daemon/server.py):
     join the non-daemon threads (and executors' workers) first, run the atexit handlers (logging's flush,
     weakref finalizers, temporary directories), flush stdout and stderr, then ``os._exit``."""
     import atexit
