@@ -28,7 +28,6 @@ way, its nodeids journaled to the session holder for a successor.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
