@@ -81,7 +81,9 @@ def local_at(stats: Path, t0: float, timeout: float = 90.0) -> float | None:
             doc = json.loads(stats.read_text())
         except (OSError, ValueError):
             doc = {}
-        bgs = [v.get("background") or {} for v in doc.values()]
+        # stats file format 2: {"background": {image: progress}}; format 1: {image: {"background": progress}}
+        bgs = (list((doc.get("background") or {}).values()) if "version" in doc
+               else [v.get("background") or {} for v in doc.values() if isinstance(v, dict)])
         if bgs and all(b.get("state") in ("done", "failed", "too-large", "off", "local") for b in bgs):
             return max(b.get("finished", 0) for b in bgs) - t0 if all(b.get("state") == "done" for b in bgs) \
                 else None

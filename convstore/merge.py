@@ -79,8 +79,9 @@ def entry_components(path: str) -> list[str]:
     """Split a layer entry path; refuse absolute paths and ``..``."""
     if path.startswith("/"):
         raise UnsafePathError(f"layer entry {path!r} has an absolute path")
-    parts = path.split("/")
-    if "" in parts or "." in parts:  # the common clean path needs no filtering (the merge's hot loop)
+    # the common clean path needs no filtering (the merge's hot loop); so does "./usr/bin" (tar -C dir .)
+    parts = (path[2:] if path.startswith("./") else path).split("/")
+    if "" in parts or "." in parts:
         parts = components(path)
     if ".." in parts:
         raise UnsafePathError(f"layer entry {path!r} climbs out of the root with '..'")

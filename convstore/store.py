@@ -17,7 +17,6 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import info
 from .core import lifecycle
 from .core.catalog import INACTIVE, CatalogEntry
 from .core.repository import (  # noqa: F401 (re-exported: the public names of convstore.store)
@@ -29,13 +28,13 @@ from .core.repository import (  # noqa: F401 (re-exported: the public names of c
 )
 from .core.domains import DEFAULT_DOMAIN, Domain
 from .errors import CorruptObject, RollbackDetected
-from .info import ImageInfo, LayerInfo, StoreStats  # noqa: F401 (re-exported)
 from .keys import KeyProvider, open_key
 from .manifest import Manifest
 from .options import default_local_store
 from .refs import ImageRef
 
 if TYPE_CHECKING:
+    from .info import ImageInfo, LayerInfo, StoreStats  # noqa: F401 (re-exported below)
     from .chunking import ChunkParams
     from .maintenance import GCReport, RefreshChange, VerifyReport
     from .oci.policy import Policy
@@ -223,8 +222,22 @@ class Store(Repository):
 
     def inspect(self, ref: str) -> ImageInfo:
         """An image's catalog entry, chunking and layers (no key bytes)."""
+        from . import info
+
         return info.inspect(self, ref)
 
     def stats(self) -> StoreStats:
         """Logical, unique-plaintext and stored bytes over every image."""
+        from . import info
+
         return info.stats(self)
+
+
+def __getattr__(name: str) -> Any:
+    """``ImageInfo``, ``LayerInfo``, ``StoreStats`` (convstore.info), imported on first use: three frozen
+    dataclasses cost every command's start ~3 ms, and ``convstore run`` never needs them."""
+    if name in ("ImageInfo", "LayerInfo", "StoreStats"):
+        from . import info
+
+        return getattr(info, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -126,3 +126,22 @@ def test_same_refusal_from_rootfs_and_lazy_reader(tmp_path: Path, store: convsto
         if os.path.ismount(mnt2):
             subprocess.run(["fusermount3", "-u", str(mnt2)], capture_output=True)
     assert not os.path.ismount(mnt2)
+
+
+@pytest.mark.parametrize("path", ["./usr/bin/sh", "./", ".", "./.", "././etc", "./a//b", "./a/./b/", "etc/"])
+def test_entry_components_dot_slash_fast_path(path: str) -> None:
+    """``./``-prefixed entries (most layers built with ``tar -C dir .``) take a fast split in the merge's
+    hot loop: it must give exactly what the general splitter gives."""
+    from convstore.merge import entry_components
+    from convstore.paths import components
+
+    assert entry_components(path) == components(path)
+
+
+@pytest.mark.parametrize("path", ["./..", "./../etc/passwd", "./a/../../b", "/./etc", "./a/.."])
+def test_entry_components_dot_slash_still_refuses_escapes(path: str) -> None:
+    from convstore.errors import UnsafePathError
+    from convstore.merge import entry_components
+
+    with pytest.raises(UnsafePathError):
+        entry_components(path)

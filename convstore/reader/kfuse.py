@@ -28,7 +28,6 @@ way, its nodeids journaled to the session holder for a successor.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -118,7 +117,7 @@ def available() -> bool:
     return os.geteuid() == 0 and os.path.exists("/dev/fuse") and os.environ.get("CONVSTORE_FUSE") != "libfuse"
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc, already loaded (find_library would run ldconfig)
 
 
 def mount_fd(mountpoint: str, fd: int, read_only: bool = True) -> None:

@@ -1,0 +1,69 @@
+"""``python benchmarks/starthook.py CONVSTORE-ARGS...``: the convstore command line with counters for
+one profiled start (benchmarks/startprofile.py): FUSE operations by kind (count, seconds in the handler),
+seconds in the fetcher's reads and store batches, in chunk decryption.  Written as JSON at exit to
+``$CONVSTORE_STARTHOOK_OUT.PID``.  Measurement only: nothing of convstore is changed but timed."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from convstore.core import chunks
+from convstore.reader import fetcher, kfuse
+
+_lock = threading.Lock()
+count: Counter[str] = Counter()
+secs: Counter[str] = Counter()
+# FUSE opcodes (linux/fuse.h), those kfuse names and the few it answers ENOSYS
+OPS = {getattr(kfuse, n): n for n in ("LOOKUP", "FORGET", "GETATTR", "SETATTR", "READLINK", "MKDIR", "UNLINK",
+                                      "RMDIR", "OPEN", "READ", "STATFS", "RELEASE", "CREATE", "GETXATTR",
+                                      "LISTXATTR", "FLUSH", "INIT", "OPENDIR", "READDIR", "RELEASEDIR", "ACCESS",
+                                      "INTERRUPT", "DESTROY", "BATCH_FORGET", "READDIRPLUS")}
+OPS.update({39: "IOCTL", 40: "POLL", 46: "LSEEK", 47: "COPY_FILE_RANGE", 52: "STATX"})
+
+
+def timed(key: str, f: Any) -> Any:
+    def g(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            with _lock:
+                count[key] += 1
+                secs[key] += time.perf_counter() - t
+    return g
+
+
+_dispatch = kfuse.KernelServer._dispatch
+
+
+def dispatch(self: Any, req: memoryview) -> None:
+    op = kfuse.IN_HEADER.unpack_from(req)[1]
+    timed(f"fuse {OPS.get(op, op)}", _dispatch)(self, req)
+
+
+kfuse.KernelServer._dispatch = dispatch  # type: ignore[method-assign]
+fetcher.ChunkFetcher.read = timed("fetcher read (FUSE readers' wait)", fetcher.ChunkFetcher.read)  # type: ignore
+fetcher.ChunkFetcher._load_batch = timed("fetcher store batch (worker)", fetcher.ChunkFetcher._load_batch)  # type: ignore
+chunks.decrypt_chunk = timed("decrypt_chunk", chunks.decrypt_chunk)
+
+
+@atexit.register
+def dump() -> None:
+    out = os.environ.get("CONVSTORE_STARTHOOK_OUT")
+    if out:
+        with open(f"{out}.{os.getpid()}", "w") as f:
+            json.dump({k: [count[k], round(secs[k], 4)] for k in sorted(count)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    from convstore.__main__ import main
+
+    sys.argv[0] = "convstore"
+    main()
