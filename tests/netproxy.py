@@ -30,7 +30,7 @@ def kind_of(method: str, path: str) -> str:
     """A coarse name for a registry request: ``GET blob``, ``GET manifest``, ``GET tags`` ..."""
     p = path.split("?", 1)[0]
     for part, name in (("/blobs/uploads", "upload"), ("/blobs/", "blob"), ("/manifests/", "manifest"),
-                       ("/tags/list", "tags")):
+                       ("/tags/list", "tags"), ("/packs/", "pack")):  # an S3 store's pack objects
         if part in p:
             return f"{method} {name}"
     return f"{method} other"
@@ -63,7 +63,7 @@ class CountingProxy:
             def _forward(self) -> None:
                 with proxy._lock:
                     proxy.counts[kind_of(self.command, self.path)] += 1
-                    if kind_of(self.command, self.path) == "GET blob":
+                    if kind_of(self.command, self.path) in ("GET blob", "GET pack"):
                         proxy.ranges[(self.path, self.headers.get("Range", ""))] += 1
                 if proxy.latency_s:
                     time.sleep(proxy.latency_s)
@@ -195,7 +195,7 @@ class DelayProxy:
                             method, path = m.group(1).decode(), m.group(2).decode(errors="replace")
                             kind = kind_of(method, path)
                             self.counts[kind] += 1
-                            if kind == "GET blob":
+                            if kind in ("GET blob", "GET pack"):
                                 rng = re.search(rb"(?im)^range: *(\S+)", m.group(3))
                                 self.ranges[(path, rng.group(1).decode() if rng else "")] += 1
                     await q.put((loop.time() + self.latency_s, data))

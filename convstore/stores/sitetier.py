@@ -24,7 +24,15 @@ tier.  The tier is never trusted and never needed:
   the same hint; after ``max_lies`` such blobs the tier is not used again by
   this process.
 
-Of the metadata only sealed manifests come through the tier
+One rule says what may come through a tier: objects that are immutable and
+named by their content, read by that name and checked against it (or against
+the chunk ids inside) before anything uses them.  For an S3 origin that is the
+pack objects (``PREFIX/packs/<sha256>``) read at location hints, and nothing
+under ``meta/``, ``index/`` or ``locks/`` (:class:`~.s3.S3PackReader` cannot
+read them); for a registry origin, chunk packs and, of the metadata, only
+sealed manifests.
+
+Of the metadata only sealed manifests come through a registry's tier
 (:class:`SiteTierObjectStore`): they are write-once objects named by the sha256
 of their bytes, so what the tier answers is checked against the name before
 anything reads it (and then unsealed under the store's metadata key, like any
@@ -237,9 +245,11 @@ def tier_stats(store: ChunkStore) -> dict[str, int] | None:
 
 def open_site_tier(origin_url: str, site_cache: str, origin: ChunkStore, objects: ObjectStore, *,
                    username: str | None = None, password: str | None = None,
-                   timeout: float = TIER_TIMEOUT) -> tuple[SiteTierObjectStore, SiteTierChunkStore]:
+                   timeout: float = TIER_TIMEOUT) -> tuple[ObjectStore, SiteTierChunkStore]:
     """``objects`` and ``origin`` (the metadata and chunk stores of ``origin_url``) read through the
-    site cache at ``site_cache``."""
+    site cache at ``site_cache``: for a registry store, chunk packs and sealed manifests (blobs named by
+    their sha256); for an S3 store, pack objects only (``PREFIX/packs/<sha256>``, at their location
+    hints), with the S3 request signed as for the origin (the tier passes it on unchanged)."""
     host, insecure = parse_site_cache(site_cache)
     if origin_url.startswith("oci://"):
         from ..oci.registry_client import RegistryClient
@@ -249,5 +259,11 @@ def open_site_tier(origin_url: str, site_cache: str, origin: ChunkStore, objects
         client = RegistryClient(host, insecure, username, password, timeout)
         chunks = SiteTierChunkStore(origin, RegistryChunkStore(f"oci://{host}/{repo}", client, repo, None))
         return SiteTierObjectStore(objects, RegistryStore(f"oci://{host}/{repo}", client, repo), chunks), chunks
+    if origin_url.startswith("s3://"):
+        from .s3 import S3Client, S3PackReader
+
+        client = S3Client(origin_url, ("http://" if insecure else "https://") + host, timeout, attempts=1)
+        # packs only; the metadata store (meta/, index/, locks/) is the origin's, never the tier's
+        return objects, SiteTierChunkStore(origin, S3PackReader(client))
     raise InvalidReference(f"--site-cache: {origin_url!r} is not a store a site cache can front "
-                           f"(registry stores, oci://HOST/REPO)")
+                           f"(registry stores, oci://HOST/REPO; S3 stores, s3://BUCKET/PREFIX)")

@@ -469,3 +469,26 @@ def _decode_snapshot(data: bytes, what: str) -> tuple[list[str], SortedIndex]:
     if not isinstance(covered, list) or not all(isinstance(c, str) and _INDEX_NAME.match(c) for c in covered):
         raise StoreError(f"{what}: its list of covered index objects is malformed")
     return covered, SortedIndex.from_bytes(data[_SNAP_HEAD.size + n:], f"index snapshot {what}", SNAP_MAGIC, 32)
+
+
+class S3PackReader(S3ChunkStore):
+    """Pack objects read at their location hints and nothing else: the reader
+    a site tier in front of an S3 origin is read with
+    (:mod:`convstore.stores.sitetier`).  It has no index (a chunk without a
+    usable hint is a KeyError: the origin, with its index, is asked instead),
+    reads no key outside ``packs/`` and writes nothing."""
+
+    def __repr__(self) -> str:
+        return f"S3PackReader({self.url} at {self.client.endpoint})"
+
+    def _load(self) -> None:
+        raise KeyError("a pack reader has no index")
+
+    def _lookup(self, cid: bytes) -> tuple[str, int, int] | None:
+        return None
+
+    def put(self, cid: bytes, blob: bytes) -> None:
+        raise StoreError("a site tier is read-only")
+
+    def flush(self) -> None:
+        pass
