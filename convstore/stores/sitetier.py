@@ -262,8 +262,8 @@ def open_site_tier(origin_url: str, site_cache: str, origin: ChunkStore, objects
     if origin_url.startswith("s3://"):
         from .s3 import S3Client, S3PackReader
 
-        client = S3Client(origin_url, ("http://" if insecure else "https://") + host, timeout, attempts=1)
+        s3client = S3Client(origin_url, ("http://" if insecure else "https://") + host, timeout, attempts=1)
         # packs only; the metadata store (meta/, index/, locks/) is the origin's, never the tier's
-        return objects, SiteTierChunkStore(origin, S3PackReader(client))
+        return objects, SiteTierChunkStore(origin, S3PackReader(s3client))
     raise InvalidReference(f"--site-cache: {origin_url!r} is not a store a site cache can front "
                            f"(registry stores, oci://HOST/REPO; S3 stores, s3://BUCKET/PREFIX)")
