@@ -211,11 +211,12 @@ class Repository:
             s3meta, s3chunks = open_s3(path, s3_endpoint, index_dir=os.path.join(cache_dir, "index"), timeout=timeout)
             cache = DiskCache(cache_dir, cache_bytes)
             s3origin: ChunkStore = s3chunks
-            if site_cache:  # packs through the tier; metadata from the origin
+            s3objects: ObjectStore = s3meta
+            if site_cache:  # packs and sealed manifests through the tier; other metadata from the origin
                 from ..stores.sitetier import open_site_tier
 
-                _meta, s3origin = open_site_tier(path, site_cache, s3chunks, s3meta)
-            objects, chunk_store = CachedStore(s3meta, cache), CachedChunkStore(s3origin, cache)
+                s3objects, s3origin = open_site_tier(path, site_cache, s3chunks, s3meta)
+            objects, chunk_store = CachedStore(s3objects, cache), CachedChunkStore(s3origin, cache)
         else:
             if site_cache:
                 raise InvalidReference(f"--site-cache: {path} is a local store; a site cache fronts a registry "

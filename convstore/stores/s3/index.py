@@ -17,7 +17,7 @@ from ...errors import S3Error, StoreError
 from ..base import ChunkSet, ChunkStore, Location
 from ..fs import makedirs_private
 from ..index import AUTO_MERGE_MAX, SortedIndex, encode_midx, record
-from ..registry.index import _SEG, _SEG_HEAD, MAX_SEGMENT, PACK_BYTES, SNAP_MAGIC, _decode_segment
+from ..registry.index import _SEG, _SEG_HEAD, MAX_SEGMENT, MULTI_GAP, PACK_BYTES, SNAP_MAGIC, _decode_segment
 from .client import S3Client
 
 log = logging.getLogger(__name__)
@@ -225,9 +225,11 @@ class S3ChunkStore(ChunkStore):
         return out
 
     def get_many(self, cids: list[bytes], hints: dict[bytes, Location] | None = None,
-                 max_gap: int = 1 << 20, max_span: int = 16 << 20) -> dict[bytes, bytes]:
+                 max_gap: int = MULTI_GAP, max_span: int = 16 << 20) -> dict[bytes, bytes]:
         """Chunks by coalesced ranged reads: neighbours in a pack (gaps up to
-        ``max_gap``) come in one request of at most ``max_span`` bytes."""
+        ``max_gap``, the registry store's bridge with multi-range reads: a
+        wider bridge read 2.5x what a node needs in the 50-node fleet run)
+        come in one request of at most ``max_span`` bytes."""
         out: dict[bytes, bytes] = {}
         by_pack: dict[str, list[tuple[int, int, bytes]]] = {}
         hints = hints or {}
