@@ -8,8 +8,9 @@ upload locations with the proxy's address and the client stays behind it.
 Faults (tests): ``proxy.fault`` is called with (method, path) for each
 request and returns None (forward it) or one of ``"500"`` (answer HTTP 500),
 ``"reset"`` (close the connection without an answer), ``"stall"`` (answer
-nothing for ``stall_s``, then close) and ``"corrupt"`` (forward it, flip one
-byte of the answer's body).
+nothing for ``stall_s``, then close), ``"corrupt"`` (forward it, flip one
+byte of the answer's body) and ``"swap"`` (forward it, answer ``swap_body``
+instead of its body: another object's bytes).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class CountingProxy:
         self.latency_s = latency_s
         self.fault: Callable[[str, str], str | None] | None = None
         self.stall_s = 30.0
+        self.swap_body = b""
         self.faults_injected = 0
         self.counts: Counter[str] = Counter()
         self.sent: Counter[str] = Counter()  # bytes of answer bodies by kind
@@ -99,6 +101,8 @@ class CountingProxy:
                     c.close()
                 if fault == "corrupt" and data:
                     data = data[:-1] + bytes([data[-1] ^ 0x40])
+                if fault == "swap":
+                    data = proxy.swap_body
                 self.send_response(r.status, r.reason)
                 for k, v in r.getheaders():
                     if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":

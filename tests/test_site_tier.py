@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -39,6 +40,10 @@ tier = s.chunk_store.inner
 print(json.dumps({"files": out, "tier": tier.stats() if hasattr(tier, "stats") else None,
                   "manifests_via_tier": getattr(s.objects.inner, "tier_objects", None)}))
 """
+
+
+#: what an S3 origin's tier may be asked for: pack objects and sealed manifests, by their sha256
+_TIER_KEY = re.compile(r"^/[^/]+/(.+/)?(packs|meta/manifests)/[0-9a-f]{64}$")
 
 
 def _regular(fs: ImageFS) -> list[str]:
@@ -162,7 +167,8 @@ def test_site_cache_errors_are_one_line(tmp_path, cli_env, registry):
         p.stderr
 
 
-# -- an S3 origin (SeaweedFS) behind the same tier: pack objects through it, metadata never -------------
+# -- an S3 origin (SeaweedFS) behind the same tier: pack objects and sealed manifests through it, ------
+# -- other metadata never --------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -191,6 +197,7 @@ def test_s3_nodes_through_the_tier_fetch_each_pack_range_from_the_origin_once(tm
     [alone] = _nodes(tmp_path, url, key, "", 1, "alone")
     assert alone["files"] == truth
     one_node = proxy.sent["GET pack"]
+    alone_manifests = proxy.counts["GET manifest"]
     assert one_node > 2_000_000
     proxy.reset()
     tier = SiteTier(tmp_path / "tier", proxy.host)
@@ -201,11 +208,16 @@ def test_s3_nodes_through_the_tier_fetch_each_pack_range_from_the_origin_once(tm
         tier.stop()
     for o in outs:
         assert o["files"] == truth
+        assert o["manifests_via_tier"] == 1  # the sealed manifest came from the tier, checked against its name
         assert o["tier"]["tier_chunks"] > 0 and o["tier"]["tier_lies"] == 0 and o["tier"]["tier_failures"] == 0
     # the origin served each pack range once (through the tier) whatever the three nodes asked for at once
     assert proxy.ranges and max(proxy.ranges.values()) == 1, proxy.ranges.most_common(3)
     assert proxy.sent["GET pack"] <= 1.2 * one_node, (proxy.sent["GET pack"], one_node)
-    assert log and all("/packs/" in r[1] and r[0] == "GET" for r in log), log[:5]  # never any metadata
+    # and the sealed manifest once: three nodes, one origin GET
+    assert proxy.counts["GET manifest"] == 1 and alone_manifests == 1, (proxy.counts, alone_manifests)
+    # packs and sealed manifests, never any other metadata
+    assert log and all(_TIER_KEY.search(r[1]) and r[0] == "GET" for r in log), log[:5]
+    assert sum(1 for r in log if "/meta/manifests/" in r[1]) == 3
     served = sum(int(r[4]) for r in log)
     assert served >= 2.5 * one_node
     assert proxy.counts["GET other"] >= 3  # each node read the metadata from the origin itself
@@ -224,6 +236,7 @@ def test_s3_a_lying_tier_never_serves_wrong_bytes(tmp_path, s3_origin, store):
     proxy, url, truth = s3_origin
     liar = CountingProxy(proxy.host)  # a "tier" that flips a byte of every pack range it serves
     liar.fault = lambda method, path: "corrupt" if "/packs/" in path and method == "GET" else None
+    liar.log = []
     try:
         w = convstore.Store.open(url, store.key, cache_dir=str(tmp_path / "lc"), state_dir=str(tmp_path / "ls"),
                                  site_cache=f"http://{liar.host}")
@@ -236,7 +249,45 @@ def test_s3_a_lying_tier_never_serves_wrong_bytes(tmp_path, s3_origin, store):
         liar.stop()
     assert got == truth
     assert liar.faults_injected >= 1
-    assert set(liar.counts) == {"GET pack"}, liar.counts  # the liar was never asked for metadata
+    # the liar was asked for packs and the sealed manifest, never any other metadata
+    assert liar.log and all(_TIER_KEY.search(r[2]) for r in liar.log), liar.log[:5]
     assert stats["tier_lies"] >= tier.max_lies
     assert liar.counts["GET pack"] <= tier.max_lies + 16, liar.counts
     assert stats["origin_chunks"] > 0 and proxy.sent["GET pack"] > 2_000_000
+
+
+def test_s3_a_tier_serving_another_manifest_is_caught(tmp_path, s3_origin, store, seaweed):
+    """The tier answers the sealed manifest's GET with another image's sealed manifest (a valid object of
+    the same store, so unsealing alone would not tell): refused by its name, counted as a lie, read from
+    the origin; the image read is exact."""
+    proxy, url, truth = s3_origin
+    from convstore.stores.s3 import S3Client, S3Store
+    from convstore.transfer import copy_image
+
+    origin_meta = S3Store(S3Client(url, seaweed.endpoint))
+    before = set(origin_meta.list("manifests/"))
+    other = [Entry(f"o/{os.urandom(16).hex()}", data=os.urandom(100)) for _ in range(800)]
+    write_oci(str(tmp_path / "b"), [make_tar(_files(4, 50_000) + other)])
+    store.pack(f"oci:{tmp_path / 'b'}", "b:1")
+    copy_image(store, convstore.Store.open(url, store.key, cache_dir=str(tmp_path / "cb"),
+                                           state_dir=str(tmp_path / "sb")), "b:1")
+    [other_key] = set(origin_meta.list("manifests/")) - before
+    liar = CountingProxy(proxy.host)  # honest with packs; for any sealed manifest, b's
+    liar.swap_body = origin_meta.get(other_key)
+    liar.fault = lambda method, path: "swap" if "/meta/manifests/" in path and method == "GET" else None
+    try:
+        w = convstore.Store.open(url, store.key, cache_dir=str(tmp_path / "lc"), state_dir=str(tmp_path / "ls"),
+                                 site_cache=f"http://{liar.host}")
+        with ImageFS.from_store(w, "a:1") as fs:
+            got = {p: hashlib.sha256(fs.open(p).read()).hexdigest() for p in _regular(fs)}
+        tier = w.chunk_store.inner
+        assert isinstance(tier, SiteTierChunkStore)
+        stats = tier.stats()
+        objects = w.objects.inner
+    finally:
+        liar.stop()
+    assert got == truth  # a's files, not b's
+    assert liar.faults_injected == 1  # the liar was asked for a's sealed manifest and answered b's
+    assert isinstance(objects, SiteTierObjectStore) and objects.tier_objects == 0
+    assert stats["tier_lies"] == 1  # the swapped manifest, and nothing else
+    assert stats["tier_chunks"] > 0  # one lie does not drop the tier: the packs still came through it
