@@ -31,7 +31,12 @@ cores; the fleet without and with the tier; and the same N nodes pulling the
 plain image at once (``skopeo copy docker://... dir:NODE``, each to its own
 folder) through the same 30 ms proxy.
 
-``--origin s3`` needs the S3 store (not on this branch yet): refused.
+``--origin s3``: the origin is an ``s3://fleet/IMAGE`` store on SeaweedFS's
+S3 gateway (``weed server -s3``) in the same network namespace, behind the
+same veth/tbf and the same 30 ms proxy; the tier fronts it with the same
+nginx config (pack objects only, keyed on the nodes' ranges).  ``--origin
+both`` (the default) measures both origins in one run, then the plain pull
+fleet once (from the registry).
 """
 
 from __future__ import annotations
@@ -162,12 +167,12 @@ class ShapedOrigin:
 
 
 def node_cmds(w: Path, tag: str, n: int, store_url: str, key: str, site: str | None,
-              image: str) -> list[tuple[list[str], dict[str, str]]]:
+              image: str, base_env: dict[str, str] | None = None) -> list[tuple[list[str], dict[str, str]]]:
     out = []
     for i in range(n):
         # bytecode as an installed package has it (compiled once, by the recording run: a sandbox's
         # PYTHONDONTWRITEBYTECODE would otherwise make every node compile every module it imports)
-        env = dict(os.environ, CONVSTORE_DAEMON="0", CONVSTORE_KEY=key,
+        env = dict(base_env if base_env is not None else os.environ, CONVSTORE_DAEMON="0", CONVSTORE_KEY=key,
                    CONVSTORE_STATE_DIR=str(w / tag / f"state{i}"), PYTHONPYCACHEPREFIX=str(w / "pycache"))
         env.pop("CONVSTORE_SITE_CACHE", None)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -200,81 +205,100 @@ def summary(rs: list[dict[str, float | int | str]]) -> dict[str, float | int | l
             "fail_samples": fails[:3], "times": sorted(secs)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nodes", type=int, default=50)
-    ap.add_argument("--image", default="app1")
-    ap.add_argument("--origin", choices=("registry", "s3"), default="registry")
-    ap.add_argument("--origin-ms", type=float, default=30.0)
-    ap.add_argument("--origin-mbit", type=float, default=1000.0, help="the origin's uplink (tbf); 0: unshaped")
-    ap.add_argument("--tier-ms", type=float, default=2.0)
-    ap.add_argument("--tier-mode", choices=("range", "slice"), default="range",
-                    help="the tier's cache key: the nodes' ranges, or fixed slices (contrib/site-tier/nginx.conf)")
-    ap.add_argument("--slice", default="256k", help="the tier's nginx slice size (slice mode)")
-    ap.add_argument("--alone", type=int, default=3, help="runs of one node alone (median)")
-    ap.add_argument("--write-docs", action="store_true")
-    ap.add_argument("--json", metavar="FILE", help="write the raw results here")
-    a = ap.parse_args()
-    if a.origin == "s3":
-        sys.exit("fleet: --origin s3 needs the S3 store (convstore/stores/s3.py), not on this branch yet")
-    if os.geteuid() != 0:
-        sys.exit("fleet: convstore run needs root (FUSE, runc)")
-    ensure_corpus()
-    os.nice(NETWORK_NICE)
-    cores = os.cpu_count() or 1
-    w = Path(tempfile.mkdtemp(prefix="convstore-fleet-"))
-    res: dict[str, object] = {"nodes": a.nodes, "image": a.image, "cores": cores, "origin_ms": a.origin_ms,
-                              "tier_ms": a.tier_ms, "origin_mbit": a.origin_mbit, "tier_mode": a.tier_mode if a.tier_mode == "range" else f"slice {a.slice}"}
-    reg = ShapedOrigin(w / "registry", a.origin_mbit)
-    origin = DelayProxy(reg.host, a.origin_ms / 1e3)
-    try:
-        key = f"file:{w / 'master.key'}"
-        local = [*CLI, "--store", str(w / "local"), "--key", key]
-        subprocess.run([*local, "pack", f"oci:{CORPUS_DIR / a.image}:latest", f"{a.image}:latest"], check=True)
-        url = f"oci://{reg.host}/fleet"
-        subprocess.run([*local, "--insecure", "push", f"{a.image}:latest", url], check=True, capture_output=True)
-        # the start-up profile, recorded once (a deployed image has one)
-        rec = launch(node_cmds(w, "record", 1, url, key, None, a.image))
-        assert rec[0]["code"] == 0, rec[0]["err"]
-        skopeo = subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false",
-                                 f"oci:{CORPUS_DIR / a.image}:latest", f"docker://{reg.host}/plain/{a.image}:latest"],
-                                capture_output=True, text=True)
-        assert skopeo.returncode == 0, skopeo.stderr
-        ourl = f"oci://{origin.host}/fleet"
+class ShapedS3:
+    """SeaweedFS's S3 gateway (``weed server -s3``, the venv's ``weed``) in the origin's network
+    namespace (``ns``, at ``ip``: behind the same veth and tbf as the registry), with one bucket."""
 
-        # one node alone, cold, no tier
+    BUCKET = "fleet"
+
+    def __init__(self, root: Path, ns: str, ip: str):
+        from s3_fixtures import ACCESS_KEY, SECRET_KEY, weed_exe
+
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "data").mkdir(exist_ok=True)
+        (root / "s3.json").write_text(json.dumps({"identities": [
+            {"name": "convstore", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        os.chmod(root / "s3.json", 0o600)
+        self.endpoint = f"http://{ip}:8333"
+        self.host = f"{ip}:8333"
+        self.env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1",
+                    "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+        self.log = open(root / "weed.log", "ab")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, weed_exe(), "server", f"-dir={root / 'data'}",
+                                      f"-ip={ip}", f"-ip.bind={ip}", "-s3", f"-s3.config={root / 's3.json'}",
+                                      "-s3.port=8333", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                                      "-s3.autoCreateBucket=false", "-metricsPort=0", "-master.volumeSizeLimitMB=64",
+                                      "-volume.max=100"], stdout=self.log, stderr=self.log)
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                          aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
+        deadline = time.monotonic() + 90
+        while True:  # the gateway answers once the filer is up; the bucket once a volume can be made
+            try:
+                s3.create_bucket(Bucket=self.BUCKET)
+                break
+            except Exception as e:
+                if "BucketAlready" in type(e).__name__ or "BucketAlready" in str(e):
+                    break
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"SeaweedFS did not start in the namespace: {e}") from None
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def one_origin(a: argparse.Namespace, w: Path, kind: str, key: str, upstream: str, url_for,  # noqa: ANN001
+               env: dict[str, str], cores: int) -> dict[str, object]:
+    """One node alone (x ``a.alone``), the fleet without and with a cold site tier, against the
+    origin ``upstream`` (host:port) reached through a ``a.origin_ms`` proxy; ``url_for(proxy_host)``
+    is the store URL the nodes open."""
+    blob = "GET pack" if kind == "s3" else "GET blob"
+    origin = DelayProxy(upstream, a.origin_ms / 1e3)
+    res: dict[str, object] = {}
+    try:
+        ourl = url_for(origin.host)
+        nenv = dict(env, CONVSTORE_S3_ENDPOINT=f"http://{origin.host}") if kind == "s3" else env
         alone = []
         for r in range(a.alone):
             origin.reset()
-            [one] = launch(node_cmds(w, f"alone{r}", 1, ourl, key, None, a.image))
+            [one] = launch(node_cmds(w, f"{kind}-alone{r}", 1, ourl, key, None, a.image, nenv))
             assert one["code"] == 0, one["err"]
-            alone.append((float(one["seconds"]), float(one["cpu"]), origin.counts["GET blob"],
-                          origin.sent_bytes))
+            alone.append((float(one["seconds"]), float(one["cpu"]), origin.counts[blob], origin.sent_bytes))
         alone.sort()
-        t1, cpu1, blob1, bytes1 = alone[len(alone) // 2]
+        t1, _cpu, blob1, bytes1 = alone[len(alone) // 2]
         cpu1 = statistics.median(x[1] for x in alone)
         floor = a.nodes * cpu1 / cores
         res["alone"] = {"seconds": t1, "cpu": cpu1, "origin_blob_requests": blob1, "origin_bytes": bytes1,
                         "all": alone}
         res["cpu_floor"] = floor
-        print(f"one node: {t1:.2f} s, {cpu1:.2f} CPU s, origin {bytes1 / 1e6:.1f} MB; floor {floor:.1f} s",
+        print(f"{kind}: one node: {t1:.2f} s, {cpu1:.2f} CPU s, origin {bytes1 / 1e6:.1f} MB; floor {floor:.1f} s",
               file=sys.stderr)
 
-        # the fleet straight to the origin
         origin.reset()
-        direct = summary(launch(node_cmds(w, "direct", a.nodes, ourl, key, None, a.image)))
+        direct = summary(launch(node_cmds(w, f"{kind}-direct", a.nodes, ourl, key, None, a.image, nenv)))
         direct.update(origin_bytes=origin.sent_bytes, origin_requests=origin.total(), tier_bytes=0,
                       distinct_ranges=len(origin.ranges), ranges=sum(origin.ranges.values()))
         res["fleet_direct"] = direct
-        print(f"fleet, no tier: p50 {direct['p50']:.2f} p99 {direct['p99']:.2f} failed {direct['failed']}",
+        print(f"{kind}: fleet, no tier: p50 {direct['p50']:.2f} p99 {direct['p99']:.2f} failed {direct['failed']}",
               file=sys.stderr)
 
-        # the fleet through a cold site tier
         origin.reset()
-        tier = SiteTier(w / "tier", origin.host, mode=a.tier_mode, slice_size=a.slice)
+        tier = SiteTier(w / f"{kind}-tier", origin.host, mode=a.tier_mode, slice_size=a.slice)
         near = DelayProxy(tier.host, a.tier_ms / 1e3)
         try:
-            tiered = summary(launch(node_cmds(w, "tiered", a.nodes, ourl, key, f"http://{near.host}", a.image)))
+            tiered = summary(launch(node_cmds(w, f"{kind}-tiered", a.nodes, ourl, key, f"http://{near.host}",
+                                              a.image, nenv)))
             tiered.update(origin_bytes=origin.sent_bytes, origin_requests=origin.total(),
                           tier_bytes=near.sent_bytes, tier_requests=near.total(),
                           origin_repeated_ranges=sum(1 for v in origin.ranges.values() if v > 1))
@@ -282,63 +306,160 @@ def main() -> None:
             near.stop()
             tier.stop()
         res["fleet_tier"] = tiered
-        print(f"fleet, tier: p50 {tiered['p50']:.2f} p99 {tiered['p99']:.2f} failed {tiered['failed']}",
+        print(f"{kind}: fleet, tier: p50 {tiered['p50']:.2f} p99 {tiered['p99']:.2f} failed {tiered['failed']}",
               file=sys.stderr)
+    finally:
+        origin.stop()
+    return res
 
-        # the same fleet pulling the plain image
-        origin.reset()
-        env = dict(os.environ)
-        plain = summary(launch([(["skopeo", "copy", "-q", "--src-tls-verify=false",
-                                  f"docker://{origin.host}/plain/{a.image}:latest", f"dir:{w / f'plain{i}'}"],
-                                 env) for i in range(a.nodes)]))
-        plain.update(origin_bytes=origin.sent_bytes, origin_requests=origin.total())
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=50)
+    ap.add_argument("--image", default="app1")
+    ap.add_argument("--origin", choices=("registry", "s3", "both"), default="both",
+                    help="the origin store: a registry (docker-registry), S3 (SeaweedFS), or both in one run")
+    ap.add_argument("--origin-ms", type=float, default=30.0)
+    ap.add_argument("--origin-mbit", type=float, default=1000.0, help="the origin's uplink (tbf); 0: unshaped")
+    ap.add_argument("--tier-ms", type=float, default=2.0)
+    ap.add_argument("--tier-mode", choices=("range", "slice"), default="range",
+                    help="the tier's cache key: the nodes' ranges, or fixed slices (contrib/site-tier/nginx.conf; "
+                         "registry origins only: SigV4 signs an S3 request's Range)")
+    ap.add_argument("--slice", default="256k", help="the tier's nginx slice size (slice mode)")
+    ap.add_argument("--alone", type=int, default=3, help="runs of one node alone (median)")
+    ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--json", metavar="FILE", help="write the raw results here")
+    a = ap.parse_args()
+    if a.origin != "registry" and a.tier_mode == "slice":
+        sys.exit("fleet: --tier-mode slice needs --origin registry (an S3 request signs its Range header)")
+    if os.geteuid() != 0:
+        sys.exit("fleet: convstore run needs root (FUSE, runc)")
+    ensure_corpus()
+    os.nice(NETWORK_NICE)
+    cores = os.cpu_count() or 1
+    kinds = ["registry", "s3"] if a.origin == "both" else [a.origin]
+    w = Path(tempfile.mkdtemp(prefix="convstore-fleet-"))
+    res: dict[str, object] = {"nodes": a.nodes, "image": a.image, "cores": cores, "origin_ms": a.origin_ms,
+                              "tier_ms": a.tier_ms, "origin_mbit": a.origin_mbit, "origins": kinds,
+                              "tier_mode": a.tier_mode if a.tier_mode == "range" else f"slice {a.slice}"}
+    t_start = time.monotonic()
+    reg = ShapedOrigin(w / "registry", a.origin_mbit)
+    s3: ShapedS3 | None = None
+    try:
+        key = f"file:{w / 'master.key'}"
+        local = [*CLI, "--store", str(w / "local"), "--key", key]
+        subprocess.run([*local, "pack", f"oci:{CORPUS_DIR / a.image}:latest", f"{a.image}:latest"], check=True)
+        skopeo = subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false",
+                                 f"oci:{CORPUS_DIR / a.image}:latest", f"docker://{reg.host}/plain/{a.image}:latest"],
+                                capture_output=True, text=True)
+        assert skopeo.returncode == 0, skopeo.stderr
+        for kind in kinds:
+            env = dict(os.environ)
+            if kind == "registry":
+                url, upstream = f"oci://{reg.host}/fleet", reg.host
+                url_for = lambda host: f"oci://{host}/fleet"  # noqa: E731
+            else:
+                s3 = ShapedS3(w / "s3", reg.ns, reg.host.split(":")[0])
+                env.update(s3.env)
+                url, upstream = f"s3://{ShapedS3.BUCKET}/{a.image}", s3.host
+                url_for = lambda host: f"s3://{ShapedS3.BUCKET}/{a.image}"  # noqa: E731
+            push_env = dict(env, CONVSTORE_S3_ENDPOINT=s3.endpoint) if kind == "s3" and s3 else env
+            p = subprocess.run([*local, "--insecure", "push", f"{a.image}:latest", url], env=push_env,
+                               capture_output=True, text=True)
+            assert p.returncode == 0, p.stderr
+            # the start-up profile, recorded once (a deployed image has one)
+            rec = launch(node_cmds(w, f"{kind}-record", 1, url, key, None, a.image, push_env))
+            assert rec[0]["code"] == 0, rec[0]["err"]
+            res[kind] = one_origin(a, w, kind, key, upstream, url_for, env, cores)
+            if s3 is not None:
+                s3.stop()
+                s3 = None
+
+        # the same fleet pulling the plain image (from the registry)
+        origin = DelayProxy(reg.host, a.origin_ms / 1e3)
+        try:
+            plain = summary(launch([(["skopeo", "copy", "-q", "--src-tls-verify=false",
+                                      f"docker://{origin.host}/plain/{a.image}:latest", f"dir:{w / f'plain{i}'}"],
+                                     dict(os.environ)) for i in range(a.nodes)]))
+            plain.update(origin_bytes=origin.sent_bytes, origin_requests=origin.total())
+        finally:
+            origin.stop()
         res["fleet_plain_pull"] = plain
         print(f"plain pull fleet: p50 {plain['p50']:.2f} p99 {plain['p99']:.2f}", file=sys.stderr)
     finally:
-        origin.stop()
+        if s3 is not None:
+            s3.stop()
         reg.stop()
         subprocess.run(["sh", "-c", f"grep ' {w}/' /proc/mounts | cut -d' ' -f2 | xargs -r -n1 fusermount3 -uz"],
                        capture_output=True)
         shutil.rmtree(w, ignore_errors=True)
+    res["run_minutes"] = (time.monotonic() - t_start) / 60
 
     text = render(res)
     print(text)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
-    plot(res, IMG / f"fleet_cdf_{a.nodes}{'' if a.tier_mode == 'range' else '_slice'}.png")
+    both = a.origin == "both"
+    plot(res, IMG / f"fleet_cdf_{a.nodes}{'_both' if both else '_s3' if a.origin == 's3' else ''}"
+              f"{'' if a.tier_mode == 'range' else '_slice'}.png")
     if a.write_docs:
-        write_block(f"fleet-{a.nodes}", f"A fleet of {a.nodes} nodes starting one image at once", text)
+        name = f"fleet-{a.nodes}{'-both' if both else '-s3' if a.origin == 's3' else ''}"
+        write_block(name, f"A fleet of {a.nodes} nodes starting one image at once"
+                          f"{', registry and S3 origins' if both else ''}", text)
+
+
+NAMES = {"registry": "registry", "s3": "S3 (SeaweedFS)"}
 
 
 def render(res: dict[str, object]) -> str:
-    al = res["alone"]
-    assert isinstance(al, dict)
-    t1, floor = float(al["seconds"]), float(res["cpu_floor"])  # type: ignore[arg-type]
-    ref = max(t1, floor)
-    one_bytes = float(al["origin_bytes"])
+    kinds = res["origins"]
+    assert isinstance(kinds, list)
     lines = [f"{res['nodes']} nodes on {res['cores']} cores, image {res['image']}, origin {res['origin_ms']:g} ms "
-             f"away (uplink {res['origin_mbit']:g} Mbit/s, tbf), site tier {res['tier_ms']:g} ms (nginx, cache key: {res['tier_mode']}). One node alone (cold, no tier): "
-             f"{t1:.2f} s, {float(al['cpu']):.2f} CPU s a start, origin served {one_bytes / 1e6:.1f} MB. "
-             f"CPU floor = {res['nodes']} x {float(al['cpu']):.2f} s / {res['cores']} cores = {floor:.1f} s.",
-             "",
-             "| fleet | p50 s | p99 s | max s | p99 / max(one node, CPU floor) | CPU s a start | share of the "
-             "machine's CPU the fleet got | CPU pressure (avg60) | failed | origin MB (x one node) | tier MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, k in (("convstore run, no tier", "fleet_direct"), ("convstore run, site tier", "fleet_tier"),
-                    ("skopeo copy of the plain image", "fleet_plain_pull")):
-        f = res[k]
-        assert isinstance(f, dict)
-        ob = float(f["origin_bytes"])
+             f"away (uplink {res['origin_mbit']:g} Mbit/s, tbf), site tier {res['tier_ms']:g} ms (nginx, cache key: "
+             f"{res['tier_mode']}); one run of {float(res.get('run_minutes', 0)):.1f} min."]
+    for kind in kinds:
+        r = res[kind]
+        assert isinstance(r, dict)
+        al = r["alone"]
+        lines.append(f"{NAMES[kind]} origin: one node alone (cold, no tier) {float(al['seconds']):.2f} s, "
+                     f"{float(al['cpu']):.2f} CPU s a start, origin served {float(al['origin_bytes']) / 1e6:.1f} MB; "
+                     f"CPU floor = {res['nodes']} x {float(al['cpu']):.2f} s / {res['cores']} cores = "
+                     f"{float(r['cpu_floor']):.1f} s.")
+    lines += ["",
+              "| origin | fleet | p50 s | p99 s | max s | p99 / max(one node, CPU floor) | CPU s a start | share of the "
+              "machine's CPU the fleet got | CPU pressure (avg60) | failed | origin MB (x one node) | tier MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows: list[tuple[str, str, dict[str, object], float, float]] = []
+    for kind in kinds:
+        r = res[kind]
+        assert isinstance(r, dict)
+        al = r["alone"]
+        ref, one_bytes = max(float(al["seconds"]), float(r["cpu_floor"])), float(al["origin_bytes"])
+        rows += [(NAMES[kind], "convstore run, no tier", r["fleet_direct"], ref, one_bytes),
+                 (NAMES[kind], "convstore run, site tier", r["fleet_tier"], ref, one_bytes)]
+    first = res[kinds[0]]
+    assert isinstance(first, dict)
+    fp = res["fleet_plain_pull"]
+    assert isinstance(fp, dict)
+    rows.append(("registry", "skopeo copy of the plain image", fp,
+                 max(float(first["alone"]["seconds"]), float(first["cpu_floor"])),
+                 float(first["alone"]["origin_bytes"])))
+    for origin, name, f, ref, one_bytes in rows:
+        ob = float(f["origin_bytes"])  # type: ignore[arg-type]
         tb = f.get("tier_bytes")
-        lines.append(f"| {name} | {f['p50']:.2f} | {f['p99']:.2f} | {f['max']:.2f} | {f['p99'] / ref:.2f} | "
-                     f"{f['cpu_per_start']:.2f} | {f['machine_share']:.0%} | {f['cpu_pressure']}% | {f['failed']} | {ob / 1e6:.1f} ({ob / one_bytes:.2f}x) | "
-                     f"{'' if tb is None else f'{float(tb) / 1e6:.1f}'} |")
-    ft, fp = res["fleet_tier"], res["fleet_plain_pull"]
-    assert isinstance(ft, dict) and isinstance(fp, dict)
-    lines += ["", f"Site tier counters summed over the nodes: {ft.get('site_tier')}.",
-              "", f"With the tier: p99 {ft['p99']:.2f} s vs the plain pull fleet's {fp['p99']:.2f} s "
-                  f"({fp['p99'] / ft['p99']:.1f}x faster); origin ranges fetched more than once: "
-                  f"{ft.get('origin_repeated_ranges')}."]
+        lines.append(f"| {origin} | {name} | {f['p50']:.2f} | {f['p99']:.2f} | {f['max']:.2f} | "
+                     f"{float(f['p99']) / ref:.2f} | {f['cpu_per_start']:.2f} | {f['machine_share']:.0%} | "  # type: ignore[arg-type]
+                     f"{f['cpu_pressure']}% | {f['failed']} | {ob / 1e6:.1f} ({ob / one_bytes:.2f}x) | "
+                     f"{'' if tb is None else f'{float(tb) / 1e6:.1f}'} |")  # type: ignore[arg-type]
+    for kind in kinds:
+        r = res[kind]
+        assert isinstance(r, dict)
+        ft = r["fleet_tier"]
+        assert isinstance(ft, dict)
+        lines += ["", f"{NAMES[kind]}: site tier counters summed over the nodes: {ft.get('site_tier')}; with the "
+                      f"tier p99 {ft['p99']:.2f} s vs the plain pull fleet's {fp['p99']:.2f} s "
+                      f"({fp['p99'] / ft['p99']:.1f}x faster); origin ranges fetched more than once: "
+                      f"{ft.get('origin_repeated_ranges')}."]
     return "\n".join(lines)
 
 
@@ -348,21 +469,30 @@ def plot(res: dict[str, object], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, k in (("convstore run, no tier", "fleet_direct"), ("convstore run, site tier", "fleet_tier"),
-                    ("skopeo copy (plain pull)", "fleet_plain_pull")):
-        f = res[k]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    kinds = res["origins"]
+    assert isinstance(kinds, list)
+    series = []
+    for kind in kinds:
+        r = res[kind]
+        assert isinstance(r, dict)
+        series += [(f"{NAMES[kind]}: convstore run, no tier", r["fleet_direct"]),
+                   (f"{NAMES[kind]}: convstore run, site tier", r["fleet_tier"])]
+    series.append(("registry: skopeo copy (plain pull)", res["fleet_plain_pull"]))
+    for name, f in series:
         assert isinstance(f, dict)
         xs = f["times"]
         ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=name)
-    al = res["alone"]
-    assert isinstance(al, dict)
-    ax.axvline(float(al["seconds"]), ls=":", c="grey", label="one node alone")
-    ax.axvline(float(res["cpu_floor"]), ls="--", c="grey", label="CPU floor")  # type: ignore[arg-type]
+    for kind, style in zip(kinds, (":", "-.")):
+        r = res[kind]
+        assert isinstance(r, dict)
+        ax.axvline(float(r["alone"]["seconds"]), ls=style, c="grey", label=f"one node alone ({NAMES[kind]})")
+        ax.axvline(float(r["cpu_floor"]), ls="--", c="grey" if kind == "registry" else "black",
+                   label=f"CPU floor ({NAMES[kind]})")
     ax.set_xlabel("seconds from launch to exit")
     ax.set_ylabel("fraction of nodes started")
     ax.set_title(f"{res['nodes']} nodes starting {res['image']} at once")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -8,8 +8,9 @@ upload locations with the proxy's address and the client stays behind it.
 Faults (tests): ``proxy.fault`` is called with (method, path) for each
 request and returns None (forward it) or one of ``"500"`` (answer HTTP 500),
 ``"reset"`` (close the connection without an answer), ``"stall"`` (answer
-nothing for ``stall_s``, then close) and ``"corrupt"`` (forward it, flip one
-byte of the answer's body).
+nothing for ``stall_s``, then close), ``"corrupt"`` (forward it, flip one
+byte of the answer's body) and ``"swap"`` (forward it, answer ``swap_body``
+instead of its body: another object's bytes).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def kind_of(method: str, path: str) -> str:
     """A coarse name for a registry request: ``GET blob``, ``GET manifest``, ``GET tags`` ..."""
     p = path.split("?", 1)[0]
     for part, name in (("/blobs/uploads", "upload"), ("/blobs/", "blob"), ("/manifests/", "manifest"),
-                       ("/tags/list", "tags")):
+                       ("/tags/list", "tags"), ("/packs/", "pack")):  # an S3 store's pack objects
         if part in p:
             return f"{method} {name}"
     return f"{method} other"
@@ -42,6 +43,7 @@ class CountingProxy:
         self.latency_s = latency_s
         self.fault: Callable[[str, str], str | None] | None = None
         self.stall_s = 30.0
+        self.swap_body = b""
         self.faults_injected = 0
         self.counts: Counter[str] = Counter()
         self.sent: Counter[str] = Counter()  # bytes of answer bodies by kind
@@ -63,7 +65,7 @@ class CountingProxy:
             def _forward(self) -> None:
                 with proxy._lock:
                     proxy.counts[kind_of(self.command, self.path)] += 1
-                    if kind_of(self.command, self.path) == "GET blob":
+                    if kind_of(self.command, self.path) in ("GET blob", "GET pack"):
                         proxy.ranges[(self.path, self.headers.get("Range", ""))] += 1
                 if proxy.latency_s:
                     time.sleep(proxy.latency_s)
@@ -99,6 +101,8 @@ class CountingProxy:
                     c.close()
                 if fault == "corrupt" and data:
                     data = data[:-1] + bytes([data[-1] ^ 0x40])
+                if fault == "swap":
+                    data = proxy.swap_body
                 self.send_response(r.status, r.reason)
                 for k, v in r.getheaders():
                     if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
@@ -195,7 +199,7 @@ class DelayProxy:
                             method, path = m.group(1).decode(), m.group(2).decode(errors="replace")
                             kind = kind_of(method, path)
                             self.counts[kind] += 1
-                            if kind == "GET blob":
+                            if kind in ("GET blob", "GET pack"):
                                 rng = re.search(rb"(?im)^range: *(\S+)", m.group(3))
                                 self.ranges[(path, rng.group(1).decode() if rng else "")] += 1
                     await q.put((loop.time() + self.latency_s, data))

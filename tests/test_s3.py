@@ -382,3 +382,30 @@ def test_swapped_pack_and_catalog_objects_are_refused_never_served(tmp_path, s3,
     with pytest.raises(ConvstoreError):
         reader.unpack_oci("a:1", f"oci:{tmp_path / 'out'}")
     assert not (tmp_path / "out" / "index.json").exists()  # nothing half-written
+
+
+def test_coalesced_reads_bridge_small_gaps_only(s3, seaweed):
+    """Two wanted chunks of one pack with 200 KiB of other chunks between them come in two ranged GETs
+    of their own bytes, not one GET that reads the gap too (the bridge is the registry store's 64 KiB);
+    chunks 1 KiB apart still come in one GET."""
+    from netproxy import CountingProxy
+
+    from convstore.stores.s3 import open_s3 as open_s3_stores
+
+    proxy = CountingProxy(seaweed.endpoint.removeprefix("http://"))
+    try:
+        _meta, chunks = open_s3_stores(s3, f"http://{proxy.host}")
+        blobs = {os.urandom(32): os.urandom(n) for n in (1000, 1024, 1000, 200 << 10, 1000)}
+        for cid, blob in blobs.items():
+            chunks.put(cid, blob)
+        chunks.flush()
+        a, near, b, _gap, c = list(blobs)
+        hints = {x: chunks.locate(x) for x in (a, b, c)}
+        assert all(hints.values())
+        proxy.reset()
+        got = chunks.get_many([a, b, c], hints)  # type: ignore[arg-type]
+    finally:
+        proxy.stop()
+    assert got == {x: blobs[x] for x in (a, b, c)}
+    assert proxy.counts["GET pack"] == 2, proxy.counts  # a..b (1 KiB between: bridged), then c alone
+    assert proxy.sent["GET pack"] == 1000 + 1024 + 1000 + 1000, proxy.sent  # the 200 KiB gap never read

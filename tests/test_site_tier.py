@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -39,6 +40,10 @@ tier = s.chunk_store.inner
 print(json.dumps({"files": out, "tier": tier.stats() if hasattr(tier, "stats") else None,
                   "manifests_via_tier": getattr(s.objects.inner, "tier_objects", None)}))
 """
+
+
+#: what an S3 origin's tier may be asked for: pack objects and sealed manifests, by their sha256
+_TIER_KEY = re.compile(r"^/[^/]+/(.+/)?(packs|meta/manifests)/[0-9a-f]{64}$")
 
 
 def _regular(fs: ImageFS) -> list[str]:
@@ -160,3 +165,129 @@ def test_site_cache_errors_are_one_line(tmp_path, cli_env, registry):
                 "images", check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "http[s]://HOST[:PORT]" in p.stderr, \
         p.stderr
+
+
+# -- an S3 origin (SeaweedFS) behind the same tier: pack objects and sealed manifests through it, ------
+# -- other metadata never --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_origin(tmp_path, seaweed, s3, store, monkeypatch):
+    """(counting proxy in front of SeaweedFS, the s3:// URL, the truth {path: sha256}); the nodes'
+    endpoint (``CONVSTORE_S3_ENDPOINT``, inherited) is the proxy."""
+    small = [Entry(f"s/{os.urandom(16).hex()}", data=os.urandom(100)) for _ in range(800)]
+    write_oci(str(tmp_path / "a"), [rich_layer(), make_tar(_files(24, 100_000) + small)])
+    store.pack(f"oci:{tmp_path / 'a'}", "a:1")
+    proxy = CountingProxy(seaweed.endpoint.removeprefix("http://"))
+    monkeypatch.setenv("CONVSTORE_S3_ENDPOINT", f"http://{proxy.host}")
+    from convstore.transfer import copy_image
+
+    copy_image(store, convstore.Store.open(s3, store.key, cache_dir=str(tmp_path / "c0"),
+                                           state_dir=str(tmp_path / "s0")), "a:1")
+    with ImageFS.from_store(store, "a:1") as fs:
+        truth = {p: hashlib.sha256(fs.open(p).read()).hexdigest() for p in _regular(fs)}
+    proxy.reset()
+    yield proxy, s3, truth
+    proxy.stop()
+
+
+def test_s3_nodes_through_the_tier_fetch_each_pack_range_from_the_origin_once(tmp_path, s3_origin, store):
+    proxy, url, truth = s3_origin
+    key = store.key.spec
+    [alone] = _nodes(tmp_path, url, key, "", 1, "alone")
+    assert alone["files"] == truth
+    one_node = proxy.sent["GET pack"]
+    alone_manifests = proxy.counts["GET manifest"]
+    assert one_node > 2_000_000
+    proxy.reset()
+    tier = SiteTier(tmp_path / "tier", proxy.host)
+    try:
+        outs = _nodes(tmp_path, url, key, tier.url, 3, "fleet")
+        log = tier.log()
+    finally:
+        tier.stop()
+    for o in outs:
+        assert o["files"] == truth
+        assert o["manifests_via_tier"] == 1  # the sealed manifest came from the tier, checked against its name
+        assert o["tier"]["tier_chunks"] > 0 and o["tier"]["tier_lies"] == 0 and o["tier"]["tier_failures"] == 0
+    # the origin served each pack range once (through the tier) whatever the three nodes asked for at once
+    assert proxy.ranges and max(proxy.ranges.values()) == 1, proxy.ranges.most_common(3)
+    assert proxy.sent["GET pack"] <= 1.2 * one_node, (proxy.sent["GET pack"], one_node)
+    # and the sealed manifest once: three nodes, one origin GET
+    assert proxy.counts["GET manifest"] == 1 and alone_manifests == 1, (proxy.counts, alone_manifests)
+    # packs and sealed manifests, never any other metadata
+    assert log and all(_TIER_KEY.search(r[1]) and r[0] == "GET" for r in log), log[:5]
+    assert sum(1 for r in log if "/meta/manifests/" in r[1]) == 3
+    served = sum(int(r[4]) for r in log)
+    assert served >= 2.5 * one_node
+    assert proxy.counts["GET other"] >= 3  # each node read the metadata from the origin itself
+
+
+def test_s3_a_tier_that_is_down_is_skipped(tmp_path, s3_origin, store):
+    proxy, url, truth = s3_origin
+    dead = f"http://127.0.0.1:{free_port()}"
+    [o] = _nodes(tmp_path, url, store.key.spec, dead, 1, "down")
+    assert o["files"] == truth
+    assert o["tier"]["tier_failures"] == 1 and o["tier"]["tier_chunks"] == 0 and o["tier"]["origin_chunks"] > 0
+    assert proxy.sent["GET pack"] > 2_000_000
+
+
+def test_s3_a_lying_tier_never_serves_wrong_bytes(tmp_path, s3_origin, store):
+    proxy, url, truth = s3_origin
+    liar = CountingProxy(proxy.host)  # a "tier" that flips a byte of every pack range it serves
+    liar.fault = lambda method, path: "corrupt" if "/packs/" in path and method == "GET" else None
+    liar.log = []
+    try:
+        w = convstore.Store.open(url, store.key, cache_dir=str(tmp_path / "lc"), state_dir=str(tmp_path / "ls"),
+                                 site_cache=f"http://{liar.host}")
+        with ImageFS.from_store(w, "a:1") as fs:
+            got = {p: hashlib.sha256(fs.open(p).read()).hexdigest() for p in _regular(fs)}
+        tier = w.chunk_store.inner
+        assert isinstance(tier, SiteTierChunkStore)
+        stats = tier.stats()
+    finally:
+        liar.stop()
+    assert got == truth
+    assert liar.faults_injected >= 1
+    # the liar was asked for packs and the sealed manifest, never any other metadata
+    assert liar.log and all(_TIER_KEY.search(r[2]) for r in liar.log), liar.log[:5]
+    assert stats["tier_lies"] >= tier.max_lies
+    assert liar.counts["GET pack"] <= tier.max_lies + 16, liar.counts
+    assert stats["origin_chunks"] > 0 and proxy.sent["GET pack"] > 2_000_000
+
+
+def test_s3_a_tier_serving_another_manifest_is_caught(tmp_path, s3_origin, store, seaweed):
+    """The tier answers the sealed manifest's GET with another image's sealed manifest (a valid object of
+    the same store, so unsealing alone would not tell): refused by its name, counted as a lie, read from
+    the origin; the image read is exact."""
+    proxy, url, truth = s3_origin
+    from convstore.stores.s3 import S3Client, S3Store
+    from convstore.transfer import copy_image
+
+    origin_meta = S3Store(S3Client(url, seaweed.endpoint))
+    before = set(origin_meta.list("manifests/"))
+    other = [Entry(f"o/{os.urandom(16).hex()}", data=os.urandom(100)) for _ in range(800)]
+    write_oci(str(tmp_path / "b"), [make_tar(_files(4, 50_000) + other)])
+    store.pack(f"oci:{tmp_path / 'b'}", "b:1")
+    copy_image(store, convstore.Store.open(url, store.key, cache_dir=str(tmp_path / "cb"),
+                                           state_dir=str(tmp_path / "sb")), "b:1")
+    [other_key] = set(origin_meta.list("manifests/")) - before
+    liar = CountingProxy(proxy.host)  # honest with packs; for any sealed manifest, b's
+    liar.swap_body = origin_meta.get(other_key)
+    liar.fault = lambda method, path: "swap" if "/meta/manifests/" in path and method == "GET" else None
+    try:
+        w = convstore.Store.open(url, store.key, cache_dir=str(tmp_path / "lc"), state_dir=str(tmp_path / "ls"),
+                                 site_cache=f"http://{liar.host}")
+        with ImageFS.from_store(w, "a:1") as fs:
+            got = {p: hashlib.sha256(fs.open(p).read()).hexdigest() for p in _regular(fs)}
+        tier = w.chunk_store.inner
+        assert isinstance(tier, SiteTierChunkStore)
+        stats = tier.stats()
+        objects = w.objects.inner
+    finally:
+        liar.stop()
+    assert got == truth  # a's files, not b's
+    assert liar.faults_injected == 1  # the liar was asked for a's sealed manifest and answered b's
+    assert isinstance(objects, SiteTierObjectStore) and objects.tier_objects == 0
+    assert stats["tier_lies"] == 1  # the swapped manifest, and nothing else
+    assert stats["tier_chunks"] > 0  # one lie does not drop the tier: the packs still came through it

@@ -207,13 +207,16 @@ class Repository:
             from ..stores.cache import CachedChunkStore, CachedStore, DiskCache
             from ..stores.s3 import open_s3
 
-            if site_cache:
-                raise InvalidReference(f"--site-cache: {path} is an S3 store; a site cache fronts a registry "
-                                       f"store (oci://HOST/REPO) for now")
             cache_dir = cache_dir or default_cache_dir(path)
             s3meta, s3chunks = open_s3(path, s3_endpoint, index_dir=os.path.join(cache_dir, "index"), timeout=timeout)
             cache = DiskCache(cache_dir, cache_bytes)
-            objects, chunk_store = CachedStore(s3meta, cache), CachedChunkStore(s3chunks, cache)
+            s3origin: ChunkStore = s3chunks
+            s3objects: ObjectStore = s3meta
+            if site_cache:  # packs and sealed manifests through the tier; other metadata from the origin
+                from ..stores.sitetier import open_site_tier
+
+                s3objects, s3origin = open_site_tier(path, site_cache, s3chunks, s3meta)
+            objects, chunk_store = CachedStore(s3objects, cache), CachedChunkStore(s3origin, cache)
         else:
             if site_cache:
                 raise InvalidReference(f"--site-cache: {path} is a local store; a site cache fronts a registry "

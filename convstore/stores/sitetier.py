@@ -24,15 +24,20 @@ tier.  The tier is never trusted and never needed:
   the same hint; after ``max_lies`` such blobs the tier is not used again by
   this process.
 
-Of the metadata only sealed manifests come through the tier
-(:class:`SiteTierObjectStore`): they are write-once objects named by the sha256
-of their bytes, so what the tier answers is checked against the name before
-anything reads it (and then unsealed under the store's metadata key, like any
-copy); one that does not match is counted as a lie and read from the origin.
-A sealed manifest of a large image is hundreds of kB, the biggest thing a
-start reads besides chunks.  Catalog entries, domains, profiles and the
-store's identity -- mutable, or bound to freshness (rollback protection) --
-always come from the origin.
+One rule says what may come through a tier, for either origin: objects that
+are immutable and named by their content, read by that name and checked
+against it (or against the chunk ids inside) before anything uses them.  That
+is chunk packs read at location hints (an S3 origin's ``PREFIX/packs/<sha256>``
+through :class:`~.s3.S3PackReader`, which reads nothing else) and, of the
+metadata, only sealed manifests (``manifests/<sha256>``, :class:`SiteTierObjectStore`
+for both origins): they are write-once objects named by the sha256 of their
+bytes, so what the tier answers is checked against the name before anything
+reads it (and then unsealed under the store's metadata key, like any copy);
+one that does not match is counted as a lie and read from the origin.  A
+sealed manifest of a large image is hundreds of kB, the biggest thing a start
+reads besides chunks.  Catalog entries, domains, profiles, the store's
+identity, an S3 origin's ``index/`` and ``locks/`` -- mutable, or bound to
+freshness (rollback protection) -- always come from the origin.
 """
 
 from __future__ import annotations
@@ -206,8 +211,8 @@ class SiteTierObjectStore(ForwardingObjectStore):
         return f"SiteTierObjectStore({self.inner!r}, tier={self.tier!r})"
 
     def get(self, key: str) -> bytes:
-        name = key[len("manifests/"):] if key.startswith("manifests/") else ""
-        if len(name) == 64 and self.chunks._usable():
+        name = sealed_manifest_name(key)
+        if name is not None and self.chunks._usable():
             try:
                 data = self.tier.get(key)
             except KeyError:
@@ -223,6 +228,19 @@ class SiteTierObjectStore(ForwardingObjectStore):
                 self.chunks.lied(f"object {key}")
         return self.inner.get(key)
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """Sealed manifests one by one through :meth:`get`; every other key from the origin at once."""
+        out = super().get_many([k for k in keys if sealed_manifest_name(k) is not None])
+        out.update(self.inner.get_many([k for k in keys if sealed_manifest_name(k) is None]))
+        return out
+
+
+def sealed_manifest_name(key: str) -> str | None:
+    """The sha256 (hex) a metadata key ``manifests/<sha256>`` names, or None for any other key: the
+    only metadata a site tier may serve."""
+    name = key[len("manifests/"):] if key.startswith("manifests/") else ""
+    return name if len(name) == 64 and all(c in "0123456789abcdef" for c in name) else None
+
 
 def tier_stats(store: ChunkStore) -> dict[str, int] | None:
     """The counters of the site tier ``store`` reads through (wrappers followed by ``inner``), or None."""
@@ -237,9 +255,12 @@ def tier_stats(store: ChunkStore) -> dict[str, int] | None:
 
 def open_site_tier(origin_url: str, site_cache: str, origin: ChunkStore, objects: ObjectStore, *,
                    username: str | None = None, password: str | None = None,
-                   timeout: float = TIER_TIMEOUT) -> tuple[SiteTierObjectStore, SiteTierChunkStore]:
+                   timeout: float = TIER_TIMEOUT) -> tuple[ObjectStore, SiteTierChunkStore]:
     """``objects`` and ``origin`` (the metadata and chunk stores of ``origin_url``) read through the
-    site cache at ``site_cache``."""
+    site cache at ``site_cache``: chunk packs at their location hints and sealed manifests (named by
+    their sha256), for a registry store as blobs, for an S3 store as ``PREFIX/packs/<sha256>`` and
+    ``PREFIX/meta/manifests/<sha256>``, the S3 request signed as for the origin (the tier passes it on
+    unchanged)."""
     host, insecure = parse_site_cache(site_cache)
     if origin_url.startswith("oci://"):
         from ..oci.registry_client import RegistryClient
@@ -249,5 +270,12 @@ def open_site_tier(origin_url: str, site_cache: str, origin: ChunkStore, objects
         client = RegistryClient(host, insecure, username, password, timeout)
         chunks = SiteTierChunkStore(origin, RegistryChunkStore(f"oci://{host}/{repo}", client, repo, None))
         return SiteTierObjectStore(objects, RegistryStore(f"oci://{host}/{repo}", client, repo), chunks), chunks
+    if origin_url.startswith("s3://"):
+        from .s3 import S3Client, S3PackReader, S3Store
+
+        s3client = S3Client(origin_url, ("http://" if insecure else "https://") + host, timeout, attempts=1)
+        # packs and sealed manifests; every other metadata object (and index/, locks/) from the origin
+        s3chunks = SiteTierChunkStore(origin, S3PackReader(s3client))
+        return SiteTierObjectStore(objects, S3Store(s3client), s3chunks), s3chunks
     raise InvalidReference(f"--site-cache: {origin_url!r} is not a store a site cache can front "
-                           f"(registry stores, oci://HOST/REPO)")
+                           f"(registry stores, oci://HOST/REPO; S3 stores, s3://BUCKET/PREFIX)")

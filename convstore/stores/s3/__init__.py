@@ -23,10 +23,10 @@ Opening a store reads ``store.json``; an image is found by its key
 from __future__ import annotations
 
 from .client import ENDPOINT_ENV, S3Client, parse_s3_url
-from .index import S3ChunkStore
+from .index import S3ChunkStore, S3PackReader
 from .meta import S3Store
 
-__all__ = ["ENDPOINT_ENV", "S3ChunkStore", "S3Client", "S3Store", "open_s3", "parse_s3_url"]
+__all__ = ["ENDPOINT_ENV", "S3ChunkStore", "S3Client", "S3PackReader", "S3Store", "open_s3", "parse_s3_url"]
 
 
 def open_s3(url: str, endpoint: str | None = None, index_dir: str | None = None,

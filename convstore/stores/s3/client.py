@@ -31,7 +31,7 @@ class S3Client:
     only if absent: ``If-None-Match: *``), head, list, delete."""
 
     def __init__(self, url: str, endpoint: str | None = None, timeout: float = 60.0, *,
-                 session: Any = None) -> None:
+                 session: Any = None, attempts: int = 4) -> None:
         try:
             import boto3
             import botocore.exceptions
@@ -45,7 +45,7 @@ class S3Client:
         where = self.endpoint or "AWS S3"
         self.where = f"{self.bucket} at {where}"
         kw: dict[str, Any] = dict(connect_timeout=min(timeout, 10.0), read_timeout=timeout,
-                                  retries={"max_attempts": 4, "mode": "standard"}, max_pool_connections=32,
+                                  retries={"max_attempts": attempts, "mode": "standard"}, max_pool_connections=32,
                                   s3={"addressing_style": "path"} if self.endpoint else {})
         try:  # no CRC trailers an S3-compatible store may not know (botocore >= 1.36 sends them by default)
             config = Config(request_checksum_calculation="when_required",
