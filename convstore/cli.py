@@ -93,9 +93,12 @@ class _State:
     offline_max_age: float = 86400.0
     allow_rollback: bool = False
     s3_endpoint: str | None = None
+    in_daemon: bool = False  # a daemon's forked child runs this command
 
 
 state = _State()
+#: ``run --keep-mount``'s default through the daemon (a long-lived per-user service already; docs/architecture.md)
+KEEP_MOUNT_IN_DAEMON = 300.0
 
 
 def _version_flag(value: bool) -> None:
@@ -922,16 +925,26 @@ def run(
     background_rate: Optional[str] = typer.Option(None, "--background-rate", metavar="BYTES/S",
                                                   help="Bandwidth bound of the background fetch, e.g. 50M "
                                                        "[default: unbounded, or $CONVSTORE_BACKGROUND_RATE]"),
+    keep_mount: Optional[str] = typer.Option(None, "--keep-mount", metavar="DURATION",
+                                             help="Keep the image mounted this long after the run, for the "
+                                                  "next runs of it (e.g. 10m; 0: unmount at once) [default: "
+                                                  "$CONVSTORE_KEEP_MOUNT, else 5m through the daemon, 0 alone]"),
 ) -> None:
     """Run an image's Entrypoint/Cmd (or CMD) from a lazy read-only mount; exit with its code."""
     if runtime not in ("auto", "runc", "chroot"):
         raise typer.BadParameter("--runtime must be auto, runc or chroot")
     from .engines.run import run_image
 
+    spec = keep_mount if keep_mount is not None else os.environ.get("CONVSTORE_KEEP_MOUNT")
+    keep = _duration(spec) if spec else (KEEP_MOUNT_IN_DAEMON if state.in_daemon else 0.0)
     r = run_image(_store(), ref, command or None, runtime=runtime, prefetch=prefetch, record=record,
-                  policy=_policy(policy), background=_background_fetch(background_fetch, background_rate))
+                  policy=_policy(policy), background=_background_fetch(background_fetch, background_rate),
+                  keep=keep)
     if json_out:
         err.print(json.dumps(r.to_json()), highlight=False, soft_wrap=True)
+    elif show_stats and r.kept == "reused":
+        err.print(f"{r.runtime} in {r.seconds:.2f} s on a kept mount ({_n(r.keeper_runs, 'run')} on it)",
+                  highlight=False, soft_wrap=True)
     elif show_stats:
         _print_fetch_stats(r.fetch, f"{r.runtime} in {r.seconds:.2f} s; FUSE reads {r.fuse_read_calls} "
                                     f"({_mb(r.fuse_read_bytes)}); profile {r.profile}")
@@ -1029,6 +1042,7 @@ def daemon(
 def main(command: Callable[[], object] | None = None) -> None:
     """Entry point: usage errors exit 2 (click), operational errors exit 1.
     ``command``: the command tree already built (a daemon's forked child)."""
+    state.in_daemon = command is not None
     try:
         if command is None:
             app()

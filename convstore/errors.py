@@ -59,6 +59,7 @@ key material.
     │       └── SignatureInvalid   a signature fails (bad signature, other digest or identity, malformed)
     ├── UnsafePathError        an entry would be written outside its target
     ├── ExposedMountpoint      a mount of decrypted files that other users could reach
+    ├── KeptMountUnusable      a kept image mount cannot serve this run (none, another uid's, refuses, hung)
     ├── ServiceError           a --background service did not become ready
     │   ├── ServiceStartFailed  it exited first (its error, and its log file)
     │   └── ServiceStartTimeout not ready in time (stopped)
@@ -356,3 +357,9 @@ def error_cause(exc: BaseException) -> str:
 
 class BackgroundConfigError(ConvstoreError):
     """A background-fetch setting (option or environment) that does not parse."""
+
+
+class KeptMountUnusable(ConvstoreError):
+    """A kept image mount (convstore.engines.keeper) cannot serve this run: none is there, it belongs to
+    another user, its keeper is dead, hung or refuses, or it cannot prove it holds the image's key.
+    ``convstore run`` then mounts the image itself."""

@@ -97,6 +97,14 @@ class ManifestStore:
         dek = self.key.unwrap(wrapped, self.context(entry.ref.name, digest))
         return blake3(dek, derive_key_context="convstore v1 start-up profile").digest()
 
+    def keep_key(self, entry: CatalogEntry) -> bytes:
+        """A key only a holder of the image's data key has (derived from it): a run and a kept mount's
+        keeper prove to each other with it that each could unwrap the image (convstore.engines.keeper)."""
+        digest, wrapped, key_id = sealed_version(entry)
+        check_key_id(self.key, key_id, f"image {entry.ref}")
+        dek = self.key.unwrap(wrapped, self.context(entry.ref.name, digest))
+        return blake3(dek, derive_key_context="convstore v1 kept mount").digest()
+
     def save_profile(self, entry: CatalogEntry, profile: list[tuple[int, int]], starts: int = 1) -> None:
         """Store the chunks an image's starts touched (format 2: (layer,
         position) pairs in file order, the union of ``starts`` starts), sealed

@@ -4,7 +4,10 @@ The image is mounted read-only over FUSE; an OCI runtime bundle is generated
 from the image config (``runc spec``, then Entrypoint/Cmd, Env, WorkingDir,
 User, read-only root, no terminal) and run with ``runc``.  Where runc is
 missing or cannot start, the process runs in new mount/UTS/IPC namespaces
-under ``chroot`` instead.  The mount is always removed afterwards.
+under ``chroot`` instead.  The mount is removed afterwards, unless the run
+keeps it (``keep``, ``--keep-mount``): then a keeper process serves it for
+the next runs of the image until it is idle that long (convstore.engines.keeper);
+a run of an image whose kept mount is up starts on it.
 
 A start-up profile (the chunks touched) is recorded on every run and merged
 into the image's stored profile (convstore.reader.profile); a run prefetches
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -28,14 +32,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConvstoreError
+from ..errors import ConvstoreError, KeptMountUnusable
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
+from ..core.catalog import CatalogEntry
 from ..core.repository import Repository
+from ..manifest import Manifest
 from ..reader.background import BackgroundConfig, start_fetching
-from ..reader.fuse import BackgroundMount
 from ..reader.profile import save_start
 from ..reader.imagefs import PREFETCH_ON_OPEN, FSError, ImageFS
+from . import keeper
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +64,17 @@ class RunResult:
     profile: str  # "recorded", "prefetched N", "none"
     warnings: list[str] = field(default_factory=list)
     site_tier: dict[str, int] | None = None  # chunks and bytes the site tier served, its failures and lies
+    kept: str = ""  # "" its own mount; "new": it started a keeper; "reused": it ran on a kept mount
+    keeper_runs: int = 0  # the kept mount's runs so far, this one included
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def _read_text(fs: ImageFS, path: str) -> str:
+def _read_text(fs: ImageFS | str, path: str) -> str:
+    """A small text file of the image; ``fs`` a mounted root: read through it, resolved inside it."""
+    if isinstance(fs, str):
+        return read_in_root(fs, path)
     try:
         with fs.open(path) as f:
             return f.read().decode("utf-8", "replace")
@@ -71,7 +82,60 @@ def _read_text(fs: ImageFS, path: str) -> str:
         return ""
 
 
-def resolve_user(fs: ImageFS, user: str) -> tuple[int, int, list[int]]:
+def read_in_root(root: str, path: str, limit: int = 1 << 20) -> str:
+    """The text of regular file ``path`` of the tree at ``root`` as a process chrooted there sees it
+    (symlinks, absolute or relative, and ``..`` resolved inside ``root``, never above it); "" if absent."""
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    top = os.open(root, flags | os.O_DIRECTORY)
+    stack = [top]
+    todo = [p for p in path.split("/") if p not in ("", ".")]
+    hops = 0
+    try:
+        while todo:
+            name = todo.pop(0)
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                continue
+            try:
+                fd = os.open(name, flags, dir_fd=stack[-1])
+            except OSError:
+                return ""
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(name, dir_fd=stack[-1])
+                os.close(fd)
+                hops += 1
+                if hops > 40:
+                    return ""
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                todo[:0] = [p for p in target.split("/") if p not in ("", ".")]
+            elif todo:
+                if not stat.S_ISDIR(st.st_mode):
+                    os.close(fd)
+                    return ""
+                stack.append(fd)
+            else:
+                os.close(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    return ""
+                try:
+                    rfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=stack[-1])
+                except OSError:
+                    return ""
+                try:
+                    return os.read(rfd, limit).decode("utf-8", "replace")
+                finally:
+                    os.close(rfd)
+        return ""
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def resolve_user(fs: ImageFS | str, user: str) -> tuple[int, int, list[int]]:
     """uid, gid, extra gids for an image config ``User`` (name, uid, uid:gid, name:group)."""
     if not user:
         return 0, 0, []
@@ -104,7 +168,7 @@ def resolve_user(fs: ImageFS, user: str) -> tuple[int, int, list[int]]:
     return uid, gid if gid is not None else 0, extra
 
 
-def process_spec(fs: ImageFS, config: dict[str, Any], command: list[str] | None) -> dict[str, Any]:
+def process_spec(fs: ImageFS | str, config: dict[str, Any], command: list[str] | None) -> dict[str, Any]:
     c = config.get("config") or {}
     entry = c.get("Entrypoint") or []
     if command:
@@ -233,23 +297,35 @@ def _run_runc(runc: str, bundle: str, cid: str, stdout: Any, stderr: Any) -> tup
 def run_image(store: Repository, ref: str, command: list[str] | None = None, *, runtime: str = "auto",
               prefetch: bool = True, record: bool | None = None, fs: ImageFS | None = None,
               stdout: Any = None, stderr: Any = None, policy: Policy | None = None,
-              background: BackgroundConfig | None = None) -> RunResult:
+              background: BackgroundConfig | None = None, keep: float = 0.0) -> RunResult:
     """Run ``ref``'s Entrypoint/Cmd (or ``command``) from a lazy FUSE mount.
 
     ``runtime``: ``runc``, ``chroot`` or ``auto`` (runc if it works).
     ``record``: record what this start reads into the image's start-up profile (default: yes).
     ``background``: fetch the rest of the image while it runs (default: on; see convstore.reader.background).
     ``policy``: the node's trust policy; an image it refuses does not start.
+    ``keep``: seconds the image's mount stays up after the run for the next runs (0: removed at once).
+    A kept mount of the image is used whatever ``keep`` says (convstore.engines.keeper).
     """
     t0 = time.perf_counter()
     if os.geteuid() != 0:
         raise RunError("convstore run needs root (FUSE allow_other, namespaces, runc)")
     if fs is None:
-        fs = ImageFS.from_store(store, ref, prefetch_on_open=PREFETCH_ON_OPEN)
-    entry = fs.entry if fs.entry is not None else store.catalog.entry(ref)
-    manifest = fs.manifest
+        entry, manifest = store.open_image(ref)  # the name resolved in this store, whatever a keeper says
+    else:
+        entry = fs.entry if fs.entry is not None else store.catalog.entry(ref)
+        manifest = fs.manifest
     require_policy(policy, manifest, ref)
     config = json.loads(manifest.config_bytes)
+    if fs is None:
+        lease, kept = _kept_mount(store, entry, manifest, keep, prefetch, background)
+        if lease is not None:
+            with lease:
+                proc = process_spec(lease.root, config, command)
+                code, used = _execute(lease.root, proc, runtime, entry, stdout, stderr)
+            return RunResult(code, used, time.perf_counter() - t0, {}, 0, 0,
+                             "kept mount: recorded by its keeper", [], None, kept, lease.runs)
+        fs = ImageFS.from_manifest(store, entry, manifest, prefetch_on_open=PREFETCH_ON_OPEN)
     profile_state = "none"
     profile = store.manifests.load_profile(entry) if prefetch else None
     if profile:
@@ -263,38 +339,11 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
     work = tempfile.mkdtemp(prefix="convstore-run-")
     rootfs = os.path.join(work, "rootfs")
     os.mkdir(rootfs)
-    runc = shutil.which("runc")
-    used = "chroot"
+    from ..reader.fuse import BackgroundMount
+
     try:
         with BackgroundMount(fs, rootfs) as mount:
-            code = None
-            if runtime in ("auto", "runc") and runc:
-                bundle = os.path.join(work, "bundle")
-                os.mkdir(bundle)
-                _runc_bundle(bundle, rootfs, proc, runc, entry.ref.name.replace("/", "-")[:63])
-                cid = f"convstore-{os.getpid()}-{int(time.time() * 1000) % 100000}"
-                rc, runc_failed, msg = _run_runc(runc, bundle, cid, stdout, stderr)
-                if runc_failed:  # a container that ran is deleted by `runc run` itself
-                    subprocess.run([runc, "delete", "--force", cid], capture_output=True)
-                if runc_failed and "exec:" in msg:  # the command itself cannot be started
-                    why = msg.split("exec:", 1)[1].replace('\\"', '"').strip().rstrip('"')
-                    raise RunError(f"cannot start {proc['args'][0]!r} in the image: {why}")
-                if runc_failed and runtime == "auto":
-                    log.warning("runc could not start the container (%s); falling back to chroot", msg)
-                elif runc_failed:
-                    raise RunError(f"runc could not start the container: {msg}")
-                else:
-                    used, code = "runc", rc
-            elif runtime == "runc":
-                raise RunError("runc is not installed")
-            if code is None:
-                env = dict(e.split("=", 1) for e in proc["env"] if "=" in e)
-                try:
-                    p = subprocess.run(proc["args"], env=env, stdin=subprocess.DEVNULL, stdout=stdout,
-                                       stderr=stderr, preexec_fn=_chroot_preexec(rootfs, proc))
-                except (OSError, subprocess.SubprocessError) as e:
-                    raise RunError(f"cannot start {proc['args'][0]!r} in the image: {e}") from None
-                code = p.returncode
+            code, used = _execute(rootfs, proc, runtime, entry, stdout, stderr, work)
             read_calls, read_bytes = mount.ops.read_calls, mount.ops.read_bytes
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -306,3 +355,68 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
 
     return RunResult(code, used, time.perf_counter() - t0, fs.fetcher.refresh_requests().to_json(), read_calls,
                      read_bytes, profile_state, fs.warnings[:20], tier_stats(store.chunk_store))
+
+
+def _kept_mount(store: Repository, entry: CatalogEntry, manifest: Manifest, keep: float, prefetch: bool,
+                background: BackgroundConfig | None) -> tuple[keeper.Lease | None, str]:
+    """A lease on the image's kept mount (``"reused"``, or ``"new"``: this run started its keeper, as
+    ``keep`` > 0 asks), else (None, "") and the run mounts the image itself."""
+    store_id, digest = store.manifests.ident.id, str(entry.manifest_digest)
+    if keep <= 0 and not keeper.present(store_id, digest):
+        return None, ""
+    key = store.manifests.keep_key(entry)  # this run's own key provider unwraps the image, or it fails here
+    try:
+        return keeper.attach(key, store_id, str(entry.ref), digest), "reused"
+    except KeptMountUnusable as e:
+        if keep <= 0:
+            log.info("%s: %s; mounting it", entry.ref, e)
+            return None, ""
+        log.debug("%s: %s", entry.ref, e)
+    try:
+        keeper.spawn(store, entry, manifest, key, keep, prefetch=prefetch, background=background)
+        return keeper.attach(key, store_id, str(entry.ref), digest), "new"
+    except KeptMountUnusable as e:
+        log.info("%s: no kept mount (%s); mounting it for this run only", entry.ref, e)
+        return None, ""
+
+
+def _execute(rootfs: str, proc: dict[str, Any], runtime: str, entry: CatalogEntry, stdout: Any, stderr: Any,
+             work: str | None = None) -> tuple[int, str]:
+    """Run ``proc`` on the image mounted at ``rootfs``: runc (``auto``, ``runc``), else the chroot
+    fallback; (exit status, runtime used)."""
+    runc = shutil.which("runc")
+    used, code = "chroot", None
+    if runtime in ("auto", "runc") and runc:
+        own = work is None
+        bdir = tempfile.mkdtemp(prefix="convstore-run-") if own else work
+        try:
+            bundle = os.path.join(bdir, "bundle")
+            os.mkdir(bundle)
+            _runc_bundle(bundle, rootfs, proc, runc, entry.ref.name.replace("/", "-")[:63])
+            cid = f"convstore-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+            rc, runc_failed, msg = _run_runc(runc, bundle, cid, stdout, stderr)
+        finally:
+            if own:
+                shutil.rmtree(bdir, ignore_errors=True)
+        if runc_failed:  # a container that ran is deleted by `runc run` itself
+            subprocess.run([runc, "delete", "--force", cid], capture_output=True)
+        if runc_failed and "exec:" in msg:  # the command itself cannot be started
+            why = msg.split("exec:", 1)[1].replace('\\"', '"').strip().rstrip('"')
+            raise RunError(f"cannot start {proc['args'][0]!r} in the image: {why}")
+        if runc_failed and runtime == "auto":
+            log.warning("runc could not start the container (%s); falling back to chroot", msg)
+        elif runc_failed:
+            raise RunError(f"runc could not start the container: {msg}")
+        else:
+            used, code = "runc", rc
+    elif runtime == "runc":
+        raise RunError("runc is not installed")
+    if code is None:
+        env = dict(e.split("=", 1) for e in proc["env"] if "=" in e)
+        try:
+            p = subprocess.run(proc["args"], env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+                               stderr=stderr, preexec_fn=_chroot_preexec(rootfs, proc))
+        except (OSError, subprocess.SubprocessError) as e:
+            raise RunError(f"cannot start {proc['args'][0]!r} in the image: {e}") from None
+        code = p.returncode
+    return code, used

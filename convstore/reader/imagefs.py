@@ -81,6 +81,14 @@ class ImageFS:
         """Open ``ref``: loads (and authenticates) its manifest, reads no chunk.
         ``cache``: the process's shared plaintext cache (else one of ``cache_bytes``)."""
         entry, manifest = store.open_image(ref)
+        return cls.from_manifest(store, entry, manifest, cache_bytes=cache_bytes, workers=workers,
+                                 readahead=readahead, prefetch_on_open=prefetch_on_open, cache=cache)
+
+    @classmethod
+    def from_manifest(cls, store: Repository, entry: CatalogEntry, manifest: Manifest, *,
+                      cache_bytes: int = 256 << 20, workers: int = 16, readahead: int = 8,
+                      prefetch_on_open: int = 0, cache: ChunkCache | None = None) -> ImageFS:
+        """An image whose manifest the caller has opened (``store.open_image``) and checked."""
         fs = cls(manifest, ChunkFetcher(store.chunks, manifest, cache_bytes=cache_bytes, workers=workers,
                                         readahead=readahead, cache=cache), prefetch_on_open)
         fs.entry = entry
