@@ -181,7 +181,9 @@ class Manifest:
         return head + b"".join(sections)
 
     @classmethod
-    def decode(cls, b: bytes) -> Manifest:
+    def decode(cls, b: bytes, head_only: bool = False) -> Manifest:
+        """``head_only``: the image's identity, source, config, verification and layer digests, without
+        its files, chunks and locations (empty): for a run on a kept mount, which reads no chunk."""
         try:
             lens = _section_lengths(b)
             pos = 16 + 8 * len(lens)
@@ -195,9 +197,9 @@ class Manifest:
             table = sections[1]
             if len(table) % _ROW.size:
                 raise CorruptObject("manifest: chunk table has a bad length")
-            chunks = [ChunkIdentity(*r) for r in _ROW.iter_unpack(table)]
+            chunks = [] if head_only else [ChunkIdentity(*r) for r in _ROW.iter_unpack(table)]
             locations: list[Location | None] = []
-            if doc.get("locations"):
+            if doc.get("locations") and not head_only:
                 containers = [bytes.fromhex(c) for c in doc["locations"]["containers"]]
                 loc_rows = sections[doc["locations"]["section"]]
                 if len(loc_rows) != _LOC.size * len(chunks):
@@ -210,6 +212,11 @@ class Manifest:
             layers = []
             for l in doc["layers"]:
                 idx = array("I")
+                if head_only:
+                    layers.append(LayerRecord(l["media_type"], l["digest"], l["size"], l["diff_id"],
+                                              l["uncompressed_size"], l["content_size"], b"", [], idx, [],
+                                              l.get("annotations")))
+                    continue
                 idx.frombytes(sections[l["chunks_section"]])
                 layers.append(LayerRecord(
                     l["media_type"], l["digest"], l["size"], l["diff_id"], l["uncompressed_size"],

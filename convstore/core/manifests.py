@@ -61,18 +61,19 @@ class ManifestStore:
                          refs={h[0] for h in manifest.locations if h is not None})
         return digest, self.key.wrap(dek, self.context(manifest.name, digest))
 
-    def load(self, entry: CatalogEntry) -> Manifest:
-        """Open an entry's manifest."""
+    def load(self, entry: CatalogEntry, head_only: bool = False) -> Manifest:
+        """Open an entry's manifest (``head_only``: :meth:`Manifest.decode`'s)."""
         digest, wrapped, key_id = sealed_version(entry)
-        return self.open(digest, entry.ref.name, wrapped, key_id, f"image {entry.ref}")
+        return self.open(digest, entry.ref.name, wrapped, key_id, f"image {entry.ref}", head_only)
 
     def chunk_table(self, entry: CatalogEntry) -> memoryview:
         """Only the chunk table of an entry's manifest (rows of ``manifest.ROW_SIZE``)."""
         digest, wrapped, key_id = sealed_version(entry)
         return chunk_table(self._plain(digest, entry.ref.name, wrapped, key_id, f"image {entry.ref}"))
 
-    def open(self, digest: str, image: str, wrapped: bytes, key_id: str, what: str) -> Manifest:
-        m = Manifest.decode(self._plain(digest, image, wrapped, key_id, what))
+    def open(self, digest: str, image: str, wrapped: bytes, key_id: str, what: str,
+             head_only: bool = False) -> Manifest:
+        m = Manifest.decode(self._plain(digest, image, wrapped, key_id, what), head_only)
         if m.name != image:
             raise CorruptObject(f"{what}: manifest belongs to another image")
         return m

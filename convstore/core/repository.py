@@ -397,10 +397,11 @@ class Repository:
                 and now - (e.last_read or e.state_since) > self.inactive_after)
 
     # -- the read gate -------------------------------------------------------
-    def open_image(self, ref: ImageRef | str) -> tuple[CatalogEntry, Manifest]:
+    def open_image(self, ref: ImageRef | str, head_only: bool = False) -> tuple[CatalogEntry, Manifest]:
         """The read gate: the manifest of a readable (ACTIVE) image.  Records
         the read; refuses PENDING and FAILED images; an image unused for
-        ``inactive_after`` is INACTIVE, and its first read starts a re-pack."""
+        ``inactive_after`` is INACTIVE, and its first read starts a re-pack.
+        ``head_only``: the manifest without files and chunks (:meth:`Manifest.decode`)."""
         e = self.catalog.entry(ref)
         now = self.clock()
         if not e.complete:
@@ -412,7 +413,7 @@ class Repository:
             self._reactivate(e)
             raise ImageInactive(f"image {e.ref} is inactive and is being reactivated from {e.source}; "
                                 f"retry when it is ACTIVE")
-        return self.stamp_read(e, now), self.manifests.load(e)
+        return self.stamp_read(e, now), self.manifests.load(e, head_only)
 
     def stamp_read(self, e: CatalogEntry, now: float) -> CatalogEntry:
         """Record a use of an ACTIVE image (``last_read``, written at most hourly; local stores only)."""

@@ -310,21 +310,24 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
     t0 = time.perf_counter()
     if os.geteuid() != 0:
         raise RunError("convstore run needs root (FUSE allow_other, namespaces, runc)")
+    head = fs is None and (keep > 0 or keeper.any_present())  # a run on a kept mount needs no file table
     if fs is None:
-        entry, manifest = store.open_image(ref)  # the name resolved in this store, whatever a keeper says
+        entry, manifest = store.open_image(ref, head_only=head)  # resolved in this store, whatever a keeper says
     else:
         entry = fs.entry if fs.entry is not None else store.catalog.entry(ref)
         manifest = fs.manifest
     require_policy(policy, manifest, ref)
     config = json.loads(manifest.config_bytes)
     if fs is None:
-        lease, kept = _kept_mount(store, entry, manifest, keep, prefetch, background)
+        lease, kept = _kept_mount(store, entry, None if head else manifest, keep, prefetch, background)
         if lease is not None:
             with lease:
                 proc = process_spec(lease.root, config, command)
                 code, used = _execute(lease.root, proc, runtime, entry, stdout, stderr)
             return RunResult(code, used, time.perf_counter() - t0, {}, 0, 0,
                              "kept mount: recorded by its keeper", [], None, kept, lease.runs)
+        if head:
+            manifest = store.manifests.load(entry)  # the same sealed manifest, whole
         fs = ImageFS.from_manifest(store, entry, manifest, prefetch_on_open=PREFETCH_ON_OPEN)
     profile_state = "none"
     profile = store.manifests.load_profile(entry) if prefetch else None
@@ -357,10 +360,11 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
                      read_bytes, profile_state, fs.warnings[:20], tier_stats(store.chunk_store))
 
 
-def _kept_mount(store: Repository, entry: CatalogEntry, manifest: Manifest, keep: float, prefetch: bool,
+def _kept_mount(store: Repository, entry: CatalogEntry, manifest: Manifest | None, keep: float, prefetch: bool,
                 background: BackgroundConfig | None) -> tuple[keeper.Lease | None, str]:
     """A lease on the image's kept mount (``"reused"``, or ``"new"``: this run started its keeper, as
-    ``keep`` > 0 asks), else (None, "") and the run mounts the image itself."""
+    ``keep`` > 0 asks), else (None, "") and the run mounts the image itself.  ``manifest``: the
+    image's whole manifest, or None (loaded here if a keeper is to be started)."""
     store_id, digest = store.manifests.ident.id, str(entry.manifest_digest)
     if keep <= 0 and not keeper.present(store_id, digest):
         return None, ""
@@ -373,6 +377,8 @@ def _kept_mount(store: Repository, entry: CatalogEntry, manifest: Manifest, keep
             return None, ""
         log.debug("%s: %s", entry.ref, e)
     try:
+        if manifest is None:
+            manifest = store.manifests.load(entry)  # the keeper serves its files: the whole manifest
         keeper.spawn(store, entry, manifest, key, keep, prefetch=prefetch, background=background)
         return keeper.attach(key, store_id, str(entry.ref), digest), "new"
     except KeptMountUnusable as e:
