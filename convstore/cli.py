@@ -927,8 +927,9 @@ def run(
                                                        "[default: unbounded, or $CONVSTORE_BACKGROUND_RATE]"),
     keep_mount: Optional[str] = typer.Option(None, "--keep-mount", metavar="DURATION",
                                              help="Keep the image mounted this long after the run, for the "
-                                                  "next runs of it (e.g. 10m; 0: unmount at once) [default: "
-                                                  "$CONVSTORE_KEEP_MOUNT, else 5m through the daemon, 0 alone]"),
+                                                  "next runs of it (e.g. 10m; 0: a mount of its own, removed "
+                                                  "at once) [default: $CONVSTORE_KEEP_MOUNT, else 5m through "
+                                                  "the daemon; alone: none kept, a kept one used]"),
 ) -> None:
     """Run an image's Entrypoint/Cmd (or CMD) from a lazy read-only mount; exit with its code."""
     if runtime not in ("auto", "runc", "chroot"):
@@ -936,7 +937,7 @@ def run(
     from .engines.run import run_image
 
     spec = keep_mount if keep_mount is not None else os.environ.get("CONVSTORE_KEEP_MOUNT")
-    keep = _duration(spec) if spec else (KEEP_MOUNT_IN_DAEMON if state.in_daemon else 0.0)
+    keep = _duration(spec) if spec else (KEEP_MOUNT_IN_DAEMON if state.in_daemon else None)
     r = run_image(_store(), ref, command or None, runtime=runtime, prefetch=prefetch, record=record,
                   policy=_policy(policy), background=_background_fetch(background_fetch, background_rate),
                   keep=keep)
@@ -954,7 +955,7 @@ def run(
 
 # What a daemon imports before it forks its first command: every command's modules.
 _PRELOAD = ("convstore.pack", "convstore.unpack", "convstore.maintenance", "convstore.core.lifecycle",
-            "convstore.engines.run", "convstore.engines.layerstore", "convstore.stores.registry",
+            "convstore.engines.run", "convstore.reader.fuse", "convstore.engines.layerstore", "convstore.stores.registry",
             "convstore.stores.cache", "convstore.worker", "rich.console", "rich.progress", "rich.table",
             "platformdirs")
 
@@ -984,6 +985,9 @@ def daemon(
         except d.DaemonError as e:
             raise ConvstoreError(str(e)) from None
         if stop:
+            from .engines.keeper import stop_keepers
+
+            stop_keepers(wait=0)  # this user's kept image mounts too (each after its running containers)
             running = int(info.get("running") or 0)  # type: ignore[call-overload]
             out.print(f"stopping the convstore daemon (pid {info.get('pid')}) on {path}"
                       + (f": it exits after its {_n(running, 'running command')}" if running else ""),

@@ -56,7 +56,6 @@ keeper nonce, client nonce, digest, ref); keeper -> client the same framing,
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import json
@@ -69,7 +68,6 @@ import stat
 import struct
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..daemon.protocol import peer, private_dir, recv_exact
@@ -159,14 +157,11 @@ def _recv(sock: socket.socket) -> dict[str, Any]:
     return doc
 
 
-@dataclass
 class Lease:
     """A run's hold on a kept mount: the mount stays while this is open."""
 
-    sock: socket.socket
-    root: str
-    pid: int
-    runs: int
+    def __init__(self, sock: socket.socket, root: str, pid: int, runs: int) -> None:
+        self.sock, self.root, self.pid, self.runs = sock, root, pid, runs
 
     def close(self) -> None:
         self.sock.close()
@@ -257,6 +252,8 @@ def spawn(store: Repository, entry: CatalogEntry, manifest: Manifest, key: bytes
     digest = str(entry.manifest_digest)
     d, path, root, lock = _paths(store.manifests.ident.id, digest)
     _check_private(d, create=True)
+    import fcntl
+
     lockfd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -274,8 +271,8 @@ def spawn(store: Repository, entry: CatalogEntry, manifest: Manifest, key: bytes
                 if os.fork() == 0:
                     code = 1
                     try:
-                        code = _keeper(store, entry, manifest, key, keep_seconds, path, root, w, prefetch,
-                                       background)
+                        code = _keeper(store, entry, manifest, key, keep_seconds, path, root, w, lockfd,
+                                       prefetch, background)
                     except BaseException as e:  # noqa: BLE001 - reported to the run that forked it, if it waits
                         try:
                             os.write(w, b"E" + str(e).encode(errors="replace")[:300] + b"\n")
@@ -322,13 +319,16 @@ class _Conn:
 
 
 def _keeper(store: Repository, entry: CatalogEntry, manifest: Manifest, key: bytes, keep_seconds: float,
-            path: str, root: str, ready: int, prefetch: bool, background: BackgroundConfig | None) -> int:
+            path: str, root: str, ready: int, lockfd: int, prefetch: bool,
+            background: BackgroundConfig | None) -> int:
     """The keeper's life (in the forked process): mount, serve runs until idle, unmount."""
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
     os.write(ready, b"%d\n" % os.getpid())
+    os.ftruncate(lockfd, 0)
+    os.pwrite(lockfd, b"%d\n" % os.getpid(), 0)  # for stop_keepers
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
@@ -377,15 +377,11 @@ def _keeper(store: Repository, entry: CatalogEntry, manifest: Manifest, key: byt
         listener.listen(64)
         os.write(ready, b"R\n")
         os.close(ready)
-        _serve(store, entry, key, digest, keep_seconds, listener, root, dev, wake_r, stopping, save_profile)
+        _serve(store, entry, key, digest, keep_seconds, listener, root, dev, wake_r, stopping, save_profile,
+               lambda: _unlisten(listener, path, inode))
     finally:
         if listener is not None:
-            listener.close()
-            try:
-                if os.lstat(path).st_ino == inode:
-                    os.unlink(path)
-            except OSError:
-                pass
+            _unlisten(listener, path, inode)
         save_profile()
         mount.__exit__(None, None, None)
         try:
@@ -394,6 +390,16 @@ def _keeper(store: Repository, entry: CatalogEntry, manifest: Manifest, key: byt
             pass
         fs.close()
     return 0
+
+
+def _unlisten(listener: socket.socket, path: str, inode: int) -> None:
+    """Stop listening, and remove the socket if it is still this keeper's."""
+    listener.close()
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 class _umask:
@@ -424,7 +430,7 @@ def _mount_alive(root: str, dev: int) -> bool:
 
 def _serve(store: Repository, entry: CatalogEntry, key: bytes, digest: str, keep_seconds: float,
            listener: socket.socket, root: str, dev: int, wake: int, stopping: list[int],
-           save_profile: Any) -> None:
+           save_profile: Any, unlisten: Any) -> None:
     conns: dict[int, _Conn] = {}
     runs = 0
     idle_since = time.monotonic()
@@ -435,6 +441,7 @@ def _serve(store: Repository, entry: CatalogEntry, key: bytes, digest: str, keep
         nonlocal accepting
         if accepting:
             accepting = False
+            unlisten()  # no run finds it from now on
             for c in [c for c in conns.values() if not c.leased]:
                 drop(c)
 
@@ -540,4 +547,73 @@ def _serve(store: Repository, entry: CatalogEntry, key: bytes, digest: str, keep
             drop(c)  # silent too long mid-handshake
 
 
-__all__ = ["HANDSHAKE_TIMEOUT", "KeptMountUnusable", "Lease", "attach", "keep_dir", "keeper_id", "present", "spawn"]
+def stop_keepers(wait: float = 10.0) -> int:
+    """Ask every keeper of this user (in :func:`keep_dir`) to stop: each takes no new run, and unmounts
+    and exits once its running containers end.  How many were asked; waits up to ``wait`` seconds for
+    those with no running container to be gone."""
+    import fcntl
+
+    d = keep_dir()
+    try:
+        _check_private(d, create=False)
+        names = [n for n in os.listdir(d) if n.endswith(".lock")]
+    except (KeptMountUnusable, OSError):
+        return 0
+    asked: list[str] = []
+    for n in names:
+        lock = os.path.join(d, n)
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                continue  # no keeper holds it
+            except BlockingIOError:
+                pass
+            text = os.pread(fd, 32, 0).strip()
+            if not text.isdigit():
+                continue
+            pidfd = os.pidfd_open(int(text))
+            try:
+                try:  # the lock still held after the pidfd was taken: that pid is still the keeper
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    continue
+                except BlockingIOError:
+                    pass
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                asked.append(lock)
+            finally:
+                os.close(pidfd)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    count = len(asked)
+    deadline = time.monotonic() + wait
+    while asked and time.monotonic() < deadline:
+        asked = [lock for lock in asked if _held(lock)]
+        if asked:
+            time.sleep(0.02)  # bounded: an idle keeper unmounts and exits within ms
+    return count
+
+
+def _held(lock: str) -> bool:
+    """Whether a keeper still holds this lock (it is alive)."""
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+__all__ = ["HANDSHAKE_TIMEOUT", "KeptMountUnusable", "Lease", "attach", "keep_dir", "keeper_id", "present", "spawn", "stop_keepers"]

@@ -18,7 +18,6 @@ fetches the rest of the image in the background while it runs
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -30,7 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConvstoreError, KeptMountUnusable
 from ..oci.policy import Policy
@@ -38,10 +37,11 @@ from ..oci.policy import require as require_policy
 from ..core.catalog import CatalogEntry
 from ..core.repository import Repository
 from ..manifest import Manifest
-from ..reader.background import BackgroundConfig, start_fetching
-from ..reader.profile import save_start
-from ..reader.imagefs import PREFETCH_ON_OPEN, FSError, ImageFS
 from . import keeper
+
+if TYPE_CHECKING:
+    from ..reader.background import BackgroundConfig
+    from ..reader.imagefs import ImageFS
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def _read_text(fs: ImageFS | str, path: str) -> str:
     """A small text file of the image; ``fs`` a mounted root: read through it, resolved inside it."""
     if isinstance(fs, str):
         return read_in_root(fs, path)
+    from ..reader.imagefs import FSError
+
     try:
         with fs.open(path) as f:
             return f.read().decode("utf-8", "replace")
@@ -244,6 +246,8 @@ def _chroot_preexec(root: str, proc: dict[str, Any]) -> Any:
     UTS and IPC namespaces; /dev (host null, zero, random... bound in),
     /proc and a /tmp over the read-only image; then chroot and drop to the
     image's user."""
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
 
     def mount(src: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -297,20 +301,21 @@ def _run_runc(runc: str, bundle: str, cid: str, stdout: Any, stderr: Any) -> tup
 def run_image(store: Repository, ref: str, command: list[str] | None = None, *, runtime: str = "auto",
               prefetch: bool = True, record: bool | None = None, fs: ImageFS | None = None,
               stdout: Any = None, stderr: Any = None, policy: Policy | None = None,
-              background: BackgroundConfig | None = None, keep: float = 0.0) -> RunResult:
+              background: BackgroundConfig | None = None, keep: float | None = None) -> RunResult:
     """Run ``ref``'s Entrypoint/Cmd (or ``command``) from a lazy FUSE mount.
 
     ``runtime``: ``runc``, ``chroot`` or ``auto`` (runc if it works).
     ``record``: record what this start reads into the image's start-up profile (default: yes).
     ``background``: fetch the rest of the image while it runs (default: on; see convstore.reader.background).
     ``policy``: the node's trust policy; an image it refuses does not start.
-    ``keep``: seconds the image's mount stays up after the run for the next runs (0: removed at once).
-    A kept mount of the image is used whatever ``keep`` says (convstore.engines.keeper).
+    ``keep``: seconds the image's mount stays up after the run for the next runs, on a kept mount
+    (convstore.engines.keeper): > 0 uses the image's kept mount or starts one; None uses one that is up,
+    else mounts the image for this run only; 0 always mounts it for this run only.
     """
     t0 = time.perf_counter()
     if os.geteuid() != 0:
         raise RunError("convstore run needs root (FUSE allow_other, namespaces, runc)")
-    head = fs is None and (keep > 0 or keeper.any_present())  # a run on a kept mount needs no file table
+    head = fs is None and (keep is None and keeper.any_present() or bool(keep))  # a run on a kept mount needs no file table
     if fs is None:
         entry, manifest = store.open_image(ref, head_only=head)  # resolved in this store, whatever a keeper says
     else:
@@ -328,7 +333,12 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
                              "kept mount: recorded by its keeper", [], None, kept, lease.runs)
         if head:
             manifest = store.manifests.load(entry)  # the same sealed manifest, whole
+        from ..reader.imagefs import PREFETCH_ON_OPEN, ImageFS
+
         fs = ImageFS.from_manifest(store, entry, manifest, prefetch_on_open=PREFETCH_ON_OPEN)
+    from ..reader.background import BackgroundConfig, start_fetching
+    from ..reader.profile import save_start
+
     profile_state = "none"
     profile = store.manifests.load_profile(entry) if prefetch else None
     if profile:
@@ -360,26 +370,27 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
                      read_bytes, profile_state, fs.warnings[:20], tier_stats(store.chunk_store))
 
 
-def _kept_mount(store: Repository, entry: CatalogEntry, manifest: Manifest | None, keep: float, prefetch: bool,
+def _kept_mount(store: Repository, entry: CatalogEntry, manifest: Manifest | None, keep: float | None,
+                prefetch: bool,
                 background: BackgroundConfig | None) -> tuple[keeper.Lease | None, str]:
     """A lease on the image's kept mount (``"reused"``, or ``"new"``: this run started its keeper, as
     ``keep`` > 0 asks), else (None, "") and the run mounts the image itself.  ``manifest``: the
     image's whole manifest, or None (loaded here if a keeper is to be started)."""
     store_id, digest = store.manifests.ident.id, str(entry.manifest_digest)
-    if keep <= 0 and not keeper.present(store_id, digest):
+    if keep == 0 or keep is None and not keeper.present(store_id, digest):
         return None, ""
     key = store.manifests.keep_key(entry)  # this run's own key provider unwraps the image, or it fails here
     try:
         return keeper.attach(key, store_id, str(entry.ref), digest), "reused"
     except KeptMountUnusable as e:
-        if keep <= 0:
+        if keep is None:
             log.info("%s: %s; mounting it", entry.ref, e)
             return None, ""
         log.debug("%s: %s", entry.ref, e)
     try:
         if manifest is None:
             manifest = store.manifests.load(entry)  # the keeper serves its files: the whole manifest
-        keeper.spawn(store, entry, manifest, key, keep, prefetch=prefetch, background=background)
+        keeper.spawn(store, entry, manifest, key, float(keep or 0), prefetch=prefetch, background=background)
         return keeper.attach(key, store_id, str(entry.ref), digest), "new"
     except KeptMountUnusable as e:
         log.info("%s: no kept mount (%s); mounting it for this run only", entry.ref, e)
