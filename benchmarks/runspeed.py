@@ -13,6 +13,13 @@ command and its children from ``wait4``; a daemon-served command's work is
 done in the daemon's child, so its CPU is not seen here).  Medians and the
 ratios to ``runc run`` are printed (issue 24: own process <= 4x, daemon <= 2x).
 
+Each ``convstore run`` is timed twice per round: on a fresh mount of its own
+(``CONVSTORE_KEEP_MOUNT=0``) and on a kept mount (``--keep-mount``: the
+image's mount stays up between runs, served by a keeper,
+convstore.engines.keeper; its first run, which starts the keeper, is untimed).
+The keepers run in a keep directory of the benchmark's own and are stopped at
+the end.
+
 ``--baseline DIR``: a checkout of other code (``git archive COMMIT | tar -x -C DIR``)
 whose ``convstore`` package runs the same commands in the same rounds
 (``PYTHONPATH=DIR``, its own daemon): before and after, side by side.
@@ -86,15 +93,22 @@ def main() -> None:
         if a.baseline:
             variants[" (baseline)"] = {"PYTHONPATH": str(Path(a.baseline).resolve())}
         runs: dict[str, tuple[list[str], dict[str, str]]] = {}
+        keep = {"CONVSTORE_KEEP_DIR": str(work / "keep")}
+        (work / "keep").mkdir(mode=0o700)
         for v, extra in variants.items():
             sock = work / f"daemon{len(socks)}" / "cli.sock"
             sock.parent.mkdir(mode=0o700)
             timed([CONVSTORE, "daemon", "--background", "--socket", str(sock)], extra)
             socks.append((sock, extra))
             run = [*cs, "run", f"{a.image}:latest"]
-            runs[f"convstore run, own process{v}"] = (run, {**extra, "CONVSTORE_DAEMON": "0"})
-            runs[f"convstore run, through the daemon{v}"] = (run, {**extra, "CONVSTORE_DAEMON": "1",
-                                                                  "CONVSTORE_DAEMON_SOCKET": str(sock)})
+            own = {**extra, **keep, "CONVSTORE_DAEMON": "0"}
+            daemon = {**extra, **keep, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(sock)}
+            runs[f"convstore run, own process{v}"] = (run, {**own, "CONVSTORE_KEEP_MOUNT": "0"})
+            runs[f"convstore run, through the daemon{v}"] = (run, {**daemon, "CONVSTORE_KEEP_MOUNT": "0"})
+            if not v:  # the baseline has no kept mounts
+                runs["convstore run, own process, kept mount"] = (run, {**own, "CONVSTORE_KEEP_MOUNT": "10m"})
+                runs["convstore run, through the daemon, kept mount"] = (run, {**daemon,
+                                                                               "CONVSTORE_KEEP_MOUNT": "10m"})
         for cmd, env in runs.values():  # the first records the start-up profile; each daemon's first command
             timed(cmd, env)
         rows: dict[str, list[tuple[float, float]]] = {"runc run, rootfs on disk": [], **{n: [] for n in runs}}
@@ -103,6 +117,8 @@ def main() -> None:
             for n, (cmd, env) in runs.items():
                 rows[n].append(timed(cmd, env))
     finally:
+        subprocess.run([sys.executable, "-c", "from convstore.engines.keeper import stop_keepers; stop_keepers()"],
+                       env={**os.environ, "CONVSTORE_KEEP_DIR": str(work / "keep")}, check=False)
         for sock, extra in socks:
             subprocess.run([CONVSTORE, "daemon", "--stop", "--socket", str(sock)], capture_output=True, check=False,
                            env={**os.environ, **extra})
