@@ -241,3 +241,18 @@ def test_a_moved_tag_starts_the_new_image_not_the_kept_one(tmp_path: Path, kept:
     out, moved = _run(kept, "--keep-mount", "10m", "img:1", *probe)
     assert out == "python\n" and moved["kept"] == "new" and moved["keeper_runs"] == 1, moved
     assert len(_mounts(tmp_path / "keep")) == 2
+
+
+def test_a_hung_keeper_is_waited_for_a_bounded_time(tmp_path: Path, kept: dict) -> None:
+    keep = tmp_path / "keep"
+    _run(kept, "--keep-mount", "1m", "img:1")
+    pid = _keeper_pid(keep)
+    os.kill(pid, signal.SIGSTOP)  # alive, holds its socket and lock, answers nothing
+    try:
+        for args in ([], ["--keep-mount", "1m"]):
+            start = time.monotonic()
+            out, summary = _run(kept, *args, "img:1")
+            assert out == "hello\n" and summary["kept"] == "", summary  # its own mount
+            assert time.monotonic() - start < keeper.HANDSHAKE_TIMEOUT + 20
+    finally:
+        os.kill(pid, signal.SIGCONT)
