@@ -206,6 +206,10 @@ def test_a_keeper_killed_with_sigkill_leaves_the_next_run_working(tmp_path: Path
     out, summary = _run(kept, "img:1")  # not keeping: its own mount
     assert out == "hello\n" and summary["kept"] == "", summary
     assert time.monotonic() - start < 30
+    assert not _mounts(keep) and not list(keep.glob("*.sock"))  # what the dead keeper left is cleaned up
+    _run(kept, "--keep-mount", "1m", "img:1")
+    os.kill(_keeper_pid(keep), signal.SIGKILL)  # again, and this time the next run keeps
+    _wait(lambda: _dead(mnt), "the killed keeper's mount to fail")
     out, summary = _run(kept, "--keep-mount", "1m", "img:1")  # keeping: a new keeper, on a live mount
     assert out == "hello\n" and summary["kept"] == "new", summary
     assert [m for _, m in _mounts(keep)] == [mnt] and not _dead(mnt)
@@ -256,3 +260,19 @@ def test_a_hung_keeper_is_waited_for_a_bounded_time(tmp_path: Path, kept: dict) 
             assert time.monotonic() - start < keeper.HANDSHAKE_TIMEOUT + 20
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_through_the_daemon_the_mount_is_kept_by_default_and_stop_ends_it(tmp_path: Path, kept: dict) -> None:
+    keep = tmp_path / "keep"
+    (tmp_path / "d").mkdir(mode=0o700)
+    env = dict(kept, CONVSTORE_DAEMON="1", CONVSTORE_DAEMON_SOCKET=str(tmp_path / "d" / "cli.sock"))
+    run_cli(env, "daemon", "--background")
+    try:
+        out, first = _run(env, "img:1")
+        assert out == "hello\n" and first["kept"] == "new", first  # forked from the daemon's child
+        out, second = _run(env, "img:1")
+        assert out == "hello\n" and second["kept"] == "reused" and second["keeper_runs"] == 2, second
+        assert len(_mounts(keep)) == 1
+    finally:
+        run_cli(env, "daemon", "--stop")
+    _wait(lambda: not _mounts(keep), "daemon --stop to stop the keeper")

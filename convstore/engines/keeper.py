@@ -197,7 +197,7 @@ def attach(key: bytes, store_id: str, ref: str, digest: str, *, op: str = "run",
     """The kept mount of image ``digest`` (which the caller resolved ``ref`` to, in its own store), held
     for one run; :class:`KeptMountUnusable` if there is none or it cannot be trusted or reached in time.
     ``key``: the caller's :meth:`keep_key` of the image.  ``op`` ``status``: only ask (no lease)."""
-    d, path, root, _ = _paths(store_id, digest)
+    d, path, root, lock = _paths(store_id, digest)
     _check_private(d, create=False)
     try:
         st = os.lstat(path)
@@ -239,7 +239,25 @@ def attach(key: bytes, store_id: str, ref: str, digest: str, *, op: str = "run",
         raise KeptMountUnusable(f"the keeper at {path} did not answer within {timeout:g} s (hung)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
         s.close()
+        if isinstance(e, ConnectionRefusedError) and not _held(lock):
+            _clean_dead(path, root)
         raise KeptMountUnusable(f"the keeper at {path} cannot be used: {e}") from None
+
+
+def _clean_dead(path: str, root: str) -> None:
+    """What a dead keeper (killed) left: its socket, and its mount ("transport endpoint is not connected",
+    detached), so later runs do not try it again."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    from ..reader.fuse import recover_stale_mount
+
+    try:
+        recover_stale_mount(root)
+        os.rmdir(root)
+    except (ConvstoreError, OSError):
+        pass
 
 
 def spawn(store: Repository, entry: CatalogEntry, manifest: Manifest, key: bytes, keep_seconds: float, *,
