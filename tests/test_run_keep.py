@@ -276,3 +276,29 @@ def test_through_the_daemon_the_mount_is_kept_by_default_and_stop_ends_it(tmp_pa
     finally:
         run_cli(env, "daemon", "--stop")
     _wait(lambda: not _mounts(keep), "daemon --stop to stop the keeper")
+
+
+def test_a_head_only_manifest_holds_what_a_run_on_a_kept_mount_checks(tmp_path: Path, kept: dict) -> None:
+    s = convstore.Store.open(str(tmp_path / "store"), f"file:{tmp_path / 'key'}")
+    e = s.catalog.entry("img:1")
+    full, head = s.manifests.load(e), s.manifests.load(e, head_only=True)
+    for f in ("name", "tag", "source", "config_digest", "config_bytes", "source_manifest_bytes", "verification"):
+        assert getattr(head, f) == getattr(full, f), f
+    assert [lr.digest for lr in head.layers] == [lr.digest for lr in full.layers]
+    assert full.chunks and not head.chunks and all(not lr.entries for lr in head.layers)
+
+
+def test_image_files_are_read_inside_the_kept_root(tmp_path: Path) -> None:
+    from convstore.engines.run import read_in_root
+
+    root, outside = tmp_path / "root", tmp_path / "secret"
+    (root / "etc").mkdir(parents=True)
+    outside.write_text("host secret\n")
+    (root / "real").write_text("root:x:0:0::/root:/bin/sh\n")
+    (root / "etc" / "passwd").symlink_to("/../../../../real")  # absolute, with ..: stays in root
+    (root / "etc" / "group").symlink_to("../../../../../../" + str(outside))  # relative, climbing out
+    (root / "etc" / "loop").symlink_to("loop")
+    assert read_in_root(str(root), "/etc/passwd") == "root:x:0:0::/root:/bin/sh\n"
+    assert read_in_root(str(root), "/etc/group") == ""  # resolved inside root: no such file there
+    assert read_in_root(str(root), "/etc/loop") == ""
+    assert read_in_root(str(root), "/etc") == ""  # not a regular file
