@@ -302,3 +302,26 @@ def test_image_files_are_read_inside_the_kept_root(tmp_path: Path) -> None:
     assert read_in_root(str(root), "/etc/group") == ""  # resolved inside root: no such file there
     assert read_in_root(str(root), "/etc/loop") == ""
     assert read_in_root(str(root), "/etc") == ""  # not a regular file
+
+
+def test_a_running_container_holds_the_kept_mount_past_its_idle_time(tmp_path: Path, kept: dict) -> None:
+    keep = tmp_path / "keep"
+    _run(kept, "--keep-mount", "1s", "img:1")
+    # a container's stdin is /dev/null: it runs for a while (the checks below end well before it does)
+    slow = subprocess.Popen([sys.executable, "-m", "convstore", "run", "--json", "img:1", "--", "/bin/sh", "-c",
+                             "echo started; sleep 10; echo slow-done"], env=kept,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert slow.stdout is not None and slow.stdout.readline() == "started\n"  # running on the kept mount
+        out, other = _run(kept, "img:1")  # a second container on the same mount, at the same time
+        assert out == "hello\n" and other["kept"] == "reused" and other["keeper_runs"] == 3, other
+        deadline = time.monotonic() + 3  # three idle periods pass while the slow one runs: still mounted
+        while time.monotonic() < deadline:
+            assert len(_mounts(keep)) == 1
+            time.sleep(0.1)
+        assert slow.poll() is None  # the checks above ran while it ran
+    finally:
+        out, err = slow.communicate(timeout=60)
+    assert slow.returncode == 0 and out == "slow-done\n", err
+    assert json.loads(err.splitlines()[-1])["kept"] == "reused"
+    _wait(lambda: not _mounts(keep), "the keeper to unmount once the last container ended")
