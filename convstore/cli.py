@@ -939,8 +939,10 @@ def run(
     spec = keep_mount if keep_mount is not None else os.environ.get("CONVSTORE_KEEP_MOUNT")
     keep = _duration(spec) if spec else (KEEP_MOUNT_IN_DAEMON if state.in_daemon else None)
     r = run_image(_store(), ref, command or None, runtime=runtime, prefetch=prefetch, record=record,
-                  policy=_policy(policy), background=_background_fetch(background_fetch, background_rate),
-                  keep=keep)
+                  policy=_policy(policy), keep=keep,
+                  # without options: the environment's, read where a fetch starts (not on a kept mount)
+                  background=None if background_fetch is None and background_rate is None
+                  else _background_fetch(background_fetch, background_rate))
     if json_out:
         err.print(json.dumps(r.to_json()), highlight=False, soft_wrap=True)
     elif show_stats and r.kept == "reused":

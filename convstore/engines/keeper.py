@@ -63,17 +63,20 @@ import logging
 import os
 import select
 import signal
-import socket
 import stat
 import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import _socket  # a run's client side: the socket module's wrapper costs a start ~3-5 ms of imports
+
 from ..daemon.protocol import peer, private_dir, recv_exact
 from ..errors import ConvstoreError, KeptMountUnusable
 
 if TYPE_CHECKING:
+    import socket
+
     from ..core.catalog import CatalogEntry
     from ..core.repository import Repository
     from ..manifest import Manifest
@@ -142,12 +145,12 @@ def _mac(key: bytes, *fields: str | bytes) -> str:
     return h.hexdigest()
 
 
-def _send(sock: socket.socket, doc: dict[str, Any]) -> None:
+def _send(sock: _socket.socket, doc: dict[str, Any]) -> None:
     body = json.dumps(doc).encode()
     sock.sendall(_LEN.pack(len(body)) + body)
 
 
-def _recv(sock: socket.socket) -> dict[str, Any]:
+def _recv(sock: _socket.socket) -> dict[str, Any]:
     (n,) = _LEN.unpack(recv_exact(sock, _LEN.size))
     if n > MAX_MESSAGE:
         raise ValueError("message too large")
@@ -160,7 +163,7 @@ def _recv(sock: socket.socket) -> dict[str, Any]:
 class Lease:
     """A run's hold on a kept mount: the mount stays while this is open."""
 
-    def __init__(self, sock: socket.socket, root: str, pid: int, runs: int) -> None:
+    def __init__(self, sock: _socket.socket, root: str, pid: int, runs: int) -> None:
         self.sock, self.root, self.pid, self.runs = sock, root, pid, runs
 
     def close(self) -> None:
@@ -205,7 +208,7 @@ def attach(key: bytes, store_id: str, ref: str, digest: str, *, op: str = "run",
         raise KeptMountUnusable("no kept mount of this image") from None
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
         raise KeptMountUnusable(f"{path} is not a socket of this user: not used")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
     try:
         s.connect(path)
@@ -234,7 +237,7 @@ def attach(key: bytes, store_id: str, ref: str, digest: str, *, op: str = "run",
     except KeptMountUnusable:
         s.close()
         raise
-    except socket.timeout:
+    except TimeoutError:
         s.close()
         raise KeptMountUnusable(f"the keeper at {path} did not answer within {timeout:g} s (hung)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
@@ -355,6 +358,8 @@ def _keeper(store: Repository, entry: CatalogEntry, manifest: Manifest, key: byt
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _f: stopping.append(signum))
     signal.set_wakeup_fd(wake_w)
+
+    import socket
 
     from ..reader.background import BackgroundConfig, start_fetching
     from ..reader.fuse import BackgroundMount, recover_stale_mount
