@@ -325,3 +325,26 @@ def test_a_running_container_holds_the_kept_mount_past_its_idle_time(tmp_path: P
     assert slow.returncode == 0 and out == "slow-done\n", err
     assert json.loads(err.splitlines()[-1])["kept"] == "reused"
     _wait(lambda: not _mounts(keep), "the keeper to unmount once the last container ended")
+
+
+def test_a_forged_cached_manifest_head_is_not_used(tmp_path: Path, kept: dict) -> None:
+    from convstore.manifest import Manifest
+
+    keep = tmp_path / "keep"
+    _run(kept, "--keep-mount", "1m", "img:1")
+    (cached,) = keep.glob("*.head")  # the head of the manifest, as the first run decoded it
+    head = Manifest.decode(cached.read_bytes()[64:], head_only=True)
+    config = json.loads(head.config_bytes)
+    config["config"]["Cmd"] = ["/bin/sh", "-c", "echo FORGED"]
+    config["config"]["Entrypoint"] = None
+    head.config_bytes = json.dumps(config).encode()
+    body = head.encode()
+    key, store_id, digest = _image_key(tmp_path, "img:1")
+    for mac_key in (os.urandom(32), None):  # a MAC under another key; the right MAC on another body
+        mac = keeper._mac(mac_key or key, "head", store_id, digest, body if mac_key else body + b" ")
+        cached.write_bytes(mac.encode() + body)
+        out, summary = _run(kept, "img:1")
+        assert out == "hello\n" and summary["kept"] == "reused", (out, summary)
+    # and the cache the runs rewrote is the store's manifest again
+    assert json.loads(Manifest.decode(cached.read_bytes()[64:], head_only=True).config_bytes)["config"]["Cmd"] \
+        == ["/bin/sh", "-c", "echo hello"]

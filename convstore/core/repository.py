@@ -402,6 +402,12 @@ class Repository:
         the read; refuses PENDING and FAILED images; an image unused for
         ``inactive_after`` is INACTIVE, and its first read starts a re-pack.
         ``head_only``: the manifest without files and chunks (:meth:`Manifest.decode`)."""
+        e = self.open_entry(ref)
+        return e, self.manifests.load(e, head_only)
+
+    def open_entry(self, ref: ImageRef | str) -> CatalogEntry:
+        """:meth:`open_image`'s gate alone: the entry of a readable image, its read recorded (the caller
+        opens its manifest)."""
         e = self.catalog.entry(ref)
         now = self.clock()
         if not e.complete:
@@ -413,7 +419,7 @@ class Repository:
             self._reactivate(e)
             raise ImageInactive(f"image {e.ref} is inactive and is being reactivated from {e.source}; "
                                 f"retry when it is ACTIVE")
-        return self.stamp_read(e, now), self.manifests.load(e, head_only)
+        return self.stamp_read(e, now)
 
     def stamp_read(self, e: CatalogEntry, now: float) -> CatalogEntry:
         """Record a use of an ACTIVE image (``last_read``, written at most hourly; local stores only)."""

@@ -316,15 +316,24 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
     if os.geteuid() != 0:
         raise RunError("convstore run needs root (FUSE allow_other, namespaces, runc)")
     head = fs is None and (keep is None and keeper.any_present() or bool(keep))  # a run on a kept mount needs no file table
-    if fs is None:
-        entry, manifest = store.open_image(ref, head_only=head)  # resolved in this store, whatever a keeper says
-    else:
+    key = None
+    if fs is not None:
         entry = fs.entry if fs.entry is not None else store.catalog.entry(ref)
         manifest = fs.manifest
+    elif head:
+        entry = store.open_entry(ref)  # resolved in this store, whatever a keeper says
+        key = store.manifests.keep_key(entry)  # this run's own key provider unwraps the image, or it fails here
+        cached = keeper.load_head(key, store.manifests.ident.id, entry)
+        manifest = cached or store.manifests.load(entry, head_only=True)
+        if cached is None:
+            keeper.save_head(key, store.manifests.ident.id, entry, manifest)
+    else:
+        entry, manifest = store.open_image(ref)
     require_policy(policy, manifest, ref)
     config = json.loads(manifest.config_bytes)
     if fs is None:
-        lease, kept = _kept_mount(store, entry, None if head else manifest, keep, prefetch, background)
+        lease, kept = (None, "") if key is None else _kept_mount(store, entry, None if head else manifest, key,
+                                                                   keep, prefetch, background)
         if lease is not None:
             with lease:
                 proc = process_spec(lease.root, config, command)
@@ -370,16 +379,15 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
                      read_bytes, profile_state, fs.warnings[:20], tier_stats(store.chunk_store))
 
 
-def _kept_mount(store: Repository, entry: CatalogEntry, manifest: Manifest | None, keep: float | None,
-                prefetch: bool,
+def _kept_mount(store: Repository, entry: CatalogEntry, manifest: Manifest | None, key: bytes,
+                keep: float | None, prefetch: bool,
                 background: BackgroundConfig | None) -> tuple[keeper.Lease | None, str]:
     """A lease on the image's kept mount (``"reused"``, or ``"new"``: this run started its keeper, as
     ``keep`` > 0 asks), else (None, "") and the run mounts the image itself.  ``manifest``: the
-    image's whole manifest, or None (loaded here if a keeper is to be started)."""
+    image's whole manifest, or None (loaded here if a keeper is to be started); ``key``: its keep_key."""
     store_id, digest = store.manifests.ident.id, str(entry.manifest_digest)
     if keep == 0 or keep is None and not keeper.present(store_id, digest):
         return None, ""
-    key = store.manifests.keep_key(entry)  # this run's own key provider unwraps the image, or it fails here
     try:
         return keeper.attach(key, store_id, str(entry.ref), digest), "reused"
     except KeptMountUnusable as e:
