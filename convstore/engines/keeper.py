@@ -182,6 +182,60 @@ def _paths(store_id: str, digest: str) -> tuple[str, str, str, str]:
     return d, os.path.join(d, kid + ".sock"), os.path.join(d, kid + ".root"), os.path.join(d, kid + ".lock")
 
 
+def load_head(key: bytes, store_id: str, entry: CatalogEntry) -> Manifest | None:
+    """The head of ``entry``'s manifest (:meth:`Manifest.decode` ``head_only``) as an earlier run of this
+    user cached it in the keep directory, if its MAC under ``key`` (the image's :meth:`keep_key`) holds
+    for this store and digest; else None (the caller decodes the manifest)."""
+    from ..manifest import Manifest
+
+    digest = str(entry.manifest_digest)
+    try:
+        _check_private(keep_dir(), create=False)
+        fd = os.open(_head_path(store_id, digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > 16 << 20:
+                return None
+            data = os.read(fd, st.st_size + 1)
+        finally:
+            os.close(fd)
+    except (OSError, KeptMountUnusable):
+        return None
+    mac, body = data[:64], data[64:]
+    if not hmac.compare_digest(mac.decode("ascii", "replace"), _mac(key, "head", store_id, digest, body)):
+        return None
+    try:
+        m = Manifest.decode(body, head_only=True)
+    except ConvstoreError:
+        return None
+    return m if m.name == entry.ref.name else None
+
+
+def save_head(key: bytes, store_id: str, entry: CatalogEntry, head: Manifest) -> None:
+    """Cache a manifest head for :func:`load_head` (0600, in the keep directory; best effort)."""
+    digest = str(entry.manifest_digest)
+    path = _head_path(store_id, digest)
+    body = head.encode()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        _check_private(os.path.dirname(path), create=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, _mac(key, "head", store_id, digest, body).encode() + body)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except (OSError, KeptMountUnusable):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _head_path(store_id: str, digest: str) -> str:
+    return os.path.join(keep_dir(), keeper_id(store_id, digest) + ".head")
+
+
 def present(store_id: str, digest: str) -> bool:
     """Whether a keeper of this image may be up (its socket is there): one ``lstat``."""
     return os.path.lexists(_paths(store_id, digest)[1])
@@ -639,4 +693,4 @@ def _held(lock: str) -> bool:
         os.close(fd)
 
 
-__all__ = ["HANDSHAKE_TIMEOUT", "KeptMountUnusable", "Lease", "attach", "keep_dir", "keeper_id", "present", "spawn", "stop_keepers"]
+__all__ = ["HANDSHAKE_TIMEOUT", "KeptMountUnusable", "Lease", "attach", "keep_dir", "keeper_id", "load_head", "present", "save_head", "spawn", "stop_keepers"]
