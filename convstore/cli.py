@@ -945,7 +945,7 @@ def run(
                   else _background_fetch(background_fetch, background_rate))
     if json_out:
         err.print(json.dumps(r.to_json()), highlight=False, soft_wrap=True)
-    elif show_stats and r.kept == "reused":
+    elif show_stats and r.kept:  # its keeper fetched what it read
         err.print(f"{r.runtime} in {r.seconds:.2f} s on a kept mount ({_n(r.keeper_runs, 'run')} on it)",
                   highlight=False, soft_wrap=True)
     elif show_stats:
