@@ -398,9 +398,13 @@ def _keeper(store: Repository, entry: CatalogEntry, manifest: Manifest, key: byt
             background: BackgroundConfig | None) -> int:
     """The keeper's life (in the forked process): mount, serve runs until idle, unmount."""
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1):
         os.dup2(devnull, fd)
     os.close(devnull)
+    # its warnings and errors (what it logs to stderr) in <id>.log, this keeper's life only (0600)
+    logfd = os.open(root[:-len(".root")] + ".log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.dup2(logfd, 2)
+    os.close(logfd)
     os.write(ready, b"%d\n" % os.getpid())
     os.ftruncate(lockfd, 0)
     os.pwrite(lockfd, b"%d\n" % os.getpid(), 0)  # for stop_keepers

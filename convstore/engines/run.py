@@ -413,7 +413,7 @@ def _execute(rootfs: str, proc: dict[str, Any], runtime: str, entry: CatalogEntr
     used, code = "chroot", None
     if runtime in ("auto", "runc") and runc:
         own = work is None
-        bdir = tempfile.mkdtemp(prefix="convstore-run-") if own else work
+        bdir = tempfile.mkdtemp(prefix="convstore-run-") if work is None else work
         try:
             bundle = os.path.join(bdir, "bundle")
             os.mkdir(bundle)
