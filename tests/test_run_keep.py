@@ -340,9 +340,11 @@ def test_a_forged_cached_manifest_head_is_not_used(tmp_path: Path, kept: dict) -
     head.config_bytes = json.dumps(config).encode()
     body = head.encode()
     key, store_id, digest = _image_key(tmp_path, "img:1")
-    for mac_key in (os.urandom(32), None):  # a MAC under another key; the right MAC on another body
-        mac = keeper._mac(mac_key or key, "head", store_id, digest, body if mac_key else body + b" ")
-        cached.write_bytes(mac.encode() + body)
+    forged = [keeper._mac(os.urandom(32), "head", store_id, digest, body).encode(),  # a MAC under another key
+              keeper._mac(key, "head", store_id, digest, body + b" ").encode(),  # the right key, another body
+              "é".encode() * 32]  # not even hex
+    for mac in forged:
+        cached.write_bytes(mac + body)
         out, summary = _run(kept, "img:1")
         assert out == "hello\n" and summary["kept"] == "reused", (out, summary)
     # and the cache the runs rewrote is the store's manifest again

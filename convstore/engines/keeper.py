@@ -202,7 +202,7 @@ def load_head(key: bytes, store_id: str, entry: CatalogEntry) -> Manifest | None
     except (OSError, KeptMountUnusable):
         return None
     mac, body = data[:64], data[64:]
-    if not hmac.compare_digest(mac.decode("ascii", "replace"), _mac(key, "head", store_id, digest, body)):
+    if not mac.isascii() or not hmac.compare_digest(mac.decode(), _mac(key, "head", store_id, digest, body)):
         return None
     try:
         m = Manifest.decode(body, head_only=True)
