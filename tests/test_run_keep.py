@@ -350,3 +350,15 @@ def test_a_forged_cached_manifest_head_is_not_used(tmp_path: Path, kept: dict) -
     # and the cache the runs rewrote is the store's manifest again
     assert json.loads(Manifest.decode(cached.read_bytes()[64:], head_only=True).config_bytes)["config"]["Cmd"] \
         == ["/bin/sh", "-c", "echo hello"]
+
+
+def test_a_run_on_a_kept_mount_still_applies_its_own_policy(tmp_path: Path, kept: dict) -> None:
+    _run(kept, "--keep-mount", "1m", "img:1")  # kept, under no policy
+    reject = tmp_path / "reject.json"
+    reject.write_text(json.dumps({"default": [{"type": "reject"}]}))
+    p = subprocess.run([sys.executable, "-m", "convstore", "run", "--policy", str(reject), "img:1", "--", "/bin/sh",
+                        "-c", "echo RAN"], env=kept, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "RAN" not in p.stdout and "rejected by the node's trust policy" in p.stderr, p
+    key, store_id, digest = _image_key(tmp_path, "img:1")
+    with keeper.attach(key, store_id, "img:1", digest, op="status") as lease:
+        assert lease.runs == 1  # the refused run never asked the keeper
