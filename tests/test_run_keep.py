@@ -232,6 +232,7 @@ def test_a_removed_image_is_not_served_from_its_kept_mount(tmp_path: Path, kept:
     with pytest.raises(KeptMountUnusable):
         keeper.attach(key, store_id, "img:1", digest)  # its next use: refused
     _wait(lambda: not _mounts(keep), "the keeper of the removed image to unmount", timeout=keeper.CHECK_INTERVAL + 15)
+    _wait(lambda: not list(keep.glob("*.head")), "its cached manifest head to go")
     p = subprocess.run([sys.executable, "-m", "convstore", "run", "img:1"], env=kept, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode != 0 and "no image img:1" in p.stderr, p.stderr

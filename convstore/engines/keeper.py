@@ -465,6 +465,11 @@ def _keeper(store: Repository, entry: CatalogEntry, manifest: Manifest, key: byt
             _unlisten(listener, path, inode)
         save_profile()
         mount.__exit__(None, None, None)
+        if not _image_present(store, digest):  # removed: its cached head goes too
+            try:
+                os.unlink(_head_path(store.manifests.ident.id, digest))
+            except OSError:
+                pass
         try:
             os.rmdir(root)
         except OSError:
