@@ -241,14 +241,6 @@ def present(store_id: str, digest: str) -> bool:
     return os.path.lexists(_paths(store_id, digest)[1])
 
 
-def any_present() -> bool:
-    """Whether any keeper of this user may be up: one directory listing."""
-    try:
-        return any(n.endswith(".sock") for n in os.listdir(keep_dir()))
-    except OSError:
-        return False
-
-
 def attach(key: bytes, store_id: str, ref: str, digest: str, *, op: str = "run",
            timeout: float = HANDSHAKE_TIMEOUT) -> Lease:
     """The kept mount of image ``digest`` (which the caller resolved ``ref`` to, in its own store), held

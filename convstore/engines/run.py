@@ -315,25 +315,26 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
     t0 = time.perf_counter()
     if os.geteuid() != 0:
         raise RunError("convstore run needs root (FUSE allow_other, namespaces, runc)")
-    head = fs is None and (keep is None and keeper.any_present() or bool(keep))  # a run on a kept mount needs no file table
-    key = None
+    key, head, store_id = None, False, store.manifests.ident.id
     if fs is not None:
         entry = fs.entry if fs.entry is not None else store.catalog.entry(ref)
         manifest = fs.manifest
-    elif head:
-        entry = store.open_entry(ref)  # resolved in this store, whatever a keeper says
-        key = store.manifests.keep_key(entry)  # this run's own key provider unwraps the image, or it fails here
-        cached = keeper.load_head(key, store.manifests.ident.id, entry)
-        manifest = cached or store.manifests.load(entry, head_only=True)
-        if cached is None:
-            keeper.save_head(key, store.manifests.ident.id, entry, manifest)
     else:
-        entry, manifest = store.open_image(ref)
+        entry = store.open_entry(ref)  # resolved in this store, whatever a keeper says
+        # a run that may start on a kept mount needs only the manifest's head (no file table)
+        head = bool(keep) or keep is None and keeper.present(store_id, str(entry.manifest_digest))
+        if head:
+            key = store.manifests.keep_key(entry)  # this run's own key provider unwraps the image, or it fails here
+            cached = keeper.load_head(key, store_id, entry)
+            manifest = cached or store.manifests.load(entry, head_only=True)
+            if cached is None:
+                keeper.save_head(key, store_id, entry, manifest)
+        else:
+            manifest = store.manifests.load(entry)
     require_policy(policy, manifest, ref)
     config = json.loads(manifest.config_bytes)
     if fs is None:
-        lease, kept = (None, "") if key is None else _kept_mount(store, entry, None if head else manifest, key,
-                                                                   keep, prefetch, background)
+        lease, kept = (None, "") if key is None else _kept_mount(store, entry, key, keep, prefetch, background)
         if lease is not None:
             with lease:
                 proc = process_spec(lease.root, config, command)
@@ -379,12 +380,11 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
                      read_bytes, profile_state, fs.warnings[:20], tier_stats(store.chunk_store))
 
 
-def _kept_mount(store: Repository, entry: CatalogEntry, manifest: Manifest | None, key: bytes,
-                keep: float | None, prefetch: bool,
+def _kept_mount(store: Repository, entry: CatalogEntry, key: bytes, keep: float | None, prefetch: bool,
                 background: BackgroundConfig | None) -> tuple[keeper.Lease | None, str]:
     """A lease on the image's kept mount (``"reused"``, or ``"new"``: this run started its keeper, as
-    ``keep`` > 0 asks), else (None, "") and the run mounts the image itself.  ``manifest``: the
-    image's whole manifest, or None (loaded here if a keeper is to be started); ``key``: its keep_key."""
+    ``keep`` > 0 asks), else (None, "") and the run mounts the image itself.  ``key``: the image's
+    keep_key."""
     store_id, digest = store.manifests.ident.id, str(entry.manifest_digest)
     if keep == 0 or keep is None and not keeper.present(store_id, digest):
         return None, ""
@@ -396,8 +396,7 @@ def _kept_mount(store: Repository, entry: CatalogEntry, manifest: Manifest | Non
             return None, ""
         log.debug("%s: %s", entry.ref, e)
     try:
-        if manifest is None:
-            manifest = store.manifests.load(entry)  # the keeper serves its files: the whole manifest
+        manifest = store.manifests.load(entry)  # the keeper serves its files: the whole manifest
         keeper.spawn(store, entry, manifest, key, float(keep or 0), prefetch=prefetch, background=background)
         return keeper.attach(key, store_id, str(entry.ref), digest), "new"
     except KeptMountUnusable as e:
