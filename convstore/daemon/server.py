@@ -268,8 +268,17 @@ def _context(pid: int | str) -> list[str]:
 class _Child:
     """A running command: its process (and process group) and its client's connection."""
 
-    def __init__(self, pid: int, conn: socket.socket) -> None:
+    def __init__(self, pid: int, conn: socket.socket, status: socket.socket | None = None) -> None:
         self.pid, self.conn, self.connected, self.buf = pid, conn, True, b""
+        self.status = status  # the command's own socket: its exit status, sent just before it exits
+        self.reported = False  # its client has its exit status (it may not be reaped yet)
+
+
+class _Status:
+    """Selector data: a command's socket to the daemon, on which it says its exit status."""
+
+    def __init__(self, child: _Child) -> None:
+        self.child = child
 
 
 class _Pending:
@@ -434,6 +443,8 @@ class Daemon:
                                 break
                     elif isinstance(key.data, _Pending):
                         self._from_pending(key.data)
+                    elif isinstance(key.data, _Status):
+                        self._from_status(key.data.child)
                     else:
                         self._from_client(key.data)
                 now = time.monotonic()
@@ -500,6 +511,9 @@ class Daemon:
             if child is None:
                 continue
             self.max_rss_kib = max(self.max_rss_kib, usage.ru_maxrss)
+            self._close_status(child)
+            if child.reported:  # it said its status before it exited: its client has it
+                continue
             if child.connected:
                 self._selector.unregister(child.conn)
             try:
@@ -510,6 +524,36 @@ class Daemon:
             except OSError:
                 pass
             child.conn.close()
+
+    def _close_status(self, child: _Child) -> None:
+        if child.status is not None:
+            self._selector.unregister(child.status)
+            child.status.close()
+            child.status = None
+
+    def _from_status(self, child: _Child) -> None:
+        """A command's exit status, said as it ends (its streams flushed and closed): reported to its
+        client at once, not after the kernel has torn the process down (5-10 ms for a command that
+        touched ~50 MB); anything else, or nothing, and the status is reported when it is reaped."""
+        assert child.status is not None
+        try:
+            data = child.status.recv(16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._close_status(child)
+        if len(data) != 1 + STATUS.size or data[:1] != b"E" or child.reported:
+            return
+        child.reported = True
+        if child.connected:
+            self._selector.unregister(child.conn)
+            child.connected = False
+        try:
+            send_frame(child.conn, b"X", data[1:])
+        except OSError:
+            pass
+        child.conn.close()
 
     def _from_client(self, child: _Child) -> None:
         try:
@@ -697,14 +741,15 @@ class Daemon:
                         started = True  # not even gone (uninterruptible): reported when it is, never run again
             except (OSError, EOFError):
                 pass  # not all sent, or it died before taking it: nothing ran there
-            finally:
-                spare.sock.close()
             if not started:
+                spare.sock.close()
                 _killpg(spare.pid, signal.SIGKILL)
                 continue
             self.served += 1
-            self.children[spare.pid] = _Child(spare.pid, conn)
-            self._selector.register(conn, selectors.EVENT_READ, self.children[spare.pid])
+            child = self.children[spare.pid] = _Child(spare.pid, conn, spare.sock)
+            self._selector.register(conn, selectors.EVENT_READ, child)
+            spare.sock.setblocking(False)
+            self._selector.register(spare.sock, selectors.EVENT_READ, _Status(child))
             self._respawn = True  # the next command's, made once this request's descriptors are closed
             return True
         return False
@@ -792,7 +837,7 @@ class Daemon:
             sock.sendall(b"R")  # from here the daemon relays the client's signals to this process
         except (OSError, EOFError, ValueError):
             return 0  # no command (the daemon stopped or gave up on this spare), or unfit: nothing runs
-        sock.close()
+        status_sock = sock  # kept for the exit status (below)
         cmd = _Command.parse(decode_request(body)[1])
         for i in cmd.ignored:  # what the client ignores (nohup), its command ignores too
             signal.signal(i, signal.SIG_IGN)
@@ -844,6 +889,14 @@ class Daemon:
                     f.flush()
                 except (OSError, ValueError):
                     pass
+            # the command is over: its streams closed (a reader of its output sees the end now) and its
+            # status said, before the kernel tears this process down
+            os.closerange(0, 3)
+            try:
+                status_sock.sendall(b"E" + STATUS.pack(code & 0xFF))
+            except OSError:
+                pass  # the daemon reports it when it reaps this process
+            status_sock.close()
         return code
 
 
