@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import email.utils
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ...errors import S3AccessDenied, S3Error, S3NoSuchBucket, S3Unreachable
 from ...options import parse_s3_url
 
 ENDPOINT_ENV = "CONVSTORE_S3_ENDPOINT"
+#: ranged GETs one :meth:`S3Client.get_ranges` call sends at once (S3 has no multi-range GET: the spans a
+#: registry gets in one request come as parallel GETs; a node's reads share the client's 32 connections)
+RANGE_PARALLEL = 8
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
            "AllAccessDisabled", "AccountProblem", "403"}
 _ABSENT = {"NoSuchKey", "404", "NotFound"}
@@ -58,6 +63,8 @@ class S3Client:
             raise S3AccessDenied(f"AWS configuration: {type(e).__name__}: {e}") from None
         #: the boto3 client (tests count its requests with its event hooks)
         self.s3 = session.client("s3", endpoint_url=self.endpoint, config=config)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"S3Client({self.url} at {self.endpoint or 'AWS'})"
@@ -113,6 +120,24 @@ class S3Client:
             if code in ("InvalidRange", "416"):
                 raise KeyError(name) from None  # the object is shorter than the range: a stale hint
             raise self._fail(e, f"GET {name}") from None
+
+    def get_ranges(self, spans: list[tuple[str, int, int]]) -> list[bytes | KeyError]:
+        """``[start, end)`` of each object named in ``spans``, as :meth:`get` reads one, up to
+        RANGE_PARALLEL GETs at once; a span of an absent object (or past its end) is a KeyError in its
+        place, any other failure raises."""
+        def one(span: tuple[str, int, int]) -> bytes | KeyError:
+            try:
+                return self.get(*span)
+            except KeyError as e:
+                return e
+
+        if len(spans) <= 1:
+            return [one(x) for x in spans]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(RANGE_PARALLEL, thread_name_prefix="convstore-s3-range")
+            pool = self._pool
+        return list(pool.map(one, spans))
 
     def put(self, name: str, data: bytes, *, if_absent: bool = False) -> str:
         """Store an object (atomically: S3 shows the old one or the new one); its ETag.
