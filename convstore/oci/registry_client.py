@@ -17,12 +17,15 @@ digest checks, errors -- runs the same over a scripted adapter in tests.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import logging
 import re
 import select
+import sys
 import threading
 import time
+import types
 import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, cast
@@ -392,6 +395,32 @@ class _BlobStream(io.RawIOBase):
         super().close()
 
 
+class _Deferred(types.ModuleType):
+    """Stands in ``sys.modules`` for a module not imported yet: the first attribute asked of it
+    imports the real one (which then replaces it there) and answers from it."""
+
+    _lock = threading.Lock()
+
+    def __getattr__(self, attr: str) -> Any:
+        with _Deferred._lock:
+            real = self.__dict__.get("_real")
+            if real is None:
+                if sys.modules.get(self.__name__) is self:
+                    del sys.modules[self.__name__]
+                real = self.__dict__["_real"] = importlib.import_module(self.__name__)
+        return getattr(real, attr)
+
+
+def _defer_import(name: str) -> None:
+    """Make ``import name`` cost nothing until the module is used: oras-py imports jsonschema
+    (~0.1 CPU s, a sixth of a cold start's CPU) for manifests it validates on push, which
+    convstore's client never asks it to do.  (importlib's LazyLoader does not do here: on 3.11
+    the next ``import name`` reads ``__spec__`` and that loads it.)"""
+    if name not in sys.modules:
+        stub = sys.modules[name] = _Deferred(name)
+        stub.__spec__ = None
+
+
 class RegistryClient:
     """Byte-level registry operations over oras-py's provider (auth, paths).
 
@@ -402,6 +431,7 @@ class RegistryClient:
     def __init__(self, host: str, insecure: bool = False, username: str | None = None,
                  password: str | None = None, timeout: float = TIMEOUT, *,
                  transport: requests.adapters.BaseAdapter | None = None, deadline: float | None = None):
+        _defer_import("jsonschema")  # oras-py imports it to validate what it pushes; a reader never does
         import oras.provider
 
         self.host = host
