@@ -453,6 +453,13 @@ class RegistryClient:
         if username:
             self.reg.auth.set_basic_auth(username, password or "")
         self.base = f"{'http' if insecure else 'https'}://{host}/v2"
+        # the environment's proxies (as no_proxy has them for this host) and CA bundle, read once: requests
+        # reads them again on every request (~0.15 ms CPU each, a cold start sends hundreds)
+        env = self.reg.session.merge_environment_settings(self.base, {}, None, None, None)
+        self.reg.session.proxies.update(env["proxies"])
+        if isinstance(env["verify"], str):
+            self.reg.session.verify = env["verify"]
+        self.reg.session.trust_env = False
         self._empty_done: set[str] = set()
         self._do_request = getattr(oras.provider.Registry.do_request, "__wrapped__", oras.provider.Registry.do_request)
 
