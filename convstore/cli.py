@@ -944,6 +944,8 @@ _PRELOAD = ("convstore.pack", "convstore.unpack", "convstore.maintenance", "conv
             "convstore.engines.run", "convstore.engines.layerstore", "convstore.stores.registry",
             "convstore.stores.cache", "convstore.worker", "rich.console", "rich.progress", "rich.table",
             "platformdirs")
+# ... and the remote stores' clients where installed (oras-py, and boto3: the aws extra)
+_PRELOAD_IF_INSTALLED = ("oras.provider", "boto3", "convstore.stores.s3")
 
 
 @app.command()
@@ -998,6 +1000,11 @@ def daemon(
         raise ConvstoreError(str(e)) from None
     for name in _PRELOAD:
         importlib.import_module(name)
+    for name in _PRELOAD_IF_INSTALLED:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
     if background:
         r, w = os.pipe()
         if os.fork():
