@@ -1005,6 +1005,9 @@ def daemon(
             importlib.import_module(name)
         except ImportError:
             pass
+    from .stores.s3.client import warm_up
+
+    warm_up()  # the S3 API's model, parsed once for every command
     if background:
         r, w = os.pipe()
         if os.fork():

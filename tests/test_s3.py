@@ -440,3 +440,19 @@ def test_spans_of_one_read_come_as_parallel_ranged_gets(s3, seaweed):
     assert proxy.counts["GET pack"] == 8, proxy.counts  # one GET a span: nothing bridged, nothing read twice
     assert proxy.sent["GET pack"] == 8 * 1000, proxy.sent
     assert took < 4 * 0.3, f"{took:.2f} s for 8 GETs of 0.3 s each: not in parallel"
+
+
+def test_clients_of_one_process_share_the_parsed_api_model_never_the_credentials(s3, seaweed, monkeypatch):
+    """A node with a site tier makes two S3 clients (the origin's, the tier's): the S3 API's model is parsed
+    once per process (~0.07 CPU s a client), while each client reads the credentials as they are when it is
+    made: a client made after the secret changed signs with the new one (refused), the first still reads."""
+    first = S3Client(s3)
+    first.put("x", b"data")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    second = S3Client(s3)
+    assert second.s3._loader is first.s3._loader  # one parsed model
+    with pytest.raises(ConvstoreError, match="access denied|SignatureDoesNotMatch|InvalidAccessKeyId"):
+        second.get("x")
+    assert first.get("x") == b"data"
+    loader = first.s3._loader
+    assert len(loader.search_paths) == len(set(loader.search_paths))  # not one more folder per client
