@@ -148,8 +148,9 @@ def _global(
                                                   "store go through first; skipped while down, never trusted "
                                                   "[default: $CONVSTORE_SITE_CACHE]"),
     read_deadline: float = typer.Option(10.0, "--read-deadline", metavar="S", min=0.1,
-                                        help="Seconds a read from a registry store may take, retries included, "
-                                             "before it fails (EIO under a mount)"),
+                                        help="Seconds a read from a registry store may wait with nothing arriving "
+                                             "(no byte of any answer), retries included, before it fails "
+                                             "(EIO under a mount)"),
     offline_max_age: str = typer.Option("1d", "--offline-max-age", metavar="DURATION",
                                         help="While the registry is unreachable, serve the node cache's copy of "
                                              "the catalog if the registry confirmed it this recently (0: never)"),
