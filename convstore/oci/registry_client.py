@@ -159,9 +159,9 @@ class _Monitor:
             self._live.discard(att)
 
     def sent(self, att: _Attempt, conn: Any) -> None:
-        with self._cond:
-            att.sent, att.conn = time.monotonic(), conn
-            self._cond.notify()
+        # no need to wake the watcher: it wakes by the deadline after it last looked, before this one is due
+        att.conn = conn
+        att.sent = time.monotonic()
 
     @staticmethod
     def _unread(conn: Any) -> bool:
