@@ -31,6 +31,14 @@ cores; the fleet without and with the tier; and the same N nodes pulling the
 plain image at once (``skopeo copy docker://... dir:NODE``, each to its own
 folder) through the same 30 ms proxy.
 
+``--node-daemon``: each node also runs as a node of a real fleet would, with
+convstore's services up before the clock: its own ``convstore daemon`` (its
+own socket under the node's state folder, at the nodes' priority), and each
+start is ``convstore run`` through it (a fork of a loaded interpreter, not a
+fresh one).  A start's CPU seconds are then its client's and the daemon's
+(with the command it forked and that one's children: runc, the container)
+in the start's window; measured alone too, for its own CPU floor.
+
 ``--origin s3``: the origin is an ``s3://fleet/IMAGE`` store on SeaweedFS's
 S3 gateway (``weed server -s3``) in the same network namespace, behind the
 same veth/tbf and the same 30 ms proxy; the tier fronts it with the same
@@ -64,6 +72,9 @@ from netproxy import DelayProxy  # noqa: E402
 from site_tier import SiteTier  # noqa: E402
 
 CLI = [sys.executable, "-m", "convstore.cli", "--quiet"]
+# a node with a daemon: the command line's own entry point, which hands the command to the daemon
+DAEMON_CLI = [sys.executable, "-m", "convstore", "--quiet"]
+DAEMON = [sys.executable, "-m", "convstore", "daemon"]
 IMG = ROOT / "docs" / "img"
 
 
@@ -82,10 +93,49 @@ def _node_priority() -> None:
     os.nice(-NETWORK_NICE)
 
 
-def launch(cmds: list[tuple[list[str], dict[str, str]]]) -> list[dict[str, float | int | str]]:
+class NodeDaemons:
+    """One ``convstore daemon`` per node (``--node-daemon``): started before the clock, each with its
+    own socket (the node's ``$CONVSTORE_DAEMON_SOCKET``), stopped by :meth:`stop`."""
+
+    def __init__(self, cmds: list[tuple[list[str], dict[str, str]]]):
+        self.socks: list[tuple[str, dict[str, str]]] = []
+        self.pids: list[int] = []
+        try:
+            for _cmd, env in cmds:
+                sock = env["CONVSTORE_DAEMON_SOCKET"]
+                Path(sock).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                subprocess.run([*DAEMON, "--background", "--socket", sock], env=env, check=True,
+                               capture_output=True, preexec_fn=_node_priority)
+                self.socks.append((sock, env))
+                info = subprocess.run([*DAEMON, "--socket", sock, "--status"], env=env, check=True,
+                                      capture_output=True, text=True).stdout
+                self.pids.append(int(json.loads(info)["pid"]))
+        except BaseException:
+            self.stop()
+            raise
+
+    def cpu(self) -> list[float]:
+        """Each daemon's CPU seconds so far, its own and its reaped children's (the commands it forked)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = []
+        for pid in self.pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out.append(sum(int(x) for x in fields[11:15]) / tick)  # utime stime cutime cstime
+        return out
+
+    def stop(self) -> None:
+        for sock, env in self.socks:
+            subprocess.run([*DAEMON, "--socket", sock, "--stop"], env=env, capture_output=True)
+        self.socks = []
+
+
+def launch(cmds: list[tuple[list[str], dict[str, str]]],
+           daemons: NodeDaemons | None = None) -> list[dict[str, float | int | str]]:
     """Start every command at once; per process: wall seconds, CPU seconds (its own and its
-    waited-for children's, from wait4), exit code, the end of its stderr."""
+    waited-for children's, from wait4; with ``daemons``, plus what its node's daemon spent
+    meanwhile), exit code, the end of its stderr."""
     results: list[dict[str, float | int | str]] = [{} for _ in cmds]
+    before = daemons.cpu() if daemons is not None else None
     procs = []
     t0 = time.perf_counter()
     for cmd, env in cmds:
@@ -111,6 +161,10 @@ def launch(cmds: list[tuple[list[str], dict[str, str]]]) -> list[dict[str, float
         t.start()
     for t in threads:
         t.join()
+    if daemons is not None and before is not None:
+        # the daemon reaps a command before it tells the client its status: its CPU is counted by now
+        for r, b, a in zip(results, before, daemons.cpu()):
+            r["cpu"] = float(r["cpu"]) + a - b
     return results
 
 
@@ -167,7 +221,9 @@ class ShapedOrigin:
 
 
 def node_cmds(w: Path, tag: str, n: int, store_url: str, key: str, site: str | None,
-              image: str, base_env: dict[str, str] | None = None) -> list[tuple[list[str], dict[str, str]]]:
+              image: str, base_env: dict[str, str] | None = None,
+              daemon: bool = False) -> list[tuple[list[str], dict[str, str]]]:
+    """The start of each of ``n`` nodes; with ``daemon``, through the node's own daemon (NodeDaemons)."""
     out = []
     for i in range(n):
         # bytecode as an installed package has it (compiled once, by the recording run: a sandbox's
@@ -180,7 +236,10 @@ def node_cmds(w: Path, tag: str, n: int, store_url: str, key: str, site: str | N
         # would add whatever distinct ranges it reaches while the node lives -- 30 s in a starved fleet,
         # under a second alone -- to the origin's bytes, so only with --background-fetch
         env["CONVSTORE_BACKGROUND_FETCH"] = "on" if BACKGROUND_FETCH else "off"
-        cmd = [*CLI, "--insecure", "--store", store_url, "--cache", str(w / tag / f"cache{i}"),
+        if daemon:
+            env.pop("CONVSTORE_DAEMON")
+            env["CONVSTORE_DAEMON_SOCKET"] = str(w / tag / f"daemon{i}" / "cli.sock")
+        cmd = [*(DAEMON_CLI if daemon else CLI), "--insecure", "--store", store_url, "--cache", str(w / tag / f"cache{i}"),
                *(["--site-cache", site] if site else []), "run", "--json", f"{image}:latest", "--", "python3", "-c", "pass"]
         out.append((cmd, env))
     return out
@@ -312,8 +371,61 @@ def one_origin(a: argparse.Namespace, w: Path, kind: str, key: str, upstream: st
         res["fleet_tier"] = tiered
         print(f"{kind}: fleet, tier: p50 {tiered['p50']:.2f} p99 {tiered['p99']:.2f} failed {tiered['failed']}",
               file=sys.stderr)
+        if a.node_daemon:
+            res.update(daemon_fleets(a, w, kind, key, ourl, nenv, origin, cores, blob))
     finally:
         origin.stop()
+    return res
+
+
+def daemon_fleets(a: argparse.Namespace, w: Path, kind: str, key: str, ourl: str, nenv: dict[str, str],
+                  origin: DelayProxy, cores: int, blob: str) -> dict[str, object]:
+    """``--node-daemon``: one node alone (x ``a.alone``) and the fleet with and without the tier, each
+    node starting through its own daemon (started before the clock)."""
+    res: dict[str, object] = {}
+    alone = []
+    for r in range(a.alone):
+        cmds = node_cmds(w, f"{kind}-dalone{r}", 1, ourl, key, None, a.image, nenv, daemon=True)
+        daemons = NodeDaemons(cmds)
+        try:
+            origin.reset()
+            [one] = launch(cmds, daemons)
+        finally:
+            daemons.stop()
+        assert one["code"] == 0, one["err"]
+        alone.append((float(one["seconds"]), float(one["cpu"]), origin.counts[blob], origin.sent_bytes))
+    alone.sort()
+    t1, _cpu, blob1, bytes1 = alone[len(alone) // 2]
+    cpu1 = statistics.median(x[1] for x in alone)
+    res["daemon_alone"] = {"seconds": t1, "cpu": cpu1, "origin_blob_requests": blob1, "origin_bytes": bytes1,
+                           "all": alone}
+    res["daemon_cpu_floor"] = a.nodes * cpu1 / cores
+    print(f"{kind}: one daemon node: {t1:.2f} s, {cpu1:.2f} CPU s; floor {res['daemon_cpu_floor']:.1f} s",
+          file=sys.stderr)
+    for name, tiered in (("daemon_fleet_direct", False), ("daemon_fleet_tier", True)):
+        tier = near = None
+        if tiered:
+            tier = SiteTier(w / f"{kind}-dtier", origin.host, mode=a.tier_mode, slice_size=a.slice)
+            near = DelayProxy(tier.host, a.tier_ms / 1e3)
+        cmds = node_cmds(w, f"{kind}-{name}", a.nodes, ourl, key, f"http://{near.host}" if near else None,
+                         a.image, nenv, daemon=True)
+        daemons = NodeDaemons(cmds)
+        try:
+            origin.reset()
+            if near is not None:
+                near.reset()
+            f = summary(launch(cmds, daemons))
+            f.update(origin_bytes=origin.sent_bytes, origin_requests=origin.total(),
+                     tier_bytes=near.sent_bytes if near else 0,
+                     origin_repeated_ranges=sum(1 for v in origin.ranges.values() if v > 1))
+        finally:
+            daemons.stop()
+            if near is not None:
+                near.stop()
+            if tier is not None:
+                tier.stop()
+        res[name] = f
+        print(f"{kind}: {name}: p50 {f['p50']:.2f} p99 {f['p99']:.2f} failed {f['failed']}", file=sys.stderr)
     return res
 
 
@@ -335,6 +447,8 @@ def main() -> None:
     ap.add_argument("--background-fetch", action="store_true",
                     help="let each node fetch the rest of the image in the background (off: the start is measured)")
     ap.add_argument("--json", metavar="FILE", help="write the raw results here")
+    ap.add_argument("--node-daemon", action="store_true",
+                    help="also measure nodes that start through their own convstore daemon (started before the clock)")
     a = ap.parse_args()
     global BACKGROUND_FETCH
     BACKGROUND_FETCH = a.background_fetch
@@ -409,7 +523,7 @@ def main() -> None:
         Path(a.json).write_text(json.dumps(res, indent=1))
     both = a.origin == "both"
     plot(res, IMG / f"fleet_cdf_{a.nodes}{'_both' if both else '_s3' if a.origin == 's3' else ''}"
-              f"{'' if a.tier_mode == 'range' else '_slice'}.png")
+              f"{'' if a.tier_mode == 'range' else '_slice'}{'_daemon' if a.node_daemon else ''}.png")
     if a.write_docs:
         name = f"fleet-{a.nodes}{'-both' if both else '-s3' if a.origin == 's3' else ''}"
         write_block(name, f"A fleet of {a.nodes} nodes starting one image at once"
@@ -434,6 +548,11 @@ def render(res: dict[str, object]) -> str:
                      f"{float(al['cpu']):.2f} CPU s a start, origin served {float(al['origin_bytes']) / 1e6:.1f} MB; "
                      f"CPU floor = {res['nodes']} x {float(al['cpu']):.2f} s / {res['cores']} cores = "
                      f"{float(r['cpu_floor']):.1f} s.")
+        if "daemon_alone" in r:
+            da = r["daemon_alone"]
+            lines.append(f"{NAMES[kind]} origin, nodes with a daemon: one node alone {float(da['seconds']):.2f} s, "
+                         f"{float(da['cpu']):.2f} CPU s a start; CPU floor = {res['nodes']} x {float(da['cpu']):.2f} "
+                         f"s / {res['cores']} cores = {float(r['daemon_cpu_floor']):.1f} s.")
     lines += ["",
               "| origin | fleet | p50 s | p99 s | max s | p99 / max(one node, CPU floor) | CPU s a start | share of the "
               "machine's CPU the fleet got | CPU pressure (avg60) | failed | origin MB (x one node) | tier MB |",
@@ -446,6 +565,11 @@ def render(res: dict[str, object]) -> str:
         ref, one_bytes = max(float(al["seconds"]), float(r["cpu_floor"])), float(al["origin_bytes"])
         rows += [(NAMES[kind], "convstore run, no tier", r["fleet_direct"], ref, one_bytes),
                  (NAMES[kind], "convstore run, site tier", r["fleet_tier"], ref, one_bytes)]
+        if "daemon_alone" in r:
+            da = r["daemon_alone"]
+            dref = max(float(da["seconds"]), float(r["daemon_cpu_floor"]))
+            rows += [(NAMES[kind], "run via node daemon, no tier", r["daemon_fleet_direct"], dref, one_bytes),
+                     (NAMES[kind], "run via node daemon, site tier", r["daemon_fleet_tier"], dref, one_bytes)]
     first = res[kinds[0]]
     assert isinstance(first, dict)
     fp = res["fleet_plain_pull"]
@@ -469,6 +593,12 @@ def render(res: dict[str, object]) -> str:
                       f"tier p99 {ft['p99']:.2f} s vs the plain pull fleet's {fp['p99']:.2f} s "
                       f"({fp['p99'] / ft['p99']:.1f}x faster); origin ranges fetched more than once: "
                       f"{ft.get('origin_repeated_ranges')}."]
+    # the plain pull fleet's bandwidth floor: what it moves through the origin's uplink
+    mbit = float(res["origin_mbit"])  # type: ignore[arg-type]
+    if mbit:
+        lines += ["", f"plain pull fleet's bandwidth floor: {float(fp['origin_bytes']) / 1e6:.0f} MB through "
+                      f"{mbit:g} Mbit/s = {float(fp['origin_bytes']) * 8 / (mbit * 1e6):.1f} s (its p99: "
+                      f"{float(fp['p99']):.2f} s)."]
     return "\n".join(lines)
 
 
@@ -487,6 +617,8 @@ def plot(res: dict[str, object], path: Path) -> None:
         assert isinstance(r, dict)
         series += [(f"{NAMES[kind]}: convstore run, no tier", r["fleet_direct"]),
                    (f"{NAMES[kind]}: convstore run, site tier", r["fleet_tier"])]
+        if "daemon_fleet_tier" in r:
+            series.append((f"{NAMES[kind]}: run via node daemon, site tier", r["daemon_fleet_tier"]))
     series.append(("registry: skopeo copy (plain pull)", res["fleet_plain_pull"]))
     for name, f in series:
         assert isinstance(f, dict)

@@ -151,8 +151,9 @@ def _global(
                                                   "store go through first; skipped while down, never trusted "
                                                   "[default: $CONVSTORE_SITE_CACHE]"),
     read_deadline: float = typer.Option(10.0, "--read-deadline", metavar="S", min=0.1,
-                                        help="Seconds a read from a registry store may take, retries included, "
-                                             "before it fails (EIO under a mount)"),
+                                        help="Seconds a read from a registry store may wait with nothing arriving "
+                                             "(no byte of any answer), retries included, before it fails "
+                                             "(EIO under a mount)"),
     offline_max_age: str = typer.Option("1d", "--offline-max-age", metavar="DURATION",
                                         help="While the registry is unreachable, serve the node cache's copy of "
                                              "the catalog if the registry confirmed it this recently (0: never)"),
@@ -960,6 +961,8 @@ _PRELOAD = ("convstore.pack", "convstore.unpack", "convstore.maintenance", "conv
             "convstore.engines.run", "convstore.reader.fuse", "convstore.engines.layerstore", "convstore.stores.registry",
             "convstore.stores.cache", "convstore.worker", "rich.console", "rich.progress", "rich.table",
             "platformdirs")
+# ... and the remote stores' clients where installed (oras-py, and boto3: the aws extra)
+_PRELOAD_IF_INSTALLED = ("oras.provider", "boto3", "convstore.stores.s3")
 
 
 @app.command()
@@ -1017,6 +1020,14 @@ def daemon(
         raise ConvstoreError(str(e)) from None
     for name in _PRELOAD:
         importlib.import_module(name)
+    for name in _PRELOAD_IF_INSTALLED:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    from .stores.s3.client import warm_up
+
+    warm_up()  # the S3 API's model, parsed once for every command
     if background:
         r, w = os.pipe()
         if os.fork():

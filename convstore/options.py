@@ -87,7 +87,7 @@ class StoreOptions:
     timeout: float = 60.0  #: seconds a registry may stay silent before a request is retried
     site_cache: str | None = None  #: ``http[s]://HOST[:PORT]``: the site tier chunks are read through (stores/sitetier.py)
     s3_endpoint: str | None = None  #: an S3 store's endpoint URL (None: $CONVSTORE_S3_ENDPOINT, else AWS)
-    read_deadline: float = 10.0  #: seconds a registry store's read may take for all its attempts
+    read_deadline: float = 10.0  #: seconds a registry store's read may wait with nothing arriving (READ_DEADLINE)
     offline_max_age: float = 86400.0  #: seconds a node-cache copy of metadata may serve while offline
     inactive_after: float | None = None
     latency_ms: float = 0.0

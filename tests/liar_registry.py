@@ -15,6 +15,8 @@ returns a lie for it:
   the decoded bytes, and ``limit`` bounds them).
 
 ``liar.served`` counts the requests each path got (retries show up there).
+With ``liar.queue`` (a semaphore), requests are served that many at a time, each
+held ``liar.hold`` seconds first (a registry that is overloaded: slow, but moving).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class LiarRegistry:
         self.upstream = upstream
         self.lie: Callable[[str, str], Lie | None] | None = None
         self.served: Counter[str] = Counter()
+        self.queue: threading.Semaphore | None = None
+        self.hold = 0.0
         self._lock = threading.Lock()
         liar = self
 
@@ -123,6 +127,14 @@ class LiarRegistry:
                 self.close_connection = True
 
             def _serve(self) -> None:
+                if liar.queue is not None:
+                    with liar.queue:
+                        time.sleep(liar.hold)  # the service time of an overloaded registry (the lie's pace)
+                        self._answer()
+                else:
+                    self._answer()
+
+            def _answer(self) -> None:
                 with liar._lock:
                     liar.served[f"{self.command} {self.path}"] += 1
                 n = int(self.headers.get("Content-Length") or 0)

@@ -218,3 +218,23 @@ def test_upload_skips_a_blob_that_is_there_and_sends_one_that_is_not():
     t.seen.clear()
     assert c.put_blob("app", b"payload") == d and [s[0] for s in t.seen] == ["HEAD"]
     assert c.blob_size("app", d) == len(b"payload")
+
+
+def test_jsonschema_is_imported_only_once_something_validates():
+    """oras-py imports jsonschema (~0.1 CPU s of a cold start) to validate what it pushes; convstore's client
+    never asks it to: a client is made without it, and a validation still gets the real module."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from convstore.oci.registry_client import RegistryClient\n"
+            "RegistryClient('127.0.0.1:1', insecure=True)\n"
+            "print('jsonschema.validators' in sys.modules)\n"
+            "import oras.provider, jsonschema\n"
+            "try:\n"
+            "    oras.provider.jsonschema.validate(1, {'type': 'object'})\n"
+            "except jsonschema.ValidationError:\n"
+            "    print('refused')\n"
+            "print('jsonschema.validators' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.stdout.split() == ["False", "refused", "True"], p.stdout + p.stderr

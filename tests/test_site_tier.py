@@ -291,3 +291,39 @@ def test_s3_a_tier_serving_another_manifest_is_caught(tmp_path, s3_origin, store
     assert isinstance(objects, SiteTierObjectStore) and objects.tier_objects == 0
     assert stats["tier_lies"] == 1  # the swapped manifest, and nothing else
     assert stats["tier_chunks"] > 0  # one lie does not drop the tier: the packs still came through it
+
+
+def test_a_tier_that_is_busy_but_answering_is_waited_for_not_skipped(tmp_path, origin, store):
+    """A registry tier that serves one read at a time (0.3 s each: overloaded, but moving) with 8 reads
+    queued on it, 2.4 s for the last, 2.4 tier timeouts of 1 s: each read is waited for (an answer to another
+    read arrives every 0.3 s), none is skipped to the origin (the tier's rule is the read deadline's)."""
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
+
+    from liar_registry import LiarRegistry
+
+    from convstore.stores.sitetier import open_site_tier
+
+    proxy, url, _truth = origin
+    busy = LiarRegistry(proxy.host)
+    try:
+        node = convstore.Store.open(url, store.key, insecure=True, cache_dir=str(tmp_path / "bc"),
+                                    state_dir=str(tmp_path / "bs"))
+        with ImageFS.from_store(node, "a:1") as fs:
+            hints = fs.fetcher.manifest.hints()
+        cids = sorted(hints)[:8]
+        _objects, tier = open_site_tier(url, f"http://{busy.host}", node.chunk_store, node.objects, timeout=1.0)
+        tier.get(cids[0], hints[cids[0]])  # a connection and a token first: then the queue
+        busy.queue, busy.hold = threading.Semaphore(1), 0.3
+        proxy.reset()
+        t = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda c: tier.get(c, hints[c]), cids))
+        took = time.monotonic() - t
+    finally:
+        busy.stop()
+    assert all(got)
+    assert took > 2.0, f"{took:.2f} s: the reads were not queued past the tier's timeout"
+    stats = tier.stats()
+    assert stats["tier_failures"] == 0 and stats["tier_chunks"] == 9, stats
+    assert proxy.counts.get("GET blob", 0) == 8, proxy.counts  # all through the tier (the liar forwards)

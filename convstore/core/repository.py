@@ -174,7 +174,7 @@ class Repository:
         user's data dir), ``oci://HOST[:PORT]/REPO`` (a registry, read
         through a bounded local cache; ``timeout``: seconds a registry may stay
         silent before a request is retried, 4 attempts; ``read_deadline``: seconds
-        a read may take for all its attempts; ``offline_max_age``: how old a
+        a read may wait with nothing arriving (READ_DEADLINE); ``offline_max_age``: how old a
         node-cache copy of the catalog may be to serve while the registry is
         unavailable, 0: never) or
         ``s3://BUCKET/PREFIX`` (an S3 bucket, cached alike; ``s3_endpoint``, else

@@ -17,17 +17,23 @@ digest checks, errors -- runs the same over a scripted adapter in tests.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import logging
 import re
+import select
+import sys
 import threading
 import time
+import types
 import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, cast
 
 import requests
 import requests.adapters
+import urllib3
+import urllib3.response
 
 from ..errors import (ConvstoreError, DigestMismatch, RegistryAuthError, RegistryCorrupt, RegistryError,
                       RegistryHTTPError, RegistryPlainHTTP, RegistryResponseTooLarge, RegistryServerError,
@@ -54,7 +60,11 @@ TIMEOUT = 60.0  # seconds without an answer (connect: at most 10) before a reque
 # an answer's body must arrive whole within TIMEOUT plus its cap at this rate (a manifest: 60 + 64 s),
 # however it trickles in: a per-read timeout alone never fires on a byte sent every TIMEOUT - 1 s
 MIN_RATE = 64 << 10
-READ_DEADLINE = 10.0  # a registry store's reads: seconds for every attempt at an answer (--read-deadline)
+# a registry store's reads (--read-deadline): seconds a read may wait with NOTHING arriving -- no byte of its
+# answer and none of any other answer this client is getting (a queued read behind a slow but moving registry
+# waits; a silent or stopped one fails).  The clock starts when the request is sent (not while it waits for
+# a worker or a connection); a registry that cannot be reached fails within it too.
+READ_DEADLINE = 10.0
 
 
 PROBE_INTERVAL = 2.0  # seconds a registry that missed a read's deadline is not asked again (reads fail at once)
@@ -97,12 +107,125 @@ class _Watchdog:
         self._timer.cancel()
 
 
-def _read_capped(r: requests.Response, cap: int, host: str, kind: str, timeout: float) -> bytes:
+_current = threading.local()  # .attempt: the read with a deadline the calling thread is making (or None)
+
+
+class _Attempt:
+    """One attempt at a read with a deadline, as its client's :class:`_Monitor` sees it."""
+
+    __slots__ = ("monitor", "sent", "last", "conn", "expired")
+
+    def __init__(self, monitor: _Monitor):
+        self.monitor = monitor
+        self.sent: float | None = None  # when its request went out (None: not yet, e.g. connecting)
+        self.last = 0.0  # when a byte of its answer last arrived
+        self.conn: Any = None  # the urllib3 connection it was sent on
+        self.expired = False
+
+    def progress(self) -> None:
+        self.last = self.monitor.last = time.monotonic()
+
+
+class _Monitor:
+    """Tells a read that is queued or slow but moving from one that is stalled, for one client.
+
+    A read (attempt) is stalled when nothing arrived for ``deadline`` seconds since its request was
+    sent: no byte of its own answer and none of any other answer this client got meanwhile (a
+    registry that answers others is up, its queue moving), and no byte waits unread on its socket
+    (a CPU-starved reader has not read it yet).  A stalled read's socket is shut down: the blocked
+    read then ends at once and the attempt fails as :class:`RegistryTimeout`.  One thread watches
+    every read of the client, asleep until the earliest one could stall."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.last = 0.0  # when any answer of this client last brought a byte
+        self._cond = threading.Condition()
+        self._live: set[_Attempt] = set()
+        self._thread: threading.Thread | None = None
+
+    def begin(self) -> _Attempt:
+        att = _Attempt(self)
+        with self._cond:
+            self._live.add(att)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="convstore-read-deadline", daemon=True)
+                self._thread.start()
+        _current.attempt = att
+        return att
+
+    def end(self, att: _Attempt) -> None:
+        _current.attempt = None
+        with self._cond:
+            self._live.discard(att)
+
+    def sent(self, att: _Attempt, conn: Any) -> None:
+        # no need to wake the watcher: it wakes by the deadline after it last looked, before this one is due
+        att.conn = conn
+        att.sent = time.monotonic()
+
+    @staticmethod
+    def _unread(conn: Any) -> bool:
+        """Whether bytes of an answer wait on ``conn``'s socket (or its buffer) unread."""
+        sock = getattr(conn, "sock", None)
+        if sock is None:
+            return False
+        try:
+            if getattr(sock, "pending", None) and sock.pending():  # TLS: decrypted but unread
+                return True
+            return bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
+
+    def _run(self) -> None:
+        with self._cond:
+            while self._live:
+                now = time.monotonic()
+                wake = now + self.deadline
+                for att in self._live:
+                    if att.sent is None or att.expired:
+                        continue
+                    due = max(att.sent, att.last, self.last) + self.deadline
+                    if due <= now and self._unread(att.conn):
+                        att.last = self.last = now  # it arrived; the reader has not had the CPU to read it
+                        due = now + self.deadline
+                    if due > now:
+                        wake = min(wake, due)
+                        continue
+                    att.expired = True
+                    try:
+                        att.conn.sock.shutdown(2)  # socket.SHUT_RDWR
+                    except (AttributeError, OSError):  # closed meanwhile: nothing is blocked on it
+                        pass
+                self._cond.wait(max(0.01, wake - now))
+            self._thread = None
+
+
+class _WatchedPool(urllib3.HTTPConnectionPool):
+    """A connection pool that tells the calling thread's read (if it has a deadline) when its request
+    is sent and when its answer's head arrives."""
+
+    def _make_request(self, conn: Any, *args: Any, **kw: Any) -> Any:
+        att: _Attempt | None = getattr(_current, "attempt", None)
+        if att is not None:
+            att.monitor.sent(att, conn)
+        r = super()._make_request(conn, *args, **kw)
+        if att is not None:
+            att.progress()
+        return r
+
+
+class _WatchedTLSPool(_WatchedPool, urllib3.HTTPSConnectionPool):
+    pass
+
+
+def _read_capped(r: requests.Response, cap: int, host: str, kind: str, timeout: float,
+                 attempt: _Attempt | None = None) -> bytes:
     """The body of ``r`` if it has at most ``cap`` bytes, read as it arrives (64 KiB at a time,
     decoded: a Content-Encoding is capped on what it inflates to) and whole within ``timeout``
     seconds plus ``cap`` at MIN_RATE bytes a second (a trickle meets no per-read timeout: past the
     deadline the socket is shut down); :class:`RegistryResponseTooLarge` naming ``host`` and
-    ``kind`` past the cap, :class:`RegistryTooSlow` past the deadline.  A HEAD answer has no body."""
+    ``kind`` past the cap, :class:`RegistryTooSlow` past the deadline.  A HEAD answer has no body.
+    Each piece that arrives is progress for ``attempt`` (a read with a deadline) as it arrives."""
     def too_large() -> RegistryResponseTooLarge:
         r.close()
         limit = f"{cap >> 20} MiB" if cap >= 1 << 20 and cap % (1 << 20) == 0 else f"{cap} bytes"
@@ -120,13 +243,23 @@ def _read_capped(r: requests.Response, cap: int, host: str, kind: str, timeout: 
     deadline = timeout + cap / MIN_RATE
     watchdog = _Watchdog(r, deadline)
     buf = bytearray()
+    if attempt is not None and isinstance(r.raw, urllib3.response.HTTPResponse):
+        # as it arrives (read1: one receive, not 64 KiB), so that a trickle is seen moving
+        parts: Any = iter(lambda: r.raw.read1(1 << 16, decode_content=True), b"")
+    else:
+        parts = r.iter_content(1 << 16)
     try:
-        for part in r.iter_content(1 << 16):
+        for part in parts:
+            if attempt is not None:
+                attempt.progress()
             buf += part
             if len(buf) > cap:
                 raise too_large()
             if watchdog.expired.is_set():
                 break
+    except urllib3.exceptions.HTTPError as e:  # read1's own (iter_content wraps them in requests')
+        if not watchdog.expired.is_set():
+            raise requests.exceptions.ChunkedEncodingError(e) from None
     except (requests.exceptions.RequestException, OSError):
         if not watchdog.expired.is_set():
             raise
@@ -196,6 +329,10 @@ class _TimeoutAdapter(requests.adapters.HTTPAdapter):
         #: a shorter (connect, read) timeout for the requests of this thread (a read's deadline)
         self.bound = threading.local()
 
+    def init_poolmanager(self, *args: Any, **kw: Any) -> None:
+        super().init_poolmanager(*args, **kw)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedPool, "https": _WatchedTLSPool}
+
     def send(self, request: requests.PreparedRequest, *args: Any, **kw: Any) -> requests.Response:
         if kw.get("timeout") is None:
             kw["timeout"] = getattr(self.bound, "timeout", None) or self.timeout
@@ -258,6 +395,32 @@ class _BlobStream(io.RawIOBase):
         super().close()
 
 
+class _Deferred(types.ModuleType):
+    """Stands in ``sys.modules`` for a module not imported yet: the first attribute asked of it
+    imports the real one (which then replaces it there) and answers from it."""
+
+    _lock = threading.Lock()
+
+    def __getattr__(self, attr: str) -> Any:
+        with _Deferred._lock:
+            real = self.__dict__.get("_real")
+            if real is None:
+                if sys.modules.get(self.__name__) is self:
+                    del sys.modules[self.__name__]
+                real = self.__dict__["_real"] = importlib.import_module(self.__name__)
+        return getattr(real, attr)
+
+
+def _defer_import(name: str) -> None:
+    """Make ``import name`` cost nothing until the module is used: oras-py imports jsonschema
+    (~0.1 CPU s, a sixth of a cold start's CPU) for manifests it validates on push, which
+    convstore's client never asks it to do.  (importlib's LazyLoader does not do here: on 3.11
+    the next ``import name`` reads ``__spec__`` and that loads it.)"""
+    if name not in sys.modules:
+        stub = sys.modules[name] = _Deferred(name)
+        stub.__spec__ = None
+
+
 class RegistryClient:
     """Byte-level registry operations over oras-py's provider (auth, paths).
 
@@ -268,18 +431,20 @@ class RegistryClient:
     def __init__(self, host: str, insecure: bool = False, username: str | None = None,
                  password: str | None = None, timeout: float = TIMEOUT, *,
                  transport: requests.adapters.BaseAdapter | None = None, deadline: float | None = None):
+        _defer_import("jsonschema")  # oras-py imports it to validate what it pushes; a reader never does
         import oras.provider
 
         self.host = host
         self.timeout = timeout
-        #: seconds a read (GET, HEAD) may take for all its attempts at an answer; past it, or while the
-        #: registry is marked down after one missed it, the read fails with RegistryUnavailable
+        #: seconds a read (GET, HEAD) may wait with nothing arriving (READ_DEADLINE); past it, or while
+        #: the registry is marked down after one missed it, the read fails with RegistryUnavailable
         self.deadline = deadline
         self.counters = RegistryCounters()
         self._health = threading.Lock()
         # while marked down: (since, next probe at, the error's class, its message)
         self._down: tuple[float, float, type[RegistryUnreachable | RegistryTimeout], str] | None = None
         self._probing = False
+        self._monitor: _Monitor | None = None
         self.reg = oras.provider.Registry(hostname=host, insecure=insecure,
                                           auth_backend="basic" if username else "token")
         adapter = self._adapter = _TimeoutAdapter((min(timeout, 10.0), timeout), host, transport)
@@ -288,6 +453,13 @@ class RegistryClient:
         if username:
             self.reg.auth.set_basic_auth(username, password or "")
         self.base = f"{'http' if insecure else 'https'}://{host}/v2"
+        # the environment's proxies (as no_proxy has them for this host) and CA bundle, read once: requests
+        # reads them again on every request (~0.15 ms CPU each, a cold start sends hundreds)
+        env = self.reg.session.merge_environment_settings(self.base, {}, None, None, None)
+        self.reg.session.proxies.update(env["proxies"])
+        if isinstance(env["verify"], str):
+            self.reg.session.verify = env["verify"]
+        self.reg.session.trust_env = False
         self._empty_done: set[str] = set()
         self._do_request = getattr(oras.provider.Registry.do_request, "__wrapped__", oras.provider.Registry.do_request)
 
@@ -303,9 +475,11 @@ class RegistryClient:
         retried), and is then the response's ``content``; ``stream=True``
         leaves it unread for the caller.  Other answers are never read whole.
 
-        A read (GET, HEAD) of a client with a ``deadline`` gets that many
-        seconds for all its attempts (each one's timeouts cut to what is
-        left); one that misses it marks the registry down, and for
+        A read (GET, HEAD) of a client with a ``deadline`` fails once that
+        many seconds passed with nothing arriving (see READ_DEADLINE and
+        :class:`_Monitor`: an answer of another read counts, so a queue that
+        moves is waited for; connection errors are retried for that long);
+        one that misses it marks the registry down, and for
         PROBE_INTERVAL seconds reads fail at once (then one read probes it
         again, the others still fail at once until it answers).
         """
@@ -324,6 +498,14 @@ class RegistryClient:
             raise
         self._mark_up()
         return r
+
+    def _watch(self) -> _Monitor:
+        """The monitor of this client's reads with a deadline (made at the first)."""
+        with self._health:
+            mon = self._monitor
+            if mon is None or mon.deadline != self.deadline:
+                mon = self._monitor = _Monitor(cast(float, self.deadline))
+            return mon
 
     def _gate(self) -> None:
         """Refuse a read at once while the registry is marked down (one read at a time probes it)."""
@@ -360,27 +542,42 @@ class RegistryClient:
 
         delay = 0.2
         timeouts = last_status = 0
+        timeout = self.timeout
+        monitor = None
+        if end is not None:  # a read with a deadline: its monitor tells stalled from moving (per receive)
+            monitor = self._watch()
         for attempt in range(RETRIES):
             r = None
-            timeout = self.timeout
-            if end is not None:
-                left = end - time.monotonic()
-                if left <= 0.05:
+            watched = None
+            if monitor is not None:
+                # out of time once nothing arrived for the deadline (an answer of another read is progress)
+                if time.monotonic() >= max(cast(float, end), monitor.last + cast(float, self.deadline)) - 0.05:
                     break
-                timeout = min(self.timeout, left)
-                self._adapter.bound.timeout = (min(timeout, 10.0), timeout)
+                watched = monitor.begin()
+                # connecting: at most the deadline; then a receive waits up to the timeout, the monitor
+                # ends it sooner once nothing arrived for the deadline
+                self._adapter.bound.timeout = (min(cast(float, self.deadline), 10.0), self.timeout)
             with self._health:
                 self.counters.requests += 1
                 self.counters.retries += attempt > 0
             try:
-                # oras-py's do_request (auth handling) without its retry decorator, whose
-                # backoff sleeps up to 81 s and hides errors: this policy is bounded (~3 s).
-                r = self._do_request(self.reg, url, method, stream=True, **kw)
-                if r.status_code in ok:
-                    if not stream:  # (a HEAD answer has no body: its Content-Length is the GET's)
+                try:
+                    # oras-py's do_request (auth handling) without its retry decorator, whose
+                    # backoff sleeps up to 81 s and hides errors: this policy is bounded (~3 s).
+                    r = self._do_request(self.reg, url, method, stream=True, **kw)
+                    if r.status_code in ok and not stream:  # (a HEAD answer has no body)
                         # a 404 carries the registry's error, not what was asked for: its own cap
                         body_cap = cap if r.status_code < 300 else MAX_OTHER
-                        r._content = _read_capped(r, body_cap, self.host, kind, timeout)  # requests' .content
+                        r._content = _read_capped(r, body_cap, self.host, kind, timeout, watched)  # .content
+                except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+                    if watched is None or not watched.expired:
+                        raise
+                if watched is not None and watched.expired:  # the monitor shut it down: nothing came
+                    self._count(RegistryTimeout)
+                    raise RegistryTimeout(f"registry {self.host} sent nothing for {self.deadline:g} s (the read "
+                                          f"deadline) while no other answer arrived either") from None
+                assert r is not None
+                if r.status_code in ok:
                     return r
             except oras.auth.AuthenticationException as e:
                 raise RegistryAuthError(f"registry {self.host} refused the credentials ({e})") from None
@@ -418,7 +615,7 @@ class RegistryClient:
                     if r.status_code < 500 and r.status_code != 429:
                         raise RegistryHTTPError(f"registry {self.host} refused {method} "
                                                 f"{url.split('/v2/', 1)[-1]}: HTTP {r.status_code} "
-                                                f"{self._snippet(r, timeout)}", r.status_code)
+                                                f"{self._snippet(r, min(timeout, self.deadline or timeout))}", r.status_code)
                     last_status = r.status_code
                     if attempt == RETRIES - 1:
                         raise RegistryServerError(f"registry {self.host} failed: HTTP {r.status_code} for {method}",
@@ -428,9 +625,11 @@ class RegistryClient:
             finally:
                 if r is not None and not stream and r._content is False:  # body unread: drop the connection
                     r.close()
-                if end is not None:
+                if watched is not None:
+                    watched.monitor.end(watched)
                     self._adapter.bound.timeout = None
-            if end is not None and time.monotonic() + delay >= end:
+            if monitor is not None and time.monotonic() + delay >= max(cast(float, end),
+                                                                      monitor.last + cast(float, self.deadline)):
                 break
             time.sleep(delay)
             delay *= 2

@@ -56,7 +56,8 @@ from .base import ChunkStore, ForwardingChunkStore, ForwardingObjectStore, Locat
 
 log = logging.getLogger(__name__)
 
-#: seconds a tier may stay silent before a read gives up on it (the origin is asked next)
+#: seconds a tier may send nothing (to any read of the process) before a read gives up on it (the origin
+#: is asked next)
 TIER_TIMEOUT = 5.0
 #: seconds a failed tier is skipped before it is tried again
 DOWN_FOR = 30.0
@@ -267,7 +268,9 @@ def open_site_tier(origin_url: str, site_cache: str, origin: ChunkStore, objects
         from .registry import RegistryChunkStore, RegistryStore, parse_store_url
 
         _origin_host, repo = parse_store_url(origin_url)
-        client = RegistryClient(host, insecure, username, password, timeout)
+        # a tier read fails once nothing arrived for ``timeout`` s (the registry store's read deadline rule:
+        # a tier that is busy but answering is waited for), not at ``timeout`` s of one answer's silence
+        client = RegistryClient(host, insecure, username, password, deadline=timeout)
         chunks = SiteTierChunkStore(origin, RegistryChunkStore(f"oci://{host}/{repo}", client, repo, None))
         return SiteTierObjectStore(objects, RegistryStore(f"oci://{host}/{repo}", client, repo), chunks), chunks
     if origin_url.startswith("s3://"):

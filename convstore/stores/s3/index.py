@@ -244,6 +244,8 @@ class S3ChunkStore(ChunkStore):
                 out[c] = self.get(c)
             else:
                 by_pack.setdefault(loc[0], []).append((loc[1], loc[2], c))
+        spans: list[tuple[str, int, int]] = []
+        held: list[list[tuple[int, int, bytes]]] = []
         for pack, items in by_pack.items():
             items.sort()
             i = 0
@@ -254,15 +256,17 @@ class S3ChunkStore(ChunkStore):
                         items[j + 1][0] + items[j + 1][1] - start <= max_span:
                     j += 1
                     end = max(end, items[j][0] + items[j][1])
-                try:
-                    data = self._range(pack, start, end)
-                except KeyError:  # a stale hint: one by one through the index
-                    for _off, _n, c in items[i : j + 1]:
-                        out[c] = self.get(c)
-                else:
-                    for off, n, c in items[i : j + 1]:
-                        out[c] = data[off - start : off - start + n]
+                spans.append((PACKS + pack, start, end))
+                held.append(items[i : j + 1])
                 i = j + 1
+        # the spans in parallel (S3 has no multi-range GET)
+        for (_name, start, end), its, data in zip(spans, held, self.client.get_ranges(spans)):
+            if isinstance(data, KeyError) or len(data) != end - start:  # a stale hint: through the index
+                for _off, _n, c in its:
+                    out[c] = self.get(c)
+            else:
+                for off, n, c in its:
+                    out[c] = data[off - start : off - start + n]
         return out
 
     def size(self, cid: bytes) -> int:
