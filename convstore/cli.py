@@ -845,7 +845,7 @@ def containerd_load(
     policy: Optional[str] = _policy_option(),
 ) -> None:
     """Make an image of the store a containerd image whose layers come from `convstore snapshotter`, lazily."""
-    from .engines.snapshotter import load_into_containerd
+    from .engines.containerd_load import load_into_containerd
 
     got = load_into_containerd(_store(), ref, address, name=name, namespace=namespace, snapshotter=snapshotter_name,
                                policy=_policy(policy))
@@ -944,6 +944,8 @@ _PRELOAD = ("convstore.pack", "convstore.unpack", "convstore.maintenance", "conv
             "convstore.engines.run", "convstore.engines.layerstore", "convstore.stores.registry",
             "convstore.stores.cache", "convstore.worker", "rich.console", "rich.progress", "rich.table",
             "platformdirs")
+#: and those of the extras that are installed (containerd-load: grpc and the message schema)
+_PRELOAD_OPTIONAL = ("convstore.engines.containerd_load", "grpc")
 
 
 @app.command()
@@ -998,6 +1000,11 @@ def daemon(
         raise ConvstoreError(str(e)) from None
     for name in _PRELOAD:
         importlib.import_module(name)
+    for name in _PRELOAD_OPTIONAL:
+        try:
+            importlib.import_module(name)
+        except (ImportError, ConvstoreError):
+            pass  # an extra not installed: its command fails as it would without the daemon
     if background:
         r, w = os.pipe()
         if os.fork():

@@ -37,7 +37,6 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -55,7 +54,7 @@ from ..errors import ConvstoreError, ImageNotFound, StoreError
 from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
 from ..metrics import ProcessMetrics, node_cache_of, origin_counters_of, reporting
-from ..oci.media import check_digest
+from ..oci.media import chain_ids, check_digest
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
 from ..paths import components
@@ -83,16 +82,6 @@ FULL_REVALIDATE_SECONDS = 300.0
 RECORD_SECONDS = 10.0
 _GZIP = 2  # containers/storage's archive.Gzip (compression of the original blob)
 _COMPRESSION = {"gzip": _GZIP, "zstd": 4, "none": 0}
-
-
-def chain_ids(diff_ids: list[str]) -> list[tuple[str, str]]:
-    """(chain ID, parent chain ID or "") of each layer: the OCI names containerd gives layer snapshots."""
-    out, parent = [], ""
-    for d in diff_ids:
-        chain = d if not parent else "sha256:" + hashlib.sha256(f"{parent} {d}".encode()).hexdigest()
-        out.append((chain, parent))
-        parent = chain
-    return out
 
 
 @dataclass
@@ -124,6 +113,8 @@ class LayerStore:
         self._manifests: dict[str, tuple[CatalogEntry, Manifest, ChunkFetcher]] = {}
         self._trees: dict[str, ImageFS] = {}
         self._recording: dict[str, threading.Timer] = {}
+        self._opening = threading.Lock()  # one image opened at a time (outside _lock: it makes requests)
+        self._warming: set[str] = set()  # layers whose image is being opened ahead (warm)
         self._seen_refs: frozenset[str] | None = None  # the catalog's keys at the last look (watch)
 
     def scan(self) -> None:
@@ -245,7 +236,9 @@ class LayerStore:
             return list(self._layers)
 
     def tree(self, digest: str) -> ImageFS:
-        """The layer's ``diff/`` tree (built on first use; the image's read is recorded then)."""
+        """The layer's ``diff/`` tree (built on first use; the image's read is recorded then).  The image
+        is opened (catalog entry, manifest, start-up profile: requests to the store) outside the index's
+        lock, so lookups of other layers and the snapshotter's calls do not wait for it."""
         with self._lock:
             fs = self._trees.get(digest)
             if fs is not None:
@@ -254,30 +247,65 @@ class LayerStore:
             if lay is None:
                 raise ImageNotFound(f"layer {digest} is no longer in the store")
             got = self._manifests.get(lay.entry.manifest_digest or "")
-            if got is None:
-                entry, manifest = self.store.open_image(lay.entry.ref)  # the read gate: a read is recorded
-                require_policy(self.policy, manifest, str(entry.ref))  # packed again since the scan: check again
-                key = entry.manifest_digest or ""  # the image may have been packed again since the scan
-                got = self._manifests.get(key)
-                if got is None:
-                    fetcher = ChunkFetcher(self.store.chunks, manifest, cache=self.cache)
-                    got = self._manifests[key] = (entry, manifest, fetcher)
-                    self.metrics.add_image(str(entry.ref), fetcher, manifest)
-                    self._start_profile(key, entry, fetcher)
-            index = next((i for i, lr in enumerate(got[1].layers) if lr.digest == digest), None)
-            if index is None:
-                raise ImageNotFound(f"layer {digest} is no longer in {got[0].ref}")
-            fs = ImageFS(got[1], got[2], PREFETCH_ON_OPEN, layer=index)
-            fs.entry = got[0]
-            self._trees[digest] = fs
-            return fs
+        if got is None:
+            got = self._open(lay.entry)
+        index = next((i for i, lr in enumerate(got[1].layers) if lr.digest == digest), None)
+        if index is None:
+            raise ImageNotFound(f"layer {digest} is no longer in {got[0].ref}")
+        fs = ImageFS(got[1], got[2], PREFETCH_ON_OPEN, layer=index)
+        fs.entry = got[0]
+        with self._lock:
+            return self._trees.setdefault(digest, fs)
 
-    def _start_profile(self, key: str, entry: CatalogEntry, fetcher: ChunkFetcher) -> None:
+    def _open(self, scanned: CatalogEntry) -> tuple[CatalogEntry, Manifest, ChunkFetcher]:
+        """The image ``scanned`` names, opened once (one open at a time: two first lookups of its layers
+        share it), its start-up profile's prefetch started."""
+        with self._opening:
+            with self._lock:
+                got = self._manifests.get(scanned.manifest_digest or "")
+            if got is not None:
+                return got
+            entry, manifest = self.store.open_image(scanned.ref)  # the read gate: a read is recorded
+            require_policy(self.policy, manifest, str(entry.ref))  # packed again since the scan: check again
+            key = entry.manifest_digest or ""  # the image may have been packed again since the scan
+            with self._lock:
+                got = self._manifests.get(key)
+            if got is None:
+                profile = self.store.manifests.load_profile(entry)
+                fetcher = ChunkFetcher(self.store.chunks, manifest, cache=self.cache)
+                got = (entry, manifest, fetcher)
+                with self._lock:
+                    self._manifests[key] = got
+                    self.metrics.add_image(str(entry.ref), fetcher, manifest)
+                    self._start_profile(key, entry, fetcher, profile)
+            return got
+
+    def warm(self, digest: str) -> None:
+        """Open the image that serves layer ``digest`` now, in a thread, unless it is open: its start-up
+        profile's prefetch then overlaps the engine's own set-up (a containerd Prepare of the layer, podman
+        looking the layer up while it pulls) instead of starting at the first file the container reads."""
+        with self._lock:
+            if digest in self._trees or digest in self._warming or digest not in self._layers:
+                return
+            self._warming.add(digest)
+
+        def go() -> None:
+            try:
+                self.tree(digest)
+            except ConvstoreError as e:  # a lookup of the layer meets it again, and says so
+                log.warning("layer store: cannot open the image of layer %s ahead: %s", digest, e)
+            finally:
+                with self._lock:
+                    self._warming.discard(digest)
+
+        threading.Thread(target=go, daemon=True, name="convstore-layers-warm").start()
+
+    def _start_profile(self, key: str, entry: CatalogEntry, fetcher: ChunkFetcher,
+                       profile: list[tuple[int, int]] | None) -> None:
         """The image's start-up profile (as ``convstore run`` records and uses
         it) prefetched in coalesced batches when there is one, then the rest of
         the image in the background; what this start reads in its first
-        seconds is recorded and merged into the profile."""
-        profile = self.store.manifests.load_profile(entry)
+        seconds is recorded and merged into the profile.  Under the lock."""
         self._background[key] = start_fetching(fetcher, profile, self.background, str(entry.ref))
         fetcher.start_recording()
         timer = threading.Timer(RECORD_SECONDS, self._save_profile, args=(key,))
