@@ -44,6 +44,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -53,6 +54,7 @@ from ..core.catalog import CatalogEntry
 from ..errors import ConvstoreError, ImageNotFound, StoreError
 from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
+from ..merge import MergedTree, layer_tree
 from ..metrics import ProcessMetrics, node_cache_of, origin_counters_of, reporting
 from ..oci.media import chain_ids, check_digest
 from ..oci.policy import Policy
@@ -80,6 +82,11 @@ REVALIDATE_SECONDS = 10.0
 FULL_REVALIDATE_SECONDS = 300.0
 #: an image with no start-up profile has the chunks read in its first seconds recorded as one
 RECORD_SECONDS = 10.0
+#: a file of an image opened while its start-up profile is being read waits at most this long for it
+PROFILE_WAIT = 5.0
+#: the layer trees of this many images (the most recently read first) are built after each scan, in a
+#: thread, so an engine's first lookup of a layer (podman's pull) does not wait for it; others on first use
+PREBUILD_IMAGES = 16
 _GZIP = 2  # containers/storage's archive.Gzip (compression of the original blob)
 _COMPRESSION = {"gzip": _GZIP, "zstd": 4, "none": 0}
 
@@ -115,6 +122,9 @@ class LayerStore:
         self._recording: dict[str, threading.Timer] = {}
         self._opening = threading.Lock()  # one image opened at a time (outside _lock: it makes requests)
         self._warming: set[str] = set()  # layers whose image is being opened ahead (warm)
+        self._queued: dict[str, threading.Event] = {}  # manifest digest -> set once its profile is queued
+        #: (manifest digest, layer index) -> that layer's tree, built ahead from the scan's manifests (prebuild)
+        self._built: dict[tuple[str, int], Future[MergedTree]] = {}
         self._seen_refs: frozenset[str] | None = None  # the catalog's keys at the last look (watch)
 
     def scan(self) -> None:
@@ -126,6 +136,7 @@ class LayerStore:
         found: dict[str, _Layer] = {}
         chains: dict[str, tuple[str, str]] = {}
         loaded: list[Manifest] = []
+        served: list[tuple[CatalogEntry, Manifest]] = []
         for e in self.store.catalog.complete():
             if e.state != ACTIVE:
                 continue
@@ -137,6 +148,7 @@ class LayerStore:
                 log.warning("layer store: skipping %s: %s", e.ref, err)
                 continue
             loaded.append(m)
+            served.append((e, m))
             for lr, (digest, _), (chain, parent) in zip(m.layers, digests, chain_ids([d for _, d in digests])):
                 info = {"compressed-diff-digest": digest, "compressed-size": lr.size, "diff-digest": lr.diff_id,
                         "diff-size": lr.uncompressed_size, "compression": _COMPRESSION.get(lr.compression, 0)}
@@ -151,6 +163,9 @@ class LayerStore:
             self._chains = chains
             self._scanned = time.monotonic()
             dropped = self._drop_removed()
+            todo = self._plan_prebuild(served)
+        if todo:
+            threading.Thread(target=self._prebuild, args=(todo,), daemon=True, name="convstore-layers-prebuild").start()
         if dropped:
             live = {c.cid for m in loaded for c in m.chunks}
             for manifest, f in dropped:
@@ -158,6 +173,31 @@ class LayerStore:
                 for c in manifest.chunks:  # the node cache keeps only what a served image still uses
                     if c.cid not in live:
                         self.store.chunk_store.evict(c.cid)
+
+    def _plan_prebuild(self, served: list[tuple[CatalogEntry, Manifest]]
+                       ) -> list[tuple[Manifest, int, Future[MergedTree]]]:
+        """The layer trees to build ahead (under the lock): those of the ``PREBUILD_IMAGES`` images read
+        most recently; trees of images no longer served are forgotten."""
+        keep = sorted(served, key=lambda em: -em[0].last_read)[:PREBUILD_IMAGES]
+        want = {(e.manifest_digest or "", i): (m, i) for e, m in keep for i in range(len(m.layers))}
+        for key in [k for k in self._built if k not in want]:
+            del self._built[key]
+        todo = []
+        for key, (m, i) in want.items():
+            if key not in self._built:
+                fut: Future[MergedTree] = Future()
+                self._built[key] = fut
+                todo.append((m, i, fut))
+        return todo
+
+    @staticmethod
+    def _prebuild(todo: list[tuple[Manifest, int, Future[MergedTree]]]) -> None:
+        for m, i, fut in todo:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(layer_tree(m.layers[i].entries, i))
+                except BaseException as e:  # noqa: BLE001  tree() meets it (a hostile tree is refused there)
+                    fut.set_exception(e)
 
     def _drop_removed(self) -> list[tuple[Manifest, ChunkFetcher]]:
         """Forget the trees and fetchers of images no longer ACTIVE here (removed, packed again, FAILED):
@@ -174,6 +214,7 @@ class LayerStore:
             if timer is not None:
                 timer.cancel()
             _entry, manifest, fetcher = self._manifests.pop(key)
+            self._queued.pop(key, None)
             dropped.append((manifest, fetcher))
             log.info("layer store: no longer serving %s (removed or replaced)", key)
         return dropped
@@ -252,7 +293,9 @@ class LayerStore:
         index = next((i for i, lr in enumerate(got[1].layers) if lr.digest == digest), None)
         if index is None:
             raise ImageNotFound(f"layer {digest} is no longer in {got[0].ref}")
-        fs = ImageFS(got[1], got[2], PREFETCH_ON_OPEN, layer=index)
+        with self._lock:
+            built = self._built.get((got[0].manifest_digest or "", index))
+        fs = ImageFS(got[1], got[2], PREFETCH_ON_OPEN, layer=index, tree=built.result() if built else None)
         fs.entry = got[0]
         with self._lock:
             return self._trees.setdefault(digest, fs)
@@ -271,14 +314,28 @@ class LayerStore:
             with self._lock:
                 got = self._manifests.get(key)
             if got is None:
-                profile = self.store.manifests.load_profile(entry)
                 fetcher = ChunkFetcher(self.store.chunks, manifest, cache=self.cache)
                 got = (entry, manifest, fetcher)
+                queued = threading.Event()
                 with self._lock:
                     self._manifests[key] = got
+                    self._queued[key] = queued
                     self.metrics.add_image(str(entry.ref), fetcher, manifest)
-                    self._start_profile(key, entry, fetcher, profile)
+                    self._start_recording(key, fetcher)
+                # the profile (a request) is read and queued in a thread: the engine's lookup returns
+                # now; a file of the image is opened only once it is queued (wait_profile)
+                threading.Thread(target=self._start_profile, args=(key, entry, fetcher, queued), daemon=True,
+                                 name="convstore-layers-profile").start()
             return got
+
+    def wait_profile(self, fs: ImageFS, timeout: float = PROFILE_WAIT) -> None:
+        """Until the start-up profile of ``fs``'s image is queued (its chunks claimed by coalesced
+        fetches), so a file read does not fetch a profile chunk alone first."""
+        with self._lock:
+            queued = self._queued.get(getattr(fs.entry, "manifest_digest", None) or "")
+        if queued is not None and not queued.wait(timeout):
+            log.warning("layer store: the start-up profile of %s is not queued after %g s; reading on", fs.entry,
+                        timeout)
 
     def warm(self, digest: str) -> None:
         """Open the image that serves layer ``digest`` now, in a thread, unless it is open: its start-up
@@ -300,18 +357,30 @@ class LayerStore:
 
         threading.Thread(target=go, daemon=True, name="convstore-layers-warm").start()
 
-    def _start_profile(self, key: str, entry: CatalogEntry, fetcher: ChunkFetcher,
-                       profile: list[tuple[int, int]] | None) -> None:
-        """The image's start-up profile (as ``convstore run`` records and uses
-        it) prefetched in coalesced batches when there is one, then the rest of
-        the image in the background; what this start reads in its first
-        seconds is recorded and merged into the profile.  Under the lock."""
-        self._background[key] = start_fetching(fetcher, profile, self.background, str(entry.ref))
+    def _start_recording(self, key: str, fetcher: ChunkFetcher) -> None:
+        """What this start reads in its first seconds is recorded and merged
+        into the image's profile.  Under the lock."""
         fetcher.start_recording()
         timer = threading.Timer(RECORD_SECONDS, self._save_profile, args=(key,))
         timer.daemon = True
         self._recording[key] = timer
         timer.start()
+
+    def _start_profile(self, key: str, entry: CatalogEntry, fetcher: ChunkFetcher, queued: threading.Event) -> None:
+        """The image's start-up profile (as ``convstore run`` records and uses
+        it) prefetched in coalesced batches when there is one, then the rest of
+        the image in the background; ``queued`` is set once its fetches are."""
+        try:
+            try:
+                profile = self.store.manifests.load_profile(entry)
+            except ConvstoreError as e:  # a hint: the start goes on without it
+                log.warning("layer store: cannot read the start-up profile of %s: %s", entry.ref, e)
+                profile = None
+            with self._lock:
+                if self._manifests.get(key, (None, None, None))[2] is fetcher:  # not dropped meanwhile
+                    self._background[key] = start_fetching(fetcher, profile, self.background, str(entry.ref))
+        finally:
+            queued.set()
 
     def _save_profile(self, key: str) -> None:
         with self._lock:
@@ -383,6 +452,8 @@ class LayerStoreOperations(ImageOperations):
                 raise mfusepy.FuseOSError(errno.ENOENT)  # `use` among them: "notification understood"
             if len(parts) > 3 and parts[2] != "diff":
                 raise mfusepy.FuseOSError(errno.ENOTDIR)
+            if len(parts) < 3 or parts[2] != "diff":  # the engine met the layer (pulling): open its image now
+                self.layers.warm(parts[1])
         return parts
 
     def _target(self, path: str) -> tuple[ImageFS, str]:
@@ -452,6 +523,7 @@ class LayerStoreOperations(ImageOperations):
     def open(self, path: str, flags: int) -> int:
         parts = self._split(path)
         if self._is_tree(parts):
+            self.layers.wait_profile(self._target(path)[0])
             return super().open(path, flags)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise mfusepy.FuseOSError(errno.EROFS)
