@@ -308,6 +308,10 @@ class LayerStore:
                 got = self._manifests.get(scanned.manifest_digest or "")
             if got is not None:
                 return got
+            # the profile (one request) is read while the read gate reads the catalog entry (another)
+            profile: Future[list[tuple[int, int]] | None] = Future()
+            threading.Thread(target=self._read_profile, args=(scanned, profile), daemon=True,
+                             name="convstore-layers-profile").start()
             entry, manifest = self.store.open_image(scanned.ref)  # the read gate: a read is recorded
             require_policy(self.policy, manifest, str(entry.ref))  # packed again since the scan: check again
             key = entry.manifest_digest or ""  # the image may have been packed again since the scan
@@ -324,8 +328,12 @@ class LayerStore:
                     self._start_recording(key, fetcher)
                 # the profile (a request) is read and queued in a thread: the engine's lookup returns
                 # now; a file of the image is opened only once it is queued (wait_profile)
-                threading.Thread(target=self._start_profile, args=(key, entry, fetcher, queued), daemon=True,
-                                 name="convstore-layers-profile").start()
+                if entry.manifest_digest != scanned.manifest_digest:
+                    profile = Future()  # packed again since the scan: the new version's profile
+                    threading.Thread(target=self._read_profile, args=(entry, profile), daemon=True,
+                                     name="convstore-layers-profile").start()
+                threading.Thread(target=self._start_profile, args=(key, entry, fetcher, profile, queued),
+                                 daemon=True, name="convstore-layers-prefetch").start()
             return got
 
     def wait_profile(self, fs: ImageFS, timeout: float = PROFILE_WAIT) -> None:
@@ -366,16 +374,21 @@ class LayerStore:
         self._recording[key] = timer
         timer.start()
 
-    def _start_profile(self, key: str, entry: CatalogEntry, fetcher: ChunkFetcher, queued: threading.Event) -> None:
+    def _read_profile(self, entry: CatalogEntry, out: Future[list[tuple[int, int]] | None]) -> None:
+        """``entry``'s start-up profile into ``out`` (None: none, or unreadable: it is a hint)."""
+        try:
+            out.set_result(self.store.manifests.load_profile(entry))
+        except Exception as e:  # noqa: BLE001  the start goes on without it
+            log.warning("layer store: cannot read the start-up profile of %s: %s", entry.ref, e)
+            out.set_result(None)
+
+    def _start_profile(self, key: str, entry: CatalogEntry, fetcher: ChunkFetcher,
+                       read: Future[list[tuple[int, int]] | None], queued: threading.Event) -> None:
         """The image's start-up profile (as ``convstore run`` records and uses
         it) prefetched in coalesced batches when there is one, then the rest of
         the image in the background; ``queued`` is set once its fetches are."""
         try:
-            try:
-                profile = self.store.manifests.load_profile(entry)
-            except ConvstoreError as e:  # a hint: the start goes on without it
-                log.warning("layer store: cannot read the start-up profile of %s: %s", entry.ref, e)
-                profile = None
+            profile = read.result()
             with self._lock:
                 if self._manifests.get(key, (None, None, None))[2] is fetcher:  # not dropped meanwhile
                     self._background[key] = start_fetching(fetcher, profile, self.background, str(entry.ref))
