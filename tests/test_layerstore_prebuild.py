@@ -47,3 +47,25 @@ def test_the_layer_trees_are_built_after_the_scan_not_in_the_lookup(tmp_path, st
         assert "a" in trees[1].listdir("/etc")  # the whiteout of etc/a, a 0:0 character device
     finally:
         ls.close()
+
+
+def test_a_look_at_a_layer_opens_its_image_ahead_of_its_files(tmp_path, store) -> None:
+    """podman's pull looks at a layer's directory and ``info`` before its ``diff/``: the image is opened
+    (and its start-up profile queued) from the first look, in a thread."""
+    import base64
+
+    write_oci(str(tmp_path / "img"), [make_tar([Entry("f", data=os.urandom(3_000))])])
+    store.pack(f"oci:{tmp_path / 'img'}:latest", "one:1")
+    _, manifest = store.open_image("one:1")
+    ls = layerstore.LayerStore(store)
+    try:
+        ls.scan()
+        ops = layerstore.LayerStoreOperations(ls)
+        ref = base64.b64encode(b"example.org/one:1").decode()
+        assert ops.getattr(f"/{ref}/{manifest.layers[0].digest}/info")["st_size"] > 0
+        deadline = time.monotonic() + 20
+        while not ls.stats() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(ls.stats()) == ["one:1"]  # opened, no file of it looked up yet
+    finally:
+        ls.close()
