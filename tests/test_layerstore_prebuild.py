@@ -49,9 +49,10 @@ def test_the_layer_trees_are_built_after_the_scan_not_in_the_lookup(tmp_path, st
         ls.close()
 
 
-def test_a_look_at_a_layer_opens_its_image_ahead_of_its_files(tmp_path, store) -> None:
-    """podman's pull looks at a layer's directory and ``info`` before its ``diff/``: the image is opened
-    (and its start-up profile queued) from the first look, in a thread."""
+def test_a_read_of_a_layers_info_opens_its_image_ahead_of_its_files(tmp_path, store) -> None:
+    """An engine pulling a layer reads its ``info``: the image is opened (and its start-up profile
+    queued) from that read, in a thread, before any file of ``diff/`` is looked up.  A look at the
+    layer alone (a release, ``rmdir``, looks the directory up too) opens nothing."""
     import base64
 
     write_oci(str(tmp_path / "img"), [make_tar([Entry("f", data=os.urandom(3_000))])])
@@ -62,7 +63,11 @@ def test_a_look_at_a_layer_opens_its_image_ahead_of_its_files(tmp_path, store) -
         ls.scan()
         ops = layerstore.LayerStoreOperations(ls)
         ref = base64.b64encode(b"example.org/one:1").decode()
-        assert ops.getattr(f"/{ref}/{manifest.layers[0].digest}/info")["st_size"] > 0
+        layer = f"/{ref}/{manifest.layers[0].digest}"
+        assert ops.getattr(layer)["st_mode"] and ops.getattr(f"{layer}/info")["st_size"] > 0
+        assert ls.stats() == {}
+        fh = ops.open(f"{layer}/info", os.O_RDONLY)
+        assert b"diff-digest" in ops.read(f"{layer}/info", 4096, 0, fh)
         deadline = time.monotonic() + 20
         while not ls.stats() and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -465,8 +465,6 @@ class LayerStoreOperations(ImageOperations):
                 raise mfusepy.FuseOSError(errno.ENOENT)  # `use` among them: "notification understood"
             if len(parts) > 3 and parts[2] != "diff":
                 raise mfusepy.FuseOSError(errno.ENOTDIR)
-            if len(parts) < 3 or parts[2] != "diff":  # the engine met the layer (pulling): open its image now
-                self.layers.warm(parts[1])
         return parts
 
     def _target(self, path: str) -> tuple[ImageFS, str]:
@@ -545,6 +543,7 @@ class LayerStoreOperations(ImageOperations):
         data = self._synthetic(parts)
         if data is None:
             raise mfusepy.FuseOSError(errno.EISDIR)
+        self.layers.warm(parts[1])  # the engine reads the layer's info (pulling it): open its image now
         return self._new_handle(data)
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
