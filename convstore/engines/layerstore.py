@@ -123,6 +123,7 @@ class LayerStore:
         self._opening = threading.Lock()  # one image opened at a time (outside _lock: it makes requests)
         self._warming: set[str] = set()  # layers whose image is being opened ahead (warm)
         self._queued: dict[str, threading.Event] = {}  # manifest digest -> set once its profile is queued
+        self._closed = False
         #: (manifest digest, layer index) -> that layer's tree, built ahead from the scan's manifests (prebuild)
         self._built: dict[tuple[str, int], Future[MergedTree]] = {}
         self._seen_refs: frozenset[str] | None = None  # the catalog's keys at the last look (watch)
@@ -390,7 +391,7 @@ class LayerStore:
         try:
             profile = read.result()
             with self._lock:
-                if self._manifests.get(key, (None, None, None))[2] is fetcher:  # not dropped meanwhile
+                if not self._closed and self._manifests.get(key, (None, None, None))[2] is fetcher:  # not dropped
                     self._background[key] = start_fetching(fetcher, profile, self.background, str(entry.ref))
         finally:
             queued.set()
@@ -430,6 +431,7 @@ class LayerStore:
             timer.cancel()
             self._save_profile(key)
         with self._lock:
+            self._closed = True  # a profile still being read queues nothing on a closed fetcher
             for _, _, f in self._manifests.values():
                 f.close()
         self.metrics.close()
