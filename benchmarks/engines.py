@@ -24,7 +24,14 @@ lazy starts run with it off, and one more start per setting runs with it on:
 its start time, and when the whole image was local (from the stats file).
 
 The local-image baseline of an engine is its ``run`` of an image it has
-pulled (the plain round's run).  ``--label`` names the plot
+pulled (the plain round's run).  Three more rows show what is convstore's:
+the engine's floor (its pull again, the image present -- podman's 3 requests,
+``ctr images pull``'s 1 -- plus the local run); at 0 ms the start with a
+profile again with the node cache of the previous round (chunks on the
+node: convstore without fetching); and for containerd the start with a
+profile with ``containerd-load`` run by a ``convstore daemon`` (one per
+setting, started like the snapshotter and not counted; the other rows run
+it in its own process, ``CONVSTORE_DAEMON=0``).  ``--label`` names the plot
 (docs/img/engines-latency-LABEL.png) and the JSON results
 (benchmarks/results/engines-LABEL.json); one podman start with a profile at
 0 ms has its request log written beside them.
