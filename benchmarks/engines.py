@@ -24,7 +24,14 @@ lazy starts run with it off, and one more start per setting runs with it on:
 its start time, and when the whole image was local (from the stats file).
 
 The local-image baseline of an engine is its ``run`` of an image it has
-pulled (the plain round's run).  ``--label`` names the plot
+pulled (the plain round's run).  Three more rows show what is convstore's:
+the engine's floor (its pull again, the image present -- podman's 3 requests,
+``ctr images pull``'s 1 -- plus the local run); at 0 ms the start with a
+profile again with the node cache of the previous round (chunks on the
+node: convstore without fetching); and for containerd the start with a
+profile with ``containerd-load`` run by a ``convstore daemon`` (one per
+setting, started like the snapshotter and not counted; the other rows run
+it in its own process, ``CONVSTORE_DAEMON=0``).  ``--label`` names the plot
 (docs/img/engines-latency-LABEL.png) and the JSON results
 (benchmarks/results/engines-LABEL.json); one podman start with a profile at
 0 ms has its request log written beside them.
@@ -98,13 +105,14 @@ class Start:
                  local: float | None = None) -> None:
         self.pull, self.run, self.fetched, self.requests, self.req_bytes, self.local = \
             pull, run, fetched, requests, req_bytes, local
+        self.floor: Start | None = None  # a plain start's pull again, the image present (the engine's floor)
 
     @property
     def total(self) -> float:
         return self.pull + self.run
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__, total=self.total)
+        return dict(self.__dict__, total=self.total, floor=self.floor.to_json() if self.floor else None)
 
 
 def podman_round(w: Path, ref: str, remote: list[str] | None, proxy: CountingProxy,
@@ -113,6 +121,7 @@ def podman_round(w: Path, ref: str, remote: list[str] | None, proxy: CountingPro
     --background-fetch setting (None: the code has none)."""
     mnt, stats = w / "als", w / "stats.json"
     stats.unlink(missing_ok=True)
+    floor = None
     if remote is not None:
         mnt.mkdir(exist_ok=True)
         bg = [] if background is None else ["--background-fetch" if background else "--no-background-fetch"]
@@ -129,19 +138,27 @@ def podman_round(w: Path, ref: str, remote: list[str] | None, proxy: CountingPro
         assert out.strip() == "hello", out
         if background:
             local = local_at(stats, t0)
+        if remote is None:  # the floor of podman's own pull: the image is present, nothing to fetch
+            proxy.reset()
+            again = timed(["podman", "pull", "-q", "--tls-verify=false", ref], env)[0]
+            floor = Start(again, run, 0, proxy.total(), proxy.bytes)
     finally:
         remove_podman_root(env, root)
         if remote is not None:
             subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-    return Start(pull, run, fetched(stats) if remote is not None else 0, requests, req_bytes, local)
+    start = Start(pull, run, fetched(stats) if remote is not None else 0, requests, req_bytes, local)
+    start.floor = floor if remote is None else None
+    return start
 
 
 def containerd_round(w: Path, ref: str, image: str, remote: list[str] | None, proxy: CountingProxy,
-                     background: bool | None = None) -> Start:
-    """One containerd start (pull or ``containerd-load``, then ``ctr run``)."""
+                     background: bool | None = None, daemon: Path | None = None) -> Start:
+    """One containerd start (pull or ``containerd-load``, then ``ctr run``); ``daemon``: the socket of
+    a ``convstore daemon`` that runs ``containerd-load`` (else its own process)."""
     sock, stats = w / "snap" / "snapshotter.sock", w / "snap-stats.json"
     stats.unlink(missing_ok=True)
-    snap = None
+    snap = floor = None
+    load_env = {"CONVSTORE_DAEMON_SOCKET": str(daemon)} if daemon else {"CONVSTORE_DAEMON": "0"}
     if remote is not None:
         bg = [] if background is None else ["--background-fetch" if background else "--no-background-fetch"]
         snap = subprocess.Popen(remote + ["snapshotter", str(w / "snap" / "root"), "--socket", str(sock),
@@ -157,9 +174,13 @@ def containerd_round(w: Path, ref: str, image: str, remote: list[str] | None, pr
         if remote is None:
             pull = timed(["ctr", "-a", str(ctd.socket), "images", "pull", "--plain-http", ref])[0]
             run, out = timed(["ctr", "-a", str(ctd.socket), "run", "--rm", ref, "bench"])
+            before = (proxy.total(), proxy.bytes)
+            # the floor of containerd's own pull: the image is present and unpacked, nothing to fetch
+            again = timed(["ctr", "-a", str(ctd.socket), "images", "pull", "--plain-http", ref])[0]
+            floor = Start(again, run, 0, proxy.total() - before[0], proxy.bytes - before[1])
         else:
             pull = timed(remote + ["containerd-load", f"{image}:latest", "--address", str(ctd.socket),
-                                   "--name", ref])[0]
+                                   "--name", ref], load_env)[0]
             run, out = timed(["ctr", "-a", str(ctd.socket), "run", "--snapshotter", "convstore", "--rm", ref,
                               "bench"])
         requests, req_bytes = proxy.total(), proxy.bytes
@@ -173,7 +194,9 @@ def containerd_round(w: Path, ref: str, image: str, remote: list[str] | None, pr
             snap.wait(timeout=30)
         unmount_below(w)
         subprocess.run(["rm", "-rf", str(w / "containerd"), str(w / "snap")], check=False)
-    return Start(pull, run, fetched(stats) if remote is not None else 0, requests, req_bytes, local)
+    start = Start(pull, run, fetched(stats) if remote is not None else 0, requests, req_bytes, local)
+    start.floor = floor
+    return start
 
 
 def has_background_fetch() -> bool:
@@ -192,8 +215,16 @@ def table(results: dict[str, Any], image: str, blob_bytes: int) -> str:
         local_run = med([s["run"] for s in by_lat["0"]["plain"]])
         zero = {}
         for lat, kinds in by_lat.items():
-            rows = [("plain pull + run", kinds["plain"]), ("convstore, first start", kinds["lazy"][:1]),
+            rows = [("plain pull + run", kinds["plain"]),
+                    ("floor: the engine's pull of a present image + local run",
+                     [s["floor"] for s in kinds["plain"] if s.get("floor")]),
+                    ("convstore, first start", kinds["lazy"][:1]),
                     ("convstore, with profile", kinds["lazy"][1:])]
+            if kinds.get("daemon"):
+                rows.append(("convstore, with profile, containerd-load through `convstore daemon`", kinds["daemon"]))
+            if kinds.get("warm"):
+                rows.append(("convstore, with profile, chunks on the node (node cache of the previous start)",
+                             kinds["warm"]))
             if kinds.get("background"):
                 rows.append(("convstore, with profile, background fetch on", kinds["background"]))
             for name, starts in rows:
@@ -277,7 +308,13 @@ def main() -> None:
                     ref = f"{proxy.host}/{a.image}:latest"
                     remote = CS + ["--store", f"oci://{proxy.host}/convstore-{engine}-{ms}",
                                    "--insecure", "--key", f"file:{w / 'key'}"]
-                    kinds: dict[str, list[dict[str, Any]]] = {"plain": [], "lazy": [], "background": []}
+                    kinds: dict[str, list[dict[str, Any]]] = {"plain": [], "lazy": [], "background": [],
+                                                              "daemon": [], "warm": []}
+                    daemon = None
+                    if engine == "containerd":  # a node's `convstore daemon` (its own start not counted)
+                        daemon = w / f"daemon-{ms}" / "cli.sock"
+                        daemon.parent.mkdir(mode=0o700)
+                        timed(CS + ["daemon", "-b"], {"CONVSTORE_DAEMON_SOCKET": str(daemon)})
                     try:
                         for r in range(a.rounds):
                             print(f"{engine}, latency {ms} ms, round {r + 1}", file=sys.stderr)
@@ -293,6 +330,16 @@ def main() -> None:
                                 kinds["plain"].append(containerd_round(w, ref, a.image, None, proxy).to_json())
                                 kinds["lazy"].append(containerd_round(w, ref, a.image, remote + cache, proxy,
                                                                       bg).to_json())
+                                if r >= 1:  # with a profile, cold node cache, containerd-load in the daemon
+                                    kinds["daemon"].append(containerd_round(
+                                        w, ref, a.image, remote + ["--cache", str(w / f"cache-{engine}-{ms}-{r}d")],
+                                        proxy, bg, daemon).to_json())
+                            if r >= 1 and ms == 0:  # the same start again, its chunks in the node cache
+                                print(f"{engine}, latency {ms} ms, round {r + 1}, chunks local", file=sys.stderr)
+                                kinds["warm"].append((podman_round(w, ref, remote + cache, proxy, bg)
+                                                      if engine == "podman" else
+                                                      containerd_round(w, ref, a.image, remote + cache, proxy, bg)
+                                                      ).to_json())
                         if bg_supported:
                             print(f"{engine}, latency {ms} ms, background fetch on", file=sys.stderr)
                             cache = ["--cache", str(w / f"cache-{engine}-{ms}-bg")]
@@ -304,6 +351,10 @@ def main() -> None:
                                                                             proxy, True).to_json())
                     finally:
                         proxy.stop()
+                        if daemon is not None:
+                            subprocess.run(CS + ["daemon", "--stop"], env={**os.environ,
+                                                                          "CONVSTORE_DAEMON_SOCKET": str(daemon)},
+                                           capture_output=True, check=False)
                     results[engine][str(ms)] = kinds
         finally:
             reg.stop()

@@ -849,7 +849,7 @@ def containerd_load(
     policy: Optional[str] = _policy_option(),
 ) -> None:
     """Make an image of the store a containerd image whose layers come from `convstore snapshotter`, lazily."""
-    from .engines.snapshotter import load_into_containerd
+    from .engines.containerd_load import load_into_containerd
 
     got = load_into_containerd(_store(), ref, address, name=name, namespace=namespace, snapshotter=snapshotter_name,
                                policy=_policy(policy))
@@ -961,8 +961,9 @@ _PRELOAD = ("convstore.pack", "convstore.unpack", "convstore.maintenance", "conv
             "convstore.engines.run", "convstore.reader.fuse", "convstore.engines.layerstore", "convstore.stores.registry",
             "convstore.stores.cache", "convstore.worker", "rich.console", "rich.progress", "rich.table",
             "platformdirs")
-# ... and the remote stores' clients where installed (oras-py, and boto3: the aws extra)
-_PRELOAD_IF_INSTALLED = ("oras.provider", "boto3", "convstore.stores.s3")
+# ... and those of the extras where installed: the remote stores' clients (oras-py, and boto3: the aws extra),
+# containerd-load's (grpc and the message schema: the containerd extra)
+_PRELOAD_IF_INSTALLED = ("oras.provider", "boto3", "convstore.stores.s3", "convstore.engines.containerd_load", "grpc")
 
 
 @app.command()
@@ -1023,8 +1024,8 @@ def daemon(
     for name in _PRELOAD_IF_INSTALLED:
         try:
             importlib.import_module(name)
-        except ImportError:
-            pass
+        except (ImportError, ConvstoreError):
+            pass  # an extra not installed: its command fails as it would without the daemon
     from .stores.s3.client import warm_up
 
     warm_up()  # the S3 API's model, parsed once for every command

@@ -493,7 +493,8 @@ def test_snapshotter_and_containerd_load_apply_the_node_policy(tmp_path, signing
     """`convstore snapshotter` serves only accepted images' layers; `containerd-load` refuses before it
     writes anything to containerd (the address here does not even exist)."""
     from convstore.engines.layerstore import LayerMount, LayerStore
-    from convstore.engines.snapshotter import Snapshotter, load_into_containerd
+    from convstore.engines.containerd_load import load_into_containerd
+    from convstore.engines.snapshotter import Snapshotter
 
     _pack_signed_and_unsigned(tmp_path, signing, cli_env)
     store = convstore.Store.open(cli_env["CONVSTORE_STORE"], cli_env["CONVSTORE_KEY"], insecure=True)

@@ -26,6 +26,20 @@ except ImportError:
     raise ConvstoreError("the containerd snapshotter needs grpcio and protobuf: pip install 'convstore[containerd]'") \
         from None
 
+#: the label of containerd's remote-snapshot protocol: a Prepare carrying it names the layer (chain ID) wanted
+REF_LABEL = "containerd.io/snapshot.ref"
+
+
+def grpc_module() -> Any:
+    """grpc, imported on first use (the snapshotter and ``containerd-load``)."""
+    try:
+        import grpc
+    except ImportError:
+        raise ConvstoreError("the containerd snapshotter needs grpcio and protobuf: "
+                             "pip install 'convstore[containerd]'") from None
+    return grpc
+
+
 SNAPSHOTS = "containerd.services.snapshots.v1.Snapshots"
 IMAGES = "containerd.services.images.v1.Images"
 CONTENT = "containerd.services.content.v1.Content"

@@ -37,7 +37,6 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -54,8 +54,9 @@ from ..core.catalog import CatalogEntry
 from ..errors import ConvstoreError, ImageNotFound, StoreError
 from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
+from ..merge import MergedTree, layer_tree
 from ..metrics import ProcessMetrics, node_cache_of, origin_counters_of, reporting
-from ..oci.media import check_digest
+from ..oci.media import chain_ids, check_digest
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
 from ..paths import components
@@ -81,18 +82,13 @@ REVALIDATE_SECONDS = 10.0
 FULL_REVALIDATE_SECONDS = 300.0
 #: an image with no start-up profile has the chunks read in its first seconds recorded as one
 RECORD_SECONDS = 10.0
+#: a file of an image opened while its start-up profile is being read waits at most this long for it
+PROFILE_WAIT = 5.0
+#: the layer trees of this many images (the most recently read first) are built after each scan, in a
+#: thread, so an engine's first lookup of a layer (podman's pull) does not wait for it; others on first use
+PREBUILD_IMAGES = 16
 _GZIP = 2  # containers/storage's archive.Gzip (compression of the original blob)
 _COMPRESSION = {"gzip": _GZIP, "zstd": 4, "none": 0}
-
-
-def chain_ids(diff_ids: list[str]) -> list[tuple[str, str]]:
-    """(chain ID, parent chain ID or "") of each layer: the OCI names containerd gives layer snapshots."""
-    out, parent = [], ""
-    for d in diff_ids:
-        chain = d if not parent else "sha256:" + hashlib.sha256(f"{parent} {d}".encode()).hexdigest()
-        out.append((chain, parent))
-        parent = chain
-    return out
 
 
 @dataclass
@@ -124,6 +120,12 @@ class LayerStore:
         self._manifests: dict[str, tuple[CatalogEntry, Manifest, ChunkFetcher]] = {}
         self._trees: dict[str, ImageFS] = {}
         self._recording: dict[str, threading.Timer] = {}
+        self._opening = threading.Lock()  # one image opened at a time (outside _lock: it makes requests)
+        self._warming: set[str] = set()  # layers whose image is being opened ahead (warm)
+        self._queued: dict[str, threading.Event] = {}  # manifest digest -> set once its profile is queued
+        self._closed = False
+        #: (manifest digest, layer index) -> that layer's tree, built ahead from the scan's manifests (prebuild)
+        self._built: dict[tuple[str, int], Future[MergedTree]] = {}
         self._seen_refs: frozenset[str] | None = None  # the catalog's keys at the last look (watch)
 
     def scan(self) -> None:
@@ -135,6 +137,7 @@ class LayerStore:
         found: dict[str, _Layer] = {}
         chains: dict[str, tuple[str, str]] = {}
         loaded: list[Manifest] = []
+        served: list[tuple[CatalogEntry, Manifest]] = []
         for e in self.store.catalog.complete():
             if e.state != ACTIVE:
                 continue
@@ -146,6 +149,7 @@ class LayerStore:
                 log.warning("layer store: skipping %s: %s", e.ref, err)
                 continue
             loaded.append(m)
+            served.append((e, m))
             for lr, (digest, _), (chain, parent) in zip(m.layers, digests, chain_ids([d for _, d in digests])):
                 info = {"compressed-diff-digest": digest, "compressed-size": lr.size, "diff-digest": lr.diff_id,
                         "diff-size": lr.uncompressed_size, "compression": _COMPRESSION.get(lr.compression, 0)}
@@ -160,6 +164,9 @@ class LayerStore:
             self._chains = chains
             self._scanned = time.monotonic()
             dropped = self._drop_removed()
+            todo = self._plan_prebuild(served)
+        if todo:
+            threading.Thread(target=self._prebuild, args=(todo,), daemon=True, name="convstore-layers-prebuild").start()
         if dropped:
             live = {c.cid for m in loaded for c in m.chunks}
             for manifest, f in dropped:
@@ -167,6 +174,31 @@ class LayerStore:
                 for c in manifest.chunks:  # the node cache keeps only what a served image still uses
                     if c.cid not in live:
                         self.store.chunk_store.evict(c.cid)
+
+    def _plan_prebuild(self, served: list[tuple[CatalogEntry, Manifest]]
+                       ) -> list[tuple[Manifest, int, Future[MergedTree]]]:
+        """The layer trees to build ahead (under the lock): those of the ``PREBUILD_IMAGES`` images read
+        most recently; trees of images no longer served are forgotten."""
+        keep = sorted(served, key=lambda em: -em[0].last_read)[:PREBUILD_IMAGES]
+        want = {(e.manifest_digest or "", i): (m, i) for e, m in keep for i in range(len(m.layers))}
+        for key in [k for k in self._built if k not in want]:
+            del self._built[key]
+        todo = []
+        for key, (m, i) in want.items():
+            if key not in self._built:
+                fut: Future[MergedTree] = Future()
+                self._built[key] = fut
+                todo.append((m, i, fut))
+        return todo
+
+    @staticmethod
+    def _prebuild(todo: list[tuple[Manifest, int, Future[MergedTree]]]) -> None:
+        for m, i, fut in todo:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(layer_tree(m.layers[i].entries, i))
+                except BaseException as e:  # noqa: BLE001  tree() meets it (a hostile tree is refused there)
+                    fut.set_exception(e)
 
     def _drop_removed(self) -> list[tuple[Manifest, ChunkFetcher]]:
         """Forget the trees and fetchers of images no longer ACTIVE here (removed, packed again, FAILED):
@@ -183,6 +215,7 @@ class LayerStore:
             if timer is not None:
                 timer.cancel()
             _entry, manifest, fetcher = self._manifests.pop(key)
+            self._queued.pop(key, None)
             dropped.append((manifest, fetcher))
             log.info("layer store: no longer serving %s (removed or replaced)", key)
         return dropped
@@ -245,7 +278,9 @@ class LayerStore:
             return list(self._layers)
 
     def tree(self, digest: str) -> ImageFS:
-        """The layer's ``diff/`` tree (built on first use; the image's read is recorded then)."""
+        """The layer's ``diff/`` tree (built on first use; the image's read is recorded then).  The image
+        is opened (catalog entry, manifest, start-up profile: requests to the store) outside the index's
+        lock, so lookups of other layers and the snapshotter's calls do not wait for it."""
         with self._lock:
             fs = self._trees.get(digest)
             if fs is not None:
@@ -254,36 +289,112 @@ class LayerStore:
             if lay is None:
                 raise ImageNotFound(f"layer {digest} is no longer in the store")
             got = self._manifests.get(lay.entry.manifest_digest or "")
-            if got is None:
-                entry, manifest = self.store.open_image(lay.entry.ref)  # the read gate: a read is recorded
-                require_policy(self.policy, manifest, str(entry.ref))  # packed again since the scan: check again
-                key = entry.manifest_digest or ""  # the image may have been packed again since the scan
-                got = self._manifests.get(key)
-                if got is None:
-                    fetcher = ChunkFetcher(self.store.chunks, manifest, cache=self.cache)
-                    got = self._manifests[key] = (entry, manifest, fetcher)
-                    self.metrics.add_image(str(entry.ref), fetcher, manifest)
-                    self._start_profile(key, entry, fetcher)
-            index = next((i for i, lr in enumerate(got[1].layers) if lr.digest == digest), None)
-            if index is None:
-                raise ImageNotFound(f"layer {digest} is no longer in {got[0].ref}")
-            fs = ImageFS(got[1], got[2], PREFETCH_ON_OPEN, layer=index)
-            fs.entry = got[0]
-            self._trees[digest] = fs
-            return fs
+        if got is None:
+            got = self._open(lay.entry)
+        index = next((i for i, lr in enumerate(got[1].layers) if lr.digest == digest), None)
+        if index is None:
+            raise ImageNotFound(f"layer {digest} is no longer in {got[0].ref}")
+        with self._lock:
+            built = self._built.get((got[0].manifest_digest or "", index))
+        fs = ImageFS(got[1], got[2], PREFETCH_ON_OPEN, layer=index, tree=built.result() if built else None)
+        fs.entry = got[0]
+        with self._lock:
+            return self._trees.setdefault(digest, fs)
 
-    def _start_profile(self, key: str, entry: CatalogEntry, fetcher: ChunkFetcher) -> None:
-        """The image's start-up profile (as ``convstore run`` records and uses
-        it) prefetched in coalesced batches when there is one, then the rest of
-        the image in the background; what this start reads in its first
-        seconds is recorded and merged into the profile."""
-        profile = self.store.manifests.load_profile(entry)
-        self._background[key] = start_fetching(fetcher, profile, self.background, str(entry.ref))
+    def _open(self, scanned: CatalogEntry) -> tuple[CatalogEntry, Manifest, ChunkFetcher]:
+        """The image ``scanned`` names, opened once (one open at a time: two first lookups of its layers
+        share it), its start-up profile's prefetch started."""
+        with self._opening:
+            with self._lock:
+                got = self._manifests.get(scanned.manifest_digest or "")
+            if got is not None:
+                return got
+            # the profile (one request) is read while the read gate reads the catalog entry (another)
+            profile: Future[list[tuple[int, int]] | None] = Future()
+            threading.Thread(target=self._read_profile, args=(scanned, profile), daemon=True,
+                             name="convstore-layers-profile").start()
+            entry, manifest = self.store.open_image(scanned.ref)  # the read gate: a read is recorded
+            require_policy(self.policy, manifest, str(entry.ref))  # packed again since the scan: check again
+            key = entry.manifest_digest or ""  # the image may have been packed again since the scan
+            with self._lock:
+                got = self._manifests.get(key)
+            if got is None:
+                fetcher = ChunkFetcher(self.store.chunks, manifest, cache=self.cache)
+                got = (entry, manifest, fetcher)
+                queued = threading.Event()
+                with self._lock:
+                    self._manifests[key] = got
+                    self._queued[key] = queued
+                    self.metrics.add_image(str(entry.ref), fetcher, manifest)
+                    self._start_recording(key, fetcher)
+                # the profile (a request) is read and queued in a thread: the engine's lookup returns
+                # now; a file of the image is opened only once it is queued (wait_profile)
+                if entry.manifest_digest != scanned.manifest_digest:
+                    profile = Future()  # packed again since the scan: the new version's profile
+                    threading.Thread(target=self._read_profile, args=(entry, profile), daemon=True,
+                                     name="convstore-layers-profile").start()
+                threading.Thread(target=self._start_profile, args=(key, entry, fetcher, profile, queued),
+                                 daemon=True, name="convstore-layers-prefetch").start()
+            return got
+
+    def wait_profile(self, fs: ImageFS, timeout: float = PROFILE_WAIT) -> None:
+        """Until the start-up profile of ``fs``'s image is queued (its chunks claimed by coalesced
+        fetches), so a file read does not fetch a profile chunk alone first."""
+        with self._lock:
+            queued = self._queued.get(getattr(fs.entry, "manifest_digest", None) or "")
+        if queued is not None and not queued.wait(timeout):
+            log.warning("layer store: the start-up profile of %s is not queued after %g s; reading on", fs.entry,
+                        timeout)
+
+    def warm(self, digest: str) -> None:
+        """Open the image that serves layer ``digest`` now, in a thread, unless it is open: its start-up
+        profile's prefetch then overlaps the engine's own set-up (a containerd Prepare of the layer, podman
+        looking the layer up while it pulls) instead of starting at the first file the container reads."""
+        with self._lock:
+            if digest in self._trees or digest in self._warming or digest not in self._layers:
+                return
+            self._warming.add(digest)
+
+        def go() -> None:
+            try:
+                self.tree(digest)
+            except ConvstoreError as e:  # a lookup of the layer meets it again, and says so
+                log.warning("layer store: cannot open the image of layer %s ahead: %s", digest, e)
+            finally:
+                with self._lock:
+                    self._warming.discard(digest)
+
+        threading.Thread(target=go, daemon=True, name="convstore-layers-warm").start()
+
+    def _start_recording(self, key: str, fetcher: ChunkFetcher) -> None:
+        """What this start reads in its first seconds is recorded and merged
+        into the image's profile.  Under the lock."""
         fetcher.start_recording()
         timer = threading.Timer(RECORD_SECONDS, self._save_profile, args=(key,))
         timer.daemon = True
         self._recording[key] = timer
         timer.start()
+
+    def _read_profile(self, entry: CatalogEntry, out: Future[list[tuple[int, int]] | None]) -> None:
+        """``entry``'s start-up profile into ``out`` (None: none, or unreadable: it is a hint)."""
+        try:
+            out.set_result(self.store.manifests.load_profile(entry))
+        except Exception as e:  # noqa: BLE001  the start goes on without it
+            log.warning("layer store: cannot read the start-up profile of %s: %s", entry.ref, e)
+            out.set_result(None)
+
+    def _start_profile(self, key: str, entry: CatalogEntry, fetcher: ChunkFetcher,
+                       read: Future[list[tuple[int, int]] | None], queued: threading.Event) -> None:
+        """The image's start-up profile (as ``convstore run`` records and uses
+        it) prefetched in coalesced batches when there is one, then the rest of
+        the image in the background; ``queued`` is set once its fetches are."""
+        try:
+            profile = read.result()
+            with self._lock:
+                if not self._closed and self._manifests.get(key, (None, None, None))[2] is fetcher:  # not dropped
+                    self._background[key] = start_fetching(fetcher, profile, self.background, str(entry.ref))
+        finally:
+            queued.set()
 
     def _save_profile(self, key: str) -> None:
         with self._lock:
@@ -320,6 +431,7 @@ class LayerStore:
             timer.cancel()
             self._save_profile(key)
         with self._lock:
+            self._closed = True  # a profile still being read queues nothing on a closed fetcher
             for _, _, f in self._manifests.values():
                 f.close()
         self.metrics.close()
@@ -424,6 +536,7 @@ class LayerStoreOperations(ImageOperations):
     def open(self, path: str, flags: int) -> int:
         parts = self._split(path)
         if self._is_tree(parts):
+            self.layers.wait_profile(self._target(path)[0])
             return super().open(path, flags)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise mfusepy.FuseOSError(errno.EROFS)
@@ -432,6 +545,7 @@ class LayerStoreOperations(ImageOperations):
         data = self._synthetic(parts)
         if data is None:
             raise mfusepy.FuseOSError(errno.EISDIR)
+        self.layers.warm(parts[1])  # the engine reads the layer's info (pulling it): open its image now
         return self._new_handle(data)
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:

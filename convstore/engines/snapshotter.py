@@ -20,7 +20,8 @@ containerd then finds the committed target by the label and skips the
 layer, never fetching its blob.  containerd's own pull-and-unpack (CRI,
 nerdctl, Go clients) sends that label for every layer; ``ctr images pull``
 in containerd 1.6 does not (it fetches every blob, then unpacks without the
-label), so :func:`load_into_containerd` (``convstore containerd-load``) does
+label), so :func:`~convstore.engines.containerd_load.load_into_containerd`
+(``convstore containerd-load``) does
 those calls itself: it writes the image's manifest and config into
 containerd's content store, prepares each layer by its chain ID, and
 creates the image record.  ``ctr run --snapshotter convstore`` then finds
@@ -34,7 +35,6 @@ snapshots' files in ``ROOT/snapshots/<id>/{fs,work}``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -47,20 +47,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import ConvstoreError
-from ..oci.policy import Policy
-from ..oci.policy import require as require_policy
-from ..core.repository import Repository
 from ..reader.fuse import mount_answers
 from ..service import sdnotify
 from . import containerd_api as api
+from .containerd_api import REF_LABEL, grpc_module
 from .ctrfilter import FilterError, Subject, parse_all
 from ..metrics import reporting
-from .layerstore import LayerMount, LayerStore, chain_ids
+from .layerstore import LayerMount, LayerStore
 from .snapmeta import MAX_KEY, Snap, SnapshotDB, label_problem
 
 log = logging.getLogger(__name__)
 
-REF_LABEL = "containerd.io/snapshot.ref"
 REMOTE_LABEL = "containerd.io/snapshot/convstore.layer"  # set on a committed convstore layer: its blob digest
 
 
@@ -77,15 +74,6 @@ def _reserved(label: str) -> bool:
     return label == REF_LABEL or label.startswith(RESERVED_PREFIX)
 
 
-def _grpc() -> Any:
-    try:
-        import grpc
-    except ImportError:
-        raise ConvstoreError("the containerd snapshotter needs grpcio and protobuf: "
-                             "pip install 'convstore[containerd]'") from None
-    return grpc
-
-
 class SnapshotError(Exception):
     def __init__(self, code: Any, msg: str) -> None:
         super().__init__(msg)
@@ -97,7 +85,7 @@ class Snapshotter:
     (mounted while the snapshotter is in a ``with``; closed with it)."""
 
     def __init__(self, root: str, layers: LayerMount) -> None:
-        self._grpc = _grpc()
+        self._grpc = grpc_module()
         self.root = os.path.abspath(root)
         if "," in self.root or ":" in self.root:
             raise ConvstoreError(f"snapshotter root {self.root!r}: ',' and ':' would split overlay mount options")
@@ -261,6 +249,8 @@ class Snapshotter:
             labels = self._client_labels(req.labels)
             target = req.labels.get(REF_LABEL, "")
             if target and self._remote_target(target, req.parent):
+                # an engine is about to use the image: open it and start its profile's prefetch now
+                self.layers.warm(self._snaps[target].remote)
                 raise self._err("ALREADY_EXISTS", f"target snapshot {target!r}: a convstore layer")
             return api.PrepareSnapshotResponse(mounts=self._new(req.key, req.parent, labels, api.ACTIVE))
 
@@ -427,7 +417,7 @@ def serve_snapshotter(layers: LayerStore, root: str, socket_path: str, stats_fil
     reported on ``metrics_address`` and in ``stats_file`` as the layer store does."""
     import signal
 
-    grpc = _grpc()
+    grpc = grpc_module()
     import socket
 
     os.makedirs(os.path.dirname(os.path.abspath(socket_path)), mode=0o700, exist_ok=True)
@@ -472,81 +462,3 @@ def _socket_answers(path: str) -> bool:
         except OSError:
             return False
     return True
-
-
-def load_into_containerd(store: Repository, ref: str, address: str, *, name: str | None = None,
-                         namespace: str = "default", snapshotter: str = "convstore",
-                         policy: Policy | None = None) -> str:
-    """Make image ``ref`` of ``store`` an image of the containerd at
-    ``address`` whose layers are the convstore snapshotter's (registered as
-    ``snapshotter``): no layer blob is written or fetched.  Returns the
-    image name in containerd: ``name``, else the registry reference the
-    image was packed from, else ``convstore.local/NAME:TAG``."""
-    grpc = _grpc()
-    entry, manifest = store.open_image(ref)
-    require_policy(policy, manifest, ref)  # the node's trust policy
-    mbytes = manifest.source_manifest_bytes
-    mdigest = "sha256:" + hashlib.sha256(mbytes).hexdigest()
-    source = str(manifest.source.get("ref") or "")
-    image_name = name or (source.removeprefix("docker://") if source.startswith("docker://")
-                          else f"convstore.local/{entry.ref}")
-    meta = (("containerd-namespace", namespace),)
-    with grpc.insecure_channel(f"unix://{os.path.abspath(address)}") as ch:
-        def call(service: str, method: str, req: Any, resp: Any) -> Any:
-            fn = ch.unary_unary(f"/{service}/{method}", request_serializer=lambda m: m.SerializeToString(),
-                                response_deserializer=resp.FromString)
-            return fn(req, metadata=meta, timeout=60)
-
-        write = ch.stream_stream(f"/{api.CONTENT}/Write", request_serializer=lambda m: m.SerializeToString(),
-                                 response_deserializer=api.WriteContentResponse.FromString)
-        try:
-            chains = [c for c, _ in chain_ids([lr.diff_id for lr in manifest.layers])]
-            # containerd's garbage collector keeps an image's snapshots through this label on its config
-            gc_label = f"containerd.io/gc.ref.snapshot.{snapshotter}"
-            for data, digest, labels in (
-                    (manifest.config_bytes, manifest.config_digest, {gc_label: chains[-1]} if chains else {}),
-                    (mbytes, mdigest, {"containerd.io/gc.ref.content.config": manifest.config_digest})):
-                req = api.WriteContentRequest(action=api.COMMIT, ref=f"convstore-load-{digest}", total=len(data),
-                                              expected=digest, offset=0, data=data, labels=labels)
-                try:
-                    for _ in write(iter([req]), metadata=meta, timeout=60):
-                        pass
-                except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.ALREADY_EXISTS:
-                        raise
-                    call(api.CONTENT, "Update", api.ContentUpdateRequest(
-                        info=api.ContentInfo(digest=digest, labels=labels),
-                        update_mask={"paths": [f"labels.{k}" for k in labels]}), api.ContentUpdateResponse)
-            parent = ""
-            for layer, chain in zip(manifest.layers, chains):
-                try:
-                    call(api.SNAPSHOTS, "Stat", api.StatSnapshotRequest(snapshotter=snapshotter, key=chain),
-                         api.StatSnapshotResponse)
-                except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.NOT_FOUND:
-                        raise
-                    key = f"convstore-load-{secrets.token_hex(6)} {chain}"
-                    try:
-                        call(api.SNAPSHOTS, "Prepare", api.PrepareSnapshotRequest(
-                            snapshotter=snapshotter, key=key, parent=parent, labels={REF_LABEL: chain}),
-                            api.PrepareSnapshotResponse)
-                    except grpc.RpcError as e2:
-                        if e2.code() != grpc.StatusCode.ALREADY_EXISTS:
-                            raise
-                    else:  # the snapshotter does not hold this layer: undo, and say so
-                        call(api.SNAPSHOTS, "Remove", api.RemoveSnapshotRequest(snapshotter=snapshotter, key=key),
-                             api.Empty)
-                        raise ConvstoreError(f"snapshotter {snapshotter!r} did not provide layer {layer.digest} "
-                                             f"of {entry.ref} (is it convstore's, on the same store?)")
-                parent = chain
-            img = api.Image(name=image_name, target=api.Descriptor(
-                media_type=manifest.source_manifest_media_type, digest=mdigest, size=len(mbytes)))
-            try:
-                call(api.IMAGES, "Create", api.CreateImageRequest(image=img), api.CreateImageResponse)
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.ALREADY_EXISTS:
-                    raise
-                call(api.IMAGES, "Update", api.UpdateImageRequest(image=img), api.UpdateImageResponse)
-        except grpc.RpcError as e:
-            raise ConvstoreError(f"containerd at {address}: {e.code().name}: {e.details()}") from None
-    return image_name

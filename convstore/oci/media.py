@@ -66,6 +66,16 @@ def check_digest(digest: object) -> str:
     return digest
 
 
+def chain_ids(diff_ids: list[str]) -> list[tuple[str, str]]:
+    """(chain ID, parent chain ID or "") of each layer: the OCI names containerd gives layer snapshots."""
+    out, parent = [], ""
+    for d in diff_ids:
+        chain = d if not parent else "sha256:" + hashlib.sha256(f"{parent} {d}".encode()).hexdigest()
+        out.append((chain, parent))
+        parent = chain
+    return out
+
+
 def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 

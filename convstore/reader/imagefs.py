@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import ConvstoreError
 from ..manifest import Manifest
-from ..merge import Node, layer_tree, merge_layers
+from ..merge import MergedTree, Node, layer_tree, merge_layers
 from ..paths import MAX_LINKS, components
 from ..core.catalog import CatalogEntry
 from ..core.repository import Repository
@@ -59,9 +59,11 @@ class ImageFS:
     """A read-only filesystem over one stored image."""
 
     def __init__(self, manifest: Manifest, fetcher: ChunkFetcher, prefetch_on_open: int = 0,
-                 layer: int | None = None):
+                 layer: int | None = None, tree: MergedTree | None = None):
         """The image's merged root filesystem; or, with ``layer``, that layer
-        alone as an overlayfs lower directory (whiteouts in overlay form)."""
+        alone as an overlayfs lower directory (whiteouts in overlay form).
+        ``tree``: that layer's :func:`~convstore.merge.layer_tree` of this
+        manifest, built ahead (the layer store's), else it is built here."""
         self.manifest = manifest
         self.fetcher = fetcher
         #: files up to this size are fetched whole, in parallel, when opened
@@ -69,7 +71,7 @@ class ImageFS:
         self.entry: CatalogEntry | None = None
         if layer is None:
             tree = merge_layers([lr.entries for lr in manifest.layers])  # the one layer merge (refuses hostile trees)
-        else:
+        elif tree is None:
             tree = layer_tree(manifest.layers[layer].entries, layer)
         self.root = tree.root
         self.warnings = tree.warnings
