@@ -154,10 +154,24 @@ def _recv(sock: _socket.socket) -> dict[str, Any]:
     (n,) = _LEN.unpack(recv_exact(sock, _LEN.size))
     if n > MAX_MESSAGE:
         raise ValueError("message too large")
-    doc = json.loads(recv_exact(sock, n))
+    return _doc(recv_exact(sock, n))
+
+
+def _doc(body: bytes) -> dict[str, Any]:
+    doc = json.loads(body)
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     return doc
+
+
+def _framed(buf: bytearray) -> dict[str, Any] | None:
+    """The message in ``buf`` if it has all arrived, else None (the keeper never blocks on one client)."""
+    if len(buf) < _LEN.size:
+        return None
+    (n,) = _LEN.unpack(buf[:_LEN.size])
+    if n > MAX_MESSAGE:
+        raise ValueError("message too large")
+    return _doc(bytes(buf[_LEN.size:_LEN.size + n])) if len(buf) >= _LEN.size + n else None
 
 
 class Lease:
@@ -383,6 +397,7 @@ class _Conn:
         self.sock, self.nonce = sock, nonce
         self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         self.leased = False
+        self.buf = bytearray()  # its request so far: read as it comes, never waited for
 
 
 def _keeper(store: Repository, entry: CatalogEntry, manifest: Manifest, key: bytes, keep_seconds: float,
@@ -584,7 +599,13 @@ def _serve(store: Repository, entry: CatalogEntry, key: bytes, digest: str, keep
                     drop(c)
                     continue
                 try:
-                    req = _recv(c.sock)
+                    part = c.sock.recv(MAX_MESSAGE)  # readable: does not block
+                    if not part:
+                        raise EOFError
+                    c.buf += part
+                    req = _framed(c.buf)
+                    if req is None:
+                        continue  # more to come, before its deadline
                     theirs = bytes.fromhex(str(req["nonce"]))
                     ref, op = str(req["ref"]), req.get("op")
                     if len(theirs) != NONCE or op not in ("run", "status"):

@@ -1,0 +1,62 @@
+"""Attacks on kept image mounts (convstore.engines.keeper): real FUSE and runc, as root.
+
+Each test is a liar against a kept mount or its keeper, and fails on the code before its fix
+("keeper attack N" commits): a client that speaks slowly to hold the keeper's only thread, ..."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from convstore.engines import keeper
+from test_run_keep import _image_key, _keeper_pid, _mounts, _run, _wait, kept  # noqa: F401 - kept: the fixture
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="convstore run needs root (FUSE, runc)")
+
+
+def _socket_of(keep: Path) -> str:
+    (sock,) = keep.glob("*.sock")
+    return str(sock)
+
+
+def test_a_client_that_drips_its_request_does_not_hold_the_keeper(tmp_path: Path, kept: dict) -> None:
+    """Attack 1: a client that sends its request a byte at a time (each within the socket timeout) held
+    the keeper's single thread in a blocking read: no other run was served, and the keeper ignored its
+    idle time, ``rm`` and ``daemon --stop`` for as long as the client kept dripping."""
+    keep = tmp_path / "keep"
+    _run(kept, "--keep-mount", "1m", "img:1")
+    key, store_id, digest = _image_key(tmp_path, "img:1")
+    liar = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    liar.connect(_socket_of(keep))
+    liar.recv(len(keeper.MAGIC) + 1 + keeper.NONCE)
+    liar.sendall((1000).to_bytes(4, "big"))  # announces 1000 bytes, sends them one by one
+    stop, dropped = threading.Event(), threading.Event()
+
+    def drip() -> None:
+        while not stop.is_set():
+            try:
+                liar.send(b" ")
+            except OSError:
+                dropped.set()  # the keeper closed it
+                return
+            stop.wait(keeper.HANDSHAKE_TIMEOUT / 4)  # the attack's pace: well inside a recv timeout
+
+    t = threading.Thread(target=drip, daemon=True)
+    t.start()
+    try:
+        # an honest client is served while the liar drips
+        for _ in range(3):
+            with keeper.attach(key, store_id, "img:1", digest, op="status") as lease:
+                assert lease.runs == 1
+        # and the liar is dropped once its handshake time is over
+        _wait(dropped.is_set, "the keeper to drop the dripping client", timeout=keeper.HANDSHAKE_TIMEOUT * 4)
+    finally:
+        stop.set()
+        t.join()
+        liar.close()
+    assert _keeper_pid(keep) > 0 and len(_mounts(keep)) == 1
