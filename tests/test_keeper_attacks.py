@@ -1,7 +1,8 @@
 """Attacks on kept image mounts (convstore.engines.keeper): real FUSE and runc, as root.
 
 Each test is a liar against a kept mount or its keeper, and fails on the code before its fix
-("keeper attack N" commits): a client that speaks slowly to hold the keeper's only thread, ..."""
+("keeper attack N" commits): a client that speaks slowly to hold the keeper's only thread; a reader of the keep directory
+after ``rm`` + ``gc`` ..."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import convstore
+from conftest import run_cli
 from convstore.engines import keeper
 from test_run_keep import _image_key, _keeper_pid, _mounts, _run, _wait, kept  # noqa: F401 - kept: the fixture
 
@@ -60,3 +63,26 @@ def test_a_client_that_drips_its_request_does_not_hold_the_keeper(tmp_path: Path
         t.join()
         liar.close()
     assert _keeper_pid(keep) > 0 and len(_mounts(keep)) == 1
+
+
+def test_the_cached_manifest_head_is_not_plaintext_on_disk(tmp_path: Path, kept: dict) -> None:
+    """Attack 2: the manifest head cache (``<id>.head``) held the image's config (Env, Cmd, labels), source
+    manifest, layer digests and signatures in plaintext, MAC'd only; a keeper that had gone idle before
+    ``rm`` + ``gc`` left it there for good: the decrypted metadata of an image the store no longer has."""
+    keep = tmp_path / "keep"
+    _run(kept, "--keep-mount", "1s", "img:1")
+    s = convstore.Store.open(str(tmp_path / "store"), f"file:{tmp_path / 'key'}")
+    entry = s.catalog.entry("img:1")
+    key = s.manifests.keep_key(entry)
+    head = keeper.load_head(key, s.manifests.ident.id, entry)  # the cache is there and used
+    assert head is not None and head.name == "img"
+    secrets = [head.config_bytes, b"echo hello", head.layers[0].digest.encode(), head.layers[0].diff_id.encode(),
+               head.config_bytes[:40]]
+    _wait(lambda: not _mounts(keep) and not list(keep.glob("*.sock")), "the keeper to go idle and exit")
+    run_cli(kept, "rm", "img:1")
+    run_cli(kept, "gc")
+    left = {p.name: p.read_bytes() for p in keep.iterdir() if p.is_file()}
+    assert any(n.endswith(".head") for n in left)  # what this test is about: the cache outlived the image
+    for name, data in left.items():
+        for secret in secrets:
+            assert secret not in data, f"{name} holds the removed image's plaintext {secret[:40]!r}"

@@ -196,10 +196,20 @@ def _paths(store_id: str, digest: str) -> tuple[str, str, str, str]:
     return d, os.path.join(d, kid + ".sock"), os.path.join(d, kid + ".root"), os.path.join(d, kid + ".lock")
 
 
+def _head_seal(key: bytes, store_id: str, digest: str) -> tuple[bytes, bytes]:
+    """The AES-256-GCM key and associated data of an image's cached head (format ``head`` v1): a key of
+    its own, derived from the image's keep key, so the file is sealed like the manifest it comes from."""
+    from blake3 import blake3
+
+    return (blake3(key, derive_key_context="convstore v1 kept mount head").digest(),
+            f"convstore keep head v1\0{store_id}\0{digest}".encode())
+
+
 def load_head(key: bytes, store_id: str, entry: CatalogEntry) -> Manifest | None:
     """The head of ``entry``'s manifest (:meth:`Manifest.decode` ``head_only``) as an earlier run of this
-    user cached it in the keep directory, if its MAC under ``key`` (the image's :meth:`keep_key`) holds
-    for this store and digest; else None (the caller decodes the manifest)."""
+    user cached it in the keep directory, if it unseals under ``key`` (the image's :meth:`keep_key`) for
+    this store and digest; else None (the caller decodes the manifest)."""
+    from ..crypto import unseal
     from ..manifest import Manifest
 
     digest = str(entry.manifest_digest)
@@ -215,27 +225,27 @@ def load_head(key: bytes, store_id: str, entry: CatalogEntry) -> Manifest | None
             os.close(fd)
     except (OSError, KeptMountUnusable):
         return None
-    mac, body = data[:64], data[64:]
-    if not mac.isascii() or not hmac.compare_digest(mac.decode(), _mac(key, "head", store_id, digest, body)):
-        return None
     try:
-        m = Manifest.decode(body, head_only=True)
+        m = Manifest.decode(unseal(data, *_head_seal(key, store_id, digest), "cached manifest head"),
+                            head_only=True)
     except ConvstoreError:
         return None
     return m if m.name == entry.ref.name else None
 
 
 def save_head(key: bytes, store_id: str, entry: CatalogEntry, head: Manifest) -> None:
-    """Cache a manifest head for :func:`load_head` (0600, in the keep directory; best effort)."""
+    """Cache a manifest head for :func:`load_head` (sealed, 0600, in the keep directory; best effort)."""
+    from ..crypto import seal
+
     digest = str(entry.manifest_digest)
     path = _head_path(store_id, digest)
-    body = head.encode()
+    sealed = seal(head.encode(), *_head_seal(key, store_id, digest))
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         _check_private(os.path.dirname(path), create=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, _mac(key, "head", store_id, digest, body).encode() + body)
+            os.write(fd, sealed)
         finally:
             os.close(fd)
         os.replace(tmp, path)
