@@ -86,3 +86,41 @@ def test_the_cached_manifest_head_is_not_plaintext_on_disk(tmp_path: Path, kept:
     for name, data in left.items():
         for secret in secrets:
             assert secret not in data, f"{name} holds the removed image's plaintext {secret[:40]!r}"
+
+
+def test_many_connections_at_once_do_not_kill_the_keeper(tmp_path: Path, kept: dict) -> None:
+    """Attack 3: the keeper waited with select(2), which cannot watch a descriptor above 1023: a client
+    of the user that opened ~1100 connections at once (the keeper accepts each one) made it raise, and
+    the keeper exited, unmounting its image under the containers running on it."""
+    keep = tmp_path / "keep"
+    _run(kept, "--keep-mount", "1m", "img:1")
+    pid = _keeper_pid(keep)
+    key, store_id, digest = _image_key(tmp_path, "img:1")
+    path = _socket_of(keep)
+    held = []
+    try:
+        for _ in range(1100):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.settimeout(10)
+            held.append(c)
+            deadline = time.monotonic() + 10
+            while True:  # the listen backlog is full until the keeper accepts: a bounded retry
+                try:
+                    c.connect(path)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the keeper stopped accepting"
+                    time.sleep(0.001)
+                except (FileNotFoundError, ConnectionRefusedError):
+                    (log,) = keep.glob("*.log")
+                    pytest.fail(f"the keeper died after {len(held)} connections: {log.read_text()[-300:]}")
+        # the keeper has accepted (and greeted) every one of them: its descriptors went past 1023
+        for c in held[-3:]:
+            assert c.recv(len(keeper.MAGIC)) == keeper.MAGIC
+    finally:
+        for c in held:
+            c.close()
+    # still there, still serving
+    with keeper.attach(key, store_id, "img:1", digest, op="status") as lease:
+        assert lease.pid == pid and lease.runs == 1
+    assert len(_mounts(keep)) == 1

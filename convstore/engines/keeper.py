@@ -580,7 +580,7 @@ def _serve(store: Repository, entry: CatalogEntry, key: bytes, digest: str, keep
             waits.append(keep_seconds - (now - idle_since))
         waits += [c.deadline - now for c in conns.values() if not c.leased]
         fds = [wake, *conns] + ([listener.fileno()] if accepting else [])
-        readable = select.select(fds, [], [], max(0.0, min(waits)))[0]
+        readable = _readable(fds, max(0.0, min(waits)))
         for fd in readable:
             if fd == wake:
                 try:
@@ -654,6 +654,15 @@ def _serve(store: Repository, entry: CatalogEntry, key: bytes, digest: str, keep
         now = time.monotonic()
         for c in [c for c in conns.values() if not c.leased and c.deadline <= now]:
             drop(c)  # silent too long mid-handshake
+
+
+def _readable(fds: list[int], timeout: float) -> list[int]:
+    """Which of ``fds`` can be read (or hung up) within ``timeout`` s: poll(2), which, unlike select(2),
+    has no limit on descriptor numbers (a keeper holds one per connection)."""
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    return [fd for fd, _ in p.poll(timeout * 1000)]
 
 
 def stop_keepers(wait: float = 10.0) -> int:
