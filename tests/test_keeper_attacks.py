@@ -124,3 +124,25 @@ def test_many_connections_at_once_do_not_kill_the_keeper(tmp_path: Path, kept: d
     with keeper.attach(key, store_id, "img:1", digest, op="status") as lease:
         assert lease.pid == pid and lease.runs == 1
     assert len(_mounts(keep)) == 1
+
+
+def _profiles(store: Path, digest: str) -> list[Path]:
+    return [p for p in store.rglob("*") if p.name.startswith(digest.split(":", 1)[1]) and "profiles" in p.parts]
+
+
+def test_a_keeper_writes_nothing_to_the_store_for_a_removed_image(tmp_path: Path, kept: dict) -> None:
+    """Attack 4: a keeper whose image was removed and collected while a run held its mount merged what
+    that run read into the image's start-up profile when it ended, and at exit: a new sealed object
+    (``profiles/<digest>``) for an image ``rm`` + ``gc`` had just taken out of the store."""
+    keep, store = tmp_path / "keep", tmp_path / "store"
+    _run(kept, "--keep-mount", "1m", "img:1")
+    key, store_id, digest = _image_key(tmp_path, "img:1")
+    with keeper.attach(key, store_id, "img:1", digest) as lease:  # a run on the kept mount
+        for name in ("usr/bin/ls", "usr/bin/cat", "usr/lib/os-release"):
+            assert (Path(lease.root) / name).read_bytes()  # what this run reads: recorded by the keeper
+        run_cli(kept, "rm", "img:1")
+        run_cli(kept, "gc")
+        assert not _profiles(store, digest)  # gc took the image's profile with it
+    _wait(lambda: not _mounts(keep) and not list(keep.glob("*.sock")), "the keeper of the removed image to exit",
+          timeout=keeper.CHECK_INTERVAL + 15)
+    assert not _profiles(store, digest), "the keeper wrote a profile of the removed image into the store"

@@ -450,6 +450,8 @@ def _keeper(store: Repository, entry: CatalogEntry, manifest: Manifest, key: byt
     def save_profile() -> None:
         recorded = fs.fetcher.stop_recording()
         fs.fetcher.start_recording()
+        if not _image_present(store, digest):
+            return  # removed (and maybe collected): nothing of it goes back into the store
         try:
             save_start(store, entry, recorded)
         except (ConvstoreError, OSError) as e:
