@@ -146,3 +146,28 @@ def test_a_keeper_writes_nothing_to_the_store_for_a_removed_image(tmp_path: Path
     _wait(lambda: not _mounts(keep) and not list(keep.glob("*.sock")), "the keeper of the removed image to exit",
           timeout=keeper.CHECK_INTERVAL + 15)
     assert not _profiles(store, digest), "the keeper wrote a profile of the removed image into the store"
+
+
+def test_daemon_stop_stops_the_keepers_of_a_daemon_already_gone(tmp_path: Path, kept: dict) -> None:
+    """Attack 5: ``convstore daemon --stop`` stopped this user's keepers only when a daemon answered: the
+    keepers of a daemon that was stopped with SIGTERM (which leaves them, by design) or had died kept
+    their decrypted mounts for their whole idle period (5 min by default; ``--keep-mount`` any), and
+    ``daemon --stop`` failed with "no daemon" and left them."""
+    import json
+    import signal
+
+    keep = tmp_path / "keep"
+    (tmp_path / "d").mkdir(mode=0o700)
+    env = dict(kept, CONVSTORE_DAEMON="1", CONVSTORE_DAEMON_SOCKET=str(tmp_path / "d" / "cli.sock"))
+    run_cli(env, "daemon", "--background")
+    pid = json.loads(run_cli(env, "daemon", "--status").stdout)["pid"]
+    try:
+        out, first = _run(env, "img:1")
+        assert out == "hello\n" and first["kept"] == "new", first
+    finally:
+        os.kill(pid, signal.SIGTERM)  # as a service manager stops it
+    _wait(lambda: not os.path.exists(f"/proc/{pid}"), "the daemon to exit")
+    assert len(_mounts(keep)) == 1  # its keeper is its own session: still up
+    p = run_cli(env, "daemon", "--stop", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr  # no daemon to stop: said so, one line
+    _wait(lambda: not _mounts(keep), "daemon --stop to stop the keeper of the daemon that is gone")
