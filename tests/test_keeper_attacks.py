@@ -171,3 +171,37 @@ def test_daemon_stop_stops_the_keepers_of_a_daemon_already_gone(tmp_path: Path, 
     p = run_cli(env, "daemon", "--stop", check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr  # no daemon to stop: said so, one line
     _wait(lambda: not _mounts(keep), "daemon --stop to stop the keeper of the daemon that is gone")
+
+
+def test_a_recorded_request_replayed_on_a_new_connection_is_refused(tmp_path: Path, kept: dict) -> None:
+    """Checked sound (no fix): a request recorded from an honest run (its MAC over that connection's
+    keeper nonce) gets nothing when replayed on another connection; fails if the keeper's nonce were not
+    fresh per connection (checked by making it constant)."""
+    import json
+
+    keep = tmp_path / "keep"
+    _run(kept, "--keep-mount", "1m", "img:1")
+    key, store_id, digest = _image_key(tmp_path, "img:1")
+    hello = len(keeper.MAGIC) + 1 + keeper.NONCE
+
+    def request(c: socket.socket, body: bytes) -> dict:
+        c.sendall(len(body).to_bytes(4, "big") + body)
+        n = int.from_bytes(c.recv(4), "big")
+        data = b""
+        while len(data) < n:
+            data += c.recv(n - len(data))
+        return json.loads(data)
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:  # the honest run, recorded
+        c.settimeout(10)
+        c.connect(_socket_of(keep))
+        theirs, ours = c.recv(hello)[-keeper.NONCE:], os.urandom(keeper.NONCE)
+        recorded = json.dumps({"op": "status", "ref": "img:1", "digest": digest, "nonce": ours.hex(),
+                               "mac": keeper._mac(key, "client", theirs, ours, digest, "img:1")}).encode()
+        assert request(c, recorded)["ok"] is True
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:  # the liar, replaying it
+        c.settimeout(10)
+        c.connect(_socket_of(keep))
+        c.recv(hello)
+        ans = request(c, recorded)
+        assert ans["ok"] is False and "cannot prove" in ans["why"] and "root" not in ans, ans
