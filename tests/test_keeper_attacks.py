@@ -17,6 +17,7 @@ import pytest
 import convstore
 from conftest import run_cli
 from convstore.engines import keeper
+from convstore.errors import KeptMountUnusable
 from test_run_keep import _image_key, _keeper_pid, _mounts, _run, _wait, kept  # noqa: F401 - kept: the fixture
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="convstore run needs root (FUSE, runc)")
@@ -205,3 +206,42 @@ def test_a_recorded_request_replayed_on_a_new_connection_is_refused(tmp_path: Pa
         c.recv(hello)
         ans = request(c, recorded)
         assert ans["ok"] is False and "cannot prove" in ans["why"] and "root" not in ans, ans
+
+
+def test_a_keeper_that_drips_its_greeting_is_given_up_in_bounded_time(tmp_path: Path, kept: dict) -> None:
+    """Attack 6: a run waited for its keeper's greeting and answer with a timeout per recv(2), so a
+    keeper (of the user: one wedged, or a liar at the socket) that sent a byte now and then held the run
+    as long as it liked, where a hung keeper is given up after HANDSHAKE_TIMEOUT."""
+    import signal
+
+    key, store_id, digest = _image_key(tmp_path, "img:1")
+    keep = tmp_path / "keep"
+    keep.mkdir(mode=0o700)
+    path = keep / f"{keeper.keeper_id(store_id, digest)}.sock"
+    hello = keeper.MAGIC + bytes([keeper.KEEP_VERSION]) + os.urandom(keeper.NONCE)
+    pid = os.fork()
+    if pid == 0:  # the dripping keeper: one byte of its greeting every HANDSHAKE_TIMEOUT / 4
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.bind(str(path))
+            s.listen(8)
+            while True:
+                c, _ = s.accept()
+                try:
+                    for i in range(len(hello)):
+                        c.sendall(hello[i:i + 1])
+                        time.sleep(keeper.HANDSHAKE_TIMEOUT / 4)  # the attack's pace
+                except OSError:
+                    pass
+                c.close()
+        finally:
+            os._exit(0)
+    try:
+        _wait(path.exists, "the dripping keeper to listen")
+        start = time.monotonic()
+        with pytest.raises(KeptMountUnusable, match="did not answer"):
+            keeper.attach(key, store_id, "img:1", digest)
+        assert time.monotonic() - start < keeper.HANDSHAKE_TIMEOUT + 1.0
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

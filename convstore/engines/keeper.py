@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import _socket  # a run's client side: the socket module's wrapper costs a start ~3-5 ms of imports
 
-from ..daemon.protocol import peer, private_dir, recv_exact
+from ..daemon.protocol import peer, private_dir
 from ..errors import ConvstoreError, KeptMountUnusable
 
 if TYPE_CHECKING:
@@ -150,11 +150,27 @@ def _send(sock: _socket.socket, doc: dict[str, Any]) -> None:
     sock.sendall(_LEN.pack(len(body)) + body)
 
 
-def _recv(sock: _socket.socket) -> dict[str, Any]:
-    (n,) = _LEN.unpack(recv_exact(sock, _LEN.size))
+def _recv_by(sock: _socket.socket, n: int, deadline: float) -> bytes:
+    """``n`` bytes, all of them by ``deadline`` (monotonic): a peer that drips them is given up
+    (TimeoutError) as one that sends nothing is."""
+    buf = bytearray()
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise EOFError
+        buf += part
+    return bytes(buf)
+
+
+def _recv(sock: _socket.socket, deadline: float) -> dict[str, Any]:
+    (n,) = _LEN.unpack(_recv_by(sock, _LEN.size, deadline))
     if n > MAX_MESSAGE:
         raise ValueError("message too large")
-    return _doc(recv_exact(sock, n))
+    return _doc(_recv_by(sock, n, deadline))
 
 
 def _doc(body: bytes) -> dict[str, Any]:
@@ -285,13 +301,14 @@ def attach(key: bytes, store_id: str, ref: str, digest: str, *, op: str = "run",
         pid, uid = peer(s)
         if uid != os.geteuid():
             raise KeptMountUnusable(f"the keeper at {path} runs as uid {uid}, not this user's: not used")
-        hello = recv_exact(s, len(MAGIC) + 1 + NONCE)
+        deadline = time.monotonic() + timeout  # for the whole handshake, however the keeper paces it
+        hello = _recv_by(s, len(MAGIC) + 1 + NONCE, deadline)
         if hello[:len(MAGIC)] != MAGIC or hello[len(MAGIC)] != KEEP_VERSION:
             raise KeptMountUnusable(f"{path} does not speak version {KEEP_VERSION} of the keeper protocol")
         theirs, ours = hello[-NONCE:], os.urandom(NONCE)
         _send(s, {"op": op, "ref": ref, "digest": digest, "nonce": ours.hex(),
                   "mac": _mac(key, "client", theirs, ours, digest, ref)})
-        ans = _recv(s)
+        ans = _recv(s, deadline)
         if ans.get("ok") is not True:
             raise KeptMountUnusable(f"the keeper refused: {str(ans.get('why'))[:200]}")
         got_root, dev = str(ans["root"]), int(ans["dev"])
