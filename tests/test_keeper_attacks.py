@@ -1,8 +1,11 @@
 """Attacks on kept image mounts (convstore.engines.keeper): real FUSE and runc, as root.
 
-Each test is a liar against a kept mount or its keeper, and fails on the code before its fix
-("keeper attack N" commits): a client that speaks slowly to hold the keeper's only thread; a reader of the keep directory
-after ``rm`` + ``gc`` ..."""
+Each test is a liar against a kept mount or its keeper, and failed on the code before its fix (the
+"keeper attack N" commits): 1 a client that drips its request to hold the keeper's only thread; 2 a reader
+of the keep directory after ``rm`` + ``gc`` (plaintext manifest head); 3 a client that opens ~1100
+connections at once (select(2)); 4 a keeper writing a removed image's profile back into the store; 5 the
+keepers of a daemon gone before ``daemon --stop``; 6 a keeper that drips its greeting to hold a run.
+One more (a replayed request) checks a property found sound."""
 
 from __future__ import annotations
 
