@@ -989,6 +989,10 @@ def daemon(
         try:
             info = d.request(path, "stop" if stop else "status")
         except d.DaemonError as e:
+            if stop:  # no daemon answers: the keepers it (or a run) started are stopped all the same
+                from .engines.keeper import stop_keepers
+
+                stop_keepers(wait=0)
             raise ConvstoreError(str(e)) from None
         if stop:
             from .engines.keeper import stop_keepers

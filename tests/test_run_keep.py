@@ -329,28 +329,31 @@ def test_a_running_container_holds_the_kept_mount_past_its_idle_time(tmp_path: P
 
 
 def test_a_forged_cached_manifest_head_is_not_used(tmp_path: Path, kept: dict) -> None:
+    from convstore.crypto import seal, unseal
     from convstore.manifest import Manifest
 
     keep = tmp_path / "keep"
     _run(kept, "--keep-mount", "1m", "img:1")
-    (cached,) = keep.glob("*.head")  # the head of the manifest, as the first run decoded it
-    head = Manifest.decode(cached.read_bytes()[64:], head_only=True)
+    (cached,) = keep.glob("*.head")  # the head of the manifest, as the first run decoded it (sealed)
+    key, store_id, digest = _image_key(tmp_path, "img:1")
+    hkey, aad = keeper._head_seal(key, store_id, digest)
+    head = Manifest.decode(unseal(cached.read_bytes(), hkey, aad, "head"), head_only=True)
     config = json.loads(head.config_bytes)
     config["config"]["Cmd"] = ["/bin/sh", "-c", "echo FORGED"]
     config["config"]["Entrypoint"] = None
     head.config_bytes = json.dumps(config).encode()
     body = head.encode()
-    key, store_id, digest = _image_key(tmp_path, "img:1")
-    forged = [keeper._mac(os.urandom(32), "head", store_id, digest, body).encode(),  # a MAC under another key
-              keeper._mac(key, "head", store_id, digest, body + b" ").encode(),  # the right key, another body
-              "é".encode() * 32]  # not even hex
-    for mac in forged:
-        cached.write_bytes(mac + body)
+    forged = [seal(body, os.urandom(32), aad),  # sealed under another key
+              seal(body, *keeper._head_seal(key, store_id, "sha256:" + "0" * 64)),  # the right key, another digest
+              seal(body, *keeper._head_seal(key, "another store", digest)),  # the right key, another store
+              body]  # not sealed at all
+    for data in forged:
+        cached.write_bytes(data)
         out, summary = _run(kept, "img:1")
         assert out == "hello\n" and summary["kept"] == "reused", (out, summary)
     # and the cache the runs rewrote is the store's manifest again
-    assert json.loads(Manifest.decode(cached.read_bytes()[64:], head_only=True).config_bytes)["config"]["Cmd"] \
-        == ["/bin/sh", "-c", "echo hello"]
+    assert json.loads(Manifest.decode(unseal(cached.read_bytes(), hkey, aad, "head"), head_only=True).config_bytes
+                      )["config"]["Cmd"] == ["/bin/sh", "-c", "echo hello"]
 
 
 def test_a_run_on_a_kept_mount_still_applies_its_own_policy(tmp_path: Path, kept: dict) -> None:

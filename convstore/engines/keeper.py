@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import _socket  # a run's client side: the socket module's wrapper costs a start ~3-5 ms of imports
 
-from ..daemon.protocol import peer, private_dir, recv_exact
+from ..daemon.protocol import peer, private_dir
 from ..errors import ConvstoreError, KeptMountUnusable
 
 if TYPE_CHECKING:
@@ -150,14 +150,44 @@ def _send(sock: _socket.socket, doc: dict[str, Any]) -> None:
     sock.sendall(_LEN.pack(len(body)) + body)
 
 
-def _recv(sock: _socket.socket) -> dict[str, Any]:
-    (n,) = _LEN.unpack(recv_exact(sock, _LEN.size))
+def _recv_by(sock: _socket.socket, n: int, deadline: float) -> bytes:
+    """``n`` bytes, all of them by ``deadline`` (monotonic): a peer that drips them is given up
+    (TimeoutError) as one that sends nothing is."""
+    buf = bytearray()
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise EOFError
+        buf += part
+    return bytes(buf)
+
+
+def _recv(sock: _socket.socket, deadline: float) -> dict[str, Any]:
+    (n,) = _LEN.unpack(_recv_by(sock, _LEN.size, deadline))
     if n > MAX_MESSAGE:
         raise ValueError("message too large")
-    doc = json.loads(recv_exact(sock, n))
+    return _doc(_recv_by(sock, n, deadline))
+
+
+def _doc(body: bytes) -> dict[str, Any]:
+    doc = json.loads(body)
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     return doc
+
+
+def _framed(buf: bytearray) -> dict[str, Any] | None:
+    """The message in ``buf`` if it has all arrived, else None (the keeper never blocks on one client)."""
+    if len(buf) < _LEN.size:
+        return None
+    (n,) = _LEN.unpack(buf[:_LEN.size])
+    if n > MAX_MESSAGE:
+        raise ValueError("message too large")
+    return _doc(bytes(buf[_LEN.size:_LEN.size + n])) if len(buf) >= _LEN.size + n else None
 
 
 class Lease:
@@ -182,10 +212,20 @@ def _paths(store_id: str, digest: str) -> tuple[str, str, str, str]:
     return d, os.path.join(d, kid + ".sock"), os.path.join(d, kid + ".root"), os.path.join(d, kid + ".lock")
 
 
+def _head_seal(key: bytes, store_id: str, digest: str) -> tuple[bytes, bytes]:
+    """The AES-256-GCM key and associated data of an image's cached head (format ``head`` v1): a key of
+    its own, derived from the image's keep key, so the file is sealed like the manifest it comes from."""
+    from blake3 import blake3
+
+    return (blake3(key, derive_key_context="convstore v1 kept mount head").digest(),
+            f"convstore keep head v1\0{store_id}\0{digest}".encode())
+
+
 def load_head(key: bytes, store_id: str, entry: CatalogEntry) -> Manifest | None:
     """The head of ``entry``'s manifest (:meth:`Manifest.decode` ``head_only``) as an earlier run of this
-    user cached it in the keep directory, if its MAC under ``key`` (the image's :meth:`keep_key`) holds
-    for this store and digest; else None (the caller decodes the manifest)."""
+    user cached it in the keep directory, if it unseals under ``key`` (the image's :meth:`keep_key`) for
+    this store and digest; else None (the caller decodes the manifest)."""
+    from ..crypto import unseal
     from ..manifest import Manifest
 
     digest = str(entry.manifest_digest)
@@ -201,27 +241,27 @@ def load_head(key: bytes, store_id: str, entry: CatalogEntry) -> Manifest | None
             os.close(fd)
     except (OSError, KeptMountUnusable):
         return None
-    mac, body = data[:64], data[64:]
-    if not mac.isascii() or not hmac.compare_digest(mac.decode(), _mac(key, "head", store_id, digest, body)):
-        return None
     try:
-        m = Manifest.decode(body, head_only=True)
+        m = Manifest.decode(unseal(data, *_head_seal(key, store_id, digest), "cached manifest head"),
+                            head_only=True)
     except ConvstoreError:
         return None
     return m if m.name == entry.ref.name else None
 
 
 def save_head(key: bytes, store_id: str, entry: CatalogEntry, head: Manifest) -> None:
-    """Cache a manifest head for :func:`load_head` (0600, in the keep directory; best effort)."""
+    """Cache a manifest head for :func:`load_head` (sealed, 0600, in the keep directory; best effort)."""
+    from ..crypto import seal
+
     digest = str(entry.manifest_digest)
     path = _head_path(store_id, digest)
-    body = head.encode()
+    sealed = seal(head.encode(), *_head_seal(key, store_id, digest))
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         _check_private(os.path.dirname(path), create=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, _mac(key, "head", store_id, digest, body).encode() + body)
+            os.write(fd, sealed)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -261,13 +301,14 @@ def attach(key: bytes, store_id: str, ref: str, digest: str, *, op: str = "run",
         pid, uid = peer(s)
         if uid != os.geteuid():
             raise KeptMountUnusable(f"the keeper at {path} runs as uid {uid}, not this user's: not used")
-        hello = recv_exact(s, len(MAGIC) + 1 + NONCE)
+        deadline = time.monotonic() + timeout  # for the whole handshake, however the keeper paces it
+        hello = _recv_by(s, len(MAGIC) + 1 + NONCE, deadline)
         if hello[:len(MAGIC)] != MAGIC or hello[len(MAGIC)] != KEEP_VERSION:
             raise KeptMountUnusable(f"{path} does not speak version {KEEP_VERSION} of the keeper protocol")
         theirs, ours = hello[-NONCE:], os.urandom(NONCE)
         _send(s, {"op": op, "ref": ref, "digest": digest, "nonce": ours.hex(),
                   "mac": _mac(key, "client", theirs, ours, digest, ref)})
-        ans = _recv(s)
+        ans = _recv(s, deadline)
         if ans.get("ok") is not True:
             raise KeptMountUnusable(f"the keeper refused: {str(ans.get('why'))[:200]}")
         got_root, dev = str(ans["root"]), int(ans["dev"])
@@ -383,6 +424,7 @@ class _Conn:
         self.sock, self.nonce = sock, nonce
         self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         self.leased = False
+        self.buf = bytearray()  # its request so far: read as it comes, never waited for
 
 
 def _keeper(store: Repository, entry: CatalogEntry, manifest: Manifest, key: bytes, keep_seconds: float,
@@ -425,6 +467,8 @@ def _keeper(store: Repository, entry: CatalogEntry, manifest: Manifest, key: byt
     def save_profile() -> None:
         recorded = fs.fetcher.stop_recording()
         fs.fetcher.start_recording()
+        if not _image_present(store, digest):
+            return  # removed (and maybe collected): nothing of it goes back into the store
         try:
             save_start(store, entry, recorded)
         except (ConvstoreError, OSError) as e:
@@ -555,7 +599,7 @@ def _serve(store: Repository, entry: CatalogEntry, key: bytes, digest: str, keep
             waits.append(keep_seconds - (now - idle_since))
         waits += [c.deadline - now for c in conns.values() if not c.leased]
         fds = [wake, *conns] + ([listener.fileno()] if accepting else [])
-        readable = select.select(fds, [], [], max(0.0, min(waits)))[0]
+        readable = _readable(fds, max(0.0, min(waits)))
         for fd in readable:
             if fd == wake:
                 try:
@@ -584,7 +628,13 @@ def _serve(store: Repository, entry: CatalogEntry, key: bytes, digest: str, keep
                     drop(c)
                     continue
                 try:
-                    req = _recv(c.sock)
+                    part = c.sock.recv(MAX_MESSAGE)  # readable: does not block
+                    if not part:
+                        raise EOFError
+                    c.buf += part
+                    req = _framed(c.buf)
+                    if req is None:
+                        continue  # more to come, before its deadline
                     theirs = bytes.fromhex(str(req["nonce"]))
                     ref, op = str(req["ref"]), req.get("op")
                     if len(theirs) != NONCE or op not in ("run", "status"):
@@ -623,6 +673,15 @@ def _serve(store: Repository, entry: CatalogEntry, key: bytes, digest: str, keep
         now = time.monotonic()
         for c in [c for c in conns.values() if not c.leased and c.deadline <= now]:
             drop(c)  # silent too long mid-handshake
+
+
+def _readable(fds: list[int], timeout: float) -> list[int]:
+    """Which of ``fds`` can be read (or hung up) within ``timeout`` s: poll(2), which, unlike select(2),
+    has no limit on descriptor numbers (a keeper holds one per connection)."""
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    return [fd for fd, _ in p.poll(timeout * 1000)]
 
 
 def stop_keepers(wait: float = 10.0) -> int:
