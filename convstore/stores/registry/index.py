@@ -105,8 +105,8 @@ class RegistryChunkStore(PackIndexChunkStore):
             raise StoreError(f"bad blob digest {digest!r} in the index")
         if not isinstance(size, int):
             raise StoreError(f"index blob {digest} has no size")
-        data = self._cached(os.path.join("blobs", hexd), lambda: self.client.get_blob(self.index_repo, digest, size=size,
-                                                                         max_bytes=max_bytes))
+        data = self._cached(os.path.join("blobs", hexd),
+                            lambda: self.client.get_blob(self.index_repo, digest, size=size, max_bytes=max_bytes))
         try:  # also what index_dir held
             return verify_bytes(data, digest, size, f"index blob {digest}")
         except DigestMismatch as e:
