@@ -362,6 +362,81 @@ class StatsFile:
                 return
 
 
+#: a metric family's row: (extra label values after ``image``, value)
+_Rows = list[tuple[tuple[str, ...], float]]
+_TIERS = ("memory", "disk", "origin")
+
+
+def _tiers(s: FetchStats, chunks: bool) -> _Rows:
+    """Chunks (or bytes) served by each tier (memory: plaintext bytes; disk and origin: stored bytes)."""
+    if chunks:
+        return list(zip([(t,) for t in _TIERS], (s.cache_hits, s.disk_chunks, s.chunks_fetched - s.disk_chunks)))
+    return list(zip([(t,) for t in _TIERS], (s.cache_hit_bytes, s.disk_bytes, s.bytes_fetched - s.disk_bytes)))
+
+
+#: the per-image metrics, in the order they are exposed: (family, name, help, labels after ``image``,
+#: rows of (the image's counters, its plaintext bytes, its chunks))
+_IMAGE_METRICS: tuple[tuple[type[CounterMetricFamily | GaugeMetricFamily], str, str, tuple[str, ...],
+                            Callable[[FetchStats, int, int], _Rows]], ...] = (
+    (CounterMetricFamily, "convstore_fetched_chunks", "Chunks served to readers, by tier (memory: the process's "
+     "cache; disk: the node's disk cache; origin: the store)", ("tier",), lambda s, pb, pc: _tiers(s, True)),
+    (CounterMetricFamily, "convstore_fetched_bytes", "Bytes served to readers by tier (memory: plaintext; disk "
+     "and origin: stored, encrypted bytes)", ("tier",), lambda s, pb, pc: _tiers(s, False)),
+    (CounterMetricFamily, "convstore_fetched_plain_bytes", "Plaintext bytes of the chunks fetched from below "
+     "memory", (), lambda s, pb, pc: [((), s.plain_bytes_fetched)]),
+    (CounterMetricFamily, "convstore_memory_cache_hits", "Chunk reads the memory cache served", (),
+     lambda s, pb, pc: [((), s.cache_hits)]),
+    (CounterMetricFamily, "convstore_memory_cache_misses", "Chunk reads that waited on a fetch", (),
+     lambda s, pb, pc: [((), s.cache_misses)]),
+    (CounterMetricFamily, "convstore_read_bytes", "Bytes returned to readers", (),
+     lambda s, pb, pc: [((), s.bytes_read)]),
+    (CounterMetricFamily, "convstore_read_wait_seconds", "Time readers spent blocked on fetches", (),
+     lambda s, pb, pc: [((), s.wait_seconds)]),
+    (CounterMetricFamily, "convstore_read_errors", "Reads that failed (EIO), by cause", ("cause",),
+     lambda s, pb, pc: [((c,), n) for c, n in sorted(s.read_errors.items())]),
+    (CounterMetricFamily, "convstore_fetch_errors", "Chunk fetches (prefetches too) that failed, by cause",
+     ("cause",), lambda s, pb, pc: [((c,), n) for c, n in sorted(s.fetch_errors.items())]),
+    (CounterMetricFamily, "convstore_prefetched_chunks", "Chunks fetched ahead of readers (readahead, start-up "
+     "profile, background fetch)", (), lambda s, pb, pc: [((), s.prefetched_chunks)]),
+    (GaugeMetricFamily, "convstore_image_chunks", "Chunks in the image", (), lambda s, pb, pc: [((), pc)]),
+    (GaugeMetricFamily, "convstore_image_plain_bytes", "Plaintext bytes of the image's chunks", (),
+     lambda s, pb, pc: [((), pb)]),
+)
+
+#: the background fetch's metrics by image: (family, name, help, its field in
+#: :meth:`ProcessMetrics.per_image_background`'s rows)
+_BACKGROUND_METRICS: tuple[tuple[type[CounterMetricFamily | GaugeMetricFamily], str, str, int], ...] = (
+    (GaugeMetricFamily, "convstore_background_chunks", "Chunks of the image the background fetch covers", 0),
+    (GaugeMetricFamily, "convstore_background_local_chunks", "Of them, chunks in the node cache", 1),
+    (CounterMetricFamily, "convstore_background_fetched_bytes", "Stored bytes the background fetch read", 3),
+    (GaugeMetricFamily, "convstore_background_done", "1 once the image is local (its background fetch is over)", 4),
+)
+
+#: the process's memory cache: (family, name, help, its value)
+_MEMORY_METRICS: tuple[tuple[type[CounterMetricFamily | GaugeMetricFamily], str, str,
+                             Callable[[ChunkCache], float]], ...] = (
+    (GaugeMetricFamily, "convstore_memory_cache_bytes", "Plaintext bytes in the process's chunk cache",
+     lambda c: c.bytes),
+    (GaugeMetricFamily, "convstore_memory_budget_bytes", "The process's memory budget (--memory-budget)",
+     lambda c: c.budget),
+    (GaugeMetricFamily, "convstore_memory_cache_peak_bytes", "The most plaintext bytes ever cached at once",
+     lambda c: c.peak_bytes),
+    (CounterMetricFamily, "convstore_memory_cache_evictions", "Chunks dropped to stay within the budget",
+     lambda c: c.evictions),
+)
+
+#: the node's disk cache: (family, name, help, its value)
+_NODE_CACHE_METRICS: tuple[tuple[type[CounterMetricFamily | GaugeMetricFamily], str, str,
+                                 Callable[[DiskCache], float]], ...] = (
+    (GaugeMetricFamily, "convstore_node_cache_bytes", "Bytes in the node's disk cache", lambda d: d.cached_bytes()),
+    (GaugeMetricFamily, "convstore_node_cache_limit_bytes", "The node disk cache's bound (--cache-size)",
+     lambda d: d.max_bytes),
+    (CounterMetricFamily, "convstore_node_cache_hits", "Objects the node's disk cache served", lambda d: d.hits),
+    (CounterMetricFamily, "convstore_node_cache_misses", "Objects the node's disk cache did not hold",
+     lambda d: d.misses),
+)
+
+
 class _Collector(Collector):
     """The metrics, read from the counters at each scrape."""
 
@@ -370,68 +445,22 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.m
-        chunks = CounterMetricFamily("convstore_fetched_chunks", "Chunks served to readers, by tier (memory: the "
-                                     "process's cache; disk: the node's disk cache; origin: the store)",
-                                     labels=["image", "tier"])
-        nbytes = CounterMetricFamily("convstore_fetched_bytes", "Bytes served to readers by tier (memory: "
-                                     "plaintext; disk and origin: stored, encrypted bytes)", labels=["image", "tier"])
-        plain = CounterMetricFamily("convstore_fetched_plain_bytes", "Plaintext bytes of the chunks fetched from "
-                                    "below memory", labels=["image"])
-        hits = CounterMetricFamily("convstore_memory_cache_hits", "Chunk reads the memory cache served",
-                                   labels=["image"])
-        misses = CounterMetricFamily("convstore_memory_cache_misses", "Chunk reads that waited on a fetch",
-                                     labels=["image"])
-        read = CounterMetricFamily("convstore_read_bytes", "Bytes returned to readers", labels=["image"])
-        wait = CounterMetricFamily("convstore_read_wait_seconds", "Time readers spent blocked on fetches",
-                                   labels=["image"])
-        errors = CounterMetricFamily("convstore_read_errors", "Reads that failed (EIO), by cause",
-                                     labels=["image", "cause"])
-        fetch_errors = CounterMetricFamily("convstore_fetch_errors", "Chunk fetches (prefetches too) that failed, "
-                                           "by cause", labels=["image", "cause"])
-        prefetched = CounterMetricFamily("convstore_prefetched_chunks", "Chunks fetched ahead of readers "
-                                         "(readahead, start-up profile, background fetch)", labels=["image"])
-        img_chunks = GaugeMetricFamily("convstore_image_chunks", "Chunks in the image", labels=["image"])
-        img_bytes = GaugeMetricFamily("convstore_image_plain_bytes", "Plaintext bytes of the image's chunks",
-                                      labels=["image"])
+        families = [fam(name, doc, labels=["image", *extra]) for fam, name, doc, extra, _rows in _IMAGE_METRICS]
         latency: dict[str, list[int]] = {}
         latency_sum: dict[str, float] = {}
         for label, (s, pb, pc) in sorted(m.per_image().items()):
-            origin = s.chunks_fetched - s.disk_chunks
-            for tier, c, b in (("memory", s.cache_hits, s.cache_hit_bytes), ("disk", s.disk_chunks, s.disk_bytes),
-                               ("origin", origin, s.bytes_fetched - s.disk_bytes)):
-                chunks.add_metric([label, tier], c)
-                nbytes.add_metric([label, tier], b)
-            plain.add_metric([label], s.plain_bytes_fetched)
-            hits.add_metric([label], s.cache_hits)
-            misses.add_metric([label], s.cache_misses)
-            read.add_metric([label], s.bytes_read)
-            wait.add_metric([label], s.wait_seconds)
-            for cause, n in sorted(s.read_errors.items()):
-                errors.add_metric([label, cause], n)
-            for cause, n in sorted(s.fetch_errors.items()):
-                fetch_errors.add_metric([label, cause], n)
-            prefetched.add_metric([label], s.prefetched_chunks)
-            img_chunks.add_metric([label], pc)
-            img_bytes.add_metric([label], pb)
+            for family, (*_, rows) in zip(families, _IMAGE_METRICS):
+                for extra_values, value in rows(s, pb, pc):
+                    family.add_metric([label, *extra_values], value)
             for tier, counts in s.fetch_seconds.items():
                 latency[tier] = _merge(latency.get(tier, [0] * len(counts)), counts)
                 latency_sum[tier] = latency_sum.get(tier, 0.0) + s.fetch_seconds_sum.get(tier, 0.0)
-        yield from (chunks, nbytes, plain, hits, misses, read, wait, errors, fetch_errors, prefetched, img_chunks,
-                    img_bytes)
-        bg_total = GaugeMetricFamily("convstore_background_chunks", "Chunks of the image the background fetch "
-                                     "covers", labels=["image"])
-        bg_local = GaugeMetricFamily("convstore_background_local_chunks", "Of them, chunks in the node cache",
-                                     labels=["image"])
-        bg_bytes = CounterMetricFamily("convstore_background_fetched_bytes", "Stored bytes the background fetch "
-                                       "read", labels=["image"])
-        bg_done = GaugeMetricFamily("convstore_background_done", "1 once the image is local (its background "
-                                    "fetch is over)", labels=["image"])
-        for label, (total, local, _btotal, fetched, done) in sorted(m.per_image_background().items()):
-            bg_total.add_metric([label], total)
-            bg_local.add_metric([label], local)
-            bg_bytes.add_metric([label], fetched)
-            bg_done.add_metric([label], done)
-        yield from (bg_total, bg_local, bg_bytes, bg_done)
+        yield from families
+        background = [fam(name, doc, labels=["image"]) for fam, name, doc, _field in _BACKGROUND_METRICS]
+        for label, row in sorted(m.per_image_background().items()):
+            for family, (*_, field) in zip(background, _BACKGROUND_METRICS):
+                family.add_metric([label], row[field])
+        yield from background
         hist = HistogramMetricFamily("convstore_fetch_seconds", "Time one chunk fetch below memory took, by tier",
                                      labels=["tier"])
         for tier, counts in sorted(latency.items()):
@@ -441,15 +470,7 @@ class _Collector(Collector):
                 buckets.append((bound, cum))
             hist.add_metric([tier], buckets, latency_sum[tier])
         yield hist
-        mc = m.cache
-        yield GaugeMetricFamily("convstore_memory_cache_bytes", "Plaintext bytes in the process's chunk cache",
-                                value=mc.bytes)
-        yield GaugeMetricFamily("convstore_memory_budget_bytes", "The process's memory budget (--memory-budget)",
-                                value=mc.budget)
-        yield GaugeMetricFamily("convstore_memory_cache_peak_bytes", "The most plaintext bytes ever cached at once",
-                                value=mc.peak_bytes)
-        yield CounterMetricFamily("convstore_memory_cache_evictions", "Chunks dropped to stay within the budget",
-                                  value=mc.evictions)
+        yield from (fam(name, doc, value=value(m.cache)) for fam, name, doc, value in _MEMORY_METRICS)
         if m.origin_counters is not None:
             events = m.origin_counters()
             origin_events = CounterMetricFamily("convstore_origin_events", "The store's client, by event: requests "
@@ -462,11 +483,4 @@ class _Collector(Collector):
             yield origin_events
         if m.node_cache is not None:
             d = m.node_cache
-            yield GaugeMetricFamily("convstore_node_cache_bytes", "Bytes in the node's disk cache",
-                                    value=d.cached_bytes())
-            yield GaugeMetricFamily("convstore_node_cache_limit_bytes", "The node disk cache's bound (--cache-size)",
-                                    value=d.max_bytes)
-            yield CounterMetricFamily("convstore_node_cache_hits", "Objects the node's disk cache served",
-                                      value=d.hits)
-            yield CounterMetricFamily("convstore_node_cache_misses", "Objects the node's disk cache did not hold",
-                                      value=d.misses)
+            yield from (fam(name, doc, value=value(d)) for fam, name, doc, value in _NODE_CACHE_METRICS)

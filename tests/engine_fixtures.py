@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -46,8 +50,6 @@ class Containerd:
     registered as the proxy snapshotter ``convstore``."""
 
     def __init__(self, root: Path, snapshotter_socket: Path) -> None:
-        import time
-
         exe = shutil.which("containerd")
         if exe is None:
             raise RuntimeError("containerd is not installed; scripts/setup.sh installs it")
@@ -80,6 +82,38 @@ class Containerd:
             self.proc.kill()
         self.log.close()
         unmount_below(self.root)
+
+
+def start_snapshotter(env: dict[str, str], root: Path, socket: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``convstore snapshotter ROOT --socket SOCKET ARGS`` in the background, once it listens."""
+    p = subprocess.Popen([sys.executable, "-m", "convstore", "snapshotter", str(root), "--socket", str(socket), *args],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not socket.exists():
+        if p.poll() is not None or time.monotonic() > deadline:
+            err = p.stderr.read().decode() if p.stderr and p.poll() is not None else "timed out"
+            raise AssertionError(f"the snapshotter did not start: {err}")
+        time.sleep(0.05)
+    return p
+
+
+@contextlib.contextmanager
+def snapshotter_and_containerd(env: dict[str, str], tmp_path: Path,
+                               *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Containerd]]:
+    """``convstore snapshotter`` (root ``tmp_path/snapshots``, ``ARGS``) and a containerd using it
+    (``tmp_path/containerd``); after the ``with`` both stopped (the snapshotter ending cleanly on
+    SIGTERM) and every mount below ``tmp_path`` undone."""
+    snap = start_snapshotter(env, tmp_path / "snapshots", tmp_path / "run" / "snapshotter.sock", *args)
+    ctd = None
+    try:
+        ctd = Containerd(tmp_path / "containerd", tmp_path / "run" / "snapshotter.sock")
+        yield snap, ctd
+    finally:
+        if ctd is not None:
+            ctd.stop()
+        snap.terminate()
+        assert snap.wait(timeout=30) == 0
+        unmount_below(tmp_path)
 
 
 def unmount_below(root: Path) -> None:

@@ -21,7 +21,7 @@ with atheris.instrument_imports():
     from convstore.manifest import Manifest, chunk_table
     from convstore.stores.index import SortedIndex
     from convstore.stores.packs import decode_index
-    from convstore.stores.registry.index import _decode_segment
+    from convstore.stores.packindex import _decode_segment
     from convstore.tarsplit import join_tar, split_tar, unpack_segments
 
 

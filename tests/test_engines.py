@@ -20,7 +20,7 @@ import pytest
 from conftest import CORPUS_DIR, need_tool, run_cli
 from imagebuilder import Entry, make_tar, write_oci
 from kms_fixtures import Registry
-from engine_fixtures import Containerd, podman, podman_config, remove_podman_root, unmount_below
+from engine_fixtures import podman, podman_config, remove_podman_root, snapshotter_and_containerd
 
 import convstore
 from convstore.merge import OVERLAY_OPAQUE, layer_tree
@@ -192,21 +192,6 @@ def test_podman_runs_from_the_layer_store(tmp_path: Path, cli_env: dict[str, str
         reg.stop()
 
 
-def start_snapshotter(env: dict[str, str], root: Path, socket: Path) -> subprocess.Popen[bytes]:
-    """``convstore snapshotter ROOT --socket SOCKET`` in the background, once it listens."""
-    import sys
-
-    p = subprocess.Popen([sys.executable, "-m", "convstore", "snapshotter", str(root), "--socket", str(socket)],
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while not socket.exists():
-        if p.poll() is not None or time.monotonic() > deadline:
-            err = p.stderr.read().decode() if p.stderr and p.poll() is not None else "timed out"
-            raise AssertionError(f"the snapshotter did not start: {err}")
-        time.sleep(0.05)
-    return p
-
-
 @pytest.mark.corpus
 def test_containerd_runs_from_the_convstore_snapshotter(tmp_path: Path, cli_env: dict[str, str],
                                                         corpus: dict) -> None:
@@ -214,11 +199,7 @@ def test_containerd_runs_from_the_convstore_snapshotter(tmp_path: Path, cli_env:
     need_tool("ctr")
     image = "app1"
     run_cli(cli_env, "pack", f"oci:{CORPUS_DIR / image}:latest", f"{image}:latest")
-    snap_sock = tmp_path / "run" / "snapshotter.sock"
-    snap = start_snapshotter(cli_env, tmp_path / "snapshots", snap_sock)
-    ctd = None
-    try:
-        ctd = Containerd(tmp_path / "containerd", snap_sock)
+    with snapshotter_and_containerd(cli_env, tmp_path) as (_snap, ctd):
         out = run_cli(cli_env, "containerd-load", f"{image}:latest", "--address", str(ctd.socket)).stdout
         name = f"convstore.local/{image}:latest"
         assert name in out
@@ -237,12 +218,6 @@ def test_containerd_runs_from_the_convstore_snapshotter(tmp_path: Path, cli_env:
         # an image the store does not hold is refused in one line, and leaves nothing behind
         r = run_cli(cli_env, "containerd-load", "nothere:1", "--address", str(ctd.socket), check=False)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and "nothere" in r.stderr
-    finally:
-        if ctd is not None:
-            ctd.stop()
-        snap.terminate()
-        assert snap.wait(timeout=30) == 0
-        unmount_below(tmp_path)
     assert not os.path.ismount(tmp_path / "snapshots" / "layers")
 
 
@@ -278,12 +253,8 @@ def test_containerd_namespace_cannot_plant_a_layer_under_another(tmp_path: Path,
     _, manifest = stored.open_image(f"{image}:latest")
     chains = [c for c, _ in chain_ids([lr.diff_id for lr in manifest.layers])]
     assert len(chains) >= 2
-    snap_sock = tmp_path / "run" / "snapshotter.sock"
-    snap = start_snapshotter(cli_env, tmp_path / "snapshots", snap_sock)
-    ctd = None
     ref = "containerd.io/snapshot.ref"
-    try:
-        ctd = Containerd(tmp_path / "containerd", snap_sock)
+    with snapshotter_and_containerd(cli_env, tmp_path) as (_snap, ctd):
         sock = ctd.socket
         evil = "evil"
         ctd.ctr("-n", evil, "leases", "create", "--id", "evil-lease", "--expires", "0")  # kept from the GC
@@ -322,12 +293,6 @@ def test_containerd_namespace_cannot_plant_a_layer_under_another(tmp_path: Path,
         # evil's own view of its snapshot is untouched: it is still there, in its namespace only
         assert "evil-top" in ctd.ctr("-n", "evil", "snapshots", "--snapshotter", "convstore", "ls").stdout
         assert "evil-top" not in ctd.ctr("snapshots", "--snapshotter", "convstore", "ls").stdout
-    finally:
-        if ctd is not None:
-            ctd.stop()
-        snap.terminate()
-        assert snap.wait(timeout=30) == 0
-        unmount_below(tmp_path)
 
 
 @pytest.fixture

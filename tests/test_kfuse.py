@@ -63,6 +63,35 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _serve_in_background(env: dict[str, str], *args: str) -> int:
+    """``convstore ARGS --background ...`` (a mount or a layer store); the pid of the server it left."""
+    p = run_cli(env, *args)
+    found = re.search(r"\(pid (\d+)\)", p.stdout)
+    assert found, p.stdout
+    return int(found.group(1))
+
+
+def _kill_9(pid: int, what: str = "the server") -> None:
+    os.kill(pid, signal.SIGKILL)
+    _wait_for(lambda: not _alive(pid), f"{what} to die")
+
+
+def _read_in_thread(f, size: int = -1, daemon: bool = False) -> tuple[threading.Thread, list[bytes | BaseException]]:
+    """A started thread reading ``size`` bytes of ``f`` (the rest if -1; it blocks while nobody serves
+    the mount); the list it puts what it read, or its error, in."""
+    got: list[bytes | BaseException] = []
+
+    def read() -> None:
+        try:
+            got.append(f.read(size))
+        except BaseException as e:
+            got.append(e)
+
+    reader = threading.Thread(target=read, daemon=daemon)
+    reader.start()
+    return reader, got
+
+
 def test_low_level_server_serves_the_image(image, tmp_path, sessions):
     """The same tree as an unpack, through the kernel-protocol server (not libfuse), with its warm-read
     choices: no OPEN reaches the server after the first (no_open), and nodeids are the image's inodes."""
@@ -87,8 +116,7 @@ def test_kill_9_and_successor_keep_readers(image, cli_env, tmp_path, sessions):
     env = {**cli_env, "CONVSTORE_FUSE_SESSIONS": str(sessions)}
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    p = run_cli(env, "mount", "--background", "lazy:1", str(mnt))
-    pid = int(re.search(r"\(pid (\d+)\)", p.stdout).group(1))  # type: ignore[union-attr]
+    pid = _serve_in_background(env, "mount", "--background", "lazy:1", str(mnt))
     sh = subprocess.Popen(["sh", "-c", "read x; cat keep; echo; read x; ls"], cwd=mnt / "a", stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True)
     try:
@@ -99,19 +127,9 @@ def test_kill_9_and_successor_keep_readers(image, cli_env, tmp_path, sessions):
         assert f.read(1000) == BIG[:1000]
         _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
 
-        os.kill(pid, signal.SIGKILL)
-        _wait_for(lambda: not _alive(pid), "the server to die")
-        got: list[bytes | BaseException] = []
-
-        def rest() -> None:  # blocks while nobody serves (and fails at once with ENOTCONN without a holder)
-            try:
-                got.append(f.read())
-            except BaseException as e:
-                got.append(e)
-
-        reader = threading.Thread(target=rest)
-        reader.start()
-
+        _kill_9(pid)
+        # the read blocks while nobody serves (and fails at once with ENOTCONN without a holder)
+        reader, got = _read_in_thread(f)
         run_cli(env, "mount", "--background", "lazy:1", str(mnt))  # the successor
         reader.join(60)
         assert not reader.is_alive()
@@ -137,12 +155,10 @@ def test_successor_for_another_image_is_refused(image, cli_env, tmp_path, sessio
     image.pack(f"oci:{tmp_path / 'src2'}", "other:1")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    p = run_cli(env, "mount", "--background", "lazy:1", str(mnt))
-    pid = int(re.search(r"\(pid (\d+)\)", p.stdout).group(1))  # type: ignore[union-attr]
+    pid = _serve_in_background(env, "mount", "--background", "lazy:1", str(mnt))
     try:
         _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
-        os.kill(pid, signal.SIGKILL)
-        _wait_for(lambda: not _alive(pid), "the server to die")
+        _kill_9(pid)
         p = run_cli(env, "mount", "other:1", str(mnt), check=False)
         assert p.returncode == 1 and "is still served for image manifest" in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1  # one line, no traceback
@@ -252,25 +268,14 @@ def test_layer_store_kill_9_and_successor(image, cli_env, tmp_path, sessions):
     mnt.mkdir()
     _, manifest = image.open_image("lazy:1")
     diff = mnt / "eA==" / manifest.layers[1].digest / "diff"  # any base64 image name; the layer with big.bin
-    p = run_cli(env, "layerstore", "--background", str(mnt))
-    pid = int(re.search(r"\(pid (\d+)\)", p.stdout).group(1))  # type: ignore[union-attr]
+    pid = _serve_in_background(env, "layerstore", "--background", str(mnt))
     try:
         assert (diff / "a" / "keep").read_bytes() == b"1"  # and the connection's first FLUSH is answered
         f = open(diff / "big.bin", "rb", buffering=0)
         assert f.read(1000) == BIG[:1000]
         _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
-        os.kill(pid, signal.SIGKILL)
-        _wait_for(lambda: not _alive(pid), "the server to die")
-        got: list[bytes | BaseException] = []
-
-        def rest() -> None:
-            try:
-                got.append(f.read())
-            except BaseException as e:
-                got.append(e)
-
-        reader = threading.Thread(target=rest)
-        reader.start()
+        _kill_9(pid)
+        reader, got = _read_in_thread(f)
         run_cli(env, "layerstore", "--background", str(mnt))  # the successor
         reader.join(60)
         assert not reader.is_alive()
@@ -288,24 +293,14 @@ def test_no_successor_within_the_grace_period_ends_the_session(image, cli_env, t
     env = {**cli_env, "CONVSTORE_FUSE_SESSIONS": str(sessions), "CONVSTORE_FUSE_FAILOVER_GRACE": "1"}
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    p = run_cli(env, "mount", "--background", "lazy:1", str(mnt))
-    pid = int(re.search(r"\(pid (\d+)\)", p.stdout).group(1))  # type: ignore[union-attr]
+    pid = _serve_in_background(env, "mount", "--background", "lazy:1", str(mnt))
     try:
         assert (mnt / "a" / "keep").read_bytes() == b"1"
         f = open(mnt / "big.bin", "rb", buffering=0)
         assert f.read(1000) == BIG[:1000]
         _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
         os.kill(pid, signal.SIGKILL)
-        got: list[bytes | BaseException] = []
-
-        def rest() -> None:
-            try:
-                got.append(f.read())
-            except BaseException as e:
-                got.append(e)
-
-        reader = threading.Thread(target=rest, daemon=True)
-        reader.start()
+        reader, got = _read_in_thread(f, daemon=True)
         reader.join(30)
         assert not reader.is_alive(), "the reader still waits for a server that will never come"
         assert isinstance(got[0], OSError) and got[0].errno == errno.ENOTCONN, got
@@ -375,8 +370,7 @@ def test_podman_container_survives_a_layer_store_kill_9(tmp_path, cli_env, sessi
         subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", src, f"docker://{reg.host}/app1:latest"],
                        check=True, timeout=300)
         run_cli(env, "pack", src, "app1:latest")
-        p = run_cli(env, "layerstore", "--background", str(mnt))
-        pid = int(re.search(r"\(pid (\d+)\)", p.stdout).group(1))  # type: ignore[union-attr]
+        pid = _serve_in_background(env, "layerstore", "--background", str(mnt))
         penv = {**os.environ, **podman_config(podman_root, mnt)}
         ref = f"{reg.host}/app1:latest"
         podman(penv, "pull", "-q", "--tls-verify=false", ref)
@@ -387,8 +381,7 @@ def test_podman_container_survives_a_layer_store_kill_9(tmp_path, cli_env, sessi
         assert ctr.stdout is not None and ctr.stdin is not None
         assert ctr.stdout.readline() == "started\n"
         _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
-        os.kill(pid, signal.SIGKILL)
-        _wait_for(lambda: not _alive(pid), "the layer store to die")
+        _kill_9(pid, "the layer store")
         run_cli(env, "layerstore", "--background", str(mnt))  # the successor
         out, err = ctr.communicate("\n", timeout=120)
         assert ctr.returncode == 0, err
@@ -407,8 +400,7 @@ def test_containerd_container_survives_a_snapshotter_kill_9(tmp_path, cli_env, s
     """The same with containerd: `kill -9` of `convstore snapshotter` under a running container, a new
     snapshotter on the same ROOT takes the layers' session over, the container reads on."""
     from conftest import CORPUS_DIR, need_tool
-    from engine_fixtures import Containerd, unmount_below
-    from test_engines import start_snapshotter
+    from engine_fixtures import Containerd, start_snapshotter, unmount_below
 
     need_tool("containerd")
     need_tool("ctr")
@@ -513,16 +505,7 @@ def test_a_read_in_flight_at_the_kill_is_resent_to_the_successor(image, keyfile,
         assert (mnt / "a" / "keep").read_bytes() == b"1"  # the first FLUSH answered (see above)
         _wait_for(lambda: fdholder.held(str(mnt)), "the holder")
         f = open(mnt / "big.bin", "rb", buffering=0)
-        got: list[bytes | BaseException] = []
-
-        def read() -> None:
-            try:
-                got.append(f.read(100))
-            except BaseException as e:
-                got.append(e)
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
+        reader, got = _read_in_thread(f, 100, daemon=True)
         assert first.stdout.readline() == "fetching\n"  # the server holds the request
         first.kill()
         first.wait(20)

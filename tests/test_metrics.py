@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -49,6 +48,14 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = r.read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _scrape_or_none(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+    """A scrape, or None while nothing listens on ``port`` yet."""
+    try:
+        return scrape(port)
+    except OSError:
+        return None
 
 
 def sample(m: dict, name: str, **labels: str) -> float:
@@ -291,21 +298,17 @@ def test_containerd_snapshotter_endpoint(tmp_path: Path, cli_env: dict[str, str]
     start recorded, once its window has ended."""
     need_tool("containerd")
     need_tool("ctr")
-    from engine_fixtures import Containerd, unmount_below
+    from engine_fixtures import snapshotter_and_containerd
 
     run_cli(cli_env, "pack", f"oci:{CORPUS_DIR / 'app1'}:latest", "app1:latest")
-    sock, stats, port = tmp_path / "run" / "snapshotter.sock", tmp_path / "snap-stats.json", free_port()
-    snap = subprocess.Popen([sys.executable, "-m", "convstore", "snapshotter", str(tmp_path / "snapshots"), "--socket",
-                             str(sock), "--metrics-address", f"127.0.0.1:{port}", "--stats-file", str(stats),
-                             "--memory-budget", "48"], env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ctd = None
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert snap.poll() is None and time.monotonic() < deadline, "the snapshotter did not start"
+    stats, port = tmp_path / "snap-stats.json", free_port()
+    with snapshotter_and_containerd(cli_env, tmp_path, "--metrics-address", f"127.0.0.1:{port}", "--stats-file",
+                                    str(stats), "--memory-budget", "48") as (_snap, ctd):
+        deadline = time.monotonic() + 30  # the endpoint comes up once the gRPC socket listens
+        while (m := _scrape_or_none(port)) is None:
+            assert time.monotonic() < deadline, "the metrics endpoint did not come up"
             time.sleep(0.05)
-        assert sample(scrape(port), "convstore_memory_budget_bytes") == 48 << 20
-        ctd = Containerd(tmp_path / "containerd", sock)
+        assert sample(m, "convstore_memory_budget_bytes") == 48 << 20
         run_cli(cli_env, "containerd-load", "app1:latest", "--address", str(ctd.socket))
         r = ctd.ctr("run", "--snapshotter", "convstore", "--rm", "convstore.local/app1:latest", "t0", check=False)
         assert (r.returncode, r.stdout.strip()) == (0, "hello"), r.stderr
@@ -320,9 +323,3 @@ def test_containerd_snapshotter_endpoint(tmp_path: Path, cli_env: dict[str, str]
                 "app1:latest", {}).get("chunks_fetched") != fetched:
             assert time.monotonic() < deadline, stats.read_text() if stats.exists() else "no stats file"
             time.sleep(0.1)
-    finally:
-        if ctd is not None:
-            ctd.stop()
-        snap.terminate()
-        assert snap.wait(timeout=30) == 0
-        unmount_below(tmp_path)

@@ -317,3 +317,25 @@ def test_two_clients_creating_one_registry_store_at_once_never_publish_under_a_l
     problems: dict[str, str] = {}
     assert sorted(str(e.ref) for e in s.images(problems=problems)) == sorted(done) and not problems
     assert done and s.verify().clean
+
+
+def test_a_chunk_in_a_snapshot_and_in_a_later_segment_is_listed_once(tmp_path, registry):
+    """A writer that loaded the index before another's chunk was merged into a snapshot writes the
+    chunk again in its own segment: the index then names it twice, yet it is one chunk for gc's
+    listing and for the store's usage."""
+    from convstore.stores.registry import open_registry
+
+    url = f"oci://{registry.host}/twice"
+    _, a = open_registry(url, insecure=True)
+    _, b = open_registry(url, insecure=True)
+    cid, blob = os.urandom(32), os.urandom(1000)
+    assert not b.has(os.urandom(32))  # b has loaded the index: empty
+    a.put(cid, blob)
+    a.flush()
+    a.compact()  # a's segment merged into a snapshot
+    b.put(cid, blob)  # b does not know of it: its own segment lists the chunk again
+    b.flush()
+    _, fresh = open_registry(url, insecure=True, index_dir=str(tmp_path / "idx"))
+    assert fresh.get(cid) == blob
+    assert list(fresh.entries()) == [(cid, 1000)]
+    assert fresh.usage() == 1000

@@ -50,27 +50,50 @@ def _regular(fs: ImageFS) -> list[str]:
     return [p for p, n in fs.walk() if stat.S_ISREG(n.mode)]
 
 
+def _read_image(s: convstore.Store) -> dict[str, str]:
+    """{path: sha256} of every regular file of "a:1" in ``s``, read through the lazy reader."""
+    with ImageFS.from_store(s, "a:1") as fs:
+        return {p: hashlib.sha256(fs.open(p).read()).hexdigest() for p in _regular(fs)}
+
+
+def _read_through_tier(tmp_path, url, store, site: str, **opts) -> tuple[dict[str, str], SiteTierChunkStore,
+                                                                         SiteTierObjectStore]:
+    """"a:1" read in this process from ``url`` through the site cache ``site`` (own cache and state:
+    ``lc``, ``ls``): {path: sha256}, and the chunk and object stores that read through the tier."""
+    w = convstore.Store.open(url, store.key, cache_dir=str(tmp_path / "lc"), state_dir=str(tmp_path / "ls"),
+                             site_cache=site, **opts)
+    got = _read_image(w)
+    tier, objects = w.chunk_store.inner, w.objects.inner
+    assert isinstance(tier, SiteTierChunkStore) and isinstance(objects, SiteTierObjectStore)
+    return got, tier, objects
+
+
 def _files(n: int, size: int) -> list[Entry]:
     return [Entry(f"f{i}", data=os.urandom(size)) for i in range(n)]
+
+
+def _origin_holding_the_image(tmp_path, store, proxy, url, **opts) -> dict[str, str]:
+    """Pack the test image ("a:1") into ``store`` and copy it to the origin at ``url`` (through
+    ``proxy``, its counters then reset); the truth {path: sha256}."""
+    # 800 small files besides: the sealed manifest is over INLINE_BYTES, a blob of its own (as a real image's)
+    small = [Entry(f"s/{os.urandom(16).hex()}", data=os.urandom(100)) for _ in range(800)]
+    write_oci(str(tmp_path / "a"), [rich_layer(), make_tar(_files(24, 100_000) + small)])
+    store.pack(f"oci:{tmp_path / 'a'}", "a:1")
+    from convstore.transfer import copy_image
+
+    copy_image(store, convstore.Store.open(url, store.key, cache_dir=str(tmp_path / "c0"),
+                                           state_dir=str(tmp_path / "s0"), **opts), "a:1")
+    truth = _read_image(store)
+    proxy.reset()
+    return truth
 
 
 @pytest.fixture
 def origin(tmp_path, registry, store):
     """(counting proxy in front of the origin registry, store URL through it, the truth {path: sha256})."""
-    # 800 small files besides: the sealed manifest is over INLINE_BYTES, a blob of its own (as a real image's)
-    small = [Entry(f"s/{os.urandom(16).hex()}", data=os.urandom(100)) for _ in range(800)]
-    write_oci(str(tmp_path / "a"), [rich_layer(), make_tar(_files(24, 100_000) + small)])
-    store.pack(f"oci:{tmp_path / 'a'}", "a:1")
     proxy = CountingProxy(registry.host)
     url = f"oci://{proxy.host}/fleet"
-    from convstore.transfer import copy_image
-
-    copy_image(store, convstore.Store.open(url, store.key, insecure=True, cache_dir=str(tmp_path / "c0"),
-                                           state_dir=str(tmp_path / "s0")), "a:1")
-    with ImageFS.from_store(store, "a:1") as fs:
-        truth = {p: hashlib.sha256(fs.open(p).read()).hexdigest() for p in _regular(fs)}
-    proxy.reset()
-    yield proxy, url, truth
+    yield proxy, url, _origin_holding_the_image(tmp_path, store, proxy, url, insecure=True)
     proxy.stop()
 
 
@@ -86,12 +109,16 @@ def _nodes(tmp_path, url, key, site, n, tag):
     return outs
 
 
-def test_nodes_starting_one_image_through_the_tier_fetch_it_from_the_origin_once(tmp_path, origin, store):
+def _alone_then_three_through_the_tier(tmp_path, origin, store, packs: str) -> tuple[int, dict[str, int], list]:
+    """One node without the tier (what one node costs the origin: the proxy's ``packs`` bytes), then
+    three at once through a tier, each reading the image exactly, its sealed manifest and chunks
+    through the tier, with no lie and no failure; the origin served each pack range once, and about
+    one node's bytes.  (one node's bytes, the origin's request counts for one node, the tier's log)."""
     proxy, url, truth = origin
     key = store.key.spec
-    [alone] = _nodes(tmp_path, url, key, "", 1, "alone")  # one node, no tier: what one node costs the origin
+    [alone] = _nodes(tmp_path, url, key, "", 1, "alone")
     assert alone["files"] == truth
-    one_node = proxy.sent["GET blob"]
+    one_node, alone_counts = proxy.sent[packs], dict(proxy.counts)
     assert one_node > 2_000_000
     proxy.reset()
     tier = SiteTier(tmp_path / "tier", proxy.host)
@@ -104,10 +131,14 @@ def test_nodes_starting_one_image_through_the_tier_fetch_it_from_the_origin_once
         assert o["files"] == truth  # every node read the image exactly
         assert o["manifests_via_tier"] == 1  # the sealed manifest came from the tier, checked against its name
         assert o["tier"]["tier_chunks"] > 0 and o["tier"]["tier_lies"] == 0 and o["tier"]["tier_failures"] == 0
-    origin_bytes = proxy.sent["GET blob"]
-    # the origin served each slice of each pack once, whatever the three nodes asked for at once
+    # the origin served each pack range once (through the tier), whatever the three nodes asked for at once
     assert proxy.ranges and max(proxy.ranges.values()) == 1, proxy.ranges.most_common(3)
-    assert origin_bytes <= 1.2 * one_node, (origin_bytes, one_node)
+    assert proxy.sent[packs] <= 1.2 * one_node, (proxy.sent[packs], one_node)
+    return one_node, alone_counts, log
+
+
+def test_nodes_starting_one_image_through_the_tier_fetch_it_from_the_origin_once(tmp_path, origin, store):
+    one_node, _alone, log = _alone_then_three_through_the_tier(tmp_path, origin, store, "GET blob")
     served = sum(int(r[4]) for r in log if "/blobs/sha256:" in r[1] and r[0] == "GET")
     assert served >= 2.5 * one_node  # the nodes' reads were served by the tier
 
@@ -131,15 +162,9 @@ def test_a_lying_tier_never_serves_wrong_bytes_and_the_origin_is_read_instead(tm
     liar = CountingProxy(proxy.host)  # a "tier" that flips a byte of every blob range it serves
     liar.fault = lambda method, path: "corrupt" if "/blobs/sha256:" in path and method == "GET" else None
     try:
-        w = convstore.Store.open(url, store.key, insecure=True, cache_dir=str(tmp_path / "lc"),
-                                 state_dir=str(tmp_path / "ls"), site_cache=f"http://{liar.host}")
-        with ImageFS.from_store(w, "a:1") as fs:
-            got = {p: hashlib.sha256(fs.open(p).read()).hexdigest() for p in _regular(fs)}
-        tier = w.chunk_store.inner
-        assert isinstance(tier, SiteTierChunkStore)
+        got, tier, objects = _read_through_tier(tmp_path, url, store, f"http://{liar.host}", insecure=True)
         stats = tier.stats()
-        objects = w.objects.inner  # the sealed manifest came through the liar too: refused by its name
-        assert isinstance(objects, SiteTierObjectStore) and objects.tier_objects == 0
+        assert objects.tier_objects == 0  # the sealed manifest came through the liar too: refused by its name
     finally:
         liar.stop()
     assert got == truth  # nothing wrong was ever returned
@@ -153,8 +178,7 @@ def test_a_lying_tier_never_serves_wrong_bytes_and_the_origin_is_read_instead(tm
     again = convstore.Store.open(url, store.key, insecure=True, cache_dir=str(tmp_path / "lc"),
                                  state_dir=str(tmp_path / "ls"))
     proxy.reset()
-    with ImageFS.from_store(again, "a:1") as fs:
-        assert {p: hashlib.sha256(fs.open(p).read()).hexdigest() for p in _regular(fs)} == truth
+    assert _read_image(again) == truth
     assert proxy.counts.get("GET blob", 0) == 0
 
 
@@ -175,46 +199,17 @@ def test_site_cache_errors_are_one_line(tmp_path, cli_env, registry):
 def s3_origin(tmp_path, seaweed, s3, store, monkeypatch):
     """(counting proxy in front of SeaweedFS, the s3:// URL, the truth {path: sha256}); the nodes'
     endpoint (``CONVSTORE_S3_ENDPOINT``, inherited) is the proxy."""
-    small = [Entry(f"s/{os.urandom(16).hex()}", data=os.urandom(100)) for _ in range(800)]
-    write_oci(str(tmp_path / "a"), [rich_layer(), make_tar(_files(24, 100_000) + small)])
-    store.pack(f"oci:{tmp_path / 'a'}", "a:1")
     proxy = CountingProxy(seaweed.endpoint.removeprefix("http://"))
     monkeypatch.setenv("CONVSTORE_S3_ENDPOINT", f"http://{proxy.host}")
-    from convstore.transfer import copy_image
-
-    copy_image(store, convstore.Store.open(s3, store.key, cache_dir=str(tmp_path / "c0"),
-                                           state_dir=str(tmp_path / "s0")), "a:1")
-    with ImageFS.from_store(store, "a:1") as fs:
-        truth = {p: hashlib.sha256(fs.open(p).read()).hexdigest() for p in _regular(fs)}
-    proxy.reset()
-    yield proxy, s3, truth
+    yield proxy, s3, _origin_holding_the_image(tmp_path, store, proxy, s3)
     proxy.stop()
 
 
 def test_s3_nodes_through_the_tier_fetch_each_pack_range_from_the_origin_once(tmp_path, s3_origin, store):
-    proxy, url, truth = s3_origin
-    key = store.key.spec
-    [alone] = _nodes(tmp_path, url, key, "", 1, "alone")
-    assert alone["files"] == truth
-    one_node = proxy.sent["GET pack"]
-    alone_manifests = proxy.counts["GET manifest"]
-    assert one_node > 2_000_000
-    proxy.reset()
-    tier = SiteTier(tmp_path / "tier", proxy.host)
-    try:
-        outs = _nodes(tmp_path, url, key, tier.url, 3, "fleet")
-        log = tier.log()
-    finally:
-        tier.stop()
-    for o in outs:
-        assert o["files"] == truth
-        assert o["manifests_via_tier"] == 1  # the sealed manifest came from the tier, checked against its name
-        assert o["tier"]["tier_chunks"] > 0 and o["tier"]["tier_lies"] == 0 and o["tier"]["tier_failures"] == 0
-    # the origin served each pack range once (through the tier) whatever the three nodes asked for at once
-    assert proxy.ranges and max(proxy.ranges.values()) == 1, proxy.ranges.most_common(3)
-    assert proxy.sent["GET pack"] <= 1.2 * one_node, (proxy.sent["GET pack"], one_node)
+    proxy = s3_origin[0]
+    one_node, alone, log = _alone_then_three_through_the_tier(tmp_path, s3_origin, store, "GET pack")
     # and the sealed manifest once: three nodes, one origin GET
-    assert proxy.counts["GET manifest"] == 1 and alone_manifests == 1, (proxy.counts, alone_manifests)
+    assert proxy.counts["GET manifest"] == 1 and alone.get("GET manifest") == 1, (proxy.counts, alone)
     # packs and sealed manifests, never any other metadata
     assert log and all(_TIER_KEY.search(r[1]) and r[0] == "GET" for r in log), log[:5]
     assert sum(1 for r in log if "/meta/manifests/" in r[1]) == 3
@@ -238,12 +233,7 @@ def test_s3_a_lying_tier_never_serves_wrong_bytes(tmp_path, s3_origin, store):
     liar.fault = lambda method, path: "corrupt" if "/packs/" in path and method == "GET" else None
     liar.log = []
     try:
-        w = convstore.Store.open(url, store.key, cache_dir=str(tmp_path / "lc"), state_dir=str(tmp_path / "ls"),
-                                 site_cache=f"http://{liar.host}")
-        with ImageFS.from_store(w, "a:1") as fs:
-            got = {p: hashlib.sha256(fs.open(p).read()).hexdigest() for p in _regular(fs)}
-        tier = w.chunk_store.inner
-        assert isinstance(tier, SiteTierChunkStore)
+        got, tier, _objects = _read_through_tier(tmp_path, url, store, f"http://{liar.host}")
         stats = tier.stats()
     finally:
         liar.stop()
@@ -276,19 +266,13 @@ def test_s3_a_tier_serving_another_manifest_is_caught(tmp_path, s3_origin, store
     liar.swap_body = origin_meta.get(other_key)
     liar.fault = lambda method, path: "swap" if "/meta/manifests/" in path and method == "GET" else None
     try:
-        w = convstore.Store.open(url, store.key, cache_dir=str(tmp_path / "lc"), state_dir=str(tmp_path / "ls"),
-                                 site_cache=f"http://{liar.host}")
-        with ImageFS.from_store(w, "a:1") as fs:
-            got = {p: hashlib.sha256(fs.open(p).read()).hexdigest() for p in _regular(fs)}
-        tier = w.chunk_store.inner
-        assert isinstance(tier, SiteTierChunkStore)
+        got, tier, objects = _read_through_tier(tmp_path, url, store, f"http://{liar.host}")
         stats = tier.stats()
-        objects = w.objects.inner
     finally:
         liar.stop()
     assert got == truth  # a's files, not b's
     assert liar.faults_injected == 1  # the liar was asked for a's sealed manifest and answered b's
-    assert isinstance(objects, SiteTierObjectStore) and objects.tier_objects == 0
+    assert objects.tier_objects == 0
     assert stats["tier_lies"] == 1  # the swapped manifest, and nothing else
     assert stats["tier_chunks"] > 0  # one lie does not drop the tier: the packs still came through it
 

@@ -29,7 +29,7 @@ from ..errors import ConvstoreError, CorruptObject, ImagePending, KeyAccessDenie
 from ..keys import KeyProvider
 from ..manifest import LayerRecord, Manifest, chunk_table
 from .identity import StoreIdentity, check_key_id
-from ..stores.base import ObjectStore
+from ..stores.base import ObjectStore, sealed_manifest_key
 
 LAYER_INDEX_VERSION = 2
 PROFILE_VERSION = 2  # start-up profiles: 1 one start in read order; 2 merged starts in file order (docs/format.md)
@@ -57,7 +57,7 @@ class ManifestStore:
         dek = os.urandom(32)
         sealed = seal(manifest.encode(), dek, b"convstore manifest v1\0" + self.ident.id.encode())
         digest = "sha256:" + hashlib.sha256(sealed).hexdigest()
-        self.objects.put("manifests/" + digest.split(":", 1)[1], sealed,
+        self.objects.put(sealed_manifest_key(digest), sealed,
                          refs={h[0] for h in manifest.locations if h is not None})
         return digest, self.key.wrap(dek, self.context(manifest.name, digest))
 
@@ -82,7 +82,7 @@ class ManifestStore:
         """The authenticated plaintext of a sealed manifest."""
         check_key_id(self.key, key_id, what)
         try:
-            sealed = self.objects.get("manifests/" + digest.split(":", 1)[1])
+            sealed = self.objects.get(sealed_manifest_key(digest))
         except KeyError:
             raise StoreError(f"{what}: manifest {digest} is missing from the store") from None
         got = "sha256:" + hashlib.sha256(sealed).hexdigest()

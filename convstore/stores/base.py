@@ -41,6 +41,23 @@ from ..errors import ConvstoreError, StoreError
 Location = tuple[bytes, int, int]
 
 
+#: the prefix of sealed manifests' keys (``manifests/<sha256 hex>``, owned by :mod:`convstore.core.manifests`)
+MANIFESTS = "manifests/"
+
+
+def sealed_manifest_key(digest: str) -> str:
+    """The key of the sealed manifest ``digest`` (``sha256:<hex>``)."""
+    return MANIFESTS + digest.split(":", 1)[1]
+
+
+def sealed_manifest_name(key: str) -> str | None:
+    """The sha256 (hex) a key ``manifests/<sha256 hex>`` names, or None for any other key.  Sealed
+    manifests are the only metadata that is write-once and named by its content (the sha256 of its
+    bytes): what a disk cache keeps and a site tier serves; every other object is mutable."""
+    name = key[len(MANIFESTS):] if key.startswith(MANIFESTS) else ""
+    return name if len(name) == 64 and all(c in "0123456789abcdef" for c in name) else None
+
+
 def check_key(key: str) -> str:
     """``key`` if it is a valid object key (``/``-separated, relative, no
     empty, ``.`` or ``..`` part, no NUL), else :class:`StoreError`."""

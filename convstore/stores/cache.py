@@ -26,10 +26,10 @@ from collections.abc import Collection, Iterator
 
 from ..errors import CorruptObject, DigestMismatch, RegistryUnavailable
 from ..oci.media import verify_bytes
-from .base import ChunkStore, ForwardingChunkStore, ForwardingObjectStore, Location, ObjectStore
+from .base import (ChunkStore, ForwardingChunkStore, ForwardingObjectStore, Location, ObjectStore,
+                   sealed_manifest_name)
 from .fs import append_line, makedirs_private
 
-IMMUTABLE_OBJECTS = ("manifests/",)
 OFFLINE_MAX_AGE = 86400.0  # seconds a last copy may be served while the remote is unavailable
 LAST_COPY_VERSION = 1
 REFRESH_EVERY = 60.0  # an unchanged copy's time is rewritten at most this often (its age is that coarse)
@@ -294,12 +294,13 @@ class CachedStore(ForwardingObjectStore):
         return f"CachedStore({self.remote!r}, {self.cache!r})"
 
     def get(self, key: str) -> bytes:
-        if key.startswith(IMMUTABLE_OBJECTS):
+        name = sealed_manifest_name(key)
+        if name is not None:  # write-once: from the disk cache
             data = self.cache.get(key)
             if data is None:
                 data = self.remote.get(key)
                 try:  # a sealed manifest is named by its digest: what does not match it is never cached
-                    verify_bytes(data, "sha256:" + key.rsplit("/", 1)[-1], None, f"{self.remote!r}: object {key}")
+                    verify_bytes(data, "sha256:" + name, None, f"{self.remote!r}: object {key}")
                 except DigestMismatch as e:
                     raise CorruptObject(str(e)) from None
                 self.cache.put(key, data)
@@ -318,7 +319,7 @@ class CachedStore(ForwardingObjectStore):
         return data
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        if any(k.startswith(IMMUTABLE_OBJECTS) for k in keys):
+        if any(sealed_manifest_name(k) is not None for k in keys):
             return super().get_many(keys)
         found = self.remote.get_many(keys)  # what it left out is read alone (its error, or its last copy)
         for k, v in found.items():
@@ -326,7 +327,7 @@ class CachedStore(ForwardingObjectStore):
         return found
 
     def has(self, key: str) -> bool:
-        if key.startswith(IMMUTABLE_OBJECTS) and self.cache.contains(key):
+        if sealed_manifest_name(key) is not None and self.cache.contains(key):
             return True
         try:
             return self.remote.has(key)
@@ -349,14 +350,14 @@ class CachedStore(ForwardingObjectStore):
     def put(self, key: str, data: bytes, *, durable: bool = True, exclusive: bool = False,
             refs: Collection[bytes] = ()) -> bool:
         done = self.remote.put(key, data, durable=durable, exclusive=exclusive, refs=refs)
-        if done and not key.startswith(IMMUTABLE_OBJECTS):
+        if done and sealed_manifest_name(key) is None:
             self.last.save(key, data)
         return done
 
     def delete(self, key: str) -> None:
         self.evict(key)
         self.remote.delete(key)
-        if not key.startswith(IMMUTABLE_OBJECTS):
+        if sealed_manifest_name(key) is None:
             self.last.save(key, None)
 
     def append_line(self, key: str, line: str) -> None:

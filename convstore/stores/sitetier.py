@@ -52,7 +52,8 @@ import hashlib
 import hmac
 
 from ..errors import ConvstoreError, CorruptObject, InvalidReference
-from .base import ChunkStore, ForwardingChunkStore, ForwardingObjectStore, Location, ObjectStore
+from .base import (ChunkStore, ForwardingChunkStore, ForwardingObjectStore, Location, ObjectStore,
+                   sealed_manifest_name)
 
 log = logging.getLogger(__name__)
 
@@ -234,13 +235,6 @@ class SiteTierObjectStore(ForwardingObjectStore):
         out = super().get_many([k for k in keys if sealed_manifest_name(k) is not None])
         out.update(self.inner.get_many([k for k in keys if sealed_manifest_name(k) is None]))
         return out
-
-
-def sealed_manifest_name(key: str) -> str | None:
-    """The sha256 (hex) a metadata key ``manifests/<sha256>`` names, or None for any other key: the
-    only metadata a site tier may serve."""
-    name = key[len("manifests/"):] if key.startswith("manifests/") else ""
-    return name if len(name) == 64 and all(c in "0123456789abcdef" for c in name) else None
 
 
 def tier_stats(store: ChunkStore) -> dict[str, int] | None:

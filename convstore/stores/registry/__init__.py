@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING
 from ...errors import InvalidReference
 from ...oci.registry_client import (READ_DEADLINE, TIMEOUT, RegistryClient, RegistryCorrupt, RegistryError,
                                     RegistryResponseTooLarge, RegistryTooSlow)
+from ..packindex import COMPACT_SEGMENTS, PACK_BYTES
 from .artifacts import AT_IMAGE, AT_MANIFEST, AT_OBJECT, artifact, layer
-from .index import COMPACT_SEGMENTS, INDEX_REPO, PACK_BYTES, RegistryChunkStore
+from .index import INDEX_REPO, RegistryChunkStore
 from .meta import INLINE_BYTES, RegistryStore
 
 if TYPE_CHECKING:

@@ -6,18 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 import struct
-import threading
-from collections.abc import Callable, Iterator
 
 from ...errors import S3Error, StoreError
-from ..base import ChunkSet, ChunkStore, Location
-from ..fs import makedirs_private
-from ..index import AUTO_MERGE_MAX, SortedIndex, encode_midx, record
-from ..registry.index import _SEG, _SEG_HEAD, MAX_SEGMENT, MULTI_GAP, PACK_BYTES, SNAP_MAGIC, _decode_segment
+from ..base import ChunkSet, Location
+from ..index import SortedIndex, record
+from ..packindex import (MAX_SEGMENT, MAX_SNAPSHOT, MULTI_GAP, SNAP_MAGIC, PackIndexChunkStore, Wanted,
+                         _decode_segment, coalesce)
 from .client import S3Client
 
 log = logging.getLogger(__name__)
@@ -29,11 +26,9 @@ _PACK_NAME = re.compile(r"[0-9a-f]{64}\Z")
 #: a snapshot object: magic, version, length of the JSON list of what it covers, that list, then the index
 _SNAP_HEAD = struct.Struct("<8sII")
 S3_SNAP_MAGIC = b"CSS3SNAP"
-COMPACT_SEGMENTS = 16
-MAX_SNAPSHOT = 2 << 30
 
 
-class S3ChunkStore(ChunkStore):
+class S3ChunkStore(PackIndexChunkStore):
     """Chunks in pack objects of one bucket prefix, as in a registry store
     (:class:`~convstore.stores.registry.index.RegistryChunkStore`):
 
@@ -57,54 +52,21 @@ class S3ChunkStore(ChunkStore):
     """
 
     supports_deletes = True
-    needs_locations = True
+    index_what = "the S3"
+    merge_errors = (S3Error,)
 
     def __init__(self, client: S3Client, index_dir: str | None = None) -> None:
         self.client = client
         self.url = client.url
-        self.index_dir = index_dir
-        self._lock = threading.RLock()
-        self._reset()
-        self._pending: dict[bytes, tuple[int, int]] = {}
-        self._pack = bytearray()
-
-    def _reset(self) -> None:
-        self._loaded = False
-        self._snaps: dict[str, SortedIndex] = {}
-        self._snap_covers: dict[str, list[str]] = {}
-        self._segs: dict[bytes, tuple[str, int, int]] = {}  # cid -> (pack hex, offset, length), not merged
-        self._seg_tags: dict[str, list[tuple[bytes, str, int, int]]] = {}
-        self._covered: set[str] = set()
-        self._known: set[str] = set()  # pack names (hex) the loaded index names, or this client wrote
+        super().__init__(index_dir)
 
     def __repr__(self) -> str:
         return f"S3ChunkStore({self.url})"
 
     # -- the index ------------------------------------------------------------
-    def _cached(self, name: str, fetch: Callable[[], bytes]) -> bytes:
-        path = os.path.join(self.index_dir, name) if self.index_dir else None
-        if path:
-            try:
-                with open(path, "rb") as f:
-                    return f.read()
-            except FileNotFoundError:
-                pass
-        data = fetch()
-        if path:
-            makedirs_private(os.path.dirname(path))
-            tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        return data
-
     def _fetch(self, tag: str, max_bytes: int) -> bytes:
         """An index object, from ``index_dir`` if it was read before (they are immutable)."""
         return self._cached(tag, lambda: self.client.get(INDEX + tag, max_bytes=max_bytes))
-
-    def refresh(self) -> None:
-        with self._lock:
-            self._load()
 
     def _load(self) -> None:
         objs, _now = self.client.list_with_time(INDEX)
@@ -120,16 +82,8 @@ class S3ChunkStore(ChunkStore):
                     raise
                 log.warning("skipping index snapshot %s: %s", t, e)
                 continue
-            self._snaps[t] = snap
-            self._snap_covers[t] = covered
-            self._known |= set(snap.packs)
-            self._covered |= set(covered)
-        for t in [t for t in self._snaps if t in self._covered]:
-            del self._snaps[t]
-        for t in [t for t in self._seg_tags if t in self._covered]:  # merged since: their places may be gone
-            for cid, pack, off, n in self._seg_tags.pop(t):
-                if self._segs.get(cid) == (pack, off, n):
-                    del self._segs[cid]
+            self._add_snapshot(t, snap, covered)
+        self._drop_covered()
         for t in [t for t in names if t.startswith("x-") and t not in self._seg_tags and t not in self._covered]:
             try:
                 data = self._fetch(t, MAX_SEGMENT)
@@ -141,44 +95,11 @@ class S3ChunkStore(ChunkStore):
                     raise
                 log.warning("skipping pack index %s: %s", t, e)
                 continue
-            self._add_segment(t, [(cid, pack.split(":", 1)[1], off, n) for cid, pack, off, n in recs])
-        # the packs the index names now (a gc since the last load may have removed some)
-        self._known = {p for s in self._snaps.values() for p in s.packs} | \
-            {pack for recs in self._seg_tags.values() for _c, pack, _o, _n in recs}
+            self._add_segment(t, recs)
+        self._known = self._named_packs()  # a gc since the last load may have removed some
         self._loaded = True
 
-    def _add_segment(self, tag: str, recs: list[tuple[bytes, str, int, int]]) -> None:
-        self._seg_tags[tag] = recs
-        for cid, pack, off, n in recs:
-            self._segs.setdefault(cid, (pack, off, n))
-            self._known.add(pack)
-
-    def _lookup(self, cid: bytes) -> tuple[str, int, int] | None:
-        if not self._loaded:
-            self._load()
-        loc = self._segs.get(cid)
-        if loc is not None:
-            return loc
-        for snap in self._snaps.values():
-            got = snap.find(cid)
-            if got is not None:
-                return got[0].hex(), got[1], got[2]
-        return None
-
     # -- the ChunkStore API ---------------------------------------------------
-    def has(self, cid: bytes) -> bool:
-        with self._lock:
-            return cid in self._pending or self._lookup(cid) is not None
-
-    def holds(self, hint: Location) -> bool:
-        with self._lock:
-            return hint[0].hex() in self._known
-
-    def locate(self, cid: bytes) -> Location | None:
-        with self._lock:
-            loc = self._lookup(cid)
-        return None if loc is None else (bytes.fromhex(loc[0]), loc[1], loc[2])
-
     def _range(self, pack: str, start: int, end: int) -> bytes:
         data = self.client.get(PACKS + pack, start, end)
         if len(data) != end - start:
@@ -187,20 +108,13 @@ class S3ChunkStore(ChunkStore):
 
     def get(self, cid: bytes, hint: Location | None = None) -> bytes:
         if hint is not None and len(hint[0]) == 32:
-            try:
-                return self._range(hint[0].hex(), hint[1], hint[1] + hint[2])
-            except KeyError:
-                pass  # the pack is gone (rewritten by gc) or shorter: the index says where the chunk is
-        with self._lock:
-            pend = self._pending.get(cid)
-            if pend is not None:
-                return bytes(self._pack[pend[0] : pend[0] + pend[1]])
-            loc = self._lookup(cid)
-            if loc is None:
-                self._load()
-                loc = self._lookup(cid)
-        if loc is None:
-            raise KeyError(cid.hex())
+            got = self._range_or_none(hint[0].hex(), hint[1], hint[1] + hint[2])
+            if got is not None:
+                return got
+            # else the pack is gone (rewritten by gc) or shorter: the index says where the chunk is
+        loc = self._place(cid)
+        if isinstance(loc, bytes):
+            return loc
         try:
             return self._range(loc[0], loc[1], loc[1] + loc[2])
         except KeyError:  # the index this client loaded is older than a gc: load it again
@@ -231,147 +145,36 @@ class S3ChunkStore(ChunkStore):
         wider bridge read 2.5x what a node needs in the 50-node fleet run)
         come in one request of at most ``max_span`` bytes."""
         out: dict[bytes, bytes] = {}
-        by_pack: dict[str, list[tuple[int, int, bytes]]] = {}
-        hints = hints or {}
-        for c in cids:
-            h = hints.get(c)
-            if h is not None and len(h[0]) == 32:
-                by_pack.setdefault(h[0].hex(), []).append((h[1], h[2], c))
-                continue
-            with self._lock:
-                loc = None if c in self._pending else self._lookup(c)
-            if loc is None:
-                out[c] = self.get(c)
-            else:
-                by_pack.setdefault(loc[0], []).append((loc[1], loc[2], c))
         spans: list[tuple[str, int, int]] = []
-        held: list[list[tuple[int, int, bytes]]] = []
-        for pack, items in by_pack.items():
-            items.sort()
-            i = 0
-            while i < len(items):
-                j = i
-                start, end = items[i][0], items[i][0] + items[i][1]
-                while j + 1 < len(items) and items[j + 1][0] - end <= max_gap and \
-                        items[j + 1][0] + items[j + 1][1] - start <= max_span:
-                    j += 1
-                    end = max(end, items[j][0] + items[j][1])
+        held: list[list[Wanted]] = []
+        for pack, items in self._by_pack(cids, hints, out).items():
+            for start, end, its in coalesce(items, max_gap, max_span):
                 spans.append((PACKS + pack, start, end))
-                held.append(items[i : j + 1])
-                i = j + 1
+                held.append(its)
         # the spans in parallel (S3 has no multi-range GET)
         for (_name, start, end), its, data in zip(spans, held, self.client.get_ranges(spans)):
-            if isinstance(data, KeyError) or len(data) != end - start:  # a stale hint: through the index
-                for _off, _n, c in its:
-                    out[c] = self.get(c)
-            else:
-                for off, n, c in its:
-                    out[c] = data[off - start : off - start + n]
+            stale = isinstance(data, KeyError) or len(data) != end - start  # a stale hint: through the index
+            self._deliver(out, start, its, None if stale else data)
         return out
-
-    def size(self, cid: bytes) -> int:
-        with self._lock:
-            loc = self._lookup(cid)
-        if loc is None:
-            raise KeyError(cid.hex())
-        return loc[2]
-
-    def put(self, cid: bytes, blob: bytes) -> None:
-        with self._lock:
-            if cid in self._pending or self._lookup(cid) is not None:
-                return
-            self._pending[cid] = (len(self._pack), len(blob))
-            self._pack += blob
-            full = len(self._pack) >= PACK_BYTES
-        if full:
-            self.flush()
 
     def _write_pack(self, pack: bytes) -> str:
         name = hashlib.sha256(pack).hexdigest()
         self.client.put(PACKS + name, pack, if_absent=True)  # present: the same bytes (named by their digest)
         return name
 
-    def _write_segment(self, name: str, recs: dict[bytes, tuple[int, int]]) -> str:
-        body = _SEG_HEAD.pack(b"CSRX", 1, bytes.fromhex(name)) + b"".join(
-            _SEG.pack(cid, off, n) for cid, (off, n) in recs.items())
+    def _write_segment(self, pack: str, body: bytes) -> str:
         tag = "x-" + secrets.token_hex(16)
         self.client.put(INDEX + tag, body, if_absent=True)
         return tag
 
-    def flush(self) -> None:
-        """Write the pending chunks as one pack object, then its segment (the
-        commit point for dedup); then merge segments if there are enough."""
-        with self._lock:
-            pending, pack = self._pending, bytes(self._pack)
-            self._pending, self._pack = {}, bytearray()
-        if pending:
-            try:
-                name = self._write_pack(pack)
-                tag = self._write_segment(name, pending)
-            except BaseException:
-                with self._lock:  # kept pending: a retry of flush sends them again
-                    for cid, (off, n) in pending.items():
-                        self._pending.setdefault(cid, (len(self._pack), n))
-                        self._pack += pack[off : off + n]
-                raise
-            with self._lock:
-                self._add_segment(tag, [(cid, name, off, n) for cid, (off, n) in pending.items()])
-        with self._lock:
-            loose = [t for t in self._seg_tags if t not in self._covered]
-        if len(loose) >= COMPACT_SEGMENTS:
-            try:
-                self.compact(full=False)
-            except S3Error as e:  # a merge is an optimisation: the segments stay valid
-                log.warning("could not merge the S3 index: %s", e)
-
-    def _records(self, tags_segs: list[str], tags_snaps: list[str]) -> list[bytes]:
-        records: list[bytes] = []
-        for t in tags_snaps:
-            records.extend(bytes(r) for r in self._snaps[t].records())
-        for t in tags_segs:
-            records.extend(record(cid, bytes.fromhex(pack), off, n) for cid, pack, off, n in self._seg_tags[t])
-        return records
-
-    def _write_snapshot(self, records: list[bytes], covered: list[str]) -> None:
-        """One snapshot of ``records`` covering ``covered``; then those removed."""
-        data = encode_midx(records, SNAP_MAGIC, 32)
-        cov = json.dumps(sorted(covered)).encode()
+    def _put_snapshot(self, data: bytes, covered: list[str]) -> str:
+        cov = json.dumps(covered).encode()
         tag = "s-" + secrets.token_hex(16)
         self.client.put(INDEX + tag, _SNAP_HEAD.pack(S3_SNAP_MAGIC, 1, len(cov)) + cov + data, if_absent=True)
-        snap = SortedIndex.from_bytes(data, f"index snapshot {tag}", SNAP_MAGIC, 32)
-        with self._lock:
-            self._snaps[tag] = snap
-            self._snap_covers[tag] = sorted(covered)
-            self._covered |= set(covered)
-            for t in covered:
-                self._snaps.pop(t, None)
-                for cid, pack, off, n in self._seg_tags.pop(t, ()):
-                    if self._segs.get(cid) == (pack, off, n):
-                        del self._segs[cid]
-        self.client.delete([INDEX + t for t in covered])
+        return tag
 
-    def compact(self, full: bool = True) -> bool:
-        """Merge the loaded segments (and, size-tiered, the small snapshots) into one snapshot."""
-        with self._lock:
-            self._load()
-            loose = [t for t in self._seg_tags if t not in self._covered]
-            total = sum(len(self._seg_tags[t]) for t in loose)
-            taken: list[str] = []
-            for t, s in sorted(self._snaps.items(), key=lambda kv: kv[1].count):
-                if full or (s.count <= 2 * total and total + s.count <= AUTO_MERGE_MAX):
-                    taken.append(t)
-                    total += s.count
-            if not loose and len(taken) <= 1:
-                return False
-            records = self._records(loose, taken)
-            covered = sorted({*loose, *taken, *(c for t in taken for c in self._snap_covers.get(t, ()))})
-        self._write_snapshot(records, covered)
-        return True
-
-    def abort(self) -> None:
-        with self._lock:
-            self._pending.clear()
-            self._pack = bytearray()
+    def _remove_index(self, names: list[str]) -> None:
+        self.client.delete([INDEX + t for t in names])
 
     def delete(self, cids: list[bytes]) -> None:
         """Remove chunks: packs left with no live chunk are removed, the others
@@ -413,31 +216,10 @@ class S3ChunkStore(ChunkStore):
         with self._lock:
             self._known -= set(affected)
 
-    def ids(self) -> Iterator[bytes]:
-        return (c for c, _n in self.entries())
-
-    def entries(self) -> Iterator[tuple[bytes, int]]:
-        with self._lock:
-            self._load()
-            segs = [(c, n) for c, (_p, _o, n) in self._segs.items()]
-            snaps = list(self._snaps.values())
-        seen: set[bytes] = set()
-        for c, n in segs:
-            seen.add(c)
-            yield c, n
-        for s in snaps:
-            for c, n in s.entries():
-                if c not in seen:
-                    seen.add(c)
-                    yield c, n
-
     def unreferenced(self, live: ChunkSet) -> tuple[int, list[tuple[bytes, int]]]:
         with self._lock:
             self._reset()  # gc sweeps what the store holds now, not what this client loaded before
         return super().unreferenced(live)
-
-    def usage(self) -> int:
-        return sum(n for _c, n in self.entries())
 
     def pack_sizes(self, packs: set[bytes]) -> dict[bytes, int]:
         """The size of each pack object (one HEAD each); an error naming one that is
