@@ -153,8 +153,8 @@ class S3ChunkStore(PackIndexChunkStore):
                 held.append(its)
         # the spans in parallel (S3 has no multi-range GET)
         for (_name, start, end), its, data in zip(spans, held, self.client.get_ranges(spans)):
-            stale = isinstance(data, KeyError) or len(data) != end - start  # a stale hint: through the index
-            self._deliver(out, start, its, None if stale else data)
+            # a stale hint (the pack gone or shorter): through the index
+            self._deliver(out, start, its, data if isinstance(data, bytes) and len(data) == end - start else None)
         return out
 
     def _write_pack(self, pack: bytes) -> str:
