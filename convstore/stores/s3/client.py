@@ -40,10 +40,12 @@ def _session() -> Any:
     environment when a client first needs them, never shared -- over the process's one botocore data
     loader, which holds the S3 API's model (no credential) parsed once: a second client (a site
     tier's, the origin's) then costs ~0.01 CPU s to make instead of ~0.08."""
-    import boto3
-    import botocore.loaders
-    import botocore.session
-
+    try:
+        import boto3
+        import botocore.loaders
+        import botocore.session
+    except ImportError:
+        raise S3Error("an s3:// store needs boto3: pip install 'convstore[aws]'") from None
     core = botocore.session.get_session()
     path = str(core.get_config_variable("data_path") or "")
     with _loaders_lock:
@@ -63,7 +65,7 @@ def warm_up() -> None:
     commands), if boto3 is installed: a client made with no credential and no network."""
     try:
         _session().client("s3", region_name="us-east-1", aws_access_key_id="-", aws_secret_access_key="-")
-    except ImportError:
+    except S3Error:  # no boto3 (the aws extra): nothing to warm
         pass
 
 
