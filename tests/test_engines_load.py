@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import need_tool, run_cli
-from engine_fixtures import Containerd, unmount_below
+from engine_fixtures import Containerd, start_snapshotter, unmount_below
 from imagebuilder import Entry, make_tar, write_oci
-from test_engines import start_snapshotter
 
 
 def _cs(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
