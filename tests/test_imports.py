@@ -280,3 +280,23 @@ def test_a_warm_run_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
     unused = sorted(m for m in loaded if m in RUN_NEEDS_NONE_OF or m.split(".")[0] in RUN_NEEDS_NONE_OF
                     or any(m.startswith(p + ".") for p in RUN_NEEDS_NONE_OF))
     assert unused == [], f"a warm run imports modules it does not use: {unused}"
+
+
+def test_a_command_line_builds_only_its_command() -> None:
+    """typer makes a click command of every command it is given on each start: a command line naming one
+    command (after global options, valued or flags, ``--opt=value`` too) is given that command and the
+    services (a config file's sections name them); anything else the whole tree, which answers as before."""
+    from typer.main import get_command
+
+    from convstore import cli
+    from convstore.service.config import SERVICES
+
+    def built(argv: list[str]) -> set[str]:
+        return set(get_command(cli._app_for(argv)).commands)  # type: ignore[attr-defined]
+
+    everything = built([])
+    assert {"run", "images", "domain", *SERVICES} <= everything
+    assert built(["--store", "images", "--key=file:/k", "-q", "--insecure", "run", "app:1"]) == {"run", *SERVICES}
+    assert built(["--store=/s", "domain", "list"]) == {"domain", *SERVICES}
+    for argv in (["--help"], ["--store", "/s"], ["imagez"], ["--stor", "/s", "run"], ["-qx", "run"], ["--", "run"]):
+        assert built(argv) == everything, argv
