@@ -1089,13 +1089,13 @@ def main(command: Callable[[], object] | None = None) -> None:
 def _app_for(argv: Sequence[str]) -> typer.Typer:
     """The command tree to build for ``argv``.  typer makes a click command of every command on each start
     (~10 ms of a `convstore run`); a command line that names one command after the global options gets a tree
-    of that command and the services (whose sections a config file may hold, service/config.py).  Anything
-    else (no command, an unknown one, --help, --): the whole tree, which answers as always."""
+    of that command, and the services if a config file is read (its sections name them, service/config.py).
+    Anything else (no command, an unknown one, --help, --): the whole tree, which answers as always."""
     import copy
 
     from typer.main import get_command_name, get_params_convertors_ctx_param_name_from_function
 
-    from .service.config import SERVICES
+    from .service import config
 
     assert app.registered_callback is not None
     params = get_params_convertors_ctx_param_name_from_function(app.registered_callback.callback)[0]
@@ -1111,7 +1111,11 @@ def _app_for(argv: Sequence[str]) -> typer.Typer:
     def name(info: Any) -> str:
         return info.name or get_command_name(info.callback.__name__)
 
-    keep = {argv[i], *SERVICES}
+    try:
+        read = any(a.partition("=")[0] == "--config" for a in argv[:i]) or config.find(None) is not None
+    except ConfigError:
+        read = True  # the callback says what is wrong, as always
+    keep = {argv[i], *(config.SERVICES if read else ())}
     commands = [c for c in app.registered_commands if name(c) in keep]
     groups = [g for g in app.registered_groups if g.name in keep]
     if argv[i] not in {name(c) for c in commands} | {g.name for g in groups}:

@@ -32,6 +32,8 @@ import ast
 from collections import deque
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "convstore"
 ROOT = PACKAGE.name
 
@@ -282,10 +284,11 @@ def test_a_warm_run_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
     assert unused == [], f"a warm run imports modules it does not use: {unused}"
 
 
-def test_a_command_line_builds_only_its_command() -> None:
+def test_a_command_line_builds_only_its_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """typer makes a click command of every command it is given on each start: a command line naming one
-    command (after global options, valued or flags, ``--opt=value`` too) is given that command and the
-    services (a config file's sections name them); anything else the whole tree, which answers as before."""
+    command (after global options, valued or flags, ``--opt=value`` too) is given that command, and the
+    services if a config file is read (its sections name them); anything else the whole tree, which answers
+    as before."""
     from typer.main import get_command
 
     from convstore import cli
@@ -294,9 +297,16 @@ def test_a_command_line_builds_only_its_command() -> None:
     def built(argv: list[str]) -> set[str]:
         return set(get_command(cli._app_for(argv)).commands)  # type: ignore[attr-defined]
 
+    monkeypatch.setenv("CONVSTORE_CONFIG", "")  # no config file
     everything = built([])
     assert {"run", "images", "domain", *SERVICES} <= everything
-    assert built(["--store", "images", "--key=file:/k", "-q", "--insecure", "run", "app:1"]) == {"run", *SERVICES}
-    assert built(["--store=/s", "domain", "list"]) == {"domain", *SERVICES}
+    assert built(["--store", "images", "--key=file:/k", "-q", "--insecure", "run", "app:1"]) == {"run"}
+    assert built(["--store=/s", "domain", "list"]) == {"domain"}
+    assert built(["--config", "/c.toml", "run", "app:1"]) == built(["--config=/c.toml", "run"]) == {"run", *SERVICES}
+    (tmp_path / "c.toml").write_text("version = 1\n")
+    monkeypatch.setenv("CONVSTORE_CONFIG", str(tmp_path / "c.toml"))
+    assert built(["run", "app:1"]) == {"run", *SERVICES}
+    monkeypatch.setenv("CONVSTORE_CONFIG", str(tmp_path / "missing.toml"))  # an error the callback reports
+    assert built(["run", "app:1"]) == {"run", *SERVICES}
     for argv in (["--help"], ["--store", "/s"], ["imagez"], ["--stor", "/s", "run"], ["-qx", "run"], ["--", "run"]):
         assert built(argv) == everything, argv
