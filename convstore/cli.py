@@ -1093,13 +1093,14 @@ def _app_for(argv: Sequence[str]) -> typer.Typer:
     Anything else (no command, an unknown one, --help, --): the whole tree, which answers as always."""
     import copy
 
+    from typer.core import TyperOption
     from typer.main import get_command_name, get_params_convertors_ctx_param_name_from_function
 
     from .service import config
 
     assert app.registered_callback is not None
     params = get_params_convertors_ctx_param_name_from_function(app.registered_callback.callback)[0]
-    opts = [p for p in params if p.param_type_name == "option"]
+    opts = [p for p in params if isinstance(p, TyperOption)]
     flags = {o for p in opts if p.is_flag or p.count for o in [*p.opts, *p.secondary_opts]}
     valued = {o for p in opts if not (p.is_flag or p.count) for o in [*p.opts, *p.secondary_opts]}
     i = 0
