@@ -105,10 +105,10 @@ def main() -> None:
             daemon = {**extra, **keep, "CONVSTORE_DAEMON": "1", "CONVSTORE_DAEMON_SOCKET": str(sock)}
             runs[f"convstore run, own process{v}"] = (run, {**own, "CONVSTORE_KEEP_MOUNT": "0"})
             runs[f"convstore run, through the daemon{v}"] = (run, {**daemon, "CONVSTORE_KEEP_MOUNT": "0"})
-            if not v:  # the baseline has no kept mounts
-                runs["convstore run, own process, kept mount"] = (run, {**own, "CONVSTORE_KEEP_MOUNT": "10m"})
-                runs["convstore run, through the daemon, kept mount"] = (run, {**daemon,
-                                                                               "CONVSTORE_KEEP_MOUNT": "10m"})
+            if not v or (Path(a.baseline) / "convstore" / "engines" / "keeper.py").exists():  # has kept mounts
+                runs[f"convstore run, own process, kept mount{v}"] = (run, {**own, "CONVSTORE_KEEP_MOUNT": "10m"})
+                runs[f"convstore run, through the daemon, kept mount{v}"] = (run, {**daemon,
+                                                                                   "CONVSTORE_KEEP_MOUNT": "10m"})
         for cmd, env in runs.values():  # the first records the start-up profile; each daemon's first command
             timed(cmd, env)
         rows: dict[str, list[tuple[float, float]]] = {"runc run, rootfs on disk": [], **{n: [] for n in runs}}

@@ -1067,7 +1067,7 @@ def main(command: Callable[[], object] | None = None) -> None:
     state.in_daemon = command is not None
     try:
         if command is None:
-            app()
+            _app_for(sys.argv[1:])()
         else:
             command()
     except SystemExit:  # typer's end of a command, success or not
@@ -1084,6 +1084,46 @@ def main(command: Callable[[], object] | None = None) -> None:
             raise
         _fail(f"internal error: {type(e).__name__}: {e} (set CONVSTORE_DEBUG=1 for a traceback)", 1)
     _say_created_keys()
+
+
+def _app_for(argv: Sequence[str]) -> typer.Typer:
+    """The command tree to build for ``argv``.  typer makes a click command of every command on each start
+    (~10 ms of a `convstore run`); a command line that names one command after the global options gets a tree
+    of that command, and the services if a config file is read (its sections name them, service/config.py).
+    Anything else (no command, an unknown one, --help, --): the whole tree, which answers as always."""
+    import copy
+
+    from typer.core import TyperOption
+    from typer.main import get_command_name, get_params_convertors_ctx_param_name_from_function
+
+    from .service import config
+
+    assert app.registered_callback is not None
+    params = get_params_convertors_ctx_param_name_from_function(app.registered_callback.callback)[0]
+    opts = [p for p in params if isinstance(p, TyperOption)]
+    flags = {o for p in opts if p.is_flag or p.count for o in [*p.opts, *p.secondary_opts]}
+    valued = {o for p in opts if not (p.is_flag or p.count) for o in [*p.opts, *p.secondary_opts]}
+    i = 0
+    while i < len(argv) and (argv[i] in flags or argv[i] in valued or argv[i].partition("=")[0] in valued):
+        i += 2 if argv[i] in valued else 1
+    if i >= len(argv):
+        return app
+
+    def name(info: Any) -> str:
+        return info.name or get_command_name(info.callback.__name__)
+
+    try:
+        read = any(a.partition("=")[0] == "--config" for a in argv[:i]) or config.find(None) is not None
+    except ConfigError:
+        read = True  # the callback says what is wrong, as always
+    keep = {argv[i], *(config.SERVICES if read else ())}
+    commands = [c for c in app.registered_commands if name(c) in keep]
+    groups = [g for g in app.registered_groups if g.name in keep]
+    if argv[i] not in {name(c) for c in commands} | {g.name for g in groups}:
+        return app
+    tree = copy.copy(app)
+    tree.registered_commands, tree.registered_groups = commands, groups
+    return tree
 
 
 def _fail(msg: str, status: int) -> None:

@@ -22,7 +22,7 @@ import json
 import struct
 from array import array
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zstandard
 
@@ -30,7 +30,9 @@ from .chunking import ChunkParams
 from .crypto import ChunkIdentity
 from .errors import CorruptObject, StoreFormatError
 from .stores.base import Location
-from .tarsplit import TarEntry, pack_segments, unpack_segments
+
+if TYPE_CHECKING:
+    from .tarsplit import TarEntry
 
 MAGIC = b"CSMANIF\0"
 FORMAT_VERSION = 2
@@ -130,6 +132,8 @@ class Manifest:
         return sum(l.uncompressed_size for l in self.layers)
 
     def encode(self) -> bytes:
+        from .tarsplit import pack_segments  # here, as in decode: a run's imports (docs/benchmarks.md)
+
         sections: list[bytes] = [b"", b"".join(_ROW.pack(c.cid, c.ckey, c.phash, c.size) for c in self.chunks)]
 
         def add(b: bytes) -> int:
@@ -210,6 +214,9 @@ class Manifest:
             if verification is not None and not isinstance(verification, dict):
                 raise CorruptObject("manifest: the verification record is not an object")
             layers = []
+            if not head_only:
+                # here: a run on a kept mount decodes only the head, and imports no tarfile
+                from .tarsplit import TarEntry, unpack_segments
             for l in doc["layers"]:
                 idx = array("I")
                 if head_only:

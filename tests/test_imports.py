@@ -32,6 +32,8 @@ import ast
 from collections import deque
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "convstore"
 ROOT = PACKAGE.name
 
@@ -208,3 +210,103 @@ def test_no_import_cycle_in_convstore() -> None:
     assert len(graph) > 40 and graph["convstore.store"], "the graph was not built"
     cycles = describe_cycles(graph)
     assert not cycles, "import cycles in convstore/ (layers must import downward only):\n" + "\n".join(cycles)
+
+
+# -- what a warm `convstore run` imports ---------------------------------------------------------
+#: modules a run on a kept mount used to import at its start and never uses (issue 24: its own process
+#: is mostly the interpreter and its imports): layer decompression (isal), the tar splitter (tarfile),
+#: the socket module's enums, docker reference parsing (an image packed from oci:)
+RUN_NEEDS_NONE_OF = ("isal", "tarfile", "convstore.tarsplit", "socket", "convstore.oci.dockerref",
+                     "convstore.reader", "mfusepy", "rich")
+
+_WARM_RUN = """
+import json, sys
+from convstore.__main__ import main  # the entry point, as `convstore run` starts
+from convstore import cli
+from convstore.engines import keeper
+from convstore.engines.run import process_spec  # run_image's module and its imports
+from convstore.oci.policy import require
+
+cli.state.store_path, cli.state.key_spec = sys.argv[1], sys.argv[2]
+store = cli._store()
+policy = cli._policy(sys.argv[3])
+entry = store.open_entry("app:1")
+# run_image's steps before it hands over to a kept mount (engines/run.py): the keep key, the cached head
+key = store.manifests.keep_key(entry)
+manifest = keeper.load_head(key, store.manifests.ident.id, entry)
+assert manifest is not None, "no cached head"
+require(policy, manifest, "app:1")
+process_spec(sys.argv[4], json.loads(manifest.config_bytes), None)
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_a_warm_run_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
+    """The modules a `convstore run` on a kept mount imports before its container starts: the command line,
+    the store, the policy, the keep key and the cached manifest head -- and none of RUN_NEEDS_NONE_OF."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from imagebuilder import Entry, make_tar, write_oci
+
+    import convstore
+    from convstore.engines import keeper
+
+    keyfile = tmp_path / "key"
+    env = {**os.environ, "CONVSTORE_KEEP_DIR": str(tmp_path / "keep"), "CONVSTORE_DAEMON": "0"}
+    os.environ["CONVSTORE_KEEP_DIR"] = env["CONVSTORE_KEEP_DIR"]
+    try:
+        write_oci(str(tmp_path / "img"), [make_tar([Entry("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\n")])],
+                  config_extra={"config": {"Cmd": ["/bin/true"]}})
+        store = convstore.Store.open(str(tmp_path / "store"), f"file:{keyfile}")
+        store.pack(f"oci:{tmp_path / 'img'}", "app:1")
+        e = store.open_entry("app:1")
+        keeper.save_head(store.manifests.keep_key(e), store.manifests.ident.id, e,
+                         store.manifests.load(e, head_only=True))  # as the kept mount's first run did
+    finally:
+        del os.environ["CONVSTORE_KEEP_DIR"]
+    policy = tmp_path / "policy.json"  # a policy file with a docker scope: parsed on every run
+    policy.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}],
+                                  "transports": {"docker": {"registry.example/app": [{"type": "reject"}]}}}))
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-c", _WARM_RUN, str(tmp_path / "store"), f"file:{keyfile}", str(policy),
+                        str(rootfs)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    loaded = set(json.loads(r.stdout.splitlines()[-1]))
+    assert {"typer", "convstore.core.repository", "convstore.engines.run", "cryptography"} <= {
+        m for m in loaded if m.count(".") <= 2}, "the script did not take a run's path"
+    unused = sorted(m for m in loaded if m in RUN_NEEDS_NONE_OF or m.split(".")[0] in RUN_NEEDS_NONE_OF
+                    or any(m.startswith(p + ".") for p in RUN_NEEDS_NONE_OF))
+    assert unused == [], f"a warm run imports modules it does not use: {unused}"
+
+
+def test_a_command_line_builds_only_its_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """typer makes a click command of every command it is given on each start: a command line naming one
+    command (after global options, valued or flags, ``--opt=value`` too) is given that command, and the
+    services if a config file is read (its sections name them); anything else the whole tree, which answers
+    as before."""
+    from typer.main import get_command
+
+    from convstore import cli
+    from convstore.service.config import SERVICES
+
+    def built(argv: list[str]) -> set[str]:
+        return set(get_command(cli._app_for(argv)).commands)  # type: ignore[attr-defined]
+
+    monkeypatch.setenv("CONVSTORE_CONFIG", "")  # no config file
+    everything = built([])
+    assert {"run", "images", "domain", *SERVICES} <= everything
+    assert built(["--store", "images", "--key=file:/k", "-q", "--insecure", "run", "app:1"]) == {"run"}
+    assert built(["--store=/s", "domain", "list"]) == {"domain"}
+    assert built(["--config", "/c.toml", "run", "app:1"]) == built(["--config=/c.toml", "run"]) == {"run", *SERVICES}
+    (tmp_path / "c.toml").write_text("version = 1\n")
+    monkeypatch.setenv("CONVSTORE_CONFIG", str(tmp_path / "c.toml"))
+    assert built(["run", "app:1"]) == {"run", *SERVICES}
+    monkeypatch.setenv("CONVSTORE_CONFIG", str(tmp_path / "missing.toml"))  # an error the callback reports
+    assert built(["run", "app:1"]) == {"run", *SERVICES}
+    for argv in (["--help"], ["--store", "/s"], ["imagez"], ["--stor", "/s", "run"], ["-qx", "run"], ["--", "run"]):
+        assert built(argv) == everything, argv

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -58,6 +57,8 @@ def pid_alive(pending: dict[str, Any] | None) -> bool:
     """Whether the process that set ``pending`` still runs (same host only)."""
     if not pending:
         return False
+    import socket  # here: the module's enums cost every command ~2 ms of imports (docs/benchmarks.md)
+
     if pending.get("host") != socket.gethostname():
         return True  # cannot tell: assume it does
     try:

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -174,6 +173,8 @@ class Leases:
     def hold(self, purpose: str, *, exclusive: bool, wait: float = 0.0) -> Iterator[Lease]:
         """Hold a lease for the block: shared ones exclude only exclusive ones.  Waits up to ``wait``
         seconds for the leases that exclude it to go; then :class:`StoreBusy`, naming them."""
+        import socket  # here: the module's enums cost every command ~2 ms of imports (docs/benchmarks.md)
+
         self.sync()
         now = self.now()
         lease = Lease(secrets.token_hex(16), purpose, exclusive, socket.gethostname(), os.getpid(), now, now,

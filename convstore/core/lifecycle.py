@@ -33,7 +33,6 @@ keeps serving the previous version and carries a ``pending`` mark.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -61,6 +60,8 @@ def _to(cur: CatalogEntry, state: str, reason: str, now: float, **changes: Any) 
 
 
 def _pending_mark(now: float, source: str) -> dict[str, Any]:
+    import socket  # here: the module's enums cost every command ~2 ms of imports (docs/benchmarks.md)
+
     return {"since": now, "pid": os.getpid(), "host": socket.gethostname(), "source": source}
 
 

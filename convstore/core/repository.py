@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -313,6 +312,8 @@ class Repository:
         pending mark until it publishes); otherwise it cannot be told and is assumed to."""
         if not pending:
             return False
+        import socket  # here: the module's enums cost every command ~2 ms of imports (docs/benchmarks.md)
+
         if self.objects.supports_locking or pending.get("host") == socket.gethostname():
             return pid_alive(pending)
         self.leases.sync()
@@ -329,6 +330,8 @@ class Repository:
             e = self.catalog.entry(ref)
         except ImageNotFound:
             return
+        import socket
+
         if e.pending and e.pending.get("host") != socket.gethostname() and not self.pending_alive(e.pending):
             now = self.clock()
             self.catalog.update(ref, lambda cur: cur and lifecycle.clear_dead_pack(cur, now, self.pending_alive))

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import zstandard
-from isal import igzip, igzip_threaded
 
 from ..errors import CorruptLayer, DigestMismatch, UnsupportedMediaType
 
@@ -188,21 +187,26 @@ def open_decompressed(raw: BinaryIO, compression: str, what: str) -> BinaryIO:
     """A streaming reader of the decompressed layer.  gzip runs on isal in its
     own thread (multi-member aware); zstd reads across frames."""
     if compression == "gzip":
-        return _ErrorMapping(igzip_threaded.open(raw, "rb", threads=1, block_size=1 << 20), what)  # type: ignore
+        from isal import igzip, igzip_threaded  # here: only layers are gzip (a run's imports, docs/benchmarks.md)
+
+        return _ErrorMapping(igzip_threaded.open(raw, "rb", threads=1, block_size=1 << 20),  # type: ignore
+                             what, igzip.BadGzipFile)
     if compression == "zstd":
         d = zstandard.ZstdDecompressor()
-        return _ErrorMapping(d.stream_reader(raw, read_size=1 << 20, read_across_frames=True), what)  # type: ignore
+        return _ErrorMapping(d.stream_reader(raw, read_size=1 << 20, read_across_frames=True),  # type: ignore
+                             what, zstandard.ZstdError)
     if compression == "none":
         return raw
     raise UnsupportedMediaType(f"unsupported compression {compression!r}")
 
 
 class _ErrorMapping(io.RawIOBase):
-    """Maps decompressor exceptions to :class:`CorruptLayer`."""
+    """Maps decompressor exceptions (and ``corrupt``, the decompressor's own) to :class:`CorruptLayer`."""
 
-    def __init__(self, inner: BinaryIO, what: str):
+    def __init__(self, inner: BinaryIO, what: str, corrupt: type[Exception]):
         self._inner = inner
         self._what = what
+        self._errors = (EOFError, OSError, corrupt)
 
     def readable(self) -> bool:
         return True
@@ -212,7 +216,7 @@ class _ErrorMapping(io.RawIOBase):
             return self._inner.readinto(b) or 0  # type: ignore[attr-defined]
         except (DigestMismatch, CorruptLayer):
             raise
-        except (EOFError, OSError, zstandard.ZstdError, igzip.BadGzipFile) as e:
+        except self._errors as e:
             raise CorruptLayer(f"{self._what}: compressed stream is corrupt or truncated ({e})") from None
 
     def close(self) -> None:

@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidReference, PolicyDenied, PolicyInvalid, SignatureInvalid, SignatureRequired
 from .media import no_duplicate_keys
-from .dockerref import DockerRef, identity as docker_identity, namespaces as docker_namespaces
 
 if TYPE_CHECKING:
+    from .dockerref import DockerRef
     from . import sigstore
     from ..manifest import Manifest
     from .sources import ImageSource
@@ -61,7 +61,8 @@ _UNSUPPORTED = {"signedBy": "signedBy (GPG signatures) is not supported; use sig
                 "signedBaseLayer": "signedBaseLayer is not supported"}
 _IDENTITY_TYPES = ("matchExact", "matchRepoDigestOrExact", "matchRepository", "exactReference", "exactRepository",
                    "remapIdentity")
-_PREFIX = re.compile(r"^(?:[a-z0-9.-]+(?::[0-9]+)?|\*\.[a-z0-9.-]+)(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+# compiled on first use (re caches it), and dockerref imported there: not at every run's start
+_PREFIX = (r"^(?:[a-z0-9.-]+(?::[0-9]+)?|\*\.[a-z0-9.-]+)(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
 
 
 def user_policy_path() -> str:
@@ -87,6 +88,8 @@ class SignedIdentity:
         return {k: v for k, v in d.items() if v}
 
     def matches(self, intended: DockerRef | None, signed: str) -> bool:
+        from .dockerref import DockerRef
+
         try:
             sig = DockerRef.parse(signed)
         except InvalidReference:
@@ -165,6 +168,8 @@ def _parse_identity(obj: Any, what: str) -> SignedIdentity:
     if t not in _IDENTITY_TYPES:
         raise PolicyInvalid(f"{what}: unknown signedIdentity type {t!r}")
     w = f"{what}: signedIdentity {t}"
+    from .dockerref import DockerRef
+
     try:
         if t == "exactReference":
             _fields(obj, {"type", "dockerReference"}, w)
@@ -183,7 +188,7 @@ def _parse_identity(obj: Any, what: str) -> SignedIdentity:
         _fields(obj, {"type", "prefix", "signedPrefix"}, w)
         prefix, signed = _string(obj, "prefix", w), _string(obj, "signedPrefix", w)
         for p in (prefix, signed):
-            if not _PREFIX.match(p):
+            if not re.match(_PREFIX, p):
                 raise PolicyInvalid(f"{w}: prefix {p!r} is not valid")
         return SignedIdentity(t, prefix=prefix, signed_prefix=signed)
     _fields(obj, {"type"}, w)
@@ -255,8 +260,8 @@ def _check_scope(transport: str, scope: str, what: str) -> None:
         raise PolicyInvalid(f"{what}: docker-archive: does not support any scopes except the default \"\" one")
     if transport == "oci" and (not scope.startswith("/") or os.path.normpath(scope) != scope or scope == "/"):
         raise PolicyInvalid(f"{what}: an oci scope must be an absolute, clean directory path")
-    if transport == "docker" and not _PREFIX.match(scope.split("@")[0].rsplit(":", 1)[0] if "/" in scope
-                                                   else scope):
+    if transport == "docker" and not re.match(_PREFIX, scope.split("@")[0].rsplit(":", 1)[0] if "/" in scope
+                                                        else scope):
         raise PolicyInvalid(f"{what}: invalid docker scope {scope!r}")
 
 
@@ -352,6 +357,8 @@ class Scope:
 def scope_of(source_ref: str, oci_dir: str | None = None) -> Scope:
     """The policy scope of an image packed from ``source_ref`` (``oci_dir``: the layout directory, if known)."""
     if source_ref.startswith("docker://"):
+        from .dockerref import DockerRef, identity as docker_identity, namespaces as docker_namespaces
+
         try:
             ref = DockerRef.parse(source_ref[len("docker://"):])
         except InvalidReference:
