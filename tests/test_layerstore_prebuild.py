@@ -74,3 +74,38 @@ def test_a_read_of_a_layers_info_opens_its_image_ahead_of_its_files(tmp_path, st
         assert list(ls.stats()) == ["one:1"]  # opened, no file of it looked up yet
     finally:
         ls.close()
+
+
+def test_lookups_that_miss_while_a_scan_runs_wait_for_it(tmp_path, store, monkeypatch) -> None:
+    """A layer store that has not scanned yet (a successor taking a session over, the snapshotter's
+    first calls) gets several lookups at once: the kernel sends a held file's readahead READs in
+    parallel.  One of them scans; the others must wait for that scan's index, not answer ENOENT."""
+    write_oci(str(tmp_path / "img"), [make_tar([Entry("f", data=os.urandom(3_000))])])
+    store.pack(f"oci:{tmp_path / 'img'}:latest", "one:1")
+    _, manifest = store.open_image("one:1")
+    digest = manifest.layers[0].digest
+    ls = layerstore.LayerStore(store)
+    answered = threading.Event()  # a lookup other than the scanning one came back
+    complete = store.catalog.complete
+
+    def slow_complete():  # the scan's catalog read lasts until another lookup answered (at most 3 s)
+        answered.wait(3)
+        return complete()
+
+    monkeypatch.setattr(store.catalog, "complete", slow_complete)
+    results: list[object] = []
+
+    def look() -> None:
+        got = ls.layer(digest)
+        results.append(got)
+        answered.set()
+
+    threads = [threading.Thread(target=look) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(results) == 4 and all(r is not None for r in results), results
+    finally:
+        ls.close()

@@ -117,6 +117,7 @@ class LayerStore:
         self._layers: dict[str, _Layer] = {}
         self._chains: dict[str, tuple[str, str]] = {}  # chain ID -> (blob digest, parent chain ID or "")
         self._scanned = 0.0
+        self._scanning = threading.Lock()  # one scan at a time; a lookup that misses waits for the running one
         self._manifests: dict[str, tuple[CatalogEntry, Manifest, ChunkFetcher]] = {}
         self._trees: dict[str, ImageFS] = {}
         self._recording: dict[str, threading.Timer] = {}
@@ -132,6 +133,10 @@ class LayerStore:
         """Index the blob digests and chain IDs of every ACTIVE image (manifests
         are authenticated as they load; a digest that is not sha256 hex is
         never used, as it becomes part of paths and mount options)."""
+        with self._scanning:
+            self._scan()
+
+    def _scan(self) -> None:
         with self._lock:
             self._scanned = time.monotonic()  # one rescan at a time, however many lookups miss
         found: dict[str, _Layer] = {}
@@ -259,11 +264,18 @@ class LayerStore:
         """``pick()`` under the lock; on a miss, once the index is old enough, again after a rescan."""
         with self._lock:
             hit = pick()
-            stale = time.monotonic() - self._scanned > RESCAN_SECONDS
-        if hit is None and stale:
-            self.scan()
+        if hit is not None:
+            return hit
+        # a miss waits for a scan under way (its index may hold the name: concurrent first lookups after a
+        # start or a failover otherwise answered ENOENT while one of them scanned), then rescans if stale
+        with self._scanning:
             with self._lock:
                 hit = pick()
+                stale = time.monotonic() - self._scanned > RESCAN_SECONDS
+            if hit is None and stale:
+                self._scan()
+                with self._lock:
+                    hit = pick()
         return hit
 
     def layer(self, digest: str) -> _Layer | None:
