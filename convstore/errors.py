@@ -135,6 +135,11 @@ class ChunkMissing(StoreError):
     """A chunk named by a manifest is not in the store."""
 
 
+class StoreIdentityLost(StoreError):
+    """The store this operation began in was created at the same moment by another client, who won
+    (a registry has no atomic create): nothing of this operation is published under the lost identity."""
+
+
 class CorruptObject(StoreError):
     """A stored object fails authentication, or decrypts to the wrong bytes."""
 

@@ -389,3 +389,27 @@ def test_a_pack_of_the_same_source_is_a_no_op_unless_something_is_missing(tmp_pa
     clock.now += 15 * DAY
     assert not cstore.pack(f"oci:{other}", "a:1").up_to_date
     assert cstore.pack(f"oci:{other}", "a:1").up_to_date
+
+
+def test_a_lost_creation_race_is_said_at_the_first_lease_read_not_ignored_as_a_forgery(tmp_path) -> None:
+    """Two clients create one registry store at once (no atomic create): the one whose store.json
+    was overwritten reads the winner's lease, which its own metadata key cannot authenticate.  That
+    is the lost identity (StoreIdentityLost, one line), never "ignoring lease ...: a forgery"."""
+    import pytest
+
+    from convstore.core.identity import StoreIdentity
+    from convstore.core.leases import Leases
+    from convstore.errors import StoreIdentityLost
+    from convstore.stores.memory import MemoryStore
+
+    objects = MemoryStore()
+    loser = StoreIdentity(objects, convstore.LocalKeyFile(str(tmp_path / "a.key")))  # created the store first
+    assert loser.created
+    winner_objects = MemoryStore()
+    winner = StoreIdentity(winner_objects, convstore.LocalKeyFile(str(tmp_path / "b.key")))
+    objects.put("store.json", winner_objects.get("store.json"))  # the winner's store.json, stored last
+    with Leases(winner_objects, winner).hold("pack", exclusive=False):
+        for key in winner_objects.list("leases/"):
+            objects.put(key, winner_objects.get(key))
+        with pytest.raises(StoreIdentityLost, match="created at the same time by another client"):
+            Leases(objects, loser).all()

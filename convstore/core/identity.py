@@ -18,7 +18,7 @@ import uuid
 from typing import Any
 
 from .authmeta import MetadataKey, parse_json
-from ..errors import CorruptObject, KeyAccessDenied, StoreError, StoreFormatError, TamperedObject
+from ..errors import CorruptObject, KeyAccessDenied, StoreError, StoreFormatError, StoreIdentityLost, TamperedObject
 from ..keys import KeyProvider
 from ..stores.base import ObjectStore
 
@@ -115,7 +115,7 @@ class StoreIdentity:
 
     def _check_id(self, doc: dict[str, Any]) -> None:
         if doc.get("id") != self.id:
-            raise StoreError(f"the store was created at the same time by another client (its id is now "
+            raise StoreIdentityLost(f"the store was created at the same time by another client (its id is now "
                              f"{doc.get('id')}, this operation began under {self.id}); nothing was published: "
                              f"run it again")
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConvstoreError, CorruptObject, LeaseUnreadable, StoreBusy, StoreError
+from ..errors import ConvstoreError, CorruptObject, LeaseUnreadable, StoreBusy, StoreError, StoreIdentityLost
 from ..stores.base import ObjectStore
 from .identity import StoreIdentity
 
@@ -120,12 +120,16 @@ class Leases:
             raise LeaseUnreadable(f"lease {lease_id}, which cannot be read ({e}) and may be a live holder's") \
                 from None
         try:
-            doc = self.ident.meta().open("lease", f"lease {lease_id}", data, f"lease {lease_id}")
+            # (open_signed: in a store this process just created, a lease that fails authentication may be
+            # the winner's of a creation race: StoreIdentityLost, said at once, not a forgery ignored)
+            doc = self.ident.open_signed("lease", f"lease {lease_id}", data, f"lease {lease_id}")
             if doc.get("format") != "convstore-lease" or doc.get("version") != LEASE_VERSION \
                     or doc.get("id") != lease_id:
                 raise StoreError(f"lease {lease_id} has an unsupported format or names another lease")
             return Lease(lease_id, str(doc["purpose"]), bool(doc["exclusive"]), str(doc["host"]), int(doc["pid"]),
                          float(doc["created"]), float(doc["renewed"]), float(doc["ttl"]))
+        except StoreIdentityLost:
+            raise
         except (ConvstoreError, KeyError, TypeError, ValueError) as e:
             log.warning("ignoring lease %s: %s", lease_id, e)
             return None
