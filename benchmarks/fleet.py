@@ -229,7 +229,10 @@ def node_cmds(w: Path, tag: str, n: int, store_url: str, key: str, site: str | N
         # bytecode as an installed package has it (compiled once, by the recording run: a sandbox's
         # PYTHONDONTWRITEBYTECODE would otherwise make every node compile every module it imports)
         env = dict(base_env if base_env is not None else os.environ, CONVSTORE_DAEMON="0", CONVSTORE_KEY=key,
-                   CONVSTORE_STATE_DIR=str(w / tag / f"state{i}"), PYTHONPYCACHEPREFIX=str(w / "pycache"))
+                   CONVSTORE_STATE_DIR=str(w / tag / f"state{i}"), PYTHONPYCACHEPREFIX=str(w / "pycache"),
+                   # each node its own kept mounts (engines/keeper.py: a user's keepers are found by store and
+                   # digest, so nodes sharing one directory would start on one another's mounts)
+                   CONVSTORE_KEEP_DIR=str(w / tag / f"keep{i}"))
         env.pop("CONVSTORE_SITE_CACHE", None)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         # the start is what is measured: a node's background fetch of the rest of the image (on by default)
