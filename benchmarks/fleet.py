@@ -232,7 +232,10 @@ def node_cmds(w: Path, tag: str, n: int, store_url: str, key: str, site: str | N
                    CONVSTORE_STATE_DIR=str(w / tag / f"state{i}"), PYTHONPYCACHEPREFIX=str(w / "pycache"),
                    # each node its own kept mounts (engines/keeper.py: a user's keepers are found by store and
                    # digest, so nodes sharing one directory would start on one another's mounts)
-                   CONVSTORE_KEEP_DIR=str(w / tag / f"keep{i}"))
+                   CONVSTORE_KEEP_DIR=str(w / tag / f"keep{i}"),
+                   # and none kept: a node starts the image once, and a keeper (a process of its own, not the
+                   # daemon's child) would serve the start's reads where its CPU is not counted
+                   CONVSTORE_KEEP_MOUNT="0")
         env.pop("CONVSTORE_SITE_CACHE", None)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         # the start is what is measured: a node's background fetch of the rest of the image (on by default)
