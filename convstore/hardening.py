@@ -19,6 +19,13 @@ its ``/proc/PID`` (the stop hint).
 kernel shows as ``/proc/PID/environ`` (the process's initial stack copy,
 overwritten in place through ``/proc/self/mem``).  The value is kept in this
 module only, for :func:`secret_env` (a worker gets it on its pipe).
+
+:func:`tool_environ` is the environment of a program convstore runs that is
+not convstore (``runc``, ``fusermount3``): this process's environment without
+the variables that hold secrets or key specs (``CONVSTORE_*`` -- a key spec
+can carry a PIN --, ``AWS_*`` -- credentials, session tokens --), which no such
+tool needs.  convstore's own workers get what they need on their pipe
+(:mod:`convstore.worker`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,19 @@ log = logging.getLogger(__name__)
 PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
 _TAKEN: dict[str, str] = {}
+
+
+#: prefixes of the variables that can hold a secret: a key spec (which can carry a PIN), cloud credentials
+SECRET_ENV_PREFIXES = ("CONVSTORE_KEY", "AWS_")
+#: prefixes of the variables a program that is not convstore never gets (:func:`tool_environ`)
+TOOL_ENV_DROPPED = ("CONVSTORE_", "AWS_")
+
+
+def tool_environ(drop: tuple[str, ...] = TOOL_ENV_DROPPED) -> dict[str, str]:
+    """This process's environment for a program that is not convstore: no ``CONVSTORE_*``, no ``AWS_*``
+    (``drop``: other prefixes; :data:`SECRET_ENV_PREFIXES` for a helper of convstore's own that needs
+    its ``CONVSTORE_`` settings but no secret)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
 
 
 def no_core_dumps() -> None:

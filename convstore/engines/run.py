@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConvstoreError, KeptMountUnusable
+from ..hardening import tool_environ
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
 from ..core.catalog import CatalogEntry
@@ -202,7 +203,7 @@ def _runc_template(runc: str, bundle: str) -> dict[str, Any]:
             return spec
     except (OSError, ValueError):
         pass
-    subprocess.run([runc, "spec", "--bundle", bundle], check=True, capture_output=True)
+    subprocess.run([runc, "spec", "--bundle", bundle], check=True, capture_output=True, env=tool_environ())
     with open(os.path.join(bundle, "config.json"), "rb") as f:
         raw = f.read()
     try:
@@ -283,7 +284,7 @@ def _run_runc(runc: str, bundle: str, cid: str, stdout: Any, stderr: Any) -> tup
     """Run the bundle, streaming the container's stderr as it comes while
     watching for runc's own start-up failure (then the caller falls back)."""
     p = subprocess.Popen([runc, "run", "--bundle", bundle, cid], stdin=subprocess.DEVNULL, stdout=stdout,
-                         stderr=subprocess.PIPE)
+                         stderr=subprocess.PIPE, env=tool_environ())
     assert p.stderr is not None
     sink = stderr if stderr is not None else sys.stderr.buffer
     failed, msg = False, ""
@@ -423,7 +424,7 @@ def _execute(rootfs: str, proc: dict[str, Any], runtime: str, entry: CatalogEntr
             if own:
                 shutil.rmtree(bdir, ignore_errors=True)
         if runc_failed:  # a container that ran is deleted by `runc run` itself
-            subprocess.run([runc, "delete", "--force", cid], capture_output=True)
+            subprocess.run([runc, "delete", "--force", cid], capture_output=True, env=tool_environ())
         if runc_failed and "exec:" in msg:  # the command itself cannot be started
             why = msg.split("exec:", 1)[1].replace('\\"', '"').strip().rstrip('"')
             raise RunError(f"cannot start {proc['args'][0]!r} in the image: {why}")

@@ -260,6 +260,7 @@ def drop(mountpoint: str) -> None:
 def hold(mountpoint: str, fd: int, state: dict[str, Any]) -> subprocess.Popen[bytes]:
     """Start a holder keeping ``fd`` (a duplicate) and ``state`` for ``mountpoint``; returns once it listens."""
     from ..errors import FuseSessionError
+    from ..hardening import SECRET_ENV_PREFIXES, tool_environ
 
     d = sessions_dir()
     os.makedirs(d, mode=0o700, exist_ok=True)
@@ -269,7 +270,7 @@ def hold(mountpoint: str, fd: int, state: dict[str, Any]) -> subprocess.Popen[by
     # the file itself, isolated (-I): the holder needs the standard library only, and starts in tens of ms
     p = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), socket_path(mountpoint), str(fd)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd,), start_new_session=True,
-                         env={k: v for k, v in os.environ.items() if not k.startswith("CONVSTORE_KEY")})
+                         env=tool_environ(SECRET_ENV_PREFIXES))
     assert p.stdin is not None and p.stdout is not None
     p.stdin.write(json.dumps({**state, "version": STATE_VERSION, "grace": grace_seconds()}).encode())
     p.stdin.close()

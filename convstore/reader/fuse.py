@@ -54,6 +54,7 @@ else:
     mfusepy = _load_mfusepy()
 
 from ..errors import ConvstoreError, ExposedMountpoint, StoreError
+from ..hardening import tool_environ
 from ..oci.policy import Policy, require
 from ..core.repository import Repository
 from ..service import sdnotify
@@ -327,7 +328,7 @@ def recover_stale_mount(mountpoint: str) -> bool:
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     target = os.path.abspath(mountpoint)  # never read as an option
     cmd = [tool, "-u", "-z", target] if tool else ["umount", "-l", target]
-    if subprocess.run(cmd, capture_output=True).returncode != 0:
+    if subprocess.run(cmd, capture_output=True, env=tool_environ()).returncode != 0:
         raise StoreError(f"{mountpoint} is a dead FUSE mount and could not be detached: run fusermount3 -u -z "
                          f"{mountpoint}")
     log.warning("detached the dead FUSE mount at %s (its process had died)", mountpoint)
@@ -340,9 +341,9 @@ def unmount(mountpoint: str) -> None:
         return
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
-    if subprocess.run(cmd, capture_output=True).returncode != 0 and os.path.ismount(mountpoint):
+    if subprocess.run(cmd, capture_output=True, env=tool_environ()).returncode != 0 and os.path.ismount(mountpoint):
         lazy = [tool, "-u", "-z", mountpoint] if tool else ["umount", "-l", mountpoint]
-        subprocess.run(lazy, capture_output=True)
+        subprocess.run(lazy, capture_output=True, env=tool_environ())
 
 
 class BackgroundMount:
