@@ -303,8 +303,8 @@ def run_fast(argv: Sequence[str]) -> None:
         except BrokenPipeError:
             from typer._click.utils import PacifyFlushWrapper
 
-            sys.stdout = PacifyFlushWrapper(sys.stdout)  # type: ignore[assignment]
-            sys.stderr = PacifyFlushWrapper(sys.stderr)  # type: ignore[assignment]
+            sys.stdout = PacifyFlushWrapper(sys.stdout)
+            sys.stderr = PacifyFlushWrapper(sys.stderr)
             code = 1
         sys.exit(code)
 
