@@ -106,11 +106,14 @@ def _global(
                                                    "else AWS]; credentials and region as the AWS tools take them "
                                                    "(AWS_ACCESS_KEY_ID, AWS_PROFILE, AWS_REGION, ...)"),
 ) -> None:
-    cli_base.set_globals(store=store, key=key, quiet=quiet, latency=latency, bandwidth=bandwidth, insecure=insecure,
-                         username=username, password_stdin=password_stdin, cache=cache, cache_size=cache_size,
-                         timeout=timeout, site_cache=site_cache, read_deadline=read_deadline,
-                         offline_max_age=offline_max_age, kms_endpoint=kms_endpoint, inactive_after=inactive_after,
-                         allow_rollback=allow_rollback, s3_endpoint=s3_endpoint)
+    try:
+        cli_base.set_globals(store=store, key=key, quiet=quiet, latency=latency, bandwidth=bandwidth,
+                             insecure=insecure, username=username, password_stdin=password_stdin, cache=cache,
+                             cache_size=cache_size, timeout=timeout, site_cache=site_cache,
+                             read_deadline=read_deadline, offline_max_age=offline_max_age, kms_endpoint=kms_endpoint,
+                             inactive_after=inactive_after, allow_rollback=allow_rollback, s3_endpoint=s3_endpoint)
+    except BadValue as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _duration(spec: str) -> float:
