@@ -17,9 +17,8 @@ import typer
 
 from . import cli_base
 from ._version import __version__
-from .cli_base import (KEEP_MOUNT_IN_DAEMON, BadValue, _background_fetch, _created_keys, _fail,  # noqa: F401
-                       _mb, _n, _open, _options, _password, _policy, _print_fetch_stats, _say_created_keys,
-                       _State, _store, err, out, state)
+from .cli_base import (BadValue, _background_fetch, _fail, _mb, _n, _open, _options, _policy,  # noqa: F401
+                       _print_fetch_stats, _State, _store, err, out, state)
 from .errors import ConfigError, ConvstoreError
 
 if TYPE_CHECKING:
