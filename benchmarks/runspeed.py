@@ -20,6 +20,11 @@ convstore.engines.keeper; its first run, which starts the keeper, is untimed).
 The keepers run in a keep directory of the benchmark's own and are stopped at
 the end.
 
+``--gap S``: a pause before each timed command, so what a command leaves running
+in the background (the daemon forking its next spare, a keeper merging the
+start-up profile) is done before the next command is timed, as between the
+commands of a user; 0 (the default): back to back.
+
 ``--baseline DIR``: a checkout of other code (``git archive COMMIT | tar -x -C DIR``)
 whose ``convstore`` package runs the same commands in the same rounds
 (``PYTHONPATH=DIR``, its own daemon): before and after, side by side.
@@ -67,6 +72,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--json", help="write the raw samples here")
     ap.add_argument("--baseline", metavar="DIR", help="also time the convstore package in DIR (before/after)")
+    ap.add_argument("--gap", type=float, default=0.0, metavar="S", help="pause before each timed command")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("runspeed: convstore run needs root (FUSE, runc)")
@@ -113,8 +119,10 @@ def main() -> None:
             timed(cmd, env)
         rows: dict[str, list[tuple[float, float]]] = {"runc run, rootfs on disk": [], **{n: [] for n in runs}}
         for i in range(a.rounds):
+            time.sleep(a.gap)
             rows["runc run, rootfs on disk"].append(timed(["runc", "run", "--bundle", str(bundle), f"rs-{os.getpid()}-{i}"]))
             for n, (cmd, env) in runs.items():
+                time.sleep(a.gap)
                 rows[n].append(timed(cmd, env))
     finally:
         subprocess.run([sys.executable, "-c", "from convstore.engines.keeper import stop_keepers; stop_keepers()"],
@@ -125,7 +133,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     base = statistics.median(w for w, _ in rows["runc run, rootfs on disk"])
     print(f"image {a.image}, medians of {a.rounds} rounds, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"load {os.getloadavg()[0]:.1f}")
+          f"load {os.getloadavg()[0]:.1f}" + (f", {a.gap:g} s between commands" if a.gap else ""))
     print("| start | wall (median) | min–max | CPU s (median) | x runc run |")
     print("|---|---|---|---|---|")
     for name, xs in rows.items():

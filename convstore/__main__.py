@@ -20,10 +20,15 @@ def main() -> None:
     code = run_via_daemon(sys.argv[1:])  # the user's `convstore daemon`, when one runs
     if code is not None:
         sys.exit(code)
-    from .cli import _State
-    from .cli import main as cli_main
+    from .cli_base import _State
 
     try:
+        if "run" in sys.argv[1:]:
+            from .cli_fast import run_fast
+
+            run_fast(sys.argv[1:])  # a plain `convstore run`, without typer (ends with SystemExit if it ran)
+        from .cli import main as cli_main
+
         cli_main()
     except SystemExit as e:
         if _State.exit_without_finalizing:

@@ -15,15 +15,14 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from . import cli_base
 from ._version import __version__
-from .errors import ConfigError, ConvstoreError, InvalidReference
-from .options import StoreOptions, is_registry_url, is_s3_url, resolve_store_location
+from .cli_base import (BadValue, _background_fetch, _fail, _mb, _n, _open, _options, _policy,  # noqa: F401
+                       _print_fetch_stats, _State, _store, err, out, state)
+from .errors import ConfigError, ConvstoreError
 
 if TYPE_CHECKING:
-    from rich.console import Console
     from rich.progress import Progress
-
-    from .store import Store
 
 # Start-up time is part of every command (a warm `convstore run` is budgeted
 # at 0.3 s): modules beyond typer are imported where a command needs them,
@@ -36,69 +35,6 @@ app = typer.Typer(
     rich_markup_mode="markdown",  # help texts as written: "[default: ...]" or "[proxy_plugins]" are not rich markup tags
     help="Store OCI images as convergent-encrypted, deduplicated chunks; unpack them back exactly.",
 )
-
-
-class _LazyConsole:
-    """A rich Console made on first use.  Plain text bound for a pipe or a
-    file is written as it is, without importing rich (30-40 ms of every
-    scripted command) and without reading it as rich markup."""
-
-    def __init__(self, **kw: Any) -> None:
-        self._kw = kw
-        self._console: Console | None = None
-
-    def get(self) -> Console:
-        if self._console is None:
-            from rich.console import Console
-
-            self._console = Console(**self._kw)
-        return self._console
-
-    def print(self, obj: Any = "", **kw: Any) -> None:
-        stream = sys.stderr if self._kw.get("stderr") else sys.stdout
-        if isinstance(obj, str) and self._console is None and not stream.isatty():
-            stream.write(obj + "\n")
-            stream.flush()
-        else:
-            self.get().print(obj, **kw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.get(), name)
-
-
-out = _LazyConsole(soft_wrap=True)
-err = _LazyConsole(stderr=True)
-
-
-class _State:
-    store_path: str | None = None
-    key_spec: str | None = None
-    quiet: bool = False
-    latency_ms: float = 0.0
-    bandwidth_mbps: float = 0.0
-    inactive_after: float | None = None
-    kms_endpoint: str | None = None
-    insecure: bool = False
-    username: str | None = None
-    password_stdin: bool = False
-    cache: str | None = None
-    cache_size: float = 2048.0
-    site_cache: str | None = None
-    site_cache_flag: bool = False
-    # the command's work is done and on disk when it ends: its own process may skip the interpreter's
-    # finalization (__main__; 40-65 ms of a `convstore run`)
-    exit_without_finalizing: bool = False
-    timeout: float = 60.0
-    read_deadline: float = 10.0
-    offline_max_age: float = 86400.0
-    allow_rollback: bool = False
-    s3_endpoint: str | None = None
-    in_daemon: bool = False  # a daemon's forked child runs this command
-
-
-state = _State()
-#: ``run --keep-mount``'s default through the daemon (a long-lived per-user service already; docs/architecture.md)
-KEEP_MOUNT_IN_DAEMON = 300.0
 
 
 def _version_flag(value: bool) -> None:
@@ -169,92 +105,21 @@ def _global(
                                                    "else AWS]; credentials and region as the AWS tools take them "
                                                    "(AWS_ACCESS_KEY_ID, AWS_PROFILE, AWS_REGION, ...)"),
 ) -> None:
-    state.store_path = store
-    state.key_spec = key
-    state.quiet = quiet
-    state.latency_ms = latency
-    state.bandwidth_mbps = bandwidth
-    state.kms_endpoint = kms_endpoint
-    state.insecure, state.username, state.password_stdin = insecure, username, password_stdin
-    state.cache, state.cache_size, state.timeout = cache, cache_size, timeout
-    state.site_cache = site_cache or os.environ.get("CONVSTORE_SITE_CACHE") or None
-    state.site_cache_flag = site_cache is not None
-    state.read_deadline, state.offline_max_age = read_deadline, _duration(offline_max_age)
-    state.allow_rollback = allow_rollback
-    state.s3_endpoint = s3_endpoint
-    spec = inactive_after or os.environ.get("CONVSTORE_INACTIVE_AFTER")
-    state.inactive_after = _duration(spec) if spec else None
+    try:
+        cli_base.set_globals(store=store, key=key, quiet=quiet, latency=latency, bandwidth=bandwidth,
+                             insecure=insecure, username=username, password_stdin=password_stdin, cache=cache,
+                             cache_size=cache_size, timeout=timeout, site_cache=site_cache,
+                             read_deadline=read_deadline, offline_max_age=offline_max_age, kms_endpoint=kms_endpoint,
+                             inactive_after=inactive_after, allow_rollback=allow_rollback, s3_endpoint=s3_endpoint)
+    except BadValue as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _duration(spec: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
     try:
-        if spec[-1] in units:
-            return float(spec[:-1]) * units[spec[-1]]
-        return float(spec)
-    except (ValueError, IndexError):
-        raise typer.BadParameter(f"bad duration {spec!r} (use e.g. 30s, 12h, 14d)") from None
-
-
-_password: list[str | None] = []
-
-
-def _options(url: str | None, create: bool = False) -> StoreOptions:
-    """The store options the global flags describe (the registry password is read once).
-    ``url``: ``--store`` or another store argument (None: $CONVSTORE_STORE or the default);
-    ``create``: whether the command may create the store (read-only commands never do)."""
-    reg: dict[str, Any] = {}
-    url = resolve_store_location(url)
-    if is_registry_url(url):
-        if state.password_stdin and not _password:
-            _password.append(sys.stdin.readline().rstrip("\n"))
-        reg = {"username": state.username,
-               "password": _password[0] if _password else None, "cache_dir": state.cache,
-               "cache_bytes": int(state.cache_size * 1e6), "timeout": state.timeout,
-               "site_cache": state.site_cache, "read_deadline": state.read_deadline,
-               "offline_max_age": state.offline_max_age}
-    elif is_s3_url(url):
-        reg = {"cache_dir": state.cache, "cache_bytes": int(state.cache_size * 1e6), "timeout": state.timeout,
-               "s3_endpoint": state.s3_endpoint}
-        if state.site_cache_flag:  # refused when it is opened: a site tier fronts registry stores
-            reg["site_cache"] = state.site_cache
-    elif state.site_cache_flag:  # named for a local store: refused when it is opened ($CONVSTORE_SITE_CACHE is not)
-        reg = {"site_cache": state.site_cache}
-    now = os.environ.get("CONVSTORE_NOW")  # a fixed clock (epoch seconds) for tests and what-if runs
-    return StoreOptions(path=url, key=state.key_spec, kms_endpoint=state.kms_endpoint,
-                        inactive_after=state.inactive_after, latency_ms=state.latency_ms,
-                        bandwidth_mbps=state.bandwidth_mbps, allow_rollback=state.allow_rollback,
-                        now=float(now) if now else None, create=create, insecure=state.insecure, **reg)
-
-
-#: key files this command created: said once it ends (in its error line if it fails)
-_created_keys: list[str] = []
-
-
-def _open(url: str | None, create: bool = False) -> Store:
-    from .keys import LocalKeyFile
-    from .store import Store
-
-    s = Store.open_with(_options(url, create))
-
-    key = getattr(s.key, "inner", s.key)
-    if isinstance(key, LocalKeyFile) and key.created:
-        _created_keys.append(key.path)
-    return s
-
-
-def _store(create: bool = False) -> Store:
-    """The store ``--store`` names; only commands that write images (pack, pull, domain create) create it."""
-    return _open(state.store_path, create)
-
-
-def _print_fetch_stats(stats: dict[str, Any], extra: str = "") -> None:
-    err.print(f"fetched {stats['chunks_fetched']} chunks, {_mb(stats['bytes_fetched'])} from the store "
-              f"({_mb(stats['plain_bytes_fetched'])} plaintext); {_mb(stats['bytes_read'])} read; "
-              f"cache hits {stats['cache_hits']}, misses {stats['cache_misses']}, "
-              f"prefetched {stats['prefetched_chunks']}; waited {stats['wait_seconds']:.3f} s on the store"
-              + (f"; {stats['requests']} requests to the registry" if stats.get("requests") else "")
-              + (f"; {extra}" if extra else ""), highlight=False, soft_wrap=True)
+        return cli_base.duration(spec)
+    except BadValue as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 class _RichProgress:
@@ -287,10 +152,6 @@ class _RichProgress:
 
 def _emit_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
 
 
 _POLICY_HELP = ("Trust policy (containers-policy.json) [default: ~/.config/containers/policy.json, else "
@@ -338,18 +199,6 @@ def _metrics_address(spec: str | None) -> str | None:
         except ValueError as e:
             raise typer.BadParameter(f"--metrics-address: {e}") from None
     return spec
-
-
-def _policy(path: str | None) -> Any:
-    """The trust policy at ``path`` (must exist), else the one the containers tools find."""
-    from .oci.policy import load_policy
-
-    return load_policy(path)
-
-
-def _n(count: int, noun: str) -> str:
-    """``1 layer``, ``2 layers``."""
-    return f"{count} {noun if count == 1 else noun + 's'}"
 
 
 @app.command()
@@ -857,13 +706,6 @@ def containerd_load(
               f"run it with: ctr run --snapshotter {snapshotter_name} {got} ID", highlight=False)
 
 
-def _background_fetch(enabled: Optional[bool], rate: Optional[str]) -> Any:
-    """The node's background-fetch setting: the options over the environment (convstore.reader.background)."""
-    from .reader.background import BackgroundConfig
-
-    return BackgroundConfig.from_env(enabled, rate)
-
-
 def _prepare_mountpoint(mountpoint: str) -> None:
     from .reader.fdholder import held
     from .reader.fuse import recover_stale_mount
@@ -933,27 +775,14 @@ def run(
                                                   "the daemon; alone: none kept, a kept one used]"),
 ) -> None:
     """Run an image's Entrypoint/Cmd (or CMD) from a lazy read-only mount; exit with its code."""
-    if runtime not in ("auto", "runc", "chroot"):
-        raise typer.BadParameter("--runtime must be auto, runc or chroot")
-    from .engines.run import run_image
-
-    spec = keep_mount if keep_mount is not None else os.environ.get("CONVSTORE_KEEP_MOUNT")
-    keep = _duration(spec) if spec else (KEEP_MOUNT_IN_DAEMON if state.in_daemon else None)
-    r = run_image(_store(), ref, command or None, runtime=runtime, prefetch=prefetch, record=record,
-                  policy=_policy(policy), keep=keep,
-                  # without options: the environment's, read where a fetch starts (not on a kept mount)
-                  background=None if background_fetch is None and background_rate is None
-                  else _background_fetch(background_fetch, background_rate))
-    if json_out:
-        err.print(json.dumps(r.to_json()), highlight=False, soft_wrap=True)
-    elif show_stats and r.kept:  # its keeper fetched what it read
-        err.print(f"{r.runtime} in {r.seconds:.2f} s on a kept mount ({_n(r.keeper_runs, 'run')} on it)",
-                  highlight=False, soft_wrap=True)
-    elif show_stats:
-        _print_fetch_stats(r.fetch, f"{r.runtime} in {r.seconds:.2f} s; FUSE reads {r.fuse_read_calls} "
-                                    f"({_mb(r.fuse_read_bytes)}); profile {r.profile}")
-    _State.exit_without_finalizing = True
-    raise typer.Exit(r.exit_code)
+    try:
+        code = cli_base.run_command(ref=ref, command=command, runtime=runtime, show_stats=show_stats,
+                                    prefetch=prefetch, record=record, json_out=json_out, policy=policy,
+                                    background_fetch=background_fetch, background_rate=background_rate,
+                                    keep_mount=keep_mount)
+    except BadValue as e:
+        raise typer.BadParameter(str(e)) from None
+    raise typer.Exit(code)
 
 
 # What a daemon imports before it forks its first command: every command's modules.
@@ -1065,25 +894,20 @@ def main(command: Callable[[], object] | None = None) -> None:
     """Entry point: usage errors exit 2 (click), operational errors exit 1.
     ``command``: the command tree already built (a daemon's forked child)."""
     state.in_daemon = command is not None
+
+    def typer_main() -> object:
+        argv = sys.argv[1:]
+        tree = _app_for(argv)
+        if tree is not app:
+            from . import cli_fast
+
+            cli_fast.remember(tree, argv)  # what `convstore run`'s fast path parses from now on
+        return tree()
+
     try:
-        if command is None:
-            _app_for(sys.argv[1:])()
-        else:
-            command()
-    except SystemExit:  # typer's end of a command, success or not
-        _say_created_keys()
-        raise
-    except (InvalidReference, ConfigError) as e:  # a malformed NAME, SOURCE, --store, --key or config: usage
+        cli_base.guarded(command or typer_main)
+    except BadValue as e:  # raised under typer, a BadValue is its BadParameter; never reaches here
         _fail(f"error: {e}", 2)
-    except ConvstoreError as e:
-        _fail(f"error: {e}", 1)
-    except OSError as e:
-        _fail(f"error: {e}", 1)
-    except Exception as e:
-        if os.environ.get("CONVSTORE_DEBUG"):
-            raise
-        _fail(f"internal error: {type(e).__name__}: {e} (set CONVSTORE_DEBUG=1 for a traceback)", 1)
-    _say_created_keys()
 
 
 def _app_for(argv: Sequence[str]) -> typer.Typer:
@@ -1124,21 +948,6 @@ def _app_for(argv: Sequence[str]) -> typer.Typer:
     tree = copy.copy(app)
     tree.registered_commands, tree.registered_groups = commands, groups
     return tree
-
-
-def _fail(msg: str, status: int) -> None:
-    """One line on stderr (naming a key file this command created), and the exit status."""
-    if _created_keys:
-        msg += f" (a new master key was created at {', '.join(_created_keys)})"
-    err.print(f"convstore: {msg}", highlight=False, markup=False, soft_wrap=True)
-    sys.exit(status)
-
-
-def _say_created_keys() -> None:
-    for path in _created_keys:
-        err.print(f"convstore: created a new master key at {path} (mode 0600); keep a copy of it: "
-                  f"without it the store cannot be read", highlight=False, markup=False, soft_wrap=True)
-    _created_keys.clear()
 
 
 if __name__ == "__main__":

@@ -882,3 +882,50 @@ def test_a_command_never_imports_from_the_folder_the_daemon_was_started_in(tmp_p
         assert not pwned.exists(), p.stderr
     finally:
         convstore(env, "daemon", "--stop")
+
+
+def test_the_code_watch_sees_edits_replacements_and_moved_folders(tmp_path, monkeypatch):
+    """The daemon's loaded-code check (server._CodeWatch): inotify says when to stat the files; the stat
+    decides.  An edit, a file renamed over a loaded one and a package folder moved away all count; an event
+    that changes no loaded file (a new file beside one) does not, and a change stays seen."""
+    import importlib
+
+    from convstore.daemon import server as srv
+
+    def fresh(name: str) -> Path:
+        pkg = tmp_path / name
+        (pkg / "sub").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "sub" / "__init__.py").write_text("")
+        (pkg / "sub" / "mod.py").write_text("X = 1\n")
+        importlib.import_module(f"{name}.sub.mod")
+        return pkg
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = {
+        "untouched": lambda pkg: None,
+        "new file": lambda pkg: (pkg / "sub" / "notes.txt").write_text("not a module"),
+        "edited": lambda pkg: (pkg / "sub" / "mod.py").write_text("X = 22\n"),
+        "replaced": lambda pkg: ((pkg / "new.py").write_text("X = 333\n"), os.replace(pkg / "new.py", pkg / "sub" / "mod.py")),
+        "moved": lambda pkg: (os.rename(pkg, tmp_path / f"{pkg.name}-old"), fresh(pkg.name + "x"),
+                              os.rename(tmp_path / f"{pkg.name}x", pkg)),
+    }
+    for i, (what, change) in enumerate(cases.items()):
+        pkg = fresh(f"watched_pkg{i}")
+        watch = srv._CodeWatch()
+        try:
+            assert watch.fd >= 0, "no inotify watch"
+            assert not watch.changed()
+            change(pkg)
+            expect = what not in ("untouched", "new file")
+            assert watch.changed() is expect, what
+            assert watch.changed() is expect, what  # said again
+        finally:
+            watch.close()
+    # without inotify (no watches left): the stat of every file, each time
+    pkg = fresh("watched_pkg_plain")
+    watch = srv._CodeWatch()
+    watch.close()
+    assert not watch.changed()
+    os.utime(pkg / "sub" / "mod.py", ns=(1, 1))
+    assert watch.changed() and watch.changed()
