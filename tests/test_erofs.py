@@ -33,6 +33,8 @@ MULTI = os.urandom(3 * BLOCK + 123)
 def every_kind() -> list[bytes]:
     """Layers with every entry kind: the first all files, the second whiteouts and an opaque directory."""
     many = [Entry(f"many/{i:04d}-" + "n" * 200, data=str(i).encode()) for i in range(300)]  # 300 x 212 B: 16 blocks
+    # one block of 4064 bytes (".", "..", 15 x 255 + 20): too big to sit inline after its inode
+    full = [Entry(f"full/{i:02d}" + "f" * 253, "fifo") for i in range(15)] + [Entry("full/" + "s" * 20, "fifo")]
     l0 = make_tar([
         Entry("e", "dir", mode=0o750, uid=70000, gid=80000),
         Entry("e/zero", data=b""),
@@ -57,7 +59,7 @@ def every_kind() -> list[bytes]:
         Entry("e/" + "L" * 255, data=b"longest name"),
         Entry("e/unicodé", data=b"u"),
         Entry("op", "dir"), Entry("op/old", data=b"before the opaque"),
-    ] + many)
+    ] + many + full)
     l1 = make_tar([Entry("e/.wh.zero"), Entry("op", "dir"), Entry("op/.wh..wh..opq"),
                    Entry("op/only", data=b"after the opaque"), Entry("e/new", data=b"n")])
     return [rich_layer(), l0, l1]

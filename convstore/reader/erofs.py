@@ -95,26 +95,28 @@ def _xattr_body(node: Node) -> bytes:
     return b"".join(out)
 
 
-def _dirents(entries: list[tuple[bytes, int, int]]) -> tuple[bytes, int]:
-    """Directory blocks for (name, nid, file type) sorted by name; (blocks, i_size)."""
-    blocks: list[bytes] = []
+def _dir_blocks(names: list[bytes]) -> list[int]:
+    """How many of the (sorted) names each directory block holds: dirents then names, at most a block."""
+    counts: list[int] = []
     i = 0
-    while i < len(entries):
+    while i < len(names):
         j, used = i, 0
-        while j < len(entries) and used + DIRENT.size + len(entries[j][0]) <= BLOCK:
-            used += DIRENT.size + len(entries[j][0])
+        while j < len(names) and used + DIRENT.size + len(names[j]) <= BLOCK:
+            used += DIRENT.size + len(names[j])
             j += 1
-        group = entries[i:j]
-        nameoff = DIRENT.size * len(group)
-        heads, names = [], []
-        for name, nid, ftype in group:
-            heads.append(DIRENT.pack(nid, nameoff, ftype))
-            names.append(name)
-            nameoff += len(name)
-        blocks.append(b"".join(heads) + b"".join(names))
+        counts.append(j - i)
         i = j
-    size = (len(blocks) - 1) * BLOCK + len(blocks[-1])
-    return b"".join(b.ljust(BLOCK, b"\0") for b in blocks), size
+    return counts
+
+
+def _dir_block(group: list[tuple[bytes, int, int]]) -> bytes:
+    """One directory block's bytes (unpadded) for (name, nid, file type) entries."""
+    nameoff = DIRENT.size * len(group)
+    heads = []
+    for name, nid, ftype in group:
+        heads.append(DIRENT.pack(nid, nameoff, ftype))
+        nameoff += len(name)
+    return b"".join(heads) + b"".join(name for name, _nid, _ft in group)
 
 
 @dataclass(frozen=True)
@@ -200,53 +202,69 @@ def build(root: Node, *, name: str = "") -> ErofsLayout:
                 parent[id(c)] = d
                 todo.append(c)
 
-    # 2. inode records: inode + inline xattrs (+ a short symlink's target), 32-byte aligned, no record
-    #    that fits a block crosses one (an inline tail must share its inode's block)
+    # 2. directory entries by name, in blocks; a directory's last block sits inline after its inode
+    #    (FLAT_INLINE) when it fits there, as a short symlink's target does
     xattrs = [_xattr_body(n) for n in order]
-    inline: list[bytes | None] = []
-    for n, x in zip(order, xattrs):
-        target = os.fsencode(n.linkname) if stat.S_ISLNK(n.mode) else b""
-        if stat.S_ISLNK(n.mode) and INODE.size + len(x) + len(target) <= BLOCK:
-            inline.append(target)
-        else:
-            inline.append(None)
+    names: dict[int, list[tuple[bytes, Node]]] = {}
+    groups: dict[int, list[int]] = {}
+    tails: list[int] = []  # bytes inline after each inode (-1: not inline)
+    for idx, (n, x) in enumerate(zip(order, xattrs)):
+        tail = -1
+        if n.is_dir:
+            assert n.children is not None
+            ents = []
+            for cname, c in n.children.items():
+                bname = os.fsencode(cname)
+                if not 0 < len(bname) <= 255:
+                    raise ErofsUnsupported(f"name {cname!r}: EROFS names are 1 to 255 bytes")
+                ents.append((bname, c))
+            ents += [(b".", n), (b"..", parent[id(n)])]
+            ents.sort(key=lambda e: e[0])
+            names[idx] = ents
+            groups[idx] = counts = _dir_blocks([e[0] for e in ents])
+            last = sum(DIRENT.size + len(e[0]) for e in ents[len(ents) - counts[-1]:])
+            if INODE.size + len(x) + last <= BLOCK:
+                tail = last
+        elif stat.S_ISLNK(n.mode):
+            target = os.fsencode(n.linkname)
+            if len(target) >= BLOCK:
+                raise ErofsUnsupported(f"symlink target of {len(target)} bytes (at most {BLOCK - 1})")
+            if INODE.size + len(x) + len(target) <= BLOCK:
+                tail = len(target)
+        tails.append(tail)
+
+    # 3. inode records (inode, xattrs, inline tail), 32-byte aligned; none that fits a block crosses one
     offsets: list[int] = []
     pos = META_BLKADDR * BLOCK
-    for x, tail in zip(xattrs, inline):
-        rec = INODE.size + len(x) + len(tail or b"")
-        if rec <= BLOCK and pos // BLOCK != (pos + rec - 1) // BLOCK:
+    for x, tail in zip(xattrs, tails):
+        size = INODE.size + len(x) + max(tail, 0)
+        if size <= BLOCK and pos // BLOCK != (pos + size - 1) // BLOCK:
             pos = _round(pos, BLOCK)
         offsets.append(pos)
-        pos = _round(pos + rec, 32)
+        pos = _round(pos + size, 32)
     nids = [(o - META_BLKADDR * BLOCK) // 32 for o in offsets]
     if nids[0] != 0:
         raise AssertionError("the root inode is not nid 0")
     block = _round(pos, BLOCK) // BLOCK
 
-    # 3. directory blocks and long symlink targets, after the inodes
-    plain: dict[int, tuple[int, bytes, int]] = {}  # index -> (start block, blocks, i_size)
+    # 4. the blocks of directories and symlinks not (wholly) inline, after the inodes
+    content: dict[int, tuple[int, list[bytes], int]] = {}  # index -> (first block, blocks unpadded, i_size)
     for idx, n in enumerate(order):
         if n.is_dir:
-            assert n.children is not None
-            ents = [(b".", nids[idx], FT_DIR), (b"..", nids[seen[id(parent[id(n)])]], FT_DIR)]
-            for cname, c in n.children.items():
-                bname = os.fsencode(cname)
-                if not 0 < len(bname) <= 255:
-                    raise ErofsUnsupported(f"name {cname!r}: EROFS names are 1 to 255 bytes")
-                ents.append((bname, nids[seen[id(c)]], _FTYPE.get(stat.S_IFMT(c.mode), 0)))
-            ents.sort(key=lambda e: e[0])
-            data, size = _dirents(ents)
-            plain[idx] = (block, data, size)
-            block += len(data) // BLOCK
-        elif stat.S_ISLNK(n.mode) and inline[idx] is None:
+            ents, blocks, i = names[idx], [], 0
+            for count in groups[idx]:
+                blocks.append(_dir_block([(nm, nids[seen[id(c)]], _FTYPE.get(stat.S_IFMT(c.mode), 0))
+                                          for nm, c in ents[i:i + count]]))
+                i += count
+            content[idx] = (block, blocks, (len(blocks) - 1) * BLOCK + len(blocks[-1]))
+            block += len(blocks) - (tails[idx] >= 0)
+        elif stat.S_ISLNK(n.mode):
             target = os.fsencode(n.linkname)
-            if len(target) >= BLOCK:
-                raise ErofsUnsupported(f"symlink target of {len(target)} bytes (at most {BLOCK - 1})")
-            plain[idx] = (block, target.ljust(BLOCK, b"\0"), len(target))
-            block += 1
+            content[idx] = (block, [target], len(target))
+            block += tails[idx] < 0
     meta_blocks = block
 
-    # 4. the data area: regular files in content-stream order
+    # 5. the data area: regular files in content-stream order
     extents: list[Extent] = []
     start_of: dict[int, int] = {}
     files = sorted((i for i, n in enumerate(order) if n.is_file and n.size > 0),
@@ -258,22 +276,24 @@ def build(root: Node, *, name: str = "") -> ErofsLayout:
     if block >= 1 << 32:
         raise ErofsUnsupported("image over 16 TiB")
 
-    # 5. the bytes: superblock, inodes, directory blocks
+    # 6. the bytes: superblock, inodes, directory and symlink blocks
     meta = bytearray(meta_blocks * BLOCK)
     for idx, n in enumerate(order):
         fmt = stat.S_IFMT(n.mode)
-        layout, startblk, size = FLAT_PLAIN, 0, n.size
+        layout, startblk, size, tail_bytes = FLAT_PLAIN, 0, n.size, b""
         nlink = links.get(id(n), 1)
-        if n.is_dir:
-            startblk, _data, size = plain[idx]
-            assert n.children is not None
-            nlink = 2 + sum(1 for c in n.children.values() if c.is_dir)
-        elif fmt == stat.S_IFLNK:
-            size = len(os.fsencode(n.linkname))
-            if inline[idx] is not None:
-                layout = FLAT_INLINE
-            else:
-                startblk = plain[idx][0]
+        if idx in content:
+            startblk, blocks, size = content[idx]
+            if tails[idx] >= 0:
+                layout, tail_bytes = FLAT_INLINE, blocks[-1]
+                blocks = blocks[:-1]
+            for k, data in enumerate(blocks):
+                meta[(startblk + k) * BLOCK:(startblk + k) * BLOCK + len(data)] = data
+            if not blocks:
+                startblk = 0
+            if n.is_dir:
+                assert n.children is not None
+                nlink = 2 + sum(1 for c in n.children.values() if c.is_dir)
         elif fmt == stat.S_IFREG:
             startblk = start_of.get(idx, 0)
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
@@ -284,12 +304,13 @@ def build(root: Node, *, name: str = "") -> ErofsLayout:
             size = 0
         x = xattrs[idx]
         secs, nsec = divmod(n.mtime_ns, 1_000_000_000)
-        rec = INODE.pack(EXTENDED | layout << 1, (len(x) - XATTR_HEAD.size) // 4 + 1 if x else 0, n.mode & 0xFFFF,
-                         0, size, startblk & 0xFFFFFFFF, (idx + 1) & 0xFFFFFFFF, n.uid, n.gid, secs, nsec, nlink)
-        rec += x + (inline[idx] or b"")
+        try:
+            rec = INODE.pack(EXTENDED | layout << 1, (len(x) - XATTR_HEAD.size) // 4 + 1 if x else 0,
+                             n.mode & 0xFFFF, 0, size, startblk & 0xFFFFFFFF, (idx + 1) & 0xFFFFFFFF, n.uid, n.gid,
+                             secs, nsec, nlink) + x + tail_bytes
+        except struct.error as e:
+            raise ErofsUnsupported(f"inode {n.ino}: a field out of EROFS's range ({e})") from None
         meta[offsets[idx]:offsets[idx] + len(rec)] = rec
-    for _idx, (start, data, _size) in plain.items():
-        meta[start * BLOCK:start * BLOCK + len(data)] = data
     label = name.encode()[:16]
     uuid = hashlib.sha256(bytes(meta) + label).digest()[:16]
     sb = SUPER.pack(MAGIC, 0, 0, BLOCK_BITS, 0, nids[0], len(order), 0, 0, block, META_BLKADDR, 0, uuid, label,
