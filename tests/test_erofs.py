@@ -9,6 +9,7 @@ import os
 import stat
 import struct
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,20 @@ def test_served_lazily_from_a_fuse_file(image, tmp_path, mnt):
             assert m.ops.get(kfuse.READ, 0) == reads, "a warm tree went back to FUSE"
             assert m.ops.get(kfuse.LOOKUP, 0) <= 2
         assert not _mounted(mnt)
+        assert not os.path.exists(m.fusedir)
+
+
+def test_the_image_file_is_roots_alone(image, tmp_path, mnt):
+    """The FUSE file is the whole image decrypted: another user reaches it neither through its 0700
+    directory nor by the FUSE mount's own modes (root, 0500 / 0400)."""
+    with ImageFS.from_store(image, "erofs:1") as fs, mount_erofs(fs, str(mnt)) as m:
+        path = os.path.join(m.fusedir, IMAGE_NAME)
+        assert os.path.dirname(m.fusedir).startswith(tempfile.gettempdir())  # reachable by path but for modes
+        for target in (path, m.fusedir):
+            p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", target],
+                               capture_output=True)
+            assert p.returncode != 0 and b"Permission denied" in p.stderr, (target, p.stderr)
+        assert os.stat(path).st_mode & 0o777 == 0o400 and os.stat(os.path.dirname(m.fusedir)).st_mode & 0o077 == 0
 
 
 def test_unsupported_xattr_is_refused():

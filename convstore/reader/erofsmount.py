@@ -53,8 +53,9 @@ class ImageFileFS(ImageFS):
         self.prefetch_on_open = 0
         self.entry = None
         self.warnings = []
-        self.file = Node(2, stat.S_IFREG | 0o444, 0, 0, layout.size, 0)
-        self.root = Node(1, stat.S_IFDIR | 0o555, 0, 0, 0, 0, children={IMAGE_NAME: self.file})
+        # the whole image decrypted: root's alone (the kernel checks these modes: default_permissions)
+        self.file = Node(2, stat.S_IFREG | 0o400, 0, 0, layout.size, 0)
+        self.root = Node(1, stat.S_IFDIR | 0o500, 0, 0, 0, 0, children={IMAGE_NAME: self.file})
         self.inodes = 2
         self._opened: set[int] = set()
         self._lock = threading.Lock()
@@ -107,9 +108,10 @@ class ErofsMount:
         self.fs = fs
         self.where = where
         self.layout = build(fs.root, name=name)
-        self.fusedir = fusedir or tempfile.mkdtemp(prefix="convstore-erofs-")
+        # the FUSE mount inside a 0700 directory of its own (the mount's root replaces the mount point's modes)
+        self._made_dir = tempfile.mkdtemp(prefix="convstore-erofs-") if fusedir is None else None
+        self.fusedir = fusedir or os.path.join(self._made_dir or "", "image")
         os.makedirs(self.fusedir, mode=0o700, exist_ok=True)
-        self._made_dir = fusedir is None
         self.file_fs = ImageFileFS(fs, self.layout)
         self._pushes: queue.SimpleQueue[Node | None] = queue.SimpleQueue()
         self._pusher = threading.Thread(target=self._push_files, name="convstore-erofs-push", daemon=True)
@@ -168,6 +170,7 @@ class ErofsMount:
         if self._made_dir:
             try:
                 os.rmdir(self.fusedir)
+                os.rmdir(self._made_dir)
             except OSError:
                 pass
 
