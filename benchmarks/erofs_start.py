@@ -9,7 +9,9 @@ One run, interleaved, chunks local (a local store, its files in the page cache a
     chunk cache, and new kernel caches), read twice: cold, then warm;
 (b) a podman-like start: an overlay (lowerdir = the tree, upperdir on disk) and ``runc run`` of the image's
     command on it, the tree on disk / a new kfuse mount / a new EROFS mount: the mount's time (the EROFS image
-    is built then, from the manifest's tree), the first run (cold), a second run on the same mount (warm).
+    is built then, from the manifest's tree), the first run (cold), a second run on the same mount (warm);
+    and the same with ``+decoded``: the process keeps its plaintext chunk cache from mount to mount (a
+    layer store or daemon that served the image before), so only the kernel's caches are cold.
 FUSE requests are counted per kind (kfuse's counters) for each mount.
 """
 
@@ -32,13 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus_bench import CORPUS_DIR, ensure_corpus, new_store  # noqa: E402
 
 from convstore.reader import kfuse  # noqa: E402
+from convstore.reader.chunkcache import ChunkCache  # noqa: E402
 from convstore.reader.erofsmount import mount_erofs  # noqa: E402
 from convstore.reader.imagefs import PREFETCH_ON_OPEN, ImageFS  # noqa: E402
 
 OPS = {kfuse.LOOKUP: "LOOKUP", kfuse.GETATTR: "GETATTR", kfuse.READLINK: "READLINK", kfuse.READ: "READ",
        kfuse.GETXATTR: "GETXATTR", kfuse.LISTXATTR: "LISTXATTR", kfuse.READDIR: "READDIR",
        kfuse.READDIRPLUS: "READDIRPLUS", kfuse.OPEN: "OPEN", kfuse.OPENDIR: "OPENDIR", kfuse.STATFS: "STATFS",
-       kfuse.ACCESS: "ACCESS", kfuse.FLUSH: "FLUSH", kfuse.INIT: "INIT"}
+       kfuse.ACCESS: "ACCESS", kfuse.FLUSH: "FLUSH", kfuse.INIT: "INIT", kfuse.INTERRUPT: "INTERRUPT"}
 
 
 def tar_seconds(root: Path) -> float:
@@ -53,6 +56,9 @@ class Tree:
 
     def __init__(self, kind: str, store: Any, ref: str, rootfs: Path, where: Path):
         self.kind, self.store, self.ref, self.rootfs, self.where = kind, store, ref, rootfs, where
+        # "+decoded": the node's process keeps its plaintext chunk cache across mounts (the layer store's or
+        # the daemon's); the kernel's caches are new with each mount all the same
+        self.cache = ChunkCache() if kind.endswith("+decoded") else None
         self.fs: ImageFS | None = None
         self.handle: Any = None
         self.ops: dict[int, int] = {}
@@ -61,8 +67,8 @@ class Tree:
         if self.kind == "disk":
             return self.rootfs
         self.where.mkdir(exist_ok=True)
-        self.fs = ImageFS.from_store(self.store, self.ref, prefetch_on_open=PREFETCH_ON_OPEN)
-        if self.kind == "kfuse":
+        self.fs = ImageFS.from_store(self.store, self.ref, prefetch_on_open=PREFETCH_ON_OPEN, cache=self.cache)
+        if self.kind.startswith("kfuse"):
             self.handle = kfuse.start(self.fs, str(self.where), read_only=True)
         else:
             self.handle = mount_erofs(self.fs, str(self.where), fusedir=str(self.where) + ".fuse")
@@ -72,7 +78,7 @@ class Tree:
         if self.kind == "disk":
             return
         self.ops = dict(self.handle.ops)
-        if self.kind == "kfuse":
+        if self.kind.startswith("kfuse"):
             kfuse.umount(str(self.where))
             self.handle.wait(5)
         else:
@@ -125,7 +131,8 @@ def main() -> None:
         spec["process"].update(terminal=False, args=cmd)
         (bundle / "config.json").write_text(json.dumps(spec))
         kinds = ["disk", "kfuse", "erofs"]
-        trees = {k: Tree(k, store, ref, w / "rootfs", w / f"mnt-{k}") for k in kinds}
+        starts = kinds + ["kfuse+decoded", "erofs+decoded"]
+        trees = {k: Tree(k, store, ref, w / "rootfs", w / f"mnt-{k}") for k in starts}
         samples: dict[str, list[float]] = {}
         ops: dict[str, dict[str, dict[int, int]]] = {"tar": {}, "start": {}}
 
@@ -152,7 +159,7 @@ def main() -> None:
                         add(f"tar cold {k}", cold)
                         add(f"tar warm {k}", warm)
                 once(k, tars, "tar")
-            for k in kinds:
+            for k in starts:
                 def start(root: Path, k: str = k, i: int = i) -> None:
                     t = time.perf_counter()
                     overlay_run(root, w / "ov", bundle, f"erofs-{os.getpid()}-{k}-{i}")
@@ -175,17 +182,19 @@ def main() -> None:
               "run | x disk | second run (warm) | x disk")
         print("|---|---|---|---|---|---|---|---|")
         r0, w0 = med(samples["run disk"]), med(samples["run warm disk"])
-        for k in kinds:
+        for k in starts:
             m, r, wr = med(samples[f"start {k} mount"][1:]), med(samples[f"run {k}"]), med(samples[f"run warm {k}"])
             print(f"| {k} | {m:.3f} s | {r:.3f} s | {r / r0:.2f}x | {m + r:.3f} s | {(m + r) / r0:.2f}x | {wr:.3f} s "
                   f"| {wr / w0:.2f}x |")
         print("\nFUSE requests (last round): tar cold+warm / start cold+warm")
-        for k in ("kfuse", "erofs"):
+        for k in starts[1:]:
             for what in ("tar", "start"):
-                o = ops[what].get(k, {})
+                o = ops[what].get(k)
+                if o is None:
+                    continue
                 print(f"  {k} {what}: " + ", ".join(f"{OPS.get(op, op)} {n}" for op, n in sorted(o.items())))
     finally:
-        for k in ("kfuse", "erofs"):
+        for k in ("kfuse", "erofs", "kfuse+decoded", "erofs+decoded"):
             for d in (w / f"mnt-{k}", Path(str(w / f"mnt-{k}") + ".fuse")):
                 subprocess.run(["umount", "-l", str(d)], capture_output=True, check=False)
         shutil.rmtree(w, ignore_errors=True)

@@ -4,12 +4,14 @@ unpacked on disk, and erofs-utils' fsck.erofs checks it."""
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
 import stat
 import struct
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +222,51 @@ def test_a_swapped_chunk_reads_as_an_error_never_as_other_bytes(image, tmp_path,
                     wrong.append(p)
     assert wrong == []
     assert errors >= 1
+
+
+def _erofs_mounts() -> set[str]:
+    return {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split(" - ")[1].split()[0] == "erofs"}
+
+
+@pytest.mark.corpus
+def test_podman_runs_on_erofs_layers_from_the_layer_store(tmp_path, cli_env, corpus):
+    """``$CONVSTORE_LAYERSTORE_EROFS=1``: each layer's ``diff`` is a symlink to a kernel EROFS mount, and
+    podman (containers/storage's additional layer store) pulls without layer blobs and runs on it."""
+    from conftest import CORPUS_DIR, run_cli
+    from engine_fixtures import podman, podman_config, remove_podman_root
+    from kms_fixtures import Registry
+
+    need_tool("skopeo")
+    need_tool("podman")
+    reg = Registry(tmp_path / "registry")
+    podman_root = tmp_path / "podman"
+    als = tmp_path / "als"
+    als.mkdir()
+    before = _erofs_mounts()
+    try:
+        src = f"oci:{CORPUS_DIR / 'app1'}:latest"
+        subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", src, f"docker://{reg.host}/app1:latest"],
+                       check=True, timeout=300)
+        run_cli(cli_env, "pack", src, "app1:latest")
+        run_cli({**cli_env, "CONVSTORE_LAYERSTORE_EROFS": "1"}, "layerstore", "--background", str(als))
+        env = podman_config(podman_root, als)
+        ref = f"{reg.host}/app1:latest"
+        podman(env, "pull", "-q", "--tls-verify=false", ref)
+        r = podman(env, "run", "--rm", ref)
+        assert r.stdout.strip() == "hello", r.stderr
+        r = podman(env, "run", "--rm", ref, "sh", "-c", "head -1 /etc/os-release; ls /usr/bin/python3")
+        assert r.stdout.splitlines() == ['PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"', "/usr/bin/python3"], r.stderr
+        layers = [lay["digest"] for lay in corpus["images"]["app1"]["layers"]]
+        diffs = [als / base64.b64encode(ref.encode()).decode() / d / "diff" for d in layers]
+        assert all(os.path.islink(d) for d in diffs)
+        mounted = _erofs_mounts() - before
+        assert {os.readlink(d) for d in diffs} == mounted, (mounted, diffs)
+    finally:
+        remove_podman_root(podman_config(podman_root, als), podman_root)
+        subprocess.run(["fusermount3", "-u", str(als)], check=False)
+        reg.stop()
+    deadline = time.monotonic() + 30
+    while _erofs_mounts() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _erofs_mounts() - before, "the layer store left EROFS mounts behind"

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +68,7 @@ from ..reader.fetcher import ChunkFetcher
 from ..reader.fuse import BackgroundMount, ImageOperations, mount_answers, serve
 from ..reader.profile import save_start
 from ..service import sdnotify
+from ..reader.erofsmount import ErofsMount, mount_erofs
 from ..reader.imagefs import PREFETCH_ON_OPEN, ImageFS, Stat
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ PROFILE_WAIT = 5.0
 #: the layer trees of this many images (the most recently read first) are built after each scan, in a
 #: thread, so an engine's first lookup of a layer (podman's pull) does not wait for it; others on first use
 PREBUILD_IMAGES = 16
+#: ``1``: each layer's ``diff`` is a symlink to a kernel EROFS mount of it (reader/erofsmount.py; a prototype)
+EROFS_ENV = "CONVSTORE_LAYERSTORE_EROFS"
 _GZIP = 2  # containers/storage's archive.Gzip (compression of the original blob)
 _COMPRESSION = {"gzip": _GZIP, "zstd": 4, "none": 0}
 
@@ -128,6 +132,10 @@ class LayerStore:
         #: (manifest digest, layer index) -> that layer's tree, built ahead from the scan's manifests (prebuild)
         self._built: dict[tuple[str, int], Future[MergedTree]] = {}
         self._seen_refs: frozenset[str] | None = None  # the catalog's keys at the last look (watch)
+        #: where each layer's EROFS mount goes (EROFS_ENV), else None: ``diff`` is the FUSE tree
+        self.erofs_dir = tempfile.mkdtemp(prefix="convstore-erofs-") if os.environ.get(EROFS_ENV) == "1" else None
+        self._erofs: dict[str, ErofsMount] = {}
+        self._erofs_lock = threading.Lock()  # one layer mounted at a time
 
     def scan(self) -> None:
         """Index the blob digests and chain IDs of every ACTIVE image (manifests
@@ -313,6 +321,19 @@ class LayerStore:
         with self._lock:
             return self._trees.setdefault(digest, fs)
 
+    def erofs_path(self, digest: str) -> str:
+        assert self.erofs_dir is not None
+        return os.path.join(self.erofs_dir, digest.replace(":", "-"))
+
+    def erofs(self, digest: str) -> str:
+        """The EROFS mount of the layer's tree (mounted on first use)."""
+        with self._erofs_lock:
+            if digest not in self._erofs:
+                where = self.erofs_path(digest)
+                os.makedirs(where, exist_ok=True)
+                self._erofs[digest] = mount_erofs(self.tree(digest), where)
+        return self.erofs_path(digest)
+
     def _open(self, scanned: CatalogEntry) -> tuple[CatalogEntry, Manifest, ChunkFetcher]:
         """The image ``scanned`` names, opened once (one open at a time: two first lookups of its layers
         share it), its start-up profile's prefetch started."""
@@ -437,6 +458,10 @@ class LayerStore:
 
     def close(self) -> None:
         """Save the profiles still being recorded, stop the fetchers."""
+        with self._erofs_lock:
+            for m in self._erofs.values():
+                m.close()
+            self._erofs.clear()
         with self._lock:
             pending = list(self._recording.items())
         for key, timer in pending:
@@ -509,6 +534,8 @@ class LayerStoreOperations(ImageOperations):
     # -- callbacks ----------------------------------------------------------
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         parts = self._split(path)
+        if len(parts) == 3 and parts[2] == "diff" and self.layers.erofs_dir is not None:
+            return Stat(stat.S_IFLNK | 0o777, 1, 1, 0, 0, len(self.layers.erofs_path(parts[1])), self._t0, 0).as_dict()
         if self._is_tree(parts):
             return super().getattr(path, fh)
         if len(parts) == 3 and parts[2] == "blob":
@@ -533,7 +560,14 @@ class LayerStoreOperations(ImageOperations):
         raise mfusepy.FuseOSError(errno.ENOTDIR)
 
     def readlink(self, path: str) -> str:
-        if not self._is_tree(self._split(path)):
+        parts = self._split(path)
+        if len(parts) == 3 and parts[2] == "diff" and self.layers.erofs_dir is not None:
+            try:
+                return self.layers.erofs(parts[1])
+            except ConvstoreError as e:
+                log.error("layer store: cannot mount %s with EROFS: %s", parts[1], e)
+                raise mfusepy.FuseOSError(errno.EIO) from None
+        if not self._is_tree(parts):
             raise mfusepy.FuseOSError(errno.EINVAL)
         return super().readlink(path)
 
