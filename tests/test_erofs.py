@@ -270,3 +270,29 @@ def test_podman_runs_on_erofs_layers_from_the_layer_store(tmp_path, cli_env, cor
     while _erofs_mounts() - before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _erofs_mounts() - before, "the layer store left EROFS mounts behind"
+
+
+def test_layer_store_mounts_each_layer_with_its_layout_built_ahead(image, monkeypatch):
+    """With the option, the layer store builds each layer's EROFS layout after its scan (next to the tree,
+    before any lookup), so the engine's first look at ``diff`` only mounts; the mount serves that layer
+    (whiteouts in overlay form) and goes with the store's close."""
+    from convstore.engines import layerstore
+
+    monkeypatch.setenv(layerstore.EROFS_ENV, "1")
+    ls = layerstore.LayerStore(image)
+    try:
+        ls.scan()
+        _, manifest = image.open_image("erofs:1")
+        deadline = time.monotonic() + 30
+        while len(ls._layouts) < len(manifest.layers) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(ls._layouts) == len(manifest.layers)
+        prebuilt = {id(lay) for _root, lay in ls._layouts.values()}
+        where = ls.erofs(manifest.layers[2].digest)
+        assert where == ls.erofs_path(manifest.layers[2].digest) and _mounted(Path(where))
+        assert id(ls._erofs[manifest.layers[2].digest].layout) in prebuilt
+        assert stat.S_ISCHR(os.lstat(os.path.join(where, "e", "zero")).st_mode)
+        assert Path(where, "op", "only").read_bytes() == b"after the opaque"
+    finally:
+        ls.close()
+    assert not _mounted(Path(where))

@@ -55,7 +55,7 @@ from ..core.catalog import CatalogEntry
 from ..errors import ConvstoreError, ImageNotFound, StoreError
 from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
-from ..merge import MergedTree, layer_tree
+from ..merge import MergedTree, Node, layer_tree
 from ..metrics import ProcessMetrics, node_cache_of, origin_counters_of, reporting
 from ..oci.media import chain_ids, check_digest
 from ..oci.policy import Policy
@@ -68,6 +68,8 @@ from ..reader.fetcher import ChunkFetcher
 from ..reader.fuse import BackgroundMount, ImageOperations, mount_answers, serve
 from ..reader.profile import save_start
 from ..service import sdnotify
+from ..reader.erofs import ErofsLayout
+from ..reader.erofs import build as erofs_build
 from ..reader.erofsmount import ErofsMount, mount_erofs
 from ..reader.imagefs import PREFETCH_ON_OPEN, ImageFS, Stat
 
@@ -135,6 +137,7 @@ class LayerStore:
         #: where each layer's EROFS mount goes (EROFS_ENV), else None: ``diff`` is the FUSE tree
         self.erofs_dir = tempfile.mkdtemp(prefix="convstore-erofs-") if os.environ.get(EROFS_ENV) == "1" else None
         self._erofs: dict[str, ErofsMount] = {}
+        self._layouts: dict[tuple[str, int], tuple[Node, ErofsLayout]] = {}  # prebuilt: (tree root, its layout)
         self._erofs_lock = threading.Lock()  # one layer mounted at a time
 
     def scan(self) -> None:
@@ -180,6 +183,9 @@ class LayerStore:
             todo = self._plan_prebuild(served)
         if todo:
             threading.Thread(target=self._prebuild, args=(todo,), daemon=True, name="convstore-layers-prebuild").start()
+            if self.erofs_dir is not None:
+                threading.Thread(target=self._prebuild_erofs, args=(todo,), daemon=True,
+                                 name="convstore-layers-erofs").start()
         if dropped:
             live = {c.cid for m in loaded for c in m.chunks}
             for manifest, f in dropped:
@@ -326,13 +332,31 @@ class LayerStore:
         return os.path.join(self.erofs_dir, digest.replace(":", "-"))
 
     def erofs(self, digest: str) -> str:
-        """The EROFS mount of the layer's tree (mounted on first use)."""
+        """The EROFS mount of the layer's tree (mounted on first use, with its layout built ahead if it was)."""
         with self._erofs_lock:
             if digest not in self._erofs:
                 where = self.erofs_path(digest)
                 os.makedirs(where, exist_ok=True)
-                self._erofs[digest] = mount_erofs(self.tree(digest), where)
+                fs = self.tree(digest)
+                with self._lock:
+                    layout = next((lay for root, lay in self._layouts.values() if root is fs.root), None)
+                self._erofs[digest] = mount_erofs(fs, where, layout=layout)
         return self.erofs_path(digest)
+
+    def _prebuild_erofs(self, todo: list[tuple[Manifest, int, Future[MergedTree]]]) -> None:
+        """The EROFS layouts of the trees built ahead, so an engine's first look at ``diff`` only mounts."""
+        for _m, _i, fut in todo:
+            try:
+                tree = fut.result()
+                layout = erofs_build(tree.root)
+            except BaseException:  # noqa: BLE001  built again (and refused, if so) on first use
+                continue
+            with self._lock:
+                key = next((k for k, f in self._built.items() if f is fut), None)
+                if key is not None:
+                    self._layouts[key] = (tree.root, layout)
+                for gone in [k for k in self._layouts if k not in self._built]:
+                    del self._layouts[gone]
 
     def _open(self, scanned: CatalogEntry) -> tuple[CatalogEntry, Manifest, ChunkFetcher]:
         """The image ``scanned`` names, opened once (one open at a time: two first lookups of its layers

@@ -104,10 +104,11 @@ class ErofsMount:
     files, pushing them whole costs more than the reads it saves)."""
 
     def __init__(self, fs: ImageFS, where: str, *, fusedir: str | None = None, name: str = "",
-                 push_files: bool = False):
+                 push_files: bool = False, layout: ErofsLayout | None = None):
         self.fs = fs
         self.where = where
-        self.layout = build(fs.root, name=name)
+        #: ``layout``: built ahead from this tree (the layer store's prebuild), else built here
+        self.layout = layout if layout is not None else build(fs.root, name=name)
         # the FUSE mount inside a 0700 directory of its own (the mount's root replaces the mount point's modes)
         self._made_dir = tempfile.mkdtemp(prefix="convstore-erofs-") if fusedir is None else None
         self.fusedir = fusedir or os.path.join(self._made_dir or "", "image")
