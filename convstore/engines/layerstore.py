@@ -137,7 +137,8 @@ class LayerStore:
         #: where each layer's EROFS mount goes (EROFS_ENV), else None: ``diff`` is the FUSE tree
         self.erofs_dir = tempfile.mkdtemp(prefix="convstore-erofs-") if os.environ.get(EROFS_ENV) == "1" else None
         self._erofs: dict[str, ErofsMount] = {}
-        self._layouts: dict[tuple[str, int], tuple[Node, ErofsLayout]] = {}  # prebuilt: (tree root, its layout)
+        #: (manifest digest, layer index) -> (tree root, its EROFS layout), built ahead after a scan
+        self._layouts: dict[tuple[str, int], Future[tuple[Node, ErofsLayout]]] = {}
         self._erofs_lock = threading.Lock()  # one layer mounted at a time
 
     def scan(self) -> None:
@@ -184,7 +185,12 @@ class LayerStore:
         if todo:
             threading.Thread(target=self._prebuild, args=(todo,), daemon=True, name="convstore-layers-prebuild").start()
             if self.erofs_dir is not None:
-                threading.Thread(target=self._prebuild_erofs, args=(todo,), daemon=True,
+                with self._lock:
+                    jobs = [(self._layouts.setdefault(k, Future()), f) for k, f in self._built.items()
+                            if any(f is t[2] for t in todo)]
+                    for gone in [k for k in self._layouts if k not in self._built]:
+                        del self._layouts[gone]
+                threading.Thread(target=self._prebuild_erofs, args=(jobs,), daemon=True,
                                  name="convstore-layers-erofs").start()
         if dropped:
             live = {c.cid for m in loaded for c in m.chunks}
@@ -338,25 +344,29 @@ class LayerStore:
                 where = self.erofs_path(digest)
                 os.makedirs(where, exist_ok=True)
                 fs = self.tree(digest)
+                index = next(i for i, lr in enumerate(fs.manifest.layers) if lr.digest == digest)
                 with self._lock:
-                    layout = next((lay for root, lay in self._layouts.values() if root is fs.root), None)
+                    ahead = self._layouts.get((fs.entry.manifest_digest or "" if fs.entry else "", index))
+                layout = None
+                if ahead is not None:
+                    try:
+                        root, built = ahead.result()  # being built: wait, rather than build it twice
+                        layout = built if root is fs.root else None
+                    except BaseException:  # noqa: BLE001  built here (and refused, if so)
+                        layout = None
                 self._erofs[digest] = mount_erofs(fs, where, layout=layout)
         return self.erofs_path(digest)
 
-    def _prebuild_erofs(self, todo: list[tuple[Manifest, int, Future[MergedTree]]]) -> None:
+    @staticmethod
+    def _prebuild_erofs(jobs: list[tuple[Future[tuple[Node, ErofsLayout]], Future[MergedTree]]]) -> None:
         """The EROFS layouts of the trees built ahead, so an engine's first look at ``diff`` only mounts."""
-        for _m, _i, fut in todo:
-            try:
-                tree = fut.result()
-                layout = erofs_build(tree.root)
-            except BaseException:  # noqa: BLE001  built again (and refused, if so) on first use
-                continue
-            with self._lock:
-                key = next((k for k, f in self._built.items() if f is fut), None)
-                if key is not None:
-                    self._layouts[key] = (tree.root, layout)
-                for gone in [k for k in self._layouts if k not in self._built]:
-                    del self._layouts[gone]
+        for out, tree_fut in jobs:
+            if out.set_running_or_notify_cancel():
+                try:
+                    tree = tree_fut.result()
+                    out.set_result((tree.root, erofs_build(tree.root)))
+                except BaseException as e:  # noqa: BLE001  erofs() builds it again (and meets the refusal)
+                    out.set_exception(e)
 
     def _open(self, scanned: CatalogEntry) -> tuple[CatalogEntry, Manifest, ChunkFetcher]:
         """The image ``scanned`` names, opened once (one open at a time: two first lookups of its layers
