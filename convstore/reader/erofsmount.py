@@ -30,7 +30,7 @@ from .erofs import BLOCK, ErofsLayout, build
 from .imagefs import PREFETCH_ON_OPEN, ImageFS
 
 IMAGE_NAME = "layer.erofs"
-MS_RDONLY, MS_NODEV = 1, 4
+MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
 NOTIFY_STORE = 4  # FUSE_NOTIFY_STORE: the server puts bytes into the page cache of one of its files
 STORE_OUT = struct.Struct("<QQII")  # fuse_notify_store_out: nodeid offset size padding
 PUSH = 1 << 20  # bytes per notification
@@ -89,8 +89,9 @@ class ImageFileFS(ImageFS):
 
 
 def mount_image(image: str, where: str) -> None:
-    """mount(2) the EROFS image file ``image`` at ``where``, read-only (file-backed: no loop device)."""
-    if _libc.mount(os.fsencode(image), os.fsencode(where), b"erofs", MS_RDONLY | MS_NODEV, None) != 0:
+    """mount(2) the EROFS image file ``image`` at ``where``: read-only, nosuid and nodev as the FUSE tree mounts
+    (an overlay above decides for its own mount), file-backed (no loop device)."""
+    if _libc.mount(os.fsencode(image), os.fsencode(where), b"erofs", MS_RDONLY | MS_NOSUID | MS_NODEV, None) != 0:
         e = ctypes.get_errno()
         raise KernelFuseError(f"cannot mount the EROFS image {image} at {where}: {os.strerror(e)}")
 
