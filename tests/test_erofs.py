@@ -134,6 +134,8 @@ def test_layer_in_overlay_form_keeps_whiteouts(image, tmp_path, mnt):
     with ImageFS.from_manifest(image, entry, manifest) as merged:
         fs = ImageFS(manifest, merged.fetcher, layer=2)
         write_image(fs, tmp_path / "l2.erofs")
+        fsck = subprocess.run([need_tool("fsck.erofs"), str(tmp_path / "l2.erofs")], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
         mount_image(str(tmp_path / "l2.erofs"), str(mnt))
         wh = os.lstat(mnt / "e" / "zero")
         assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
@@ -182,6 +184,25 @@ def test_unsupported_xattr_is_refused():
     root.children["f"] = Node(2, stat.S_IFREG | 0o644, 0, 0, 0, 0, xattrs={"system.nfs4_acl": b"x"})
     with pytest.raises(ErofsUnsupported, match="system.nfs4_acl"):
         build(root)
+
+
+def test_any_range_reads_as_the_whole_image(image, tmp_path):
+    """``ErofsLayout.read`` of any range (across metadata, files, their zero tails, the end) is that slice of
+    the image read whole: what the FUSE file answers to the kernel's reads of any size."""
+    import random
+
+    with ImageFS.from_store(image, "erofs:1") as fs:
+        write_image(fs, tmp_path / "img.erofs")
+        whole = (tmp_path / "img.erofs").read_bytes()
+        layout = build(fs.root)
+        rng = random.Random(24)
+        edges = [len(layout.meta)] + [e.block * BLOCK for e in layout.extents] + \
+                [e.block * BLOCK + e.node.size for e in layout.extents]
+        for _ in range(300):
+            off = rng.choice([rng.randrange(layout.size), rng.choice(edges) - rng.randrange(3)])
+            size = rng.choice([1, 4096, 131072, rng.randrange(1, 300_000)])
+            assert layout.read(off, size, fs.read_node) == whole[off:off + size], (off, size)
+        assert layout.read(layout.size - 10, 100, fs.read_node) == whole[-10:]
 
 
 def test_layout_is_deterministic(image):
