@@ -314,3 +314,33 @@ def test_layer_store_mounts_each_layer_with_its_layout_built_ahead(image, monkey
     finally:
         ls.close()
     assert not _mounted(Path(where))
+
+
+def test_a_layer_erofs_cannot_hold_stays_a_fuse_tree(tmp_path, store, monkeypatch):
+    """A layer with an xattr EROFS has no name for (``system.nfs4_acl``) is found out while building ahead:
+    its ``diff`` stays the FUSE tree (a directory), the image's other layer is a symlink to its EROFS mount."""
+    from convstore.engines import layerstore
+
+    write_oci(str(tmp_path / "src"), [make_tar([Entry("ok", data=b"fine")]),
+                                      make_tar([Entry("odd", data=b"x", pax={"SCHILY.xattr.system.nfs4_acl": "a"})])])
+    store.pack(f"oci:{tmp_path / 'src'}", "odd:1")
+    _, manifest = store.open_image("odd:1")
+    monkeypatch.setenv(layerstore.EROFS_ENV, "1")
+    ls = layerstore.LayerStore(store)
+    try:
+        ls.scan()
+        for fut in list(ls._layouts.values()):
+            try:
+                fut.result(timeout=30)
+            except ErofsUnsupported:
+                pass
+        ops = layerstore.LayerStoreOperations(ls)
+        top = "/" + base64.b64encode(b"any/ref:1").decode()
+        good, odd = (f"{top}/{lr.digest}/diff" for lr in manifest.layers)
+        assert stat.S_ISLNK(ops.getattr(good)["st_mode"])
+        assert ops.readlink(good) == ls.erofs_path(manifest.layers[0].digest)
+        assert Path(ops.readlink(good), "ok").read_bytes() == b"fine"
+        assert stat.S_ISDIR(ops.getattr(odd)["st_mode"])
+        assert ops.getxattr(f"{odd}/odd", "system.nfs4_acl") == b"a"
+    finally:
+        ls.close()

@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 import mfusepy
 
 from ..core.catalog import CatalogEntry
-from ..errors import ConvstoreError, ImageNotFound, StoreError
+from ..errors import ConvstoreError, ErofsUnsupported, ImageNotFound, StoreError
 from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
 from ..merge import MergedTree, Node, layer_tree
@@ -140,6 +140,8 @@ class LayerStore:
         #: (manifest digest, layer index) -> (tree root, its EROFS layout), built ahead after a scan
         self._layouts: dict[tuple[str, int], Future[tuple[Node, ErofsLayout]]] = {}
         self._erofs_lock = threading.Lock()  # one layer mounted at a time
+        #: layers EROFS cannot hold (ErofsUnsupported): their ``diff`` stays the FUSE tree
+        self.erofs_refused: set[str] = set()
 
     def scan(self) -> None:
         """Index the blob digests and chain IDs of every ACTIVE image (manifests
@@ -186,8 +188,8 @@ class LayerStore:
             threading.Thread(target=self._prebuild, args=(todo,), daemon=True, name="convstore-layers-prebuild").start()
             if self.erofs_dir is not None:
                 with self._lock:
-                    jobs = [(self._layouts.setdefault(k, Future()), f) for k, f in self._built.items()
-                            if any(f is t[2] for t in todo)]
+                    jobs = [(self._layouts.setdefault(k, Future()), f, m.layers[i].digest)
+                            for k, f in self._built.items() for m, i, t in todo if f is t]
                     for gone in [k for k in self._layouts if k not in self._built]:
                         del self._layouts[gone]
                 threading.Thread(target=self._prebuild_erofs, args=(jobs,), daemon=True,
@@ -354,18 +356,25 @@ class LayerStore:
                         layout = built if root is fs.root else None
                     except BaseException:  # noqa: BLE001  built here (and refused, if so)
                         layout = None
-                self._erofs[digest] = mount_erofs(fs, where, layout=layout)
+                try:
+                    self._erofs[digest] = mount_erofs(fs, where, layout=layout)
+                except ErofsUnsupported:
+                    self.erofs_refused.add(digest)  # the next look at diff gets the FUSE tree
+                    raise
         return self.erofs_path(digest)
 
-    @staticmethod
-    def _prebuild_erofs(jobs: list[tuple[Future[tuple[Node, ErofsLayout]], Future[MergedTree]]]) -> None:
-        """The EROFS layouts of the trees built ahead, so an engine's first look at ``diff`` only mounts."""
-        for out, tree_fut in jobs:
+    def _prebuild_erofs(self, jobs: list[tuple[Future[tuple[Node, ErofsLayout]], Future[MergedTree], str]]) -> None:
+        """The EROFS layouts of the trees built ahead, so an engine's first look at ``diff`` only mounts;
+        a layer EROFS cannot hold is known before the engine looks (its ``diff`` stays the FUSE tree)."""
+        for out, tree_fut, digest in jobs:
             if out.set_running_or_notify_cancel():
                 try:
                     tree = tree_fut.result()
                     out.set_result((tree.root, erofs_build(tree.root)))
                 except BaseException as e:  # noqa: BLE001  erofs() builds it again (and meets the refusal)
+                    if isinstance(e, ErofsUnsupported):
+                        log.warning("layer store: %s stays a FUSE tree: %s", digest, e)
+                        self.erofs_refused.add(digest)
                     out.set_exception(e)
 
     def _open(self, scanned: CatalogEntry) -> tuple[CatalogEntry, Manifest, ChunkFetcher]:
@@ -568,7 +577,8 @@ class LayerStoreOperations(ImageOperations):
     # -- callbacks ----------------------------------------------------------
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         parts = self._split(path)
-        if len(parts) == 3 and parts[2] == "diff" and self.layers.erofs_dir is not None:
+        if len(parts) == 3 and parts[2] == "diff" and self.layers.erofs_dir is not None \
+                and parts[1] not in self.layers.erofs_refused:
             return Stat(stat.S_IFLNK | 0o777, 1, 1, 0, 0, len(self.layers.erofs_path(parts[1])), self._t0, 0).as_dict()
         if self._is_tree(parts):
             return super().getattr(path, fh)
@@ -595,7 +605,8 @@ class LayerStoreOperations(ImageOperations):
 
     def readlink(self, path: str) -> str:
         parts = self._split(path)
-        if len(parts) == 3 and parts[2] == "diff" and self.layers.erofs_dir is not None:
+        if len(parts) == 3 and parts[2] == "diff" and self.layers.erofs_dir is not None \
+                and parts[1] not in self.layers.erofs_refused:
             try:
                 return self.layers.erofs(parts[1])
             except ConvstoreError as e:
