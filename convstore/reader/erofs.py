@@ -136,8 +136,6 @@ class ErofsLayout:
         #: the regular files with data, by block address
         self.extents = extents
         self._starts = [e.block * BLOCK for e in extents]
-        #: a file's first block, by inode number
-        self.block_of = {e.node.ino: e.block for e in extents}
         #: the image's size in blocks and bytes
         self.blocks = blocks
         self.size = blocks * BLOCK

@@ -14,32 +14,26 @@ written to disk: the image exists only as the FUSE file's answers (decrypted in 
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import stat
 import struct
 import tempfile
-import queue
 import threading
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import KernelFuseError
 from ..merge import Node
 from . import kfuse
-from .erofs import BLOCK, ErofsLayout, build
-from .imagefs import PREFETCH_ON_OPEN, ImageFS
+from .erofs import ErofsLayout, build
+from .imagefs import ImageFS
 
 IMAGE_NAME = "layer.erofs"
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
 NOTIFY_STORE = 4  # FUSE_NOTIFY_STORE: the server puts bytes into the page cache of one of its files
 STORE_OUT = struct.Struct("<QQII")  # fuse_notify_store_out: nodeid offset size padding
 PUSH = 1 << 20  # bytes per notification
-#: a file the kernel starts reading is pushed whole into the page cache up to this size (the size
-#: ImageFS fetches whole at open: its bytes are decrypted in memory anyway)
-PUSH_FILE = PREFETCH_ON_OPEN
 
 _libc = ctypes.CDLL(None, use_errno=True)
-log = logging.getLogger(__name__)
 
 
 class ImageFileFS(ImageFS):
@@ -59,8 +53,6 @@ class ImageFileFS(ImageFS):
         self.inodes = 2
         self._opened: set[int] = set()
         self._lock = threading.Lock()
-        #: called (in the serving thread) with a file of the image the kernel reads for the first time
-        self.on_first_read: Callable[[Node], None] | None = None
         #: bytes of file data (not metadata) the kernel read through the image file
         self.data_bytes = 0
 
@@ -82,8 +74,6 @@ class ImageFileFS(ImageFS):
                 self._opened.add(node.ino)
             if first:
                 self.image.opened(node)
-                if self.on_first_read is not None:
-                    self.on_first_read(node)
         self.data_bytes += size
         return self.image.read_node(node, offset, size)
 
@@ -100,12 +90,11 @@ class ErofsMount:
     """``fs`` at ``where`` through EROFS over a FUSE-served image; :meth:`close` unmounts both.
 
     The metadata blocks are stored into the image file's page cache before the mount (no metadata read
-    reaches FUSE).  ``push_files``: also push each file the kernel starts reading whole (up to
-    :data:`PUSH_FILE`) from a thread; off: measured slower on app1 (python3's start reads parts of large
-    files, pushing them whole costs more than the reads it saves)."""
+    reaches FUSE).  Pushing each file's data the same way when the kernel first reads it was measured
+    slower (docs/benchmarks.md): python3's start reads parts of large files."""
 
     def __init__(self, fs: ImageFS, where: str, *, fusedir: str | None = None, name: str = "",
-                 push_files: bool = False, layout: ErofsLayout | None = None):
+                 layout: ErofsLayout | None = None):
         self.fs = fs
         self.where = where
         #: ``layout``: built ahead from this tree (the layer store's prebuild), else built here
@@ -115,21 +104,17 @@ class ErofsMount:
         self.fusedir = fusedir or os.path.join(self._made_dir or "", "image")
         os.makedirs(self.fusedir, mode=0o700, exist_ok=True)
         self.file_fs = ImageFileFS(fs, self.layout)
-        self._pushes: queue.SimpleQueue[Node | None] = queue.SimpleQueue()
-        self._pusher = threading.Thread(target=self._push_files, name="convstore-erofs-push", daemon=True)
-        if push_files:
-            self.file_fs.on_first_read = self._pushes.put
         self.server: Any = kfuse.start(self.file_fs, self.fusedir, read_only=True)
         try:
             # the metadata into the image file's page cache ahead: EROFS's lookups, getattrs, xattrs and
             # readdirs then read no block through FUSE (the kernel must know the file: a lookup first)
             os.stat(os.path.join(self.fusedir, IMAGE_NAME))
             self.push(0, self.layout.meta)
-            self._pusher.start()
             mount_image(os.path.join(self.fusedir, IMAGE_NAME), where)
         except BaseException:
             kfuse.umount(self.fusedir)
             self.server.wait(5)
+            self._remove_dirs()
             raise
 
     def push(self, offset: int, data: bytes) -> None:
@@ -144,31 +129,18 @@ class ErofsMount:
             except OSError as e:
                 raise KernelFuseError(f"cannot store the EROFS metadata in the page cache: {e.strerror}") from None
 
-    def _push_files(self) -> None:
-        """Each file the kernel starts reading, whole into the page cache (after the read that asked: the
-        kernel holds that read's pages locked until it is answered, so never in the serving thread)."""
-        while True:
-            node = self._pushes.get()
-            if node is None:
-                return
-            if node.size > PUSH_FILE:
-                continue
-            try:
-                data = self.fs.read_node(node, 0, node.size)
-                self.push(self.layout.block_of[node.ino] * BLOCK, data + bytes(-len(data) % BLOCK))
-            except Exception as e:  # a push is only ahead of time: the kernel reads what it misses
-                log.debug("no push of inode %d: %s", node.ino, e)
-
     @property
     def ops(self) -> dict[int, int]:
         """FUSE requests by opcode (kfuse's counts) on the image file's mount."""
         return dict(self.server.ops)
 
     def close(self) -> None:
-        self._pushes.put(None)
         kfuse.umount(self.where)
         kfuse.umount(self.fusedir)
         self.server.wait(5)
+        self._remove_dirs()
+
+    def _remove_dirs(self) -> None:
         if self._made_dir:
             try:
                 os.rmdir(self.fusedir)
