@@ -314,6 +314,7 @@ def test_layer_store_mounts_each_layer_with_its_layout_built_ahead(image, monkey
     finally:
         ls.close()
     assert not _mounted(Path(where))
+    assert ls.erofs_dir is not None and not os.path.exists(ls.erofs_dir)  # its mount points go with it
 
 
 def test_a_layer_erofs_cannot_hold_stays_a_fuse_tree(tmp_path, store, monkeypatch):

@@ -504,7 +504,16 @@ class LayerStore:
         with self._erofs_lock:
             for m in self._erofs.values():
                 m.close()
+                try:
+                    os.rmdir(m.where)
+                except OSError:
+                    pass
             self._erofs.clear()
+            if self.erofs_dir is not None:
+                try:
+                    os.rmdir(self.erofs_dir)
+                except OSError:
+                    pass
         with self._lock:
             pending = list(self._recording.items())
         for key, timer in pending:
