@@ -28,6 +28,7 @@ key material.
     │   │   └── LeaseUnreadable  a lease is listed but cannot be read: it counts as a live exclusive one
     │   ├── FuseSessionError   a held FUSE session cannot be taken over (other image, holder refuses)
     │   ├── KernelFuseError    the low-level FUSE server cannot mount (mount(2) refused)
+    │   ├── ErofsUnsupported   an image tree EROFS cannot hold (an xattr namespace, a name too long)
     │   ├── StoreFormatError   unknown or future on-disk format version
     │   ├── S3Error            an S3 store's object store refused or failed
     │   │   ├── S3NoSuchBucket the bucket does not exist
@@ -313,6 +314,11 @@ class FuseSessionError(StoreError):
 
 class KernelFuseError(StoreError):
     """The low-level FUSE server cannot mount or serve (mount(2) refused, /dev/fuse unusable)."""
+
+
+class ErofsUnsupported(StoreError):
+    """An image tree the EROFS writer (convstore.reader.erofs) cannot represent: an xattr outside
+    user./trusted./security./POSIX ACLs, a name or xattr too long, an image over 16 TiB."""
 
 
 class ExposedMountpoint(ConvstoreError):

@@ -16,7 +16,8 @@ BENCH=0
 
 APT_PACKAGES=(skopeo umoci runc fuse3 libfuse3-3 zstd mmdebstrap arch-test uidmap util-linux softhsm2
               docker-registry python3-venv ca-certificates podman containerd nginx-light
-              systemd)  # systemd-analyze: tests/test_services.py verifies the units in contrib/systemd
+              systemd  # systemd-analyze: tests/test_services.py verifies the units in contrib/systemd
+              erofs-utils)  # fsck.erofs: tests/test_erofs.py validates the EROFS images convstore writes
 [ $BENCH = 1 ] && APT_PACKAGES+=(borgbackup restic casync hyperfine time)
 # the bench extra (matplotlib, py-spy) too: the dependency check reads the benchmarks' imports
 EXTRAS=test,bench

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -51,10 +52,10 @@ from typing import Any, TypeVar
 import mfusepy
 
 from ..core.catalog import CatalogEntry
-from ..errors import ConvstoreError, ImageNotFound, StoreError
+from ..errors import ConvstoreError, ErofsUnsupported, ImageNotFound, StoreError
 from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
-from ..merge import MergedTree, layer_tree
+from ..merge import MergedTree, Node, layer_tree
 from ..metrics import ProcessMetrics, node_cache_of, origin_counters_of, reporting
 from ..oci.media import chain_ids, check_digest
 from ..oci.policy import Policy
@@ -67,6 +68,9 @@ from ..reader.fetcher import ChunkFetcher
 from ..reader.fuse import BackgroundMount, ImageOperations, mount_answers, serve
 from ..reader.profile import save_start
 from ..service import sdnotify
+from ..reader.erofs import ErofsLayout
+from ..reader.erofs import build as erofs_build
+from ..reader.erofsmount import ErofsMount, mount_erofs
 from ..reader.imagefs import PREFETCH_ON_OPEN, ImageFS, Stat
 
 log = logging.getLogger(__name__)
@@ -87,6 +91,8 @@ PROFILE_WAIT = 5.0
 #: the layer trees of this many images (the most recently read first) are built after each scan, in a
 #: thread, so an engine's first lookup of a layer (podman's pull) does not wait for it; others on first use
 PREBUILD_IMAGES = 16
+#: ``1``: each layer's ``diff`` is a symlink to a kernel EROFS mount of it (reader/erofsmount.py; a prototype)
+EROFS_ENV = "CONVSTORE_LAYERSTORE_EROFS"
 _GZIP = 2  # containers/storage's archive.Gzip (compression of the original blob)
 _COMPRESSION = {"gzip": _GZIP, "zstd": 4, "none": 0}
 
@@ -128,6 +134,14 @@ class LayerStore:
         #: (manifest digest, layer index) -> that layer's tree, built ahead from the scan's manifests (prebuild)
         self._built: dict[tuple[str, int], Future[MergedTree]] = {}
         self._seen_refs: frozenset[str] | None = None  # the catalog's keys at the last look (watch)
+        #: where each layer's EROFS mount goes (EROFS_ENV), else None: ``diff`` is the FUSE tree
+        self.erofs_dir = tempfile.mkdtemp(prefix="convstore-erofs-") if os.environ.get(EROFS_ENV) == "1" else None
+        self._erofs: dict[str, ErofsMount] = {}
+        #: (manifest digest, layer index) -> (tree root, its EROFS layout), built ahead after a scan
+        self._layouts: dict[tuple[str, int], Future[tuple[Node, ErofsLayout]]] = {}
+        self._erofs_lock = threading.Lock()  # one layer mounted at a time
+        #: layers EROFS cannot hold (ErofsUnsupported): their ``diff`` stays the FUSE tree
+        self.erofs_refused: set[str] = set()
 
     def scan(self) -> None:
         """Index the blob digests and chain IDs of every ACTIVE image (manifests
@@ -172,6 +186,14 @@ class LayerStore:
             todo = self._plan_prebuild(served)
         if todo:
             threading.Thread(target=self._prebuild, args=(todo,), daemon=True, name="convstore-layers-prebuild").start()
+            if self.erofs_dir is not None:
+                with self._lock:
+                    jobs = [(self._layouts.setdefault(k, Future()), f, m.layers[i].digest)
+                            for k, f in self._built.items() for m, i, t in todo if f is t]
+                    for gone in [k for k in self._layouts if k not in self._built]:
+                        del self._layouts[gone]
+                threading.Thread(target=self._prebuild_erofs, args=(jobs,), daemon=True,
+                                 name="convstore-layers-erofs").start()
         if dropped:
             live = {c.cid for m in loaded for c in m.chunks}
             for manifest, f in dropped:
@@ -313,6 +335,48 @@ class LayerStore:
         with self._lock:
             return self._trees.setdefault(digest, fs)
 
+    def erofs_path(self, digest: str) -> str:
+        assert self.erofs_dir is not None
+        return os.path.join(self.erofs_dir, digest.replace(":", "-"))
+
+    def erofs(self, digest: str) -> str:
+        """The EROFS mount of the layer's tree (mounted on first use, with its layout built ahead if it was)."""
+        with self._erofs_lock:
+            if digest not in self._erofs:
+                where = self.erofs_path(digest)
+                os.makedirs(where, exist_ok=True)
+                fs = self.tree(digest)
+                index = next(i for i, lr in enumerate(fs.manifest.layers) if lr.digest == digest)
+                with self._lock:
+                    ahead = self._layouts.get((fs.entry.manifest_digest or "" if fs.entry else "", index))
+                layout = None
+                if ahead is not None:
+                    try:
+                        root, built = ahead.result()  # being built: wait, rather than build it twice
+                        layout = built if root is fs.root else None
+                    except BaseException:  # noqa: BLE001  built here (and refused, if so)
+                        layout = None
+                try:
+                    self._erofs[digest] = mount_erofs(fs, where, layout=layout)
+                except ErofsUnsupported:
+                    self.erofs_refused.add(digest)  # the next look at diff gets the FUSE tree
+                    raise
+        return self.erofs_path(digest)
+
+    def _prebuild_erofs(self, jobs: list[tuple[Future[tuple[Node, ErofsLayout]], Future[MergedTree], str]]) -> None:
+        """The EROFS layouts of the trees built ahead, so an engine's first look at ``diff`` only mounts;
+        a layer EROFS cannot hold is known before the engine looks (its ``diff`` stays the FUSE tree)."""
+        for out, tree_fut, digest in jobs:
+            if out.set_running_or_notify_cancel():
+                try:
+                    tree = tree_fut.result()
+                    out.set_result((tree.root, erofs_build(tree.root)))
+                except BaseException as e:  # noqa: BLE001  erofs() builds it again (and meets the refusal)
+                    if isinstance(e, ErofsUnsupported):
+                        log.warning("layer store: %s stays a FUSE tree: %s", digest, e)
+                        self.erofs_refused.add(digest)
+                    out.set_exception(e)
+
     def _open(self, scanned: CatalogEntry) -> tuple[CatalogEntry, Manifest, ChunkFetcher]:
         """The image ``scanned`` names, opened once (one open at a time: two first lookups of its layers
         share it), its start-up profile's prefetch started."""
@@ -437,6 +501,19 @@ class LayerStore:
 
     def close(self) -> None:
         """Save the profiles still being recorded, stop the fetchers."""
+        with self._erofs_lock:
+            for m in self._erofs.values():
+                m.close()
+                try:
+                    os.rmdir(m.where)
+                except OSError:
+                    pass
+            self._erofs.clear()
+            if self.erofs_dir is not None:
+                try:
+                    os.rmdir(self.erofs_dir)
+                except OSError:
+                    pass
         with self._lock:
             pending = list(self._recording.items())
         for key, timer in pending:
@@ -509,6 +586,9 @@ class LayerStoreOperations(ImageOperations):
     # -- callbacks ----------------------------------------------------------
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         parts = self._split(path)
+        if len(parts) == 3 and parts[2] == "diff" and self.layers.erofs_dir is not None \
+                and parts[1] not in self.layers.erofs_refused:
+            return Stat(stat.S_IFLNK | 0o777, 1, 1, 0, 0, len(self.layers.erofs_path(parts[1])), self._t0, 0).as_dict()
         if self._is_tree(parts):
             return super().getattr(path, fh)
         if len(parts) == 3 and parts[2] == "blob":
@@ -533,7 +613,15 @@ class LayerStoreOperations(ImageOperations):
         raise mfusepy.FuseOSError(errno.ENOTDIR)
 
     def readlink(self, path: str) -> str:
-        if not self._is_tree(self._split(path)):
+        parts = self._split(path)
+        if len(parts) == 3 and parts[2] == "diff" and self.layers.erofs_dir is not None \
+                and parts[1] not in self.layers.erofs_refused:
+            try:
+                return self.layers.erofs(parts[1])
+            except ConvstoreError as e:
+                log.error("layer store: cannot mount %s with EROFS: %s", parts[1], e)
+                raise mfusepy.FuseOSError(errno.EIO) from None
+        if not self._is_tree(parts):
             raise mfusepy.FuseOSError(errno.EINVAL)
         return super().readlink(path)
 
