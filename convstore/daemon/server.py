@@ -203,7 +203,26 @@ def _files_changed(files: dict[str, tuple[int, int]]) -> bool:
 # inotify(7): what happens to a loaded file, and to the entries and the place of the folders holding them
 _IN_FILE = 0x2 | 0x4 | 0x8 | 0x400 | 0x800  # MODIFY ATTRIB CLOSE_WRITE DELETE_SELF MOVE_SELF
 _IN_DIR = 0x4 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # ATTRIB MOVED_FROM MOVED_TO CREATE DELETE *_SELF
+# a folder above those (to /): its entries added, removed or renamed (only the one on a watched path counts)
+_IN_ABOVE = 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800 | 0x20000000  # ... | IN_MASK_ADD
+_IN_UNMOUNT, _IN_Q_OVERFLOW, _IN_IGNORED = 0x2000, 0x4000, 0x8000  # the watch itself is blind from then on
+_IN_EVENT = struct.Struct("iIII")  # wd mask cookie len, then len bytes of name
 _IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+
+
+def _mounts_over(paths: Iterable[str]) -> set[tuple[str, str]]:
+    """The mounts (id, mount point; /proc/self/mountinfo) at or above any of ``paths``: a mount made over
+    one of them (or over a folder above) hides the watched files without an inotify event."""
+    out: set[tuple[str, str]] = set()
+    with open("/proc/self/mountinfo", "rb") as f:
+        points = [(ln.split()[0], ln.split()[4]) for ln in f.read().splitlines() if ln.strip()]
+    for mid, raw in points:
+        point = os.fsdecode(raw.replace(b"\\040", b" ").replace(b"\\011", b"\t").replace(b"\\012", b"\n")
+                            .replace(b"\\134", b"\\"))
+        prefix = point.rstrip("/") + "/"
+        if any(p == point or p.startswith(prefix) for p in paths):
+            out.add((os.fsdecode(mid), point))
+    return out
 
 
 class _CodeWatch:
@@ -211,10 +230,18 @@ class _CodeWatch:
     more).  The answer is :func:`_files_changed` (a stat of each of ~1,000 files: 5-7 ms of every
     command's hand-over), asked only when inotify reported something since the last time: a write, a
     metadata change, a removal or a rename of one of those files, an entry added, removed or renamed in a
-    folder holding one, or such a folder moved.  Without inotify (no watches left), every time."""
+    folder holding one, or such a folder moved; an entry of a folder above (to /) on the path of one
+    renamed, replaced or removed (a venv or a release symlink swapped); the kernel's queue overflowed or a
+    watch went away (an unmount).  A change of the mount table (/proc/self/mountinfo polls) that mounts or
+    unmounts at or above a watched folder hides files from the watches: from then on, and without
+    inotify (no watches left), every time."""
 
     def __init__(self) -> None:
         self.fd = -1
+        self._mounts: io.BufferedReader | None = None  # /proc/self/mountinfo, open: POLLPRI when the mount table changed
+        self._above: dict[int, set[bytes]] = {}  # watch of a folder above -> the names on watched paths
+        self._folders: set[str] = set()
+        self._over: set[tuple[str, str]] = set()
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
@@ -229,29 +256,79 @@ class _CodeWatch:
                     files.add(path)
                     folders.add(os.path.dirname(path))
                     folders.update(p for p in getattr(module, "__path__", ()) if isinstance(p, str))
+            folders = {os.path.abspath(d) for d in folders}
+            folders |= {os.path.realpath(d) for d in folders}  # through a symlink: the real folders' places too
+            above: dict[str, set[bytes]] = {}
+            for d in folders:
+                while True:
+                    up, name = os.path.split(d)
+                    if not name or up == d:
+                        break
+                    above.setdefault(up, set()).add(os.fsencode(name))
+                    d = up
             try:
+                self._mounts = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 - held open: its poll says when
+                self._over = _mounts_over(folders)
+                self._folders = folders
+                whole: set[int] = set()  # the watches of the files and their folders: any event counts
                 for path, mask in [*((f, _IN_FILE) for f in files), *((d, _IN_DIR) for d in folders)]:
-                    if libc.inotify_add_watch(fd, os.fsencode(path), mask) < 0 and os.path.exists(path):
+                    wd = libc.inotify_add_watch(fd, os.fsencode(path), mask)
+                    if wd < 0 and os.path.exists(path):
                         raise OSError(ctypes.get_errno(), path)  # e.g. ENOSPC: no watches left for this user
+                    whole.add(wd)
+                for path, names in above.items():
+                    wd = libc.inotify_add_watch(fd, os.fsencode(path), _IN_ABOVE)
+                    if wd < 0 and os.path.exists(path):
+                        raise OSError(ctypes.get_errno(), path)
+                    if wd >= 0 and wd not in whole:
+                        self._above.setdefault(wd, set()).update(names)
                 self.fd = fd
             except (OSError, ValueError):
                 os.close(fd)
+                self._close_mounts()
         self.files = _loaded_files()
         self.seen = False
+
+    def _close_mounts(self) -> None:
+        if self._mounts is not None:
+            self._mounts.close()
+            self._mounts = None
+
+    def _reported(self) -> bool:
+        """Whether inotify or the mount table reported something that may change a loaded file (read now;
+        what comes after stays)."""
+        poll = select.poll()
+        poll.register(self.fd, select.POLLIN)
+        if self._mounts is not None:
+            poll.register(self._mounts.fileno(), select.POLLPRI)
+        events = dict(poll.poll(0))
+        if self._mounts is not None and events.get(self._mounts.fileno(), 0) & (select.POLLPRI | select.POLLERR):
+            if _mounts_over(self._folders) != self._over:  # the watches may see other files than the paths name
+                self.close()
+                return True
+        if not events.get(self.fd, 0) & select.POLLIN:
+            return False
+        data = b""
+        try:
+            while chunk := os.read(self.fd, 65536):
+                data += chunk
+        except BlockingIOError:
+            pass
+        pos, hit = 0, False
+        while pos + _IN_EVENT.size <= len(data):
+            wd, mask, _cookie, n = _IN_EVENT.unpack_from(data, pos)
+            name = data[pos + _IN_EVENT.size:pos + _IN_EVENT.size + n].rstrip(b"\0")
+            pos += _IN_EVENT.size + n
+            if mask & (_IN_Q_OVERFLOW | _IN_UNMOUNT | _IN_IGNORED) or wd not in self._above \
+                    or name in self._above[wd] or mask & 0xC00:  # a folder above moved or removed itself
+                hit = True
+        return hit
 
     def changed(self) -> bool:
         if self.seen:
             return True
-        if self.fd >= 0:
-            poll = select.poll()
-            poll.register(self.fd, select.POLLIN)
-            if not poll.poll(0):
-                return False
-            try:
-                while os.read(self.fd, 65536):  # what it reported is checked now; what comes after stays
-                    pass
-            except BlockingIOError:
-                pass
+        if self.fd >= 0 and not self._reported():
+            return False
         self.seen = _files_changed(self.files)
         return self.seen
 
@@ -259,6 +336,7 @@ class _CodeWatch:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self._close_mounts()
 
 
 # what the daemon's own environment keeps (no secret of whatever started it: every command's
