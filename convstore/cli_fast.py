@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -37,10 +38,29 @@ _DECLARED_IN = ("cli.py", "cli_base.py", "cli_fast.py")
 _TEXT = ("text", "str")  # click's STRING (typer's own copy of click names it "str")
 
 
+#: the table's file name in the user's cache dir; a table is a few KiB: anything larger is not one
+TABLE_NAME, MAX_TABLE = "cli-run-options.json", 1 << 18
+
+
 def _table_path() -> str:
     import platformdirs
 
-    return os.path.join(platformdirs.user_cache_dir("convstore"), "cli-run-options.json")
+    return os.path.join(platformdirs.user_cache_dir("convstore"), TABLE_NAME)
+
+
+def _cache_dir() -> int | None:
+    """The cache dir, open, if it is a folder of this user's that no one else can write (not a symlink): the
+    table is then read and written in it and nowhere else, whatever is renamed around it (``su`` keeps the
+    user's XDG_CACHE_HOME: root's cache dir can be in someone else's home)."""
+    try:
+        fd = os.open(os.path.dirname(_table_path()), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _key(typer_file: str) -> str | None:
@@ -57,27 +77,95 @@ def _key(typer_file: str) -> str | None:
 
 
 def _load() -> dict[str, Any] | None:
-    """The table, if it is this user's, unwritable by others and current."""
-    try:
-        fd = os.open(_table_path(), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """The table, if it is a regular file of this user's in a folder of this user's, unwritable by others,
+    well-formed and current."""
+    dfd = _cache_dir()
+    if dfd is None:
+        return None
+    try:  # O_NONBLOCK: a FIFO put in its place does not hang the command (it is no regular file: refused)
+        fd = os.open(TABLE_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     except OSError:
         return None
+    finally:
+        os.close(dfd)
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022
+                or st.st_size > MAX_TABLE):
             return None
         with os.fdopen(fd, "rb", closefd=False) as f:
-            table: dict[str, Any] = json.loads(f.read())
-    except (OSError, ValueError):
+            table: dict[str, Any] = json.loads(f.read(MAX_TABLE + 1))
+    except (OSError, ValueError, RecursionError):
         return None
     finally:
         os.close(fd)
-    if not isinstance(table, dict) or table.get("version") != TABLE_VERSION:
+    if not isinstance(table, dict) or table.get("version") != TABLE_VERSION or not _well_formed(table):
         return None
     typer_file = table.get("typer")
     if not isinstance(typer_file, str) or table.get("key") != _key(typer_file):
         return None
     return table
+
+
+_SCALAR = (bool, int, float, str, type(None))
+
+
+def _well_formed(table: dict[str, Any]) -> bool:
+    """Whether ``table`` has the shape :func:`parse` reads (version 1), whatever wrote it: a malformed
+    one is no table (typer runs the command line), never a traceback."""
+    for name in ("global", "run"):
+        sec = table.get(name)
+        if not isinstance(sec, dict) or not isinstance(sec.get("tokens"), dict) \
+                or not isinstance(sec.get("defaults"), dict) or not isinstance(sec.get("args"), list):
+            return False
+        for token, kind in sec["tokens"].items():
+            if not (token.startswith("-") and isinstance(kind, list) and len(kind) == 3
+                    and isinstance(kind[0], str)):
+                return False
+            if kind[1] == "flag":
+                if not isinstance(kind[2], bool):
+                    return False
+            elif kind[1] == "text":
+                if kind[2] is not None:
+                    return False
+            elif kind[1] == "float":
+                b = kind[2]
+                if not (isinstance(b, list) and len(b) == 4 and all(isinstance(x, (int, float, type(None)))
+                                                                    and not isinstance(x, bool) for x in b[:2])
+                        and all(isinstance(x, bool) for x in b[2:])):
+                    return False
+            else:
+                return False
+        for value in sec["defaults"].values():
+            if not isinstance(value, _SCALAR) and not (isinstance(value, list)
+                                                       and all(isinstance(x, str) for x in value)):
+                return False
+        for arg in sec["args"]:
+            if not (isinstance(arg, list) and len(arg) == 2 and isinstance(arg[0], str) and arg[1] in (1, -1)
+                    and not isinstance(arg[1], bool)):
+                return False
+    return True
+
+
+def _params(fn: Any) -> set[str] | None:
+    """The keyword-only parameter names of ``fn`` (what set_globals and run_command take); None if it takes
+    any (``**kw``)."""
+    code = fn.__code__
+    if code.co_flags & 0x08:  # CO_VARKEYWORDS
+        return None
+    return set(code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount])
+
+
+def _matches(table: dict[str, Any], set_globals: Any, run_command: Any) -> bool:
+    """Whether the table names exactly the parameters of the functions it feeds (each once, by a default
+    or an argument; options only for those)."""
+    for name, fn in (("global", set_globals), ("run", run_command)):
+        sec = table[name]
+        names = set(sec["defaults"]) | {a[0] for a in sec["args"] if a[1] == 1}
+        expected = _params(fn)
+        if expected is not None and names != expected or not {k[0] for k in sec["tokens"].values()} <= names:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- the table, from typer's click command
@@ -168,19 +256,26 @@ def remember(tree: Any, argv: Sequence[str]) -> None:
     if table is None:
         return
     table.update(key=key, typer=typer.__file__)
-    path = _table_path()
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{TABLE_NAME}.{os.getpid()}.tmp"
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.makedirs(os.path.dirname(_table_path()), mode=0o700, exist_ok=True)
+    except OSError:
+        return
+    dfd = _cache_dir()  # written only into a folder of this user's (not through a symlink someone put there)
+    if dfd is None:
+        return
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         with os.fdopen(fd, "w") as f:
             json.dump(table, f)
-        os.replace(tmp, path)
+        os.replace(tmp, TABLE_NAME, src_dir_fd=dfd, dst_dir_fd=dfd)
     except OSError:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dfd)
         except OSError:
             pass
+    finally:
+        os.close(dfd)
 
 
 # ---------------------------------------------------------------- the parse
@@ -284,6 +379,9 @@ def run_fast(argv: Sequence[str]) -> None:
             return  # its defaults: typer's default_map
     except ConfigError:
         return  # typer's callback says what is wrong
+    assert table is not None
+    if not _matches(table, cli_base.set_globals, cli_base.run_command):
+        return  # a table for other functions than these: typer runs the command line
     g, r = parsed
     for name in _KNOWN_CALLBACKS:
         g.pop(name, None)
