@@ -215,6 +215,9 @@ def build(root: Node, *, name: str = "") -> ErofsLayout:
                 bname = os.fsencode(cname)
                 if not 0 < len(bname) <= 255:
                     raise ErofsUnsupported(f"name {cname!r}: EROFS names are 1 to 255 bytes")
+                if b"\0" in bname or b"/" in bname or bname in (b".", b".."):
+                    # the kernel compares a name up to a NUL: "passwd\0x" would answer a lookup of "passwd"
+                    raise ErofsUnsupported(f"name {cname!r}: a NUL, a '/', '.' or '..' is no EROFS name")
                 ents.append((bname, c))
             ents += [(b".", n), (b"..", parent[id(n)])]
             ents.sort(key=lambda e: e[0])
