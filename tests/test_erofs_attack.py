@@ -51,3 +51,4 @@ def test_names_the_kernel_cannot_hold_are_refused():
         root.children[bad] = Node(2, stat.S_IFREG | 0o644, 0, 0, 0, 0)
         with pytest.raises(ErofsUnsupported):
             build(root)
+

@@ -303,7 +303,11 @@ class _CodeWatch:
             poll.register(self._mounts.fileno(), select.POLLPRI)
         events = dict(poll.poll(0))
         if self._mounts is not None and events.get(self._mounts.fileno(), 0) & (select.POLLPRI | select.POLLERR):
-            if _mounts_over(self._folders) != self._over:  # the watches may see other files than the paths name
+            try:
+                moved = _mounts_over(self._folders) != self._over  # the watches may see other files than the paths
+            except OSError:
+                moved = True
+            if moved:
                 self.close()
                 return True
         if not events.get(self.fd, 0) & select.POLLIN:
