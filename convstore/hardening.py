@@ -55,6 +55,36 @@ def tool_environ(drop: tuple[str, ...] = TOOL_ENV_DROPPED) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
 
 
+def _unreplaceable(folder: str) -> bool:
+    """Whether no other user can rename or replace what this process makes in ``folder``: it and each
+    folder above it are root's or this user's, and writable by no one else unless sticky (``/tmp``)."""
+    path = os.path.realpath(folder)
+    while True:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        if st.st_uid not in (0, os.geteuid()) or (st.st_mode & 0o022 and not st.st_mode & 0o1000):
+            return False
+        up = os.path.dirname(path)
+        if up == path:
+            return True
+        path = up
+
+
+def private_tempdir(prefix: str) -> str:
+    """A new 0700 folder (:func:`tempfile.mkdtemp`) where no other user can rename it and put another in its
+    place (it holds mount points whose paths are handed on: an engine follows them): in ``$TMPDIR`` if that
+    is safe so (``su`` keeps the user's ``TMPDIR``), else in ``/tmp``."""
+    import tempfile
+
+    base = tempfile.gettempdir()
+    if not _unreplaceable(base):
+        log.warning("TMPDIR %s can be written by another user: using /tmp", base)
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+
 def no_core_dumps() -> None:
     """A core limit of 0 for this process and its children (the soft limit,
     which is the one that applies; the hard limit is left, so that a program

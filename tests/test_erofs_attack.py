@@ -52,3 +52,49 @@ def test_names_the_kernel_cannot_hold_are_refused():
         with pytest.raises(ErofsUnsupported):
             build(root)
 
+
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another uid: needs root")
+def test_another_user_cannot_swap_the_folder_diff_points_into(tmp_path, store, monkeypatch):
+    """Root's layer store runs with a TMPDIR uid 65534 can write (``su`` keeps it).  Each layer's ``diff`` is a
+    symlink into the store's EROFS folder: if that folder sat in TMPDIR, 65534 could rename it away and put
+    its own in its place, with a directory of its own for the layer, and the engine following ``diff`` would
+    run a container on 65534's files.  The folder goes where no other user can rename it."""
+    import base64
+    import subprocess
+
+    from convstore.engines import layerstore
+
+    import shutil
+    import tempfile
+
+    evil_tmp = Path(tempfile.mkdtemp(prefix="convstore-attack-"))  # pytest's tmp_path: under a 0700 folder
+    request_cleanup = lambda: shutil.rmtree(evil_tmp, ignore_errors=True)  # noqa: E731
+    os.chmod(evil_tmp, 0o755)
+    os.chown(evil_tmp, NOBODY, NOBODY)
+    write_oci(str(tmp_path / "src"), [make_tar([Entry("bin", "dir"), Entry("bin/sh", data=b"the image's sh")])])
+    store.pack(f"oci:{tmp_path / 'src'}", "sh:1")
+    _, manifest = store.open_image("sh:1")
+    digest = manifest.layers[0].digest
+    monkeypatch.setenv("TMPDIR", str(evil_tmp))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setenv(layerstore.EROFS_ENV, "1")
+    ls = layerstore.LayerStore(store)
+    try:
+        ls.scan()
+        ops = layerstore.LayerStoreOperations(ls)
+        diff = f"/{base64.b64encode(b'any/ref:1').decode()}/{digest}/diff"
+        target = ops.readlink(diff)
+        assert Path(target, "bin", "sh").read_bytes() == b"the image's sh"
+        swap = (f"mv {ls.erofs_dir} {ls.erofs_dir}.old && mkdir -p {target}/bin && "
+                f"echo 'not the image' > {target}/bin/sh")
+        p = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c", swap],
+                           capture_output=True, text=True)
+        assert Path(ops.readlink(diff), "bin", "sh").read_bytes() == b"the image's sh", p.stderr
+        assert p.returncode != 0
+    finally:
+        ls.close()
+        request_cleanup()

@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +52,7 @@ import mfusepy
 
 from ..core.catalog import CatalogEntry
 from ..errors import ConvstoreError, ErofsUnsupported, ImageNotFound, StoreError
+from ..hardening import private_tempdir
 from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
 from ..merge import MergedTree, Node, layer_tree
@@ -135,7 +135,7 @@ class LayerStore:
         self._built: dict[tuple[str, int], Future[MergedTree]] = {}
         self._seen_refs: frozenset[str] | None = None  # the catalog's keys at the last look (watch)
         #: where each layer's EROFS mount goes (EROFS_ENV), else None: ``diff`` is the FUSE tree
-        self.erofs_dir = tempfile.mkdtemp(prefix="convstore-erofs-") if os.environ.get(EROFS_ENV) == "1" else None
+        self.erofs_dir = private_tempdir("convstore-erofs-") if os.environ.get(EROFS_ENV) == "1" else None
         self._erofs: dict[str, ErofsMount] = {}
         #: (manifest digest, layer index) -> (tree root, its EROFS layout), built ahead after a scan
         self._layouts: dict[tuple[str, int], Future[tuple[Node, ErofsLayout]]] = {}

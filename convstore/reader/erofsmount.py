@@ -17,11 +17,11 @@ import ctypes
 import os
 import stat
 import struct
-import tempfile
 import threading
 from typing import Any
 
 from ..errors import KernelFuseError
+from ..hardening import private_tempdir
 from ..merge import Node
 from . import kfuse
 from .erofs import ErofsLayout, build
@@ -100,7 +100,7 @@ class ErofsMount:
         #: ``layout``: built ahead from this tree (the layer store's prebuild), else built here
         self.layout = layout if layout is not None else build(fs.root, name=name)
         # the FUSE mount inside a 0700 directory of its own (the mount's root replaces the mount point's modes)
-        self._made_dir = tempfile.mkdtemp(prefix="convstore-erofs-") if fusedir is None else None
+        self._made_dir = private_tempdir("convstore-erofs-") if fusedir is None else None
         self.fusedir = fusedir or os.path.join(self._made_dir or "", "image")
         os.makedirs(self.fusedir, mode=0o700, exist_ok=True)
         self.file_fs = ImageFileFS(fs, self.layout)
