@@ -26,13 +26,12 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConvstoreError, KeptMountUnusable
-from ..hardening import tool_environ
+from ..hardening import private_tempdir, tool_environ
 from ..oci.policy import Policy
 from ..oci.policy import require as require_policy
 from ..core.catalog import CatalogEntry
@@ -360,7 +359,7 @@ def run_image(store: Repository, ref: str, command: list[str] | None = None, *, 
     if record is None or record:
         fs.fetcher.start_recording()
     proc = process_spec(fs, config, command)
-    work = tempfile.mkdtemp(prefix="convstore-run-")
+    work = private_tempdir("convstore-run-")
     rootfs = os.path.join(work, "rootfs")
     os.mkdir(rootfs)
     from ..reader.fuse import BackgroundMount
@@ -413,7 +412,7 @@ def _execute(rootfs: str, proc: dict[str, Any], runtime: str, entry: CatalogEntr
     used, code = "chroot", None
     if runtime in ("auto", "runc") and runc:
         own = work is None
-        bdir = tempfile.mkdtemp(prefix="convstore-run-") if work is None else work
+        bdir = private_tempdir("convstore-run-") if work is None else work
         try:
             bundle = os.path.join(bdir, "bundle")
             os.mkdir(bundle)
