@@ -87,3 +87,67 @@ def test_a_mount_over_a_package_folder_is_seen(tmp_path, monkeypatch):
     finally:
         subprocess.run(["umount", str(target)], check=True)
         watch.close()
+
+
+def _passthrough(backing: str):
+    """A read-only FUSE view of ``backing`` (mfusepy): a change made in ``backing`` itself, as a file server's
+    own or another host's, reaches no inotify watch on the mount."""
+    import errno
+
+    import mfusepy
+
+    class Passthrough(mfusepy.Operations):
+        def _real(self, path: str) -> str:
+            return backing + path
+
+        def getattr(self, path, fh=None):
+            try:
+                st = os.lstat(self._real(path))
+            except OSError as e:
+                raise mfusepy.FuseOSError(e.errno or errno.EIO) from None
+            return {k: getattr(st, k) for k in ("st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_atime",
+                                                "st_mtime", "st_ctime")}
+
+        def readdir(self, path, fh):
+            return [".", "..", *os.listdir(self._real(path))]
+
+        def read(self, path, size, offset, fh):
+            with open(self._real(path), "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+
+    return Passthrough()
+
+
+def test_a_module_on_a_fuse_or_network_filesystem_is_statted(tmp_path, monkeypatch):
+    """A file server changes a loaded module behind its FUSE (or NFS, 9p, virtiofs) mount: no inotify event
+    on this host, so such a module makes the watch stat every file at every command."""
+    import threading
+    import time
+
+    import mfusepy
+
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    _package(backing, "attack_pkg_fuse", "1")
+    mnt.mkdir()
+    t = threading.Thread(target=mfusepy.FUSE, args=(_passthrough(str(backing)), str(mnt)),
+                         kwargs={"foreground": True, "ro": True, "attr_timeout": 0, "entry_timeout": 0},
+                         daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not os.path.ismount(mnt) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.path.ismount(mnt)
+    try:
+        monkeypatch.syspath_prepend(str(mnt))
+        importlib.import_module("attack_pkg_fuse.sub.mod")
+        watch = srv._CodeWatch()
+        try:
+            assert not watch.changed()
+            (backing / "attack_pkg_fuse" / "sub" / "mod.py").write_text("X = 22222\n")  # the server's side
+            assert watch.changed() and watch.changed()
+        finally:
+            watch.close()
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        t.join(10)

@@ -210,19 +210,50 @@ _IN_EVENT = struct.Struct("iIII")  # wd mask cookie len, then len bytes of name
 _IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 
 
+#: filesystems whose files can change without an inotify event (on another host, the host side of a VM's
+#: share, a FUSE server's backing store): a loaded file on one is statted at every command
+_REMOTE_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs", "ceph", "glusterfs", "afs", "lustre",
+              "gpfs", "fuse", "fuseblk")
+
+
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """/proc/self/mountinfo: (mount id, mount point, filesystem type), in mount order."""
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for ln in f.read().splitlines():
+            fields = ln.split()
+            if len(fields) < 7 or b"-" not in fields[6:]:
+                continue
+            fstype = fields[fields.index(b"-", 6) + 1] if len(fields) > fields.index(b"-", 6) + 1 else b""
+            point = os.fsdecode(fields[4].replace(b"\\040", b" ").replace(b"\\011", b"\t")
+                                .replace(b"\\012", b"\n").replace(b"\\134", b"\\"))
+            out.append((os.fsdecode(fields[0]), point, os.fsdecode(fstype)))
+    return out
+
+
+def _under(path: str, point: str) -> bool:
+    return path == point or path.startswith(point.rstrip("/") + "/")
+
+
 def _mounts_over(paths: Iterable[str]) -> set[tuple[str, str]]:
     """The mounts (id, mount point; /proc/self/mountinfo) at or above any of ``paths``: a mount made over
     one of them (or over a folder above) hides the watched files without an inotify event."""
-    out: set[tuple[str, str]] = set()
-    with open("/proc/self/mountinfo", "rb") as f:
-        points = [(ln.split()[0], ln.split()[4]) for ln in f.read().splitlines() if ln.strip()]
-    for mid, raw in points:
-        point = os.fsdecode(raw.replace(b"\\040", b" ").replace(b"\\011", b"\t").replace(b"\\012", b"\n")
-                            .replace(b"\\134", b"\\"))
-        prefix = point.rstrip("/") + "/"
-        if any(p == point or p.startswith(prefix) for p in paths):
-            out.add((os.fsdecode(mid), point))
-    return out
+    mounts = _mountinfo()
+    return {(mid, point) for mid, point, _ in mounts if any(_under(p, point) for p in paths)}
+
+
+def _on_remote_fs(paths: Iterable[str]) -> bool:
+    """Whether one of ``paths`` is on a filesystem of :data:`_REMOTE_FS` (the deepest mount at or above it,
+    the last one of those)."""
+    mounts = _mountinfo()
+    for p in paths:
+        fstype, depth = "", -1
+        for _mid, point, t in mounts:
+            if _under(p, point) and len(point) >= depth:
+                fstype, depth = t, len(point)
+        if fstype.split(".")[0] in _REMOTE_FS:
+            return True
+    return False
 
 
 class _CodeWatch:
@@ -270,6 +301,8 @@ class _CodeWatch:
                 self._mounts = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 - held open: its poll says when
                 self._over = _mounts_over(folders)
                 self._folders = folders
+                if _on_remote_fs(folders):  # changes there make no event here
+                    raise OSError(errno.EREMOTE, "a loaded module on a network or FUSE filesystem")
                 whole: set[int] = set()  # the watches of the files and their folders: any event counts
                 for path, mask in [*((f, _IN_FILE) for f in files), *((d, _IN_DIR) for d in folders)]:
                     wd = libc.inotify_add_watch(fd, os.fsencode(path), mask)
