@@ -20,8 +20,9 @@ extractor):
 * refused with :class:`~convstore.errors.UnsafePathError`: an absolute entry
   path, a ``..`` component, a parent that resolves outside the root through
   symlinks, a hardlink whose target does so;
-* refused with :class:`~convstore.errors.CorruptLayer`: a parent that is not
-  a directory, a whiteout with an empty, ``.`` or ``..`` name, a hardlink to
+* refused with :class:`~convstore.errors.CorruptLayer`: a name with a NUL
+  (legal in a PAX path record, impossible in a file system: the kernel would
+  read it as a shorter name), a parent that is not a directory, a whiteout with an empty, ``.`` or ``..`` name, a hardlink to
   a missing entry or to a directory;
 * an entry type convstore does not know is skipped with a warning.
 
@@ -76,7 +77,9 @@ class Node:
 
 
 def entry_components(path: str) -> list[str]:
-    """Split a layer entry path; refuse absolute paths and ``..``."""
+    """Split a layer entry path; refuse absolute paths, ``..`` and NUL."""
+    if "\0" in path:
+        raise CorruptLayer(f"layer entry {path!r} has a NUL in its name")
     if path.startswith("/"):
         raise UnsafePathError(f"layer entry {path!r} has an absolute path")
     # the common clean path needs no filtering (the merge's hot loop); so does "./usr/bin" (tar -C dir .)

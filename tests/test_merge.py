@@ -58,6 +58,9 @@ HOSTILE: dict[str, list[list[Entry]]] = {
     "hardlink-to-missing": [[Entry("h", "hardlink", linkname="nothing")]],
     "hardlink-to-dir": [[Entry("d", "dir"), Entry("h", "hardlink", linkname="d")]],
     "parent-is-a-file": [[Entry("f", data=b"x"), Entry("f/child", data=b"y")]],
+    # NUL is legal in a PAX path; every kernel interface would read "etc/passwd\0x" as etc/passwd
+    "nul-in-a-name": [[Entry("etc", "dir"), Entry("etc/passwd", data=b"root\n"),
+                       Entry("etc/x", data=b"evil\n", pax={"path": "etc/passwd\0x"})]],
     "symlink-loop-parent": [[Entry("l1", "symlink", linkname="l2"), Entry("l2", "symlink", linkname="l1"),
                              Entry("l1/x", data=b"x")]],
 }

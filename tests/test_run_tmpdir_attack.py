@@ -60,3 +60,22 @@ def test_run_makes_no_folder_another_user_can_swap(tmp_path: Path, corpus: dict)
             if str(evil_tmp) in line.split()[4]:
                 subprocess.run(["umount", "-l", line.split()[4]], check=False)
         shutil.rmtree(evil_tmp, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a folder of another uid: needs root")
+def test_a_services_notify_socket_is_not_made_where_another_user_can_swap_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a background service's READY socket: in another user's TMPDIR, that user could rename the folder and bind
+    # a socket of theirs at the path the child is given (the parent then waits for a READY that never comes)
+    from convstore.service.background import ReadyWaiter
+
+    evil_tmp = Path(tempfile.mkdtemp(prefix="convstore-attack-"))
+    try:
+        os.chown(evil_tmp, NOBODY, NOBODY)
+        monkeypatch.setenv("TMPDIR", str(evil_tmp))
+        monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() caches its first answer
+        assert tempfile.gettempdir() == str(evil_tmp)  # the attack's premise: this is where mkdtemp goes
+        with ReadyWaiter() as w:
+            assert not w.path.startswith(str(evil_tmp) + "/"), w.path
+            assert os.stat(os.path.dirname(w.path)).st_uid == 0
+    finally:
+        shutil.rmtree(evil_tmp, ignore_errors=True)

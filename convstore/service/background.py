@@ -19,10 +19,10 @@ import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import time
 
 from ..errors import ServiceError, ServiceStartFailed, ServiceStartTimeout
+from ..hardening import private_tempdir
 
 #: how long a background service may take to serve (a registry store's first scan included)
 READY_TIMEOUT = 120.0
@@ -65,7 +65,7 @@ class ReadyWaiter:
     """A private notify socket for one child (a context manager)."""
 
     def __init__(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="convstore-notify-")  # 0700
+        self._dir = private_tempdir("convstore-notify-")  # 0700, where no other user can swap it
         self.path = os.path.join(self._dir, "notify")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._sock.bind(self.path)
