@@ -43,11 +43,20 @@ def timed(key: str, f: Any) -> Any:
 _dispatch = kfuse.KernelServer._dispatch
 
 
+#: (wall-clock start, opcode name, seconds in the handler, nodeid, name looked up) of each FUSE request
+timeline: list[tuple[float, str, float, int, str]] = []
+
+
 def dispatch(self: Any, req: memoryview) -> None:
-    op = kfuse.IN_HEADER.unpack_from(req)[1]
+    _, op, _, nodeid = kfuse.IN_HEADER.unpack_from(req)[:4]
+    t0, t = time.time(), time.perf_counter()
     timed(f"fuse {OPS.get(op, op)}", _dispatch)(self, req)
+    name = bytes(req[kfuse.IN_HEADER.size:]).split(b"\0", 1)[0].decode(errors="replace") if op == kfuse.LOOKUP else ""
+    timeline.append((t0, OPS.get(op, str(op)), time.perf_counter() - t, nodeid, name))
 
 
+if os.environ.get("CONVSTORE_STARTHOOK_SWITCH"):  # an experiment: the GIL's switch interval, seconds
+    sys.setswitchinterval(float(os.environ["CONVSTORE_STARTHOOK_SWITCH"]))
 kfuse.KernelServer._dispatch = dispatch  # type: ignore[method-assign]
 fetcher.ChunkFetcher.read = timed("fetcher read (FUSE readers' wait)", fetcher.ChunkFetcher.read)  # type: ignore
 fetcher.ChunkFetcher._load_batch = timed("fetcher store batch (worker)", fetcher.ChunkFetcher._load_batch)  # type: ignore
@@ -60,6 +69,9 @@ def dump() -> None:
     if out:
         with open(f"{out}.{os.getpid()}", "w") as f:
             json.dump({k: [count[k], round(secs[k], 4)] for k in sorted(count)}, f, indent=1)
+        if timeline:
+            with open(f"{out}.timeline.{os.getpid()}", "w") as f:
+                json.dump(timeline, f)
 
 
 if __name__ == "__main__":

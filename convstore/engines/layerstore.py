@@ -54,7 +54,7 @@ from ..core.catalog import CatalogEntry
 from ..errors import ConvstoreError, ImageNotFound, StoreError
 from ..core.lifecycle import ACTIVE
 from ..manifest import Manifest
-from ..merge import MergedTree, layer_tree
+from ..merge import MergedTree, Node, layer_tree
 from ..metrics import ProcessMetrics, node_cache_of, origin_counters_of, reporting
 from ..oci.media import chain_ids, check_digest
 from ..oci.policy import Policy
@@ -127,6 +127,9 @@ class LayerStore:
         self._closed = False
         #: (manifest digest, layer index) -> that layer's tree, built ahead from the scan's manifests (prebuild)
         self._built: dict[tuple[str, int], Future[MergedTree]] = {}
+        #: manifest digest -> the manifest the last scan decoded (and authenticated), for the images whose
+        #: trees are built ahead: opening one for an engine re-reads its catalog entry, not its manifest
+        self._decoded: dict[str, Manifest] = {}
         self._seen_refs: frozenset[str] | None = None  # the catalog's keys at the last look (watch)
 
     def scan(self) -> None:
@@ -185,6 +188,7 @@ class LayerStore:
         """The layer trees to build ahead (under the lock): those of the ``PREBUILD_IMAGES`` images read
         most recently; trees of images no longer served are forgotten."""
         keep = sorted(served, key=lambda em: -em[0].last_read)[:PREBUILD_IMAGES]
+        self._decoded = {e.manifest_digest: m for e, m in keep if e.manifest_digest}
         want = {(e.manifest_digest or "", i): (m, i) for e, m in keep for i in range(len(m.layers))}
         for key in [k for k in self._built if k not in want]:
             del self._built[key]
@@ -285,6 +289,11 @@ class LayerStore:
         """(blob digest, parent chain ID) of the layer a chain ID ends with, if stored."""
         return self._find(lambda: self._chains.get(chain_id))
 
+    def served(self, digest: str) -> ImageFS | None:
+        """The tree serving layer ``digest`` now, if it was built (no scan, no open)."""
+        with self._lock:
+            return self._trees.get(digest)
+
     def known(self) -> list[str]:
         with self._lock:
             return list(self._layers)
@@ -325,7 +334,11 @@ class LayerStore:
             profile: Future[list[tuple[int, int]] | None] = Future()
             threading.Thread(target=self._read_profile, args=(scanned, profile), daemon=True,
                              name="convstore-layers-profile").start()
-            entry, manifest = self.store.open_image(scanned.ref)  # the read gate: a read is recorded
+            entry = self.store.open_entry(scanned.ref)  # the read gate: a read is recorded
+            with self._lock:  # the manifest the scan decoded, when the entry still names it (same digest)
+                manifest = self._decoded.get(entry.manifest_digest) if entry.manifest_digest else None
+            if manifest is None:
+                manifest = self.store.manifests.load(entry)
             require_policy(self.policy, manifest, str(entry.ref))  # packed again since the scan: check again
             key = entry.manifest_digest or ""  # the image may have been packed again since the scan
             with self._lock:
@@ -490,6 +503,26 @@ class LayerStoreOperations(ImageOperations):
         except ConvstoreError as e:
             log.error("layer store: cannot serve %s: %s", parts[1], e)
             raise mfusepy.FuseOSError(errno.EIO) from None
+
+    # -- a layer's diff/ served node by node (kfuse PathServer) -----------------
+    def subtree(self, path: str) -> tuple[str, ImageFS] | None:
+        """(layer digest, its tree) when ``path`` is a layer's ``diff/``: the server answers below it by node."""
+        parts = self._split(path)
+        if len(parts) != 3 or parts[2] != "diff":
+            return None
+        return parts[1], self._target(path)[0]
+
+    def subtree_current(self, digest: str, fs: ImageFS) -> bool:
+        """Whether ``fs`` still serves layer ``digest`` (not dropped with its image by a rescan)."""
+        return self.layers.served(digest) is fs
+
+    def open_node(self, fs: ImageFS, node: Node, flags: int) -> int:
+        """:meth:`open` of a file of a layer's tree, found by node."""
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise mfusepy.FuseOSError(errno.EROFS)
+        self.layers.wait_profile(fs)
+        fs.opened(node)
+        return self._new_handle((fs, node))
 
     def _layer(self, digest: str) -> _Layer:
         lay = self.layers.layer(digest)
