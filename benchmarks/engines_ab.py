@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--engine", choices=("podman", "containerd"), default="podman")
     ap.add_argument("--latency", type=float, default=0.0, help="ms added to each request")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--log", action="store_true", help="print each start's requests (method, path, Range, bytes)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("engines_ab: run as root (podman, containerd, FUSE)")
@@ -64,6 +65,7 @@ def main() -> None:
             try:
                 for r in range(a.rounds + 1):
                     for v in (("old", "new") if r % 2 else ("new", "old")):
+                        proxy.log = [] if a.log else None
                         remote = code[v] + ["--store", f"oci://{proxy.host}/cs-{v}", "--insecure", "--key",
                                             f"file:{w / 'key'}", "--cache", str(w / f"cache-{v}-{r}")]
                         s = (podman_round(w, ref, remote, proxy, False) if a.engine == "podman"
@@ -72,6 +74,8 @@ def main() -> None:
                             res[v].append(s)
                         print(f"{v} round {r}: pull {s.pull:.3f} run {s.run:.3f} total {s.total:.3f} "
                               f"requests {s.requests}", flush=True)
+                        for t, method, path, rng, status, n in proxy.log or []:
+                            print(f"    {t:8.3f} {method} {path[:90]} {rng[:40]} {status} {n}")
             finally:
                 proxy.stop()
         finally:

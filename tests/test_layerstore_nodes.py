@@ -34,7 +34,7 @@ def image(tmp_path, store):
 class _Counted:
     """Counts the path callbacks the server makes for paths below a layer's diff/ (not diff/ itself)."""
 
-    NAMES = ("getattr", "readlink", "getxattr", "listxattr", "open", "access")
+    NAMES = ("getattr", "readlink", "getxattr", "listxattr", "open", "access", "readdir")
 
     def __init__(self, monkeypatch) -> None:
         self.calls: list[tuple[str, str]] = []
@@ -42,7 +42,7 @@ class _Counted:
             orig = getattr(layerstore.LayerStoreOperations, name)
 
             def wrapped(ops, path, *a, _orig=orig, _name=name):
-                if "/diff/" in path:
+                if "/diff/" in path or (_name == "readdir" and path.endswith("/diff")):
                     self.calls.append((_name, path))
                 return _orig(ops, path, *a)
 
@@ -93,6 +93,14 @@ def test_files_below_a_layers_diff_are_answered_by_node(image, tmp_path, monkeyp
         top = Path(m.diff_dir(manifest.layers[2].digest))
         assert os.getxattr(top / "o", "trusted.overlay.opaque") == b"y"
         assert counted.calls == []  # nothing below diff/ went through the path callbacks
+        # a directory's listing (with the file types overlayfs needs: a whiteout is a character device)
+        # comes from the node, once: the kernel keeps it
+        listed = {e.name: stat.S_IFMT(e.stat(follow_symlinks=False).st_mode) for e in os.scandir(top / "o")}
+        node = m.layers.tree(manifest.layers[2].digest).lookup("/o")
+        assert listed == {k: stat.S_IFMT(c.mode) for k, c in node.children.items()}
+        readdirs = server.ops.get(kfuse.READDIR, 0)
+        assert sorted(os.listdir(top / "o")) == sorted(node.children)
+        assert server.ops.get(kfuse.READDIR, 0) == readdirs
         # a name a layer does not have: one LOOKUP, then the kernel's negative entry answers
         before = server.ops.get(kfuse.LOOKUP, 0)
         for _ in range(3):

@@ -460,7 +460,8 @@ class PathServer(KernelServer):
     ``ops.open_node(fs, node, flags)`` opens a file of it) is answered node by node below its root, as
     :class:`KernelServer` answers a whole image: LOOKUP, GETATTR, READLINK, GETXATTR, LISTXATTR and OPEN by
     nodeid, with no path split or resolved per request, and negative entries cached there (a layer's tree
-    never changes).  A tree no longer served falls back to the path callbacks."""
+    never changes) and its directories' listings too (OPENDIR with FOPEN_CACHE_DIR, READDIR from the node).
+    A tree no longer served falls back to the path callbacks."""
 
     WANT = ASYNC_READ | BIG_WRITES | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS | INIT_EXT | HAS_RESEND
 
@@ -601,12 +602,21 @@ class PathServer(KernelServer):
 
     def _opendir(self, unique: int, nodeid: int, body: memoryview) -> None:
         self._path(nodeid)
-        self._reply(unique, OPEN_OUT.pack(0, 0, 0))
+        # a directory of a layer's tree never changes: the kernel keeps its listing (the store's own
+        # directories list the layers known now, and are read again)
+        cached = FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE if self._subnode(nodeid) is not None else 0
+        self._reply(unique, OPEN_OUT.pack(0, cached, 0))
 
     def _readdir(self, unique: int, nodeid: int, body: memoryview, plus: bool = False) -> None:
         path = self._path(nodeid)
         _fh, offset, size, _flags = READ_IN.unpack_from(body)
-        names = self._call("readdir", path, 0)
+        sub = self._subnode(nodeid)
+        if sub is not None:
+            if sub[2].children is None:
+                raise _Errno(errno.ENOTDIR)
+            names: list[Any] = [".", "..", *((name, c.mode, 0) for name, c in sub[2].children.items())]
+        else:
+            names = self._call("readdir", path, 0)
         out = bytearray()
         for i in range(offset, len(names)):
             e = names[i]
