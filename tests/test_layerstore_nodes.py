@@ -171,3 +171,57 @@ def test_an_image_packed_again_since_the_scan_is_opened_from_its_new_manifest(tm
         assert fs.open("/f").read() == b"first"
     finally:
         ls.close()
+
+
+def test_queueing_a_profile_does_not_hold_up_lookups_or_close(image, monkeypatch) -> None:
+    """The start-up profile is queued (claims, sorting, the fetch pool's threads: ~10 ms) outside the
+    index's lock: the engine's lookup of the image's other layer does not wait for it, nor does close();
+    a queueing that ends after close() leaves no background fetch running."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    started: list = []
+    real = layerstore.start_fetching
+
+    def slow(fetcher, profile, config, image_ref, **kw):
+        entered.set()
+        assert release.wait(30)
+        bg = real(fetcher, profile, config, image_ref, **kw)
+        started.append(bg)
+        return bg
+
+    monkeypatch.setattr(layerstore, "start_fetching", slow)
+    _, manifest = image.open_image("lazy:1")
+    ls = layerstore.LayerStore(image, background=layerstore.BackgroundConfig(enabled=True))
+    closed = False
+    try:
+        ls.scan()
+        first: list = []
+        t = threading.Thread(target=lambda: first.append(ls.tree(manifest.layers[1].digest)), daemon=True)
+        t.start()
+        assert entered.wait(30)
+        t.join(10)
+        assert first, "the lookup that opened the image waited for its profile's queueing"
+        other: list = []
+        t = threading.Thread(target=lambda: other.append(ls.tree(manifest.layers[2].digest)), daemon=True)
+        t.start()
+        t.join(10)
+        assert other, "the lookup of the image's other layer waited for the profile's queueing"
+        c = threading.Thread(target=ls.close, daemon=True)
+        c.start()
+        c.join(10)
+        assert not c.is_alive(), "close() waited for the profile's queueing"
+        closed = True
+        release.set()
+        deadline = time.monotonic() + 30
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while not started[0]._stop.is_set() and time.monotonic() < deadline:  # stopped: nothing is fetched
+            time.sleep(0.01)                                                    # for a closed store
+        assert started[0]._stop.is_set() and started[0].finished.wait(30)
+        assert ls.progress() == {}
+    finally:
+        release.set()
+        if not closed:
+            ls.close()

@@ -415,11 +415,27 @@ class LayerStore:
         the image in the background; ``queued`` is set once its fetches are."""
         try:
             profile = read.result()
+            # queueing takes ~10 ms (claims, sorting, the pool's threads): not under the index's lock, which
+            # the engine's lookups of the image's layers (tree()) take meanwhile
+            if not self._serving(key, fetcher):
+                return
+            try:
+                bg = start_fetching(fetcher, profile, self.background, str(entry.ref))
+            except RuntimeError:  # the fetcher closed meanwhile (its pool takes nothing more)
+                return
             with self._lock:
-                if not self._closed and self._manifests.get(key, (None, None, None))[2] is fetcher:  # not dropped
-                    self._background[key] = start_fetching(fetcher, profile, self.background, str(entry.ref))
+                live = not self._closed and self._manifests.get(key, (None, None, None))[2] is fetcher
+                if live:
+                    self._background[key] = bg
+            if not live:  # dropped or closed while it was queued: the rest of the image is not fetched
+                bg.stop()
         finally:
             queued.set()
+
+    def _serving(self, key: str, fetcher: ChunkFetcher) -> bool:
+        """Whether ``fetcher`` still serves image ``key`` (not dropped by a rescan, the store not closed)."""
+        with self._lock:
+            return not self._closed and self._manifests.get(key, (None, None, None))[2] is fetcher
 
     def _save_profile(self, key: str) -> None:
         with self._lock:
