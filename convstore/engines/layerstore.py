@@ -87,6 +87,9 @@ PROFILE_WAIT = 5.0
 #: the layer trees of this many images (the most recently read first) are built after each scan, in a
 #: thread, so an engine's first lookup of a layer (podman's pull) does not wait for it; others on first use
 PREBUILD_IMAGES = 16
+#: of those, the decoded manifests of this many (not open yet) are kept from the scan: opening one then reads its
+#: catalog entry only (20-30 ms less for a 5,729-entry image, whose manifest holds ~4 MB of Python objects)
+DECODED_IMAGES = 4
 _GZIP = 2  # containers/storage's archive.Gzip (compression of the original blob)
 _COMPRESSION = {"gzip": _GZIP, "zstd": 4, "none": 0}
 
@@ -127,8 +130,8 @@ class LayerStore:
         self._closed = False
         #: (manifest digest, layer index) -> that layer's tree, built ahead from the scan's manifests (prebuild)
         self._built: dict[tuple[str, int], Future[MergedTree]] = {}
-        #: manifest digest -> the manifest the last scan decoded (and authenticated), for the images whose
-        #: trees are built ahead: opening one for an engine re-reads its catalog entry, not its manifest
+        #: manifest digest -> the manifest the last scan decoded (and authenticated), for the most recent
+        #: images not open yet (DECODED_IMAGES): opening one re-reads its catalog entry, not its manifest
         self._decoded: dict[str, Manifest] = {}
         self._seen_refs: frozenset[str] | None = None  # the catalog's keys at the last look (watch)
 
@@ -188,7 +191,10 @@ class LayerStore:
         """The layer trees to build ahead (under the lock): those of the ``PREBUILD_IMAGES`` images read
         most recently; trees of images no longer served are forgotten."""
         keep = sorted(served, key=lambda em: -em[0].last_read)[:PREBUILD_IMAGES]
-        self._decoded = {e.manifest_digest: m for e, m in keep if e.manifest_digest}
+        # the decoded manifests of the DECODED_IMAGES most recent not open yet (an open one keeps its own)
+        self._decoded = {e.manifest_digest: m for e, m in keep
+                         if e.manifest_digest and e.manifest_digest not in self._manifests}
+        self._decoded = dict(list(self._decoded.items())[:DECODED_IMAGES])
         want = {(e.manifest_digest or "", i): (m, i) for e, m in keep for i in range(len(m.layers))}
         for key in [k for k in self._built if k not in want]:
             del self._built[key]
