@@ -9,6 +9,9 @@ processes run with ``PYTHONPATH=DIR`` from outside the checkout, this version's 
 benchmarks/engines.py (app1 in Debian's docker-registry behind the counting proxy, a convstore registry
 store per version, a fresh node cache and engine storage per start, background fetch off); a first round
 of each version records its start-up profile, the next ``--rounds`` alternate which version goes first.
+With ``--shared-store`` both read one store (separately pushed stores differ in pack layout and each records
+its own profile: an A/A run of one version against itself on separate stores differed by 10 % in its run
+medians, on a loaded machine).
 Prints each start and the medians of pull (podman) or ``containerd-load`` (containerd), run and total.
 """
 
@@ -37,6 +40,10 @@ def main() -> None:
     ap.add_argument("--engine", choices=("podman", "containerd"), default="podman")
     ap.add_argument("--latency", type=float, default=0.0, help="ms added to each request")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--log", action="store_true", help="print each start's requests (method, path, Range, bytes)")
+    ap.add_argument("--shared-store", action="store_true",
+                    help="both versions read one registry store (the same pack layout and one merged start-up "
+                         "profile; else a store each, pushed separately, whose layouts differ)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("engines_ab: run as root (podman, containerd, FUSE)")
@@ -55,16 +62,24 @@ def main() -> None:
                             f"docker://{reg.host}/app1:latest"], check=True)
             local = code["new"] + ["--store", str(w / "store"), "--key", f"file:{w / 'key'}"]
             subprocess.run(local + ["pack", src, "app1:latest"], check=True, capture_output=True)
-            for v in code:
-                subprocess.run(local + ["--insecure", "push", "app1:latest", f"oci://{reg.host}/cs-{v}"],
+            repo = {v: "cs-shared" if a.shared_store else f"cs-{v}" for v in code}
+            for r in sorted(set(repo.values())):
+                subprocess.run(local + ["--insecure", "push", "app1:latest", f"oci://{reg.host}/{r}"],
                                check=True, capture_output=True)
+            for v in code:  # both versions start from bytecode (PYTHONDONTWRITEBYTECODE would leave one compiling
+                # its modules in every process: containerd-load in its own process is timed)
+                where = subprocess.run(code[v][:-3] + ["-c", "import convstore, os; print(os.path.dirname("
+                                                       "convstore.__file__))"], check=True, capture_output=True,
+                                       text=True).stdout.strip()
+                subprocess.run([sys.executable, "-m", "compileall", "-q", where], check=True, capture_output=True)
             proxy = CountingProxy(reg.host, a.latency / 1000)
             ref = f"{proxy.host}/app1:latest"
             res: dict[str, list[Start]] = {v: [] for v in code}
             try:
                 for r in range(a.rounds + 1):
                     for v in (("old", "new") if r % 2 else ("new", "old")):
-                        remote = code[v] + ["--store", f"oci://{proxy.host}/cs-{v}", "--insecure", "--key",
+                        proxy.log = [] if a.log else None
+                        remote = code[v] + ["--store", f"oci://{proxy.host}/{repo[v]}", "--insecure", "--key",
                                             f"file:{w / 'key'}", "--cache", str(w / f"cache-{v}-{r}")]
                         s = (podman_round(w, ref, remote, proxy, False) if a.engine == "podman"
                              else containerd_round(w, ref, "app1", remote, proxy, False))
@@ -72,6 +87,8 @@ def main() -> None:
                             res[v].append(s)
                         print(f"{v} round {r}: pull {s.pull:.3f} run {s.run:.3f} total {s.total:.3f} "
                               f"requests {s.requests}", flush=True)
+                        for t, method, path, rng, status, n in proxy.log or []:
+                            print(f"    {t:8.3f} {method} {path[:90]} {rng[:40]} {status} {n}")
             finally:
                 proxy.stop()
         finally:

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -36,13 +37,26 @@ HOOK = [sys.executable, str(Path(__file__).resolve().parent / "starthook.py"), "
 
 def counters(out: Path) -> dict[str, list[float]]:
     doc: dict[str, list[float]] = {}
-    for f in out.parent.glob(out.name + ".*"):
+    for f in out.parent.glob(out.name + ".[0-9]*"):
         for k, (n, s) in json.loads(f.read_text()).items():
             c = doc.setdefault(k, [0, 0.0])
             c[0] += n
             c[1] += s
         f.unlink()
     return doc
+
+
+def timeline(out: Path, marks: dict[str, float], keep: Path | None) -> list[list[Any]]:
+    """The FUSE requests of the convstore process (starthook.py), times relative to the pull's start."""
+    got: list[list[Any]] = []
+    for f in out.parent.glob(out.name + ".timeline.*"):
+        got += json.loads(f.read_text())
+        f.unlink()
+    t0 = marks.get("t_pull", 0.0)
+    got = sorted([[round(t - t0, 4), op, round(d, 5), n, name] for t, op, d, n, name in got])
+    if keep is not None:
+        keep.write_text(json.dumps({"marks": {k: v - t0 for k, v in marks.items()}, "requests": got}, indent=0))
+    return got
 
 
 def podman_start(w: Path, ref: str, remote: list[str], proxy: CountingProxy, env: dict[str, str]) -> dict:
@@ -57,10 +71,12 @@ def podman_start(w: Path, ref: str, remote: list[str], proxy: CountingProxy, env
     penv = podman_config(root, mnt)
     try:
         proxy.reset()
+        t0 = time.time()
         pull = timed(["podman", "pull", "-q", "--tls-verify=false", ref], penv)[0]
+        t1 = time.time()
         run, out = timed(["podman", "run", "--rm", ref], penv)
         assert out.strip() == "hello", out
-        return {"pull": pull, "run": run, "requests": proxy.total(), "bytes": proxy.bytes}
+        return {"pull": pull, "run": run, "requests": proxy.total(), "bytes": proxy.bytes, "t_pull": t0, "t_run": t1}
     finally:
         remove_podman_root(penv, root)
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
@@ -94,6 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default="app1")
     ap.add_argument("--engines", default="podman,containerd")
+    ap.add_argument("--timeline", help="write each engine's FUSE request timeline (JSON) to PATH.ENGINE.json")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("startprofile: run as root (podman, containerd, FUSE)")
@@ -124,6 +141,9 @@ def main() -> None:
                         else:
                             r = containerd_start(w, ref, a.image, remote + cache, proxy, env)
                         c = counters(out)
+                        timeline(out, {k: v for k, v in r.items() if k.startswith("t_")},
+                                     Path(f"{a.timeline}.{engine}.json") if a.timeline and i else None)
+                        r = {k: v for k, v in r.items() if not k.startswith("t_")}
                     print(f"## {engine}, start with profile, 0 ms: " + ", ".join(
                         f"{k} {v:.3f} s" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
                     print("| in the convstore process | count | seconds (summed over threads) |\n|---|---|---|")

@@ -453,9 +453,17 @@ class PathServer(KernelServer):
     nodeids are given out in order and journaled to the session holder (:class:`fdholder.Journal`)
     before the kernel learns them, so a successor knows the path of every nodeid the kernel holds.
     Negative lookups are not cached (a layer store finds new images on a miss); files are opened
-    (the callbacks keep handles), with FOPEN_KEEP_CACHE."""
+    (the callbacks keep handles), with FOPEN_KEEP_CACHE.
 
-    WANT = ASYNC_READ | BIG_WRITES | PARALLEL_DIROPS | MAX_PAGES | INIT_EXT | HAS_RESEND
+    A subtree the callbacks serve from an :class:`ImageFS` (a layer's ``diff/``: ``ops.subtree(path)``
+    gives ``(key, fs)`` for its root; ``ops.subtree_current(key, fs)`` says whether it is still served;
+    ``ops.open_node(fs, node, flags)`` opens a file of it) is answered node by node below its root, as
+    :class:`KernelServer` answers a whole image: LOOKUP, GETATTR, READLINK, GETXATTR, LISTXATTR and OPEN by
+    nodeid, with no path split or resolved per request, and negative entries cached there (a layer's tree
+    never changes) and its directories' listings too (OPENDIR with FOPEN_CACHE_DIR, READDIR from the node).
+    A tree no longer served falls back to the path callbacks."""
+
+    WANT = ASYNC_READ | BIG_WRITES | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS | INIT_EXT | HAS_RESEND
 
     def __init__(self, ops: Any, fd: int, *, negotiated: Negotiated | None = None,
                  on_init: Callable[[Negotiated], None] | None = None, nodes: list[Any] | None = None):
@@ -467,6 +475,9 @@ class PathServer(KernelServer):
             self._paths[int(nodeid)] = str(path)
             self._ids[str(path)] = int(nodeid)
         self._next = max(self._paths) + 1
+        #: nodeid -> (subtree key, its ImageFS, the node, its link count) below a subtree's root
+        self._sub: dict[int, tuple[Any, ImageFS, Node, int]] = {}
+        self._subtrees = callable(getattr(ops, "subtree", None))
 
     def _path(self, nodeid: int) -> str:
         p = self._paths.get(nodeid)
@@ -508,21 +519,76 @@ class PathServer(KernelServer):
     def _join(parent: str, name: str) -> str:
         return parent.rstrip("/") + "/" + name
 
+    # -- subtrees served node by node ------------------------------------------
+    def _subnode(self, nodeid: int) -> tuple[Any, ImageFS, Node, int] | None:
+        """The subtree node behind ``nodeid`` while its tree is served (else None: the path callbacks)."""
+        got = self._sub.get(nodeid)
+        if got is None:
+            return None
+        try:
+            current = self.callbacks.subtree_current(got[0], got[1])
+        except OSError:
+            current = False
+        if not current:
+            with self._lock:
+                self._sub.pop(nodeid, None)
+            return None
+        return got
+
+    def _remember(self, nodeid: int, key: Any, fs: ImageFS, n: Node) -> int:
+        nlink = 2 + sum(1 for c in n.children.values() if c.children is not None) if n.children is not None \
+            else n.nlink
+        self._sub[nodeid] = (key, fs, n, nlink)
+        return nlink
+
     def _lookup(self, unique: int, nodeid: int, body: memoryview) -> None:
-        path = self._join(self._path(nodeid), os.fsdecode(bytes(body).split(b"\0", 1)[0]))
+        name = os.fsdecode(bytes(body).split(b"\0", 1)[0])
+        sub = self._subnode(nodeid)
+        if sub is not None:
+            key, fs, parent, _ = sub
+            if parent.children is None:
+                raise _Errno(errno.ENOTDIR)
+            c = parent.children.get(name)
+            if c is None:  # a layer's tree never changes: the kernel keeps the negative entry
+                self._reply(unique, ENTRY_HEAD.pack(0, 0, TIMEOUT, 0, 0, 0) + bytes(ATTR.size))
+                return
+            child = self._assign(self._join(self._path(nodeid), name))
+            nlink = self._remember(child, key, fs, c)
+            self._reply(unique, ENTRY_HEAD.pack(child, 0, TIMEOUT, TIMEOUT, 0, 0) + _attr(c, nlink))
+            return
+        path = self._join(self._path(nodeid), name)
         st = self._call("getattr", path, None)
-        self._reply(unique, ENTRY_HEAD.pack(self._assign(path), 0, TIMEOUT, TIMEOUT, 0, 0) + self._pattr(st))
+        child = self._assign(path)
+        if self._subtrees and stat.S_ISDIR(int(st["st_mode"])):
+            found = self._call("subtree", path)
+            if found is not None:
+                self._remember(child, found[0], found[1], found[1].root)
+        self._reply(unique, ENTRY_HEAD.pack(child, 0, TIMEOUT, TIMEOUT, 0, 0) + self._pattr(st))
 
     def _getattr(self, unique: int, nodeid: int, body: memoryview) -> None:
+        sub = self._subnode(nodeid)
+        if sub is not None:
+            self._reply(unique, ATTR_OUT_HEAD.pack(TIMEOUT, 0, 0) + _attr(sub[2], sub[3]))
+            return
         st = self._call("getattr", self._path(nodeid), None)
         self._reply(unique, ATTR_OUT_HEAD.pack(TIMEOUT, 0, 0) + self._pattr(st))
 
     def _readlink(self, unique: int, nodeid: int, body: memoryview) -> None:
+        sub = self._subnode(nodeid)
+        if sub is not None:
+            if not stat.S_ISLNK(sub[2].mode):
+                raise _Errno(errno.EINVAL)
+            self._reply(unique, os.fsencode(sub[2].linkname))
+            return
         self._reply(unique, os.fsencode(self._call("readlink", self._path(nodeid))))
 
     def _open(self, unique: int, nodeid: int, body: memoryview) -> None:
         flags = struct.unpack_from("<I", body)[0]
-        fh = self._call("open", self._path(nodeid), flags)
+        sub = self._subnode(nodeid)
+        if sub is not None:
+            fh = self._call("open_node", sub[1], sub[2], flags)
+        else:
+            fh = self._call("open", self._path(nodeid), flags)
         self._reply(unique, OPEN_OUT.pack(int(fh), FOPEN_KEEP_CACHE, 0))
 
     def _read(self, unique: int, nodeid: int, body: memoryview) -> None:
@@ -536,12 +602,21 @@ class PathServer(KernelServer):
 
     def _opendir(self, unique: int, nodeid: int, body: memoryview) -> None:
         self._path(nodeid)
-        self._reply(unique, OPEN_OUT.pack(0, 0, 0))
+        # a directory of a layer's tree never changes: the kernel keeps its listing (the store's own
+        # directories list the layers known now, and are read again)
+        cached = FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE if self._subnode(nodeid) is not None else 0
+        self._reply(unique, OPEN_OUT.pack(0, cached, 0))
 
     def _readdir(self, unique: int, nodeid: int, body: memoryview, plus: bool = False) -> None:
         path = self._path(nodeid)
         _fh, offset, size, _flags = READ_IN.unpack_from(body)
-        names = self._call("readdir", path, 0)
+        sub = self._subnode(nodeid)
+        if sub is not None:
+            if sub[2].children is None:
+                raise _Errno(errno.ENOTDIR)
+            names: list[Any] = [".", "..", *((name, c.mode, 0) for name, c in sub[2].children.items())]
+        else:
+            names = self._call("readdir", path, 0)
         out = bytearray()
         for i in range(offset, len(names)):
             e = names[i]
@@ -563,11 +638,19 @@ class PathServer(KernelServer):
     def _getxattr(self, unique: int, nodeid: int, body: memoryview) -> None:
         size, _ = GETXATTR_IN.unpack_from(body)
         name = os.fsdecode(bytes(body[GETXATTR_IN.size:]).split(b"\0", 1)[0])
+        sub = self._subnode(nodeid)
+        if sub is not None:
+            value = sub[2].xattrs.get(name)
+            if value is None:
+                raise _Errno(errno.ENODATA)
+            self._sized(unique, size, value)
+            return
         self._sized(unique, size, self._call("getxattr", self._path(nodeid), name))
 
     def _listxattr(self, unique: int, nodeid: int, body: memoryview) -> None:
         size, _ = GETXATTR_IN.unpack_from(body)
-        names = self._call("listxattr", self._path(nodeid))
+        sub = self._subnode(nodeid)
+        names = list(sub[2].xattrs) if sub is not None else self._call("listxattr", self._path(nodeid))
         self._sized(unique, size, b"".join(os.fsencode(k) + b"\0" for k in names))
 
     def _access(self, unique: int, nodeid: int, body: memoryview) -> None:
