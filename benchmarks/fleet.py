@@ -93,6 +93,18 @@ def _node_priority() -> None:
     os.nice(-NETWORK_NICE)
 
 
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` (utime stime cutime cstime) and of its live descendants; 0 for one gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:  # the process first, then its children: a child reaped in between is in its cutime, or missed
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        kids = [int(c) for t in os.listdir(f"/proc/{pid}/task")
+                for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+    except (OSError, ValueError):
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / tick + sum(_tree_cpu(c) for c in kids)
+
+
 class NodeDaemons:
     """One ``convstore daemon`` per node (``--node-daemon``): started before the clock, each with its
     own socket (the node's ``$CONVSTORE_DAEMON_SOCKET``), stopped by :meth:`stop`."""
@@ -119,18 +131,6 @@ class NodeDaemons:
         command's child reports its exit status before the daemon reaps it, so at a client's end its CPU
         may not be in the daemon's cutime yet; a live spare is counted too)."""
         return [_tree_cpu(pid) for pid in self.pids]
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` (utime stime cutime cstime) and of its live descendants; 0 for one gone."""
-    tick = os.sysconf("SC_CLK_TCK")
-    try:  # the process first, then its children: a child reaped in between is in its cutime, or missed
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        kids = [int(c) for t in os.listdir(f"/proc/{pid}/task")
-                for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
-    except (OSError, ValueError):
-        return 0.0
-    return sum(int(x) for x in fields[11:15]) / tick + sum(_tree_cpu(c) for c in kids)
 
     def stop(self) -> None:
         for sock, env in self.socks:
