@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from imagebuilder import write_oci
-from test_reader import BIG, layers
+from test_reader import BIG, image, layers  # noqa: F401 - image: the fixture
 from treecmp import walk
 
 from convstore.errors import FuseSessionError
@@ -30,12 +30,6 @@ from convstore.reader.fuse import BackgroundMount
 
 pytestmark = pytest.mark.skipif(not kfuse.available(), reason="the low-level server mounts as root only")
 
-
-@pytest.fixture
-def image(tmp_path, store):
-    write_oci(str(tmp_path / "src"), layers())
-    store.pack(f"oci:{tmp_path / 'src'}", "lazy:1")
-    return store
 
 
 @pytest.fixture

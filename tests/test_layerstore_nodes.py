@@ -16,19 +16,13 @@ from pathlib import Path
 
 import pytest
 from imagebuilder import Entry, make_tar, write_oci
-from test_reader import layers
+from test_reader import image  # noqa: F401 - the fixture: the test image packed as lazy:1
 
 from convstore.engines import layerstore
 from convstore.reader import kfuse
 
 pytestmark = pytest.mark.skipif(not kfuse.available(), reason="the low-level server mounts as root only")
 
-
-@pytest.fixture
-def image(tmp_path, store):
-    write_oci(str(tmp_path / "src"), layers())
-    store.pack(f"oci:{tmp_path / 'src'}", "lazy:1")
-    return store
 
 
 class _Counted:
